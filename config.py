@@ -1,0 +1,316 @@
+"""Configuration: one schema for training, one for the model shape, presets as data.
+
+Imports no torch and nothing from ``model/`` so the CLI can print, check and
+explain a configuration in a fraction of a second.
+
+Resolution order (each step validated once, see :func:`resolve_config`):
+    defaults -> --preset (or --use_large_config) -> --field=value flags
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PROJECT_ROOT: str = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, bad column).
+
+    The entry scripts print it as one line and exit 2; anything else is a bug.
+    """
+
+
+@dataclass
+class TrainConfigPretrainLarge:
+    """Pretraining on ~10M prompt/response rows (the guide's defaults)."""
+
+    # --- core (the guide's table, SEED §2) ---
+    epochs: int = 3  # passes over the training file
+    batch_size_per_gpu: int = 32  # rows per process per micro-step
+    gradient_accumulation_steps: int = 2  # micro-steps per optimizer step
+    max_seq_len: int = 192  # tokens kept per prompt and per response (eos included)
+    learn_rate: float = 1e-4  # peak learning rate, reached after warmup
+    warmup_steps: int = 1024  # optimizer steps of linear warmup
+    save_steps: int = 5000  # optimizer steps between checkpoints
+    logging_steps: int = 100  # optimizer steps between log lines
+
+    # --- paths (the guide's table) ---
+    tokenizer_dir: str = PROJECT_ROOT + '/model_save/my_tokenizer_sp/'  # HF tokenizer folder
+    train_file: str = PROJECT_ROOT + '/data/pretrain_train_10m.parquet'  # file, folder or glob
+    validation_file: str = PROJECT_ROOT + '/data/pretrain_valid_100k.parquet'  # file, folder or glob
+    test_file: str = PROJECT_ROOT + '/data/pretrain_test.parquet'  # optional, not used in training
+    model_file: str = PROJECT_ROOT + '/model_save/pretrain_large/chat_small_t5.{}.bin'  # {} = step or 'best'
+    train_state_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/train_latest_state'  # resume state
+    output_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/'  # HF-format best/ and final/ models
+    log_dir: str = PROJECT_ROOT + '/logs/'  # chat_trainer_low_mem_<time>.log goes here
+
+    # --- trainer ---
+    mixed_precision: str = 'bf16'  # no | fp16 | bf16 (bf16 falls back to fp32 on CPUs without it)
+    optimizer: str = 'adafactor'  # adafactor (T5 recipe, less memory) | adamw
+    weight_decay: float = 0.0  # decoupled weight decay (adamw only)
+    lr_schedule: str = 'cosine'  # decay after warmup: cosine | linear | constant
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    seed: int = 23333  # seeds model init, dropout and the data order
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    keep_latest_n_ckp: int = 3  # step model files kept (older are deleted; best is kept)
+    allow_data_change: bool = False  # resume even if the data files changed since the save
+
+    # --- evaluation ---
+    eval_steps: int = 0  # optimizer steps between evaluations (0 = only at each epoch end)
+    max_eval_rows: int = 20000  # validation rows used for the validation loss (0 = all)
+    bleu_samples: int = 64  # validation rows answered greedily for BLEU-4 (0 = no BLEU)
+    show_samples: int = 3  # prompts whose generated answer is logged at each evaluation
+
+    # --- data pipeline ---
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = tokenize in the main process)
+    shuffle_window_rows: int = 65536  # rows shuffled together (memory ~ this many rows of text)
+    group_by_length: bool = True  # sort rows by length within a window to cut padding
+    length_group_batches: int = 64  # local batches per length-sorting window
+
+    # --- tokenizer training (train_low_mem.py train_tokenizer) ---
+    vocab_size: int = 32000  # sentencepiece vocabulary (pieces, incl. 256 byte pieces)
+    tokenizer_max_rows: int = 2_000_000  # rows sampled from the train file to train it
+    character_coverage: float = 0.9995  # share of characters kept as pieces (rest: bytes)
+
+
+@dataclass
+class T5ModelConfig:
+    """The chat_small_t5 shape (an encoder-decoder T5; vocab comes from the tokenizer)."""
+
+    d_model: int = 768  # hidden size
+    num_heads: int = 12  # attention heads
+    d_kv: int = 64  # size of one attention head (num_heads * d_kv must equal d_model)
+    d_ff: int = 3072  # feed-forward inner size
+    num_layers: int = 10  # encoder blocks
+    num_decoder_layers: int = 10  # decoder blocks
+    dropout_rate: float = 0.1  # dropout probability in every block
+    feed_forward_proj: str = 'relu'  # relu | gated-gelu
+    relative_attention_num_buckets: int = 32  # buckets of T5's relative position bias
+    relative_attention_max_distance: int = 128  # tokens beyond which positions share a bucket
+    tie_word_embeddings: bool = True  # share input embedding and output projection
+
+
+# --- presets: data applied to the one schema (SEED §6 plus a CPU demo) -------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    '1m': {'epochs': 5, 'save_steps': 2000},
+    '5m': {'epochs': 4, 'save_steps': 3000},
+    '10m': {},  # the defaults are the 10M-row template
+    '50m': {'epochs': 2, 'save_steps': 10000},
+    'demo': {
+        # a model and data small enough to learn visibly on a 2-core CPU in minutes
+        'epochs': 6,
+        'batch_size_per_gpu': 32,
+        'gradient_accumulation_steps': 1,
+        'max_seq_len': 48,
+        'learn_rate': 2e-3,
+        'warmup_steps': 60,
+        'save_steps': 200,
+        'logging_steps': 25,
+        'optimizer': 'adamw',
+        'tokenizer_dir': PROJECT_ROOT + '/model_save/demo/tokenizer/',
+        'train_file': PROJECT_ROOT + '/data/demo/train.parquet',
+        'validation_file': PROJECT_ROOT + '/data/demo/valid.parquet',
+        'test_file': PROJECT_ROOT + '/data/demo/test.parquet',
+        'model_file': PROJECT_ROOT + '/model_save/demo/chat_small_t5.{}.bin',
+        'train_state_dir': PROJECT_ROOT + '/model_save/demo/train_latest_state',
+        'output_dir': PROJECT_ROOT + '/model_save/demo/',
+        'max_eval_rows': 500,
+        'bleu_samples': 48,
+        'vocab_size': 1200,
+        'd_model': 128,
+        'num_heads': 4,
+        'd_kv': 32,
+        'd_ff': 512,
+        'num_layers': 3,
+        'num_decoder_layers': 3,
+        'dropout_rate': 0.0,
+    },
+}
+
+PRECISIONS = ('no', 'fp16', 'bf16')
+OPTIMIZERS = ('adafactor', 'adamw')
+LR_SCHEDULES = ('cosine', 'linear', 'constant')
+FEED_FORWARD = ('relu', 'gated-gelu')
+
+_TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false', str: 'a string'}
+
+
+def _field_types(cls) -> dict[str, type]:
+    # `from __future__ import annotations` turns annotations into strings
+    names = {'int': int, 'float': float, 'bool': bool, 'str': str}
+    return {f.name: names[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+
+
+TRAIN_FIELDS = _field_types(TrainConfigPretrainLarge)
+MODEL_FIELDS = _field_types(T5ModelConfig)
+assert not set(TRAIN_FIELDS) & set(MODEL_FIELDS), 'a flag must map to exactly one field'
+
+
+def coerce(name: str, value: Any, typ: type) -> Any:
+    """Turn a value as Fire parsed it into the field's type, or raise UserError.
+
+    Fire hands over ``--x=1`` as int, ``--x=1e-4`` as float, ``--x=true`` as
+    bool, and anything it cannot parse as a literal as str.
+    """
+    bad = UserError(f'--{name}={value!r}: expected {_TYPE_NAMES[typ]} for {name}')
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ('true', 'false', 'yes', 'no', '1', '0'):
+            return value.strip().lower() in ('true', 'yes', '1')
+        raise bad
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
+            return int(value)  # --max_steps=1e4 arrives as 10000.0
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace('_', ''), 10)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if typ is str:
+        if isinstance(value, (list, tuple, dict)):
+            raise bad
+        return str(value)
+    raise TypeError(f'unsupported field type {typ}')  # a bug in the schema
+
+
+def nearest_field(name: str, candidates) -> str | None:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_option(name: str, candidates) -> UserError:
+    near = nearest_field(name, candidates)
+    hint = f'; did you mean --{near}?' if near else '; run with --help for the list of options'
+    return UserError(f'unknown option --{name}{hint}')
+
+
+def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
+    """All value checks in one place; raises UserError with a fixable message."""
+    positive = ('epochs', 'batch_size_per_gpu', 'gradient_accumulation_steps', 'max_seq_len',
+                'save_steps', 'logging_steps', 'shuffle_window_rows', 'length_group_batches',
+                'vocab_size', 'tokenizer_max_rows')
+    for name in positive:
+        if getattr(train, name) <= 0:
+            raise UserError(f'{name} must be a positive integer, got {getattr(train, name)}')
+    non_negative = ('warmup_steps', 'max_steps', 'eval_steps', 'max_eval_rows', 'bleu_samples',
+                    'show_samples', 'num_workers', 'keep_latest_n_ckp')
+    for name in non_negative:
+        if getattr(train, name) < 0:
+            raise UserError(f'{name} must be >= 0, got {getattr(train, name)}')
+    if not train.learn_rate > 0:
+        raise UserError(f'learn_rate must be > 0, got {train.learn_rate}')
+    if train.max_grad_norm < 0 or train.weight_decay < 0:
+        raise UserError('max_grad_norm and weight_decay must be >= 0')
+    if train.max_seq_len < 2:
+        raise UserError(f'max_seq_len must be at least 2 (one token plus eos), got {train.max_seq_len}')
+    if not 0 < train.character_coverage <= 1:
+        raise UserError(f'character_coverage must be in (0, 1], got {train.character_coverage}')
+    for name, allowed in (('mixed_precision', PRECISIONS), ('optimizer', OPTIMIZERS),
+                          ('lr_schedule', LR_SCHEDULES)):
+        if getattr(train, name) not in allowed:
+            raise UserError(f'{name} must be one of {", ".join(allowed)}; got {getattr(train, name)!r}')
+    if '{}' not in train.model_file:
+        raise UserError(f"model_file must contain '{{}}' (replaced by the step or 'best'): {train.model_file}")
+    for name in ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers',
+                 'relative_attention_num_buckets', 'relative_attention_max_distance'):
+        if getattr(model, name) <= 0:
+            raise UserError(f'{name} must be a positive integer, got {getattr(model, name)}')
+    if model.num_heads * model.d_kv != model.d_model:
+        raise UserError(f'num_heads x d_kv must equal d_model: {model.num_heads} x {model.d_kv} = '
+                        f'{model.num_heads * model.d_kv}, d_model = {model.d_model}; '
+                        f'e.g. --d_kv={model.d_model // model.num_heads}'
+                        if model.d_model % model.num_heads == 0 else
+                        f'num_heads x d_kv must equal d_model, and d_model={model.d_model} is not '
+                        f'divisible by num_heads={model.num_heads}')
+    if not 0 <= model.dropout_rate < 1:
+        raise UserError(f'dropout_rate must be in [0, 1), got {model.dropout_rate}')
+    if model.feed_forward_proj not in FEED_FORWARD:
+        raise UserError(f'feed_forward_proj must be one of {", ".join(FEED_FORWARD)}; '
+                        f'got {model.feed_forward_proj!r}')
+
+
+@dataclass
+class ResolvedConfig:
+    train: TrainConfigPretrainLarge
+    model: T5ModelConfig
+    preset: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # field -> 'preset:<name>' | 'flag'
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'train': dataclasses.asdict(self.train), 'model': dataclasses.asdict(self.model),
+                'preset': self.preset}
+
+    def describe(self) -> str:
+        """The resolved config as aligned lines, marking what a preset or a flag changed."""
+        lines = [f'preset: {self.preset or "none (TrainConfigPretrainLarge defaults)"}']
+        for title, obj in (('train', self.train), ('model', self.model)):
+            lines.append(f'[{title}]')
+            for f in fields(obj):
+                src = self.sources.get(f.name)
+                mark = f'   <- {src}' if src else ''
+                lines.append(f'  {f.name:<32} {getattr(obj, f.name)!r}{mark}')
+        return '\n'.join(lines)
+
+
+def resolve_config(preset: str | None = None, use_large_config: bool = False,
+                   overrides: dict[str, Any] | None = None) -> ResolvedConfig:
+    """defaults -> preset -> flags, with types coerced and values validated."""
+    overrides = dict(overrides or {})
+    if use_large_config:
+        if preset not in (None, '10m'):
+            raise UserError(f'--use_large_config=True selects the 10m configuration; '
+                            f'it conflicts with --preset={preset}: pass one of them')
+        preset = '10m'
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if preset is not None:
+        preset = str(preset)
+        if preset not in PRESETS:
+            near = nearest_field(preset, PRESETS)
+            hint = f'; did you mean {near}?' if near else ''
+            raise UserError(f'unknown preset {preset!r}: choose one of {", ".join(PRESETS)}{hint}')
+        for k, v in PRESETS[preset].items():
+            values[k] = v
+            sources[k] = f'preset:{preset}'
+    all_fields = {**TRAIN_FIELDS, **MODEL_FIELDS}
+    for k, v in overrides.items():
+        if k not in all_fields:
+            raise unknown_option(k, all_fields)
+        values[k] = coerce(k, v, all_fields[k])
+        sources[k] = 'flag'
+    train = TrainConfigPretrainLarge(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
+    model = T5ModelConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
+    validate(train, model)
+    return ResolvedConfig(train=train, model=model, preset=preset, sources=sources)
+
+
+def config_from_dict(d: dict[str, Any]) -> ResolvedConfig:
+    """Rebuild a saved config (ignores fields a newer schema dropped)."""
+    train = TrainConfigPretrainLarge(**{k: v for k, v in d['train'].items() if k in TRAIN_FIELDS})
+    model = T5ModelConfig(**{k: v for k, v in d['model'].items() if k in MODEL_FIELDS})
+    return ResolvedConfig(train=train, model=model, preset=d.get('preset'))

@@ -1,0 +1,577 @@
+"""The training loop: accelerate (DDP, mixed precision, accumulation), exact resume, safe stops.
+
+Numerics: the loss of one optimizer step is the sum of token losses over the
+whole global batch (all ranks, all micro-steps) divided by its label-token
+count. Each micro-step backpropagates ``sum * world * accumulation / tokens``:
+accelerate divides by the accumulation steps and DDP averages over ranks, so
+the gradient is exactly d(sum)/d(w) / tokens, whatever the split. The token
+count is known before the first backward because a step's micro-batches are
+drawn first, and it is summed over ranks on a CPU (gloo) group: no host-device
+sync in the hot path. Non-finite losses are recorded on the device and read
+only when logging, evaluating or saving, so nothing with NaN weights is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from config import ResolvedConfig, UserError
+from model import checkpoint as ckpt
+from model.chat_model import answer, build_model, model_shape
+from model.files import TEXT_COLUMNS, inspect_parquet, resolve_parquet_files
+from model.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+logger = logging.getLogger('chat_trainer')
+
+EXIT_OK, EXIT_DIVERGED = 0, 1
+
+
+@dataclass
+class TrainState:
+    """Run state (never written onto the config); saved with every checkpoint."""
+
+    global_step: int = 0  # optimizer steps done
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    samples_seen: int = 0  # real rows trained on, all ranks
+    tokens_seen: int = 0  # label tokens trained on, all ranks
+    last_eval_step: int = -1
+
+
+class Diverged(Exception):
+    pass
+
+
+# --- precision --------------------------------------------------------------
+
+def cpu_supports_bf16() -> bool:
+    probe = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
+    amx = getattr(torch.cpu, '_is_amx_tile_supported', None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def resolve_precision(requested: str, use_cpu: bool) -> tuple[str, str | None]:
+    """(precision to use, warning or None). Never a precision the device emulates slowly."""
+    on_cuda = torch.cuda.is_available() and not use_cpu
+    if requested == 'bf16':
+        if on_cuda and torch.cuda.is_bf16_supported():
+            return 'bf16', None
+        if not on_cuda and cpu_supports_bf16():
+            return 'bf16', None
+        where = 'this GPU' if on_cuda else 'this CPU (no AVX512-BF16/AMX)'
+        return 'no', (f'mixed_precision=bf16 is not supported natively on {where}; training in fp32 '
+                      f'instead (bf16 emulation ran ~10x slower than fp32 on such CPUs)')
+    if requested == 'fp16' and not on_cuda:
+        return 'no', 'mixed_precision=fp16 needs a CUDA GPU; training in fp32 on the CPU'
+    return requested, None
+
+
+# --- logging ----------------------------------------------------------------
+
+class _TqdmHandler(logging.StreamHandler):
+    def emit(self, record):
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never kill training
+            self.handleError(record)
+
+
+def setup_logging(log_dir: str, accelerator) -> str:
+    """One log file per run; every rank appends to it (non-main ranks: warnings and errors)."""
+    from accelerate.utils import broadcast_object_list
+
+    name = [None]
+    if accelerator.is_main_process:
+        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+        name[0] = os.path.join(log_dir, f'chat_trainer_low_mem_{stamp}.log')
+        os.makedirs(log_dir, exist_ok=True)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    rank = accelerator.process_index
+    fmt = logging.Formatter(f'%(asctime)s [rank {rank}] %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S')
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    fh = logging.FileHandler(name[0], mode='a', encoding='utf-8')
+    fh.setFormatter(fmt)
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    if not accelerator.is_main_process:
+        fh.setLevel(logging.WARNING)
+        console.setLevel(logging.WARNING)
+    root.addHandler(fh)
+    root.addHandler(console)
+    for noisy in ('httpx', 'urllib3', 'filelock'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return name[0]
+
+
+# --- signals ----------------------------------------------------------------
+
+class StopSignals:
+    """First SIGINT/SIGTERM: ask for a stop at the next step boundary. Second SIGINT: abort now."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            os.write(2, b'second SIGINT: aborting without saving (the last complete state is kept)\n')
+            os._exit(130)
+        self.signum = self.signum or signum
+        os.write(2, f'{signal.Signals(signum).name}: stopping at the next step boundary and saving '
+                    f'(Ctrl-C again aborts at once)\n'.encode())
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+# --- helpers ----------------------------------------------------------------
+
+def build_optimizer(train_cfg, model):
+    if train_cfg.optimizer == 'adafactor':
+        from transformers.optimization import Adafactor
+
+        return Adafactor(model.parameters(), lr=train_cfg.learn_rate, relative_step=False,
+                         scale_parameter=False, warmup_init=False, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learn_rate,
+                             weight_decay=train_cfg.weight_decay)
+
+
+def lr_lambda(warmup: int, total: int, kind: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == 'constant' or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == 'cosine' else 1.0 - progress
+    return f
+
+
+def total_optimizer_steps(rows: int, batch_size: int, processes: int, accumulation: int, epochs: int,
+                          max_steps: int = 0) -> int:
+    """rows / (batch x processes x accumulation) x epochs, or max_steps when that is sooner."""
+    steps = rows // (batch_size * processes * accumulation) * epochs
+    return min(steps, max_steps) if max_steps else steps
+
+
+def shift_right(labels: torch.Tensor) -> torch.Tensor:
+    """Decoder inputs: start token (pad, 0) then the labels, padding as pad."""
+    dec = labels.new_zeros(labels.shape)
+    dec[:, 1:] = labels[:, :-1]
+    return dec.masked_fill_(dec == -100, 0)
+
+
+def data_fingerprint(files: list[str]) -> list[dict]:
+    return [{'name': os.path.basename(f), 'bytes': os.path.getsize(f),
+             'rows': inspect_parquet(f).num_rows} for f in files]
+
+
+def read_first_rows(files: list[str], n: int) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    rows: list[tuple[str, str]] = []
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(64, n), columns=list(TEXT_COLUMNS)):
+            for p, r in zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS)):
+                if p and r and p.strip() and r.strip():
+                    rows.append((p, r))
+                if len(rows) >= n:
+                    return rows
+    return rows
+
+
+# --- the trainer ------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: ResolvedConfig, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg, self.t = cfg, cfg.train
+        use_cpu = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
+        precision, warning = resolve_precision(self.t.mixed_precision, use_cpu)
+        self.acc = Accelerator(mixed_precision=precision, cpu=use_cpu,
+                               gradient_accumulation_steps=self.t.gradient_accumulation_steps)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.log_file = setup_logging(self.t.log_dir, self.acc)
+        if warning:
+            logger.warning(warning)
+        logger.info('run: %d process(es), device %s, precision %s, log %s', self.world,
+                    self.acc.device, precision, self.log_file)
+        self.cpu_group = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.cpu_group = dist.new_group(backend='gloo')  # flags and counts without device syncs
+
+        if not resume:
+            self._archive_previous_run()
+        set_seed(self.t.seed)
+        self.tokenizer = load_tokenizer(self.t.tokenizer_dir)
+        self.train_files = resolve_parquet_files(self.t.train_file)
+        self.valid_files = resolve_parquet_files(self.t.validation_file)
+        self.train_loader = self._build_loader(self.train_files, train=True)
+        self.valid_loader = self._build_loader(self.valid_files, train=False)
+        self.total_steps = total_optimizer_steps(
+            self.train_loader.num_rows, self.t.batch_size_per_gpu, self.world,
+            self.t.gradient_accumulation_steps, self.t.epochs, self.t.max_steps)
+        if self.total_steps == 0:
+            raise UserError(f'{self.t.train_file}: {self.train_loader.num_rows} rows are fewer than one '
+                            f'optimizer step needs ({self.t.batch_size_per_gpu} x {self.world} processes x '
+                            f'{self.t.gradient_accumulation_steps} accumulation); lower --batch_size_per_gpu')
+
+        model = build_model(cfg.model, len(self.tokenizer))
+        optimizer = build_optimizer(self.t, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.t.warmup_steps, self.total_steps, self.t.lr_schedule))
+        # the scheduler is not prepared: accelerate would step it once per process
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.state = TrainState()
+        self.fingerprint = {'model_shape': model_shape(cfg.model, len(self.tokenizer)),
+                            'data': data_fingerprint(self.train_files),
+                            'tokenizer': tokenizer_fingerprint(self.t.tokenizer_dir)}
+        if resume:
+            self._load()
+        self.nonfinite_step = torch.tensor(-1, device=self.acc.device)
+        self._interval = self._new_interval()
+        if self.t.warmup_steps >= self.total_steps:
+            logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never '
+                           'reaches learn_rate', self.t.warmup_steps, self.total_steps)
+
+    def _archive_previous_run(self) -> None:
+        stamp = os.path.basename(self.log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
+        archive = None
+        if self.acc.is_main_process:
+            archive = ckpt.archive_previous_run(self.t.train_state_dir, self.t.model_file,
+                                                self.t.output_dir, stamp)
+        self.barrier()
+        if archive:
+            logger.warning('a previous run left a state or models here; moved them to %s (nothing is '
+                           'deleted). To continue that run instead, pass --is_keep_training=True', archive)
+
+    def _build_loader(self, files, train: bool):
+        from model.dataset import StreamingLoader
+
+        t = self.t
+        return StreamingLoader(
+            files, self.tokenizer, max_seq_len=t.max_seq_len, batch_size=t.batch_size_per_gpu,
+            rank=self.rank, world_size=self.world,
+            accumulation=t.gradient_accumulation_steps if train else 1, shuffle=train, seed=t.seed,
+            shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
+            length_group_batches=t.length_group_batches, drop_last=train,
+            num_workers=t.num_workers if train else 0)
+
+    # --- collectives on the CPU group ---
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        buf = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(buf, group=self.cpu_group)
+        return buf.tolist()
+
+    def barrier(self):
+        self.acc.wait_for_everyone()
+
+    # --- the loop ---
+    def train(self) -> int:
+        t, state = self.t, self.state
+        logger.info('training: %d rows, %d optimizer steps (%d per epoch), epoch %d, step %d',
+                    self.train_loader.num_rows, self.total_steps, self.train_loader.steps_per_epoch,
+                    self.train_loader.epoch, state.global_step)
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.acc.is_main_process,
+                   dynamic_ncols=True, mininterval=1.0, desc='train')
+        self._run_start, self._run_start_step = time.time(), state.global_step
+        try:
+            with StopSignals() as stop:
+                batches = iter(self.train_loader)
+                while state.global_step < self.total_steps:
+                    position = self.train_loader.state_dict()
+                    micro = list(itertools.islice(batches, t.gradient_accumulation_steps))
+                    if not micro:  # epoch done: the loader moved to the next epoch
+                        self.evaluate()
+                        if self.train_loader.epoch >= t.epochs:
+                            break
+                        batches = iter(self.train_loader)
+                        continue
+                    label_tokens = [int((b['labels'] != -100).sum()) for b in micro]
+                    global_tokens, stop_requested = self.all_sum([sum(label_tokens), stop.signum])
+                    if stop_requested:
+                        return self._stop(stop.signum, position)
+                    self.train_step(micro, label_tokens, global_tokens)
+                    state.global_step += 1
+                    bar.update(1)
+                    self.maybe_log()
+                    self.maybe_evaluate()
+                    self.maybe_save()
+                self.finish()
+        except Diverged as e:
+            logger.error('%s', e)
+            return EXIT_DIVERGED
+        finally:
+            bar.close()
+        return EXIT_OK
+
+    def train_step(self, micro: list[dict], label_tokens: list[int], global_tokens: float) -> None:
+        scale = self.world * len(micro) / max(global_tokens, 1.0)
+        model, dev = self.model, self.acc.device
+        for batch, n_labels in zip(micro, label_tokens):
+            labels = batch['labels']
+            inputs = {'input_ids': batch['input_ids'].to(dev, non_blocking=True),
+                      'attention_mask': batch['attention_mask'].to(dev, non_blocking=True),
+                      'decoder_input_ids': shift_right(labels).to(dev, non_blocking=True)}
+            labels = labels.to(dev, non_blocking=True)
+            with self.acc.accumulate(model):
+                logits = model(**inputs).logits
+                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                           ignore_index=-100, reduction='sum')
+                self.acc.backward(loss_sum * scale)
+                if self.acc.sync_gradients:
+                    max_norm = self.t.max_grad_norm or float('inf')
+                    grad_norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            iv = self._interval
+            iv['loss_sum'] += loss_sum.detach()
+            iv['label_tokens'] += n_labels
+            iv['input_tokens'] += int(batch['attention_mask'].sum())
+            iv['rows'] += batch['num_rows']
+            iv['skipped'] += batch['num_skipped']
+        finite = torch.isfinite(loss_sum.detach()) & torch.isfinite(torch.as_tensor(grad_norm, device=dev))
+        self.nonfinite_step = torch.where((self.nonfinite_step < 0) & ~finite,
+                                          torch.tensor(self.state.global_step + 1, device=dev),
+                                          self.nonfinite_step)
+        iv['grad_norm'] = grad_norm
+
+    def _new_interval(self) -> dict:
+        return {'loss_sum': torch.zeros((), device=self.acc.device, dtype=torch.float64),
+                'label_tokens': 0, 'input_tokens': 0, 'rows': 0, 'skipped': 0,
+                'grad_norm': torch.zeros(()), 'start': time.time()}
+
+    def check_finite(self) -> None:
+        """Collective: every rank stops if any rank saw a non-finite loss or gradient."""
+        own = int(self.nonfinite_step)
+        count, step_sum = self.all_sum([float(own >= 0), float(max(own, 0))])
+        if count:
+            bad = own if own >= 0 else int(step_sum / count)
+            last = ckpt.latest_state(self.t.train_state_dir)
+            raise Diverged(f'loss became NaN/inf at optimizer step {bad}; training stopped and nothing '
+                           f'after the last good state was saved ({last or "no state saved yet"}). '
+                           f'Try a lower --learn_rate (now {self.t.learn_rate}) or --max_grad_norm')
+
+    # --- maybe_* : each condition lives here, once ---
+    def should_log(self) -> bool:
+        return self.state.global_step % self.t.logging_steps == 0 or self.state.global_step == self.total_steps
+
+    def maybe_log(self) -> None:
+        if not self.should_log():
+            return
+        self.check_finite()
+        iv, state = self._interval, self.state
+        loss_sum = float(iv['loss_sum'])
+        tot = self.all_sum([loss_sum, iv['label_tokens'], iv['input_tokens'], iv['rows'], iv['skipped']])
+        loss = tot[0] / max(tot[1], 1)
+        elapsed = max(time.time() - iv['start'], 1e-9)
+        state.samples_seen += int(tot[3])
+        state.tokens_seen += int(tot[1])
+        done = state.global_step - self._run_start_step
+        eta = (time.time() - self._run_start) / max(done, 1) * (self.total_steps - state.global_step)
+        logger.info('step %d/%d | epoch %d | loss %.4f | lr %.3e | grad_norm %.3f | %.1f samples/s | '
+                    '%.0f tokens/s | eta %s%s', state.global_step, self.total_steps,
+                    self.train_loader.epoch, loss, self.scheduler.get_last_lr()[0], float(iv['grad_norm']),
+                    tot[3] / elapsed, (tot[1] + tot[2]) / elapsed,
+                    datetime.timedelta(seconds=int(eta)),
+                    f' | skipped {int(tot[4])} empty rows' if tot[4] else '')
+        self._interval = self._new_interval()
+
+    def should_evaluate(self) -> bool:
+        return bool(self.t.eval_steps) and self.state.global_step % self.t.eval_steps == 0
+
+    def maybe_evaluate(self) -> None:
+        if self.should_evaluate():
+            self.evaluate()
+
+    def should_save(self) -> bool:
+        return self.state.global_step % self.t.save_steps == 0
+
+    def maybe_save(self) -> None:
+        if self.should_save():
+            self.save()
+
+    # --- evaluation ---
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        dev = self.acc.device
+        loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
+        global_batch = self.t.batch_size_per_gpu * self.world
+        self.valid_loader.set_epoch(0)
+        for i, batch in enumerate(self.valid_loader):
+            if self.t.max_eval_rows and i * global_batch >= self.t.max_eval_rows:
+                break
+            labels = batch['labels'].to(dev)
+            with self.acc.autocast():
+                logits = model(input_ids=batch['input_ids'].to(dev),
+                               attention_mask=batch['attention_mask'].to(dev),
+                               decoder_input_ids=shift_right(batch['labels']).to(dev)).logits
+            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                        ignore_index=-100, reduction='sum')
+            tokens += int((batch['labels'] != -100).sum())
+        model.train()
+        total, count = self.all_sum([float(loss_sum), tokens])
+        return total / max(count, 1)
+
+    def evaluate(self) -> None:
+        state = self.state
+        if state.last_eval_step == state.global_step:
+            return
+        self.check_finite()
+        val_loss = self.validation_loss()
+        msg = f'eval at step {state.global_step}: validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})'
+        if self.acc.is_main_process:
+            msg += self._bleu_and_samples()
+        logger.info(msg)
+        state.last_eval_step = state.global_step
+        if val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_step = val_loss, state.global_step
+            self.save_model('best')
+        self.barrier()
+
+    def _bleu_and_samples(self) -> str:
+        n = max(self.t.bleu_samples, self.t.show_samples)
+        if not n:
+            return ''
+        import sacrebleu
+
+        rows = read_first_rows(self.valid_files, n)
+        model = self.acc.unwrap_model(self.model)
+        with self.acc.autocast():
+            hyps = answer(model, self.tokenizer, [p for p, _ in rows], max_new_tokens=self.t.max_seq_len,
+                          max_seq_len=self.t.max_seq_len)
+        out = ''
+        if self.t.bleu_samples:
+            k = min(self.t.bleu_samples, len(rows))
+            bleu = sacrebleu.corpus_bleu(hyps[:k], [[r for _, r in rows[:k]]], tokenize='zh')
+            out += f' | BLEU-4 {bleu.score:.2f} on {k} rows'
+        for (p, r), h in list(zip(rows, hyps))[:self.t.show_samples]:
+            out += f'\n    prompt: {p[:80]}\n    target: {r[:80]}\n    answer: {h[:80]}'
+        return out
+
+    # --- saving ---
+    def save_model(self, tag) -> None:
+        """model_file.format(tag) as a state dict; 'best' also in HF format under output_dir."""
+        if not self.acc.is_main_process:
+            return
+        model = self.acc.unwrap_model(self.model)
+        ckpt.atomic_torch_save(model.state_dict(), self.t.model_file.format(tag))
+        if tag == 'best':
+            self.save_hf('best')
+
+    def save_hf(self, name: str) -> None:
+        model = self.acc.unwrap_model(self.model)
+        target = os.path.join(self.t.output_dir, name)
+        os.makedirs(self.t.output_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=self.t.output_dir)
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+
+    def save(self, data_state: dict | None = None) -> str:
+        """Full state (collective), plus the step's model file and keep-N pruning."""
+        self.check_finite()
+        step = self.state.global_step
+        model = self.acc.unwrap_model(self.model)
+        tensors = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                   'scheduler': self.scheduler.state_dict()}
+        if self.acc.scaler is not None:
+            tensors['scaler'] = self.acc.scaler.state_dict()
+        jsons = {'train_state': dataclasses.asdict(self.state),
+                 'data_state': data_state or self.train_loader.state_dict(),
+                 'config': self.cfg.to_dict(), 'fingerprint': self.fingerprint,
+                 'run': {'world_size': self.world, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
+        path = ckpt.save_state(self.t.train_state_dir, step, is_main=self.acc.is_main_process,
+                               rank=self.rank, barrier=self.barrier, tensors=tensors, jsons=jsons)
+        if self.acc.is_main_process:
+            ckpt.atomic_torch_save(tensors['model'], self.t.model_file.format(step))
+            ckpt.prune_model_files(self.t.model_file, self.t.keep_latest_n_ckp)
+        logger.info('saved state at step %d -> %s', step, path)
+        return path
+
+    def _load(self) -> None:
+        saved = ckpt.load_state(self.t.train_state_dir, self.rank)
+        for note in ckpt.compare_fingerprints(saved['fingerprint'], self.fingerprint,
+                                              self.t.allow_data_change):
+            logger.warning(note)
+        self.acc.unwrap_model(self.model).load_state_dict(saved['model'])
+        self.optimizer.load_state_dict(saved['optimizer'])
+        self.scheduler.load_state_dict(saved['scheduler'])
+        if 'scaler' in saved and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(saved['scaler'])
+        self.state = TrainState(**saved['train_state'])
+        self.train_loader.load_state_dict(saved['data_state'])
+        ckpt.set_rng_state(saved['rng'])
+        if saved['run'].get('world_size') != self.world:
+            logger.warning('resuming on %d process(es), saved on %s: the data position is kept exactly '
+                           '(no row repeated or skipped), dropout RNG streams restart from rank 0\'s',
+                           self.world, saved['run'].get('world_size'))
+        logger.info('resumed from %s: step %d, epoch %d, %d rows into the epoch', saved['path'],
+                    self.state.global_step, saved['data_state'].get('epoch', 0),
+                    saved['data_state'].get('rows_consumed', 0))
+
+    def _stop(self, signum: int, position: dict) -> int:
+        logger.warning('%s received: saving state at step %d', signal.Signals(int(signum)).name,
+                       self.state.global_step)
+        if self.state.global_step > 0:
+            self.save(data_state=position)
+        return 128 + int(signum)
+
+    def finish(self) -> None:
+        self.evaluate()
+        self.save()
+        if self.acc.is_main_process:
+            self.save_hf('final')
+        self.barrier()
+        logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
+                    self.state.global_step, self.state.best_val_loss, self.state.best_step,
+                    os.path.join(self.t.output_dir, 'final'))
+
+
+def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
+    """Entry point of `train_low_mem.py train`: returns the process exit code."""
+    trainer = Trainer(cfg, resume=resume)
+    code = trainer.train()
+    trainer.acc.end_training()
+    return code

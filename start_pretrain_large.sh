@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Check the data, the tokenizer and the GPUs, then launch pretraining.
+#
+#   ./start_pretrain_large.sh                              # the 10M-row config, every GPU
+#   ./start_pretrain_large.sh --batch_size_per_gpu=24      # flags go to `train` unchanged
+#   ./start_pretrain_large.sh --is_keep_training=True      # resume
+#   NUM_GPUS=2 ./start_pretrain_large.sh                   # use 2 of the GPUs
+#   ./start_pretrain_large.sh --preset=5m                  # another template instead of --use_large_config
+#
+# Exit code: the trainer's (0 done, 2 bad flag, 130/143 stopped and saved), 1 if
+# the data or the tokenizer is missing (the commands that create them are printed).
+set -uo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+ACCELERATE=${ACCELERATE:-$(dirname "$PY")/accelerate}
+[ -x "$ACCELERATE" ] || ACCELERATE=accelerate
+
+config_flags=(--use_large_config=True)
+for arg in "$@"; do
+  case "$arg" in --preset=*|--preset) config_flags=() ;; esac
+done
+
+report=$("$PY" train_low_mem.py train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
+rc=$?
+if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
+path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
+
+missing=0
+for name in train_file validation_file; do
+  p=$(path_of "$name")
+  if ! compgen -G "$p" >/dev/null && [ ! -d "$p" ]; then
+    echo "missing $name: $p" >&2; missing=1
+  fi
+done
+tok=$(path_of tokenizer_dir)
+if [ ! -f "$tok/tokenizer.json" ]; then echo "missing tokenizer: $tok" >&2; missing=1; fi
+if [ "$rc" -ne 0 ] || [ "$missing" -ne 0 ]; then
+  printf '%s\n' "$report" | sed -n '/^not ready:/,$p' >&2
+  exit 1
+fi
+printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
+
+if [ -n "${NUM_GPUS:-}" ]; then
+  gpus=$NUM_GPUS
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+else
+  gpus=0
+fi
+
+resume_given=0
+for arg in "$@"; do case "$arg" in --is_keep_training*) resume_given=1 ;; esac; done
+latest=$(path_of latest_state)
+if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then
+  if [ -t 0 ]; then
+    read -r -p "A saved state exists ($latest). Resume it? [Y/n] " ans
+    case "${ans:-y}" in [nN]*) ;; *) set -- "$@" --is_keep_training=True ;; esac
+  else
+    echo "note: a saved state exists ($latest); a fresh run archives it. Pass --is_keep_training=True to resume." >&2
+  fi
+fi
+
+if [ "$gpus" -le 0 ]; then
+  echo "warning: no GPU found (nvidia-smi); training in one CPU process. Set NUM_GPUS to override." >&2
+  exec "$PY" train_low_mem.py train "${config_flags[@]}" "$@"
+elif [ "$gpus" -eq 1 ]; then
+  exec "$ACCELERATE" launch --num_processes 1 ./train_low_mem.py train "${config_flags[@]}" "$@"
+else
+  exec "$ACCELERATE" launch --multi_gpu --num_processes "$gpus" ./train_low_mem.py train "${config_flags[@]}" "$@"
+fi
