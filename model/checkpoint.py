@@ -24,10 +24,10 @@ import re
 import shutil
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from config import UserError
+
+# torch and numpy are imported inside the functions that need them, so that
+# `train --dry_run=True` (which asks for the latest state) stays fast.
 
 MARKER = 'complete.json'
 _STATE_RE = re.compile(r'^state-(\d+)$')
@@ -56,6 +56,9 @@ def latest_state(state_dir: str) -> str | None:
 
 
 def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
@@ -63,6 +66,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
@@ -82,6 +88,8 @@ def read_json(path: str):
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save to path.tmp, then rename: a reader never sees half a file."""
+    import torch
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp'
     torch.save(obj, tmp)
@@ -95,6 +103,8 @@ def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, barrier: 
     ``tensors`` go to ``<name>.pt``, ``jsons`` to ``<name>.json`` (main only).
     Returns the final folder.
     """
+    import torch
+
     tmp = os.path.join(state_dir, '.tmp-' + state_name(step))
     final = os.path.join(state_dir, state_name(step))
     if is_main:
@@ -139,6 +149,8 @@ def _fsync_dir(path: str) -> None:
 
 def load_state(state_dir: str, rank: int) -> dict[str, Any]:
     """The newest complete state: its json parts, tensor parts (on CPU) and this rank's RNG."""
+    import torch
+
     path = latest_state(state_dir)
     if path is None:
         raise UserError(f'--is_keep_training=True but no complete saved state in {state_dir}; '

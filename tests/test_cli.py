@@ -1,0 +1,65 @@
+"""The train_low_mem.py face, run as a user runs it: in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_texts, write_parquet
+
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+
+
+def cli(*args, script='train_low_mem.py', timeout=300):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['train', '--use_large_config=True', '--max_seq_lenn=128'],
+     'unknown option --max_seq_lenn; did you mean --max_seq_len?'),
+    (['train', '--batch_size_per_gpu=abc'], 'expected an integer for batch_size_per_gpu'),
+    (['train', '--epochs=1.5'], 'expected an integer for epochs'),
+    (['train', '--learn_rate=fast'], 'expected a number for learn_rate'),
+    (['train', '--preset=huge'], "unknown preset 'huge'"),
+    (['train', '--is_keep_trainin=True'], 'did you mean --is_keep_training?'),
+    (['train_tokenizer', '--vocab_sise=8000'], 'did you mean --vocab_size?'),
+])
+def test_user_errors_exit_2_with_one_line(args, needle):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert 'Traceback' not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_dry_run_lists_what_is_missing_with_commands(tmp_path):
+    r = cli('train', '--use_large_config=True', '--max_seq_len=128', '--dry_run=True',
+            f'--train_file={tmp_path}/train.parquet', f'--validation_file={tmp_path}/valid.parquet',
+            f'--tokenizer_dir={tmp_path}/tok')
+    assert r.returncode == 1, r.stderr
+    out = r.stdout
+    assert 'max_seq_len                      128   <- flag' in out
+    assert 'epochs                           3\n' in out  # a default, unmarked
+    assert 'not ready' in out
+    assert 'python prepare_data.py split' in out and 'train_low_mem.py train_tokenizer' in out
+    assert f'path.train_file={tmp_path}/train.parquet' in out
+
+
+def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
+    train = write_parquet(tmp_path / 'train.parquet', make_texts(600, seed=5))
+    valid = write_parquet(tmp_path / 'valid.parquet', make_texts(100, seed=6))
+    tok = tmp_path / 'tok'
+    r = cli('train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={tok}', '--vocab_size=900')
+    assert r.returncode == 0, r.stderr
+    assert 'tokenizer: 900 pieces (pad 0, eos 1, unk 2)' in r.stdout
+    check = ('from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(%r); '
+             'assert len(t) == 900 and t.is_fast' % str(tok))
+    subprocess.run([sys.executable, '-c', check], env=ENV, check=True)
+    r = cli('train', '--dry_run=True', f'--train_file={train}', f'--validation_file={valid}',
+            f'--tokenizer_dir={tok}', '--batch_size_per_gpu=8', '--gradient_accumulation_steps=1',
+            '--epochs=2')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'ready: data and tokenizer found' in r.stdout
+    assert 'train rows 600' in r.stdout and '150 optimizer steps' in r.stdout  # 600 // 8 * 2

@@ -1,0 +1,148 @@
+"""Config schema: the guide's defaults, presets, overrides, types and validation."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import config
+from config import (PRESETS, T5ModelConfig, TrainConfigPretrainLarge, UserError, coerce,
+                    resolve_config)
+
+GUIDE_DEFAULTS = {  # SEED_en.md §2
+    'epochs': 3, 'batch_size_per_gpu': 32, 'gradient_accumulation_steps': 2, 'max_seq_len': 192,
+    'learn_rate': 1e-4, 'warmup_steps': 1024, 'save_steps': 5000, 'logging_steps': 100,
+}
+GUIDE_PATHS = {
+    'tokenizer_dir': 'model_save/my_tokenizer_sp/',
+    'train_file': 'data/pretrain_train_10m.parquet',
+    'validation_file': 'data/pretrain_valid_100k.parquet',
+    'test_file': 'data/pretrain_test.parquet',
+    'model_file': 'model_save/pretrain_large/chat_small_t5.{}.bin',
+    'train_state_dir': 'model_save/pretrain_large/train_latest_state',
+}
+GUIDE_TEMPLATES = {  # SEED_en.md §6: epochs, batch, accumulation, seq len, save_steps
+    '1m': (5, 32, 2, 192, 2000), '5m': (4, 32, 2, 192, 3000),
+    '10m': (3, 32, 2, 192, 5000), '50m': (2, 32, 2, 192, 10000),
+}
+
+
+def test_defaults_are_the_guides_table():
+    t = TrainConfigPretrainLarge()
+    for name, value in GUIDE_DEFAULTS.items():
+        assert getattr(t, name) == value, name
+    for name, rel in GUIDE_PATHS.items():
+        assert getattr(t, name) == f'{config.PROJECT_ROOT}/{rel}', name
+    assert t.mixed_precision == 'bf16'
+    assert t.max_steps == 0
+
+
+def test_model_shape_is_chat_small_t5():
+    m = T5ModelConfig()
+    assert (m.d_model, m.num_heads, m.d_kv, m.d_ff, m.num_layers, m.num_decoder_layers) == \
+        (768, 12, 64, 3072, 10, 10)
+
+
+@pytest.mark.parametrize('preset', sorted(GUIDE_TEMPLATES))
+def test_size_presets_follow_the_templates(preset):
+    t = resolve_config(preset=preset).train
+    got = (t.epochs, t.batch_size_per_gpu, t.gradient_accumulation_steps, t.max_seq_len, t.save_steps)
+    assert got == GUIDE_TEMPLATES[preset]
+
+
+def test_10m_preset_and_use_large_config_equal_the_defaults():
+    default = resolve_config()
+    for cfg in (resolve_config(preset='10m'), resolve_config(use_large_config=True)):
+        assert cfg.train == default.train and cfg.model == default.model
+
+
+def test_presets_only_name_real_fields():
+    known = {f.name for f in dataclasses.fields(TrainConfigPretrainLarge)} | \
+        {f.name for f in dataclasses.fields(T5ModelConfig)}
+    for name, values in PRESETS.items():
+        assert set(values) <= known, name
+
+
+def test_demo_preset_is_tiny_and_valid():
+    cfg = resolve_config(preset='demo')
+    assert cfg.model.d_model * cfg.model.num_layers < 768 * 10 / 10
+    assert cfg.train.train_file.endswith('data/demo/train.parquet')
+    assert cfg.sources['d_model'] == 'preset:demo'
+
+
+def test_flags_override_preset_and_are_marked():
+    cfg = resolve_config(preset='demo', overrides={'max_seq_len': 128, 'batch_size_per_gpu': 24,
+                                                   'd_model': 64, 'num_heads': 2})
+    assert cfg.train.max_seq_len == 128 and cfg.train.batch_size_per_gpu == 24
+    assert cfg.model.d_model == 64 and cfg.model.d_kv == 32
+    assert cfg.sources['max_seq_len'] == 'flag'
+    text = cfg.describe()
+    assert 'max_seq_len' in text and '<- flag' in text and '<- preset:demo' in text
+
+
+@pytest.mark.parametrize('value,typ,expected', [
+    (1, int, 1), ('0012', int, 12), (3.0e4, int, 30000), ('128', int, 128),
+    (1e-4, float, 1e-4), (1, float, 1.0), ('5e-5', float, 5e-5),
+    (True, bool, True), ('false', bool, False), ('True', bool, True), (0, bool, False),
+    (123, str, '123'), ('a/b.parquet', str, 'a/b.parquet'),
+])
+def test_coerce_accepts_what_fire_produces(value, typ, expected):
+    assert coerce('x', value, typ) == expected
+    assert type(coerce('x', value, typ)) is typ
+
+
+@pytest.mark.parametrize('name,value,word', [
+    ('batch_size_per_gpu', 'abc', 'integer'), ('epochs', 1.5, 'integer'),
+    ('learn_rate', 'fast', 'number'), ('group_by_length', 'maybe', 'true or false'),
+    ('epochs', True, 'integer'),
+])
+def test_wrong_types_name_field_and_type(name, value, word):
+    with pytest.raises(UserError) as e:
+        resolve_config(overrides={name: value})
+    assert name in str(e.value) and word in str(e.value)
+
+
+def test_unknown_field_suggests_nearest():
+    with pytest.raises(UserError, match=r'unknown option --max_seq_lenn; did you mean --max_seq_len\?'):
+        resolve_config(overrides={'max_seq_lenn': 128})
+    with pytest.raises(UserError, match='did you mean --learn_rate'):
+        resolve_config(overrides={'learning_rat': 1e-3})
+
+
+@pytest.mark.parametrize('overrides,needle', [
+    ({'batch_size_per_gpu': 0}, 'batch_size_per_gpu must be a positive'),
+    ({'mixed_precision': 'fp8'}, 'mixed_precision must be one of'),
+    ({'optimizer': 'sgd'}, 'optimizer must be one of'),
+    ({'d_model': 512}, 'num_heads x d_kv must equal d_model'),
+    ({'d_model': 100}, 'not divisible'),
+    ({'dropout_rate': 1.5}, 'dropout_rate'),
+    ({'learn_rate': -1}, 'learn_rate must be > 0'),
+    ({'model_file': 'model.bin'}, "must contain '{}'"),
+    ({'max_seq_len': 1}, 'at least 2'),
+])
+def test_validation_messages(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        resolve_config(overrides=overrides)
+
+
+def test_preset_errors():
+    with pytest.raises(UserError, match='did you mean demo'):
+        resolve_config(preset='dmeo')
+    with pytest.raises(UserError, match='conflicts with --preset=demo'):
+        resolve_config(preset='demo', use_large_config=True)
+
+
+def test_train_and_model_fields_do_not_collide():
+    assert not set(config.TRAIN_FIELDS) & set(config.MODEL_FIELDS)
+
+
+def test_saved_dict_round_trip():
+    cfg = resolve_config(preset='demo', overrides={'epochs': 7})
+    back = config.config_from_dict(cfg.to_dict())
+    assert back.train == cfg.train and back.model == cfg.model and back.preset == 'demo'
+
+
+def test_config_imports_no_torch():
+    code = 'import sys, config, train_low_mem; assert "torch" not in sys.modules, "torch imported"'
+    subprocess.run([sys.executable, '-c', code], cwd=config.PROJECT_ROOT, check=True)

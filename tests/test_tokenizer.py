@@ -1,0 +1,78 @@
+"""Tokenizer: trained from text, loaded offline as a fast tokenizer, lossless."""
+
+import os
+
+import pytest
+
+from config import UserError
+from conftest import SHARED_DATA, make_texts, write_parquet
+from model.tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
+
+
+def round_trip(tok, text):
+    return tok.decode(tok(text)['input_ids'], skip_special_tokens=True)
+
+
+def test_loads_as_fast_tokenizer_with_fixed_ids(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tok.is_fast
+    assert len(tok) == 1000
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (PAD_ID, EOS_ID, UNK_ID) == (0, 1, 2)
+
+
+@pytest.mark.parametrize('text', [
+    '你好，世界！这是（测试）：分号；顿号、问号？',
+    '数字 0123456789 和 3.14，Latin ABC xyz, GPU T5',
+    '第一行\n第二行\n\n第四行',
+    '生僻字：龘靐齉爩 与 emoji 😀🚀，全角数字１２３',
+    'tabs\tand  double  spaces',
+])
+def test_round_trip_is_exact(tokenizer, text):
+    assert round_trip(tokenizer, text) == text
+
+
+def test_rare_characters_fall_back_to_bytes_not_unk(tokenizer):
+    ids = tokenizer('龘')['input_ids']
+    assert UNK_ID not in ids
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert [p for p in pieces if p.startswith('<0x')] == ['<0xE9>', '<0xBE>', '<0x98>']  # UTF-8 bytes
+
+
+def test_eos_appended_and_kept_by_truncation(tokenizer):
+    ids = tokenizer('你好' * 100, truncation=True, max_length=16)['input_ids']
+    assert len(ids) == 16 and ids[-1] == EOS_ID
+
+
+def test_vocab_too_small_names_the_minimum(tmp_path):
+    src = write_parquet(tmp_path / 't.parquet', make_texts(800, seed=3))
+    with pytest.raises(UserError, match=r'too small.*--vocab_size=\d+ or more'):
+        train_tokenizer(src, str(tmp_path / 'tok'), vocab_size=300, num_threads=2)
+    assert not os.path.exists(tmp_path / 'tok')
+
+
+def test_missing_tokenizer_names_the_command(tmp_path):
+    with pytest.raises(UserError, match='train_low_mem.py train_tokenizer'):
+        load_tokenizer(str(tmp_path / 'nothing'))
+
+
+def test_sampling_caps_rows(tmp_path):
+    from model.tokenizer import iter_training_texts
+
+    src = write_parquet(tmp_path / 't.parquet', make_texts(5000, seed=4), row_group_size=1000)
+    n = sum(1 for _ in iter_training_texts([src], max_rows=1000, seed=0)) / 2
+    assert 800 < n < 1200
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, 'real_train_3k.parquet')),
+                    reason='shared real data not present')
+def test_real_validation_texts_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    tok = train_tokenizer(os.path.join(SHARED_DATA, 'real_train_3k.parquet'), str(tmp_path / 'tok'),
+                          vocab_size=8000, num_threads=2)
+    valid = pq.read_table(os.path.join(SHARED_DATA, 'real_valid_1k.parquet')).to_pydict()
+    texts = [t for t in valid['prompt'] + valid['response'] if t]
+    same = sum(round_trip(tok, t).replace(' ', '') == t.replace(' ', '') for t in texts)
+    assert same / len(texts) >= 0.999, f'{len(texts) - same} of {len(texts)} texts changed'
