@@ -37,7 +37,8 @@ def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
     keep = 1.0 if total <= max_rows else max_rows / total
     rng = np.random.default_rng(seed)
     for info in infos:
-        pf = pq.ParquetFile(info.path)
+        # pre_buffer=False: the default keeps every row group read so far in memory
+        pf = pq.ParquetFile(info.path, pre_buffer=False, buffer_size=1 << 20)
         for batch in pf.iter_batches(batch_size=8192, columns=list(TEXT_COLUMNS)):
             cols = [batch.column(c).to_pylist() for c in TEXT_COLUMNS]
             mask = rng.random(batch.num_rows) < keep if keep < 1.0 else None

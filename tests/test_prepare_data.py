@@ -1,0 +1,362 @@
+"""prepare_data.py: convert / split / check / clean / demo, in process and through the real CLI."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, make_texts, write_parquet
+from model import data_prep
+from model.data_prep import (build_demo_rows, build_report, clean_parquet, convert_to_parquet,
+                             demo_prompts, find_bad_utf8, format_report, split_parquet,
+                             write_demo)
+
+
+def read_pairs(path) -> list[tuple]:
+    table = pq.read_table(path)
+    assert table.schema == data_prep.OUTPUT_SCHEMA
+    return list(zip(table.column('prompt').to_pylist(), table.column('response').to_pylist()))
+
+
+def leftovers(folder) -> list[str]:
+    """Temporary files a failed write could leave behind."""
+    return [n for n in os.listdir(folder) if n.endswith('.tmp')]
+
+
+def write_source(path, pairs, fmt: str, keys=('question', 'answer')) -> str:
+    """pairs in fmt with renamed columns and an extra column that convert must drop."""
+    records = [{keys[0]: p, 'id': i, keys[1]: r} for i, (p, r) in enumerate(pairs)]
+    path = str(path)
+    if fmt == 'csv':
+        import pyarrow.csv as pcsv
+        pcsv.write_csv(pa.Table.from_pylist(records), path)
+    elif fmt == 'json':
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(records, f, ensure_ascii=False, indent=2)  # multi-line, like real exports
+    elif fmt == 'jsonl':
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+# --- convert ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('fmt', ['csv', 'json', 'jsonl', 'parquet'])
+def test_convert_round_trip_renames_columns(tmp_path, fmt):
+    pairs = make_texts(300, seed=3)
+    pairs[5] = ('多行\n问题，带"引号"', '答案\n第二行')  # newlines and quotes survive CSV and JSON
+    src = write_source(tmp_path / f'src.{fmt}', pairs, fmt)
+    out = tmp_path / 'out.parquet'
+    rows = convert_to_parquet(src, str(out), prompt_col='question', response_col='answer')
+    assert rows == 300
+    assert read_pairs(out) == pairs
+
+
+def test_convert_writes_full_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 100)
+    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 64)  # batches straddle row-group borders
+    pairs = make_texts(450, seed=4)
+    src = write_source(tmp_path / 'src.jsonl', pairs, 'jsonl')
+    out = tmp_path / 'out.parquet'
+    convert_to_parquet(src, str(out), 'question', 'answer')
+    md = pq.ParquetFile(out).metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [100, 100, 100, 100, 50]
+    assert read_pairs(out) == pairs
+
+
+def test_row_group_writer_flushes_as_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 100)
+    chunk = data_prep.build_output_table(pa.table({'prompt': ['问'] * 50, 'response': ['答'] * 50}))
+    with data_prep.open_parquet_output(str(tmp_path / 'out.parquet')) as out:
+        for _ in range(5):
+            out.write(chunk)
+        assert out.rows_written == 200  # memory holds at most one row group
+    assert out.rows_written == 250 and pq.ParquetFile(tmp_path / 'out.parquet').metadata.num_rows == 250
+
+
+def test_json_list_parser_streams_across_small_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_prep, 'TEXT_CHUNK_BYTES', 64)  # every record crosses a read
+    pairs = make_texts(50, seed=5)
+    pairs[7] = ('长' * 500, '一个比读取块大很多的记录' * 20)  # a record larger than the window
+    src = write_source(tmp_path / 'src.json', pairs, 'json')
+    out = tmp_path / 'out.parquet'
+    convert_to_parquet(src, str(out), 'question', 'answer')
+    assert read_pairs(out) == pairs
+    lines = [json.dumps({'question': p, 'answer': r}, ensure_ascii=False) for p, r in pairs]
+    lines[40] = '{"question": "坏的", "answer" "没有冒号"}'
+    (tmp_path / 'bad.json').write_text('[\n' + ',\n'.join(lines) + '\n]', encoding='utf-8')
+    with pytest.raises(data_prep.UserError, match=r'bad\.json: line 42: malformed JSON'):
+        convert_to_parquet(str(tmp_path / 'bad.json'), str(out), 'question', 'answer')
+
+
+def test_json_values_numbers_become_text_and_null_stays(tmp_path):
+    src = tmp_path / 'src.json'
+    src.write_text('\ufeff[{"prompt": 12, "response": 3.5}, {"prompt": "问", "response": null}]',
+                   encoding='utf-8')  # a BOM, as Windows tools write it
+    out = tmp_path / 'out.parquet'
+    convert_to_parquet(str(src), str(out))
+    assert read_pairs(out) == [('12', '3.5'), ('问', None)]
+
+
+def test_jsonl_saved_as_json_and_format_flag(tmp_path):
+    pairs = make_texts(20, seed=6)
+    as_json = write_source(tmp_path / 'lines.json', pairs, 'jsonl')
+    as_txt = write_source(tmp_path / 'lines.txt', pairs, 'jsonl')
+    convert_to_parquet(as_json, str(tmp_path / 'a.parquet'), 'question', 'answer')
+    convert_to_parquet(as_txt, str(tmp_path / 'b.parquet'), 'question', 'answer', input_format='jsonl')
+    assert read_pairs(tmp_path / 'a.parquet') == pairs == read_pairs(tmp_path / 'b.parquet')
+
+
+def test_failed_convert_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 10)
+    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 10)  # row groups hit the disk before the error
+    src = write_source(tmp_path / 'src.jsonl', make_texts(95, seed=7), 'jsonl')
+    with open(src, 'a', encoding='utf-8') as f:
+        f.write('{"question": "坏", "answer": \n')
+    out = tmp_path / 'out.parquet'
+    with pytest.raises(data_prep.UserError, match=r'src\.jsonl: line 96: malformed JSON'):
+        convert_to_parquet(src, str(out), 'question', 'answer')
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_find_bad_utf8_counts_lines_across_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_prep, 'TEXT_CHUNK_BYTES', 7)  # cuts 3-byte characters in two
+    path = tmp_path / 'mixed.csv'
+    path.write_bytes('prompt,response\n你好,世界\n早上,好\n'.encode() + '中文'.encode('gbk') + b',x\n')
+    assert find_bad_utf8(str(path))[0] == 4
+    path.write_bytes('全是好的\n文本\n'.encode())
+    assert find_bad_utf8(str(path)) is None
+
+
+# --- split ------------------------------------------------------------------
+
+
+def assert_partition(source, train, valid):
+    assert not set(train) & set(valid)
+    assert collections.Counter(train) + collections.Counter(valid) == collections.Counter(source)
+
+
+def test_split_sklearn_path_sizes_and_partition(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 64)  # rows are gathered from many batches
+    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 128)
+    pairs = make_texts(1000, seed=8)
+    src = write_parquet(tmp_path / 'all.parquet', pairs)
+    result = split_parquet(src, str(tmp_path / 't.parquet'), str(tmp_path / 'v.parquet'))
+    assert (result.train_rows, result.valid_rows, result.method) == (900, 100, 'sklearn')
+    train, valid = read_pairs(tmp_path / 't.parquet'), read_pairs(tmp_path / 'v.parquet')
+    assert_partition(pairs, train, valid)
+    from sklearn.model_selection import train_test_split  # the guide's split, row for row
+    assert (train, valid) == tuple(map(list, train_test_split(pairs, test_size=0.1, random_state=42)))
+    again = split_parquet(src, str(tmp_path / 't2.parquet'), str(tmp_path / 'v2.parquet'))
+    assert again == result and read_pairs(tmp_path / 'v2.parquet') == valid
+
+
+def test_split_streaming_path_is_seeded_and_batch_independent(tmp_path, monkeypatch):
+    pairs = make_texts(3000, seed=9)
+    src = write_parquet(tmp_path / 'all.parquet', pairs, row_group_size=700)
+
+    def run(name, seed):
+        return split_parquet(src, str(tmp_path / f't{name}.parquet'), str(tmp_path / f'v{name}.parquet'),
+                             valid_ratio=0.1, seed=seed, max_in_memory_rows=100)
+
+    first = run('a', 42)
+    assert first.method == 'streaming' and first.train_rows + first.valid_rows == 3000
+    assert 220 <= first.valid_rows <= 380  # binomial(3000, 0.1): sd ~16
+    train, valid = read_pairs(tmp_path / 'ta.parquet'), read_pairs(tmp_path / 'va.parquet')
+    assert_partition(pairs, train, valid)
+    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 333)
+    assert run('b', 42) == first and read_pairs(tmp_path / 'vb.parquet') == valid
+    run('c', 7)
+    assert read_pairs(tmp_path / 'vc.parquet') != valid
+
+
+# --- check ------------------------------------------------------------------
+
+
+def flawed_pairs() -> list[tuple]:
+    """20 good rows, then 3 null rows (4 null fields), 3 blank rows and 2 repeats."""
+    good = make_texts(20, seed=10, min_len=6)
+    return good + [(None, 'a'), ('b', None), (None, None), ('', 'x'), ('y', '  \t'), ('\n', ' '),
+                   good[0], good[3]]
+
+
+def test_check_report_counts_known_flaws(tmp_path):
+    pairs = flawed_pairs()
+    src = write_parquet(tmp_path / 'flawed.parquet', pairs)
+    report = build_report(src)
+    assert report['shape'] == (28, 2) and report['columns'] == ['prompt', 'response']
+    assert report['nulls'] == {'prompt': 2, 'response': 2}
+    assert (report['null_rows'], report['blank_rows'], report['duplicate_rows']) == (3, 3, 2)
+    assert len(report['head']) == 5 and report['head'][0]['prompt'] == pairs[0][0]
+    prompt_lengths = [len(p) for p, _ in pairs if p is not None]
+    assert report['prompt_chars']['count'] == len(prompt_lengths)
+    assert report['prompt_chars']['max'] == max(prompt_lengths)
+    assert report['tokens'] is None
+    text = format_report(report)
+    assert 'duplicate rows' in text and 'nulls per column' in text
+
+
+def test_check_token_lengths_and_truncation(tmp_path, tokenizer_dir, tokenizer):
+    pairs = make_texts(200, seed=11)
+    src = write_parquet(tmp_path / 'texts.parquet', pairs)
+    report = build_report(src, tokenizer_dir=tokenizer_dir, max_seq_len=12)
+    lengths = [(len(tokenizer(p)['input_ids']), len(tokenizer(r)['input_ids'])) for p, r in pairs]
+    expected = sum(lp > 12 or lr > 12 for lp, lr in lengths)
+    assert 0 < expected < len(pairs)  # the figure below can be wrong either way
+    tokens = report['tokens']
+    assert tokens['sample_rows'] == 200 and tokens['sampled_all']
+    assert tokens['truncated_rows'] == expected
+    assert tokens['response']['max'] == max(lr for _, lr in lengths)
+    assert 'would truncate' in format_report(report)
+
+
+def test_check_samples_rows_for_token_stats(tmp_path, tokenizer_dir):
+    src = write_parquet(tmp_path / 'texts.parquet', make_texts(2000, seed=12))
+    tokens = build_report(src, tokenizer_dir=tokenizer_dir, token_sample_rows=300)['tokens']
+    assert not tokens['sampled_all'] and 200 <= tokens['sample_rows'] <= 400
+    assert 'random sample of' in format_report(build_report(src, tokenizer_dir, token_sample_rows=300))
+
+
+# --- clean ------------------------------------------------------------------
+
+
+def test_clean_counts_each_reason(tmp_path):
+    pairs = flawed_pairs() + [('长' * 61, '短'), ('短', '长' * 61)]
+    src = write_parquet(tmp_path / 'flawed.parquet', pairs)
+    counts = clean_parquet(src, str(tmp_path / 'clean.parquet'), max_chars=60)
+    assert counts == {'rows': 30, 'null': 3, 'blank': 3, 'too_long': 2, 'duplicate': 2, 'kept': 20}
+    assert read_pairs(tmp_path / 'clean.parquet') == pairs[:20]
+    counts = clean_parquet(src, str(tmp_path / 'kept_dups.parquet'), dedup=False)
+    assert (counts['too_long'], counts['duplicate'], counts['kept']) == (0, 0, 24)
+
+
+# --- demo -------------------------------------------------------------------
+
+
+def test_demo_files_rows_and_character_set(tmp_path):
+    written = write_demo(str(tmp_path / 'demo'), rows=2000, seed=1)
+    train_path, valid_path = str(tmp_path / 'demo' / 'train.parquet'), str(tmp_path / 'demo' / 'valid.parquet')
+    assert written == {train_path: 1800, valid_path: 200}
+    train, valid = read_pairs(train_path), read_pairs(valid_path)
+    assert not {p for p, _ in train} & {p for p, _ in valid}  # validation prompts are unseen
+    texts = [t for pair in train + valid for t in pair]
+    assert max(map(len, texts)) < 40 and min(map(len, texts)) > 0
+    chars = set(''.join(texts))
+    assert len(chars) < 500
+    assert all(set(p) <= chars for p in demo_prompts()) and len(demo_prompts()) >= 6
+
+
+def test_demo_is_deterministic_with_learnable_answers():
+    train, valid = build_demo_rows(20000, seed=42)
+    assert (len(train), len(valid)) == (18000, 2000)
+    assert build_demo_rows(500, seed=42) == build_demo_rows(500, seed=42) != build_demo_rows(500, seed=3)
+    answers: dict[str, set] = collections.defaultdict(set)
+    for prompt, response in train + valid:
+        answers[prompt].add(response)
+    assert all(len(a) == 1 for a in answers.values())  # the answer is a function of the prompt
+    for prompt, response in data_prep.DEMO_EXAMPLES:
+        assert answers.get(prompt, {response}) == {response}
+
+
+# --- the real CLI -----------------------------------------------------------
+
+
+def start_cli(*args) -> subprocess.Popen:
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
+    return subprocess.Popen([sys.executable, 'prepare_data.py', *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    proc = start_cli(*args)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def build_bad_inputs(tmp_path):
+    """(name, args, words the error line must hold) for each kind of user mistake."""
+    d = tmp_path
+    good = make_texts(9000, seed=13)
+    write_source(d / 'late_bad.jsonl', good, 'jsonl')  # a first batch is written before the error
+    with open(d / 'late_bad.jsonl', 'a', encoding='utf-8') as f:
+        f.write('{"question": "问", "answer": oops}\n')
+    (d / 'gbk.csv').write_bytes('question,answer\n你好,世界\n'.encode() + '再见,朋友\n'.encode('gbk'))
+    (d / 'gbk_header.csv').write_bytes('问题,回答\n你好,世界\n'.encode('gbk'))
+    (d / 'not_list.json').write_text('"just a string"', encoding='utf-8')
+    (d / 'not_objects.json').write_text('[\n{"question": "a", "answer": "b"},\n 42\n]', encoding='utf-8')
+    (d / 'bad_list.json').write_text('[\n{"question": "a", "answer": "b"},\n{"question": "c" "answer": 1}\n]',
+                                     encoding='utf-8')
+    pq.write_table(pa.table({'question': [1, 2], 'answer': ['a', 'b']}), d / 'int_col.parquet')
+    write_source(d / 'ok.jsonl', good[:5], 'jsonl')
+    out = ['--prompt_col=question', '--response_col=answer']
+    return [
+        ('missing file', ['convert', d / 'nope.jsonl', d / 'out1.parquet'], ['nope.jsonl', 'no such file']),
+        ('missing column', ['convert', d / 'ok.jsonl', d / 'out2.parquet', '--prompt_col=q'],
+         ['ok.jsonl', 'line 1', "'q'"]),
+        ('malformed json line', ['convert', d / 'late_bad.jsonl', d / 'out3.parquet', *out],
+         ['late_bad.jsonl', 'line 9001', 'malformed JSON']),
+        ('not utf-8 csv', ['convert', d / 'gbk.csv', d / 'out4.parquet', *out],
+         ['gbk.csv', 'line 3', 'iconv -f GBK -t UTF-8']),
+        ('not utf-8 csv header', ['convert', d / 'gbk_header.csv', d / 'out10.parquet'],
+         ['gbk_header.csv', 'line 1', 'iconv -f GBK -t UTF-8']),
+        ('json not a list', ['convert', d / 'not_list.json', d / 'out5.parquet', *out],
+         ['not_list.json', 'line 1', 'list of objects']),
+        ('json list of non-objects', ['convert', d / 'not_objects.json', d / 'out6.parquet', *out],
+         ['not_objects.json', 'line 3', 'JSON object']),
+        ('malformed json list', ['convert', d / 'bad_list.json', d / 'out7.parquet', *out],
+         ['bad_list.json', 'line 3', 'malformed JSON']),
+        ('non-string parquet column', ['convert', d / 'int_col.parquet', d / 'out8.parquet', *out],
+         ['int_col.parquet', "'question'", 'int64']),
+        ('check without prompt column', ['check', d / 'int_col.parquet'], ['int_col.parquet', "'prompt'"]),
+        ('unknown flag', ['clean', d / 'ok.jsonl', d / 'out9.parquet', '--max_char=3'], ['--max_chars']),
+    ]
+
+
+def test_cli_bad_inputs_end_in_one_line_and_no_file(tmp_path):
+    cases = build_bad_inputs(tmp_path)
+    before = set(os.listdir(tmp_path))
+    running = [(name, words, start_cli(*args)) for name, args, words in cases]  # startup dominates
+    for name, words, proc in running:
+        _, stderr = proc.communicate(timeout=120)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, stderr)
+        assert len(lines) == 1 and lines[0].startswith('error: '), (name, stderr)
+        assert 'Traceback' not in stderr
+        for word in words:
+            assert word in lines[0], (name, word, lines[0])
+    assert set(os.listdir(tmp_path)) == before  # no output and no temporary file
+
+
+def test_cli_happy_path_convert_clean_split_check(tmp_path):
+    pairs = make_texts(400, seed=14) + [('', '空'), ('重复', '行'), ('重复', '行')]
+    write_source(tmp_path / 'raw.csv', pairs, 'csv')
+    steps = [
+        ('convert', tmp_path / 'raw.csv', tmp_path / 'all.parquet', '--prompt_col=question',
+         '--response_col=answer'),
+        ('clean', tmp_path / 'all.parquet', tmp_path / 'clean.parquet', '--max_chars=1000'),
+        ('split', tmp_path / 'clean.parquet', f'--train_out={tmp_path / "train.parquet"}',
+         f'--valid_out={tmp_path / "valid.parquet"}'),
+        ('check', tmp_path / 'train.parquet'),
+        ('convert', '--help'),  # the commands' **flags must not swallow it
+    ]
+    outputs = []
+    for step in steps:
+        proc = run_cli(*step)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout + proc.stderr)  # Fire writes help to stderr
+    assert f'wrote 403 rows to {tmp_path / "all.parquet"}' in outputs[0]
+    assert 'empty/whitespace 1' in outputs[1] and 'duplicate 1' in outputs[1] and 'kept 401 rows' in outputs[1]
+    assert 'train: 360 rows' in outputs[2] and 'valid: 41 rows' in outputs[2]
+    assert 'shape: (360, 2)' in outputs[3]
+    assert 'convert INPUT OUTPUT' in outputs[4] and '--prompt_col' in outputs[4]
+    assert pq.ParquetFile(tmp_path / 'valid.parquet').schema_arrow == data_prep.OUTPUT_SCHEMA
