@@ -122,9 +122,14 @@ def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, barrier: 
     if is_main:
         write_json(os.path.join(tmp, MARKER), {'step': step})
         _fsync_dir(tmp)
-        if os.path.isdir(final):  # a state of the same step (resumed and saved again)
-            shutil.rmtree(final)
+        replaced = None
+        if os.path.isdir(final):  # same step saved again: swap, never a moment without it
+            replaced = final + '.replaced'
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
         _fsync_dir(state_dir)
         for _, old in list_complete_states(state_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -119,6 +119,9 @@ def setup_logging(log_dir: str, accelerator) -> str:
     root.addHandler(console)
     for noisy in ('httpx', 'urllib3', 'filelock'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # 'Writing model shards' bars amid the log
     return name[0]
 
 
@@ -253,6 +256,7 @@ class Trainer:
         # the scheduler is not prepared: accelerate would step it once per process
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.state = TrainState()
+        self._last_save_step = -1
         self.fingerprint = {'model_shape': model_shape(cfg.model, len(self.tokenizer)),
                             'data': data_fingerprint(self.train_files),
                             'tokenizer': tokenizer_fingerprint(self.t.tokenizer_dir)}
@@ -304,7 +308,7 @@ class Trainer:
     def train(self) -> int:
         t, state = self.t, self.state
         logger.info('training: %d rows, %d optimizer steps (%d per epoch), epoch %d, step %d',
-                    self.train_loader.num_rows, self.total_steps, self.train_loader.steps_per_epoch,
+                    self.train_loader.num_rows, self.total_steps, self.train_loader.steps_per_epoch(),
                     self.train_loader.epoch, state.global_step)
         from tqdm import tqdm
 
@@ -436,7 +440,7 @@ class Trainer:
         dev = self.acc.device
         loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
         global_batch = self.t.batch_size_per_gpu * self.world
-        self.valid_loader.set_epoch(0)
+        self.valid_loader.load_state_dict({"epoch": 0, "rows_consumed": 0})  # rewind
         for i, batch in enumerate(self.valid_loader):
             if self.t.max_eval_rows and i * global_batch >= self.t.max_eval_rows:
                 break
@@ -522,6 +526,7 @@ class Trainer:
                  'data_state': data_state or self.train_loader.state_dict(),
                  'config': self.cfg.to_dict(), 'fingerprint': self.fingerprint,
                  'run': {'world_size': self.world, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
+        self._last_save_step = step
         path = ckpt.save_state(self.t.train_state_dir, step, is_main=self.acc.is_main_process,
                                rank=self.rank, barrier=self.barrier, tensors=tensors, jsons=jsons)
         if self.acc.is_main_process:
@@ -541,6 +546,7 @@ class Trainer:
         if 'scaler' in saved and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(saved['scaler'])
         self.state = TrainState(**saved['train_state'])
+        self._last_save_step = self.state.global_step
         self.train_loader.load_state_dict(saved['data_state'])
         ckpt.set_rng_state(saved['rng'])
         if saved['run'].get('world_size') != self.world:
@@ -560,7 +566,8 @@ class Trainer:
 
     def finish(self) -> None:
         self.evaluate()
-        self.save()
+        if self._last_save_step != self.state.global_step:
+            self.save()
         if self.acc.is_main_process:
             self.save_hf('final')
         self.barrier()

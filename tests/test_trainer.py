@@ -1,0 +1,274 @@
+"""The trainer, end to end through the real CLI, on a tiny model (CPU, fp32)."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_texts, write_parquet
+
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
+STEP_RE = re.compile(r'step (\d+)/(\d+) \| epoch \d+ \| loss ([0-9.naninf]+)')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp('data')
+    train = write_parquet(d / 'train.parquet', make_texts(480, seed=11, max_len=40), row_group_size=100)
+    valid = write_parquet(d / 'valid.parquet', make_texts(64, seed=12, max_len=40))
+    return {'train': train, 'valid': valid, 'tok': tokenizer_dir}
+
+
+def tiny_flags(data, out, **extra) -> list[str]:
+    flags = {
+        'train_file': data['train'], 'validation_file': data['valid'], 'tokenizer_dir': data['tok'],
+        'model_file': f'{out}/chat_small_t5.{{}}.bin', 'train_state_dir': f'{out}/state',
+        'output_dir': f'{out}', 'log_dir': f'{out}/logs',
+        'd_model': 32, 'num_heads': 2, 'd_kv': 16, 'd_ff': 64, 'num_layers': 1, 'num_decoder_layers': 1,
+        'dropout_rate': 0.1, 'max_seq_len': 32, 'batch_size_per_gpu': 8, 'gradient_accumulation_steps': 1,
+        'epochs': 1, 'learn_rate': 3e-3, 'optimizer': 'adamw', 'warmup_steps': 5, 'logging_steps': 1,
+        'save_steps': 10, 'keep_latest_n_ckp': 2, 'mixed_precision': 'no', 'max_eval_rows': 32,
+        'bleu_samples': 4, 'show_samples': 1, 'seed': 7,
+    }
+    flags.update(extra)
+    return [f'--{k}={v}' for k, v in flags.items()]
+
+
+def train_cmd(flags, *extra):
+    return [sys.executable, 'train_low_mem.py', 'train', *flags, *extra]
+
+
+def run_train(flags, *extra, timeout=300):
+    return subprocess.run(train_cmd(flags, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def logged_losses(out) -> dict[int, float]:
+    losses = {}
+    for log in sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')):
+        for m in STEP_RE.finditer(open(log, encoding='utf-8').read()):
+            losses[int(m.group(1))] = float(m.group(3))
+    return losses
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a, b, atol=0.0):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), (k, (wa[k] - wb[k]).abs().max())
+
+
+# --- units ------------------------------------------------------------------
+
+def test_schedule_step_count():
+    from model.trainer import total_optimizer_steps
+
+    # rows / (batch x processes x accumulation) x epochs
+    assert total_optimizer_steps(10_000_000, 32, 3, 2, 3) == 10_000_000 // 192 * 3
+    assert total_optimizer_steps(1000, 8, 2, 2, 3) == 31 * 3
+    assert total_optimizer_steps(1000, 8, 1, 1, 3, max_steps=50) == 50
+    assert total_optimizer_steps(100, 8, 1, 1, 1, max_steps=50) == 12
+
+
+def test_lr_warmup_then_decay():
+    from model.trainer import lr_lambda
+
+    f = lr_lambda(10, 110, 'cosine')
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda(10, 110, 'linear')(60) == pytest.approx(0.5)
+    assert lr_lambda(0, 100, 'constant')(99) == 1.0
+
+
+def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
+    from model import trainer
+
+    monkeypatch.setattr(trainer, 'cpu_supports_bf16', lambda: False)
+    precision, warning = trainer.resolve_precision('bf16', use_cpu=True)
+    assert precision == 'no' and 'fp32' in warning
+    monkeypatch.setattr(trainer, 'cpu_supports_bf16', lambda: True)
+    assert trainer.resolve_precision('bf16', use_cpu=True) == ('bf16', None)
+    assert trainer.resolve_precision('fp16', use_cpu=True)[0] == 'no'
+    assert trainer.resolve_precision('no', use_cpu=True) == ('no', None)
+
+
+def test_loss_at_init_is_about_ln_vocab(tokenizer):
+    from config import T5ModelConfig
+    from model.chat_model import build_model
+    from model.trainer import shift_right
+
+    torch.manual_seed(0)
+    model = build_model(T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1,
+                                      num_decoder_layers=1, dropout_rate=0.0), len(tokenizer))
+    enc = tokenizer(['你好，世界'] * 4, ['今天天气很好'] * 4)
+    labels = torch.tensor(tokenizer(['今天天气很好'] * 4)['input_ids'])
+    inputs = torch.tensor(tokenizer(['你好，世界'] * 4)['input_ids'])
+    with torch.no_grad():
+        logits = model(input_ids=inputs, decoder_input_ids=shift_right(labels)).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    assert abs(loss.item() - math.log(len(tokenizer))) < 0.5
+    assert enc  # tokenizer accepted pairs
+
+
+# --- end to end -------------------------------------------------------------
+
+def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, save_steps=4, mixed_precision='bf16', epochs=2)
+    r = run_train(flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    total = 480 // 8 * 2
+    logs = glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')
+    assert len(logs) == 1
+    text = open(logs[0], encoding='utf-8').read()
+    assert f'step {total}/{total}' in text
+    assert 'validation loss' in text and 'BLEU-4' in text
+    if not __import__('model.trainer', fromlist=['x']).cpu_supports_bf16():
+        assert 'mixed_precision=bf16 is not supported natively' in text  # fp32 fallback, logged
+    assert re.search(r'samples/s \| \d+ tokens/s \| eta', text)
+    # keep_latest_n_ckp=2 step files, plus best; HF folders load
+    steps = sorted(int(re.search(r'\.(\d+)\.bin$', p).group(1)) for p in glob.glob(f'{out}/chat_small_t5.*.bin')
+                   if re.search(r'\.\d+\.bin$', p))
+    assert steps == [116, total]
+    assert os.path.isfile(f'{out}/chat_small_t5.best.bin')
+    states = sorted(os.listdir(f'{out}/state'))
+    assert states == ['state-000000116', f'state-{total:09d}']
+    from transformers import T5ForConditionalGeneration
+
+    for name in ('best', 'final'):
+        T5ForConditionalGeneration.from_pretrained(f'{out}/{name}')
+    losses = logged_losses(out)
+    assert sorted(losses) == list(range(1, total + 1))
+    assert losses[total] < losses[1]
+
+
+def test_exact_resume_after_sigkill(data, tmp_path):
+    ref, cut = tmp_path / 'ref', tmp_path / 'cut'
+    extra = {'epochs': 2, 'save_steps': 15, 'num_workers': 0}
+    r = run_train(tiny_flags(data, ref, **extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    total = 480 // 8 * 2
+
+    proc = subprocess.Popen(train_cmd(tiny_flags(data, cut, **extra)), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not glob.glob(f'{cut}/state/state-*/complete.json'):
+        assert proc.poll() is None and time.time() < deadline, 'no state was saved'
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = max(int(p.rsplit('-', 1)[1]) for p in glob.glob(f'{cut}/state/state-*'))
+    assert saved < total, 'the run ended before it could be killed'
+
+    r = run_train(tiny_flags(data, cut, **extra), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'resumed from' in open(sorted(glob.glob(f'{cut}/logs/*.log'))[-1]).read()
+    ref_losses, cut_losses = logged_losses(ref), logged_losses(cut)
+    after = [s for s in ref_losses if s > saved]
+    assert after and all(cut_losses[s] == ref_losses[s] for s in after), \
+        [(s, ref_losses[s], cut_losses.get(s)) for s in after if cut_losses.get(s) != ref_losses[s]][:5]
+    assert_same_weights(f'{ref}/chat_small_t5.{total}.bin', f'{cut}/chat_small_t5.{total}.bin')
+
+
+def test_sigterm_saves_and_exits_143_then_resumes(data, tmp_path):
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, epochs=50, save_steps=100000)
+    proc = subprocess.Popen(train_cmd(flags), cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not logged_losses(out).get(3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output[-3000:]
+    states = glob.glob(f'{out}/state/state-*/complete.json')
+    assert len(states) == 1
+    step = int(states[0].split('state-')[1].split('/')[0])
+    assert step >= 3 and 'SIGTERM received: saving state' in output
+    r = run_train(tiny_flags(data, out, epochs=50, save_steps=100000, max_steps=step + 2),
+                  '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'resumed from' in r.stderr and f'step {step}' in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path):
+    out = tmp_path / 'run'
+    r = run_train(tiny_flags(data, out, learn_rate=1e9, max_grad_norm=0, warmup_steps=0, save_steps=1,
+                             logging_steps=5, optimizer='adamw'))
+    assert r.returncode == 1, r.stderr[-3000:]
+    m = re.search(r'loss became NaN/inf at optimizer step (\d+)', r.stderr)
+    assert m, r.stderr[-3000:]
+    bad = int(m.group(1))
+    for p in glob.glob(f'{out}/state/state-*'):
+        assert int(p.rsplit('-', 1)[1]) < bad
+        for v in torch.load(f'{p}/model.pt', weights_only=True).values():
+            assert torch.isfinite(v).all()
+    for p in glob.glob(f'{out}/chat_small_t5.*.bin'):
+        for v in weights(p).values():
+            assert torch.isfinite(v).all()
+
+
+def test_resume_refuses_changed_shape_missing_state_and_changed_data(data, tmp_path):
+    out = tmp_path / 'run'
+    r = run_train(tiny_flags(data, out), '--is_keep_training=True')
+    assert r.returncode == 2 and 'no complete saved state' in r.stderr
+    assert run_train(tiny_flags(data, out, max_steps=10)).returncode == 0
+    r = run_train(tiny_flags(data, out, d_ff=128), '--is_keep_training=True')
+    assert r.returncode == 2 and 'different model shape (d_ff: saved 64 -> now 128)' in r.stderr
+    other = write_parquet(tmp_path / 'other.parquet', make_texts(240, seed=99))
+    r = run_train(tiny_flags(data, out, train_file=other), '--is_keep_training=True')
+    assert r.returncode == 2 and '--allow_data_change=True' in r.stderr
+
+
+def test_fresh_run_archives_instead_of_overwriting(data, tmp_path):
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=10)).returncode == 0
+    first = weights(f'{out}/chat_small_t5.10.bin')
+    assert run_train(tiny_flags(data, out, max_steps=5, seed=8)).returncode == 0
+    archived = glob.glob(f'{out}/previous_runs/*/chat_small_t5.10.bin')
+    assert len(archived) == 1
+    assert all(torch.equal(first[k], v) for k, v in weights(archived[0]).items())
+    assert glob.glob(f'{out}/previous_runs/*/state/state-000000010/complete.json')
+    assert sorted(os.listdir(f'{out}/state')) == ['state-000000005']
+
+
+def torchrun(flags, nproc):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           'train_low_mem.py', 'train', *flags]
+    env = {**ENV, 'ACCELERATE_USE_CPU': '1'}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
+    common = {'dropout_rate': 0.0, 'group_by_length': False, 'max_steps': 12, 'save_steps': 12}
+    one = tmp_path / 'one_b8'
+    r = run_train(tiny_flags(data, one, batch_size_per_gpu=8, **common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = tmp_path / 'one_b4_acc2'
+    r = run_train(tiny_flags(data, acc, batch_size_per_gpu=4, gradient_accumulation_steps=2, **common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / 'two_b4'
+    r = torchrun(tiny_flags(data, two, batch_size_per_gpu=4, **common), 2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert '2 process(es)' in open(glob.glob(f'{two}/logs/*.log')[0]).read()
+    base = logged_losses(one)
+    for other in (acc, two):
+        losses = logged_losses(other)
+        assert sorted(losses) == sorted(base)
+        for s in base:
+            assert abs(losses[s] - base[s]) < 1e-4, (other.name, s, losses[s], base[s])
+        assert_same_weights(f'{one}/chat_small_t5.12.bin', f'{other}/chat_small_t5.12.bin', atol=1e-4)
