@@ -272,3 +272,21 @@ def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
         for s in base:
             assert abs(losses[s] - base[s]) < 1e-4, (other.name, s, losses[s], base[s])
         assert_same_weights(f'{one}/chat_small_t5.12.bin', f'{other}/chat_small_t5.12.bin', atol=1e-4)
+
+
+def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}  # no nvidia-smi on this PATH
+    missing = subprocess.run(['bash', 'start_pretrain_large.sh', f'--train_file={tmp_path}/none.parquet'],
+                             cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             timeout=120)
+    assert missing.returncode == 1, missing.stderr
+    assert 'missing train_file' in missing.stderr and 'python prepare_data.py convert' in missing.stderr
+    out = tmp_path / 'run'
+    r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, out, max_steps=4)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'no GPU found' in r.stderr and '4 optimizer steps' in r.stdout
+    assert os.path.isfile(f'{out}/chat_small_t5.4.bin')
+    bad = subprocess.run(['bash', 'start_pretrain_large.sh', '--batch_size_per_gpu=abc'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert bad.returncode == 2 and 'expected an integer for batch_size_per_gpu' in bad.stderr
