@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     '50m': {'epochs': 2, 'save_steps': 10000},
     'demo': {
         # a model and data small enough to learn visibly on a 2-core CPU in minutes
-        'epochs': 4,
+        'epochs': 5,
         'batch_size_per_gpu': 64,
         'gradient_accumulation_steps': 1,
         'max_seq_len': 32,
