@@ -11,7 +11,6 @@ the fast tokenizer is assembled directly from the trained pieces and scores.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -157,6 +156,3 @@ def tokenizer_fingerprint(tokenizer_dir: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def describe(tokenizer_dir: str) -> str:
-    with open(os.path.join(tokenizer_dir, 'tokenizer_config.json')) as f:
-        return json.dumps(json.load(f))

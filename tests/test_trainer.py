@@ -290,3 +290,15 @@ def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
     bad = subprocess.run(['bash', 'start_pretrain_large.sh', '--batch_size_per_gpu=abc'], cwd=ROOT, env=env,
                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert bad.returncode == 2 and 'expected an integer for batch_size_per_gpu' in bad.stderr
+
+
+def test_start_script_launches_two_processes_with_accelerate(data, tmp_path):
+    """NUM_GPUS=2 takes the guide's `accelerate launch --multi_gpu` path (on CPU here)."""
+    env = {**ENV, 'PYTHON': sys.executable, 'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1'}
+    out = tmp_path / 'run'
+    r = subprocess.run(['bash', 'start_pretrain_large.sh',
+                        *tiny_flags(data, out, max_steps=4, batch_size_per_gpu=4)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
+    assert '2 process(es)' in log and 'step 4/4' in log
