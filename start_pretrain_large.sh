@@ -7,8 +7,10 @@
 #   NUM_GPUS=2 ./start_pretrain_large.sh                   # use 2 of the GPUs
 #   ./start_pretrain_large.sh --preset=5m                  # another template instead of --use_large_config
 #
-# Exit code: the trainer's (0 done, 2 bad flag, 130/143 stopped and saved), 1 if
-# the data or the tokenizer is missing (the commands that create them are printed).
+# Exit code: the trainer's (0 done, 2 bad flag, 130/143 stopped and saved; with several
+# GPUs accelerate reports any failure as 1), 1 if the data or the tokenizer is missing
+# (the commands that create them are printed). GPUs: NUM_GPUS, else CUDA_VISIBLE_DEVICES,
+# else nvidia-smi.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -24,9 +26,24 @@ for arg in "$@"; do
   case "$arg" in --preset=*|--preset) config_flags=() ;; esac
 done
 
-report=$("$PY" train_low_mem.py train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
+# GPUs first, so that the dry run's schedule counts the right number of processes
+if [ -n "${NUM_GPUS:-}" ]; then
+  gpus=$NUM_GPUS
+elif [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+  gpus=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+else
+  gpus=0
+fi
+
+report=$(NUM_GPUS=$(( gpus > 0 ? gpus : 1 )) "$PY" train_low_mem.py train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
 rc=$?
 if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
+if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
+  printf '%s\n' "$report" >&2   # the dry run itself failed: show why
+  exit "$rc"
+fi
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
 
 missing=0
@@ -44,14 +61,6 @@ if [ "$rc" -ne 0 ] || [ "$missing" -ne 0 ]; then
 fi
 printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
 
-if [ -n "${NUM_GPUS:-}" ]; then
-  gpus=$NUM_GPUS
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-else
-  gpus=0
-fi
-
 resume_given=0
 for arg in "$@"; do case "$arg" in --is_keep_training*) resume_given=1 ;; esac; done
 latest=$(path_of latest_state)
@@ -64,11 +73,14 @@ if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; the
   fi
 fi
 
-if [ "$gpus" -le 0 ]; then
-  echo "warning: no GPU found (nvidia-smi); training in one CPU process. Set NUM_GPUS to override." >&2
+if [ "$gpus" -le 1 ]; then
+  # one process needs no launcher; exec keeps signals and the exit code the trainer's own
+  if [ "$gpus" -le 0 ]; then
+    echo "warning: no GPU found (nvidia-smi); training in one CPU process. Set NUM_GPUS to override." >&2
+  fi
   exec "$PY" train_low_mem.py train "${config_flags[@]}" "$@"
-elif [ "$gpus" -eq 1 ]; then
-  exec "$ACCELERATE" launch --num_processes 1 ./train_low_mem.py train "${config_flags[@]}" "$@"
-else
-  exec "$ACCELERATE" launch --multi_gpu --num_processes "$gpus" ./train_low_mem.py train "${config_flags[@]}" "$@"
 fi
+# torchrun forwards SIGINT/SIGTERM to the ranks, then kills them after this many seconds:
+# leave time to finish the step (or an evaluation) and save
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
+exec "$ACCELERATE" launch --multi_gpu --num_processes "$gpus" ./train_low_mem.py train "${config_flags[@]}" "$@"

@@ -120,6 +120,8 @@ def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, barrier: 
             write_json(os.path.join(tmp, f'{name}.json'), obj)
     barrier()
     if is_main:
+        for name in os.listdir(tmp):  # data on disk before the marker says complete
+            _fsync_file(os.path.join(tmp, name))
         write_json(os.path.join(tmp, MARKER), {'step': step})
         _fsync_dir(tmp)
         replaced = None
@@ -137,6 +139,11 @@ def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, barrier: 
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return final
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:

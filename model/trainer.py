@@ -257,6 +257,7 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.state = TrainState()
         self._last_save_step = -1
+        self._uncounted = [0, 0]  # rows, label tokens on this rank not yet in the state
         self.fingerprint = {'model_shape': model_shape(cfg.model, len(self.tokenizer)),
                             'data': data_fingerprint(self.train_files),
                             'tokenizer': tokenizer_fingerprint(self.t.tokenizer_dir)}
@@ -329,8 +330,8 @@ class Trainer:
                         continue
                     label_tokens = [int((b['labels'] != -100).sum()) for b in micro]
                     global_tokens, stop_requested = self.all_sum([sum(label_tokens), stop.signum])
-                    if stop_requested:
-                        return self._stop(stop.signum, position)
+                    if stop_requested:  # a rank that got no signal itself stops as for SIGTERM
+                        return self._stop(stop.signum or signal.SIGTERM, position)
                     self.train_step(micro, label_tokens, global_tokens)
                     state.global_step += 1
                     bar.update(1)
@@ -370,8 +371,12 @@ class Trainer:
             iv['label_tokens'] += n_labels
             iv['input_tokens'] += int(batch['attention_mask'].sum())
             iv['rows'] += batch['num_rows']
+            self._uncounted[0] += batch['num_rows']
+            self._uncounted[1] += n_labels
             iv['skipped'] += batch['num_skipped']
-        finite = torch.isfinite(loss_sum.detach()) & torch.isfinite(torch.as_tensor(grad_norm, device=dev))
+        finite = torch.isfinite(loss_sum.detach())
+        if self.acc.scaler is None:  # with fp16's scaler an inf norm only skips the step
+            finite &= torch.isfinite(torch.as_tensor(grad_norm, device=dev))
         self.nonfinite_step = torch.where((self.nonfinite_step < 0) & ~finite,
                                           torch.tensor(self.state.global_step + 1, device=dev),
                                           self.nonfinite_step)
@@ -406,8 +411,7 @@ class Trainer:
         tot = self.all_sum([loss_sum, iv['label_tokens'], iv['input_tokens'], iv['rows'], iv['skipped']])
         loss = tot[0] / max(tot[1], 1)
         elapsed = max(time.time() - iv['start'], 1e-9)
-        state.samples_seen += int(tot[3])
-        state.tokens_seen += int(tot[1])
+        self._fold_counts()
         done = state.global_step - self._run_start_step
         eta = (time.time() - self._run_start) / max(done, 1) * (self.total_steps - state.global_step)
         logger.info('step %d/%d | epoch %d | loss %.4f | lr %.3e | grad_norm %.3f | %.1f samples/s | '
@@ -417,6 +421,13 @@ class Trainer:
                     datetime.timedelta(seconds=int(eta)),
                     f' | skipped {int(tot[4])} empty rows' if tot[4] else '')
         self._interval = self._new_interval()
+
+    def _fold_counts(self) -> None:
+        """Collective: add the rows and label tokens trained on since the last fold to the state."""
+        rows, tokens = self.all_sum(self._uncounted)
+        self.state.samples_seen += int(rows)
+        self.state.tokens_seen += int(tokens)
+        self._uncounted = [0, 0]
 
     def should_evaluate(self) -> bool:
         return bool(self.t.eval_steps) and self.state.global_step % self.t.eval_steps == 0
@@ -509,13 +520,19 @@ class Trainer:
         tmp = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=self.t.output_dir)
         model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
+        old = None
+        if os.path.isdir(target):  # swap: never a moment without a complete folder
+            old = f'{target}.old'
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
         os.replace(tmp, target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
 
     def save(self, data_state: dict | None = None) -> str:
         """Full state (collective), plus the step's model file and keep-N pruning."""
         self.check_finite()
+        self._fold_counts()
         step = self.state.global_step
         model = self.acc.unwrap_model(self.model)
         tensors = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
@@ -560,7 +577,7 @@ class Trainer:
     def _stop(self, signum: int, position: dict) -> int:
         logger.warning('%s received: saving state at step %d', signal.Signals(int(signum)).name,
                        self.state.global_step)
-        if self.state.global_step > 0:
+        if self.state.global_step > 0 and self._last_save_step != self.state.global_step:
             self.save(data_state=position)
         return 128 + int(signum)
 
