@@ -113,14 +113,12 @@ def test_loss_at_init_is_about_ln_vocab(tokenizer):
     torch.manual_seed(0)
     model = build_model(T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1,
                                       num_decoder_layers=1, dropout_rate=0.0), len(tokenizer))
-    enc = tokenizer(['你好，世界'] * 4, ['今天天气很好'] * 4)
     labels = torch.tensor(tokenizer(['今天天气很好'] * 4)['input_ids'])
     inputs = torch.tensor(tokenizer(['你好，世界'] * 4)['input_ids'])
     with torch.no_grad():
         logits = model(input_ids=inputs, decoder_input_ids=shift_right(labels)).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     assert abs(loss.item() - math.log(len(tokenizer))) < 0.5
-    assert enc  # tokenizer accepted pairs
 
 
 # --- end to end -------------------------------------------------------------
@@ -175,7 +173,7 @@ def test_exact_resume_after_sigkill(data, tmp_path):
 
     r = run_train(tiny_flags(data, cut, **extra), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f'resumed from' in open(sorted(glob.glob(f'{cut}/logs/*.log'))[-1]).read()
+    assert 'resumed from' in open(sorted(glob.glob(f'{cut}/logs/*.log'))[-1]).read()
     ref_losses, cut_losses = logged_losses(ref), logged_losses(cut)
     after = [s for s in ref_losses if s > saved]
     assert after and all(cut_losses[s] == ref_losses[s] for s in after), \
@@ -202,7 +200,7 @@ def test_sigterm_saves_and_exits_143_then_resumes(data, tmp_path):
     r = run_train(tiny_flags(data, out, epochs=50, save_steps=100000, max_steps=step + 2),
                   '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f'resumed from' in r.stderr and f'step {step}' in r.stderr
+    assert 'resumed from' in r.stderr and f'step {step}' in r.stderr
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path):
