@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from config import PRESETS, TrainConfigPretrainLarge, UserError, coerce, unknown_option
-from model.files import TEXT_COLUMNS, inspect_parquet, resolve_parquet_files
+from model.files import TEXT_COLUMNS, inspect_parquet, iter_text_tables, open_parquet, resolve_parquet_files
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
 BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work
@@ -386,16 +386,9 @@ def _is_text_type(typ: pa.DataType) -> bool:
         or typ == pa.string_view()
 
 
-def open_parquet_input(path: str) -> pq.ParquetFile:
-    # With pyarrow's default pre_buffer=True, iter_batches kept every row group it had read
-    # (an 860 MB file: 832 MB of Arrow memory at the end); buffered page reads then hold
-    # ~14 MB instead of whole column chunks, at the same speed.
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-
-
 def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
     try:
-        pf = open_parquet_input(path)
+        pf = open_parquet(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f'{path}: not a readable Parquet file ({e})') from None
     schema = pf.schema_arrow
@@ -424,11 +417,7 @@ def iter_input_tables(path: str, prompt_col: str = 'prompt', response_col: str =
 
 def iter_parquet_tables(spec, columns=TEXT_COLUMNS) -> Iterator[pa.Table]:
     """Batches of one or more prompt/response Parquet files (file, folder or glob)."""
-    for path in resolve_parquet_files(spec):
-        inspect_parquet(path)
-        batches = open_parquet_input(path).iter_batches(batch_size=BATCH_ROWS, columns=list(columns))
-        for batch in batches:
-            yield pa.Table.from_batches([batch])
+    return iter_text_tables(spec, columns, batch_rows=BATCH_ROWS)
 
 
 def count_parquet_rows(spec) -> int:
@@ -571,7 +560,7 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths."""
     files = resolve_parquet_files(input_spec)
     total = count_parquet_rows(files)
-    first = open_parquet_input(files[0])
+    first = open_parquet(files[0])
     columns = first.schema_arrow.names
     head = next(first.iter_batches(batch_size=5), None)
     tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed) \

@@ -64,3 +64,21 @@ def inspect_parquet(path: str, columns=TEXT_COLUMNS) -> ParquetInfo:
     rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
     return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
                        size_bytes=os.path.getsize(path))
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A reader whose memory stays at one batch while iterating.
+
+    With pyarrow's default pre_buffer=True, iter_batches kept every row group it had read
+    (an 860 MB file: 832 MB of Arrow memory at the end); buffered page reads hold ~14 MB
+    instead, at the same speed.
+    """
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+
+
+def iter_text_tables(spec, columns=TEXT_COLUMNS, batch_rows: int = 8192):
+    """Tables of at most batch_rows rows of the columns, streamed from every file of spec."""
+    for path in resolve_parquet_files(spec):
+        inspect_parquet(path, columns)
+        for batch in open_parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns)):
+            yield pa.Table.from_batches([batch])

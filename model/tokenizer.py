@@ -18,10 +18,9 @@ import shutil
 import tempfile
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from config import UserError
-from model.files import TEXT_COLUMNS, inspect_parquet, resolve_parquet_files
+from model.files import TEXT_COLUMNS, inspect_parquet, iter_text_tables, resolve_parquet_files
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +30,16 @@ SPM_FILE = 'sentencepiece.model'  # kept for reference; loading uses tokenizer.j
 
 def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
     """Prompt and response strings streamed from Parquet, sampling at most ~max_rows rows."""
-    infos = [inspect_parquet(f) for f in files]
-    total = sum(i.num_rows for i in infos)
+    total = sum(inspect_parquet(f).num_rows for f in files)
     keep = 1.0 if total <= max_rows else max_rows / total
     rng = np.random.default_rng(seed)
-    for info in infos:
-        # pre_buffer=False: the default keeps every row group read so far in memory
-        pf = pq.ParquetFile(info.path, pre_buffer=False, buffer_size=1 << 20)
-        for batch in pf.iter_batches(batch_size=8192, columns=list(TEXT_COLUMNS)):
-            cols = [batch.column(c).to_pylist() for c in TEXT_COLUMNS]
-            mask = rng.random(batch.num_rows) < keep if keep < 1.0 else None
-            for i in range(batch.num_rows):
-                if mask is not None and not mask[i]:
-                    continue
-                for col in cols:
-                    text = col[i]
-                    if text and text.strip():
-                        yield text
+    for table in iter_text_tables(files):
+        if keep < 1.0:
+            table = table.filter(rng.random(table.num_rows) < keep)
+        for pair in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
+            for text in pair:
+                if text and text.strip():
+                    yield text
 
 
 def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from config import ResolvedConfig, UserError
 from model import checkpoint as ckpt
 from model.chat_model import answer, build_model, model_shape
-from model.files import TEXT_COLUMNS, inspect_parquet, resolve_parquet_files
+from model.files import TEXT_COLUMNS, inspect_parquet, iter_text_tables, resolve_parquet_files
 from model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger('chat_trainer')
@@ -196,16 +196,14 @@ def data_fingerprint(files: list[str]) -> list[dict]:
 
 
 def read_first_rows(files: list[str], n: int) -> list[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
+    """The first n rows whose prompt and response are both non-blank."""
     rows: list[tuple[str, str]] = []
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(64, n), columns=list(TEXT_COLUMNS)):
-            for p, r in zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS)):
-                if p and r and p.strip() and r.strip():
-                    rows.append((p, r))
-                if len(rows) >= n:
-                    return rows
+    for table in iter_text_tables(files, batch_rows=max(64, n)):
+        for p, r in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
+            if p and r and p.strip() and r.strip():
+                rows.append((p, r))
+            if len(rows) >= n:
+                return rows
     return rows
 
 
@@ -258,6 +256,7 @@ class Trainer:
         self.state = TrainState()
         self._last_save_step = -1
         self._uncounted = [0, 0]  # rows, label tokens on this rank not yet in the state
+        self._sample_rows = None  # validation rows answered for BLEU, read at the first eval
         self.fingerprint = {'model_shape': model_shape(cfg.model, len(self.tokenizer)),
                             'data': data_fingerprint(self.train_files),
                             'tokenizer': tokenizer_fingerprint(self.t.tokenizer_dir)}
@@ -489,7 +488,9 @@ class Trainer:
             return ''
         import sacrebleu
 
-        rows = read_first_rows(self.valid_files, n)
+        if self._sample_rows is None:
+            self._sample_rows = read_first_rows(self.valid_files, n)
+        rows = self._sample_rows
         model = self.acc.unwrap_model(self.model)
         with self.acc.autocast():
             hyps = answer(model, self.tokenizer, [p for p, _ in rows], max_new_tokens=self.t.max_seq_len,
