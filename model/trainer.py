@@ -74,7 +74,7 @@ def resolve_precision(requested: str, use_cpu: bool) -> tuple[str, str | None]:
             return 'bf16', None
         where = 'this GPU' if on_cuda else 'this CPU (no AVX512-BF16/AMX)'
         return 'no', (f'mixed_precision=bf16 is not supported natively on {where}; training in fp32 '
-                      f'instead (bf16 emulation ran ~10x slower than fp32 on such CPUs)')
+                      f'instead (bf16 autocast ran ~20x slower than fp32 on such a CPU: bench/bench_precision.py)')
     if requested == 'fp16' and not on_cuda:
         return 'no', 'mixed_precision=fp16 needs a CUDA GPU; training in fp32 on the CPU'
     return requested, None
