@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import os
+import tokenize
 from dataclasses import dataclass, field, fields
+from functools import cache
 from typing import Any
 
 PROJECT_ROOT: str = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +96,7 @@ class T5ModelConfig:
     feed_forward_proj: str = 'relu'  # relu | gated-gelu
     relative_attention_num_buckets: int = 32  # buckets of T5's relative position bias
     relative_attention_max_distance: int = 128  # tokens beyond which positions share a bucket
-    tie_word_embeddings: bool = True  # share input embedding and output projection
+    tie_word_embeddings: bool = True  # True: scale decoder outputs by d_model**-0.5 as T5 did; False: as T5 v1.1 (transformers 5 shares the embedding and output weights either way)
 
 
 # --- presets: data applied to the one schema (SEED §6 plus a CPU demo) -------
@@ -132,6 +136,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         'dropout_rate': 0.0,
     },
 }
+
+MAX_BLEU_SAMPLES = 10_000
+MAX_TOKENIZER_ROWS = 20_000_000
 
 PRECISIONS = ('no', 'fp16', 'bf16')
 OPTIMIZERS = ('adafactor', 'adamw')
@@ -209,6 +216,21 @@ def unknown_option(name: str, candidates) -> UserError:
     return UserError(f'unknown option --{name}{hint}')
 
 
+def check_model_file_pattern(pattern: str) -> None:
+    """model_file holds exactly one '{}' and formats with a step or 'best'."""
+    if pattern.count('{}') != 1:
+        raise UserError(f"model_file must contain '{{}}' exactly once (replaced by the step or 'best'): "
+                        f"{pattern}")
+    try:
+        for tag in (1, 'best'):
+            name = pattern.format(tag)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"model_file {pattern!r} cannot be formatted ({type(e).__name__}: {e}); "
+                        f"use '{{}}' once and write other braces doubled, '{{{{' and '}}}}'") from None
+    if name.endswith(os.sep) or not os.path.basename(name):
+        raise UserError(f"model_file must name a file, e.g. .../chat_small_t5.{{}}.bin: {pattern}")
+
+
 def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     """All value checks in one place; raises UserError with a fixable message."""
     positive = ('epochs', 'batch_size_per_gpu', 'gradient_accumulation_steps', 'max_seq_len',
@@ -234,8 +256,18 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
                           ('lr_schedule', LR_SCHEDULES)):
         if getattr(train, name) not in allowed:
             raise UserError(f'{name} must be one of {", ".join(allowed)}; got {getattr(train, name)!r}')
-    if '{}' not in train.model_file:
-        raise UserError(f"model_file must contain '{{}}' (replaced by the step or 'best'): {train.model_file}")
+    check_model_file_pattern(train.model_file)
+    caps = {'bleu_samples': (MAX_BLEU_SAMPLES, 'each is answered at every evaluation'),
+            'show_samples': (MAX_BLEU_SAMPLES, 'each is answered at every evaluation'),
+            'tokenizer_max_rows': (MAX_TOKENIZER_ROWS, 'sentencepiece holds the sampled text in memory')}
+    for name, (cap, why) in caps.items():
+        if getattr(train, name) > cap:
+            raise UserError(f'{name}={getattr(train, name)} is more than {cap:,} ({why}); use at most {cap}')
+    if train.length_group_batches * train.batch_size_per_gpu > train.shuffle_window_rows:
+        raise UserError(f'length_group_batches x batch_size_per_gpu = '
+                        f'{train.length_group_batches * train.batch_size_per_gpu} rows must fit in '
+                        f'shuffle_window_rows={train.shuffle_window_rows} (the rows held in memory); '
+                        f'lower --length_group_batches or raise --shuffle_window_rows')
     for name in ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers',
                  'relative_attention_num_buckets', 'relative_attention_max_distance'):
         if getattr(model, name) <= 0:
@@ -314,3 +346,136 @@ def config_from_dict(d: dict[str, Any]) -> ResolvedConfig:
     train = TrainConfigPretrainLarge(**{k: v for k, v in d['train'].items() if k in TRAIN_FIELDS})
     model = T5ModelConfig(**{k: v for k, v in d['model'].items() if k in MODEL_FIELDS})
     return ResolvedConfig(train=train, model=model, preset=d.get('preset'))
+
+
+# --- run flags and help -----------------------------------------------------
+
+
+@dataclass
+class RunFlags:
+    """Flags of `train` besides the config fields."""
+
+    preset: str = ''  # a template over the defaults: 1m | 5m | 10m | 50m | demo
+    use_large_config: bool = False  # the guide's flag: the 10m template (= the defaults)
+    is_keep_training: bool = False  # continue the newest saved state in train_state_dir
+    dry_run: bool = False  # print the resolved config and check everything the run needs, without training
+
+
+MAX_NEW_TOKENS = 2048
+
+
+@dataclass
+class GenerateFlags:
+    """Flags of `generate` besides the config fields (which name the model's folders)."""
+
+    prompts: str = ''  # a prompt, or a list of prompts: --prompts='["你好","1+1="]' (default: the demo's prompts)
+    model_dir: str = ''  # a model folder written by train (default: output_dir/best, else output_dir/final)
+    max_new_tokens: int = 0  # most tokens generated per answer (0 = max_seq_len; at most 2048)
+
+
+@cache
+def field_comments(cls) -> dict[str, str]:
+    """field name -> the comment written after it in the class's source: the one place a
+    field is explained, shown by --help."""
+    out: dict[str, str] = {}
+    source = inspect.getsource(cls)
+    names = {f.name for f in fields(cls)}
+    pending = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            pending = tok.string
+        elif tok.type == tokenize.COMMENT and pending:
+            out[pending] = tok.string.lstrip('#').strip()
+            pending = None
+        elif tok.type == tokenize.NEWLINE:
+            pending = None
+    return out
+
+
+def format_options(cls, only=None, defaults: dict | None = None) -> list[str]:
+    """Aligned `--name=default  comment` lines of a dataclass's fields."""
+    comments = field_comments(cls)
+    lines = []
+    for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        value = (defaults or {}).get(f.name, f.default)
+        shown = f'--{f.name}={value}'
+        lines.append(f'  {shown:<44} {comments.get(f.name, "")}'.rstrip())
+    return lines
+
+
+# --- prepare_data.py commands ------------------------------------------------
+
+
+@dataclass
+class ConvertOptions:
+    """convert INPUT OUTPUT: CSV / JSON / JSONL / Parquet into prompt/response Parquet."""
+
+    input: str = ''  # CSV, JSON (a list of objects), JSONL or Parquet file to read
+    output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
+    prompt_col: str = 'prompt'  # the input's column (or JSON key) holding the prompt; renamed to prompt
+    response_col: str = 'response'  # the input's column (or JSON key) holding the response; renamed to response
+    format: str = ''  # csv | json | jsonl | parquet (default: from the file extension)
+
+
+@dataclass
+class CleanOptions:
+    """clean INPUT OUTPUT: drop null, empty/whitespace, over-long and duplicate rows."""
+
+    input: str = ''  # Parquet file, folder or glob to read
+    output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
+    max_chars: int = 0  # drop rows whose prompt or response has more characters (0 = no limit)
+    dedup: bool = True  # drop repeated (prompt, response) pairs, keeping the first
+
+
+@dataclass
+class SplitOptions:
+    """split INPUT --train_out=... --valid_out=...: a train and a validation file."""
+
+    input: str = ''  # Parquet file, folder or glob to split
+    train_out: str = ''  # Parquet file for the training rows (a new path, or one this toolkit wrote)
+    valid_out: str = ''  # Parquet file for the validation rows (a new path, or one this toolkit wrote)
+    valid_ratio: float = 0.1  # share of rows for validation, in (0, 1)
+    seed: int = 42  # seeds the split
+    max_in_memory_rows: int = 2_000_000  # up to this many rows sklearn's shuffled split; beyond, a streaming one
+
+
+@dataclass
+class CheckOptions:
+    """check FILE: the quality report (shape, columns, head, nulls, blanks, duplicates, lengths)."""
+
+    input: str = ''  # Parquet file, folder or glob to report on
+    tokenizer_dir: str = ''  # with a tokenizer: token lengths and what max_seq_len truncates (sampled)
+    max_seq_len: int = 192  # the training max_seq_len the truncation figures refer to
+
+
+@dataclass
+class DemoOptions:
+    """demo: the built-in Chinese demo corpus (train.parquet and valid.parquet)."""
+
+    out_dir: str = PROJECT_ROOT + '/data/demo'  # folder for train.parquet and valid.parquet
+    rows: int = 20000  # rows in all (about 10% go to validation); streamed, any number
+    seed: int = 42  # seeds the corpus
+
+
+def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple[str, ...],
+                  required: tuple[str, ...] = ()):
+    """An options dataclass from positional args and --flags, every value coerced to its
+    field's type; an unknown flag names the nearest one, a missing argument the usage."""
+    types = _field_types(cls)
+    if len(args) > len(positional):
+        raise UserError(f'{command}: too many arguments ({" ".join(map(str, args))}); '
+                        f'see: python prepare_data.py {command} --help')
+    values = dict(zip(positional, args))
+    for name, value in flags.items():
+        if name not in types:
+            raise unknown_option(name, types)
+        if name in values:
+            raise UserError(f'{command}: {name} given twice')
+        values[name] = value
+    missing = [n for n in (*positional, *required) if values.get(n) in (None, '')]
+    if missing:
+        raise UserError(f'{command} needs {" and ".join(n.upper() for n in missing)}; '
+                        f'see: python prepare_data.py {command} --help')
+    return cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})

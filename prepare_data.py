@@ -1,4 +1,4 @@
-"""Prepare prompt/response Parquet for pretraining (all logic in model/data_prep.py).
+"""Prepare prompt/response Parquet for pretraining (the logic lives in model/data_prep.py).
 
 Examples:
     # CSV / JSON (a list of objects) / JSONL / Parquet -> Parquet, renaming the columns
@@ -20,8 +20,12 @@ Examples:
     # a small built-in Chinese corpus a tiny T5 learns on a CPU (data/demo/train.parquet, valid.parquet)
     python prepare_data.py demo
 
-A mistake in the input (missing file or column, not UTF-8, malformed JSON)
-prints one line, ``error: ...``, and exits with status 2.
+    # every option of a command, with its meaning
+    python prepare_data.py convert --help
+
+A mistake (missing file or column, not UTF-8, malformed JSON, an output that is an input or a
+file this toolkit did not write) prints one line, ``error: ...``, and exits with status 2;
+nothing existing is changed and no partial output is left.
 """
 
 from __future__ import annotations
@@ -30,26 +34,86 @@ import sys
 
 import fire
 
-from config import UserError
-from model import data_prep
+from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions, UserError,
+                    format_options, parse_options)
 
-COMMANDS = {
-    'convert': data_prep.convert_command,
-    'split': data_prep.split_command,
-    'check': data_prep.check_command,
-    'clean': data_prep.clean_command,
-    'demo': data_prep.demo_command,
-}
+
+def convert(*args, **flags):
+    """Convert CSV / JSON (a list of objects) / JSONL / Parquet into prompt/response Parquet."""
+    from model.data_prep import convert_to_parquet
+
+    o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
+    rows = convert_to_parquet(o.input, o.output, o.prompt_col, o.response_col, o.format or None)
+    print(f'wrote {rows} rows to {o.output}')
+
+
+def clean(*args, **flags):
+    """Drop null, empty/whitespace-only, over-long and duplicate rows (prints counts per reason)."""
+    from model.data_prep import clean_parquet
+
+    o = parse_options(CleanOptions, 'clean', args, flags, ('input', 'output'))
+    counts = clean_parquet(o.input, o.output, o.max_chars, o.dedup)
+    print(f'read {counts["rows"]} rows; dropped: null {counts["null"]}, empty/whitespace '
+          f'{counts["blank"]}, too long {counts["too_long"]}, duplicate {counts["duplicate"]}')
+    print(f'kept {counts["kept"]} rows -> {o.output}')
+
+
+def split(*args, **flags):
+    """Split rows into a train and a validation file (sklearn's shuffled split up to
+    max_in_memory_rows, a seeded streaming split beyond)."""
+    from model.data_prep import split_parquet
+
+    o = parse_options(SplitOptions, 'split', args, flags, ('input',), ('train_out', 'valid_out'))
+    result = split_parquet(o.input, o.train_out, o.valid_out, o.valid_ratio, o.seed, o.max_in_memory_rows)
+    print(f'train: {result.train_rows} rows -> {o.train_out}')
+    print(f'valid: {result.valid_rows} rows -> {o.valid_out}')
+    print(f'({result.method} split, seed {o.seed})')
+
+
+def check(*args, **flags):
+    """Quality report: shape, columns, head, nulls, blanks, duplicates, lengths (and tokens)."""
+    from model.data_prep import build_report, format_report
+
+    o = parse_options(CheckOptions, 'check', args, flags, ('input',))
+    if o.max_seq_len < 2:
+        raise UserError(f'max_seq_len must be at least 2, got {o.max_seq_len}')
+    print(format_report(build_report(o.input, o.tokenizer_dir or None, o.max_seq_len)))
+
+
+def demo(*args, **flags):
+    """Write the built-in Chinese demo corpus (train.parquet, valid.parquet; default data/demo/)."""
+    from model.data_prep import write_demo
+
+    o = parse_options(DemoOptions, 'demo', args, flags, ())
+    for path, count in write_demo(o.out_dir, o.rows, o.seed).items():
+        print(f'wrote {count} rows to {path}')
+
+
+COMMANDS = {'convert': (convert, ConvertOptions, 'INPUT OUTPUT'), 'clean': (clean, CleanOptions, 'INPUT OUTPUT'),
+            'split': (split, SplitOptions, 'INPUT --train_out=TRAIN --valid_out=VALID'),
+            'check': (check, CheckOptions, 'FILE'), 'demo': (demo, DemoOptions, '')}
+
+
+def command_help(name: str) -> str:
+    fn, options, usage = COMMANDS[name]
+    return '\n'.join([f'usage: python prepare_data.py {name} {usage} [--option=value ...]'.replace('  ', ' '),
+                      '', (fn.__doc__ or '').strip(), '', 'options (config.py):', *format_options(options)])
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ('-h', '--help') for a in args) and '--' not in args:
-        # the commands take **flags (to name the nearest flag on a typo), which would
-        # swallow --help; after '--' Fire reads it as its own flag
-        args = [a for a in args if a not in ('-h', '--help')] + ['--', '--help']
+    if not args or args[0] in ('-h', '--help', 'help'):
+        print((__doc__ or '').strip())
+        print('\ncommands: ' + ', '.join(COMMANDS) + '   (python prepare_data.py COMMAND --help)')
+        return
+    if args[0] not in COMMANDS:
+        print(f'error: unknown command {args[0]!r}: choose one of {", ".join(COMMANDS)}', file=sys.stderr)
+        sys.exit(2)
+    if any(a in ('-h', '--help') for a in args[1:]):
+        print(command_help(args[0]))
+        return
     try:
-        fire.Fire(COMMANDS, command=args, name='prepare_data.py')
+        fire.Fire({name: spec[0] for name, spec in COMMANDS.items()}, command=args, name='prepare_data.py')
     except UserError as e:
         # one line, whatever a library put into the message
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)

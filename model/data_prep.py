@@ -7,8 +7,7 @@ string columns ``prompt`` and ``response`` in row groups of ``ROW_GROUP_ROWS``
 rows, and are written to a temporary file that is renamed into place, so a
 failed run leaves no partial file behind.
 
-The ``*_command`` functions at the end are what ``prepare_data.py`` exposes:
-they check flags, call the functions above and print a summary.
+``prepare_data.py`` exposes these functions as commands: it parses the flags and prints.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import json
 import os
 import random
 import re
-import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -30,8 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from config import PRESETS, TrainConfigPretrainLarge, UserError, coerce, unknown_option
-from model.files import TEXT_COLUMNS, inspect_parquet, iter_text_tables, open_parquet, resolve_parquet_files
+from config import PRESETS, TrainConfigPretrainLarge, UserError
+from model import ownership
+from model.files import (TEXT_COLUMNS, as_text, blank_mask, count_rows, is_text_type, iter_text_tables,
+                         open_parquet, resolve_parquet_files)
+from model.ownership import DATA
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
 BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work
@@ -87,22 +88,49 @@ def build_output_table(table: pa.Table | pa.RecordBatch) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
 
 
+def check_outputs(outputs: dict[str, str], inputs=()) -> None:
+    """Before any work: each output is a new path or a Parquet file this toolkit wrote, in a
+    writable place, distinct from the others, and never an input (or where a later read of
+    the input folder or pattern would pick it up)."""
+    specs = [os.fspath(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs]) if x]
+    files = []
+    for spec in specs:
+        try:
+            files += resolve_parquet_files(spec) if not os.path.isfile(spec) else [spec]
+        except UserError:
+            pass  # a missing input is reported by its reader
+    seen: dict[str, str] = {}
+    for what, path in outputs.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f'--{what} and --{seen[real]} are the same file: {path}')
+        seen[real] = what
+        ownership.check_not_an_input(path, files, f'--{what}', specs)
+        ownership.check_replaceable(path, DATA, f'--{what}', folder=False)
+        ownership.check_writable(path, f'--{what}')
+
+
 @contextlib.contextmanager
-def open_parquet_output(path: str) -> Iterator[RowGroupWriter]:
-    """A RowGroupWriter on a temporary file next to ``path``, renamed into place on success."""
+def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter]:
+    """A RowGroupWriter on a temporary file next to ``path``, renamed into place on success.
+
+    The footer carries the toolkit's marker, so a later command may replace this file; any
+    other file at ``path`` is refused before anything is written.
+    """
+    ownership.check_replaceable(path, DATA, 'output', folder=False)
     target = os.path.abspath(path)
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    # a hidden name in the same folder, so os.replace is an atomic rename
-    tmp = os.path.join(folder, f'.{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = ownership.temp_path(target)
     writer = None
     try:
-        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA)
-        rows = RowGroupWriter(writer)
-        yield rows
-        rows.close()
-        writer.close()
-        writer = None
+        with ownership.disk_errors('the output', path):
+            writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA.with_metadata(
+                ownership.parquet_metadata(DATA, command=command)))
+            rows = RowGroupWriter(writer)
+            yield rows
+            rows.close()
+            writer.close()
+            writer = None
         os.replace(tmp, target)
     finally:
         if writer is not None:
@@ -381,11 +409,6 @@ def _check_columns(path: str, names: list[str], prompt_col: str, response_col: s
                             f'pass --prompt_col=... --response_col=...')
 
 
-def _is_text_type(typ: pa.DataType) -> bool:
-    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ) \
-        or typ == pa.string_view()
-
-
 def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
     try:
         pf = open_parquet(path)
@@ -395,13 +418,13 @@ def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Itera
     _check_columns(path, schema.names, prompt_col, response_col)
     for col in (prompt_col, response_col):
         typ = schema.field(col).type
-        if not _is_text_type(typ):
+        if not is_text_type(typ):
             raise UserError(f'{path}: column {col!r} is {typ}, expected string; '
                             f'cast it to string first')
     cols = list(dict.fromkeys([prompt_col, response_col]))
     for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-        arrays = [batch.column(prompt_col).cast(pa.string()),
-                  batch.column(response_col).cast(pa.string())]
+        arrays = [as_text(batch.column(prompt_col)).cast(pa.string()),
+                  as_text(batch.column(response_col)).cast(pa.string())]
         yield pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
 
 
@@ -420,10 +443,6 @@ def iter_parquet_tables(spec, columns=TEXT_COLUMNS) -> Iterator[pa.Table]:
     return iter_text_tables(spec, columns, batch_rows=BATCH_ROWS)
 
 
-def count_parquet_rows(spec) -> int:
-    return sum(inspect_parquet(p).num_rows for p in resolve_parquet_files(spec))
-
-
 # --- convert ----------------------------------------------------------------
 
 
@@ -431,7 +450,8 @@ def convert_to_parquet(input_path: str, output_path: str, prompt_col: str = 'pro
                        response_col: str = 'response', input_format: str | None = None) -> int:
     """CSV / JSON / JSONL / Parquet -> Parquet with string columns prompt, response; rows written."""
     tables = iter_input_tables(input_path, prompt_col, response_col, input_format)
-    with open_parquet_output(output_path) as out:
+    check_outputs({'output': output_path}, [input_path])
+    with open_parquet_output(output_path, 'convert') as out:
         for table in tables:
             out.write(table)
     return out.rows_written
@@ -452,12 +472,11 @@ def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float
     """Split rows into a train and a validation file; both appear only if both succeed."""
     if not 0 < valid_ratio < 1:
         raise UserError(f'valid_ratio must be between 0 and 1 (exclusive), got {valid_ratio}')
-    if os.path.abspath(train_out) == os.path.abspath(valid_out):
-        raise UserError(f'--train_out and --valid_out are the same file: {train_out}')
-    total = count_parquet_rows(input_spec)
+    total = count_rows(input_spec)
     if total < 2:
         raise UserError(f'{input_spec}: {total} row(s); a split needs at least 2')
-    with open_parquet_output(train_out) as train, open_parquet_output(valid_out) as valid:
+    check_outputs({'train_out': train_out, 'valid_out': valid_out}, [input_spec])
+    with open_parquet_output(train_out, 'split') as train, open_parquet_output(valid_out, 'split') as valid:
         if total <= max_in_memory_rows:
             _split_in_memory(input_spec, train, valid, valid_ratio, seed)
             method = 'sklearn'
@@ -513,17 +532,13 @@ def build_row_masks(table: pa.Table, max_chars: int = 0) -> dict[str, np.ndarray
     """Per-row booleans: null (either field), blank (either empty/whitespace), too_long."""
     prompt, response = table.column('prompt'), table.column('response')
     null = _np(pc.or_(pc.is_null(prompt), pc.is_null(response)))
-    blank = _np(pc.or_(_is_blank(prompt), _is_blank(response))) & ~null
+    blank = (blank_mask(prompt) | blank_mask(response)) & ~null
     too_long = np.zeros(table.num_rows, dtype=bool)
     if max_chars > 0:
         longer = pc.or_(pc.greater(pc.utf8_length(prompt), max_chars),
                         pc.greater(pc.utf8_length(response), max_chars))
         too_long = _np(longer) & ~null
     return {'null': null, 'blank': blank, 'too_long': too_long}
-
-
-def _is_blank(column) -> pa.ChunkedArray:
-    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
 
 
 def _np(mask) -> np.ndarray:
@@ -559,7 +574,7 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
                  token_sample_rows: int = TOKEN_SAMPLE_ROWS, seed: int = 0) -> dict[str, Any]:
     """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths."""
     files = resolve_parquet_files(input_spec)
-    total = count_parquet_rows(files)
+    total = count_rows(files)
     first = open_parquet(files[0])
     columns = first.schema_arrow.names
     head = next(first.iter_batches(batch_size=5), None)
@@ -686,10 +701,12 @@ def clean_parquet(input_spec, output_path: str, max_chars: int = 0,
     """
     if max_chars < 0:
         raise UserError(f'max_chars must be >= 0 (0 = no limit), got {max_chars}')
+    count_rows(input_spec)  # the inputs exist and have the columns, before anything is written
     counts = dict.fromkeys(('rows', *DROP_REASONS, 'kept'), 0)
     seen: set[bytes] = set()
     tables = iter_parquet_tables(input_spec)
-    with open_parquet_output(output_path) as out:
+    check_outputs({'output': output_path}, [input_spec])
+    with open_parquet_output(output_path, 'clean') as out:
         for table in tables:
             masks = build_row_masks(table, max_chars)
             keep = np.ones(table.num_rows, dtype=bool)
@@ -817,133 +834,54 @@ def should_go_to_valid(prompt: str) -> bool:
 Pairs = list[tuple[str, str]]
 
 
-def build_demo_rows(rows: int = 20000, seed: int = 42) -> tuple[Pairs, Pairs]:
-    """(train, valid) pairs: ~10% validation, disjoint prompts, same task mix."""
+def iter_demo_rows(rows: int = 20000, seed: int = 42) -> Iterator[tuple[bool, str, str]]:
+    """(goes to validation, prompt, response) until ~10% validation and the rest train are
+    drawn: disjoint prompts, same task mix, nothing held in memory."""
     if rows < 10:
         raise UserError(f'--rows must be at least 10, got {rows}')
     n_valid = max(1, round(rows * 0.1))
     want = {False: rows - n_valid, True: n_valid}
-    out: dict[bool, list[tuple[str, str]]] = {False: [], True: []}
+    have = {False: 0, True: 0}
     rng = random.Random(seed)
     for _ in range(100 * rows):  # ~10 draws per valid row are needed; the bound only guards a bug
         prompt, response = build_demo_sample(rng)
         side = should_go_to_valid(prompt)
-        if len(out[side]) < want[side]:
-            out[side].append((prompt, response))
-        if all(len(out[s]) == want[s] for s in want):
-            return out[False], out[True]
+        if have[side] < want[side]:
+            have[side] += 1
+            yield side, prompt, response
+        if have == want:
+            return
     raise AssertionError('demo generator could not fill the validation split')
 
 
+def build_demo_rows(rows: int = 20000, seed: int = 42) -> tuple[Pairs, Pairs]:
+    """(train, valid) pairs of :func:`iter_demo_rows`, in memory (for small corpora and tests)."""
+    out: dict[bool, Pairs] = {False: [], True: []}
+    for side, prompt, response in iter_demo_rows(rows, seed):
+        out[side].append((prompt, response))
+    return out[False], out[True]
+
+
 def write_demo(out_dir: str | None = None, rows: int = 20000, seed: int = 42) -> dict[str, int]:
-    """Write train.parquet and valid.parquet to out_dir; returns {path: rows}."""
+    """Write train.parquet and valid.parquet to out_dir, streamed; returns {path: rows}."""
     out_dir = out_dir or os.path.dirname(PRESETS['demo']['train_file'])
-    result = {}
-    for name, pairs in zip(('train', 'valid'), build_demo_rows(rows, seed)):
-        path = os.path.join(out_dir, f'{name}.parquet')
-        table = pa.Table.from_arrays([pa.array([p for p, _ in pairs], pa.string()),
-                                      pa.array([r for _, r in pairs], pa.string())], schema=OUTPUT_SCHEMA)
-        with open_parquet_output(path) as out:
-            out.write(table)
-        result[path] = out.rows_written
-    return result
+    paths = {False: os.path.join(out_dir, 'train.parquet'), True: os.path.join(out_dir, 'valid.parquet')}
+    if rows < 10:
+        raise UserError(f'--rows must be at least 10, got {rows}')
+    check_outputs({'out_dir (train.parquet)': paths[False], 'out_dir (valid.parquet)': paths[True]})
+    pending: dict[bool, Pairs] = {False: [], True: []}
 
+    def flush(side: bool, out: RowGroupWriter) -> None:
+        pairs, pending[side] = pending[side], []
+        out.write(pa.Table.from_arrays([pa.array([p for p, _ in pairs], pa.string()),
+                                        pa.array([r for _, r in pairs], pa.string())], schema=OUTPUT_SCHEMA))
 
-# --- commands: what prepare_data.py exposes ---------------------------------
-
-
-def _reject_unknown(flags: dict[str, Any], known: tuple[str, ...]) -> None:
-    if flags:
-        raise unknown_option(next(iter(flags)), known)
-
-
-def _require(command: str, **values: Any) -> None:
-    missing = [name for name, v in values.items() if v is None]
-    if missing:
-        raise UserError(f'{command} needs {" and ".join(n.upper() for n in missing)}; '
-                        f'see: python prepare_data.py {command} --help')
-
-
-def convert_command(input_path: str | None = None, output_path: str | None = None,
-                    prompt_col: str = 'prompt', response_col: str = 'response',
-                    input_format: str | None = None, **flags):
-    """Convert CSV / JSON (a list of objects) / JSONL / Parquet into prompt/response Parquet.
-
-    Usage: convert INPUT OUTPUT [--prompt_col=question --response_col=answer] [--format=jsonl]
-    --prompt_col, --response_col name the source columns (renamed to prompt, response);
-    --format (or --input_format) = csv | json | jsonl | parquet, else from the extension.
-    """
-    input_format = flags.pop('format', input_format)
-    _reject_unknown(flags, ('prompt_col', 'response_col', 'format'))
-    _require('convert', input=input_path, output=output_path)
-    rows = convert_to_parquet(coerce('input', input_path, str), coerce('output', output_path, str),
-                              coerce('prompt_col', prompt_col, str),
-                              coerce('response_col', response_col, str),
-                              None if input_format is None else coerce('format', input_format, str))
-    print(f'wrote {rows} rows to {output_path}')
-
-
-def split_command(input_spec: str | None = None, train_out: str | None = None,
-                  valid_out: str | None = None, valid_ratio: float = 0.1, seed: int = 42,
-                  max_in_memory_rows: int = IN_MEMORY_ROWS, **flags):
-    """Split one Parquet file (or folder/glob) into train and validation files (90/10 by default).
-
-    Usage: split INPUT --train_out=TRAIN.parquet --valid_out=VALID.parquet [--valid_ratio=0.1 --seed=42]
-    Up to --max_in_memory_rows rows: sklearn train_test_split (shuffled, exact ratio);
-    beyond: a seeded streaming split that keeps the file order.
-    """
-    _reject_unknown(flags, ('train_out', 'valid_out', 'valid_ratio', 'seed', 'max_in_memory_rows'))
-    _require('split', input=input_spec, train_out=train_out, valid_out=valid_out)
-    result = split_parquet(coerce('input', input_spec, str), coerce('train_out', train_out, str),
-                           coerce('valid_out', valid_out, str),
-                           coerce('valid_ratio', valid_ratio, float), coerce('seed', seed, int),
-                           coerce('max_in_memory_rows', max_in_memory_rows, int))
-    print(f'train: {result.train_rows} rows -> {train_out}')
-    print(f'valid: {result.valid_rows} rows -> {valid_out}')
-    print(f'({result.method} split, seed {seed})')
-
-
-def check_command(input_spec: str | None = None, tokenizer_dir: str | None = None,
-                  max_seq_len: int = TrainConfigPretrainLarge.max_seq_len, **flags):
-    """Quality report: shape, columns, head, nulls, blanks, duplicates, lengths.
-
-    Usage: check FILE [--tokenizer_dir=DIR --max_seq_len=192]
-    With --tokenizer_dir also token-length percentiles and how many rows
-    --max_seq_len would truncate (on a sample of at most 100k rows).
-    """
-    _reject_unknown(flags, ('tokenizer_dir', 'max_seq_len'))
-    _require('check', file=input_spec)
-    max_seq_len = coerce('max_seq_len', max_seq_len, int)
-    if max_seq_len < 2:
-        raise UserError(f'max_seq_len must be at least 2, got {max_seq_len}')
-    report = build_report(coerce('file', input_spec, str),
-                          None if tokenizer_dir is None else coerce('tokenizer_dir', tokenizer_dir, str),
-                          max_seq_len)
-    print(format_report(report))
-
-
-def clean_command(input_spec: str | None = None, output_path: str | None = None,
-                  max_chars: int = 0, dedup: bool = True, **flags):
-    """Drop null, empty/whitespace-only, over-long (--max_chars, 0 = no limit) and duplicate rows.
-
-    Usage: clean INPUT OUTPUT [--max_chars=2000 --dedup=True]
-    """
-    _reject_unknown(flags, ('max_chars', 'dedup'))
-    _require('clean', input=input_spec, output=output_path)
-    counts = clean_parquet(coerce('input', input_spec, str), coerce('output', output_path, str),
-                           coerce('max_chars', max_chars, int), coerce('dedup', dedup, bool))
-    print(f'read {counts["rows"]} rows; dropped: null {counts["null"]}, empty/whitespace '
-          f'{counts["blank"]}, too long {counts["too_long"]}, duplicate {counts["duplicate"]}')
-    print(f'kept {counts["kept"]} rows -> {output_path}')
-
-
-def demo_command(out_dir: str | None = None, rows: int = 20000, seed: int = 42, **flags):
-    """Write the built-in Chinese demo corpus (train.parquet, valid.parquet; default data/demo/).
-
-    Usage: demo [--out_dir=data/demo --rows=20000 --seed=42]
-    """
-    _reject_unknown(flags, ('out_dir', 'rows', 'seed'))
-    written = write_demo(None if out_dir is None else coerce('out_dir', out_dir, str),
-                         coerce('rows', rows, int), coerce('seed', seed, int))
-    for path, count in written.items():
-        print(f'wrote {count} rows to {path}')
+    with open_parquet_output(paths[False], 'demo') as train, open_parquet_output(paths[True], 'demo') as valid:
+        writers = {False: train, True: valid}
+        for side, prompt, response in iter_demo_rows(rows, seed):
+            pending[side].append((prompt, response))
+            if len(pending[side]) >= BATCH_ROWS:
+                flush(side, writers[side])
+        for side, out in writers.items():
+            flush(side, out)
+    return {paths[False]: train.rows_written, paths[True]: valid.rows_written}

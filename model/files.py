@@ -1,4 +1,10 @@
-"""Finding Parquet files and checking their columns, from metadata only."""
+"""Parquet inputs: finding the files, the accepted text types, the blank-row rule, reading.
+
+Each rule lives here once and everything else calls it: which column types count as text
+(:func:`is_text_type`), how they are read (:func:`as_text`), what a blank row is
+(:func:`blank_mask`), how a Parquet file is opened for streaming (:func:`open_parquet`) and
+how rows are counted (:func:`count_rows`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,15 @@ import glob
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from config import UserError
 
 TEXT_COLUMNS = ('prompt', 'response')
+READ_BATCH_ROWS = 8192  # rows per streamed batch: bounded memory, big enough for vectorised work
 
 
 def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
@@ -32,9 +41,50 @@ def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
         if not found:
             raise UserError(f'{spec}: no file matches this pattern')
         return found
-    if not os.path.isfile(spec):
+    if not os.path.exists(spec):
         raise UserError(f'{spec}: no such file')
+    if not os.path.isfile(spec):
+        raise UserError(f'{spec}: not a regular file')
     return [spec]
+
+
+# --------------------------------------------------------------------------- text types
+
+
+def is_text_type(typ: pa.DataType) -> bool:
+    """Column types read as text: every way pandas or pyarrow writes a string column
+    (string, large_string, string_view, dictionary-encoded 'category', all-null)."""
+    if pa.types.is_dictionary(typ):
+        return is_text_type(typ.value_type)
+    return (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+            or typ == pa.string_view())
+
+
+def as_text(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """An accepted text column as plain string (large_string stays: int32 offsets end at 2 GiB)."""
+    typ = array.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return array
+    if pa.types.is_dictionary(typ) and pa.types.is_large_string(typ.value_type):
+        return array.cast(pa.large_string())
+    return array.cast(pa.string())
+
+
+def blank_mask(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """True where a text is null, empty or whitespace only (Unicode White_Space, full-width
+    spaces included): the one definition of a row the toolkit cannot train on."""
+    texts = as_text(texts)
+    # utf8_is_space is False for '' and null, hence the other two tests
+    blank = pc.or_(pc.utf8_is_space(texts), pc.equal(pc.binary_length(texts), 0))
+    return np.asarray(pc.fill_null(blank, True).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def usable_mask(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """Rows whose prompt and response are both not blank."""
+    return ~(blank_mask(table.column('prompt')) | blank_mask(table.column('response')))
+
+
+# --------------------------------------------------------------------------- metadata
 
 
 @dataclass(frozen=True)
@@ -58,27 +108,59 @@ def inspect_parquet(path: str, columns=TEXT_COLUMNS) -> ParquetInfo:
                             f'rename it with: python prepare_data.py convert {path} OUT.parquet '
                             f'--prompt_col=... --response_col=...')
         typ = schema.field(col).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise UserError(f'{path}: column {col!r} is {typ}, expected string')
+        if not is_text_type(typ):
+            raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); '
+                            f'cast it to string before writing the file')
     md = pf.metadata
     rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
     return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
                        size_bytes=os.path.getsize(path))
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
+def count_rows(spec) -> int:
+    """Rows of every file of spec, from the footers."""
+    return sum(inspect_parquet(p).num_rows for p in resolve_parquet_files(spec))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_parquet(path: str, buffer_size: int = 1 << 20) -> pq.ParquetFile:
     """A reader whose memory stays at one batch while iterating.
 
     With pyarrow's default pre_buffer=True, iter_batches kept every row group it had read
-    (an 860 MB file: 832 MB of Arrow memory at the end); buffered page reads hold ~14 MB
-    instead, at the same speed.
+    (an 860 MB file: 832 MB of Arrow memory at the end) and fetched a whole column chunk
+    before the first batch; buffered page reads hold ~14 MB instead, at the same speed.
     """
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    try:
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer_size)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f'{path}: not a readable Parquet file ({e})') from None
 
 
-def iter_text_tables(spec, columns=TEXT_COLUMNS, batch_rows: int = 8192):
-    """Tables of at most batch_rows rows of the columns, streamed from every file of spec."""
+def iter_text_tables(spec, columns=TEXT_COLUMNS, batch_rows: int = READ_BATCH_ROWS):
+    """Tables of at most batch_rows rows of the columns (as text), streamed from every file."""
     for path in resolve_parquet_files(spec):
         inspect_parquet(path, columns)
         for batch in open_parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns)):
-            yield pa.Table.from_batches([batch])
+            yield pa.Table.from_arrays([as_text(batch.column(c)) for c in columns], names=list(columns))
+
+
+def iter_usable_rows(spec, limit: int):
+    """(prompt, response) of the first `limit` usable rows, in file order."""
+    found = 0
+    for table in iter_text_tables(spec, batch_rows=max(64, min(limit, READ_BATCH_ROWS))):
+        table = table.filter(pa.array(usable_mask(table)))
+        for pair in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
+            yield pair
+            found += 1
+            if found >= limit:
+                return
+
+
+def check_usable_rows(spec, what: str) -> None:
+    """UserError unless some row has a non-blank prompt and response (stops at the first)."""
+    if next(iter_usable_rows(spec, 1), None) is None:
+        raise UserError(f'{what}: {spec}: no usable row (every row has a null, empty or '
+                        f'whitespace-only prompt or response); check it with: '
+                        f'python prepare_data.py check {spec}')

@@ -10,36 +10,40 @@ the fast tokenizer is assembled directly from the trained pieces and scores.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
+import pyarrow as pa
 
 from config import UserError
-from model.files import TEXT_COLUMNS, inspect_parquet, iter_text_tables, resolve_parquet_files
+from model import ownership
+from model.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
+from model.ownership import TOKENIZER
 
 logger = logging.getLogger(__name__)
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-SPM_FILE = 'sentencepiece.model'  # kept for reference; loading uses tokenizer.json
+LABEL_PAD_ID = -100  # label positions the loss ignores (padding)
+SPM_FILE = 'sentencepiece.model'  # the trained model; the data loader's fast path encodes with it
 
 
 def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
     """Prompt and response strings streamed from Parquet, sampling at most ~max_rows rows."""
-    total = sum(inspect_parquet(f).num_rows for f in files)
+    total = count_rows(files)
     keep = 1.0 if total <= max_rows else max_rows / total
     rng = np.random.default_rng(seed)
     for table in iter_text_tables(files):
+        chosen = usable_mask(table)
         if keep < 1.0:
-            table = table.filter(rng.random(table.num_rows) < keep)
+            chosen &= rng.random(table.num_rows) < keep
+        table = table.filter(pa.array(chosen))
         for pair in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
-            for text in pair:
-                if text and text.strip():
-                    yield text
+            yield from pair
 
 
 def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
@@ -48,7 +52,7 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     """Train on the Parquet text and write a folder AutoTokenizer loads offline."""
     import sentencepiece as spm
 
-    files = resolve_parquet_files(train_file)
+    files = check_tokenizer_inputs(train_file, tokenizer_dir)
     texts = iter_training_texts(files, max_rows=max_rows, seed=seed)
     model_buf = io.BytesIO()
     try:
@@ -70,6 +74,17 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     tok = load_tokenizer(tokenizer_dir)
     logger.info('tokenizer with %d pieces written to %s', len(tok), tokenizer_dir)
     return tok
+
+
+def check_tokenizer_inputs(train_file, tokenizer_dir: str) -> list[str]:
+    """Everything train_tokenizer needs, checked before the work: usable text to read, and an
+    output folder that is new, empty or a tokenizer this toolkit wrote (never an input)."""
+    files = resolve_parquet_files(train_file)
+    ownership.check_replaceable(tokenizer_dir, TOKENIZER, 'tokenizer_dir', folder=True)
+    ownership.check_not_an_input(tokenizer_dir, files, 'tokenizer_dir')
+    ownership.check_writable(tokenizer_dir, 'tokenizer_dir')
+    check_usable_rows(files, 'train_file')
+    return files
 
 
 def _explain_spm_error(e: RuntimeError, vocab_size: int) -> Exception:
@@ -105,34 +120,35 @@ def build_fast_tokenizer(spm_model: bytes):
 
 
 def save_tokenizer(spm_model: bytes, tokenizer_dir: str) -> None:
-    """Write the HF folder next to the raw model, atomically (tmp folder, then rename)."""
+    """Write the HF folder with the raw model and the marker; it replaces an earlier tokenizer
+    of this toolkit in one step (never a moment without a complete folder), nothing else."""
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=build_fast_tokenizer(spm_model),
                                  pad_token='<pad>', eos_token='</s>', unk_token='<unk>',
                                  model_max_length=1 << 30)
-    target = os.path.abspath(tokenizer_dir)
-    os.makedirs(os.path.dirname(target.rstrip(os.sep)) or '.', exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-tokenizer-', dir=os.path.dirname(target.rstrip(os.sep)))
-    try:
+    with ownership.building_folder(tokenizer_dir, TOKENIZER, 'tokenizer_dir') as tmp:
         hf.save_pretrained(tmp)
         with open(os.path.join(tmp, SPM_FILE), 'wb') as f:
             f.write(spm_model)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        ownership.write_marker(tmp, TOKENIZER, vocab_size=len(hf))
+
+
+def save_tokenizer_copy(tokenizer, folder: str) -> None:
+    """The tokenizer in use, written to a new folder (e.g. inside a training state)."""
+    tokenizer.save_pretrained(folder)
+    src = os.path.join(getattr(tokenizer, 'name_or_path', '') or '', SPM_FILE)
+    if os.path.isfile(src):
+        with open(src, 'rb') as f, open(os.path.join(folder, SPM_FILE), 'wb') as g:
+            g.write(f.read())
+    ownership.write_marker(folder, TOKENIZER, vocab_size=len(tokenizer))
 
 
 def load_tokenizer(tokenizer_dir: str):
     """The fast tokenizer of a folder, checked (pad 0, eos 1, unk 2, real vocab)."""
     from transformers import AutoTokenizer
 
-    if not os.path.isfile(os.path.join(tokenizer_dir, 'tokenizer.json')):
-        raise UserError(f'{tokenizer_dir}: no tokenizer here; create it with: '
-                        f'python train_low_mem.py train_tokenizer --tokenizer_dir={tokenizer_dir}')
+    check_tokenizer_folder(tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id)
     if ids != (PAD_ID, EOS_ID, UNK_ID) or len(tok) <= 259:
@@ -141,10 +157,40 @@ def load_tokenizer(tokenizer_dir: str):
     return tok
 
 
+def check_tokenizer_folder(tokenizer_dir: str) -> int:
+    """UserError unless the folder holds a loadable tokenizer.json with pad 0, eos 1, unk 2 and
+    more than the byte pieces; returns its vocabulary size. Fast: no transformers import."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(tokenizer_dir, 'tokenizer.json')
+    if not os.path.isfile(path):
+        kind = ownership.folder_kind(tokenizer_dir)
+        if kind and kind != TOKENIZER:
+            raise UserError(f'{tokenizer_dir}: a {kind} folder, not a tokenizer; '
+                            f'point --tokenizer_dir at a tokenizer folder')
+        if os.path.isdir(tokenizer_dir) and os.listdir(tokenizer_dir):
+            raise UserError(f'{tokenizer_dir}: holds no tokenizer.json; point --tokenizer_dir at a '
+                            f'tokenizer folder, or train one into a new folder with: '
+                            f'python train_low_mem.py train_tokenizer --tokenizer_dir=NEW_FOLDER')
+        raise UserError(f'{tokenizer_dir}: no tokenizer here; create it with: '
+                        f'python train_low_mem.py train_tokenizer --tokenizer_dir={tokenizer_dir}')
+    try:
+        rust = Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure of a user-given file
+        raise UserError(f'{path}: not a valid tokenizer ({str(e).splitlines()[0] if str(e) else "empty"}); '
+                        f'retrain it with: python train_low_mem.py train_tokenizer') from None
+    ids = tuple(rust.token_to_id(t) for t in ('<pad>', '</s>', '<unk>'))
+    size = rust.get_vocab_size()
+    if ids != (PAD_ID, EOS_ID, UNK_ID) or size <= 259:
+        raise UserError(f'{tokenizer_dir}: unexpected tokenizer (pad/eos/unk ids {ids}, {size} tokens); '
+                        f'retrain it with: python train_low_mem.py train_tokenizer')
+    return size
+
+
 def tokenizer_fingerprint(tokenizer_dir: str) -> str:
-    import hashlib
-
-    with open(os.path.join(tokenizer_dir, 'tokenizer.json'), 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
+    """A hash of what maps text to ids (pieces, scores, normaliser, pre- and post-processing):
+    equal for a copy or a retraining that gives the same tokenizer."""
+    with open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8') as f:
+        spec = json.load(f)
+    parts = {k: spec.get(k) for k in ('normalizer', 'pre_tokenizer', 'model', 'post_processor')}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

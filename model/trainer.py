@@ -19,10 +19,8 @@ import itertools
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -31,9 +29,11 @@ import torch.nn.functional as F
 
 from config import ResolvedConfig, UserError
 from model import checkpoint as ckpt
-from model.chat_model import answer, build_model, model_shape
-from model.files import TEXT_COLUMNS, inspect_parquet, iter_text_tables, resolve_parquet_files
-from model.tokenizer import load_tokenizer, tokenizer_fingerprint
+from model import ownership, preflight
+from model.chat_model import answer, build_model
+from model.files import iter_usable_rows, resolve_parquet_files
+from model.sizing import model_shape, total_optimizer_steps
+from model.tokenizer import LABEL_PAD_ID, PAD_ID, load_tokenizer, save_tokenizer_copy, tokenizer_fingerprint
 
 logger = logging.getLogger('chat_trainer')
 
@@ -92,15 +92,28 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def new_log_file(log_dir: str) -> str:
+    """A log file of this run's own: never one another run writes to (the name is taken with
+    O_EXCL, a second run in the same second gets a suffix)."""
+    os.makedirs(log_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    for suffix in itertools.count():
+        name = os.path.join(log_dir, f'chat_trainer_low_mem_{stamp}{f"-{suffix}" if suffix else ""}.log')
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return name
+        except FileExistsError:
+            continue
+    raise AssertionError('unreachable')
+
+
 def setup_logging(log_dir: str, accelerator) -> str:
     """One log file per run; every rank appends to it (non-main ranks: warnings and errors)."""
     from accelerate.utils import broadcast_object_list
 
     name = [None]
     if accelerator.is_main_process:
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        name[0] = os.path.join(log_dir, f'chat_trainer_low_mem_{stamp}.log')
-        os.makedirs(log_dir, exist_ok=True)
+        name[0] = new_log_file(log_dir)
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     rank = accelerator.process_index
@@ -176,41 +189,17 @@ def lr_lambda(warmup: int, total: int, kind: str):
     return f
 
 
-def total_optimizer_steps(rows: int, batch_size: int, processes: int, accumulation: int, epochs: int,
-                          max_steps: int = 0) -> int:
-    """rows / (batch x processes x accumulation) x epochs, or max_steps when that is sooner."""
-    steps = rows // (batch_size * processes * accumulation) * epochs
-    return min(steps, max_steps) if max_steps else steps
-
-
 def shift_right(labels: torch.Tensor) -> torch.Tensor:
     """Decoder inputs: start token (pad, 0) then the labels, padding as pad."""
-    dec = labels.new_zeros(labels.shape)
+    dec = labels.new_full(labels.shape, PAD_ID)
     dec[:, 1:] = labels[:, :-1]
-    return dec.masked_fill_(dec == -100, 0)
-
-
-def data_fingerprint(files: list[str]) -> list[dict]:
-    return [{'name': os.path.basename(f), 'bytes': os.path.getsize(f),
-             'rows': inspect_parquet(f).num_rows} for f in files]
-
-
-def read_first_rows(files: list[str], n: int) -> list[tuple[str, str]]:
-    """The first n rows whose prompt and response are both non-blank."""
-    rows: list[tuple[str, str]] = []
-    for table in iter_text_tables(files, batch_rows=max(64, n)):
-        for p, r in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
-            if p and r and p.strip() and r.strip():
-                rows.append((p, r))
-            if len(rows) >= n:
-                return rows
-    return rows
+    return dec.masked_fill_(dec == LABEL_PAD_ID, PAD_ID)
 
 
 # --- the trainer ------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, cfg: ResolvedConfig, resume: bool = False):
+    def __init__(self, cfg: ResolvedConfig, resume: bool = False, notes: list[str] = ()):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -220,19 +209,22 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=precision, cpu=use_cpu,
                                gradient_accumulation_steps=self.t.gradient_accumulation_steps)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.log_file = setup_logging(self.t.log_dir, self.acc)
-        if warning:
-            logger.warning(warning)
-        logger.info('run: %d process(es), device %s, precision %s, log %s', self.world,
-                    self.acc.device, precision, self.log_file)
         self.cpu_group = None
         if self.world > 1:
             import torch.distributed as dist
 
             self.cpu_group = dist.new_group(backend='gloo')  # flags and counts without device syncs
-
+        self.lock = self.lock_outputs_all_ranks()
+        self.log_file = setup_logging(self.t.log_dir, self.acc)
+        if warning:
+            logger.warning(warning)
+        logger.info('run: %d process(es), device %s, precision %s, log %s', self.world,
+                    self.acc.device, precision, self.log_file)
+        for note in notes:
+            logger.warning('%s', note)
         if not resume:
             self._archive_previous_run()
+        self.on_main_all_ranks(lambda: ckpt.ensure_state_dir(self.t.train_state_dir))
         set_seed(self.t.seed)
         self.tokenizer = load_tokenizer(self.t.tokenizer_dir)
         self.train_files = resolve_parquet_files(self.t.train_file)
@@ -242,10 +234,6 @@ class Trainer:
         self.total_steps = total_optimizer_steps(
             self.train_loader.num_rows, self.t.batch_size_per_gpu, self.world,
             self.t.gradient_accumulation_steps, self.t.epochs, self.t.max_steps)
-        if self.total_steps == 0:
-            raise UserError(f'{self.t.train_file}: {self.train_loader.num_rows} rows are fewer than one '
-                            f'optimizer step needs ({self.t.batch_size_per_gpu} x {self.world} processes x '
-                            f'{self.t.gradient_accumulation_steps} accumulation); lower --batch_size_per_gpu')
 
         model = build_model(cfg.model, len(self.tokenizer))
         optimizer = build_optimizer(self.t, model)
@@ -258,7 +246,7 @@ class Trainer:
         self._uncounted = [0, 0]  # rows, label tokens on this rank not yet in the state
         self._sample_rows = None  # validation rows answered for BLEU, read at the first eval
         self.fingerprint = {'model_shape': model_shape(cfg.model, len(self.tokenizer)),
-                            'data': data_fingerprint(self.train_files),
+                            'data': ckpt.data_fingerprint(self.train_files),
                             'tokenizer': tokenizer_fingerprint(self.t.tokenizer_dir)}
         if resume:
             self._load()
@@ -268,13 +256,32 @@ class Trainer:
             logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never '
                            'reaches learn_rate', self.t.warmup_steps, self.total_steps)
 
+    def lock_outputs_all_ranks(self) -> ownership.PlaceLock | None:
+        """Collective: one run per output place. Main takes the locks; every rank stops if it failed."""
+        places = [self.t.train_state_dir, self.t.output_dir]
+        return self.on_main_all_ranks(lambda: ownership.PlaceLock(places, 'training run').acquire())
+
+    def on_main_all_ranks(self, fn):
+        """Collective: fn() on the main process; if it raises, every rank raises (the others
+        quietly), so no rank is left waiting at the next collective."""
+        result, error = None, None
+        if self.acc.is_main_process:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if not self.all_ok(error is None):
+            raise error if error is not None else UserError('')
+        return result
+
+    def all_ok(self, ok: bool) -> bool:
+        """Collective: True when every rank says ok."""
+        return self.all_sum([0.0 if ok else 1.0])[0] == 0
+
     def _archive_previous_run(self) -> None:
         stamp = os.path.basename(self.log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
-        archive = None
-        if self.acc.is_main_process:
-            archive = ckpt.archive_previous_run(self.t.train_state_dir, self.t.model_file,
-                                                self.t.output_dir, stamp)
-        self.barrier()
+        archive = self.on_main_all_ranks(lambda: ckpt.archive_previous_run(
+            self.t.train_state_dir, self.t.model_file, self.t.output_dir, stamp))
         if archive:
             logger.warning('a previous run left a state or models here; moved them to %s (nothing is '
                            'deleted). To continue that run instead, pass --is_keep_training=True', archive)
@@ -327,7 +334,7 @@ class Trainer:
                             break
                         batches = iter(self.train_loader)
                         continue
-                    label_tokens = [int((b['labels'] != -100).sum()) for b in micro]
+                    label_tokens = [int((b['labels'] != LABEL_PAD_ID).sum()) for b in micro]
                     global_tokens, stop_requested = self.all_sum([sum(label_tokens), stop.signum])
                     if stop_requested:  # a rank that got no signal itself stops as for SIGTERM
                         return self._stop(stop.signum or signal.SIGTERM, position)
@@ -357,7 +364,7 @@ class Trainer:
             with self.acc.accumulate(model):
                 logits = model(**inputs).logits
                 loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                           ignore_index=-100, reduction='sum')
+                                           ignore_index=LABEL_PAD_ID, reduction='sum')
                 self.acc.backward(loss_sum * scale)
                 if self.acc.sync_gradients:
                     max_norm = self.t.max_grad_norm or float('inf')
@@ -460,8 +467,8 @@ class Trainer:
                                attention_mask=batch['attention_mask'].to(dev),
                                decoder_input_ids=shift_right(batch['labels']).to(dev)).logits
             loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                        ignore_index=-100, reduction='sum')
-            tokens += int((batch['labels'] != -100).sum())
+                                        ignore_index=LABEL_PAD_ID, reduction='sum')
+            tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
         model.train()
         total, count = self.all_sum([float(loss_sum), tokens])
         return total / max(count, 1)
@@ -479,7 +486,7 @@ class Trainer:
         state.last_eval_step = state.global_step
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.best_step = val_loss, state.global_step
-            self.save_model('best')
+            self.on_main_all_ranks(lambda: self.save_model('best'))
         self.barrier()
 
     def _bleu_and_samples(self) -> str:
@@ -489,7 +496,7 @@ class Trainer:
         import sacrebleu
 
         if self._sample_rows is None:
-            self._sample_rows = read_first_rows(self.valid_files, n)
+            self._sample_rows = list(iter_usable_rows(self.valid_files, n))
         rows = self._sample_rows
         model = self.acc.unwrap_model(self.model)
         with self.acc.autocast():
@@ -506,29 +513,16 @@ class Trainer:
 
     # --- saving ---
     def save_model(self, tag) -> None:
-        """model_file.format(tag) as a state dict; 'best' also in HF format under output_dir."""
-        if not self.acc.is_main_process:
-            return
+        """model_file.format(tag) as safetensors; 'best' also as a Hugging Face folder (main only)."""
         model = self.acc.unwrap_model(self.model)
-        ckpt.atomic_torch_save(model.state_dict(), self.t.model_file.format(tag))
+        ckpt.save_weights_file(model, self.t.model_file.format(tag), step=self.state.global_step, tag=tag)
         if tag == 'best':
             self.save_hf('best')
 
     def save_hf(self, name: str) -> None:
-        model = self.acc.unwrap_model(self.model)
-        target = os.path.join(self.t.output_dir, name)
-        os.makedirs(self.t.output_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=self.t.output_dir)
-        model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        old = None
-        if os.path.isdir(target):  # swap: never a moment without a complete folder
-            old = f'{target}.old'
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        ckpt.save_model_folder(self.acc.unwrap_model(self.model), self.tokenizer,
+                               os.path.join(self.t.output_dir, name), tag=name, step=self.state.global_step,
+                               max_seq_len=self.t.max_seq_len)
 
     def save(self, data_state: dict | None = None) -> str:
         """Full state (collective), plus the step's model file and keep-N pruning."""
@@ -544,23 +538,28 @@ class Trainer:
                  'data_state': data_state or self.train_loader.state_dict(),
                  'config': self.cfg.to_dict(), 'fingerprint': self.fingerprint,
                  'run': {'world_size': self.world, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
-        self._last_save_step = step
         path = ckpt.save_state(self.t.train_state_dir, step, is_main=self.acc.is_main_process,
-                               rank=self.rank, barrier=self.barrier, tensors=tensors, jsons=jsons)
-        if self.acc.is_main_process:
-            ckpt.atomic_torch_save(tensors['model'], self.t.model_file.format(step))
+                               rank=self.rank, all_ok=self.all_ok, tensors=tensors, jsons=jsons,
+                               save_tokenizer=lambda folder: save_tokenizer_copy(self.tokenizer, folder))
+        self._last_save_step = step
+
+        def step_file():
+            self.save_model(step)
             ckpt.prune_model_files(self.t.model_file, self.t.keep_latest_n_ckp)
+
+        self.on_main_all_ranks(step_file)
         logger.info('saved state at step %d -> %s', step, path)
         return path
 
     def _load(self) -> None:
         saved = ckpt.load_state(self.t.train_state_dir, self.rank)
         for note in ckpt.compare_fingerprints(saved['fingerprint'], self.fingerprint,
-                                              self.t.allow_data_change):
+                                              self.t.allow_data_change, saved['path']):
             logger.warning(note)
         self.acc.unwrap_model(self.model).load_state_dict(saved['model'])
         self.optimizer.load_state_dict(saved['optimizer'])
         self.scheduler.load_state_dict(saved['scheduler'])
+        self._apply_changed_hyperparameters(saved['config']['train'])
         if 'scaler' in saved and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(saved['scaler'])
         self.state = TrainState(**saved['train_state'])
@@ -575,6 +574,23 @@ class Trainer:
                     self.state.global_step, saved['data_state'].get('epoch', 0),
                     saved['data_state'].get('rows_consumed', 0))
 
+    def _apply_changed_hyperparameters(self, saved: dict) -> None:
+        """The loaded optimizer and schedule carry the saved learning rate and weight decay; this
+        run's values win (the schedule's shape comes from this run's config already). Every
+        changed field is logged: none is silently ignored."""
+        for group in self.optimizer.param_groups:
+            group['initial_lr'] = self.t.learn_rate
+            group['weight_decay'] = self.t.weight_decay
+        self.scheduler.base_lrs = [self.t.learn_rate] * len(self.optimizer.param_groups)
+        step = self.scheduler.last_epoch
+        for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group['lr'] = base * f(step)
+        self.scheduler._last_lr = [g['lr'] for g in self.optimizer.param_groups]
+        changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in dataclasses.asdict(self.t).items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            logger.warning('changed since the save, applied from step %d on: %s', step, '; '.join(changed))
+
     def _stop(self, signum: int, position: dict) -> int:
         logger.warning('%s received: saving state at step %d', signal.Signals(int(signum)).name,
                        self.state.global_step)
@@ -586,17 +602,25 @@ class Trainer:
         self.evaluate()
         if self._last_save_step != self.state.global_step:
             self.save()
-        if self.acc.is_main_process:
-            self.save_hf('final')
-        self.barrier()
+        self.on_main_all_ranks(lambda: self.save_hf('final'))
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
                     os.path.join(self.t.output_dir, 'final'))
 
 
 def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
-    """Entry point of `train_low_mem.py train`: returns the process exit code."""
-    trainer = Trainer(cfg, resume=resume)
-    code = trainer.train()
+    """Entry point of `train_low_mem.py train`: returns the process exit code.
+
+    Every check that can be made at start-up runs first (the same as --dry_run=True), before
+    anything is moved, created or trained.
+    """
+    report = preflight.check_train(cfg, resume, int(os.environ.get('WORLD_SIZE', '1')), locks=False)
+    report.raise_first()
+    trainer = Trainer(cfg, resume=resume, notes=report.notes)
+    try:
+        code = trainer.train()
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
     trainer.acc.end_training()
     return code

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import re
+import subprocess
 import sys
 
 import pytest
@@ -67,3 +70,77 @@ def tokenizer(tokenizer_dir):
     from model.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+# --- the training CLI in a subprocess, on a tiny model (CPU, fp32) -----------
+
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
+STEP_RE = re.compile(r'step (\d+)/(\d+) \| epoch \d+ \| loss ([0-9.naninf]+)')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp('data')
+    train = write_parquet(d / 'train.parquet', make_texts(480, seed=11, max_len=40), row_group_size=100)
+    valid = write_parquet(d / 'valid.parquet', make_texts(64, seed=12, max_len=40))
+    return {'train': train, 'valid': valid, 'tok': tokenizer_dir}
+
+
+def tiny_flags(data, out, **extra) -> list[str]:
+    flags = {
+        'train_file': data['train'], 'validation_file': data['valid'], 'tokenizer_dir': data['tok'],
+        'model_file': f'{out}/chat_small_t5.{{}}.bin', 'train_state_dir': f'{out}/state',
+        'output_dir': f'{out}', 'log_dir': f'{out}/logs',
+        'd_model': 32, 'num_heads': 2, 'd_kv': 16, 'd_ff': 64, 'num_layers': 1, 'num_decoder_layers': 1,
+        'dropout_rate': 0.1, 'max_seq_len': 32, 'batch_size_per_gpu': 8, 'gradient_accumulation_steps': 1,
+        'epochs': 1, 'learn_rate': 3e-3, 'optimizer': 'adamw', 'warmup_steps': 5, 'logging_steps': 1,
+        'save_steps': 10, 'keep_latest_n_ckp': 2, 'mixed_precision': 'no', 'max_eval_rows': 32,
+        'bleu_samples': 4, 'show_samples': 1, 'seed': 7,
+    }
+    flags.update(extra)
+    return [f'--{k}={v}' for k, v in flags.items()]
+
+
+def train_cmd(flags, *extra):
+    return [sys.executable, 'train_low_mem.py', 'train', *flags, *extra]
+
+
+def run_train(flags, *extra, timeout=300):
+    return subprocess.run(train_cmd(flags, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def logged_losses(out) -> dict[int, float]:
+    losses = {}
+    for log in sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')):
+        for m in STEP_RE.finditer(open(log, encoding='utf-8').read()):
+            losses[int(m.group(1))] = float(m.group(3))
+    return losses
+
+
+def state_folders(state_dir) -> list[str]:
+    return sorted(n for n in os.listdir(state_dir) if n.startswith('state-'))
+
+
+def weights(path) -> dict:
+    from model.checkpoint import load_weights_file
+
+    return load_weights_file(str(path))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), (k, (wa[k] - wb[k]).abs().max())
+
+
+def torchrun(flags, nproc):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           'train_low_mem.py', 'train', *flags]
+    env = {**ENV, 'ACCELERATE_USE_CPU': '1'}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+

@@ -61,5 +61,5 @@ def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
             f'--tokenizer_dir={tok}', '--batch_size_per_gpu=8', '--gradient_accumulation_steps=1',
             '--epochs=2')
     assert r.returncode == 0, r.stdout + r.stderr
-    assert 'ready: data and tokenizer found' in r.stdout
+    assert 'ready: data, tokenizer and output places checked' in r.stdout
     assert 'train rows 600' in r.stdout and '150 optimizer steps' in r.stdout  # 600 // 8 * 2

@@ -14,67 +14,13 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_texts, write_parquet
-
-ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
-STEP_RE = re.compile(r'step (\d+)/(\d+) \| epoch \d+ \| loss ([0-9.naninf]+)')
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory, tokenizer_dir):
-    d = tmp_path_factory.mktemp('data')
-    train = write_parquet(d / 'train.parquet', make_texts(480, seed=11, max_len=40), row_group_size=100)
-    valid = write_parquet(d / 'valid.parquet', make_texts(64, seed=12, max_len=40))
-    return {'train': train, 'valid': valid, 'tok': tokenizer_dir}
-
-
-def tiny_flags(data, out, **extra) -> list[str]:
-    flags = {
-        'train_file': data['train'], 'validation_file': data['valid'], 'tokenizer_dir': data['tok'],
-        'model_file': f'{out}/chat_small_t5.{{}}.bin', 'train_state_dir': f'{out}/state',
-        'output_dir': f'{out}', 'log_dir': f'{out}/logs',
-        'd_model': 32, 'num_heads': 2, 'd_kv': 16, 'd_ff': 64, 'num_layers': 1, 'num_decoder_layers': 1,
-        'dropout_rate': 0.1, 'max_seq_len': 32, 'batch_size_per_gpu': 8, 'gradient_accumulation_steps': 1,
-        'epochs': 1, 'learn_rate': 3e-3, 'optimizer': 'adamw', 'warmup_steps': 5, 'logging_steps': 1,
-        'save_steps': 10, 'keep_latest_n_ckp': 2, 'mixed_precision': 'no', 'max_eval_rows': 32,
-        'bleu_samples': 4, 'show_samples': 1, 'seed': 7,
-    }
-    flags.update(extra)
-    return [f'--{k}={v}' for k, v in flags.items()]
-
-
-def train_cmd(flags, *extra):
-    return [sys.executable, 'train_low_mem.py', 'train', *flags, *extra]
-
-
-def run_train(flags, *extra, timeout=300):
-    return subprocess.run(train_cmd(flags, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def logged_losses(out) -> dict[int, float]:
-    losses = {}
-    for log in sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')):
-        for m in STEP_RE.finditer(open(log, encoding='utf-8').read()):
-            losses[int(m.group(1))] = float(m.group(3))
-    return losses
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_weights(a, b, atol=0.0):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), (k, (wa[k] - wb[k]).abs().max())
-
+from conftest import (ENV, ROOT, assert_same_weights, logged_losses, make_texts, run_train, state_folders,
+                      tiny_flags, torchrun, train_cmd, weights, write_parquet)
 
 # --- units ------------------------------------------------------------------
 
 def test_schedule_step_count():
-    from model.trainer import total_optimizer_steps
+    from model.sizing import total_optimizer_steps
 
     # rows / (batch x processes x accumulation) x epochs
     assert total_optimizer_steps(10_000_000, 32, 3, 2, 3) == 10_000_000 // 192 * 3
@@ -142,7 +88,7 @@ def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
                    if re.search(r'\.\d+\.bin$', p))
     assert steps == [116, total]
     assert os.path.isfile(f'{out}/chat_small_t5.best.bin')
-    states = sorted(os.listdir(f'{out}/state'))
+    states = state_folders(f'{out}/state')
     assert states == ['state-000000116', f'state-{total:09d}']
     from transformers import T5ForConditionalGeneration
 
@@ -241,14 +187,7 @@ def test_fresh_run_archives_instead_of_overwriting(data, tmp_path):
     assert len(archived) == 1
     assert all(torch.equal(first[k], v) for k, v in weights(archived[0]).items())
     assert glob.glob(f'{out}/previous_runs/*/state/state-000000010/complete.json')
-    assert sorted(os.listdir(f'{out}/state')) == ['state-000000005']
-
-
-def torchrun(flags, nproc):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           'train_low_mem.py', 'train', *flags]
-    env = {**ENV, 'ACCELERATE_USE_CPU': '1'}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert state_folders(f'{out}/state') == ['state-000000005']
 
 
 def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
@@ -278,7 +217,8 @@ def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
                              cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                              timeout=120)
     assert missing.returncode == 1, missing.stderr
-    assert 'missing train_file' in missing.stderr and 'python prepare_data.py convert' in missing.stderr
+    assert 'train_file:' in missing.stderr and 'no such file' in missing.stderr
+    assert 'python prepare_data.py convert' in missing.stderr
     out = tmp_path / 'run'
     r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, out, max_steps=4)], cwd=ROOT,
                        env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)

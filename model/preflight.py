@@ -1,0 +1,206 @@
+"""Everything a training run depends on that is knowable at start-up, checked in one place.
+
+``train`` runs these checks before it moves, creates or trains anything, and
+``train --dry_run=True`` runs the same checks without training, so the dry run says "ready"
+only when the run will not fail for such a cause. Metadata and a few rows only: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from config import ResolvedConfig, UserError
+from model import checkpoint as ckpt
+from model import ownership
+from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
+from model.ownership import MODEL, STATE_DIR
+from model.sizing import model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
+from model.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
+
+# a changed value of these fields cannot continue a saved run
+REFUSED_ON_RESUME = {'optimizer': 'the optimizer state of one optimizer does not load into another'}
+
+
+@dataclass
+class Problem:
+    name: str  # the field or thing at fault
+    message: str  # one line: what is wrong
+    fix: str = ''  # the command or flag that fixes it
+
+    def line(self) -> str:
+        return self.message + (f'; {self.fix}' if self.fix else '')
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth saying, not blocking
+    train_files: list[str] = field(default_factory=list)
+    train_rows: int = 0
+    vocab_size: int = 0
+    parameters: int = 0
+    total_steps: int = 0
+    latest_state: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+    def raise_first(self) -> None:
+        if self.problems:
+            more = len(self.problems) - 1
+            tail = f' (and {more} more problem(s): run with --dry_run=True to list them)' if more else ''
+            raise UserError(self.problems[0].line() + tail)
+
+
+def _cli(cfg: ResolvedConfig, command: str) -> str:
+    return f'python train_low_mem.py {command}' + (f' --preset={cfg.preset}' if cfg.preset else '')
+
+
+def data_fix(cfg: ResolvedConfig) -> str:
+    t = cfg.train
+    if cfg.preset == 'demo':
+        return f'create it with: python prepare_data.py demo --out_dir={os.path.dirname(t.train_file)}'
+    return (f'create it with: python prepare_data.py convert YOUR_DATA.jsonl data/all.parquet && '
+            f'python prepare_data.py split data/all.parquet --train_out={t.train_file} '
+            f'--valid_out={t.validation_file}')
+
+
+def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool = True) -> Report:
+    """The facts a run needs, and every problem that would stop it, without side effects."""
+    t = cfg.train
+    report = Report()
+
+    def problem(name, fn, fix=''):
+        try:
+            return fn()
+        except UserError as e:
+            report.problems.append(Problem(name, f'{name}: {e}' if not str(e).startswith(name) else str(e), fix))
+            return None
+
+    # inputs: readable, the right columns, a usable row
+    files = {}
+    for name in ('train_file', 'validation_file'):
+        spec = getattr(t, name)
+        files[name] = problem(name, lambda spec=spec, name=name: _check_data(spec, name), data_fix(cfg)) or []
+    report.train_files = files['train_file']
+    tok_fix = f'create it with: {_cli(cfg, "train_tokenizer")} --tokenizer_dir={t.tokenizer_dir}'
+    report.vocab_size = problem('tokenizer_dir', lambda: check_tokenizer_folder(t.tokenizer_dir),
+                                tok_fix if not os.path.exists(t.tokenizer_dir) else '') or 0
+
+    # outputs: the toolkit's own or new, writable, and never an input
+    inputs = files['train_file'] + files['validation_file']
+    problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
+                                                                   folder=True))
+    for name in ('best', 'final'):
+        path = os.path.join(t.output_dir, name)
+        problem('output_dir', lambda path=path: ownership.check_replaceable(path, MODEL, 'output_dir', folder=True))
+    for path in ckpt.foreign_model_files(t.model_file):
+        report.problems.append(Problem('model_file', f'model_file: {path} matches the model_file pattern and was '
+                                       f'not written by this toolkit, so a run could overwrite it',
+                                       'move it away or choose another --model_file'))
+    places = {'train_state_dir': t.train_state_dir, 'output_dir': t.output_dir,
+              'model_file': os.path.dirname(t.model_file) or '.', 'log_dir': t.log_dir}
+    for name, path in places.items():
+        if os.path.exists(path) and not os.path.isdir(path):
+            report.problems.append(Problem(name, f'{name}: {path} is a file, not a folder',
+                                           'choose a folder path'))
+            continue
+        problem(name, lambda path=path, name=name: ownership.check_writable(path, name))
+    problem('train_state_dir', lambda: ownership.check_not_an_input(t.train_state_dir, inputs, 'train_state_dir'))
+    if locks:
+        for name in ('train_state_dir', 'output_dir'):
+            who = ownership.is_locked(places[name])
+            if who:
+                report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
+                                               'wait for it to end, or give this run other output paths'))
+
+    # sizes: at least one optimizer step, and room on disk for a state
+    if files['train_file'] and report.vocab_size:
+        report.train_rows = sum(inspect_parquet(f).num_rows for f in files['train_file'])
+        report.total_steps = total_optimizer_steps(report.train_rows, t.batch_size_per_gpu, world_size,
+                                                   t.gradient_accumulation_steps, t.epochs, t.max_steps)
+        if report.total_steps == 0:
+            report.problems.append(Problem(
+                'batch_size_per_gpu', f'train_file: {report.train_rows} rows are fewer than one optimizer step '
+                f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
+                f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
+        report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
+        _check_disk(t, report)
+
+    # resume: a state that loads, trained with what this run would use
+    if resume:
+        _check_resume(cfg, report)
+    elif report.ready:
+        previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
+        if previous:
+            report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
+                                f'{os.path.join(t.output_dir, "previous_runs")}/<time>/ (to continue it instead: '
+                                f'--is_keep_training=True)')
+    return report
+
+
+def _check_data(spec, name: str) -> list[str]:
+    files = resolve_parquet_files(spec)
+    for f in files:
+        inspect_parquet(f)
+    check_usable_rows(files, name)
+    return files
+
+
+def _check_disk(t, report: Report) -> None:
+    need = state_bytes(report.parameters, t.optimizer) + 4 * report.parameters  # a state + a weights file
+    folder = t.train_state_dir
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        report.problems.append(Problem('train_state_dir', f'train_state_dir: {free / 1e9:.2f} GB free on the disk '
+                                       f'of {t.train_state_dir}, a state of this model needs about '
+                                       f'{need / 1e9:.2f} GB', 'free space or choose another disk'))
+    elif free < need * (2 + t.keep_latest_n_ckp):
+        report.notes.append(f'{free / 1e9:.1f} GB free for states of ~{need / 1e9:.2f} GB each: '
+                            f'two states and {t.keep_latest_n_ckp} step files are kept, the disk may fill up')
+
+
+def _check_resume(cfg: ResolvedConfig, report: Report) -> None:
+    t = cfg.train
+    states = ckpt.list_complete_states(t.train_state_dir)
+    path = ckpt.latest_state(t.train_state_dir)
+    report.latest_state = path
+    if path is None:
+        if states:
+            what = (f'every saved state is damaged in {t.train_state_dir} '
+                    f'({ckpt.state_problem(states[-1][1])} in {states[-1][1]})')
+        else:
+            what = f'no complete saved state in {t.train_state_dir}'
+        report.problems.append(Problem('is_keep_training', f'--is_keep_training=True but {what}',
+                                       'start without --is_keep_training (or check --train_state_dir)'))
+        return
+    if states and states[-1][1] != path:
+        report.notes.append(f'the newest state {states[-1][1]} is damaged '
+                            f'({ckpt.state_problem(states[-1][1])}); the run resumes from {path}')
+    try:
+        saved_cfg = ckpt.read_json(os.path.join(path, 'config.json'))['train']
+        saved_fp = ckpt.read_json(os.path.join(path, 'fingerprint.json'))
+    except (OSError, ValueError, KeyError) as e:
+        report.problems.append(Problem('is_keep_training', f'{path}: unreadable state ({e})'))
+        return
+    for name, why in REFUSED_ON_RESUME.items():
+        if saved_cfg.get(name) != getattr(t, name):
+            report.problems.append(Problem(name, f'--{name}={getattr(t, name)} but the saved run trained with '
+                                           f'{name}={saved_cfg.get(name)} ({why})',
+                                           f'resume with --{name}={saved_cfg.get(name)}, or start a new run '
+                                           f'without --is_keep_training'))
+    if not report.vocab_size or not report.train_files:
+        return
+    current = {'model_shape': model_shape(cfg.model, report.vocab_size),
+               'data': ckpt.data_fingerprint(report.train_files),
+               'tokenizer': tokenizer_fingerprint(t.tokenizer_dir)}
+    try:
+        for note in ckpt.compare_fingerprints(saved_fp, current, t.allow_data_change, path):
+            report.notes.append(note)
+    except UserError as e:
+        report.problems.append(Problem('is_keep_training', str(e)))

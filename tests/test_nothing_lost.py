@@ -1,0 +1,376 @@
+"""Nothing a user owns is lost, and every mistake knowable at start-up is caught before the work.
+
+Each case runs the real CLI in a subprocess, as a user would, and checks: exit 2, one line
+naming the thing and what to do, no traceback, and nothing that existed before changed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ENV, ROOT, logged_losses, make_texts, run_train, state_folders, tiny_flags, train_cmd, \
+    write_parquet
+
+
+def cli(*args, script='train_low_mem.py', env=None, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def start(*args, script='train_low_mem.py'):
+    return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every file under folder with a hash of its content (hidden files and .git included)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            with open(p, 'rb') as f:
+                out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder) + '/'] = 'dir'
+    return out
+
+
+def assert_user_error(r, *words):
+    stderr = r.stderr if isinstance(r, subprocess.CompletedProcess) else r[1]
+    code = r.returncode if isinstance(r, subprocess.CompletedProcess) else r[0]
+    lines = [line for line in stderr.splitlines() if line.strip() and ' INFO ' not in line
+             and ' WARNING ' not in line]
+    assert code == 2, stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def run_parallel(cases):
+    """[(name, args, script)] started at once (start-up dominates), -> {name: (code, stderr, stdout)}."""
+    procs = {name: start(*args, script=script) for name, args, script in cases}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out[name] = (proc.returncode, stderr, stdout)
+    return out
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data):
+    """A tiny finished run: states, step files, best/ and final/."""
+    out = tmp_path_factory.mktemp('trained') / 'run'
+    r = run_train(tiny_flags(data, out, max_steps=10, save_steps=5, eval_steps=5))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+# --------------------------------------------------------------------------- train_tokenizer
+
+
+def test_train_tokenizer_never_deletes_what_it_did_not_make(tmp_path, data):
+    user = tmp_path / 'user'
+    (user / 'data').mkdir(parents=True)
+    write_parquet(user / 'data' / 'train.parquet', make_texts(300, seed=3))
+    (user / 'notes.txt').write_text('mine')
+    checkout = tmp_path / 'checkout'
+    (checkout / '.git').mkdir(parents=True)
+    (checkout / '.git' / 'HEAD').write_text('ref: refs/heads/main\n')
+    (checkout / 'README.md').write_text('x')
+    before = snapshot(tmp_path)
+    train = user / 'data' / 'train.parquet'
+    results = run_parallel([
+        ('data folder', ['train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={user / "data"}',
+                         '--vocab_size=900'], 'train_low_mem.py'),
+        ('checkout', ['train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={checkout}',
+                      '--vocab_size=900'], 'train_low_mem.py'),
+        ('a file', ['train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={user / "notes.txt"}',
+                    '--vocab_size=900'], 'train_low_mem.py'),
+    ])
+    assert_user_error(results['data folder'], str(user / 'data'), 'not empty')
+    assert_user_error(results['checkout'], str(checkout), 'did not make')
+    assert_user_error(results['a file'], 'is a file')
+    assert snapshot(tmp_path) == before
+    # its own tokenizer folder it replaces (twice: the same command again), in place
+    tok = tmp_path / 'tok'
+    for _ in range(2):
+        r = cli('train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={tok}', '--vocab_size=900')
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tok / 'chat_small_t5.json').read_text())['kind'] == 'tokenizer'
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp')]
+
+
+def test_generate_on_a_state_folder_explains_instead_of_suggesting_train_tokenizer(trained):
+    state = os.path.join(trained, 'state', state_folders(f'{trained}/state')[-1])
+    before = snapshot(trained)
+    line = assert_user_error(cli('generate', f'--model_dir={state}'), 'training state', 'best')
+    assert 'train_tokenizer' not in line
+    assert_user_error(cli('generate', f'--model_dir={trained}/nowhere'), 'no such folder')
+    assert snapshot(trained) == before
+
+
+# --------------------------------------------------------------------------- prepare_data
+
+
+def test_prepare_data_never_replaces_an_input_or_a_foreign_file(tmp_path):
+    pairs = make_texts(50, seed=4)
+    src = tmp_path / 'a.jsonl'
+    src.write_text(''.join(json.dumps({'prompt': p, 'response': r}, ensure_ascii=False) + '\n' for p, r in pairs),
+                   encoding='utf-8')
+    d = tmp_path / 'd.parquet'
+    write_parquet(d, pairs)
+    folder = tmp_path / 'parts'
+    folder.mkdir()
+    write_parquet(folder / 'p1.parquet', pairs)
+    foreign = tmp_path / 'foreign.parquet'
+    write_parquet(foreign, pairs[:3])
+    (tmp_path / 'outdir').mkdir()
+    before = snapshot(tmp_path)
+    py = 'prepare_data.py'
+    results = run_parallel([
+        ('convert same', ['convert', src, src], py),
+        ('convert same parquet', ['convert', d, d], py),
+        ('clean same', ['clean', d, d], py),
+        ('split train=input', ['split', d, f'--train_out={d}', f'--valid_out={tmp_path / "v.parquet"}'], py),
+        ('split valid=input', ['split', d, f'--train_out={tmp_path / "t.parquet"}', f'--valid_out={d}'], py),
+        ('clean into input folder', ['clean', folder, folder / 'clean.parquet'], py),
+        ('clean into input glob', ['clean', f'{tmp_path}/*.parquet', tmp_path / 'x.parquet'], py),
+        ('foreign output', ['convert', src, foreign], py),
+        ('output is a folder', ['convert', src, tmp_path / 'outdir'], py),
+        ('output under a file', ['convert', src, src / 'x.parquet'], py),
+        ('demo over foreign', ['demo', f'--out_dir={tmp_path}', '--rows=20'], py),
+        ('missing positional', ['convert', src], py),
+    ])
+    assert_user_error(results['convert same'], 'also an input')
+    assert_user_error(results['convert same parquet'], 'also an input')
+    assert_user_error(results['clean same'], 'also an input')
+    assert_user_error(results['split train=input'], 'also an input')
+    assert_user_error(results['split valid=input'], 'also an input')
+    assert_user_error(results['clean into input folder'], 'input folder')
+    assert_user_error(results['clean into input glob'], 'input pattern')
+    assert_user_error(results['foreign output'], 'not written by this toolkit')
+    assert_user_error(results['output is a folder'], 'is a folder')
+    assert_user_error(results['output under a file'], 'is a file')
+    assert_user_error(results['missing positional'], 'OUTPUT')
+    # demo's outputs train.parquet / valid.parquet do not exist in tmp_path: only a real clash is refused
+    assert results['demo over foreign'][0] == 0, results['demo over foreign'][1]
+    after = snapshot(tmp_path)
+    for name in ('train.parquet', 'valid.parquet'):
+        after.pop(name)
+    assert after == before
+    # a file it wrote, it may replace: the same command twice works
+    out = tmp_path / 'out.parquet'
+    for _ in range(2):
+        r = cli('convert', src, out, script=py)
+        assert r.returncode == 0, r.stderr
+    assert pq.read_table(out).num_rows == 50
+
+
+def test_dictionary_string_view_and_null_columns_are_text(tmp_path, data):
+    import pandas as pd
+
+    pairs = make_texts(40, seed=5)
+    df = pd.DataFrame({'question': pd.Categorical([p for p, _ in pairs]),
+                       'answer': pd.array([r for _, r in pairs], dtype='string[pyarrow]')})
+    df.to_parquet(tmp_path / 'cat.parquet')
+    r = cli('convert', tmp_path / 'cat.parquet', tmp_path / 'out.parquet', '--prompt_col=question',
+            '--response_col=answer', script='prepare_data.py')
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(tmp_path / 'out.parquet').column('prompt').to_pylist() == [p for p, _ in pairs]
+    # training reads a dictionary-encoded column as it is
+    cat = tmp_path / 'train_cat.parquet'
+    pd.DataFrame({'prompt': pd.Categorical([p for p, _ in pairs] * 6),
+                  'response': [r for _, r in pairs] * 6}).to_parquet(cat)
+    flags = tiny_flags(data, tmp_path / 'run', train_file=cat, max_steps=3)
+    r = cli('train', *flags, '--dry_run=True')
+    assert r.returncode == 0 and 'ready' in r.stdout, r.stdout + r.stderr
+    r = run_train(flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- train: start-up checks
+
+
+def test_mistakes_are_caught_before_the_work_and_by_the_dry_run(tmp_path, data):
+    user = tmp_path / 'user'
+    user.mkdir()
+    (user / 'notes.txt').write_text('mine')
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('x')
+    blank = write_parquet(tmp_path / 'blank.parquet', [('', '答'), ('  ', ' '), ('问', '\u3000')] * 5)
+    null_prompts = tmp_path / 'nulls.parquet'
+    pq.write_table(pa.table({'prompt': pa.nulls(200, pa.string()),
+                             'response': [r for _, r in make_texts(200, seed=1)]}), null_prompts)
+    empty_tok = tmp_path / 'empty_tok'
+    empty_tok.mkdir()
+    (empty_tok / 'tokenizer.json').write_text('')
+    out = tmp_path / 'run'
+    cases = {
+        'state dir is a file': ({'train_state_dir': a_file}, ['train_state_dir', 'is a file']),
+        'state dir holds user files': ({'train_state_dir': user}, ['train_state_dir', str(user)]),
+        'output_dir under a file': ({'output_dir': a_file / 'out'}, ['output_dir', 'is a file']),
+        'log_dir under a file': ({'log_dir': a_file / 'logs'}, ['log_dir', 'is a file']),
+        'validation all blank': ({'validation_file': blank}, ['validation_file', 'no usable row']),
+        'prompts all null': ({'train_file': null_prompts}, ['train_file', 'no usable row']),
+        'model_file no {}': ({'model_file': f'{out}/m.{{step}}.bin'}, ['model_file', "'{}'"]),
+        'model_file pattern': ({'model_file': f'{out}/m.{{}}.{{x}}.bin'}, ['model_file', 'cannot be formatted']),
+        'model_file two braces': ({'model_file': f'{out}/m.{{}}.{{}}.bin'}, ['model_file', 'exactly once']),
+        'empty tokenizer.json': ({'tokenizer_dir': empty_tok}, ['tokenizer.json', 'not a valid tokenizer']),
+        'missing tokenizer': ({'tokenizer_dir': tmp_path / 'none'}, ['no tokenizer here', 'train_tokenizer']),
+        'missing train file': ({'train_file': tmp_path / 'none.parquet'}, ['train_file', 'no such file']),
+        'bleu_samples unbounded': ({'bleu_samples': 10**9}, ['bleu_samples', 'at most']),
+    }
+    before = snapshot(tmp_path)
+    procs = []
+    for name, (extra, words) in cases.items():
+        flags = tiny_flags(data, out, **extra)
+        procs.append((name, words, start('train', *flags), start('train', *flags, '--dry_run=True')))
+    for name, words, run, dry in procs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert_user_error((run.returncode, stderr), *words)
+        dry_out, dry_err = dry.communicate(timeout=300)
+        if dry.returncode == 2:  # a config value error: the dry run says the same line
+            assert_user_error((dry.returncode, dry_err), *words)
+        else:
+            assert dry.returncode == 1 and 'not ready' in dry_out, (name, dry_out, dry_err)
+            assert all(w in dry_out for w in words), (name, words, dry_out)
+    assert snapshot(tmp_path) == before  # nothing created, moved or changed by any of them
+
+
+def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(tmp_path, data):
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=5, save_steps=5)).returncode == 0
+    before = snapshot(out)
+    # a mistake in the new command: nothing of the previous run is moved
+    r = run_train(tiny_flags(data, out, max_steps=5, tokenizer_dir=tmp_path / 'missing'))
+    assert_user_error(r, 'no tokenizer here')
+    assert snapshot(out) == before
+    r = run_train(tiny_flags(data, out, max_steps=5), '--is_keep_training=True')  # the advice still works
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a file of the user's beside the run's outputs, and one matching the model_file pattern
+    (out / 'my_notes.txt').write_text('mine')
+    (out / 'chat_small_t5.999.bin').write_bytes(b'my own weights')
+    r = run_train(tiny_flags(data, out, max_steps=5))
+    assert_user_error(r, 'chat_small_t5.999.bin', 'not written by this toolkit')
+    os.remove(out / 'chat_small_t5.999.bin')
+    r = run_train(tiny_flags(data, out, max_steps=5))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / 'my_notes.txt').read_text() == 'mine'
+    archived = glob.glob(f'{out}/previous_runs/*/')
+    assert len(archived) == 1 and os.path.isdir(f'{archived[0]}/best')
+
+
+def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):
+    out = tmp_path / 'run'
+    first = subprocess.Popen(train_cmd(tiny_flags(data, out, epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not logged_losses(out):
+        assert first.poll() is None and time.time() < deadline, first.stderr.read()
+        time.sleep(0.05)
+    results = run_parallel([('second', ['train', *tiny_flags(data, out, max_steps=2)], 'train_low_mem.py'),
+                            ('dry', ['train', *tiny_flags(data, out), '--dry_run=True'], 'train_low_mem.py')])
+    assert_user_error(results['second'], 'in use by another', f'pid {first.pid}')
+    assert results['dry'][0] == 1 and 'in use by another run' in results['dry'][2], results['dry']
+    assert first.poll() is None, 'the first run must still be running'
+    # a killed run leaves no lock behind: the kernel drops it with the process
+    first.kill()
+    first.communicate()
+    r = run_train(tiny_flags(data, out, max_steps=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_applies_a_new_learning_rate_and_refuses_a_new_optimizer(tmp_path, data):
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=10, save_steps=10, warmup_steps=0,
+                                lr_schedule='constant')).returncode == 0
+    r = run_train(tiny_flags(data, out, max_steps=10, save_steps=10, optimizer='adafactor'),
+                  '--is_keep_training=True')
+    assert_user_error(r, '--optimizer=adafactor', 'optimizer=adamw')
+    r = run_train(tiny_flags(data, out, max_steps=14, save_steps=10, warmup_steps=0, lr_schedule='constant',
+                             learn_rate=1e-4), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    assert 'learn_rate 0.003 -> 0.0001' in log
+    assert 'lr 1.000e-04' in log and 'lr 3.000e-03' not in log
+
+
+def test_resume_uses_the_runs_own_tokenizer_after_a_retrain(tmp_path, data):
+    tok = tmp_path / 'tok'
+    r = cli('train_tokenizer', f'--train_file={data["train"]}', f'--tokenizer_dir={tok}', '--vocab_size=1000')
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, tokenizer_dir=tok, max_steps=6, save_steps=3)).returncode == 0
+    # the same command again gives the same tokenizer: the run stays resumable
+    assert cli('train_tokenizer', f'--train_file={data["train"]}', f'--tokenizer_dir={tok}',
+               '--vocab_size=1000').returncode == 0
+    dry = cli('train', *tiny_flags(data, out, tokenizer_dir=tok, max_steps=8), '--is_keep_training=True',
+              '--dry_run=True')
+    assert dry.returncode == 0, dry.stdout
+    # another vocabulary: refused with the way out, which works
+    assert cli('train_tokenizer', f'--train_file={data["train"]}', f'--tokenizer_dir={tok}',
+               '--vocab_size=950').returncode == 0
+    r = run_train(tiny_flags(data, out, tokenizer_dir=tok, max_steps=8), '--is_keep_training=True')
+    line = assert_user_error(r, 'not the one this run was trained with', '--tokenizer_dir=')
+    copy = line.split('--tokenizer_dir=')[1].split()[0]
+    r = run_train(tiny_flags(data, out, tokenizer_dir=copy, max_steps=8), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- generate and help
+
+
+def test_generate_bounds_memory_and_rejects_bad_values(trained):
+    flags = [f'--output_dir={trained}', '--max_new_tokens=4']
+    huge = '长' * 40000
+    r = subprocess.run(['/usr/bin/time', '-f', 'maxrss_kb=%M', sys.executable, 'train_low_mem.py', 'generate',
+                        *flags, f'--prompts={huge}'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rss_mb = int(r.stderr.rsplit('maxrss_kb=', 1)[1].split()[0]) / 1024
+    assert rss_mb < 1500, rss_mb  # untruncated: 23.7 GB
+    r = cli('generate', *flags, '--prompts=123')
+    assert r.returncode == 0 and '123  ->' in r.stdout, r.stdout + r.stderr
+    results = run_parallel([
+        ('negative', ['generate', f'--output_dir={trained}', '--max_new_tokens=-5'], 'train_low_mem.py'),
+        ('huge', ['generate', f'--output_dir={trained}', '--max_new_tokens=100000000'], 'train_low_mem.py'),
+        ('dict', ['generate', f'--output_dir={trained}', '--prompts={"a": 1}'], 'train_low_mem.py'),
+    ])
+    assert_user_error(results['negative'], '--max_new_tokens=-5')
+    assert_user_error(results['huge'], '--max_new_tokens', '2048')
+    assert_user_error(results['dict'], '--prompts')
+
+
+def test_help_lists_every_option_with_its_comment():
+    import dataclasses
+
+    from config import RunFlags, T5ModelConfig, TrainConfigPretrainLarge, field_comments
+
+    results = run_parallel([(c, [c, '--help'], 'train_low_mem.py') for c in ('train', 'train_tokenizer', 'generate')]
+                           + [(f'prep {c}', [c, '--help'], 'prepare_data.py')
+                              for c in ('convert', 'clean', 'split', 'check', 'demo')])
+    for name, (code, stderr, stdout) in results.items():
+        assert code == 0 and 'Traceback' not in stderr and 'usage:' in stdout, (name, stderr)
+    text = results['train'][2]
+    for cls in (TrainConfigPretrainLarge, T5ModelConfig, RunFlags):
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            assert f'--{f.name}=' in text, f.name
+            assert comments[f.name] and comments[f.name] in text, f.name
+    assert '--vocab_size=' in results['train_tokenizer'][2] and '--prompts=' in results['generate'][2]
+    assert 'renamed to prompt' in results['prep convert'][2] and '--valid_ratio=' in results['prep split'][2]
