@@ -74,4 +74,17 @@ fi
 # torchrun forwards SIGINT/SIGTERM to the ranks, then kills them after this many seconds:
 # leave time to finish the step (or an evaluation) and save
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
-exec "$ACCELERATE" launch --multi_gpu --num_processes "$gpus" ./train_low_mem.py train "${config_flags[@]}" "$@"
+# The launcher reports a rank's 130/143 as 1. Run it as a child, pass Ctrl-C / SIGTERM on
+# to it (it passes them to the ranks, which save), and exit 130/143 like one process would.
+stopped=0
+trap 'stopped=143; kill -TERM "$launcher" 2>/dev/null' TERM
+trap 'stopped=130; kill -INT "$launcher" 2>/dev/null' INT
+"$ACCELERATE" launch --multi_gpu --num_processes "$gpus" ./train_low_mem.py train "${config_flags[@]}" "$@" &
+launcher=$!
+while :; do
+  wait "$launcher"
+  rc=$?
+  kill -0 "$launcher" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
+done
+if [ "$stopped" -ne 0 ] && [ "$rc" -ne 0 ]; then exit "$stopped"; fi
+exit "$rc"

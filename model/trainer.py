@@ -141,10 +141,16 @@ def setup_logging(log_dir: str, accelerator) -> str:
 # --- signals ----------------------------------------------------------------
 
 class StopSignals:
-    """First SIGINT/SIGTERM: ask for a stop at the next step boundary. Second SIGINT: abort now."""
+    """First SIGINT/SIGTERM: ask for a stop at the next step boundary. A second SIGINT more
+    than REPEAT_S later (a person pressing Ctrl-C again): abort now. Copies that arrive
+    together -- a terminal signals the whole process group and a launcher forwards the same
+    signal to its ranks -- count as one."""
+
+    REPEAT_S = 2.0
 
     def __init__(self):
         self.signum = 0
+        self._first = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -153,16 +159,21 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            os.write(2, b'second SIGINT: aborting without saving (the last complete state is kept)\n')
-            os._exit(130)
-        self.signum = self.signum or signum
+        if self.signum:
+            if signum == signal.SIGINT and time.monotonic() - self._first > self.REPEAT_S:
+                os.write(2, b'second SIGINT: aborting without saving (the last complete state is kept)\n')
+                os._exit(130)
+            return
+        self.signum, self._first = signum, time.monotonic()
         os.write(2, f'{signal.Signals(signum).name}: stopping at the next step boundary and saving '
                     f'(Ctrl-C again aborts at once)\n'.encode())
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
-            signal.signal(s, h)
+            # after a stop the process is on its way out with 128+signal: a launcher's
+            # repeated SIGTERM (torchrun sends one when the first rank exits) must not
+            # turn that exit code into a death by signal
+            signal.signal(s, signal.SIG_IGN if self.signum and s == signal.SIGTERM else h)
         return False
 
 
@@ -596,6 +607,8 @@ class Trainer:
                        self.state.global_step)
         if self.state.global_step > 0 and self._last_save_step != self.state.global_step:
             self.save(data_state=position)
+        logger.warning('rank %d: stopped by %s at step %d after saving; exit code %d', self.rank,
+                       signal.Signals(int(signum)).name, self.state.global_step, 128 + int(signum))
         return 128 + int(signum)
 
     def finish(self) -> None:
