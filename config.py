@@ -33,7 +33,7 @@ class UserError(Exception):
 class TrainConfigPretrainLarge:
     """Pretraining on ~10M prompt/response rows (the guide's defaults)."""
 
-    # --- core (the guide's table, SEED §2) ---
+    # --- core (the guide's parameter table) ---
     epochs: int = 3  # passes over the training file
     batch_size_per_gpu: int = 32  # rows per process per micro-step
     gradient_accumulation_steps: int = 2  # micro-steps per optimizer step
@@ -99,7 +99,7 @@ class T5ModelConfig:
     tie_word_embeddings: bool = True  # True: scale decoder outputs by d_model**-0.5 as T5 did; False: as T5 v1.1 (transformers 5 shares the embedding and output weights either way)
 
 
-# --- presets: data applied to the one schema (SEED §6 plus a CPU demo) -------
+# --- presets: data applied to the one schema (the guide's templates, plus a CPU demo) --
 
 PRESETS: dict[str, dict[str, Any]] = {
     '1m': {'epochs': 5, 'save_steps': 2000},

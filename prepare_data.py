@@ -1,4 +1,4 @@
-"""Prepare prompt/response Parquet for pretraining (the logic lives in model/data_prep.py).
+"""Prepare prompt/response Parquet for pretraining (the logic lives in model/prep_*.py).
 
 Examples:
     # CSV / JSON (a list of objects) / JSONL / Parquet -> Parquet, renaming the columns
@@ -40,7 +40,7 @@ from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, Spl
 
 def convert(*args, **flags):
     """Convert CSV / JSON (a list of objects) / JSONL / Parquet into prompt/response Parquet."""
-    from model.data_prep import convert_to_parquet
+    from model.prep_ops import convert_to_parquet
 
     o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
     rows = convert_to_parquet(o.input, o.output, o.prompt_col, o.response_col, o.format or None)
@@ -49,7 +49,7 @@ def convert(*args, **flags):
 
 def clean(*args, **flags):
     """Drop null, empty/whitespace-only, over-long and duplicate rows (prints counts per reason)."""
-    from model.data_prep import clean_parquet
+    from model.prep_ops import clean_parquet
 
     o = parse_options(CleanOptions, 'clean', args, flags, ('input', 'output'))
     counts = clean_parquet(o.input, o.output, o.max_chars, o.dedup)
@@ -61,7 +61,7 @@ def clean(*args, **flags):
 def split(*args, **flags):
     """Split rows into a train and a validation file (sklearn's shuffled split up to
     max_in_memory_rows, a seeded streaming split beyond)."""
-    from model.data_prep import split_parquet
+    from model.prep_ops import split_parquet
 
     o = parse_options(SplitOptions, 'split', args, flags, ('input',), ('train_out', 'valid_out'))
     result = split_parquet(o.input, o.train_out, o.valid_out, o.valid_ratio, o.seed, o.max_in_memory_rows)
@@ -72,7 +72,7 @@ def split(*args, **flags):
 
 def check(*args, **flags):
     """Quality report: shape, columns, head, nulls, blanks, duplicates, lengths (and tokens)."""
-    from model.data_prep import build_report, format_report
+    from model.prep_ops import build_report, format_report
 
     o = parse_options(CheckOptions, 'check', args, flags, ('input',))
     if o.max_seq_len < 2:
@@ -82,7 +82,7 @@ def check(*args, **flags):
 
 def demo(*args, **flags):
     """Write the built-in Chinese demo corpus (train.parquet, valid.parquet; default data/demo/)."""
-    from model.data_prep import write_demo
+    from model.demo_corpus import write_demo
 
     o = parse_options(DemoOptions, 'demo', args, flags, ())
     for path, count in write_demo(o.out_dir, o.rows, o.seed).items():

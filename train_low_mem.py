@@ -62,7 +62,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool) -> int:
     for name in ('train_file', 'validation_file', 'tokenizer_dir', 'model_file', 'train_state_dir',
                  'output_dir', 'log_dir'):
         print(f'  path.{name}={getattr(t, name)}')
-    from model.checkpoint import latest_state
+    from model.state_files import latest_state
 
     print(f'  path.latest_state={latest_state(t.train_state_dir) or "none"}')
     world = int(os.environ.get('WORLD_SIZE', os.environ.get('NUM_GPUS', '1')) or 1)
@@ -112,7 +112,7 @@ def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
 def parse_prompts(prompts) -> list[str]:
     """--prompts as Fire hands it over: a list, a JSON list in a string, or one prompt."""
     if prompts in (None, ''):
-        from model.data_prep import demo_prompts
+        from model.demo_corpus import demo_prompts
 
         return demo_prompts()
     if isinstance(prompts, str) and prompts.lstrip().startswith('['):

@@ -9,8 +9,9 @@ groups of 65536 (synthetic text if it is absent), cached in bench/out/ with a to
 peak RSS (VmHWM of that process; ru_maxrss of its largest DataLoader worker, reported apart)
 is its own.
 
-  streaming   model.dataset.StreamingLoader, the 10m preset's data settings (batch 32,
-              max_seq_len 192, window 65536, length grouping over 64 batches)
+  streaming   model.loader.StreamingLoader, the 10m preset's data settings (batch 32,
+              max_seq_len 192, window 65536, length grouping over 64 batches), with 0, 2 and 4
+              DataLoader workers (--workers)
   naive       pq.read_table of the whole file, a map-style Dataset slicing one row to Python
               per __getitem__, DataLoader(shuffle=True) with a collate_fn calling the HF tokenizer
   read only   the streaming reader's Arrow -> Python work per batch, no tokenizing
@@ -18,8 +19,9 @@ is its own.
 rows/s counts rows from the first batch on; e2e rows/s also counts setup (tokenizer load,
 loader construction or read_table; the torch/transformers imports excluded for both);
 rows/cpu-s divides by the CPU time of the process and its workers, a figure that other load
-on the machine disturbs less. Tokenizers use their default threads (2 sentencepiece threads
-here, the Rust tokenizer's rayon pool) unless a row says "1 thread" (TOKENIZERS_PARALLELISM=false).
+on the machine disturbs less. The Rust tokenizer uses its rayon thread pool (one thread per
+core) in the main process, one thread per worker, and one thread in the "1 thread" row
+(TOKENIZERS_PARALLELISM=false).
 """
 
 from __future__ import annotations
@@ -109,15 +111,13 @@ def peak_rss_mb() -> tuple[float, float]:
 
 
 def run_streaming(cfg, t_start):
-    from model.dataset import StreamingLoader
+    from model.loader import StreamingLoader
     from model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg['tokenizer'])
     loader = StreamingLoader(cfg['file'], tok, MAX_LEN, BATCH, shuffle=True, seed=1, shuffle_window_rows=65536,
-                             group_by_length=True, length_group_batches=64, num_workers=cfg.get('workers', 0),
-                             tokenizer_backend=cfg.get('backend', 'auto'))
-    return consume(loader, cfg, t_start, lambda b: b['num_rows'] + b['num_skipped'],
-                   backend=loader.dataset.encoder.backend)
+                             group_by_length=True, length_group_batches=64, num_workers=cfg.get('workers', 0))
+    return consume(loader, cfg, t_start, lambda b: b['num_rows'] + b['num_skipped'], backend='rust')
 
 
 def run_naive(cfg, t_start):
@@ -154,18 +154,18 @@ def run_naive(cfg, t_start):
 
 def run_read_only(cfg, t_start):
     """The streaming reader's share: plan, window reads, per-batch take -> Python strings."""
-    from model.dataset import StreamingLoader, _FlatOrder, _Pass, _WindowReader
+    from model.epoch_order import FlatOrder
+    from model.loader import EpochPass, StreamingLoader
     from model.tokenizer import load_tokenizer
+    from model.window_reader import WindowReader
 
     tok = load_tokenizer(cfg['tokenizer'])
     loader = StreamingLoader(cfg['file'], tok, MAX_LEN, BATCH, group_by_length=True, length_group_batches=64)
     ds = loader.dataset
-    p = _Pass(0, loader.order, 0, loader.rows_per_epoch(), 0, 1, BATCH)
+    p = EpochPass(0, loader.order, 0, loader.rows_per_epoch(), 0, 1, BATCH)
     plan = ds.plan(p.epoch, p.order)
-    reader = _WindowReader(ds.files, plan)
-    flat = _FlatOrder(plan, reader)
-
-    binary = ds.encoder.backend == 'sentencepiece'
+    reader = WindowReader(ds.files, plan)
+    flat = FlatOrder(plan, reader.lengths)
     load_s = [0.0]
     load = reader._load
 
@@ -181,7 +181,7 @@ def run_read_only(cfg, t_start):
     def batches():
         for _, s, e in ds.local_batches(p):
             reader.release_below(flat.low_water(s))
-            prompts, _, _, skipped = reader.take(flat.positions(s, e), binary)
+            prompts, _, _, skipped = reader.take(flat.positions(s, e))
             yield len(prompts) + skipped
 
     result = consume(batches(), cfg, t_start, lambda n: n, backend='-')
@@ -248,8 +248,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--rows', default='1000000,4000000', help='comma-separated row counts')
     ap.add_argument('--budget_s', type=float, default=30.0, help='seconds of batches per configuration')
-    ap.add_argument('--extras', default='true', help='also: hf tokenizer, 2 workers, read only, '
-                    'one huge row group (at the smallest N)')
+    ap.add_argument('--workers', default='0,2,4', help='DataLoader workers per configuration (at the smallest N)')
+    ap.add_argument('--extras', default='true', help='also: 1 thread, read only, one huge row group '
+                    '(at the smallest N)')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -264,10 +265,11 @@ def main() -> None:
         f = build_file(n)
         base = {'file': f, 'tokenizer': tok_dir, 'budget_s': args.budget_s, 'rows_total': n}
         configs.append(('streaming', n, {**base, 'kind': 'streaming'}))
+        if i == 0:
+            for w in (int(x) for x in args.workers.split(',') if int(x)):
+                configs.append((f'streaming, {w} workers', n, {**base, 'kind': 'streaming', 'workers': w}))
         if i == 0 and args.extras.lower() in ('1', 'true', 'yes'):
             configs.append(('streaming, 1 thread', n, {**base, 'kind': 'streaming', 'one_thread': True}))
-            configs.append(('streaming, hf tokenizer', n, {**base, 'kind': 'streaming', 'backend': 'hf'}))
-            configs.append(('streaming, 2 workers', n, {**base, 'kind': 'streaming', 'workers': 2}))
             configs.append(('streaming, 1 row group', n, {**base, 'kind': 'streaming', 'file': build_file(n, n)}))
             configs.append(('read only', n, {**base, 'kind': 'read only', 'one_thread': True}))
         configs.append(('naive', n, {**base, 'kind': 'naive'}))

@@ -85,8 +85,7 @@ def check_model_folder(folder: str, explicit: bool) -> bool:
     kind = ownership.folder_kind(folder)
     parent_kind = ownership.folder_kind(os.path.dirname(os.path.abspath(folder).rstrip(os.sep)))
     where = 'output_dir/best or output_dir/final'
-    if kind == ownership.STATE_DIR or parent_kind == ownership.STATE_DIR or \
-            os.path.isfile(os.path.join(folder, 'complete.json')):
+    if kind in (ownership.STATE_DIR, ownership.STATE) or parent_kind == ownership.STATE_DIR:
         raise UserError(f'{folder} is a training state (for --is_keep_training), not a model folder; '
                         f'give a model folder such as {where}')
     if kind == ownership.TOKENIZER:

@@ -1,405 +1,140 @@
-"""Atomic training states, weights files and model folders; resume from the newest that loads.
-
-Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``)::
-
-    state-000005000/            one complete state per folder (newest wins)
-        complete.json           written last, with every file's size: a folder without it,
-                                or whose files do not match it, is not a state
-        model.pt optimizer.pt scheduler.pt [scaler.pt]
-        train_state.json data_state.json config.json fingerprint.json run.json
-        rng_rank0.pt rng_rank1.pt ...
-        tokenizer/              the run's tokenizer, so a retrained one never strands a state
-    .tmp-state-000006000/       a save in progress (removed when found stale)
-
-The previous state stays until the new one is complete, so a crash, a kill or a full disk
-during a save loses nothing that was already saved; a resume falls back past a damaged
-newest state to the previous complete one. Every rank must see the same filesystem.
-"""
+"""What a run's state holds, and saving and loading it on every rank (model/state_files.py
+holds the files' mechanics: atomic folders, manifests, markers, weights files)."""
 
 from __future__ import annotations
 
-import glob
-import json
+import dataclasses
 import logging
+import math
 import os
-import random
-import re
-import shutil
-from typing import Any, Callable
-
-from config import UserError
-from model import ownership
-from model.faults import fault_point
-from model.ownership import MODEL, STATE_DIR, WEIGHTS
-
-# torch and numpy are imported inside the functions that need them, so that
-# `train --dry_run=True` (which inspects the saved states) stays fast.
-
-logger = logging.getLogger(__name__)
-
-MARKER = 'complete.json'
-TOKENIZER_COPY = 'tokenizer'
-_STATE_RE = re.compile(r'^state-(\d+)$')
-
-
-def state_name(step: int) -> str:
-    return f'state-{step:09d}'
-
-
-def list_complete_states(state_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every state folder with a completion marker, oldest first."""
-    out = []
-    if not os.path.isdir(state_dir):
-        return out
-    for name in os.listdir(state_dir):
-        m = _STATE_RE.match(name)
-        path = os.path.join(state_dir, name)
-        if m and os.path.isfile(os.path.join(path, MARKER)):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
-
-
-def state_problem(path: str) -> str | None:
-    """Why a state folder cannot be loaded (missing or truncated files), or None."""
-    try:
-        manifest = read_json(os.path.join(path, MARKER)).get('files')
-    except (OSError, ValueError, AttributeError) as e:
-        return f'unreadable {MARKER} ({e})'
-    if not isinstance(manifest, dict):
-        return f'{MARKER} lists no files'
-    for name, size in manifest.items():
-        p = os.path.join(path, name)
-        if not os.path.isfile(p):
-            return f'{name} is missing'
-        if os.path.getsize(p) != size:
-            return f'{name} has {os.path.getsize(p)} bytes, {size} were saved'
-    return None
-
-
-def latest_state(state_dir: str) -> str | None:
-    """The newest state whose files match its manifest."""
-    for _, path in reversed(list_complete_states(state_dir)):
-        if state_problem(path) is None:
-            return path
-    return None
-
-
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def write_json(path: str, obj) -> None:
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, default=str)
-
-
-def read_json(path: str):
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
-
-
-def ensure_state_dir(state_dir: str) -> None:
-    """Create (or adopt an empty) train_state_dir and mark it as the toolkit's."""
-    ownership.check_replaceable(state_dir, STATE_DIR, 'train_state_dir', folder=True)
-    os.makedirs(state_dir, exist_ok=True)
-    if ownership.folder_kind(state_dir) != STATE_DIR:
-        ownership.write_marker(state_dir, STATE_DIR)
-
-
-def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, all_ok: Callable[[bool], bool],
-               tensors: dict[str, Any], jsons: dict[str, Any], save_tokenizer: Callable[[str], None],
-               keep: int = 2) -> str:
-    """Collective: every rank calls it. Main writes the shared parts, each rank its RNG.
-
-    ``tensors`` go to ``<name>.pt``, ``jsons`` to ``<name>.json`` (main only). ``all_ok`` is
-    a collective vote (True when every rank's part was written), so a rank whose write failed
-    -- a full disk -- never leaves the others waiting. Returns the final folder.
-    """
-    import torch
-
-    tmp = os.path.join(state_dir, '.tmp-' + state_name(step))
-    final = os.path.join(state_dir, state_name(step))
-    error: BaseException | None = None
-    try:
-        if is_main:
-            ensure_state_dir(state_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-    except Exception as e:  # noqa: BLE001 - reported after the vote
-        error = e
-    if not all_ok(error is None):
-        raise _save_error(error, state_dir, tmp, is_main)
-    try:
-        torch.save(rng_state(), os.path.join(tmp, f'rng_rank{rank}.pt'))
-        if is_main:
-            for name, obj in tensors.items():
-                torch.save(obj, os.path.join(tmp, f'{name}.pt'))
-                fault_point('state-save', step)
-            for name, obj in jsons.items():
-                write_json(os.path.join(tmp, f'{name}.json'), obj)
-            save_tokenizer(os.path.join(tmp, TOKENIZER_COPY))
-    except Exception as e:  # noqa: BLE001
-        error = e
-    if not all_ok(error is None):
-        raise _save_error(error, state_dir, tmp, is_main)
-    try:
-        if is_main:
-            files = {}
-            for root, _, names in os.walk(tmp):
-                for name in names:  # data on disk before the marker says complete
-                    p = os.path.join(root, name)
-                    _fsync_file(p)
-                    files[os.path.relpath(p, tmp)] = os.path.getsize(p)
-            write_json(os.path.join(tmp, MARKER), {'step': step, 'files': files})
-            ownership.fsync_dir(tmp)
-            replaced = None
-            if os.path.isdir(final):  # same step saved again: swap, never a moment without it
-                replaced = final + '.replaced'
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.replace(final, replaced)
-            os.replace(tmp, final)
-            if replaced:
-                shutil.rmtree(replaced, ignore_errors=True)
-            ownership.fsync_dir(state_dir)
-            for _, old in list_complete_states(state_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in glob.glob(os.path.join(state_dir, '.tmp-state-*')):
-                shutil.rmtree(stale, ignore_errors=True)
-    except Exception as e:  # noqa: BLE001
-        error = e
-    if not all_ok(error is None):
-        raise _save_error(error, state_dir, tmp, is_main)
-    return final
-
-
-def _save_error(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    previous = latest_state(state_dir)
-    kept = f'; the previous state {previous} is intact' if previous else '; no earlier state was saved'
-    if error is None:
-        return UserError(f'another process failed while saving the state in {state_dir}{kept}')
-    if ownership.is_disk_full(error):
-        return UserError(f'disk full while saving the training state in {state_dir}{kept} and nothing '
-                         f'half-written was left. Free space, then resume with --is_keep_training=True')
-    return error
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, 'rb') as f:
-        os.fsync(f.fileno())
-
-
-def load_state(state_dir: str, rank: int) -> dict[str, Any]:
-    """The newest state that loads: its json parts, tensor parts (on CPU) and this rank's RNG.
-
-    A damaged state (files missing or truncated, or failing to load) is reported and the
-    previous complete one is tried; none left is a UserError.
-    """
-    import torch
-
-    states = list_complete_states(state_dir)
-    if not states:
-        raise UserError(f'--is_keep_training=True but no complete saved state in {state_dir}; '
-                        f'start without --is_keep_training (or check --train_state_dir)')
-    damaged = []
-    for _, path in reversed(states):
-        problem = state_problem(path)
-        if problem is None:
-            try:
-                out: dict[str, Any] = {'path': path, 'damaged': damaged}
-                for f in os.listdir(path):
-                    name, ext = os.path.splitext(f)
-                    if ext == '.json' and f != MARKER:
-                        out[name] = read_json(os.path.join(path, f))
-                for name in ('model', 'optimizer', 'scheduler', 'scaler'):
-                    p = os.path.join(path, f'{name}.pt')
-                    if os.path.isfile(p):
-                        out[name] = torch.load(p, map_location='cpu', weights_only=False)
-                rng = os.path.join(path, f'rng_rank{rank}.pt')
-                out['rng_exact'] = os.path.isfile(rng)
-                if not out['rng_exact']:  # resumed on more ranks than saved: borrow rank 0's
-                    rng = os.path.join(path, 'rng_rank0.pt')
-                out['rng'] = torch.load(rng, map_location='cpu', weights_only=False)
-                return out
-            except Exception as e:  # noqa: BLE001 - a damaged file of any kind
-                problem = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-        damaged.append((path, problem))
-        logger.warning('state %s is damaged (%s); trying the previous one', path, problem)
-    raise UserError(f'every saved state in {state_dir} is damaged ({damaged[0][1]} in {damaged[0][0]}); '
-                    f'start a new run without --is_keep_training')
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def save_weights_file(model, path: str, **info) -> None:
-    """The model's weights as safetensors (tied weights once), marked as the toolkit's."""
-    from safetensors.torch import save_model
-
-    ownership.check_replaceable(path, WEIGHTS, 'model_file', folder=False)
-    ownership.atomic_write_file(
-        path, lambda tmp: save_model(model, tmp, metadata=ownership.weights_metadata(**info)), 'model weights')
-
-
-def load_weights_file(path: str) -> dict:
-    """A state dict from a weights file: safetensors, or a torch file of plain tensors only
-    (``weights_only=True``: loading never runs code from the file)."""
-    import torch
-
-    with open(path, 'rb') as f:
-        head = f.read(4)
-    try:
-        if head[:2] == b'PK' or head[:1] == b'\x80':
-            try:
-                return torch.load(path, map_location='cpu', weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                if 'weights_only' in str(e) or 'Unsupported global' in str(e):
-                    raise UserError(f'{path}: this torch file holds more than tensors, and loading it '
-                                    f'could run code from it; it is not loaded') from None
-                raise
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f'{path}: not a readable weights file ({type(e).__name__}: '
-                        f'{str(e).splitlines()[0] if str(e) else "damaged"})') from None
-
-
-def save_model_folder(model, tokenizer, target: str, **info) -> None:
-    """A Hugging Face folder (model, tokenizer, marker) swapped in atomically."""
-    with ownership.building_folder(target, MODEL, 'output_dir') as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        ownership.write_marker(tmp, MODEL, **info)
-
-
-def model_file_pattern(model_file: str, tags: str = r'\d+') -> re.Pattern:
-    return re.compile('^' + re.escape(os.path.basename(model_file)).replace(r'\{\}', f'({tags})') + '$')
-
-
-def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, str]]:
-    """(tag, path) of the files of the model_file pattern that the toolkit wrote."""
-    folder = os.path.dirname(model_file) or '.'
-    pattern = model_file_pattern(model_file, tags)
-    found = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        m = pattern.match(name)
-        if m and ownership.file_kind(os.path.join(folder, name)) == WEIGHTS:
-            found.append((m.group(1), os.path.join(folder, name)))
-    return found
-
-
-def foreign_model_files(model_file: str) -> list[str]:
-    """Files of the model_file pattern (steps or best) that the toolkit did not write."""
-    folder = os.path.dirname(model_file) or '.'
-    pattern = model_file_pattern(model_file, r'\d+|best')
-    if not os.path.isdir(folder):
-        return []
-    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-            if pattern.match(n) and ownership.kind_of(os.path.join(folder, n)) != WEIGHTS]
-
-
-def prune_model_files(model_file: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` step files the toolkit wrote; 'best' stays."""
-    steps = sorted((int(tag), path) for tag, path in owned_model_files(model_file))
-    removed = [p for _, p in steps[:-keep]] if keep > 0 else []
-    for p in removed:
-        ownership.remove_owned(p, WEIGHTS)
-    return removed
-
-
-# --------------------------------------------------------------------------- previous runs
-
-
-def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: str) -> list[str]:
-    """What an earlier run of the toolkit left at these paths: only things it marked."""
-    found = []
-    if ownership.folder_kind(train_state_dir) == STATE_DIR and any(
-            _STATE_RE.match(n) or n.startswith('.tmp-state-') for n in os.listdir(train_state_dir)):
-        found.append(train_state_dir)
-    found += [p for _, p in owned_model_files(model_file, r'\d+|best')]
-    found += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
-              if ownership.folder_kind(p) == MODEL]
-    return found
-
-
-def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str, stamp: str) -> str | None:
-    """Move an earlier run's artifacts under output_dir/previous_runs/<stamp>/ instead of
-    overwriting them: a fresh run never destroys what was saved. Returns the archive folder."""
-    items = previous_run_artifacts(train_state_dir, model_file, output_dir)
-    if not items:
-        return None
-    archive = os.path.join(output_dir, 'previous_runs', stamp)
-    suffix = 1
-    while os.path.exists(archive):
-        archive = os.path.join(output_dir, 'previous_runs', f'{stamp}-{suffix}')
-        suffix += 1
-    os.makedirs(archive)
-    for item in items:
-        dest = os.path.join(archive, os.path.basename(os.path.normpath(item)))
-        if item == train_state_dir:
-            # the folder itself may be in use (its lock); move its contents, keep the folder
-            os.makedirs(dest)
-            for name in os.listdir(item):
-                if _STATE_RE.match(name) or name.startswith('.tmp-state-'):
-                    shutil.move(os.path.join(item, name), os.path.join(dest, name))
-            ownership.write_marker(dest, STATE_DIR)
-        else:
-            shutil.move(item, dest)
-    return archive
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def data_fingerprint(files: list[str]) -> list[dict]:
-    """Names, sizes and row counts of the training files (metadata only, not a content hash)."""
-    from model.files import inspect_parquet
-
-    return [{'name': os.path.basename(f), 'bytes': os.path.getsize(f),
-             'rows': inspect_parquet(f).num_rows} for f in files]
-
-
-def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool,
-                         state_path: str = '') -> list[str]:
-    """Raise on a changed tokenizer or model shape; on changed data unless allowed. Returns notes."""
-    if saved.get('tokenizer') != current['tokenizer']:
-        copy = os.path.join(state_path, TOKENIZER_COPY) if state_path else ''
-        fix = (f'resume with the run\'s own copy: --tokenizer_dir={copy}' if copy and os.path.isdir(copy)
-               else 'resume with the tokenizer it was trained with')
-        raise UserError(f'the tokenizer in tokenizer_dir is not the one this run was trained with '
-                        f'(retrained or replaced since the save); {fix}')
-    if saved.get('model_shape') != current['model_shape']:
-        diff = {k: (saved.get('model_shape', {}).get(k), v) for k, v in current['model_shape'].items()
-                if saved.get('model_shape', {}).get(k) != v}
-        desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
-        raise UserError(f'the saved state has a different model shape ({desc}); resume with the '
-                        f'same shape, or start a new run in another --train_state_dir')
-    notes = []
-    if saved.get('data') != current['data']:
-        msg = (f'the training data changed since the save (saved {saved.get("data")}, '
-               f'now {current["data"]})')
-        if not allow_data_change:
-            raise UserError(msg + '; pass --allow_data_change=True to continue on the new data anyway')
-        notes.append(msg + '; continuing as --allow_data_change=True asks')
-    return notes
+import time
+from dataclasses import dataclass
+
+from model import state_files
+from model.tokenizer import save_tokenizer_copy
+
+logger = logging.getLogger('chat_trainer')
+
+
+@dataclass
+class TrainState:
+    """Run state (never written onto the config); saved with every checkpoint."""
+
+    global_step: int = 0  # optimizer steps done
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    samples_seen: int = 0  # real rows trained on, all ranks
+    tokens_seen: int = 0  # label tokens trained on, all ranks
+    last_eval_step: int = -1
+
+
+class Checkpointer:
+    """Saves and loads the parts of a run: model, optimizer, schedule, grad scaler, RNG of every
+    rank, data position, run state, config, fingerprints, tokenizer; and exports weights."""
+
+    def __init__(self, cfg, accelerator, collectives, model, optimizer, scheduler, train_loader, tokenizer,
+                 fingerprint: dict):
+        self.cfg, self.train_cfg = cfg, cfg.train
+        self.accelerator, self.collectives = accelerator, collectives
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_loader, self.tokenizer, self.fingerprint = train_loader, tokenizer, fingerprint
+        self.last_saved_step = -1
+
+    # --- saving ---
+
+    def save_all_ranks(self, state: TrainState, data_state: dict | None = None) -> str:
+        """The full state, then the step's weights file and keep-N pruning."""
+        t, step = self.train_cfg, state.global_step
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                   'scheduler': self.scheduler.state_dict()}
+        if self.accelerator.scaler is not None:
+            tensors['scaler'] = self.accelerator.scaler.state_dict()
+        jsons = {'train_state': dataclasses.asdict(state),
+                 'data_state': data_state or self.train_loader.state_dict(),
+                 'config': self.cfg.to_dict(), 'fingerprint': self.fingerprint,
+                 'run': {'world_size': self.collectives.world, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
+        path = state_files.save_state(
+            t.train_state_dir, step, is_main=self.collectives.is_main, rank=self.accelerator.process_index,
+            all_ok=self.collectives.ok_all_ranks, tensors=tensors, jsons=jsons,
+            save_tokenizer=lambda folder: save_tokenizer_copy(self.tokenizer, folder))
+        self.last_saved_step = step
+
+        def step_file():
+            self._save_weights(step, step)
+            state_files.prune_model_files(t.model_file, t.keep_latest_n_ckp)
+
+        self.collectives.on_main_all_ranks(step_file)
+        logger.info('saved state at step %d -> %s', step, path)
+        return path
+
+    def save_best_all_ranks(self, step: int) -> None:
+        """model_file.format('best') and the Hugging Face folder output_dir/best."""
+        self.collectives.on_main_all_ranks(lambda: (self._save_weights('best', step),
+                                                    self._save_folder('best', step)))
+
+    def save_final_all_ranks(self, step: int) -> None:
+        self.collectives.on_main_all_ranks(lambda: self._save_folder('final', step))
+
+    def _save_weights(self, tag, step: int) -> None:
+        state_files.save_weights_file(self.accelerator.unwrap_model(self.model),
+                                      self.train_cfg.model_file.format(tag), step=step, tag=tag)
+
+    def _save_folder(self, name: str, step: int) -> None:
+        state_files.save_model_folder(self.accelerator.unwrap_model(self.model), self.tokenizer,
+                                      os.path.join(self.train_cfg.output_dir, name), tag=name, step=step,
+                                      max_seq_len=self.train_cfg.max_seq_len)
+
+    def archive_previous_run_all_ranks(self, stamp: str) -> None:
+        t = self.train_cfg
+        archive = self.collectives.on_main_all_ranks(
+            lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
+        if archive:
+            logger.warning('a previous run left a state or models here; moved them to %s (nothing is '
+                           'deleted). To continue that run instead, pass --is_keep_training=True', archive)
+
+    # --- loading ---
+
+    def load(self) -> TrainState:
+        """The newest state that loads, into every part; returns the run state."""
+        t = self.train_cfg
+        saved = state_files.load_state(t.train_state_dir, self.accelerator.process_index)
+        for note in state_files.compare_fingerprints(saved['fingerprint'], self.fingerprint,
+                                                     t.allow_data_change, saved['path']):
+            logger.warning(note)
+        self.accelerator.unwrap_model(self.model).load_state_dict(saved['model'])
+        self.optimizer.load_state_dict(saved['optimizer'])
+        self.scheduler.load_state_dict(saved['scheduler'])
+        self._apply_changed_hyperparameters(saved['config']['train'])
+        if 'scaler' in saved and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved['scaler'])
+        state = TrainState(**saved['train_state'])
+        self.last_saved_step = state.global_step
+        self.train_loader.load_state_dict(saved['data_state'])
+        state_files.set_rng_state(saved['rng'])
+        if saved['run'].get('world_size') != self.collectives.world:
+            logger.warning('resuming on %d process(es), saved on %s: the data position is kept exactly '
+                           '(no row repeated or skipped), dropout RNG streams restart from rank 0\'s',
+                           self.collectives.world, saved['run'].get('world_size'))
+        logger.info('resumed from %s: step %d, epoch %d, %d rows into the epoch', saved['path'],
+                    state.global_step, saved['data_state'].get('epoch', 0),
+                    saved['data_state'].get('rows_consumed', 0))
+        return state
+
+    def _apply_changed_hyperparameters(self, saved: dict) -> None:
+        """The loaded optimizer and schedule carry the saved learning rate and weight decay; this
+        run's values win (the schedule's shape comes from this run's config already). Every
+        changed field is logged: none is silently ignored."""
+        t = self.train_cfg
+        for group in self.optimizer.param_groups:
+            group['initial_lr'] = t.learn_rate
+            group['weight_decay'] = t.weight_decay
+        self.scheduler.base_lrs = [t.learn_rate] * len(self.optimizer.param_groups)
+        step = self.scheduler.last_epoch
+        for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group['lr'] = base * f(step)
+        self.scheduler._last_lr = [g['lr'] for g in self.optimizer.param_groups]
+        changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in dataclasses.asdict(t).items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            logger.warning('changed since the save, applied from step %d on: %s', step, '; '.join(changed))

@@ -26,7 +26,7 @@ import socket
 import struct
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 from config import UserError
 
@@ -35,8 +35,8 @@ MARKER_KEY = 'chat_small_t5'
 LOCK_FILE = '.chat_small_t5.lock'
 
 # kinds of things the toolkit makes
-TOKENIZER, MODEL, STATE_DIR, WEIGHTS, DATA, ARCHIVE = (
-    'tokenizer', 'model', 'train-state', 'weights', 'prepared-data', 'previous-runs')
+TOKENIZER, MODEL, STATE_DIR, STATE, WEIGHTS, DATA = (
+    'tokenizer', 'model', 'train-state', 'state', 'weights', 'prepared-data')
 
 
 # --------------------------------------------------------------------------- markers
@@ -235,13 +235,17 @@ def temp_path(target: str) -> str:
     return os.path.join(folder, f'.{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp')
 
 
-def atomic_write_file(path: str, write: Callable[[str], None], what: str) -> None:
-    """write(tmp) then rename onto path: a reader sees the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_file(path: str, kinds: str | tuple[str, ...], what: str) -> Iterator[str]:
+    """A temporary path beside ``path`` to write; on success it is synced and renamed onto
+    path (a reader sees the old file or the whole new one), on failure removed. An existing
+    path must be the toolkit's own file of these kinds."""
+    check_replaceable(path, kinds, what, folder=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = temp_path(path)
     try:
         with disk_errors(what, path):
-            write(tmp)
+            yield tmp
             with open(tmp, 'rb') as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from config import ResolvedConfig, UserError
-from model import checkpoint as ckpt
+from model import state_files as ckpt
 from model import ownership
 from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
 from model.ownership import MODEL, STATE_DIR

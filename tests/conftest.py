@@ -123,7 +123,7 @@ def state_folders(state_dir) -> list[str]:
 
 
 def weights(path) -> dict:
-    from model.checkpoint import load_weights_file
+    from model.state_files import load_weights_file
 
     return load_weights_file(str(path))
 

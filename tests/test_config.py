@@ -10,7 +10,7 @@ import config
 from config import (PRESETS, T5ModelConfig, TrainConfigPretrainLarge, UserError, coerce,
                     resolve_config)
 
-GUIDE_DEFAULTS = {  # SEED_en.md §2
+GUIDE_DEFAULTS = {  # the guide's parameter table
     'epochs': 3, 'batch_size_per_gpu': 32, 'gradient_accumulation_steps': 2, 'max_seq_len': 192,
     'learn_rate': 1e-4, 'warmup_steps': 1024, 'save_steps': 5000, 'logging_steps': 100,
 }
@@ -22,7 +22,7 @@ GUIDE_PATHS = {
     'model_file': 'model_save/pretrain_large/chat_small_t5.{}.bin',
     'train_state_dir': 'model_save/pretrain_large/train_latest_state',
 }
-GUIDE_TEMPLATES = {  # SEED_en.md §6: epochs, batch, accumulation, seq len, save_steps
+GUIDE_TEMPLATES = {  # the guide's templates by data size: epochs, batch, accumulation, seq len, save_steps
     '1m': (5, 32, 2, 192, 2000), '5m': (4, 32, 2, 192, 3000),
     '10m': (3, 32, 2, 192, 5000), '50m': (2, 32, 2, 192, 10000),
 }

@@ -48,7 +48,7 @@ def logged_losses_of(log) -> list[int]:
 
 
 def has_state(out) -> bool:
-    return bool(glob.glob(f'{out}/state/state-*/complete.json'))
+    return bool(glob.glob(f'{out}/state/state-*/chat_small_t5.json'))
 
 
 def test_sigkill_at_five_random_points_then_the_resume_is_exact(tmp_path, data, reference):
@@ -153,7 +153,7 @@ def test_a_real_full_disk_anywhere_in_a_save_is_one_line_and_nothing_half_writte
         leftovers = [p for p in glob.glob(f'{out}/**/*', recursive=True) + glob.glob(f'{out}/**/.*', recursive=True)
                      if os.path.basename(p).startswith('.tmp') or p.endswith('.tmp')]
         assert not leftovers, leftovers
-        from model.checkpoint import latest_state, list_complete_states
+        from model.state_files import latest_state, list_complete_states
 
         assert all(latest_state(f'{out}/state') == p for _, p in list_complete_states(f'{out}/state')[-1:])
     finally:

@@ -13,15 +13,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, make_texts, write_parquet
-from model import data_prep
-from model.data_prep import (build_demo_rows, build_report, clean_parquet, convert_to_parquet,
-                             demo_prompts, find_bad_utf8, format_report, split_parquet,
-                             write_demo)
+from config import UserError
+from model import demo_corpus, prep_ops, prep_output, prep_readers
+from model.demo_corpus import build_demo_rows, demo_prompts, write_demo
+from model.prep_ops import build_report, clean_parquet, convert_to_parquet, format_report, split_parquet
+from model.prep_output import OUTPUT_SCHEMA
+from model.prep_readers import find_bad_utf8
+
+
+def set_constant(monkeypatch, name, value):
+    """A module constant, in every data-preparation module that reads it."""
+    name = {'TEXT_CHUNK_BYTES': 'READ_CHUNK_BYTES'}.get(name, name)
+    for module in (prep_output, prep_readers, prep_ops, demo_corpus):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
 
 
 def read_pairs(path) -> list[tuple]:
     table = pq.read_table(path)
-    assert table.schema == data_prep.OUTPUT_SCHEMA
+    assert table.schema == OUTPUT_SCHEMA
     return list(zip(table.column('prompt').to_pylist(), table.column('response').to_pylist()))
 
 
@@ -63,8 +73,8 @@ def test_convert_round_trip_renames_columns(tmp_path, fmt):
 
 
 def test_convert_writes_full_row_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 100)
-    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 64)  # batches straddle row-group borders
+    set_constant(monkeypatch, 'ROW_GROUP_ROWS', 100)
+    set_constant(monkeypatch, 'BATCH_ROWS', 64)  # batches straddle row-group borders
     pairs = make_texts(450, seed=4)
     src = write_source(tmp_path / 'src.jsonl', pairs, 'jsonl')
     out = tmp_path / 'out.parquet'
@@ -75,9 +85,9 @@ def test_convert_writes_full_row_groups(tmp_path, monkeypatch):
 
 
 def test_row_group_writer_flushes_as_it_goes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 100)
-    chunk = data_prep.build_output_table(pa.table({'prompt': ['问'] * 50, 'response': ['答'] * 50}))
-    with data_prep.open_parquet_output(str(tmp_path / 'out.parquet')) as out:
+    set_constant(monkeypatch, 'ROW_GROUP_ROWS', 100)
+    chunk = prep_output.build_output_table(pa.table({'prompt': ['问'] * 50, 'response': ['答'] * 50}))
+    with prep_output.open_parquet_output(str(tmp_path / 'out.parquet')) as out:
         for _ in range(5):
             out.write(chunk)
         assert out.rows_written == 200  # memory holds at most one row group
@@ -85,7 +95,7 @@ def test_row_group_writer_flushes_as_it_goes(tmp_path, monkeypatch):
 
 
 def test_json_list_parser_streams_across_small_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prep, 'TEXT_CHUNK_BYTES', 64)  # every record crosses a read
+    set_constant(monkeypatch, 'TEXT_CHUNK_BYTES', 64)  # every record crosses a read
     pairs = make_texts(50, seed=5)
     pairs[7] = ('长' * 500, '一个比读取块大很多的记录' * 20)  # a record larger than the window
     src = write_source(tmp_path / 'src.json', pairs, 'json')
@@ -95,7 +105,7 @@ def test_json_list_parser_streams_across_small_chunks(tmp_path, monkeypatch):
     lines = [json.dumps({'question': p, 'answer': r}, ensure_ascii=False) for p, r in pairs]
     lines[40] = '{"question": "坏的", "answer" "没有冒号"}'
     (tmp_path / 'bad.json').write_text('[\n' + ',\n'.join(lines) + '\n]', encoding='utf-8')
-    with pytest.raises(data_prep.UserError, match=r'bad\.json: line 42: malformed JSON'):
+    with pytest.raises(UserError, match=r'bad\.json: line 42: malformed JSON'):
         convert_to_parquet(str(tmp_path / 'bad.json'), str(out), 'question', 'answer')
 
 
@@ -118,19 +128,19 @@ def test_jsonl_saved_as_json_and_format_flag(tmp_path):
 
 
 def test_failed_convert_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 10)
-    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 10)  # row groups hit the disk before the error
+    set_constant(monkeypatch, 'BATCH_ROWS', 10)
+    set_constant(monkeypatch, 'ROW_GROUP_ROWS', 10)  # row groups hit the disk before the error
     src = write_source(tmp_path / 'src.jsonl', make_texts(95, seed=7), 'jsonl')
     with open(src, 'a', encoding='utf-8') as f:
         f.write('{"question": "坏", "answer": \n')
     out = tmp_path / 'out.parquet'
-    with pytest.raises(data_prep.UserError, match=r'src\.jsonl: line 96: malformed JSON'):
+    with pytest.raises(UserError, match=r'src\.jsonl: line 96: malformed JSON'):
         convert_to_parquet(src, str(out), 'question', 'answer')
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_find_bad_utf8_counts_lines_across_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prep, 'TEXT_CHUNK_BYTES', 7)  # cuts 3-byte characters in two
+    set_constant(monkeypatch, 'TEXT_CHUNK_BYTES', 7)  # cuts 3-byte characters in two
     path = tmp_path / 'mixed.csv'
     path.write_bytes('prompt,response\n你好,世界\n早上,好\n'.encode() + '中文'.encode('gbk') + b',x\n')
     assert find_bad_utf8(str(path))[0] == 4
@@ -147,8 +157,8 @@ def assert_partition(source, train, valid):
 
 
 def test_split_sklearn_path_sizes_and_partition(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 64)  # rows are gathered from many batches
-    monkeypatch.setattr(data_prep, 'ROW_GROUP_ROWS', 128)
+    set_constant(monkeypatch, 'BATCH_ROWS', 64)  # rows are gathered from many batches
+    set_constant(monkeypatch, 'ROW_GROUP_ROWS', 128)
     pairs = make_texts(1000, seed=8)
     src = write_parquet(tmp_path / 'all.parquet', pairs)
     result = split_parquet(src, str(tmp_path / 't.parquet'), str(tmp_path / 'v.parquet'))
@@ -174,7 +184,7 @@ def test_split_streaming_path_is_seeded_and_batch_independent(tmp_path, monkeypa
     assert 220 <= first.valid_rows <= 380  # binomial(3000, 0.1): sd ~16
     train, valid = read_pairs(tmp_path / 'ta.parquet'), read_pairs(tmp_path / 'va.parquet')
     assert_partition(pairs, train, valid)
-    monkeypatch.setattr(data_prep, 'BATCH_ROWS', 333)
+    set_constant(monkeypatch, 'BATCH_ROWS', 333)
     assert run('b', 42) == first and read_pairs(tmp_path / 'vb.parquet') == valid
     run('c', 7)
     assert read_pairs(tmp_path / 'vc.parquet') != valid
@@ -264,7 +274,7 @@ def test_demo_is_deterministic_with_learnable_answers():
     for prompt, response in train + valid:
         answers[prompt].add(response)
     assert all(len(a) == 1 for a in answers.values())  # the answer is a function of the prompt
-    for prompt, response in data_prep.DEMO_EXAMPLES:
+    for prompt, response in demo_corpus.DEMO_EXAMPLES:
         assert answers.get(prompt, {response}) == {response}
 
 
@@ -359,4 +369,4 @@ def test_cli_happy_path_convert_clean_split_check(tmp_path):
     assert 'train: 360 rows' in outputs[2] and 'valid: 41 rows' in outputs[2]
     assert 'shape: (360, 2)' in outputs[3]
     assert 'convert INPUT OUTPUT' in outputs[4] and '--prompt_col' in outputs[4]
-    assert pq.ParquetFile(tmp_path / 'valid.parquet').schema_arrow == data_prep.OUTPUT_SCHEMA
+    assert pq.ParquetFile(tmp_path / 'valid.parquet').schema_arrow == OUTPUT_SCHEMA

@@ -30,17 +30,23 @@ def test_schedule_step_count():
 
 
 def test_lr_warmup_then_decay():
-    from model.trainer import lr_lambda
+    from config import TrainConfigPretrainLarge
+    from model.trainer import build_scheduler
 
-    f = lr_lambda(10, 110, 'cosine')
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    def schedule(kind, warmup, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return build_scheduler(TrainConfigPretrainLarge(warmup_steps=warmup, lr_schedule=kind), opt,
+                               total).lr_lambdas[0]
+
+    f = schedule('cosine', 10, 110)  # transformers' schedules: linear warmup from 0 to the peak at step 10
+    assert f(0) == 0.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-9)
-    assert lr_lambda(10, 110, 'linear')(60) == pytest.approx(0.5)
-    assert lr_lambda(0, 100, 'constant')(99) == 1.0
+    assert schedule('linear', 10, 110)(60) == pytest.approx(0.5)
+    assert schedule('constant', 0, 100)(99) == 1.0
 
 
 def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
-    from model import trainer
+    from model import run_support as trainer
 
     monkeypatch.setattr(trainer, 'cpu_supports_bf16', lambda: False)
     precision, warning = trainer.resolve_precision('bf16', use_cpu=True)
@@ -54,15 +60,17 @@ def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
 def test_loss_at_init_is_about_ln_vocab(tokenizer):
     from config import T5ModelConfig
     from model.chat_model import build_model
-    from model.trainer import shift_right
-
     torch.manual_seed(0)
     model = build_model(T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1,
                                       num_decoder_layers=1, dropout_rate=0.0), len(tokenizer))
     labels = torch.tensor(tokenizer(['今天天气很好'] * 4)['input_ids'])
     inputs = torch.tensor(tokenizer(['你好，世界'] * 4)['input_ids'])
+    decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    assert (decoder_inputs[:, 0] == 0).all() and torch.equal(decoder_inputs[:, 1:], labels[:, :-1])
+    padded = model.prepare_decoder_input_ids_from_labels(labels=torch.tensor([[5, 6, -100, -100]]))
+    assert padded.tolist() == [[0, 5, 6, 0]]  # the label pad becomes the pad id
     with torch.no_grad():
-        logits = model(input_ids=inputs, decoder_input_ids=shift_right(labels)).logits
+        logits = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     assert abs(loss.item() - math.log(len(tokenizer))) < 0.5
 
@@ -80,7 +88,7 @@ def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
     text = open(logs[0], encoding='utf-8').read()
     assert f'step {total}/{total}' in text
     assert 'validation loss' in text and 'BLEU-4' in text
-    if not __import__('model.trainer', fromlist=['x']).cpu_supports_bf16():
+    if not __import__('model.run_support', fromlist=['x']).cpu_supports_bf16():
         assert 'mixed_precision=bf16 is not supported natively' in text  # fp32 fallback, logged
     assert re.search(r'samples/s \| \d+ tokens/s \| eta', text)
     # keep_latest_n_ckp=2 step files, plus best; HF folders load
@@ -109,7 +117,7 @@ def test_exact_resume_after_sigkill(data, tmp_path):
     proc = subprocess.Popen(train_cmd(tiny_flags(data, cut, **extra)), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not glob.glob(f'{cut}/state/state-*/complete.json'):
+    while not glob.glob(f'{cut}/state/state-*/chat_small_t5.json'):
         assert proc.poll() is None and time.time() < deadline, 'no state was saved'
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -139,7 +147,7 @@ def test_sigterm_saves_and_exits_143_then_resumes(data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, output[-3000:]
-    states = glob.glob(f'{out}/state/state-*/complete.json')
+    states = glob.glob(f'{out}/state/state-*/chat_small_t5.json')
     assert len(states) == 1
     step = int(states[0].split('state-')[1].split('/')[0])
     assert step >= 3 and 'SIGTERM received: saving state' in output
@@ -186,7 +194,7 @@ def test_fresh_run_archives_instead_of_overwriting(data, tmp_path):
     archived = glob.glob(f'{out}/previous_runs/*/chat_small_t5.10.bin')
     assert len(archived) == 1
     assert all(torch.equal(first[k], v) for k, v in weights(archived[0]).items())
-    assert glob.glob(f'{out}/previous_runs/*/state/state-000000010/complete.json')
+    assert glob.glob(f'{out}/previous_runs/*/state/state-000000010/chat_small_t5.json')
     assert state_folders(f'{out}/state') == ['state-000000005']
 
 

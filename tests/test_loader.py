@@ -18,7 +18,8 @@ import torch
 
 from config import UserError
 from conftest import make_texts, write_parquet
-from model.dataset import StreamingLoader, TextEncoder, _power_roots, length_group_order
+from model.epoch_order import length_group_order
+from model.loader import StreamingLoader, TokenEncoder
 
 MAX_LEN = 32
 
@@ -87,18 +88,17 @@ def test_every_row_exactly_once_across_ranks_and_workers(data, tokenizer, which,
 
 def test_batches_hold_the_tokens_of_their_rows(data, tokenizer):
     files, texts = data['folder']
-    for backend in ('auto', 'hf'):
-        for b in make_loader(files, tokenizer, batch_size=8, tokenizer_backend=backend):
-            rows = b['row_index'].tolist()
-            want = tokenizer([texts[i][0] for i in rows], truncation=True, max_length=MAX_LEN,
-                             padding='longest', return_tensors='pt')
-            assert torch.equal(b['input_ids'], want['input_ids'])
-            assert torch.equal(b['attention_mask'], want['attention_mask'].long())
-            labels = tokenizer([texts[i][1] for i in rows], truncation=True, max_length=MAX_LEN,
-                               padding='longest', return_tensors='pt')['input_ids']
-            assert torch.equal(b['labels'], labels.masked_fill(labels == 0, -100))
-            assert b['input_ids'].dtype == b['labels'].dtype == torch.int64
-            assert b['num_rows'] == len(rows) and b['num_skipped'] == 0
+    for b in make_loader(files, tokenizer, batch_size=8):
+        rows = b['row_index'].tolist()
+        want = tokenizer([texts[i][0] for i in rows], truncation=True, max_length=MAX_LEN,
+                         padding='longest', return_tensors='pt')
+        assert torch.equal(b['input_ids'], want['input_ids'])
+        assert torch.equal(b['attention_mask'], want['attention_mask'].long())
+        labels = tokenizer([texts[i][1] for i in rows], truncation=True, max_length=MAX_LEN,
+                           padding='longest', return_tensors='pt')['input_ids']
+        assert torch.equal(b['labels'], labels.masked_fill(labels == 0, -100))
+        assert b['input_ids'].dtype == b['labels'].dtype == torch.int64
+        assert b['num_rows'] == len(rows) and b['num_skipped'] == 0
 
 
 def test_drop_last_gives_full_steps_and_lockstep(data, tokenizer):
@@ -287,11 +287,10 @@ def test_a_new_batch_size_keeps_the_saved_order_until_the_epoch_ends(data, token
 # --------------------------------------------------------------------------- tokens
 
 
-@pytest.mark.parametrize('backend', ['sentencepiece', 'hf'])
-def test_truncation_keeps_eos_and_never_exceeds_max_seq_len(tmp_path, tokenizer, backend):
+def test_truncation_keeps_eos_and_never_exceeds_max_seq_len(tmp_path, tokenizer):
     pairs = make_texts(64, seed=21, min_len=100, max_len=400)
     f = write_parquet(tmp_path / 'long.parquet', pairs)
-    for b in make_loader(f, tokenizer, max_seq_len=16, batch_size=16, tokenizer_backend=backend):
+    for b in make_loader(f, tokenizer, max_seq_len=16, batch_size=16):
         for key, pad in (('input_ids', 0), ('labels', -100)):
             ids = b[key]
             assert ids.shape[1] <= 16
@@ -302,46 +301,11 @@ def test_truncation_keeps_eos_and_never_exceeds_max_seq_len(tmp_path, tokenizer,
         assert torch.equal(b['labels'], want.masked_fill(want == 0, -100))
 
 
-@pytest.fixture(scope='module')
-def runs_tokenizer(tmp_path_factory):
-    """A tokenizer whose vocabulary holds several powers of a few characters."""
-    from model.tokenizer import load_tokenizer, train_tokenizer
-
-    d = tmp_path_factory.mktemp('runs')
-    rng = np.random.default_rng(0)
-    pairs = [(p + 'h' * int(rng.integers(2, 12)), r + 'x' * int(rng.integers(2, 9)) + '哈' * int(rng.integers(2, 8)))
-             for p, r in make_texts(1500, seed=2)]
-    train_tokenizer(write_parquet(d / 'runs.parquet', pairs), str(d / 'tok'), vocab_size=1000, max_rows=5000,
-                    num_threads=2)
-    return load_tokenizer(str(d / 'tok'))
-
-
-def test_sentencepiece_fast_path_gives_the_rust_ids(tokenizer, runs_tokenizer):
-    rng = np.random.default_rng(1)
-    alphabet = list('ab中文，。 \t\n\u3000😀▁<>/s1hx哈') + ['</s>', '<pad>', '  ', 'Python', 'hhhh', 'xxxxx']
-    texts = [a for pair in make_texts(300, seed=6) for a in pair]
-    texts += [''.join(rng.choice(alphabet, size=int(rng.integers(1, 25)))) for _ in range(3000)]
-    texts += [c * n for c in ('h', 'x', '哈', 'ab', '。') for n in range(1, 40)]
-    texts += [' leading', '▁marker', 'ends with </s>', '<unk> first']
-    for tok in (tokenizer, runs_tokenizer):
-        for max_len in (8, 64):
-            fast = TextEncoder(tok, max_len, backend='sentencepiece')
-            assert fast.backend == 'sentencepiece'
-            want = TextEncoder(tok, max_len, backend='hf').encode(texts)
-            assert fast.encode(texts) == want
-            assert fast.encode([t.encode() for t in texts]) == want  # the reader hands over UTF-8
-    # the tie guard is needed: raw sentencepiece splits some run differently
-    fast = TextEncoder(runs_tokenizer, 64, backend='sentencepiece')
-    assert (_power_roots(fast._rust) >= 0).sum() >= 2
-    raw = [ids[:63] + [1] for ids in fast._sp.encode(texts)]
-    assert raw != TextEncoder(runs_tokenizer, 64, backend='hf').encode(texts)
-
-
 def test_encoder_survives_pickling_and_spawned_workers(data, tokenizer):
-    enc = TextEncoder(tokenizer, MAX_LEN)
+    enc = TokenEncoder(tokenizer, MAX_LEN)
     texts = [a for pair in data['one'][1][:50] for a in pair]
     copy = pickle.loads(pickle.dumps(enc))
-    assert copy.backend == enc.backend and copy.encode(texts) == enc.encode(texts)
+    assert copy.encode(texts) == enc.encode(texts)
     files, _ = data['one']
     spawned = make_loader(files, tokenizer, num_workers=1, multiprocessing_context='spawn')
     assert_batches_equal(list(spawned), list(make_loader(files, tokenizer)))

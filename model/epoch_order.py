@@ -1,0 +1,153 @@
+"""The order of an epoch: one flat sequence of rows, the same for any number of ranks or workers.
+
+It depends only on the data files, the seed, the epoch and the :class:`OrderParams`:
+
+* units: the row groups of all files (a row group larger than ``shuffle_window_rows`` is cut
+  into consecutive slices of at most that many rows; the slices of one row group stay
+  adjacent and in file order, so a huge row group is streamed once per epoch);
+* a seeded permutation of the row groups (a numpy Generator from (seed, epoch)) gives the
+  unit order; consecutive units form windows of about ``shuffle_window_rows`` rows; rows are
+  permuted within a window by a Generator from (seed, epoch, window);
+* optional length grouping: within groups of ``length_group_batches x batch_size`` rows of
+  that sequence, rows are sorted by characters (stable, seeded tie-break), cut into blocks
+  of ``batch_size`` rows and the blocks shuffled (the last partial block stays last).
+
+Global batch i is rows ``[i*G, (i+1)*G)`` with ``G = batch_size * world_size``; rank r takes
+``[i*G + r*batch_size, i*G + (r+1)*batch_size)`` (see model/loader.py). Metadata only here:
+no row is read, except the lengths a length group sorts by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# seed-stream tags, so the generators of different decisions never coincide
+_TAG_UNITS, _TAG_WINDOW, _TAG_GROUP = 1, 2, 3
+
+
+def order_rng(seed: int, epoch: int, tag: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([tag, seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, index])
+
+
+@dataclass(frozen=True)
+class OrderParams:
+    """Everything the flat row sequence of an epoch depends on (besides the files)."""
+
+    seed: int
+    shuffle: bool
+    shuffle_window_rows: int
+    group_by_length: bool
+    length_group_batches: int
+    batch_size: int  # block size of length grouping (rows per rank per batch)
+
+    @property
+    def group_rows(self) -> int:
+        return self.length_group_batches * self.batch_size
+
+
+@dataclass(frozen=True)
+class RowGroupSlice:
+    file: int  # index into the file list
+    row_group: int
+    start: int  # first row inside the row group
+    rows: int
+    first_row: int  # global row index of `start` (files concatenated in list order)
+    whole: bool  # the unit is the entire row group
+
+
+class EpochPlan:
+    """Units, windows and window permutations of one epoch; metadata only, no reads."""
+
+    def __init__(self, row_groups: list[tuple[int, int, int, int]], order: OrderParams, epoch: int,
+                 num_rows: int):
+        """row_groups: (file, row_group, rows, global first row) in file order."""
+        self.order, self.epoch, self.num_rows = order, epoch, num_rows
+        w = order.shuffle_window_rows
+        sequence = (order_rng(order.seed, epoch, _TAG_UNITS).permutation(len(row_groups))
+                    if order.shuffle else range(len(row_groups)))
+        units: list[RowGroupSlice] = []
+        for g in sequence:
+            f, rg, n, first = row_groups[g]
+            for s in range(0, n, w):
+                units.append(RowGroupSlice(f, rg, s, min(w, n - s), first + s, n <= w))
+        self.windows: list[list[RowGroupSlice]] = []
+        current, size = [], 0
+        for u in units:
+            if current and size + u.rows > w:
+                self.windows.append(current)
+                current, size = [], 0
+            current.append(u)
+            size += u.rows
+        if current:
+            self.windows.append(current)
+        sizes = [sum(u.rows for u in win) for win in self.windows]
+        self.window_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    def window_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.window_start, positions, side='right') - 1
+
+    def window_permutation(self, w: int) -> np.ndarray:
+        """Row k of window w in the flat sequence is row perm[k] of the window as read."""
+        n = int(self.window_start[w + 1] - self.window_start[w])
+        if not self.order.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return order_rng(self.order.seed, self.epoch, _TAG_WINDOW, w).permutation(n)
+
+
+def length_group_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of one length group in their new order: sorted by length (seeded
+    tie-break), cut into blocks of batch_size, blocks shuffled, a partial block last."""
+    n = len(lengths)
+    tie = rng.permutation(n)
+    by_length = tie[np.argsort(lengths[tie], kind='stable')]
+    full = n // batch_size
+    blocks = rng.permutation(full)
+    head = by_length[:full * batch_size].reshape(full, batch_size)[blocks].reshape(-1)
+    return np.concatenate([head, by_length[full * batch_size:]])
+
+
+class FlatOrder:
+    """Maps positions of the epoch's final sequence to positions after window shuffling
+    (they differ only when length grouping is on). ``lengths(start, stop)`` gives the
+    character lengths of positions [start, stop) of the window-shuffled sequence."""
+
+    def __init__(self, plan: EpochPlan, lengths: Callable[[int, int], np.ndarray]):
+        self.plan, self.lengths, self.order = plan, lengths, plan.order
+        self._groups: dict[int, np.ndarray] = {}
+
+    def low_water(self, position: int) -> int:
+        """The smallest pre-grouping position still needed from `position` on."""
+        if not self.order.group_by_length:
+            return position
+        k = self.order.group_rows
+        return position // k * k
+
+    def positions(self, start: int, stop: int) -> np.ndarray:
+        if not self.order.group_by_length:
+            return np.arange(start, stop, dtype=np.int64)
+        k = self.order.group_rows
+        if start // k == (stop - 1) // k:  # the usual case: one block inside one group
+            g = start // k
+            return g * k + self._group(g)[start - g * k:stop - g * k]
+        q = np.arange(start, stop, dtype=np.int64)
+        g = q // k
+        out = np.empty_like(q)
+        for gi in np.unique(g).tolist():
+            sel = g == gi
+            out[sel] = gi * k + self._group(gi)[q[sel] - gi * k]
+        return out
+
+    def _group(self, g: int) -> np.ndarray:
+        perm = self._groups.get(g)
+        if perm is None:
+            k = self.order.group_rows
+            a, b = g * k, min((g + 1) * k, self.plan.num_rows)
+            rng = order_rng(self.order.seed, self.plan.epoch, _TAG_GROUP, g)
+            perm = length_group_order(self.lengths(a, b), self.order.batch_size, rng)
+            for old in [x for x in self._groups if x < g]:
+                del self._groups[old]
+            self._groups[g] = perm
+        return perm

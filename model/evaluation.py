@@ -1,0 +1,94 @@
+"""Evaluation during training: validation loss over all ranks, BLEU-4 and sample answers.
+
+The validation loss is token-weighted like the training loss: the sum of token losses over
+up to ``max_eval_rows`` rows (every rank its slice) divided by their label tokens. BLEU-4
+(sacrebleu, Chinese tokenizer) scores greedy answers to the first ``bleu_samples`` usable
+validation rows, on the main process only: generation runs on the unwrapped model, with no
+collective inside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.chat_model import answer
+from model.files import iter_usable_rows
+from model.tokenizer import LABEL_PAD_ID
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    bleu: float | None = None  # main process only
+    bleu_rows: int = 0
+    samples: tuple = ()  # (prompt, target, answer) of the first show_samples rows
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50))
+
+    def describe(self, step: int) -> str:
+        text = f'eval at step {step}: validation loss {self.loss:.4f} (ppl {self.perplexity:.2f})'
+        if self.bleu is not None:
+            text += f' | BLEU-4 {self.bleu:.2f} on {self.bleu_rows} rows'
+        for p, r, h in self.samples:
+            text += f'\n    prompt: {p[:80]}\n    target: {r[:80]}\n    answer: {h[:80]}'
+        return text
+
+
+class Evaluator:
+    def __init__(self, train_cfg, accelerator, collectives, tokenizer, valid_loader, valid_files):
+        self.train_cfg, self.accelerator, self.collectives = train_cfg, accelerator, collectives
+        self.tokenizer, self.valid_loader, self.valid_files = tokenizer, valid_loader, valid_files
+        self._sample_rows = None  # read at the first evaluation, then kept
+
+    def evaluate_all_ranks(self, model) -> EvalResult:
+        result = EvalResult(loss=self.validation_loss_all_ranks(model))
+        if self.collectives.is_main:
+            self._bleu_and_samples(self.accelerator.unwrap_model(model), result)
+        return result
+
+    @torch.no_grad()
+    def validation_loss_all_ranks(self, model) -> float:
+        t, dev = self.train_cfg, self.accelerator.device
+        model = self.accelerator.unwrap_model(model)
+        model.eval()
+        loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
+        global_batch = t.batch_size_per_gpu * self.collectives.world
+        self.valid_loader.load_state_dict({'epoch': 0, 'rows_consumed': 0})  # rewind
+        for i, batch in enumerate(self.valid_loader):
+            if t.max_eval_rows and i * global_batch >= t.max_eval_rows:
+                break
+            labels = batch['labels'].to(dev)
+            with self.accelerator.autocast():
+                logits = model(input_ids=batch['input_ids'].to(dev), attention_mask=batch['attention_mask'].to(dev),
+                               decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                        ignore_index=LABEL_PAD_ID, reduction='sum')
+            tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
+        model.train()
+        total, count = self.collectives.sum_all_ranks([float(loss_sum), tokens])
+        return total / max(count, 1)
+
+    def _bleu_and_samples(self, model, result: EvalResult) -> None:
+        t = self.train_cfg
+        n = max(t.bleu_samples, t.show_samples)
+        if not n:
+            return
+        import sacrebleu
+
+        if self._sample_rows is None:
+            self._sample_rows = list(iter_usable_rows(self.valid_files, n))
+        rows = self._sample_rows
+        with self.accelerator.autocast():
+            hyps = answer(model, self.tokenizer, [p for p, _ in rows], max_new_tokens=t.max_seq_len,
+                          max_seq_len=t.max_seq_len)
+        if t.bleu_samples:
+            k = min(t.bleu_samples, len(rows))
+            result.bleu = sacrebleu.corpus_bleu(hyps[:k], [[r for _, r in rows[:k]]], tokenize='zh').score
+            result.bleu_rows = k
+        result.samples = tuple((p, r, h) for (p, r), h in list(zip(rows, hyps))[:t.show_samples])

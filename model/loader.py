@@ -1,0 +1,371 @@
+"""This rank's tokenized, padded batches of the epoch order, and the position to resume from.
+
+The order (model/epoch_order.py) is one flat sequence of rows per epoch; global batch i is
+rows ``[i*G, (i+1)*G)`` with ``G = batch_size * world_size`` and rank r takes its slice. The
+position is one number, the rows of the sequence consumed, equal on every rank; resuming at it
+needs only the window (or length group) that holds it, and stays valid when the world size
+changes.
+
+drop_last=True (training): the rows used per epoch are cut to a multiple of
+``G * accumulation``, so every optimizer step is full and all ranks yield the same number of
+batches. drop_last=False (validation): the tail is split as far as it goes, so in the last
+global batch a rank may get a short batch or none at all -- callers must not assume lockstep
+there (reduce sums, not per-batch collectives).
+
+DataLoader workers split the work, not the order: worker w of W produces local batches j with
+``j % W == w`` and PyTorch's round-robin collection hands them out in order. Each worker reads
+(lazily) the windows holding its batches, so W workers read W times for one tokenization;
+tokenizing dominates (bench/bench_data.py prints both). Workers hand numpy arrays over.
+
+Why the trainer does not pass this loader to ``accelerator.prepare()``: prepare() wraps an
+IterableDataset in a dispatcher / shard wrapper that splits its output again across
+processes, which would re-slice batches this loader already assigned per rank and break the
+world-size-independent order and the resume position. The loader knows its rank, yields this
+rank's local batches, and the trainer moves them to its device.
+
+Tokenization: the Rust fast tokenizer that inference uses; prompts become ``input_ids``,
+responses ``labels``, each truncated to ``max_seq_len`` tokens with eos kept last.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from config import UserError
+from model.epoch_order import EpochPlan, FlatOrder, OrderParams
+from model.files import inspect_parquet, resolve_parquet_files
+from model.tokenizer import LABEL_PAD_ID, PAD_ID
+from model.window_reader import WindowReader
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE_ROWS = 256  # rows of local batches tokenized per call: the Rust tokenizer's threads pay off
+
+
+class TokenEncoder:
+    """Strings -> token ids with the fast (Rust) tokenizer that inference uses, each truncated
+    to max_seq_len with eos kept last. Pickles as the tokenizer's JSON, for DataLoader workers."""
+
+    def __init__(self, tokenizer, max_seq_len: int):
+        if max_seq_len < 2:
+            raise ValueError(f'max_seq_len must be >= 2 (one token and eos), got {max_seq_len}')
+        rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
+        self.max_seq_len = max_seq_len
+        self.eos_id = rust.token_to_id('</s>')
+        self._json = rust.to_str()
+        self._setup()
+
+    def _setup(self) -> None:
+        from tokenizers import Tokenizer
+
+        # a private copy: truncation settings on the shared tokenizer would leak to other users
+        self._rust = Tokenizer.from_str(self._json)
+        self._rust.no_padding()
+        self._rust.enable_truncation(self.max_seq_len)
+
+    def __getstate__(self):
+        return {'max_seq_len': self.max_seq_len, 'eos_id': self.eos_id, '_json': self._json}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text (eos last, at most max_seq_len)."""
+        return [e.ids for e in self._rust.encode_batch_fast(texts, add_special_tokens=True)]
+
+    def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All ids concatenated (int64) and the length of each text's part."""
+        seqs = self.encode(texts)
+        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lens.sum()))
+        return flat, lens
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _pad(flat: np.ndarray, lens: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest row; returns (ids [b, L] int64, mask [b, L] int64)."""
+    mask = np.arange(int(lens.max())) < lens[:, None]
+    ids = np.full(mask.shape, pad, dtype=np.int64)
+    ids[mask] = flat  # the mask's row-major order is the order of the concatenated rows
+    return ids, mask.astype(np.int64)
+
+
+def make_batches(parts: list[tuple[list, list, np.ndarray | None, int]], encoder: TokenEncoder) -> list[dict]:
+    """Batch dicts (numpy arrays; see :func:`to_torch`) of several local batches, each given
+    as (prompts, responses, row_index, num_skipped), tokenized in one call: the tokenizer's
+    threads pay off only on a few hundred texts.
+
+    A batch whose rows were all skipped becomes a 1-row placeholder (input [eos], labels
+    -100) so that ranks stay in lockstep; it contributes no target tokens.
+    """
+    texts = [t for prompts, responses, _, _ in parts for t in itertools.chain(prompts, responses)]
+    flat, lens = encoder.encode_ragged(texts) if texts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    ends = np.cumsum(lens)
+    out, row = [], 0
+    for prompts, responses, row_index, num_skipped in parts:
+        n = len(prompts)
+        if n == 0:
+            one = np.ones((1, 1), dtype=np.int64)
+            batch = {'input_ids': one * encoder.eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
+        else:
+            a, m, b = (int(ends[i - 1]) if i else 0 for i in (row, row + n, row + 2 * n))
+            input_ids, attention = _pad(flat[a:m], lens[row:row + n], PAD_ID)
+            labels, _ = _pad(flat[m:b], lens[row + n:row + 2 * n], LABEL_PAD_ID)
+            batch = {'input_ids': input_ids, 'attention_mask': attention, 'labels': labels}
+        batch.update(num_rows=n, num_skipped=num_skipped)
+        if row_index is not None:
+            batch['row_index'] = np.ascontiguousarray(row_index, dtype=np.int64)
+        out.append(batch)
+        row += 2 * n
+    return out
+
+
+def to_torch(batch: dict, pin_memory: bool = False) -> dict:
+    """numpy arrays -> tensors (zero-copy), optionally pinned for non_blocking copies."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+            if pin_memory:
+                v = v.pin_memory()
+        out[k] = v
+    return out
+
+
+def _as_is(batch):
+    return batch
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """One iteration: which epoch, order, rows and slice of each global batch."""
+
+    epoch: int
+    order: OrderParams
+    start: int  # first position of the sequence to yield
+    stop: int  # one past the last position used this epoch
+    rank: int
+    world_size: int
+    batch_size: int
+
+
+class ParquetStreamDataset(IterableDataset):
+    """This rank's local batches of one pass (set by :meth:`configure`); see the module doc."""
+
+    def __init__(self, files: list[str], encoder: TokenEncoder, return_row_index: bool = False):
+        self.files = files
+        self.encoder = encoder
+        self.return_row_index = return_row_index
+        infos = [inspect_parquet(f) for f in files]
+        self.row_groups: list[tuple[int, int, int, int]] = []
+        first = 0
+        for fi, info in enumerate(infos):
+            for rg, n in enumerate(info.row_group_rows):
+                if n:
+                    self.row_groups.append((fi, rg, n, first))
+                first += n
+        self.num_rows = first
+        self.pass_: EpochPass | None = None
+
+    def configure(self, pass_: EpochPass) -> None:
+        self.pass_ = pass_
+
+    def plan(self, epoch: int, order: OrderParams) -> EpochPlan:
+        return EpochPlan(self.row_groups, order, epoch, self.num_rows)
+
+    @staticmethod
+    def local_batches(p: EpochPass, worker: int = 0, num_workers: int = 1):
+        """(j, start, stop) in the sequence of this rank's local batches j with
+        j % num_workers == worker."""
+        g = p.batch_size * p.world_size
+        j = worker
+        while True:
+            s = p.start + j * g + p.rank * p.batch_size
+            if s >= p.stop:
+                return
+            yield j, s, min(s + p.batch_size, p.stop)
+            j += num_workers
+
+    def __iter__(self):
+        if self.pass_ is None:
+            raise RuntimeError('configure() the dataset before iterating it')
+        return self._batches(self.pass_)  # the pass is fixed now, not at the first next()
+
+    def _batches(self, pass_: EpochPass):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # workers already split the cores between them; threads per worker would oversubscribe
+            os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+        plan = self.plan(pass_.epoch, pass_.order)
+        reader = WindowReader(self.files, plan)
+        flat = FlatOrder(plan, reader.lengths)
+        per_call = max(1, TOKENIZE_ROWS // pass_.batch_size)
+        pending = []
+        try:
+            for _, s, e in self.local_batches(pass_, worker, num_workers):
+                reader.release_below(flat.low_water(s))
+                prompts, responses, rows, skipped = reader.take(flat.positions(s, e))
+                pending.append((prompts, responses, rows if self.return_row_index else None, skipped))
+                if len(pending) == per_call:
+                    yield from make_batches(pending, self.encoder)
+                    pending = []
+            yield from make_batches(pending, self.encoder)
+        finally:
+            reader.close()
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class StreamingLoader:
+    """Owns the dataset and its DataLoader, tracks the data position, saves and resumes it.
+
+    ``for batch in loader`` yields this rank's local batches of the current epoch from the
+    current position; when they run out the loader moves to (epoch + 1, 0). Batch dict:
+    ``input_ids`` int64 [b, Ls], ``attention_mask`` int64 [b, Ls], ``labels`` int64
+    [b, Lt] (padding -100), ``num_rows`` (real rows), ``num_skipped`` (blank rows dropped),
+    and with ``return_row_index`` also ``row_index`` (global row numbers, files in order).
+    """
+
+    def __init__(self, files, tokenizer, max_seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, accumulation: int = 1, shuffle: bool = True, seed: int = 0,
+                 shuffle_window_rows: int = 65536, group_by_length: bool = False,
+                 length_group_batches: int = 64, drop_last: bool = True, num_workers: int = 0,
+                 pin_memory: bool = False, return_row_index: bool = False,
+                 multiprocessing_context=None):
+        for name, v in (('batch_size', batch_size), ('world_size', world_size), ('accumulation', accumulation),
+                        ('shuffle_window_rows', shuffle_window_rows), ('length_group_batches', length_group_batches)):
+            if v < 1:
+                raise ValueError(f'{name} must be >= 1, got {v}')
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank {rank} outside world size {world_size}')
+        if num_workers < 0:
+            raise ValueError(f'num_workers must be >= 0, got {num_workers}')
+        self.files = resolve_parquet_files(files)
+        encoder = TokenEncoder(tokenizer, max_seq_len)
+        self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index)
+        if self.dataset.num_rows == 0:
+            raise UserError(f'{", ".join(self.files)}: no rows to train on')
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        self.batch_size, self.drop_last, self.num_workers = batch_size, drop_last, num_workers
+        self.pin_memory = pin_memory
+        self.order = OrderParams(seed=seed, shuffle=shuffle, shuffle_window_rows=shuffle_window_rows,
+                                 group_by_length=group_by_length, length_group_batches=length_group_batches,
+                                 batch_size=batch_size)
+        self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
+                                     multiprocessing_context=multiprocessing_context,
+                                     # workers hand over numpy arrays: pickled through the pipe they
+                                     # cost ~5 us, torch tensors go through shared memory at ~40 us
+                                     # per row of the main process (measured, bench/bench_data.py)
+                                     collate_fn=_as_is,
+                                     # its own generator: the base seed must not come from (and
+                                     # advance) the global torch RNG, or resuming dropout drifts
+                                     generator=torch.Generator())
+        self.epoch = 0
+        self.rows_consumed = 0
+        self._epoch_order = self.order  # the order of the epoch in progress (may be a saved one)
+        self._grid_origin = 0  # drop_last cuts (num_rows - origin) to multiples of G * accumulation
+        logger.info('data: %d rows in %d files, %d row groups', self.num_rows, len(self.files),
+                    len(self.dataset.row_groups))
+
+    # -- sizes
+
+    @property
+    def num_rows(self) -> int:
+        return self.dataset.num_rows
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _epoch_end(self, origin: int) -> int:
+        if not self.drop_last:
+            return self.num_rows
+        span = self.global_batch_size * self.accumulation
+        return origin + (self.num_rows - origin) // span * span
+
+    def _local_count(self, start: int, stop: int) -> int:
+        first = start + self.rank * self.batch_size
+        return 0 if first >= stop else math.ceil((stop - first) / self.global_batch_size)
+
+    def rows_per_epoch(self) -> int:
+        """Rows of the sequence used in a full epoch (all ranks together)."""
+        return self._epoch_end(0)
+
+    def __len__(self) -> int:
+        """This rank's local batches in a full epoch (from metadata)."""
+        return self._local_count(0, self._epoch_end(0))
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a full epoch (the last one may be partial with drop_last=False)."""
+        return math.ceil(self._epoch_end(0) / (self.global_batch_size * self.accumulation))
+
+    # -- position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of `epoch`; a no-op for the current epoch, so a trainer that
+        calls it after load_state_dict() keeps the resumed position."""
+        if epoch != self.epoch:
+            self.epoch, self.rows_consumed = epoch, 0
+            self._epoch_order, self._grid_origin = self.order, 0
+
+    def state_dict(self) -> dict:
+        return {'epoch': self.epoch, 'rows_consumed': self.rows_consumed, 'num_rows': self.num_rows,
+                **asdict(self._epoch_order), 'global_batch_size': self.global_batch_size,
+                'accumulation': self.accumulation, 'grid_origin': self._grid_origin}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.rows_consumed = int(state['epoch']), int(state['rows_consumed'])
+        saved = replace(self.order, **{k: state[k] for k in asdict(self.order) if k in state})
+        if state.get('num_rows', self.num_rows) != self.num_rows:
+            logger.warning('data: the files now hold %d rows, the saved position was for %d; '
+                           'the order of epoch %d changes', self.num_rows, state['num_rows'], self.epoch)
+        if self.rows_consumed == 0:
+            saved = self.order  # nothing of this epoch was used yet: start it with the new order
+        elif saved != self.order:
+            changed = ', '.join(f'{k} {getattr(saved, k)} -> {getattr(self.order, k)}'
+                                for k in asdict(saved) if getattr(saved, k) != getattr(self.order, k))
+            logger.info('data: keeping the saved order for the rest of epoch %d (%s from epoch %d on)',
+                        self.epoch, changed, self.epoch + 1)
+        self._epoch_order = saved
+        same_grid = (state.get('global_batch_size') == self.global_batch_size
+                     and state.get('accumulation') == self.accumulation)
+        self._grid_origin = int(state.get('grid_origin', 0)) if same_grid else self.rows_consumed
+        if not same_grid and self.rows_consumed:
+            logger.info('data: global batch changed since the save; epoch %d continues at row %d',
+                        self.epoch, self.rows_consumed)
+        self.rows_consumed = min(self.rows_consumed, self._epoch_end(self._grid_origin))
+
+    # -- iteration
+
+    def __iter__(self):
+        start, stop = self.rows_consumed, self._epoch_end(self._grid_origin)
+        stop = max(stop, start)
+        self.dataset.configure(EpochPass(self.epoch, self._epoch_order, start, stop, self.rank,
+                                     self.world_size, self.batch_size))
+        g = self.global_batch_size
+        # without workers the DataLoader adds only per-batch overhead (~5% here): iterate directly
+        batches = self.dataloader if self.num_workers else self.dataset
+        for handed, batch in enumerate(batches, start=1):
+            self.rows_consumed = min(start + handed * g, stop)
+            yield to_torch(batch, self.pin_memory)
+        # reached only when the epoch ran out (not when the caller stopped early)
+        self.epoch += 1
+        self.rows_consumed = 0
+        self._epoch_order, self._grid_origin = self.order, 0
+

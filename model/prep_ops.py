@@ -1,0 +1,311 @@
+"""convert, split, clean and check: the operations of `prepare_data.py`, all streamed.
+
+Only ``split`` below ``max_in_memory_rows`` holds a table, to use sklearn's
+``train_test_split`` as the guide does; every other operation reads batches and writes
+row groups, so a file larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from config import TrainConfigPretrainLarge, UserError
+from model.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
+from model.prep_output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
+from model.prep_readers import iter_input_tables
+
+IN_MEMORY_ROWS = 2_000_000  # split with sklearn up to this many rows, stream beyond
+TOKEN_SAMPLE_ROWS = 100_000  # rows tokenized by `check` (tokenizing is ~100x slower than counting)
+
+
+def iter_parquet_tables(spec, columns=TEXT_COLUMNS):
+    """Batches of one or more prompt/response Parquet files (file, folder or glob)."""
+    return iter_text_tables(spec, columns, batch_rows=BATCH_ROWS)
+
+
+# --- convert ----------------------------------------------------------------
+
+
+def convert_to_parquet(input_path: str, output_path: str, prompt_col: str = 'prompt',
+                       response_col: str = 'response', input_format: str | None = None) -> int:
+    """CSV / JSON / JSONL / Parquet -> Parquet with string columns prompt, response; rows written."""
+    tables = iter_input_tables(input_path, prompt_col, response_col, input_format)
+    check_outputs({'output': output_path}, [input_path])
+    with open_parquet_output(output_path, 'convert') as out:
+        for table in tables:
+            out.write(table)
+    return out.rows_written
+
+
+# --- split ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    train_rows: int
+    valid_rows: int
+    method: str  # 'sklearn' (shuffled, exact ratio) or 'streaming' (file order, ratio on average)
+
+
+def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float = 0.1,
+                  seed: int = 42, max_in_memory_rows: int = IN_MEMORY_ROWS) -> SplitResult:
+    """Split rows into a train and a validation file; both appear only if both succeed."""
+    if not 0 < valid_ratio < 1:
+        raise UserError(f'valid_ratio must be between 0 and 1 (exclusive), got {valid_ratio}')
+    total = count_rows(input_spec)
+    if total < 2:
+        raise UserError(f'{input_spec}: {total} row(s); a split needs at least 2')
+    check_outputs({'train_out': train_out, 'valid_out': valid_out}, [input_spec])
+    with open_parquet_output(train_out, 'split') as train, open_parquet_output(valid_out, 'split') as valid:
+        if total <= max_in_memory_rows:
+            _split_in_memory(input_spec, train, valid, valid_ratio, seed)
+            method = 'sklearn'
+        else:
+            _split_streaming(input_spec, train, valid, valid_ratio, seed)
+            method = 'streaming'
+    return SplitResult(train.rows_written, valid.rows_written, method)
+
+
+def _split_in_memory(input_spec, train: RowGroupWriter, valid: RowGroupWriter,
+                     valid_ratio: float, seed: int) -> None:
+    from sklearn.model_selection import train_test_split
+
+    batches = list(iter_parquet_tables(input_spec))
+    offsets = np.cumsum([0] + [b.num_rows for b in batches])
+    train_idx, valid_idx = train_test_split(np.arange(offsets[-1]), test_size=valid_ratio,
+                                            random_state=seed)
+    for out, indices in ((train, train_idx), (valid, valid_idx)):
+        for start in range(0, len(indices), ROW_GROUP_ROWS):
+            out.write(take_rows(batches, offsets, indices[start:start + ROW_GROUP_ROWS]))
+
+
+def take_rows(batches: list[pa.Table], offsets: np.ndarray, indices: np.ndarray) -> pa.Table:
+    """Rows ``indices`` (global, in that order) of consecutive tables starting at ``offsets``.
+
+    Gathers per source table: Table.take on many chunks concatenates all of them on every
+    call (measured: 2x the data in memory, 2x the time).
+    """
+    order = np.argsort(indices, kind='stable')
+    ordered = indices[order]
+    source = np.searchsorted(offsets, ordered, side='right') - 1
+    starts = np.flatnonzero(np.diff(source, prepend=-1))  # where each source's run begins
+    ends = np.append(starts[1:], len(ordered))
+    pieces = [batches[source[i]].take(ordered[i:j] - offsets[source[i]]) for i, j in zip(starts, ends)]
+    return pa.concat_tables(pieces).take(np.argsort(order))
+
+
+def _split_streaming(input_spec, train: RowGroupWriter, valid: RowGroupWriter,
+                     valid_ratio: float, seed: int) -> None:
+    # One generator for the whole file: PCG64 draws one number per row, so the split
+    # does not depend on the batch size.
+    rng = np.random.default_rng(seed)
+    for table in iter_parquet_tables(input_spec):
+        to_valid = pa.array(rng.random(table.num_rows) < valid_ratio)
+        valid.write(table.filter(to_valid))
+        train.write(table.filter(pc.invert(to_valid)))
+
+
+# --- row statistics shared by check and clean --------------------------------
+
+
+def build_row_masks(table: pa.Table, max_chars: int = 0) -> dict[str, np.ndarray]:
+    """Per-row booleans: null (either field), blank (either empty/whitespace), too_long."""
+    prompt, response = table.column('prompt'), table.column('response')
+    null = _np(pc.or_(pc.is_null(prompt), pc.is_null(response)))
+    blank = (blank_mask(prompt) | blank_mask(response)) & ~null
+    too_long = np.zeros(table.num_rows, dtype=bool)
+    if max_chars > 0:
+        longer = pc.or_(pc.greater(pc.utf8_length(prompt), max_chars),
+                        pc.greater(pc.utf8_length(response), max_chars))
+        too_long = _np(longer) & ~null
+    return {'null': null, 'blank': blank, 'too_long': too_long}
+
+
+def _np(mask) -> np.ndarray:
+    """A boolean Arrow array as numpy, null counted as False."""
+    return np.asarray(pc.fill_null(mask, False).to_numpy(), dtype=bool)
+
+
+def row_digest(prompt: str, response: str) -> bytes:
+    """16 bytes naming a prompt/response pair (the length prefix keeps the fields apart)."""
+    data = f'{len(prompt)}:{prompt}{response}'.encode('utf-8', 'surrogatepass')
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def unseen_rows(table: pa.Table, candidates: np.ndarray, seen: set[bytes]) -> np.ndarray:
+    """candidates minus rows whose pair is in ``seen`` (earlier or in this batch); updates seen."""
+    keep = candidates.copy()
+    prompts = table.column('prompt').to_pylist()
+    responses = table.column('response').to_pylist()
+    for i in np.flatnonzero(candidates):
+        digest = row_digest(prompts[i], responses[i])
+        if digest in seen:
+            keep[i] = False
+        else:
+            seen.add(digest)
+    return keep
+
+
+# --- check ------------------------------------------------------------------
+
+
+def build_report(input_spec, tokenizer_dir: str | None = None,
+                 max_seq_len: int = TrainConfigPretrainLarge.max_seq_len,
+                 token_sample_rows: int = TOKEN_SAMPLE_ROWS, seed: int = 0) -> dict[str, Any]:
+    """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths."""
+    files = resolve_parquet_files(input_spec)
+    total = count_rows(files)
+    first = open_parquet(files[0])
+    columns = first.schema_arrow.names
+    head = next(first.iter_batches(batch_size=5), None)
+    tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed) \
+        if tokenizer_dir else None
+    counts = {'null_prompt': 0, 'null_response': 0, 'null_rows': 0, 'blank_rows': 0,
+              'duplicate_rows': 0}
+    lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
+    seen: set[bytes] = set()
+    for table in iter_parquet_tables(files):
+        masks = build_row_masks(table)
+        counts['null_prompt'] += table.column('prompt').null_count
+        counts['null_response'] += table.column('response').null_count
+        counts['null_rows'] += int(masks['null'].sum())
+        counts['blank_rows'] += int(masks['blank'].sum())
+        usable = ~masks['null']
+        counts['duplicate_rows'] += int(usable.sum() - unseen_rows(table, usable, seen).sum())
+        for name in TEXT_COLUMNS:
+            # int32 per row: 10M rows cost 40 MB; null rows are left out, as describe() would
+            length = pc.drop_null(pc.utf8_length(table.column(name)))
+            lengths[name].append(length.to_numpy().astype(np.int32))
+        if tokens is not None:
+            tokens.add(table)
+    return {
+        'files': files, 'rows': total, 'columns': columns, 'shape': (total, len(columns)),
+        'head': head.to_pylist() if head is not None else [],
+        'nulls': {'prompt': counts['null_prompt'], 'response': counts['null_response']},
+        'null_rows': counts['null_rows'], 'blank_rows': counts['blank_rows'],
+        'duplicate_rows': counts['duplicate_rows'],
+        'prompt_chars': _describe(lengths['prompt']), 'response_chars': _describe(lengths['response']),
+        'tokens': tokens.summary() if tokens is not None else None,
+    }
+
+
+def _describe(parts: list[np.ndarray]) -> dict[str, float]:
+    import pandas as pd
+
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return {k: float(v) for k, v in pd.Series(values, dtype='int64').describe().items()}
+
+
+class _TokenStats:
+    """Token lengths (eos included) of a seeded sample of at most ``sample_rows`` rows."""
+
+    def __init__(self, tokenizer_dir: str, max_seq_len: int, sample_rows: int, total: int, seed: int):
+        from model.tokenizer import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.max_seq_len = max_seq_len
+        self.keep = 1.0 if total <= sample_rows else sample_rows / total
+        self.rng = np.random.default_rng(seed)
+        self.lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
+
+    def add(self, table: pa.Table) -> None:
+        masks = build_row_masks(table)
+        chosen = ~masks['null']
+        if self.keep < 1.0:
+            chosen &= self.rng.random(table.num_rows) < self.keep
+        rows = table.filter(pa.array(chosen))
+        for name in TEXT_COLUMNS:
+            texts = rows.column(name).to_pylist()
+            ids = self.tok(texts, add_special_tokens=True)['input_ids'] if texts else []
+            self.lengths[name].append(np.array([len(x) for x in ids], dtype=np.int32))
+
+    def summary(self) -> dict[str, Any]:
+        prompt, response = (np.concatenate(self.lengths[name] or [np.zeros(0, np.int32)])
+                            for name in TEXT_COLUMNS)
+        over_p, over_r = prompt > self.max_seq_len, response > self.max_seq_len
+        sampled = len(prompt)
+        return {
+            'sample_rows': sampled, 'sampled_all': self.keep >= 1.0, 'max_seq_len': self.max_seq_len,
+            'prompt': _percentiles(prompt), 'response': _percentiles(response),
+            'truncated_prompts': int(over_p.sum()), 'truncated_responses': int(over_r.sum()),
+            'truncated_rows': int((over_p | over_r).sum()),
+            'truncated_share': float((over_p | over_r).mean()) if sampled else 0.0,
+        }
+
+
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    if values.size == 0:
+        return {k: 0 for k in ('p50', 'p90', 'p95', 'p99', 'max')}
+    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+    return {'p50': int(p50), 'p90': int(p90), 'p95': int(p95), 'p99': int(p99),
+            'max': int(values.max())}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    import pandas as pd
+
+    lines = [f'files: {", ".join(report["files"])}',
+             f'shape: {report["shape"]}', f'columns: {report["columns"]}', '', 'first 5 rows:']
+    with pd.option_context('display.max_colwidth', 30, 'display.width', 160):
+        lines.append(pd.DataFrame(report['head']).to_string() if report['head'] else '  (none)')
+    lines += ['', 'nulls per column:'] + [f'  {k:<10} {v}' for k, v in report['nulls'].items()]
+    lines += [f'rows with a null field:                 {report["null_rows"]}',
+              f'rows with an empty/whitespace field:    {report["blank_rows"]}',
+              f'duplicate rows (same prompt+response):  {report["duplicate_rows"]}']
+    for name in TEXT_COLUMNS:
+        stats = pd.Series(report[f'{name}_chars']).to_string(float_format=lambda v: f'{v:.1f}')
+        lines += ['', f'{name} length (characters):', stats]
+    tokens = report['tokens']
+    if tokens is not None:
+        sample = 'all rows' if tokens['sampled_all'] else f'a random sample of {tokens["sample_rows"]} rows'
+        lines += ['', f'token lengths, eos included ({sample}):']
+        for name in TEXT_COLUMNS:
+            lines.append(f'  {name:<9} ' + '  '.join(f'{k} {v}' for k, v in tokens[name].items()))
+        lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '
+                     f'({100 * tokens["truncated_share"]:.2f}%; prompts {tokens["truncated_prompts"]}, '
+                     f'responses {tokens["truncated_responses"]})')
+    return '\n'.join(lines)
+
+
+# --- clean ------------------------------------------------------------------
+
+DROP_REASONS = ('null', 'blank', 'too_long', 'duplicate')
+
+
+def clean_parquet(input_spec, output_path: str, max_chars: int = 0,
+                  dedup: bool = True) -> dict[str, int]:
+    """Drop null, blank, over-long (> max_chars, 0 = no limit) and repeated rows.
+
+    Each dropped row counts under the first reason that applies, in DROP_REASONS
+    order. The duplicate set costs ~100 bytes per kept row (~1 GB per 10M rows).
+    """
+    if max_chars < 0:
+        raise UserError(f'max_chars must be >= 0 (0 = no limit), got {max_chars}')
+    count_rows(input_spec)  # the inputs exist and have the columns, before anything is written
+    counts = dict.fromkeys(('rows', *DROP_REASONS, 'kept'), 0)
+    seen: set[bytes] = set()
+    tables = iter_parquet_tables(input_spec)
+    check_outputs({'output': output_path}, [input_spec])
+    with open_parquet_output(output_path, 'clean') as out:
+        for table in tables:
+            masks = build_row_masks(table, max_chars)
+            keep = np.ones(table.num_rows, dtype=bool)
+            for reason in DROP_REASONS[:3]:
+                counts[reason] += int((masks[reason] & keep).sum())
+                keep &= ~masks[reason]
+            if dedup:
+                unique = unseen_rows(table, keep, seen)
+                counts['duplicate'] += int(keep.sum() - unique.sum())
+                keep = unique
+            counts['rows'] += table.num_rows
+            out.write(table.filter(pa.array(keep)))
+    counts['kept'] = out.rows_written
+    return counts
+
+

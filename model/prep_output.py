@@ -1,0 +1,105 @@
+"""Writing prompt/response Parquet: full row groups, the toolkit's marker, an atomic rename.
+
+Outputs have exactly the string columns ``prompt`` and ``response`` in row groups of
+``ROW_GROUP_ROWS`` rows, carry the toolkit's marker in the footer (so a later command may
+replace them, and nothing else), and are written to a temporary file renamed into place, so
+a failed run leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from config import UserError
+from model import ownership
+from model.files import TEXT_COLUMNS, resolve_parquet_files
+from model.ownership import DATA
+
+ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
+BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work
+OUTPUT_SCHEMA = pa.schema([('prompt', pa.string()), ('response', pa.string())])
+
+
+class RowGroupWriter:
+    """Buffers incoming tables so every row group but the last has ROW_GROUP_ROWS rows."""
+
+    def __init__(self, writer: pq.ParquetWriter):
+        self._writer = writer
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self.rows_written = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._pending.append(build_output_table(table))
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush(final=False)
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        table = pa.concat_tables(self._pending) if self._pending else None
+        self._pending, self._pending_rows = [], 0
+        if table is None:
+            return
+        full = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP_ROWS
+        if full:
+            self._writer.write_table(table.slice(0, full), row_group_size=ROW_GROUP_ROWS)
+            self.rows_written += full
+        if full < table.num_rows:
+            self._pending, self._pending_rows = [table.slice(full)], table.num_rows - full
+
+
+def build_output_table(table: pa.Table | pa.RecordBatch) -> pa.Table:
+    """The prompt/response columns as plain `string` (inputs may hold large_string)."""
+    arrays = [table.column(name).cast(pa.string()) for name in TEXT_COLUMNS]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+
+
+def check_outputs(outputs: dict[str, str], inputs=()) -> None:
+    """Before any work: each output is a new path or a Parquet file this toolkit wrote, in a
+    writable place, distinct from the others, and never an input (or where a later read of
+    the input folder or pattern would pick it up)."""
+    specs = [os.fspath(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs]) if x]
+    files = []
+    for spec in specs:
+        try:
+            files += resolve_parquet_files(spec) if not os.path.isfile(spec) else [spec]
+        except UserError:
+            pass  # a missing input is reported by its reader
+    seen: dict[str, str] = {}
+    for what, path in outputs.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f'--{what} and --{seen[real]} are the same file: {path}')
+        seen[real] = what
+        ownership.check_not_an_input(path, files, f'--{what}', specs)
+        ownership.check_replaceable(path, DATA, f'--{what}', folder=False)
+        ownership.check_writable(path, f'--{what}')
+
+
+@contextlib.contextmanager
+def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter]:
+    """A RowGroupWriter on a temporary file next to ``path``, renamed into place on success.
+
+    The footer carries the toolkit's marker, so a later command may replace this file; any
+    other file at ``path`` is refused before anything is written.
+    """
+    with ownership.atomic_file(path, DATA, 'the output') as tmp:
+        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA.with_metadata(ownership.parquet_metadata(DATA, command=command)))
+        try:
+            rows = RowGroupWriter(writer)
+            yield rows
+            rows.close()
+        finally:
+            writer.close()
+
+

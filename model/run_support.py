@@ -1,0 +1,175 @@
+"""The process a training run lives in: its collectives, precision, log file and signals.
+
+Collectives: every method named ``*_all_ranks`` must be called by every rank at the same
+point, outside any condition a rank could take alone. They run on a CPU (gloo) group, so
+counting tokens or voting on a stop never waits for the device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from config import UserError
+
+
+class Collectives:
+    """Sums and votes across ranks on a CPU group (identity on one process)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.world = accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.cpu_group = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.cpu_group = dist.new_group(backend='gloo')  # flags and counts without device syncs
+
+    def sum_all_ranks(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        buf = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(buf, group=self.cpu_group)
+        return buf.tolist()
+
+    def ok_all_ranks(self, ok: bool) -> bool:
+        """True when every rank says ok."""
+        return self.sum_all_ranks([0.0 if ok else 1.0])[0] == 0
+
+    def on_main_all_ranks(self, fn):
+        """fn() on the main process; if it raises, every rank raises (the others quietly), so
+        no rank is left waiting at the next collective. Returns fn's result on main."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if not self.ok_all_ranks(error is None):
+            raise error if error is not None else UserError('')
+        return result
+
+    def broadcast_from_main_all_ranks(self, value):
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box)
+        return box[0]
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def cpu_supports_bf16() -> bool:
+    probe = getattr(torch.cpu, '_is_avx512_bf16_supported', None)
+    amx = getattr(torch.cpu, '_is_amx_tile_supported', None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def resolve_precision(requested: str, use_cpu: bool) -> tuple[str, str | None]:
+    """(precision to use, warning or None). Never a precision the device emulates slowly."""
+    on_cuda = torch.cuda.is_available() and not use_cpu
+    if requested == 'bf16':
+        if on_cuda and torch.cuda.is_bf16_supported():
+            return 'bf16', None
+        if not on_cuda and cpu_supports_bf16():
+            return 'bf16', None
+        where = 'this GPU' if on_cuda else 'this CPU (no AVX512-BF16/AMX)'
+        return 'no', (f'mixed_precision=bf16 is not supported natively on {where}; training in fp32 '
+                      f'instead (bf16 autocast ran ~20x slower than fp32 on such a CPU: bench/bench_precision.py)')
+    if requested == 'fp16' and not on_cuda:
+        return 'no', 'mixed_precision=fp16 needs a CUDA GPU; training in fp32 on the CPU'
+    return requested, None
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def new_log_file(log_dir: str) -> str:
+    """A log file of this run's own: never one another run writes to (the name is taken with
+    O_EXCL, a second run in the same second gets a suffix)."""
+    os.makedirs(log_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    for suffix in itertools.count():
+        name = os.path.join(log_dir, f'chat_trainer_low_mem_{stamp}{f"-{suffix}" if suffix else ""}.log')
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return name
+        except FileExistsError:
+            continue
+    raise AssertionError('unreachable')
+
+
+def setup_logging_all_ranks(log_dir: str, collectives: Collectives) -> str:
+    """One log file per run; every rank appends to it (non-main ranks: warnings and errors).
+    The console handler goes through tqdm while a progress bar runs (logging_redirect_tqdm)."""
+    name = collectives.broadcast_from_main_all_ranks(new_log_file(log_dir) if collectives.is_main else None)
+    rank = collectives.accelerator.process_index
+    fmt = logging.Formatter(f'%(asctime)s [rank {rank}] %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S')
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(name, mode='a', encoding='utf-8')
+    console = logging.StreamHandler()
+    for handler in (file_handler, console):
+        handler.setFormatter(fmt)
+        if not collectives.is_main:
+            handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+    for noisy in ('httpx', 'urllib3', 'filelock'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # 'Writing model shards' bars amid the log
+    return name
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: ask for a stop at the next step boundary. A second SIGINT more
+    than REPEAT_S later (a person pressing Ctrl-C again): abort now. Copies that arrive
+    together -- a terminal signals the whole process group and a launcher forwards the same
+    signal to its ranks -- count as one."""
+
+    REPEAT_S = 2.0
+
+    def __init__(self):
+        self.signum = 0
+        self._first = 0.0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            if signum == signal.SIGINT and time.monotonic() - self._first > self.REPEAT_S:
+                os.write(2, b'second SIGINT: aborting without saving (the last complete state is kept)\n')
+                os._exit(130)
+            return
+        self.signum, self._first = signum, time.monotonic()
+        os.write(2, f'{signal.Signals(signum).name}: stopping at the next step boundary and saving '
+                    f'(Ctrl-C again aborts at once)\n'.encode())
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            # after a stop the process is on its way out with 128+signal: a launcher's
+            # repeated SIGTERM (torchrun sends one when the first rank exits) must not
+            # turn that exit code into a death by signal
+            signal.signal(s, signal.SIG_IGN if self.signum and s == signal.SIGTERM else h)
+        return False

@@ -1,0 +1,186 @@
+"""Reading the rows of an epoch's windows from Parquet, on demand, in bounded memory.
+
+A window is the rows of consecutive row groups (or slices of a huge one) of the epoch plan,
+read column-pruned to ``prompt`` and ``response`` and held as Arrow text. Memory per reading
+process: the loaded window(s) (about ``shuffle_window_rows`` rows, two while a batch or length
+group straddles a boundary) plus one row group (or one window-sized slice of a huge row group
+and the reader's page buffers) while a window is assembled. Nothing else grows with the data.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from model.epoch_order import EpochPlan, RowGroupSlice
+from model.files import TEXT_COLUMNS, as_text, blank_mask, open_parquet
+
+STREAM_BATCH_ROWS = 8192  # rows per Arrow batch when streaming a slice of a huge row group
+READ_BUFFER_BYTES = 4 << 20  # page-wise reads: a huge column chunk is not loaded at once
+MAX_OPEN_FILES = 8  # many small files: keep only a few open
+
+
+class Window:
+    __slots__ = ('index', 'start', 'perm', 'prompt', 'response', 'row_index', 'blank', '_lengths')
+
+    def __init__(self, index, start, perm, prompt, response, row_index):
+        self.index, self.start, self.perm = index, start, perm
+        self.prompt, self.response, self.row_index = prompt, response, row_index
+        self.blank = blank_mask(prompt) | blank_mask(response)  # null, empty or whitespace only
+        self._lengths = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.perm)
+
+    def lengths(self) -> np.ndarray:
+        """Characters of prompt + response per row, in read order (null counts as 0)."""
+        if self._lengths is None:
+            lp = pc.fill_null(pc.utf8_length(self.prompt), 0).to_numpy()
+            lr = pc.fill_null(pc.utf8_length(self.response), 0).to_numpy()
+            self._lengths = lp.astype(np.int64) + lr
+        return self._lengths
+
+    def texts(self, raw: np.ndarray) -> tuple[list, list]:
+        """Prompts and responses of rows `raw` (read order) as Python strings."""
+        return self.prompt.take(raw).to_pylist(), self.response.take(raw).to_pylist()
+
+
+def _contiguous(chunks: list[pa.Array]) -> pa.Array:
+    chunks = [as_text(a) for a in chunks]  # dictionary-encoded, string_view, all-null columns
+    if len(chunks) == 1:
+        return chunks[0]
+    if len({a.type for a in chunks}) > 1 or sum(a.nbytes for a in chunks) >= 1 << 31:
+        # files may mix string and large_string; int32 offsets end at 2 GiB
+        chunks = [a.cast(pa.large_string()) for a in chunks]
+    return pa.concat_arrays(chunks)
+
+
+class WindowReader:
+    """Loads the windows of one epoch on demand and drops those no longer needed."""
+
+    def __init__(self, files: list[str], plan: EpochPlan):
+        self.files, self.plan = files, plan
+        self.loaded: dict[int, Window] = {}
+        self._handles: dict[int, pq.ParquetFile] = {}
+        # (file, row group) -> [batch iterator, next row, leftover record batch or None]
+        self._streams: dict[tuple[int, int], list] = {}
+
+    def close(self) -> None:
+        self.loaded.clear()
+        self._streams.clear()
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+    def release_below(self, position: int) -> None:
+        for w in [w for w, win in self.loaded.items() if win.end <= position]:
+            del self.loaded[w]
+
+    def window(self, w: int) -> Window:
+        win = self.loaded.get(w)
+        if win is None:
+            win = self.loaded[w] = self._load(w)
+        return win
+
+    def windows_for(self, positions: np.ndarray) -> list[Window]:
+        lo, hi = self.plan.window_of(np.array([positions.min(), positions.max()]))
+        return [self.window(w) for w in range(int(lo), int(hi) + 1)]
+
+    def take(self, positions: np.ndarray) -> tuple[list, list, np.ndarray, int]:
+        """The non-blank rows at flat positions, in order: prompts, responses, their global
+        row indices, and how many blank rows were left out."""
+        wins = self.windows_for(positions)
+        if len(wins) == 1:
+            win = wins[0]
+            raw = win.perm[positions - win.start]
+            blank = win.blank[raw]
+            skipped = int(blank.sum())
+            if skipped:
+                raw = raw[~blank]
+            return (*win.texts(raw), win.row_index[raw], skipped)
+        prompts, responses, rows, skipped = [], [], [], 0
+        which = self.plan.window_of(positions)
+        for w, raws in itertools.groupby(zip(which.tolist(), positions.tolist()), key=lambda x: x[0]):
+            # consecutive runs of one window keep the order; rare (a batch straddling windows)
+            win = self.loaded[w]
+            raw = win.perm[np.array([q for _, q in raws]) - win.start]
+            blank = win.blank[raw]
+            skipped += int(blank.sum())
+            raw = raw[~blank]
+            p, r = win.texts(raw)
+            prompts += p
+            responses += r
+            rows.append(win.row_index[raw])
+        return prompts, responses, np.concatenate(rows), skipped
+
+    def lengths(self, start: int, stop: int) -> np.ndarray:
+        """Character lengths of flat positions [start, stop)."""
+        positions = np.arange(start, stop, dtype=np.int64)
+        out = np.empty(stop - start, dtype=np.int64)
+        for win in self.windows_for(positions):
+            a, b = max(start, win.start), min(stop, win.end)
+            out[a - start:b - start] = win.lengths()[win.perm[a - win.start:b - win.start]]
+        return out
+
+    # -- assembling a window from its units
+
+    def _handle(self, f: int) -> pq.ParquetFile:
+        h = self._handles.get(f)
+        if h is None:
+            if len(self._handles) >= MAX_OPEN_FILES:
+                for k in [k for k in self._handles if all(s[0] != k for s in self._streams)]:
+                    self._handles.pop(k).close()
+            h = self._handles[f] = open_parquet(self.files[f], buffer_size=READ_BUFFER_BYTES)
+        return h
+
+    def _read_unit(self, u: RowGroupSlice) -> list[pa.RecordBatch]:
+        if u.whole:
+            table = self._handle(u.file).read_row_group(u.row_group, columns=list(TEXT_COLUMNS))
+            return table.to_batches()
+        # a slice of a huge row group: stream it so that only the slice is held in memory
+        key = (u.file, u.row_group)
+        stream = self._streams.get(key)
+        if stream is None or stream[1] > u.start:
+            it = self._handle(u.file).iter_batches(batch_size=STREAM_BATCH_ROWS, row_groups=[u.row_group],
+                                                   columns=list(TEXT_COLUMNS), use_threads=False)
+            stream = self._streams[key] = [it, 0, None]
+        out, need = [], u.rows
+        while need:
+            batch = stream[2] if stream[2] is not None else next(stream[0])
+            stream[2] = None
+            if stream[1] < u.start:  # resuming inside the row group: skip to the slice
+                skip = min(u.start - stream[1], batch.num_rows)
+                batch, stream[1] = batch.slice(skip), stream[1] + skip
+                if batch.num_rows == 0:
+                    continue
+            piece = batch.slice(0, need)
+            out.append(piece)
+            need -= piece.num_rows
+            stream[1] += piece.num_rows
+            if piece.num_rows < batch.num_rows:
+                stream[2] = batch.slice(piece.num_rows)
+        if stream[1] >= self._row_group_rows(u):
+            del self._streams[key]
+        return out
+
+    def _row_group_rows(self, u: RowGroupSlice) -> int:
+        return self._handle(u.file).metadata.row_group(u.row_group).num_rows
+
+    def _load(self, w: int) -> Window:
+        chunks = {c: [] for c in TEXT_COLUMNS}
+        row_index = []
+        for u in self.plan.windows[w]:
+            for batch in self._read_unit(u):
+                for c in TEXT_COLUMNS:
+                    chunks[c].append(batch.column(c))
+            row_index.append(np.arange(u.first_row, u.first_row + u.rows, dtype=np.int64))
+        # one contiguous array per column: Arrow's take on a many-chunk array would
+        # concatenate per call; a single chunk (one whole row group) is used as read
+        prompt, response = (_contiguous(chunks[c]) for c in TEXT_COLUMNS)
+        return Window(w, int(self.plan.window_start[w]), self.plan.window_permutation(w),
+                       prompt, response, np.concatenate(row_index))
