@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import tokenize
 from dataclasses import dataclass, field, fields
@@ -137,6 +138,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PATH_FIELDS = ('tokenizer_dir', 'train_file', 'validation_file', 'test_file', 'model_file', 'train_state_dir',
+               'output_dir', 'log_dir')
 MAX_BLEU_SAMPLES = 10_000
 MAX_TOKENIZER_ROWS = 20_000_000
 
@@ -190,15 +193,19 @@ def coerce(name: str, value: Any, typ: type) -> Any:
     if typ is float:
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise UserError(f'--{name}={value}: expected a finite number for {name}')
+            return float(value)
         raise bad
     if typ is str:
+        if isinstance(value, bool):  # a flag given without a value: --out_dir
+            raise UserError(f'--{name} needs a value: --{name}=...')
         if isinstance(value, (list, tuple, dict)):
             raise bad
         return str(value)
@@ -244,6 +251,13 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     for name in non_negative:
         if getattr(train, name) < 0:
             raise UserError(f'{name} must be >= 0, got {getattr(train, name)}')
+    for f in fields(train):
+        if f.name in PATH_FIELDS and not str(getattr(train, f.name)).strip():
+            raise UserError(f'{f.name} is empty; give a path, e.g. --{f.name}={f.default}')
+    cores = os.cpu_count() or 1
+    if train.num_workers > cores:
+        raise UserError(f'num_workers={train.num_workers} is more than the {cores} cores of this machine '
+                        f'(each worker is a process holding its own window of rows); use at most {cores}')
     if not train.learn_rate > 0:
         raise UserError(f'learn_rate must be > 0, got {train.learn_rate}')
     if train.max_grad_norm < 0 or train.weight_decay < 0:
@@ -457,6 +471,19 @@ class DemoOptions:
     out_dir: str = PROJECT_ROOT + '/data/demo'  # folder for train.parquet and valid.parquet
     rows: int = 20000  # rows in all (about 10% go to validation); streamed, any number
     seed: int = 42  # seeds the corpus
+
+
+def check_repeated_flags(args: list[str]) -> None:
+    """A flag given twice is a mistake (which one was meant?), not 'the last one wins'."""
+    seen = set()
+    for arg in args:
+        if arg == '--':
+            return
+        if arg.startswith('--') and len(arg) > 2:
+            name = arg[2:].split('=', 1)[0].replace('-', '_')
+            if name in seen:
+                raise UserError(f'--{name} is given twice; give it once')
+            seen.add(name)
 
 
 def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple[str, ...],

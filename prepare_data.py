@@ -35,7 +35,7 @@ import sys
 import fire
 
 from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions, UserError,
-                    format_options, parse_options)
+                    check_repeated_flags, format_options, parse_options)
 
 
 def convert(*args, **flags):
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         print(command_help(args[0]))
         return
     try:
+        check_repeated_flags(args[1:])
         fire.Fire({name: spec[0] for name, spec in COMMANDS.items()}, command=args, name='prepare_data.py')
     except UserError as e:
         # one line, whatever a library put into the message

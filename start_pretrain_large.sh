@@ -12,11 +12,13 @@
 # (each problem is printed with the command or flag that fixes it). GPUs: NUM_GPUS, else CUDA_VISIBLE_DEVICES,
 # else nvidia-smi.
 set -uo pipefail
-cd "$(dirname "$0")"
+# no cd: relative paths in the flags mean what they mean where the user stands
+HERE=$(cd "$(dirname "$0")" && pwd)
+TRAIN="$HERE/train_low_mem.py"
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
 fi
 ACCELERATE=${ACCELERATE:-$(dirname "$PY")/accelerate}
 [ -x "$ACCELERATE" ] || ACCELERATE=accelerate
@@ -28,6 +30,9 @@ done
 
 # GPUs first, so that the dry run's schedule counts the right number of processes
 if [ -n "${NUM_GPUS:-}" ]; then
+  case "$NUM_GPUS" in
+    *[!0-9]*) echo "error: NUM_GPUS=$NUM_GPUS: give a whole number of GPUs (0 = CPU)" >&2; exit 2 ;;
+  esac
   gpus=$NUM_GPUS
 elif [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
   gpus=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
@@ -37,7 +42,7 @@ else
   gpus=0
 fi
 
-report=$(NUM_GPUS=$(( gpus > 0 ? gpus : 1 )) "$PY" train_low_mem.py train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
+report=$(NUM_GPUS=$(( gpus > 0 ? gpus : 1 )) "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
 rc=$?
 if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
 if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
@@ -69,7 +74,7 @@ if [ "$gpus" -le 1 ]; then
   if [ "$gpus" -le 0 ]; then
     echo "warning: no GPU found (nvidia-smi); training in one CPU process. Set NUM_GPUS to override." >&2
   fi
-  exec "$PY" train_low_mem.py train "${config_flags[@]}" "$@"
+  exec "$PY" "$TRAIN" train "${config_flags[@]}" "$@"
 fi
 # torchrun forwards SIGINT/SIGTERM to the ranks, then kills them after this many seconds:
 # leave time to finish the step (or an evaluation) and save
@@ -79,7 +84,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 stopped=0
 trap 'stopped=143; kill -TERM "$launcher" 2>/dev/null' TERM
 trap 'stopped=130; kill -INT "$launcher" 2>/dev/null' INT
-"$ACCELERATE" launch --multi_gpu --num_processes "$gpus" ./train_low_mem.py train "${config_flags[@]}" "$@" &
+"$ACCELERATE" launch --multi_gpu --num_processes "$gpus" "$TRAIN" train "${config_flags[@]}" "$@" &
 launcher=$!
 while :; do
   wait "$launcher"

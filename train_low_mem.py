@@ -34,8 +34,8 @@ import sys
 import fire
 
 from config import (MAX_NEW_TOKENS, MODEL_FIELDS, TRAIN_FIELDS, GenerateFlags, ResolvedConfig, RunFlags,
-                    T5ModelConfig, TrainConfigPretrainLarge, UserError, coerce, format_options,
-                    resolve_config, unknown_option)
+                    T5ModelConfig, TrainConfigPretrainLarge, UserError, check_repeated_flags, coerce,
+                    format_options, resolve_config, unknown_option)
 
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',
                     'character_coverage', 'seed')
@@ -111,6 +111,8 @@ def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
 
 def parse_prompts(prompts) -> list[str]:
     """--prompts as Fire hands it over: a list, a JSON list in a string, or one prompt."""
+    if isinstance(prompts, bool):  # --prompts without a value
+        raise UserError('--prompts needs a value: --prompts=\'["你好","1+1="]\'')
     if prompts in (None, ''):
         from model.demo_corpus import demo_prompts
 
@@ -183,6 +185,7 @@ def main(argv=None) -> None:
         raise SystemExit(_error(f'unknown command {args[0]!r}: choose one of {", ".join(COMMANDS)}'))
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
+        check_repeated_flags(args[1:])
         fire.Fire(COMMANDS, command=args)
     except UserError as e:
         sys.exit(_error(str(e)))

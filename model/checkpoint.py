@@ -105,7 +105,7 @@ class Checkpointer:
         self.accelerator.unwrap_model(self.model).load_state_dict(saved['model'])
         self.optimizer.load_state_dict(saved['optimizer'])
         self.scheduler.load_state_dict(saved['scheduler'])
-        self._apply_changed_hyperparameters(saved['config']['train'])
+        self._apply_changed_hyperparameters(saved['config'])
         if 'scaler' in saved and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved['scaler'])
         state = TrainState(**saved['train_state'])
@@ -134,7 +134,8 @@ class Checkpointer:
         for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group['lr'] = base * f(step)
         self.scheduler._last_lr = [g['lr'] for g in self.optimizer.param_groups]
-        changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in dataclasses.asdict(t).items()
-                   if k in saved and saved[k] != v]
+        changed = [f'{k} {saved[part][k]!r} -> {v!r}'
+                   for part, now in (('train', t), ('model', self.cfg.model))
+                   for k, v in dataclasses.asdict(now).items() if k in saved.get(part, {}) and saved[part][k] != v]
         if changed:
             logger.warning('changed since the save, applied from step %d on: %s', step, '; '.join(changed))

@@ -158,9 +158,10 @@ def iter_usable_rows(spec, limit: int):
                 return
 
 
-def check_usable_rows(spec, what: str) -> None:
+def check_usable_rows(spec, what: str, shown=None) -> None:
     """UserError unless some row has a non-blank prompt and response (stops at the first)."""
     if next(iter_usable_rows(spec, 1), None) is None:
-        raise UserError(f'{what}: {spec}: no usable row (every row has a null, empty or '
+        shown = shown or (spec if isinstance(spec, str) else ' '.join(map(str, spec)))
+        raise UserError(f'{what}: {shown}: no usable row (every row has a null, empty or '
                         f'whitespace-only prompt or response); check it with: '
-                        f'python prepare_data.py check {spec}')
+                        f'python prepare_data.py check {shown}')

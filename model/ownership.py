@@ -47,9 +47,35 @@ def marker_info(kind: str, **info) -> dict:
             'created': time.strftime('%Y-%m-%d %H:%M:%S'), **info}
 
 
-def write_marker(folder: str, kind: str, **info) -> None:
+def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> None:
+    """Mark a folder as the toolkit's. With manifest (the default) the marker lists every file
+    in it now: a file someone adds later is not the toolkit's, and the folder is then never
+    replaced or removed as a whole (see :func:`foreign_files`)."""
+    if manifest and 'files' not in info:
+        info['files'] = sorted(_relative_files(folder))
     with open(os.path.join(folder, MARKER_FILE), 'w', encoding='utf-8') as f:
         json.dump(marker_info(kind, **info), f, ensure_ascii=False, indent=1)
+
+
+def _relative_files(folder: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel not in (MARKER_FILE, LOCK_FILE):
+                out.append(rel)
+    return out
+
+
+def foreign_files(folder: str) -> list[str]:
+    """Files in a marked folder that its marker does not list (someone else put them there).
+    A marker without a manifest (a folder whose content grows, e.g. train_state_dir) lists none."""
+    info = read_marker(folder) or {}
+    files = info.get('files')
+    if files is None:
+        return []
+    listed = set(files) if isinstance(files, (list, dict)) else set()
+    return sorted(set(_relative_files(folder)) - listed)
 
 
 def read_marker(folder: str) -> dict | None:
@@ -115,7 +141,7 @@ def kind_of(path: str) -> str | None:
 # --------------------------------------------------------------------------- checks
 
 
-def _same_or_inside(path: str, folder: str) -> bool:
+def same_or_inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -131,9 +157,16 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
     if folder:
         if not os.path.isdir(path):
             raise UserError(f'{what}: {path} is a file, not a folder; choose a folder path')
-        if not set(os.listdir(path)) - {LOCK_FILE} or folder_kind(path) in kinds:
+        if not set(os.listdir(path)) - {LOCK_FILE}:
             return
         found = folder_kind(path)
+        if found in kinds:
+            extra = foreign_files(path)
+            if extra:
+                shown = ', '.join(extra[:3]) + (f' and {len(extra) - 3} more' if len(extra) > 3 else '')
+                raise UserError(f'{what}: {path} holds files this toolkit did not write ({shown}), so it is '
+                                f'not replaced; move them out of it first')
+            return
         made = f'a {found} folder of this toolkit' if found else 'a folder this toolkit did not make'
         raise UserError(f'{what}: {path} is {made} and is not empty; nothing in it is replaced: '
                         f'choose a new or empty folder, or move it away first')
@@ -147,26 +180,34 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
 
 def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()) -> None:
     """An output never equals an input file or holds one, and is never where a later read of an
-    input folder (its *.parquet) or glob would pick it up."""
-    import fnmatch
-
+    input folder (its *.parquet) or pattern would pick it up."""
     for f in inputs:
         if os.path.realpath(output) == os.path.realpath(f) or (
                 os.path.exists(output) and os.path.exists(f) and os.path.samefile(output, f)):
             raise UserError(f'{what}: {output} is also an input; write to another path')
-        if os.path.isdir(output) and _same_or_inside(f, output):
+        if os.path.isdir(output) and same_or_inside(f, output):
             raise UserError(f'{what}: {output} holds the input {f}; choose another folder')
-    if not output.endswith('.parquet'):
-        return  # only Parquet files are ever read back as inputs
     for spec in input_specs:
         spec = os.fspath(spec)
-        if os.path.isdir(spec) and os.path.realpath(os.path.dirname(os.path.abspath(output))) == \
-                os.path.realpath(spec):
-            raise UserError(f'{what}: {output} lies in the input folder {spec}, so a later run '
-                            f'would read it as input; write it elsewhere')
-        if any(ch in spec for ch in '*?[') and fnmatch.fnmatch(os.path.abspath(output), os.path.abspath(spec)):
+        if os.path.isdir(spec):
+            if output.endswith('.parquet') and os.path.realpath(os.path.dirname(os.path.abspath(output))) == \
+                    os.path.realpath(spec):
+                raise UserError(f'{what}: {output} lies in the input folder {spec}, so a later run '
+                                f'would read it as input; write it elsewhere')
+        elif any(ch in spec for ch in '*?[') and glob_matches(output, spec):
             raise UserError(f'{what}: {output} matches the input pattern {spec}, so a later run '
                             f'would read it as input; write it elsewhere')
+
+
+def glob_matches(path: str, pattern: str) -> bool:
+    """Whether glob.glob(pattern) would list path: component by component, so '*' never
+    crosses a '/'."""
+    import fnmatch
+
+    parts = os.path.abspath(path).split(os.sep)
+    pattern_parts = os.path.abspath(pattern).split(os.sep)
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts))
 
 
 def check_writable(path: str, what: str) -> None:
@@ -229,6 +270,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _open_up(folder: str) -> None:
+    """Modes as the umask asks (mkdtemp and safetensors make private files; the results are not)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temp_path(target: str) -> str:
     """A hidden name beside target, so that os.replace is a rename on one filesystem."""
     folder, name = os.path.split(os.path.abspath(target))
@@ -248,6 +306,7 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str) -> Iterator[
             yield tmp
             with open(tmp, 'rb') as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -282,6 +341,7 @@ def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: st
     complete copy at target), else renamed aside first and removed after."""
     target = os.path.abspath(target).rstrip(os.sep)
     check_replaceable(target, kinds, what, folder=True)
+    _open_up(tmp)
     fsync_dir(tmp)
     if not os.path.lexists(target):
         os.rename(tmp, target)

@@ -16,7 +16,7 @@ from model import state_files as ckpt
 from model import ownership
 from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
 from model.ownership import MODEL, STATE_DIR
-from model.sizing import model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
+from model.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
 from model.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 
 # a changed value of these fields cannot continue a saved run
@@ -84,14 +84,16 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     files = {}
     for name in ('train_file', 'validation_file'):
         spec = getattr(t, name)
-        files[name] = problem(name, lambda spec=spec, name=name: _check_data(spec, name), data_fix(cfg)) or []
+        missing = not os.path.exists(spec) and not any(ch in spec for ch in '*?[')
+        files[name] = problem(name, lambda spec=spec, name=name: _check_data(spec, name),
+                              data_fix(cfg) if missing else '') or []
     report.train_files = files['train_file']
     tok_fix = f'create it with: {_cli(cfg, "train_tokenizer")} --tokenizer_dir={t.tokenizer_dir}'
     report.vocab_size = problem('tokenizer_dir', lambda: check_tokenizer_folder(t.tokenizer_dir),
                                 tok_fix if not os.path.exists(t.tokenizer_dir) else '') or 0
 
     # outputs: the toolkit's own or new, writable, and never an input
-    inputs = files['train_file'] + files['validation_file']
+    input_files = files['train_file'] + files['validation_file']
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
                                                                    folder=True))
     for name in ('best', 'final'):
@@ -101,17 +103,30 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.problems.append(Problem('model_file', f'model_file: {path} matches the model_file pattern and was '
                                        f'not written by this toolkit, so a run could overwrite it',
                                        'move it away or choose another --model_file'))
-    places = {'train_state_dir': t.train_state_dir, 'output_dir': t.output_dir,
-              'model_file': os.path.dirname(t.model_file) or '.', 'log_dir': t.log_dir}
+    places = {'train_state_dir': t.train_state_dir, 'output_dir': t.output_dir, 'model_file': model_folder(t),
+              'log_dir': t.log_dir}
     for name, path in places.items():
         if os.path.exists(path) and not os.path.isdir(path):
             report.problems.append(Problem(name, f'{name}: {path} is a file, not a folder',
                                            'choose a folder path'))
             continue
         problem(name, lambda path=path, name=name: ownership.check_writable(path, name))
-    problem('train_state_dir', lambda: ownership.check_not_an_input(t.train_state_dir, inputs, 'train_state_dir'))
+    outputs = {'train_state_dir': t.train_state_dir, 'output_dir': os.path.join(t.output_dir, 'best'),
+               'output_dir ': os.path.join(t.output_dir, 'final'), 'model_file': t.model_file.format(0),
+               'log_dir': t.log_dir}
+    input_specs = [t.train_file, t.validation_file]
+    for name, path in outputs.items():
+        name = name.strip()
+        problem(name, lambda path=path, name=name: ownership.check_not_an_input(path, input_files, name, input_specs))
+        if ownership.same_or_inside(path, t.tokenizer_dir):
+            report.problems.append(Problem(name, f'{name}: {path} lies inside tokenizer_dir {t.tokenizer_dir}, an '
+                                           f'input of the run', 'write the run\'s outputs elsewhere'))
+    archive = os.path.join(t.output_dir, 'previous_runs')
+    if os.path.lexists(archive) and not os.path.isdir(archive):
+        report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
+                                       f'earlier runs in a folder of that name', 'move the file away'))
     if locks:
-        for name in ('train_state_dir', 'output_dir'):
+        for name in ('train_state_dir', 'output_dir', 'model_file'):
             who = ownership.is_locked(places[name])
             if who:
                 report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
@@ -142,11 +157,16 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     return report
 
 
+def model_folder(t) -> str:
+    """The folder the model_file pattern writes into."""
+    return os.path.dirname(t.model_file) or '.'
+
+
 def _check_data(spec, name: str) -> list[str]:
     files = resolve_parquet_files(spec)
     for f in files:
         inspect_parquet(f)
-    check_usable_rows(files, name)
+    check_usable_rows(files, name, shown=spec)
     return files
 
 
@@ -157,23 +177,23 @@ def _check_disk(t, report: Report) -> None:
         folder = os.path.dirname(os.path.abspath(folder))
     free = shutil.disk_usage(folder).free
     if free < need:
-        report.problems.append(Problem('train_state_dir', f'train_state_dir: {free / 1e9:.2f} GB free on the disk '
+        report.problems.append(Problem('train_state_dir', f'train_state_dir: {human_bytes(free)} free on the disk '
                                        f'of {t.train_state_dir}, a state of this model needs about '
-                                       f'{need / 1e9:.2f} GB', 'free space or choose another disk'))
+                                       f'{human_bytes(need)}', 'free space or choose another disk'))
     elif free < need * (2 + t.keep_latest_n_ckp):
-        report.notes.append(f'{free / 1e9:.1f} GB free for states of ~{need / 1e9:.2f} GB each: '
-                            f'two states and {t.keep_latest_n_ckp} step files are kept, the disk may fill up')
+        report.notes.append(f'{human_bytes(free)} free for states of ~{human_bytes(need)} each: two states and '
+                            f'{t.keep_latest_n_ckp} step files are kept, the disk may fill up')
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report) -> None:
     t = cfg.train
     states = ckpt.list_complete_states(t.train_state_dir)
-    path = ckpt.latest_state(t.train_state_dir)
+    path = ckpt.latest_state(t.train_state_dir, deep=True)
     report.latest_state = path
     if path is None:
         if states:
             what = (f'every saved state is damaged in {t.train_state_dir} '
-                    f'({ckpt.state_problem(states[-1][1])} in {states[-1][1]})')
+                    f'({ckpt.state_problem(states[-1][1], deep=True)} in {states[-1][1]})')
         else:
             what = f'no complete saved state in {t.train_state_dir}'
         report.problems.append(Problem('is_keep_training', f'--is_keep_training=True but {what}',
@@ -181,7 +201,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report) -> None:
         return
     if states and states[-1][1] != path:
         report.notes.append(f'the newest state {states[-1][1]} is damaged '
-                            f'({ckpt.state_problem(states[-1][1])}); the run resumes from {path}')
+                            f'({ckpt.state_problem(states[-1][1], deep=True)}); the run resumes from {path}')
     try:
         saved_cfg = ckpt.read_json(os.path.join(path, 'config.json'))['train']
         saved_fp = ckpt.read_json(os.path.join(path, 'fingerprint.json'))

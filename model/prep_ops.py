@@ -8,6 +8,7 @@ row groups, so a file larger than RAM works.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +62,23 @@ def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float
     total = count_rows(input_spec)
     if total < 2:
         raise UserError(f'{input_spec}: {total} row(s); a split needs at least 2')
+    if max_in_memory_rows < 0:
+        raise UserError(f'max_in_memory_rows must be >= 0, got {max_in_memory_rows}')
+    in_memory = total <= max_in_memory_rows
+    if in_memory and not 0 < math.ceil(valid_ratio * total) < total:
+        raise UserError(f'valid_ratio={valid_ratio} of {total} rows leaves one side empty; choose a ratio '
+                        f'between {1 / total:.2g} and {1 - 1 / total:.4g}')
     check_outputs({'train_out': train_out, 'valid_out': valid_out}, [input_spec])
     with open_parquet_output(train_out, 'split') as train, open_parquet_output(valid_out, 'split') as valid:
-        if total <= max_in_memory_rows:
+        if in_memory:
             _split_in_memory(input_spec, train, valid, valid_ratio, seed)
-            method = 'sklearn'
         else:
             _split_streaming(input_spec, train, valid, valid_ratio, seed)
-            method = 'streaming'
-    return SplitResult(train.rows_written, valid.rows_written, method)
+        for name, out in (('train', train), ('validation', valid)):
+            if out.rows_total == 0:  # raised inside: neither file is written
+                raise UserError(f'valid_ratio={valid_ratio}: the {name} side got no row of {total}; '
+                                f'choose a ratio further from {0 if name == "validation" else 1}')
+    return SplitResult(train.rows_written, valid.rows_written, 'sklearn' if in_memory else 'streaming')
 
 
 def _split_in_memory(input_spec, train: RowGroupWriter, valid: RowGroupWriter,

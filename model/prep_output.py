@@ -42,6 +42,11 @@ class RowGroupWriter:
         if self._pending_rows >= ROW_GROUP_ROWS:
             self._flush(final=False)
 
+    @property
+    def rows_total(self) -> int:
+        """Rows written so far, including those still buffered for the next row group."""
+        return self.rows_written + self._pending_rows
+
     def close(self) -> None:
         self._flush(final=True)
 

@@ -87,8 +87,9 @@ def build_utf8_error(path: str) -> UserError:
 # --------------------------------------------------------------------------- records
 
 
-def _to_text(value: Any, path: str, where: str, key: str) -> str | None:
-    """A JSON value as text: numbers become str, null (and NaN) stay null (clean drops them)."""
+def _to_text(value: Any) -> str | None:
+    """A JSON value as text: numbers become str, null (and NaN) stay null (clean drops them);
+    a list or an object is a TypeError naming what it is."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -97,12 +98,12 @@ def _to_text(value: Any, path: str, where: str, key: str) -> str | None:
         return None  # json.dump writes a missing float as NaN
     if isinstance(value, (int, float)) or type(value).__name__ == 'Decimal':
         return str(value)
-    kind = 'a list' if isinstance(value, list) else 'an object'
-    raise UserError(f'{path}: {where}: field {key!r} is {kind}, expected text')
+    raise TypeError('a list' if isinstance(value, list) else 'an object')
 
 
 class RecordBatcher:
-    """Collects (prompt, response) of JSON records into tables of BATCH_ROWS rows."""
+    """Collects (prompt, response) of JSON records into tables of BATCH_ROWS rows. A record is
+    an object, or a list when the columns are given as positions (--prompt_col=0)."""
 
     def __init__(self, path: str, prompt_col: str, response_col: str):
         self.path, self.keys = path, (prompt_col, response_col)
@@ -111,18 +112,29 @@ class RecordBatcher:
 
     def add(self, record: Any, where) -> pa.Table | None:
         """where: a string, or a function giving one (called only to report an error)."""
-        if not isinstance(record, dict):
+        if isinstance(record, list) and all(k.isdigit() for k in self.keys):
+            record = dict(enumerate(record))
+            keys = tuple(int(k) for k in self.keys)
+        elif isinstance(record, list):
+            raise UserError(f'{self.path}: {_where(where)}: a row is a list, which has no column names; pass the '
+                            f'positions of the columns, e.g. --prompt_col=0 --response_col=1')
+        elif not isinstance(record, dict):
             raise UserError(f'{self.path}: {_where(where)}: expected a JSON object, got {type(record).__name__}')
-        for key in self.keys:
+        else:
+            keys = self.keys
+        for key in keys:
             if key not in record:
                 names = ', '.join(map(str, record)) or 'none'
                 raise UserError(f'{self.path}: {_where(where)}: record has no field {key!r} (has: {names}); '
                                 f'pass --prompt_col=... --response_col=...')
-        try:
-            self.prompts.append(_to_text(record[self.keys[0]], self.path, '', self.keys[0]))
-            self.responses.append(_to_text(record[self.keys[1]], self.path, '', self.keys[1]))
-        except UserError as e:
-            raise UserError(str(e).replace(f'{self.path}: : ', f'{self.path}: {_where(where)}: ')) from None
+        values = []
+        for key in keys:
+            try:
+                values.append(_to_text(record[key]))
+            except TypeError as kind:
+                raise UserError(f'{self.path}: {_where(where)}: field {key!r} is {kind}, expected text') from None
+        self.prompts.append(values[0])
+        self.responses.append(values[1])
         return self.take() if len(self.prompts) >= BATCH_ROWS else None
 
     def take(self) -> pa.Table:
@@ -237,9 +249,6 @@ def _list_records(path: str, prefix: str):
     with _open_json(path) as f:
         items = ijson.items(f, prefix, buf_size=READ_CHUNK_BYTES, use_float=True)
         for i, record in enumerate(_ijson_events(path, items, _short)):
-            if isinstance(record, list):
-                raise UserError(f'{path}: a JSON list of lists has no column names; write a list of '
-                                f'objects, e.g. pandas df.to_json(path, orient="records", force_ascii=False)')
             yield record, lambda i=i: f'element {i + 1} of the list ({_element_line(path, i)})'
 
 

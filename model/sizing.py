@@ -41,3 +41,11 @@ def total_optimizer_steps(rows: int, batch_size: int, processes: int, accumulati
     """rows / (batch x processes x accumulation) x epochs, or max_steps when that is sooner."""
     steps = rows // (batch_size * processes * accumulation) * epochs
     return min(steps, max_steps) if max_steps else steps
+
+
+def human_bytes(n: float) -> str:
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if abs(n) < 1000:
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1000
+    return f'{n:.1f} TB'

@@ -19,6 +19,7 @@ newest state to the previous complete one. Every rank must see the same filesyst
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -59,27 +60,39 @@ def list_complete_states(state_dir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def state_problem(path: str) -> str | None:
-    """Why a state folder cannot be loaded (missing or truncated files), or None."""
+def state_problem(path: str, deep: bool = False) -> str | None:
+    """Why a state folder cannot be loaded (a file missing or of another size; with deep, also
+    of other content than saved), or None."""
     try:
         manifest = read_json(os.path.join(path, MARKER)).get('files')
     except (OSError, ValueError, AttributeError) as e:
         return f'unreadable {MARKER} ({e})'
     if not isinstance(manifest, dict):
         return f'{MARKER} lists no files'
-    for name, size in manifest.items():
+    for name, saved in manifest.items():
         p = os.path.join(path, name)
         if not os.path.isfile(p):
             return f'{name} is missing'
-        if os.path.getsize(p) != size:
-            return f'{name} has {os.path.getsize(p)} bytes, {size} were saved'
+        size = os.path.getsize(p)
+        if size != saved.get('bytes'):
+            return f'{name} has {size} bytes, {saved.get("bytes")} were saved'
+        if deep and file_sha256(p) != saved.get('sha256'):
+            return f'{name} differs from what was saved (checksum)'
     return None
 
 
-def latest_state(state_dir: str) -> str | None:
-    """The newest state whose files match its manifest."""
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latest_state(state_dir: str, deep: bool = False) -> str | None:
+    """The newest state whose files match its manifest (with deep, their checksums too)."""
     for _, path in reversed(list_complete_states(state_dir)):
-        if state_problem(path) is None:
+        if state_problem(path, deep) is None:
             return path
     return None
 
@@ -120,7 +133,7 @@ def ensure_state_dir(state_dir: str) -> None:
     ownership.check_replaceable(state_dir, STATE_DIR, 'train_state_dir', folder=True)
     os.makedirs(state_dir, exist_ok=True)
     if ownership.folder_kind(state_dir) != STATE_DIR:
-        ownership.write_marker(state_dir, STATE_DIR)
+        ownership.write_marker(state_dir, STATE_DIR, manifest=False)
 
 
 def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, all_ok: Callable[[bool], bool],
@@ -166,11 +179,16 @@ def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, all_ok: C
                 for name in names:  # data on disk before the marker says complete
                     p = os.path.join(root, name)
                     _fsync_file(p)
-                    files[os.path.relpath(p, tmp)] = os.path.getsize(p)
+                    files[os.path.relpath(p, tmp)] = {'bytes': os.path.getsize(p), 'sha256': file_sha256(p)}
             ownership.write_marker(tmp, STATE, step=step, files=files)
             ownership.replace_folder(tmp, final, STATE, 'train_state_dir')  # a step saved again: swapped
             for _, old in list_complete_states(state_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                extra = ownership.foreign_files(old)
+                if extra:
+                    logger.warning('%s is not pruned: it holds files this toolkit did not write (%s)', old,
+                                   ', '.join(extra[:3]))
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
             for stale in glob.glob(os.path.join(state_dir, '.tmp-state-*')):
                 shutil.rmtree(stale, ignore_errors=True)
     except Exception as e:  # noqa: BLE001
@@ -212,7 +230,7 @@ def load_state(state_dir: str, rank: int) -> dict[str, Any]:
                         f'start without --is_keep_training (or check --train_state_dir)')
     damaged = []
     for _, path in reversed(states):
-        problem = state_problem(path)
+        problem = state_problem(path, deep=True)
         if problem is None:
             try:
                 out: dict[str, Any] = {'path': path, 'damaged': damaged}
@@ -353,7 +371,7 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
             for name in os.listdir(item):
                 if _STATE_RE.match(name) or name.startswith('.tmp-state-'):
                     shutil.move(os.path.join(item, name), os.path.join(dest, name))
-            ownership.write_marker(dest, STATE_DIR)
+            ownership.write_marker(dest, STATE_DIR, manifest=False)
         else:
             shutil.move(item, dest)
     return archive

@@ -81,9 +81,9 @@ def check_tokenizer_inputs(train_file, tokenizer_dir: str) -> list[str]:
     output folder that is new, empty or a tokenizer this toolkit wrote (never an input)."""
     files = resolve_parquet_files(train_file)
     ownership.check_replaceable(tokenizer_dir, TOKENIZER, 'tokenizer_dir', folder=True)
-    ownership.check_not_an_input(tokenizer_dir, files, 'tokenizer_dir')
+    ownership.check_not_an_input(tokenizer_dir, files, 'tokenizer_dir', [train_file])
     ownership.check_writable(tokenizer_dir, 'tokenizer_dir')
-    check_usable_rows(files, 'train_file')
+    check_usable_rows(files, 'train_file', shown=train_file)
     return files
 
 

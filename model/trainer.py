@@ -90,8 +90,8 @@ class Trainer:
         self.collectives = Collectives(self.accelerator)
         self.world, self.rank = self.collectives.world, self.accelerator.process_index
         # one run per output place: main takes the locks, every rank stops if that failed
-        self.lock = self.collectives.on_main_all_ranks(
-            lambda: ownership.PlaceLock([t.train_state_dir, t.output_dir], 'training run').acquire())
+        self.lock = self.collectives.on_main_all_ranks(lambda: ownership.PlaceLock(
+            [t.train_state_dir, t.output_dir, preflight.model_folder(t)], 'training run').acquire())
         self.log_file = setup_logging_all_ranks(t.log_dir, self.collectives)
         if warning:
             logger.warning(warning)

@@ -374,3 +374,175 @@ def test_help_lists_every_option_with_its_comment():
             assert comments[f.name] and comments[f.name] in text, f.name
     assert '--vocab_size=' in results['train_tokenizer'][2] and '--prompts=' in results['generate'][2]
     assert 'renamed to prompt' in results['prep convert'][2] and '--valid_ratio=' in results['prep split'][2]
+
+
+# --------------------------------------------------------------------------- found by a hostile pass
+
+
+def test_a_marked_folder_holding_someone_elses_file_is_not_replaced(tmp_path, data):
+    tok = tmp_path / 'tok'
+    args = ('train_tokenizer', f'--train_file={data["train"]}', f'--tokenizer_dir={tok}', '--vocab_size=1000')
+    assert cli(*args).returncode == 0
+    (tok / 'my_notes.txt').write_text('important')
+    assert_user_error(cli(*args), 'my_notes.txt', 'did not write')
+    assert (tok / 'my_notes.txt').read_text() == 'important' and (tok / 'tokenizer.json').is_file()
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=4, save_steps=2, eval_steps=2)).returncode == 0
+    (out / 'best' / 'NOTES.md').write_text('mine')
+    before = snapshot(out / 'best')
+    r = run_train(tiny_flags(data, out, max_steps=8, save_steps=2, eval_steps=2), '--is_keep_training=True')
+    assert_user_error(r, 'NOTES.md', 'did not write')
+    assert snapshot(out / 'best') == before
+
+
+def test_outputs_never_land_in_or_among_the_inputs(tmp_path, data):
+    d2 = tmp_path / 'd2'
+    d2.mkdir()
+    train = write_parquet(d2 / 'train.parquet', make_texts(200, seed=3))
+    w = tmp_path / 'w'
+    w.mkdir()
+    write_parquet(w / 'a1.parquet', make_texts(20, seed=4))
+    (w / 'new').mkdir()
+    before = snapshot(tmp_path)
+    results = run_parallel([
+        ('parquet weights in the input folder', ['train', *tiny_flags(data, tmp_path / 'o1', train_file=d2,
+                                                                      model_file=f'{d2}/m.{{}}.parquet')],
+         'train_low_mem.py'),
+        ('outputs inside tokenizer_dir', ['train', *tiny_flags(data, tmp_path / 'o2', output_dir=data['tok'],
+                                                                model_file=f'{data["tok"]}/m.{{}}.bin')],
+         'train_low_mem.py'),
+        ('glob picks any name', ['clean', f'{w}/a*', f'{w}/a_out.txt'], 'prepare_data.py'),
+    ])
+    assert_user_error(results['parquet weights in the input folder'], 'model_file', 'input folder')
+    assert_user_error(results['outputs inside tokenizer_dir'], 'inside tokenizer_dir')
+    assert_user_error(results['glob picks any name'], 'input pattern')
+    assert snapshot(tmp_path) == before
+    # a glob never crosses a '/': a file in a subfolder is not picked up, so it is allowed
+    r = cli('clean', f'{w}/*.parquet', w / 'new' / 'c.parquet', script='prepare_data.py')
+    assert r.returncode == 0, r.stderr
+    assert train
+
+
+def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data):
+    shared = tmp_path / 'shared'
+    first = subprocess.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,
+                                                  model_file=f'{shared}/m.{{}}.bin')), cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not logged_losses(tmp_path / 'a'):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        r = run_train(tiny_flags(data, tmp_path / 'b', max_steps=2, model_file=f'{shared}/m.{{}}.bin'))
+        assert_user_error(r, str(shared), 'in use by another')
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=4, save_steps=2)).returncode == 0
+    (out / 'previous_runs').write_text('a file of mine')
+    flags = tiny_flags(data, out, max_steps=4, save_steps=2)
+    dry = cli('train', *flags, '--dry_run=True')
+    assert dry.returncode == 1 and 'previous_runs' in dry.stdout, dry.stdout
+    assert_user_error(run_train(flags), 'previous_runs')
+    os.remove(out / 'previous_runs')
+    # every state damaged, sizes unchanged: the checksums find it, in the dry run as in the run
+    for state in glob.glob(f'{out}/state/state-*'):
+        size = os.path.getsize(f'{state}/model.pt')
+        with open(f'{state}/model.pt', 'wb') as f:
+            f.write(b'\0' * size)
+    dry = cli('train', *flags, '--is_keep_training=True', '--dry_run=True')
+    assert dry.returncode == 1 and 'every saved state is damaged' in dry.stdout and 'checksum' in dry.stdout
+    assert_user_error(run_train(flags, '--is_keep_training=True'), 'every saved state is damaged')
+
+
+def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):
+    src = write_parquet(tmp_path / 'd.parquet', make_texts(50, seed=4))
+    split = ['split', src, f'--train_out={tmp_path / "t.parquet"}', f'--valid_out={tmp_path / "v.parquet"}']
+    before = snapshot(tmp_path)
+    results = run_parallel([
+        ('inf lr', ['train', *tiny_flags(data, tmp_path / 'o', learn_rate='inf')], 'train_low_mem.py'),
+        ('workers', ['train', *tiny_flags(data, tmp_path / 'o', num_workers=1000)], 'train_low_mem.py'),
+        ('ratio near 1', [*split, '--valid_ratio=0.999999'], 'prepare_data.py'),
+        ('ratio near 0, streamed', [*split, '--valid_ratio=0.0001', '--max_in_memory_rows=0'], 'prepare_data.py'),
+        ('negative rows', [*split, '--max_in_memory_rows=-5'], 'prepare_data.py'),
+        ('flag without value', ['demo', '--out_dir'], 'prepare_data.py'),
+        ('prompts without value', ['generate', '--prompts'], 'train_low_mem.py'),
+        ('flag twice', ['train', '--max_steps=1', '--max_steps=2', '--dry_run=True'], 'train_low_mem.py'),
+        ('empty path', ['train', '--train_file=', '--dry_run=True'], 'train_low_mem.py'),
+    ])
+    assert_user_error(results['inf lr'], 'learn_rate', 'finite')
+    assert_user_error(results['workers'], 'num_workers=1000', 'cores')
+    assert_user_error(results['ratio near 1'], 'valid_ratio')
+    assert_user_error(results['ratio near 0, streamed'], 'valid_ratio', 'no row')
+    assert_user_error(results['negative rows'], 'max_in_memory_rows')
+    assert_user_error(results['flag without value'], '--out_dir needs a value')
+    assert_user_error(results['prompts without value'], '--prompts needs a value')
+    assert_user_error(results['flag twice'], '--max_steps is given twice')
+    assert_user_error(results['empty path'], 'train_file is empty')
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize('orient', ['records', 'columns', 'index', 'split', 'table', 'values', 'lines', 'json.dump'])
+def test_every_json_layout_pandas_or_json_writes_converts(tmp_path, orient):
+    import pandas as pd
+
+    pairs = make_texts(30, seed=9)
+    df = pd.DataFrame({'q': [p for p, _ in pairs], 'a': [r for _, r in pairs]})
+    src = tmp_path / ('in.jsonl' if orient == 'lines' else 'in.json')
+    if orient == 'json.dump':  # JSONL from the standard library: a missing float is written as NaN
+        records = df.to_dict('records')
+        records[3]['a'] = float('nan')
+        src = tmp_path / 'in.jsonl'
+        src.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records), encoding='utf-8')
+    elif orient == 'lines':
+        df.to_json(src, orient='records', lines=True, force_ascii=False)
+    else:
+        df.to_json(src, orient=orient, force_ascii=False)
+    cols = ['--prompt_col=0', '--response_col=1'] if orient == 'values' else ['--prompt_col=q', '--response_col=a']
+    r = cli('convert', src, tmp_path / 'out.parquet', *cols, script='prepare_data.py')
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(tmp_path / 'out.parquet')
+    want = [r for _, r in pairs]
+    if orient == 'json.dump':
+        want[3] = None
+    assert table.column('prompt').to_pylist() == [p for p, _ in pairs]
+    assert table.column('response').to_pylist() == want
+
+
+def test_start_script_keeps_relative_paths_and_checks_num_gpus(tmp_path, data):
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}
+    script = os.path.join(ROOT, 'start_pretrain_large.sh')
+    bad = subprocess.run(['bash', script, '--dry_run=True'], cwd=tmp_path, env={**env, 'NUM_GPUS': 'abc'},
+                         capture_output=True, text=True, timeout=120)
+    assert_user_error(bad, 'NUM_GPUS=abc')
+    flags = [f for f in tiny_flags(data, 'rel', max_steps=2) if not f.startswith('--log_dir')] + ['--log_dir=rel/logs']
+    r = subprocess.run(['bash', script, *flags], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / 'rel' / 'final' / 'config.json').is_file()
+    assert not os.path.exists(os.path.join(ROOT, 'rel'))
+
+
+def test_resume_reports_changed_model_settings_and_files_are_readable(tmp_path, data):
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=4, save_steps=2)).returncode == 0
+    r = run_train(tiny_flags(data, out, max_steps=6, save_steps=2, dropout_rate=0.3), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'dropout_rate 0.1 -> 0.3' in r.stderr
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (out / 'chat_small_t5.6.bin', out / 'final', out / 'final' / 'model.safetensors'):
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert os.stat(path).st_mode & 0o777 == want, path
+
+
+def test_nan_in_a_json_list_is_one_line_with_its_line_number(tmp_path):
+    src = tmp_path / 'nan.json'
+    src.write_text(json.dumps([{'q': '问', 'a': '答'}, {'q': '问二', 'a': float('nan')}], indent=1), encoding='utf-8')
+    r = cli('convert', src, tmp_path / 'out.parquet', '--prompt_col=q', '--response_col=a', script='prepare_data.py')
+    assert_user_error(r, 'line 8', 'NaN is not JSON')
+    assert not os.path.exists(tmp_path / 'out.parquet')
