@@ -48,7 +48,7 @@ class TrainConfigPretrainLarge:
     tokenizer_dir: str = PROJECT_ROOT + '/model_save/my_tokenizer_sp/'  # HF tokenizer folder
     train_file: str = PROJECT_ROOT + '/data/pretrain_train_10m.parquet'  # file, folder or glob
     validation_file: str = PROJECT_ROOT + '/data/pretrain_valid_100k.parquet'  # file, folder or glob
-    test_file: str = PROJECT_ROOT + '/data/pretrain_test.parquet'  # optional, not used in training
+    test_file: str = PROJECT_ROOT + '/data/pretrain_test.parquet'  # scored by `train_low_mem.py test` (not used in training)
     model_file: str = PROJECT_ROOT + '/model_save/pretrain_large/chat_small_t5.{}.bin'  # {} = step or 'best'
     train_state_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/train_latest_state'  # resume state
     output_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/'  # HF-format best/ and final/ models
@@ -63,13 +63,17 @@ class TrainConfigPretrainLarge:
     seed: int = 23333  # seeds model init, dropout and the data order
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     keep_latest_n_ckp: int = 3  # step model files kept (older are deleted; best is kept)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: much less activation memory, ~1/3 more compute
     allow_data_change: bool = False  # resume even if the data files changed since the save
+    init_from: str = ''  # warm start: a model folder or weights file (.bin) whose weights start a new run (fresh optimizer, schedule and data position)
+    log_with: str = 'none'  # also record curves with: none | tensorboard | wandb (accelerate's trackers)
 
     # --- evaluation ---
     eval_steps: int = 0  # optimizer steps between evaluations (0 = only at each epoch end)
     max_eval_rows: int = 20000  # validation rows used for the validation loss (0 = all)
     bleu_samples: int = 64  # validation rows answered greedily for BLEU-4 (0 = no BLEU)
     show_samples: int = 3  # prompts whose generated answer is logged at each evaluation
+    max_test_rows: int = 0  # rows of test_file that `test` scores (0 = all)
 
     # --- data pipeline ---
     num_workers: int = 0  # DataLoader worker processes per rank (0 = tokenize in the main process)
@@ -109,19 +113,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     '50m': {'epochs': 2, 'save_steps': 10000},
     'demo': {
         # a model and data small enough to learn visibly on a 2-core CPU in minutes
-        'epochs': 5,
+        'epochs': 8,
         'batch_size_per_gpu': 64,
         'gradient_accumulation_steps': 1,
         'max_seq_len': 32,
-        'learn_rate': 3e-3,
-        'warmup_steps': 50,
+        'learn_rate': 2e-3,
+        'warmup_steps': 200,
         'save_steps': 200,
         'logging_steps': 20,
         'optimizer': 'adamw',
         'tokenizer_dir': PROJECT_ROOT + '/model_save/demo/tokenizer/',
         'train_file': PROJECT_ROOT + '/data/demo/train.parquet',
         'validation_file': PROJECT_ROOT + '/data/demo/valid.parquet',
-        'test_file': PROJECT_ROOT + '/data/demo/test.parquet',
+        'test_file': PROJECT_ROOT + '/data/demo/valid.parquet',  # held-out prompts
         'model_file': PROJECT_ROOT + '/model_save/demo/chat_small_t5.{}.bin',
         'train_state_dir': PROJECT_ROOT + '/model_save/demo/train_latest_state',
         'output_dir': PROJECT_ROOT + '/model_save/demo/',
@@ -145,6 +149,7 @@ MAX_TOKENIZER_ROWS = 20_000_000
 
 PRECISIONS = ('no', 'fp16', 'bf16')
 OPTIMIZERS = ('adafactor', 'adamw')
+TRACKERS = ('none', 'tensorboard', 'wandb')
 LR_SCHEDULES = ('cosine', 'linear', 'constant')
 FEED_FORWARD = ('relu', 'gated-gelu')
 
@@ -247,7 +252,7 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
         if getattr(train, name) <= 0:
             raise UserError(f'{name} must be a positive integer, got {getattr(train, name)}')
     non_negative = ('warmup_steps', 'max_steps', 'eval_steps', 'max_eval_rows', 'bleu_samples',
-                    'show_samples', 'num_workers', 'keep_latest_n_ckp')
+                    'show_samples', 'num_workers', 'keep_latest_n_ckp', 'max_test_rows')
     for name in non_negative:
         if getattr(train, name) < 0:
             raise UserError(f'{name} must be >= 0, got {getattr(train, name)}')
@@ -267,7 +272,7 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     if not 0 < train.character_coverage <= 1:
         raise UserError(f'character_coverage must be in (0, 1], got {train.character_coverage}')
     for name, allowed in (('mixed_precision', PRECISIONS), ('optimizer', OPTIMIZERS),
-                          ('lr_schedule', LR_SCHEDULES)):
+                          ('lr_schedule', LR_SCHEDULES), ('log_with', TRACKERS)):
         if getattr(train, name) not in allowed:
             raise UserError(f'{name} must be one of {", ".join(allowed)}; got {getattr(train, name)!r}')
     check_model_file_pattern(train.model_file)
@@ -379,12 +384,43 @@ MAX_NEW_TOKENS = 2048
 
 
 @dataclass
-class GenerateFlags:
-    """Flags of `generate` besides the config fields (which name the model's folders)."""
+class ModelFlags:
+    """Which trained model `generate`, `chat` and `test` use."""
 
-    prompts: str = ''  # a prompt, or a list of prompts: --prompts='["你好","1+1="]' (default: the demo's prompts)
-    model_dir: str = ''  # a model folder written by train (default: output_dir/best, else output_dir/final)
-    max_new_tokens: int = 0  # most tokens generated per answer (0 = max_seq_len; at most 2048)
+    model_dir: str = ''  # a model folder written by train, or a weights file (.bin) with --tokenizer_dir (default: output_dir/best, else output_dir/final)
+
+
+@dataclass
+class DecodeConfig:
+    """How answers are generated (`generate`, `chat`, `test`)."""
+
+    num_beams: int = 1  # beam search width (1 = greedy, or sampling with --do_sample=True)
+    do_sample: bool = False  # sample each token instead of taking the most likely one
+    temperature: float = 1.0  # sampling: below 1 sharper, above 1 more random
+    top_p: float = 1.0  # sampling: keep the smallest set of tokens holding this probability
+    top_k: int = 50  # sampling: keep the k most likely tokens (0 = all)
+    repetition_penalty: float = 1.0  # above 1 makes tokens already in the answer less likely
+    no_repeat_ngram_size: int = 3  # an answer never repeats an n-gram of this many tokens (0 = off): no loops
+    max_new_tokens: int = 0  # most tokens per answer (0 = the max_seq_len the model was trained with; at most 2048)
+    sample_seed: int = 0  # seeds sampling: the same command gives the same answers
+
+
+def validate_decode(d: DecodeConfig) -> None:
+    if d.num_beams < 1:
+        raise UserError(f'num_beams must be >= 1, got {d.num_beams}')
+    if not 0 <= d.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f'--max_new_tokens={d.max_new_tokens}: give 1 to {MAX_NEW_TOKENS} (0 = max_seq_len)')
+    if not d.temperature > 0:
+        raise UserError(f'temperature must be > 0, got {d.temperature}')
+    if not 0 < d.top_p <= 1:
+        raise UserError(f'top_p must be in (0, 1], got {d.top_p}')
+    if d.top_k < 0 or d.no_repeat_ngram_size < 0:
+        raise UserError('top_k and no_repeat_ngram_size must be >= 0')
+    if not d.repetition_penalty > 0:
+        raise UserError(f'repetition_penalty must be > 0, got {d.repetition_penalty}')
+
+
+DECODE_FIELDS = _field_types(DecodeConfig)
 
 
 @cache
@@ -469,7 +505,7 @@ class DemoOptions:
     """demo: the built-in Chinese demo corpus (train.parquet and valid.parquet)."""
 
     out_dir: str = PROJECT_ROOT + '/data/demo'  # folder for train.parquet and valid.parquet
-    rows: int = 20000  # rows in all (about 10% go to validation); streamed, any number
+    rows: int = 40000  # rows in all (about 10% go to validation); streamed, any number
     seed: int = 42  # seeds the corpus
 
 

@@ -6,6 +6,8 @@
 #   ./start_pretrain_large.sh --is_keep_training=True      # resume
 #   NUM_GPUS=2 ./start_pretrain_large.sh                   # use 2 of the GPUs
 #   ./start_pretrain_large.sh --preset=5m                  # another template instead of --use_large_config
+#   ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml ./start_pretrain_large.sh   # an engine: DDP, FSDP, DeepSpeed
+#   RESUME=auto ./start_pretrain_large.sh                  # resume when a state exists (batch jobs)
 #
 # Exit code: the trainer's (0 done, 2 bad flag, 130/143 stopped and saved; with several
 # GPUs accelerate reports any failure as 1), 1 if the dry run finds the run not ready
@@ -42,7 +44,17 @@ else
   gpus=0
 fi
 
-report=$(NUM_GPUS=$(( gpus > 0 ? gpus : 1 )) "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
+# an accelerate config file: checked (loads, fits the GPUs, multi-node settings) before anything runs
+world=$(( gpus > 0 ? gpus : 1 ))
+launch_args=()
+if [ -n "${ACCELERATE_CONFIG:-}" ]; then
+  facts=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m model.launch_config "$ACCELERATE_CONFIG" "$gpus") || exit 2
+  fact() { printf '%s\n' "$facts" | sed -n "s/^$1=//p"; }
+  world=$(fact world_size)
+  read -r -a launch_args <<< "$(fact launch_args)"
+fi
+
+report=$(NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
 rc=$?
 if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
 if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
@@ -60,8 +72,11 @@ printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
 resume_given=0
 for arg in "$@"; do case "$arg" in --is_keep_training*) resume_given=1 ;; esac; done
 latest=$(path_of latest_state)
+case "${RESUME:-ask}" in ask|auto|no) ;; *) echo "error: RESUME=$RESUME: give ask, auto or no" >&2; exit 2 ;; esac
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then
-  if [ -t 0 ]; then
+  if [ "${RESUME:-ask}" = auto ]; then
+    set -- "$@" --is_keep_training=True
+  elif [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then
     read -r -p "A saved state exists ($latest). Resume it? [Y/n] " ans
     case "${ans:-y}" in [nN]*) ;; *) set -- "$@" --is_keep_training=True ;; esac
   else
@@ -69,7 +84,7 @@ if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; the
   fi
 fi
 
-if [ "$gpus" -le 1 ]; then
+if [ "$world" -le 1 ] && [ "${#launch_args[@]}" -eq 0 ]; then
   # one process needs no launcher; exec keeps signals and the exit code the trainer's own
   if [ "$gpus" -le 0 ]; then
     echo "warning: no GPU found (nvidia-smi); training in one CPU process. Set NUM_GPUS to override." >&2
@@ -84,7 +99,8 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 stopped=0
 trap 'stopped=143; kill -TERM "$launcher" 2>/dev/null' TERM
 trap 'stopped=130; kill -INT "$launcher" 2>/dev/null' INT
-"$ACCELERATE" launch --multi_gpu --num_processes "$gpus" "$TRAIN" train "${config_flags[@]}" "$@" &
+if [ "${#launch_args[@]}" -eq 0 ]; then launch_args=(--multi_gpu --num_processes "$gpus"); fi
+"$ACCELERATE" launch "${launch_args[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
 launcher=$!
 while :; do
   wait "$launcher"

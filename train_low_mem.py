@@ -11,8 +11,18 @@ Examples:
     python train_low_mem.py train --preset=demo --dry_run=True
     # train the sentencepiece tokenizer the config points to
     python train_low_mem.py train_tokenizer --train_file=data/pretrain_train_10m.parquet --vocab_size=32000
-    # answer prompts with a trained model
+    # answer prompts with a trained model; beam search or sampling
     python train_low_mem.py generate --preset=demo --prompts='["计算：12+35="]'
+    python train_low_mem.py generate --preset=demo --do_sample=True --temperature=0.7 --top_p=0.9 --sample_seed=1
+    # talk with it (streams on a terminal; reads a pipe too)
+    python train_low_mem.py chat --preset=demo
+    # score it on test_file: loss, perplexity, BLEU-4, exact match; predictions JSONL beside the model
+    python train_low_mem.py test --preset=demo
+    # warm start: a new run from trained weights (fresh optimizer, schedule, data position)
+    python train_low_mem.py train --init_from=model_save/pretrain_large/best --train_file=data/sft.parquet ...
+    # curves: TensorBoard while training, or a PNG from the log
+    python train_low_mem.py train --preset=demo --log_with=tensorboard
+    python train_low_mem.py plot --preset=demo --out=loss.png
     # every option of a command, with its meaning
     python train_low_mem.py train --help
     # two CPU processes (gloo), e.g. to try the multi-process path on a laptop
@@ -33,9 +43,9 @@ import sys
 
 import fire
 
-from config import (MAX_NEW_TOKENS, MODEL_FIELDS, TRAIN_FIELDS, GenerateFlags, ResolvedConfig, RunFlags,
+from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, ModelFlags, ResolvedConfig, RunFlags,
                     T5ModelConfig, TrainConfigPretrainLarge, UserError, check_repeated_flags, coerce,
-                    format_options, resolve_config, unknown_option)
+                    format_options, resolve_config, unknown_option, validate_decode)
 
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',
                     'character_coverage', 'seed')
@@ -131,25 +141,108 @@ def parse_prompts(prompts) -> list[str]:
     return [str(prompts)]
 
 
-def generate(*, use_large_config=False, preset=None, prompts=None, model_dir=None,
-             max_new_tokens=None, **overrides):
-    """Answer prompts with the best (else final) model saved under output_dir."""
-    cfg = _resolve(preset, use_large_config, overrides, extra=('prompts', 'model_dir', 'max_new_tokens'))
-    prompts = parse_prompts(prompts)
-    limit = coerce('max_new_tokens', max_new_tokens, int) if max_new_tokens not in (None, 0, '') else 0
-    if limit < 0 or limit > MAX_NEW_TOKENS:
-        raise UserError(f'--max_new_tokens={limit}: give 1 to {MAX_NEW_TOKENS} (0 = max_seq_len)')
-    from model.chat_model import answer, load_trained
+def _inference_setup(preset, use_large_config, flags: dict, extra=()):
+    """(config, decode options, model source) of generate / chat / test: every flag checked,
+    the model found and described, before torch is imported."""
+    model_dir = flags.pop('model_dir', '')
+    decode_values = {k: flags.pop(k) for k in list(flags) if k in DECODE_FIELDS}
+    cfg = _resolve(preset, use_large_config, flags, extra=('model_dir', *DECODE_FIELDS, *extra))
+    decode = DecodeConfig(**{k: coerce(k, v, DECODE_FIELDS[k]) for k, v in decode_values.items()})
+    validate_decode(decode)
+    from model.chat_model import find_model_source
 
-    model, tok, where, max_seq_len = load_trained(cfg, None if model_dir in (None, '') else
-                                                  coerce('model_dir', model_dir, str))
-    print(f'model: {where}')
-    for p, a in zip(prompts, answer(model, tok, prompts, max_new_tokens=limit or max_seq_len,
-                                    max_seq_len=max_seq_len)):
+    source = find_model_source(cfg, '' if model_dir in (None, '') else coerce('model_dir', model_dir, str))
+    return cfg, decode, source
+
+
+def _load(cfg, source):
+    from model.chat_model import load_for_inference
+
+    model, tok, max_seq_len = load_for_inference(cfg, source)
+    print(f'model: {source.path}' + (f' (tokenizer {source.tokenizer_dir})' if source.kind == 'weights' else ''))
+    return model, tok, max_seq_len
+
+
+def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
+    """Answer prompts with a trained model (default: output_dir/best, else output_dir/final)."""
+    prompts = parse_prompts(prompts)
+    cfg, decode, source = _inference_setup(preset, use_large_config, flags, extra=('prompts',))
+    from model.chat_model import answer
+
+    model, tok, max_seq_len = _load(cfg, source)
+    for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode)):
         print(f'  {p}  ->  {a}')
 
 
-COMMANDS = {'train': train, 'train_tokenizer': train_tokenizer, 'generate': generate}
+EXIT_WORDS = ('exit', 'quit', '/exit', '/quit', '退出', 'q')
+
+
+def chat(*, use_large_config=False, preset=None, **flags):
+    """Talk with a trained model: one prompt a line, the answer streamed as it is generated.
+    Reads a pipe too (one answer a line); exit, quit, 退出 or Ctrl-D ends."""
+    cfg, decode, source = _inference_setup(preset, use_large_config, flags)
+    from model.chat_model import answer, stream_answer
+
+    model, tok, max_seq_len = _load(cfg, source)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print('输入问题后回车；exit / 退出 / Ctrl-D 结束。 (type a prompt and Enter; exit or Ctrl-D ends)')
+    while True:
+        try:
+            line = input('你> ' if interactive else '')
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print()
+            return
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if prompt.lower() in EXIT_WORDS:
+            return
+        if interactive:
+            sys.stdout.write('模型> ')
+            stream_answer(model, tok, prompt, decode, max_seq_len)
+        else:
+            print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode)[0], flush=True)
+
+
+def test(*, use_large_config=False, preset=None, out=None, **flags):
+    """Score a trained model on test_file: loss, perplexity, BLEU-4 (sacrebleu, zh) and exact
+    match, streamed; the predictions (prompt, reference, answer) go to a JSONL beside the model."""
+    cfg, decode, source = _inference_setup(preset, use_large_config, flags, extra=('out',))
+    from model.files import check_usable_rows, count_rows
+    from model.scoring import predictions_path, score_file
+
+    t = cfg.train
+    count_rows(t.test_file)
+    check_usable_rows(t.test_file, 'test_file', shown=t.test_file)
+    path = coerce('out', out, str) if out not in (None, '') else predictions_path(source.path, t.test_file)
+    from model import ownership
+    from model.ownership import PREDICTIONS
+
+    ownership.check_replaceable(path, PREDICTIONS, '--out', folder=False)
+    ownership.check_writable(path, '--out')
+    model, tok, max_seq_len = _load(cfg, source)
+    result = score_file(model, tok, t.test_file, path, max_seq_len, decode, t.max_test_rows, source.path)
+    print(f'test_file: {t.test_file}')
+    print(result.describe())
+
+
+def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flags):
+    """Draw training loss, learning rate and validation loss of a run from its log (PNG)."""
+    cfg = _resolve(preset, use_large_config, flags, extra=('log_file', 'out'))
+    from model.plotting import newest_log, plot_log
+
+    log = coerce('log_file', log_file, str) if log_file not in (None, '') else newest_log(cfg.train.log_dir)
+    path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'
+    curves = plot_log(log, path)
+    print(f'{len(curves.step)} training points, {len(curves.eval_step)} evaluations from {log}\nplot: {path}')
+
+
+COMMANDS = {'train': train, 'train_tokenizer': train_tokenizer, 'generate': generate, 'chat': chat, 'test': test,
+            'plot': plot}
+PLOT_FLAGS = ['  --log_file=                                  a run\'s log (default: the newest in log_dir)',
+              '  --out=                                       the PNG to write (default: beside the log)']
 
 
 def command_help(name: str) -> str:
@@ -164,11 +257,21 @@ def command_help(name: str) -> str:
         lines += ['config:'] + format_options(RunFlags, only=CONFIG_FLAGS)
         lines += ['', 'tokenizer (config.py TrainConfigPretrainLarge):'] + \
             format_options(TrainConfigPretrainLarge, only=TOKENIZER_FIELDS)
+    elif name == 'plot':
+        lines += ['plot:'] + PLOT_FLAGS + ['', 'config:'] + format_options(RunFlags, only=CONFIG_FLAGS)
+        lines += format_options(TrainConfigPretrainLarge, only=('log_dir',))
     else:
-        lines += ['generate:'] + format_options(GenerateFlags)
+        if name == 'generate':
+            lines += ['  --prompts=                                   a prompt, or a list: --prompts=\'["你好","1+1="]\' '
+                      '(default: the demo\'s prompts)']
+        if name == 'test':
+            lines += ['  --out=                                       the predictions JSONL (default: beside the model)']
+            lines += format_options(TrainConfigPretrainLarge, only=('test_file', 'max_test_rows'))
+        lines += format_options(ModelFlags)
+        lines += ['', 'decoding (config.py DecodeConfig):'] + format_options(DecodeConfig)
         lines += ['', 'config:'] + format_options(RunFlags, only=CONFIG_FLAGS)
-        lines += ['', 'paths and lengths (config.py TrainConfigPretrainLarge; any field is accepted):'] + \
-            format_options(TrainConfigPretrainLarge, only=('output_dir', 'max_seq_len'))
+        lines += format_options(TrainConfigPretrainLarge, only=('output_dir', 'tokenizer_dir', 'max_seq_len'))
+        lines += ['  (any other field of train --help is accepted too)']
     return '\n'.join(lines)
 
 

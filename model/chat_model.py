@@ -1,19 +1,27 @@
-"""Build chat_small_t5 (a transformers T5ForConditionalGeneration) and answer prompts."""
+"""Build chat_small_t5 (a transformers T5ForConditionalGeneration), load a trained one, answer.
+
+Answers are generated with transformers' ``generate``: greedy, beam search or sampling
+(config.DecodeConfig). Prompts are cut to the max_seq_len the model was trained with, and
+prompts are batched so a batch holds a bounded number of positions: memory stays bounded
+whatever the prompts' length or number.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
+import sys
 
 import torch
 
-from config import ResolvedConfig, T5ModelConfig, UserError
-from model import ownership
+from config import DecodeConfig, ResolvedConfig, T5ModelConfig, UserError
+from model.model_source import ModelSource, describe_model_source
+from model.sizing import model_shape
 from model.tokenizer import EOS_ID, PAD_ID, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+BATCH_POSITIONS = 1 << 16  # prompt + answer positions per generation batch
 
 
 def build_t5_config(model_cfg: T5ModelConfig, vocab_size: int):
@@ -34,74 +42,134 @@ def build_model(model_cfg: T5ModelConfig, vocab_size: int):
     return model
 
 
+# --------------------------------------------------------------------------- loading
+
+
+def default_model_paths(cfg: ResolvedConfig) -> list[str]:
+    import os
+
+    return [os.path.join(cfg.train.output_dir, 'best'), os.path.join(cfg.train.output_dir, 'final')]
+
+
+def find_model_source(cfg: ResolvedConfig, model_dir: str = '') -> ModelSource:
+    """The model a command uses: model_dir, else output_dir/best, else output_dir/final."""
+    import os
+
+    if model_dir:
+        return describe_model_source(model_dir, cfg.train.tokenizer_dir)
+    for path in default_model_paths(cfg):
+        if os.path.isdir(path):
+            return describe_model_source(path, cfg.train.tokenizer_dir)
+    preset = f' --preset={cfg.preset}' if cfg.preset else ''
+    raise UserError(f'no trained model in {" or ".join(default_model_paths(cfg))}; train one with: '
+                    f'python train_low_mem.py train{preset}, or give --model_dir')
+
+
+def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
+    """(model in eval mode, tokenizer, max_seq_len) of a folder or of a weights file; a weights
+    file without a recorded shape takes the shape of the config (preset and flags)."""
+    import transformers
+    from transformers import T5ForConditionalGeneration
+
+    transformers.utils.logging.disable_progress_bar()  # no 'Loading weights' bar before the answers
+    tokenizer = load_tokenizer(source.tokenizer_dir)
+    max_seq_len = int(source.max_seq_len or cfg.train.max_seq_len)
+    if source.kind == 'folder':
+        model = T5ForConditionalGeneration.from_pretrained(source.path)
+    else:
+        shape = source.shape or model_shape(cfg.model, len(tokenizer))
+        if shape.get('vocab_size') != len(tokenizer):
+            raise UserError(f'{source.path} was trained with a vocabulary of {shape.get("vocab_size")}, the '
+                            f'tokenizer in {source.tokenizer_dir} has {len(tokenizer)}; give its own --tokenizer_dir')
+        fields = {f.name for f in dataclasses.fields(T5ModelConfig)}
+        model_cfg = dataclasses.replace(cfg.model, **{k: v for k, v in shape.items() if k in fields})
+        model = build_model(model_cfg, len(tokenizer))
+        load_weights_into(model, source.path)
+    model.eval()
+    return model, tokenizer, max_seq_len
+
+
+def load_weights_into(model, path: str) -> None:
+    """Weights of a file into a built model: every tensor must be there with its shape (the tied
+    embedding copies excepted); else one line naming the first that is not."""
+    from model.state_files import load_weights_file
+
+    state = load_weights_file(path)
+    tied = ('shared.weight', 'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight')
+    kept = next((name for name in tied if name in state), None)
+    if kept is not None:  # safetensors keeps one name of the tied embedding; T5 loads it as shared
+        state['shared.weight'] = state.pop(kept)
+        for name in tied[1:]:
+            state.pop(name, None)
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise UserError(f'{path}: {name} has shape {tuple(tensor.shape)}, this model needs '
+                            f'{tuple(own[name].shape)}; use the same model shape (--d_model, --num_layers, ...) '
+                            f'and tokenizer as the weights were trained with')
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        which = f'missing {missing[0]}' if missing else f'unexpected {unexpected[0]}'
+        raise UserError(f'{path}: not weights of this model ({which}, {len(missing)} missing and '
+                        f'{len(unexpected)} unexpected tensors)')
+    model.tie_weights()
+
+
+# --------------------------------------------------------------------------- answering
+
+
+def generation_kwargs(decode: DecodeConfig, max_seq_len: int) -> dict:
+    kwargs = {'max_new_tokens': decode.max_new_tokens or max_seq_len, 'num_beams': decode.num_beams,
+              'do_sample': decode.do_sample, 'repetition_penalty': decode.repetition_penalty,
+              'no_repeat_ngram_size': decode.no_repeat_ngram_size}
+    if decode.do_sample:
+        kwargs.update(temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k)
+    return kwargs
+
+
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-           max_seq_len: int | None = None, batch_tokens: int = 1 << 16) -> list[str]:
-    """Greedy answers, in the prompts' order. Prompts are cut to max_seq_len tokens (what the
-    model was trained on) and batched so that a batch holds at most ~batch_tokens positions:
-    memory stays bounded whatever the prompts' length or number."""
+def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_seq_len: int | None = None,
+           decode: DecodeConfig | None = None) -> list[str]:
+    """Answers in the prompts' order: greedy by default, else as ``decode`` says (sampling is
+    seeded with decode.sample_seed once, so the same call gives the same answers)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    per_row = (max_seq_len or 512) + max_new_tokens
-    batch_size = max(1, min(64, batch_tokens // per_row))
+    limit = max_seq_len or 512
+    if decode is None:
+        kwargs = {'max_new_tokens': max_new_tokens, 'do_sample': False, 'num_beams': 1}
+    else:
+        kwargs = generation_kwargs(decode, limit)
+        torch.manual_seed(decode.sample_seed)
+    per_row = (limit + kwargs['max_new_tokens']) * kwargs.get('num_beams', 1)
+    batch_size = max(1, min(64, BATCH_POSITIONS // per_row))
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True,
-                        max_length=max_seq_len or 512, return_tensors='pt')
-        gen = model.generate(input_ids=enc['input_ids'].to(device),
-                             attention_mask=enc['attention_mask'].to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        enc = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True, max_length=limit,
+                        return_tensors='pt')
+        gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
+                             **kwargs)
         out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
     model.train(was_training)
     return out
 
 
-def load_trained(cfg: ResolvedConfig, model_dir: str | None = None):
-    """(model, tokenizer, folder, max_seq_len) from model_dir, else output_dir/best, else
-    output_dir/final. max_seq_len is what the model was trained on (from its marker)."""
-    from transformers import T5ForConditionalGeneration
+@torch.no_grad()
+def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_len: int, out=None) -> str:
+    """One answer, printed token by token to ``out`` as it is generated; returns it."""
+    from transformers import TextStreamer
 
-    candidates = [model_dir] if model_dir else [os.path.join(cfg.train.output_dir, 'best'),
-                                                os.path.join(cfg.train.output_dir, 'final')]
-    for d in candidates:
-        if check_model_folder(d, explicit=bool(model_dir)):
-            tok = load_tokenizer(d)
-            info = ownership.read_marker(d) or {}
-            return (T5ForConditionalGeneration.from_pretrained(d), tok, d,
-                    int(info.get('max_seq_len') or cfg.train.max_seq_len))
-    preset = f' --preset={cfg.preset}' if cfg.preset else ''
-    raise UserError(f'no trained model in {" or ".join(candidates)}; '
-                    f'train one with: python train_low_mem.py train{preset}')
+    out = out or sys.stdout
 
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            out.write(text + ('\n' if stream_end else ''))
+            out.flush()
 
-def check_model_folder(folder: str, explicit: bool) -> bool:
-    """True for a Hugging Face T5 folder with its tokenizer; False if absent (when the folder
-    was not named by the user); a UserError that says what the folder is otherwise."""
-    if not os.path.isdir(folder):
-        if explicit:
-            raise UserError(f'--model_dir={folder}: no such folder')
-        return False
-    kind = ownership.folder_kind(folder)
-    parent_kind = ownership.folder_kind(os.path.dirname(os.path.abspath(folder).rstrip(os.sep)))
-    where = 'output_dir/best or output_dir/final'
-    if kind in (ownership.STATE_DIR, ownership.STATE) or parent_kind == ownership.STATE_DIR:
-        raise UserError(f'{folder} is a training state (for --is_keep_training), not a model folder; '
-                        f'give a model folder such as {where}')
-    if kind == ownership.TOKENIZER:
-        raise UserError(f'{folder} is a tokenizer folder, not a model; give a model folder such as {where}')
-    config = os.path.join(folder, 'config.json')
-    weights = [n for n in ('model.safetensors', 'pytorch_model.bin') if os.path.isfile(os.path.join(folder, n))]
-    if not os.path.isfile(config) or not weights:
-        raise UserError(f'{folder} is not a model folder (it needs config.json and model.safetensors, as '
-                        f'train writes to {where})')
-    try:
-        with open(config, encoding='utf-8') as f:
-            model_type = json.load(f).get('model_type')
-    except (OSError, ValueError) as e:
-        raise UserError(f'{config}: unreadable ({e})') from None
-    if model_type != 't5':
-        raise UserError(f'{folder} holds a {model_type!r} model; this toolkit answers with T5 models')
-    if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
-        raise UserError(f'{folder} has no tokenizer.json: models written by train carry their tokenizer')
-    return True
+    streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    enc = tokenizer([prompt], truncation=True, max_length=max_seq_len, return_tensors='pt')
+    device = next(model.parameters()).device
+    gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
+                         streamer=streamer, **generation_kwargs(decode, max_seq_len))
+    return tokenizer.decode(gen[0], skip_special_tokens=True)

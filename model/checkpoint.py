@@ -1,5 +1,12 @@
-"""What a run's state holds, and saving and loading it on every rank (model/state_files.py
-holds the files' mechanics: atomic folders, manifests, markers, weights files)."""
+"""What a run's state holds, and saving and loading it on every rank through the engine.
+
+The engine's parts -- model, optimizer, grad scaler, RNG of every rank, and the registered
+objects (the learning-rate schedule and the data position) -- go through accelerate's
+``save_state`` / ``load_state``, which knows how DDP, FSDP (sharded states) and DeepSpeed
+store them. Around it the toolkit keeps its own guarantees (model/state_files.py): a
+temporary folder, checksums and a completion marker, the newest state that loads, nothing
+that unpickles more than tensors. Weights are exported from the engine's gathered state dict.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -14,6 +22,8 @@ from model import state_files
 from model.tokenizer import save_tokenizer_copy
 
 logger = logging.getLogger('chat_trainer')
+
+MODEL_FILE = 'model.safetensors'  # accelerate's name for the model in a DDP / single-process state
 
 
 @dataclass
@@ -28,9 +38,22 @@ class TrainState:
     last_eval_step: int = -1
 
 
+class DataPosition:
+    """The loader's position, registered with accelerate as a checkpointed object. A stop
+    saves the position from before the step it did not take (``pending``)."""
+
+    def __init__(self, loader):
+        self.loader, self.pending = loader, None
+
+    def state_dict(self) -> dict:
+        return dict(self.pending or self.loader.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
 class Checkpointer:
-    """Saves and loads the parts of a run: model, optimizer, schedule, grad scaler, RNG of every
-    rank, data position, run state, config, fingerprints, tokenizer; and exports weights."""
+    """Saves and loads the parts of a run; exports weights (step files, best/, final/)."""
 
     def __init__(self, cfg, accelerator, collectives, model, optimizer, scheduler, train_loader, tokenizer,
                  fingerprint: dict):
@@ -38,6 +61,9 @@ class Checkpointer:
         self.accelerator, self.collectives = accelerator, collectives
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.tokenizer, self.fingerprint = train_loader, tokenizer, fingerprint
+        self.data_position = DataPosition(train_loader)
+        # the schedule is not prepared (accelerate would step it once per process): register it
+        accelerator.register_for_checkpointing(scheduler, self.data_position)
         self.last_saved_step = -1
 
     # --- saving ---
@@ -45,45 +71,53 @@ class Checkpointer:
     def save_all_ranks(self, state: TrainState, data_state: dict | None = None) -> str:
         """The full state, then the step's weights file and keep-N pruning."""
         t, step = self.train_cfg, state.global_step
-        model = self.accelerator.unwrap_model(self.model)
-        tensors = {'model': model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                   'scheduler': self.scheduler.state_dict()}
-        if self.accelerator.scaler is not None:
-            tensors['scaler'] = self.accelerator.scaler.state_dict()
-        jsons = {'train_state': dataclasses.asdict(state),
-                 'data_state': data_state or self.train_loader.state_dict(),
-                 'config': self.cfg.to_dict(), 'fingerprint': self.fingerprint,
-                 'run': {'world_size': self.collectives.world, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
-        path = state_files.save_state(
-            t.train_state_dir, step, is_main=self.collectives.is_main, rank=self.accelerator.process_index,
-            all_ok=self.collectives.ok_all_ranks, tensors=tensors, jsons=jsons,
-            save_tokenizer=lambda folder: save_tokenizer_copy(self.tokenizer, folder))
+        self.data_position.pending = data_state
+        jsons = {'train_state': dataclasses.asdict(state), 'config': self.cfg.to_dict(),
+                 'fingerprint': self.fingerprint,
+                 'run': {'world_size': self.collectives.world, 'engine': str(self.accelerator.distributed_type),
+                         'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
+
+        def write_main(folder):
+            for name, obj in jsons.items():
+                state_files.write_json(os.path.join(folder, f'{name}.json'), obj)
+            save_tokenizer_copy(self.tokenizer, os.path.join(folder, state_files.TOKENIZER_COPY))
+
+        try:
+            path = state_files.save_state(
+                t.train_state_dir, step, is_main=self.collectives.is_main, all_ok=self.collectives.ok_all_ranks,
+                write_all_ranks=lambda folder: self.accelerator.save_state(folder, safe_serialization=True),
+                write_main=write_main)
+        finally:
+            self.data_position.pending = None
         self.last_saved_step = step
-
-        def step_file():
-            self._save_weights(step, step)
-            state_files.prune_model_files(t.model_file, t.keep_latest_n_ckp)
-
-        self.collectives.on_main_all_ranks(step_file)
+        self.export_weights_all_ranks(step, step)
+        self.collectives.on_main_all_ranks(lambda: state_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))
         logger.info('saved state at step %d -> %s', step, path)
         return path
 
+    def full_state_dict_all_ranks(self) -> dict:
+        """The whole model's weights on the main process (gathered from the shards under FSDP or
+        ZeRO-3: every rank takes part)."""
+        return self.accelerator.get_state_dict(self.model)
+
+    def export_weights_all_ranks(self, tag, step: int) -> None:
+        """model_file.format(tag): the gathered weights as safetensors, with the model shape."""
+        state_dict = self.full_state_dict_all_ranks()
+        t = self.train_cfg
+        self.collectives.on_main_all_ranks(lambda: state_files.save_weights_file(
+            state_dict, t.model_file.format(tag), step=step, tag=tag, model_shape=self.fingerprint['model_shape'],
+            tokenizer=self.fingerprint['tokenizer'], max_seq_len=t.max_seq_len))
+
     def save_best_all_ranks(self, step: int) -> None:
         """model_file.format('best') and the Hugging Face folder output_dir/best."""
-        self.collectives.on_main_all_ranks(lambda: (self._save_weights('best', step),
-                                                    self._save_folder('best', step)))
+        self.export_weights_all_ranks('best', step)
+        self.export_folder_all_ranks('best', step)
 
-    def save_final_all_ranks(self, step: int) -> None:
-        self.collectives.on_main_all_ranks(lambda: self._save_folder('final', step))
-
-    def _save_weights(self, tag, step: int) -> None:
-        state_files.save_weights_file(self.accelerator.unwrap_model(self.model),
-                                      self.train_cfg.model_file.format(tag), step=step, tag=tag)
-
-    def _save_folder(self, name: str, step: int) -> None:
-        state_files.save_model_folder(self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                      os.path.join(self.train_cfg.output_dir, name), tag=name, step=step,
-                                      max_seq_len=self.train_cfg.max_seq_len)
+    def export_folder_all_ranks(self, name: str, step: int) -> None:
+        state_dict = self.full_state_dict_all_ranks()
+        self.collectives.on_main_all_ranks(lambda: state_files.save_model_folder(
+            self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer,
+            os.path.join(self.train_cfg.output_dir, name), tag=name, step=step, max_seq_len=self.train_cfg.max_seq_len))
 
     def archive_previous_run_all_ranks(self, stamp: str) -> None:
         t = self.train_cfg
@@ -98,28 +132,56 @@ class Checkpointer:
     def load(self) -> TrainState:
         """The newest state that loads, into every part; returns the run state."""
         t = self.train_cfg
-        saved = state_files.load_state(t.train_state_dir, self.accelerator.process_index)
+        saved = state_files.load_state(t.train_state_dir, self._load_engine_state)
         for note in state_files.compare_fingerprints(saved['fingerprint'], self.fingerprint,
                                                      t.allow_data_change, saved['path']):
             logger.warning(note)
-        self.accelerator.unwrap_model(self.model).load_state_dict(saved['model'])
-        self.optimizer.load_state_dict(saved['optimizer'])
-        self.scheduler.load_state_dict(saved['scheduler'])
         self._apply_changed_hyperparameters(saved['config'])
-        if 'scaler' in saved and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(saved['scaler'])
         state = TrainState(**saved['train_state'])
         self.last_saved_step = state.global_step
-        self.train_loader.load_state_dict(saved['data_state'])
-        state_files.set_rng_state(saved['rng'])
-        if saved['run'].get('world_size') != self.collectives.world:
+        saved_world = saved['run'].get('world_size')
+        if saved_world != self.collectives.world:
             logger.warning('resuming on %d process(es), saved on %s: the data position is kept exactly '
-                           '(no row repeated or skipped), dropout RNG streams restart from rank 0\'s',
-                           self.collectives.world, saved['run'].get('world_size'))
+                           '(no row repeated or skipped); ranks without a saved RNG state start from the seed',
+                           self.collectives.world, saved_world)
+        position = self.data_position.state_dict()
         logger.info('resumed from %s: step %d, epoch %d, %d rows into the epoch', saved['path'],
-                    state.global_step, saved['data_state'].get('epoch', 0),
-                    saved['data_state'].get('rows_consumed', 0))
+                    state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0))
         return state
+
+    def _load_engine_state(self, folder: str) -> None:
+        """accelerate's load_state; a DDP state loaded by one process (or the other way round)
+        goes through a view whose model keys carry or drop DDP's 'module.' prefix."""
+        view = self._prefix_view(folder)
+        try:
+            self.accelerator.load_state(view or folder)
+        finally:
+            if view:
+                shutil.rmtree(view, ignore_errors=True)
+
+    def _prefix_view(self, folder: str) -> str | None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = os.path.join(folder, MODEL_FILE)
+        if not os.path.isfile(path):
+            return None
+        with safe_open(path, framework='pt') as f:
+            saved_prefixed = any(k.startswith('module.') for k in f.keys())
+        wanted_prefixed = any(k.startswith('module.') for k in self.model.state_dict())
+        if saved_prefixed == wanted_prefixed:
+            return None
+        weights = load_file(path)
+        weights = ({k.removeprefix('module.'): v for k, v in weights.items()} if saved_prefixed else
+                   {f'module.{k}': v for k, v in weights.items()})
+        view = os.path.join(os.path.dirname(folder), f'.tmp-view-{os.path.basename(folder)}-{os.getpid()}')
+        shutil.rmtree(view, ignore_errors=True)
+        os.makedirs(view)
+        for name in os.listdir(folder):
+            if name != MODEL_FILE:
+                os.symlink(os.path.join(os.path.abspath(folder), name), os.path.join(view, name))
+        save_file(weights, os.path.join(view, MODEL_FILE), metadata={'format': 'pt'})
+        return view
 
     def _apply_changed_hyperparameters(self, saved: dict) -> None:
         """The loaded optimizer and schedule carry the saved learning rate and weight decay; this

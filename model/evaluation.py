@@ -9,6 +9,7 @@ collective inside.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,25 @@ import torch.nn.functional as F
 from model.chat_model import answer
 from model.files import iter_usable_rows
 from model.tokenizer import LABEL_PAD_ID
+
+logger = logging.getLogger('chat_trainer')
+
+
+def placeholder_batch(eos_id: int) -> dict:
+    """One row (input [eos]) whose labels are all padding: a forward that adds no loss."""
+    one = torch.ones((1, 1), dtype=torch.long)
+    return {'input_ids': one * eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP, or DeepSpeed ZeRO stage 3: parameters are spread over the ranks."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, 'deepspeed_plugin', None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and \
+        plugin.zero_stage == 3
 
 
 @dataclass
@@ -41,32 +61,43 @@ class EvalResult:
 
 
 class Evaluator:
-    def __init__(self, train_cfg, accelerator, collectives, tokenizer, valid_loader, valid_files):
+    def __init__(self, train_cfg, accelerator, collectives, tokenizer, valid_loader, valid_files, decoder_inputs):
         self.train_cfg, self.accelerator, self.collectives = train_cfg, accelerator, collectives
         self.tokenizer, self.valid_loader, self.valid_files = tokenizer, valid_loader, valid_files
+        self.decoder_inputs = decoder_inputs
         self._sample_rows = None  # read at the first evaluation, then kept
+        # under FSDP or ZeRO-3 no process holds the whole model: answers would need every rank
+        self.answers = not is_sharded(accelerator)
+        if not self.answers and (train_cfg.bleu_samples or train_cfg.show_samples):
+            logger.info('BLEU and sample answers are off under a sharded engine; score the exported '
+                        'model with: python train_low_mem.py test')
 
     def evaluate_all_ranks(self, model) -> EvalResult:
         result = EvalResult(loss=self.validation_loss_all_ranks(model))
-        if self.collectives.is_main:
+        if self.collectives.is_main and self.answers:
             self._bleu_and_samples(self.accelerator.unwrap_model(model), result)
         return result
 
     @torch.no_grad()
     def validation_loss_all_ranks(self, model) -> float:
+        """Every rank runs the same number of forwards (a sharded engine's forward is a
+        collective): a rank whose slice of the last global batch is empty runs a placeholder
+        batch that adds no tokens."""
         t, dev = self.train_cfg, self.accelerator.device
-        model = self.accelerator.unwrap_model(model)
+        if self.answers:  # DDP or one process: the plain module, no collective per forward
+            model = self.accelerator.unwrap_model(model)
         model.eval()
         loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
         global_batch = t.batch_size_per_gpu * self.collectives.world
+        rows = min(t.max_eval_rows or self.valid_loader.num_rows, self.valid_loader.num_rows)
         self.valid_loader.load_state_dict({'epoch': 0, 'rows_consumed': 0})  # rewind
-        for i, batch in enumerate(self.valid_loader):
-            if t.max_eval_rows and i * global_batch >= t.max_eval_rows:
-                break
+        batches = iter(self.valid_loader)
+        for _ in range(math.ceil(rows / global_batch)):
+            batch = next(batches, None) or placeholder_batch(self.tokenizer.eos_token_id)
             labels = batch['labels'].to(dev)
             with self.accelerator.autocast():
                 logits = model(input_ids=batch['input_ids'].to(dev), attention_mask=batch['attention_mask'].to(dev),
-                               decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+                               decoder_input_ids=self.decoder_inputs(labels=labels)).logits
             loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                         ignore_index=LABEL_PAD_ID, reduction='sum')
             tokens += int((batch['labels'] != LABEL_PAD_ID).sum())

@@ -5,7 +5,8 @@ A thing is the toolkit's when it carries a marker the toolkit wrote:
 * a folder (tokenizer, model, training-state folder): a ``chat_small_t5.json`` file inside,
   naming its kind;
 * a Parquet file: the key ``chat_small_t5`` in its footer's metadata;
-* a weights file: the key ``chat_small_t5`` in its safetensors header.
+* a weights file: the key ``chat_small_t5`` in its safetensors header;
+* a plot: a ``chat_small_t5`` text chunk in the PNG; a predictions file: its first line.
 
 Every replace, archive or prune goes through :func:`check_replaceable` first, so a path that
 merely exists -- the user's data, a checkout, a folder they made -- is never touched: it is a
@@ -35,8 +36,8 @@ MARKER_KEY = 'chat_small_t5'
 LOCK_FILE = '.chat_small_t5.lock'
 
 # kinds of things the toolkit makes
-TOKENIZER, MODEL, STATE_DIR, STATE, WEIGHTS, DATA = (
-    'tokenizer', 'model', 'train-state', 'state', 'weights', 'prepared-data')
+TOKENIZER, MODEL, STATE_DIR, STATE, WEIGHTS, DATA, PREDICTIONS, PLOT = (
+    'tokenizer', 'model', 'train-state', 'state', 'weights', 'prepared-data', 'predictions', 'plot')
 
 
 # --------------------------------------------------------------------------- markers
@@ -103,31 +104,65 @@ def weights_metadata(**info) -> dict[str, str]:
     return {'format': 'pt', MARKER_KEY: json.dumps(marker_info(WEIGHTS, **info))}
 
 
-def file_kind(path: str) -> str | None:
-    """The kind of a file the toolkit wrote (Parquet footer or safetensors header), else None."""
+def safetensors_header(path: str) -> dict | None:
+    """The JSON header of a safetensors file, or None if it is not one."""
     try:
         with open(path, 'rb') as f:
             head = f.read(8)
-            if head[:4] == b'PAR1':
-                import pyarrow.parquet as pq
-
-                meta = pq.read_schema(path).metadata or {}
-                raw = meta.get(MARKER_KEY.encode())
-                info = json.loads(raw) if raw else None
-            elif len(head) == 8:
-                (size,) = struct.unpack('<Q', head)
-                if size > 100 << 20:
-                    return None
-                header = json.loads(f.read(size))
-                raw = (header.get('__metadata__') or {}).get(MARKER_KEY)
-                info = json.loads(raw) if raw else None
-            else:
+            if len(head) < 8:
                 return None
+            (size,) = struct.unpack('<Q', head)
+            if size > 100 << 20:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def file_kind(path: str) -> str | None:
+    """The kind of a file the toolkit wrote -- its marker in a Parquet footer, a safetensors
+    header, a PNG text chunk, or the first line of a JSONL file -- else None."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+        if head[:4] == b'PAR1':
+            import pyarrow.parquet as pq
+
+            raw = (pq.read_schema(path).metadata or {}).get(MARKER_KEY.encode())
+        elif head == b'\x89PNG\r\n\x1a\n':
+            raw = _png_text(path).get(MARKER_KEY)
+        elif head[:1] == b'{':
+            with open(path, 'rb') as f:
+                raw = json.dumps(json.loads(f.readline(1 << 20)))
+        else:
+            header = safetensors_header(path) or {}
+            raw = (header.get('__metadata__') or {}).get(MARKER_KEY)
+        info = json.loads(raw) if raw else None
     except Exception:  # noqa: BLE001 - anything unreadable is simply not ours
         return None
     if isinstance(info, dict) and info.get('made_by') == MARKER_KEY:
         return info.get('kind')
     return None
+
+
+def _png_text(path: str) -> dict[str, str]:
+    """The tEXt chunks of a PNG (matplotlib writes its savefig metadata there)."""
+    out = {}
+    with open(path, 'rb') as f:
+        f.read(8)
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return out
+            length, kind = struct.unpack('>I4s', head)
+            if kind == b'IDAT':
+                return out
+            data = f.read(length)
+            f.read(4)  # crc
+            if kind == b'tEXt' and b'\0' in data:
+                key, value = data.split(b'\0', 1)
+                out[key.decode('latin-1')] = value.decode('latin-1')
 
 
 def kind_of(path: str) -> str | None:

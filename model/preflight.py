@@ -7,6 +7,7 @@ only when the run will not fail for such a cause. Metadata and a few rows only: 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -145,6 +146,19 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
         _check_disk(t, report)
 
+    # warm start and trackers
+    if t.init_from and resume:
+        report.notes.append(f'--init_from={t.init_from} is not used: the run continues from its saved state')
+    elif t.init_from and report.vocab_size:
+        problem('init_from', lambda: _check_init_from(cfg, report.vocab_size))
+    if t.log_with != 'none':
+        import importlib.util
+
+        if importlib.util.find_spec(t.log_with) is None:
+            extra = " pip install 'chat-small-t5[tensorboard]'" if t.log_with == 'tensorboard' else f' pip install {t.log_with}'
+            report.problems.append(Problem('log_with', f'--log_with={t.log_with} but {t.log_with} is not installed',
+                                           f'install it:{extra}'))
+
     # resume: a state that loads, trained with what this run would use
     if resume:
         _check_resume(cfg, report)
@@ -155,6 +169,22 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                                 f'{os.path.join(t.output_dir, "previous_runs")}/<time>/ (to continue it instead: '
                                 f'--is_keep_training=True)')
     return report
+
+
+def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
+    from model.model_source import describe_model_source, shape_mismatch
+
+    t = cfg.train
+    source = describe_model_source(t.init_from, t.tokenizer_dir, what='--init_from')
+    diff = shape_mismatch(source, model_shape(cfg.model, vocab_size))
+    if diff:
+        raise UserError(f'--init_from: the model shape differs ({diff}); warm-start a run of the same shape')
+    theirs = (tokenizer_fingerprint(source.path) if source.kind == 'folder' else
+              (json.loads((ownership.safetensors_header(source.path) or {}).get('__metadata__', {})
+                          .get(ownership.MARKER_KEY, '{}')).get('tokenizer')))
+    if theirs and theirs != tokenizer_fingerprint(t.tokenizer_dir):
+        raise UserError(f'--init_from: {t.init_from} was trained with another tokenizer than the one in '
+                        f'{t.tokenizer_dir} (same size, other pieces); train with its own tokenizer')
 
 
 def model_folder(t) -> str:

@@ -127,8 +127,10 @@ def setup_logging_all_ranks(log_dir: str, collectives: Collectives) -> str:
         if not collectives.is_main:
             handler.setLevel(logging.WARNING)
         root.addHandler(handler)
-    for noisy in ('httpx', 'urllib3', 'filelock'):
+    for noisy in ('httpx', 'urllib3', 'filelock', 'accelerate'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # accelerate saves T5's tied embedding once and says so at every save; that is intended
+    logging.getLogger('accelerate.utils.other').setLevel(logging.ERROR)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # 'Writing model shards' bars amid the log

@@ -3,11 +3,14 @@
 Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``)::
 
     state-000005000/            one complete state per folder (newest wins)
-        chat_small_t5.json      the marker (kind "state"), written last with every file's size:
-                                a folder without it, or whose files do not match it, is not a state
-        model.pt optimizer.pt scheduler.pt [scaler.pt]
-        train_state.json data_state.json config.json fingerprint.json run.json
-        rng_rank0.pt rng_rank1.pt ...
+        chat_small_t5.json      the marker (kind "state"), written last with every file's size and
+                                checksum: a folder without it, or whose files do not match it, is
+                                not a state
+        model.safetensors optimizer.bin custom_checkpoint_0.pkl (schedule) custom_checkpoint_1.pkl
+        (data position) [scaler.pt] random_states_<rank>.pkl
+                                what accelerate's save_state writes for the engine in use (FSDP:
+                                sharded model and optimizer folders; DeepSpeed: its checkpoint)
+        train_state.json config.json fingerprint.json run.json
         tokenizer/              the run's tokenizer, so a retrained one never strands a state
     .tmp-state-000006000/       a save in progress (removed when found stale)
 
@@ -18,12 +21,12 @@ newest state to the previous complete one. Every rank must see the same filesyst
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from typing import Any, Callable
@@ -97,27 +100,6 @@ def latest_state(state_dir: str, deep: bool = False) -> str | None:
     return None
 
 
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
 def write_json(path: str, obj) -> None:
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(obj, f, ensure_ascii=False, indent=1, default=str)
@@ -136,66 +118,60 @@ def ensure_state_dir(state_dir: str) -> None:
         ownership.write_marker(state_dir, STATE_DIR, manifest=False)
 
 
-def save_state(state_dir: str, step: int, *, is_main: bool, rank: int, all_ok: Callable[[bool], bool],
-               tensors: dict[str, Any], jsons: dict[str, Any], save_tokenizer: Callable[[str], None],
-               keep: int = 2) -> str:
-    """Collective: every rank calls it. Main writes the shared parts, each rank its RNG.
-
-    ``tensors`` go to ``<name>.pt``, ``jsons`` to ``<name>.json`` (main only). ``all_ok`` is
-    a collective vote (True when every rank's part was written), so a rank whose write failed
-    -- a full disk -- never leaves the others waiting. Returns the final folder.
-    """
-    import torch
-
+def save_state(state_dir: str, step: int, *, is_main: bool, all_ok: Callable[[bool], bool],
+               write_all_ranks: Callable[[str], None], write_main: Callable[[str], None], keep: int = 2) -> str:
+    """Collective: every rank calls it. ``write_all_ranks(folder)`` runs on every rank (the
+    engine's save: accelerate's save_state), then ``write_main(folder)`` on the main process
+    (the JSON parts, the tokenizer). ``all_ok`` is a collective vote after each part, so a rank
+    whose write failed -- a full disk -- never leaves the others waiting. The folder is
+    checksummed, marked and renamed into place; the oldest states beyond ``keep`` are pruned.
+    Returns the final folder."""
     tmp = os.path.join(state_dir, '.tmp-' + state_name(step))
     final = os.path.join(state_dir, state_name(step))
-    error: BaseException | None = None
-    try:
-        if is_main:
-            ensure_state_dir(state_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-    except Exception as e:  # noqa: BLE001 - reported after the vote
-        error = e
-    if not all_ok(error is None):
-        raise _save_error(error, state_dir, tmp, is_main)
-    try:
-        torch.save(rng_state(), os.path.join(tmp, f'rng_rank{rank}.pt'))
-        if is_main:
-            for name, obj in tensors.items():
-                torch.save(obj, os.path.join(tmp, f'{name}.pt'))
-                fault_point('state-save', step)
-            for name, obj in jsons.items():
-                write_json(os.path.join(tmp, f'{name}.json'), obj)
-            save_tokenizer(os.path.join(tmp, TOKENIZER_COPY))
-    except Exception as e:  # noqa: BLE001
-        error = e
-    if not all_ok(error is None):
-        raise _save_error(error, state_dir, tmp, is_main)
-    try:
-        if is_main:
-            files = {}
-            for root, _, names in os.walk(tmp):
-                for name in names:  # data on disk before the marker says complete
-                    p = os.path.join(root, name)
-                    _fsync_file(p)
-                    files[os.path.relpath(p, tmp)] = {'bytes': os.path.getsize(p), 'sha256': file_sha256(p)}
-            ownership.write_marker(tmp, STATE, step=step, files=files)
-            ownership.replace_folder(tmp, final, STATE, 'train_state_dir')  # a step saved again: swapped
-            for _, old in list_complete_states(state_dir)[:-keep]:
-                extra = ownership.foreign_files(old)
-                if extra:
-                    logger.warning('%s is not pruned: it holds files this toolkit did not write (%s)', old,
-                                   ', '.join(extra[:3]))
-                else:
-                    shutil.rmtree(old, ignore_errors=True)
-            for stale in glob.glob(os.path.join(state_dir, '.tmp-state-*')):
-                shutil.rmtree(stale, ignore_errors=True)
-    except Exception as e:  # noqa: BLE001
-        error = e
-    if not all_ok(error is None):
-        raise _save_error(error, state_dir, tmp, is_main)
+    steps = [lambda: _new_tmp(state_dir, tmp) if is_main else None,
+             lambda: write_all_ranks(tmp),
+             lambda: (fault_point('state-save', step), write_main(tmp)) if is_main else None,
+             lambda: _complete(state_dir, tmp, final, step, keep) if is_main else None]
+    for part in steps:
+        error: BaseException | None = None
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001 - reported after the vote, on every rank
+            error = e
+        if not all_ok(error is None):
+            raise _save_error(error, state_dir, tmp, is_main)
     return final
+
+
+def _new_tmp(state_dir: str, tmp: str) -> None:
+    ensure_state_dir(state_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_state(state_dir)
+    if previous:  # a state the size of the last one must fit: found before any rank writes
+        need = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(previous) for n in names)
+        if shutil.disk_usage(state_dir).free < need * 1.05:
+            raise OSError(errno.ENOSPC, f'No space left on device: a state needs about {need} bytes')
+    os.makedirs(tmp)
+
+
+def _complete(state_dir: str, tmp: str, final: str, step: int, keep: int) -> None:
+    files = {}
+    for root, _, names in os.walk(tmp):
+        for name in names:  # data on disk before the marker says complete
+            p = os.path.join(root, name)
+            _fsync_file(p)
+            files[os.path.relpath(p, tmp)] = {'bytes': os.path.getsize(p), 'sha256': file_sha256(p)}
+    ownership.write_marker(tmp, STATE, step=step, files=files)
+    ownership.replace_folder(tmp, final, STATE, 'train_state_dir')  # a step saved again: swapped
+    for _, old in list_complete_states(state_dir)[:-keep]:
+        extra = ownership.foreign_files(old)
+        if extra:
+            logger.warning('%s is not pruned: it holds files this toolkit did not write (%s)', old,
+                           ', '.join(extra[:3]))
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in glob.glob(os.path.join(state_dir, '.tmp-state-*')):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _save_error(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
@@ -216,21 +192,18 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def load_state(state_dir: str, rank: int) -> dict[str, Any]:
-    """The newest state that loads: its json parts, tensor parts (on CPU) and this rank's RNG.
-
-    A damaged state (files missing or truncated, or failing to load) is reported and the
-    previous complete one is tried; none left is a UserError.
-    """
-    import torch
-
+def load_state(state_dir: str, load_all_ranks: Callable[[str], None]) -> dict[str, Any]:
+    """The newest state that loads: its JSON parts, after ``load_all_ranks(folder)`` (the
+    engine's load_state) filled the live objects. A damaged state (a file missing, truncated,
+    of another checksum, or one that would need unpickling beyond tensors) is reported and the
+    previous complete one is tried; none left is a UserError."""
     states = list_complete_states(state_dir)
     if not states:
         raise UserError(f'--is_keep_training=True but no complete saved state in {state_dir}; '
                         f'start without --is_keep_training (or check --train_state_dir)')
     damaged = []
     for _, path in reversed(states):
-        problem = state_problem(path, deep=True)
+        problem = state_problem(path, deep=True) or unsafe_pickles(path)
         if problem is None:
             try:
                 out: dict[str, Any] = {'path': path, 'damaged': damaged}
@@ -238,16 +211,10 @@ def load_state(state_dir: str, rank: int) -> dict[str, Any]:
                     name, ext = os.path.splitext(f)
                     if ext == '.json' and f != MARKER:
                         out[name] = read_json(os.path.join(path, f))
-                for name in ('model', 'optimizer', 'scheduler', 'scaler'):
-                    p = os.path.join(path, f'{name}.pt')
-                    if os.path.isfile(p):
-                        out[name] = torch.load(p, map_location='cpu', weights_only=False)
-                rng = os.path.join(path, f'rng_rank{rank}.pt')
-                out['rng_exact'] = os.path.isfile(rng)
-                if not out['rng_exact']:  # resumed on more ranks than saved: borrow rank 0's
-                    rng = os.path.join(path, 'rng_rank0.pt')
-                out['rng'] = torch.load(rng, map_location='cpu', weights_only=False)
+                load_all_ranks(path)
                 return out
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - a damaged file of any kind
                 problem = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
         damaged.append((path, problem))
@@ -256,15 +223,35 @@ def load_state(state_dir: str, rank: int) -> dict[str, Any]:
                     f'start a new run without --is_keep_training')
 
 
+def unsafe_pickles(path: str) -> str | None:
+    """The first torch file of a state that does not load as plain tensors and numbers
+    (``weights_only=True``, numpy arrays allowed as accelerate allows them): loading it would
+    run code from the file. None when every one loads so."""
+    from accelerate.utils.other import load
+
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            if not name.endswith(('.bin', '.pkl', '.pt')):
+                continue
+            try:
+                load(os.path.join(root, name), map_location='cpu', weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                return (f'{os.path.relpath(os.path.join(root, name), path)} holds more than tensors and numbers '
+                        f'(loading it could run code from the file: {type(e).__name__})')
+    return None
+
+
 # --------------------------------------------------------------------------- weights
 
 
-def save_weights_file(model, path: str, **info) -> None:
-    """The model's weights as safetensors (tied weights once), marked as the toolkit's."""
-    from safetensors.torch import save_model
+def save_weights_file(state_dict: dict, path: str, **info) -> None:
+    """A full state dict as safetensors (tied weights once), marked as the toolkit's."""
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+    from safetensors.torch import save_file
 
+    state_dict = clean_state_dict_for_safetensors({k: v.contiguous() for k, v in state_dict.items()})
     with ownership.atomic_file(path, WEIGHTS, 'model_file') as tmp:
-        save_model(model, tmp, metadata=ownership.weights_metadata(**info))
+        save_file(state_dict, tmp, metadata=ownership.weights_metadata(**info))
 
 
 def load_weights_file(path: str) -> dict:
@@ -293,10 +280,10 @@ def load_weights_file(path: str) -> dict:
                         f'{str(e).splitlines()[0] if str(e) else "damaged"})') from None
 
 
-def save_model_folder(model, tokenizer, target: str, **info) -> None:
-    """A Hugging Face folder (model, tokenizer, marker) swapped in atomically."""
+def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -> None:
+    """A Hugging Face folder (the full state dict, the tokenizer, the marker) swapped in atomically."""
     with ownership.building_folder(target, MODEL, 'output_dir') as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         ownership.write_marker(tmp, MODEL, **info)
 

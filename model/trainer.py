@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from config import ResolvedConfig
 from model import ownership, preflight, state_files
-from model.chat_model import build_model
+from model.chat_model import build_model, load_weights_into
 from model.checkpoint import Checkpointer, TrainState
 from model.evaluation import Evaluator
 from model.files import resolve_parquet_files
@@ -59,6 +59,15 @@ class LogInterval:
     start: float = field(default_factory=time.time)
 
 
+def weights_path(path: str) -> str:
+    """The weights file of a model folder, or the file itself."""
+    if os.path.isdir(path):
+        for name in ('model.safetensors', 'pytorch_model.bin'):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+    return path
+
+
 def build_optimizer(train_cfg, model):
     if train_cfg.optimizer == 'adafactor':
         from transformers.optimization import Adafactor
@@ -85,8 +94,11 @@ class Trainer:
         t = self.train_cfg
         use_cpu = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
         precision, warning = resolve_precision(t.mixed_precision, use_cpu)
+        trackers = {} if t.log_with == 'none' else {'log_with': t.log_with, 'project_dir': t.log_dir}
+        # an accelerate config file's value would override the flag silently (and DeepSpeed reads it)
+        os.environ['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'] = str(t.gradient_accumulation_steps)
         self.accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu,
-                                       gradient_accumulation_steps=t.gradient_accumulation_steps)
+                                       gradient_accumulation_steps=t.gradient_accumulation_steps, **trackers)
         self.collectives = Collectives(self.accelerator)
         self.world, self.rank = self.collectives.world, self.accelerator.process_index
         # one run per output place: main takes the locks, every rank stops if that failed
@@ -99,6 +111,9 @@ class Trainer:
                     self.accelerator.device, precision, self.log_file)
         for note in notes:
             logger.warning('%s', note)
+        self.stamp = os.path.basename(self.log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
+        if t.log_with != 'none':
+            self._init_trackers()
 
         set_seed(t.seed)
         self.tokenizer = load_tokenizer(t.tokenizer_dir)
@@ -108,7 +123,13 @@ class Trainer:
         self.total_steps = total_optimizer_steps(self.train_loader.num_rows, t.batch_size_per_gpu, self.world,
                                                  t.gradient_accumulation_steps, t.epochs, t.max_steps)
         model = build_model(cfg.model, len(self.tokenizer))
+        if t.init_from and not resume:  # warm start: these weights, a fresh optimizer, schedule and data position
+            load_weights_into(model, weights_path(t.init_from))
+            logger.info('warm start: weights from %s', t.init_from)
         self.decoder_inputs = model.prepare_decoder_input_ids_from_labels  # pad-started, -100 -> pad
+        if t.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+            model.config.use_cache = False
         optimizer = build_optimizer(t, model)
         # the scheduler is not prepared: accelerate would step it once per process
         self.scheduler = build_scheduler(t, optimizer, self.total_steps)
@@ -118,10 +139,10 @@ class Trainer:
                        'tokenizer': tokenizer_fingerprint(t.tokenizer_dir)}
         self.checkpointer = Checkpointer(cfg, self.accelerator, self.collectives, self.model, self.optimizer,
                                          self.scheduler, self.train_loader, self.tokenizer, fingerprint)
-        self.evaluator = Evaluator(t, self.accelerator, self.collectives, self.tokenizer, valid_loader, valid_files)
+        self.evaluator = Evaluator(t, self.accelerator, self.collectives, self.tokenizer, valid_loader, valid_files,
+                                   self.decoder_inputs)
         if not resume:
-            stamp = os.path.basename(self.log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
-            self.checkpointer.archive_previous_run_all_ranks(stamp)
+            self.checkpointer.archive_previous_run_all_ranks(self.stamp)
         self.collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
         self.state = self.checkpointer.load() if resume else TrainState()
         self.nonfinite_step = torch.tensor(-1, device=self.accelerator.device)
@@ -130,6 +151,16 @@ class Trainer:
         if t.warmup_steps >= self.total_steps:
             logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never '
                            'reaches learn_rate', t.warmup_steps, self.total_steps)
+
+    def _init_trackers(self) -> None:
+        """accelerate's trackers (TensorBoard under log_dir/tensorboard/<run>, or wandb), with the
+        config as hyperparameters."""
+        flat = {f'{part}/{k}': v for part, values in self.cfg.to_dict().items() if isinstance(values, dict)
+                for k, v in values.items()}
+        name = f'tensorboard/{self.stamp}' if self.train_cfg.log_with == 'tensorboard' else 'chat_small_t5'
+        self.accelerator.init_trackers(name, config=flat)
+        logger.info('curves also go to %s (%s)', self.train_cfg.log_with,
+                    os.path.join(self.train_cfg.log_dir, name) if self.train_cfg.log_with == 'tensorboard' else name)
 
     def _build_loader(self, files, train: bool):
         from model.loader import StreamingLoader
@@ -274,11 +305,14 @@ class Trainer:
         self.fold_counts_all_ranks()
         done = state.global_step - self._run_start_step
         eta = (time.time() - self._run_start) / max(done, 1) * (self.total_steps - state.global_step)
+        figures = {'train/loss': loss_sum / max(label_tokens, 1), 'train/lr': self.scheduler.get_last_lr()[0],
+                   'train/grad_norm': float(interval.grad_norm), 'train/samples_per_s': rows / elapsed,
+                   'train/tokens_per_s': (label_tokens + input_tokens) / elapsed}
         logger.info('step %d/%d | epoch %d | loss %.4f | lr %.3e | grad_norm %.3f | %.1f samples/s | '
                     '%.0f tokens/s | eta %s%s', state.global_step, self.total_steps, self.train_loader.epoch,
-                    loss_sum / max(label_tokens, 1), self.scheduler.get_last_lr()[0], float(interval.grad_norm),
-                    rows / elapsed, (label_tokens + input_tokens) / elapsed, datetime.timedelta(seconds=int(eta)),
+                    *figures.values(), datetime.timedelta(seconds=int(eta)),
                     f' | skipped {int(skipped)} empty rows' if skipped else '')
+        self.accelerator.log(figures, step=state.global_step)
         self.interval = self._new_interval()
 
     def evaluate_all_ranks(self) -> None:
@@ -288,6 +322,10 @@ class Trainer:
         self.check_finite_all_ranks()
         result = self.evaluator.evaluate_all_ranks(self.model)
         logger.info(result.describe(state.global_step))
+        figures = {'eval/loss': result.loss, 'eval/perplexity': result.perplexity}
+        if result.bleu is not None:
+            figures['eval/bleu4'] = result.bleu
+        self.accelerator.log(figures, step=state.global_step)
         state.last_eval_step = state.global_step
         if result.loss < state.best_val_loss:
             state.best_val_loss, state.best_step = result.loss, state.global_step
@@ -311,7 +349,7 @@ class Trainer:
         self.evaluate_all_ranks()
         if self.checkpointer.last_saved_step != self.state.global_step:
             self.save_all_ranks()
-        self.checkpointer.save_final_all_ranks(self.state.global_step)
+        self.checkpointer.export_folder_all_ranks('final', self.state.global_step)
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
                     os.path.join(self.train_cfg.output_dir, 'final'))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: built-in corpus -> tokenizer -> train the tiny model -> answer prompts.
+# The demo: built-in corpus -> tokenizer -> train the tiny model -> answer prompts -> score it.
 # Extra flags go to `train`, e.g. bash scripts/demo.sh --epochs=2
 source "$(dirname "$0")/env.sh"
 $PY prepare_data.py demo
@@ -7,3 +7,4 @@ $PY train_low_mem.py train_tokenizer --preset=demo
 $PY train_low_mem.py train --preset=demo --dry_run=True | tail -n 3
 $PY train_low_mem.py train --preset=demo "$@"
 $PY train_low_mem.py generate --preset=demo
+$PY train_low_mem.py test --preset=demo --max_test_rows=500

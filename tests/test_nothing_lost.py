@@ -117,7 +117,7 @@ def test_generate_on_a_state_folder_explains_instead_of_suggesting_train_tokeniz
     before = snapshot(trained)
     line = assert_user_error(cli('generate', f'--model_dir={state}'), 'training state', 'best')
     assert 'train_tokenizer' not in line
-    assert_user_error(cli('generate', f'--model_dir={trained}/nowhere'), 'no such folder')
+    assert_user_error(cli('generate', f'--model_dir={trained}/nowhere'), 'no such file or folder')
     assert snapshot(trained) == before
 
 
@@ -451,8 +451,8 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     os.remove(out / 'previous_runs')
     # every state damaged, sizes unchanged: the checksums find it, in the dry run as in the run
     for state in glob.glob(f'{out}/state/state-*'):
-        size = os.path.getsize(f'{state}/model.pt')
-        with open(f'{state}/model.pt', 'wb') as f:
+        size = os.path.getsize(f'{state}/model.safetensors')
+        with open(f'{state}/model.safetensors', 'wb') as f:
             f.write(b'\0' * size)
     dry = cli('train', *flags, '--is_keep_training=True', '--dry_run=True')
     assert dry.returncode == 1 and 'every saved state is damaged' in dry.stdout and 'checksum' in dry.stdout

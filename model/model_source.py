@@ -1,0 +1,91 @@
+"""What a model path a user gives holds, read without torch: a Hugging Face folder written by
+train (output_dir/best, final), or a weights file (model_file: chat_small_t5.<step>.bin, best).
+
+Used before any work -- by the dry run for --init_from, by generate, chat and test -- so a
+wrong path, a training state, or a model of another shape is one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from config import UserError
+from model import ownership
+from model.tokenizer import check_tokenizer_folder
+
+SHAPE_FIELDS = ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers', 'feed_forward_proj',
+                'relative_attention_num_buckets', 'relative_attention_max_distance', 'vocab_size')
+WHERE = 'output_dir/best or output_dir/final'
+
+
+@dataclass
+class ModelSource:
+    path: str
+    kind: str  # 'folder' | 'weights'
+    tokenizer_dir: str  # the folder itself, or the tokenizer given with a weights file
+    shape: dict | None  # the model shape recorded with it (None: a weights file without it)
+    max_seq_len: int | None  # what it was trained with, where recorded
+
+
+def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_dir') -> ModelSource:
+    """A ModelSource, or a UserError saying what the path is instead."""
+    if not os.path.exists(path):
+        raise UserError(f'{what}={path}: no such file or folder')
+    if os.path.isdir(path):
+        return _describe_folder(path, what)
+    header = ownership.safetensors_header(path)
+    if header is None and not _is_torch_file(path):
+        raise UserError(f'{what}={path}: neither a model folder nor a weights file (safetensors or torch)')
+    check_tokenizer_folder(tokenizer_dir)
+    info = {}
+    if header is not None:
+        raw = (header.get('__metadata__') or {}).get(ownership.MARKER_KEY)
+        info = json.loads(raw) if raw else {}
+    shape = info.get('model_shape')
+    return ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'))
+
+
+def _describe_folder(folder: str, what: str) -> ModelSource:
+    kind = ownership.folder_kind(folder)
+    parent_kind = ownership.folder_kind(os.path.dirname(os.path.abspath(folder).rstrip(os.sep)))
+    if kind in (ownership.STATE_DIR, ownership.STATE) or parent_kind == ownership.STATE_DIR:
+        raise UserError(f'{what}={folder} is a training state (for --is_keep_training), not a model folder; '
+                        f'give a model folder such as {WHERE}')
+    if kind == ownership.TOKENIZER:
+        raise UserError(f'{what}={folder} is a tokenizer folder, not a model; give a model folder such as {WHERE}')
+    config = os.path.join(folder, 'config.json')
+    weights = [n for n in ('model.safetensors', 'pytorch_model.bin') if os.path.isfile(os.path.join(folder, n))]
+    if not os.path.isfile(config) or not weights:
+        raise UserError(f'{what}={folder} is not a model folder (it needs config.json and model.safetensors, as '
+                        f'train writes to {WHERE})')
+    try:
+        with open(config, encoding='utf-8') as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'{config}: unreadable ({e})') from None
+    if spec.get('model_type') != 't5':
+        raise UserError(f'{what}={folder} holds a {spec.get("model_type")!r} model; this toolkit uses T5 models')
+    if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+        raise UserError(f'{what}={folder} has no tokenizer.json: models written by train carry their tokenizer')
+    check_tokenizer_folder(folder)
+    shape = {k: spec.get(k) for k in SHAPE_FIELDS}
+    info = ownership.read_marker(folder) or {}
+    return ModelSource(folder, 'folder', folder, shape, info.get('max_seq_len'))
+
+
+def shape_mismatch(source: ModelSource, expected: dict) -> str | None:
+    """'d_model 256 in the weights, 128 in this run; ...' or None when they agree (or are unknown)."""
+    if not source.shape:
+        return None
+    diff = [f'{k} {source.shape.get(k)} in {source.path}, {expected.get(k)} in this run'
+            for k in SHAPE_FIELDS if k in expected and source.shape.get(k) is not None
+            and source.shape.get(k) != expected[k]]
+    return '; '.join(diff) or None
+
+
+def _is_torch_file(path: str) -> bool:
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head[:2] == b'PK' or head[:1] == b'\x80'

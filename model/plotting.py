@@ -1,0 +1,107 @@
+"""`train_low_mem.py plot`: training loss, learning rate and validation loss of a run, drawn
+from its log file (no tracker needed). matplotlib is imported only here, only when asked."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from config import UserError
+from model import ownership
+from model.ownership import PLOT
+
+STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)')
+EVAL_RE = re.compile(r'eval at step (\d+): validation loss ([0-9.eE+-]+|nan|inf)(?:.*?BLEU-4 ([0-9.]+))?')
+
+
+@dataclass
+class Curves:
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    bleu_step: list[int] = field(default_factory=list)
+    bleu: list[float] = field(default_factory=list)
+
+
+def read_curves(log_file: str) -> Curves:
+    """The figures of a run's log; a resumed run's repeated steps keep their last value."""
+    train, evals, bleus = {}, {}, {}
+    with open(log_file, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            m = STEP_RE.search(line)
+            if m:
+                train[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+                continue
+            m = EVAL_RE.search(line)
+            if m:
+                evals[int(m.group(1))] = float(m.group(2))
+                if m.group(3):
+                    bleus[int(m.group(1))] = float(m.group(3))
+    curves = Curves()
+    for s in sorted(train):
+        curves.step.append(s)
+        curves.loss.append(train[s][0])
+        curves.lr.append(train[s][1])
+    for s in sorted(evals):
+        curves.eval_step.append(s)
+        curves.eval_loss.append(evals[s])
+    for s in sorted(bleus):
+        curves.bleu_step.append(s)
+        curves.bleu.append(bleus[s])
+    return curves
+
+
+def newest_log(log_dir: str) -> str:
+    logs = sorted(glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log')), key=os.path.getmtime)
+    if not logs:
+        raise UserError(f'no chat_trainer_low_mem_*.log in {log_dir}; give --log_file=PATH')
+    return logs[-1]
+
+
+def plot_log(log_file: str, out: str) -> Curves:
+    """Three panels (training loss, learning rate, validation loss) as a PNG the toolkit marks."""
+    if not os.path.isfile(log_file):
+        raise UserError(f'--log_file={log_file}: no such file')
+    curves = read_curves(log_file)
+    if not curves.step:
+        raise UserError(f'{log_file}: no training step lines in this log (is it a chat_trainer_low_mem log?)')
+    if not out.lower().endswith('.png'):
+        raise UserError(f'--out={out}: the plot is a PNG; give a path ending in .png')
+    ownership.check_replaceable(out, PLOT, '--out', folder=False)
+    ownership.check_writable(out, '--out')
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plot needs matplotlib: pip install 'chat-small-t5[plot]' (or pip install matplotlib)") from None
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    axes[0].plot(curves.step, curves.loss, color='tab:blue', label='training loss')
+    axes[0].set_ylabel('training loss')
+    axes[1].plot(curves.step, curves.lr, color='tab:orange', label='learning rate')
+    axes[1].set_ylabel('learning rate')
+    axes[1].ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
+    axes[2].plot(curves.eval_step, curves.eval_loss, 'o-', color='tab:green', label='validation loss')
+    axes[2].set_ylabel('validation loss')
+    axes[2].set_xlabel('optimizer step')
+    if curves.bleu:
+        twin = axes[2].twinx()
+        twin.plot(curves.bleu_step, curves.bleu, 's--', color='tab:red', label='BLEU-4')
+        twin.set_ylabel('BLEU-4')
+        twin.legend(loc='upper right')
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc='upper left' if ax is axes[2] else 'upper right')
+    fig.suptitle(os.path.basename(log_file))
+    fig.tight_layout()
+    marker = json.dumps(ownership.marker_info(PLOT, log_file=os.path.abspath(log_file)))
+    with ownership.atomic_file(out, PLOT, '--out') as tmp:
+        fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', ownership.MARKER_KEY: marker})
+    plt.close(fig)
+    return curves

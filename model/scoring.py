@@ -1,0 +1,113 @@
+"""`train_low_mem.py test`: a trained model scored on a prompt/response file, streamed.
+
+Loss and perplexity are token-weighted, teacher-forced (the validation loss of training);
+BLEU-4 is sacrebleu's corpus BLEU with the Chinese tokenizer, accumulated as n-gram
+statistics batch by batch; exact match compares whitespace-stripped answers. Memory holds one
+batch of rows: the predictions go to a JSONL file as they are made. Its first line is the
+toolkit's marker with the figures, one line per row follows: prompt, reference, answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from config import DecodeConfig
+from model import ownership
+from model.chat_model import answer
+from model.files import TEXT_COLUMNS, iter_text_tables, usable_mask
+from model.loader import TokenEncoder, make_batches, to_torch
+from model.ownership import PREDICTIONS
+from model.tokenizer import LABEL_PAD_ID
+
+TEST_BATCH_ROWS = 32
+
+
+@dataclass
+class TestResult:
+    rows: int
+    skipped: int
+    loss: float
+    bleu: float
+    exact_match: float
+    predictions: str
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50))
+
+    def describe(self) -> str:
+        return (f'rows {self.rows} (skipped {self.skipped} blank) | loss {self.loss:.4f} | perplexity '
+                f'{self.perplexity:.2f} | BLEU-4 {self.bleu:.2f} | exact match {100 * self.exact_match:.1f}%\n'
+                f'predictions: {self.predictions}')
+
+
+def predictions_path(model_path: str, test_file: str) -> str:
+    """Beside the model: <model folder or weights file>.predictions.<test file name>.jsonl."""
+    stem = os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0] or 'test'
+    return f'{os.path.normpath(model_path)}.predictions.{stem}.jsonl'
+
+
+@torch.no_grad()
+def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int, decode: DecodeConfig,
+               max_rows: int = 0, model_path: str = '', progress=None) -> TestResult:
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(tokenize='zh')
+    encoder = TokenEncoder(tokenizer, max_seq_len)
+    device = next(model.parameters()).device
+    stats = None
+    loss_sum, tokens, rows, skipped, exact = 0.0, 0, 0, 0, 0
+    ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
+    body_path = ownership.temp_path(out_path)
+    try:
+        with ownership.disk_errors('predictions', out_path), open(body_path, 'w', encoding='utf-8') as body:
+            for table in iter_text_tables(test_file, batch_rows=TEST_BATCH_ROWS):
+                if max_rows and rows >= max_rows:
+                    break
+                if max_rows:
+                    table = table.slice(0, max_rows - rows)
+                keep = usable_mask(table)
+                skipped += int((~keep).sum())
+                table = table.filter(pa.array(keep))
+                if not table.num_rows:
+                    continue
+                prompts, refs = (table.column(c).to_pylist() for c in TEXT_COLUMNS)
+                batch = to_torch(make_batches([(prompts, refs, None, 0)], encoder)[0])
+                labels = batch['labels'].to(device)
+                logits = model(input_ids=batch['input_ids'].to(device),
+                               attention_mask=batch['attention_mask'].to(device),
+                               decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+                loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                  ignore_index=LABEL_PAD_ID, reduction='sum'))
+                tokens += int((labels != LABEL_PAD_ID).sum())
+                hyps = answer(model, tokenizer, prompts, max_seq_len=max_seq_len, decode=decode)
+                batch_stats = np.sum(bleu._extract_corpus_statistics(hyps, [refs]), axis=0)
+                stats = batch_stats if stats is None else stats + batch_stats
+                for p, r, h in zip(prompts, refs, hyps):
+                    exact += h.strip() == r.strip()
+                    body.write(json.dumps({'prompt': p, 'reference': r, 'answer': h}, ensure_ascii=False) + '\n')
+                rows += len(prompts)
+                if progress:
+                    progress(rows)
+        score = bleu._compute_score_from_stats(list(stats)).score if stats is not None else 0.0
+        result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
+        header = ownership.marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
+                                       skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
+                                       exact_match=result.exact_match, decode=decode.__dict__)
+        with ownership.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
+            with open(tmp, 'w', encoding='utf-8') as f, open(body_path, encoding='utf-8') as body:
+                f.write(json.dumps(header, ensure_ascii=False) + '\n')
+                shutil.copyfileobj(body, f)
+    finally:
+        if os.path.exists(body_path):
+            os.remove(body_path)
+    return result
