@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -22,9 +21,6 @@ from model import state_files
 from model.tokenizer import save_tokenizer_copy
 
 logger = logging.getLogger('chat_trainer')
-
-MODEL_FILE = 'model.safetensors'  # accelerate's name for the model in a DDP / single-process state
-
 
 @dataclass
 class TrainState:
@@ -150,38 +146,9 @@ class Checkpointer:
         return state
 
     def _load_engine_state(self, folder: str) -> None:
-        """accelerate's load_state; a DDP state loaded by one process (or the other way round)
-        goes through a view whose model keys carry or drop DDP's 'module.' prefix."""
-        view = self._prefix_view(folder)
-        try:
-            self.accelerator.load_state(view or folder)
-        finally:
-            if view:
-                shutil.rmtree(view, ignore_errors=True)
-
-    def _prefix_view(self, folder: str) -> str | None:
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
-
-        path = os.path.join(folder, MODEL_FILE)
-        if not os.path.isfile(path):
-            return None
-        with safe_open(path, framework='pt') as f:
-            saved_prefixed = any(k.startswith('module.') for k in f.keys())
-        wanted_prefixed = any(k.startswith('module.') for k in self.model.state_dict())
-        if saved_prefixed == wanted_prefixed:
-            return None
-        weights = load_file(path)
-        weights = ({k.removeprefix('module.'): v for k, v in weights.items()} if saved_prefixed else
-                   {f'module.{k}': v for k, v in weights.items()})
-        view = os.path.join(os.path.dirname(folder), f'.tmp-view-{os.path.basename(folder)}-{os.getpid()}')
-        shutil.rmtree(view, ignore_errors=True)
-        os.makedirs(view)
-        for name in os.listdir(folder):
-            if name != MODEL_FILE:
-                os.symlink(os.path.join(os.path.abspath(folder), name), os.path.join(view, name))
-        save_file(weights, os.path.join(view, MODEL_FILE), metadata={'format': 'pt'})
-        return view
+        """accelerate's load_state: model (saved unwrapped, so DDP states load on any number of
+        processes), optimizer, grad scaler, RNG, the schedule and the data position."""
+        self.accelerator.load_state(folder)
 
     def _apply_changed_hyperparameters(self, saved: dict) -> None:
         """The loaded optimizer and schedule carry the saved learning rate and weight decay; this

@@ -246,7 +246,7 @@ def test_a_two_rank_state_resumes_on_one_rank_at_the_same_data_position(tmp_path
     os.kill(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=300)
     step = int(state_folders(f'{out}/state')[-1].split('-')[1])
-    # one process, the same global batch (8 = 2 x 4): the state's DDP weights load through a view
+    # one process, the same global batch (8 = 2 x 4)
     r = run_train(tiny_flags(data, out, **{**TWO_RANKS, 'batch_size_per_gpu': 8}), RESUME)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'resuming on 1 process(es), saved on 2' in r.stderr
