@@ -78,6 +78,7 @@ class TrainConfigPretrainLarge:
     # --- data pipeline ---
     num_workers: int = 0  # DataLoader worker processes per rank (0 = tokenize in the main process)
     shuffle_window_rows: int = 65536  # rows shuffled together (memory ~ this many rows of text)
+    shuffle_row_groups: int = 16  # row groups a shuffle window draws its rows from: a file sorted by source or topic still trains mixed
     group_by_length: bool = True  # sort rows by length within a window to cut padding
     length_group_batches: int = 64  # local batches per length-sorting window
 
@@ -246,7 +247,7 @@ def check_model_file_pattern(pattern: str) -> None:
 def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     """All value checks in one place; raises UserError with a fixable message."""
     positive = ('epochs', 'batch_size_per_gpu', 'gradient_accumulation_steps', 'max_seq_len',
-                'save_steps', 'logging_steps', 'shuffle_window_rows', 'length_group_batches',
+                'save_steps', 'logging_steps', 'shuffle_window_rows', 'shuffle_row_groups', 'length_group_batches',
                 'vocab_size', 'tokenizer_max_rows')
     for name in positive:
         if getattr(train, name) <= 0:
@@ -378,6 +379,7 @@ class RunFlags:
     use_large_config: bool = False  # the guide's flag: the 10m template (= the defaults)
     is_keep_training: bool = False  # continue the newest saved state in train_state_dir
     dry_run: bool = False  # print the resolved config and check everything the run needs, without training
+    rows_per_s: float = 0.0  # dry run: training rows/s of one GPU measured by bench/bench_gpu.py, for the time per epoch (0 = from FLOPs)
 
 
 MAX_NEW_TOKENS = 2048

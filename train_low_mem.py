@@ -62,7 +62,7 @@ def _resolve(preset, use_large_config, overrides: dict, allowed=None, extra=()) 
     return resolve_config(preset=preset, use_large_config=use_large_config, overrides=overrides)
 
 
-def dry_run_report(cfg: ResolvedConfig, resume: bool) -> int:
+def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -> int:
     """The resolved config, the paths, and every problem the run would meet (exit 0 ready, 1 not)."""
     from model import preflight
 
@@ -83,6 +83,11 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool) -> int:
               f'{t.gradient_accumulation_steps} accumulation = {per_step} rows per optimizer step; '
               f'{report.total_steps:,} optimizer steps over {t.epochs} epoch(s); '
               f'{report.parameters / 1e6:.1f}M parameters')
+    if report.total_steps:
+        from model.resources import resource_lines
+
+        print('\n'.join(resource_lines(cfg, report.train_rows, report.vocab_size, world, report.train_files,
+                                       rows_per_s)))
     for note in report.notes:
         print(f'note: {note}')
     if report.ready:
@@ -94,12 +99,14 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool) -> int:
     return 1
 
 
-def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_run=False, **overrides):
-    """Train (or, with --dry_run=True, print the resolved config and check everything)."""
-    cfg = _resolve(preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run'))
+def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_run=False, rows_per_s=0.0,
+          **overrides):
+    """Train (or, with --dry_run=True, print the resolved config, check everything and estimate
+    the resources)."""
+    cfg = _resolve(preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run', 'rows_per_s'))
     resume = coerce('is_keep_training', is_keep_training, bool)
     if coerce('dry_run', dry_run, bool):
-        sys.exit(dry_run_report(cfg, resume))
+        sys.exit(dry_run_report(cfg, resume, coerce('rows_per_s', rows_per_s, float)))
     from model.trainer import run_training
 
     sys.exit(run_training(cfg, resume=resume))

@@ -2,12 +2,13 @@
 
 It depends only on the data files, the seed, the epoch and the :class:`OrderParams`:
 
-* units: the row groups of all files (a row group larger than ``shuffle_window_rows`` is cut
-  into consecutive slices of at most that many rows; the slices of one row group stay
-  adjacent and in file order, so a huge row group is streamed once per epoch);
-* a seeded permutation of the row groups (a numpy Generator from (seed, epoch)) gives the
-  unit order; consecutive units form windows of about ``shuffle_window_rows`` rows; rows are
-  permuted within a window by a Generator from (seed, epoch, window);
+* a seeded permutation of the row groups of all files (a numpy Generator from (seed, epoch));
+* windows of ``shuffle_window_rows`` rows, each drawn from ``mix_row_groups`` row groups at
+  once: that many row groups of the permutation are open, each gives the window its next
+  ``shuffle_window_rows / mix_row_groups`` rows (read sequentially, so every row group is read
+  once per epoch), and an exhausted one is replaced by the next of the permutation. A file
+  sorted by source or topic thus still trains mixed; rows are permuted within a window by a
+  Generator from (seed, epoch, window);
 * optional length grouping: within groups of ``length_group_batches x batch_size`` rows of
   that sequence, rows are sorted by characters (stable, seeded tie-break), cut into blocks
   of ``batch_size`` rows and the blocks shuffled (the last partial block stays last).
@@ -42,6 +43,7 @@ class OrderParams:
     group_by_length: bool
     length_group_batches: int
     batch_size: int  # block size of length grouping (rows per rank per batch)
+    mix_row_groups: int = 16  # row groups a window draws its rows from
 
     @property
     def group_rows(self) -> int:
@@ -66,23 +68,38 @@ class EpochPlan:
         """row_groups: (file, row_group, rows, global first row) in file order."""
         self.order, self.epoch, self.num_rows = order, epoch, num_rows
         w = order.shuffle_window_rows
-        sequence = (order_rng(order.seed, epoch, _TAG_UNITS).permutation(len(row_groups))
-                    if order.shuffle else range(len(row_groups)))
-        units: list[RowGroupSlice] = []
-        for g in sequence:
-            f, rg, n, first = row_groups[g]
-            for s in range(0, n, w):
-                units.append(RowGroupSlice(f, rg, s, min(w, n - s), first + s, n <= w))
+        sequence = iter(order_rng(order.seed, epoch, _TAG_UNITS).permutation(len(row_groups))
+                        if order.shuffle else range(len(row_groups)))
+        k = order.mix_row_groups if order.shuffle else 1  # validation reads in file order
+        slots: list[list[int]] = []  # open row groups: [index, next row]
         self.windows: list[list[RowGroupSlice]] = []
-        current, size = [], 0
-        for u in units:
-            if current and size + u.rows > w:
-                self.windows.append(current)
-                current, size = [], 0
-            current.append(u)
-            size += u.rows
-        if current:
-            self.windows.append(current)
+
+        def refill():
+            while len(slots) < k:
+                g = next(sequence, None)
+                if g is None:
+                    return
+                slots.append([int(g), 0])
+
+        refill()
+        while slots:
+            window: list[RowGroupSlice] = []
+            need = w
+            while need and slots:
+                quota = -(-need // len(slots))  # each open row group gives an equal share
+                for slot in list(slots):
+                    if not need:
+                        break
+                    g, pos = slot
+                    f, rg, n, first = row_groups[g]
+                    take = min(quota, n - pos, need)
+                    window.append(RowGroupSlice(f, rg, pos, take, first + pos, pos == 0 and take == n))
+                    slot[1] += take
+                    need -= take
+                    if slot[1] >= n:
+                        slots.remove(slot)
+                refill()
+            self.windows.append(window)
         sizes = [sum(u.rows for u in win) for win in self.windows]
         self.window_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 

@@ -246,6 +246,7 @@ class StreamingLoader:
                  world_size: int = 1, accumulation: int = 1, shuffle: bool = True, seed: int = 0,
                  shuffle_window_rows: int = 65536, group_by_length: bool = False,
                  length_group_batches: int = 64, drop_last: bool = True, num_workers: int = 0,
+                 mix_row_groups: int = 16,
                  pin_memory: bool = False, return_row_index: bool = False,
                  multiprocessing_context=None):
         for name, v in (('batch_size', batch_size), ('world_size', world_size), ('accumulation', accumulation),
@@ -266,7 +267,7 @@ class StreamingLoader:
         self.pin_memory = pin_memory
         self.order = OrderParams(seed=seed, shuffle=shuffle, shuffle_window_rows=shuffle_window_rows,
                                  group_by_length=group_by_length, length_group_batches=length_group_batches,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, mix_row_groups=mix_row_groups)
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                      multiprocessing_context=multiprocessing_context,
                                      # workers hand over numpy arrays: pickled through the pipe they

@@ -49,3 +49,86 @@ def human_bytes(n: float) -> str:
             return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
         n /= 1000
     return f'{n:.1f} TB'
+
+
+# --------------------------------------------------------------------------- compute and memory
+
+
+def layer_parameters(m: T5ModelConfig) -> tuple[int, int]:
+    """(parameters of one encoder block, of one decoder block), matrices only."""
+    inner = m.num_heads * m.d_kv
+    ff = (3 if m.feed_forward_proj.startswith('gated') else 2) * m.d_model * m.d_ff
+    return 4 * m.d_model * inner + ff, 8 * m.d_model * inner + ff
+
+
+def flops_per_row(m: T5ModelConfig, vocab_size: int, prompt_tokens: float, response_tokens: float) -> float:
+    """Training FLOPs of one row: 3 x the forward (forward + backward), counting every matmul:
+    2 x parameters x tokens for the blocks and the output layer, plus the attention scores and
+    their weighting (4 x d x tokens x attended tokens per layer: encoder self, decoder self and
+    cross attention). Embedding lookups and norms are left out."""
+    enc, dec = layer_parameters(m)
+    te, td, inner = prompt_tokens, response_tokens, m.num_heads * m.d_kv
+    forward = (2 * enc * m.num_layers * te + 2 * dec * m.num_decoder_layers * td + 2 * vocab_size * m.d_model * td
+               + 4 * inner * te * te * m.num_layers
+               + 4 * inner * (td * td + td * te) * m.num_decoder_layers)
+    return 3 * forward
+
+
+def optimizer_bytes(m: T5ModelConfig, vocab_size: int, optimizer: str) -> int:
+    """fp32 optimizer state: AdamW two moments per weight; Adafactor a factored second moment
+    (rows + columns of each matrix) for matrices."""
+    params = t5_parameter_count(m, vocab_size)
+    if optimizer == 'adamw':
+        return 8 * params
+    enc, dec = layer_parameters(m)
+    inner = m.num_heads * m.d_kv
+    per_enc = 4 * (m.d_model + inner) + 2 * (m.d_model + m.d_ff)
+    per_dec = 8 * (m.d_model + inner) + 2 * (m.d_model + m.d_ff)
+    return 4 * (per_enc * m.num_layers + per_dec * m.num_decoder_layers + vocab_size + m.d_model)
+
+
+def activation_bytes(m: T5ModelConfig, vocab_size: int, batch: int, prompt_len: int, response_len: int,
+                     checkpointing: bool, bytes_per_value: int = 2) -> int:
+    """Activations kept for the backward pass of one micro-batch (16-bit values, as under bf16
+    autocast), after Korthikanti et al.'s count for a transformer layer: s b d (34 + 5 a s / d)
+    bytes, with cross attention for the decoder, plus the fp32 logits and their gradient. With
+    gradient checkpointing each block keeps only its input and one block's activations are
+    rebuilt at a time."""
+    d, a = m.d_model, m.num_heads
+    scale = bytes_per_value / 2
+
+    def enc_layer():
+        return prompt_len * batch * d * (34 + 5 * a * prompt_len / d) * scale
+
+    def dec_layer():
+        return response_len * batch * d * (34 + 16 + 5 * a * (response_len + prompt_len) / d) * scale
+
+    logits = batch * response_len * vocab_size * (bytes_per_value + 4 + 4)  # 16-bit logits, fp32 copy and grad
+    if checkpointing:
+        kept = (m.num_layers * prompt_len + m.num_decoder_layers * response_len) * batch * d * bytes_per_value
+        return int(kept + max(enc_layer(), dec_layer()) + logits)
+    return int(m.num_layers * enc_layer() + m.num_decoder_layers * dec_layer() + logits)
+
+
+def gpu_memory_bytes(m: T5ModelConfig, vocab_size: int, optimizer: str, batch: int, prompt_len: int,
+                     response_len: int, checkpointing: bool) -> dict[str, int]:
+    """Peak GPU memory of one DDP process, by part: fp32 weights, fp32 gradients, optimizer
+    state, activations of one micro-batch, and ~1 GB for the CUDA context and allocator slack."""
+    params = t5_parameter_count(m, vocab_size)
+    parts = {'weights': 4 * params, 'gradients': 4 * params,
+             'optimizer': optimizer_bytes(m, vocab_size, optimizer),
+             'activations': activation_bytes(m, vocab_size, batch, prompt_len, response_len, checkpointing),
+             'cuda context': 1 << 30}
+    parts['total'] = sum(parts.values())
+    return parts
+
+
+GPU_BF16_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'L40S': 362, 'RTX 4090': 165}  # dense bf16 peak
+
+
+def human_seconds(s: float) -> str:
+    if s < 120:
+        return f'{s:.0f} s'
+    if s < 2 * 3600:
+        return f'{s / 60:.0f} min'
+    return f'{s / 3600:.1f} h'

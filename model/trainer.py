@@ -171,7 +171,7 @@ class Trainer:
             rank=self.rank, world_size=self.world,
             accumulation=t.gradient_accumulation_steps if train else 1, shuffle=train, seed=t.seed,
             shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
-            length_group_batches=t.length_group_batches, drop_last=train,
+            length_group_batches=t.length_group_batches, drop_last=train, mix_row_groups=t.shuffle_row_groups,
             num_workers=t.num_workers if train else 0, pin_memory=self.accelerator.device.type == 'cuda')
 
     # --- the loop ---

@@ -1,10 +1,12 @@
 """Reading the rows of an epoch's windows from Parquet, on demand, in bounded memory.
 
-A window is the rows of consecutive row groups (or slices of a huge one) of the epoch plan,
-read column-pruned to ``prompt`` and ``response`` and held as Arrow text. Memory per reading
-process: the loaded window(s) (about ``shuffle_window_rows`` rows, two while a batch or length
-group straddles a boundary) plus one row group (or one window-sized slice of a huge row group
-and the reader's page buffers) while a window is assembled. Nothing else grows with the data.
+A window is slices of up to ``mix_row_groups`` row groups (model/epoch_order.py), read
+column-pruned to ``prompt`` and ``response`` and held as Arrow text. A row group is read
+sequentially across the windows that take from it (one open stream each), so every row is read
+once per epoch. Memory per reading process: the loaded window(s) (about ``shuffle_window_rows``
+rows, two while a batch or length group straddles a boundary), one read-ahead batch per open
+row group (``shuffle_window_rows / mix_row_groups`` rows at most 8192) and the reader's page
+buffers. Nothing else grows with the data.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 from model.epoch_order import EpochPlan, RowGroupSlice
 from model.files import TEXT_COLUMNS, as_text, blank_mask, open_parquet
 
-STREAM_BATCH_ROWS = 8192  # rows per Arrow batch when streaming a slice of a huge row group
+STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
 READ_BUFFER_BYTES = 4 << 20  # page-wise reads: a huge column chunk is not loaded at once
 MAX_OPEN_FILES = 8  # many small files: keep only a few open
 
@@ -146,7 +148,9 @@ class WindowReader:
         key = (u.file, u.row_group)
         stream = self._streams.get(key)
         if stream is None or stream[1] > u.start:
-            it = self._handle(u.file).iter_batches(batch_size=STREAM_BATCH_ROWS, row_groups=[u.row_group],
+            order = self.plan.order  # a window takes window / mix rows of each open row group
+            rows = min(STREAM_BATCH_ROWS, max(1024, order.shuffle_window_rows // max(1, order.mix_row_groups)))
+            it = self._handle(u.file).iter_batches(batch_size=rows, row_groups=[u.row_group],
                                                    columns=list(TEXT_COLUMNS), use_threads=False)
             stream = self._streams[key] = [it, 0, None]
         out, need = [], u.rows

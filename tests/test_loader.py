@@ -381,3 +381,65 @@ def test_two_processes_get_disjoint_rows_covering_everything(data, tokenizer_dir
     full = [[i for b in r['True'] for i in b] for r in ranks]  # drop_last: lockstep, no repeats
     assert len(ranks[0]['True']) == len(ranks[1]['True'])
     assert len(set(full[0] + full[1])) == len(full[0]) + len(full[1]) == len(texts) // 8 * 8
+
+
+# --------------------------------------------------------------------------- global mix
+
+
+def label_file(tmp_path, labels=4, per_label=4096, row_group=1024):
+    """A file sorted by a label (the label is the row's position // per_label)."""
+    pairs = [(f'标签{i // per_label}问题{i}', f'回答{i}') for i in range(labels * per_label)]
+    return write_parquet(tmp_path / 'sorted.parquet', pairs, row_group_size=row_group), per_label, labels
+
+
+def label_shares(loader, per_label, labels):
+    shares = []
+    for b in loader:
+        lab = np.asarray(b['row_index']) // per_label
+        shares.append(np.bincount(lab, minlength=labels) / len(lab))
+    return np.array(shares)
+
+
+def test_a_file_sorted_by_a_label_trains_mixed(tmp_path, tokenizer):
+    # the default shape scaled down: windows as large as a row group (65,536 rows each by default)
+    f, per_label, labels = label_file(tmp_path)
+    kw = dict(batch_size=64, shuffle_window_rows=1024, drop_last=True, max_seq_len=8, group_by_length=False)
+    mixed = label_shares(make_loader(f, tokenizer, mix_row_groups=16, **kw), per_label, labels)
+    single = label_shares(make_loader(f, tokenizer, mix_row_groups=1, **kw), per_label, labels)
+    # every global batch of 64 rows holds every label within 0.25 of its share in the file (0.25):
+    # a window takes 1/16 of its rows from each of 16 row groups, so a batch errs by sampling only
+    # (sd 0.05); drawn from one row group at a time, a batch is a single label
+    assert np.abs(mixed - 1 / labels).max() <= 0.25, np.abs(mixed - 1 / labels).max()
+    assert (mixed > 0).all()
+    assert np.abs(single - 1 / labels).max() == 0.75
+    # still every row once, and the order does not depend on the world size
+    flat = flat_sequence(f, tokenizer, mix_row_groups=16, shuffle_window_rows=1024)
+    assert sorted(flat) == list(range(labels * per_label))
+    two = [list(make_loader(f, tokenizer, rank=r, world_size=2, batch_size=2, mix_row_groups=16,
+                            shuffle_window_rows=1024)) for r in range(2)]
+    assert [i for j in range(len(two[0])) for r in range(2) if j < len(two[r])
+            for i in two[r][j]['row_index'].tolist()] == flat
+
+
+def test_the_mixing_reader_holds_a_bounded_number_of_rows(tmp_path, tokenizer):
+    from model.epoch_order import EpochPlan, OrderParams
+    from model.loader import ParquetStreamDataset, TokenEncoder
+    from model.window_reader import WindowReader
+
+    f, per_label, labels = label_file(tmp_path, labels=8, per_label=4000, row_group=1000)  # 32 row groups
+    ds = ParquetStreamDataset([f], TokenEncoder(tokenizer, 8))
+    order = OrderParams(seed=1, shuffle=True, shuffle_window_rows=4096, group_by_length=False, length_group_batches=1,
+                        batch_size=64, mix_row_groups=8)
+    plan = EpochPlan(ds.row_groups, order, 0, ds.num_rows)
+    reader = WindowReader([f], plan)
+    held, seen = [], []
+    for start in range(0, ds.num_rows, 64):
+        positions = np.arange(start, min(start + 64, ds.num_rows))
+        reader.release_below(start)
+        seen += reader.take(positions)[2].tolist()
+        held.append(sum(len(w.perm) for w in reader.loaded.values())
+                    + sum(s[2].num_rows for s in reader._streams.values() if s[2] is not None))
+    assert sorted(seen) == list(range(ds.num_rows))
+    # two windows while a batch straddles them, plus one read-ahead batch per open row group
+    # (window / mix rows, at least 1024): flat in the rows of the file (32,000 here)
+    assert max(held) <= 2 * 4096 + 8 * 1024, max(held)
