@@ -10,8 +10,9 @@ It depends only on the data files, the seed, the epoch and the :class:`OrderPara
   sorted by source or topic thus still trains mixed; rows are permuted within a window by a
   Generator from (seed, epoch, window);
 * optional length grouping: within groups of ``length_group_batches x batch_size`` rows of
-  that sequence, rows are sorted by characters (stable, seeded tie-break), cut into blocks
-  of ``batch_size`` rows and the blocks shuffled (the last partial block stays last).
+  that sequence, rows are ordered by their token lengths (response first, then prompt, in
+  chunks: see :func:`length_group_order`; seeded tie-break), cut into blocks of
+  ``batch_size`` rows and the blocks shuffled (the last partial block stays last).
 
 Global batch i is rows ``[i*G, (i+1)*G)`` with ``G = batch_size * world_size``; rank r takes
 ``[i*G + r*batch_size, i*G + (r+1)*batch_size)`` (see model/loader.py). Metadata only here:
@@ -114,24 +115,50 @@ class EpochPlan:
         return order_rng(self.order.seed, self.epoch, _TAG_WINDOW, w).permutation(n)
 
 
-def length_group_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of one length group in their new order: sorted by length (seeded
-    tie-break), cut into blocks of batch_size, blocks shuffled, a partial block last."""
-    n = len(lengths)
+CHUNK_BATCHES = 6  # batches per chunk of length_group_order's second sort (6 padded least, measured)
+
+
+def length_group_order(prompt_lens: np.ndarray, response_lens: np.ndarray, batch_size: int,
+                       rng: np.random.Generator, chunk_batches: int = CHUNK_BATCHES) -> np.ndarray:
+    """Positions of one length group in their new order, padding little on both sides: sorted
+    by response length (then prompt length; seeded tie-break), cut into chunks of
+    ``chunk_batches`` batches, each chunk sorted by prompt length (then response length), cut
+    into blocks of batch_size; blocks paired short with long, the pairs shuffled; a partial
+    block last.
+
+    One sort by a single length leaves the other side ragged: on real_train_3k (max length 128,
+    batch 16) the padded share of positions is 22% sorted by (response, prompt), 9% with this
+    second sort in chunks of 6 batches, 45% unsorted."""
+    n = len(prompt_lens)
     tie = rng.permutation(n)
-    by_length = tie[np.argsort(lengths[tie], kind='stable')]
+    p, r = prompt_lens[tie], response_lens[tie]
+    by_response = tie[np.lexsort((p, r))]  # lexsort is stable: the random tie order breaks ties
+    span = max(1, chunk_batches) * batch_size
+    chunks = []
+    for c in range(0, n, span):
+        chunk = by_response[c:c + span]
+        chunks.append(chunk[np.lexsort((response_lens[chunk], prompt_lens[chunk]))])
+    ordered = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     full = n // batch_size
-    blocks = rng.permutation(full)
-    head = by_length[:full * batch_size].reshape(full, batch_size)[blocks].reshape(-1)
-    return np.concatenate([head, by_length[full * batch_size:]])
+    blocks = ordered[:full * batch_size].reshape(full, batch_size)
+    # consecutive blocks in pairs of a short and a long one (by response tokens, which the loss
+    # counts), pairs shuffled: an optimizer step of two or more batches then sees all lengths,
+    # as a step of unsorted rows would, instead of one length range at a time
+    by_tokens = np.argsort(response_lens[blocks].sum(1), kind='stable')
+    pairs = [(by_tokens[i], by_tokens[full - 1 - i]) for i in range(full // 2)]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    sequence = [b for pair in pairs for b in pair] + ([by_tokens[full // 2]] if full % 2 else [])
+    head = blocks[np.array(sequence, dtype=np.int64)].reshape(-1) if full else np.zeros(0, dtype=np.int64)
+    return np.concatenate([head, ordered[full * batch_size:]])
 
 
 class FlatOrder:
     """Maps positions of the epoch's final sequence to positions after window shuffling
     (they differ only when length grouping is on). ``lengths(start, stop)`` gives the
-    character lengths of positions [start, stop) of the window-shuffled sequence."""
+    (prompt, response) token lengths of positions [start, stop) of the window-shuffled
+    sequence."""
 
-    def __init__(self, plan: EpochPlan, lengths: Callable[[int, int], np.ndarray]):
+    def __init__(self, plan: EpochPlan, lengths: Callable[[int, int], tuple[np.ndarray, np.ndarray]]):
         self.plan, self.lengths, self.order = plan, lengths, plan.order
         self._groups: dict[int, np.ndarray] = {}
 
@@ -163,7 +190,7 @@ class FlatOrder:
             k = self.order.group_rows
             a, b = g * k, min((g + 1) * k, self.plan.num_rows)
             rng = order_rng(self.order.seed, self.plan.epoch, _TAG_GROUP, g)
-            perm = length_group_order(self.lengths(a, b), self.order.batch_size, rng)
+            perm = length_group_order(*self.lengths(a, b), self.order.batch_size, rng)
             for old in [x for x in self._groups if x < g]:
                 del self._groups[old]
             self._groups[g] = perm

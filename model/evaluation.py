@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +47,14 @@ class EvalResult:
     bleu: float | None = None  # main process only
     bleu_rows: int = 0
     samples: tuple = ()  # (prompt, target, answer) of the first show_samples rows
+    seconds: float = 0.0  # what the evaluation took (loss, answers and BLEU)
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50))
 
     def describe(self, step: int) -> str:
-        text = f'eval at step {step}: validation loss {self.loss:.4f} (ppl {self.perplexity:.2f})'
+        text = f'eval at step {step} ({self.seconds:.1f} s): validation loss {self.loss:.4f} (ppl {self.perplexity:.2f})'
         if self.bleu is not None:
             text += f' | BLEU-4 {self.bleu:.2f} on {self.bleu_rows} rows'
         for p, r, h in self.samples:
@@ -73,9 +75,11 @@ class Evaluator:
                         'model with: python train_low_mem.py test')
 
     def evaluate_all_ranks(self, model) -> EvalResult:
+        start = time.perf_counter()
         result = EvalResult(loss=self.validation_loss_all_ranks(model))
         if self.collectives.is_main and self.answers:
             self._bleu_and_samples(self.accelerator.unwrap_model(model), result)
+        result.seconds = time.perf_counter() - start
         return result
 
     @torch.no_grad()

@@ -104,31 +104,92 @@ def _pad(flat: np.ndarray, lens: np.ndarray, pad: int) -> tuple[np.ndarray, np.n
 def make_batches(parts: list[tuple[list, list, np.ndarray | None, int]], encoder: TokenEncoder) -> list[dict]:
     """Batch dicts (numpy arrays; see :func:`to_torch`) of several local batches, each given
     as (prompts, responses, row_index, num_skipped), tokenized in one call: the tokenizer's
-    threads pay off only on a few hundred texts.
-
-    A batch whose rows were all skipped becomes a 1-row placeholder (input [eos], labels
-    -100) so that ranks stay in lockstep; it contributes no target tokens.
-    """
+    threads pay off only on a few hundred texts."""
     texts = [t for prompts, responses, _, _ in parts for t in itertools.chain(prompts, responses)]
     flat, lens = encoder.encode_ragged(texts) if texts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    ends = np.cumsum(lens)
+    ends = np.concatenate([[0], np.cumsum(lens)])
     out, row = [], 0
     for prompts, responses, row_index, num_skipped in parts:
         n = len(prompts)
-        if n == 0:
-            one = np.ones((1, 1), dtype=np.int64)
-            batch = {'input_ids': one * encoder.eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
-        else:
-            a, m, b = (int(ends[i - 1]) if i else 0 for i in (row, row + n, row + 2 * n))
-            input_ids, attention = _pad(flat[a:m], lens[row:row + n], PAD_ID)
-            labels, _ = _pad(flat[m:b], lens[row + n:row + 2 * n], LABEL_PAD_ID)
-            batch = {'input_ids': input_ids, 'attention_mask': attention, 'labels': labels}
-        batch.update(num_rows=n, num_skipped=num_skipped)
-        if row_index is not None:
-            batch['row_index'] = np.ascontiguousarray(row_index, dtype=np.int64)
-        out.append(batch)
+        p = flat[ends[row]:ends[row + n]], lens[row:row + n]
+        r = flat[ends[row + n]:ends[row + 2 * n]], lens[row + n:row + 2 * n]
+        out.append(batch_from_ids(p, r, row_index, num_skipped, encoder.eos_id))
         row += 2 * n
     return out
+
+
+def batch_from_ids(prompts: tuple[np.ndarray, np.ndarray], responses: tuple[np.ndarray, np.ndarray],
+                   row_index: np.ndarray | None, num_skipped: int, eos_id: int) -> dict:
+    """One padded batch of token ids, each side given as (all ids concatenated, length of each
+    row). A batch whose rows were all skipped becomes a 1-row placeholder (input [eos], labels
+    -100) so that ranks stay in lockstep; it contributes no target tokens."""
+    n = len(prompts[1])
+    if n == 0:
+        one = np.ones((1, 1), dtype=np.int64)
+        batch = {'input_ids': one * eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
+    else:
+        input_ids, attention = _pad(*prompts, PAD_ID)
+        labels, _ = _pad(*responses, LABEL_PAD_ID)
+        batch = {'input_ids': input_ids, 'attention_mask': attention, 'labels': labels}
+    batch.update(num_rows=n, num_skipped=num_skipped)
+    if row_index is not None:
+        batch['row_index'] = np.ascontiguousarray(row_index, dtype=np.int64)
+    return batch
+
+
+class TokenGroups:
+    """The length groups of an epoch, tokenized once each: every row's prompt and response ids
+    (in the window-shuffled order) and their lengths, which the group's order is made from."""
+
+    def __init__(self, reader: WindowReader, encoder: TokenEncoder, group_rows: int):
+        self.reader, self.encoder, self.group_rows = reader, encoder, group_rows
+        self.groups: dict[int, dict] = {}
+
+    def get(self, g: int) -> dict:
+        group = self.groups.get(g)
+        if group is None:
+            a = g * self.group_rows
+            b = min(a + self.group_rows, int(self.reader.plan.num_rows))
+            prompts, responses, rows, blank = self.reader.take_all(np.arange(a, b, dtype=np.int64))
+            keep = np.flatnonzero(~blank)
+            flat, lens = self.encoder.encode_ragged([prompts[i] for i in keep] + [responses[i] for i in keep])
+            p_len, r_len = np.zeros(b - a, np.int64), np.zeros(b - a, np.int64)
+            p_len[keep], r_len[keep] = lens[:len(keep)], lens[len(keep):]
+            split = int(lens[:len(keep)].sum())
+            group = self.groups[g] = {
+                'p_flat': flat[:split], 'p_start': np.concatenate([[0], np.cumsum(p_len)])[:-1], 'p_len': p_len,
+                'r_flat': flat[split:], 'r_start': np.concatenate([[0], np.cumsum(r_len)])[:-1], 'r_len': r_len,
+                'blank': blank, 'rows': rows}
+        return group
+
+    def lengths(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        group = self.get(a // self.group_rows)
+        return group['p_len'], group['r_len']
+
+    def release_below(self, g: int) -> None:
+        for old in [x for x in self.groups if x < g]:
+            del self.groups[old]
+
+    def batch(self, positions: np.ndarray, return_row_index: bool) -> dict:
+        """The padded batch of the rows at pre-grouping positions (blank rows left out, counted)."""
+        sides = {'p': ([], []), 'r': ([], [])}
+        rows, skipped = [], 0
+        for pos in positions.tolist():
+            group = self.get(pos // self.group_rows)
+            i = pos % self.group_rows
+            if group['blank'][i]:
+                skipped += 1
+                continue
+            for side, (ids, lens) in sides.items():
+                start, n = group[f'{side}_start'][i], group[f'{side}_len'][i]
+                ids.append(group[f'{side}_flat'][start:start + n])
+                lens.append(n)
+            rows.append(group['rows'][i])
+        def side(name):
+            ids, lens = sides[name]
+            return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), np.array(lens, dtype=np.int64)
+        return batch_from_ids(side('p'), side('r'), np.array(rows, dtype=np.int64) if return_row_index else None,
+                              skipped, self.encoder.eos_id)
 
 
 def to_torch(batch: dict, pin_memory: bool = False) -> dict:
@@ -206,6 +267,10 @@ class ParquetStreamDataset(IterableDataset):
         return self._batches(self.pass_)  # the pass is fixed now, not at the first next()
 
     def _batches(self, pass_: EpochPass):
+        """This rank's batches, each tagged with its index j in the rank's sequence. Workers
+        split the work: with length grouping worker w takes the batches of the length groups
+        g with g % W == w (a group is tokenized once, by one worker); else the batches j with
+        j % W == w. The loader puts them back in order."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
@@ -213,23 +278,62 @@ class ParquetStreamDataset(IterableDataset):
             os.environ['TOKENIZERS_PARALLELISM'] = 'false'
         plan = self.plan(pass_.epoch, pass_.order)
         reader = WindowReader(self.files, plan)
-        flat = FlatOrder(plan, reader.lengths)
-        per_call = max(1, TOKENIZE_ROWS // pass_.batch_size)
-        pending = []
         try:
-            for _, s, e in self.local_batches(pass_, worker, num_workers):
-                reader.release_below(flat.low_water(s))
-                prompts, responses, rows, skipped = reader.take(flat.positions(s, e))
-                pending.append((prompts, responses, rows if self.return_row_index else None, skipped))
-                if len(pending) == per_call:
-                    yield from make_batches(pending, self.encoder)
-                    pending = []
-            yield from make_batches(pending, self.encoder)
+            if pass_.order.group_by_length:
+                yield from self._grouped_batches(pass_, plan, reader, worker, num_workers)
+            else:
+                yield from self._plain_batches(pass_, reader, worker, num_workers)
         finally:
             reader.close()
 
+    def _grouped_batches(self, pass_: EpochPass, plan: EpochPlan, reader: WindowReader, worker: int,
+                         num_workers: int):
+        size = pass_.order.group_rows
+        groups = TokenGroups(reader, self.encoder, size)
+        flat = FlatOrder(plan, groups.lengths)
+        for j, s, e in self.local_batches(pass_):
+            if (s // size) % num_workers != worker:
+                continue
+            groups.release_below(s // size)
+            reader.release_below(flat.low_water(s))
+            batch = groups.batch(flat.positions(s, e), self.return_row_index)
+            batch['batch_index'] = j
+            yield batch
+
+    def _plain_batches(self, pass_: EpochPass, reader: WindowReader, worker: int, num_workers: int):
+        per_call = max(1, TOKENIZE_ROWS // pass_.batch_size)
+        pending, indices = [], []
+        for j, s, e in self.local_batches(pass_, worker, num_workers):
+            reader.release_below(s)
+            prompts, responses, rows, skipped = reader.take(np.arange(s, e, dtype=np.int64))
+            pending.append((prompts, responses, rows if self.return_row_index else None, skipped))
+            indices.append(j)
+            if len(pending) == per_call:
+                yield from self._tag(make_batches(pending, self.encoder), indices)
+                pending, indices = [], []
+        yield from self._tag(make_batches(pending, self.encoder), indices)
+
+    @staticmethod
+    def _tag(batches: list[dict], indices: list[int]):
+        for batch, j in zip(batches, indices):
+            batch['batch_index'] = j
+            yield batch
+
 
 # --------------------------------------------------------------------------- loader
+
+
+def in_order(batches):
+    """Batches tagged with their index, yielded in index order (workers hand them over out of
+    order: each makes whole length groups). Holds at most the batches that arrived early."""
+    waiting, want = {}, 0
+    for batch in batches:
+        waiting[batch['batch_index']] = batch
+        while want in waiting:
+            yield waiting.pop(want)
+            want += 1
+    if waiting:
+        raise RuntimeError(f'data loader: batches {sorted(waiting)[:3]} came without {want}')  # a bug
 
 
 class StreamingLoader:
@@ -361,9 +465,10 @@ class StreamingLoader:
                                      self.world_size, self.batch_size))
         g = self.global_batch_size
         # without workers the DataLoader adds only per-batch overhead (~5% here): iterate directly
-        batches = self.dataloader if self.num_workers else self.dataset
+        batches = in_order(self.dataloader) if self.num_workers else self.dataset
         for handed, batch in enumerate(batches, start=1):
             self.rows_consumed = min(start + handed * g, stop)
+            batch.pop('batch_index', None)
             yield to_torch(batch, self.pin_memory)
         # reached only when the epoch ran out (not when the caller stopped early)
         self.epoch += 1

@@ -14,7 +14,7 @@ from model import ownership
 from model.ownership import PLOT
 
 STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)')
-EVAL_RE = re.compile(r'eval at step (\d+): validation loss ([0-9.eE+-]+|nan|inf)(?:.*?BLEU-4 ([0-9.]+))?')
+EVAL_RE = re.compile(r'eval at step (\d+)(?: \([0-9.]+ s\))?: validation loss ([0-9.eE+-]+|nan|inf)(?:.*?BLEU-4 ([0-9.]+))?')
 
 
 @dataclass

@@ -15,7 +15,6 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model.epoch_order import EpochPlan, RowGroupSlice
@@ -27,25 +26,16 @@ MAX_OPEN_FILES = 8  # many small files: keep only a few open
 
 
 class Window:
-    __slots__ = ('index', 'start', 'perm', 'prompt', 'response', 'row_index', 'blank', '_lengths')
+    __slots__ = ('index', 'start', 'perm', 'prompt', 'response', 'row_index', 'blank')
 
     def __init__(self, index, start, perm, prompt, response, row_index):
         self.index, self.start, self.perm = index, start, perm
         self.prompt, self.response, self.row_index = prompt, response, row_index
         self.blank = blank_mask(prompt) | blank_mask(response)  # null, empty or whitespace only
-        self._lengths = None
 
     @property
     def end(self) -> int:
         return self.start + len(self.perm)
-
-    def lengths(self) -> np.ndarray:
-        """Characters of prompt + response per row, in read order (null counts as 0)."""
-        if self._lengths is None:
-            lp = pc.fill_null(pc.utf8_length(self.prompt), 0).to_numpy()
-            lr = pc.fill_null(pc.utf8_length(self.response), 0).to_numpy()
-            self._lengths = lp.astype(np.int64) + lr
-        return self._lengths
 
     def texts(self, raw: np.ndarray) -> tuple[list, list]:
         """Prompts and responses of rows `raw` (read order) as Python strings."""
@@ -96,38 +86,32 @@ class WindowReader:
     def take(self, positions: np.ndarray) -> tuple[list, list, np.ndarray, int]:
         """The non-blank rows at flat positions, in order: prompts, responses, their global
         row indices, and how many blank rows were left out."""
+        prompts, responses, rows, blank = self.take_all(positions)
+        if not blank.any():
+            return prompts, responses, rows, 0
+        keep = np.flatnonzero(~blank)
+        return [prompts[i] for i in keep], [responses[i] for i in keep], rows[keep], int(blank.sum())
+
+    def take_all(self, positions: np.ndarray) -> tuple[list, list, np.ndarray, np.ndarray]:
+        """Every row at the flat positions, in order: prompts, responses, global row indices
+        and a blank mask (blank rows come as they are: None or whitespace)."""
         wins = self.windows_for(positions)
         if len(wins) == 1:
             win = wins[0]
             raw = win.perm[positions - win.start]
-            blank = win.blank[raw]
-            skipped = int(blank.sum())
-            if skipped:
-                raw = raw[~blank]
-            return (*win.texts(raw), win.row_index[raw], skipped)
-        prompts, responses, rows, skipped = [], [], [], 0
+            return (*win.texts(raw), win.row_index[raw], win.blank[raw])
+        prompts, responses, rows, blank = [], [], [], []
         which = self.plan.window_of(positions)
         for w, raws in itertools.groupby(zip(which.tolist(), positions.tolist()), key=lambda x: x[0]):
-            # consecutive runs of one window keep the order; rare (a batch straddling windows)
+            # consecutive runs of one window keep the order (a group straddling windows)
             win = self.loaded[w]
             raw = win.perm[np.array([q for _, q in raws]) - win.start]
-            blank = win.blank[raw]
-            skipped += int(blank.sum())
-            raw = raw[~blank]
             p, r = win.texts(raw)
             prompts += p
             responses += r
             rows.append(win.row_index[raw])
-        return prompts, responses, np.concatenate(rows), skipped
-
-    def lengths(self, start: int, stop: int) -> np.ndarray:
-        """Character lengths of flat positions [start, stop)."""
-        positions = np.arange(start, stop, dtype=np.int64)
-        out = np.empty(stop - start, dtype=np.int64)
-        for win in self.windows_for(positions):
-            a, b = max(start, win.start), min(stop, win.end)
-            out[a - start:b - start] = win.lengths()[win.perm[a - win.start:b - win.start]]
-        return out
+            blank.append(win.blank[raw])
+        return prompts, responses, np.concatenate(rows), np.concatenate(blank)
 
     # -- assembling a window from its units
 

@@ -165,12 +165,27 @@ def test_length_grouping_order_does_not_depend_on_world_size(data, tokenizer):
 
 def test_length_group_order_sorts_blocks_and_keeps_the_partial_block_last():
     lengths = np.array([5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 0])
-    order = length_group_order(lengths, 4, np.random.default_rng(0))
+    order = length_group_order(lengths, np.zeros_like(lengths), 4, np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(11))
     blocks = [lengths[order[i:i + 4]] for i in (0, 4)]
     assert sorted(np.concatenate(blocks).tolist()) == sorted(lengths[np.argsort(lengths)][:8].tolist())
     assert all(list(b) == sorted(b) for b in blocks)
     assert lengths[order[8:]].tolist() == [8, 9, 10]  # the longest rows, in the partial block
+
+
+def test_the_two_stage_sort_pads_less_than_one_length():
+    rng = np.random.default_rng(3)
+    prompt, response = rng.integers(1, 60, 2048), np.minimum(rng.integers(1, 200, 2048), 128)
+
+    def pad(order):
+        b = order[:len(order) // 16 * 16].reshape(-1, 16)
+        real = prompt[b].sum() + response[b].sum()
+        return 1 - real / (16 * (prompt[b].max(1) + response[b].max(1))).sum()
+
+    two = length_group_order(prompt, response, 16, np.random.default_rng(0))
+    one = length_group_order(prompt, response, 16, np.random.default_rng(0), chunk_batches=1)
+    assert sorted(two.tolist()) == list(range(2048))
+    assert pad(two) < 0.8 * pad(one) and pad(two) < 0.5 * pad(rng.permutation(2048))
 
 
 def test_grouping_lowers_the_pad_fraction(tmp_path, tokenizer):

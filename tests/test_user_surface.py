@@ -80,7 +80,7 @@ def test_test_command_reports_loss_perplexity_bleu_exact_match_and_writes_predic
     assert rows == 32 and ppl == pytest.approx(math.exp(loss), rel=1e-3)
     # the loss is the trainer's validation loss of the same model on the same rows
     log = open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
-    assert loss == pytest.approx(float(re.findall(r'eval at step 360: validation loss ([0-9.]+)', log)[-1]), abs=2e-4)
+    assert loss == pytest.approx(float(re.findall(r'eval at step 360 \([0-9.]+ s\): validation loss ([0-9.]+)', log)[-1]), abs=2e-4)
     path = f'{out}/final.predictions.valid.jsonl'
     lines = open(path, encoding='utf-8').read().splitlines()
     header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
