@@ -1,19 +1,23 @@
 """This toolkit against transformers' Seq2SeqTrainer, the trainer users would otherwise pick
 (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_train.py                        # both model sizes, 3 runs each, ~30 min
-    .venv/bin/python bench/bench_train.py --sizes=tiny --runs=1  # a quick look
+    .venv/bin/python bench/bench_train.py                         # both model sizes, 3 seeds each, ~35 min
+    .venv/bin/python bench/bench_train.py --sizes=tiny --seeds=42  # a quick look
 
 Same model (T5, fp32), data (../shared/data/real_train_3k.parquet, one epoch; validation: the
 first 256 rows of real_valid_1k), tokenizer (sentencepiece, vocab 8000, trained on the train
-file), optimizer (Adafactor, lr 1e-3, no relative step), schedule (10 warmup steps, cosine),
-batch 16 x accumulation 2, max length 128, dropout 0.1, seed 42, on the CPU. Runs alternate
-(ours, peer, ours, peer, ...), each in a fresh process; the figures are medians.
+file), optimizer (Adafactor, lr 1e-2, no relative step), schedule (10 warmup steps, cosine),
+batch 16 x accumulation 2, max length 128, dropout 0.1, on the CPU. One run of each per seed
+(42, 43, 44 by default: a seed sets the initial weights and the data order of both), alternating
+(ours, peer, ours, peer, ...), each in a fresh process; the figures are medians over the seeds.
+After one epoch of 3k rows both are near the token-frequency plateau, where a single seed's data
+order moves the final validation loss by a few hundredths: hence several seeds, not one repeated.
 
 Every 10 optimizer steps both are paused and scored with one function: the token-weighted
 validation loss on the same padded batches; evaluation time is left out of the training time.
 "time to the peer's final validation loss" is our training time until our validation loss first
-reaches the loss the peer ends its epoch with, against the peer's whole training time.
+reaches the loss the peer ends its epoch with under the same seed, against the peer's whole
+training time.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ SIZES = {'tiny': dict(d_model=128, num_heads=4, d_kv=32, d_ff=512, num_layers=2,
          'small': dict(d_model=256, num_heads=4, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4)}
 COMMON = dict(batch_size_per_gpu=16, gradient_accumulation_steps=2, max_seq_len=128, learn_rate=1e-2,
               warmup_steps=10, lr_schedule='cosine', optimizer='adafactor', weight_decay=0.0, max_grad_norm=1.0,
-              dropout_rate=0.1, seed=42, epochs=1, mixed_precision='no')
+              dropout_rate=0.1, epochs=1, mixed_precision='no')
 EVAL_EVERY, EVAL_ROWS = 10, 256
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -110,7 +114,7 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- the two trainers
 
 
-def run_ours(size: str, tok_dir: str, extra: dict) -> dict:
+def run_ours(size: str, seed: int, tok_dir: str, extra: dict) -> dict:
     import torch
 
     from config import resolve_config
@@ -119,7 +123,7 @@ def run_ours(size: str, tok_dir: str, extra: dict) -> dict:
 
     torch.set_num_threads(os.cpu_count())
     work = tempfile.mkdtemp(prefix='bench-ours-')
-    overrides = {**COMMON, **SIZES[size], **extra, 'train_file': TRAIN, 'validation_file': VALID,
+    overrides = {**COMMON, **SIZES[size], **extra, 'seed': seed, 'train_file': TRAIN, 'validation_file': VALID,
                  'tokenizer_dir': tok_dir, 'output_dir': work, 'train_state_dir': f'{work}/state',
                  'model_file': f'{work}/m.{{}}.bin', 'log_dir': f'{work}/logs', 'save_steps': 10**6,
                  'logging_steps': EVAL_EVERY, 'eval_steps': EVAL_EVERY, 'bleu_samples': 0, 'show_samples': 0}
@@ -154,7 +158,7 @@ def run_ours(size: str, tok_dir: str, extra: dict) -> dict:
     return result('ours', curve, counts, seconds, final_loss)
 
 
-def run_peer(size: str, tok_dir: str, extra: dict) -> dict:
+def run_peer(size: str, seed: int, tok_dir: str, extra: dict) -> dict:
     import torch
     from transformers import (DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback,
                               set_seed)
@@ -165,7 +169,7 @@ def run_peer(size: str, tok_dir: str, extra: dict) -> dict:
     from model.tokenizer import load_tokenizer
 
     torch.set_num_threads(os.cpu_count())
-    set_seed(COMMON['seed'])
+    set_seed(seed)
     tok = load_tokenizer(tok_dir)
     model = build_model(T5ModelConfig(dropout_rate=COMMON['dropout_rate'], **SIZES[size]), len(tok))
     rows = list(iter_usable_rows(TRAIN, 10**9))  # as a user would: tokenize up front
@@ -191,7 +195,7 @@ def run_peer(size: str, tok_dir: str, extra: dict) -> dict:
         gradient_accumulation_steps=COMMON['gradient_accumulation_steps'], learning_rate=COMMON['learn_rate'],
         lr_scheduler_type=COMMON['lr_schedule'], warmup_steps=COMMON['warmup_steps'], optim='adafactor',
         weight_decay=COMMON['weight_decay'], max_grad_norm=COMMON['max_grad_norm'], num_train_epochs=1,
-        seed=COMMON['seed'], logging_steps=EVAL_EVERY, save_strategy='no', report_to=[], use_cpu=True,
+        seed=seed, logging_steps=EVAL_EVERY, save_strategy='no', report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, **extra)
     scorer, curve, clock = ValidationScorer(tok_dir), [], Clock()
 
@@ -221,8 +225,8 @@ def result(who, curve, counts, seconds, final_loss) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def run_child(kind: str, size: str, extra: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, size, extra])]
+def run_child(kind: str, size: str, seed: int, extra: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, size, seed, extra])]
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -241,39 +245,47 @@ def time_to(curve, target: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--sizes', default='tiny,small')
-    ap.add_argument('--runs', type=int, default=3)
+    ap.add_argument('--seeds', default='42,43,44', help='one run of each trainer per seed')
     ap.add_argument('--ours', default='{}', help='extra config fields for this toolkit, as JSON')
     ap.add_argument('--peer', default='{}', help='extra Seq2SeqTrainingArguments, as JSON')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, size, extra = json.loads(args.child)
-        out = (run_ours if kind == 'ours' else run_peer)(size, tokenizer_dir(), extra)
+        kind, size, seed, extra = json.loads(args.child)
+        out = (run_ours if kind == 'ours' else run_peer)(size, seed, tokenizer_dir(), extra)
+        out['seed'] = seed
         print('RESULT ' + json.dumps(out), flush=True)
         return
     os.makedirs(OUT, exist_ok=True)
     tokenizer_dir()
     print(f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; ours {args.ours}; peer {args.peer}')
+    seeds = [int(s) for s in str(args.seeds).split(',')]
     for size in args.sizes.split(','):
         runs = {'ours': [], 'peer': []}
-        for i in range(args.runs):
+        for seed in seeds:
             for kind in ('ours', 'peer'):
-                r = run_child(kind, size, json.loads(args.ours if kind == 'ours' else args.peer))
+                r = run_child(kind, size, seed, json.loads(args.ours if kind == 'ours' else args.peer))
                 runs[kind].append(r)
-                print(f'  {size} run {i + 1} {kind}: {r["train_s"]:.1f} s, {r["samples_per_s"]:.1f} samples/s, '
+                print(f'  {size} seed {seed} {kind}: {r["train_s"]:.1f} s, {r["samples_per_s"]:.1f} samples/s, '
                       f'val {r["final_val_loss"]:.4f}', flush=True)
-        for r in runs['ours']:
-            targets = [p['final_val_loss'] for p in runs['peer']]
-            r['time_to_peer_s'] = time_to(r['curve'], statistics.median(targets))
+        for r, p in zip(runs['ours'], runs['peer']):  # the peer's run under the same seed
+            r['time_to_peer_s'] = time_to(r['curve'], p['final_val_loss'])
+            print(f'  {size} seed {r["seed"]}: ours reaches the peer\'s {p["final_val_loss"]:.4f} at '
+                  + (f'{r["time_to_peer_s"]:.1f} s' if r['time_to_peer_s'] is not None else 'no point')
+                  + f' of {r["train_s"]:.1f} s; the peer ends at {p["train_s"]:.1f} s')
         for r in runs['peer']:
             r['time_to_peer_s'] = r['train_s']
         med = {k: {m: statistics.median(x[m] for x in v if x.get(m) is not None)
                    for m in ('samples_per_s', 'tokens_per_s', 'pad_fraction', 'peak_rss_mb', 'final_train_loss',
                              'final_val_loss', 'train_s')} for k, v in runs.items()}
         reached = [r['time_to_peer_s'] for r in runs['ours'] if r['time_to_peer_s'] is not None]
-        med['ours']['time_to_peer_s'] = statistics.median(reached) if reached else float('nan')
+        # a run that never reached the peer's loss counts as infinitely slow, not as left out
+        med['ours']['time_to_peer_s'] = statistics.median(
+            r['time_to_peer_s'] if r['time_to_peer_s'] is not None else float('inf') for r in runs['ours'])
+        speedups = [p['train_s'] / r['time_to_peer_s'] if r['time_to_peer_s'] else 0.0
+                    for r, p in zip(runs['ours'], runs['peer'])]
         med['peer']['time_to_peer_s'] = med['peer']['train_s']
-        print(f'\n{size} ({SIZES[size]}), medians of {args.runs} runs:')
+        print(f'\n{size} ({SIZES[size]}), medians over seeds {seeds}:')
         print(f'{"":<6} {"samples/s":>10} {"tokens/s":>9} {"pad":>6} {"peak RSS":>9} {"train loss":>10} '
               f'{"val loss":>9} {"epoch s":>8} {"to peer val":>11}')
         for k in ('ours', 'peer'):
@@ -282,8 +294,9 @@ def main() -> None:
                   f'{m["peak_rss_mb"]:>6.0f} MB {m["final_train_loss"]:>10.4f} {m["final_val_loss"]:>9.4f} '
                   f'{m["train_s"]:>8.1f} {m["time_to_peer_s"]:>10.1f}s')
         print(f'samples/s ratio {med["ours"]["samples_per_s"] / med["peer"]["samples_per_s"]:.2f}x; time to the '
-              f'peer\'s final validation loss {med["peer"]["time_to_peer_s"] / med["ours"]["time_to_peer_s"]:.2f}x '
-              f'faster ({len(reached)}/{args.runs} of our runs reached it)', flush=True)
+              f'peer\'s final validation loss: {statistics.median(speedups):.2f}x faster, median over the seeds '
+              f'(per seed {", ".join(f"{x:.2f}x" for x in speedups)}; {len(reached)}/{len(seeds)} of our runs '
+              f'reached it)', flush=True)
 
 
 if __name__ == '__main__':

@@ -168,6 +168,12 @@ class StopSignals:
         os.write(2, f'{signal.Signals(signum).name}: stopping at the next step boundary and saving '
                     f'(Ctrl-C again aborts at once)\n'.encode())
 
+    def follow(self, signum: int) -> None:
+        """A stop another rank received: this rank leaves the same way, and so also ignores the
+        launcher's SIGTERM on its way out."""
+        if not self.signum:
+            self.signum, self._first = signum, time.monotonic()
+
     def __exit__(self, *exc):
         for s, h in self._old.items():
             # after a stop the process is on its way out with 128+signal: a launcher's

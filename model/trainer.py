@@ -202,7 +202,8 @@ class Trainer:
                     label_tokens = [int((b['labels'] != LABEL_PAD_ID).sum()) for b in micro]
                     global_tokens, stop_requested = self.collectives.sum_all_ranks([sum(label_tokens), stop.signum])
                     if stop_requested:  # a rank that got no signal itself stops as for SIGTERM
-                        return self.stop_all_ranks(stop.signum or signal.SIGTERM, position)
+                        stop.follow(signal.SIGTERM)
+                        return self.stop_all_ranks(stop.signum, position)
                     self.train_step(micro, label_tokens, global_tokens)
                     state.global_step += 1
                     bar.update(1)
