@@ -177,7 +177,7 @@ def torchrun_popen(flags, *extra, start_script=False):
 
 def rank_pids(launcher_pid) -> list[int]:
     """The ranks: the processes running train_low_mem.py train below the launcher."""
-    out = subprocess.run(['ps', '-eo', 'pid=,ppid=,args='], capture_output=True, text=True).stdout
+    out = subprocess.run(['ps', '-ww', '-eo', 'pid=,ppid=,args='], capture_output=True, text=True).stdout
     children: dict[int, list[tuple[int, str]]] = {}
     for line in out.splitlines():
         pid, ppid, args = line.split(None, 2)
