@@ -407,17 +407,25 @@ class DecodeConfig:
     sample_seed: int = 0  # seeds sampling: the same command gives the same answers
 
 
+MAX_BEAMS = 64  # memory grows with the beams: a bound, like MAX_NEW_TOKENS
+
+
 def validate_decode(d: DecodeConfig) -> None:
-    if d.num_beams < 1:
-        raise UserError(f'num_beams must be >= 1, got {d.num_beams}')
+    if not 1 <= d.num_beams <= MAX_BEAMS:
+        raise UserError(f'--num_beams={d.num_beams}: give 1 to {MAX_BEAMS} (1 = greedy)')
     if not 0 <= d.max_new_tokens <= MAX_NEW_TOKENS:
         raise UserError(f'--max_new_tokens={d.max_new_tokens}: give 1 to {MAX_NEW_TOKENS} (0 = max_seq_len)')
     if not d.temperature > 0:
         raise UserError(f'temperature must be > 0, got {d.temperature}')
     if not 0 < d.top_p <= 1:
         raise UserError(f'top_p must be in (0, 1], got {d.top_p}')
-    if d.top_k < 0 or d.no_repeat_ngram_size < 0:
-        raise UserError('top_k and no_repeat_ngram_size must be >= 0')
+    for name in ('top_k', 'no_repeat_ngram_size'):
+        if getattr(d, name) < 0:
+            raise UserError(f'--{name}={getattr(d, name)}: give a number >= 0 (0 = off)')
+    default = DecodeConfig()
+    given = [n for n in ('temperature', 'top_p', 'top_k') if getattr(d, n) != getattr(default, n)]
+    if given and not d.do_sample:
+        raise UserError(f'--{given[0]} applies to sampling only: add --do_sample=True (or leave --{given[0]} out)')
     if not d.repetition_penalty > 0:
         raise UserError(f'repetition_penalty must be > 0, got {d.repetition_penalty}')
 
@@ -511,10 +519,12 @@ class DemoOptions:
     seed: int = 42  # seeds the corpus
 
 
-def check_repeated_flags(args: list[str]) -> None:
-    """A flag given twice is a mistake (which one was meant?), not 'the last one wins'."""
+def check_repeated_flags(args: list[str], positional: bool = True) -> None:
+    """A flag given twice is a mistake (which one was meant?), not 'the last one wins'. Where a
+    command takes no positional arguments, a word that is neither --name=value nor the value of
+    a preceding --name (e.g. `epochs=2`, a missing --) is a mistake too, not silently dropped."""
     seen = set()
-    for arg in args:
+    for i, arg in enumerate(args):
         if arg == '--':
             return
         if arg.startswith('--') and len(arg) > 2:
@@ -522,6 +532,9 @@ def check_repeated_flags(args: list[str]) -> None:
             if name in seen:
                 raise UserError(f'--{name} is given twice; give it once')
             seen.add(name)
+        elif not positional and not (i and args[i - 1].startswith('--') and '=' not in args[i - 1]):
+            hint = f' (--{arg.lstrip("-")}?)' if '=' in arg else ''
+            raise UserError(f'unexpected argument {arg!r}: options are written --name=value{hint}')
 
 
 def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple[str, ...],

@@ -29,19 +29,32 @@ config_flags=(--use_large_config=True)
 for arg in "$@"; do
   case "$arg" in --preset=*|--preset) config_flags=() ;; esac
 done
+# the user's own --dry_run: print the whole check and stop (this script runs one anyway)
+user_dry=0
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry_run|--dry_run=[Tt]rue|--dry_run=1) user_dry=1 ;;
+    --dry_run=*) ;;
+    *) args+=("$arg") ;;
+  esac
+done
+set -- "${args[@]}"
 
 # GPUs first, so that the dry run's schedule counts the right number of processes
+if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+  visible=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  visible=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+else
+  visible=0
+fi
+gpus=$visible
 if [ -n "${NUM_GPUS:-}" ]; then
   case "$NUM_GPUS" in
     *[!0-9]*) echo "error: NUM_GPUS=$NUM_GPUS: give a whole number of GPUs (0 = CPU)" >&2; exit 2 ;;
   esac
   gpus=$NUM_GPUS
-elif [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
-  gpus=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-else
-  gpus=0
 fi
 
 # an accelerate config file: checked (loads, fits the GPUs, multi-node settings) before anything runs
@@ -54,6 +67,16 @@ if [ -n "${ACCELERATE_CONFIG:-}" ]; then
   read -r -a launch_args <<< "$(fact launch_args)"
 fi
 
+# more GPUs asked for than there are (checked after the config, whose own checks say more)
+case "${ACCELERATE_USE_CPU:-}" in
+  1|[Tt]rue|[Yy]es) ;;   # CPU processes (gloo): as many as asked
+  *) if [ "$gpus" -gt "$visible" ]; then
+       if [ "$visible" -eq 0 ]; then fix="NUM_GPUS=0 for one CPU process"; else fix="NUM_GPUS<=$visible"; fi
+       echo "error: NUM_GPUS=$gpus but $visible GPU(s) are visible; give $fix (or ACCELERATE_USE_CPU=1 for CPU processes)" >&2
+       exit 2
+     fi ;;
+esac
+
 report=$(NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
 rc=$?
 if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
@@ -61,6 +84,7 @@ if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
   printf '%s\n' "$report" >&2   # the dry run itself failed: show why
   exit "$rc"
 fi
+if [ "$user_dry" -eq 1 ]; then printf '%s\n' "$report"; exit "$rc"; fi
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
 
 if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not ready means it would fail

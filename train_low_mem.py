@@ -62,6 +62,17 @@ def _resolve(preset, use_large_config, overrides: dict, allowed=None, extra=()) 
     return resolve_config(preset=preset, use_large_config=use_large_config, overrides=overrides)
 
 
+def process_count() -> int:
+    """The processes the run will have: WORLD_SIZE under a launcher, else NUM_GPUS, else 1."""
+    for name in ('WORLD_SIZE', 'NUM_GPUS'):
+        value = os.environ.get(name, '').strip()
+        if value:
+            if not value.isdigit():
+                raise UserError(f'{name}={value}: give a whole number of processes')
+            return max(int(value), 1)
+    return 1
+
+
 def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -> int:
     """The resolved config, the paths, and every problem the run would meet (exit 0 ready, 1 not)."""
     from model import preflight
@@ -75,7 +86,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
     from model.state_files import latest_state
 
     print(f'  path.latest_state={latest_state(t.train_state_dir) or "none"}')
-    world = int(os.environ.get('WORLD_SIZE', os.environ.get('NUM_GPUS', '1')) or 1)
+    world = process_count()
     report = preflight.check_train(cfg, resume, world)
     if report.total_steps:
         per_step = t.batch_size_per_gpu * world * t.gradient_accumulation_steps
@@ -106,7 +117,11 @@ def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_ru
     cfg = _resolve(preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run', 'rows_per_s'))
     resume = coerce('is_keep_training', is_keep_training, bool)
     if coerce('dry_run', dry_run, bool):
-        sys.exit(dry_run_report(cfg, resume, coerce('rows_per_s', rows_per_s, float)))
+        rate = coerce('rows_per_s', rows_per_s, float)
+        if not (rate == 0 or 0 < rate < float('inf')):
+            raise UserError(f'--rows_per_s={rows_per_s}: give the rows/s bench/bench_gpu.py measured (> 0), '
+                            'or leave it out for the FLOPs estimate')
+        sys.exit(dry_run_report(cfg, resume, rate))
     from model.trainer import run_training
 
     sys.exit(run_training(cfg, resume=resume))
@@ -191,6 +206,8 @@ def chat(*, use_large_config=False, preset=None, **flags):
     from model.chat_model import answer, stream_answer
 
     model, tok, max_seq_len = _load(cfg, source)
+    if sys.stdin is None:  # stdin closed (<&-): nothing to answer
+        return
     interactive = sys.stdin.isatty()
     if interactive:
         print('输入问题后回车；exit / 退出 / Ctrl-D 结束。 (type a prompt and Enter; exit or Ctrl-D ends)')
@@ -208,7 +225,10 @@ def chat(*, use_large_config=False, preset=None, **flags):
             return
         if interactive:
             sys.stdout.write('模型> ')
-            stream_answer(model, tok, prompt, decode, max_seq_len)
+            try:
+                stream_answer(model, tok, prompt, decode, max_seq_len)
+            except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer, not the chat
+                print('\n(回答已中断 answer stopped)')
         else:
             print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode)[0], flush=True)
 
@@ -295,10 +315,16 @@ def main(argv=None) -> None:
         raise SystemExit(_error(f'unknown command {args[0]!r}: choose one of {", ".join(COMMANDS)}'))
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
-        check_repeated_flags(args[1:])
+        check_repeated_flags(args[1:], positional=False)
         fire.Fire(COMMANDS, command=args)
     except UserError as e:
         sys.exit(_error(str(e)))
+    except KeyboardInterrupt:  # training saves on Ctrl-C itself; elsewhere nothing half-written stays
+        print('\nstopped by Ctrl-C', file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 def _error(message: str) -> int:

@@ -128,6 +128,15 @@ def generation_kwargs(decode: DecodeConfig, max_seq_len: int) -> dict:
     return kwargs
 
 
+def valid_text(text: str) -> str:
+    """A prompt as valid UTF-8: bytes that were not (a terminal or pipe in another encoding,
+    kept by Python as lone surrogates) become U+FFFD instead of failing in the tokenizer."""
+    try:
+        return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+    except UnicodeEncodeError:
+        return text.encode('utf-8', 'replace').decode('utf-8')
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_seq_len: int | None = None,
            decode: DecodeConfig | None = None) -> list[str]:
@@ -146,7 +155,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
     batch_size = max(1, min(64, BATCH_POSITIONS // per_row))
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True, max_length=limit,
+        enc = tokenizer([valid_text(p) for p in prompts[i:i + batch_size]], padding=True, truncation=True, max_length=limit,
                         return_tensors='pt')
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                              **kwargs)
@@ -168,7 +177,7 @@ def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_l
             out.flush()
 
     streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-    enc = tokenizer([prompt], truncation=True, max_length=max_seq_len, return_tensors='pt')
+    enc = tokenizer([valid_text(prompt)], truncation=True, max_length=max_seq_len, return_tensors='pt')
     device = next(model.parameters()).device
     gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                          streamer=streamer, **generation_kwargs(decode, max_seq_len))

@@ -47,7 +47,8 @@ def check_launch_config(path: str, visible_gpus: int, use_cpu: bool = False) -> 
     needs_gpu = engine in GPU_ENGINES or (engine == 'NO' and not cfg.use_cpu)
     if needs_gpu and not use_cpu:
         if visible_gpus == 0:
-            raise UserError(f'ACCELERATE_CONFIG={path}: {engine} needs GPUs and none was found '
+            shown = 'one GPU (distributed_type NO)' if engine == 'NO' else engine
+            raise UserError(f'ACCELERATE_CONFIG={path}: {shown} needs GPUs and none was found '
                             f'(nvidia-smi, CUDA_VISIBLE_DEVICES, NUM_GPUS)')
         if per_machine > visible_gpus:
             raise UserError(f'ACCELERATE_CONFIG={path}: {per_machine} processes on this machine but {visible_gpus} '

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from config import UserError
 from model import ownership
-from model.tokenizer import check_tokenizer_folder
+from model.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 
 SHAPE_FIELDS = ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers', 'feed_forward_proj',
                 'relative_attention_num_buckets', 'relative_attention_max_distance', 'vocab_size')
@@ -44,7 +44,31 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
         raw = (header.get('__metadata__') or {}).get(ownership.MARKER_KEY)
         info = json.loads(raw) if raw else {}
     shape = info.get('model_shape')
-    return ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'))
+    source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'))
+    check_same_tokenizer(source, tokenizer_dir, what)
+    return source
+
+
+def weights_path(path: str) -> str:
+    """The weights file of a model folder, or the file itself."""
+    if os.path.isdir(path):
+        for name in ('model.safetensors', 'pytorch_model.bin'):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+    return path
+
+
+def check_same_tokenizer(source: ModelSource, tokenizer_dir: str, what: str) -> None:
+    """Weights trained with one tokenizer answer garbage through another of the same size:
+    refused where the weights recorded theirs (files written by train do)."""
+    if source.kind == 'folder':
+        theirs = tokenizer_fingerprint(source.path)
+    else:
+        raw = ((ownership.safetensors_header(source.path) or {}).get('__metadata__') or {}).get(ownership.MARKER_KEY)
+        theirs = json.loads(raw).get('tokenizer') if raw else None
+    if theirs and theirs != tokenizer_fingerprint(tokenizer_dir):
+        raise UserError(f'{what}: {source.path} was trained with another tokenizer than the one in {tokenizer_dir} '
+                        f'(other pieces); give the tokenizer it was trained with (--tokenizer_dir)')
 
 
 def _describe_folder(folder: str, what: str) -> ModelSource:

@@ -187,6 +187,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
     Anything else is a UserError that names it: the toolkit never replaces what it did not make.
     """
     kinds = (kinds,) if isinstance(kinds, str) else kinds
+    check_outside_sealed(path, what)
     if not os.path.lexists(path):
         return
     if folder:
@@ -211,6 +212,24 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
     if file_kind(path) not in kinds:
         raise UserError(f'{what}: {path} already exists and was not written by this toolkit; '
                         f'it is never overwritten: choose another path, or move it away first')
+
+
+# folders the toolkit replaces whole: anything else put inside one would block that (or be lost)
+SEALED = (TOKENIZER, MODEL, STATE)
+
+
+def check_outside_sealed(path: str, what: str) -> None:
+    """An output never lies inside a tokenizer, model or state folder of this toolkit."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        kind = folder_kind(folder) if os.path.isdir(folder) else None
+        if kind in SEALED:
+            raise UserError(f'{what}: {path} lies inside {folder}, a {kind} folder of this toolkit that is '
+                            f'replaced whole; write it elsewhere')
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()) -> None:

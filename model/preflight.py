@@ -7,7 +7,6 @@ only when the run will not fail for such a cause. Metadata and a few rows only: 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -95,6 +94,14 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
 
     # outputs: the toolkit's own or new, writable, and never an input
     input_files = files['train_file'] + files['validation_file']
+    outputs = {'train_state_dir': t.train_state_dir, 'output_dir': os.path.join(t.output_dir, 'best'),
+               'output_dir ': os.path.join(t.output_dir, 'final'), 'model_file': t.model_file.format(0),
+               'log_dir': t.log_dir}
+    for name, path in outputs.items():  # also where tokenizer_dir is not made yet
+        if ownership.same_or_inside(path, t.tokenizer_dir):
+            report.problems.append(Problem(name.strip(), f'{name.strip()}: {path} lies inside tokenizer_dir '
+                                           f'{t.tokenizer_dir}, an input of the run',
+                                           'write the run\'s outputs elsewhere'))
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
                                                                    folder=True))
     for name in ('best', 'final'):
@@ -112,16 +119,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                                            'choose a folder path'))
             continue
         problem(name, lambda path=path, name=name: ownership.check_writable(path, name))
-    outputs = {'train_state_dir': t.train_state_dir, 'output_dir': os.path.join(t.output_dir, 'best'),
-               'output_dir ': os.path.join(t.output_dir, 'final'), 'model_file': t.model_file.format(0),
-               'log_dir': t.log_dir}
     input_specs = [t.train_file, t.validation_file]
     for name, path in outputs.items():
         name = name.strip()
         problem(name, lambda path=path, name=name: ownership.check_not_an_input(path, input_files, name, input_specs))
-        if ownership.same_or_inside(path, t.tokenizer_dir):
-            report.problems.append(Problem(name, f'{name}: {path} lies inside tokenizer_dir {t.tokenizer_dir}, an '
-                                           f'input of the run', 'write the run\'s outputs elsewhere'))
     archive = os.path.join(t.output_dir, 'previous_runs')
     if os.path.lexists(archive) and not os.path.isdir(archive):
         report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
@@ -172,19 +173,22 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
 
 
 def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
-    from model.model_source import describe_model_source, shape_mismatch
+    """The warm start's weights: this run's shape and tokenizer, every tensor there and readable
+    (loaded into a model on the meta device: no memory for the model itself)."""
+    import torch
+
+    from model.chat_model import build_model, load_weights_into
+    from model.model_source import check_same_tokenizer, describe_model_source, shape_mismatch, weights_path
 
     t = cfg.train
     source = describe_model_source(t.init_from, t.tokenizer_dir, what='--init_from')
     diff = shape_mismatch(source, model_shape(cfg.model, vocab_size))
     if diff:
         raise UserError(f'--init_from: the model shape differs ({diff}); warm-start a run of the same shape')
-    theirs = (tokenizer_fingerprint(source.path) if source.kind == 'folder' else
-              (json.loads((ownership.safetensors_header(source.path) or {}).get('__metadata__', {})
-                          .get(ownership.MARKER_KEY, '{}')).get('tokenizer')))
-    if theirs and theirs != tokenizer_fingerprint(t.tokenizer_dir):
-        raise UserError(f'--init_from: {t.init_from} was trained with another tokenizer than the one in '
-                        f'{t.tokenizer_dir} (same size, other pieces); train with its own tokenizer')
+    check_same_tokenizer(source, t.tokenizer_dir, '--init_from')
+    with torch.device('meta'):
+        model = build_model(cfg.model, vocab_size)
+    load_weights_into(model, weights_path(t.init_from))
 
 
 def model_folder(t) -> str:

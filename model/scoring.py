@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -52,7 +53,9 @@ class TestResult:
 
 def predictions_path(model_path: str, test_file: str) -> str:
     """Beside the model: <model folder or weights file>.predictions.<test file name>.jsonl."""
-    stem = os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0] or 'test'
+    # a glob's '*' (or any odd character) never ends up in a file name a shell would expand
+    stem = re.sub(r'[^\w.-]+', '_', os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0]).strip('_.')
+    stem = stem or 'test'
     return f'{os.path.normpath(model_path)}.predictions.{stem}.jsonl'
 
 
@@ -67,6 +70,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
     stats = None
     loss_sum, tokens, rows, skipped, exact = 0.0, 0, 0, 0, 0
     ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     body_path = ownership.temp_path(out_path)
     try:
         with ownership.disk_errors('predictions', out_path), open(body_path, 'w', encoding='utf-8') as body:

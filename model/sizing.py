@@ -127,6 +127,10 @@ GPU_BF16_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'L40S': 362, 'RTX 4090
 
 
 def human_seconds(s: float) -> str:
+    if s < 0.1:
+        return '< 0.1 s'
+    if s < 10:
+        return f'{s:.1f} s'
     if s < 120:
         return f'{s:.0f} s'
     if s < 2 * 3600:

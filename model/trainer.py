@@ -32,6 +32,7 @@ from model.chat_model import build_model, load_weights_into
 from model.checkpoint import Checkpointer, TrainState
 from model.evaluation import Evaluator
 from model.files import resolve_parquet_files
+from model.model_source import weights_path
 from model.run_support import Collectives, StopSignals, resolve_precision, setup_logging_all_ranks
 from model.sizing import model_shape, total_optimizer_steps
 from model.tokenizer import LABEL_PAD_ID, load_tokenizer, tokenizer_fingerprint
@@ -57,15 +58,6 @@ class LogInterval:
     skipped: int = 0
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     start: float = field(default_factory=time.time)
-
-
-def weights_path(path: str) -> str:
-    """The weights file of a model folder, or the file itself."""
-    if os.path.isdir(path):
-        for name in ('model.safetensors', 'pytorch_model.bin'):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-    return path
 
 
 def build_optimizer(train_cfg, model):

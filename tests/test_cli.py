@@ -25,6 +25,12 @@ def cli(*args, script='train_low_mem.py', timeout=300):
     (['train', '--preset=huge'], "unknown preset 'huge'"),
     (['train', '--is_keep_trainin=True'], 'did you mean --is_keep_training?'),
     (['train_tokenizer', '--vocab_sise=8000'], 'did you mean --vocab_size?'),
+    (['train', '--preset=demo', 'epochs=2'], "unexpected argument 'epochs=2'"),  # not silently dropped
+    (['generate', 'hello'], "unexpected argument 'hello'"),
+    (['train', '--preset=demo', '--dry_run=True', '--rows_per_s=-5'], '--rows_per_s=-5'),
+    (['generate', '--num_beams=100000'], '--num_beams=100000: give 1 to 64'),
+    (['chat', '--temperature=0.5'], '--temperature applies to sampling only'),
+    (['test', '--top_k=-3'], '--top_k=-3'),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     r = cli(*args)
@@ -32,6 +38,13 @@ def test_user_errors_exit_2_with_one_line(args, needle):
     assert 'Traceback' not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_a_process_count_that_is_not_a_number_is_one_line():
+    r = subprocess.run([sys.executable, 'train_low_mem.py', 'train', '--preset=demo', '--dry_run=True'], cwd=ROOT,
+                       env={**ENV, 'NUM_GPUS': 'x'}, capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and 'NUM_GPUS=x' in lines[0], r.stderr
 
 
 def test_dry_run_lists_what_is_missing_with_commands(tmp_path):

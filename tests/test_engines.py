@@ -93,6 +93,7 @@ def test_start_script_checks_the_engine_config_before_launching(tmp_path, data):
         ({'ACCELERATE_CONFIG': os.path.join(ROOT, 'configs/accelerate/fsdp.yaml'), 'NUM_GPUS': '2',
           'ACCELERATE_USE_CPU': '1'}, 'runs on GPUs only'),
     ]
+    cases.append(({'NUM_GPUS': '3', 'CUDA_VISIBLE_DEVICES': ''}, 'NUM_GPUS=3 but 0 GPU(s) are visible'))
     import importlib.util
 
     if importlib.util.find_spec('deepspeed') is None:
@@ -107,6 +108,14 @@ def test_start_script_checks_the_engine_config_before_launching(tmp_path, data):
         line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
         assert want in line, (want, line)
     assert not os.path.exists(tmp_path / 'run')  # nothing started
+
+
+def test_start_script_passes_the_users_dry_run_through(tmp_path, data):
+    flags = tiny_flags(data, tmp_path / 'run', max_steps=2)
+    r = start_script(*flags, '--dry_run=True', env={'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1'})
+    assert r.returncode == 0 and 'ready: data, tokenizer' in r.stdout and '2 process(es)' in r.stdout, \
+        r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / 'run')  # a dry run starts nothing
 
 
 def test_start_script_runs_a_ddp_config_on_two_cpu_processes(tmp_path, data):

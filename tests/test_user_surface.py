@@ -209,6 +209,70 @@ def test_plot_draws_three_curves_from_the_log(run, tmp_path):
     assert bad.returncode == 2 and 'not written by this toolkit' in bad.stderr
 
 
+def one_line(r, needle):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], \
+        (r.returncode, r.stderr[-2000:])
+
+
+def test_odd_input_is_answered_and_outputs_stay_out_of_the_toolkits_folders(run, tmp_path):
+    out, flags = run['out'], model_flags(run)
+    # bytes that are not UTF-8 on a pipe, a closed stdin, a reader that goes away: no traceback
+    r = subprocess.run([sys.executable, 'train_low_mem.py', 'chat', *flags], cwd=ROOT, env=ENV, capture_output=True,
+                       input=b'\xff\xfe' + PROMPTS[1].encode() + b'\n', timeout=300)
+    assert r.returncode == 0 and b'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert len([x for x in r.stdout.splitlines() if not x.startswith(b'model: ')]) == 1
+    closed = subprocess.run(f'{sys.executable} train_low_mem.py chat {" ".join(flags)} <&-', shell=True, cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert closed.returncode == 0 and 'Traceback' not in closed.stderr, closed.stderr[-2000:]
+    many = json.dumps(PROMPTS * 40, ensure_ascii=False)
+    piped = subprocess.run(f"{sys.executable} train_low_mem.py generate {' '.join(flags)} --prompts='{many}' | head -c 1",
+                           shell=True, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert 'Traceback' not in piped.stderr and 'Error' not in piped.stderr, piped.stderr[-2000:]
+    # test: a folder that does not exist yet is made; a glob's '*' never lands in a file name
+    deep = tmp_path / 'new' / 'sub' / 'p.jsonl'
+    r = cli('test', *flags, f'--model_dir={out}/final', f'--test_file={run["valid"]}', '--max_test_rows=4',
+            f'--out={deep}')
+    assert r.returncode == 0 and deep.is_file(), r.stderr[-2000:]
+    pattern = os.path.join(os.path.dirname(run['valid']), '*.parquet')
+    r = cli('test', *flags, f'--model_dir={out}/final', f'--test_file={pattern}', '--max_test_rows=4')
+    assert r.returncode == 0, r.stderr[-2000:]
+    made = [p for p in os.listdir(out) if 'predictions' in p]
+    assert made and not any(ch in p for p in made for ch in '*?['), made
+    # an output inside a tokenizer or model folder would block that folder's replacement
+    tok = [f for f in run['flags'] if f.startswith('--tokenizer_dir=')][0].split('=', 1)[1]
+    before = sorted(os.listdir(tok)), sorted(os.listdir(f'{out}/final'))
+    one_line(cli('test', *flags, f'--model_dir={out}/final', f'--test_file={run["valid"]}',
+                 f'--out={tok}/p.jsonl'), 'a tokenizer folder of this toolkit')
+    one_line(cli('plot', f'--log_dir={out}/logs', f'--out={out}/final/sub/loss.png'), 'a model folder of this toolkit')
+    assert (sorted(os.listdir(tok)), sorted(os.listdir(f'{out}/final'))) == before
+
+
+def test_weights_with_another_tokenizer_of_the_same_size_are_refused(run, tmp_path):
+    from model.demo_corpus import write_demo
+    from model.tokenizer import train_tokenizer
+
+    tok = [f for f in run['flags'] if f.startswith('--tokenizer_dir=')][0].split('=', 1)[1]
+    write_demo(str(tmp_path / 'text'), rows=3000, seed=99)
+    other = train_tokenizer(str(tmp_path / 'text' / 'train.parquet'), str(tmp_path / 'tok'), vocab_size=900,
+                            num_threads=2)
+    from transformers import AutoTokenizer
+
+    assert len(other) == len(AutoTokenizer.from_pretrained(tok))  # the same size: only the pieces differ
+    weights = f'--model_dir={run["out"]}/chat_small_t5.best.bin'
+    rest = [f for f in model_flags(run) if not f.startswith('--tokenizer_dir=')]
+    for command in ('generate', 'chat', 'test'):
+        one_line(cli(command, *rest, weights, f'--tokenizer_dir={tmp_path / "tok"}', stdin=''), 'another tokenizer')
+    # a damaged warm-start file is found by the dry run, not after the run started
+    damaged = tmp_path / 'damaged.bin'
+    damaged.write_bytes(open(f'{run["out"]}/chat_small_t5.best.bin', 'rb').read()[:50_000])
+    w = str(tmp_path / 'w')
+    flags = [f.replace(str(run['out']), w) if not f.startswith(('--train_file', '--validation_file')) else f
+             for f in run['flags']]
+    r = cli('train', *flags, f'--init_from={damaged}', '--dry_run=True')
+    assert r.returncode == 1 and 'not a readable weights file' in r.stdout, r.stdout[-2000:]
+
+
 def fenced_commands(path) -> list[str]:
     """The command lines of a README's fenced shell blocks (comments and output left out)."""
     text = open(path, encoding='utf-8').read()
