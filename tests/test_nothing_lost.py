@@ -55,6 +55,10 @@ def assert_user_error(r, *words):
     assert len(lines) == 1 and lines[0].startswith('error: '), stderr[-3000:]
     for word in words:
         assert word in lines[0], (word, lines[0])
+    if os.environ.get('RECORD_USER_ERRORS'):  # the case -> line table of a release note
+        with open(os.environ['RECORD_USER_ERRORS'], 'a', encoding='utf-8') as f:
+            f.write(json.dumps({'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0],
+                                'words': words, 'line': lines[0]}, ensure_ascii=False) + '\n')
     return lines[0]
 
 
