@@ -77,7 +77,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         try:
             return fn()
         except UserError as e:
-            report.problems.append(Problem(name, f'{name}: {e}' if not str(e).startswith(name) else str(e), fix))
+            message = str(e)
+            if fix and '; create it with: ' in message:  # this run's own fix (with its preset) says it better
+                message = message.split('; create it with: ')[0]
+            report.problems.append(Problem(name, f'{name}: {message}' if not message.startswith(name) else message,
+                                           fix))
             return None
 
     # inputs: readable, the right columns, a usable row
