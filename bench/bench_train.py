@@ -1,7 +1,7 @@
 """This toolkit against transformers' Seq2SeqTrainer, the trainer users would otherwise pick
 (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_train.py                         # both model sizes, 3 seeds each, ~1 h on 2 cores
+    .venv/bin/python bench/bench_train.py                         # both model sizes, 3 seeds each, ~35 min on 2 cores
     .venv/bin/python bench/bench_train.py --sizes=tiny --seeds=42  # a quick look
 
 Same model (T5, fp32), data (../shared/data/real_train_3k.parquet, one epoch; validation: the
