@@ -27,6 +27,7 @@ class ModelSource:
     tokenizer_dir: str  # the folder itself, or the tokenizer given with a weights file
     shape: dict | None  # the model shape recorded with it (None: a weights file without it)
     max_seq_len: int | None  # what it was trained with, where recorded
+    trained_tokenizer: str | None = None  # a weights file's recorded tokenizer fingerprint
 
 
 def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_dir') -> ModelSource:
@@ -44,7 +45,7 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
         raw = (header.get('__metadata__') or {}).get(ownership.MARKER_KEY)
         info = json.loads(raw) if raw else {}
     shape = info.get('model_shape')
-    source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'))
+    source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'), info.get('tokenizer'))
     check_same_tokenizer(source, tokenizer_dir, what)
     return source
 
@@ -61,11 +62,7 @@ def weights_path(path: str) -> str:
 def check_same_tokenizer(source: ModelSource, tokenizer_dir: str, what: str) -> None:
     """Weights trained with one tokenizer answer garbage through another of the same size:
     refused where the weights recorded theirs (files written by train do)."""
-    if source.kind == 'folder':
-        theirs = tokenizer_fingerprint(source.path)
-    else:
-        raw = ((ownership.safetensors_header(source.path) or {}).get('__metadata__') or {}).get(ownership.MARKER_KEY)
-        theirs = json.loads(raw).get('tokenizer') if raw else None
+    theirs = tokenizer_fingerprint(source.path) if source.kind == 'folder' else source.trained_tokenizer
     if theirs and theirs != tokenizer_fingerprint(tokenizer_dir):
         raise UserError(f'{what}: {source.path} was trained with another tokenizer than the one in {tokenizer_dir} '
                         f'(other pieces); give the tokenizer it was trained with (--tokenizer_dir)')
