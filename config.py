@@ -38,7 +38,7 @@ class TrainConfigPretrainLarge:
     epochs: int = 3  # passes over the training file
     batch_size_per_gpu: int = 32  # rows per process per micro-step
     gradient_accumulation_steps: int = 2  # micro-steps per optimizer step
-    max_seq_len: int = 192  # tokens kept per prompt and per response (eos included)
+    max_seq_len: int = 192  # tokens kept per prompt and per response (eos included; at most 4096)
     learn_rate: float = 1e-4  # peak learning rate, reached after warmup
     warmup_steps: int = 1024  # optimizer steps of linear warmup
     save_steps: int = 5000  # optimizer steps between checkpoints
@@ -67,12 +67,14 @@ class TrainConfigPretrainLarge:
     allow_data_change: bool = False  # resume even if the data files changed since the save
     init_from: str = ''  # warm start: a model folder or weights file (.bin) whose weights start a new run (fresh optimizer, schedule and data position)
     log_with: str = 'none'  # also record curves with: none | tensorboard | wandb (accelerate's trackers)
+    stop_grace_s: int = 120  # seconds your cluster allows between SIGTERM and SIGKILL: a stop saves within them (SLURM: match #SBATCH --signal=B:TERM@<this>); a save that takes longer is warned about
 
     # --- evaluation ---
     eval_steps: int = 0  # optimizer steps between evaluations (0 = only at each epoch end)
     max_eval_rows: int = 20000  # validation rows used for the validation loss (0 = all)
     bleu_samples: int = 64  # validation rows answered greedily for BLEU-4 (0 = no BLEU)
     show_samples: int = 3  # prompts whose generated answer is logged at each evaluation
+    eval_max_new_tokens: int = 192  # most tokens generated per answer for BLEU and the samples at an evaluation (at most max_seq_len)
     max_test_rows: int = 0  # rows of test_file that `test` scores (0 = all)
 
     # --- data pipeline ---
@@ -146,6 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 PATH_FIELDS = ('tokenizer_dir', 'train_file', 'validation_file', 'test_file', 'model_file', 'train_state_dir',
                'output_dir', 'log_dir')
 MAX_BLEU_SAMPLES = 10_000
+MAX_NEW_TOKENS = 2048  # most tokens of one generated answer (generate, chat, test, evaluation)
+MAX_SEQ_LEN = 4096  # T5's relative positions work at any length, but attention memory grows with its square
 MAX_TOKENIZER_ROWS = 20_000_000
 
 PRECISIONS = ('no', 'fp16', 'bf16')
@@ -270,6 +274,14 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
         raise UserError('max_grad_norm and weight_decay must be >= 0')
     if train.max_seq_len < 2:
         raise UserError(f'max_seq_len must be at least 2 (one token plus eos), got {train.max_seq_len}')
+    if train.max_seq_len > MAX_SEQ_LEN:
+        raise UserError(f'max_seq_len={train.max_seq_len} is more than {MAX_SEQ_LEN:,} (attention memory grows with '
+                        f'the square of the length); use at most {MAX_SEQ_LEN}')
+    if not 1 <= train.eval_max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f'eval_max_new_tokens={train.eval_max_new_tokens}: give 1 to {MAX_NEW_TOKENS}')
+    if not 1 <= train.stop_grace_s <= 24 * 3600:
+        raise UserError(f'stop_grace_s={train.stop_grace_s}: give the seconds between SIGTERM and SIGKILL '
+                        f'on your cluster, 1 to 86400')
     if not 0 < train.character_coverage <= 1:
         raise UserError(f'character_coverage must be in (0, 1], got {train.character_coverage}')
     for name, allowed in (('mixed_precision', PRECISIONS), ('optimizer', OPTIMIZERS),
@@ -382,7 +394,6 @@ class RunFlags:
     rows_per_s: float = 0.0  # dry run: training rows/s of one GPU measured by bench/bench_gpu.py, for the time per epoch (0 = from FLOPs)
 
 
-MAX_NEW_TOKENS = 2048
 
 
 @dataclass
