@@ -20,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import time
@@ -341,10 +344,79 @@ def _umask() -> int:
     return mask
 
 
+TEMP_TAG = 'chat_small_t5-tmp'
+_TEMP_RE = re.compile(r'^\.(?P<name>.+)\.' + re.escape(TEMP_TAG) +
+                      r'-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}(?:\.old)?$')
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine: a pid means something only on the machine that made it
+    (two nodes on one shared filesystem)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temp_path(target: str) -> str:
-    """A hidden name beside target, so that os.replace is a rename on one filesystem."""
-    folder, name = os.path.split(os.path.abspath(target))
-    return os.path.join(folder, f'.{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp')
+    """A hidden name beside target (so that os.replace is a rename on one filesystem) that says
+    whose it is: ``.<name>.chat_small_t5-tmp-<host>-<pid>-<random>``. Only such names are ever
+    swept (:func:`sweep_stale_temps`)."""
+    folder, name = os.path.split(os.path.abspath(target).rstrip(os.sep))
+    return os.path.join(folder, f'.{name}.{TEMP_TAG}-{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}')
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temps(target: str, place_locked: bool = False) -> list[str]:
+    """Temporaries of ``target`` that a run of this toolkit left when it was killed (SIGKILL, a
+    lost node): named by :func:`temp_path` for this very target, a plain file or folder (never a
+    link), and made by a process that is gone -- on this machine (its pid is not running), or on
+    any machine when the caller holds the lock of the place (no other run can be writing there)."""
+    folder, name = os.path.split(os.path.abspath(target).rstrip(os.sep))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for entry in names:
+        m = _TEMP_RE.match(entry)
+        if not m or m.group('name') != name:
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            continue  # a link or anything else with such a name is not one the toolkit made
+        mine = m.group('host') == _host_tag()
+        if int(m.group('pid')) == os.getpid() and mine:
+            continue
+        if place_locked or (mine and not _pid_alive(int(m.group('pid')))):
+            found.append(path)
+    return sorted(found)
+
+
+def sweep_stale_temps(target: str, place_locked: bool = False) -> list[str]:
+    """Remove :func:`stale_temps` of target (a folder without following links inside it);
+    returns what was removed."""
+    removed = []
+    for path in stale_temps(target, place_locked):
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -354,6 +426,7 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str) -> Iterator[
     path must be the toolkit's own file of these kinds."""
     check_replaceable(path, kinds, what, folder=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sweep_stale_temps(path)
     tmp = temp_path(path)
     try:
         with disk_errors(what, path):
@@ -384,9 +457,13 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def new_temp_folder(target: str) -> str:
+    """An empty folder at :func:`temp_path` of target (stale ones of earlier runs swept first)."""
     parent = os.path.dirname(os.path.abspath(target).rstrip(os.sep))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f'.tmp-{os.path.basename(target.rstrip(os.sep))}-', dir=parent)
+    sweep_stale_temps(target)
+    tmp = temp_path(target)
+    os.mkdir(tmp, 0o700)
+    return tmp
 
 
 def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str) -> None:

@@ -118,6 +118,19 @@ def logged_losses(out) -> dict[int, float]:
     return losses
 
 
+def is_temp_name(name: str) -> bool:
+    """A temporary name of the toolkit (model/ownership.temp_path), or of a state save in progress."""
+    return 'chat_small_t5-tmp' in name or name.startswith('.tmp-') or name.endswith('.tmp')
+
+
+def leftover_temps(folder) -> list[str]:
+    """Temporaries left anywhere under folder (hidden names included)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [os.path.join(root, n) for n in dirs + files if is_temp_name(n)]
+    return sorted(found)
+
+
 def state_folders(state_dir) -> list[str]:
     return sorted(n for n in os.listdir(state_dir) if n.startswith('state-'))
 

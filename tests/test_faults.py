@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import ENV, ROOT, assert_same_weights, logged_losses, run_train, state_folders, tiny_flags, train_cmd
+from conftest import (ENV, ROOT, assert_same_weights, leftover_temps, logged_losses, run_train, state_folders, tiny_flags,
+                      train_cmd)
 
 EXTRA = {'epochs': 2, 'save_steps': 4, 'eval_steps': 20}  # 120 optimizer steps, a state every 4
 TOTAL = 120
@@ -127,7 +128,7 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_the_previous_state(tmp_p
     errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'disk full' in errors[0] and 'state-000000004 is intact' in errors[0], errors
     assert state_folders(f'{out}/state') == ['state-000000004']
-    assert not glob.glob(f'{out}/**/.tmp*', recursive=True) + glob.glob(f'{out}/**/*.tmp', recursive=True)
+    assert not leftover_temps(out)
     r = run_train(flags, RESUME)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_weights(final_weights(reference), final_weights(out))
@@ -150,9 +151,7 @@ def test_a_real_full_disk_anywhere_in_a_save_is_one_line_and_nothing_half_writte
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
         errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
         assert len(errors) == 1 and 'disk full' in errors[0], errors
-        leftovers = [p for p in glob.glob(f'{out}/**/*', recursive=True) + glob.glob(f'{out}/**/.*', recursive=True)
-                     if os.path.basename(p).startswith('.tmp') or p.endswith('.tmp')]
-        assert not leftovers, leftovers
+        assert not leftover_temps(out), leftover_temps(out)
         from model.state_files import latest_state, list_complete_states
 
         assert all(latest_state(f'{out}/state') == p for _, p in list_complete_states(f'{out}/state')[-1:])

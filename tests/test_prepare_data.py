@@ -37,7 +37,9 @@ def read_pairs(path) -> list[tuple]:
 
 def leftovers(folder) -> list[str]:
     """Temporary files a failed write could leave behind."""
-    return [n for n in os.listdir(folder) if n.endswith('.tmp')]
+    from conftest import is_temp_name
+
+    return [n for n in os.listdir(folder) if is_temp_name(n)]
 
 
 def write_source(path, pairs, fmt: str, keys=('question', 'answer')) -> str:
