@@ -100,7 +100,7 @@ def plot_log(log_file: str, out: str) -> Curves:
         ax.legend(loc='upper left' if ax is axes[2] else 'upper right')
     fig.suptitle(os.path.basename(log_file))
     fig.tight_layout()
-    marker = json.dumps(ownership.marker_info(PLOT, log_file=os.path.abspath(log_file)))
+    marker = json.dumps(ownership.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
     with ownership.atomic_file(out, PLOT, '--out') as tmp:
         fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', ownership.MARKER_KEY: marker})
     plt.close(fig)

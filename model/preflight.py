@@ -164,10 +164,14 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.problems.append(Problem('log_with', f'--log_with={t.log_with} but {t.log_with} is not installed',
                                            f'install it:{extra}'))
 
-    # resume: a state that loads, trained with what this run would use
+    # resume: a state that loads, trained with what this run would use; a fresh run: what an
+    # earlier one left can be moved aside
     if resume:
         _check_resume(cfg, report)
-    elif report.ready:
+    else:
+        for message in ckpt.inspect_states(t.train_state_dir, resume=False).problems:
+            report.problems.append(Problem('train_state_dir', message))
+    if not resume and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
@@ -225,21 +229,14 @@ def _check_disk(t, report: Report) -> None:
 
 def _check_resume(cfg: ResolvedConfig, report: Report) -> None:
     t = cfg.train
-    states = ckpt.list_complete_states(t.train_state_dir)
-    path = ckpt.latest_state(t.train_state_dir, deep=True)
-    report.latest_state = path
-    if path is None:
-        if states:
-            what = (f'every saved state is damaged in {t.train_state_dir} '
-                    f'({ckpt.state_problem(states[-1][1], deep=True)} in {states[-1][1]})')
-        else:
-            what = f'no complete saved state in {t.train_state_dir}'
-        report.problems.append(Problem('is_keep_training', f'--is_keep_training=True but {what}',
+    states = ckpt.inspect_states(t.train_state_dir, resume=True)
+    report.latest_state = path = states.resume_from
+    report.notes += states.notes
+    for message in states.problems:
+        report.problems.append(Problem('is_keep_training', message,
                                        'start without --is_keep_training (or check --train_state_dir)'))
+    if path is None:
         return
-    if states and states[-1][1] != path:
-        report.notes.append(f'the newest state {states[-1][1]} is damaged '
-                            f'({ckpt.state_problem(states[-1][1], deep=True)}); the run resumes from {path}')
     try:
         saved_cfg = ckpt.read_json(os.path.join(path, 'config.json'))['train']
         saved_fp = ckpt.read_json(os.path.join(path, 'fingerprint.json'))

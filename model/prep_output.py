@@ -99,11 +99,12 @@ def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter
     other file at ``path`` is refused before anything is written.
     """
     with ownership.atomic_file(path, DATA, 'the output') as tmp:
-        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA.with_metadata(ownership.parquet_metadata(DATA, command=command)))
+        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA)
         try:
             rows = RowGroupWriter(writer)
             yield rows
             rows.close()
+            writer.add_key_value_metadata(ownership.parquet_marker(DATA, command=command, rows=rows.rows_written))
         finally:
             writer.close()
 

@@ -104,7 +104,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                     progress(rows)
         score = bleu._compute_score_from_stats(list(stats)).score if stats is not None else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
-        header = ownership.marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
+        header = ownership.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
                                        exact_match=result.exact_match, decode=decode.__dict__)
         with ownership.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
