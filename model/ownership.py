@@ -813,18 +813,21 @@ def _open_lock(folder: str, flags: int) -> int:
     """The lock file of a folder, opened so that no link can redirect it (O_NOFOLLOW, a plain
     file with a single name, empty or a lock's content); else a UserError naming it."""
     path = os.path.join(folder, LOCK_FILE)
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    not_ours = UserError(f'{path} is not a lock file this toolkit wrote (another kind of file, a file with a '
+                         f'second name, or other content); move it away')
+    try:  # O_NONBLOCK: a FIFO planted there must not hang the open
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UserError(f'{path} is a link, not the lock file this toolkit writes; remove it '
                             f'(the toolkit never writes through a link)') from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):
+            raise not_ours from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or _lock_info(os.pread(fd, 4096, 0)) is None:
         os.close(fd)
-        raise UserError(f'{path} is not a lock file this toolkit wrote (another kind of file, a file with a '
-                        f'second name, or other content); move it away')
+        raise not_ours
     return fd
 
 

@@ -70,8 +70,10 @@ def plot_log(log_file: str, out: str) -> Curves:
     curves = read_curves(log_file)
     if not curves.step:
         raise UserError(f'{log_file}: no training step lines in this log (is it a chat_trainer_low_mem log?)')
-    if not out.lower().endswith('.png'):
-        raise UserError(f'--out={out}: the plot is a PNG; give a path ending in .png')
+    out = ownership.resolve_place(out, '--out')
+    if not out.lower().endswith('.png') or os.path.basename(out).lower() == '.png':
+        raise UserError(f'--out={out}: the plot is a PNG; give a file path ending in .png')
+    ownership.check_not_an_input(out, [log_file], '--out')
     ownership.check_replaceable(out, PLOT, '--out', folder=False)
     ownership.check_writable(out, '--out')
     try:

@@ -7,11 +7,12 @@ only when the run will not fail for such a cause. Metadata and a few rows only: 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
 
-from config import ResolvedConfig, UserError
+from config import PATH_FIELDS, ResolvedConfig, UserError
 from model import state_files as ckpt
 from model import ownership
 from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
@@ -57,6 +58,34 @@ class Report:
 
 def _cli(cfg: ResolvedConfig, command: str) -> str:
     return f'python train_low_mem.py {command}' + (f' --preset={cfg.preset}' if cfg.preset else '')
+
+
+def resolve_places(cfg: ResolvedConfig) -> ResolvedConfig:
+    """The config with every path resolved once, at start: links anywhere in a path are followed
+    (model_save/ or data/ linked into scratch storage is an ordinary setup), so everything after
+    reads and writes where they point, and never replaces a link. A pattern keeps its magic part
+    (its folder before the first '*?[' is resolved); model_file keeps its file name."""
+    t = dataclasses.replace(cfg.train)
+    for name in (*PATH_FIELDS, 'init_from'):
+        value = getattr(t, name)
+        if not value:
+            continue
+        if name == 'model_file':
+            resolved = ownership.resolve_pattern(value, name)
+        else:
+            resolved = resolve_spec(value, name)
+        setattr(t, name, resolved)
+    return dataclasses.replace(cfg, train=t)
+
+
+def resolve_spec(spec: str, what: str) -> str:
+    """A file, folder or glob with the part before its first wildcard resolved."""
+    parts = str(spec).split(os.sep)
+    magic = next((i for i, part in enumerate(parts) if any(ch in part for ch in '*?[')), None)
+    if magic is None:
+        return ownership.resolve_place(spec, what)
+    head = os.sep.join(parts[:magic]) or ('/' if str(spec).startswith(os.sep) else '.')
+    return os.path.join(ownership.resolve_place(head, what), *parts[magic:])
 
 
 def data_fix(cfg: ResolvedConfig) -> str:
@@ -150,6 +179,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                 f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
         _check_disk(t, report)
+        if report.total_steps and t.warmup_steps >= report.total_steps:
+            report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '
+                                f'learning rate never reaches learn_rate={t.learn_rate}; e.g. '
+                                f'--warmup_steps={max(1, report.total_steps // 10)}')
 
     # warm start and trackers
     if t.init_from and resume:

@@ -82,13 +82,13 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
             pass  # a missing input is reported by its reader
     seen: dict[str, str] = {}
     for what, path in outputs.items():
-        real = os.path.realpath(path)
+        real = ownership.resolve_place(path, f'--{what}')  # a link is written through, never replaced
         if real in seen:
             raise UserError(f'--{what} and --{seen[real]} are the same file: {path}')
         seen[real] = what
-        ownership.check_not_an_input(path, files, f'--{what}', specs)
-        ownership.check_replaceable(path, DATA, f'--{what}', folder=False)
-        ownership.check_writable(path, f'--{what}')
+        ownership.check_not_an_input(real, files, f'--{what}', specs)
+        ownership.check_replaceable(real, DATA, f'--{what}', folder=False)
+        ownership.check_writable(real, f'--{what}')
 
 
 @contextlib.contextmanager
