@@ -847,21 +847,21 @@ class PlaceLock:
         import fcntl
 
         try:
-            for folder in self.folders:
+            for folder in self.folders:  # every lock file judged before any is taken or written
                 os.makedirs(folder, exist_ok=True)
-                fd = _open_lock(folder, os.O_RDWR | os.O_CREAT)
+                self._fds.append(_open_lock(folder, os.O_RDWR | os.O_CREAT))
+            for folder, fd in zip(self.folders, self._fds):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
-                    os.close(fd)
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
                     raise UserError(f'{folder} is in use by another {self.what} ({holder(folder)}); '
                                     f'wait for it to end, or give this one other output paths') from None
+            for fd in self._fds:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
                                           'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode(), 0)
-                self._fds.append(fd)
         except BaseException:
             self.release()
             raise

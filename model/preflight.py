@@ -160,12 +160,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     if os.path.lexists(archive) and not os.path.isdir(archive):
         report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
                                        f'earlier runs in a folder of that name', 'move the file away'))
-    if locks:
-        for name in ('train_state_dir', 'output_dir', 'model_file'):
-            who = ownership.is_locked(places[name])
-            if who:
-                report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
-                                               'wait for it to end, or give this run other output paths'))
+    for name in ('train_state_dir', 'output_dir', 'model_file'):  # a lock file that is a link: always a problem
+        who = problem(name, lambda path=places[name]: ownership.is_locked(path))
+        if who and locks:
+            report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
+                                           'wait for it to end, or give this run other output paths'))
 
     # sizes: at least one optimizer step, and room on disk for a state
     if files['train_file'] and report.vocab_size:
