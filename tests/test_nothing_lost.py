@@ -434,6 +434,8 @@ def test_flags_without_effect_and_outputs_among_the_inputs_are_refused(tmp_path,
     data_dir = os.path.dirname(data['train'])
     log = tmp_path / 'run.log'
     log.write_text('2026-01-01 00:00:00 [rank 0] INFO step 1/2 | epoch 0 | loss 9.0000 | lr 1.000e-03 | x\n')
+    png_named_log = tmp_path / 'run_log.png'  # a log whose name would pass as a plot's
+    png_named_log.write_text(log.read_text())
     before = snapshot(tmp_path)
     results = run_parallel([
         ('vocab on train', ['train', *tiny_flags(data, out), '--vocab_size=5', '--dry_run=True'], 'train_low_mem.py'),
@@ -446,7 +448,8 @@ def test_flags_without_effect_and_outputs_among_the_inputs_are_refused(tmp_path,
         ('predictions into the tokenizer', ['test', f'--output_dir={trained}', f'--test_file={data["valid"]}',
                                             f'--out={data["tok"]}/preds.jsonl'], 'train_low_mem.py'),
         ('a plot named .png', ['plot', f'--log_file={log}', f'--out={tmp_path}/.png'], 'train_low_mem.py'),
-        ('the plot over its log', ['plot', f'--log_file={log}', f'--out={log}'], 'train_low_mem.py'),
+        ('the plot over its log', ['plot', f'--log_file={png_named_log}', f'--out={png_named_log}'],
+         'train_low_mem.py'),
     ])
     assert_user_error(results['vocab on train'], '--vocab_size has no effect on train', 'train_tokenizer')
     assert_user_error(results['test file on train'], '--test_file has no effect on train')
