@@ -170,6 +170,8 @@ def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exact
     os.kill(job.pid, signal.SIGTERM)  # SLURM's --signal=B:TERM@N: the batch shell only
     launchers = descendants(job.pid, 'accelerate launch')
     assert len(launchers) == 2, launchers
+    for pid in launchers:  # torchrun waits for the ranks as long as the run's --stop_grace_s
+        assert b'TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60\0' in open(f'/proc/{pid}/environ', 'rb').read()
     time.sleep(0.5)
     os.kill(job.pid, signal.SIGTERM)  # twice: passed on once
     for _ in range(2):  # a preemption's SIGTERM to every process: torchrun leaves its ranks saving
