@@ -58,7 +58,7 @@ def pass_on(signum, frame):
 signal.signal(signal.SIGTERM, pass_on)
 signal.signal(signal.SIGINT, pass_on)
 kill_at = None
-while any(t.poll() is None for t in tasks):
+while [t.poll() for t in tasks].count(None):  # every task polled: a list, not any()'s short cut
     if kill_bad and kill_at is None and any(t.returncode not in (None, 0) for t in tasks):
         kill_at = time.monotonic() + KILL_WAIT
         pass_on(signal.SIGTERM, None)
@@ -242,6 +242,39 @@ def test_a_stop_during_start_up_saves_nothing_and_a_cancelled_job_is_not_requeue
     assert not [c for c in calls(log) if c.startswith('scontrol requeue')]
     assert not os.path.exists(out / 'state') and not dry_runs(out)  # nothing trained, nothing left running
     assert no_outcome_folder_left(job_id)
+
+
+def stub_job(tmp_path, stand_ins, node_script, **env):
+    """The batch script over a stand-in start script (bash, run per node with MACHINE_RANK set) that
+    writes the ranks' records as scripts/rank_outcome.py would: the batch script's decisions, in ms."""
+    work = tmp_path / 'job'
+    os.makedirs(work / 'scripts')
+    os.symlink(os.path.join(ROOT, 'scripts', 'env_checks.sh'), work / 'scripts' / 'env_checks.sh')
+    (work / 'start_pretrain_large.sh').write_text('#!/bin/bash\n' + node_script)
+    os.chmod(work / 'start_pretrain_large.sh', 0o755)
+    log = tmp_path / 'calls'
+    r = subprocess.run(['bash', SBATCH], cwd=work, env=job_env(stand_ins, log, 55, SLURM_SUBMIT_DIR=str(work), **env),
+                       capture_output=True, text=True, timeout=60)
+    assert os.listdir(work / 'logs') == []  # the records went with the job
+    return r, [c for c in calls(log) if c.startswith('scontrol requeue')]
+
+
+def test_a_divergence_is_not_requeued_though_srun_stopped_the_other_node(tmp_path, stand_ins):
+    # both ranks diverge (the trainer's exit 1); node 1 ends first and srun's --kill-on-bad-exit
+    # stops node 0, which exits 143: the ranks' own records decide
+    r, requeues = stub_job(tmp_path, stand_ins, 'echo 1 > "$RANK_OUTCOME_DIR/rank-$MACHINE_RANK"\n'
+                           'if [ "$MACHINE_RANK" = 0 ]; then trap "exit 143" TERM; sleep 60 & wait; fi\nexit 1\n')
+    assert r.returncode == 1, r.stderr
+    assert 'failed (diverged, or not ready: see above; rank(s) 1 1): not requeued' in r.stderr, r.stderr
+    assert not requeues
+
+
+def test_a_job_restarted_max_requeues_times_is_not_requeued_again(tmp_path, stand_ins):
+    r, requeues = stub_job(tmp_path, stand_ins, 'echo 143 > "$RANK_OUTCOME_DIR/rank-$MACHINE_RANK"\nexit 143\n',
+                           SLURM_RESTART_COUNT='3', MAX_REQUEUES='3')
+    assert r.returncode == 143, r.stderr
+    assert 'stopped (rank(s) 143 143) and was already restarted 3 times (MAX_REQUEUES=3): not requeued' in r.stderr
+    assert not requeues
 
 
 # --------------------------------------------------------------------------- environment checks
