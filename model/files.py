@@ -3,7 +3,9 @@
 Each rule lives here once and everything else calls it: which column types count as text
 (:func:`is_text_type`), how they are read (:func:`as_text`), what a blank row is
 (:func:`blank_mask`), how a Parquet file is opened for streaming (:func:`open_parquet`) and
-how rows are counted (:func:`count_rows`).
+how rows are counted (:func:`count_rows`). Every read goes through model/read_guard.py: a
+damaged file is one line naming it (and the row group), and a row group holding more text
+than ``MAX_ROW_GROUP_TEXT_BYTES`` is refused from the footer, before it is read.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from config import UserError
+from model import read_guard
+from model.read_guard import ReadGuard, human_size
 
 TEXT_COLUMNS = ('prompt', 'response')
 READ_BATCH_ROWS = 8192  # rows per streamed batch: bounded memory, big enough for vectorised work
@@ -35,6 +39,10 @@ def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
         found = sorted(glob.glob(os.path.join(spec, '*.parquet')))
         if not found:
             raise UserError(f'{spec}: folder holds no *.parquet files')
+        for path in found:  # a FIFO would block the reader, a folder is not one file
+            if not os.path.isfile(path):
+                raise UserError(f'{path}: not a regular file; a folder given as input must hold only '
+                                f'Parquet files named *.parquet (move it away, or give the files)')
         return found
     if any(ch in spec for ch in '*?['):
         found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
@@ -97,24 +105,49 @@ class ParquetInfo:
 
 def inspect_parquet(path: str, columns=TEXT_COLUMNS) -> ParquetInfo:
     """Row counts and a column check from the footer alone (no data is read)."""
-    try:
+    with ReadGuard(path):
         pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f'{path}: not a readable Parquet file ({e})') from None
-    schema = pf.schema_arrow
+        check_text_columns(path, pf.schema_arrow, columns, 'cast it to string before writing the file')
+        md = pf.metadata
+        rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+        limit = read_guard.MAX_ROW_GROUP_TEXT_BYTES
+        for i, size in enumerate(row_group_text_bytes(pf, columns)):
+            if size > limit:
+                raise UserError(
+                    f'{path}: row group {i} holds {human_size(size)} of text, more than the '
+                    f'{human_size(limit)} one read may hold (read_guard.MAX_ROW_GROUP_TEXT_BYTES); rewrite it '
+                    f'in smaller row groups with: python prepare_data.py convert {path} OUT.parquet')
+        return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
+                           size_bytes=os.path.getsize(path))
+
+
+def check_text_columns(path: str, schema: pa.Schema, columns, cast_fix: str, rename_fix: str = '') -> None:
+    """Each column there once, and text."""
+    rename_fix = rename_fix or (f'rename it with: python prepare_data.py convert {path} OUT.parquet '
+                                f'--prompt_col=... --response_col=...')
     for col in columns:
-        if col not in schema.names:
-            raise UserError(f'{path}: missing column {col!r} (has: {", ".join(schema.names)}); '
-                            f'rename it with: python prepare_data.py convert {path} OUT.parquet '
-                            f'--prompt_col=... --response_col=...')
+        found = schema.names.count(col)
+        if found == 0:
+            raise UserError(f'{path}: missing column {col!r} (has: {", ".join(schema.names) or "none"}); '
+                            f'{rename_fix}')
+        if found > 1:
+            raise UserError(f'{path}: column {col!r} appears {found} times; write the file again with '
+                            f'one column of each name')
         typ = schema.field(col).type
         if not is_text_type(typ):
-            raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); '
-                            f'cast it to string before writing the file')
+            raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); {cast_fix}')
+
+
+def row_group_text_bytes(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> list[int]:
+    """Uncompressed bytes of the columns in each row group, from the footer."""
     md = pf.metadata
-    rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-    return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
-                       size_bytes=os.path.getsize(path))
+    names = set(columns)
+    sizes = []
+    for i in range(md.num_row_groups):
+        group = md.row_group(i)
+        sizes.append(sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                         if group.column(j).path_in_schema.split('.')[0] in names))
+    return sizes
 
 
 def count_rows(spec) -> int:
@@ -132,18 +165,28 @@ def open_parquet(path: str, buffer_size: int = 1 << 20) -> pq.ParquetFile:
     (an 860 MB file: 832 MB of Arrow memory at the end) and fetched a whole column chunk
     before the first batch; buffered page reads hold ~14 MB instead, at the same speed.
     """
-    try:
+    with ReadGuard(path):
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer_size)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f'{path}: not a readable Parquet file ({e})') from None
 
 
 def iter_text_tables(spec, columns=TEXT_COLUMNS, batch_rows: int = READ_BATCH_ROWS):
     """Tables of at most batch_rows rows of the columns (as text), streamed from every file."""
     for path in resolve_parquet_files(spec):
+        yield from iter_file_batches(path, columns, batch_rows, lambda batch: pa.Table.from_arrays(
+            [as_text(batch.column(c)) for c in columns], names=list(columns)), inspect=True)
+
+
+def iter_file_batches(path: str, columns, batch_rows: int, convert=lambda batch: batch, inspect: bool = False):
+    """convert(batch) of the record batches of one file, row group by row group, a failure
+    naming the row group; inspect: check the footer first (columns, row-group sizes)."""
+    if inspect:
         inspect_parquet(path, columns)
-        for batch in open_parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns)):
-            yield pa.Table.from_arrays([as_text(batch.column(c)) for c in columns], names=list(columns))
+    pf = open_parquet(path)
+    with ReadGuard(path) as guard:
+        for i in range(pf.metadata.num_row_groups):
+            guard.at(f'row group {i}')
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=list(columns)):
+                yield convert(batch)
 
 
 def iter_usable_rows(spec, limit: int):

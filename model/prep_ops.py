@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from config import TrainConfigPretrainLarge, UserError
-from model.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
+from model.files import (TEXT_COLUMNS, blank_mask, count_rows, iter_file_batches, iter_text_tables, open_parquet,
+                         resolve_parquet_files)
 from model.prep_output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
 from model.prep_readers import iter_input_tables
 
@@ -172,7 +173,7 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     total = count_rows(files)
     first = open_parquet(files[0])
     columns = first.schema_arrow.names
-    head = next(first.iter_batches(batch_size=5), None)
+    head = next(iter_file_batches(files[0], TEXT_COLUMNS, 5), None)
     tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed) \
         if tokenizer_dir else None
     counts = {'null_prompt': 0, 'null_response': 0, 'null_rows': 0, 'blank_rows': 0,
@@ -215,10 +216,12 @@ class _TokenStats:
     """Token lengths (eos included) of a seeded sample of at most ``sample_rows`` rows."""
 
     def __init__(self, tokenizer_dir: str, max_seq_len: int, sample_rows: int, total: int, seed: int):
-        from model.tokenizer import load_tokenizer
+        from model.tokenizer import load_tokenizer, text_cut_chars
 
         self.tok = load_tokenizer(tokenizer_dir)
         self.max_seq_len = max_seq_len
+        self.cut_chars = text_cut_chars(self.tok, max_seq_len)  # longer texts: counted up to there
+        self.cut = 0
         self.keep = 1.0 if total <= sample_rows else sample_rows / total
         self.rng = np.random.default_rng(seed)
         self.lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
@@ -229,9 +232,12 @@ class _TokenStats:
         if self.keep < 1.0:
             chosen &= self.rng.random(table.num_rows) < self.keep
         rows = table.filter(pa.array(chosen))
+        from model.tokenizer import cut_texts
+
         for name in TEXT_COLUMNS:
             texts = rows.column(name).to_pylist()
-            ids = self.tok(texts, add_special_tokens=True)['input_ids'] if texts else []
+            self.cut += sum(len(t) > self.cut_chars for t in texts)
+            ids = self.tok(cut_texts(texts, self.cut_chars), add_special_tokens=True)['input_ids'] if texts else []
             self.lengths[name].append(np.array([len(x) for x in ids], dtype=np.int32))
 
     def summary(self) -> dict[str, Any]:
@@ -241,6 +247,7 @@ class _TokenStats:
         sampled = len(prompt)
         return {
             'sample_rows': sampled, 'sampled_all': self.keep >= 1.0, 'max_seq_len': self.max_seq_len,
+            'cut_texts': self.cut, 'cut_chars': self.cut_chars,
             'prompt': _percentiles(prompt), 'response': _percentiles(response),
             'truncated_prompts': int(over_p.sum()), 'truncated_responses': int(over_r.sum()),
             'truncated_rows': int((over_p | over_r).sum()),
@@ -273,7 +280,9 @@ def format_report(report: dict[str, Any]) -> str:
     tokens = report['tokens']
     if tokens is not None:
         sample = 'all rows' if tokens['sampled_all'] else f'a random sample of {tokens["sample_rows"]} rows'
-        lines += ['', f'token lengths, eos included ({sample}):']
+        cut = (f'; {tokens["cut_texts"]} text(s) over {tokens["cut_chars"]:,} characters counted up to there'
+               if tokens['cut_texts'] else '')
+        lines += ['', f'token lengths, eos included ({sample}{cut}):']
         for name in TEXT_COLUMNS:
             lines.append(f'  {name:<9} ' + '  '.join(f'{k} {v}' for k, v in tokens[name].items()))
         lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '

@@ -4,7 +4,9 @@ CSV (pyarrow), JSONL (one object per line, Python's json: NaN and Infinity accep
 (streamed with ijson: a list of objects, and every layout pandas' ``to_json`` writes:
 records, index, columns, split, table) and Parquet. Everything streams: memory holds one
 batch of rows, whatever the file size. Errors name the file and the line (JSON lists: the
-element and its line, found by a second, error-only pass).
+element and its line, found by a second, error-only pass). Every reader runs under
+model/read_guard.py's guard (whatever a parser raises on malformed content is one line naming
+the file), and a record over ``MAX_RECORD_BYTES`` is refused as it streams, before it is whole.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from config import UserError
-from model.files import as_text, is_text_type, open_parquet
+from model import read_guard
+from model.files import as_text, check_text_columns, iter_file_batches, open_parquet, row_group_text_bytes
 from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA
+from model.read_guard import ReadBudget, guarded, human_size, iter_bounded_lines, too_long
 
 READ_CHUNK_BYTES = 1 << 20  # read size of the JSON parser and the UTF-8 scanner
+BATCH_TEXT_BYTES = 16 << 20  # a batch of records is handed on at this much text, even if short of BATCH_ROWS
+RECORD_FIX = 'no training row is that long: split or drop such records before converting'
 FORMATS = ('csv', 'json', 'jsonl', 'parquet')
 _EXTENSIONS = {'.csv': 'csv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
                '.parquet': 'parquet', '.pq': 'parquet'}
@@ -49,9 +55,10 @@ def iter_input_tables(path: str, prompt_col: str = 'prompt', response_col: str =
     if not os.path.exists(path):
         raise UserError(f'{path}: no such file')
     if not os.path.isfile(path):
-        raise UserError(f'{path}: not a file')
+        raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
     readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': iter_jsonl, 'parquet': iter_parquet_columns}
-    return readers[infer_format(path, input_format)](path, prompt_col, response_col)
+    reader = readers[infer_format(path, input_format)]
+    return guarded(path, lambda: reader(path, prompt_col, response_col))
 
 
 # --------------------------------------------------------------------------- UTF-8
@@ -109,6 +116,8 @@ class RecordBatcher:
         self.path, self.keys = path, (prompt_col, response_col)
         self.prompts: list[str | None] = []
         self.responses: list[str | None] = []
+        self.wheres: list = []  # to name a record Arrow refuses (a lone surrogate)
+        self.chars = 0
 
     def add(self, record: Any, where) -> pa.Table | None:
         """where: a string, or a function giving one (called only to report an error)."""
@@ -135,13 +144,32 @@ class RecordBatcher:
                 raise UserError(f'{self.path}: {_where(where)}: field {key!r} is {kind}, expected text') from None
         self.prompts.append(values[0])
         self.responses.append(values[1])
-        return self.take() if len(self.prompts) >= BATCH_ROWS else None
+        self.wheres.append(where)
+        self.chars += sum(len(v) for v in values if v is not None)
+        # characters, not bytes (no encoding pass): a batch holds at most ~4x BATCH_TEXT_BYTES
+        return self.take() if len(self.prompts) >= BATCH_ROWS or self.chars >= BATCH_TEXT_BYTES else None
 
     def take(self) -> pa.Table:
-        table = pa.Table.from_arrays([pa.array(self.prompts, pa.string()),
-                                      pa.array(self.responses, pa.string())], schema=OUTPUT_SCHEMA)
-        self.prompts, self.responses = [], []
+        try:
+            table = pa.Table.from_arrays([pa.array(self.prompts, pa.string()),
+                                          pa.array(self.responses, pa.string())], schema=OUTPUT_SCHEMA)
+        except UnicodeEncodeError:
+            raise self._not_unicode() from None
+        self.prompts, self.responses, self.wheres, self.chars = [], [], [], 0
         return table
+
+    def _not_unicode(self) -> UserError:
+        """JSON may escape half of a UTF-16 pair alone (\\ud800): valid JSON, not text."""
+        for prompt, response, where in zip(self.prompts, self.responses, self.wheres):
+            for key, value in zip(self.keys, (prompt, response)):
+                try:
+                    (value or '').encode('utf-8')
+                except UnicodeEncodeError as e:
+                    char = value[e.start]
+                    return UserError(f'{self.path}: {_where(where)}: field {key!r} holds {ascii(char)}, half of a '
+                                     f'UTF-16 surrogate pair, which is not text; write the file again from its source '
+                                     f'(or replace the escape with the whole character)')
+        return UserError(f'{self.path}: a field is not valid Unicode text')
 
 
 def _where(where) -> str:
@@ -168,7 +196,9 @@ def iter_jsonl(path: str, prompt_col: str, response_col: str, hint: str = '') ->
 def _jsonl_records(path: str, hint: str = ''):
     decoder = json.JSONDecoder(strict=False)  # tolerate raw tabs/newlines inside strings
     with open(path, 'rb') as f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_RECORD_BYTES), start=1):
+            if not whole:
+                raise too_long(path, f'line {line_no}', 'MAX_RECORD_BYTES', RECORD_FIX)
             try:
                 text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
             except UnicodeDecodeError:
@@ -223,12 +253,12 @@ def iter_json(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Tabl
 def _is_jsonl(path: str) -> bool:
     """The first line is a whole JSON object and another value follows it."""
     with _open_json(path) as f:
-        first = f.readline(READ_CHUNK_BYTES)
+        first, whole = next(iter_bounded_lines(f, read_guard.MAX_RECORD_BYTES), (b'', True))
         try:
             json.loads(first)
         except ValueError:
             return False
-        return any(line.strip() for line in itertools.islice(f, 1000))
+        return whole and any(line.strip() for line, _ in itertools.islice(iter_bounded_lines(f, READ_CHUNK_BYTES), 1000))
 
 
 def _ijson_events(path: str, items, describe):
@@ -243,77 +273,105 @@ def _ijson_events(path: str, items, describe):
         raise build_utf8_error(path) from None
 
 
+def _records(path: str, parse, where):
+    """The items ijson's parse(file) yields, each refused while it streams once it passes
+    MAX_RECORD_BYTES (ijson holds a value until it is whole); where(i) names item i."""
+    taken = 0
+
+    def refuse() -> UserError:
+        return too_long(path, where(taken), 'MAX_RECORD_BYTES', RECORD_FIX)
+
+    with _open_json(path) as f:
+        budget = ReadBudget(f, read_guard.MAX_RECORD_BYTES, refuse)
+        for item in _ijson_events(path, parse(budget), _short):
+            budget.took_record()
+            taken += 1
+            yield item
+
+
 def _list_records(path: str, prefix: str):
     import ijson
 
-    with _open_json(path) as f:
-        items = ijson.items(f, prefix, buf_size=READ_CHUNK_BYTES, use_float=True)
-        for i, record in enumerate(_ijson_events(path, items, _short)):
-            yield record, lambda i=i: f'element {i + 1} of the list ({_element_line(path, i)})'
+    def where(i):
+        return f'element {i + 1} of the list'
 
-
+    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=READ_CHUNK_BYTES, use_float=True), where)
+    for i, record in enumerate(items):
+        yield record, lambda i=i: f'{where(i)} ({_element_line(path, i)})'
 def _object_records(path: str, prompt_col: str, response_col: str):
     """The layouts of a top-level object, told apart by its first keys and their values."""
     import ijson
 
     keys: dict[str, str] = {}  # top-level key -> the event its value starts with
-    with _open_json(path) as f:
-        events = _ijson_events(path, ijson.parse(f, buf_size=READ_CHUNK_BYTES), _short)
-        pending = None
-        for prefix, event, value in events:
-            if prefix == '' and event == 'map_key':
-                pending = value
-            elif pending is not None and prefix == pending:
-                keys[pending] = event
-                pending = None
-                if len(keys) >= 3 or (keys.keys() >= {prompt_col, response_col}):
-                    break
+    pending = None
+    for prefix, event, value in _records(path, lambda f: ijson.parse(f, buf_size=READ_CHUNK_BYTES),
+                                         lambda i: 'the top-level object'):
+        if prefix == '' and event == 'map_key':
+            pending = value
+        elif pending is not None and prefix == pending:
+            keys[pending] = event
+            pending = None
+            if len(keys) >= 3 or (keys.keys() >= {prompt_col, response_col}):
+                break
     if keys.get('columns') == 'start_array' and 'data' in keys:  # orient='split'
         yield from _split_records(path)
     elif keys.get(prompt_col) == 'start_map':  # orient='columns' (pandas' default)
         yield from _column_records(path, prompt_col, response_col)
     elif keys and all(event == 'start_map' for event in keys.values()):  # orient='index'
-        with _open_json(path) as f:
-            for key, record in _ijson_events(path, ijson.kvitems(f, '', buf_size=READ_CHUNK_BYTES,
-                                                                 use_float=True), _short):
-                yield record, f'record {key!r}'
+        items = _records(path, lambda f: ijson.kvitems(f, '', buf_size=READ_CHUNK_BYTES, use_float=True),
+                         lambda i: f'record {i + 1} of the object')
+        for key, record in items:
+            yield record, f'record {key!r}'
     elif any(event == 'start_array' for event in keys.values()):  # {"data": [...]}, orient='table'
         key = next(k for k, event in keys.items() if event == 'start_array')
         yield from _list_records(path, f'{key}.item')
     else:  # one record
-        with _open_json(path) as f:
-            yield next(iter(_ijson_events(path, ijson.items(f, '', use_float=True), _short))), 'the object'
+        items = _records(path, lambda f: ijson.items(f, '', buf_size=READ_CHUNK_BYTES, use_float=True),
+                         lambda i: 'the object')
+        yield next(iter(items)), 'the object'
 
 
 def _column_records(path: str, prompt_col: str, response_col: str):
     """{"prompt": {"0": ..}, "response": {"0": ..}}: two streamed passes, zipped by index."""
     import ijson
 
-    with _open_json(path) as fp, _open_json(path) as fr:
-        prompts = _ijson_events(path, ijson.kvitems(fp, prompt_col, use_float=True), _short)
-        responses = _ijson_events(path, ijson.kvitems(fr, response_col, use_float=True), _short)
-        for (kp, p), (kr, r) in itertools.zip_longest(prompts, responses, fillvalue=(None, None)):
-            if kp != kr:
-                raise UserError(f'{path}: the columns {prompt_col!r} and {response_col!r} hold different '
-                                f'row indices ({kp!r} and {kr!r})')
-            yield {prompt_col: p, response_col: r}, f'row {kp!r}'
+    def column(name):
+        return _records(path, lambda f: ijson.kvitems(f, name, buf_size=READ_CHUNK_BYTES, use_float=True),
+                        lambda i: f'row {i + 1} of column {name!r}')
+
+    for (kp, p), (kr, r) in itertools.zip_longest(column(prompt_col), column(response_col),
+                                                  fillvalue=(None, None)):
+        if kp != kr:
+            raise UserError(f'{path}: the columns {prompt_col!r} and {response_col!r} hold different '
+                            f'row indices ({kp!r} and {kr!r})')
+        yield {prompt_col: p, response_col: r}, f'row {kp!r}'
 
 
 def _split_records(path: str):
     """{"columns": [...], "index": [...], "data": [[...], ...]} (orient='split')."""
     import ijson
 
-    with _open_json(path) as f:
-        columns = next(iter(_ijson_events(path, ijson.items(f, 'columns'), _short)))
-    with _open_json(path) as f:
-        rows = _ijson_events(path, ijson.items(f, 'data.item', buf_size=READ_CHUNK_BYTES, use_float=True),
-                             _short)
-        for i, row in enumerate(rows):
-            yield dict(zip(columns, row)), f'data row {i + 1}'
+    columns = next(iter(_records(path, lambda f: ijson.items(f, 'columns', buf_size=READ_CHUNK_BYTES),
+                                 lambda i: 'the list of columns')))
+    rows = _records(path, lambda f: ijson.items(f, 'data.item', buf_size=READ_CHUNK_BYTES, use_float=True),
+                    lambda i: f'data row {i + 1}')
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise UserError(f'{path}: data row {i + 1}: expected a list of values (orient=\'split\'), '
+                            f'got {type(row).__name__}')
+        yield dict(zip(columns, row)), f'data row {i + 1}'
 
 
 def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+class _GiveUp(Exception):
+    """An error-only pass met a lexeme too long to hold: no position to report."""
+
+
+def _lexeme_budget(f) -> ReadBudget:
+    return ReadBudget(f, read_guard.MAX_RECORD_BYTES, _GiveUp)
 
 
 def _syntax_error_where(path: str) -> str:
@@ -322,8 +380,11 @@ def _syntax_error_where(path: str) -> str:
 
     try:
         with _open_json(path) as f:
-            for _ in slow.basic_parse(f, buf_size=READ_CHUNK_BYTES):
-                pass
+            budget = _lexeme_budget(f)
+            for _ in slow.basic_parse(budget, buf_size=READ_CHUNK_BYTES):
+                budget.took_record()
+    except _GiveUp:
+        return 'line unknown'
     except Exception as e:  # noqa: BLE001 - the error we came for
         m = re.search(r' at (\d+)', str(e))
         if m:
@@ -363,11 +424,14 @@ def _element_line(path: str, index: int) -> str:
     from ijson import utils
     from ijson.backends import python as slow
 
+    unread = [0]  # bytes sent to the lexer since its last lexeme
+
     @utils.coroutine
     def sink():
         depth, count, expect = 0, -1, False
         while True:
             pos, lexeme = yield
+            unread[0] = 0
             if lexeme is None:
                 return
             if depth == 1 and expect and lexeme not in (',', ']'):
@@ -386,6 +450,9 @@ def _element_line(path: str, index: int) -> str:
         lexer = slow.utf8_encoder(slow.Lexer(sink()))
         with _open_json(path) as f:
             for chunk in iter(lambda: f.read(READ_CHUNK_BYTES), b''):
+                unread[0] += len(chunk)
+                if unread[0] > read_guard.MAX_RECORD_BYTES:  # the lexer would hold a huge string
+                    break
                 lexer.send(chunk)
     except _Found as found:
         return f'line {_line_at(path, found.args[0])[0]}'
@@ -401,7 +468,8 @@ def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table
     import pyarrow.csv as pcsv
 
     parse = pcsv.ParseOptions(newlines_in_values=True)  # multi-line answers are common
-    read = pcsv.ReadOptions(block_size=4 << 20)
+    # a row may not straddle two blocks: the block size is the longest row, and bounds memory
+    read = pcsv.ReadOptions(block_size=read_guard.MAX_RECORD_BYTES)
     try:
         names = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
         _check_columns(path, names, prompt_col, response_col)
@@ -416,7 +484,11 @@ def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table
     except pa.ArrowInvalid as e:
         if 'UTF8' in str(e) or 'UTF-8' in str(e):
             raise build_utf8_error(path) from None
-        raise UserError(f'{path}: not a readable CSV file ({e})') from None
+        if 'straddling' in str(e) or 'straddles' in str(e):
+            raise UserError(f'{path}: a row is longer than {human_size(read_guard.MAX_RECORD_BYTES)} '
+                            f'(read_guard.MAX_RECORD_BYTES), or a quote (") is opened and never closed; close '
+                            f'the quote, or split or drop such rows before converting') from None
+        raise
 
 
 def _check_columns(path: str, names: list[str], prompt_col: str, response_col: str) -> None:
@@ -427,15 +499,36 @@ def _check_columns(path: str, names: list[str], prompt_col: str, response_col: s
 
 
 def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
+    """The two columns of any Parquet file, row group by row group. A row group of any size is
+    read in batches (this is how a file with too large row groups gets smaller ones); a row
+    over MAX_RECORD_BYTES is refused -- from the footer when the row group's average says so,
+    before its pages are read, else once its batch is read."""
     pf = open_parquet(path)
-    schema = pf.schema_arrow
-    _check_columns(path, schema.names, prompt_col, response_col)
-    for col in (prompt_col, response_col):
-        typ = schema.field(col).type
-        if not is_text_type(typ):
-            raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); '
-                            f'cast it to string first')
     cols = list(dict.fromkeys([prompt_col, response_col]))
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-        arrays = [as_text(batch.column(c)).cast(pa.string()) for c in (prompt_col, response_col)]
-        yield pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+    check_text_columns(path, pf.schema_arrow, cols, 'cast it to string first', 'pass --prompt_col=... --response_col=...')
+    limit = read_guard.MAX_RECORD_BYTES
+    md = pf.metadata
+    batch_rows = BATCH_ROWS
+    for i, size in enumerate(row_group_text_bytes(pf, cols)):
+        rows = md.row_group(i).num_rows
+        if size > rows * limit:
+            raise UserError(f'{path}: row group {i} holds {human_size(size)} of text in {rows} row(s), more than '
+                            f'{human_size(limit)} a row (read_guard.MAX_RECORD_BYTES); {RECORD_FIX}')
+        if size:  # long rows: fewer of them per batch
+            batch_rows = min(batch_rows, max(1, rows * BATCH_TEXT_BYTES // size))
+    first_row = 0
+    for batch in iter_file_batches(path, cols, batch_rows):
+        table = pa.Table.from_arrays([as_text(batch.column(c)).cast(pa.string()) for c in (prompt_col, response_col)],
+                                     schema=OUTPUT_SCHEMA)
+        _check_row_bytes(path, table, first_row, limit)
+        first_row += table.num_rows
+        yield table
+
+
+def _check_row_bytes(path: str, table: pa.Table, first_row: int, limit: int) -> None:
+    import pyarrow.compute as pc
+
+    sizes = pc.add(*(pc.fill_null(pc.binary_length(table.column(c)), 0) for c in ('prompt', 'response')))
+    if table.num_rows and pc.max(sizes).as_py() > limit:
+        row = first_row + int(pc.index(pc.greater(sizes, limit), True).as_py())
+        raise too_long(path, f'row {row + 1}', 'MAX_RECORD_BYTES', RECORD_FIX)

@@ -6,7 +6,8 @@ sequentially across the windows that take from it (one open stream each), so eve
 once per epoch. Memory per reading process: the loaded window(s) (about ``shuffle_window_rows``
 rows, two while a batch or length group straddles a boundary), one read-ahead batch per open
 row group (``shuffle_window_rows / mix_row_groups`` rows at most 8192) and the reader's page
-buffers. Nothing else grows with the data.
+buffers. Nothing else grows with the data. A page that cannot be read (a file damaged or
+replaced since the run started) is one line naming the file and the row group, at any step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from model.epoch_order import EpochPlan, RowGroupSlice
 from model.files import TEXT_COLUMNS, as_text, blank_mask, open_parquet
+from model.read_guard import ReadGuard
 
 STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
 READ_BUFFER_BYTES = 4 << 20  # page-wise reads: a huge column chunk is not loaded at once
@@ -163,7 +165,9 @@ class WindowReader:
         chunks = {c: [] for c in TEXT_COLUMNS}
         row_index = []
         for u in self.plan.windows[w]:
-            for batch in self._read_unit(u):
+            with ReadGuard(self.files[u.file]).at(f'row group {u.row_group}'):
+                batches = self._read_unit(u)
+            for batch in batches:
                 for c in TEXT_COLUMNS:
                     chunks[c].append(batch.column(c))
             row_index.append(np.arange(u.first_row, u.first_row + u.rows, dtype=np.int64))
