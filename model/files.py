@@ -128,14 +128,20 @@ def check_text_columns(path: str, schema: pa.Schema, columns, cast_fix: str, ren
     for col in columns:
         found = schema.names.count(col)
         if found == 0:
-            raise UserError(f'{path}: missing column {col!r} (has: {", ".join(schema.names) or "none"}); '
-                            f'{rename_fix}')
+            raise UserError(f'{path}: missing column {col!r} (has: {show_names(schema.names)}); {rename_fix}')
         if found > 1:
             raise UserError(f'{path}: column {col!r} appears {found} times; write the file again with '
                             f'one column of each name')
         typ = schema.field(col).type
         if not is_text_type(typ):
             raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); {cast_fix}')
+
+
+def show_names(names) -> str:
+    """Column or field names for a message: a name with a tab, a NUL or other invisible
+    characters is quoted so the reader sees them."""
+    return ', '.join(str(n) if str(n).isprintable() and str(n).strip() == str(n) and str(n) else repr(str(n))
+                     for n in names) or 'none'
 
 
 def row_group_text_bytes(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> list[int]:
@@ -186,7 +192,15 @@ def iter_file_batches(path: str, columns, batch_rows: int, convert=lambda batch:
         for i in range(pf.metadata.num_row_groups):
             guard.at(f'row group {i}')
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=list(columns)):
+                check_utf8(batch)
                 yield convert(batch)
+
+
+def check_utf8(batch: pa.RecordBatch) -> None:
+    """ArrowInvalid unless every string is UTF-8: Parquet readers take the bytes as they are,
+    and Python would fail on them later, far from the file (Arrow's check runs at GB/s)."""
+    for column in batch.columns:
+        column.validate(full=True)
 
 
 def iter_usable_rows(spec, limit: int):

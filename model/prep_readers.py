@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from config import UserError
 from model import read_guard
-from model.files import as_text, check_text_columns, iter_file_batches, open_parquet, row_group_text_bytes
+from model.files import as_text, check_text_columns, iter_file_batches, open_parquet, row_group_text_bytes, show_names
 from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA
 from model.read_guard import ReadBudget, guarded, human_size, iter_bounded_lines, too_long
 
@@ -57,8 +57,14 @@ def iter_input_tables(path: str, prompt_col: str = 'prompt', response_col: str =
     if not os.path.isfile(path):
         raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
     readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': iter_jsonl, 'parquet': iter_parquet_columns}
-    reader = readers[infer_format(path, input_format)]
-    return guarded(path, lambda: reader(path, prompt_col, response_col))
+    fmt = infer_format(path, input_format)
+
+    def tables():
+        if fmt != 'parquet':
+            check_not_wide_unicode(path)
+        return readers[fmt](path, prompt_col, response_col)
+
+    return guarded(path, tables)
 
 
 # --------------------------------------------------------------------------- UTF-8
@@ -85,10 +91,28 @@ def find_bad_utf8(path: str) -> tuple[int, int, bytes] | None:
 
 def build_utf8_error(path: str) -> UserError:
     found = find_bad_utf8(path)
+    if found and found[1] + len(found[2]) == os.path.getsize(path):
+        return UserError(f'{path}: line {found[0]}: the file ends inside a character (byte 0x{found[2].hex()}): '
+                         f'it was cut short; copy or write it again')
     where = f'line {found[0]}: byte 0x{found[2].hex()} at offset {found[1]}' if found else 'somewhere'
     stem, ext = os.path.splitext(path)
     return UserError(f'{path}: {where} is not UTF-8 (a GBK file?); convert it first, e.g. '
                      f'iconv -f GBK -t UTF-8 {path} > {stem}.utf8{ext}')
+
+
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'),
+              (codecs.BOM_UTF16_LE, 'UTF-16'), (codecs.BOM_UTF16_BE, 'UTF-16'))
+
+
+def check_not_wide_unicode(path: str) -> None:
+    """A text file saved as UTF-16 or UTF-32 (Windows' "Unicode") says so in its first bytes."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            stem, ext = os.path.splitext(path)
+            raise UserError(f'{path}: the file is {name} (it starts with a {name} byte-order mark), not UTF-8; '
+                            f'convert it first, e.g. iconv -f {name} -t UTF-8 {path} > {stem}.utf8{ext}')
 
 
 # --------------------------------------------------------------------------- records
@@ -133,8 +157,7 @@ class RecordBatcher:
             keys = self.keys
         for key in keys:
             if key not in record:
-                names = ', '.join(map(str, record)) or 'none'
-                raise UserError(f'{self.path}: {_where(where)}: record has no field {key!r} (has: {names}); '
+                raise UserError(f'{self.path}: {_where(where)}: record has no field {key!r} (has: {show_names(record)}); '
                                 f'pass --prompt_col=... --response_col=...')
         values = []
         for key in keys:
@@ -261,21 +284,27 @@ def _is_jsonl(path: str) -> bool:
         return whole and any(line.strip() for line, _ in itertools.islice(iter_bounded_lines(f, READ_CHUNK_BYTES), 1000))
 
 
-def _ijson_events(path: str, items, describe):
-    """Iterate an ijson generator, turning its errors into one line with the line number."""
+def _ijson_events(path: str, items, describe, locate=None):
+    """Iterate an ijson generator, turning its errors into one line with the line number
+    (locate(): where the item being parsed starts, for errors the offset pass does not see)."""
     import ijson
 
     try:
         yield from items
     except ijson.JSONError as e:
-        raise UserError(f'{path}: {_syntax_error_where(path)}: malformed JSON ({describe(e)})') from None
+        if 'UTF8' in describe(e) or 'UTF-8' in describe(e):  # yajl checks the encoding itself
+            raise build_utf8_error(path) from None
+        where = _syntax_error_where(path) or (locate() if locate else None)
+        where = where or f'line {_line_at(path, -1)[0]} (the end of the file)'
+        raise UserError(f'{path}: {where}: malformed JSON ({describe(e)})') from None
     except UnicodeDecodeError:
         raise build_utf8_error(path) from None
 
 
-def _records(path: str, parse, where):
+def _records(path: str, parse, where, locate=None):
     """The items ijson's parse(file) yields, each refused while it streams once it passes
-    MAX_RECORD_BYTES (ijson holds a value until it is whole); where(i) names item i."""
+    MAX_RECORD_BYTES (ijson holds a value until it is whole); where(i) names item i, and
+    locate(i), if given, finds its line (a second pass, for a syntax error in it)."""
     taken = 0
 
     def refuse() -> UserError:
@@ -283,7 +312,8 @@ def _records(path: str, parse, where):
 
     with _open_json(path) as f:
         budget = ReadBudget(f, read_guard.MAX_RECORD_BYTES, refuse)
-        for item in _ijson_events(path, parse(budget), _short):
+        found = (lambda: f'{where(taken)} ({locate(taken)})') if locate else None
+        for item in _ijson_events(path, parse(budget), _short, found):
             budget.took_record()
             taken += 1
             yield item
@@ -295,7 +325,8 @@ def _list_records(path: str, prefix: str):
     def where(i):
         return f'element {i + 1} of the list'
 
-    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=READ_CHUNK_BYTES, use_float=True), where)
+    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=READ_CHUNK_BYTES, use_float=True), where,
+                     lambda i: _element_line(path, i))
     for i, record in enumerate(items):
         yield record, lambda i=i: f'{where(i)} ({_element_line(path, i)})'
 def _object_records(path: str, prompt_col: str, response_col: str):
@@ -328,7 +359,9 @@ def _object_records(path: str, prompt_col: str, response_col: str):
     else:  # one record
         items = _records(path, lambda f: ijson.items(f, '', buf_size=READ_CHUNK_BYTES, use_float=True),
                          lambda i: 'the object')
-        yield next(iter(items)), 'the object'
+        # the second take lets the parser see what follows: another value is an error, not dropped
+        for record in itertools.islice(items, 2):
+            yield record, 'the object'
 
 
 def _column_records(path: str, prompt_col: str, response_col: str):
@@ -363,7 +396,10 @@ def _split_records(path: str):
 
 
 def _short(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = e.args[0] if e.args and isinstance(e.args[0], bytes) else str(e)  # yajl's messages are bytes
+    if isinstance(text, bytes):
+        text = text.decode('utf-8', 'replace')
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 class _GiveUp(Exception):
@@ -374,8 +410,9 @@ def _lexeme_budget(f) -> ReadBudget:
     return ReadBudget(f, read_guard.MAX_RECORD_BYTES, _GiveUp)
 
 
-def _syntax_error_where(path: str) -> str:
-    """'line N' of the first syntax error: ijson's pure-Python parser reports its offset."""
+def _syntax_error_where(path: str) -> str | None:
+    """'line N' of the first syntax error: ijson's pure-Python parser reports its offset
+    (None: it found none, being laxer than yajl about escapes and control characters)."""
     from ijson.backends import python as slow
 
     try:
@@ -384,7 +421,7 @@ def _syntax_error_where(path: str) -> str:
             for _ in slow.basic_parse(budget, buf_size=READ_CHUNK_BYTES):
                 budget.took_record()
     except _GiveUp:
-        return 'line unknown'
+        return None
     except Exception as e:  # noqa: BLE001 - the error we came for
         m = re.search(r' at (\d+)', str(e))
         if m:
@@ -394,8 +431,7 @@ def _syntax_error_where(path: str) -> str:
                 return (f'line {line}: {word} is not JSON (json.dump writes it for a missing float; '
                         f'write null instead, e.g. with pandas to_json, or save as JSONL)')
             return f'line {line}'
-    line, _ = _line_at(path, -1)
-    return f'line {line} (the end of the file)'
+    return None
 
 
 def _line_at(path: str, offset: int) -> tuple[int, str]:
@@ -494,8 +530,11 @@ def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table
 def _check_columns(path: str, names: list[str], prompt_col: str, response_col: str) -> None:
     for col in (prompt_col, response_col):
         if col not in names:
-            raise UserError(f'{path}: missing column {col!r} (has: {", ".join(names)}); '
+            raise UserError(f'{path}: missing column {col!r} (has: {show_names(names)}); '
                             f'pass --prompt_col=... --response_col=...')
+        if names.count(col) > 1:  # the reader would take one of them silently
+            raise UserError(f'{path}: column {col!r} appears {names.count(col)} times in the header; '
+                            f'rename one of them')
 
 
 def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
@@ -511,7 +550,7 @@ def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Itera
     batch_rows = BATCH_ROWS
     for i, size in enumerate(row_group_text_bytes(pf, cols)):
         rows = md.row_group(i).num_rows
-        if size > rows * limit:
+        if rows and size > rows * limit:
             raise UserError(f'{path}: row group {i} holds {human_size(size)} of text in {rows} row(s), more than '
                             f'{human_size(limit)} a row (read_guard.MAX_RECORD_BYTES); {RECORD_FIX}')
         if size:  # long rows: fewer of them per batch

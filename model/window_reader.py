@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.epoch_order import EpochPlan, RowGroupSlice
-from model.files import TEXT_COLUMNS, as_text, blank_mask, open_parquet
+from model.files import TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet
 from model.read_guard import ReadGuard
 
 STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
@@ -167,6 +167,8 @@ class WindowReader:
         for u in self.plan.windows[w]:
             with ReadGuard(self.files[u.file]).at(f'row group {u.row_group}'):
                 batches = self._read_unit(u)
+                for batch in batches:
+                    check_utf8(batch)
             for batch in batches:
                 for c in TEXT_COLUMNS:
                     chunks[c].append(batch.column(c))
