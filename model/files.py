@@ -191,9 +191,19 @@ def iter_file_batches(path: str, columns, batch_rows: int, convert=lambda batch:
     with ReadGuard(path) as guard:
         for i in range(pf.metadata.num_row_groups):
             guard.at(f'row group {i}')
+            rows = 0
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=list(columns)):
                 check_utf8(batch)
+                rows += batch.num_rows
                 yield convert(batch)
+            if rows != pf.metadata.row_group(i).num_rows:
+                raise short_read_error(path, i, rows, pf.metadata.row_group(i).num_rows)
+
+
+def short_read_error(path: str, row_group: int, rows: int, expected: int) -> UserError:
+    """pyarrow reads a row group whose pages lie past the end of the file as empty, silently."""
+    return UserError(f'{path}: row group {row_group}: {rows} of its {expected} rows could be read: the file was '
+                     f'cut short or changed while it was read; write or copy it again')
 
 
 def check_utf8(batch: pa.RecordBatch) -> None:

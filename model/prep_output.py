@@ -42,9 +42,7 @@ class RowGroupWriter:
         self._pending.append(build_output_table(table))
         self._pending_rows += table.num_rows
         self._pending_bytes += self._pending[-1].nbytes
-        if self._pending_bytes >= ROW_GROUP_MAX_BYTES:
-            self._flush(final=True)
-        elif self._pending_rows >= ROW_GROUP_ROWS:
+        if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_MAX_BYTES:
             self._flush(final=False)
 
     @property
@@ -60,9 +58,12 @@ class RowGroupWriter:
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
         if table is None:
             return
-        full = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP_ROWS
+        per_group = ROW_GROUP_ROWS
+        if table.nbytes > ROW_GROUP_MAX_BYTES:  # long rows: fewer of them a row group
+            per_group = max(1, min(per_group, table.num_rows * ROW_GROUP_MAX_BYTES // table.nbytes))
+        full = table.num_rows if final else table.num_rows - table.num_rows % per_group
         if full:
-            self._writer.write_table(table.slice(0, full), row_group_size=ROW_GROUP_ROWS)
+            self._writer.write_table(table.slice(0, full), row_group_size=per_group)
             self.rows_written += full
         if full < table.num_rows:
             self._pending, self._pending_rows = [table.slice(full)], table.num_rows - full

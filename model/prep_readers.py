@@ -341,9 +341,12 @@ def _object_records(path: str, prompt_col: str, response_col: str):
             pending = value
         elif pending is not None and prefix == pending:
             keys[pending] = event
-            pending = None
-            if len(keys) >= 3 or (keys.keys() >= {prompt_col, response_col}):
+            # a list that is not a split's column names or index decides the layout: stop before
+            # reading through it
+            if len(keys) >= 3 or keys.keys() >= {prompt_col, response_col} or (
+                    event == 'start_array' and pending not in ('columns', 'index')):
                 break
+            pending = None
     if keys.get('columns') == 'start_array' and 'data' in keys:  # orient='split'
         yield from _split_records(path)
     elif keys.get(prompt_col) == 'start_map':  # orient='columns' (pandas' default)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.epoch_order import EpochPlan, RowGroupSlice
-from model.files import TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet
+from model.files import TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, short_read_error
 from model.read_guard import ReadGuard
 
 STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
@@ -141,7 +141,9 @@ class WindowReader:
             stream = self._streams[key] = [it, 0, None]
         out, need = [], u.rows
         while need:
-            batch = stream[2] if stream[2] is not None else next(stream[0])
+            batch = stream[2] if stream[2] is not None else next(stream[0], None)
+            if batch is None:
+                raise short_read_error(self.files[u.file], u.row_group, stream[1], self._row_group_rows(u))
             stream[2] = None
             if stream[1] < u.start:  # resuming inside the row group: skip to the slice
                 skip = min(u.start - stream[1], batch.num_rows)
@@ -169,6 +171,9 @@ class WindowReader:
                 batches = self._read_unit(u)
                 for batch in batches:
                     check_utf8(batch)
+            if sum(b.num_rows for b in batches) != u.rows:
+                raise short_read_error(self.files[u.file], u.row_group, sum(b.num_rows for b in batches),
+                                       self._row_group_rows(u))
             for batch in batches:
                 for c in TEXT_COLUMNS:
                     chunks[c].append(batch.column(c))
