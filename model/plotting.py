@@ -71,7 +71,8 @@ def newest_log(log_dir: str) -> str:
 def plot_log(log_file: str, out: str) -> Curves:
     """Three panels (training loss, learning rate, validation loss) as a PNG the toolkit marks."""
     if not os.path.isfile(log_file):
-        raise UserError(f'--log_file={log_file}: no such file')
+        what = 'not a regular file (a folder, a FIFO or a device)' if os.path.exists(log_file) else 'no such file'
+        raise UserError(f'--log_file={log_file}: {what}; give a training run\'s log')
     curves = read_curves(log_file)
     if not curves.step:
         raise UserError(f'{log_file}: no training step lines in this log (is it a chat_trainer_low_mem log?)')

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from config import TrainConfigPretrainLarge, UserError
-from model.files import (TEXT_COLUMNS, blank_mask, count_rows, iter_file_batches, iter_text_tables, open_parquet,
-                         resolve_parquet_files)
+from model.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
 from model.prep_output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
 from model.prep_readers import iter_input_tables
 
 IN_MEMORY_ROWS = 2_000_000  # split with sklearn up to this many rows, stream beyond
+HEAD_CHARS = 200  # characters of a value `check` shows (the table cuts them to 30)
 TOKEN_SAMPLE_ROWS = 100_000  # rows tokenized by `check` (tokenizing is ~100x slower than counting)
 
 
@@ -171,9 +171,8 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths."""
     files = resolve_parquet_files(input_spec)
     total = count_rows(files)
-    first = open_parquet(files[0])
-    columns = first.schema_arrow.names
-    head = next(iter_file_batches(files[0], TEXT_COLUMNS, 5), None)
+    columns = open_parquet(files[0]).schema_arrow.names
+    head: list[dict] | None = None
     tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed) \
         if tokenizer_dir else None
     counts = {'null_prompt': 0, 'null_response': 0, 'null_rows': 0, 'blank_rows': 0,
@@ -181,6 +180,8 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
     seen: set[bytes] = set()
     for table in iter_parquet_tables(files):
+        if head is None:  # the first rows of the first file, cut for display (pandas formats a value whole)
+            head = _head_rows(table.slice(0, 5))
         masks = build_row_masks(table)
         counts['null_prompt'] += table.column('prompt').null_count
         counts['null_response'] += table.column('response').null_count
@@ -196,13 +197,18 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
             tokens.add(table)
     return {
         'files': files, 'rows': total, 'columns': columns, 'shape': (total, len(columns)),
-        'head': head.to_pylist() if head is not None else [],
+        'head': head or [],
         'nulls': {'prompt': counts['null_prompt'], 'response': counts['null_response']},
         'null_rows': counts['null_rows'], 'blank_rows': counts['blank_rows'],
         'duplicate_rows': counts['duplicate_rows'],
         'prompt_chars': _describe(lengths['prompt']), 'response_chars': _describe(lengths['response']),
         'tokens': tokens.summary() if tokens is not None else None,
     }
+
+
+def _head_rows(table: pa.Table, chars: int = HEAD_CHARS) -> list[dict]:
+    cut = {name: pc.utf8_slice_codeunits(table.column(name), 0, chars) for name in table.column_names}
+    return pa.table(cut).to_pylist()
 
 
 def _describe(parts: list[np.ndarray]) -> dict[str, float]:

@@ -213,17 +213,22 @@ def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table
     import pyarrow.csv as pcsv
 
     parse = pcsv.ParseOptions(newlines_in_values=True)  # multi-line answers are common
-    # a row may not straddle two blocks: the block size is the longest row, and bounds memory
-    read = pcsv.ReadOptions(block_size=read_guard.MAX_RECORD_BYTES)
+    # a row may span one block boundary, not two: the block size bounds a row (and the ~10 blocks
+    # pyarrow reads ahead); a row between one and two blocks is refused once read
+    limit = read_guard.MAX_RECORD_BYTES
+    read = pcsv.ReadOptions(block_size=limit)
     try:
         names = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
         _check_columns(path, names, prompt_col, response_col)
         cols = list(dict.fromkeys([prompt_col, response_col]))
         convert = pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.string() for c in cols})
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        first_row = 0
         for batch in reader:
-            yield pa.Table.from_arrays([batch.column(prompt_col), batch.column(response_col)],
-                                       schema=OUTPUT_SCHEMA)
+            table = pa.Table.from_arrays([batch.column(prompt_col), batch.column(response_col)], schema=OUTPUT_SCHEMA)
+            _check_row_bytes(path, table, first_row, limit, 'data row')
+            first_row += table.num_rows
+            yield table
     except UnicodeDecodeError:  # pyarrow decodes the header names itself
         raise build_utf8_error(path) from None
     except pa.ArrowInvalid as e:
@@ -273,10 +278,10 @@ def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Itera
         yield table
 
 
-def _check_row_bytes(path: str, table: pa.Table, first_row: int, limit: int) -> None:
+def _check_row_bytes(path: str, table: pa.Table, first_row: int, limit: int, what: str = 'row') -> None:
     import pyarrow.compute as pc
 
     sizes = pc.add(*(pc.fill_null(pc.binary_length(table.column(c)), 0) for c in ('prompt', 'response')))
     if table.num_rows and pc.max(sizes).as_py() > limit:
         row = first_row + int(pc.index(pc.greater(sizes, limit), True).as_py())
-        raise too_long(path, f'row {row + 1}', 'MAX_RECORD_BYTES', RECORD_FIX)
+        raise too_long(path, f'{what} {row + 1}', 'MAX_RECORD_BYTES', RECORD_FIX)

@@ -19,7 +19,7 @@ from typing import Iterator
 from config import UserError
 
 MAX_RECORD_BYTES = 16 << 20  # one JSONL line, JSON record, CSV row, converted Parquet row, chat line
-MAX_ROW_GROUP_TEXT_BYTES = 256 << 20  # prompt + response bytes of one Parquet row group (footer)
+MAX_ROW_GROUP_TEXT_BYTES = 128 << 20  # prompt + response bytes of one Parquet row group (footer)
 MAX_LOG_LINE_BYTES = 64 << 10  # `plot` skips longer log lines (the trainer's are under 1 KiB)
 
 _BUGS = (AssertionError, AttributeError, NameError, ImportError)

@@ -19,7 +19,7 @@ import pytest
 
 from config import UserError
 from conftest import ENV, ROOT, make_texts, write_parquet
-from model import prep_output, prep_readers, read_guard
+from model import prep_json, prep_output, prep_readers, read_guard  # noqa: F401 - imported before memory is measured
 from model.files import inspect_parquet, iter_text_tables
 from model.prep_ops import convert_to_parquet
 
@@ -77,10 +77,14 @@ def test_a_huge_json_value_is_refused_while_it_streams(tmp_path, small_limits, l
     assert peak < 8 * LIMIT, peak
 
 
-def test_a_huge_csv_field_is_one_line_naming_the_limit(tmp_path, small_limits):
+@pytest.mark.parametrize('size,message', [
+    (HUGE, r'big\.csv: a row is longer than 64 KiB .* or a quote'),  # past two blocks: pyarrow stops
+    (LIMIT + 3000, r'big\.csv: data row 2 is longer than 64 KiB'),  # within two blocks: read, then refused
+])
+def test_a_huge_csv_field_is_one_line_naming_the_limit(tmp_path, small_limits, size, message):
     src = tmp_path / 'big.csv'
-    src.write_text('prompt,response\n问,答\n"' + '长' * (HUGE // 3) + '",答\n', encoding='utf-8')
-    with pytest.raises(UserError, match=r'big\.csv: a row is longer than 64 KiB .* or a quote'):
+    src.write_text('prompt,response\n问,答\n"' + '长' * (size // 3) + '",答\n', encoding='utf-8')
+    with pytest.raises(UserError, match=message):
         convert_to_parquet(str(src), str(tmp_path / 'out.parquet'))
 
 
