@@ -152,8 +152,105 @@ def row_group_text_bytes(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> list[int]:
     for i in range(md.num_row_groups):
         group = md.row_group(i)
         sizes.append(sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
-                         if group.column(j).path_in_schema.split('.')[0] in names))
+                         if group.column(j).path_in_schema in names))  # text columns are flat
     return sizes
+
+
+def largest_page_bytes(path: str, row_group: int, columns=TEXT_COLUMNS) -> int | None:
+    """The largest uncompressed page of the columns in a row group, from the page headers
+    (a few bytes each, no page is read); None when they cannot be walked (then nothing is
+    known). A page holds whole values: one huge value is one huge page, whatever the row group."""
+    try:
+        md = pq.ParquetFile(path).metadata.row_group(row_group)
+        chunks = [md.column(j) for j in range(md.num_columns) if md.column(j).path_in_schema in set(columns)]
+        largest = 0
+        with open(path, 'rb') as f:
+            for chunk in chunks:
+                start = chunk.data_page_offset
+                if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < start:
+                    start = chunk.dictionary_page_offset
+                pos, end = start, start + chunk.total_compressed_size
+                while pos < end:
+                    f.seek(pos)
+                    header = _ThriftCompact(f)
+                    fields = header.struct_fields()
+                    largest = max(largest, fields[2])
+                    pos += header.consumed + fields[3]
+        return largest
+    except Exception:  # noqa: BLE001 - an unusual or damaged file: the real read decides
+        return None
+
+
+class _ThriftCompact:
+    """Just enough of Thrift's compact protocol to read a Parquet PageHeader's sizes (fields 2
+    and 3, i32) and skip the rest of it; a long binary (statistics) is skipped, not read."""
+
+    def __init__(self, f):
+        self.f, self.consumed = f, 0
+
+    def byte(self) -> int:
+        b = self.f.read(1)
+        if not b:
+            raise EOFError('page header cut short')
+        self.consumed += 1
+        return b[0]
+
+    def varint(self) -> int:
+        shift = value = 0
+        while True:
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value
+            shift += 7
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def struct_fields(self) -> dict[int, int]:
+        """The integer fields of a struct by id (other fields skipped)."""
+        out, field = {}, 0
+        while True:
+            head = self.byte()
+            kind = head & 0x0F
+            if kind == 0:
+                return out
+            field = field + (head >> 4) if head >> 4 else self.zigzag()
+            if kind in (4, 5, 6):
+                out[field] = self.zigzag()
+            else:
+                self.skip(kind)
+
+    def skip(self, kind: int) -> None:
+        if kind in (1, 2):  # booleans live in the type
+            return
+        if kind == 3:
+            self.byte()
+        elif kind in (4, 5, 6):
+            self.varint()
+        elif kind == 7:
+            self.f.seek(8, 1)
+            self.consumed += 8
+        elif kind == 8:
+            n = self.varint()
+            self.f.seek(n, 1)
+            self.consumed += n
+        elif kind in (9, 10):
+            head = self.byte()
+            size = head >> 4 if head >> 4 != 15 else self.varint()
+            for _ in range(size):
+                self.byte() if head & 0x0F in (1, 2) else self.skip(head & 0x0F)
+        elif kind == 11:
+            size = self.varint()
+            types = self.byte() if size else 0
+            for _ in range(size):
+                self.skip(types >> 4)
+                self.skip(types & 0x0F)
+        elif kind == 12:
+            self.struct_fields()
+        else:
+            raise ValueError(f'thrift type {kind}')
 
 
 def count_rows(spec) -> int:

@@ -24,13 +24,14 @@ from model.files import inspect_parquet, iter_text_tables
 from model.prep_ops import convert_to_parquet
 
 LIMIT = 64 << 10
+ROW_GROUP_LIMIT = 2 << 20  # over a page (~1 MiB as pyarrow writes them)
 HUGE = 8 << 20  # a record 128 times the limit
 
 
 @pytest.fixture
 def small_limits(monkeypatch):
     monkeypatch.setattr(read_guard, 'MAX_RECORD_BYTES', LIMIT)
-    monkeypatch.setattr(read_guard, 'MAX_ROW_GROUP_TEXT_BYTES', 4 * LIMIT)
+    monkeypatch.setattr(read_guard, 'MAX_ROW_GROUP_TEXT_BYTES', ROW_GROUP_LIMIT)
     monkeypatch.setattr(read_guard, 'MAX_LOG_LINE_BYTES', LIMIT)
     monkeypatch.setattr(prep_readers, 'READ_CHUNK_BYTES', 4 << 10)
 
@@ -91,14 +92,14 @@ def test_a_huge_csv_field_is_one_line_naming_the_limit(tmp_path, small_limits, s
 def test_a_row_group_over_the_limit_is_refused_from_the_footer_and_convert_fixes_it(tmp_path, small_limits,
                                                                                     monkeypatch):
     monkeypatch.setattr(prep_output, 'ROW_GROUP_MAX_BYTES', LIMIT)
-    pairs = make_texts(3000, seed=2, max_len=60)
-    src = write_parquet(tmp_path / 'big_groups.parquet', pairs)  # one row group of ~400 KiB
-    with pytest.raises(UserError, match=r'row group 0 holds .* more than the 256 KiB .*'
+    pairs = make_texts(20_000, seed=2, max_len=60)
+    src = write_parquet(tmp_path / 'big_groups.parquet', pairs)  # one row group of ~2.6 MiB
+    with pytest.raises(UserError, match=r'row group 0 holds .* more than the 2 MiB .*'
                                         r'python prepare_data\.py convert .*big_groups\.parquet OUT\.parquet'):
         inspect_parquet(src)
     out = str(tmp_path / 'fixed.parquet')
-    assert convert_to_parquet(src, out) == 3000
-    assert inspect_parquet(out).num_rows == 3000 and len(inspect_parquet(out).row_group_rows) > 1
+    assert convert_to_parquet(src, out) == 20_000
+    assert inspect_parquet(out).num_rows == 20_000 and len(inspect_parquet(out).row_group_rows) > 1
     assert [r for t in iter_text_tables(out) for r in zip(*t.to_pydict().values())] == pairs
 
 
@@ -108,6 +109,29 @@ def test_a_parquet_cell_over_the_record_limit_is_refused_by_convert_from_the_foo
     peak = refused(lambda: convert_to_parquet(src, str(tmp_path / 'out.parquet')),
                    r'row group 0 holds 24\.0 MiB of text in 1 row\(s\), more than 64 KiB a row')
     assert peak < 8 * LIMIT, peak
+
+
+def test_a_huge_page_in_a_large_row_group_is_refused_by_convert_before_it_is_read(tmp_path, small_limits):
+    """Many short rows hide one huge value from the footer's average; its page header shows it."""
+    src = str(tmp_path / 'cell.parquet')
+    pq.write_table(pa.table({'prompt': ['长' * (HUGE // 3)] + ['问'] * 5000, 'response': ['答'] * 5001}), src)
+    peak = refused(lambda: convert_to_parquet(src, str(tmp_path / 'out.parquet')),
+                   r'row group 0 holds a page of 8\.0 MiB, more than the 2 MiB one read may hold')
+    assert peak < 8 * LIMIT, peak
+
+
+def test_page_headers_give_the_largest_page_whatever_the_writer_options(tmp_path):
+    from model.files import largest_page_bytes
+
+    table = pa.table({'prompt': ['长' * 100_000] + ['问'] * 3000, 'response': ['答'] * 3001})
+    for i, options in enumerate(({}, {'use_dictionary': False}, {'compression': 'zstd'}, {'data_page_version': '2.0'},
+                                 {'write_page_index': True, 'write_page_checksum': True}, {'data_page_size': 1024})):
+        path = str(tmp_path / f'{i}.parquet')
+        pq.write_table(table, path, **options)
+        # the 300,000-byte value, with at most a page's worth (1 MiB) of the short ones
+        assert 300_000 <= largest_page_bytes(path, 0) < 300_000 + (1 << 20), options
+    (tmp_path / 'damaged.parquet').write_bytes(open(path, 'rb').read()[:200] + b'\xff' * 100)
+    assert largest_page_bytes(str(tmp_path / 'damaged.parquet'), 0) is None
 
 
 def test_plot_skips_a_huge_log_line_unread(tmp_path, small_limits):
