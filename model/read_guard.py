@@ -63,8 +63,12 @@ class ReadGuard:
         if typ is None or not issubclass(typ, Exception) or issubclass(typ, (UserError, MemoryError, *_BUGS)):
             return False
         where = f'{self.where}: ' if self.where else ''
-        raise UserError(f'{self.path}: {where}cannot be read ({describe_error(exc, self.path)}); '
-                        f'{self.fix}') from None
+        fix = self.fix
+        if isinstance(exc, PermissionError):
+            fix = 'this user may not read it: check its permissions (ls -l)'
+        elif isinstance(exc, FileNotFoundError):
+            fix = 'it was moved or deleted while it was read'
+        raise UserError(f'{self.path}: {where}cannot be read ({describe_error(exc, self.path)}); {fix}') from None
 
 
 def guarded(path: str, make: callable, fix: str = DAMAGED_FIX) -> Iterator:

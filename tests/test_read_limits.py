@@ -251,3 +251,36 @@ def test_row_groups_end_at_a_byte_size_when_rows_are_long(tmp_path, monkeypatch)
     md = pq.ParquetFile(out).metadata
     sizes = [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
     assert md.num_rows == 40 and md.num_row_groups > 1 and max(sizes) < 2 * LIMIT, sizes
+
+
+# --------------------------------------------------------------------------- the guard itself
+
+
+class StopRun(BaseException):
+    """Like the stop exception a SIGTERM raises: not an Exception."""
+
+
+@pytest.mark.parametrize('error', [UserError('already one line'), KeyboardInterrupt(), StopRun(), MemoryError(),
+                                   AttributeError('a bug'), NameError('a bug'), AssertionError('a bug')])
+def test_the_guard_lets_through_what_is_not_a_reader_failure(error):
+    with pytest.raises(type(error)) as raised:
+        with read_guard.ReadGuard('data.parquet').at('row group 2'):
+            raise error
+    assert raised.value is error
+
+
+@pytest.mark.parametrize('error,fix', [
+    (pa.ArrowInvalid("Couldn't deserialize thrift: TProtocolException: Invalid data\nmore"), 'damaged'),
+    (json.JSONDecodeError('Expecting value', 'x', 0), 'damaged'),
+    (UnicodeDecodeError('utf-8', b'\xff', 0, 1, 'invalid start byte'), 'damaged'),
+    (RecursionError('maximum recursion depth exceeded'), 'damaged'),
+    (PermissionError(13, 'Permission denied', 'data.parquet'), 'check its permissions'),
+    (FileNotFoundError(2, 'No such file or directory', 'data.parquet'), 'moved or deleted'),
+])
+def test_the_guard_makes_a_reader_failure_one_line_naming_the_file_and_place(error, fix):
+    with pytest.raises(UserError) as raised:
+        with read_guard.ReadGuard('data.parquet').at('row group 2'):
+            raise error
+    message = str(raised.value)
+    assert message.startswith('data.parquet: row group 2: cannot be read (') and fix in message
+    assert '\n' not in message and raised.value.__suppress_context__
