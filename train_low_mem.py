@@ -246,7 +246,9 @@ def read_prompt_line(stream, line_no: int) -> str:
     if not line:
         raise EOFError
     # undecodable bytes become U+FFFD later (chat_model.valid_text), as input() would keep them
-    return line.decode(getattr(stream, 'encoding', None) or 'utf-8', 'surrogateescape') if isinstance(line, bytes) else line
+    if isinstance(line, bytes):
+        line = line.decode(getattr(stream, 'encoding', None) or 'utf-8', 'surrogateescape')
+    return line
 
 
 def test(*, use_large_config=False, preset=None, out=None, **flags):

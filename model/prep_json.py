@@ -96,7 +96,8 @@ def _is_jsonl(path: str) -> bool:
             json.loads(first)
         except ValueError:
             return False
-        return whole and any(line.strip() for line, _ in itertools.islice(iter_bounded_lines(f, prep_readers.READ_CHUNK_BYTES), 1000))
+        following = itertools.islice(iter_bounded_lines(f, prep_readers.READ_CHUNK_BYTES), 1000)
+        return whole and any(line.strip() for line, _ in following)
 
 
 def _ijson_events(path: str, items, describe, locate=None):
@@ -140,10 +141,12 @@ def _list_records(path: str, prefix: str):
     def where(i):
         return f'element {i + 1} of the list'
 
-    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True), where,
-                     lambda i: _element_line(path, i))
+    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True),
+                     where, lambda i: _element_line(path, i))
     for i, record in enumerate(items):
         yield record, lambda i=i: f'{where(i)} ({_element_line(path, i)})'
+
+
 def _object_records(path: str, prompt_col: str, response_col: str):
     """The layouts of a top-level object, told apart by its first keys and their values."""
     import ijson

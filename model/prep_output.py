@@ -1,8 +1,8 @@
 """Writing prompt/response Parquet: full row groups, the toolkit's marker, an atomic rename.
 
 Outputs have exactly the string columns ``prompt`` and ``response`` in row groups of
-``ROW_GROUP_ROWS`` rows (fewer when rows are long: at most about ``ROW_GROUP_MAX_BYTES``), carry the toolkit's marker in the footer (so a later command may
-replace them, and nothing else), and are written to a temporary file renamed into place, so
+``ROW_GROUP_ROWS`` rows (fewer when rows are long: about ``ROW_GROUP_MAX_BYTES`` of text),
+carry the toolkit's marker in the footer (so a later command may replace them, and nothing else), and are written to a temporary file renamed into place, so
 a failed run leaves no partial file behind.
 """
 

@@ -155,7 +155,8 @@ class RecordBatcher:
             keys = self.keys
         for key in keys:
             if key not in record:
-                raise UserError(f'{self.path}: {_where(where)}: record has no field {key!r} (has: {show_names(record)}); '
+                raise UserError(f'{self.path}: {_where(where)}: record has no field {key!r} '
+                                f'(has: {show_names(record)}); '
                                 f'pass --prompt_col=... --response_col=...')
         values = []
         for key in keys:
@@ -260,7 +261,8 @@ def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Itera
     is refused -- from the footer when the row group's average says so, else once read."""
     pf = open_parquet(path)
     cols = list(dict.fromkeys([prompt_col, response_col]))
-    check_text_columns(path, pf.schema_arrow, cols, 'cast it to string first', 'pass --prompt_col=... --response_col=...')
+    check_text_columns(path, pf.schema_arrow, cols, 'cast it to string first',
+                       'pass --prompt_col=... --response_col=...')
     limit = read_guard.MAX_RECORD_BYTES
     md = pf.metadata
     batch_rows = BATCH_ROWS

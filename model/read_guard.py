@@ -14,7 +14,7 @@ footer before it is read. No heavy imports: chat and plot use this too.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from config import UserError
 
@@ -71,7 +71,7 @@ class ReadGuard:
         raise UserError(f'{self.path}: {where}cannot be read ({describe_error(exc, self.path)}); {fix}') from None
 
 
-def guarded(path: str, make: callable, fix: str = DAMAGED_FIX) -> Iterator:
+def guarded(path: str, make: Callable[[], Iterator], fix: str = DAMAGED_FIX) -> Iterator:
     """The items of ``make()`` (called lazily), its failures as one line about ``path``."""
     with ReadGuard(path, fix):
         yield from make()
@@ -106,9 +106,7 @@ def read_bounded_line(f, limit: int) -> tuple[bytes | str, bool]:
 
 
 def too_long(path: str, where: str, limit_name: str, fix: str) -> UserError:
-    from model import read_guard
-
-    limit = getattr(read_guard, limit_name)
+    limit = globals()[limit_name]  # looked up now: tests lower the limits
     return UserError(f'{path}: {where} is longer than {human_size(limit)} (read_guard.{limit_name}); {fix}')
 
 
@@ -120,7 +118,7 @@ class ReadBudget:
     parser's read-ahead, so a record is refused at most one read size earlier.
     """
 
-    def __init__(self, f, limit: int, refuse: callable):
+    def __init__(self, f, limit: int, refuse: Callable[[], Exception]):
         self.f, self.limit, self.refuse = f, limit, refuse
         self.since = 0
 

@@ -38,8 +38,8 @@ def text_cut_chars(tokenizer, max_tokens: int) -> int:
     A token covers at most its piece's length in characters (identity normalizer, one '▁' per
     space, byte pieces less than one character), so a text cut at twice the longest piece per
     kept token still has at least 2 x max_tokens tokens, and the segmentation of the kept
-    ones, settled within a few pieces, never sees the cut (tests/test_read_limits.py checks
-    it on real texts). Why cut: the Rust tokenizer holds every offset of the whole text
+    ones, settled within a few pieces, never sees the cut (tests/test_tokenizer.py checks it
+    on the real validation texts). Why cut: the Rust tokenizer holds every offset of the whole text
     (a 100 MB prompt: gigabytes) before truncating."""
     rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
     longest = max((len(piece) for piece in rust.get_vocab()), default=1)
