@@ -36,6 +36,7 @@ Exit codes: 0 done, 1 dry run not ready or training diverged, 2 a user error
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -230,9 +231,10 @@ def chat(*, use_large_config=False, preset=None, **flags):
     interactive = sys.stdin.isatty()
     if interactive:
         print('输入问题后回车；exit / 退出 / Ctrl-D 结束。 (type a prompt and Enter; exit or Ctrl-D ends)')
-    while True:
+    for line_no in itertools.count(1):
         try:
-            line = input('你> ' if interactive else '')
+            # a terminal's line is bounded by the terminal (4 KiB); a pipe's only by this read
+            line = input('你> ') if interactive else read_prompt_line(sys.stdin, line_no)
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 print()
@@ -250,6 +252,22 @@ def chat(*, use_large_config=False, preset=None, **flags):
                 print('\n(回答已中断 answer stopped)')
         else:
             print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode)[0], flush=True)
+
+
+def read_prompt_line(stream, line_no: int) -> str:
+    """One line of a piped stdin, read in bounded memory (EOFError at its end)."""
+    from model import read_guard
+
+    line, whole = read_guard.read_bounded_line(getattr(stream, 'buffer', stream), read_guard.MAX_RECORD_BYTES)
+    if not whole:
+        raise read_guard.too_long('stdin', f'line {line_no}', 'MAX_RECORD_BYTES',
+                                  'a prompt is cut to the model\'s max_seq_len tokens anyway: send a shorter one')
+    if not line:
+        raise EOFError
+    # undecodable bytes become U+FFFD later (chat_model.valid_text), as input() would keep them
+    if isinstance(line, bytes):
+        line = line.decode(getattr(stream, 'encoding', None) or 'utf-8', 'surrogateescape')
+    return line
 
 
 def test(*, use_large_config=False, preset=None, out=None, **flags):

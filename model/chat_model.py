@@ -17,7 +17,7 @@ import torch
 from config import DecodeConfig, ResolvedConfig, T5ModelConfig, UserError
 from model.model_source import ModelSource, describe_model_source, weights_path
 from model.sizing import model_shape
-from model.tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from model.tokenizer import EOS_ID, PAD_ID, cut_texts, load_tokenizer, text_cut_chars
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,11 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         torch.manual_seed(decode.sample_seed)
     per_row = (limit + kwargs['max_new_tokens']) * kwargs.get('num_beams', 1)
     batch_size = max(1, min(64, BATCH_POSITIONS // per_row))
+    cut = text_cut_chars(tokenizer, limit)
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer([valid_text(p) for p in prompts[i:i + batch_size]], padding=True, truncation=True, max_length=limit,
-                        return_tensors='pt')
+        enc = tokenizer([valid_text(p) for p in cut_texts(prompts[i:i + batch_size], cut)], padding=True,
+                        truncation=True, max_length=limit, return_tensors='pt')
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                              **kwargs)
         out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
@@ -180,6 +181,7 @@ def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_l
             out.flush()
 
     streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    prompt = cut_texts([prompt], text_cut_chars(tokenizer, max_seq_len))[0]
     enc = tokenizer([valid_text(prompt)], truncation=True, max_length=max_seq_len, return_tensors='pt')
     device = next(model.parameters()).device
     gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),

@@ -32,6 +32,25 @@ LABEL_PAD_ID = -100  # label positions the loss ignores (padding)
 SPM_FILE = 'sentencepiece.model'  # the trained model; the data loader's fast path encodes with it
 
 
+def text_cut_chars(tokenizer, max_tokens: int) -> int:
+    """Characters of a text that give the same first ``max_tokens`` tokens as the whole text.
+
+    A token covers at most its piece's length in characters (identity normalizer, one '▁' per
+    space, byte pieces less than one character), so a text cut at twice the longest piece per
+    kept token still has at least 2 x max_tokens tokens, and the segmentation of the kept
+    ones, settled within a few pieces, never sees the cut (tests/test_tokenizer.py checks it
+    on the real validation texts). Why cut: the Rust tokenizer holds every offset of the whole text
+    (a 100 MB prompt: gigabytes) before truncating."""
+    rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
+    longest = max((len(piece) for piece in rust.get_vocab()), default=1)
+    return max_tokens * max(longest, 1) * 2
+
+
+def cut_texts(texts: list, chars: int) -> list:
+    """Each text at most ``chars`` characters (see :func:`text_cut_chars`); None stays."""
+    return [t[:chars] if t is not None and len(t) > chars else t for t in texts]
+
+
 def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
     """Prompt and response strings streamed from Parquet, sampling at most ~max_rows rows."""
     total = count_rows(files)
@@ -53,11 +72,11 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     import sentencepiece as spm
 
     files = check_tokenizer_inputs(train_file, tokenizer_dir)
-    texts = iter_training_texts(files, max_rows=max_rows, seed=seed)
+    texts = _KeepError(iter_training_texts(files, max_rows=max_rows, seed=seed))
     model_buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=texts, model_writer=model_buf, vocab_size=vocab_size,
+            sentence_iterator=iter(texts), model_writer=model_buf, vocab_size=vocab_size,
             model_type='unigram', character_coverage=character_coverage,
             byte_fallback=True, normalization_rule_name='identity',
             remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=['\n'],
@@ -67,13 +86,35 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
             max_sentence_length=1 << 16, num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False)
     except RuntimeError as e:
+        texts.reraise()
         raise _explain_spm_error(e, vocab_size) from None
+    texts.reraise()
     if model_buf.tell() == 0:
         raise UserError(f'{train_file}: no non-empty prompt/response text to train a tokenizer on')
     save_tokenizer(model_buf.getvalue(), tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     logger.info('tokenizer with %d pieces written to %s', len(tok), tokenizer_dir)
     return tok
+
+
+class _KeepError:
+    """An iterator that keeps what it raised: sentencepiece turns an exception of its
+    sentence iterator (a damaged file's one line, a stop signal) into a RuntimeError holding a
+    traceback; the original is raised again after training returns."""
+
+    def __init__(self, items):
+        self.items, self.error = items, None
+
+    def __iter__(self):
+        try:
+            yield from self.items
+        except BaseException as e:  # noqa: BLE001 - kept and raised again by reraise()
+            self.error = e
+            raise
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error.with_traceback(None) from None
 
 
 def check_tokenizer_inputs(train_file, tokenizer_dir: str) -> list[str]:
