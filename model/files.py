@@ -4,8 +4,8 @@ Each rule lives here once and everything else calls it: which column types count
 (:func:`is_text_type`), how they are read (:func:`as_text`), what a blank row is
 (:func:`blank_mask`), how a Parquet file is opened for streaming (:func:`open_parquet`) and
 how rows are counted (:func:`count_rows`). Every read goes through model/read_guard.py: a
-damaged file is one line naming it (and the row group), and a row group holding more text
-than ``MAX_ROW_GROUP_TEXT_BYTES`` is refused from the footer, before it is read.
+damaged file is one line naming it (and the row group), and a row longer than the record limit
+is refused from the footer (and a large row group's page headers) before it is read.
 """
 
 from __future__ import annotations
@@ -110,13 +110,7 @@ def inspect_parquet(path: str, columns=TEXT_COLUMNS) -> ParquetInfo:
         check_text_columns(path, pf.schema_arrow, columns, 'cast it to string before writing the file')
         md = pf.metadata
         rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-        limit = read_guard.MAX_ROW_GROUP_TEXT_BYTES
-        for i, size in enumerate(row_group_text_bytes(pf, columns)):
-            if size > limit:
-                raise UserError(
-                    f'{path}: row group {i} holds {human_size(size)} of text, more than the '
-                    f'{human_size(limit)} one read may hold (read_guard.MAX_ROW_GROUP_TEXT_BYTES); rewrite it '
-                    f'in smaller row groups with: python prepare_data.py convert {path} OUT.parquet')
+        check_row_group_sizes(path, pf, columns, f'rewrite it with: python prepare_data.py convert {path} OUT.parquet')
         return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
                            size_bytes=os.path.getsize(path))
 
@@ -153,6 +147,28 @@ def row_group_text_bytes(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> list[int]:
         group = md.row_group(i)
         sizes.append(sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
                          if group.column(j).path_in_schema in names))  # text columns are flat
+    return sizes
+
+
+def check_row_group_sizes(path: str, pf: pq.ParquetFile, columns, fix: str) -> list[int]:
+    """Every row of every row group fits the record limit, from the footer and, for a row group
+    over MAX_ROW_GROUP_TEXT_BYTES, its page headers (a page holds whole values; no page is
+    read): a big row group of ordinary rows is fine (readers stream it in slices), one huge value
+    is not. Returns the row groups' text bytes."""
+    limit = read_guard.MAX_RECORD_BYTES
+    md = pf.metadata
+    sizes = row_group_text_bytes(pf, columns)
+    for i, size in enumerate(sizes):
+        rows = md.row_group(i).num_rows
+        if rows and size > rows * limit:
+            raise UserError(f'{path}: row group {i} holds {human_size(size)} of text in {rows} row(s), more than '
+                            f'{human_size(limit)} a row (read_guard.MAX_RECORD_BYTES); {fix}')
+        page = largest_page_bytes(path, i, columns) if size > read_guard.MAX_ROW_GROUP_TEXT_BYTES else None
+        if page and page > read_guard.MAX_ROW_GROUP_TEXT_BYTES:
+            raise UserError(f'{path}: row group {i} holds a page of {human_size(page)}, more than the '
+                            f'{human_size(read_guard.MAX_ROW_GROUP_TEXT_BYTES)} one read may hold '
+                            f'(read_guard.MAX_ROW_GROUP_TEXT_BYTES): a value that long, or a writer\'s page size; '
+                            f'write the file again with pages of ~1 MB (pyarrow\'s default), without such values')
     return sizes
 
 

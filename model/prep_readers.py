@@ -18,8 +18,7 @@ import pyarrow as pa
 
 from config import UserError
 from model import read_guard
-from model.files import (as_text, check_text_columns, iter_file_batches, largest_page_bytes, open_parquet,
-                         row_group_text_bytes, show_names)
+from model.files import as_text, check_row_group_sizes, check_text_columns, iter_file_batches, open_parquet, show_names
 from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA
 from model.read_guard import guarded, human_size, too_long
 
@@ -256,9 +255,8 @@ def _check_columns(path: str, names: list[str], prompt_col: str, response_col: s
 def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
     """The two columns of any Parquet file, row group by row group. A row group of any size is
     read in batches (this is how a file with too large row groups gets smaller ones), a page at a
-    time: a row group over MAX_ROW_GROUP_TEXT_BYTES has its page headers checked first, a page
-    over that limit (one huge value) is refused before it is read. A row over MAX_RECORD_BYTES
-    is refused -- from the footer when the row group's average says so, else once read."""
+    time; a row over MAX_RECORD_BYTES is refused -- from the footer and page headers
+    (files.check_row_group_sizes) when they show it, else once read."""
     pf = open_parquet(path)
     cols = list(dict.fromkeys([prompt_col, response_col]))
     check_text_columns(path, pf.schema_arrow, cols, 'cast it to string first',
@@ -266,19 +264,9 @@ def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Itera
     limit = read_guard.MAX_RECORD_BYTES
     md = pf.metadata
     batch_rows = BATCH_ROWS
-    for i, size in enumerate(row_group_text_bytes(pf, cols)):
-        rows = md.row_group(i).num_rows
-        if rows and size > rows * limit:
-            raise UserError(f'{path}: row group {i} holds {human_size(size)} of text in {rows} row(s), more than '
-                            f'{human_size(limit)} a row (read_guard.MAX_RECORD_BYTES); {RECORD_FIX}')
-        page = largest_page_bytes(path, i, cols) if size > read_guard.MAX_ROW_GROUP_TEXT_BYTES else None
-        if page and page > read_guard.MAX_ROW_GROUP_TEXT_BYTES:
-            raise UserError(f'{path}: row group {i} holds a page of {human_size(page)}, more than the '
-                            f'{human_size(read_guard.MAX_ROW_GROUP_TEXT_BYTES)} one read may hold '
-                            f'(read_guard.MAX_ROW_GROUP_TEXT_BYTES): a value that long, or a writer\'s page size; '
-                            f'write the file again with pages of ~1 MB (pyarrow\'s default), without such values')
+    for i, size in enumerate(check_row_group_sizes(path, pf, cols, RECORD_FIX)):
         if size:  # long rows: fewer of them per batch
-            batch_rows = min(batch_rows, max(1, rows * BATCH_TEXT_BYTES // size))
+            batch_rows = min(batch_rows, max(1, md.row_group(i).num_rows * BATCH_TEXT_BYTES // size))
     first_row = 0
     for batch in iter_file_batches(path, cols, batch_rows):
         table = pa.Table.from_arrays([as_text(batch.column(c)).cast(pa.string()) for c in (prompt_col, response_col)],

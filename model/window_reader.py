@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.epoch_order import EpochPlan, RowGroupSlice
-from model.files import TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, short_read_error
+from model import read_guard
+from model.files import (TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, row_group_text_bytes,
+                         short_read_error)
 from model.read_guard import ReadGuard
 
 STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
@@ -63,6 +65,7 @@ class WindowReader:
         self._handles: dict[int, pq.ParquetFile] = {}
         # (file, row group) -> [batch iterator, next row, leftover record batch or None]
         self._streams: dict[tuple[int, int], list] = {}
+        self._text_bytes: dict[int, list[int]] = {}  # file -> its row groups' text bytes (footer)
 
     def close(self) -> None:
         self.loaded.clear()
@@ -127,7 +130,7 @@ class WindowReader:
         return h
 
     def _read_unit(self, u: RowGroupSlice) -> list[pa.RecordBatch]:
-        if u.whole:
+        if u.whole and self._row_group_bytes(u) <= read_guard.MAX_ROW_GROUP_TEXT_BYTES:
             table = self._handle(u.file).read_row_group(u.row_group, columns=list(TEXT_COLUMNS))
             return table.to_batches()
         # a slice of a huge row group: stream it so that only the slice is held in memory
@@ -159,6 +162,13 @@ class WindowReader:
         if stream[1] >= self._row_group_rows(u):
             del self._streams[key]
         return out
+
+    def _row_group_bytes(self, u: RowGroupSlice) -> int:
+        """Text bytes of the unit's row group (footer): a larger one is streamed in slices."""
+        sizes = self._text_bytes.get(u.file)
+        if sizes is None:
+            sizes = self._text_bytes[u.file] = row_group_text_bytes(self._handle(u.file), TEXT_COLUMNS)
+        return sizes[u.row_group]
 
     def _row_group_rows(self, u: RowGroupSlice) -> int:
         return self._handle(u.file).metadata.row_group(u.row_group).num_rows

@@ -89,18 +89,23 @@ def test_a_huge_csv_field_is_one_line_naming_the_limit(tmp_path, small_limits, s
         convert_to_parquet(str(src), str(tmp_path / 'out.parquet'))
 
 
-def test_a_row_group_over_the_limit_is_refused_from_the_footer_and_convert_fixes_it(tmp_path, small_limits,
-                                                                                    monkeypatch):
+def test_a_large_row_group_of_ordinary_rows_is_read_in_slices_and_a_huge_page_is_refused(tmp_path, small_limits,
+                                                                                       monkeypatch):
+    """pandas and pyarrow write row groups of up to a million rows: over MAX_ROW_GROUP_TEXT_BYTES
+    they are streamed in slices, not refused; one value larger than a record may be is refused
+    from the page headers before any read, with the fix."""
     monkeypatch.setattr(prep_output, 'ROW_GROUP_MAX_BYTES', LIMIT)
     pairs = make_texts(20_000, seed=2, max_len=60)
     src = write_parquet(tmp_path / 'big_groups.parquet', pairs)  # one row group of ~2.6 MiB
-    with pytest.raises(UserError, match=r'row group 0 holds .* more than the 2 MiB .*'
-                                        r'python prepare_data\.py convert .*big_groups\.parquet OUT\.parquet'):
-        inspect_parquet(src)
+    assert inspect_parquet(src).num_rows == 20_000
+    assert [r for t in iter_text_tables(src) for r in zip(*t.to_pydict().values())] == pairs
     out = str(tmp_path / 'fixed.parquet')
     assert convert_to_parquet(src, out) == 20_000
-    assert inspect_parquet(out).num_rows == 20_000 and len(inspect_parquet(out).row_group_rows) > 1
-    assert [r for t in iter_text_tables(out) for r in zip(*t.to_pydict().values())] == pairs
+    assert len(inspect_parquet(out).row_group_rows) > 1  # convert writes row groups within the limit
+    huge = str(tmp_path / 'huge_page.parquet')
+    pq.write_table(pa.table({'prompt': ['长' * (HUGE // 3)] + ['问'] * 5000, 'response': ['答'] * 5001}), huge)
+    with pytest.raises(UserError, match=r'row group 0 holds a page of 8\.0 MiB, more than the 2 MiB'):
+        inspect_parquet(huge)
 
 
 def test_a_parquet_cell_over_the_record_limit_is_refused_by_convert_from_the_footer(tmp_path, small_limits):
