@@ -33,6 +33,8 @@ import time
 from typing import Iterator
 
 from config import UserError
+from model.faults import fault_point
+from model.stopping import critical
 
 MARKER_FILE = 'chat_small_t5.json'
 MARKER_KEY = 'chat_small_t5'
@@ -57,7 +59,7 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> No
     replaced or removed as a whole (see :func:`foreign_files`)."""
     if manifest and 'files' not in info:
         info['files'] = sorted(_relative_files(folder))
-    with open(os.path.join(folder, MARKER_FILE), 'w', encoding='utf-8') as f:
+    with critical(), open(os.path.join(folder, MARKER_FILE), 'w', encoding='utf-8') as f:  # never half a marker
         json.dump(marker_info(kind, **info), f, ensure_ascii=False, indent=1)
 
 
@@ -431,10 +433,12 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str) -> Iterator[
     try:
         with disk_errors(what, path):
             yield tmp
+            fault_point('write')
             with open(tmp, 'rb') as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
-        os.replace(tmp, path)
+        with critical():  # a stop lands before the rename (nothing written) or after it (all written)
+            os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
+            os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -474,16 +478,17 @@ def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: st
     check_replaceable(target, kinds, what, folder=True)
     _open_up(tmp)
     fsync_dir(tmp)
-    if not os.path.lexists(target):
-        os.rename(tmp, target)
-    elif _exchange(tmp, target):
-        shutil.rmtree(tmp)  # the old folder, now at the temporary name
-    else:
-        old = f'{tmp}.old'
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    fsync_dir(os.path.dirname(target))
+    with critical():  # a stop never leaves target missing or the old folder at a temporary name
+        if not os.path.lexists(target):
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # the old folder, now at the temporary name
+        else:
+            old = f'{tmp}.old'
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        fsync_dir(os.path.dirname(target))
 
 
 @contextlib.contextmanager
@@ -494,6 +499,7 @@ def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Ite
     try:
         with disk_errors(what, target):
             yield tmp
+            fault_point('write')
         replace_folder(tmp, target, kinds, what)
     finally:
         if os.path.lexists(tmp):
