@@ -43,6 +43,7 @@ from config import UserError
 from model.epoch_order import EpochPlan, FlatOrder, OrderParams
 from model.files import inspect_parquet, resolve_parquet_files
 from model.tokenizer import LABEL_PAD_ID, PAD_ID
+from model.stopping import ignore_in_worker
 from model.window_reader import WindowReader
 
 logger = logging.getLogger(__name__)
@@ -374,6 +375,7 @@ class StreamingLoader:
                                  batch_size=batch_size, mix_row_groups=mix_row_groups)
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                      multiprocessing_context=multiprocessing_context,
+                                     worker_init_fn=ignore_in_worker,  # a stop is the main process's
                                      # workers hand over numpy arrays: pickled through the pipe they
                                      # cost ~5 us, torch tensors go through shared memory at ~40 us
                                      # per row of the main process (measured, bench/bench_data.py)

@@ -23,6 +23,7 @@ calls :func:`clear` to go on). This module imports nothing heavy: prepare_data u
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -75,6 +76,8 @@ class StopSignals:
         """Take SIGINT and SIGTERM for this process (idempotent)."""
         self._pid = os.getpid()
         for s in SIGNALS:
+            # also when inherited as ignored: a script's `cmd &` ignores SIGINT, and a launcher
+            # started so forwards Ctrl-C to its ranks as SIGINT all the same
             previous = signal.signal(s, self._handle)
             self._previous.setdefault(s, previous)
 
@@ -156,6 +159,15 @@ class StopSignals:
 STOP = StopSignals()
 
 
+def ignore_in_worker(worker_id: int = 0) -> None:
+    """A DataLoader worker's worker_init_fn: the stop belongs to the main process, which ends its
+    workers itself. (torch's own handler lets a SIGTERM sent to every process -- a terminal's
+    process group, a SLURM job step -- kill a worker mid-batch, and the main process then gets
+    an error at whatever it is doing, the stop's save included.)"""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def install() -> None:
     STOP.install()
 
@@ -228,6 +240,8 @@ def report(stop: Stopped) -> int:
         print(stop_line(stop), file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr gone: the exit code says it
         pass
+    # nothing after the line: a library cut short in its import (torch) would log its exit chatter
+    logging.disable(logging.INFO)
     return stop.exit_code
 
 

@@ -56,7 +56,7 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     texts = iter_training_texts(files, max_rows=max_rows, seed=seed)
     model_buf = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
+        in_a_thread(lambda: spm.SentencePieceTrainer.train(
             sentence_iterator=texts, model_writer=model_buf, vocab_size=vocab_size,
             model_type='unigram', character_coverage=character_coverage,
             byte_fallback=True, normalization_rule_name='identity',
@@ -65,7 +65,7 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
             pad_piece='<pad>', eos_piece='</s>', unk_piece='<unk>',
             input_sentence_size=2 * max_rows, shuffle_input_sentence=True,
             max_sentence_length=1 << 16, num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False)
+            minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False))
     except RuntimeError as e:
         raise _explain_spm_error(e, vocab_size) from None
     if model_buf.tell() == 0:
@@ -74,6 +74,28 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     tok = load_tokenizer(tokenizer_dir)
     logger.info('tokenizer with %d pieces written to %s', len(tok), tokenizer_dir)
     return tok
+
+
+def in_a_thread(fn):
+    """fn() in a daemon thread while this one waits: sentencepiece trains for minutes in C++ with
+    the GIL released, so SIGTERM / Ctrl-C still stop the process at once (nothing is written
+    before the training ends) instead of after the training (model/stopping.py)."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome['value'] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome['error'] = e
+
+    worker = threading.Thread(target=run, name='sentencepiece', daemon=True)
+    worker.start()
+    worker.join()
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome.get('value')
 
 
 def check_tokenizer_inputs(train_file, tokenizer_dir: str) -> list[str]:

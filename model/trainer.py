@@ -200,6 +200,7 @@ class Trainer:
         self._run_start, self._run_start_step = time.time(), state.global_step
         # the console through the bar on main; elsewhere tqdm's handler would drop the WARNING level
         redirect = logging_redirect_tqdm() if self.collectives.is_main else contextlib.nullcontext()
+        batches = None
         try:
             with redirect:
                 if state.eval_pending:  # cut by the stop that ended the run this one resumes
@@ -230,6 +231,8 @@ class Trainer:
             logger.error('%s', e)
             return EXIT_DIVERGED
         finally:
+            if batches is not None:
+                batches.close()  # DataLoader workers end here, not when the interpreter exits
             bar.close()
         return EXIT_OK
 

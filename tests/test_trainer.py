@@ -55,6 +55,22 @@ def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
     assert trainer.resolve_precision('no', use_cpu=True) == ('no', None)
 
 
+def test_a_stop_that_would_outlast_the_grace_period_is_warned_once(caplog):
+    from types import SimpleNamespace
+
+    from model.trainer import Trainer
+
+    run = SimpleNamespace(train_cfg=SimpleNamespace(stop_grace_s=10), _seconds_per_step=2.0, _grace_warned=False)
+    with caplog.at_level('WARNING', logger='chat_trainer'):
+        Trainer.warn_if_stop_outlasts_grace(run, 7.0)  # a step and a save: 9 s, within
+        assert not caplog.records
+        Trainer.warn_if_stop_outlasts_grace(run, 9.0)  # 11 s: a SIGKILL could cut the save
+        Trainer.warn_if_stop_outlasts_grace(run, 30.0)
+    assert len(caplog.records) == 1, caplog.records
+    text = caplog.records[0].getMessage()
+    assert 'stop_grace_s=10' in text and '--signal=B:TERM@' in text and '--save_steps' in text
+
+
 def test_loss_at_init_is_about_ln_vocab(tokenizer):
     from config import T5ModelConfig
     from model.chat_model import build_model
