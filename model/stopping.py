@@ -169,7 +169,9 @@ def ignore_in_worker(worker_id: int = 0) -> None:
 
 
 def install() -> None:
+    """At process start (each face's main): the handlers, and no output watched yet."""
     STOP.install()
+    OUTPUTS.clear()
 
 
 def requested() -> int:
@@ -193,6 +195,9 @@ class Outputs:
 
     def __init__(self):
         self._before: dict[str, tuple | None] = {}
+
+    def clear(self) -> None:
+        self._before.clear()
 
     def watch(self, *paths: str) -> None:
         for p in paths:

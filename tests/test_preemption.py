@@ -43,7 +43,6 @@ def stop():
     stopping.STOP.install()
     yield stopping
     stopping.STOP.uninstall()
-    stopping.OUTPUTS.__init__()
 
 
 def test_a_stop_raises_outside_any_region_once_and_ignores_copies(stop):
