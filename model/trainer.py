@@ -396,7 +396,7 @@ class Trainer:
             return
         STOP.follow(signum)
         seconds = STOP.seconds_since_signal()
-        logger.warning('rank %d: stopped by %s during start-up, %.1f s from the signal to the exit: nothing was '
+        logger.warning('rank %d: stopped by %s during start-up, %.1f s after the signal: nothing was '
                        'trained, saved or moved', self.rank, signal.Signals(signum).name, seconds)
         raise STOP.stopped(f'during start-up, {seconds:.1f} s after the signal: nothing was trained, saved or moved')
 
@@ -420,7 +420,7 @@ class Trainer:
             kept = 'no step was taken, nothing to save'
         pending = '; its evaluation was cut and is pending' if self.state.eval_pending else ''
         seconds = STOP.seconds_since_signal()
-        logger.warning('rank %d: stopped by %s at step %d: %s%s; %.1f s from the signal to the exit; exit code %d',
+        logger.warning('rank %d: stopped by %s at step %d: %s%s; %.1f s after the signal; exit code %d',
                        self.rank, name, step, kept, pending, seconds, 128 + STOP.signum)
         resume = '; continue with --is_keep_training=True' if step else ''
         return STOP.stopped(f'{kept}{pending}{resume} ({seconds:.1f} s after the signal)')
