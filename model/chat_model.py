@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from typing import Callable
 
 import torch
 
@@ -140,11 +141,25 @@ def valid_text(text: str) -> str:
         return text.encode('utf-8', 'replace').decode('utf-8')
 
 
+def stop_criteria(should_stop: Callable[[], bool]):
+    """transformers' stopping criteria asking should_stop() after every generated token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenAsked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenAsked()])
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_seq_len: int | None = None,
-           decode: DecodeConfig | None = None) -> list[str]:
+           decode: DecodeConfig | None = None, should_stop: Callable[[], bool] | None = None) -> list[str]:
     """Answers in the prompts' order: greedy by default, else as ``decode`` says (sampling is
-    seeded with decode.sample_seed once, so the same call gives the same answers)."""
+    seeded with decode.sample_seed once, so the same call gives the same answers).
+
+    should_stop is asked after every token: once it says True the answers end there (cut, and
+    fewer than the prompts) -- a training run's evaluation leaves within one token of a stop."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -156,9 +171,13 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         torch.manual_seed(decode.sample_seed)
     per_row = (limit + kwargs['max_new_tokens']) * kwargs.get('num_beams', 1)
     batch_size = max(1, min(64, BATCH_POSITIONS // per_row))
+    if should_stop is not None:
+        kwargs['stopping_criteria'] = stop_criteria(should_stop)
     cut = text_cut_chars(tokenizer, limit)
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
+        if should_stop is not None and should_stop():
+            break
         enc = tokenizer([valid_text(p) for p in cut_texts(prompts[i:i + batch_size], cut)], padding=True,
                         truncation=True, max_length=limit, return_tensors='pt')
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from config import UserError
 from model.epoch_order import EpochPlan, FlatOrder, OrderParams
 from model.files import inspect_parquet, resolve_parquet_files
+from model.stopping import ignore_in_worker
 from model.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, text_cut_chars
 from model.window_reader import WindowReader
 
@@ -387,6 +388,7 @@ class StreamingLoader:
                                  batch_size=batch_size, mix_row_groups=mix_row_groups)
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                      multiprocessing_context=multiprocessing_context,
+                                     worker_init_fn=ignore_in_worker,  # a stop is the main process's
                                      # workers hand over numpy arrays: pickled through the pipe they
                                      # cost ~5 us, torch tensors go through shared memory at ~40 us
                                      # per row of the main process (measured, bench/bench_data.py)

@@ -75,7 +75,7 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     texts = _KeepError(iter_training_texts(files, max_rows=max_rows, seed=seed))
     model_buf = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
+        in_a_thread(lambda: spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=model_buf, vocab_size=vocab_size,
             model_type='unigram', character_coverage=character_coverage,
             byte_fallback=True, normalization_rule_name='identity',
@@ -84,7 +84,7 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
             pad_piece='<pad>', eos_piece='</s>', unk_piece='<unk>',
             input_sentence_size=2 * max_rows, shuffle_input_sentence=True,
             max_sentence_length=1 << 16, num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False)
+            minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False))
     except RuntimeError as e:
         texts.reraise()
         raise _explain_spm_error(e, vocab_size) from None
@@ -117,10 +117,33 @@ class _KeepError:
             raise self.error.with_traceback(None) from None
 
 
+def in_a_thread(fn):
+    """fn() in a daemon thread while this one waits: sentencepiece trains for minutes in C++ with
+    the GIL released, so SIGTERM / Ctrl-C still stop the process at once (nothing is written
+    before the training ends) instead of after the training (model/stopping.py)."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome['value'] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome['error'] = e
+
+    worker = threading.Thread(target=run, name='sentencepiece', daemon=True)
+    worker.start()
+    worker.join()
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome.get('value')
+
+
 def check_tokenizer_inputs(train_file, tokenizer_dir: str) -> list[str]:
     """Everything train_tokenizer needs, checked before the work: usable text to read, and an
     output folder that is new, empty or a tokenizer this toolkit wrote (never an input)."""
     files = resolve_parquet_files(train_file)
+    tokenizer_dir = ownership.resolve_place(tokenizer_dir, 'tokenizer_dir')  # a link: written where it points
     ownership.check_replaceable(tokenizer_dir, TOKENIZER, 'tokenizer_dir', folder=True)
     ownership.check_not_an_input(tokenizer_dir, files, 'tokenizer_dir', [train_file])
     ownership.check_writable(tokenizer_dir, 'tokenizer_dir')
