@@ -159,9 +159,6 @@ class Trainer:
         self.nonfinite_step = torch.tensor(-1, device=self.accelerator.device)
         self.interval = self._new_interval()
         self._rows_unfolded = self._tokens_unfolded = 0  # this rank's, not yet in the run state
-        if t.warmup_steps >= self.total_steps:
-            logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never '
-                           'reaches learn_rate', t.warmup_steps, self.total_steps)
 
     def _init_trackers(self) -> None:
         """accelerate's trackers (TensorBoard under log_dir/tensorboard/<run>, or wandb), with the
