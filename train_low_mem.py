@@ -107,6 +107,9 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
 
     print(f'  path.latest_state={latest_state(t.train_state_dir) or "none"}')
     world = process_count()
+    from model.faults import fault_point
+
+    fault_point('dry-run')
     report = preflight.check_train(cfg, resume, world)
     if report.total_steps:
         per_step = t.batch_size_per_gpu * world * t.gradient_accumulation_steps

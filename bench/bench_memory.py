@@ -6,11 +6,13 @@
 Builds in a temporary folder (removed at the end): a small training set, a tokenizer and a tiny
 model trained for a few steps; then, for the commands, a JSONL line, a JSON value, a CSV field
 and a Parquet cell of --record_mb each, and a training log with one --log_mb line among the real
-ones; and a Parquet cell of --under_mb, under the row-group limit, which the commands read.
+ones; a Parquet cell of --under_mb, under the record limit, which the commands read; and a Parquet
+row group of --group_mb of ordinary rows (2 KB each), which they stream in slices.
 Each command runs once under ``/usr/bin/time -f %M`` (peak RSS of the process, KiB); the table
 gives the exit status, the first line of stderr (or of stdout) and the peak. The limits in
-model/read_guard.py decide what is refused: records over 16 MiB, Parquet row groups over 128 MiB
-of text (so a cell of 300 MB is refused from the footer), log lines over 64 KiB skipped.
+model/read_guard.py decide what is refused: records over 16 MiB (a Parquet cell that long is
+refused from the footer and page headers, unread), log lines over 64 KiB skipped; a row group over
+128 MiB of text is read in slices.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def write_big_value(path: str, head: bytes, size: int, tail: bytes) -> None:
         f.write(tail)
 
 
-def build_inputs(d: str, record: int, log: int, under: int) -> dict[str, str]:
+def build_inputs(d: str, record: int, log: int, under: int, group: int) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -69,6 +71,12 @@ def build_inputs(d: str, record: int, log: int, under: int) -> dict[str, str]:
         cell = pa.array(['长' * (size // 3)] + ['你好'] * 63)  # a batch's worth of rows: training reads it
         pq.write_table(pa.table({'prompt': cell, 'response': ['你好！'] * 64}), paths[name])
         del cell
+    paths['big_group.parquet'] = os.path.join(d, 'big_group.parquet')
+    rows = group // 2048
+    column = pa.array(['长' * 680] * rows)  # 2,040 bytes a row, one row group
+    pq.write_table(pa.table({'prompt': column, 'response': ['你好！'] * rows}), paths['big_group.parquet'],
+                   row_group_size=rows)
+    del column
     logs = os.path.join(d, 'run', 'logs')
     real_log = sorted(os.listdir(logs))[-1]
     with open(os.path.join(logs, real_log), 'rb') as f:
@@ -109,16 +117,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--record_mb', type=int, default=300, help='size of the huge line, value, field and cell')
     parser.add_argument('--log_mb', type=int, default=1024, help='size of the huge log line')
-    parser.add_argument('--under_mb', type=int, default=100, help='size of a cell under the row-group limit')
+    parser.add_argument('--under_mb', type=int, default=15, help='size of a cell under the record limit')
+    parser.add_argument('--group_mb', type=int, default=300, help='text in one row group of 2 KB rows')
     parser.add_argument('--dir', default=None, help='work here (kept) instead of a temporary folder')
     args = parser.parse_args()
     d = args.dir or tempfile.mkdtemp(prefix='bench_memory_')
     try:
         flags = build_model(d)
-        p = build_inputs(d, args.record_mb << 20, args.log_mb << 20, args.under_mb << 20)
+        p = build_inputs(d, args.record_mb << 20, args.log_mb << 20, args.under_mb << 20, args.group_mb << 20)
         out = os.path.join(d, 'out')
         rec, log = f'a {args.record_mb} MB', f'a {args.log_mb} MB'
         under = f'a {args.under_mb} MB Parquet cell, under the limit'
+        group = f'a {args.group_mb} MB row group of 2 KB rows'
         cases = [
             ('train', f'{rec} Parquet cell', ['train_low_mem.py', 'train',
                                               *with_flags(flags, train_file=p['big_cell.parquet'])]),
@@ -144,6 +154,11 @@ def main() -> None:
                                           output_dir=f'{out}_run', model_file=f'{out}_run/m.{{}}.bin')]),
             ('test', under, ['train_low_mem.py', 'test', *flags, f'--test_file={p["cell_under_limit.parquet"]}']),
             ('check', under, ['prepare_data.py', 'check', p['cell_under_limit.parquet']]),
+            ('train', group, ['train_low_mem.py', 'train', '--max_steps=4',
+                              *with_flags(flags, train_file=p['big_group.parquet'], train_state_dir=f'{out}_gstate',
+                                          output_dir=f'{out}_grun', model_file=f'{out}_grun/m.{{}}.bin')]),
+            ('check', group, ['prepare_data.py', 'check', p['big_group.parquet']]),
+            ('convert', group, ['prepare_data.py', 'convert', p['big_group.parquet'], f'{out}_g.parquet']),
         ]
         print(f'| command | input | exit | what it said | peak RSS |\n|---|---|---|---|---|')
         for name, what, argv, *stdin in cases:

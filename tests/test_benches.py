@@ -12,7 +12,7 @@ from conftest import ENV, ROOT
 
 def test_bench_gpu_runs_on_the_cpu():
     tiny = json.dumps(dict(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1))
-    r = subprocess.run([sys.executable, 'bench/bench_gpu.py', '--device=cpu', '--steps=2', '--batch=4', '--max_len=32',
+    r = subprocess.run([sys.executable, 'bench/bench_gpu.py', '--device=cpu', '--steps=2', '--batch=4', '--max_len=256',
                         '--variants=eager', f'--model={tiny}', '--vocab=1000'], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -230,8 +230,10 @@ def test_a_user_error_is_not_requeued(tmp_path, data, stand_ins):
 
 def test_a_stop_during_start_up_saves_nothing_and_a_cancelled_job_is_not_requeued(tmp_path, data, stand_ins):
     out, log, job_id = tmp_path / 'run', tmp_path / 'calls', 600000 + os.getpid() % 90000
-    job = start_job(tiny_flags(data, out), job_env(stand_ins, log, job_id, STAND_IN_JOB_STATE='CANCELLED'))
-    deadline = time.time() + 60
+    # each node's dry run waits at its start (the two need not overlap on their own on a busy machine)
+    job = start_job(tiny_flags(data, out), job_env(stand_ins, log, job_id, STAND_IN_JOB_STATE='CANCELLED',
+                                                   CHAT_SMALL_T5_FAULT='dry-run:sleep=120'))
+    deadline = time.time() + 100
     while len(dry_runs(out)) < 2:  # both nodes are in their start script's dry run
         assert job.poll() is None and time.time() < deadline
         time.sleep(0.02)
