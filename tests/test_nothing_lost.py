@@ -18,17 +18,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import cli_runner
 from conftest import ENV, ROOT, logged_losses, make_texts, run_train, state_folders, tiny_flags, train_cmd, \
     write_parquet
 
 
 def cli(*args, script='train_low_mem.py', env=None, stdin=None, timeout=300):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
+    return cli_runner.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
 def start(*args, script='train_low_mem.py'):
-    return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
+    return cli_runner.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
@@ -278,7 +279,7 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
 
 def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):
     out = tmp_path / 'run'
-    first = subprocess.Popen(train_cmd(tiny_flags(data, out, epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
+    first = cli_runner.Popen(train_cmd(tiny_flags(data, out, epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not logged_losses(out):
@@ -429,7 +430,7 @@ def test_outputs_never_land_in_or_among_the_inputs(tmp_path, data):
 
 def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data):
     shared = tmp_path / 'shared'
-    first = subprocess.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,
+    first = cli_runner.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,
                                                   model_file=f'{shared}/m.{{}}.bin')), cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

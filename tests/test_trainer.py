@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import cli_runner
 from conftest import (ENV, ROOT, assert_same_weights, logged_losses, make_texts, run_train, state_folders,
                       tiny_flags, torchrun, train_cmd, weights, write_parquet)
 
@@ -114,7 +115,7 @@ def test_exact_resume_after_sigkill(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     total = 480 // 8 * 2
 
-    proc = subprocess.Popen(train_cmd(tiny_flags(data, cut, **extra)), cwd=ROOT, env=ENV,
+    proc = cli_runner.Popen(train_cmd(tiny_flags(data, cut, **extra)), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not glob.glob(f'{cut}/state/state-*/chat_small_t5.json'):
@@ -138,7 +139,7 @@ def test_exact_resume_after_sigkill(data, tmp_path):
 def test_sigterm_saves_and_exits_143_then_resumes(data, tmp_path):
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, epochs=50, save_steps=100000)
-    proc = subprocess.Popen(train_cmd(flags), cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
+    proc = cli_runner.Popen(train_cmd(flags), cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not logged_losses(out).get(3):
