@@ -38,15 +38,17 @@ FORKED_SCRIPTS = ('train_low_mem.py', 'prepare_data.py')
 RUNTIME_ENV = ('PYTEST_CURRENT_TEST', 'RECORD_USER_ERRORS', 'NUM_GPUS', 'WORLD_SIZE', 'RANK', 'LOCAL_RANK',
                'ACCELERATE_USE_CPU', 'CHAT_SMALL_T5_FAULT')
 # What the faces import, including transformers' lazily loaded parts (measured with -X importtime).
-PRELOAD = """
-import numpy, pandas, pyarrow, pyarrow.parquet, pyarrow.compute, sentencepiece, tokenizers, ijson, fire, tqdm
-import tqdm.contrib.logging, sacrebleu, sacrebleu.metrics, sklearn.model_selection
-import torch, torch.nn.functional, torch.utils.data
-import accelerate, accelerate.utils, accelerate.utils.other, accelerate.commands.config.config_args
-from transformers import (AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration, TextStreamer,
-                          get_scheduler)
-from transformers.optimization import Adafactor
-"""
+# One that fails to import is left out: the child then meets the same error where the face imports it.
+PRELOAD = (
+    'import numpy, pandas, pyarrow, pyarrow.parquet, pyarrow.compute, sentencepiece, tokenizers, ijson, fire, tqdm',
+    'import tqdm.contrib.logging, sacrebleu, sacrebleu.metrics',
+    'import sklearn.model_selection',
+    'import torch, torch.nn.functional, torch.utils.data',
+    'import accelerate, accelerate.utils, accelerate.utils.other, accelerate.commands.config.config_args',
+    'from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration',
+    'from transformers import TextStreamer, get_scheduler',
+    'from transformers.optimization import Adafactor',
+)
 
 
 def forking_enabled() -> bool:
@@ -208,7 +210,10 @@ class Zygote:
         """Sends the request with the child's stdin, stdout, stderr; returns (the connection, its pid)."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn.connect(self.socket_path)  # queued until the zygote has imported everything
+            try:
+                conn.connect(self.socket_path)  # queued until the zygote has imported everything
+            except OSError:
+                raise RuntimeError(self._failure('is not listening')) from None
             payload = json.dumps(request).encode()
             socket.send_fds(conn, [len(payload).to_bytes(8, 'big') + payload], stdio)
             reply = b''
@@ -241,7 +246,11 @@ def serve(listener_fd: int, control: int) -> None:
                       if s not in (signal.SIGKILL, signal.SIGSTOP)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at pytest reaches the children, not us
     listener = socket.socket(fileno=listener_fd)
-    exec(PRELOAD, {})
+    for statement in PRELOAD:
+        try:
+            exec(statement, {})
+        except ImportError as e:
+            print(f'not preloaded: {statement}: {e}', file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     selector = selectors.DefaultSelector()
@@ -255,7 +264,7 @@ def serve(listener_fd: int, control: int) -> None:
             if key.data == 'accept':
                 conn, _ = listener.accept()
                 request, stdio = _receive(conn)
-                ours = [listener.fileno(), control, selector._selector.fileno(), conn.fileno(),
+                ours = [listener.fileno(), control, selector.fileno(), conn.fileno(),
                         *waiting, *(c.fileno() for _, c in waiting.values())]
                 pid = os.fork()
                 if pid == 0:
@@ -310,12 +319,11 @@ def become_script(request: dict, stdio: list[int], zygote_fds: list[int], fresh_
         sys.path[0] = os.path.dirname(os.path.realpath(script))
         # the zygote's stdio objects stay (libraries may hold them); they now write to the child's fds
         sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
-        import numpy
-        import torch
-
         # a fresh interpreter seeds these from the OS; Python's random reseeds itself at a fork
-        numpy.random.seed()
-        torch.default_generator.seed()
+        if 'numpy' in sys.modules:
+            sys.modules['numpy'].random.seed()
+        if 'torch' in sys.modules:
+            sys.modules['torch'].default_generator.seed()
     except BaseException:
         import traceback
 

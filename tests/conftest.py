@@ -112,9 +112,15 @@ def run_train(flags, *extra, timeout=300):
                           timeout=timeout)
 
 
+def run_logs(out) -> list[str]:
+    """The training logs under out, oldest first. By time written, not by name: a run started in
+    the same second as the previous one gets a suffix ('...-1.log') that sorts before its name."""
+    return sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log'), key=os.path.getmtime)
+
+
 def logged_losses(out) -> dict[int, float]:
     losses = {}
-    for log in sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')):
+    for log in run_logs(out):
         for m in STEP_RE.finditer(open(log, encoding='utf-8').read()):
             losses[int(m.group(1))] = float(m.group(3))
     return losses

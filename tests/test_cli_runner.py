@@ -18,6 +18,8 @@ import pytest
 import cli_runner
 from conftest import ENV
 
+pytestmark = pytest.mark.skipif(not cli_runner.forking_enabled(), reason=f'{cli_runner.SWITCH}=0: nothing is forked')
+
 PROBE = r'''
 import json, logging, os, signal, sys, time
 what = sys.argv[1]

@@ -15,8 +15,8 @@ import time
 import pytest
 
 import cli_runner
-from conftest import (ENV, ROOT, assert_same_weights, leftover_temps, logged_losses, run_train, state_folders, tiny_flags,
-                      train_cmd)
+from conftest import (ENV, ROOT, assert_same_weights, leftover_temps, logged_losses, run_logs, run_train, state_folders,
+                      tiny_flags, train_cmd)
 
 EXTRA = {'epochs': 2, 'save_steps': 4, 'eval_steps': 20}  # 120 optimizer steps, a state every 4
 TOTAL = 120
@@ -36,7 +36,7 @@ def final_weights(out):
 
 
 def newest_log_step(out) -> int:
-    logs = sorted(glob.glob(f'{out}/logs/*.log'))
+    logs = run_logs(out)
     if not logs:
         return 0
     steps = logged_losses_of(logs[-1])
@@ -238,7 +238,7 @@ def test_sigterm_under_a_launcher_saves_on_both_ranks_and_resumes_exactly(tmp_pa
     assert len(ranks) == 2, ranks
     os.kill(ranks[1] if target == 'one rank' else proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
-    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    log = open(run_logs(out)[-1], encoding='utf-8').read()
     for rank in (0, 1):  # every rank saved its part and left with 143
         assert f'rank {rank}: stopped by SIGTERM' in log and 'exit code 143' in log, output[-3000:]
     if target == 'one rank':
@@ -280,7 +280,7 @@ def test_a_two_rank_state_resumes_on_one_rank_at_the_same_data_position(tmp_path
     assert not glob.glob(f'{out}/state/.tmp-*')
     # the weights went on from the state, not from scratch (dropout streams differ from 2 ranks, and
     # float reduction order: compared by data position, not bit for bit)
-    ref, resumed = logged_losses(two_rank_reference), logged_losses_of(sorted(glob.glob(f'{out}/logs/*.log'))[-1])
+    ref, resumed = logged_losses(two_rank_reference), logged_losses_of(run_logs(out)[-1])
     assert resumed == list(range(step + 1, TWO_RANK_STEPS + 1))
     last = logged_losses(out)
     assert abs(last[step + 1] - ref[step + 1]) < 0.1  # from scratch it would be ~0.4 away

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import cli_runner
-from conftest import ENV, ROOT, logged_losses, make_texts, run_train, state_folders, tiny_flags, train_cmd, \
-    write_parquet
+from conftest import ENV, ROOT, logged_losses, make_texts, run_logs, run_train, state_folders, tiny_flags, \
+    train_cmd, write_parquet
 
 
 def cli(*args, script='train_low_mem.py', env=None, stdin=None, timeout=300):
@@ -310,7 +310,7 @@ def test_resume_applies_a_new_learning_rate_and_refuses_a_new_optimizer(tmp_path
     r = run_train(tiny_flags(data, out, max_steps=14, save_steps=10, warmup_steps=0, lr_schedule='constant',
                              learn_rate=1e-4), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-2000:]
-    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    log = open(run_logs(out)[-1], encoding='utf-8').read()
     assert 'learn_rate 0.003 -> 0.0001' in log
     assert 'lr 1.000e-04' in log and 'lr 3.000e-03' not in log
 

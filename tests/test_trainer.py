@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import cli_runner
-from conftest import (ENV, ROOT, assert_same_weights, logged_losses, make_texts, run_train, state_folders,
-                      tiny_flags, torchrun, train_cmd, weights, write_parquet)
+from conftest import (ENV, ROOT, assert_same_weights, logged_losses, make_texts, run_logs, run_train,
+                      state_folders, tiny_flags, torchrun, train_cmd, weights, write_parquet)
 
 # --- units ------------------------------------------------------------------
 
@@ -128,7 +128,7 @@ def test_exact_resume_after_sigkill(data, tmp_path):
 
     r = run_train(tiny_flags(data, cut, **extra), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'resumed from' in open(sorted(glob.glob(f'{cut}/logs/*.log'))[-1]).read()
+    assert 'resumed from' in open(run_logs(cut)[-1]).read()
     ref_losses, cut_losses = logged_losses(ref), logged_losses(cut)
     after = [s for s in ref_losses if s > saved]
     assert after and all(cut_losses[s] == ref_losses[s] for s in after), \
