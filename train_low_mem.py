@@ -50,16 +50,35 @@ from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, Mod
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',
                     'character_coverage', 'seed')
 CONFIG_FLAGS = ('preset', 'use_large_config')
+# the fields a command uses: a flag of another field would have no effect there, and is refused
+NOT_FOR_TRAIN = {
+    'vocab_size': 'the vocabulary comes from the tokenizer in tokenizer_dir; train_tokenizer uses --vocab_size',
+    'tokenizer_max_rows': 'train_tokenizer uses it', 'character_coverage': 'train_tokenizer uses it',
+    'test_file': 'train_low_mem.py test scores it', 'max_test_rows': 'train_low_mem.py test uses it'}
+INFERENCE_FIELDS = ('output_dir', 'tokenizer_dir', 'max_seq_len', *MODEL_FIELDS)
+EFFECTIVE = {'train': tuple(f for f in (*TRAIN_FIELDS, *MODEL_FIELDS) if f not in NOT_FOR_TRAIN),
+             'train_tokenizer': TOKENIZER_FIELDS, 'generate': INFERENCE_FIELDS, 'chat': INFERENCE_FIELDS,
+             'test': (*INFERENCE_FIELDS, 'test_file', 'max_test_rows'), 'plot': ('log_dir',)}
 
 
-def _resolve(preset, use_large_config, overrides: dict, allowed=None, extra=()) -> ResolvedConfig:
-    candidates = set(allowed) if allowed is not None else {*TRAIN_FIELDS, *MODEL_FIELDS}
+def _resolve(command: str, preset, use_large_config, overrides: dict, extra=()) -> ResolvedConfig:
+    """The command's config (defaults -> preset -> flags) with its paths resolved once
+    (preflight.resolve_places). A flag that names no field is an unknown option; one that names a
+    field this command does not use has no effect, and is refused rather than ignored."""
+    from model.preflight import resolve_places
+
+    effective = set(EFFECTIVE[command])
     for name in overrides:
-        if name not in candidates:
-            raise unknown_option(name, candidates | set(extra) | set(CONFIG_FLAGS))
+        if name in effective:
+            continue
+        if name in TRAIN_FIELDS or name in MODEL_FIELDS:
+            why = NOT_FOR_TRAIN.get(name, '') if command == 'train' else ''
+            raise UserError(f'--{name} has no effect on {command}' + (f' ({why})' if why else '') +
+                            f'; leave it out (python train_low_mem.py {command} --help lists what it uses)')
+        raise unknown_option(name, effective | set(extra) | set(CONFIG_FLAGS))
     use_large_config = coerce('use_large_config', use_large_config, bool)
     preset = None if preset in (None, '') else coerce('preset', preset, str)
-    return resolve_config(preset=preset, use_large_config=use_large_config, overrides=overrides)
+    return resolve_places(resolve_config(preset=preset, use_large_config=use_large_config, overrides=overrides))
 
 
 def process_count() -> int:
@@ -114,7 +133,7 @@ def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_ru
           **overrides):
     """Train (or, with --dry_run=True, print the resolved config, check everything and estimate
     the resources)."""
-    cfg = _resolve(preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run', 'rows_per_s'))
+    cfg = _resolve('train', preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run', 'rows_per_s'))
     resume = coerce('is_keep_training', is_keep_training, bool)
     if coerce('dry_run', dry_run, bool):
         rate = coerce('rows_per_s', rows_per_s, float)
@@ -129,7 +148,7 @@ def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_ru
 
 def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
     """Train the sentencepiece tokenizer on the train file (defaults from the config)."""
-    cfg = _resolve(preset, use_large_config, overrides, allowed=TOKENIZER_FIELDS)
+    cfg = _resolve('train_tokenizer', preset, use_large_config, overrides)
     from model.tokenizer import check_tokenizer_inputs
     from model.tokenizer import train_tokenizer as build
 
@@ -163,12 +182,12 @@ def parse_prompts(prompts) -> list[str]:
     return [str(prompts)]
 
 
-def _inference_setup(preset, use_large_config, flags: dict, extra=()):
+def _inference_setup(command: str, preset, use_large_config, flags: dict, extra=()):
     """(config, decode options, model source) of generate / chat / test: every flag checked,
     the model found and described, before torch is imported."""
     model_dir = flags.pop('model_dir', '')
     decode_values = {k: flags.pop(k) for k in list(flags) if k in DECODE_FIELDS}
-    cfg = _resolve(preset, use_large_config, flags, extra=('model_dir', *DECODE_FIELDS, *extra))
+    cfg = _resolve(command, preset, use_large_config, flags, extra=('model_dir', *DECODE_FIELDS, *extra))
     decode = DecodeConfig(**{k: coerce(k, v, DECODE_FIELDS[k]) for k, v in decode_values.items()})
     validate_decode(decode)
     from model.chat_model import find_model_source
@@ -188,7 +207,7 @@ def _load(cfg, source):
 def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
     """Answer prompts with a trained model (default: output_dir/best, else output_dir/final)."""
     prompts = parse_prompts(prompts)
-    cfg, decode, source = _inference_setup(preset, use_large_config, flags, extra=('prompts',))
+    cfg, decode, source = _inference_setup('generate', preset, use_large_config, flags, extra=('prompts',))
     from model.chat_model import answer
 
     model, tok, max_seq_len = _load(cfg, source)
@@ -202,7 +221,7 @@ EXIT_WORDS = ('exit', 'quit', '/exit', '/quit', '退出', 'q')
 def chat(*, use_large_config=False, preset=None, **flags):
     """Talk with a trained model: one prompt a line, the answer streamed as it is generated.
     Reads a pipe too (one answer a line); exit, quit, 退出 or Ctrl-D ends."""
-    cfg, decode, source = _inference_setup(preset, use_large_config, flags)
+    cfg, decode, source = _inference_setup('chat', preset, use_large_config, flags)
     from model.chat_model import answer, stream_answer
 
     model, tok, max_seq_len = _load(cfg, source)
@@ -236,19 +255,16 @@ def chat(*, use_large_config=False, preset=None, **flags):
 def test(*, use_large_config=False, preset=None, out=None, **flags):
     """Score a trained model on test_file: loss, perplexity, BLEU-4 (sacrebleu, zh) and exact
     match, streamed; the predictions (prompt, reference, answer) go to a JSONL beside the model."""
-    cfg, decode, source = _inference_setup(preset, use_large_config, flags, extra=('out',))
-    from model.files import check_usable_rows, count_rows
-    from model.scoring import predictions_path, score_file
+    cfg, decode, source = _inference_setup('test', preset, use_large_config, flags, extra=('out',))
+    from model.files import check_usable_rows, count_rows, resolve_parquet_files
+    from model.scoring import check_predictions_path, predictions_path, score_file
 
     t = cfg.train
     count_rows(t.test_file)
     check_usable_rows(t.test_file, 'test_file', shown=t.test_file)
     path = coerce('out', out, str) if out not in (None, '') else predictions_path(source.path, t.test_file)
-    from model import ownership
-    from model.ownership import PREDICTIONS
-
-    ownership.check_replaceable(path, PREDICTIONS, '--out', folder=False)
-    ownership.check_writable(path, '--out')
+    path = check_predictions_path(path, resolve_parquet_files(t.test_file),
+                                  [t.train_file, t.validation_file, t.test_file])
     model, tok, max_seq_len = _load(cfg, source)
     result = score_file(model, tok, t.test_file, path, max_seq_len, decode, t.max_test_rows, source.path)
     print(f'test_file: {t.test_file}')
@@ -257,7 +273,7 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
 
 def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flags):
     """Draw training loss, learning rate and validation loss of a run from its log (PNG)."""
-    cfg = _resolve(preset, use_large_config, flags, extra=('log_file', 'out'))
+    cfg = _resolve('plot', preset, use_large_config, flags, extra=('log_file', 'out'))
     from model.plotting import newest_log, plot_log
 
     log = coerce('log_file', log_file, str) if log_file not in (None, '') else newest_log(cfg.train.log_dir)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from config import DecodeConfig, ResolvedConfig, T5ModelConfig, UserError
-from model.model_source import ModelSource, describe_model_source
+from model.model_source import ModelSource, describe_model_source, weights_path
 from model.sizing import model_shape
 from model.tokenizer import EOS_ID, PAD_ID, load_tokenizer
 
@@ -74,8 +74,11 @@ def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
     transformers.utils.logging.disable_progress_bar()  # no 'Loading weights' bar before the answers
     tokenizer = load_tokenizer(source.tokenizer_dir)
     max_seq_len = int(source.max_seq_len or cfg.train.max_seq_len)
-    if source.kind == 'folder':
-        model = T5ForConditionalGeneration.from_pretrained(source.path)
+    if source.kind == 'folder':  # config.json, then the weights through the one loader that never unpickles
+        from transformers import T5Config
+
+        model = T5ForConditionalGeneration(T5Config.from_pretrained(source.path))
+        load_weights_into(model, weights_path(source.path))
     else:
         shape = source.shape or model_shape(cfg.model, len(tokenizer))
         if shape.get('vocab_size') != len(tokenizer):

@@ -31,7 +31,9 @@ class ModelSource:
 
 
 def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_dir') -> ModelSource:
-    """A ModelSource, or a UserError saying what the path is instead."""
+    """A ModelSource, or a UserError saying what the path is instead (the path resolved through
+    links first)."""
+    path = ownership.resolve_place(path, what)
     if not os.path.exists(path):
         raise UserError(f'{what}={path}: no such file or folder')
     if os.path.isdir(path):

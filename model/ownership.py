@@ -1,18 +1,24 @@
-"""What the toolkit owns, and the only ways it deletes, moves or replaces anything.
+"""What the toolkit owns, judged by content, and the only ways it deletes, moves or replaces.
 
-A thing is the toolkit's when it carries a marker the toolkit wrote:
+A thing is the toolkit's when it carries a marker the toolkit wrote *and* its content is still
+what the marker records:
 
-* a folder (tokenizer, model, training-state folder): a ``chat_small_t5.json`` file inside,
-  naming its kind;
-* a Parquet file: the key ``chat_small_t5`` in its footer's metadata;
-* a weights file: the key ``chat_small_t5`` in its safetensors header;
-* a plot: a ``chat_small_t5`` text chunk in the PNG; a predictions file: its first line.
+* a folder (tokenizer, model, training state): a ``chat_small_t5.json`` file inside that lists
+  every entry it wrote -- each file with its size and SHA-256, each sub-folder. An entry the
+  marker does not list (a file someone added, an empty folder, any link) or a listed file whose
+  content changed is the user's: the folder is then never replaced, moved or pruned;
+* a file (Parquet, weights, plot, predictions): the marker is embedded in it (the Parquet
+  footer, the safetensors header, a PNG text chunk, the first line of the JSONL) and records the
+  SHA-256 of the rest of the file (:func:`seal_file` fills it in after writing). A file whose
+  bytes no longer match, or whose marker was copied into another file, is not the toolkit's.
 
-Every replace, archive or prune goes through :func:`check_replaceable` first, so a path that
-merely exists -- the user's data, a checkout, a folder they made -- is never touched: it is a
-:class:`UserError` naming the path. Writes go to a temporary name beside the target and are
-renamed into place (:func:`atomic_write_file`, :func:`replace_folder`), so a reader never
-sees half a file and a folder is never missing while it is replaced.
+Links are storage, not ownership: a path a user gives is resolved once (:func:`resolve_place`)
+and written where it points; the toolkit never creates, renames, replaces or deletes a link,
+never follows one while it deletes, and housekeeping files (markers, locks) are opened so that a
+planted link cannot redirect a write (``O_NOFOLLOW``, ``O_EXCL``, one hard link).
+
+Every replace, archive or prune goes through :func:`check_replaceable` (or
+:func:`foreign_entries`) first; anything else in the way is a :class:`UserError` naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import stat
 import struct
 import tempfile
 import time
+import zlib
 from typing import Iterator
 
 from config import UserError
@@ -37,57 +44,140 @@ from config import UserError
 MARKER_FILE = 'chat_small_t5.json'
 MARKER_KEY = 'chat_small_t5'
 LOCK_FILE = '.chat_small_t5.lock'
+CONTENT_KEY = 'content_sha256'
+PLACEHOLDER = '0' * 64  # the content hash of a file before seal_file fills it in
+MAX_MARKER_BYTES = 64 << 20  # a marker (a manifest of a sharded state included) is read up to this
 
 # kinds of things the toolkit makes
 TOKENIZER, MODEL, STATE_DIR, STATE, WEIGHTS, DATA, PREDICTIONS, PLOT = (
     'tokenizer', 'model', 'train-state', 'state', 'weights', 'prepared-data', 'predictions', 'plot')
 
 
-# --------------------------------------------------------------------------- markers
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_place(path: str, what: str) -> str:
+    """The real path behind a path a user gives, resolved once at start: links anywhere in it
+    (the last one included, even when it points to nothing yet) are followed, so the toolkit
+    writes where they point and never replaces them. A link loop is a UserError."""
+    real = os.path.realpath(os.path.expanduser(str(path)))
+    if os.path.islink(real):
+        raise UserError(f'{what}: {path} is a symbolic link that leads back to itself (a loop); fix the link')
+    return real
+
+
+def resolve_pattern(pattern: str, what: str) -> str:
+    """A model_file-like pattern: its folder resolved, its file name kept."""
+    folder, name = os.path.split(str(pattern))
+    return os.path.join(resolve_place(folder or '.', what), name)
+
+
+def same_or_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def is_link(path: str) -> bool:
+    st = _lstat(path)
+    return st is not None and stat.S_ISLNK(st.st_mode)
+
+
+def is_real_dir(path: str) -> bool:
+    """A folder that is not a link to one."""
+    st = _lstat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+# --------------------------------------------------------------------------- folder markers
 
 
 def marker_info(kind: str, **info) -> dict:
-    return {'made_by': MARKER_KEY, 'kind': kind, 'version': 1,
+    return {'made_by': MARKER_KEY, 'kind': kind, 'version': 2,
             'created': time.strftime('%Y-%m-%d %H:%M:%S'), **info}
 
 
-def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> None:
-    """Mark a folder as the toolkit's. With manifest (the default) the marker lists every file
-    in it now: a file someone adds later is not the toolkit's, and the folder is then never
-    replaced or removed as a whole (see :func:`foreign_files`)."""
-    if manifest and 'files' not in info:
-        info['files'] = sorted(_relative_files(folder))
-    with open(os.path.join(folder, MARKER_FILE), 'w', encoding='utf-8') as f:
-        json.dump(marker_info(kind, **info), f, ensure_ascii=False, indent=1)
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _relative_files(folder: str) -> list[str]:
-    out = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), folder)
-            if rel not in (MARKER_FILE, LOCK_FILE):
-                out.append(rel)
+def list_entries(folder: str) -> dict[str, os.stat_result]:
+    """Every entry under folder by relative path, from lstat: links are listed, never
+    followed. The folder's own marker and lock are left out."""
+    out: dict[str, os.stat_result] = {}
+    pending = ['']
+    while pending:
+        rel = pending.pop()
+        for name in os.listdir(os.path.join(folder, rel)):
+            r = os.path.join(rel, name) if rel else name
+            if r == MARKER_FILE or (r == LOCK_FILE and _is_lock_file(os.path.join(folder, r))):
+                continue
+            st = os.lstat(os.path.join(folder, r))
+            out[r] = st
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(r)
     return out
 
 
-def foreign_files(folder: str) -> list[str]:
-    """Files in a marked folder that its marker does not list (someone else put them there).
-    A marker without a manifest (a folder whose content grows, e.g. train_state_dir) lists none."""
-    info = read_marker(folder) or {}
-    files = info.get('files')
-    if files is None:
-        return []
-    listed = set(files) if isinstance(files, (list, dict)) else set()
-    return sorted(set(_relative_files(folder)) - listed)
+def describe_entries(folder: str) -> dict[str, dict]:
+    """The manifest of a folder the toolkit just filled: each file with its size and SHA-256,
+    each sub-folder. The toolkit never makes links, so one found here is a bug."""
+    out = {}
+    for rel, st in sorted(list_entries(folder).items()):
+        if stat.S_ISDIR(st.st_mode):
+            out[rel] = {'type': 'dir'}
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = {'type': 'file', 'bytes': st.st_size, 'sha256': file_sha256(os.path.join(folder, rel))}
+        else:
+            raise RuntimeError(f'{os.path.join(folder, rel)}: not a plain file or folder in a folder being marked')
+    return out
+
+
+def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> None:
+    """Mark a folder as the toolkit's. With manifest (the default) the marker records every
+    entry in it now, with its content; see :func:`foreign_entries`. Created with O_EXCL and
+    O_NOFOLLOW: never written through a link, never over a file already there."""
+    if manifest:
+        info['entries'] = describe_entries(folder)
+    data = json.dumps(marker_info(kind, **info), ensure_ascii=False, indent=1).encode()
+    fd = os.open(os.path.join(folder, MARKER_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_regular(path: str, limit: int) -> bytes | None:
+    """The bytes of a plain file (never through a link), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, 'rb') as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return f.read(limit)
 
 
 def read_marker(folder: str) -> dict | None:
-    """The marker of a folder the toolkit made, else None."""
+    """The marker of a folder the toolkit made (a real folder, a plain marker file), else None."""
+    if not is_real_dir(folder):
+        return None
+    raw = _read_regular(os.path.join(folder, MARKER_FILE), MAX_MARKER_BYTES)
     try:
-        with open(os.path.join(folder, MARKER_FILE), encoding='utf-8') as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+        info = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
     return info if isinstance(info, dict) and info.get('made_by') == MARKER_KEY else None
 
@@ -97,14 +187,72 @@ def folder_kind(folder: str) -> str | None:
     return info.get('kind') if info else None
 
 
-def parquet_metadata(kind: str, **info) -> dict[bytes, bytes]:
-    """Footer metadata that marks a Parquet file as the toolkit's."""
-    return {MARKER_KEY.encode(): json.dumps(marker_info(kind, **info)).encode()}
+def recorded_entries(info: dict) -> dict[str, dict] | None:
+    """What a marker records of its folder's content, or None when it records none (a marker
+    of an earlier version listing names only, or a hand-written one: it protects nothing).
+    States of the first version recorded their files with checksums: those count."""
+    entries = info.get('entries')
+    if isinstance(entries, dict):
+        return entries
+    files = info.get('files')
+    if isinstance(files, dict) and files and all(isinstance(v, dict) and 'sha256' in v for v in files.values()):
+        out = {name: {'type': 'file', **v} for name, v in files.items()}
+        for name in list(out):
+            parent = os.path.dirname(name)
+            while parent:
+                out.setdefault(parent, {'type': 'dir'})
+                parent = os.path.dirname(parent)
+        return out
+    return None
+
+
+def foreign_entries(folder: str, deep: bool = True) -> list[str]:
+    """What in a marked folder is not the toolkit's, one phrase each: an entry its marker does
+    not list (a file someone added, an empty folder, any link), a listed file whose size or
+    (with deep) content changed. Empty when the folder is wholly the toolkit's."""
+    info = read_marker(folder)
+    if info is None:
+        return ['(no marker of this toolkit)']
+    recorded = recorded_entries(info)
+    if recorded is None:
+        return [f'(its {MARKER_FILE} records no content: written by an earlier version, or by hand)']
+    out = []
+    for rel, st in sorted(list_entries(folder).items()):
+        saved = recorded.get(rel)
+        if stat.S_ISLNK(st.st_mode):
+            out.append(f'{rel} (a link)')
+        elif saved is None:
+            out.append(f'{rel}/ (a folder)' if stat.S_ISDIR(st.st_mode) else rel)
+        elif stat.S_ISDIR(st.st_mode) != (saved.get('type') == 'dir') or not (
+                stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            out.append(f'{rel} (replaced by another kind of entry)')
+        elif stat.S_ISREG(st.st_mode) and (st.st_size != saved.get('bytes') or (
+                deep and file_sha256(os.path.join(folder, rel)) != saved.get('sha256'))):
+            out.append(f'{rel} (changed since the toolkit wrote it)')
+    return out
+
+
+def describe_foreign(found: list[str]) -> str:
+    return ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
+
+
+# --------------------------------------------------------------------------- file markers
+
+
+def file_marker_info(kind: str, **info) -> dict:
+    """The marker of a file: :func:`seal_file` replaces the placeholder by the content's hash."""
+    return marker_info(kind, **info, **{CONTENT_KEY: PLACEHOLDER})
+
+
+def parquet_marker(kind: str, **info) -> dict[str, str]:
+    """Footer key-value metadata (ParquetWriter.add_key_value_metadata, not the schema's: a
+    table read from this file and written elsewhere does not carry it along)."""
+    return {MARKER_KEY: json.dumps(file_marker_info(kind, **info), ensure_ascii=False)}
 
 
 def weights_metadata(**info) -> dict[str, str]:
     """safetensors header metadata (str -> str) that marks a weights file as the toolkit's."""
-    return {'format': 'pt', MARKER_KEY: json.dumps(marker_info(WEIGHTS, **info))}
+    return {'format': 'pt', MARKER_KEY: json.dumps(file_marker_info(WEIGHTS, **info))}
 
 
 def safetensors_header(path: str) -> dict | None:
@@ -123,109 +271,224 @@ def safetensors_header(path: str) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def file_kind(path: str) -> str | None:
-    """The kind of a file the toolkit wrote -- its marker in a Parquet footer, a safetensors
-    header, a PNG text chunk, or the first line of a JSONL file -- else None."""
-    try:
-        with open(path, 'rb') as f:
-            head = f.read(8)
-        if head[:4] == b'PAR1':
-            import pyarrow.parquet as pq
+class _Layout:
+    """Where a marked file keeps its marker and its content: byte ranges of the content (hashed)
+    and of the marker (where the placeholder is filled in), and the marker's text."""
 
-            raw = (pq.read_schema(path).metadata or {}).get(MARKER_KEY.encode())
-        elif head == b'\x89PNG\r\n\x1a\n':
-            raw = _png_text(path).get(MARKER_KEY)
-        elif head[:1] == b'{':
-            with open(path, 'rb') as f:
-                raw = json.dumps(json.loads(f.readline(1 << 20)))
-        else:
-            header = safetensors_header(path) or {}
-            raw = (header.get('__metadata__') or {}).get(MARKER_KEY)
-        info = json.loads(raw) if raw else None
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not ours
-        return None
-    if isinstance(info, dict) and info.get('made_by') == MARKER_KEY:
-        return info.get('kind')
+    def __init__(self, content: list[tuple[int, int]], marker: tuple[int, int], text: str | None,
+                 png_chunk: int | None = None):
+        self.content, self.marker, self.text, self.png_chunk = content, marker, text, png_chunk
+
+
+def _layout(f, size: int) -> _Layout | None:
+    f.seek(0)
+    head = f.read(8)
+    if head[:4] == b'PAR1':
+        return _parquet_layout(f, size)
+    if head == b'\x89PNG\r\n\x1a\n':
+        return _png_layout(f, size)
+    if len(head) == 8:  # safetensors: a little-endian header length, then the JSON header
+        (n,) = struct.unpack('<Q', head)
+        if n <= 100 << 20 and 8 + n <= size:
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                header = None
+            if isinstance(header, dict):
+                text = (header.get('__metadata__') or {}).get(MARKER_KEY)
+                return _Layout([(8 + n, size)], (8, 8 + n), text if isinstance(text, str) else None)
+    if head[:1] == b'{':  # a JSONL file whose first line is the marker
+        f.seek(0)
+        first = f.readline(MAX_MARKER_BYTES)
+        try:
+            json.loads(first)
+        except ValueError:
+            return None
+        return _Layout([(len(first), size)], (0, len(first)), first.decode('utf-8', 'replace'))
     return None
 
 
-def _png_text(path: str) -> dict[str, str]:
-    """The tEXt chunks of a PNG (matplotlib writes its savefig metadata there)."""
-    out = {}
-    with open(path, 'rb') as f:
-        f.read(8)
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return out
-            length, kind = struct.unpack('>I4s', head)
-            if kind == b'IDAT':
-                return out
+def _parquet_layout(f, size: int) -> _Layout | None:
+    """Content: every byte before the footer. The marker is the footer's key-value of that name
+    (read by pyarrow); it is found in the footer's bytes by its exact text, after the row groups'
+    statistics, so a row that happens to hold the same words is never taken for it."""
+    import pyarrow.parquet as pq
+
+    if size < 12:
+        return None
+    f.seek(size - 8)
+    footer_len, magic = struct.unpack('<I4s', f.read(8))
+    start = size - 8 - footer_len
+    if magic != b'PAR1' or start < 4:
+        return None
+    f.seek(0)
+    raw = (pq.read_metadata(f).metadata or {}).get(MARKER_KEY.encode())
+    if raw is None:
+        return _Layout([(0, start)], (start, start), None)
+    f.seek(start)
+    at = f.read(footer_len).rfind(raw)
+    if at < 0:
+        return None
+    return _Layout([(0, start)], (start + at, start + at + len(raw)), raw.decode('utf-8', 'replace'))
+
+
+def _png_layout(f, size: int) -> _Layout | None:
+    pos, content, found = 8, [(0, 8)], None
+    while pos + 12 <= size:
+        f.seek(pos)
+        length, kind = struct.unpack('>I4s', f.read(8))
+        end = pos + 12 + length
+        if kind == b'tEXt' and found is None and length <= MAX_MARKER_BYTES:
             data = f.read(length)
-            f.read(4)  # crc
-            if kind == b'tEXt' and b'\0' in data:
-                key, value = data.split(b'\0', 1)
-                out[key.decode('latin-1')] = value.decode('latin-1')
+            key, _, value = data.partition(b'\0')
+            if key == MARKER_KEY.encode():
+                found = (pos, end, value.decode('latin-1'))
+                pos = end
+                continue
+        content.append((pos, end))
+        pos = end
+        if kind == b'IEND':
+            break
+    if found is None:
+        return _Layout(content, (0, 0), None)
+    return _Layout(content, (found[0], found[1]), found[2], png_chunk=found[0])
+
+
+def _content_hash(f, ranges: list[tuple[int, int]]) -> str:
+    digest = hashlib.sha256()
+    for a, b in ranges:
+        f.seek(a)
+        left = b - a
+        while left > 0:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def seal_file(path: str) -> None:
+    """Fill in the hash of a marked file's content, in place (same length, so nothing moves;
+    a PNG chunk's CRC is recomputed)."""
+    with open(path, 'r+b') as f:
+        size = os.fstat(f.fileno()).st_size
+        layout = _layout(f, size)
+        if layout is None or layout.text is None:
+            raise RuntimeError(f'{path}: no marker to seal')
+        digest = _content_hash(f, layout.content).encode()
+        a, b = layout.marker
+        f.seek(a)
+        region = f.read(b - a)
+        at = region.find(PLACEHOLDER.encode())
+        if at < 0 or region.find(PLACEHOLDER.encode(), at + 1) >= 0:
+            raise RuntimeError(f'{path}: the marker holds no single placeholder to seal')
+        region = region[:at] + digest + region[at + len(digest):]
+        f.seek(a)
+        f.write(region)
+        if layout.png_chunk is not None:  # CRC over the chunk's type and data
+            f.seek(b - 4)
+            f.write(struct.pack('>I', zlib.crc32(region[4:-4]) & 0xFFFFFFFF))
+
+
+def file_marker(path: str) -> dict | None:
+    """The marker embedded in a plain file (read through no link), whatever its content."""
+    return _file_status(path)[0]
+
+
+def _file_status(path: str) -> tuple[dict | None, bool]:
+    """(the embedded marker or None, whether the content matches the hash it records)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None, False
+    try:
+        with os.fdopen(fd, 'rb') as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None, False
+            layout = _layout(f, st.st_size)
+            if layout is None or not layout.text:
+                return None, False
+            info = json.loads(layout.text)
+            if not isinstance(info, dict) or info.get('made_by') != MARKER_KEY:
+                return None, False
+            return info, info.get(CONTENT_KEY) == _content_hash(f, layout.content)
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not ours
+        return None, False
+
+
+def file_kind(path: str) -> str | None:
+    """The kind of a file the toolkit wrote and nobody changed since, else None."""
+    info, intact = _file_status(path)
+    return info.get('kind') if info and intact else None
 
 
 def kind_of(path: str) -> str | None:
-    if os.path.isdir(path):
-        return folder_kind(path)
-    if os.path.isfile(path):
-        return file_kind(path)
-    return None
+    """The kind of a folder or file that is wholly the toolkit's (content checked), else None."""
+    st = _lstat(path)
+    if st is None or stat.S_ISLNK(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return folder_kind(path) if not foreign_entries(path) else None
+    return file_kind(path) if stat.S_ISREG(st.st_mode) else None
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def same_or_inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, folder: bool) -> None:
-    """path is absent, an empty folder (for a folder output), or the toolkit's own of these kinds.
-
-    Anything else is a UserError that names it: the toolkit never replaces what it did not make.
-    """
+    """path is absent, an empty folder (for a folder output), or the toolkit's own of these kinds
+    and unchanged since it wrote it. Anything else is a UserError that names it: the toolkit
+    never replaces what it did not make. ``path`` is a resolved place (:func:`resolve_place`)."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     check_outside_sealed(path, what)
-    if not os.path.lexists(path):
+    st = _lstat(path)
+    if st is None:
         return
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f'{what}: {path} is a symbolic link this toolkit did not make (to nothing, or in a '
+                        f'loop); it is never replaced: remove or fix the link, or choose another path')
     if folder:
-        if not os.path.isdir(path):
+        if not stat.S_ISDIR(st.st_mode):
             raise UserError(f'{what}: {path} is a file, not a folder; choose a folder path')
-        if not set(os.listdir(path)) - {LOCK_FILE}:
+        if not list_entries(path) and not os.path.lexists(os.path.join(path, MARKER_FILE)):
             return
         found = folder_kind(path)
+        if found in kinds and found in GROWING:
+            return  # adopted as it is: never replaced whole, its entries judged one by one
         if found in kinds:
-            extra = foreign_files(path)
+            extra = foreign_entries(path)
             if extra:
-                shown = ', '.join(extra[:3]) + (f' and {len(extra) - 3} more' if len(extra) > 3 else '')
-                raise UserError(f'{what}: {path} holds files this toolkit did not write ({shown}), so it is '
-                                f'not replaced; move them out of it first')
+                raise UserError(f'{what}: {path} holds what this toolkit did not write or changed since '
+                                f'({describe_foreign(extra)}), so it is not replaced; move those out of it first')
             return
         made = f'a {found} folder of this toolkit' if found else 'a folder this toolkit did not make'
         raise UserError(f'{what}: {path} is {made} and is not empty; nothing in it is replaced: '
                         f'choose a new or empty folder, or move it away first')
-    if os.path.isdir(path):
+    if stat.S_ISDIR(st.st_mode):
         raise UserError(f'{what}: {path} is a folder; give a file path, e.g. '
                         f'{os.path.join(path, "out.parquet") if DATA in kinds else path.rstrip(os.sep) + ".bin"}')
-    if file_kind(path) not in kinds:
+    info, intact = _file_status(path)
+    if info is not None and info.get('kind') in kinds and not intact:
+        raise UserError(f'{what}: {path} was written by this toolkit but changed since; it is never overwritten: '
+                        f'choose another path, or move it away first')
+    if info is None or info.get('kind') not in kinds:
         raise UserError(f'{what}: {path} already exists and was not written by this toolkit; '
                         f'it is never overwritten: choose another path, or move it away first')
 
 
 # folders the toolkit replaces whole: anything else put inside one would block that (or be lost)
 SEALED = (TOKENIZER, MODEL, STATE)
+# folders whose content grows (train_state_dir): marked without a manifest, never replaced whole
+GROWING = (STATE_DIR,)
 
 
 def check_outside_sealed(path: str, what: str) -> None:
     """An output never lies inside a tokenizer, model or state folder of this toolkit."""
     folder = os.path.dirname(os.path.abspath(path))
     while True:
-        kind = folder_kind(folder) if os.path.isdir(folder) else None
+        kind = folder_kind(folder)
         if kind in SEALED:
             raise UserError(f'{what}: {path} lies inside {folder}, a {kind} folder of this toolkit that is '
                             f'replaced whole; write it elsewhere')
@@ -237,9 +500,10 @@ def check_outside_sealed(path: str, what: str) -> None:
 
 def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()) -> None:
     """An output never equals an input file or holds one, and is never where a later read of an
-    input folder (its *.parquet) or pattern would pick it up."""
+    input folder (its *.parquet) or pattern would pick it up -- links on either side followed."""
+    real = os.path.realpath(output)
     for f in inputs:
-        if os.path.realpath(output) == os.path.realpath(f) or (
+        if real == os.path.realpath(f) or (
                 os.path.exists(output) and os.path.exists(f) and os.path.samefile(output, f)):
             raise UserError(f'{what}: {output} is also an input; write to another path')
         if os.path.isdir(output) and same_or_inside(f, output):
@@ -247,24 +511,28 @@ def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()
     for spec in input_specs:
         spec = os.fspath(spec)
         if os.path.isdir(spec):
-            if output.endswith('.parquet') and os.path.realpath(os.path.dirname(os.path.abspath(output))) == \
-                    os.path.realpath(spec):
+            if output.endswith('.parquet') and os.path.realpath(os.path.dirname(real)) == os.path.realpath(spec):
                 raise UserError(f'{what}: {output} lies in the input folder {spec}, so a later run '
                                 f'would read it as input; write it elsewhere')
-        elif any(ch in spec for ch in '*?[') and glob_matches(output, spec):
+        elif any(ch in spec for ch in '*?[') and glob_matches(real, spec):
             raise UserError(f'{what}: {output} matches the input pattern {spec}, so a later run '
                             f'would read it as input; write it elsewhere')
 
 
 def glob_matches(path: str, pattern: str) -> bool:
-    """Whether glob.glob(pattern) would list path: component by component, so '*' never
-    crosses a '/'."""
+    """Whether glob.glob(pattern) would list path (a real path): its file name matches the
+    pattern's, and its folder is one the pattern's folder part lists (links resolved), so '*'
+    never crosses a '/' and a linked folder is seen where it really is."""
     import fnmatch
+    import glob
 
-    parts = os.path.abspath(path).split(os.sep)
-    pattern_parts = os.path.abspath(pattern).split(os.sep)
-    return len(parts) == len(pattern_parts) and all(
-        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts))
+    folder_pattern, name_pattern = os.path.split(os.path.abspath(pattern))
+    if not fnmatch.fnmatchcase(os.path.basename(path), name_pattern):
+        return False
+    folder = os.path.realpath(os.path.dirname(path))
+    if not any(ch in folder_pattern for ch in '*?['):
+        return os.path.realpath(folder_pattern) == folder
+    return any(os.path.realpath(d) == folder for d in glob.glob(folder_pattern))
 
 
 def check_writable(path: str, what: str) -> None:
@@ -311,37 +579,7 @@ def disk_errors(what: str, path: str, after: str = '') -> Iterator[None]:
                         f'{after}. Free space and run again') from None
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _open_up(folder: str) -> None:
-    """Modes as the umask asks (mkdtemp and safetensors make private files; the results are not)."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# --------------------------------------------------------------------------- temporaries
 
 
 TEMP_TAG = 'chat_small_t5-tmp'
@@ -389,11 +627,8 @@ def stale_temps(target: str, place_locked: bool = False) -> list[str]:
         if not m or m.group('name') != name:
             continue
         path = os.path.join(folder, entry)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        st = _lstat(path)
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             continue  # a link or anything else with such a name is not one the toolkit made
         mine = m.group('host') == _host_tag()
         if int(m.group('pid')) == os.getpid() and mine:
@@ -419,18 +654,56 @@ def sweep_stale_temps(target: str, place_locked: bool = False) -> list[str]:
     return removed
 
 
+# --------------------------------------------------------------------------- atomic writes
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open_up(folder: str) -> None:
+    """Modes as the umask asks (temporary folders and safetensors make private files; the
+    results are not)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_file(path: str, kinds: str | tuple[str, ...], what: str) -> Iterator[str]:
-    """A temporary path beside ``path`` to write; on success it is synced and renamed onto
-    path (a reader sees the old file or the whole new one), on failure removed. An existing
-    path must be the toolkit's own file of these kinds."""
+def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool = True) -> Iterator[str]:
+    """A temporary path beside the real ``path`` to write; on success it is sealed (the content
+    hash filled into its marker), synced and renamed onto the path (a reader sees the old file or
+    the whole new one), on failure removed. An existing path must be the toolkit's own unchanged
+    file of these kinds; a link on the way is followed, never replaced."""
+    path = resolve_place(path, what)
     check_replaceable(path, kinds, what, folder=False)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     sweep_stale_temps(path)
     tmp = temp_path(path)
     try:
         with disk_errors(what, path):
             yield tmp
+            if seal:
+                seal_file(tmp)
             with open(tmp, 'rb') as f:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
@@ -451,9 +724,7 @@ def _exchange(a: str, b: str) -> bool:
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    return False
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def new_temp_folder(target: str) -> str:
@@ -467,10 +738,11 @@ def new_temp_folder(target: str) -> str:
 
 
 def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str) -> None:
-    """Move the complete folder tmp to target. An existing target must be the toolkit's (or
-    empty); it is swapped out in one step where the system allows (never a moment without a
-    complete copy at target), else renamed aside first and removed after."""
-    target = os.path.abspath(target).rstrip(os.sep)
+    """Move the complete folder tmp to the real target. An existing target must be the
+    toolkit's and unchanged (or empty); it is swapped out in one step where the system allows
+    (never a moment without a complete copy at target), else renamed aside first and removed
+    after -- without following any link inside it."""
+    target = resolve_place(target.rstrip(os.sep), what)
     check_replaceable(target, kinds, what, folder=True)
     _open_up(tmp)
     fsync_dir(tmp)
@@ -488,7 +760,9 @@ def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: st
 
 @contextlib.contextmanager
 def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Iterator[str]:
-    """A temporary folder to fill; on success it replaces target, on failure it is removed."""
+    """A temporary folder beside the real target to fill; on success it replaces target, on
+    failure it is removed."""
+    target = resolve_place(target.rstrip(os.sep), what)
     check_replaceable(target, kinds, what, folder=True)
     tmp = new_temp_folder(target)
     try:
@@ -501,11 +775,12 @@ def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Ite
 
 
 def remove_owned(path: str, kinds: str | tuple[str, ...]) -> bool:
-    """Delete path only if it carries the toolkit's marker of one of these kinds."""
+    """Delete path only if it is wholly the toolkit's, of one of these kinds, unchanged since it
+    wrote it (never a link: it is judged by lstat)."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if kind_of(path) not in kinds:
         return False
-    if os.path.isdir(path):
+    if is_real_dir(path):
         shutil.rmtree(path)
     else:
         os.remove(path)
@@ -513,6 +788,47 @@ def remove_owned(path: str, kinds: str | tuple[str, ...]) -> bool:
 
 
 # --------------------------------------------------------------------------- locks
+
+
+def _is_lock_file(path: str) -> bool:
+    """A plain file with one link whose content is empty or a lock this toolkit wrote."""
+    st = _lstat(path)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    raw = _read_regular(path, 4096)
+    return raw is not None and _lock_info(raw) is not None
+
+
+def _lock_info(raw: bytes) -> dict | None:
+    if not raw.strip():
+        return {}
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and {'pid', 'host', 'started'} <= set(info) else None
+
+
+def _open_lock(folder: str, flags: int) -> int:
+    """The lock file of a folder, opened so that no link can redirect it (O_NOFOLLOW, a plain
+    file with a single name, empty or a lock's content); else a UserError naming it."""
+    path = os.path.join(folder, LOCK_FILE)
+    not_ours = UserError(f'{path} is not a lock file this toolkit wrote (another kind of file, a file with a '
+                         f'second name, or other content); move it away')
+    try:  # O_NONBLOCK: a FIFO planted there must not hang the open
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f'{path} is a link, not the lock file this toolkit writes; remove it '
+                            f'(the toolkit never writes through a link)') from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):
+            raise not_ours from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or _lock_info(os.pread(fd, 4096, 0)) is None:
+        os.close(fd)
+        raise not_ours
+    return fd
 
 
 class PlaceLock:
@@ -531,22 +847,21 @@ class PlaceLock:
         import fcntl
 
         try:
-            for folder in self.folders:
+            for folder in self.folders:  # every lock file judged before any is taken or written
                 os.makedirs(folder, exist_ok=True)
-                path = os.path.join(folder, LOCK_FILE)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._fds.append(_open_lock(folder, os.O_RDWR | os.O_CREAT))
+            for folder, fd in zip(self.folders, self._fds):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
-                    os.close(fd)
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
                     raise UserError(f'{folder} is in use by another {self.what} ({holder(folder)}); '
                                     f'wait for it to end, or give this one other output paths') from None
+            for fd in self._fds:
                 os.ftruncate(fd, 0)
-                os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                         'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode())
-                self._fds.append(fd)
+                os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                                          'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode(), 0)
         except BaseException:
             self.release()
             raise
@@ -566,25 +881,20 @@ class PlaceLock:
 
 
 def holder(folder: str) -> str:
-    try:
-        with open(os.path.join(folder, LOCK_FILE), encoding='utf-8') as f:
-            info = json.load(f)
+    info = _lock_info(_read_regular(os.path.join(folder, LOCK_FILE), 4096) or b'') or {}
+    if {'pid', 'host', 'started'} <= set(info):
         return f'pid {info["pid"]} on {info["host"]}, started {info["started"]}'
-    except (OSError, ValueError, KeyError, TypeError):
-        return 'another process'
+    return 'another process'
 
 
 def is_locked(folder: str) -> str | None:
-    """Who holds the lock of folder, or None if nobody does (checked without waiting)."""
+    """Who holds the lock of folder, or None if nobody does (checked without waiting). A lock
+    file that is a link or not the toolkit's is a UserError."""
     import fcntl
 
-    path = os.path.join(folder, LOCK_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(os.path.join(folder, LOCK_FILE)):
         return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
+    fd = _open_lock(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:

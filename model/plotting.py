@@ -70,8 +70,10 @@ def plot_log(log_file: str, out: str) -> Curves:
     curves = read_curves(log_file)
     if not curves.step:
         raise UserError(f'{log_file}: no training step lines in this log (is it a chat_trainer_low_mem log?)')
-    if not out.lower().endswith('.png'):
-        raise UserError(f'--out={out}: the plot is a PNG; give a path ending in .png')
+    out = ownership.resolve_place(out, '--out')
+    if not out.lower().endswith('.png') or os.path.basename(out).lower() == '.png':
+        raise UserError(f'--out={out}: the plot is a PNG; give a file path ending in .png')
+    ownership.check_not_an_input(out, [log_file], '--out')
     ownership.check_replaceable(out, PLOT, '--out', folder=False)
     ownership.check_writable(out, '--out')
     try:
@@ -100,7 +102,7 @@ def plot_log(log_file: str, out: str) -> Curves:
         ax.legend(loc='upper left' if ax is axes[2] else 'upper right')
     fig.suptitle(os.path.basename(log_file))
     fig.tight_layout()
-    marker = json.dumps(ownership.marker_info(PLOT, log_file=os.path.abspath(log_file)))
+    marker = json.dumps(ownership.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
     with ownership.atomic_file(out, PLOT, '--out') as tmp:
         fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', ownership.MARKER_KEY: marker})
     plt.close(fig)

@@ -7,11 +7,12 @@ only when the run will not fail for such a cause. Metadata and a few rows only: 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
 
-from config import ResolvedConfig, UserError
+from config import PATH_FIELDS, ResolvedConfig, UserError
 from model import state_files as ckpt
 from model import ownership
 from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
@@ -57,6 +58,34 @@ class Report:
 
 def _cli(cfg: ResolvedConfig, command: str) -> str:
     return f'python train_low_mem.py {command}' + (f' --preset={cfg.preset}' if cfg.preset else '')
+
+
+def resolve_places(cfg: ResolvedConfig) -> ResolvedConfig:
+    """The config with every path resolved once, at start: links anywhere in a path are followed
+    (model_save/ or data/ linked into scratch storage is an ordinary setup), so everything after
+    reads and writes where they point, and never replaces a link. A pattern keeps its magic part
+    (its folder before the first '*?[' is resolved); model_file keeps its file name."""
+    t = dataclasses.replace(cfg.train)
+    for name in (*PATH_FIELDS, 'init_from'):
+        value = getattr(t, name)
+        if not value:
+            continue
+        if name == 'model_file':
+            resolved = ownership.resolve_pattern(value, name)
+        else:
+            resolved = resolve_spec(value, name)
+        setattr(t, name, resolved)
+    return dataclasses.replace(cfg, train=t)
+
+
+def resolve_spec(spec: str, what: str) -> str:
+    """A file, folder or glob with the part before its first wildcard resolved."""
+    parts = str(spec).split(os.sep)
+    magic = next((i for i, part in enumerate(parts) if any(ch in part for ch in '*?[')), None)
+    if magic is None:
+        return ownership.resolve_place(spec, what)
+    head = os.sep.join(parts[:magic]) or ('/' if str(spec).startswith(os.sep) else '.')
+    return os.path.join(ownership.resolve_place(head, what), *parts[magic:])
 
 
 def data_fix(cfg: ResolvedConfig) -> str:
@@ -131,12 +160,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     if os.path.lexists(archive) and not os.path.isdir(archive):
         report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
                                        f'earlier runs in a folder of that name', 'move the file away'))
-    if locks:
-        for name in ('train_state_dir', 'output_dir', 'model_file'):
-            who = ownership.is_locked(places[name])
-            if who:
-                report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
-                                               'wait for it to end, or give this run other output paths'))
+    for name in ('train_state_dir', 'output_dir', 'model_file'):  # a lock file that is a link: always a problem
+        who = problem(name, lambda path=places[name]: ownership.is_locked(path))
+        if who and locks:
+            report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
+                                           'wait for it to end, or give this run other output paths'))
 
     # sizes: at least one optimizer step, and room on disk for a state
     if files['train_file'] and report.vocab_size:
@@ -150,6 +178,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                 f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
         _check_disk(t, report)
+        if report.total_steps and t.warmup_steps >= report.total_steps:
+            report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '
+                                f'learning rate never reaches learn_rate={t.learn_rate}; e.g. '
+                                f'--warmup_steps={max(1, report.total_steps // 10)}')
 
     # warm start and trackers
     if t.init_from and resume:
@@ -164,10 +196,14 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.problems.append(Problem('log_with', f'--log_with={t.log_with} but {t.log_with} is not installed',
                                            f'install it:{extra}'))
 
-    # resume: a state that loads, trained with what this run would use
+    # resume: a state that loads, trained with what this run would use; a fresh run: what an
+    # earlier one left can be moved aside
     if resume:
         _check_resume(cfg, report)
-    elif report.ready:
+    else:
+        for message in ckpt.inspect_states(t.train_state_dir, resume=False).problems:
+            report.problems.append(Problem('train_state_dir', message))
+    if not resume and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
@@ -225,21 +261,14 @@ def _check_disk(t, report: Report) -> None:
 
 def _check_resume(cfg: ResolvedConfig, report: Report) -> None:
     t = cfg.train
-    states = ckpt.list_complete_states(t.train_state_dir)
-    path = ckpt.latest_state(t.train_state_dir, deep=True)
-    report.latest_state = path
-    if path is None:
-        if states:
-            what = (f'every saved state is damaged in {t.train_state_dir} '
-                    f'({ckpt.state_problem(states[-1][1], deep=True)} in {states[-1][1]})')
-        else:
-            what = f'no complete saved state in {t.train_state_dir}'
-        report.problems.append(Problem('is_keep_training', f'--is_keep_training=True but {what}',
+    states = ckpt.inspect_states(t.train_state_dir, resume=True)
+    report.latest_state = path = states.resume_from
+    report.notes += states.notes
+    for message in states.problems:
+        report.problems.append(Problem('is_keep_training', message,
                                        'start without --is_keep_training (or check --train_state_dir)'))
+    if path is None:
         return
-    if states and states[-1][1] != path:
-        report.notes.append(f'the newest state {states[-1][1]} is damaged '
-                            f'({ckpt.state_problem(states[-1][1], deep=True)}); the run resumes from {path}')
     try:
         saved_cfg = ckpt.read_json(os.path.join(path, 'config.json'))['train']
         saved_fp = ckpt.read_json(os.path.join(path, 'fingerprint.json'))

@@ -82,13 +82,13 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
             pass  # a missing input is reported by its reader
     seen: dict[str, str] = {}
     for what, path in outputs.items():
-        real = os.path.realpath(path)
+        real = ownership.resolve_place(path, f'--{what}')  # a link is written through, never replaced
         if real in seen:
             raise UserError(f'--{what} and --{seen[real]} are the same file: {path}')
         seen[real] = what
-        ownership.check_not_an_input(path, files, f'--{what}', specs)
-        ownership.check_replaceable(path, DATA, f'--{what}', folder=False)
-        ownership.check_writable(path, f'--{what}')
+        ownership.check_not_an_input(real, files, f'--{what}', specs)
+        ownership.check_replaceable(real, DATA, f'--{what}', folder=False)
+        ownership.check_writable(real, f'--{what}')
 
 
 @contextlib.contextmanager
@@ -99,11 +99,12 @@ def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter
     other file at ``path`` is refused before anything is written.
     """
     with ownership.atomic_file(path, DATA, 'the output') as tmp:
-        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA.with_metadata(ownership.parquet_metadata(DATA, command=command)))
+        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA)
         try:
             rows = RowGroupWriter(writer)
             yield rows
             rows.close()
+            writer.add_key_value_metadata(ownership.parquet_marker(DATA, command=command, rows=rows.rows_written))
         finally:
             writer.close()
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from config import DecodeConfig
+from config import DecodeConfig, UserError
 from model import ownership
 from model.chat_model import answer
 from model.files import TEXT_COLUMNS, iter_text_tables, usable_mask
@@ -57,6 +57,19 @@ def predictions_path(model_path: str, test_file: str) -> str:
     stem = re.sub(r'[^\w.-]+', '_', os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0]).strip('_.')
     stem = stem or 'test'
     return f'{os.path.normpath(model_path)}.predictions.{stem}.jsonl'
+
+
+def check_predictions_path(path: str, test_files: list[str], input_specs: list[str]) -> str:
+    """Where the predictions go, checked before the model loads, resolved through links: a
+    path ending in .jsonl, new or predictions this toolkit wrote, never an input, never where a
+    training run would read its data, never inside a tokenizer, model or state folder."""
+    real = ownership.resolve_place(path, '--out')
+    if not real.endswith('.jsonl') or os.path.basename(real) == '.jsonl':
+        raise UserError(f'--out={path}: the predictions are JSON lines; give a file path ending in .jsonl')
+    ownership.check_not_an_input(real, test_files, '--out', input_specs)
+    ownership.check_replaceable(real, PREDICTIONS, '--out', folder=False)
+    ownership.check_writable(real, '--out')
+    return real
 
 
 @torch.no_grad()
@@ -104,7 +117,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                     progress(rows)
         score = bleu._compute_score_from_stats(list(stats)).score if stats is not None else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
-        header = ownership.marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
+        header = ownership.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
                                        exact_match=result.exact_match, decode=decode.__dict__)
         with ownership.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:

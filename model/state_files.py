@@ -22,13 +22,13 @@ newest state to the previous complete one. Every rank must see the same filesyst
 from __future__ import annotations
 
 import errno
-import glob
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import stat
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from config import UserError
@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 
 MARKER = ownership.MARKER_FILE
 TOKENIZER_COPY = 'tokenizer'
-_STATE_RE = re.compile(r'^state-(\d+)$')
+_STATE_RE = re.compile(r'^state-(\d+)(?:\.(\d+))?$')
+_TMP_RE = re.compile(r'^\.tmp-state-\d+$')
+TORCH_FILES = ('.bin', '.pkl', '.pt')
 
 
 def state_name(step: int) -> str:
@@ -51,53 +53,122 @@ def state_name(step: int) -> str:
 
 
 def list_complete_states(state_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every state folder with a completion marker, oldest first."""
-    out = []
-    if not os.path.isdir(state_dir):
-        return out
+    """(step, path) of every state folder with a state marker, oldest first: real folders named
+    ``state-<step>`` (or ``state-<step>.<n>`` where a save stepped around a folder it may not
+    replace), never links."""
+    found = []
+    if not ownership.is_real_dir(state_dir):
+        return []
     for name in os.listdir(state_dir):
         m = _STATE_RE.match(name)
         path = os.path.join(state_dir, name)
-        if m and ownership.folder_kind(path) == STATE:
-            out.append((int(m.group(1)), path))
-    return sorted(out)
+        if m and ownership.is_real_dir(path) and ownership.folder_kind(path) == STATE:
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), path))
+    return [(key[0], path) for key, path in sorted(found)]
 
 
-def state_problem(path: str, deep: bool = False) -> str | None:
-    """Why a state folder cannot be loaded (a file missing or of another size; with deep, also
-    of other content than saved), or None."""
-    try:
-        manifest = read_json(os.path.join(path, MARKER)).get('files')
-    except (OSError, ValueError, AttributeError) as e:
-        return f'unreadable {MARKER} ({e})'
-    if not isinstance(manifest, dict):
-        return f'{MARKER} lists no files'
-    for name, saved in manifest.items():
-        p = os.path.join(path, name)
-        if not os.path.isfile(p):
-            return f'{name} is missing'
-        size = os.path.getsize(p)
-        if size != saved.get('bytes'):
-            return f'{name} has {size} bytes, {saved.get("bytes")} were saved'
-        if deep and file_sha256(p) != saved.get('sha256'):
-            return f'{name} differs from what was saved (checksum)'
-    return None
+@dataclass
+class StateVerdict:
+    """What a saved state folder is: loadable or not (why), and what in it is not part of it."""
+
+    path: str
+    step: int
+    problem: str | None = None  # why it cannot be loaded; None: every file it lists is as saved
+    foreign: list[str] = field(default_factory=list)  # entries it does not list: left alone
+
+    @property
+    def loadable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def wholly_owned(self) -> bool:
+        """The toolkit may move or delete it: loadable, and nothing in it that is not its own."""
+        return self.problem is None and not self.foreign
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> StateVerdict:
+    """A state folder judged by the files its marker lists (each there, a plain file of the size
+    and, with deep, the checksum saved; with pickles (default: deep), each torch file loadable as
+    plain tensors) and by what else it holds (never loaded, never deleted)."""
+    step = int(_STATE_RE.match(os.path.basename(path)).group(1))
+    info = ownership.read_marker(path) or {}
+    recorded = ownership.recorded_entries(info)
+    if not recorded:
+        return StateVerdict(path, step, f'{MARKER} lists no files')
+    verdict = StateVerdict(path, step)
+    on_disk = ownership.list_entries(path)
+    for rel, saved in sorted(recorded.items()):
+        if saved.get('type') == 'dir':
+            continue
+        st = on_disk.get(rel)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            verdict.problem = f'{rel} is missing' if st is None else f'{rel} is no longer a plain file'
+            break
+        if st.st_size != saved.get('bytes'):
+            verdict.problem = f'{rel} has {st.st_size} bytes, {saved.get("bytes")} were saved'
+            break
+        if deep and ownership.file_sha256(os.path.join(path, rel)) != saved.get('sha256'):
+            verdict.problem = f'{rel} differs from what was saved (checksum)'
+            break
+    if verdict.problem is None and (deep if pickles is None else pickles):
+        verdict.problem = unsafe_pickles(path, [r for r, e in recorded.items() if e.get('type') != 'dir'])
+    verdict.foreign = [f'{rel} (a link)' if stat.S_ISLNK(st.st_mode) else rel
+                       for rel, st in sorted(on_disk.items()) if rel not in recorded]
+    return verdict
 
 
 def latest_state(state_dir: str, deep: bool = False) -> str | None:
-    """The newest state whose files match its manifest (with deep, their checksums too)."""
+    """The newest state a resume would load (its listed files as saved; with deep, checksums and
+    torch files too), or None."""
     for _, path in reversed(list_complete_states(state_dir)):
-        if state_problem(path, deep) is None:
+        if judge_state(path, deep).loadable:
             return path
     return None
+
+
+@dataclass
+class StatesReport:
+    """What train_state_dir holds for a run about to start: the state a resume loads, and every
+    fact worth a line before the first step (found once, by the dry run too)."""
+
+    resume_from: str | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def inspect_states(state_dir: str, resume: bool) -> StatesReport:
+    """Judge every saved state now, so that nothing found later stops the run: a resume loads
+    the newest loadable state (a damaged newer one is left alone, and a save at its step goes to
+    a new name beside it); a fresh run moves the earlier run's states aside, which it may only do
+    with states wholly its own."""
+    report = StatesReport()
+    states = [path for _, path in list_complete_states(state_dir)]
+    if resume:
+        newest = None
+        for path in reversed(states):  # judged newest first, down to the one a resume loads
+            v = judge_state(path)
+            newest = newest or v
+            if v.loadable:
+                report.resume_from = v.path
+                if v.foreign:
+                    report.notes.append(f'{v.path} holds {ownership.describe_foreign(v.foreign)}, not part of the '
+                                        f'state: left alone (not loaded, never deleted; this state is never pruned)')
+                break
+            report.notes.append(f'the newest state {v.path} is damaged ({v.problem}): it is left alone (the toolkit '
+                                f'never deletes or replaces what changed since it wrote it) and the run resumes '
+                                f'from an earlier one; remove it once you no longer need it')
+        if report.resume_from is None:
+            what = (f'every saved state is damaged in {state_dir} ({newest.problem} in {newest.path})'
+                    if newest else f'no complete saved state in {state_dir}')
+            report.problems.append(f'--is_keep_training=True but {what}')
+        return report
+    for v in (judge_state(path, pickles=False) for path in states):  # moving aside loads nothing
+        if not v.wholly_owned:
+            why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
+            report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a fresh '
+                                   f'run: {why}, which this toolkit did not write; move it away yourself (or resume '
+                                   f'that run with --is_keep_training=True)')
+    return report
 
 
 def write_json(path: str, obj) -> None:
@@ -123,15 +194,15 @@ def save_state(state_dir: str, step: int, *, is_main: bool, all_ok: Callable[[bo
     """Collective: every rank calls it. ``write_all_ranks(folder)`` runs on every rank (the
     engine's save: accelerate's save_state), then ``write_main(folder)`` on the main process
     (the JSON parts, the tokenizer). ``all_ok`` is a collective vote after each part, so a rank
-    whose write failed -- a full disk -- never leaves the others waiting. The folder is
-    checksummed, marked and renamed into place; the oldest states beyond ``keep`` are pruned.
-    Returns the final folder."""
+    whose write failed -- a full disk -- never leaves the others waiting. The folder is marked
+    with every file's size and checksum and renamed into place; the oldest states beyond
+    ``keep`` are pruned. Returns the final folder. The caller holds the lock of state_dir."""
     tmp = os.path.join(state_dir, '.tmp-' + state_name(step))
-    final = os.path.join(state_dir, state_name(step))
+    final = []
     steps = [lambda: _new_tmp(state_dir, tmp) if is_main else None,
              lambda: write_all_ranks(tmp),
              lambda: (fault_point('state-save', step), write_main(tmp)) if is_main else None,
-             lambda: _complete(state_dir, tmp, final, step, keep) if is_main else None]
+             lambda: final.append(_complete(state_dir, tmp, step, keep)) if is_main else None]
     for part in steps:
         error: BaseException | None = None
         try:
@@ -140,12 +211,21 @@ def save_state(state_dir: str, step: int, *, is_main: bool, all_ok: Callable[[bo
             error = e
         if not all_ok(error is None):
             raise _save_error(error, state_dir, tmp, is_main)
-    return final
+    return final[0] if final else os.path.join(state_dir, state_name(step))
+
+
+def _sweep_tmp_states(state_dir: str) -> None:
+    """Saves a killed run left half-done: real folders of that name in this run's locked
+    train_state_dir (no other run writes there); links or files of such a name are not touched."""
+    for name in os.listdir(state_dir):
+        path = os.path.join(state_dir, name)
+        if _TMP_RE.match(name) and ownership.is_real_dir(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _new_tmp(state_dir: str, tmp: str) -> None:
     ensure_state_dir(state_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _sweep_tmp_states(state_dir)
     previous = latest_state(state_dir)
     if previous:  # a state the size of the last one must fit: found before any rank writes
         need = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(previous) for n in names)
@@ -154,28 +234,57 @@ def _new_tmp(state_dir: str, tmp: str) -> None:
     os.makedirs(tmp)
 
 
-def _complete(state_dir: str, tmp: str, final: str, step: int, keep: int) -> None:
-    files = {}
+def free_state_path(state_dir: str, step: int) -> str:
+    """Where the state of this step goes: ``state-<step>``, or, when something the toolkit may
+    not replace stands there (a damaged state, anything of the user's), the first free
+    ``state-<step>.<n>`` beside it."""
+    path = os.path.join(state_dir, state_name(step))
+    n = 0
+    while os.path.lexists(path):
+        n += 1
+        path = os.path.join(state_dir, f'{state_name(step)}.{n}')
+    return path
+
+
+def _complete(state_dir: str, tmp: str, step: int, keep: int) -> str:
     for root, _, names in os.walk(tmp):
         for name in names:  # data on disk before the marker says complete
-            p = os.path.join(root, name)
-            _fsync_file(p)
-            files[os.path.relpath(p, tmp)] = {'bytes': os.path.getsize(p), 'sha256': file_sha256(p)}
-    ownership.write_marker(tmp, STATE, step=step, files=files)
-    ownership.replace_folder(tmp, final, STATE, 'train_state_dir')  # a step saved again: swapped
-    for _, old in list_complete_states(state_dir)[:-keep]:
-        extra = ownership.foreign_files(old)
-        if extra:
-            logger.warning('%s is not pruned: it holds files this toolkit did not write (%s)', old,
-                           ', '.join(extra[:3]))
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in glob.glob(os.path.join(state_dir, '.tmp-state-*')):
-        shutil.rmtree(stale, ignore_errors=True)
+            _fsync_file(os.path.join(root, name))
+    ownership.write_marker(tmp, STATE, step=step)
+    final = free_state_path(state_dir, step)
+    if os.path.basename(final) != state_name(step):
+        logger.warning('%s holds something this toolkit may not replace; the state of step %d goes to %s',
+                       os.path.join(state_dir, state_name(step)), step, final)
+    os.rename(tmp, final)
+    ownership.fsync_dir(state_dir)
+    _prune_states(state_dir, keep)
+    _sweep_tmp_states(state_dir)
+    return final
+
+
+_warned_not_pruned: set[str] = set()
+
+
+def _prune_states(state_dir: str, keep: int) -> None:
+    """Delete the states older than the newest ``keep`` loadable ones -- only those wholly the
+    toolkit's; any other is left alone and said once."""
+    states = [path for _, path in list_complete_states(state_dir)]
+    loadable = [p for p in states if judge_state(p, deep=False).loadable]
+    kept = set(loadable[-keep:]) if keep > 0 else set()
+    for path in states:
+        if path in kept or states.index(path) > states.index(loadable[-1] if loadable else states[-1]):
+            continue
+        verdict = judge_state(path)
+        if verdict.wholly_owned:
+            shutil.rmtree(path)
+        elif path not in _warned_not_pruned:
+            _warned_not_pruned.add(path)
+            why = verdict.problem or f'it holds {ownership.describe_foreign(verdict.foreign)}'
+            logger.warning('%s is not pruned: %s, which this toolkit did not write', path, why)
 
 
 def _save_error(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
-    if is_main:
+    if is_main and ownership.is_real_dir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
     previous = latest_state(state_dir)
     kept = f'; the previous state {previous} is intact' if previous else '; no earlier state was saved'
@@ -194,23 +303,22 @@ def _fsync_file(path: str) -> None:
 
 def load_state(state_dir: str, load_all_ranks: Callable[[str], None]) -> dict[str, Any]:
     """The newest state that loads: its JSON parts, after ``load_all_ranks(folder)`` (the
-    engine's load_state) filled the live objects. A damaged state (a file missing, truncated,
-    of another checksum, or one that would need unpickling beyond tensors) is reported and the
-    previous complete one is tried; none left is a UserError."""
+    engine's load_state) filled the live objects. A damaged state (a listed file missing,
+    truncated, of another checksum, or one that would need unpickling beyond tensors) is
+    reported and the previous complete one is tried; none left is a UserError. Entries a state
+    does not list are never loaded."""
     states = list_complete_states(state_dir)
     if not states:
         raise UserError(f'--is_keep_training=True but no complete saved state in {state_dir}; '
                         f'start without --is_keep_training (or check --train_state_dir)')
     damaged = []
     for _, path in reversed(states):
-        problem = state_problem(path, deep=True) or unsafe_pickles(path)
+        problem = judge_state(path).problem
         if problem is None:
             try:
                 out: dict[str, Any] = {'path': path, 'damaged': damaged}
-                for f in os.listdir(path):
-                    name, ext = os.path.splitext(f)
-                    if ext == '.json' and f != MARKER:
-                        out[name] = read_json(os.path.join(path, f))
+                for name in ('train_state', 'config', 'fingerprint', 'run'):
+                    out[name] = read_json(os.path.join(path, f'{name}.json'))
                 load_all_ranks(path)
                 return out
             except UserError:
@@ -223,21 +331,22 @@ def load_state(state_dir: str, load_all_ranks: Callable[[str], None]) -> dict[st
                     f'start a new run without --is_keep_training')
 
 
-def unsafe_pickles(path: str) -> str | None:
-    """The first torch file of a state that does not load as plain tensors and numbers
-    (``weights_only=True``, numpy arrays allowed as accelerate allows them): loading it would
-    run code from the file. None when every one loads so."""
+def unsafe_pickles(path: str, names: list[str] | None = None) -> str | None:
+    """The first torch file of a state (of ``names``, the files its marker lists) that does not
+    load as plain tensors and numbers (``weights_only=True``, numpy arrays allowed as accelerate
+    allows them): loading it would run code from the file. None when every one loads so."""
     from accelerate.utils.other import load
 
-    for root, _, names in os.walk(path):
-        for name in sorted(names):
-            if not name.endswith(('.bin', '.pkl', '.pt')):
-                continue
-            try:
-                load(os.path.join(root, name), map_location='cpu', weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                return (f'{os.path.relpath(os.path.join(root, name), path)} holds more than tensors and numbers '
-                        f'(loading it could run code from the file: {type(e).__name__})')
+    if names is None:
+        names = [os.path.relpath(os.path.join(root, n), path) for root, _, files in os.walk(path) for n in files]
+    for rel in sorted(names):
+        if not rel.endswith(TORCH_FILES):
+            continue
+        try:
+            load(os.path.join(path, rel), map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            return (f'{rel} holds more than tensors and numbers '
+                    f'(loading it could run code from the file: {type(e).__name__})')
     return None
 
 
@@ -293,19 +402,21 @@ def model_file_pattern(model_file: str, tags: str = r'\d+') -> re.Pattern:
 
 
 def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, str]]:
-    """(tag, path) of the files of the model_file pattern that the toolkit wrote."""
+    """(tag, path) of the files of the model_file pattern that carry the toolkit's weights marker
+    (their content is judged again right before one is moved or deleted)."""
     folder = os.path.dirname(model_file) or '.'
     pattern = model_file_pattern(model_file, tags)
     found = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         m = pattern.match(name)
-        if m and ownership.file_kind(os.path.join(folder, name)) == WEIGHTS:
+        if m and (ownership.file_marker(os.path.join(folder, name)) or {}).get('kind') == WEIGHTS:
             found.append((m.group(1), os.path.join(folder, name)))
     return found
 
 
 def foreign_model_files(model_file: str) -> list[str]:
-    """Files of the model_file pattern (steps or best) that the toolkit did not write."""
+    """Files of the model_file pattern (steps or best) that are not the toolkit's unchanged
+    weights: a run could overwrite or prune them."""
     folder = os.path.dirname(model_file) or '.'
     pattern = model_file_pattern(model_file, r'\d+|best')
     if not os.path.isdir(folder):
@@ -327,40 +438,42 @@ def prune_model_files(model_file: str, keep: int) -> list[str]:
 
 
 def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: str) -> list[str]:
-    """What an earlier run of the toolkit left at these paths: only things it marked."""
-    found = []
-    if ownership.folder_kind(train_state_dir) == STATE_DIR and any(
-            _STATE_RE.match(n) or n.startswith('.tmp-state-') for n in os.listdir(train_state_dir)):
-        found.append(train_state_dir)
-    found += [p for _, p in owned_model_files(model_file, r'\d+|best')]
+    """What an earlier run of the toolkit left at these paths and a fresh run moves aside: its
+    states, step and best weights files, best/ and final/ -- only what is wholly its own."""
+    found = [path for _, path in list_complete_states(train_state_dir)]
+    found += [p for _, p in owned_model_files(model_file, r'\d+|best') if ownership.file_kind(p) == WEIGHTS]
     found += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
-              if ownership.folder_kind(p) == MODEL]
+              if ownership.kind_of(p) == MODEL]
     return found
 
 
 def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str, stamp: str) -> str | None:
     """Move an earlier run's artifacts under output_dir/previous_runs/<stamp>/ instead of
-    overwriting them: a fresh run never destroys what was saved. Returns the archive folder."""
+    overwriting them: a fresh run never destroys what was saved. Each is judged by content
+    right before it moves (the start-up checks refused a state that is not wholly the
+    toolkit's); half-done saves of a killed run are removed. Returns the archive folder."""
+    if ownership.folder_kind(train_state_dir) == STATE_DIR:
+        _sweep_tmp_states(train_state_dir)
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     if not items:
         return None
     archive = os.path.join(output_dir, 'previous_runs', stamp)
     suffix = 1
-    while os.path.exists(archive):
+    while os.path.lexists(archive):
         archive = os.path.join(output_dir, 'previous_runs', f'{stamp}-{suffix}')
         suffix += 1
     os.makedirs(archive)
+    states = os.path.join(archive, os.path.basename(os.path.normpath(train_state_dir)))
     for item in items:
-        dest = os.path.join(archive, os.path.basename(os.path.normpath(item)))
-        if item == train_state_dir:
-            # the folder itself may be in use (its lock); move its contents, keep the folder
-            os.makedirs(dest)
-            for name in os.listdir(item):
-                if _STATE_RE.match(name) or name.startswith('.tmp-state-'):
-                    shutil.move(os.path.join(item, name), os.path.join(dest, name))
-            ownership.write_marker(dest, STATE_DIR, manifest=False)
-        else:
-            shutil.move(item, dest)
+        if os.path.dirname(item) == os.path.normpath(train_state_dir):
+            if not judge_state(item, pickles=False).wholly_owned:
+                continue  # changed since the check: left where it is
+            if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)
+                os.makedirs(states)
+                ownership.write_marker(states, STATE_DIR, manifest=False)
+            shutil.move(item, os.path.join(states, os.path.basename(item)))
+        elif ownership.kind_of(item) in (WEIGHTS, MODEL):
+            shutil.move(item, os.path.join(archive, os.path.basename(os.path.normpath(item))))
     return archive
 
 

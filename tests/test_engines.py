@@ -195,8 +195,8 @@ def test_loading_runs_no_code_from_a_handed_state_or_weights_file(tmp_path, data
     evil = f'{state}/custom_checkpoint_1.pkl'
     torch.save({'epoch': 0, 'rows_consumed': _RunsCode()}, evil)
     marker = json.load(open(f'{state}/chat_small_t5.json'))
-    marker['files']['custom_checkpoint_1.pkl'] = {'bytes': os.path.getsize(evil),
-                                                  'sha256': hashlib.sha256(open(evil, 'rb').read()).hexdigest()}
+    marker['entries']['custom_checkpoint_1.pkl'] = {'type': 'file', 'bytes': os.path.getsize(evil),
+                                                    'sha256': hashlib.sha256(open(evil, 'rb').read()).hexdigest()}
     json.dump(marker, open(f'{state}/chat_small_t5.json', 'w'))
     r = run_train(tiny_flags(data, out, max_steps=6, save_steps=2), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]

@@ -428,6 +428,45 @@ def test_outputs_never_land_in_or_among_the_inputs(tmp_path, data):
     assert train
 
 
+def test_flags_without_effect_and_outputs_among_the_inputs_are_refused(tmp_path, data, trained):
+    """A flag that the command would ignore is a mistake, as is an output where an input (or the
+    training data) lives; each is one line before any work, by the dry run too."""
+    out = tmp_path / 'run'
+    data_dir = os.path.dirname(data['train'])
+    log = tmp_path / 'run.log'
+    log.write_text('2026-01-01 00:00:00 [rank 0] INFO step 1/2 | epoch 0 | loss 9.0000 | lr 1.000e-03 | x\n')
+    png_named_log = tmp_path / 'run_log.png'  # a log whose name would pass as a plot's
+    png_named_log.write_text(log.read_text())
+    before = snapshot(tmp_path)
+    results = run_parallel([
+        ('vocab on train', ['train', *tiny_flags(data, out), '--vocab_size=5', '--dry_run=True'], 'train_low_mem.py'),
+        ('test file on train', ['train', *tiny_flags(data, out), f'--test_file={data["valid"]}'], 'train_low_mem.py'),
+        ('epochs on generate', ['generate', f'--output_dir={trained}', f'--tokenizer_dir={data["tok"]}', '--epochs=3'],
+         'train_low_mem.py'),
+        ('lr on plot', ['plot', f'--log_file={log}', '--learn_rate=0.1'], 'train_low_mem.py'),
+        ('predictions as parquet', ['test', f'--output_dir={trained}', f'--test_file={data["valid"]}',
+                                    f'--out={data_dir}/preds.parquet'], 'train_low_mem.py'),
+        ('predictions into the tokenizer', ['test', f'--output_dir={trained}', f'--test_file={data["valid"]}',
+                                            f'--out={data["tok"]}/preds.jsonl'], 'train_low_mem.py'),
+        ('a plot named .png', ['plot', f'--log_file={log}', f'--out={tmp_path}/.png'], 'train_low_mem.py'),
+        ('the plot over its log', ['plot', f'--log_file={png_named_log}', f'--out={png_named_log}'],
+         'train_low_mem.py'),
+    ])
+    assert_user_error(results['vocab on train'], '--vocab_size has no effect on train', 'train_tokenizer')
+    assert_user_error(results['test file on train'], '--test_file has no effect on train')
+    assert_user_error(results['epochs on generate'], '--epochs has no effect on generate')
+    assert_user_error(results['lr on plot'], '--learn_rate has no effect on plot')
+    assert_user_error(results['predictions as parquet'], '.jsonl')
+    assert_user_error(results['predictions into the tokenizer'], '--out', 'a tokenizer folder')
+    assert_user_error(results['a plot named .png'], 'ending in .png')
+    assert_user_error(results['the plot over its log'], 'is also an input')
+    assert snapshot(tmp_path) == before
+    assert not os.path.exists(f'{data_dir}/preds.parquet')
+    # warmup longer than the whole run: said by the dry run (and logged by the run)
+    r = cli('train', *tiny_flags(data, out, max_steps=4, warmup_steps=50), '--dry_run=True')
+    assert r.returncode == 0 and 'note: warmup_steps=50 >= the run\'s 4 optimizer steps' in r.stdout, r.stdout
+
+
 def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data):
     shared = tmp_path / 'shared'
     first = cli_runner.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,

@@ -158,6 +158,34 @@ def test_chat_reads_a_pipe_and_answers_like_generate(run):
     assert lines == want
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ('touch /tmp/chat_small_t5_code_ran',))
+
+
+def test_pickled_weights_in_a_model_folder_are_one_line_in_every_command(run, tmp_path):
+    """A model folder whose weights need unpickling (a pytorch_model.bin) is never loaded: one line
+    in generate, test and chat, as under --init_from."""
+    import shutil
+
+    import torch
+
+    folder = tmp_path / 'pickled'
+    shutil.copytree(run['out'] / 'best', folder)
+    os.remove(folder / 'model.safetensors')
+    torch.save({'shared.weight': _RunsCode()}, folder / 'pytorch_model.bin')
+    if os.path.exists('/tmp/chat_small_t5_code_ran'):
+        os.remove('/tmp/chat_small_t5_code_ran')
+    flags = [f'--model_dir={folder}', '--max_new_tokens=4']
+    results = parallel(['generate', *flags, '--prompts=你好'], ['test', *flags, f'--test_file={run["valid"]}'])
+    results.append(cli('chat', *flags, stdin='你好\n'))
+    for r in results:
+        lines = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+        assert len(lines) == 1 and 'holds more than tensors' in lines[0], r.stderr[-2000:]
+    assert not os.path.exists('/tmp/chat_small_t5_code_ran')
+
+
 def test_warm_start_begins_lower_and_a_mismatch_is_one_line(run, tmp_path):
     from model.demo_corpus import write_demo
 

@@ -1,0 +1,177 @@
+"""Links are storage, not ownership: every output place and input given as a link (to a folder, to
+a file, to nothing) and links planted inside the toolkit's own folders. After each command the
+whole tree is compared with its state before: only the toolkit's own entries, where the links
+point, may have changed; no link was created, renamed, replaced or removed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENV, ROOT, leftover_temps, make_texts, run_train, tiny_flags, write_parquet
+
+
+def cli(*args, script='train_low_mem.py', timeout=300):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def snapshot(root) -> dict[str, str]:
+    """Every entry under root, links not followed: a link by its target, a file by its hash."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(folder, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = 'link -> ' + os.readlink(p)
+            elif os.path.isdir(p):
+                out[rel] = 'dir'
+            else:
+                with open(p, 'rb') as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def changed(before, after) -> set[str]:
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def assert_only(root, before, *allowed):
+    """Nothing changed under root but entries under the allowed places (relative paths); every
+    link that was there is still there, unchanged."""
+    after = snapshot(root)
+    outside = {p for p in changed(before, after)
+               if not any(p == a or p.startswith(a.rstrip('/') + '/') for a in allowed)}
+    assert not outside, sorted(outside)
+    for rel, what in before.items():
+        if what.startswith('link -> '):
+            assert after.get(rel) == what, rel
+    assert not leftover_temps(root), leftover_temps(root)
+
+
+def one_error(r, *words):
+    lines = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    assert r.returncode == 2 and len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def world(tmp_path, data):
+    """user/ holds the user's own things; scratch/ is the storage links point into."""
+    (tmp_path / 'user').mkdir()
+    (tmp_path / 'user' / 'notes.txt').write_text('mine')
+    (tmp_path / 'user' / 'folder').mkdir()
+    (tmp_path / 'user' / 'folder' / 'thesis.txt').write_text('years of work')
+    (tmp_path / 'scratch').mkdir()
+    src = tmp_path / 'user' / 'qa.jsonl'
+    src.write_text(''.join(f'{{"prompt": "{p}", "response": "{r}"}}\n' for p, r in make_texts(60, seed=5)))
+    return tmp_path
+
+
+def test_prepare_data_writes_through_links_and_never_replaces_one(world):
+    w = world
+    os.symlink(w / 'user' / 'qa.jsonl', w / 'input_link.jsonl')
+    os.symlink(w / 'scratch' / 'all.parquet', w / 'dangling.parquet')
+    os.symlink(w / 'user' / 'notes.txt', w / 'to_user_file.parquet')
+    os.symlink(w / 'user' / 'folder', w / 'to_folder.parquet')
+    before = snapshot(w)
+    r = cli('convert', w / 'input_link.jsonl', w / 'dangling.parquet', script='prepare_data.py')
+    assert r.returncode == 0, r.stderr
+    assert_only(w, before, 'scratch/all.parquet')
+    before = snapshot(w)
+    r = cli('convert', w / 'input_link.jsonl', w / 'dangling.parquet', script='prepare_data.py')  # again: replaced
+    assert r.returncode == 0, r.stderr
+    assert_only(w, before, 'scratch/all.parquet')
+    for out, words in (('to_user_file.parquet', ('not written by this toolkit',)), ('to_folder.parquet', ('folder',))):
+        before = snapshot(w)
+        one_error(cli('convert', w / 'input_link.jsonl', w / out, script='prepare_data.py'), *words)
+        assert_only(w, before)
+    # an input pattern through a linked folder: an output where it really points is refused
+    os.symlink(w / 'scratch', w / 'data_link')
+    before = snapshot(w)
+    one_error(cli('split', f'{w}/data_link/*.parquet', f'--train_out={w}/scratch/train.parquet',
+                  f'--valid_out={w}/valid.parquet', script='prepare_data.py'), 'matches the input pattern')
+    r = cli('split', f'{w}/data_link/*.parquet', f'--train_out={w}/train.parquet', f'--valid_out={w}/valid.parquet',
+            script='prepare_data.py')
+    assert r.returncode == 0, r.stderr
+    assert_only(w, before, 'train.parquet', 'valid.parquet')
+
+
+def test_tokenizer_dir_as_a_link_or_holding_one(world, data):
+    w = world
+    train = data['train']
+    (w / 'scratch' / 'empty').mkdir()
+    cases = {'to an empty folder': w / 'scratch' / 'empty', 'to nothing yet': w / 'scratch' / 'new_tok'}
+    for name, target in cases.items():
+        link = w / name.replace(' ', '_')
+        os.symlink(target, link)
+        before = snapshot(w)
+        r = cli('train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={link}', '--vocab_size=1000')
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        assert_only(w, before, os.path.relpath(target, w))
+        assert os.path.isfile(target / 'tokenizer.json')
+    link = w / 'to_nothing_yet'  # now a link to a tokenizer of the toolkit's: retrained in place
+    before = snapshot(w)
+    r = cli('train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={link}', '--vocab_size=1100')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_only(w, before, 'scratch/new_tok')
+    # a copy of it, edited, with an empty folder and a link planted inside: the user's now
+    copy = w / 'mytok'
+    shutil.copytree(w / 'scratch' / 'new_tok', copy)
+    (copy / 'tokenizer_config.json').write_text((copy / 'tokenizer_config.json').read_text() + ' ')
+    (copy / 'extra').mkdir()
+    os.symlink(w / 'user' / 'folder', copy / 'folder_link')
+    os.symlink(w / 'user' / 'folder', w / 'to_user_folder')
+    for target, words in ((copy, ('tokenizer_config.json (changed', 'extra/', 'folder_link (a link)')),
+                          (w / 'to_user_folder', ('did not make',))):
+        before = snapshot(w)
+        one_error(cli('train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={target}', '--vocab_size=1000'),
+                  *words)
+        assert_only(w, before)
+
+
+def test_a_training_run_whose_places_are_links_into_scratch(world, data):
+    w = world
+    for name in ('out', 'states', 'models', 'logs'):
+        (w / 'scratch' / name).mkdir()
+        os.symlink(w / 'scratch' / name, w / f'{name}_link')
+    os.symlink(os.path.dirname(data['train']), w / 'data_link')
+    flags = tiny_flags(data, w / 'out_link', max_steps=4, save_steps=2, eval_steps=2,
+                       train_file=f'{w}/data_link/train.parquet', train_state_dir=w / 'states_link',
+                       model_file=f'{w}/models_link/m.{{}}.bin', log_dir=w / 'logs_link')
+    before = snapshot(w)
+    r = run_train(flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_only(w, before, 'scratch/out', 'scratch/states', 'scratch/models', 'scratch/logs')
+    assert os.path.isdir(w / 'scratch' / 'out' / 'best') and os.listdir(w / 'scratch' / 'states')
+    # a link planted in the state folder, and the lock replaced by a link to the user's file
+    os.symlink(w / 'user' / 'folder', w / 'scratch' / 'states' / 'state-000000006')
+    before = snapshot(w)
+    r = run_train(tiny_flags(data, w / 'out_link', max_steps=6, save_steps=2, eval_steps=2,
+                             train_file=f'{w}/data_link/train.parquet', train_state_dir=w / 'states_link',
+                             model_file=f'{w}/models_link/m.{{}}.bin', log_dir=w / 'logs_link'),
+                  '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'state-000000006.1' in r.stderr  # stepped around the link, never through it
+    assert_only(w, before, 'scratch/out', 'scratch/states', 'scratch/models', 'scratch/logs')
+    assert sorted(os.listdir(w / 'user' / 'folder')) == ['thesis.txt']
+    lock = w / 'scratch' / 'out' / '.chat_small_t5.lock'
+    os.remove(lock)
+    os.symlink(w / 'user' / 'notes.txt', lock)
+    before = snapshot(w)
+    for extra in ('--dry_run=True', ''):
+        r = run_train(flags, '--is_keep_training=True', *([extra] if extra else []))
+        if extra:
+            assert r.returncode == 1 and 'is a link' in r.stdout, r.stdout[-2000:]
+        else:
+            one_error(r, 'is a link')
+    assert_only(w, before)
+    assert (w / 'user' / 'notes.txt').read_text() == 'mine'

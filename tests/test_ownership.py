@@ -1,0 +1,295 @@
+"""What the toolkit owns, judged by content; links are storage, never ownership (units, in-process,
+on temporary folders)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from config import UserError
+from model import ownership as own
+from model.ownership import DATA, MODEL, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
+
+
+def tree(root) -> dict[str, str]:
+    """Every entry under root (links not followed) with what it is: a link's target, a file's bytes."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(folder, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = 'link -> ' + os.readlink(p)
+            elif os.path.isdir(p):
+                out[rel] = 'dir'
+            else:
+                out[rel] = open(p, 'rb').read().hex()
+    return out
+
+
+def marked_folder(path, kind=TOKENIZER, files=None) -> str:
+    os.makedirs(path)
+    for rel, text in (files or {'tokenizer.json': '{"a": 1}', 'sub/spm.model': 'pieces'}).items():
+        os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
+        with open(os.path.join(path, rel), 'w') as f:
+            f.write(text)
+    own.write_marker(str(path), kind)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_a_folder_marker_records_each_entry_and_an_untouched_folder_is_wholly_ours(tmp_path):
+    folder = marked_folder(tmp_path / 'tok')
+    info = own.read_marker(folder)
+    assert set(info['entries']) == {'tokenizer.json', 'sub', 'sub/spm.model'}
+    assert info['entries']['sub'] == {'type': 'dir'}
+    assert info['entries']['tokenizer.json']['bytes'] == 8 and len(info['entries']['tokenizer.json']['sha256']) == 64
+    assert own.foreign_entries(folder) == []
+    assert own.kind_of(folder) == TOKENIZER
+    own.check_replaceable(folder, TOKENIZER, 'tokenizer_dir', folder=True)  # no error
+
+
+@pytest.mark.parametrize('change, named', [
+    (lambda d: open(f'{d}/notes.txt', 'w').write('mine'), 'notes.txt'),
+    (lambda d: os.mkdir(f'{d}/empty'), 'empty/ (a folder)'),
+    (lambda d: os.symlink('/etc', f'{d}/etc_link'), 'etc_link (a link)'),
+    (lambda d: os.symlink(f'{d}/tokenizer.json', f'{d}/file_link'), 'file_link (a link)'),
+    (lambda d: os.symlink('/nowhere', f'{d}/dangling'), 'dangling (a link)'),
+    (lambda d: open(f'{d}/tokenizer.json', 'w').write('{"a": 2}'), 'tokenizer.json (changed'),  # same size
+    (lambda d: open(f'{d}/sub/spm.model', 'a').write('!'), 'sub/spm.model (changed'),
+    (lambda d: (os.remove(f'{d}/tokenizer.json'), os.mkdir(f'{d}/tokenizer.json')), 'tokenizer.json (replaced'),
+])
+def test_an_added_entry_a_link_or_a_changed_file_makes_the_folder_the_users(tmp_path, change, named):
+    folder = marked_folder(tmp_path / 'tok')
+    change(folder)
+    found = own.foreign_entries(folder)
+    assert any(f.startswith(named) for f in found), found
+    before = tree(tmp_path)
+    with pytest.raises(UserError, match='not replaced') as e:
+        own.check_replaceable(folder, TOKENIZER, 'tokenizer_dir', folder=True)
+    assert named.split(' ')[0] in str(e.value)
+    assert own.kind_of(folder) is None and own.remove_owned(folder, TOKENIZER) is False
+    assert tree(tmp_path) == before
+
+
+def test_a_marker_that_lists_names_only_or_wrong_content_protects_nothing(tmp_path):
+    """A hand-written marker naming thesis.txt (or one of an earlier version) does not make the
+    folder the toolkit's: nothing in it is replaced or deleted."""
+    folder = tmp_path / 'mine'
+    folder.mkdir()
+    (folder / 'thesis.txt').write_text('years of work')
+    (folder / own.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer',
+                                                      'files': ['thesis.txt']}))
+    with pytest.raises(UserError, match='records no content'):
+        own.check_replaceable(str(folder), TOKENIZER, 'tokenizer_dir', folder=True)
+    assert own.remove_owned(str(folder), TOKENIZER) is False
+    (folder / own.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer', 'entries': {
+        'thesis.txt': {'type': 'file', 'bytes': 13, 'sha256': '0' * 64}}}))
+    assert own.foreign_entries(str(folder)) == ['thesis.txt (changed since the toolkit wrote it)']
+    assert own.remove_owned(str(folder), TOKENIZER) is False
+    assert (folder / 'thesis.txt').read_text() == 'years of work'
+
+
+def test_a_marker_that_is_a_link_is_not_a_marker(tmp_path):
+    real = marked_folder(tmp_path / 'tok')
+    fake = tmp_path / 'fake'
+    fake.mkdir()
+    (fake / 'data.txt').write_text('mine')
+    os.symlink(os.path.join(real, own.MARKER_FILE), fake / own.MARKER_FILE)
+    assert own.read_marker(str(fake)) is None and own.folder_kind(str(fake)) is None
+    with pytest.raises(UserError, match='did not make'):
+        own.check_replaceable(str(fake), TOKENIZER, 'tokenizer_dir', folder=True)
+
+
+def test_links_given_as_places_are_never_ours_and_never_replaced(tmp_path):
+    real = marked_folder(tmp_path / 'tok')
+    os.symlink(real, tmp_path / 'link')
+    assert own.folder_kind(str(tmp_path / 'link')) is None  # judged by lstat
+    assert own.kind_of(str(tmp_path / 'link')) is None
+    assert own.remove_owned(str(tmp_path / 'link'), TOKENIZER) is False
+    os.symlink(tmp_path / 'nowhere', tmp_path / 'dangling')
+    os.symlink(tmp_path / 'loop', tmp_path / 'loop')
+    for name in ('dangling', 'loop'):
+        with pytest.raises(UserError, match='symbolic link'):
+            own.check_replaceable(str(tmp_path / name), TOKENIZER, 'tokenizer_dir', folder=True)
+    with pytest.raises(UserError, match='loop'):
+        own.resolve_place(str(tmp_path / 'loop'), 'tokenizer_dir')
+    assert own.resolve_place(str(tmp_path / 'link'), 'x') == real
+    assert own.resolve_place(str(tmp_path / 'dangling'), 'x') == str(tmp_path / 'nowhere')
+
+
+def test_a_new_folder_goes_where_a_link_points_and_the_link_stays(tmp_path):
+    for target in ('empty', 'ours', 'nothing'):
+        real = tmp_path / f'{target}_real'
+        if target == 'empty':
+            real.mkdir()
+        elif target == 'ours':
+            marked_folder(real, files={'old.json': 'old'})
+        link = tmp_path / f'{target}_link'
+        os.symlink(real, link)
+        with own.building_folder(str(link), TOKENIZER, 'tokenizer_dir') as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path)  # beside the real target, on its filesystem
+            (open(os.path.join(tmp, 'new.json'), 'w')).write('new')
+            own.write_marker(tmp, TOKENIZER)
+        assert os.path.islink(link) and os.readlink(link) == str(real)
+        assert sorted(os.listdir(real)) == [own.MARKER_FILE, 'new.json']
+    assert not [n for n in os.listdir(tmp_path) if own.TEMP_TAG in n]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_marked(path, kind) -> str:
+    """A file of each format the toolkit writes, through atomic_file (which seals it)."""
+    with own.atomic_file(str(path), kind, 'out') as tmp:
+        if kind == DATA:
+            w = pq.ParquetWriter(tmp, pa.schema([('prompt', pa.string()), ('response', pa.string())]))
+            w.write_table(pa.table({'prompt': ['问'] * 50, 'response': ['答'] * 50}))
+            w.add_key_value_metadata(own.parquet_marker(DATA))
+            w.close()
+        elif kind == WEIGHTS:
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({'w': torch.arange(12.0).reshape(3, 4)}, tmp, metadata=own.weights_metadata(step=1))
+        elif kind == PLOT:
+            import matplotlib
+
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=(1, 1))
+            fig.savefig(tmp, format='png', metadata={own.MARKER_KEY: json.dumps(own.file_marker_info(PLOT))})
+            plt.close(fig)
+        else:
+            with open(tmp, 'w') as f:
+                f.write(json.dumps(own.file_marker_info(PREDICTIONS)) + '\n{"prompt": "问", "answer": "答"}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize('kind, name', [(DATA, 'a.parquet'), (WEIGHTS, 'm.bin'), (PLOT, 'p.png'),
+                                        (PREDICTIONS, 'p.jsonl')])
+def test_a_file_is_ours_while_its_content_matches_its_sealed_hash(tmp_path, kind, name):
+    path = write_marked(tmp_path / name, kind)
+    info = own.file_marker(path)
+    assert info['kind'] == kind and info[own.CONTENT_KEY] != own.PLACEHOLDER
+    assert own.file_kind(path) == kind
+    copy = tmp_path / f'copy_{name}'
+    copy.write_bytes(open(path, 'rb').read())
+    assert own.file_kind(str(copy)) == kind  # an exact copy is what the toolkit wrote
+    data = bytearray(open(path, 'rb').read())
+    a, b = (own._layout(open(path, 'rb'), len(data))).content[-1]
+    data[(a + b) // 2] ^= 1  # one bit of the content
+    changed = tmp_path / f'changed_{name}'
+    changed.write_bytes(bytes(data))
+    assert own.file_marker(str(changed)) is not None and own.file_kind(str(changed)) is None
+    with pytest.raises(UserError, match='changed since'):
+        own.check_replaceable(str(changed), kind, '--out', folder=False)
+    link = tmp_path / f'link_{name}'
+    os.symlink(path, link)
+    assert own.file_kind(str(link)) is None and own.remove_owned(str(link), kind) is False
+    assert os.path.exists(path)
+    assert own.remove_owned(str(changed), kind) is False and changed.exists()
+    assert own.remove_owned(path, kind) is True and not os.path.exists(path)
+
+
+def test_a_table_read_from_our_file_and_written_again_is_not_ours(tmp_path):
+    path = write_marked(tmp_path / 'a.parquet', DATA)
+    pq.write_table(pq.read_table(path), tmp_path / 'b.parquet')
+    assert own.file_marker(str(tmp_path / 'b.parquet')) is None
+    # the marker copied into another file's footer: the content does not match it
+    raw = pq.read_metadata(path).metadata[own.MARKER_KEY.encode()].decode()
+    w = pq.ParquetWriter(tmp_path / 'c.parquet', pa.schema([('prompt', pa.string()), ('response', pa.string())]))
+    w.write_table(pa.table({'prompt': ['x'], 'response': ['y']}))
+    w.add_key_value_metadata({own.MARKER_KEY: raw})
+    w.close()
+    assert own.file_marker(str(tmp_path / 'c.parquet'))['kind'] == DATA
+    assert own.file_kind(str(tmp_path / 'c.parquet')) is None
+
+
+def test_a_file_written_through_a_link_lands_where_it_points(tmp_path):
+    (tmp_path / 'scratch').mkdir()
+    os.symlink(tmp_path / 'scratch' / 'new.jsonl', tmp_path / 'dangling.jsonl')
+    write_marked(tmp_path / 'dangling.jsonl', PREDICTIONS)
+    assert os.path.islink(tmp_path / 'dangling.jsonl')
+    assert own.file_kind(str(tmp_path / 'scratch' / 'new.jsonl')) == PREDICTIONS
+    write_marked(tmp_path / 'dangling.jsonl', PREDICTIONS)  # again: replaces the file, keeps the link
+    assert os.path.islink(tmp_path / 'dangling.jsonl')
+    (tmp_path / 'user.jsonl').write_text('{"mine": 1}\n')
+    os.symlink(tmp_path / 'user.jsonl', tmp_path / 'to_user.jsonl')
+    with pytest.raises(UserError, match='not written by this toolkit'):
+        write_marked(tmp_path / 'to_user.jsonl', PREDICTIONS)
+    assert (tmp_path / 'user.jsonl').read_text() == '{"mine": 1}\n'
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def test_a_lock_file_is_never_written_through_a_link_or_a_second_name(tmp_path):
+    user_file = tmp_path / 'precious.txt'
+    user_file.write_text('mine')
+    cases = {'link': lambda p: os.symlink(user_file, p), 'hard link': lambda p: os.link(user_file, p),
+             'foreign content': lambda p: open(p, 'w').write('not a lock'),
+             'a folder': lambda p: os.mkdir(p), 'a fifo': lambda p: os.mkfifo(p)}
+    for name, plant in cases.items():
+        place = tmp_path / name.replace(' ', '_')
+        place.mkdir()
+        plant(place / own.LOCK_FILE)
+        with pytest.raises(UserError, match=own.LOCK_FILE.replace('.', r'\.')):
+            own.PlaceLock([str(place)]).acquire()
+        with pytest.raises(UserError):
+            own.is_locked(str(place))
+    assert user_file.read_text() == 'mine'
+
+
+def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
+    place = str(tmp_path / 'run')
+    with own.PlaceLock([place], 'training run'):
+        assert 'pid' in (own.is_locked(place) or '')
+        with pytest.raises(UserError, match='in use by another training run'):
+            own.PlaceLock([place], 'training run').acquire()
+    assert own.is_locked(place) is None
+    with own.PlaceLock([place]):  # the same file, taken again
+        pass
+    assert own.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
+
+
+# --------------------------------------------------------------------------- temporaries
+
+
+def test_only_temporaries_provably_of_a_dead_run_of_this_target_are_swept(tmp_path):
+    target = str(tmp_path / 'out.parquet')
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                          text=True).stdout.strip()
+    host = own._host_tag()
+    names = {'dead': f'.out.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abcd',
+             'dead folder': f'.out.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abce',
+             'alive': f'.out.parquet.{own.TEMP_TAG}-{host}-{os.getppid()}-0123abcd',
+             'other host': f'.out.parquet.{own.TEMP_TAG}-ffffffff-{dead}-0123abcd',
+             'other target': f'.other.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abcd',
+             'a link': f'.out.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abcf',
+             'not ours': '.out.parquet.12345.0123abcd.tmp'}
+    for what, name in names.items():
+        path = tmp_path / name
+        if what == 'dead folder':
+            path.mkdir()
+            os.symlink('/etc', path / 'inside')  # removed as a link, never followed
+        elif what == 'a link':
+            os.symlink(tmp_path / 'precious', path)
+        else:
+            path.write_text('x')
+    (tmp_path / 'precious').write_text('mine')
+    assert own.sweep_stale_temps(target) == sorted(str(tmp_path / names[k]) for k in ('dead', 'dead folder'))
+    left = set(os.listdir(tmp_path))
+    assert {names[k] for k in ('alive', 'other host', 'other target', 'a link', 'not ours')} <= left
+    assert own.sweep_stale_temps(target, place_locked=True) == sorted(
+        str(tmp_path / names[k]) for k in ('alive', 'other host'))
+    assert (tmp_path / 'precious').read_text() == 'mine' and os.path.isdir('/etc')

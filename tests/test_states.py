@@ -1,0 +1,109 @@
+"""Saved states judged before the first step: the newest loadable one is resumed, a damaged or
+foreign entry is left alone and stepped around, never replaced or pruned (units, in-process)."""
+
+from __future__ import annotations
+
+import os
+
+from model import ownership as own
+from model import state_files as sf
+
+
+def make_state(state_dir, step, suffix='', files=None) -> str:
+    """A state folder as the toolkit leaves one: its files, then a marker recording them."""
+    sf.ensure_state_dir(str(state_dir))
+    path = os.path.join(str(state_dir), sf.state_name(step) + suffix)
+    os.makedirs(os.path.join(path, 'tokenizer'))
+    for rel, text in (files or {'model.safetensors': f'weights {step}', 'train_state.json': '{}',
+                                'tokenizer/tokenizer.json': 'tok'}).items():
+        with open(os.path.join(path, rel), 'w') as f:
+            f.write(text)
+    own.write_marker(path, own.STATE, step=step)
+    return path
+
+
+def names(state_dir) -> list[str]:
+    return sorted(n for n in os.listdir(state_dir) if n.startswith('state-'))
+
+
+def test_a_whole_state_is_loadable_and_wholly_ours(tmp_path):
+    path = make_state(tmp_path / 'states', 10)
+    verdict = sf.judge_state(path)
+    assert verdict.loadable and verdict.wholly_owned and verdict.step == 10
+    assert sf.latest_state(str(tmp_path / 'states')) == path
+
+
+def test_a_stray_entry_leaves_a_state_loadable_but_never_pruned(tmp_path):
+    states = tmp_path / 'states'
+    old, new = make_state(states, 10), make_state(states, 20)
+    (tmp_path / 'notes.txt').write_text('mine')
+    os.symlink(tmp_path / 'notes.txt', os.path.join(new, 'link'))
+    (open(os.path.join(new, 'stray.pkl'), 'wb')).write(b'not a pickle: never loaded, never judged')
+    verdict = sf.judge_state(new)
+    assert verdict.loadable and not verdict.wholly_owned
+    assert verdict.foreign == ['link (a link)', 'stray.pkl']
+    report = sf.inspect_states(str(states), resume=True)
+    assert report.resume_from == new and not report.problems
+    assert 'stray.pkl' in report.notes[0] and 'never pruned' in report.notes[0]
+    sf._prune_states(str(states), keep=0)
+    assert names(states) == ['state-000000020']  # the old one pruned, the one with the stray kept
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+    # a fresh run may not move it aside: one problem, before the first step
+    problems = sf.inspect_states(str(states), resume=False).problems
+    assert len(problems) == 1 and 'stray.pkl' in problems[0] and 'move it away yourself' in problems[0]
+    assert old not in problems[0]
+
+
+def test_a_damaged_newest_state_is_stepped_around_not_replaced(tmp_path):
+    states = tmp_path / 'states'
+    older, newest = make_state(states, 10), make_state(states, 20)
+    with open(os.path.join(newest, 'model.safetensors'), 'w') as f:
+        f.write('weights 21')  # same size, other content
+    before = open(os.path.join(newest, 'model.safetensors')).read()
+    report = sf.inspect_states(str(states), resume=True)
+    assert report.resume_from == older
+    assert 'is damaged' in report.notes[0] and 'checksum' in report.notes[0]
+    # the resumed run reaches step 20 again: its state goes beside the damaged one
+    assert sf.free_state_path(str(states), 20).endswith('state-000000020.1')
+    saved = make_state(states, 20, '.1')
+    assert [p for _, p in sf.list_complete_states(str(states))] == [older, newest, saved]
+    assert sf.latest_state(str(states)) == saved
+    sf._prune_states(str(states), keep=1)
+    assert names(states) == ['state-000000020', 'state-000000020.1']  # damaged: left alone
+    assert open(os.path.join(newest, 'model.safetensors')).read() == before
+
+
+def test_every_state_damaged_or_none_is_one_problem(tmp_path):
+    states = tmp_path / 'states'
+    assert 'no complete saved state' in sf.inspect_states(str(states), resume=True).problems[0]
+    path = make_state(states, 10)
+    os.remove(os.path.join(path, 'model.safetensors'))
+    problems = sf.inspect_states(str(states), resume=True).problems
+    assert len(problems) == 1 and 'every saved state is damaged' in problems[0] and 'is missing' in problems[0]
+
+
+def test_links_and_files_named_like_states_are_never_states(tmp_path):
+    states = tmp_path / 'states'
+    real = make_state(tmp_path / 'elsewhere', 30)
+    sf.ensure_state_dir(str(states))
+    os.symlink(real, states / 'state-000000030')
+    (states / 'state-000000040').write_text('a file of mine')
+    assert sf.list_complete_states(str(states)) == []
+    assert sf.free_state_path(str(states), 30).endswith('state-000000030.1')
+    sf._prune_states(str(states), keep=0)
+    os.makedirs(states / '.tmp-state-000000050')
+    os.symlink(tmp_path / 'elsewhere', states / '.tmp-state-000000060')
+    sf._sweep_tmp_states(str(states))
+    assert sorted(os.listdir(states)) == sorted([own.MARKER_FILE, '.tmp-state-000000060', 'state-000000030',
+                                                 'state-000000040'])
+    assert os.path.isdir(real) and sf.judge_state(real).wholly_owned
+
+
+def test_a_fresh_run_moves_aside_only_whole_states_of_its_own(tmp_path):
+    states, out = tmp_path / 'states', tmp_path / 'out'
+    make_state(states, 10)
+    make_state(states, 20)
+    assert not sf.inspect_states(str(states), resume=False).problems
+    archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
+    assert names(os.path.join(archive, 'states')) == ['state-000000010', 'state-000000020']
+    assert names(states) == [] and own.folder_kind(str(states)) == own.STATE_DIR
