@@ -161,7 +161,9 @@ _zygotes_lock = threading.Lock()
 def zygote_for(env: dict) -> Zygote:
     key = import_time_env(env)
     with _zygotes_lock:
-        if key not in _zygotes or not _zygotes[key].alive():
+        if key in _zygotes and not _zygotes[key].alive():
+            _zygotes.pop(key).close()
+        if key not in _zygotes:
             _zygotes[key] = Zygote(dict(key))
         return _zygotes[key]
 
@@ -263,15 +265,14 @@ def serve(listener_fd: int, control: int) -> None:
                 os._exit(0)  # the test process is gone; running children go on, as real ones would
             if key.data == 'accept':
                 conn, _ = listener.accept()
-                request, stdio = _receive(conn)
                 ours = [listener.fileno(), control, selector.fileno(), conn.fileno(),
                         *waiting, *(c.fileno() for _, c in waiting.values())]
-                pid = os.fork()
-                if pid == 0:
-                    become_script(request, stdio, ours, fresh_handlers)
-                for fd in set(stdio):
-                    os.close(fd)
-                conn.sendall(b'%d\n' % pid)
+                try:
+                    pid = _fork_one(conn, ours, fresh_handlers)
+                except (OSError, ValueError) as e:  # a client gone mid-request, no fork: it hears, we go on
+                    print(f'no child for a request: {e!r}', file=sys.stderr, flush=True)
+                    conn.close()
+                    continue
                 pidfd = os.pidfd_open(pid)
                 waiting[pidfd] = (pid, conn)
                 selector.register(pidfd, selectors.EVENT_READ, 'child')
@@ -287,12 +288,28 @@ def serve(listener_fd: int, control: int) -> None:
                 conn.close()
 
 
-def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+def _fork_one(conn: socket.socket, zygote_fds: list[int], fresh_handlers: dict) -> int:
+    """Reads a request with its three stdio fds, forks the child, tells the client its pid."""
     data, stdio, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-    size = int.from_bytes(data[:8], 'big')
-    while len(data) < 8 + size:
-        data += conn.recv(8 + size - len(data))
-    return json.loads(data[8:]), stdio
+    try:
+        size = int.from_bytes(data[:8], 'big')
+        while len(data) < 8 + size:
+            part = conn.recv(8 + size - len(data))
+            if not part:
+                raise ConnectionResetError('the request ended early')
+            data += part
+        request = json.loads(data[8:])
+        pid = os.fork()
+        if pid == 0:
+            become_script(request, stdio, zygote_fds, fresh_handlers)
+    finally:
+        for fd in set(stdio):
+            os.close(fd)
+    try:
+        conn.sendall(b'%d\n' % pid)
+    except OSError:
+        pass  # the client went away; the child runs on, as a real one would, and is reaped
+    return pid
 
 
 def become_script(request: dict, stdio: list[int], zygote_fds: list[int], fresh_handlers: dict) -> None:

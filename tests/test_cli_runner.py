@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -135,3 +136,15 @@ def test_one_zygote_per_import_time_environment():
     key = cli_runner.import_time_env
     assert key(ENV) == key({**ENV, 'PYTEST_CURRENT_TEST': 'x', 'CHAT_SMALL_T5_FAULT': 'state-save@8:enospc'})
     assert key(ENV) != key({**ENV, 'OMP_NUM_THREADS': '2'}) != key({**ENV, 'HF_HUB_OFFLINE': '0'})
+
+
+def test_a_broken_request_leaves_the_zygote_serving(probe):
+    zygote = cli_runner.zygote_for(ENV)
+    for request in (b'\0' * 7 + b'\x01{', (100).to_bytes(8, 'big') + b'{"argv"'):  # bad JSON; cut short
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(zygote.socket_path)
+            conn.sendall(request)
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(64) == b''  # no pid: closed
+    r = cli_runner.run([sys.executable, 'probe.py', 'exit', '5'], cwd=probe, env=ENV, timeout=120)
+    assert r.returncode == 5 and zygote.alive()
