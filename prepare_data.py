@@ -25,15 +25,17 @@ Examples:
 
 A mistake (missing file or column, not UTF-8, malformed JSON, an output that is an input or a
 file this toolkit did not write) prints one line, ``error: ...``, and exits with status 2;
-nothing existing is changed and no partial output is left.
+nothing existing is changed and no partial output is left. Ctrl-C or SIGTERM prints one line
+(``stopped by SIGTERM: ... not written``) and exits 130 / 143, leaving no temporary behind.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
-import fire
-
+from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions, UserError,
                     check_repeated_flags, format_options, parse_options)
 
@@ -43,6 +45,7 @@ def convert(*args, **flags):
     from model.prep_ops import convert_to_parquet
 
     o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
+    stopping.watch_outputs(o.output)
     rows = convert_to_parquet(o.input, o.output, o.prompt_col, o.response_col, o.format or None)
     print(f'wrote {rows} rows to {o.output}')
 
@@ -52,6 +55,7 @@ def clean(*args, **flags):
     from model.prep_ops import clean_parquet
 
     o = parse_options(CleanOptions, 'clean', args, flags, ('input', 'output'))
+    stopping.watch_outputs(o.output)
     counts = clean_parquet(o.input, o.output, o.max_chars, o.dedup)
     print(f'read {counts["rows"]} rows; dropped: null {counts["null"]}, empty/whitespace '
           f'{counts["blank"]}, too long {counts["too_long"]}, duplicate {counts["duplicate"]}')
@@ -64,6 +68,7 @@ def split(*args, **flags):
     from model.prep_ops import split_parquet
 
     o = parse_options(SplitOptions, 'split', args, flags, ('input',), ('train_out', 'valid_out'))
+    stopping.watch_outputs(o.train_out, o.valid_out)
     result = split_parquet(o.input, o.train_out, o.valid_out, o.valid_ratio, o.seed, o.max_in_memory_rows)
     print(f'train: {result.train_rows} rows -> {o.train_out}')
     print(f'valid: {result.valid_rows} rows -> {o.valid_out}')
@@ -85,6 +90,7 @@ def demo(*args, **flags):
     from model.demo_corpus import write_demo
 
     o = parse_options(DemoOptions, 'demo', args, flags, ())
+    stopping.watch_outputs(*(os.path.join(o.out_dir, name) for name in ('train.parquet', 'valid.parquet')))
     for path, count in write_demo(o.out_dir, o.rows, o.seed).items():
         print(f'wrote {count} rows to {path}')
 
@@ -101,6 +107,7 @@ def command_help(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stopping.install()
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ('-h', '--help', 'help'):
         print((__doc__ or '').strip())
@@ -113,12 +120,18 @@ def main(argv: list[str] | None = None) -> None:
         print(command_help(args[0]))
         return
     try:
+        import fire
+
         check_repeated_flags(args[1:])
         fire.Fire({name: spec[0] for name, spec in COMMANDS.items()}, command=args, name='prepare_data.py')
     except UserError as e:
         # one line, whatever a library put into the message
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         sys.exit(2)
+    except stopping.Stopped as e:  # the `finally` blocks on its way removed every temporary
+        sys.exit(stopping.report(e))
+    except KeyboardInterrupt:  # raised by a library itself rather than by the stop's handler
+        sys.exit(stopping.report(stopping.stop_error(signal.SIGINT)))
 
 
 if __name__ == '__main__':

@@ -9,18 +9,50 @@
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml ./start_pretrain_large.sh   # an engine: DDP, FSDP, DeepSpeed
 #   RESUME=auto ./start_pretrain_large.sh                  # resume when a state exists (batch jobs)
 #
+# Environment, each checked before anything runs (a bad value is one line and exit 2):
+#   NUM_GPUS (else CUDA_VISIBLE_DEVICES, else nvidia-smi), ACCELERATE_CONFIG, ACCELERATE_USE_CPU,
+#   RESUME=ask|auto|no, PYTHON, ACCELERATE; for several machines (the SLURM script sets them)
+#   NUM_MACHINES, NUM_PROCESSES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT;
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default: the run's --stop_grace_s); RANK_OUTCOME_DIR
+#   (scripts/rank_outcome.py: each rank records how it ended, for the SLURM script).
+#
 # Exit code: the trainer's (0 done, 2 bad flag, 130/143 stopped and saved; with several
 # GPUs accelerate reports any failure as 1), 1 if the dry run finds the run not ready
-# (each problem is printed with the command or flag that fixes it). GPUs: NUM_GPUS, else CUDA_VISIBLE_DEVICES,
-# else nvidia-smi.
+# (each problem is printed with the command or flag that fixes it).
 set -uo pipefail
 # no cd: relative paths in the flags mean what they mean where the user stands
 HERE=$(cd "$(dirname "$0")" && pwd)
 TRAIN="$HERE/train_low_mem.py"
+# shellcheck source=scripts/env_checks.sh
+source "$HERE/scripts/env_checks.sh"
+
+# a stop before the launch (SIGTERM during the dry run): nothing has started, leave as stopped
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+one_of RESUME "ask auto no" "ask, auto or no (auto resumes a saved state without asking)"
+one_of ACCELERATE_USE_CPU "$BOOL_WORDS" "1 (CPU processes) or 0 (GPUs)"
+if [ -n "${ACCELERATE_USE_CPU:-}" ]; then   # one spelling for everyone who reads it
+  if is_true ACCELERATE_USE_CPU; then ACCELERATE_USE_CPU=1; else ACCELERATE_USE_CPU=0; fi
+fi
+whole_number NUM_GPUS 0 1024 "the GPUs to use on this machine (0 = one CPU process)"
+whole_number NUM_MACHINES 1 65536 "the number of machines"
+whole_number NUM_PROCESSES 1 1048576 "the processes of all machines together"
+whole_number MACHINE_RANK 0 65535 "this machine's rank (0 = the main machine)"
+whole_number MAIN_PROCESS_PORT 1 65535 "the main machine's port"
+whole_number TORCH_ELASTIC_SHUTDOWN_TIMEOUT 1 86400 "the seconds torchrun waits for the ranks to save after passing on a stop"
+if [ -n "${RANK_OUTCOME_DIR:-}" ] && [ ! -d "$RANK_OUTCOME_DIR" ]; then
+  echo "error: RANK_OUTCOME_DIR=$RANK_OUTCOME_DIR: no such folder (the SLURM script makes it; leave it unset otherwise)" >&2
+  exit 2
+fi
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
+fi
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "error: PYTHON=$PY: no such program; give the Python of the toolkit's environment (e.g. .venv/bin/python)" >&2
+  exit 2
 fi
 ACCELERATE=${ACCELERATE:-$(dirname "$PY")/accelerate}
 [ -x "$ACCELERATE" ] || ACCELERATE=accelerate
@@ -49,13 +81,7 @@ elif command -v nvidia-smi >/dev/null 2>&1; then
 else
   visible=0
 fi
-gpus=$visible
-if [ -n "${NUM_GPUS:-}" ]; then
-  case "$NUM_GPUS" in
-    *[!0-9]*) echo "error: NUM_GPUS=$NUM_GPUS: give a whole number of GPUs (0 = CPU)" >&2; exit 2 ;;
-  esac
-  gpus=$NUM_GPUS
-fi
+gpus=${NUM_GPUS:-$visible}
 
 # an accelerate config file: checked (loads, fits the GPUs, multi-node settings) before anything runs
 world=$(( gpus > 0 ? gpus : 1 ))
@@ -68,14 +94,11 @@ if [ -n "${ACCELERATE_CONFIG:-}" ]; then
 fi
 
 # more GPUs asked for than there are (checked after the config, whose own checks say more)
-case "${ACCELERATE_USE_CPU:-}" in
-  1|[Tt]rue|[Yy]es) ;;   # CPU processes (gloo): as many as asked
-  *) if [ "$gpus" -gt "$visible" ]; then
-       if [ "$visible" -eq 0 ]; then fix="NUM_GPUS=0 for one CPU process"; else fix="NUM_GPUS<=$visible"; fi
-       echo "error: NUM_GPUS=$gpus but $visible GPU(s) are visible; give $fix (or ACCELERATE_USE_CPU=1 for CPU processes)" >&2
-       exit 2
-     fi ;;
-esac
+if ! is_true ACCELERATE_USE_CPU && [ "$gpus" -gt "$visible" ]; then   # CPU processes: as many as asked
+  if [ "$visible" -eq 0 ]; then fix="NUM_GPUS=0 for one CPU process"; else fix="NUM_GPUS<=$visible"; fi
+  echo "error: NUM_GPUS=$gpus but $visible GPU(s) are visible; give $fix (or ACCELERATE_USE_CPU=1 for CPU processes)" >&2
+  exit 2
+fi
 
 report=$(NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
 rc=$?
@@ -96,7 +119,6 @@ printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
 resume_given=0
 for arg in "$@"; do case "$arg" in --is_keep_training*) resume_given=1 ;; esac; done
 latest=$(path_of latest_state)
-case "${RESUME:-ask}" in ask|auto|no) ;; *) echo "error: RESUME=$RESUME: give ask, auto or no" >&2; exit 2 ;; esac
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then
   if [ "${RESUME:-ask}" = auto ]; then
     set -- "$@" --is_keep_training=True
@@ -115,21 +137,53 @@ if [ "$world" -le 1 ] && [ "${#launch_args[@]}" -eq 0 ]; then
   fi
   exec "$PY" "$TRAIN" train "${config_flags[@]}" "$@"
 fi
-# torchrun forwards SIGINT/SIGTERM to the ranks, then kills them after this many seconds:
-# leave time to finish the step (or an evaluation) and save
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
+if ! command -v "$ACCELERATE" >/dev/null 2>&1; then
+  echo "error: ACCELERATE=$ACCELERATE: no such program; install accelerate in $(dirname "$PY") or give its path" >&2
+  exit 2
+fi
+# torchrun passes SIGINT/SIGTERM on to the ranks, then kills them after this many seconds: the
+# run's own budget for a stop (--stop_grace_s, what the cluster allows between SIGTERM and SIGKILL)
+grace=$(printf '%s\n' "$report" | sed -n 's/^  stop_grace_s  *\([0-9][0-9]*\).*/\1/p')
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${grace:-120}}
+rank_entry=()
+if [ -n "${RANK_OUTCOME_DIR:-}" ]; then rank_entry=("$HERE/scripts/rank_outcome.py"); fi
+
 # The launcher reports a rank's 130/143 as 1. Run it as a child, pass Ctrl-C / SIGTERM on
 # to it (it passes them to the ranks, which save), and exit 130/143 like one process would.
+# One SIGTERM only: torchrun abandons ranks still saving when another one reaches it during
+# its wait (SLURM also signals every process of the job step itself).
 stopped=0
-trap 'stopped=143; kill -TERM "$launcher" 2>/dev/null' TERM
-trap 'stopped=130; kill -INT "$launcher" 2>/dev/null' INT
+pass_on() {
+  if [ "$1" = TERM ] && [ "$stopped" -ne 0 ]; then return; fi
+  stopped=$2
+  kill -"$1" "$launcher" 2>/dev/null
+}
+trap 'pass_on TERM 143' TERM
+trap 'pass_on INT 130' INT
 if [ "${#launch_args[@]}" -eq 0 ]; then launch_args=(--multi_gpu --num_processes "$gpus"); fi
-"$ACCELERATE" launch "${launch_args[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
+"$ACCELERATE" launch "${launch_args[@]}" "${rank_entry[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
 launcher=$!
 while :; do
   wait "$launcher"
   rc=$?
   kill -0 "$launcher" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
 done
+
+# ranks the launcher left behind (it gave up on them, see above) finish their save before this
+# script ends: SLURM kills what is left of a job step once its tasks have exited
+if [ -n "${RANK_OUTCOME_DIR:-}" ]; then
+  host=$(uname -n)
+  deadline=$(( SECONDS + TORCH_ELASTIC_SHUTDOWN_TIMEOUT ))
+  for record in "$RANK_OUTCOME_DIR"/rank-*; do
+    [ -f "$record" ] || continue
+    read -r word on pid _ < "$record" || continue
+    [ "$word" = running ] && [ "$on" = "$host" ] || continue
+    ps -o args= -p "$pid" 2>/dev/null | grep -q rank_outcome.py || continue   # gone (or another process now)
+    left=$(( deadline - SECONDS ))
+    if [ "$left" -le 0 ] || ! timeout "$left" tail --pid="$pid" -f /dev/null; then
+      kill -KILL "$pid" 2>/dev/null   # what torchrun would have done at the end of the grace
+    fi
+  done
+fi
 if [ "$stopped" -ne 0 ] && [ "$rc" -ne 0 ]; then exit "$stopped"; fi
 exit "$rc"

@@ -31,18 +31,19 @@ Examples:
 Presets: --preset=1m|5m|10m|50m (the guide's templates; 10m = the defaults =
 --use_large_config=True) and --preset=demo (tiny model, built-in corpus, CPU).
 Exit codes: 0 done, 1 dry run not ready or training diverged, 2 a user error
-(one line on stderr), 130/143 stopped by SIGINT/SIGTERM after saving.
+(one line on stderr), 130/143 stopped by SIGINT/SIGTERM (one line: what was saved or written).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import signal
 import sys
 
-import fire
-
+from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, ModelFlags, ResolvedConfig, RunFlags,
                     T5ModelConfig, TrainConfigPretrainLarge, UserError, check_repeated_flags, coerce,
                     format_options, resolve_config, unknown_option, validate_decode)
@@ -154,6 +155,7 @@ def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
 
     t = cfg.train
     check_tokenizer_inputs(t.train_file, t.tokenizer_dir)  # before the imports of the real work
+    stopping.watch_outputs(t.tokenizer_dir)
     tok = build(t.train_file, t.tokenizer_dir, vocab_size=t.vocab_size, max_rows=t.tokenizer_max_rows,
                 character_coverage=t.character_coverage, seed=t.seed)
     print(f'tokenizer: {len(tok)} pieces (pad {tok.pad_token_id}, eos {tok.eos_token_id}, '
@@ -230,9 +232,10 @@ def chat(*, use_large_config=False, preset=None, **flags):
     interactive = sys.stdin.isatty()
     if interactive:
         print('输入问题后回车；exit / 退出 / Ctrl-D 结束。 (type a prompt and Enter; exit or Ctrl-D ends)')
-    while True:
+    for line_no in itertools.count(1):
         try:
-            line = input('你> ' if interactive else '')
+            # a terminal's line is bounded by the terminal (4 KiB); a pipe's only by this read
+            line = input('你> ') if interactive else read_prompt_line(sys.stdin, line_no)
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 print()
@@ -247,9 +250,26 @@ def chat(*, use_large_config=False, preset=None, **flags):
             try:
                 stream_answer(model, tok, prompt, decode, max_seq_len)
             except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer, not the chat
+                stopping.STOP.clear()
                 print('\n(回答已中断 answer stopped)')
         else:
             print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode)[0], flush=True)
+
+
+def read_prompt_line(stream, line_no: int) -> str:
+    """One line of a piped stdin, read in bounded memory (EOFError at its end)."""
+    from model import read_guard
+
+    line, whole = read_guard.read_bounded_line(getattr(stream, 'buffer', stream), read_guard.MAX_RECORD_BYTES)
+    if not whole:
+        raise read_guard.too_long('stdin', f'line {line_no}', 'MAX_RECORD_BYTES',
+                                  'a prompt is cut to the model\'s max_seq_len tokens anyway: send a shorter one')
+    if not line:
+        raise EOFError
+    # undecodable bytes become U+FFFD later (chat_model.valid_text), as input() would keep them
+    if isinstance(line, bytes):
+        line = line.decode(getattr(stream, 'encoding', None) or 'utf-8', 'surrogateescape')
+    return line
 
 
 def test(*, use_large_config=False, preset=None, out=None, **flags):
@@ -265,6 +285,7 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
     path = coerce('out', out, str) if out not in (None, '') else predictions_path(source.path, t.test_file)
     path = check_predictions_path(path, resolve_parquet_files(t.test_file),
                                   [t.train_file, t.validation_file, t.test_file])
+    stopping.watch_outputs(path)
     model, tok, max_seq_len = _load(cfg, source)
     result = score_file(model, tok, t.test_file, path, max_seq_len, decode, t.max_test_rows, source.path)
     print(f'test_file: {t.test_file}')
@@ -278,6 +299,7 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
 
     log = coerce('log_file', log_file, str) if log_file not in (None, '') else newest_log(cfg.train.log_dir)
     path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'
+    stopping.watch_outputs(path)
     curves = plot_log(log, path)
     print(f'{len(curves.step)} training points, {len(curves.eval_step)} evaluations from {log}\nplot: {path}')
 
@@ -319,6 +341,7 @@ def command_help(name: str) -> str:
 
 
 def main(argv=None) -> None:
+    stopping.install()
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ('-h', '--help', 'help'):
         print((__doc__ or '').strip())
@@ -331,16 +354,24 @@ def main(argv=None) -> None:
         raise SystemExit(_error(f'unknown command {args[0]!r}: choose one of {", ".join(COMMANDS)}'))
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     try:
+        import fire
+
         check_repeated_flags(args[1:], positional=False)
         fire.Fire(COMMANDS, command=args)
     except UserError as e:
         sys.exit(_error(str(e)))
-    except KeyboardInterrupt:  # training saves on Ctrl-C itself; elsewhere nothing half-written stays
-        print('\nstopped by Ctrl-C', file=sys.stderr)
-        sys.exit(130)
+    except stopping.Stopped as e:  # training saved what it could; elsewhere nothing half-written stays
+        sys.exit(stopping.report(e))
+    except KeyboardInterrupt:  # raised by a library itself rather than by the stop's handler
+        sys.exit(stopping.report(stopping.stop_error(signal.SIGINT)))
     except BrokenPipeError:  # the reader went away (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except Exception as e:
+        if not stopping.requested():
+            raise
+        # after a stop, a collective that another rank left on its way out fails: part of the stop
+        sys.exit(stopping.report(stopping.STOP.stopped(f'nothing more was saved (then {stopping.describe(e)})')))
 
 
 def _error(message: str) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from typing import Callable
 
 import torch
 
 from config import DecodeConfig, ResolvedConfig, T5ModelConfig, UserError
 from model.model_source import ModelSource, describe_model_source, weights_path
 from model.sizing import model_shape
-from model.tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from model.tokenizer import EOS_ID, PAD_ID, cut_texts, load_tokenizer, text_cut_chars
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,25 @@ def valid_text(text: str) -> str:
         return text.encode('utf-8', 'replace').decode('utf-8')
 
 
+def stop_criteria(should_stop: Callable[[], bool]):
+    """transformers' stopping criteria asking should_stop() after every generated token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenAsked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenAsked()])
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_seq_len: int | None = None,
-           decode: DecodeConfig | None = None) -> list[str]:
+           decode: DecodeConfig | None = None, should_stop: Callable[[], bool] | None = None) -> list[str]:
     """Answers in the prompts' order: greedy by default, else as ``decode`` says (sampling is
-    seeded with decode.sample_seed once, so the same call gives the same answers)."""
+    seeded with decode.sample_seed once, so the same call gives the same answers).
+
+    should_stop is asked after every token: once it says True the answers end there (cut, and
+    fewer than the prompts) -- a training run's evaluation leaves within one token of a stop."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -156,10 +171,15 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         torch.manual_seed(decode.sample_seed)
     per_row = (limit + kwargs['max_new_tokens']) * kwargs.get('num_beams', 1)
     batch_size = max(1, min(64, BATCH_POSITIONS // per_row))
+    if should_stop is not None:
+        kwargs['stopping_criteria'] = stop_criteria(should_stop)
+    cut = text_cut_chars(tokenizer, limit)
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer([valid_text(p) for p in prompts[i:i + batch_size]], padding=True, truncation=True, max_length=limit,
-                        return_tensors='pt')
+        if should_stop is not None and should_stop():
+            break
+        enc = tokenizer([valid_text(p) for p in cut_texts(prompts[i:i + batch_size], cut)], padding=True,
+                        truncation=True, max_length=limit, return_tensors='pt')
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                              **kwargs)
         out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
@@ -180,6 +200,7 @@ def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_l
             out.flush()
 
     streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    prompt = cut_texts([prompt], text_cut_chars(tokenizer, max_seq_len))[0]
     enc = tokenizer([valid_text(prompt)], truncation=True, max_length=max_seq_len, return_tensors='pt')
     device = next(model.parameters()).device
     gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),

@@ -32,6 +32,7 @@ class TrainState:
     samples_seen: int = 0  # real rows trained on, all ranks
     tokens_seen: int = 0  # label tokens trained on, all ranks
     last_eval_step: int = -1
+    eval_pending: bool = False  # the evaluation at global_step was cut by a stop: a resume performs it first
 
 
 class DataPosition:

@@ -4,7 +4,12 @@ The validation loss is token-weighted like the training loss: the sum of token l
 up to ``max_eval_rows`` rows (every rank its slice) divided by their label tokens. BLEU-4
 (sacrebleu, Chinese tokenizer) scores greedy answers to the first ``bleu_samples`` usable
 validation rows, on the main process only: generation runs on the unwrapped model, with no
-collective inside.
+collective inside, and at most ``eval_max_new_tokens`` tokens an answer.
+
+A stop (model/stopping.py) cuts an evaluation within one validation batch -- every rank votes
+before each, so the ranks leave at the same batch (a sharded engine's forward is itself a
+collective) -- or within one generated token on the main process. A cut evaluation is dropped
+(None): nothing of it is logged or exported as if complete.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from model.chat_model import answer
+from model.faults import fault_point
 from model.files import iter_usable_rows
+from model.stopping import STOP
 from model.tokenizer import LABEL_PAD_ID
 
 logger = logging.getLogger('chat_trainer')
@@ -74,56 +81,78 @@ class Evaluator:
             logger.info('BLEU and sample answers are off under a sharded engine; score the exported '
                         'model with: python train_low_mem.py test')
 
-    def evaluate_all_ranks(self, model) -> EvalResult:
+    def evaluate_all_ranks(self, model, step: int) -> EvalResult | None:
+        """The evaluation at this optimizer step, or None when a stop cut it (on every rank)."""
         start = time.perf_counter()
-        result = EvalResult(loss=self.validation_loss_all_ranks(model))
+        loss = self.validation_loss_all_ranks(model, step)
+        if loss is None:
+            return None
+        result = EvalResult(loss=loss)
+        complete = True
         if self.collectives.is_main and self.answers:
-            self._bleu_and_samples(self.accelerator.unwrap_model(model), result)
+            complete = self._bleu_and_samples(self.accelerator.unwrap_model(model), result, step)
+        if not self.collectives.ok_all_ranks(complete):  # the others waited here for main's answers
+            return None
         result.seconds = time.perf_counter() - start
         return result
 
     @torch.no_grad()
-    def validation_loss_all_ranks(self, model) -> float:
+    def validation_loss_all_ranks(self, model, step: int) -> float | None:
         """Every rank runs the same number of forwards (a sharded engine's forward is a
         collective): a rank whose slice of the last global batch is empty runs a placeholder
-        batch that adds no tokens."""
+        batch that adds no tokens. None when a stop came (voted before every batch)."""
         t, dev = self.train_cfg, self.accelerator.device
         if self.answers:  # DDP or one process: the plain module, no collective per forward
             model = self.accelerator.unwrap_model(model)
-        model.eval()
         loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
         global_batch = t.batch_size_per_gpu * self.collectives.world
         rows = min(t.max_eval_rows or self.valid_loader.num_rows, self.valid_loader.num_rows)
         self.valid_loader.load_state_dict({'epoch': 0, 'rows_consumed': 0})  # rewind
         batches = iter(self.valid_loader)
-        for _ in range(math.ceil(rows / global_batch)):
-            batch = next(batches, None) or placeholder_batch(self.tokenizer.eos_token_id)
-            labels = batch['labels'].to(dev)
-            with self.accelerator.autocast():
-                logits = model(input_ids=batch['input_ids'].to(dev), attention_mask=batch['attention_mask'].to(dev),
-                               decoder_input_ids=self.decoder_inputs(labels=labels)).logits
-            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                        ignore_index=LABEL_PAD_ID, reduction='sum')
-            tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
-        model.train()
+        model.eval()
+        try:
+            for _ in range(math.ceil(rows / global_batch)):
+                fault_point('eval-loss', step)
+                if self.collectives.stop_signal_all_ranks(STOP.signum):
+                    return None
+                batch = next(batches, None) or placeholder_batch(self.tokenizer.eos_token_id)
+                labels = batch['labels'].to(dev)
+                with self.accelerator.autocast():
+                    logits = model(input_ids=batch['input_ids'].to(dev),
+                                   attention_mask=batch['attention_mask'].to(dev),
+                                   decoder_input_ids=self.decoder_inputs(labels=labels)).logits
+                loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                            ignore_index=LABEL_PAD_ID, reduction='sum')
+                tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
+        finally:
+            model.train()
         total, count = self.collectives.sum_all_ranks([float(loss_sum), tokens])
         return total / max(count, 1)
 
-    def _bleu_and_samples(self, model, result: EvalResult) -> None:
+    def _bleu_and_samples(self, model, result: EvalResult, step: int) -> bool:
+        """BLEU-4 and the sample answers into result; False when a stop cut the answers."""
         t = self.train_cfg
         n = max(t.bleu_samples, t.show_samples)
         if not n:
-            return
+            return True
         import sacrebleu
 
         if self._sample_rows is None:
             self._sample_rows = list(iter_usable_rows(self.valid_files, n))
         rows = self._sample_rows
+
+        def should_stop() -> bool:  # asked after every generated token
+            fault_point('eval-generate', step)
+            return bool(STOP.signum)
+
         with self.accelerator.autocast():
-            hyps = answer(model, self.tokenizer, [p for p, _ in rows], max_new_tokens=t.max_seq_len,
-                          max_seq_len=t.max_seq_len)
+            hyps = answer(model, self.tokenizer, [p for p, _ in rows], max_seq_len=t.max_seq_len,
+                          max_new_tokens=min(t.eval_max_new_tokens, t.max_seq_len), should_stop=should_stop)
+        if STOP.signum:
+            return False
         if t.bleu_samples:
             k = min(t.bleu_samples, len(rows))
             result.bleu = sacrebleu.corpus_bleu(hyps[:k], [[r for _, r in rows[:k]]], tokenize='zh').score
             result.bleu_rows = k
         result.samples = tuple((p, r, h) for (p, r), h in list(zip(rows, hyps))[:t.show_samples])
+        return True

@@ -1,10 +1,17 @@
-"""Fault points for tests: widen a window or inject an error where a save can be interrupted.
+"""Fault points for tests: widen a window, inject an error or land a signal at an exact place.
 
-``CHAT_SMALL_T5_FAULT=<point>[@<step>]:<action>`` with action ``sleep=<seconds>``, ``enospc``
-(an OSError 'No space left on device'), ``sigterm`` or ``sigint`` (the process signals itself
-there: a preemption that lands exactly at that point); with ``@<step>`` only the call of that
-optimizer step is hit. Several specs are separated by commas. Unset -- the only case outside tests -- it costs one dictionary
+``CHAT_SMALL_T5_FAULT=<point>[@<step>][#<rank>]:<action>`` with action ``sleep=<seconds>``,
+``enospc`` (an OSError 'No space left on device'), ``sigterm``, ``sigint`` or ``sigkill`` (the
+process signals itself there: a preemption that lands exactly at that point); with ``@<step>``
+only the calls of that optimizer step are hit, with ``#<rank>`` only that rank (RANK). Several
+specs are separated by commas. Unset -- the only case outside tests -- it costs one dictionary
 lookup per call.
+
+Points: ``start-up`` (a training run, before its state is loaded), ``train-step`` (inside a
+step, after a micro-batch's backward; the step is the one being taken), ``eval-loss`` (before
+each validation batch), ``eval-generate`` (after each token generated for BLEU and the
+samples), ``state-save`` (inside a state save, after the engine's files), ``write`` (a file or
+folder written in full at its temporary name, not yet renamed into place: every writer).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import signal
 import time
 
 ENV = 'CHAT_SMALL_T5_FAULT'
+SIGNALS = {'sigterm': signal.SIGTERM, 'sigint': signal.SIGINT, 'sigkill': signal.SIGKILL}
 
 
 def fault_point(name: str, step: int | None = None) -> None:
@@ -23,12 +31,13 @@ def fault_point(name: str, step: int | None = None) -> None:
         return
     for spec in specs.split(','):
         point, _, action = spec.partition(':')
+        point, _, rank = point.partition('#')
         point, _, at = point.partition('@')
-        if point != name or (at and step != int(at)):
+        if point != name or (at and step != int(at)) or (rank and os.environ.get('RANK', '0') != rank):
             continue
         if action.startswith('sleep='):
             time.sleep(float(action.split('=', 1)[1]))
         elif action == 'enospc':
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        elif action in ('sigterm', 'sigint'):
-            os.kill(os.getpid(), signal.SIGTERM if action == 'sigterm' else signal.SIGINT)
+        elif action in SIGNALS:
+            os.kill(os.getpid(), SIGNALS[action])

@@ -3,7 +3,9 @@
 Each rule lives here once and everything else calls it: which column types count as text
 (:func:`is_text_type`), how they are read (:func:`as_text`), what a blank row is
 (:func:`blank_mask`), how a Parquet file is opened for streaming (:func:`open_parquet`) and
-how rows are counted (:func:`count_rows`).
+how rows are counted (:func:`count_rows`). Every read goes through model/read_guard.py: a
+damaged file is one line naming it (and the row group), and a row longer than the record limit
+is refused from the footer (and a large row group's page headers) before it is read.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from config import UserError
+from model import read_guard
+from model.read_guard import ReadGuard, human_size
 
 TEXT_COLUMNS = ('prompt', 'response')
 READ_BATCH_ROWS = 8192  # rows per streamed batch: bounded memory, big enough for vectorised work
@@ -35,6 +39,10 @@ def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
         found = sorted(glob.glob(os.path.join(spec, '*.parquet')))
         if not found:
             raise UserError(f'{spec}: folder holds no *.parquet files')
+        for path in found:  # a FIFO would block the reader, a folder is not one file
+            if not os.path.isfile(path):
+                raise UserError(f'{path}: not a regular file; a folder given as input must hold only '
+                                f'Parquet files named *.parquet (move it away, or give the files)')
         return found
     if any(ch in spec for ch in '*?['):
         found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
@@ -97,24 +105,168 @@ class ParquetInfo:
 
 def inspect_parquet(path: str, columns=TEXT_COLUMNS) -> ParquetInfo:
     """Row counts and a column check from the footer alone (no data is read)."""
-    try:
+    with ReadGuard(path):
         pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f'{path}: not a readable Parquet file ({e})') from None
-    schema = pf.schema_arrow
+        check_text_columns(path, pf.schema_arrow, columns, 'cast it to string before writing the file')
+        md = pf.metadata
+        rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+        check_row_group_sizes(path, pf, columns, f'rewrite it with: python prepare_data.py convert {path} OUT.parquet')
+        return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
+                           size_bytes=os.path.getsize(path))
+
+
+def check_text_columns(path: str, schema: pa.Schema, columns, cast_fix: str, rename_fix: str = '') -> None:
+    """Each column there once, and text."""
+    rename_fix = rename_fix or (f'rename it with: python prepare_data.py convert {path} OUT.parquet '
+                                f'--prompt_col=... --response_col=...')
     for col in columns:
-        if col not in schema.names:
-            raise UserError(f'{path}: missing column {col!r} (has: {", ".join(schema.names)}); '
-                            f'rename it with: python prepare_data.py convert {path} OUT.parquet '
-                            f'--prompt_col=... --response_col=...')
+        found = schema.names.count(col)
+        if found == 0:
+            raise UserError(f'{path}: missing column {col!r} (has: {show_names(schema.names)}); {rename_fix}')
+        if found > 1:
+            raise UserError(f'{path}: column {col!r} appears {found} times; write the file again with '
+                            f'one column of each name')
         typ = schema.field(col).type
         if not is_text_type(typ):
-            raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); '
-                            f'cast it to string before writing the file')
+            raise UserError(f'{path}: column {col!r} is {typ}, expected text (string); {cast_fix}')
+
+
+def show_names(names) -> str:
+    """Column or field names for a message: a name with a tab, a NUL or other invisible
+    characters is quoted so the reader sees them."""
+    return ', '.join(str(n) if str(n).isprintable() and str(n).strip() == str(n) and str(n) else repr(str(n))
+                     for n in names) or 'none'
+
+
+def row_group_text_bytes(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> list[int]:
+    """Uncompressed bytes of the columns in each row group, from the footer."""
     md = pf.metadata
-    rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-    return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
-                       size_bytes=os.path.getsize(path))
+    names = set(columns)
+    sizes = []
+    for i in range(md.num_row_groups):
+        group = md.row_group(i)
+        sizes.append(sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                         if group.column(j).path_in_schema in names))  # text columns are flat
+    return sizes
+
+
+def check_row_group_sizes(path: str, pf: pq.ParquetFile, columns, fix: str) -> list[int]:
+    """Every row of every row group fits the record limit, from the footer and, for a row group
+    over MAX_ROW_GROUP_TEXT_BYTES, its page headers (a page holds whole values; no page is
+    read): a big row group of ordinary rows is fine (readers stream it in slices), one huge value
+    is not. Returns the row groups' text bytes."""
+    limit = read_guard.MAX_RECORD_BYTES
+    md = pf.metadata
+    sizes = row_group_text_bytes(pf, columns)
+    for i, size in enumerate(sizes):
+        rows = md.row_group(i).num_rows
+        if rows and size > rows * limit:
+            raise UserError(f'{path}: row group {i} holds {human_size(size)} of text in {rows} row(s), more than '
+                            f'{human_size(limit)} a row (read_guard.MAX_RECORD_BYTES); {fix}')
+        page = largest_page_bytes(path, i, columns) if size > read_guard.MAX_ROW_GROUP_TEXT_BYTES else None
+        if page and page > read_guard.MAX_ROW_GROUP_TEXT_BYTES:
+            raise UserError(f'{path}: row group {i} holds a page of {human_size(page)}, more than the '
+                            f'{human_size(read_guard.MAX_ROW_GROUP_TEXT_BYTES)} one read may hold '
+                            f'(read_guard.MAX_ROW_GROUP_TEXT_BYTES): a value that long, or a writer\'s page size; '
+                            f'write the file again with pages of ~1 MB (pyarrow\'s default), without such values')
+    return sizes
+
+
+def largest_page_bytes(path: str, row_group: int, columns=TEXT_COLUMNS) -> int | None:
+    """The largest uncompressed page of the columns in a row group, from the page headers
+    (a few bytes each, no page is read); None when they cannot be walked (then nothing is
+    known). A page holds whole values: one huge value is one huge page, whatever the row group."""
+    try:
+        md = pq.ParquetFile(path).metadata.row_group(row_group)
+        chunks = [md.column(j) for j in range(md.num_columns) if md.column(j).path_in_schema in set(columns)]
+        largest = 0
+        with open(path, 'rb') as f:
+            for chunk in chunks:
+                start = chunk.data_page_offset
+                if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < start:
+                    start = chunk.dictionary_page_offset
+                pos, end = start, start + chunk.total_compressed_size
+                while pos < end:
+                    f.seek(pos)
+                    header = _ThriftCompact(f)
+                    fields = header.struct_fields()
+                    largest = max(largest, fields[2])
+                    pos += header.consumed + fields[3]
+        return largest
+    except Exception:  # noqa: BLE001 - an unusual or damaged file: the real read decides
+        return None
+
+
+class _ThriftCompact:
+    """Just enough of Thrift's compact protocol to read a Parquet PageHeader's sizes (fields 2
+    and 3, i32) and skip the rest of it; a long binary (statistics) is skipped, not read."""
+
+    def __init__(self, f):
+        self.f, self.consumed = f, 0
+
+    def byte(self) -> int:
+        b = self.f.read(1)
+        if not b:
+            raise EOFError('page header cut short')
+        self.consumed += 1
+        return b[0]
+
+    def varint(self) -> int:
+        shift = value = 0
+        while True:
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value
+            shift += 7
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def struct_fields(self) -> dict[int, int]:
+        """The integer fields of a struct by id (other fields skipped)."""
+        out, field = {}, 0
+        while True:
+            head = self.byte()
+            kind = head & 0x0F
+            if kind == 0:
+                return out
+            field = field + (head >> 4) if head >> 4 else self.zigzag()
+            if kind in (4, 5, 6):
+                out[field] = self.zigzag()
+            else:
+                self.skip(kind)
+
+    def skip(self, kind: int) -> None:
+        if kind in (1, 2):  # booleans live in the type
+            return
+        if kind == 3:
+            self.byte()
+        elif kind in (4, 5, 6):
+            self.varint()
+        elif kind == 7:
+            self.f.seek(8, 1)
+            self.consumed += 8
+        elif kind == 8:
+            n = self.varint()
+            self.f.seek(n, 1)
+            self.consumed += n
+        elif kind in (9, 10):
+            head = self.byte()
+            size = head >> 4 if head >> 4 != 15 else self.varint()
+            for _ in range(size):
+                self.byte() if head & 0x0F in (1, 2) else self.skip(head & 0x0F)
+        elif kind == 11:
+            size = self.varint()
+            types = self.byte() if size else 0
+            for _ in range(size):
+                self.skip(types >> 4)
+                self.skip(types & 0x0F)
+        elif kind == 12:
+            self.struct_fields()
+        else:
+            raise ValueError(f'thrift type {kind}')
 
 
 def count_rows(spec) -> int:
@@ -132,18 +284,46 @@ def open_parquet(path: str, buffer_size: int = 1 << 20) -> pq.ParquetFile:
     (an 860 MB file: 832 MB of Arrow memory at the end) and fetched a whole column chunk
     before the first batch; buffered page reads hold ~14 MB instead, at the same speed.
     """
-    try:
+    with ReadGuard(path):
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer_size)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f'{path}: not a readable Parquet file ({e})') from None
 
 
 def iter_text_tables(spec, columns=TEXT_COLUMNS, batch_rows: int = READ_BATCH_ROWS):
     """Tables of at most batch_rows rows of the columns (as text), streamed from every file."""
     for path in resolve_parquet_files(spec):
+        yield from iter_file_batches(path, columns, batch_rows, lambda batch: pa.Table.from_arrays(
+            [as_text(batch.column(c)) for c in columns], names=list(columns)), inspect=True)
+
+
+def iter_file_batches(path: str, columns, batch_rows: int, convert=lambda batch: batch, inspect: bool = False):
+    """convert(batch) of the record batches of one file, row group by row group, a failure
+    naming the row group; inspect: check the footer first (columns, row-group sizes)."""
+    if inspect:
         inspect_parquet(path, columns)
-        for batch in open_parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns)):
-            yield pa.Table.from_arrays([as_text(batch.column(c)) for c in columns], names=list(columns))
+    pf = open_parquet(path)
+    with ReadGuard(path) as guard:
+        for i in range(pf.metadata.num_row_groups):
+            guard.at(f'row group {i}')
+            rows = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=list(columns)):
+                check_utf8(batch)
+                rows += batch.num_rows
+                yield convert(batch)
+            if rows != pf.metadata.row_group(i).num_rows:
+                raise short_read_error(path, i, rows, pf.metadata.row_group(i).num_rows)
+
+
+def short_read_error(path: str, row_group: int, rows: int, expected: int) -> UserError:
+    """pyarrow reads a row group whose pages lie past the end of the file as empty, silently."""
+    return UserError(f'{path}: row group {row_group}: {rows} of its {expected} rows could be read: the file was '
+                     f'cut short or changed while it was read; write or copy it again')
+
+
+def check_utf8(batch: pa.RecordBatch) -> None:
+    """ArrowInvalid unless every string is UTF-8: Parquet readers take the bytes as they are,
+    and Python would fail on them later, far from the file (Arrow's check runs at GB/s)."""
+    for column in batch.columns:
+        column.validate(full=True)
 
 
 def iter_usable_rows(spec, limit: int):

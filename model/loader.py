@@ -42,17 +42,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from config import UserError
 from model.epoch_order import EpochPlan, FlatOrder, OrderParams
 from model.files import inspect_parquet, resolve_parquet_files
-from model.tokenizer import LABEL_PAD_ID, PAD_ID
+from model.stopping import ignore_in_worker
+from model.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, text_cut_chars
 from model.window_reader import WindowReader
 
 logger = logging.getLogger(__name__)
 
+READ_ERROR = 'read_error'  # a worker's UserError, handed over as a batch
 TOKENIZE_ROWS = 256  # rows of local batches tokenized per call: the Rust tokenizer's threads pay off
 
 
 class TokenEncoder:
     """Strings -> token ids with the fast (Rust) tokenizer that inference uses, each truncated
-    to max_seq_len with eos kept last. Pickles as the tokenizer's JSON, for DataLoader workers."""
+    to max_seq_len with eos kept last; a text is first cut to the characters that can give those
+    tokens (tokenizer.text_cut_chars), so a huge cell costs no more than a long row. Pickles as
+    the tokenizer's JSON, for DataLoader workers."""
 
     def __init__(self, tokenizer, max_seq_len: int):
         if max_seq_len < 2:
@@ -70,6 +74,7 @@ class TokenEncoder:
         self._rust = Tokenizer.from_str(self._json)
         self._rust.no_padding()
         self._rust.enable_truncation(self.max_seq_len)
+        self._cut_chars = text_cut_chars(self._rust, self.max_seq_len)
 
     def __getstate__(self):
         return {'max_seq_len': self.max_seq_len, 'eos_id': self.eos_id, '_json': self._json}
@@ -80,6 +85,7 @@ class TokenEncoder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text (eos last, at most max_seq_len)."""
+        texts = cut_texts(texts, self._cut_chars)
         return [e.ids for e in self._rust.encode_batch_fast(texts, add_special_tokens=True)]
 
     def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -283,6 +289,12 @@ class ParquetStreamDataset(IterableDataset):
                 yield from self._grouped_batches(pass_, plan, reader, worker, num_workers)
             else:
                 yield from self._plain_batches(pass_, reader, worker, num_workers)
+        except UserError as e:  # a damaged page met mid-epoch
+            if info is None:
+                raise
+            # raised in a worker it would reach the main process with the worker's traceback
+            # in its message: the one line travels as data instead (in_order raises it)
+            yield {READ_ERROR: str(e)}
         finally:
             reader.close()
 
@@ -328,6 +340,8 @@ def in_order(batches):
     order: each makes whole length groups). Holds at most the batches that arrived early."""
     waiting, want = {}, 0
     for batch in batches:
+        if READ_ERROR in batch:
+            raise UserError(batch[READ_ERROR])
         waiting[batch['batch_index']] = batch
         while want in waiting:
             yield waiting.pop(want)
@@ -374,6 +388,7 @@ class StreamingLoader:
                                  batch_size=batch_size, mix_row_groups=mix_row_groups)
         self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                      multiprocessing_context=multiprocessing_context,
+                                     worker_init_fn=ignore_in_worker,  # a stop is the main process's
                                      # workers hand over numpy arrays: pickled through the pipe they
                                      # cost ~5 us, torch tensors go through shared memory at ~40 us
                                      # per row of the main process (measured, bench/bench_data.py)

@@ -40,6 +40,8 @@ import zlib
 from typing import Iterator
 
 from config import UserError
+from model.faults import fault_point
+from model.stopping import critical
 
 MARKER_FILE = 'chat_small_t5.json'
 MARKER_KEY = 'chat_small_t5'
@@ -150,11 +152,12 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> No
     if manifest:
         info['entries'] = describe_entries(folder)
     data = json.dumps(marker_info(kind, **info), ensure_ascii=False, indent=1).encode()
-    fd = os.open(os.path.join(folder, MARKER_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with critical():  # never half a marker
+        fd = os.open(os.path.join(folder, MARKER_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _read_regular(path: str, limit: int) -> bytes | None:
@@ -702,12 +705,14 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
     try:
         with disk_errors(what, path):
             yield tmp
+            fault_point('write')
             if seal:
                 seal_file(tmp)
             with open(tmp, 'rb') as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
-        os.replace(tmp, path)
+        with critical():  # a stop lands before the rename (nothing written) or after it (all written)
+            os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
+            os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -746,16 +751,17 @@ def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: st
     check_replaceable(target, kinds, what, folder=True)
     _open_up(tmp)
     fsync_dir(tmp)
-    if not os.path.lexists(target):
-        os.rename(tmp, target)
-    elif _exchange(tmp, target):
-        shutil.rmtree(tmp)  # the old folder, now at the temporary name
-    else:
-        old = f'{tmp}.old'
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    fsync_dir(os.path.dirname(target))
+    with critical():  # a stop never leaves target missing or the old folder at a temporary name
+        if not os.path.lexists(target):
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # the old folder, now at the temporary name
+        else:
+            old = f'{tmp}.old'
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        fsync_dir(os.path.dirname(target))
 
 
 @contextlib.contextmanager
@@ -768,6 +774,7 @@ def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Ite
     try:
         with disk_errors(what, target):
             yield tmp
+            fault_point('write')
         replace_folder(tmp, target, kinds, what)
     finally:
         if os.path.lexists(tmp):

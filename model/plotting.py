@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field
 
 from config import UserError
-from model import ownership
+from model import ownership, read_guard
+from model.read_guard import ReadGuard, iter_bounded_lines
 from model.ownership import PLOT
 
 STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)')
@@ -29,10 +30,14 @@ class Curves:
 
 
 def read_curves(log_file: str) -> Curves:
-    """The figures of a run's log; a resumed run's repeated steps keep their last value."""
+    """The figures of a run's log; a resumed run's repeated steps keep their last value. A line
+    longer than MAX_LOG_LINE_BYTES is skipped unread (the trainer's lines are far shorter)."""
     train, evals, bleus = {}, {}, {}
-    with open(log_file, encoding='utf-8', errors='replace') as f:
-        for line in f:
+    with ReadGuard(log_file, fix='give the log file a training run wrote'), open(log_file, 'rb') as f:
+        for raw, whole in iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES):
+            if not whole:
+                continue
+            line = raw.decode('utf-8', errors='replace')
             m = STEP_RE.search(line)
             if m:
                 train[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
@@ -66,7 +71,8 @@ def newest_log(log_dir: str) -> str:
 def plot_log(log_file: str, out: str) -> Curves:
     """Three panels (training loss, learning rate, validation loss) as a PNG the toolkit marks."""
     if not os.path.isfile(log_file):
-        raise UserError(f'--log_file={log_file}: no such file')
+        what = 'not a regular file (a folder, a FIFO or a device)' if os.path.exists(log_file) else 'no such file'
+        raise UserError(f'--log_file={log_file}: {what}; give a training run\'s log')
     curves = read_curves(log_file)
     if not curves.step:
         raise UserError(f'{log_file}: no training step lines in this log (is it a chat_trainer_low_mem log?)')

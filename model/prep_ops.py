@@ -22,6 +22,7 @@ from model.prep_output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_
 from model.prep_readers import iter_input_tables
 
 IN_MEMORY_ROWS = 2_000_000  # split with sklearn up to this many rows, stream beyond
+HEAD_CHARS = 200  # characters of a value `check` shows (the table cuts them to 30)
 TOKEN_SAMPLE_ROWS = 100_000  # rows tokenized by `check` (tokenizing is ~100x slower than counting)
 
 
@@ -170,9 +171,8 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths."""
     files = resolve_parquet_files(input_spec)
     total = count_rows(files)
-    first = open_parquet(files[0])
-    columns = first.schema_arrow.names
-    head = next(first.iter_batches(batch_size=5), None)
+    columns = open_parquet(files[0]).schema_arrow.names
+    head: list[dict] | None = None
     tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed) \
         if tokenizer_dir else None
     counts = {'null_prompt': 0, 'null_response': 0, 'null_rows': 0, 'blank_rows': 0,
@@ -180,6 +180,8 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
     seen: set[bytes] = set()
     for table in iter_parquet_tables(files):
+        if head is None:  # the first rows of the first file, cut for display (pandas formats a value whole)
+            head = _head_rows(table.slice(0, 5))
         masks = build_row_masks(table)
         counts['null_prompt'] += table.column('prompt').null_count
         counts['null_response'] += table.column('response').null_count
@@ -195,13 +197,18 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
             tokens.add(table)
     return {
         'files': files, 'rows': total, 'columns': columns, 'shape': (total, len(columns)),
-        'head': head.to_pylist() if head is not None else [],
+        'head': head or [],
         'nulls': {'prompt': counts['null_prompt'], 'response': counts['null_response']},
         'null_rows': counts['null_rows'], 'blank_rows': counts['blank_rows'],
         'duplicate_rows': counts['duplicate_rows'],
         'prompt_chars': _describe(lengths['prompt']), 'response_chars': _describe(lengths['response']),
         'tokens': tokens.summary() if tokens is not None else None,
     }
+
+
+def _head_rows(table: pa.Table, chars: int = HEAD_CHARS) -> list[dict]:
+    cut = {name: pc.utf8_slice_codeunits(table.column(name), 0, chars) for name in table.column_names}
+    return pa.table(cut).to_pylist()
 
 
 def _describe(parts: list[np.ndarray]) -> dict[str, float]:
@@ -215,10 +222,12 @@ class _TokenStats:
     """Token lengths (eos included) of a seeded sample of at most ``sample_rows`` rows."""
 
     def __init__(self, tokenizer_dir: str, max_seq_len: int, sample_rows: int, total: int, seed: int):
-        from model.tokenizer import load_tokenizer
+        from model.tokenizer import load_tokenizer, text_cut_chars
 
         self.tok = load_tokenizer(tokenizer_dir)
         self.max_seq_len = max_seq_len
+        self.cut_chars = text_cut_chars(self.tok, max_seq_len)  # longer texts: counted up to there
+        self.cut = 0
         self.keep = 1.0 if total <= sample_rows else sample_rows / total
         self.rng = np.random.default_rng(seed)
         self.lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
@@ -229,9 +238,12 @@ class _TokenStats:
         if self.keep < 1.0:
             chosen &= self.rng.random(table.num_rows) < self.keep
         rows = table.filter(pa.array(chosen))
+        from model.tokenizer import cut_texts
+
         for name in TEXT_COLUMNS:
             texts = rows.column(name).to_pylist()
-            ids = self.tok(texts, add_special_tokens=True)['input_ids'] if texts else []
+            self.cut += sum(len(t) > self.cut_chars for t in texts)
+            ids = self.tok(cut_texts(texts, self.cut_chars), add_special_tokens=True)['input_ids'] if texts else []
             self.lengths[name].append(np.array([len(x) for x in ids], dtype=np.int32))
 
     def summary(self) -> dict[str, Any]:
@@ -241,6 +253,7 @@ class _TokenStats:
         sampled = len(prompt)
         return {
             'sample_rows': sampled, 'sampled_all': self.keep >= 1.0, 'max_seq_len': self.max_seq_len,
+            'cut_texts': self.cut, 'cut_chars': self.cut_chars,
             'prompt': _percentiles(prompt), 'response': _percentiles(response),
             'truncated_prompts': int(over_p.sum()), 'truncated_responses': int(over_r.sum()),
             'truncated_rows': int((over_p | over_r).sum()),
@@ -273,7 +286,9 @@ def format_report(report: dict[str, Any]) -> str:
     tokens = report['tokens']
     if tokens is not None:
         sample = 'all rows' if tokens['sampled_all'] else f'a random sample of {tokens["sample_rows"]} rows'
-        lines += ['', f'token lengths, eos included ({sample}):']
+        cut = (f'; {tokens["cut_texts"]} text(s) over {tokens["cut_chars"]:,} characters counted up to there'
+               if tokens['cut_texts'] else '')
+        lines += ['', f'token lengths, eos included ({sample}{cut}):']
         for name in TEXT_COLUMNS:
             lines.append(f'  {name:<9} ' + '  '.join(f'{k} {v}' for k, v in tokens[name].items()))
         lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '

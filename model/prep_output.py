@@ -1,8 +1,8 @@
 """Writing prompt/response Parquet: full row groups, the toolkit's marker, an atomic rename.
 
 Outputs have exactly the string columns ``prompt`` and ``response`` in row groups of
-``ROW_GROUP_ROWS`` rows, carry the toolkit's marker in the footer (so a later command may
-replace them, and nothing else), and are written to a temporary file renamed into place, so
+``ROW_GROUP_ROWS`` rows (fewer when rows are long: about ``ROW_GROUP_MAX_BYTES`` of text),
+carry the toolkit's marker in the footer (so a later command may replace them, and nothing else), and are written to a temporary file renamed into place, so
 a failed run leaves no partial file behind.
 """
 
@@ -22,16 +22,18 @@ from model.ownership import DATA
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
 BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work
+ROW_GROUP_MAX_BYTES = 64 << 20  # long rows: a row group ends here, far below a reader's limit (read_guard)
 OUTPUT_SCHEMA = pa.schema([('prompt', pa.string()), ('response', pa.string())])
 
 
 class RowGroupWriter:
-    """Buffers incoming tables so every row group but the last has ROW_GROUP_ROWS rows."""
+    """Buffers incoming tables so every row group but the last has ROW_GROUP_ROWS rows, or
+    fewer when they hold ROW_GROUP_MAX_BYTES of text."""
 
     def __init__(self, writer: pq.ParquetWriter):
         self._writer = writer
         self._pending: list[pa.Table] = []
-        self._pending_rows = 0
+        self._pending_rows = self._pending_bytes = 0
         self.rows_written = 0
 
     def write(self, table: pa.Table) -> None:
@@ -39,7 +41,8 @@ class RowGroupWriter:
             return
         self._pending.append(build_output_table(table))
         self._pending_rows += table.num_rows
-        if self._pending_rows >= ROW_GROUP_ROWS:
+        self._pending_bytes += self._pending[-1].nbytes
+        if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_MAX_BYTES:
             self._flush(final=False)
 
     @property
@@ -52,15 +55,19 @@ class RowGroupWriter:
 
     def _flush(self, final: bool) -> None:
         table = pa.concat_tables(self._pending) if self._pending else None
-        self._pending, self._pending_rows = [], 0
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
         if table is None:
             return
-        full = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP_ROWS
+        per_group = ROW_GROUP_ROWS
+        if table.nbytes > ROW_GROUP_MAX_BYTES:  # long rows: fewer of them a row group
+            per_group = max(1, min(per_group, table.num_rows * ROW_GROUP_MAX_BYTES // table.nbytes))
+        full = table.num_rows if final else table.num_rows - table.num_rows % per_group
         if full:
-            self._writer.write_table(table.slice(0, full), row_group_size=ROW_GROUP_ROWS)
+            self._writer.write_table(table.slice(0, full), row_group_size=per_group)
             self.rows_written += full
         if full < table.num_rows:
             self._pending, self._pending_rows = [table.slice(full)], table.num_rows - full
+            self._pending_bytes = self._pending[0].nbytes
 
 
 def build_output_table(table: pa.Table | pa.RecordBatch) -> pa.Table:

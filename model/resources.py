@@ -23,11 +23,15 @@ def sample_token_lengths(files, tokenizer_dir: str, max_seq_len: int, rows: int 
     """Mean (prompt, response) tokens of the first usable rows, eos included, cut at max_seq_len."""
     from tokenizers import Tokenizer
 
+    from model.tokenizer import cut_texts, text_cut_chars
+
     tok = Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json'))
     tok.no_padding()
     tok.enable_truncation(max_seq_len)
+    cut = text_cut_chars(tok, max_seq_len)
     pairs = list(iter_usable_rows(files, rows))
-    lengths = [[len(e.ids) for e in tok.encode_batch_fast([p[i] for p in pairs])] for i in range(len(TEXT_COLUMNS))]
+    lengths = [[len(e.ids) for e in tok.encode_batch_fast(cut_texts([p[i] for p in pairs], cut))]
+               for i in range(len(TEXT_COLUMNS))]
     return float(np.mean(lengths[0])), float(np.mean(lengths[1]))
 
 

@@ -1,8 +1,8 @@
-"""The process a training run lives in: its collectives, precision, log file and signals.
+"""The process a training run lives in: its collectives, precision and log file.
 
 Collectives: every method named ``*_all_ranks`` must be called by every rank at the same
 point, outside any condition a rank could take alone. They run on a CPU (gloo) group, so
-counting tokens or voting on a stop never waits for the device.
+counting tokens or voting on a stop never waits for the device. (Signals: model/stopping.py.)
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import datetime
 import itertools
 import logging
 import os
-import signal
-import time
 
 import torch
 
@@ -40,6 +38,17 @@ class Collectives:
         buf = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(buf, group=self.cpu_group)
         return buf.tolist()
+
+    def stop_signal_all_ranks(self, signum: int) -> int:
+        """The stop signal of any rank (the largest number), 0 while no rank has one: every rank
+        learns of a stop at the same point, so they leave together."""
+        if self.world == 1:
+            return int(signum)
+        import torch.distributed as dist
+
+        buf = torch.tensor([int(signum)], dtype=torch.int64)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(buf.item())
 
     def ok_all_ranks(self, ok: bool) -> bool:
         """True when every rank says ok."""
@@ -135,49 +144,3 @@ def setup_logging_all_ranks(log_dir: str, collectives: Collectives) -> str:
 
     transformers.utils.logging.disable_progress_bar()  # 'Writing model shards' bars amid the log
     return name
-
-
-# --------------------------------------------------------------------------- signals
-
-
-class StopSignals:
-    """First SIGINT/SIGTERM: ask for a stop at the next step boundary. A second SIGINT more
-    than REPEAT_S later (a person pressing Ctrl-C again): abort now. Copies that arrive
-    together -- a terminal signals the whole process group and a launcher forwards the same
-    signal to its ranks -- count as one."""
-
-    REPEAT_S = 2.0
-
-    def __init__(self):
-        self.signum = 0
-        self._first = 0.0
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            if signum == signal.SIGINT and time.monotonic() - self._first > self.REPEAT_S:
-                os.write(2, b'second SIGINT: aborting without saving (the last complete state is kept)\n')
-                os._exit(130)
-            return
-        self.signum, self._first = signum, time.monotonic()
-        os.write(2, f'{signal.Signals(signum).name}: stopping at the next step boundary and saving '
-                    f'(Ctrl-C again aborts at once)\n'.encode())
-
-    def follow(self, signum: int) -> None:
-        """A stop another rank received: this rank leaves the same way, and so also ignores the
-        launcher's SIGTERM on its way out."""
-        if not self.signum:
-            self.signum, self._first = signum, time.monotonic()
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            # after a stop the process is on its way out with 128+signal: a launcher's
-            # repeated SIGTERM (torchrun sends one when the first rank exits) must not
-            # turn that exit code into a death by signal
-            signal.signal(s, signal.SIG_IGN if self.signum and s == signal.SIGTERM else h)
-        return False

@@ -32,6 +32,25 @@ LABEL_PAD_ID = -100  # label positions the loss ignores (padding)
 SPM_FILE = 'sentencepiece.model'  # the trained model; the data loader's fast path encodes with it
 
 
+def text_cut_chars(tokenizer, max_tokens: int) -> int:
+    """Characters of a text that give the same first ``max_tokens`` tokens as the whole text.
+
+    A token covers at most its piece's length in characters (identity normalizer, one '▁' per
+    space, byte pieces less than one character), so a text cut at twice the longest piece per
+    kept token still has at least 2 x max_tokens tokens, and the segmentation of the kept
+    ones, settled within a few pieces, never sees the cut (tests/test_tokenizer.py checks it
+    on the real validation texts). Why cut: the Rust tokenizer holds every offset of the whole text
+    (a 100 MB prompt: gigabytes) before truncating."""
+    rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
+    longest = max((len(piece) for piece in rust.get_vocab()), default=1)
+    return max_tokens * max(longest, 1) * 2
+
+
+def cut_texts(texts: list, chars: int) -> list:
+    """Each text at most ``chars`` characters (see :func:`text_cut_chars`); None stays."""
+    return [t[:chars] if t is not None and len(t) > chars else t for t in texts]
+
+
 def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
     """Prompt and response strings streamed from Parquet, sampling at most ~max_rows rows."""
     total = count_rows(files)
@@ -53,11 +72,11 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     import sentencepiece as spm
 
     files = check_tokenizer_inputs(train_file, tokenizer_dir)
-    texts = iter_training_texts(files, max_rows=max_rows, seed=seed)
+    texts = _KeepError(iter_training_texts(files, max_rows=max_rows, seed=seed))
     model_buf = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=texts, model_writer=model_buf, vocab_size=vocab_size,
+        in_a_thread(lambda: spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model_buf, vocab_size=vocab_size,
             model_type='unigram', character_coverage=character_coverage,
             byte_fallback=True, normalization_rule_name='identity',
             remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=['\n'],
@@ -65,9 +84,11 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
             pad_piece='<pad>', eos_piece='</s>', unk_piece='<unk>',
             input_sentence_size=2 * max_rows, shuffle_input_sentence=True,
             max_sentence_length=1 << 16, num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False)
+            minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False))
     except RuntimeError as e:
+        texts.reraise()
         raise _explain_spm_error(e, vocab_size) from None
+    texts.reraise()
     if model_buf.tell() == 0:
         raise UserError(f'{train_file}: no non-empty prompt/response text to train a tokenizer on')
     save_tokenizer(model_buf.getvalue(), tokenizer_dir)
@@ -76,10 +97,53 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
     return tok
 
 
+class _KeepError:
+    """An iterator that keeps what it raised: sentencepiece turns an exception of its
+    sentence iterator (a damaged file's one line, a stop signal) into a RuntimeError holding a
+    traceback; the original is raised again after training returns."""
+
+    def __init__(self, items):
+        self.items, self.error = items, None
+
+    def __iter__(self):
+        try:
+            yield from self.items
+        except BaseException as e:  # noqa: BLE001 - kept and raised again by reraise()
+            self.error = e
+            raise
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error.with_traceback(None) from None
+
+
+def in_a_thread(fn):
+    """fn() in a daemon thread while this one waits: sentencepiece trains for minutes in C++ with
+    the GIL released, so SIGTERM / Ctrl-C still stop the process at once (nothing is written
+    before the training ends) instead of after the training (model/stopping.py)."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome['value'] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome['error'] = e
+
+    worker = threading.Thread(target=run, name='sentencepiece', daemon=True)
+    worker.start()
+    worker.join()
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome.get('value')
+
+
 def check_tokenizer_inputs(train_file, tokenizer_dir: str) -> list[str]:
     """Everything train_tokenizer needs, checked before the work: usable text to read, and an
     output folder that is new, empty or a tokenizer this toolkit wrote (never an input)."""
     files = resolve_parquet_files(train_file)
+    tokenizer_dir = ownership.resolve_place(tokenizer_dir, 'tokenizer_dir')  # a link: written where it points
     ownership.check_replaceable(tokenizer_dir, TOKENIZER, 'tokenizer_dir', folder=True)
     ownership.check_not_an_input(tokenizer_dir, files, 'tokenizer_dir', [train_file])
     ownership.check_writable(tokenizer_dir, 'tokenizer_dir')

@@ -11,10 +11,19 @@ when logging, evaluating or saving, so nothing with NaN weights is saved.
 
 Collectives: methods named ``*_all_ranks`` are reached by every rank at the same step; the
 conditions before them (``should_*``) depend on the global step only, never on a rank.
+
+Stops (SIGTERM / SIGINT, model/stopping.py): a run is polled, from its start to its end. A
+signal is recorded; the ranks vote on it at every step (with the step's token count), before
+every validation batch, and at start-up and before the final save; generation asks it after
+every token. A stop finishes the step in progress (or the save), drops a cut evaluation --
+remembered in the state as pending, so the resumed run performs it first and logs the same
+evaluations as an uninterrupted one -- saves the state of the last completed step if it is not
+saved yet, and raises Stopped, which the face turns into one line and exit 130/143.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import logging
@@ -27,13 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from config import ResolvedConfig
-from model import ownership, preflight, state_files
+from model import ownership, preflight, state_files, stopping
 from model.chat_model import build_model, load_weights_into
 from model.checkpoint import Checkpointer, TrainState
 from model.evaluation import Evaluator
+from model.faults import fault_point
 from model.files import resolve_parquet_files
 from model.model_source import weights_path
-from model.run_support import Collectives, StopSignals, resolve_precision, setup_logging_all_ranks
+from model.run_support import Collectives, resolve_precision, setup_logging_all_ranks
+from model.stopping import STOP, Stopped
 from model.sizing import model_shape, total_optimizer_steps
 from model.tokenizer import LABEL_PAD_ID, load_tokenizer, tokenizer_fingerprint
 
@@ -56,6 +67,7 @@ class LogInterval:
     input_tokens: int = 0
     rows: int = 0
     skipped: int = 0
+    steps: int = 0
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     start: float = field(default_factory=time.time)
 
@@ -104,6 +116,8 @@ class Trainer:
         for note in notes:
             logger.warning('%s', note)
         self.stamp = os.path.basename(self.log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
+        fault_point('start-up')
+        self.startup_stop_all_ranks()
         if t.log_with != 'none':
             self._init_trackers()
 
@@ -133,16 +147,18 @@ class Trainer:
                                          self.scheduler, self.train_loader, self.tokenizer, fingerprint)
         self.evaluator = Evaluator(t, self.accelerator, self.collectives, self.tokenizer, valid_loader, valid_files,
                                    self.decoder_inputs)
+        self.startup_stop_all_ranks()  # again before anything is moved or loaded: a stop here changes nothing
         if not resume:
-            self.checkpointer.archive_previous_run_all_ranks(self.stamp)
+            with stopping.critical():
+                self.checkpointer.archive_previous_run_all_ranks(self.stamp)
         self.collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
         self.state = self.checkpointer.load() if resume else TrainState()
+        self._saved_pending = self.state.eval_pending  # as in the newest saved state
+        self._seconds_per_step = 0.0
+        self._grace_warned = False
         self.nonfinite_step = torch.tensor(-1, device=self.accelerator.device)
         self.interval = self._new_interval()
         self._rows_unfolded = self._tokens_unfolded = 0  # this rank's, not yet in the run state
-        if t.warmup_steps >= self.total_steps:
-            logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never '
-                           'reaches learn_rate', t.warmup_steps, self.total_steps)
 
     def _init_trackers(self) -> None:
         """accelerate's trackers (TensorBoard under log_dir/tensorboard/<run>, or wandb), with the
@@ -179,8 +195,13 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.collectives.is_main,
                    dynamic_ncols=True, mininterval=1.0, desc='train')
         self._run_start, self._run_start_step = time.time(), state.global_step
+        # the console through the bar on main; elsewhere tqdm's handler would drop the WARNING level
+        redirect = logging_redirect_tqdm() if self.collectives.is_main else contextlib.nullcontext()
+        batches = None
         try:
-            with StopSignals() as stop, logging_redirect_tqdm():
+            with redirect:
+                if state.eval_pending:  # cut by the stop that ended the run this one resumes
+                    self.evaluate_all_ranks()
                 batches = iter(self.train_loader)
                 while state.global_step < self.total_steps:
                     position = self.train_loader.state_dict()
@@ -192,10 +213,10 @@ class Trainer:
                         batches = iter(self.train_loader)
                         continue
                     label_tokens = [int((b['labels'] != LABEL_PAD_ID).sum()) for b in micro]
-                    global_tokens, stop_requested = self.collectives.sum_all_ranks([sum(label_tokens), stop.signum])
+                    global_tokens, stop_requested = self.collectives.sum_all_ranks([sum(label_tokens), STOP.signum])
                     if stop_requested:  # a rank that got no signal itself stops as for SIGTERM
-                        stop.follow(signal.SIGTERM)
-                        return self.stop_all_ranks(stop.signum, position)
+                        STOP.follow(signal.SIGTERM)
+                        raise self.stop_all_ranks(position)
                     self.train_step(micro, label_tokens, global_tokens)
                     state.global_step += 1
                     bar.update(1)
@@ -207,6 +228,8 @@ class Trainer:
             logger.error('%s', e)
             return EXIT_DIVERGED
         finally:
+            if batches is not None:
+                batches.close()  # DataLoader workers end here, not when the interpreter exits
             bar.close()
         return EXIT_OK
 
@@ -214,6 +237,7 @@ class Trainer:
         scale = self.world * len(micro) / max(global_tokens, 1.0)
         model, dev, interval = self.model, self.accelerator.device, self.interval
         for batch, n_labels in zip(micro, label_tokens):
+            fault_point('train-step', self.state.global_step + 1)
             labels = batch['labels'].to(dev, non_blocking=True)
             inputs = {'input_ids': batch['input_ids'].to(dev, non_blocking=True),
                       'attention_mask': batch['attention_mask'].to(dev, non_blocking=True),
@@ -236,6 +260,7 @@ class Trainer:
             interval.skipped += batch['num_skipped']
             self._rows_unfolded += batch['num_rows']
             self._tokens_unfolded += n_labels
+        interval.steps += 1
         finite = torch.isfinite(loss_sum.detach())
         if self.accelerator.scaler is None:  # with fp16's scaler an inf norm only skips the step
             finite &= torch.isfinite(torch.as_tensor(grad_norm, device=dev))
@@ -295,6 +320,7 @@ class Trainer:
         loss_sum, label_tokens, input_tokens, rows, skipped = self.collectives.sum_all_ranks(
             [float(interval.loss_sum), interval.label_tokens, interval.input_tokens, interval.rows, interval.skipped])
         elapsed = max(time.time() - interval.start, 1e-9)
+        self._seconds_per_step = elapsed / max(interval.steps, 1)
         self.fold_counts_all_ranks()
         done = state.global_step - self._run_start_step
         eta = (time.time() - self._run_start) / max(done, 1) * (self.total_steps - state.global_step)
@@ -313,7 +339,13 @@ class Trainer:
         if state.last_eval_step == state.global_step:
             return
         self.check_finite_all_ranks()
-        result = self.evaluator.evaluate_all_ranks(self.model)
+        result = self.evaluator.evaluate_all_ranks(self.model, state.global_step)
+        if result is None:  # cut by a stop: nothing of it is logged or exported
+            state.eval_pending = True
+            logger.warning('the evaluation at step %d was cut by the stop: dropped; a resumed run performs it first',
+                           state.global_step)
+            return
+        state.eval_pending = False
         logger.info(result.describe(state.global_step))
         figures = {'eval/loss': result.loss, 'eval/perplexity': result.perplexity}
         if result.bleu is not None:
@@ -322,45 +354,103 @@ class Trainer:
         state.last_eval_step = state.global_step
         if result.loss < state.best_val_loss:
             state.best_val_loss, state.best_step = result.loss, state.global_step
-            self.checkpointer.save_best_all_ranks(state.global_step)
+            with stopping.critical():
+                self.checkpointer.save_best_all_ranks(state.global_step)
+
+    def needs_save(self) -> bool:
+        """The run state differs from the newest saved one (a step, or a pending evaluation done)."""
+        return self.state.global_step > 0 and (self.checkpointer.last_saved_step != self.state.global_step or
+                                               self._saved_pending != self.state.eval_pending)
 
     def save_all_ranks(self, data_state: dict | None = None) -> str:
         self.check_finite_all_ranks()
         self.fold_counts_all_ranks()
-        return self.checkpointer.save_all_ranks(self.state, data_state)
+        start = time.perf_counter()
+        with stopping.critical():
+            path = self.checkpointer.save_all_ranks(self.state, data_state)
+        self._saved_pending = self.state.eval_pending
+        self.warn_if_stop_outlasts_grace(time.perf_counter() - start)
+        return path
 
-    def stop_all_ranks(self, signum: int, position: dict) -> int:
-        name = signal.Signals(int(signum)).name
-        logger.warning('%s received: saving state at step %d', name, self.state.global_step)
-        if self.state.global_step > 0 and self.checkpointer.last_saved_step != self.state.global_step:
-            self.save_all_ranks(data_state=position)
-        logger.warning('rank %d: stopped by %s at step %d after saving; exit code %d', self.rank, name,
-                       self.state.global_step, 128 + int(signum))
-        return 128 + int(signum)
+    def warn_if_stop_outlasts_grace(self, save_seconds: float) -> None:
+        """A stop finishes the step in progress, then saves: once, say so if that takes longer
+        than the cluster waits between SIGTERM and SIGKILL."""
+        grace, step = self.train_cfg.stop_grace_s, self._seconds_per_step
+        if self._grace_warned or save_seconds + step <= grace:
+            return
+        self._grace_warned = True
+        logger.warning('a save took %.0f s and a step %.1f s: a stop (the step, then a save) needs more than '
+                       'stop_grace_s=%d s, the time your cluster leaves between SIGTERM and SIGKILL, so it could be '
+                       'killed before its save is complete. Have the signal sent earlier (SLURM: #SBATCH '
+                       '--signal=B:TERM@<seconds>, or the cluster\'s GraceTime / KillWait) and pass that as '
+                       '--stop_grace_s, or save more often (--save_steps) so that a killed stop loses less',
+                       save_seconds, step, grace)
+
+    def startup_stop_all_ranks(self) -> None:
+        """A stop before the run state is loaded or anything moved: nothing new to save."""
+        signum = self.collectives.stop_signal_all_ranks(STOP.signum)
+        if not signum:
+            return
+        STOP.follow(signum)
+        seconds = STOP.seconds_since_signal()
+        logger.warning('rank %d: stopped by %s during start-up, %.1f s after the signal: nothing was '
+                       'trained, saved or moved', self.rank, signal.Signals(signum).name, seconds)
+        raise STOP.stopped(f'during start-up, {seconds:.1f} s after the signal: nothing was trained, saved or moved')
+
+    def poll_stop_all_ranks(self) -> None:
+        signum = self.collectives.stop_signal_all_ranks(STOP.signum)
+        if signum:
+            STOP.follow(signum)
+            raise self.stop_all_ranks(None)
+
+    def stop_all_ranks(self, position: dict | None) -> Stopped:
+        """Save the last completed step (at the data position from before the step not taken),
+        unless it is saved already; the Stopped to raise."""
+        name, step = signal.Signals(STOP.signum).name, self.state.global_step
+        if self.needs_save():
+            logger.warning('%s received: saving state at step %d', name, step)
+            path = self.save_all_ranks(data_state=position)
+            kept = f'the state at step {step} saved in {path}'
+        elif step:
+            kept = f'the state at step {step} is saved in {state_files.latest_state(self.train_cfg.train_state_dir)}'
+        else:
+            kept = 'no step was taken, nothing to save'
+        pending = '; its evaluation was cut and is pending' if self.state.eval_pending else ''
+        seconds = STOP.seconds_since_signal()
+        logger.warning('rank %d: stopped by %s at step %d: %s%s; %.1f s after the signal; exit code %d',
+                       self.rank, name, step, kept, pending, seconds, 128 + STOP.signum)
+        resume = '; continue with --is_keep_training=True' if step else ''
+        return STOP.stopped(f'{kept}{pending}{resume} ({seconds:.1f} s after the signal)')
 
     def finish_all_ranks(self) -> None:
         self.evaluate_all_ranks()
-        if self.checkpointer.last_saved_step != self.state.global_step:
+        self.poll_stop_all_ranks()  # a stop during the last evaluation: saved with it pending, no final export
+        if self.needs_save():
             self.save_all_ranks()
-        self.checkpointer.export_folder_all_ranks('final', self.state.global_step)
+        with stopping.critical():
+            self.checkpointer.export_folder_all_ranks('final', self.state.global_step)
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
                     os.path.join(self.train_cfg.output_dir, 'final'))
 
 
 def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
-    """Entry point of `train_low_mem.py train`: returns the process exit code.
+    """Entry point of `train_low_mem.py train`: returns the process exit code, or raises
+    Stopped after a stop saved what it could.
 
     Every check that can be made at start-up runs first (the same as --dry_run=True), before
-    anything is moved, created or trained.
+    anything is moved, created or trained. From then on signals are polled (model/stopping.py).
     """
     report = preflight.check_train(cfg, resume, int(os.environ.get('WORLD_SIZE', '1')), locks=False)
     report.raise_first()
-    trainer = Trainer(cfg, resume=resume, notes=report.notes)
-    try:
-        code = trainer.train()
-    finally:
-        if trainer.lock is not None:
-            trainer.lock.release()
+    with stopping.polling():
+        trainer = Trainer(cfg, resume=resume, notes=report.notes)
+        try:
+            code = trainer.train()
+        finally:
+            if trainer.lock is not None:
+                trainer.lock.release()
+    if STOP.signum:
+        logger.warning('%s came after the last step was saved: the run is complete', signal.Signals(STOP.signum).name)
     trainer.accelerator.end_training()
     return code

@@ -6,7 +6,8 @@ sequentially across the windows that take from it (one open stream each), so eve
 once per epoch. Memory per reading process: the loaded window(s) (about ``shuffle_window_rows``
 rows, two while a batch or length group straddles a boundary), one read-ahead batch per open
 row group (``shuffle_window_rows / mix_row_groups`` rows at most 8192) and the reader's page
-buffers. Nothing else grows with the data.
+buffers. Nothing else grows with the data. A page that cannot be read (a file damaged or
+replaced since the run started) is one line naming the file and the row group, at any step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.epoch_order import EpochPlan, RowGroupSlice
-from model.files import TEXT_COLUMNS, as_text, blank_mask, open_parquet
+from model import read_guard
+from model.files import (TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, row_group_text_bytes,
+                         short_read_error)
+from model.read_guard import ReadGuard
 
 STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
 READ_BUFFER_BYTES = 4 << 20  # page-wise reads: a huge column chunk is not loaded at once
@@ -61,6 +65,7 @@ class WindowReader:
         self._handles: dict[int, pq.ParquetFile] = {}
         # (file, row group) -> [batch iterator, next row, leftover record batch or None]
         self._streams: dict[tuple[int, int], list] = {}
+        self._text_bytes: dict[int, list[int]] = {}  # file -> its row groups' text bytes (footer)
 
     def close(self) -> None:
         self.loaded.clear()
@@ -125,7 +130,7 @@ class WindowReader:
         return h
 
     def _read_unit(self, u: RowGroupSlice) -> list[pa.RecordBatch]:
-        if u.whole:
+        if u.whole and self._row_group_bytes(u) <= read_guard.MAX_ROW_GROUP_TEXT_BYTES:
             table = self._handle(u.file).read_row_group(u.row_group, columns=list(TEXT_COLUMNS))
             return table.to_batches()
         # a slice of a huge row group: stream it so that only the slice is held in memory
@@ -139,7 +144,9 @@ class WindowReader:
             stream = self._streams[key] = [it, 0, None]
         out, need = [], u.rows
         while need:
-            batch = stream[2] if stream[2] is not None else next(stream[0])
+            batch = stream[2] if stream[2] is not None else next(stream[0], None)
+            if batch is None:
+                raise short_read_error(self.files[u.file], u.row_group, stream[1], self._row_group_rows(u))
             stream[2] = None
             if stream[1] < u.start:  # resuming inside the row group: skip to the slice
                 skip = min(u.start - stream[1], batch.num_rows)
@@ -156,6 +163,13 @@ class WindowReader:
             del self._streams[key]
         return out
 
+    def _row_group_bytes(self, u: RowGroupSlice) -> int:
+        """Text bytes of the unit's row group (footer): a larger one is streamed in slices."""
+        sizes = self._text_bytes.get(u.file)
+        if sizes is None:
+            sizes = self._text_bytes[u.file] = row_group_text_bytes(self._handle(u.file), TEXT_COLUMNS)
+        return sizes[u.row_group]
+
     def _row_group_rows(self, u: RowGroupSlice) -> int:
         return self._handle(u.file).metadata.row_group(u.row_group).num_rows
 
@@ -163,7 +177,14 @@ class WindowReader:
         chunks = {c: [] for c in TEXT_COLUMNS}
         row_index = []
         for u in self.plan.windows[w]:
-            for batch in self._read_unit(u):
+            with ReadGuard(self.files[u.file]).at(f'row group {u.row_group}'):
+                batches = self._read_unit(u)
+                for batch in batches:
+                    check_utf8(batch)
+            if sum(b.num_rows for b in batches) != u.rows:
+                raise short_read_error(self.files[u.file], u.row_group, sum(b.num_rows for b in batches),
+                                       self._row_group_rows(u))
+            for batch in batches:
                 for c in TEXT_COLUMNS:
                     chunks[c].append(batch.column(c))
             row_index.append(np.arange(u.first_row, u.first_row + u.rows, dtype=np.int64))

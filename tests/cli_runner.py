@@ -40,13 +40,13 @@ RUNTIME_ENV = ('PYTEST_CURRENT_TEST', 'RECORD_USER_ERRORS', 'NUM_GPUS', 'WORLD_S
 # What the faces import, including transformers' lazily loaded parts (measured with -X importtime).
 # One that fails to import is left out: the child then meets the same error where the face imports it.
 PRELOAD = (
-    'import numpy, pandas, pyarrow, pyarrow.parquet, pyarrow.compute, sentencepiece, tokenizers, ijson, fire, tqdm',
-    'import tqdm.contrib.logging, sacrebleu, sacrebleu.metrics',
+    'import numpy, pandas, pyarrow, pyarrow.parquet, pyarrow.compute, pyarrow.csv, sentencepiece, tokenizers, fire',
+    'import ijson, ijson.utils, ijson.backends.python, tqdm, tqdm.contrib.logging, sacrebleu, sacrebleu.metrics',
     'import sklearn.model_selection',
-    'import torch, torch.nn.functional, torch.utils.data',
+    'import torch, torch.nn.functional, torch.utils.data, torch.distributed, safetensors.torch',
     'import accelerate, accelerate.utils, accelerate.utils.other, accelerate.commands.config.config_args',
     'from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration',
-    'from transformers import TextStreamer, get_scheduler',
+    'from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer, get_scheduler',
     'from transformers.optimization import Adafactor',
 )
 

@@ -141,13 +141,14 @@ def test_slurm_script_gives_each_node_its_rank_and_the_main_address(tmp_path):
     for stub in ('scontrol', 'srun'):
         os.chmod(stubs / stub, 0o755)
     work = tmp_path / 'job'
-    os.makedirs(work)
+    os.makedirs(work / 'scripts')
+    os.symlink(os.path.join(ROOT, 'scripts', 'env_checks.sh'), work / 'scripts' / 'env_checks.sh')
     (work / 'start_pretrain_large.sh').write_text(
         '#!/bin/bash\necho "node $MACHINE_RANK gpus $NUM_GPUS main $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT '
         'machines $NUM_MACHINES processes $NUM_PROCESSES config $ACCELERATE_CONFIG resume $RESUME args $*"\n')
     os.chmod(work / 'start_pretrain_large.sh', 0o755)
     env = {**ENV, 'PATH': f'{stubs}:/usr/bin:/bin', 'SLURM_SUBMIT_DIR': str(work), 'SLURM_NNODES': '2',
-           'SLURM_GPUS_ON_NODE': '4', 'SLURM_JOB_NODELIST': 'gpu-node-[7-8]'}
+           'SLURM_GPUS_ON_NODE': '4', 'SLURM_JOB_NODELIST': 'gpu-node-[7-8]', 'SLURM_JOB_ID': '77'}
     r = subprocess.run(['bash', os.path.join(ROOT, 'scripts/slurm_2nodes.sbatch'), '--batch_size_per_gpu=24'],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

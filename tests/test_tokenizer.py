@@ -65,14 +65,41 @@ def test_sampling_caps_rows(tmp_path):
     assert 800 < n < 1200
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, 'real_train_3k.parquet')),
-                    reason='shared real data not present')
-def test_real_validation_texts_round_trip(tmp_path):
+REAL_DATA = pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, 'real_train_3k.parquet')),
+                               reason='shared real data not present')
+
+
+@pytest.fixture(scope='module')
+def real(tmp_path_factory):
+    """A tokenizer trained on the real train texts, and the real validation texts."""
     import pyarrow.parquet as pq
 
-    tok = train_tokenizer(os.path.join(SHARED_DATA, 'real_train_3k.parquet'), str(tmp_path / 'tok'),
+    tok = train_tokenizer(os.path.join(SHARED_DATA, 'real_train_3k.parquet'), str(tmp_path_factory.mktemp('real') / 'tok'),
                           vocab_size=8000, num_threads=2)
     valid = pq.read_table(os.path.join(SHARED_DATA, 'real_valid_1k.parquet')).to_pydict()
-    texts = [t for t in valid['prompt'] + valid['response'] if t]
+    return tok, [t for t in valid['prompt'] + valid['response'] if t]
+
+
+@REAL_DATA
+def test_real_validation_texts_round_trip(real):
+    tok, texts = real
     same = sum(round_trip(tok, t).replace(' ', '') == t.replace(' ', '') for t in texts)
     assert same / len(texts) >= 0.999, f'{len(texts) - same} of {len(texts)} texts changed'
+
+
+@REAL_DATA
+@pytest.mark.parametrize('max_seq_len', [16, 32])
+def test_a_cut_text_keeps_the_tokens_of_the_whole_real_text(real, max_seq_len):
+    """Each real validation text repeated past the cut (tokenizer.text_cut_chars), so the cut
+    lands at a different place in each: the kept tokens equal those of the uncut text."""
+    from model.loader import TokenEncoder
+
+    tok, texts = real
+    encoder = TokenEncoder(tok, max_seq_len)
+    cut = encoder._cut_chars
+    longs = [(t + '\n') * (cut // (len(t) + 1) + 2) for t in texts]
+    assert min(map(len, longs)) > cut
+    whole = [e.ids for e in encoder._rust.encode_batch_fast(longs)]  # the same truncation, uncut
+    kept = encoder.encode(longs)
+    assert kept == whole, sum(a != b for a, b in zip(kept, whole))
+    assert {len(ids) for ids in kept} == {max_seq_len}

@@ -1,0 +1,255 @@
+"""One stop for every command: what SIGTERM and SIGINT do, wherever they land.
+
+Both faces call :func:`install` at process start. The first SIGTERM or SIGINT then:
+
+* anywhere else: raises :class:`Stopped` where the program is, so that ``finally`` blocks
+  remove temporaries on the way out; the face prints one line and exits 128 + the signal;
+* inside a critical region (:func:`critical`: renaming an output into place, writing a marker,
+  a state save, moving a previous run aside): is recorded, and raised when the outermost region
+  ends, so that no rename or marker is ever cut in half;
+* while polled (:func:`polling`: a training run): is only recorded. The run looks at
+  :func:`requested` at every step, every validation batch and every generated token, saves at
+  the last completed step and raises :class:`Stopped` itself.
+
+A process is stopped once: copies of the signal (a terminal signals its whole process group,
+a launcher forwards the signal to every rank and sends SIGTERM again when a rank exits) are
+ignored. A person pressing Ctrl-C again more than ``REPEAT_S`` later aborts at once (exit 130).
+
+Stopped derives from BaseException so that no ``except Exception`` swallows it; on SIGINT it
+is also a KeyboardInterrupt, so code that lets Ctrl-C end one answer of a chat still can (it
+calls :func:`clear` to go on). This module imports nothing heavy: prepare_data uses it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Iterator
+
+REPEAT_S = 2.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """A stop by signal. ``kept`` says what the command kept (e.g. the state it saved)."""
+
+    def __init__(self, signum: int, kept: str = ''):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.kept = int(signum), kept
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Interrupted(Stopped, KeyboardInterrupt):
+    """A stop by SIGINT (Ctrl-C)."""
+
+
+def stop_error(signum: int, kept: str = '') -> Stopped:
+    return (Interrupted if signum == signal.SIGINT else Stopped)(signum, kept)
+
+
+class StopSignals:
+    """The process's stop state (one instance: :data:`STOP`)."""
+
+    def __init__(self):
+        self.signum = 0  # the stop's signal; 0 while none came
+        self.since = 0.0  # time.monotonic() of the first signal
+        self.raised = False  # a Stopped is on its way out: nothing raises another one
+        self._critical = 0
+        self._polling = 0
+        self._pid = 0  # the process that installed the handlers (not a forked worker)
+        self._previous: dict[int, object] = {}
+
+    # --- set-up ---
+
+    def install(self) -> None:
+        """Take SIGINT and SIGTERM for this process (idempotent)."""
+        self._pid = os.getpid()
+        for s in SIGNALS:
+            # also when inherited as ignored: a script's `cmd &` ignores SIGINT, and a launcher
+            # started so forwards Ctrl-C to its ranks as SIGINT all the same
+            previous = signal.signal(s, self._handle)
+            self._previous.setdefault(s, previous)
+
+    def uninstall(self) -> None:
+        """Give the handlers back and forget any stop (tests run commands in-process)."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+        self.__init__()
+
+    def clear(self) -> None:
+        """A stop was handled and the program goes on (Ctrl-C ended one chat answer)."""
+        self.signum, self.since, self.raised = 0, 0.0, False
+        if self._pid == os.getpid():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    # --- the handler ---
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: its parent stops it
+        if self.signum:
+            if signum == signal.SIGINT and time.monotonic() - self.since > REPEAT_S:
+                os.write(2, b'second Ctrl-C: aborting now (the last complete state is kept)\n')
+                os._exit(130)
+            return  # a copy of the signal that is being handled
+        self._record(signum)
+        if self._polling:
+            os.write(2, f'{signal.Signals(signum).name}: finishing the step or evaluation batch in progress, '
+                        f'then saving and stopping (Ctrl-C again after {REPEAT_S:.0f} s aborts at once)\n'.encode())
+        elif not self._critical:
+            raise self.stopped()
+
+    def _record(self, signum: int) -> None:
+        self.signum, self.since = int(signum), time.monotonic()
+        # the process is on its way out with 128 + signal: a launcher's later SIGTERM must not
+        # turn that into a death by signal, even once the interpreter has given its handlers up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def follow(self, signum: int) -> None:
+        """Another rank's stop: this rank leaves the same way."""
+        if not self.signum:
+            self._record(signum)
+
+    # --- regions ---
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """A region a signal must not cut: the stop is raised when the outermost one ends."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        self.raise_if_stopped()
+
+    @contextlib.contextmanager
+    def polling(self) -> Iterator[None]:
+        """A region that looks at :attr:`signum` itself (the training run)."""
+        self._polling += 1
+        try:
+            yield
+        finally:
+            self._polling -= 1
+
+    def raise_if_stopped(self) -> None:
+        if self.signum and not self.raised and not self._critical and not self._polling:
+            raise self.stopped()
+
+    def stopped(self, kept: str = '') -> Stopped:
+        """The exception that ends this process's stop (raise it)."""
+        self.raised = True
+        return stop_error(self.signum or signal.SIGTERM, kept)
+
+    def seconds_since_signal(self) -> float:
+        return time.monotonic() - self.since if self.signum else 0.0
+
+
+STOP = StopSignals()
+
+
+def ignore_in_worker(worker_id: int = 0) -> None:
+    """A DataLoader worker's worker_init_fn: the stop belongs to the main process, which ends its
+    workers itself. (torch's own handler lets a SIGTERM sent to every process -- a terminal's
+    process group, a SLURM job step -- kill a worker mid-batch, and the main process then gets
+    an error at whatever it is doing, the stop's save included.)"""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def install() -> None:
+    """At process start (each face's main): the handlers, and no output watched yet."""
+    STOP.install()
+    OUTPUTS.clear()
+
+
+def requested() -> int:
+    """The stop's signal number, 0 while none came."""
+    return STOP.signum
+
+
+def critical():
+    return STOP.critical()
+
+
+def polling():
+    return STOP.polling()
+
+
+# --------------------------------------------------------------------------- the face's line
+
+
+class Outputs:
+    """What a command is about to write, to say after a stop which of it was written."""
+
+    def __init__(self):
+        self._before: dict[str, tuple | None] = {}
+
+    def clear(self) -> None:
+        self._before.clear()
+
+    def watch(self, *paths: str) -> None:
+        for p in paths:
+            self._before[p] = _mtime(p)
+
+    def describe(self) -> str:
+        if not self._before:
+            return 'nothing was written'
+        parts = []
+        for path, before in self._before.items():
+            now = _mtime(path)
+            if now is not None and now != before:
+                parts.append(f'{path} written')
+            else:
+                parts.append(f'{path} not written' + (' (the earlier one is unchanged)' if before is not None else ''))
+        return '; '.join(parts) + '; nothing half-written is left'
+
+
+def _mtime(path: str) -> tuple | None:
+    """What tells a replaced file or folder from the one before it (a rename brings a new inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+OUTPUTS = Outputs()
+
+
+def watch_outputs(*paths: str) -> None:
+    OUTPUTS.watch(*paths)
+
+
+def stop_line(stop: Stopped) -> str:
+    """The one line a face prints for a stop (each rank its own, under a launcher)."""
+    kept = stop.kept or OUTPUTS.describe()
+    rank = os.environ.get('RANK', '') if int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 else ''
+    return f'{f"rank {rank}: " if rank else ""}stopped by {stop.name}: {kept}'
+
+
+def report(stop: Stopped) -> int:
+    """Print the stop's line on stderr; the exit code (130 SIGINT, 143 SIGTERM)."""
+    try:
+        print(stop_line(stop), file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr gone: the exit code says it
+        pass
+    # nothing after the line: a library cut short in its import (torch) would log its exit chatter
+    logging.disable(logging.INFO)
+    return stop.exit_code
+
+
+def describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {text[0][:200]}' if text else type(error).__name__
