@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import cli_runner
+
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -106,13 +108,19 @@ def train_cmd(flags, *extra):
 
 
 def run_train(flags, *extra, timeout=300):
-    return subprocess.run(train_cmd(flags, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+    return cli_runner.run(train_cmd(flags, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_logs(out) -> list[str]:
+    """The training logs under out, oldest first. By time written, not by name: a run started in
+    the same second as the previous one gets a suffix ('...-1.log') that sorts before its name."""
+    return sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log'), key=os.path.getmtime)
 
 
 def logged_losses(out) -> dict[int, float]:
     losses = {}
-    for log in sorted(glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')):
+    for log in run_logs(out):
         for m in STEP_RE.finditer(open(log, encoding='utf-8').read()):
             losses[int(m.group(1))] = float(m.group(3))
     return losses
@@ -157,3 +165,12 @@ def torchrun(flags, nproc):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
+def pytest_collection_finish(session):
+    # the zygote imports on the other core while the first tests run
+    modules = {getattr(item, 'module', None) for item in session.items}
+    if any(hasattr(m, 'cli_runner') or hasattr(m, 'run_train') for m in modules):
+        cli_runner.prestart(ENV)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    cli_runner.close_all()

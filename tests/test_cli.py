@@ -1,18 +1,17 @@
-"""The train_low_mem.py face, run as a user runs it: in a subprocess."""
+"""The train_low_mem.py face, run as a user runs it: in a subprocess (forked from a pre-imported
+zygote, tests/cli_runner.py; the plain subprocess.run calls here are the real interpreter's)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, make_texts, write_parquet
-
-ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+import cli_runner
+from conftest import ENV, ROOT, make_texts, write_parquet
 
 
 def cli(*args, script='train_low_mem.py', timeout=300):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True,
+    return cli_runner.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -64,7 +63,9 @@ def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
     train = write_parquet(tmp_path / 'train.parquet', make_texts(600, seed=5))
     valid = write_parquet(tmp_path / 'valid.parquet', make_texts(100, seed=6))
     tok = tmp_path / 'tok'
-    r = cli('train_tokenizer', f'--train_file={train}', f'--tokenizer_dir={tok}', '--vocab_size=900')
+    r = subprocess.run([sys.executable, 'train_low_mem.py', 'train_tokenizer', f'--train_file={train}',
+                        f'--tokenizer_dir={tok}', '--vocab_size=900'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)  # the real interpreter: this command's smoke test
     assert r.returncode == 0, r.stderr
     assert 'tokenizer: 900 pieces (pad 0, eos 1, unk 2)' in r.stdout
     check = ('from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(%r); '

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 
+import cli_runner
 from conftest import ENV, ROOT, logged_losses, run_train, state_folders, tiny_flags
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'accelerate', '*.yaml')))
@@ -206,7 +207,7 @@ def test_loading_runs_no_code_from_a_handed_state_or_weights_file(tmp_path, data
     bad = tmp_path / 'evil.bin'
     with open(bad, 'wb') as f:
         torch.save({'shared.weight': _RunsCode()}, f)
-    g = subprocess.run([sys.executable, 'train_low_mem.py', 'generate', f'--model_dir={bad}',
+    g = cli_runner.run([sys.executable, 'train_low_mem.py', 'generate', f'--model_dir={bad}',
                         f'--tokenizer_dir={data["tok"]}', '--prompts=你好'], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=120)
     assert g.returncode == 2 and 'holds more than tensors' in g.stderr and 'Traceback' not in g.stderr, g.stderr

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from conftest import (ENV, ROOT, assert_same_weights, leftover_temps, logged_losses, run_train, state_folders, tiny_flags,
-                      train_cmd)
+import cli_runner
+from conftest import (ENV, ROOT, assert_same_weights, leftover_temps, logged_losses, run_logs, run_train, state_folders,
+                      tiny_flags, train_cmd)
 
 EXTRA = {'epochs': 2, 'save_steps': 4, 'eval_steps': 20}  # 120 optimizer steps, a state every 4
 TOTAL = 120
@@ -35,7 +36,7 @@ def final_weights(out):
 
 
 def newest_log_step(out) -> int:
-    logs = sorted(glob.glob(f'{out}/logs/*.log'))
+    logs = run_logs(out)
     if not logs:
         return 0
     steps = logged_losses_of(logs[-1])
@@ -58,7 +59,7 @@ def test_sigkill_at_five_random_points_then_the_resume_is_exact(tmp_path, data, 
     targets = sorted(random.Random(2026).sample(range(6, TOTAL - 4), 5))
     for target in targets:
         resume = [RESUME] if has_state(out) else []
-        proc = subprocess.Popen(train_cmd(flags, *resume), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+        proc = cli_runner.Popen(train_cmd(flags, *resume), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while newest_log_step(out) < target:
@@ -77,7 +78,7 @@ def test_sigkill_inside_a_save_keeps_the_previous_state_and_the_resume_is_exact(
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, **EXTRA)
     env = {**ENV, 'CHAT_SMALL_T5_FAULT': 'state-save@8:sleep=60'}  # widens the save of step 8
-    proc = subprocess.Popen(train_cmd(flags), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = cli_runner.Popen(train_cmd(flags), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not glob.glob(f'{out}/state/.tmp-state-000000008/model.safetensors'):
@@ -103,7 +104,7 @@ def test_a_damaged_newest_state_falls_back_to_the_previous_one(tmp_path, data, r
     with open(f'{newest}/model.safetensors', 'r+b') as f:  # truncated
         f.truncate(100)
     flags = tiny_flags(data, out, **EXTRA)
-    dry = subprocess.run(train_cmd(flags, RESUME, '--dry_run=True'), cwd=ROOT, env=ENV, capture_output=True,
+    dry = cli_runner.run(train_cmd(flags, RESUME, '--dry_run=True'), cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert dry.returncode == 0 and 'is damaged' in dry.stdout and 'state-000000116' in dry.stdout, dry.stdout
     r = run_train(flags, RESUME)
@@ -123,7 +124,7 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_the_previous_state(tmp_p
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, **EXTRA)
     env = {**ENV, 'CHAT_SMALL_T5_FAULT': 'state-save@8:enospc'}
-    r = subprocess.run(train_cmd(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = cli_runner.run(train_cmd(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'disk full' in errors[0] and 'state-000000004 is intact' in errors[0], errors

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import pytest
 
 import prepare_data
 import train_low_mem
+import cli_runner
 from conftest import ENV, ROOT, leftover_temps, make_texts, tiny_flags, write_parquet
 from model import prep_readers, read_guard
 
@@ -329,7 +329,7 @@ def test_the_harness_gives_what_the_cli_gives(fuzz_run):
         expected = outcomes[case, command]
         argv = next(a for name, _, a in commands(paths[case], out, dry_run_flags) if name == command)
         script = 'train_low_mem.py' if command == 'dry_run' else 'prepare_data.py'
-        r = subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        r = cli_runner.run([sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == expected.code, (case, r.stderr[-2000:])
         errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]

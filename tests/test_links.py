@@ -8,16 +8,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
+import cli_runner
 from conftest import ENV, ROOT, leftover_temps, make_texts, run_train, tiny_flags, write_parquet
 
 
 def cli(*args, script='train_low_mem.py', timeout=300):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
+    return cli_runner.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 

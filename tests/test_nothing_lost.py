@@ -18,17 +18,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ENV, ROOT, logged_losses, make_texts, run_train, state_folders, tiny_flags, train_cmd, \
-    write_parquet
+import cli_runner
+from conftest import ENV, ROOT, logged_losses, make_texts, run_logs, run_train, state_folders, tiny_flags, \
+    train_cmd, write_parquet
 
 
 def cli(*args, script='train_low_mem.py', env=None, stdin=None, timeout=300):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
+    return cli_runner.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
 def start(*args, script='train_low_mem.py'):
-    return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
+    return cli_runner.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
@@ -278,7 +279,7 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
 
 def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):
     out = tmp_path / 'run'
-    first = subprocess.Popen(train_cmd(tiny_flags(data, out, epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
+    first = cli_runner.Popen(train_cmd(tiny_flags(data, out, epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not logged_losses(out):
@@ -309,7 +310,7 @@ def test_resume_applies_a_new_learning_rate_and_refuses_a_new_optimizer(tmp_path
     r = run_train(tiny_flags(data, out, max_steps=14, save_steps=10, warmup_steps=0, lr_schedule='constant',
                              learn_rate=1e-4), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-2000:]
-    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    log = open(run_logs(out)[-1], encoding='utf-8').read()
     assert 'learn_rate 0.003 -> 0.0001' in log
     assert 'lr 1.000e-04' in log and 'lr 3.000e-03' not in log
 
@@ -468,7 +469,7 @@ def test_flags_without_effect_and_outputs_among_the_inputs_are_refused(tmp_path,
 
 def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data):
     shared = tmp_path / 'shared'
-    first = subprocess.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,
+    first = cli_runner.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,
                                                   model_file=f'{shared}/m.{{}}.bin')), cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

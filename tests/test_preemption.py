@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+import cli_runner
 from conftest import ENV, ROOT, STEP_RE, assert_same_weights, leftover_temps, make_texts, tiny_flags, write_parquet
 
 GRACE_S = 60  # the grace period of these runs (--stop_grace_s): each must exit by itself within it
@@ -168,7 +169,7 @@ def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(sto
 
 def prepare(*args, fault=None):
     env = {**ENV, 'CHAT_SMALL_T5_FAULT': fault} if fault else ENV
-    return subprocess.Popen([sys.executable, 'prepare_data.py', *map(str, args)], cwd=ROOT, env=env, text=True,
+    return cli_runner.Popen([sys.executable, 'prepare_data.py', *map(str, args)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -203,8 +204,8 @@ def preempt(cmd, env, send_when=None, target=None, grace_s=GRACE_S, timeout=300)
     once an output line matches, to target(proc) or the process; SIGKILL to its process group
     if it has not exited grace_s after the signal. -> (exit code, seconds from the signal to
     the exit, output); the code is -9 when it had to be killed."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, stdin=subprocess.DEVNULL)
+    proc = cli_runner.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, stdin=subprocess.DEVNULL)  # a launcher's cmd: a real one
     lines, at, signalled, matched = [], {}, threading.Event(), threading.Event()
 
     def read():
@@ -284,7 +285,7 @@ ONE_RANK_STEPS = 60
 @pytest.fixture(scope='module')
 def one_rank_reference(tmp_path_factory, data):
     out = tmp_path_factory.mktemp('reference') / 'run'
-    r = subprocess.run([sys.executable, 'train_low_mem.py', 'train', *tiny_flags(data, out, **ONE_RANK)], cwd=ROOT,
+    r = cli_runner.run([sys.executable, 'train_low_mem.py', 'train', *tiny_flags(data, out, **ONE_RANK)], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
@@ -336,7 +337,7 @@ def test_sigterm_anywhere_in_a_run_saves_exits_143_in_time_and_the_resume_is_exa
                      'exit': code, 'seconds_to_exit': round(seconds, 1)})
     assert not os.path.exists(f'{out}/final')  # the last evaluation was cut: no final export yet
     before_logs = set(glob.glob(f'{out}/logs/*.log'))
-    r = subprocess.run(cmd + [RESUME], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = cli_runner.run(cmd + [RESUME], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     log = log_of(out, before_logs)
     all_logs += log
@@ -447,7 +448,7 @@ def test_a_two_rank_state_resumes_on_one_rank_at_the_same_data_position(tmp_path
     preempt(cmd, env, send_when=after_step(10))
     step, _ = newest_state(out)
     # one process, the same global batch (8 = 2 x 4)
-    r = subprocess.run([sys.executable, 'train_low_mem.py', 'train',
+    r = cli_runner.run([sys.executable, 'train_low_mem.py', 'train',
                         *tiny_flags(data, out, **{**TWO_RANKS, 'batch_size_per_gpu': 8}), RESUME],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

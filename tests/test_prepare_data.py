@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, make_texts, write_parquet
+import cli_runner
+from conftest import ENV, ROOT, make_texts, write_parquet
 from config import UserError
 from model import demo_corpus, prep_ops, prep_output, prep_readers
 from model.demo_corpus import build_demo_rows, demo_prompts, write_demo
@@ -283,14 +284,14 @@ def test_demo_is_deterministic_with_learnable_answers():
 # --- the real CLI -----------------------------------------------------------
 
 
-def start_cli(*args) -> subprocess.Popen:
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
-    return subprocess.Popen([sys.executable, 'prepare_data.py', *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_cli(*args, runner=cli_runner) -> subprocess.Popen:
+    """runner=subprocess: the real interpreter (the smoke test), else forked from the zygote."""
+    return runner.Popen([sys.executable, 'prepare_data.py', *map(str, args)], cwd=ROOT, env=ENV,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    proc = start_cli(*args)
+    proc = start_cli(*args, runner=subprocess)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import tracemalloc
 
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from config import UserError
+import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
 from model import prep_json, prep_output, prep_readers, read_guard  # noqa: F401 - imported before memory is measured
 from model.files import inspect_parquet, iter_text_tables
@@ -242,7 +242,7 @@ def test_a_folder_named_like_a_file_and_a_fifo_are_refused(tmp_path):
     os.mkfifo(fifo)
     for args in (['check', fifo], ['convert', fifo, str(tmp_path / 'out.parquet')]):
         # a reader that opened the FIFO would wait for a writer forever: the timeout would fail it
-        r = subprocess.run([sys.executable, 'prepare_data.py', *args], cwd=ROOT, env=ENV, capture_output=True,
+        r = cli_runner.run([sys.executable, 'prepare_data.py', *args], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'not a regular file' in r.stderr, r.stderr
 

@@ -14,6 +14,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+import cli_runner
 from conftest import ENV, ROOT, logged_losses, run_train, tiny_flags
 
 PROMPTS = ['法国的首都是哪里？', '小狗怎么叫？', '香蕉是什么颜色的？', '大的反义词是什么？', '请重复：今天天气很好',
@@ -21,13 +22,14 @@ PROMPTS = ['法国的首都是哪里？', '小狗怎么叫？', '香蕉是什么
            '跟我说：我们今天去公园']
 
 
-def cli(*args, stdin=None, timeout=300):
-    return subprocess.run([sys.executable, 'train_low_mem.py', *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout, input=stdin)
+def cli(*args, stdin=None, timeout=300, runner=cli_runner):
+    """runner=subprocess: the real interpreter (a command's smoke test), else forked from the zygote."""
+    return runner.run([sys.executable, 'train_low_mem.py', *map(str, args)], cwd=ROOT, env=ENV,
+                      capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
 def parallel(*commands):
-    procs = [subprocess.Popen([sys.executable, 'train_low_mem.py', *map(str, c)], cwd=ROOT, env=ENV, text=True,
+    procs = [cli_runner.Popen([sys.executable, 'train_low_mem.py', *map(str, c)], cwd=ROOT, env=ENV, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
     out = []
     for p in procs:
@@ -70,7 +72,7 @@ def model_flags(run):
 def test_test_command_reports_loss_perplexity_bleu_exact_match_and_writes_predictions(run, data):
     out = run['out']
     r = cli('test', *model_flags(run), f'--model_dir={out}/final', f'--test_file={run["valid"]}',
-            '--max_test_rows=32')
+            '--max_test_rows=32', runner=subprocess)
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r'rows (\d+) \(skipped (\d+) blank\) \| loss ([0-9.]+) \| perplexity ([0-9.]+) \| '
                   r'BLEU-4 ([0-9.]+) \| exact match ([0-9.]+)%', r.stdout)
@@ -223,7 +225,7 @@ def test_tensorboard_records_the_named_scalars(run):
 
 def test_plot_draws_three_curves_from_the_log(run, tmp_path):
     out = tmp_path / 'loss.png'
-    r = cli('plot', f'--log_dir={run["out"]}/logs', f'--out={out}')
+    r = cli('plot', f'--log_dir={run["out"]}/logs', f'--out={out}', runner=subprocess)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '72 training points, 6 evaluations' in r.stdout
     import matplotlib.image
@@ -246,7 +248,7 @@ def one_line(r, needle):
 def test_odd_input_is_answered_and_outputs_stay_out_of_the_toolkits_folders(run, tmp_path):
     out, flags = run['out'], model_flags(run)
     # bytes that are not UTF-8 on a pipe, a closed stdin, a reader that goes away: no traceback
-    r = subprocess.run([sys.executable, 'train_low_mem.py', 'chat', *flags], cwd=ROOT, env=ENV, capture_output=True,
+    r = cli_runner.run([sys.executable, 'train_low_mem.py', 'chat', *flags], cwd=ROOT, env=ENV, capture_output=True,
                        input=b'\xff\xfe' + PROMPTS[1].encode() + b'\n', timeout=300)
     assert r.returncode == 0 and b'Traceback' not in r.stderr, r.stderr[-2000:]
     assert len([x for x in r.stdout.splitlines() if not x.startswith(b'model: ')]) == 1
