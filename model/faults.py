@@ -11,7 +11,8 @@ Points: ``dry-run`` (a dry run, before its checks), ``start-up`` (a training run
 state is loaded), ``train-step`` (inside a step, after a micro-batch's backward; the step is the
 one being taken), ``eval-loss`` (before each validation batch), ``eval-generate`` (after each
 token generated for BLEU and the samples), ``state-save`` (inside a state save, after the
-engine's files), ``write`` (a file or folder written in full at its temporary name, not yet renamed into place: every writer).
+engine's files), ``write`` (a file or folder written in full at its temporary name, not yet
+renamed into place: every writer).
 """
 
 from __future__ import annotations
