@@ -100,8 +100,25 @@ if ! is_true ACCELERATE_USE_CPU && [ "$gpus" -gt "$visible" ]; then   # CPU proc
   exit 2
 fi
 
-report=$(NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True 2>&1)
+# in the background, so that a stop ends it at once (bash runs a trap only after a foreground
+# command, and a dry run checksumming a large state takes a while); it writes nothing but this
+report_file=$(mktemp "${TMPDIR:-/tmp}/chat_small_t5-dry-run.XXXXXX") || exit 1
+end_dry_run() {   # SIGTERM either way: before its handlers are up a background job ignores SIGINT
+  if [ -n "$dry_pid" ]; then kill -TERM "$dry_pid" 2>/dev/null; wait "$dry_pid" 2>/dev/null; fi
+  rm -f "$report_file"
+  exit "$1"
+}
+dry_pid=
+trap 'end_dry_run 143' TERM
+trap 'end_dry_run 130' INT
+NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True >"$report_file" 2>&1 &
+dry_pid=$!
+wait "$dry_pid"
 rc=$?
+trap 'exit 143' TERM
+trap 'exit 130' INT
+report=$(cat "$report_file")
+rm -f "$report_file"
 if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
 if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
   printf '%s\n' "$report" >&2   # the dry run itself failed: show why
