@@ -80,12 +80,33 @@ ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', '
 STEP_RE = re.compile(r'step (\d+)/(\d+) \| epoch \d+ \| loss ([0-9.naninf]+)')
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory, tokenizer_dir):
-    d = tmp_path_factory.mktemp('data')
+def write_data(d, tokenizer_dir) -> dict[str, str]:
     train = write_parquet(d / 'train.parquet', make_texts(480, seed=11, max_len=40), row_group_size=100)
     valid = write_parquet(d / 'valid.parquet', make_texts(64, seed=12, max_len=40))
     return {'train': train, 'valid': valid, 'tok': tokenizer_dir}
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory, tokenizer_dir):
+    return write_data(tmp_path_factory.mktemp('data'), tokenizer_dir)
+
+
+# Two CPU ranks, 120 optimizer steps (60 an epoch), evaluated every 20: long enough that a SIGTERM
+# from outside lands mid-run on a loaded machine. The preemption and SLURM tests resume to it.
+TWO_RANKS = {'epochs': 2, 'save_steps': 1000, 'batch_size_per_gpu': 4, 'eval_steps': 20, 'stop_grace_s': 60}
+TWO_RANK_STEPS = 120
+
+
+@pytest.fixture(scope='session')
+def two_rank_reference(tmp_path_factory, tokenizer_dir):
+    """(output folder, log text) of the uninterrupted two-rank run, on data equal to `data`'s."""
+    data = write_data(tmp_path_factory.mktemp('two_rank_data'), tokenizer_dir)
+    out = tmp_path_factory.mktemp('two_rank_reference') / 'run'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train_low_mem.py', 'train', *tiny_flags(data, out, **TWO_RANKS)], cwd=ROOT,
+                       env={**ENV, 'ACCELERATE_USE_CPU': '1'}, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return out, open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
 
 
 def tiny_flags(data, out, **extra) -> list[str]:

@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ENV, ROOT
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_on_the_cpu():
     tiny = json.dumps(dict(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1))
     r = subprocess.run([sys.executable, 'bench/bench_gpu.py', '--device=cpu', '--steps=2', '--batch=4', '--max_len=256',

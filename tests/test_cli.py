@@ -59,6 +59,7 @@ def test_dry_run_lists_what_is_missing_with_commands(tmp_path):
     assert f'path.train_file={tmp_path}/train.parquet' in out
 
 
+@pytest.mark.slow
 def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
     train = write_parquet(tmp_path / 'train.parquet', make_texts(600, seed=5))
     valid = write_parquet(tmp_path / 'valid.parquet', make_texts(100, seed=6))

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 import cli_runner
 from conftest import ENV, ROOT, logged_losses, run_train, state_folders, tiny_flags
@@ -77,6 +78,7 @@ def one_error(r):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_start_script_checks_the_engine_config_before_launching(tmp_path, data):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('distributed_type: MULTI_GPU\nnum_processes: [2\n')  # not YAML
@@ -119,6 +121,7 @@ def test_start_script_passes_the_users_dry_run_through(tmp_path, data):
     assert not os.path.exists(tmp_path / 'run')  # a dry run starts nothing
 
 
+@pytest.mark.slow
 def test_start_script_runs_a_ddp_config_on_two_cpu_processes(tmp_path, data):
     config = tmp_path / 'ddp2.yaml'
     config.write_text(open(os.path.join(ROOT, 'configs/accelerate/ddp_1node.yaml')).read()

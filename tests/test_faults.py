@@ -53,6 +53,7 @@ def has_state(out) -> bool:
     return bool(glob.glob(f'{out}/state/state-*/chat_small_t5.json'))
 
 
+@pytest.mark.slow
 def test_sigkill_at_five_random_points_then_the_resume_is_exact(tmp_path, data, reference):
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, **EXTRA)

@@ -69,6 +69,7 @@ def assert_batches_equal(a, b):
 # --------------------------------------------------------------------------- coverage
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 @pytest.mark.parametrize('world', [1, 2, 3])
 @pytest.mark.parametrize('which', ['one', 'folder'])
@@ -380,6 +381,7 @@ def _two_process_worker(index, port, files, tokenizer_dir, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_get_disjoint_rows_covering_everything(data, tokenizer_dir, tmp_path):
     files, texts = data['folder']
     with socket.socket() as s:

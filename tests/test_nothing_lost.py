@@ -340,6 +340,7 @@ def test_resume_uses_the_runs_own_tokenizer_after_a_retrain(tmp_path, data):
 # --------------------------------------------------------------------------- generate and help
 
 
+@pytest.mark.slow
 def test_generate_bounds_memory_and_rejects_bad_values(trained):
     flags = [f'--output_dir={trained}', '--max_new_tokens=4']
     huge = '长' * 40000
@@ -557,6 +558,7 @@ def test_every_json_layout_pandas_or_json_writes_converts(tmp_path, orient):
     assert table.column('response').to_pylist() == want
 
 
+@pytest.mark.slow
 def test_start_script_keeps_relative_paths_and_checks_num_gpus(tmp_path, data):
     env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}
     script = os.path.join(ROOT, 'start_pretrain_large.sh')

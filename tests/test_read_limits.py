@@ -167,6 +167,7 @@ def test_chat_refuses_a_huge_piped_line_and_reads_the_others(small_limits):
         read_prompt_line(io.BytesIO(b''), 1)
 
 
+@pytest.mark.slow
 def test_a_cut_text_gives_the_tokens_of_the_whole_text(tokenizer):
     from model.loader import TokenEncoder
 

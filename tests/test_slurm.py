@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ENV, ROOT, assert_same_weights, state_folders, tiny_flags
+from conftest import ENV, ROOT, TWO_RANK_STEPS, TWO_RANKS, assert_same_weights, state_folders, tiny_flags
 
 SBATCH = os.path.join(ROOT, 'scripts', 'slurm_2nodes.sbatch')
 
@@ -75,11 +75,6 @@ case "$1 $2" in
   'show job') echo "JobId=$3 JobName=chat_small_t5 JobState=${STAND_IN_JOB_STATE:-RUNNING} Reason=None" ;;
 esac
 '''
-
-# 240 optimizer steps (as tests/test_faults.py TWO_RANKS): a SIGTERM at step 10 lands mid-run
-TWO_RANKS = {'epochs': 4, 'save_steps': 1000, 'batch_size_per_gpu': 4, 'stop_grace_s': 60}
-TWO_RANK_STEPS = 240
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -150,16 +145,7 @@ def no_outcome_folder_left(job_id) -> bool:
     return not glob.glob(os.path.join(ROOT, 'logs', f'.slurm-{job_id}.*'))
 
 
-@pytest.fixture(scope='module')
-def two_rank_reference(tmp_path_factory, data):
-    out = tmp_path_factory.mktemp('slurm_reference') / 'run'
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'train_low_mem.py', 'train', *tiny_flags(data, out, **TWO_RANKS)], cwd=ROOT,
-                       env={**ENV, 'ACCELERATE_USE_CPU': '1'}, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
+@pytest.mark.slow
 def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exactly(tmp_path, data, stand_ins,
                                                                                   two_rank_reference):
     out, log, job_id = tmp_path / 'run', tmp_path / 'calls', 900000 + os.getpid() % 90000
@@ -196,12 +182,13 @@ def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exact
     assert requeued.returncode == 0, output[-3000:]
     assert f'resumed from {out}/state/{states[0]}' in output, output[-3000:]
     final = f'chat_small_t5.{TWO_RANK_STEPS}.bin'
-    assert_same_weights(f'{two_rank_reference}/{final}', f'{out}/{final}')
+    assert_same_weights(f'{two_rank_reference[0]}/{final}', f'{out}/{final}')
     # a finished run is not requeued
     assert len([c for c in calls(log) if c.startswith('scontrol requeue')]) == 1
     assert no_outcome_folder_left(job_id)
 
 
+@pytest.mark.slow
 def test_a_crashed_node_brings_the_job_down_and_requeues(tmp_path, data, stand_ins):
     out, log, job_id = tmp_path / 'run', tmp_path / 'calls', 800000 + os.getpid() % 90000
     job = start_job(tiny_flags(data, out, **TWO_RANKS), job_env(stand_ins, log, job_id))
@@ -223,11 +210,13 @@ def test_a_user_error_is_not_requeued(tmp_path, data, stand_ins):
                        timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert 'error: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=soon' in r.stderr, r.stderr
-    assert 'user error (the error above; node(s) 2 2): not requeued' in r.stderr, r.stderr
+    # the node that refuses second may be stopped first by srun's --kill-on-bad-exit (143)
+    assert re.search(r'user error \(the error above; node\(s\) (2 2|2 143|143 2)\): not requeued', r.stderr), r.stderr
     assert not [c for c in calls(log) if c.startswith('scontrol requeue')]
     assert no_outcome_folder_left(job_id)
 
 
+@pytest.mark.slow
 def test_a_stop_during_start_up_saves_nothing_and_a_cancelled_job_is_not_requeued(tmp_path, data, stand_ins):
     out, log, job_id = tmp_path / 'run', tmp_path / 'calls', 600000 + os.getpid() % 90000
     # each node's dry run waits at its start (the two need not overlap on their own on a busy machine)

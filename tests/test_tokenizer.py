@@ -80,6 +80,7 @@ def real(tmp_path_factory):
     return tok, [t for t in valid['prompt'] + valid['response'] if t]
 
 
+@pytest.mark.slow
 @REAL_DATA
 def test_real_validation_texts_round_trip(real):
     tok, texts = real

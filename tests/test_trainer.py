@@ -91,6 +91,7 @@ def test_loss_at_init_is_about_ln_vocab(tokenizer):
 
 # --- end to end -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, save_steps=4, mixed_precision='bf16', epochs=2)
@@ -162,6 +163,7 @@ def test_fresh_run_archives_instead_of_overwriting(data, tmp_path):
     assert state_folders(f'{out}/state') == ['state-000000005']
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
     common = {'dropout_rate': 0.0, 'group_by_length': False, 'max_steps': 12, 'save_steps': 12}
     one = tmp_path / 'one_b8'
@@ -183,6 +185,7 @@ def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
         assert_same_weights(f'{one}/chat_small_t5.12.bin', f'{other}/chat_small_t5.12.bin', atol=1e-4)
 
 
+@pytest.mark.slow
 def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
     env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}  # no nvidia-smi on this PATH
     missing = subprocess.run(['bash', 'start_pretrain_large.sh', f'--train_file={tmp_path}/none.parquet'],
@@ -202,6 +205,7 @@ def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
     assert bad.returncode == 2 and 'expected an integer for batch_size_per_gpu' in bad.stderr
 
 
+@pytest.mark.slow
 def test_start_script_launches_two_processes_with_accelerate(data, tmp_path):
     """NUM_GPUS=2 takes the guide's `accelerate launch --multi_gpu` path (on CPU here)."""
     env = {**ENV, 'PYTHON': sys.executable, 'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1'}

@@ -69,6 +69,7 @@ def model_flags(run):
     return [f for f in run['flags'] if f.split('=')[0] in ('--output_dir', '--tokenizer_dir', '--max_seq_len')]
 
 
+@pytest.mark.slow
 def test_test_command_reports_loss_perplexity_bleu_exact_match_and_writes_predictions(run, data):
     out = run['out']
     r = cli('test', *model_flags(run), f'--model_dir={out}/final', f'--test_file={run["valid"]}',
@@ -245,6 +246,7 @@ def one_line(r, needle):
         (r.returncode, r.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_odd_input_is_answered_and_outputs_stay_out_of_the_toolkits_folders(run, tmp_path):
     out, flags = run['out'], model_flags(run)
     # bytes that are not UTF-8 on a pipe, a closed stdin, a reader that goes away: no traceback
