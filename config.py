@@ -20,14 +20,9 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
 
+from model.errors import UserError  # noqa: F401 - config's errors, and the faces' import of it
+
 PROJECT_ROOT: str = os.path.dirname(os.path.abspath(__file__))
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, bad column).
-
-    The entry scripts print it as one line and exit 2; anything else is a bug.
-    """
 
 
 @dataclass

@@ -36,8 +36,9 @@ import signal
 import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
-from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions, UserError,
-                    check_repeated_flags, format_options, parse_options)
+from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions, check_repeated_flags,
+                    format_options, parse_options)
+from model.errors import UserError
 
 
 def convert(*args, **flags):

@@ -45,8 +45,9 @@ import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, ModelFlags, ResolvedConfig, RunFlags,
-                    T5ModelConfig, TrainConfigPretrainLarge, UserError, check_repeated_flags, coerce,
-                    format_options, resolve_config, unknown_option, validate_decode)
+                    T5ModelConfig, TrainConfigPretrainLarge, check_repeated_flags, coerce, format_options,
+                    resolve_config, unknown_option, validate_decode)
+from model.errors import UserError
 
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',
                     'character_coverage', 'seed')
@@ -339,7 +340,7 @@ def command_help(name: str) -> str:
         lines += ['', 'decoding (config.py DecodeConfig):'] + format_options(DecodeConfig)
         lines += ['', 'config:'] + format_options(RunFlags, only=CONFIG_FLAGS)
         lines += format_options(TrainConfigPretrainLarge, only=('output_dir', 'tokenizer_dir', 'max_seq_len'))
-        lines += ['  (any other field of train --help is accepted too)']
+        lines += ['  (with a weights file (.bin) as --model_dir: the model shape flags of train --help too)']
     return '\n'.join(lines)
 
 

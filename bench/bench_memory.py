@@ -40,7 +40,8 @@ def run(args: list[str], stdin_path: str | None = None) -> dict:
                            env={**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'})
         kib = int(peak.read().split()[-1])
     lines = [x for x in r.stderr.splitlines() if x.startswith('error:')] or \
-            [x for x in r.stdout.splitlines() if x.strip()][-1:] or ['']
+            [x for x in r.stdout.splitlines() if x.strip()][-1:] or \
+            [x for x in r.stderr.splitlines() if x.strip()][-1:] or ['']
     return {'code': r.returncode, 'said': lines[0], 'peak_mib': kib / 1024}
 
 
@@ -96,8 +97,9 @@ def with_flags(flags: list[str], **changed) -> list[str]:
     return [f for f in flags if not any(f.startswith(n) for n in names)] + [f'--{k}={v}' for k, v in changed.items()]
 
 
-def build_model(d: str) -> list[str]:
-    """A tokenizer and a tiny model on the demo corpus; the flags that point commands at them."""
+def build_model(d: str) -> tuple[list[str], list[str]]:
+    """A tokenizer and a tiny model on the demo corpus; the flags that point train, and
+    generate/chat/test, at them (a flag a command does not use is refused)."""
     data, run_dir = os.path.join(d, 'data'), os.path.join(d, 'run')
     subprocess.run([sys.executable, 'prepare_data.py', 'demo', f'--out_dir={data}', '--rows=2000'], cwd=ROOT,
                    check=True, capture_output=True)
@@ -110,7 +112,7 @@ def build_model(d: str) -> list[str]:
     subprocess.run([sys.executable, 'train_low_mem.py', 'train', *flags, '--max_steps=20', '--logging_steps=1',
                     '--eval_steps=10', '--batch_size_per_gpu=8', '--mixed_precision=no', '--bleu_samples=4'],
                    cwd=ROOT, check=True, capture_output=True)
-    return flags
+    return flags, [f'--output_dir={run_dir}', f'--tokenizer_dir={d}/tok', f'--max_seq_len={TINY["max_seq_len"]}']
 
 
 def main() -> None:
@@ -123,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     d = args.dir or tempfile.mkdtemp(prefix='bench_memory_')
     try:
-        flags = build_model(d)
+        flags, use = build_model(d)
         p = build_inputs(d, args.record_mb << 20, args.log_mb << 20, args.under_mb << 20, args.group_mb << 20)
         out = os.path.join(d, 'out')
         rec, log = f'a {args.record_mb} MB', f'a {args.log_mb} MB'
@@ -136,9 +138,9 @@ def main() -> None:
                                                         f'--train_file={p["big_cell.parquet"]}',
                                                         f'--tokenizer_dir={out}_tok']),
             ('generate', f'a {ARG_BYTES // 1000} KB prompt (the longest argument)',
-             ['train_low_mem.py', 'generate', *flags, f'--prompts={"长" * (ARG_BYTES // 3)}']),
-            ('chat', f'{rec} line on stdin', ['train_low_mem.py', 'chat', *flags], p['big_line.txt']),
-            ('test', f'{rec} Parquet cell', ['train_low_mem.py', 'test', *flags, f'--test_file={p["big_cell.parquet"]}']),
+             ['train_low_mem.py', 'generate', *use, f'--prompts={"长" * (ARG_BYTES // 3)}']),
+            ('chat', f'{rec} line on stdin', ['train_low_mem.py', 'chat', *use], p['big_line.txt']),
+            ('test', f'{rec} Parquet cell', ['train_low_mem.py', 'test', *use, f'--test_file={p["big_cell.parquet"]}']),
             ('plot', f'{log} log line', ['train_low_mem.py', 'plot', f'--log_file={p["big_line.log"]}',
                                          f'--out={out}.png']),
             ('convert', f'{rec} JSONL line', ['prepare_data.py', 'convert', p['big.jsonl'], f'{out}.parquet']),
@@ -152,7 +154,7 @@ def main() -> None:
             ('train', under, ['train_low_mem.py', 'train', '--max_steps=4',
                               *with_flags(flags, train_file=p['cell_under_limit.parquet'], train_state_dir=f'{out}_state',
                                           output_dir=f'{out}_run', model_file=f'{out}_run/m.{{}}.bin')]),
-            ('test', under, ['train_low_mem.py', 'test', *flags, f'--test_file={p["cell_under_limit.parquet"]}']),
+            ('test', under, ['train_low_mem.py', 'test', *use, f'--test_file={p["cell_under_limit.parquet"]}']),
             ('check', under, ['prepare_data.py', 'check', p['cell_under_limit.parquet']]),
             ('train', group, ['train_low_mem.py', 'train', '--max_steps=4',
                               *with_flags(flags, train_file=p['big_group.parquet'], train_state_dir=f'{out}_gstate',

@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from config import DecodeConfig, ResolvedConfig, T5ModelConfig, UserError
+from config import DecodeConfig, ResolvedConfig, T5ModelConfig
+from model.errors import UserError
 from model.model_source import ModelSource, describe_model_source, weights_path
 from model.sizing import model_shape
-from model.tokenizer import EOS_ID, PAD_ID, cut_texts, load_tokenizer, text_cut_chars
+from model.tokenizer import EOS_ID, LABEL_PAD_ID, PAD_ID, cut_texts, load_tokenizer, text_cut_chars
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,22 @@ def find_model_source(cfg: ResolvedConfig, model_dir: str = '') -> ModelSource:
     preset = f' --preset={cfg.preset}' if cfg.preset else ''
     raise UserError(f'no trained model in {" or ".join(default_model_paths(cfg))}; train one with: '
                     f'python train_low_mem.py train{preset}, or give --model_dir')
+
+
+def token_loss_sum(model, batch: dict, device, decoder_inputs=None) -> torch.Tensor:
+    """The loss rule of training, validation and `test`, in one place: the sum of the label tokens'
+    cross-entropies, computed in float32 (padding, -100, ignored). Callers divide the sums they
+    gather (over micro-batches, batches, ranks) by the number of label tokens: a token-weighted
+    mean, whatever the batch shapes. decoder_inputs: the unwrapped model's
+    prepare_decoder_input_ids_from_labels when `model` is a wrapper (DDP)."""
+    import torch.nn.functional as F
+
+    labels = batch['labels'].to(device, non_blocking=True)
+    make_decoder_inputs = decoder_inputs or model.prepare_decoder_input_ids_from_labels
+    logits = model(input_ids=batch['input_ids'].to(device, non_blocking=True),
+                   attention_mask=batch['attention_mask'].to(device, non_blocking=True),
+                   decoder_input_ids=make_decoder_inputs(labels=labels)).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD_ID, reduction='sum')
 
 
 def load_for_inference(cfg: ResolvedConfig, source: ModelSource):

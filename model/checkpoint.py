@@ -159,11 +159,14 @@ class Checkpointer:
         for group in self.optimizer.param_groups:
             group['initial_lr'] = t.learn_rate
             group['weight_decay'] = t.weight_decay
-        self.scheduler.base_lrs = [t.learn_rate] * len(self.optimizer.param_groups)
-        step = self.scheduler.last_epoch
-        for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group['lr'] = base * f(step)
-        self.scheduler._last_lr = [g['lr'] for g in self.optimizer.param_groups]
+        # through the schedule's own state dict (its public contract): the base and the current rate
+        schedule = self.scheduler.state_dict()
+        step = schedule['last_epoch']
+        lrs = [t.learn_rate * f(step) for f in self.scheduler.lr_lambdas]
+        schedule.update(base_lrs=[t.learn_rate] * len(lrs), _last_lr=lrs)
+        self.scheduler.load_state_dict(schedule)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group['lr'] = lr
         changed = [f'{k} {saved[part][k]!r} -> {v!r}'
                    for part, now in (('train', t), ('model', self.cfg.model))
                    for k, v in dataclasses.asdict(now).items() if k in saved.get(part, {}) and saved[part][k] != v]

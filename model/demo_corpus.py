@@ -14,7 +14,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from config import PRESETS, UserError
+from config import PRESETS
+from model.errors import UserError
 from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA, RowGroupWriter, check_outputs, open_parquet_output
 
 _CAPITALS = {

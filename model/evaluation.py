@@ -20,21 +20,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from model.chat_model import answer
+from model.chat_model import answer, token_loss_sum
 from model.faults import fault_point
 from model.files import iter_usable_rows
+from model.loader import placeholder_batch, to_torch
 from model.stopping import STOP
 from model.tokenizer import LABEL_PAD_ID
 
 logger = logging.getLogger('chat_trainer')
-
-
-def placeholder_batch(eos_id: int) -> dict:
-    """One row (input [eos]) whose labels are all padding: a forward that adds no loss."""
-    one = torch.ones((1, 1), dtype=torch.long)
-    return {'input_ids': one * eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
 
 
 def is_sharded(accelerator) -> bool:
@@ -115,14 +109,9 @@ class Evaluator:
                 fault_point('eval-loss', step)
                 if self.collectives.stop_signal_all_ranks(STOP.signum):
                     return None
-                batch = next(batches, None) or placeholder_batch(self.tokenizer.eos_token_id)
-                labels = batch['labels'].to(dev)
+                batch = next(batches, None) or to_torch(placeholder_batch(self.tokenizer.eos_token_id))
                 with self.accelerator.autocast():
-                    logits = model(input_ids=batch['input_ids'].to(dev),
-                                   attention_mask=batch['attention_mask'].to(dev),
-                                   decoder_input_ids=self.decoder_inputs(labels=labels)).logits
-                loss_sum += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                            ignore_index=LABEL_PAD_ID, reduction='sum')
+                    loss_sum += token_loss_sum(model, batch, dev, self.decoder_inputs)
                 tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
         finally:
             model.train()

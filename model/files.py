@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from config import UserError
+from model.errors import UserError
 from model import read_guard
 from model.read_guard import ReadGuard, human_size
 

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 
-from config import UserError
+from model.errors import UserError
 
 GPU_ENGINES = ('MULTI_GPU', 'FSDP', 'DEEPSPEED')
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from config import UserError
+from model.errors import UserError
 from model.epoch_order import EpochPlan, FlatOrder, OrderParams
 from model.files import inspect_parquet, resolve_parquet_files
 from model.stopping import ignore_in_worker
@@ -124,6 +124,13 @@ def make_batches(parts: list[tuple[list, list, np.ndarray | None, int]], encoder
     return out
 
 
+def placeholder_batch(eos_id: int) -> dict:
+    """One row (input [eos]) whose labels are all padding: a forward that adds no loss, so that a
+    rank with nothing left to read still joins its batch's collectives."""
+    one = np.ones((1, 1), dtype=np.int64)
+    return {'input_ids': one * eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
+
+
 def batch_from_ids(prompts: tuple[np.ndarray, np.ndarray], responses: tuple[np.ndarray, np.ndarray],
                    row_index: np.ndarray | None, num_skipped: int, eos_id: int) -> dict:
     """One padded batch of token ids, each side given as (all ids concatenated, length of each
@@ -131,8 +138,7 @@ def batch_from_ids(prompts: tuple[np.ndarray, np.ndarray], responses: tuple[np.n
     -100) so that ranks stay in lockstep; it contributes no target tokens."""
     n = len(prompts[1])
     if n == 0:
-        one = np.ones((1, 1), dtype=np.int64)
-        batch = {'input_ids': one * eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
+        batch = placeholder_batch(eos_id)
     else:
         input_ids, attention = _pad(*prompts, PAD_ID)
         labels, _ = _pad(*responses, LABEL_PAD_ID)

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from config import UserError
+from model.errors import UserError
 from model import ownership
 from model.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 

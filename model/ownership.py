@@ -39,7 +39,7 @@ import time
 import zlib
 from typing import Iterator
 
-from config import UserError
+from model.errors import UserError
 from model.faults import fault_point
 from model.stopping import critical
 

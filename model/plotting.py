@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from config import UserError
+from model.errors import UserError
 from model import ownership, read_guard
 from model.read_guard import ReadGuard, iter_bounded_lines
 from model.ownership import PLOT

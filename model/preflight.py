@@ -12,7 +12,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from config import PATH_FIELDS, ResolvedConfig, UserError
+from config import PATH_FIELDS, ResolvedConfig
+from model.errors import UserError
 from model import state_files as ckpt
 from model import ownership
 from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
@@ -106,9 +107,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         try:
             return fn()
         except UserError as e:
-            message = str(e)
-            if fix and '; create it with: ' in message:  # this run's own fix (with its preset) says it better
-                message = message.split('; create it with: ')[0]
+            message = e.message if fix else str(e)  # this run's own fix (with its preset) says it better
             report.problems.append(Problem(name, f'{name}: {message}' if not message.startswith(name) else message,
                                            fix))
             return None
@@ -127,12 +126,12 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
 
     # outputs: the toolkit's own or new, writable, and never an input
     input_files = files['train_file'] + files['validation_file']
-    outputs = {'train_state_dir': t.train_state_dir, 'output_dir': os.path.join(t.output_dir, 'best'),
-               'output_dir ': os.path.join(t.output_dir, 'final'), 'model_file': t.model_file.format(0),
-               'log_dir': t.log_dir}
-    for name, path in outputs.items():  # also where tokenizer_dir is not made yet
+    outputs = [('train_state_dir', t.train_state_dir), ('output_dir', os.path.join(t.output_dir, 'best')),
+               ('output_dir', os.path.join(t.output_dir, 'final')), ('model_file', t.model_file.format(0)),
+               ('log_dir', t.log_dir)]
+    for name, path in outputs:  # also where tokenizer_dir is not made yet
         if ownership.same_or_inside(path, t.tokenizer_dir):
-            report.problems.append(Problem(name.strip(), f'{name.strip()}: {path} lies inside tokenizer_dir '
+            report.problems.append(Problem(name, f'{name}: {path} lies inside tokenizer_dir '
                                            f'{t.tokenizer_dir}, an input of the run',
                                            'write the run\'s outputs elsewhere'))
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
@@ -153,8 +152,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             continue
         problem(name, lambda path=path, name=name: ownership.check_writable(path, name))
     input_specs = [t.train_file, t.validation_file]
-    for name, path in outputs.items():
-        name = name.strip()
+    for name, path in outputs:
         problem(name, lambda path=path, name=name: ownership.check_not_an_input(path, input_files, name, input_specs))
     archive = os.path.join(t.output_dir, 'previous_runs')
     if os.path.lexists(archive) and not os.path.isdir(archive):

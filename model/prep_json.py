@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from config import UserError
+from model.errors import UserError
 from model import prep_readers, read_guard
 from model.prep_readers import _BOM, RECORD_FIX, _tables, build_utf8_error
 from model.read_guard import ReadBudget, iter_bounded_lines, too_long

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from config import TrainConfigPretrainLarge, UserError
+from config import TrainConfigPretrainLarge
+from model.errors import UserError
 from model.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
 from model.prep_output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
 from model.prep_readers import iter_input_tables

@@ -15,7 +15,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from config import UserError
+from model.errors import UserError
 from model import ownership
 from model.files import TEXT_COLUMNS, resolve_parquet_files
 from model.ownership import DATA

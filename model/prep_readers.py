@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from config import UserError
+from model.errors import UserError
 from model import read_guard
 from model.files import as_text, check_row_group_sizes, check_text_columns, iter_file_batches, open_parquet, show_names
 from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA

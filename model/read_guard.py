@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from config import UserError
+from model.errors import UserError
 
 MAX_RECORD_BYTES = 16 << 20  # one JSONL line, JSON record, CSV row, converted Parquet row, chat line
 MAX_ROW_GROUP_TEXT_BYTES = 128 << 20  # prompt + response bytes of one Parquet row group (footer)

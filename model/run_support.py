@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from config import UserError
+from model.errors import UserError
 
 
 class Collectives:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-from config import DecodeConfig, UserError
+from config import DecodeConfig
+from model.errors import UserError
 from model import ownership
-from model.chat_model import answer
+from model.chat_model import answer, token_loss_sum
 from model.files import TEXT_COLUMNS, iter_text_tables, usable_mask
 from model.loader import TokenEncoder, make_batches, to_torch
 from model.ownership import PREDICTIONS
@@ -77,10 +77,11 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                max_rows: int = 0, model_path: str = '', progress=None) -> TestResult:
     from sacrebleu.metrics import BLEU
 
-    bleu = BLEU(tokenize='zh')
+    # effective order only changes a sentence's own score (unused), not its counts
+    bleu = BLEU(tokenize='zh', effective_order=True)
     encoder = TokenEncoder(tokenizer, max_seq_len)
     device = next(model.parameters()).device
-    stats = None
+    stats = np.zeros(10, dtype=np.int64)  # matches 1-4, totals 1-4, answer and reference lengths
     loss_sum, tokens, rows, skipped, exact = 0.0, 0, 0, 0, 0
     ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -99,23 +100,20 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                     continue
                 prompts, refs = (table.column(c).to_pylist() for c in TEXT_COLUMNS)
                 batch = to_torch(make_batches([(prompts, refs, None, 0)], encoder)[0])
-                labels = batch['labels'].to(device)
-                logits = model(input_ids=batch['input_ids'].to(device),
-                               attention_mask=batch['attention_mask'].to(device),
-                               decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
-                loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                  ignore_index=LABEL_PAD_ID, reduction='sum'))
-                tokens += int((labels != LABEL_PAD_ID).sum())
+                loss_sum += float(token_loss_sum(model, batch, device))
+                tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
                 hyps = answer(model, tokenizer, prompts, max_seq_len=max_seq_len, decode=decode)
-                batch_stats = np.sum(bleu._extract_corpus_statistics(hyps, [refs]), axis=0)
-                stats = batch_stats if stats is None else stats + batch_stats
+                for h, r in zip(hyps, refs):  # a sentence's n-gram counts; the corpus score sums them
+                    s = bleu.sentence_score(h, [r])
+                    stats += np.array([*s.counts, *s.totals, s.sys_len, s.ref_len])
                 for p, r, h in zip(prompts, refs, hyps):
                     exact += h.strip() == r.strip()
                     body.write(json.dumps({'prompt': p, 'reference': r, 'answer': h}, ensure_ascii=False) + '\n')
                 rows += len(prompts)
                 if progress:
                     progress(rows)
-        score = bleu._compute_score_from_stats(list(stats)).score if stats is not None else 0.0
+        score = BLEU.compute_bleu(correct=list(stats[:4]), total=list(stats[4:8]), sys_len=stats[8],
+                                  ref_len=stats[9]).score if rows else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
         header = ownership.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,

@@ -31,7 +31,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from config import UserError
+from model.errors import UserError
 from model import ownership
 from model.faults import fault_point
 from model.ownership import MODEL, STATE, STATE_DIR, WEIGHTS

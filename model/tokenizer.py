@@ -20,7 +20,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from config import UserError
+from model.errors import UserError
 from model import ownership
 from model.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
 from model.ownership import TOKENIZER
@@ -236,7 +236,7 @@ def check_tokenizer_folder(tokenizer_dir: str) -> int:
             raise UserError(f'{tokenizer_dir}: holds no tokenizer.json; point --tokenizer_dir at a '
                             f'tokenizer folder, or train one into a new folder with: '
                             f'python train_low_mem.py train_tokenizer --tokenizer_dir=NEW_FOLDER')
-        raise UserError(f'{tokenizer_dir}: no tokenizer here; create it with: '
+        raise UserError(f'{tokenizer_dir}: no tokenizer here', fix='create it with: '
                         f'python train_low_mem.py train_tokenizer --tokenizer_dir={tokenizer_dir}')
     try:
         rust = Tokenizer.from_file(path)

@@ -33,11 +33,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from config import ResolvedConfig
 from model import ownership, preflight, state_files, stopping
-from model.chat_model import build_model, load_weights_into
+from model.chat_model import build_model, load_weights_into, token_loss_sum
 from model.checkpoint import Checkpointer, TrainState
 from model.evaluation import Evaluator
 from model.faults import fault_point
@@ -238,14 +237,8 @@ class Trainer:
         model, dev, interval = self.model, self.accelerator.device, self.interval
         for batch, n_labels in zip(micro, label_tokens):
             fault_point('train-step', self.state.global_step + 1)
-            labels = batch['labels'].to(dev, non_blocking=True)
-            inputs = {'input_ids': batch['input_ids'].to(dev, non_blocking=True),
-                      'attention_mask': batch['attention_mask'].to(dev, non_blocking=True),
-                      'decoder_input_ids': self.decoder_inputs(labels=labels)}
             with self.accelerator.accumulate(model):
-                logits = model(**inputs).logits
-                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                           ignore_index=LABEL_PAD_ID, reduction='sum')
+                loss_sum = token_loss_sum(model, batch, dev, self.decoder_inputs)
                 self.accelerator.backward(loss_sum * scale)
                 if self.accelerator.sync_gradients:
                     grad_norm = self.accelerator.clip_grad_norm_(model.parameters(),

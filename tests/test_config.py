@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import config
-from config import (PRESETS, T5ModelConfig, TrainConfigPretrainLarge, UserError, coerce,
-                    resolve_config)
+from config import PRESETS, T5ModelConfig, TrainConfigPretrainLarge, coerce, resolve_config
+from model.errors import UserError
 
 GUIDE_DEFAULTS = {  # the guide's parameter table
     'epochs': 3, 'batch_size_per_gpu': 32, 'gradient_accumulation_steps': 2, 'max_seq_len': 192,

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from config import UserError
+from model.errors import UserError
 from conftest import make_texts, write_parquet
 from model.epoch_order import length_group_order
 from model.loader import StreamingLoader, TokenEncoder

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from config import UserError
+from model.errors import UserError
 from model import ownership as own
 from model.ownership import DATA, MODEL, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
 

@@ -14,7 +14,7 @@ import pytest
 
 import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
-from config import UserError
+from model.errors import UserError
 from model import demo_corpus, prep_ops, prep_output, prep_readers
 from model.demo_corpus import build_demo_rows, demo_prompts, write_demo
 from model.prep_ops import build_report, clean_parquet, convert_to_parquet, format_report, split_parquet

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from config import UserError
+from model.errors import UserError
 import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
 from model import prep_json, prep_output, prep_readers, read_guard  # noqa: F401 - imported before memory is measured

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from config import UserError
+from model.errors import UserError
 from conftest import SHARED_DATA, make_texts, write_parquet
 from model.tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
 
