@@ -10,17 +10,12 @@ Resolution order (each step validated once, see :func:`resolve_config`):
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
-import io
-import math
 import os
-import tokenize
 from dataclasses import dataclass, field, fields
-from functools import cache
 from typing import Any
 
-from model.errors import UserError  # noqa: F401 - config's errors, and the faces' import of it
+from model.cli import coerce, field_types, nearest_field, unknown_option
+from model.errors import UserError
 
 PROJECT_ROOT: str = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,79 +148,9 @@ TRACKERS = ('none', 'tensorboard', 'wandb')
 LR_SCHEDULES = ('cosine', 'linear', 'constant')
 FEED_FORWARD = ('relu', 'gated-gelu')
 
-_TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false', str: 'a string'}
-
-
-def _field_types(cls) -> dict[str, type]:
-    # `from __future__ import annotations` turns annotations into strings
-    names = {'int': int, 'float': float, 'bool': bool, 'str': str}
-    return {f.name: names[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
-
-
-TRAIN_FIELDS = _field_types(TrainConfigPretrainLarge)
-MODEL_FIELDS = _field_types(T5ModelConfig)
+TRAIN_FIELDS = field_types(TrainConfigPretrainLarge)
+MODEL_FIELDS = field_types(T5ModelConfig)
 assert not set(TRAIN_FIELDS) & set(MODEL_FIELDS), 'a flag must map to exactly one field'
-
-
-def coerce(name: str, value: Any, typ: type) -> Any:
-    """Turn a value as Fire parsed it into the field's type, or raise UserError.
-
-    Fire hands over ``--x=1`` as int, ``--x=1e-4`` as float, ``--x=true`` as
-    bool, and anything it cannot parse as a literal as str.
-    """
-    bad = UserError(f'--{name}={value!r}: expected {_TYPE_NAMES[typ]} for {name}')
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in ('true', 'false', 'yes', 'no', '1', '0'):
-            return value.strip().lower() in ('true', 'yes', '1')
-        raise bad
-    if typ is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
-            return int(value)  # --max_steps=1e4 arrives as 10000.0
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace('_', ''), 10)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if typ is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, (int, float)):
-            if not math.isfinite(value):
-                raise UserError(f'--{name}={value}: expected a finite number for {name}')
-            return float(value)
-        raise bad
-    if typ is str:
-        if isinstance(value, bool):  # a flag given without a value: --out_dir
-            raise UserError(f'--{name} needs a value: --{name}=...')
-        if isinstance(value, (list, tuple, dict)):
-            raise bad
-        return str(value)
-    raise TypeError(f'unsupported field type {typ}')  # a bug in the schema
-
-
-def nearest_field(name: str, candidates) -> str | None:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def unknown_option(name: str, candidates) -> UserError:
-    near = nearest_field(name, candidates)
-    hint = f'; did you mean --{near}?' if near else '; run with --help for the list of options'
-    return UserError(f'unknown option --{name}{hint}')
 
 
 def check_model_file_pattern(pattern: str) -> None:
@@ -436,130 +361,4 @@ def validate_decode(d: DecodeConfig) -> None:
         raise UserError(f'repetition_penalty must be > 0, got {d.repetition_penalty}')
 
 
-DECODE_FIELDS = _field_types(DecodeConfig)
-
-
-@cache
-def field_comments(cls) -> dict[str, str]:
-    """field name -> the comment written after it in the class's source: the one place a
-    field is explained, shown by --help."""
-    out: dict[str, str] = {}
-    source = inspect.getsource(cls)
-    names = {f.name for f in fields(cls)}
-    pending = None
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
-            pending = tok.string
-        elif tok.type == tokenize.COMMENT and pending:
-            out[pending] = tok.string.lstrip('#').strip()
-            pending = None
-        elif tok.type == tokenize.NEWLINE:
-            pending = None
-    return out
-
-
-def format_options(cls, only=None, defaults: dict | None = None) -> list[str]:
-    """Aligned `--name=default  comment` lines of a dataclass's fields."""
-    comments = field_comments(cls)
-    lines = []
-    for f in fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        value = (defaults or {}).get(f.name, f.default)
-        shown = f'--{f.name}={value}'
-        lines.append(f'  {shown:<44} {comments.get(f.name, "")}'.rstrip())
-    return lines
-
-
-# --- prepare_data.py commands ------------------------------------------------
-
-
-@dataclass
-class ConvertOptions:
-    """convert INPUT OUTPUT: CSV / JSON / JSONL / Parquet into prompt/response Parquet."""
-
-    input: str = ''  # CSV, JSON (a list of objects), JSONL or Parquet file to read
-    output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
-    prompt_col: str = 'prompt'  # the input's column (or JSON key) holding the prompt; renamed to prompt
-    response_col: str = 'response'  # the input's column (or JSON key) holding the response; renamed to response
-    format: str = ''  # csv | json | jsonl | parquet (default: from the file extension)
-
-
-@dataclass
-class CleanOptions:
-    """clean INPUT OUTPUT: drop null, empty/whitespace, over-long and duplicate rows."""
-
-    input: str = ''  # Parquet file, folder or glob to read
-    output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
-    max_chars: int = 0  # drop rows whose prompt or response has more characters (0 = no limit)
-    dedup: bool = True  # drop repeated (prompt, response) pairs, keeping the first
-
-
-@dataclass
-class SplitOptions:
-    """split INPUT --train_out=... --valid_out=...: a train and a validation file."""
-
-    input: str = ''  # Parquet file, folder or glob to split
-    train_out: str = ''  # Parquet file for the training rows (a new path, or one this toolkit wrote)
-    valid_out: str = ''  # Parquet file for the validation rows (a new path, or one this toolkit wrote)
-    valid_ratio: float = 0.1  # share of rows for validation, in (0, 1)
-    seed: int = 42  # seeds the split
-    max_in_memory_rows: int = 2_000_000  # up to this many rows sklearn's shuffled split; beyond, a streaming one
-
-
-@dataclass
-class CheckOptions:
-    """check FILE: the quality report (shape, columns, head, nulls, blanks, duplicates, lengths)."""
-
-    input: str = ''  # Parquet file, folder or glob to report on
-    tokenizer_dir: str = ''  # with a tokenizer: token lengths and what max_seq_len truncates (sampled)
-    max_seq_len: int = 192  # the training max_seq_len the truncation figures refer to
-
-
-@dataclass
-class DemoOptions:
-    """demo: the built-in Chinese demo corpus (train.parquet and valid.parquet)."""
-
-    out_dir: str = PROJECT_ROOT + '/data/demo'  # folder for train.parquet and valid.parquet
-    rows: int = 40000  # rows in all (about 10% go to validation); streamed, any number
-    seed: int = 42  # seeds the corpus
-
-
-def check_repeated_flags(args: list[str], positional: bool = True) -> None:
-    """A flag given twice is a mistake (which one was meant?), not 'the last one wins'. Where a
-    command takes no positional arguments, a word that is neither --name=value nor the value of
-    a preceding --name (e.g. `epochs=2`, a missing --) is a mistake too, not silently dropped."""
-    seen = set()
-    for i, arg in enumerate(args):
-        if arg == '--':
-            return
-        if arg.startswith('--') and len(arg) > 2:
-            name = arg[2:].split('=', 1)[0].replace('-', '_')
-            if name in seen:
-                raise UserError(f'--{name} is given twice; give it once')
-            seen.add(name)
-        elif not positional and not (i and args[i - 1].startswith('--') and '=' not in args[i - 1]):
-            hint = f' (--{arg.lstrip("-")}?)' if '=' in arg else ''
-            raise UserError(f'unexpected argument {arg!r}: options are written --name=value{hint}')
-
-
-def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple[str, ...],
-                  required: tuple[str, ...] = ()):
-    """An options dataclass from positional args and --flags, every value coerced to its
-    field's type; an unknown flag names the nearest one, a missing argument the usage."""
-    types = _field_types(cls)
-    if len(args) > len(positional):
-        raise UserError(f'{command}: too many arguments ({" ".join(map(str, args))}); '
-                        f'see: python prepare_data.py {command} --help')
-    values = dict(zip(positional, args))
-    for name, value in flags.items():
-        if name not in types:
-            raise unknown_option(name, types)
-        if name in values:
-            raise UserError(f'{command}: {name} given twice')
-        values[name] = value
-    missing = [n for n in (*positional, *required) if values.get(n) in (None, '')]
-    if missing:
-        raise UserError(f'{command} needs {" and ".join(n.upper() for n in missing)}; '
-                        f'see: python prepare_data.py {command} --help')
-    return cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})
+DECODE_FIELDS = field_types(DecodeConfig)

@@ -36,8 +36,8 @@ import signal
 import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
-from config import (CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions, check_repeated_flags,
-                    format_options, parse_options)
+from model.cli import check_repeated_flags, format_options, parse_options
+from model.prep_options import CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions
 from model.errors import UserError
 
 
@@ -104,7 +104,7 @@ COMMANDS = {'convert': (convert, ConvertOptions, 'INPUT OUTPUT'), 'clean': (clea
 def command_help(name: str) -> str:
     fn, options, usage = COMMANDS[name]
     return '\n'.join([f'usage: python prepare_data.py {name} {usage} [--option=value ...]'.replace('  ', ' '),
-                      '', (fn.__doc__ or '').strip(), '', 'options (config.py):', *format_options(options)])
+                      '', (fn.__doc__ or '').strip(), '', 'options (model/prep_options.py):', *format_options(options)])
 
 
 def main(argv: list[str] | None = None) -> None:

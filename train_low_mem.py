@@ -45,8 +45,8 @@ import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, ModelFlags, ResolvedConfig, RunFlags,
-                    T5ModelConfig, TrainConfigPretrainLarge, check_repeated_flags, coerce, format_options,
-                    resolve_config, unknown_option, validate_decode)
+                    T5ModelConfig, TrainConfigPretrainLarge, resolve_config, validate_decode)
+from model.cli import check_repeated_flags, coerce, format_options, unknown_option
 from model.errors import UserError
 
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',

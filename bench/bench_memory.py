@@ -162,7 +162,7 @@ def main() -> None:
             ('check', group, ['prepare_data.py', 'check', p['big_group.parquet']]),
             ('convert', group, ['prepare_data.py', 'convert', p['big_group.parquet'], f'{out}_g.parquet']),
         ]
-        print(f'| command | input | exit | what it said | peak RSS |\n|---|---|---|---|---|')
+        print('| command | input | exit | what it said | peak RSS |\n|---|---|---|---|---|')
         for name, what, argv, *stdin in cases:
             r = run(argv, *stdin)
             said = r['said'].replace(d, '…').replace('|', '\\|')

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import config
-from config import PRESETS, T5ModelConfig, TrainConfigPretrainLarge, coerce, resolve_config
+from config import PRESETS, T5ModelConfig, TrainConfigPretrainLarge, resolve_config
+from model.cli import coerce
 from model.errors import UserError
 
 GUIDE_DEFAULTS = {  # the guide's parameter table

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import cli_runner
-from conftest import ENV, ROOT, leftover_temps, make_texts, run_train, tiny_flags, write_parquet
+from conftest import ENV, ROOT, leftover_temps, make_texts, run_train, tiny_flags
 
 
 def cli(*args, script='train_low_mem.py', timeout=300):

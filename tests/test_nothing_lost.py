@@ -365,7 +365,8 @@ def test_generate_bounds_memory_and_rejects_bad_values(trained):
 def test_help_lists_every_option_with_its_comment():
     import dataclasses
 
-    from config import RunFlags, T5ModelConfig, TrainConfigPretrainLarge, field_comments
+    from config import RunFlags, T5ModelConfig, TrainConfigPretrainLarge
+    from model.cli import field_comments
 
     results = run_parallel([(c, [c, '--help'], 'train_low_mem.py') for c in ('train', 'train_tokenizer', 'generate')]
                            + [(f'prep {c}', [c, '--help'], 'prepare_data.py')

@@ -14,7 +14,7 @@ import pytest
 
 from model.errors import UserError
 from model import ownership as own
-from model.ownership import DATA, MODEL, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
+from model.ownership import DATA, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
 
 
 def tree(root) -> dict[str, str]:
