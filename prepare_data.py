@@ -37,13 +37,13 @@ import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from model.cli import check_repeated_flags, format_options, parse_options
-from model.prep_options import CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions
+from model.prep.options import CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions
 from model.errors import UserError
 
 
 def convert(*args, **flags):
     """Convert CSV / JSON (a list of objects) / JSONL / Parquet into prompt/response Parquet."""
-    from model.prep_ops import convert_to_parquet
+    from model.prep.ops import convert_to_parquet
 
     o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
     stopping.watch_outputs(o.output)
@@ -53,7 +53,7 @@ def convert(*args, **flags):
 
 def clean(*args, **flags):
     """Drop null, empty/whitespace-only, over-long and duplicate rows (prints counts per reason)."""
-    from model.prep_ops import clean_parquet
+    from model.prep.ops import clean_parquet
 
     o = parse_options(CleanOptions, 'clean', args, flags, ('input', 'output'))
     stopping.watch_outputs(o.output)
@@ -66,7 +66,7 @@ def clean(*args, **flags):
 def split(*args, **flags):
     """Split rows into a train and a validation file (sklearn's shuffled split up to
     max_in_memory_rows, a seeded streaming split beyond)."""
-    from model.prep_ops import split_parquet
+    from model.prep.ops import split_parquet
 
     o = parse_options(SplitOptions, 'split', args, flags, ('input',), ('train_out', 'valid_out'))
     stopping.watch_outputs(o.train_out, o.valid_out)
@@ -78,7 +78,7 @@ def split(*args, **flags):
 
 def check(*args, **flags):
     """Quality report: shape, columns, head, nulls, blanks, duplicates, lengths (and tokens)."""
-    from model.prep_ops import build_report, format_report
+    from model.prep.ops import build_report, format_report
 
     o = parse_options(CheckOptions, 'check', args, flags, ('input',))
     if o.max_seq_len < 2:
@@ -88,7 +88,7 @@ def check(*args, **flags):
 
 def demo(*args, **flags):
     """Write the built-in Chinese demo corpus (train.parquet, valid.parquet; default data/demo/)."""
-    from model.demo_corpus import write_demo
+    from model.prep.demo_corpus import write_demo
 
     o = parse_options(DemoOptions, 'demo', args, flags, ())
     stopping.watch_outputs(*(os.path.join(o.out_dir, name) for name in ('train.parquet', 'valid.parquet')))
@@ -104,7 +104,7 @@ COMMANDS = {'convert': (convert, ConvertOptions, 'INPUT OUTPUT'), 'clean': (clea
 def command_help(name: str) -> str:
     fn, options, usage = COMMANDS[name]
     return '\n'.join([f'usage: python prepare_data.py {name} {usage} [--option=value ...]'.replace('  ', ' '),
-                      '', (fn.__doc__ or '').strip(), '', 'options (model/prep_options.py):', *format_options(options)])
+                      '', (fn.__doc__ or '').strip(), '', 'options (model/prep/options.py):', *format_options(options)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -87,7 +87,7 @@ gpus=${NUM_GPUS:-$visible}
 world=$(( gpus > 0 ? gpus : 1 ))
 launch_args=()
 if [ -n "${ACCELERATE_CONFIG:-}" ]; then
-  facts=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m model.launch_config "$ACCELERATE_CONFIG" "$gpus") || exit 2
+  facts=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m model.train.launch_config "$ACCELERATE_CONFIG" "$gpus") || exit 2
   fact() { printf '%s\n' "$facts" | sed -n "s/^$1=//p"; }
   world=$(fact world_size)
   read -r -a launch_args <<< "$(fact launch_args)"

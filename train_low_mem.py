@@ -67,7 +67,7 @@ def _resolve(command: str, preset, use_large_config, overrides: dict, extra=()) 
     """The command's config (defaults -> preset -> flags) with its paths resolved once
     (preflight.resolve_places). A flag that names no field is an unknown option; one that names a
     field this command does not use has no effect, and is refused rather than ignored."""
-    from model.preflight import resolve_places
+    from model.train.preflight import resolve_places
 
     effective = set(EFFECTIVE[command])
     for name in overrides:
@@ -96,7 +96,7 @@ def process_count() -> int:
 
 def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -> int:
     """The resolved config, the paths, and every problem the run would meet (exit 0 ready, 1 not)."""
-    from model import preflight
+    from model.train import preflight
 
     print(cfg.describe())
     t = cfg.train
@@ -104,7 +104,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
     for name in ('train_file', 'validation_file', 'tokenizer_dir', 'model_file', 'train_state_dir',
                  'output_dir', 'log_dir'):
         print(f'  path.{name}={getattr(t, name)}')
-    from model.state_files import latest_state
+    from model.state.states import latest_state
 
     print(f'  path.latest_state={latest_state(t.train_state_dir) or "none"}')
     world = process_count()
@@ -119,7 +119,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
               f'{report.total_steps:,} optimizer steps over {t.epochs} epoch(s); '
               f'{report.parameters / 1e6:.1f}M parameters')
     if report.total_steps:
-        from model.resources import resource_lines
+        from model.train.resources import resource_lines
 
         print('\n'.join(resource_lines(cfg, report.train_rows, report.vocab_size, world, report.train_files,
                                        rows_per_s)))
@@ -146,7 +146,7 @@ def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_ru
             raise UserError(f'--rows_per_s={rows_per_s}: give the rows/s bench/bench_gpu.py measured (> 0), '
                             'or leave it out for the FLOPs estimate')
         sys.exit(dry_run_report(cfg, resume, rate))
-    from model.trainer import run_training
+    from model.train.trainer import run_training
 
     sys.exit(run_training(cfg, resume=resume))
 
@@ -154,8 +154,8 @@ def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_ru
 def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
     """Train the sentencepiece tokenizer on the train file (defaults from the config)."""
     cfg = _resolve('train_tokenizer', preset, use_large_config, overrides)
-    from model.tokenizer import check_tokenizer_inputs
-    from model.tokenizer import train_tokenizer as build
+    from model.data.tokenizer import check_tokenizer_inputs
+    from model.data.tokenizer import train_tokenizer as build
 
     t = cfg.train
     check_tokenizer_inputs(t.train_file, t.tokenizer_dir)  # before the imports of the real work
@@ -171,7 +171,7 @@ def parse_prompts(prompts) -> list[str]:
     if isinstance(prompts, bool):  # --prompts without a value
         raise UserError('--prompts needs a value: --prompts=\'["你好","1+1="]\'')
     if prompts in (None, ''):
-        from model.demo_corpus import demo_prompts
+        from model.prep.demo_corpus import demo_prompts
 
         return demo_prompts()
     if isinstance(prompts, str) and prompts.lstrip().startswith('['):
@@ -196,14 +196,14 @@ def _inference_setup(command: str, preset, use_large_config, flags: dict, extra=
     cfg = _resolve(command, preset, use_large_config, flags, extra=('model_dir', *DECODE_FIELDS, *extra))
     decode = DecodeConfig(**{k: coerce(k, v, DECODE_FIELDS[k]) for k, v in decode_values.items()})
     validate_decode(decode)
-    from model.chat_model import find_model_source
+    from model.net.chat_model import find_model_source
 
     source = find_model_source(cfg, '' if model_dir in (None, '') else coerce('model_dir', model_dir, str))
     return cfg, decode, source
 
 
 def _load(cfg, source):
-    from model.chat_model import load_for_inference
+    from model.net.chat_model import load_for_inference
 
     model, tok, max_seq_len = load_for_inference(cfg, source)
     print(f'model: {source.path}' + (f' (tokenizer {source.tokenizer_dir})' if source.kind == 'weights' else ''))
@@ -214,7 +214,7 @@ def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
     """Answer prompts with a trained model (default: output_dir/best, else output_dir/final)."""
     prompts = parse_prompts(prompts)
     cfg, decode, source = _inference_setup('generate', preset, use_large_config, flags, extra=('prompts',))
-    from model.chat_model import answer
+    from model.net.chat_model import answer
 
     model, tok, max_seq_len = _load(cfg, source)
     for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode)):
@@ -228,7 +228,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
     """Talk with a trained model: one prompt a line, the answer streamed as it is generated.
     Reads a pipe too (one answer a line); exit, quit, 退出 or Ctrl-D ends."""
     cfg, decode, source = _inference_setup('chat', preset, use_large_config, flags)
-    from model.chat_model import answer, stream_answer
+    from model.net.chat_model import answer, stream_answer
 
     model, tok, max_seq_len = _load(cfg, source)
     if sys.stdin is None:  # stdin closed (<&-): nothing to answer
@@ -262,7 +262,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
 
 def read_prompt_line(stream, line_no: int) -> str:
     """One line of a piped stdin, read in bounded memory (EOFError at its end)."""
-    from model import read_guard
+    from model.data import read_guard
 
     line, whole = read_guard.read_bounded_line(getattr(stream, 'buffer', stream), read_guard.MAX_RECORD_BYTES)
     if not whole:
@@ -280,8 +280,8 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
     """Score a trained model on test_file: loss, perplexity, BLEU-4 (sacrebleu, zh) and exact
     match, streamed; the predictions (prompt, reference, answer) go to a JSONL beside the model."""
     cfg, decode, source = _inference_setup('test', preset, use_large_config, flags, extra=('out',))
-    from model.files import check_usable_rows, count_rows, resolve_parquet_files
-    from model.scoring import check_predictions_path, predictions_path, score_file
+    from model.data.files import check_usable_rows, count_rows, resolve_parquet_files
+    from model.use.scoring import check_predictions_path, predictions_path, score_file
 
     t = cfg.train
     count_rows(t.test_file)
@@ -299,7 +299,7 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
 def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flags):
     """Draw training loss, learning rate and validation loss of a run from its log (PNG)."""
     cfg = _resolve('plot', preset, use_large_config, flags, extra=('log_file', 'out'))
-    from model.plotting import newest_log, plot_log
+    from model.use.plotting import newest_log, plot_log
 
     log = coerce('log_file', log_file, str) if log_file not in (None, '') else newest_log(cfg.train.log_dir)
     path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'

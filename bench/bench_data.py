@@ -9,7 +9,7 @@ groups of 65536 (synthetic text if it is absent), cached in bench/out/ with a to
 peak RSS (VmHWM of that process; ru_maxrss of its largest DataLoader worker, reported apart)
 is its own.
 
-  streaming   model.loader.StreamingLoader, the 10m preset's data settings (batch 32,
+  streaming   model.data.loader.StreamingLoader, the 10m preset's data settings (batch 32,
               max_seq_len 192, window 65536, length grouping over 64 batches), with 0, 2 and 4
               DataLoader workers (--workers)
   naive       pq.read_table of the whole file, a map-style Dataset slicing one row to Python
@@ -85,7 +85,7 @@ def build_file(rows: int, row_group: int = ROW_GROUP) -> str:
 
 
 def build_tokenizer() -> str:
-    from model.tokenizer import train_tokenizer
+    from model.data.tokenizer import train_tokenizer
 
     d = os.path.join(OUT, 'tokenizer')
     if not os.path.isfile(os.path.join(d, 'tokenizer.json')):
@@ -111,8 +111,8 @@ def peak_rss_mb() -> tuple[float, float]:
 
 
 def run_streaming(cfg, t_start):
-    from model.loader import StreamingLoader
-    from model.tokenizer import load_tokenizer
+    from model.data.loader import StreamingLoader
+    from model.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg['tokenizer'])
     loader = StreamingLoader(cfg['file'], tok, MAX_LEN, BATCH, shuffle=True, seed=1, shuffle_window_rows=65536,
@@ -125,7 +125,7 @@ def run_naive(cfg, t_start):
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from model.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg['tokenizer'])
 
@@ -154,10 +154,10 @@ def run_naive(cfg, t_start):
 
 def run_read_only(cfg, t_start):
     """The streaming reader's share: plan, window reads, per-batch take -> Python strings."""
-    from model.epoch_order import FlatOrder
-    from model.loader import EpochPass, StreamingLoader
-    from model.tokenizer import load_tokenizer
-    from model.window_reader import WindowReader
+    from model.data.epoch_order import FlatOrder
+    from model.data.loader import EpochPass, StreamingLoader
+    from model.data.tokenizer import load_tokenizer
+    from model.data.window_reader import WindowReader
 
     tok = load_tokenizer(cfg['tokenizer'])
     loader = StreamingLoader(cfg['file'], tok, MAX_LEN, BATCH, group_by_length=True, length_group_batches=64)

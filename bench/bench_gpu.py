@@ -10,7 +10,7 @@ of ../shared/data/real_train_3k.parquet under a tokenizer trained on it (synthet
 the file is absent), cut at --max_len, grouped by length as the loader groups them; the ids are
 random (compute does not depend on them). Each variant runs --warmup steps, then --steps timed.
 
-MFU counts the FLOPs of the real tokens only (model/sizing.py flops_per_row: 3 x the forward
+MFU counts the FLOPs of the real tokens only (model/net/sizing.py flops_per_row: 3 x the forward
 matmuls: blocks, output layer, attention scores) against the GPU's dense bf16 peak (--peak_tflops,
 989 for an H100/H200); "padded MFU" counts the padded positions the GPU computed too.
 """
@@ -41,7 +41,7 @@ def real_lengths(max_len: int):
 
     tok_dir = os.path.join(ROOT, 'bench', 'out', 'tokenizer_real8k')
     if not os.path.isfile(os.path.join(tok_dir, 'tokenizer.json')):
-        from model.tokenizer import train_tokenizer
+        from model.data.tokenizer import train_tokenizer
 
         train_tokenizer(REAL, tok_dir, vocab_size=8000, num_threads=os.cpu_count())
     import pyarrow.parquet as pq
@@ -59,7 +59,7 @@ def make_batches(prompt_lens, response_lens, batch: int, count: int, vocab: int,
     import numpy as np
     import torch
 
-    from model.epoch_order import length_group_order
+    from model.data.epoch_order import length_group_order
 
     rng = np.random.default_rng(0)
     out = []
@@ -83,9 +83,9 @@ def run(args, compiled: bool) -> dict:
     import torch.nn.functional as F
 
     from config import T5ModelConfig, TrainConfigPretrainLarge
-    from model.chat_model import build_model
-    from model.sizing import flops_per_row
-    from model.trainer import build_optimizer
+    from model.net.chat_model import build_model
+    from model.net.sizing import flops_per_row
+    from model.train.trainer import build_optimizer
 
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
@@ -172,7 +172,7 @@ def main() -> None:
         sys.exit('error: no CUDA GPU here; run with --device=cpu --steps=3 to check the script')
     results = [run(args, compiled=(v == 'compiled')) for v in args.variants.split(',')]
     from config import T5ModelConfig
-    from model.sizing import gpu_memory_bytes
+    from model.net.sizing import gpu_memory_bytes
 
     model_cfg = T5ModelConfig(**json.loads(args.model)) if args.model else T5ModelConfig()
     estimate = gpu_memory_bytes(model_cfg, args.vocab, 'adafactor', args.batch, args.max_len, args.max_len,

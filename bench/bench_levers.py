@@ -31,7 +31,7 @@ def main() -> None:
     from bench_gpu import make_batches, real_lengths
     from bench_train import COMMON, SIZES
     from config import T5ModelConfig
-    from model.chat_model import build_t5_config
+    from model.net.chat_model import build_t5_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--device', default='cpu')

@@ -10,7 +10,7 @@ ones; a Parquet cell of --under_mb, under the record limit, which the commands r
 row group of --group_mb of ordinary rows (2 KB each), which they stream in slices.
 Each command runs once under ``/usr/bin/time -f %M`` (peak RSS of the process, KiB); the table
 gives the exit status, the first line of stderr (or of stdout) and the peak. The limits in
-model/read_guard.py decide what is refused: records over 16 MiB (a Parquet cell that long is
+model/data/read_guard.py decide what is refused: records over 16 MiB (a Parquet cell that long is
 refused from the footer and page headers, unread), log lines over 64 KiB skipped; a row group over
 128 MiB of text is read in slices.
 """

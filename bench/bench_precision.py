@@ -10,7 +10,7 @@ import time
 import torch
 
 from config import T5ModelConfig
-from model.chat_model import build_model
+from model.net.chat_model import build_model
 torch.manual_seed(0)
 m = build_model(T5ModelConfig(d_model=256, num_heads=4, d_kv=64, d_ff=1024, num_layers=2, num_decoder_layers=2, dropout_rate=0.0), 8000)
 x = torch.randint(3, 8000, (32, 64)); y = torch.randint(3, 8000, (32, 64))

@@ -48,7 +48,7 @@ if ROOT not in sys.path:
 def tokenizer_dir() -> str:
     d = os.path.join(OUT, 'tokenizer_real8k')
     if not os.path.isfile(os.path.join(d, 'tokenizer.json')):
-        from model.tokenizer import train_tokenizer
+        from model.data.tokenizer import train_tokenizer
 
         train_tokenizer(TRAIN, d, vocab_size=8000, num_threads=os.cpu_count())
     return d
@@ -61,9 +61,9 @@ class ValidationScorer:
     """The token-weighted validation loss of any T5 on fixed padded batches (one function for both)."""
 
     def __init__(self, tok_dir: str):
-        from model.files import iter_usable_rows
-        from model.loader import TokenEncoder, make_batches, to_torch
-        from model.tokenizer import load_tokenizer
+        from model.data.files import iter_usable_rows
+        from model.data.loader import TokenEncoder, make_batches, to_torch
+        from model.data.tokenizer import load_tokenizer
 
         encoder = TokenEncoder(load_tokenizer(tok_dir), COMMON['max_seq_len'])
         rows = list(iter_usable_rows(VALID, EVAL_ROWS))
@@ -118,8 +118,8 @@ def run_ours(size: str, seed: int, tok_dir: str, extra: dict) -> dict:
     import torch
 
     from config import resolve_config
-    from model import trainer as trainer_module
-    from model.evaluation import EvalResult
+    from model.train import trainer as trainer_module
+    from model.train.evaluation import EvalResult
 
     torch.set_num_threads(os.cpu_count())
     work = tempfile.mkdtemp(prefix='bench-ours-')
@@ -164,9 +164,9 @@ def run_peer(size: str, seed: int, tok_dir: str, extra: dict) -> dict:
                               set_seed)
 
     from config import T5ModelConfig
-    from model.chat_model import build_model
-    from model.files import iter_usable_rows
-    from model.tokenizer import load_tokenizer
+    from model.net.chat_model import build_model
+    from model.data.files import iter_usable_rows
+    from model.data.tokenizer import load_tokenizer
 
     torch.set_num_threads(os.cpu_count())
     set_seed(seed)

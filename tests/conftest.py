@@ -58,7 +58,7 @@ def write_parquet(path, pairs, row_group_size: int | None = None) -> str:
 @pytest.fixture(scope='session')
 def tokenizer_dir(tmp_path_factory) -> str:
     """A small real sentencepiece tokenizer trained on generated text."""
-    from model.tokenizer import train_tokenizer
+    from model.data.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp('tok')
     src = write_parquet(d / 'text.parquet', make_texts(3000, seed=1))
@@ -69,7 +69,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='session')
 def tokenizer(tokenizer_dir):
-    from model.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -165,7 +165,7 @@ def state_folders(state_dir) -> list[str]:
 
 
 def weights(path) -> dict:
-    from model.state_files import load_weights_file
+    from model.state.states import load_weights_file
 
     return load_weights_file(str(path))
 

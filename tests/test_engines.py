@@ -159,7 +159,7 @@ def test_slurm_script_gives_each_node_its_rank_and_the_main_address(tmp_path):
     assert lines == [f'node {n} gpus 4 main gpu-node-7:29500 machines 2 processes 8 config '
                      f'configs/accelerate/ddp_2nodes.yaml resume auto args --batch_size_per_gpu=24' for n in (0, 1)]
     # what the start script then hands to accelerate for node 1, checked by accelerate's parser
-    facts = subprocess.run([sys.executable, '-m', 'model.launch_config', 'configs/accelerate/ddp_2nodes.yaml', '4'],
+    facts = subprocess.run([sys.executable, '-m', 'model.train.launch_config', 'configs/accelerate/ddp_2nodes.yaml', '4'],
                            cwd=ROOT, capture_output=True, text=True,
                            env={**ENV, 'MACHINE_RANK': '1', 'MAIN_PROCESS_IP': 'gpu-node-7', 'NUM_MACHINES': '2',
                                 'NUM_PROCESSES': '8'})

@@ -154,7 +154,7 @@ def test_a_real_full_disk_anywhere_in_a_save_is_one_line_and_nothing_half_writte
         errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
         assert len(errors) == 1 and 'disk full' in errors[0], errors
         assert not leftover_temps(out), leftover_temps(out)
-        from model.state_files import latest_state, list_complete_states
+        from model.state.states import latest_state, list_complete_states
 
         assert all(latest_state(f'{out}/state') == p for _, p in list_complete_states(f'{out}/state')[-1:])
     finally:

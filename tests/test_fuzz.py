@@ -4,7 +4,7 @@
 
 The faces run in process (``main(argv)``, output captured, SystemExit caught, logging reset
 between cases) to fit the suite's time; a few cases also run through the real CLI, so the
-harness is known to give what a user sees. The limits of model/read_guard.py are lowered so
+harness is known to give what a user sees. The limits of model/data/read_guard.py are lowered so
 that inputs over them are small.
 """
 
@@ -31,7 +31,8 @@ import prepare_data
 import train_low_mem
 import cli_runner
 from conftest import ENV, ROOT, leftover_temps, make_texts, tiny_flags, write_parquet
-from model import prep_readers, read_guard
+from model.prep import readers as prep_readers
+from model.data import read_guard
 
 SEED = 20261205
 RECORD_LIMIT = 4096  # read_guard.MAX_RECORD_BYTES during the fuzz run

@@ -18,8 +18,8 @@ import torch
 
 from model.errors import UserError
 from conftest import make_texts, write_parquet
-from model.epoch_order import length_group_order
-from model.loader import StreamingLoader, TokenEncoder
+from model.data.epoch_order import length_group_order
+from model.data.loader import StreamingLoader, TokenEncoder
 
 MAX_LEN = 32
 
@@ -363,7 +363,7 @@ def _two_process_worker(index, port, files, tokenizer_dir, out):
     import torch.distributed as dist
     from accelerate import PartialState
 
-    from model.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer
 
     state = PartialState(cpu=True)
     tok = load_tokenizer(tokenizer_dir)
@@ -439,9 +439,9 @@ def test_a_file_sorted_by_a_label_trains_mixed(tmp_path, tokenizer):
 
 
 def test_the_mixing_reader_holds_a_bounded_number_of_rows(tmp_path, tokenizer):
-    from model.epoch_order import EpochPlan, OrderParams
-    from model.loader import ParquetStreamDataset, TokenEncoder
-    from model.window_reader import WindowReader
+    from model.data.epoch_order import EpochPlan, OrderParams
+    from model.data.loader import ParquetStreamDataset, TokenEncoder
+    from model.data.window_reader import WindowReader
 
     f, per_label, labels = label_file(tmp_path, labels=8, per_label=4000, row_group=1000)  # 32 row groups
     ds = ParquetStreamDataset([f], TokenEncoder(tokenizer, 8))

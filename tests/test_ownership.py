@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.errors import UserError
-from model import ownership as own
-from model.ownership import DATA, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
+from model.state import ownership as own
+from model.state.ownership import DATA, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
 
 
 def tree(root) -> dict[str, str]:

@@ -136,9 +136,9 @@ def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(sto
                                                                                tokenizer_dir):
     import train_low_mem
     from config import T5ModelConfig
-    from model.chat_model import build_model
-    from model.state_files import save_model_folder
-    from model.tokenizer import load_tokenizer
+    from model.net.chat_model import build_model
+    from model.state.states import save_model_folder
+    from model.data.tokenizer import load_tokenizer
 
     src = write_parquet(tmp_path / 'text.parquet', make_texts(400, seed=4))
     monkeypatch.setenv('CHAT_SMALL_T5_FAULT', 'write:sigterm')
@@ -246,7 +246,7 @@ def record(row: dict) -> None:
 
 def newest_state(out) -> tuple[int, bool] | None:
     """(step, evaluation pending) of the newest complete state."""
-    from model.state_files import latest_state
+    from model.state.states import latest_state
 
     path = latest_state(f'{out}/state')
     if not path:
@@ -392,7 +392,7 @@ def test_sigterm_to_the_start_script_saves_on_both_ranks_and_resumes_exactly(tmp
     assert rank_exit_codes(output) <= {'143'}, output[-3000:]
     step, pending = newest_state(out)
     assert 10 <= step < TWO_RANK_STEPS
-    from model.state_files import latest_state
+    from model.state.states import latest_state
 
     assert {f'random_states_{r}.pkl' for r in (0, 1)} <= set(os.listdir(latest_state(f'{out}/state')))
     cmd, env = launch(flags, RESUME)

@@ -15,11 +15,11 @@ import pytest
 import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
 from model.errors import UserError
-from model import demo_corpus, prep_ops, prep_output, prep_readers
-from model.demo_corpus import build_demo_rows, demo_prompts, write_demo
-from model.prep_ops import build_report, clean_parquet, convert_to_parquet, format_report, split_parquet
-from model.prep_output import OUTPUT_SCHEMA
-from model.prep_readers import find_bad_utf8
+from model.prep import demo_corpus, ops as prep_ops, output as prep_output, readers as prep_readers
+from model.prep.demo_corpus import build_demo_rows, demo_prompts, write_demo
+from model.prep.ops import build_report, clean_parquet, convert_to_parquet, format_report, split_parquet
+from model.prep.output import OUTPUT_SCHEMA
+from model.prep.readers import find_bad_utf8
 
 
 def set_constant(monkeypatch, name, value):

@@ -1,4 +1,4 @@
-"""Bounded memory per record at every reader, and damage met mid-read (model/read_guard.py).
+"""Bounded memory per record at every reader, and damage met mid-read (model/data/read_guard.py).
 
 The limits are lowered for the tests; memory is Python's own (tracemalloc), which is where a
 whole line or JSON value would land if a reader held it.
@@ -19,9 +19,11 @@ import pytest
 from model.errors import UserError
 import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
-from model import prep_json, prep_output, prep_readers, read_guard  # noqa: F401 - imported before memory is measured
-from model.files import inspect_parquet, iter_text_tables
-from model.prep_ops import convert_to_parquet
+# imported before memory is measured
+from model.prep import json_readers as prep_json, output as prep_output, readers as prep_readers  # noqa: F401
+from model.data import read_guard
+from model.data.files import inspect_parquet, iter_text_tables
+from model.prep.ops import convert_to_parquet
 
 LIMIT = 64 << 10
 ROW_GROUP_LIMIT = 2 << 20  # over a page (~1 MiB as pyarrow writes them)
@@ -126,7 +128,7 @@ def test_a_huge_page_in_a_large_row_group_is_refused_by_convert_before_it_is_rea
 
 
 def test_page_headers_give_the_largest_page_whatever_the_writer_options(tmp_path):
-    from model.files import largest_page_bytes
+    from model.data.files import largest_page_bytes
 
     table = pa.table({'prompt': ['长' * 100_000] + ['问'] * 3000, 'response': ['答'] * 3001})
     for i, options in enumerate(({}, {'use_dictionary': False}, {'compression': 'zstd'}, {'data_page_version': '2.0'},
@@ -140,7 +142,7 @@ def test_page_headers_give_the_largest_page_whatever_the_writer_options(tmp_path
 
 
 def test_plot_skips_a_huge_log_line_unread(tmp_path, small_limits):
-    from model.plotting import read_curves
+    from model.use.plotting import read_curves
 
     log = tmp_path / 'run.log'
     with open(log, 'w', encoding='utf-8') as f:
@@ -169,7 +171,7 @@ def test_chat_refuses_a_huge_piped_line_and_reads_the_others(small_limits):
 
 @pytest.mark.slow
 def test_a_cut_text_gives_the_tokens_of_the_whole_text(tokenizer):
-    from model.loader import TokenEncoder
+    from model.data.loader import TokenEncoder
 
     encoder = TokenEncoder(tokenizer, 48)
     texts = [p + '\n' + r for p, r in make_texts(300, seed=9)]
@@ -208,7 +210,7 @@ def damage_row_group(tmp_path, name='data.parquet') -> str:
 
 @pytest.mark.parametrize('workers', [0, 1])
 def test_a_damaged_page_met_mid_epoch_is_one_line(tmp_path, tokenizer, workers):
-    from model.loader import StreamingLoader
+    from model.data.loader import StreamingLoader
 
     path = damage_row_group(tmp_path)
     inspect_parquet(path)  # the footer is fine: the damage shows only when the page is read
@@ -224,7 +226,7 @@ def test_a_damaged_page_met_mid_epoch_is_one_line(tmp_path, tokenizer, workers):
 
 
 def test_tokenizer_training_reports_the_damaged_file_not_sentencepiece(tmp_path):
-    from model.tokenizer import train_tokenizer
+    from model.data.tokenizer import train_tokenizer
 
     path = damage_row_group(tmp_path)
     with pytest.raises(UserError, match=r'data\.parquet: row group 7: cannot be read'):

@@ -1,11 +1,11 @@
-"""T5's span corruption (model/span_corruption.py): lengths, noise statistics, sentinels, round trip."""
+"""T5's span corruption (model/data/span_corruption.py): lengths, noise statistics, sentinels, round trip."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model import span_corruption as sc
+from model.data import span_corruption as sc
 
 EOS = 1
 SENTINELS = np.arange(1099, 999, -1)  # <extra_id_0> is the last id, as in T5

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from model import ownership as own
-from model import state_files as sf
+from model.state import ownership as own
+from model.state import states as sf
 
 
 def make_state(state_dir, step, suffix='', files=None) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from model.errors import UserError
 from conftest import SHARED_DATA, make_texts, write_parquet
-from model.tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
+from model.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer, train_tokenizer
 
 
 def round_trip(tok, text):
@@ -58,7 +58,7 @@ def test_missing_tokenizer_names_the_command(tmp_path):
 
 
 def test_sampling_caps_rows(tmp_path):
-    from model.tokenizer import iter_training_texts
+    from model.data.tokenizer import iter_training_texts
 
     src = write_parquet(tmp_path / 't.parquet', make_texts(5000, seed=4), row_group_size=1000)
     n = sum(1 for _ in iter_training_texts([src], max_rows=1000, seed=0)) / 2
@@ -93,7 +93,7 @@ def test_real_validation_texts_round_trip(real):
 def test_a_cut_text_keeps_the_tokens_of_the_whole_real_text(real, max_seq_len):
     """Each real validation text repeated past the cut (tokenizer.text_cut_chars), so the cut
     lands at a different place in each: the kept tokens equal those of the uncut text."""
-    from model.loader import TokenEncoder
+    from model.data.loader import TokenEncoder
 
     tok, texts = real
     encoder = TokenEncoder(tok, max_seq_len)

@@ -18,7 +18,7 @@ from conftest import (ENV, ROOT, assert_same_weights, logged_losses, make_texts,
 # --- units ------------------------------------------------------------------
 
 def test_schedule_step_count():
-    from model.sizing import total_optimizer_steps
+    from model.net.sizing import total_optimizer_steps
 
     # rows / (batch x processes x accumulation) x epochs
     assert total_optimizer_steps(10_000_000, 32, 3, 2, 3) == 10_000_000 // 192 * 3
@@ -29,7 +29,7 @@ def test_schedule_step_count():
 
 def test_lr_warmup_then_decay():
     from config import TrainConfigPretrainLarge
-    from model.trainer import build_scheduler
+    from model.train.trainer import build_scheduler
 
     def schedule(kind, warmup, total):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -44,7 +44,7 @@ def test_lr_warmup_then_decay():
 
 
 def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
-    from model import run_support as trainer
+    from model.train import run_support as trainer
 
     monkeypatch.setattr(trainer, 'cpu_supports_bf16', lambda: False)
     precision, warning = trainer.resolve_precision('bf16', use_cpu=True)
@@ -58,7 +58,7 @@ def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
 def test_a_stop_that_would_outlast_the_grace_period_is_warned_once(caplog):
     from types import SimpleNamespace
 
-    from model.trainer import Trainer
+    from model.train.trainer import Trainer
 
     run = SimpleNamespace(train_cfg=SimpleNamespace(stop_grace_s=10), _seconds_per_step=2.0, _grace_warned=False)
     with caplog.at_level('WARNING', logger='chat_trainer'):
@@ -73,7 +73,7 @@ def test_a_stop_that_would_outlast_the_grace_period_is_warned_once(caplog):
 
 def test_loss_at_init_is_about_ln_vocab(tokenizer):
     from config import T5ModelConfig
-    from model.chat_model import build_model
+    from model.net.chat_model import build_model
     torch.manual_seed(0)
     model = build_model(T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1,
                                       num_decoder_layers=1, dropout_rate=0.0), len(tokenizer))
@@ -103,7 +103,7 @@ def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
     text = open(logs[0], encoding='utf-8').read()
     assert f'step {total}/{total}' in text
     assert 'validation loss' in text and 'BLEU-4' in text
-    if not __import__('model.run_support', fromlist=['x']).cpu_supports_bf16():
+    if not __import__('model.train.run_support', fromlist=['x']).cpu_supports_bf16():
         assert 'mixed_precision=bf16 is not supported natively' in text  # fp32 fallback, logged
     assert re.search(r'samples/s \| \d+ tokens/s \| eta', text)
     # keep_latest_n_ckp=2 step files, plus best; HF folders load

@@ -48,8 +48,8 @@ def answers(result) -> list[str]:
 def run(tmp_path_factory, data):
     """A tiny model trained for 360 steps on the demo corpus (so it answers something), with
     TensorBoard on."""
-    from model.demo_corpus import write_demo
-    from model.tokenizer import train_tokenizer
+    from model.prep.demo_corpus import write_demo
+    from model.data.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp('surface')
     write_demo(str(d / 'demo'), rows=534, seed=5)  # 480 train rows: 60 steps an epoch
@@ -188,7 +188,7 @@ def test_pickled_weights_in_a_model_folder_are_one_line_in_every_command(run, tm
 
 
 def test_warm_start_begins_lower_and_a_mismatch_is_one_line(run, tmp_path):
-    from model.demo_corpus import write_demo
+    from model.prep.demo_corpus import write_demo
 
     scratch, warm = tmp_path / 'scratch', tmp_path / 'warm'
     write_demo(str(tmp_path / 'new'), rows=300, seed=77)  # other rows of the same tasks
@@ -281,8 +281,8 @@ def test_odd_input_is_answered_and_outputs_stay_out_of_the_toolkits_folders(run,
 
 
 def test_weights_with_another_tokenizer_of_the_same_size_are_refused(run, tmp_path):
-    from model.demo_corpus import write_demo
-    from model.tokenizer import train_tokenizer
+    from model.prep.demo_corpus import write_demo
+    from model.data.tokenizer import train_tokenizer
 
     tok = [f for f in run['flags'] if f.startswith('--tokenizer_dir=')][0].split('=', 1)[1]
     write_demo(str(tmp_path / 'text'), rows=3000, seed=99)

@@ -3,7 +3,7 @@
 The engine's parts -- model, optimizer, grad scaler, RNG of every rank, and the registered
 objects (the learning-rate schedule and the data position) -- go through accelerate's
 ``save_state`` / ``load_state``, which knows how DDP, FSDP (sharded states) and DeepSpeed
-store them. Around it the toolkit keeps its own guarantees (model/state_files.py): a
+store them. Around it the toolkit keeps its own guarantees (model/state/states.py): a
 temporary folder, checksums and a completion marker, the newest state that loads, nothing
 that unpickles more than tensors. Weights are exported from the engine's gathered state dict.
 """
@@ -17,8 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from model import state_files
-from model.tokenizer import save_tokenizer_copy
+from model.state import states as state_files
+from model.data.tokenizer import save_tokenizer_copy
 
 logger = logging.getLogger('chat_trainer')
 

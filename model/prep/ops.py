@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 
 from config import TrainConfigPretrainLarge
 from model.errors import UserError
-from model.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
-from model.prep_output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
-from model.prep_readers import iter_input_tables
+from model.data.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
+from model.prep.output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
+from model.prep.readers import iter_input_tables
 
 IN_MEMORY_ROWS = 2_000_000  # split with sklearn up to this many rows, stream beyond
 HEAD_CHARS = 200  # characters of a value `check` shows (the table cuts them to 30)
@@ -223,7 +223,7 @@ class _TokenStats:
     """Token lengths (eos included) of a seeded sample of at most ``sample_rows`` rows."""
 
     def __init__(self, tokenizer_dir: str, max_seq_len: int, sample_rows: int, total: int, seed: int):
-        from model.tokenizer import load_tokenizer, text_cut_chars
+        from model.data.tokenizer import load_tokenizer, text_cut_chars
 
         self.tok = load_tokenizer(tokenizer_dir)
         self.max_seq_len = max_seq_len
@@ -239,7 +239,7 @@ class _TokenStats:
         if self.keep < 1.0:
             chosen &= self.rng.random(table.num_rows) < self.keep
         rows = table.filter(pa.array(chosen))
-        from model.tokenizer import cut_texts
+        from model.data.tokenizer import cut_texts
 
         for name in TEXT_COLUMNS:
             texts = rows.column(name).to_pylist()

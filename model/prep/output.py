@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.errors import UserError
-from model import ownership
-from model.files import TEXT_COLUMNS, resolve_parquet_files
-from model.ownership import DATA
+from model.state import ownership
+from model.data.files import TEXT_COLUMNS, resolve_parquet_files
+from model.state.ownership import DATA
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
 BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work

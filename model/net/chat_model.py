@@ -17,9 +17,9 @@ import torch
 
 from config import DecodeConfig, ResolvedConfig, T5ModelConfig
 from model.errors import UserError
-from model.model_source import ModelSource, describe_model_source, weights_path
-from model.sizing import model_shape
-from model.tokenizer import EOS_ID, LABEL_PAD_ID, PAD_ID, cut_texts, load_tokenizer, text_cut_chars
+from model.net.model_source import ModelSource, describe_model_source, weights_path
+from model.net.sizing import model_shape
+from model.data.tokenizer import EOS_ID, LABEL_PAD_ID, PAD_ID, cut_texts, load_tokenizer, text_cut_chars
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
 def load_weights_into(model, path: str) -> None:
     """Weights of a file into a built model: every tensor must be there with its shape (the tied
     embedding copies excepted); else one line naming the first that is not."""
-    from model.state_files import load_weights_file
+    from model.state.states import load_weights_file
 
     state = load_weights_file(path)
     tied = ('shared.weight', 'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight')

@@ -3,7 +3,7 @@
 Each rule lives here once and everything else calls it: which column types count as text
 (:func:`is_text_type`), how they are read (:func:`as_text`), what a blank row is
 (:func:`blank_mask`), how a Parquet file is opened for streaming (:func:`open_parquet`) and
-how rows are counted (:func:`count_rows`). Every read goes through model/read_guard.py: a
+how rows are counted (:func:`count_rows`). Every read goes through model/data/read_guard.py: a
 damaged file is one line naming it (and the row group), and a row longer than the record limit
 is refused from the footer (and a large row group's page headers) before it is read.
 """
@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model.errors import UserError
-from model import read_guard
-from model.read_guard import ReadGuard, human_size
+from model.data import read_guard
+from model.data.read_guard import ReadGuard, human_size
 
 TEXT_COLUMNS = ('prompt', 'response')
 READ_BATCH_ROWS = 8192  # rows per streamed batch: bounded memory, big enough for vectorised work

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, ResolvedConfig
 from model.errors import UserError
-from model import state_files as ckpt
-from model import ownership
-from model.files import check_usable_rows, inspect_parquet, resolve_parquet_files
-from model.ownership import MODEL, STATE_DIR
-from model.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
-from model.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
+from model.state import states as ckpt
+from model.state import ownership
+from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
+from model.state.ownership import MODEL, STATE_DIR
+from model.net.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
+from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 
 # a changed value of these fields cannot continue a saved run
 REFUSED_ON_RESUME = {'optimizer': 'the optimizer state of one optimizer does not load into another'}
@@ -215,8 +215,8 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
     (loaded into a model on the meta device: no memory for the model itself)."""
     import torch
 
-    from model.chat_model import build_model, load_weights_into
-    from model.model_source import check_same_tokenizer, describe_model_source, shape_mismatch, weights_path
+    from model.net.chat_model import build_model, load_weights_into
+    from model.net.model_source import check_same_tokenizer, describe_model_source, shape_mismatch, weights_path
 
     t = cfg.train
     source = describe_model_source(t.init_from, t.tokenizer_dir, what='--init_from')

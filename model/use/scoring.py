@@ -22,12 +22,12 @@ import torch
 
 from config import DecodeConfig
 from model.errors import UserError
-from model import ownership
-from model.chat_model import answer, token_loss_sum
-from model.files import TEXT_COLUMNS, iter_text_tables, usable_mask
-from model.loader import TokenEncoder, make_batches, to_torch
-from model.ownership import PREDICTIONS
-from model.tokenizer import LABEL_PAD_ID
+from model.state import ownership
+from model.net.chat_model import answer, token_loss_sum
+from model.data.files import TEXT_COLUMNS, iter_text_tables, usable_mask
+from model.data.loader import TokenEncoder, make_batches, to_torch
+from model.state.ownership import PREDICTIONS
+from model.data.tokenizer import LABEL_PAD_ID
 
 TEST_BATCH_ROWS = 32
 

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 
 from model.errors import UserError
-from model import ownership
-from model.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
+from model.state import ownership
+from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 
 SHAPE_FIELDS = ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers', 'feed_forward_proj',
                 'relative_attention_num_buckets', 'relative_attention_max_distance', 'vocab_size')

@@ -1,6 +1,6 @@
 """This rank's tokenized, padded batches of the epoch order, and the position to resume from.
 
-The order (model/epoch_order.py) is one flat sequence of rows per epoch; global batch i is
+The order (model/data/epoch_order.py) is one flat sequence of rows per epoch; global batch i is
 rows ``[i*G, (i+1)*G)`` with ``G = batch_size * world_size`` and rank r takes its slice. The
 position is one number, the rows of the sequence consumed, equal on every rank; resuming at it
 needs only the window (or length group) that holds it, and stays valid when the world size
@@ -40,11 +40,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.errors import UserError
-from model.epoch_order import EpochPlan, FlatOrder, OrderParams
-from model.files import inspect_parquet, resolve_parquet_files
+from model.data.epoch_order import EpochPlan, FlatOrder, OrderParams
+from model.data.files import inspect_parquet, resolve_parquet_files
 from model.stopping import ignore_in_worker
-from model.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, text_cut_chars
-from model.window_reader import WindowReader
+from model.data.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, text_cut_chars
+from model.data.window_reader import WindowReader
 
 logger = logging.getLogger(__name__)
 

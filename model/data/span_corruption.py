@@ -9,7 +9,7 @@ that the corrupted input is exactly ``max_seq_len`` tokens (the T5 reference's
 Generator seeded by (seed, epoch, example index): the same example is corrupted the same way for
 any number of ranks or workers, and again after a resume.
 
-Pure numpy, no torch: model/loader.py turns the ids into batches.
+Pure numpy, no torch: model/data/loader.py turns the ids into batches.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 SENTINEL_COUNT = 100  # T5's extra ids; a sequence of max_seq_len tokens never needs more (checked below)
-_TAG = 4  # seed-stream tag of the noise masks (model/epoch_order.py uses 1-3)
+_TAG = 4  # seed-stream tag of the noise masks (model/data/epoch_order.py uses 1-3)
 
 
 def sentinel_token(i: int) -> str:

@@ -35,17 +35,19 @@ from dataclasses import dataclass, field
 import torch
 
 from config import ResolvedConfig
-from model import ownership, preflight, state_files, stopping
-from model.chat_model import build_model, load_weights_into, token_loss_sum
-from model.checkpoint import Checkpointer, TrainState
-from model.evaluation import Evaluator
+from model.state import ownership, states as state_files
+from model.train import preflight
+from model import stopping
+from model.net.chat_model import build_model, load_weights_into, token_loss_sum
+from model.state.checkpoint import Checkpointer, TrainState
+from model.train.evaluation import Evaluator
 from model.faults import fault_point
-from model.files import resolve_parquet_files
-from model.model_source import weights_path
-from model.run_support import Collectives, resolve_precision, setup_logging_all_ranks
+from model.data.files import resolve_parquet_files
+from model.net.model_source import weights_path
+from model.train.run_support import Collectives, resolve_precision, setup_logging_all_ranks
 from model.stopping import STOP, Stopped
-from model.sizing import model_shape, total_optimizer_steps
-from model.tokenizer import LABEL_PAD_ID, load_tokenizer, tokenizer_fingerprint
+from model.net.sizing import model_shape, total_optimizer_steps
+from model.data.tokenizer import LABEL_PAD_ID, load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger('chat_trainer')
 
@@ -170,7 +172,7 @@ class Trainer:
                     os.path.join(self.train_cfg.log_dir, name) if self.train_cfg.log_with == 'tensorboard' else name)
 
     def _build_loader(self, files, train: bool):
-        from model.loader import StreamingLoader
+        from model.data.loader import StreamingLoader
 
         t = self.train_cfg
         return StreamingLoader(

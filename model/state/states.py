@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.errors import UserError
-from model import ownership
+from model.state import ownership
 from model.faults import fault_point
-from model.ownership import MODEL, STATE, STATE_DIR, WEIGHTS
+from model.state.ownership import MODEL, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
 # `train --dry_run=True` (which inspects the saved states) stays fast.
@@ -482,7 +482,7 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
 
 def data_fingerprint(files: list[str]) -> list[dict]:
     """Names, sizes and row counts of the training files (metadata only, not a content hash)."""
-    from model.files import inspect_parquet
+    from model.data.files import inspect_parquet
 
     return [{'name': os.path.basename(f), 'bytes': os.path.getsize(f),
              'rows': inspect_parquet(f).num_rows} for f in files]

@@ -1,6 +1,6 @@
 """Reading the rows of an epoch's windows from Parquet, on demand, in bounded memory.
 
-A window is slices of up to ``mix_row_groups`` row groups (model/epoch_order.py), read
+A window is slices of up to ``mix_row_groups`` row groups (model/data/epoch_order.py), read
 column-pruned to ``prompt`` and ``response`` and held as Arrow text. A row group is read
 sequentially across the windows that take from it (one open stream each), so every row is read
 once per epoch. Memory per reading process: the loaded window(s) (about ``shuffle_window_rows``
@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.epoch_order import EpochPlan, RowGroupSlice
-from model import read_guard
-from model.files import (TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, row_group_text_bytes,
+from model.data.epoch_order import EpochPlan, RowGroupSlice
+from model.data import read_guard
+from model.data.files import (TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, row_group_text_bytes,
                          short_read_error)
-from model.read_guard import ReadGuard
+from model.data.read_guard import ReadGuard
 
 STREAM_BATCH_ROWS = 8192  # at most this many rows per Arrow batch when streaming a row group's slices
 READ_BUFFER_BYTES = 4 << 20  # page-wise reads: a huge column chunk is not loaded at once

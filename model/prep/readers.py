@@ -1,8 +1,8 @@
 """Readers of the formats `prepare_data.py convert` takes, each yielding prompt/response tables.
 
-CSV (pyarrow) and Parquet here, JSONL and JSON in model/prep_json.py, on the shared parts here:
+CSV (pyarrow) and Parquet here, JSONL and JSON in model/prep/json_readers.py, on the shared parts here:
 the format, the encoding checks and the record batcher. Everything streams: memory holds one
-batch of rows, whatever the file size. Every reader runs under model/read_guard.py's guard
+batch of rows, whatever the file size. Every reader runs under model/data/read_guard.py's guard
 (whatever a parser raises on malformed content is one line naming the file), and a record over
 ``MAX_RECORD_BYTES`` is refused as it streams, before it is whole.
 """
@@ -17,10 +17,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from model.errors import UserError
-from model import read_guard
-from model.files import as_text, check_row_group_sizes, check_text_columns, iter_file_batches, open_parquet, show_names
-from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA
-from model.read_guard import guarded, human_size, too_long
+from model.data import read_guard
+from model.data.files import as_text, check_row_group_sizes, check_text_columns, iter_file_batches, open_parquet, show_names
+from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMA
+from model.data.read_guard import guarded, human_size, too_long
 
 READ_CHUNK_BYTES = 1 << 20  # read size of the JSON parser and the UTF-8 scanner
 BATCH_TEXT_BYTES = 16 << 20  # a batch of records is handed on at this much text, even if short of BATCH_ROWS
@@ -51,7 +51,7 @@ def iter_input_tables(path: str, prompt_col: str = 'prompt', response_col: str =
         raise UserError(f'{path}: no such file')
     if not os.path.isfile(path):
         raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
-    from model.prep_json import iter_json, iter_jsonl  # they build on the records below
+    from model.prep.json_readers import iter_json, iter_jsonl  # they build on the records below
 
     readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': iter_jsonl, 'parquet': iter_parquet_columns}
     fmt = infer_format(path, input_format)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from config import PRESETS
 from model.errors import UserError
-from model.prep_output import BATCH_ROWS, OUTPUT_SCHEMA, RowGroupWriter, check_outputs, open_parquet_output
+from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMA, RowGroupWriter, check_outputs, open_parquet_output
 
 _CAPITALS = {
     '中国': '北京', '日本': '东京', '韩国': '首尔', '法国': '巴黎', '英国': '伦敦', '德国': '柏林',

@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass, field
 
 from model.errors import UserError
-from model import ownership, read_guard
-from model.read_guard import ReadGuard, iter_bounded_lines
-from model.ownership import PLOT
+from model.state import ownership
+from model.data import read_guard
+from model.data.read_guard import ReadGuard, iter_bounded_lines
+from model.state.ownership import PLOT
 
 STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)')
 EVAL_RE = re.compile(r'eval at step (\d+)(?: \([0-9.]+ s\))?: validation loss ([0-9.eE+-]+|nan|inf)(?:.*?BLEU-4 ([0-9.]+))?')

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from model.chat_model import answer, token_loss_sum
+from model.net.chat_model import answer, token_loss_sum
 from model.faults import fault_point
-from model.files import iter_usable_rows
-from model.loader import placeholder_batch, to_torch
+from model.data.files import iter_usable_rows
+from model.data.loader import placeholder_batch, to_torch
 from model.stopping import STOP
-from model.tokenizer import LABEL_PAD_ID
+from model.data.tokenizer import LABEL_PAD_ID
 
 logger = logging.getLogger('chat_trainer')
 

@@ -15,7 +15,7 @@ It depends only on the data files, the seed, the epoch and the :class:`OrderPara
   ``batch_size`` rows and the blocks shuffled (the last partial block stays last).
 
 Global batch i is rows ``[i*G, (i+1)*G)`` with ``G = batch_size * world_size``; rank r takes
-``[i*G + r*batch_size, i*G + (r+1)*batch_size)`` (see model/loader.py). Metadata only here:
+``[i*G + r*batch_size, i*G + (r+1)*batch_size)`` (see model/data/loader.py). Metadata only here:
 no row is read, except the lengths a length group sorts by.
 """
 

@@ -1,6 +1,6 @@
 """Checks of an accelerate config file before `start_pretrain_large.sh` launches it.
 
-    python -m model.launch_config CONFIG_FILE VISIBLE_GPUS
+    python -m model.train.launch_config CONFIG_FILE VISIBLE_GPUS
 
 prints ``key=value`` lines the start script reads (world_size, the launcher's arguments), or
 one ``error: ...`` line and exits 2: a file accelerate cannot load, more processes per machine

@@ -19,9 +19,10 @@ from typing import Iterator
 import pyarrow as pa
 
 from model.errors import UserError
-from model import prep_readers, read_guard
-from model.prep_readers import _BOM, RECORD_FIX, _tables, build_utf8_error
-from model.read_guard import ReadBudget, iter_bounded_lines, too_long
+from model.prep import readers as prep_readers
+from model.data import read_guard
+from model.prep.readers import _BOM, RECORD_FIX, _tables, build_utf8_error
+from model.data.read_guard import ReadBudget, iter_bounded_lines, too_long
 
 
 # --------------------------------------------------------------------------- JSONL

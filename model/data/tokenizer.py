@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 
 from model.errors import UserError
-from model import ownership
-from model.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
-from model.ownership import TOKENIZER
+from model.state import ownership
+from model.data.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
+from model.state.ownership import TOKENIZER
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The guide's resource tables, computed for the resolved config (printed by the dry run).
 
 Token lengths come from a sample of the user's own rows; FLOPs, memory and time from
-model/sizing.py. The time per epoch uses a measured rate when given (``--rows_per_s``, from
+model/net/sizing.py. The time per epoch uses a measured rate when given (``--rows_per_s``, from
 bench/bench_gpu.py on the user's GPU), else the FLOPs at an assumed 40% of a GPU's peak.
 No torch: the tokenizer is the Rust one, read from tokenizer.json.
 """
@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from model.files import TEXT_COLUMNS, iter_usable_rows
-from model.sizing import GPU_BF16_TFLOPS, flops_per_row, gpu_memory_bytes, human_bytes, human_seconds
+from model.data.files import TEXT_COLUMNS, iter_usable_rows
+from model.net.sizing import GPU_BF16_TFLOPS, flops_per_row, gpu_memory_bytes, human_bytes, human_seconds
 
 ASSUMED_MFU = 0.40
 SAMPLE_ROWS = 2000
@@ -23,7 +23,7 @@ def sample_token_lengths(files, tokenizer_dir: str, max_seq_len: int, rows: int 
     """Mean (prompt, response) tokens of the first usable rows, eos included, cut at max_seq_len."""
     from tokenizers import Tokenizer
 
-    from model.tokenizer import cut_texts, text_cut_chars
+    from model.data.tokenizer import cut_texts, text_cut_chars
 
     tok = Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json'))
     tok.no_padding()

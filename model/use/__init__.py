@@ -1,0 +1,1 @@
+"""A trained model put to use: scoring a test file, plotting a training log."""
