@@ -148,7 +148,7 @@ def logged_losses(out) -> dict[int, float]:
 
 
 def is_temp_name(name: str) -> bool:
-    """A temporary name of the toolkit (model/ownership.temp_path), or of a state save in progress."""
+    """A temporary name of the toolkit (model/state/writes.temp_path), or of a state save in progress."""
     return 'chat_small_t5-tmp' in name or name.startswith('.tmp-') or name.endswith('.tmp')
 
 

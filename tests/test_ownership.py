@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.errors import UserError
-from model.state import ownership as own
+from model.state import ownership as own, locks, writes
 from model.state.ownership import DATA, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
 
 
@@ -76,7 +76,7 @@ def test_an_added_entry_a_link_or_a_changed_file_makes_the_folder_the_users(tmp_
     with pytest.raises(UserError, match='not replaced') as e:
         own.check_replaceable(folder, TOKENIZER, 'tokenizer_dir', folder=True)
     assert named.split(' ')[0] in str(e.value)
-    assert own.kind_of(folder) is None and own.remove_owned(folder, TOKENIZER) is False
+    assert own.kind_of(folder) is None and writes.remove_owned(folder, TOKENIZER) is False
     assert tree(tmp_path) == before
 
 
@@ -90,11 +90,11 @@ def test_a_marker_that_lists_names_only_or_wrong_content_protects_nothing(tmp_pa
                                                       'files': ['thesis.txt']}))
     with pytest.raises(UserError, match='records no content'):
         own.check_replaceable(str(folder), TOKENIZER, 'tokenizer_dir', folder=True)
-    assert own.remove_owned(str(folder), TOKENIZER) is False
+    assert writes.remove_owned(str(folder), TOKENIZER) is False
     (folder / own.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer', 'entries': {
         'thesis.txt': {'type': 'file', 'bytes': 13, 'sha256': '0' * 64}}}))
     assert own.foreign_entries(str(folder)) == ['thesis.txt (changed since the toolkit wrote it)']
-    assert own.remove_owned(str(folder), TOKENIZER) is False
+    assert writes.remove_owned(str(folder), TOKENIZER) is False
     assert (folder / 'thesis.txt').read_text() == 'years of work'
 
 
@@ -114,7 +114,7 @@ def test_links_given_as_places_are_never_ours_and_never_replaced(tmp_path):
     os.symlink(real, tmp_path / 'link')
     assert own.folder_kind(str(tmp_path / 'link')) is None  # judged by lstat
     assert own.kind_of(str(tmp_path / 'link')) is None
-    assert own.remove_owned(str(tmp_path / 'link'), TOKENIZER) is False
+    assert writes.remove_owned(str(tmp_path / 'link'), TOKENIZER) is False
     os.symlink(tmp_path / 'nowhere', tmp_path / 'dangling')
     os.symlink(tmp_path / 'loop', tmp_path / 'loop')
     for name in ('dangling', 'loop'):
@@ -135,13 +135,13 @@ def test_a_new_folder_goes_where_a_link_points_and_the_link_stays(tmp_path):
             marked_folder(real, files={'old.json': 'old'})
         link = tmp_path / f'{target}_link'
         os.symlink(real, link)
-        with own.building_folder(str(link), TOKENIZER, 'tokenizer_dir') as tmp:
+        with writes.building_folder(str(link), TOKENIZER, 'tokenizer_dir') as tmp:
             assert os.path.dirname(tmp) == str(tmp_path)  # beside the real target, on its filesystem
             (open(os.path.join(tmp, 'new.json'), 'w')).write('new')
             own.write_marker(tmp, TOKENIZER)
         assert os.path.islink(link) and os.readlink(link) == str(real)
         assert sorted(os.listdir(real)) == [own.MARKER_FILE, 'new.json']
-    assert not [n for n in os.listdir(tmp_path) if own.TEMP_TAG in n]
+    assert not [n for n in os.listdir(tmp_path) if writes.TEMP_TAG in n]
 
 
 # --------------------------------------------------------------------------- files
@@ -149,7 +149,7 @@ def test_a_new_folder_goes_where_a_link_points_and_the_link_stays(tmp_path):
 
 def write_marked(path, kind) -> str:
     """A file of each format the toolkit writes, through atomic_file (which seals it)."""
-    with own.atomic_file(str(path), kind, 'out') as tmp:
+    with writes.atomic_file(str(path), kind, 'out') as tmp:
         if kind == DATA:
             w = pq.ParquetWriter(tmp, pa.schema([('prompt', pa.string()), ('response', pa.string())]))
             w.write_table(pa.table({'prompt': ['问'] * 50, 'response': ['答'] * 50}))
@@ -195,10 +195,10 @@ def test_a_file_is_ours_while_its_content_matches_its_sealed_hash(tmp_path, kind
         own.check_replaceable(str(changed), kind, '--out', folder=False)
     link = tmp_path / f'link_{name}'
     os.symlink(path, link)
-    assert own.file_kind(str(link)) is None and own.remove_owned(str(link), kind) is False
+    assert own.file_kind(str(link)) is None and writes.remove_owned(str(link), kind) is False
     assert os.path.exists(path)
-    assert own.remove_owned(str(changed), kind) is False and changed.exists()
-    assert own.remove_owned(path, kind) is True and not os.path.exists(path)
+    assert writes.remove_owned(str(changed), kind) is False and changed.exists()
+    assert writes.remove_owned(path, kind) is True and not os.path.exists(path)
 
 
 def test_a_table_read_from_our_file_and_written_again_is_not_ours(tmp_path):
@@ -244,20 +244,20 @@ def test_a_lock_file_is_never_written_through_a_link_or_a_second_name(tmp_path):
         place.mkdir()
         plant(place / own.LOCK_FILE)
         with pytest.raises(UserError, match=own.LOCK_FILE.replace('.', r'\.')):
-            own.PlaceLock([str(place)]).acquire()
+            locks.PlaceLock([str(place)]).acquire()
         with pytest.raises(UserError):
-            own.is_locked(str(place))
+            locks.is_locked(str(place))
     assert user_file.read_text() == 'mine'
 
 
 def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
     place = str(tmp_path / 'run')
-    with own.PlaceLock([place], 'training run'):
-        assert 'pid' in (own.is_locked(place) or '')
+    with locks.PlaceLock([place], 'training run'):
+        assert 'pid' in (locks.is_locked(place) or '')
         with pytest.raises(UserError, match='in use by another training run'):
-            own.PlaceLock([place], 'training run').acquire()
-    assert own.is_locked(place) is None
-    with own.PlaceLock([place]):  # the same file, taken again
+            locks.PlaceLock([place], 'training run').acquire()
+    assert locks.is_locked(place) is None
+    with locks.PlaceLock([place]):  # the same file, taken again
         pass
     assert own.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
 
@@ -269,13 +269,13 @@ def test_only_temporaries_provably_of_a_dead_run_of_this_target_are_swept(tmp_pa
     target = str(tmp_path / 'out.parquet')
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
                           text=True).stdout.strip()
-    host = own._host_tag()
-    names = {'dead': f'.out.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abcd',
-             'dead folder': f'.out.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abce',
-             'alive': f'.out.parquet.{own.TEMP_TAG}-{host}-{os.getppid()}-0123abcd',
-             'other host': f'.out.parquet.{own.TEMP_TAG}-ffffffff-{dead}-0123abcd',
-             'other target': f'.other.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abcd',
-             'a link': f'.out.parquet.{own.TEMP_TAG}-{host}-{dead}-0123abcf',
+    host = writes._host_tag()
+    names = {'dead': f'.out.parquet.{writes.TEMP_TAG}-{host}-{dead}-0123abcd',
+             'dead folder': f'.out.parquet.{writes.TEMP_TAG}-{host}-{dead}-0123abce',
+             'alive': f'.out.parquet.{writes.TEMP_TAG}-{host}-{os.getppid()}-0123abcd',
+             'other host': f'.out.parquet.{writes.TEMP_TAG}-ffffffff-{dead}-0123abcd',
+             'other target': f'.other.parquet.{writes.TEMP_TAG}-{host}-{dead}-0123abcd',
+             'a link': f'.out.parquet.{writes.TEMP_TAG}-{host}-{dead}-0123abcf',
              'not ours': '.out.parquet.12345.0123abcd.tmp'}
     for what, name in names.items():
         path = tmp_path / name
@@ -287,9 +287,9 @@ def test_only_temporaries_provably_of_a_dead_run_of_this_target_are_swept(tmp_pa
         else:
             path.write_text('x')
     (tmp_path / 'precious').write_text('mine')
-    assert own.sweep_stale_temps(target) == sorted(str(tmp_path / names[k]) for k in ('dead', 'dead folder'))
+    assert writes.sweep_stale_temps(target) == sorted(str(tmp_path / names[k]) for k in ('dead', 'dead folder'))
     left = set(os.listdir(tmp_path))
     assert {names[k] for k in ('alive', 'other host', 'other target', 'a link', 'not ours')} <= left
-    assert own.sweep_stale_temps(target, place_locked=True) == sorted(
+    assert writes.sweep_stale_temps(target, place_locked=True) == sorted(
         str(tmp_path / names[k]) for k in ('alive', 'other host'))
     assert (tmp_path / 'precious').read_text() == 'mine' and os.path.isdir('/etc')

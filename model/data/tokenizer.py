@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.errors import UserError
-from model.state import ownership
+from model.state import ownership, writes
 from model.data.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
 from model.state.ownership import TOKENIZER
 
@@ -191,7 +191,7 @@ def save_tokenizer(spm_model: bytes, tokenizer_dir: str) -> None:
     hf = PreTrainedTokenizerFast(tokenizer_object=build_fast_tokenizer(spm_model),
                                  pad_token='<pad>', eos_token='</s>', unk_token='<unk>',
                                  model_max_length=1 << 30)
-    with ownership.building_folder(tokenizer_dir, TOKENIZER, 'tokenizer_dir') as tmp:
+    with writes.building_folder(tokenizer_dir, TOKENIZER, 'tokenizer_dir') as tmp:
         hf.save_pretrained(tmp)
         with open(os.path.join(tmp, SPM_FILE), 'wb') as f:
             f.write(spm_model)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.errors import UserError
-from model.state import ownership
+from model.state import ownership, writes
 from model.data.files import TEXT_COLUMNS, resolve_parquet_files
 from model.state.ownership import DATA
 
@@ -105,7 +105,7 @@ def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter
     The footer carries the toolkit's marker, so a later command may replace this file; any
     other file at ``path`` is refused before anything is written.
     """
-    with ownership.atomic_file(path, DATA, 'the output') as tmp:
+    with writes.atomic_file(path, DATA, 'the output') as tmp:
         writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA)
         try:
             rows = RowGroupWriter(writer)

@@ -23,24 +23,16 @@ Every replace, archive or prune goes through :func:`check_replaceable` (or
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import re
-import shutil
-import socket
 import stat
 import struct
 import tempfile
 import time
 import zlib
-from typing import Iterator
 
 from model.errors import UserError
-from model.faults import fault_point
 from model.stopping import critical
 
 MARKER_FILE = 'chat_small_t5.json'
@@ -79,7 +71,7 @@ def same_or_inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def lstat_or_none(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except OSError:
@@ -87,13 +79,13 @@ def _lstat(path: str) -> os.stat_result | None:
 
 
 def is_link(path: str) -> bool:
-    st = _lstat(path)
+    st = lstat_or_none(path)
     return st is not None and stat.S_ISLNK(st.st_mode)
 
 
 def is_real_dir(path: str) -> bool:
     """A folder that is not a link to one."""
-    st = _lstat(path)
+    st = lstat_or_none(path)
     return st is not None and stat.S_ISDIR(st.st_mode)
 
 
@@ -160,7 +152,7 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> No
             os.fsync(f.fileno())
 
 
-def _read_regular(path: str, limit: int) -> bytes | None:
+def read_regular_file(path: str, limit: int) -> bytes | None:
     """The bytes of a plain file (never through a link), or None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -177,7 +169,7 @@ def read_marker(folder: str) -> dict | None:
     """The marker of a folder the toolkit made (a real folder, a plain marker file), else None."""
     if not is_real_dir(folder):
         return None
-    raw = _read_regular(os.path.join(folder, MARKER_FILE), MAX_MARKER_BYTES)
+    raw = read_regular_file(os.path.join(folder, MARKER_FILE), MAX_MARKER_BYTES)
     try:
         info = json.loads(raw) if raw is not None else None
     except ValueError:
@@ -429,7 +421,7 @@ def file_kind(path: str) -> str | None:
 
 def kind_of(path: str) -> str | None:
     """The kind of a folder or file that is wholly the toolkit's (content checked), else None."""
-    st = _lstat(path)
+    st = lstat_or_none(path)
     if st is None or stat.S_ISLNK(st.st_mode):
         return None
     if stat.S_ISDIR(st.st_mode):
@@ -446,7 +438,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
     never replaces what it did not make. ``path`` is a resolved place (:func:`resolve_place`)."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     check_outside_sealed(path, what)
-    st = _lstat(path)
+    st = lstat_or_none(path)
     if st is None:
         return
     if stat.S_ISLNK(st.st_mode):
@@ -558,255 +550,17 @@ def check_writable(path: str, what: str) -> None:
         raise UserError(f'{what}: cannot write in {target} ({e.strerror}); choose a writable place') from None
 
 
-# --------------------------------------------------------------------------- disk errors
-
-
-def is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return 'No space left' in text or 'file write failed' in text or 'Disk quota' in text
-
-
-@contextlib.contextmanager
-def disk_errors(what: str, path: str, after: str = '') -> Iterator[None]:
-    """Turn 'no space left' (also as torch's inline_container error) into one clear line."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
-        if not is_disk_full(e):
-            raise
-        raise UserError(f'disk full while writing {what} ({path}); nothing half-written was left'
-                        f'{after}. Free space and run again') from None
-
-
-# --------------------------------------------------------------------------- temporaries
-
-
-TEMP_TAG = 'chat_small_t5-tmp'
-_TEMP_RE = re.compile(r'^\.(?P<name>.+)\.' + re.escape(TEMP_TAG) +
-                      r'-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}(?:\.old)?$')
-
-
-def _host_tag() -> str:
-    """8 hex digits naming this machine: a pid means something only on the machine that made it
-    (two nodes on one shared filesystem)."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def temp_path(target: str) -> str:
-    """A hidden name beside target (so that os.replace is a rename on one filesystem) that says
-    whose it is: ``.<name>.chat_small_t5-tmp-<host>-<pid>-<random>``. Only such names are ever
-    swept (:func:`sweep_stale_temps`)."""
-    folder, name = os.path.split(os.path.abspath(target).rstrip(os.sep))
-    return os.path.join(folder, f'.{name}.{TEMP_TAG}-{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}')
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stale_temps(target: str, place_locked: bool = False) -> list[str]:
-    """Temporaries of ``target`` that a run of this toolkit left when it was killed (SIGKILL, a
-    lost node): named by :func:`temp_path` for this very target, a plain file or folder (never a
-    link), and made by a process that is gone -- on this machine (its pid is not running), or on
-    any machine when the caller holds the lock of the place (no other run can be writing there)."""
-    folder, name = os.path.split(os.path.abspath(target).rstrip(os.sep))
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    found = []
-    for entry in names:
-        m = _TEMP_RE.match(entry)
-        if not m or m.group('name') != name:
-            continue
-        path = os.path.join(folder, entry)
-        st = _lstat(path)
-        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            continue  # a link or anything else with such a name is not one the toolkit made
-        mine = m.group('host') == _host_tag()
-        if int(m.group('pid')) == os.getpid() and mine:
-            continue
-        if place_locked or (mine and not _pid_alive(int(m.group('pid')))):
-            found.append(path)
-    return sorted(found)
-
-
-def sweep_stale_temps(target: str, place_locked: bool = False) -> list[str]:
-    """Remove :func:`stale_temps` of target (a folder without following links inside it);
-    returns what was removed."""
-    removed = []
-    for path in stale_temps(target, place_locked):
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _open_up(folder: str) -> None:
-    """Modes as the umask asks (temporary folders and safetensors make private files; the
-    results are not)."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool = True) -> Iterator[str]:
-    """A temporary path beside the real ``path`` to write; on success it is sealed (the content
-    hash filled into its marker), synced and renamed onto the path (a reader sees the old file or
-    the whole new one), on failure removed. An existing path must be the toolkit's own unchanged
-    file of these kinds; a link on the way is followed, never replaced."""
-    path = resolve_place(path, what)
-    check_replaceable(path, kinds, what, folder=False)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sweep_stale_temps(path)
-    tmp = temp_path(path)
-    try:
-        with disk_errors(what, path):
-            yield tmp
-            fault_point('write')
-            if seal:
-                seal_file(tmp)
-            with open(tmp, 'rb') as f:
-                os.fsync(f.fileno())
-        with critical():  # a stop lands before the rename (nothing written) or after it (all written)
-            os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
-            os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths atomically (Linux renameat2); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
-
-
-def new_temp_folder(target: str) -> str:
-    """An empty folder at :func:`temp_path` of target (stale ones of earlier runs swept first)."""
-    parent = os.path.dirname(os.path.abspath(target).rstrip(os.sep))
-    os.makedirs(parent, exist_ok=True)
-    sweep_stale_temps(target)
-    tmp = temp_path(target)
-    os.mkdir(tmp, 0o700)
-    return tmp
-
-
-def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str) -> None:
-    """Move the complete folder tmp to the real target. An existing target must be the
-    toolkit's and unchanged (or empty); it is swapped out in one step where the system allows
-    (never a moment without a complete copy at target), else renamed aside first and removed
-    after -- without following any link inside it."""
-    target = resolve_place(target.rstrip(os.sep), what)
-    check_replaceable(target, kinds, what, folder=True)
-    _open_up(tmp)
-    fsync_dir(tmp)
-    with critical():  # a stop never leaves target missing or the old folder at a temporary name
-        if not os.path.lexists(target):
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp)  # the old folder, now at the temporary name
-        else:
-            old = f'{tmp}.old'
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        fsync_dir(os.path.dirname(target))
-
-
-@contextlib.contextmanager
-def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Iterator[str]:
-    """A temporary folder beside the real target to fill; on success it replaces target, on
-    failure it is removed."""
-    target = resolve_place(target.rstrip(os.sep), what)
-    check_replaceable(target, kinds, what, folder=True)
-    tmp = new_temp_folder(target)
-    try:
-        with disk_errors(what, target):
-            yield tmp
-            fault_point('write')
-        replace_folder(tmp, target, kinds, what)
-    finally:
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_owned(path: str, kinds: str | tuple[str, ...]) -> bool:
-    """Delete path only if it is wholly the toolkit's, of one of these kinds, unchanged since it
-    wrote it (never a link: it is judged by lstat)."""
-    kinds = (kinds,) if isinstance(kinds, str) else kinds
-    if kind_of(path) not in kinds:
-        return False
-    if is_real_dir(path):
-        shutil.rmtree(path)
-    else:
-        os.remove(path)
-    return True
-
-
-# --------------------------------------------------------------------------- locks
-
-
 def _is_lock_file(path: str) -> bool:
     """A plain file with one link whose content is empty or a lock this toolkit wrote."""
-    st = _lstat(path)
+    st = lstat_or_none(path)
     if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         return False
-    raw = _read_regular(path, 4096)
-    return raw is not None and _lock_info(raw) is not None
+    raw = read_regular_file(path, 4096)
+    return raw is not None and lock_info(raw) is not None
 
 
-def _lock_info(raw: bytes) -> dict | None:
+def lock_info(raw: bytes) -> dict | None:
+    """The holder a lock file records (pid, host, started), {} when empty, None when not a lock's."""
     if not raw.strip():
         return {}
     try:
@@ -814,98 +568,3 @@ def _lock_info(raw: bytes) -> dict | None:
     except ValueError:
         return None
     return info if isinstance(info, dict) and {'pid', 'host', 'started'} <= set(info) else None
-
-
-def _open_lock(folder: str, flags: int) -> int:
-    """The lock file of a folder, opened so that no link can redirect it (O_NOFOLLOW, a plain
-    file with a single name, empty or a lock's content); else a UserError naming it."""
-    path = os.path.join(folder, LOCK_FILE)
-    not_ours = UserError(f'{path} is not a lock file this toolkit wrote (another kind of file, a file with a '
-                         f'second name, or other content); move it away')
-    try:  # O_NONBLOCK: a FIFO planted there must not hang the open
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UserError(f'{path} is a link, not the lock file this toolkit writes; remove it '
-                            f'(the toolkit never writes through a link)') from None
-        if e.errno in (errno.EISDIR, errno.ENXIO):
-            raise not_ours from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or _lock_info(os.pread(fd, 4096, 0)) is None:
-        os.close(fd)
-        raise not_ours
-    return fd
-
-
-class PlaceLock:
-    """One run per output place: an exclusive flock on ``<folder>/.chat_small_t5.lock``.
-
-    The kernel drops the lock when the process dies, so a killed run never blocks the next
-    one; the file only says who holds it (pid, host, start time) for the error message.
-    """
-
-    def __init__(self, folders: list[str], what: str = 'run'):
-        self.folders = sorted({os.path.abspath(f) for f in folders})
-        self.what = what
-        self._fds: list[int] = []
-
-    def acquire(self) -> PlaceLock:
-        import fcntl
-
-        try:
-            for folder in self.folders:  # every lock file judged before any is taken or written
-                os.makedirs(folder, exist_ok=True)
-                self._fds.append(_open_lock(folder, os.O_RDWR | os.O_CREAT))
-            for folder, fd in zip(self.folders, self._fds):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                        raise
-                    raise UserError(f'{folder} is in use by another {self.what} ({holder(folder)}); '
-                                    f'wait for it to end, or give this one other output paths') from None
-            for fd in self._fds:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                          'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode(), 0)
-        except BaseException:
-            self.release()
-            raise
-        return self
-
-    def release(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
-
-
-def holder(folder: str) -> str:
-    info = _lock_info(_read_regular(os.path.join(folder, LOCK_FILE), 4096) or b'') or {}
-    if {'pid', 'host', 'started'} <= set(info):
-        return f'pid {info["pid"]} on {info["host"]}, started {info["started"]}'
-    return 'another process'
-
-
-def is_locked(folder: str) -> str | None:
-    """Who holds the lock of folder, or None if nobody does (checked without waiting). A lock
-    file that is a link or not the toolkit's is a UserError."""
-    import fcntl
-
-    if not os.path.lexists(os.path.join(folder, LOCK_FILE)):
-        return None
-    fd = _open_lock(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return holder(folder)
-    finally:
-        os.close(fd)
-    return None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.errors import UserError
-from model.state import ownership
+from model.state import ownership, writes
 from model.faults import fault_point
 from model.state.ownership import MODEL, STATE, STATE_DIR, WEIGHTS
 
@@ -256,7 +256,7 @@ def _complete(state_dir: str, tmp: str, step: int, keep: int) -> str:
         logger.warning('%s holds something this toolkit may not replace; the state of step %d goes to %s',
                        os.path.join(state_dir, state_name(step)), step, final)
     os.rename(tmp, final)
-    ownership.fsync_dir(state_dir)
+    writes.fsync_dir(state_dir)
     _prune_states(state_dir, keep)
     _sweep_tmp_states(state_dir)
     return final
@@ -290,7 +290,7 @@ def _save_error(error: BaseException | None, state_dir: str, tmp: str, is_main: 
     kept = f'; the previous state {previous} is intact' if previous else '; no earlier state was saved'
     if error is None:
         return UserError(f'another process failed while saving the state in {state_dir}{kept}')
-    if ownership.is_disk_full(error):
+    if writes.is_disk_full(error):
         return UserError(f'disk full while saving the training state in {state_dir}{kept} and nothing '
                          f'half-written was left. Free space, then resume with --is_keep_training=True')
     return error
@@ -359,7 +359,7 @@ def save_weights_file(state_dict: dict, path: str, **info) -> None:
     from safetensors.torch import save_file
 
     state_dict = clean_state_dict_for_safetensors({k: v.contiguous() for k, v in state_dict.items()})
-    with ownership.atomic_file(path, WEIGHTS, 'model_file') as tmp:
+    with writes.atomic_file(path, WEIGHTS, 'model_file') as tmp:
         save_file(state_dict, tmp, metadata=ownership.weights_metadata(**info))
 
 
@@ -391,7 +391,7 @@ def load_weights_file(path: str) -> dict:
 
 def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -> None:
     """A Hugging Face folder (the full state dict, the tokenizer, the marker) swapped in atomically."""
-    with ownership.building_folder(target, MODEL, 'output_dir') as tmp:
+    with writes.building_folder(target, MODEL, 'output_dir') as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         ownership.write_marker(tmp, MODEL, **info)
@@ -430,7 +430,7 @@ def prune_model_files(model_file: str, keep: int) -> list[str]:
     steps = sorted((int(tag), path) for tag, path in owned_model_files(model_file))
     removed = [p for _, p in steps[:-keep]] if keep > 0 else []
     for p in removed:
-        ownership.remove_owned(p, WEIGHTS)
+        writes.remove_owned(p, WEIGHTS)
     return removed
 
 

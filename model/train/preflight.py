@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, ResolvedConfig
 from model.errors import UserError
-from model.state import states as ckpt
+from model.state import locks as place_locks, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
 from model.state.ownership import MODEL, STATE_DIR
@@ -159,7 +159,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
                                        f'earlier runs in a folder of that name', 'move the file away'))
     for name in ('train_state_dir', 'output_dir', 'model_file'):  # a lock file that is a link: always a problem
-        who = problem(name, lambda path=places[name]: ownership.is_locked(path))
+        who = problem(name, lambda path=places[name]: place_locks.is_locked(path))
         if who and locks:
             report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
                                            'wait for it to end, or give this run other output paths'))

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from config import ResolvedConfig
-from model.state import ownership, states as state_files
+from model.state import locks, states as state_files
 from model.train import preflight
 from model import stopping
 from model.net.chat_model import build_model, load_weights_into, token_loss_sum
@@ -107,7 +107,7 @@ class Trainer:
         self.collectives = Collectives(self.accelerator)
         self.world, self.rank = self.collectives.world, self.accelerator.process_index
         # one run per output place: main takes the locks, every rank stops if that failed
-        self.lock = self.collectives.on_main_all_ranks(lambda: ownership.PlaceLock(
+        self.lock = self.collectives.on_main_all_ranks(lambda: locks.PlaceLock(
             [t.train_state_dir, t.output_dir, preflight.model_folder(t)], 'training run').acquire())
         self.log_file = setup_logging_all_ranks(t.log_dir, self.collectives)
         if warning:

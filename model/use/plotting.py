@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from model.errors import UserError
-from model.state import ownership
+from model.state import ownership, writes
 from model.data import read_guard
 from model.data.read_guard import ReadGuard, iter_bounded_lines
 from model.state.ownership import PLOT
@@ -110,7 +110,7 @@ def plot_log(log_file: str, out: str) -> Curves:
     fig.suptitle(os.path.basename(log_file))
     fig.tight_layout()
     marker = json.dumps(ownership.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
-    with ownership.atomic_file(out, PLOT, '--out') as tmp:
+    with writes.atomic_file(out, PLOT, '--out') as tmp:
         fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', ownership.MARKER_KEY: marker})
     plt.close(fig)
     return curves

@@ -22,7 +22,7 @@ import torch
 
 from config import DecodeConfig
 from model.errors import UserError
-from model.state import ownership
+from model.state import ownership, writes
 from model.net.chat_model import answer, token_loss_sum
 from model.data.files import TEXT_COLUMNS, iter_text_tables, usable_mask
 from model.data.loader import TokenEncoder, make_batches, to_torch
@@ -85,9 +85,9 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
     loss_sum, tokens, rows, skipped, exact = 0.0, 0, 0, 0, 0
     ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    body_path = ownership.temp_path(out_path)
+    body_path = writes.temp_path(out_path)
     try:
-        with ownership.disk_errors('predictions', out_path), open(body_path, 'w', encoding='utf-8') as body:
+        with writes.disk_errors('predictions', out_path), open(body_path, 'w', encoding='utf-8') as body:
             for table in iter_text_tables(test_file, batch_rows=TEST_BATCH_ROWS):
                 if max_rows and rows >= max_rows:
                     break
@@ -118,7 +118,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
         header = ownership.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
                                        exact_match=result.exact_match, decode=decode.__dict__)
-        with ownership.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
+        with writes.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
             with open(tmp, 'w', encoding='utf-8') as f, open(body_path, encoding='utf-8') as body:
                 f.write(json.dumps(header, ensure_ascii=False) + '\n')
                 shutil.copyfileobj(body, f)

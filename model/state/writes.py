@@ -1,0 +1,261 @@
+"""The only ways the toolkit writes into a user's place: a file or a folder built at a temporary
+name beside its target and renamed into place whole (never through a link, never over what is
+not the toolkit's: model/state/ownership.py judges that), temporaries swept when provably a dead
+process's own, and a full disk turned into one line."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import re
+import shutil
+import socket
+import stat
+from typing import Iterator
+
+from model.errors import UserError
+from model.faults import fault_point
+from model.state.ownership import lstat_or_none, check_replaceable, is_real_dir, kind_of, resolve_place, seal_file
+from model.stopping import critical
+
+
+# --------------------------------------------------------------------------- disk errors
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return 'No space left' in text or 'file write failed' in text or 'Disk quota' in text
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, path: str, after: str = '') -> Iterator[None]:
+    """Turn 'no space left' (also as torch's inline_container error) into one clear line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+        if not is_disk_full(e):
+            raise
+        raise UserError(f'disk full while writing {what} ({path}); nothing half-written was left'
+                        f'{after}. Free space and run again') from None
+
+
+# --------------------------------------------------------------------------- temporaries
+
+
+TEMP_TAG = 'chat_small_t5-tmp'
+_TEMP_RE = re.compile(r'^\.(?P<name>.+)\.' + re.escape(TEMP_TAG) +
+                      r'-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}(?:\.old)?$')
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine: a pid means something only on the machine that made it
+    (two nodes on one shared filesystem)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_path(target: str) -> str:
+    """A hidden name beside target (so that os.replace is a rename on one filesystem) that says
+    whose it is: ``.<name>.chat_small_t5-tmp-<host>-<pid>-<random>``. Only such names are ever
+    swept (:func:`sweep_stale_temps`)."""
+    folder, name = os.path.split(os.path.abspath(target).rstrip(os.sep))
+    return os.path.join(folder, f'.{name}.{TEMP_TAG}-{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}')
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temps(target: str, place_locked: bool = False) -> list[str]:
+    """Temporaries of ``target`` that a run of this toolkit left when it was killed (SIGKILL, a
+    lost node): named by :func:`temp_path` for this very target, a plain file or folder (never a
+    link), and made by a process that is gone -- on this machine (its pid is not running), or on
+    any machine when the caller holds the lock of the place (no other run can be writing there)."""
+    folder, name = os.path.split(os.path.abspath(target).rstrip(os.sep))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for entry in names:
+        m = _TEMP_RE.match(entry)
+        if not m or m.group('name') != name:
+            continue
+        path = os.path.join(folder, entry)
+        st = lstat_or_none(path)
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            continue  # a link or anything else with such a name is not one the toolkit made
+        mine = m.group('host') == _host_tag()
+        if int(m.group('pid')) == os.getpid() and mine:
+            continue
+        if place_locked or (mine and not _pid_alive(int(m.group('pid')))):
+            found.append(path)
+    return sorted(found)
+
+
+def sweep_stale_temps(target: str, place_locked: bool = False) -> list[str]:
+    """Remove :func:`stale_temps` of target (a folder without following links inside it);
+    returns what was removed."""
+    removed = []
+    for path in stale_temps(target, place_locked):
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open_up(folder: str) -> None:
+    """Modes as the umask asks (temporary folders and safetensors make private files; the
+    results are not)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool = True) -> Iterator[str]:
+    """A temporary path beside the real ``path`` to write; on success it is sealed (the content
+    hash filled into its marker), synced and renamed onto the path (a reader sees the old file or
+    the whole new one), on failure removed. An existing path must be the toolkit's own unchanged
+    file of these kinds; a link on the way is followed, never replaced."""
+    path = resolve_place(path, what)
+    check_replaceable(path, kinds, what, folder=False)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sweep_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        with disk_errors(what, path):
+            yield tmp
+            fault_point('write')
+            if seal:
+                seal_file(tmp)
+            with open(tmp, 'rb') as f:
+                os.fsync(f.fileno())
+        with critical():  # a stop lands before the rename (nothing written) or after it (all written)
+            os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def new_temp_folder(target: str) -> str:
+    """An empty folder at :func:`temp_path` of target (stale ones of earlier runs swept first)."""
+    parent = os.path.dirname(os.path.abspath(target).rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    sweep_stale_temps(target)
+    tmp = temp_path(target)
+    os.mkdir(tmp, 0o700)
+    return tmp
+
+
+def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str) -> None:
+    """Move the complete folder tmp to the real target. An existing target must be the
+    toolkit's and unchanged (or empty); it is swapped out in one step where the system allows
+    (never a moment without a complete copy at target), else renamed aside first and removed
+    after -- without following any link inside it."""
+    target = resolve_place(target.rstrip(os.sep), what)
+    check_replaceable(target, kinds, what, folder=True)
+    _open_up(tmp)
+    fsync_dir(tmp)
+    with critical():  # a stop never leaves target missing or the old folder at a temporary name
+        if not os.path.lexists(target):
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # the old folder, now at the temporary name
+        else:
+            old = f'{tmp}.old'
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        fsync_dir(os.path.dirname(target))
+
+
+@contextlib.contextmanager
+def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Iterator[str]:
+    """A temporary folder beside the real target to fill; on success it replaces target, on
+    failure it is removed."""
+    target = resolve_place(target.rstrip(os.sep), what)
+    check_replaceable(target, kinds, what, folder=True)
+    tmp = new_temp_folder(target)
+    try:
+        with disk_errors(what, target):
+            yield tmp
+            fault_point('write')
+        replace_folder(tmp, target, kinds, what)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_owned(path: str, kinds: str | tuple[str, ...]) -> bool:
+    """Delete path only if it is wholly the toolkit's, of one of these kinds, unchanged since it
+    wrote it (never a link: it is judged by lstat)."""
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    if kind_of(path) not in kinds:
+        return False
+    if is_real_dir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+    return True
+
+
+# --------------------------------------------------------------------------- locks
