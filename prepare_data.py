@@ -1,4 +1,4 @@
-"""Prepare prompt/response Parquet for pretraining (the logic lives in model/prep_*.py).
+"""Prepare prompt/response Parquet for pretraining (the logic lives in model/prep/).
 
 Examples:
     # CSV / JSON (a list of objects) / JSONL / Parquet -> Parquet, renaming the columns
@@ -36,7 +36,7 @@ import signal
 import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
-from model.cli import check_repeated_flags, format_options, parse_options
+from model.cli import check_repeated_flags, format_options, parse_options, quiet_on_broken_pipe
 from model.prep.options import CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions
 from model.errors import UserError
 
@@ -136,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    quiet_on_broken_pipe(main)

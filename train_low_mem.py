@@ -46,7 +46,7 @@ import sys
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, ModelFlags, ResolvedConfig, RunFlags,
                     T5ModelConfig, TrainConfigPretrainLarge, resolve_config, validate_decode)
-from model.cli import check_repeated_flags, coerce, format_options, unknown_option
+from model.cli import check_repeated_flags, coerce, format_options, quiet_on_broken_pipe, unknown_option
 from model.errors import UserError
 
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',
@@ -368,9 +368,6 @@ def main(argv=None) -> None:
         sys.exit(stopping.report(e))
     except KeyboardInterrupt:  # raised by a library itself rather than by the stop's handler
         sys.exit(stopping.report(stopping.stop_error(signal.SIGINT)))
-    except BrokenPipeError:  # the reader went away (| head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
     except Exception as e:
         if not stopping.requested():
             raise
@@ -386,4 +383,4 @@ def _error(message: str) -> int:
 
 
 if __name__ == '__main__':
-    main()
+    quiet_on_broken_pipe(main)

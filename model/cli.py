@@ -11,6 +11,8 @@ import difflib
 import inspect
 import io
 import math
+import os
+import sys
 import tokenize
 from dataclasses import fields
 from functools import cache
@@ -158,3 +160,13 @@ def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple
         raise UserError(f'{command} needs {" and ".join(n.upper() for n in missing)}; '
                         f'see: python prepare_data.py {command} --help')
     return cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})
+
+
+def quiet_on_broken_pipe(main) -> None:
+    """Run a face's main; when the reader of its output goes away (`... --help | head`), stop
+    quietly (exit 0) instead of a traceback, also at the interpreter's final flush."""
+    try:
+        main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
