@@ -1,0 +1,72 @@
+"""Start-up checks (model/train/preflight.py), in process on temporary folders: each problem a run
+would meet is found, named and given its fix before anything is moved or trained -- the same
+report the dry run prints. The end-to-end tests (test_nothing_lost, test_links) check the faces."""
+
+from __future__ import annotations
+
+import os
+
+from config import resolve_config
+from conftest import tiny_flags
+from model.state import ownership
+from model.train import preflight
+
+
+def config(data, out, **changed):
+    flags = dict(arg[2:].split('=', 1) for arg in tiny_flags(data, out))
+    flags.update({k: str(v) for k, v in changed.items()})
+    return preflight.resolve_places(resolve_config(overrides=flags))
+
+
+def problems(report) -> dict[str, str]:
+    return {p.name: p.line() for p in report.problems}
+
+
+def test_a_ready_run_is_counted_and_nothing_is_written(data, tmp_path):
+    out = tmp_path / 'run'
+    report = preflight.check_train(config(data, out), resume=False, world_size=2)
+    assert report.ready, problems(report)
+    # 480 rows, 8 a process, 2 processes: 30 optimizer steps in the one epoch
+    assert (report.train_rows, report.total_steps, report.vocab_size) == (480, 30, 1000)
+    assert not os.path.exists(out)  # a check makes nothing
+
+
+def test_missing_inputs_name_the_field_and_the_command_that_makes_them(data, tmp_path):
+    cfg = config(data, tmp_path / 'run', train_file=tmp_path / 'nope' / 'train.parquet',
+                 tokenizer_dir=tmp_path / 'no_tok')
+    found = problems(preflight.check_train(cfg, resume=False, world_size=1))
+    assert found['train_file'].startswith('train_file: ') and 'prepare_data.py' in found['train_file']
+    assert 'train_tokenizer' in found['tokenizer_dir'] and f'--tokenizer_dir={tmp_path}/no_tok' in found['tokenizer_dir']
+
+
+def test_outputs_inside_the_tokenizer_or_among_the_inputs_are_problems(data, tmp_path):
+    cfg = config(data, tmp_path / 'run', log_dir=os.path.join(data['tok'], 'logs'),
+                 model_file=os.path.dirname(data['train']) + '/m.{}.parquet', train_file=os.path.dirname(data['train']))
+    found = problems(preflight.check_train(cfg, resume=False, world_size=1))
+    assert 'lies inside tokenizer_dir' in found['log_dir']
+    assert 'so a later run would read it as input' in found['model_file'], found
+
+
+def test_a_foreign_file_in_the_state_folder_or_a_planted_lock_link_is_named(data, tmp_path):
+    out = tmp_path / 'run'
+    os.makedirs(out / 'state')
+    (out / 'state' / 'notes.txt').write_text('mine')
+    victim = tmp_path / 'thesis.txt'
+    victim.write_text('my thesis')
+    os.symlink(victim, out / ownership.LOCK_FILE)
+    found = problems(preflight.check_train(config(data, out), resume=False, world_size=1))
+    assert 'did not make and is not empty' in found['train_state_dir']
+    assert 'is a link, not the lock file' in found['output_dir']
+    assert victim.read_text() == 'my thesis'
+
+
+def test_a_warmup_longer_than_the_run_is_a_note_not_a_problem(data, tmp_path):
+    report = preflight.check_train(config(data, tmp_path / 'run', warmup_steps=500), resume=False, world_size=1)
+    assert report.ready
+    assert any('warmup_steps=500 >=' in note for note in report.notes), report.notes
+
+
+def test_a_resume_without_a_state_and_with_a_changed_optimizer_is_refused(data, tmp_path):
+    out = tmp_path / 'run'
+    found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))
+    assert 'is_keep_training' in found, found
