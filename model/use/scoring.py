@@ -112,8 +112,10 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                 rows += len(prompts)
                 if progress:
                     progress(rows)
+        corpus = BLEU(tokenize='zh')  # corpus BLEU's own smoothing ('exp'), as sacrebleu.corpus_bleu
         score = BLEU.compute_bleu(correct=list(stats[:4]), total=list(stats[4:8]), sys_len=stats[8],
-                                  ref_len=stats[9]).score if rows else 0.0
+                                  ref_len=stats[9], smooth_method=corpus.smooth_method,
+                                  smooth_value=corpus.smooth_value).score if rows else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
         header = ownership.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
