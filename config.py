@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model.cli import coerce, field_types, nearest_field, unknown_option
+from model.cli import check_seeds, coerce, field_types, nearest_field, unknown_option
 from model.errors import UserError
 
 PROJECT_ROOT: str = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ class TrainConfigPretrainLarge:
     # --- trainer ---
     mixed_precision: str = 'bf16'  # no | fp16 | bf16 (bf16 falls back to fp32 on CPUs without it)
     optimizer: str = 'adafactor'  # adafactor (T5 recipe, less memory) | adamw
-    weight_decay: float = 0.0  # decoupled weight decay (adamw only)
+    weight_decay: float = 0.0  # weight decay: decoupled for adamw, adafactor's own for adafactor
     lr_schedule: str = 'cosine'  # decay after warmup: cosine | linear | constant
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     seed: int = 23333  # seeds model init, dropout and the data order
@@ -188,6 +188,7 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     if train.num_workers > cores:
         raise UserError(f'num_workers={train.num_workers} is more than the {cores} cores of this machine '
                         f'(each worker is a process holding its own window of rows); use at most {cores}')
+    check_seeds(train)
     if not train.learn_rate > 0:
         raise UserError(f'learn_rate must be > 0, got {train.learn_rate}')
     if train.max_grad_norm < 0 or train.weight_decay < 0:
@@ -342,6 +343,7 @@ MAX_BEAMS = 64  # memory grows with the beams: a bound, like MAX_NEW_TOKENS
 
 
 def validate_decode(d: DecodeConfig) -> None:
+    check_seeds(d)
     if not 1 <= d.num_beams <= MAX_BEAMS:
         raise UserError(f'--num_beams={d.num_beams}: give 1 to {MAX_BEAMS} (1 = greedy)')
     if not 0 <= d.max_new_tokens <= MAX_NEW_TOKENS:

@@ -65,9 +65,11 @@ done
 user_dry=0
 args=()
 for arg in "$@"; do
-  case "$arg" in
-    --dry_run|--dry_run=[Tt]rue|--dry_run=1) user_dry=1 ;;
-    --dry_run=*) ;;
+  # the trainer's own spellings of a bool (model/cli.py coerce), any case; any other value goes to
+  # the dry run, which refuses it in one line
+  case "$(printf '%s' "$arg" | tr '[:upper:]' '[:lower:]')" in
+    --dry_run|--dry_run=true|--dry_run=yes|--dry_run=1) user_dry=1 ;;
+    --dry_run=false|--dry_run=no|--dry_run=0) ;;
     *) args+=("$arg") ;;
   esac
 done
@@ -106,11 +108,12 @@ report_file=$(mktemp "${TMPDIR:-/tmp}/chat_small_t5-dry-run.XXXXXX") || exit 1
 end_dry_run() {   # SIGTERM either way: before its handlers are up a background job ignores SIGINT
   if [ -n "$dry_pid" ]; then kill -TERM "$dry_pid" 2>/dev/null; wait "$dry_pid" 2>/dev/null; fi
   rm -f "$report_file"
+  echo "stopped by $2 during the start-up checks: nothing was started or written" >&2
   exit "$1"
 }
 dry_pid=
-trap 'end_dry_run 143' TERM
-trap 'end_dry_run 130' INT
+trap 'end_dry_run 143 SIGTERM' TERM
+trap 'end_dry_run 130 SIGINT' INT
 NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True >"$report_file" 2>&1 &
 dry_pid=$!
 wait "$dry_pid"

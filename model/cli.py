@@ -79,6 +79,17 @@ def coerce(name: str, value: Any, typ: type) -> Any:
     raise TypeError(f'unsupported field type {typ}')  # a bug in the schema
 
 
+MAX_SEED = 2**32 - 1  # numpy, torch and sklearn all take seeds in [0, 2**32)
+
+
+def check_seeds(options) -> None:
+    """Every seed of an options dataclass (a field named *seed) is one the libraries take."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.name.endswith('seed') and isinstance(value, int) and not 0 <= value <= MAX_SEED:
+            raise UserError(f'--{f.name}={value}: give a seed from 0 to {MAX_SEED:,} (2**32 - 1)')
+
+
 def nearest_field(name: str, candidates) -> str | None:
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return match[0] if match else None
@@ -159,7 +170,9 @@ def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple
     if missing:
         raise UserError(f'{command} needs {" and ".join(n.upper() for n in missing)}; '
                         f'see: python prepare_data.py {command} --help')
-    return cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})
+    options = cls(**{k: coerce(k, v, types[k]) for k, v in values.items()})
+    check_seeds(options)
+    return options
 
 
 def quiet_on_broken_pipe(main) -> None:

@@ -135,6 +135,26 @@ class StopSignals:
         self.raise_if_stopped()
 
     @contextlib.contextmanager
+    def critical_from_mark(self) -> Iterator:
+        """A region that begins where the body calls the yielded mark() and ends with this
+        block: placed first in a `with` of several outputs, and marked once they are all written,
+        it keeps their renames together (a stop between them would leave a mismatched pair)."""
+        marked = []
+
+        def mark() -> None:
+            if not marked:
+                self._critical += 1
+                marked.append(True)
+
+        try:
+            yield mark
+        finally:
+            if marked:
+                self._critical -= 1
+        if marked:
+            self.raise_if_stopped()
+
+    @contextlib.contextmanager
     def polling(self) -> Iterator[None]:
         """A region that looks at :attr:`signum` itself (the training run)."""
         self._polling += 1
@@ -181,6 +201,10 @@ def requested() -> int:
 
 def critical():
     return STOP.critical()
+
+
+def critical_from_mark():
+    return STOP.critical_from_mark()
 
 
 def polling():

@@ -2,6 +2,11 @@
 # read (sourced by both). A bad value ends in one line on stderr and exit 2, before anything
 # runs: never a bash arithmetic error, never a count that wrapped around.
 
+# a value as an error line shows it: control characters (a newline, a tab) escaped, so the line stays one
+shown() {
+  if [[ "$1" == *[[:cntrl:]]* ]]; then printf '%q' "$1"; else printf '%s' "$1"; fi
+}
+
 # whole_number NAME MIN MAX MEANING: $NAME, when set and not empty, is a whole number in MIN..MAX.
 # Leading zeros are dropped in place (bash arithmetic would read 08 as octal).
 whole_number() {
@@ -13,7 +18,7 @@ whole_number() {
   # compared as text first: a number longer than MAX would overflow bash's 64-bit arithmetic
   if [[ "$value" == *[!0-9]* ]] || [ "${#digits}" -gt "${#max}" ] || [ "$digits" -lt "$min" ] \
        || [ "$digits" -gt "$max" ]; then
-    echo "error: $name=$value: give $meaning, a whole number from $min to $max" >&2
+    echo "error: $name=$(shown "$value"): give $meaning, a whole number from $min to $max" >&2
     exit 2
   fi
   printf -v "$name" '%s' "$digits"
@@ -28,7 +33,7 @@ one_of() {
   for choice in $choices; do
     if [ "${value,,}" = "$choice" ]; then printf -v "$name" '%s' "$choice"; return 0; fi
   done
-  echo "error: $name=$value: give $meaning" >&2
+  echo "error: $name=$(shown "$value"): give $meaning" >&2
   exit 2
 }
 

@@ -121,6 +121,8 @@ def test_unknown_field_suggests_nearest():
     ({'learn_rate': -1}, 'learn_rate must be > 0'),
     ({'model_file': 'model.bin'}, "must contain '{}'"),
     ({'max_seq_len': 1}, 'at least 2'),
+    ({'seed': -1}, r'--seed=-1: give a seed from 0 to 4,294,967,295'),
+    ({'seed': 2**32}, r'--seed=4294967296: give a seed from 0'),
 ])
 def test_validation_messages(overrides, needle):
     with pytest.raises(UserError, match=needle):
@@ -147,3 +149,17 @@ def test_saved_dict_round_trip():
 def test_config_imports_no_torch():
     code = 'import sys, config, train_low_mem; assert "torch" not in sys.modules, "torch imported"'
     subprocess.run([sys.executable, '-c', code], cwd=config.PROJECT_ROOT, check=True)
+
+
+def test_every_seed_of_every_command_is_one_the_libraries_take():
+    from config import DecodeConfig, validate_decode
+    from model.cli import MAX_SEED, parse_options
+    from model.prep.options import DemoOptions, SplitOptions
+
+    with pytest.raises(UserError, match='--sample_seed=-2: give a seed'):
+        validate_decode(DecodeConfig(sample_seed=-2))
+    validate_decode(DecodeConfig(sample_seed=MAX_SEED))
+    for cls, args, positional in ((SplitOptions, ('in.parquet',), ('input',)), (DemoOptions, (), ())):
+        with pytest.raises(UserError, match=f'--seed={MAX_SEED + 1}: give a seed'):
+            parse_options(cls, 'x', args, {'seed': MAX_SEED + 1}, positional)
+        assert parse_options(cls, 'x', args, {'seed': 0}, positional).seed == 0

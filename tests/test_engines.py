@@ -113,9 +113,11 @@ def test_start_script_checks_the_engine_config_before_launching(tmp_path, data):
     assert not os.path.exists(tmp_path / 'run')  # nothing started
 
 
-def test_start_script_passes_the_users_dry_run_through(tmp_path, data):
+@pytest.mark.parametrize('spelling', ['--dry_run=True', '--dry_run=TRUE', '--dry_run=yes'])
+def test_start_script_passes_the_users_dry_run_through(tmp_path, data, spelling):
+    # every spelling the trainer reads as true: a dry run the script missed would train for real
     flags = tiny_flags(data, tmp_path / 'run', max_steps=2)
-    r = start_script(*flags, '--dry_run=True', env={'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1'})
+    r = start_script(*flags, spelling, env={'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1'})
     assert r.returncode == 0 and 'ready: data, tokenizer' in r.stdout and '2 process(es)' in r.stdout, \
         r.stderr[-2000:]
     assert not os.path.exists(tmp_path / 'run')  # a dry run starts nothing

@@ -159,3 +159,23 @@ def test_a_real_full_disk_anywhere_in_a_save_is_one_line_and_nothing_half_writte
         assert all(latest_state(f'{out}/state') == p for _, p in list_complete_states(f'{out}/state')[-1:])
     finally:
         subprocess.run(['umount', str(disk)], check=False)
+
+
+def test_a_log_file_on_a_full_disk_is_one_line_and_the_run_goes_on(capsys):
+    """/dev/full fails every write with ENOSPC, as a filled-up log disk does mid-run."""
+    import logging
+
+    from model.train.run_support import LogFile
+
+    handler = LogFile('/dev/full', mode='a', encoding='utf-8')
+    log = logging.getLogger('test_log_on_full_disk')
+    log.propagate, log.handlers = False, [handler]
+    try:
+        for step in range(5):
+            log.warning('step %d', step)
+    finally:
+        handler.close()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ['warning: cannot write the log file /dev/full (No space left on device); logging to the '
+                     'console only from here on'], err

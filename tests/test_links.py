@@ -175,3 +175,34 @@ def test_a_training_run_whose_places_are_links_into_scratch(world, data):
             one_error(r, 'is a link')
     assert_only(w, before)
     assert (w / 'user' / 'notes.txt').read_text() == 'mine'
+
+
+def test_a_pattern_never_skips_a_match_it_cannot_read(tmp_path, data):
+    """A glob's matches are judged as a folder's files are: a link to a file is read through;
+    a dangling link, a loop, a link to a folder or a FIFO is one line naming it, not skipped."""
+    from model.data.files import resolve_parquet_files
+    from model.errors import UserError
+
+    d = tmp_path / 'd'
+    os.makedirs(d)
+    os.symlink(data['train'], d / 'a.parquet')
+    assert resolve_parquet_files(f'{d}/*.parquet') == [f'{d}/a.parquet']
+    for name, make, said in (('gone.parquet', lambda p: os.symlink(tmp_path / 'nothing', p), 'a link to nothing'),
+                             ('loop.parquet', lambda p: os.symlink(p, p), 'a link to nothing, or in a loop'),
+                             ('dir.parquet', lambda p: os.symlink(tmp_path, p), 'not a regular file'),
+                             ('fifo.parquet', os.mkfifo, 'not a regular file')):
+        make(d / name)
+        with pytest.raises(UserError, match=f'{name}: matches .* but is {said}'):
+            resolve_parquet_files(f'{d}/*.parquet')
+        os.unlink(d / name)
+
+
+def test_a_fifo_given_as_a_model_is_one_line_not_a_hang(tmp_path, data):
+    from model.errors import UserError
+    from model.net.model_source import describe_model_source
+
+    os.mkfifo(tmp_path / 'w.bin')
+    os.symlink(tmp_path / 'w.bin', tmp_path / 'link.bin')
+    for path in ('w.bin', 'link.bin'):
+        with pytest.raises(UserError, match='not a regular file'):
+            describe_model_source(str(tmp_path / path), data['tok'], '--model_dir')

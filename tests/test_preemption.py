@@ -25,6 +25,7 @@ import time
 import pytest
 
 import cli_runner
+from model.state import ownership
 from conftest import (ENV, ROOT, STEP_RE, TWO_RANK_STEPS, TWO_RANKS, assert_same_weights, leftover_temps, make_texts,
                       tiny_flags, write_parquet)
 
@@ -128,8 +129,16 @@ def test_prepare_data_stopped_mid_write_leaves_no_temporary_and_says_so(stop, tm
     got, err = run_face(prepare_data, [command, *args], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert got == code and len(lines) == 1 and 'Traceback' not in err, err
-    assert lines[0].startswith(f'stopped by {action.upper()}: ') and 'not written' in lines[0], lines
-    assert not glob.glob(f'{out}/*.parquet') and not leftover_temps(tmp_path)
+    assert lines[0].startswith(f'stopped by {action.upper()}: '), lines
+    written = sorted(glob.glob(f'{out}/*.parquet'))
+    if command in ('split', 'demo'):
+        # a pair: the stop landed once both were written in full, and waited for both renames (a
+        # mismatched train/validation pair is never left); a stop before that leaves neither
+        assert len(written) == 2 and lines[0].count(' written') == 2 and 'not written' not in lines[0], lines
+        assert all(ownership.file_kind(path) == ownership.DATA for path in written)
+    else:
+        assert 'not written' in lines[0] and not written, lines
+    assert not leftover_temps(tmp_path)
 
 
 def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(stop, tmp_path, monkeypatch, capsys,

@@ -45,9 +45,15 @@ def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
                                 f'Parquet files named *.parquet (move it away, or give the files)')
         return found
     if any(ch in spec for ch in '*?['):
-        found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+        found = sorted(glob.glob(spec))
         if not found:
             raise UserError(f'{spec}: no file matches this pattern')
+        for path in found:  # as a folder's files: a match that is not one readable file is not skipped
+            if not os.path.isfile(path):
+                what = ('a link to nothing, or in a loop' if os.path.islink(path) and not os.path.exists(path)
+                        else 'not a regular file')
+                raise UserError(f'{path}: matches {spec} but is {what}; a pattern given as input must match '
+                                f'only Parquet files (remove it, or narrow the pattern)')
         return found
     if not os.path.exists(spec):
         raise UserError(f'{spec}: no such file')

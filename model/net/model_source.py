@@ -38,6 +38,9 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
         raise UserError(f'{what}={path}: no such file or folder')
     if os.path.isdir(path):
         return _describe_folder(path, what)
+    if not os.path.isfile(path):  # a FIFO would block the first read for ever
+        raise UserError(f'{what}={path}: not a regular file (a FIFO, device or socket); give a model folder '
+                        f'or a weights file')
     header = ownership.safetensors_header(path)
     if header is None and not _is_torch_file(path):
         raise UserError(f'{what}={path}: neither a model folder nor a weights file (safetensors or torch)')

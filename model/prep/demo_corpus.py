@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from config import PRESETS
 from model.errors import UserError
-from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMA, RowGroupWriter, check_outputs, open_parquet_output
+from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMA, RowGroupWriter, check_outputs, open_parquet_outputs
 
 _CAPITALS = {
     '中国': '北京', '日本': '东京', '韩国': '首尔', '法国': '巴黎', '英国': '伦敦', '德国': '柏林',
@@ -167,7 +167,7 @@ def write_demo(out_dir: str | None = None, rows: int = 20000, seed: int = 42) ->
         out.write(pa.Table.from_arrays([pa.array([p for p, _ in pairs], pa.string()),
                                         pa.array([r for _, r in pairs], pa.string())], schema=OUTPUT_SCHEMA))
 
-    with open_parquet_output(paths[False], 'demo') as train, open_parquet_output(paths[True], 'demo') as valid:
+    with open_parquet_outputs([paths[False], paths[True]], 'demo') as (train, valid):
         writers = {False: train, True: valid}
         for side, prompt, response in iter_demo_rows(rows, seed):
             pending[side].append((prompt, response))

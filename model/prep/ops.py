@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 from config import TrainConfigPretrainLarge
 from model.errors import UserError
 from model.data.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
-from model.prep.output import BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output
+from model.prep.output import (BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output,
+                               open_parquet_outputs)
 from model.prep.readers import iter_input_tables
 
 IN_MEMORY_ROWS = 2_000_000  # split with sklearn up to this many rows, stream beyond
@@ -71,7 +72,7 @@ def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float
         raise UserError(f'valid_ratio={valid_ratio} of {total} rows leaves one side empty; choose a ratio '
                         f'between {1 / total:.2g} and {1 - 1 / total:.4g}')
     check_outputs({'train_out': train_out, 'valid_out': valid_out}, [input_spec])
-    with open_parquet_output(train_out, 'split') as train, open_parquet_output(valid_out, 'split') as valid:
+    with open_parquet_outputs([train_out, valid_out], 'split') as (train, valid):
         if in_memory:
             _split_in_memory(input_spec, train, valid, valid_ratio, seed)
         else:

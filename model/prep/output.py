@@ -19,6 +19,7 @@ from model.errors import UserError
 from model.state import ownership, writes
 from model.data.files import TEXT_COLUMNS, resolve_parquet_files
 from model.state.ownership import DATA
+from model.stopping import critical_from_mark
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
 BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work
@@ -116,3 +117,12 @@ def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter
             writer.close()
 
 
+@contextlib.contextmanager
+def open_parquet_outputs(paths: list[str], command: str = '') -> Iterator[list[RowGroupWriter]]:
+    """Several outputs that belong together (split's train and validation files): written in
+    full, then renamed into place together -- a stop while they are renamed waits for the last
+    one -- or, on any failure or a stop before that, none of them."""
+    with critical_from_mark() as all_written, contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(open_parquet_output(path, command)) for path in paths]
+        yield writers
+        all_written()

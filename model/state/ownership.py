@@ -442,8 +442,9 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
     if st is None:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise UserError(f'{what}: {path} is a symbolic link this toolkit did not make (to nothing, or in a '
-                        f'loop); it is never replaced: remove or fix the link, or choose another path')
+        leads = f'to {os.path.realpath(path)}' if os.path.exists(path) else 'to nothing, or in a loop'
+        raise UserError(f'{what}: {path} is a symbolic link this toolkit did not make ({leads}); it is never '
+                        f'replaced: remove or fix the link, or choose another path')
     if folder:
         if not stat.S_ISDIR(st.st_mode):
             raise UserError(f'{what}: {path} is a file, not a folder; choose a folder path')

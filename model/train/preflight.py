@@ -242,12 +242,23 @@ def _check_data(spec, name: str) -> list[str]:
     return files
 
 
-def _check_disk(t, report: Report) -> None:
-    need = state_bytes(report.parameters, t.optimizer) + 4 * report.parameters  # a state + a weights file
-    folder = t.train_state_dir
+LOG_ROOM = 1 << 20  # a run's log grows by ~100 bytes a logged step: a MiB is the least that makes sense
+
+
+def _free_bytes(path: str) -> int:
+    folder = path
     while not os.path.isdir(folder):
         folder = os.path.dirname(os.path.abspath(folder))
-    free = shutil.disk_usage(folder).free
+    return shutil.disk_usage(folder).free
+
+
+def _check_disk(t, report: Report) -> None:
+    log_free = _free_bytes(t.log_dir)
+    if log_free < LOG_ROOM:
+        report.problems.append(Problem('log_dir', f'log_dir: {human_bytes(log_free)} free on the disk of {t.log_dir}',
+                                       'free space or choose another --log_dir'))
+    need = state_bytes(report.parameters, t.optimizer) + 4 * report.parameters  # a state + a weights file
+    free = _free_bytes(t.train_state_dir)
     if free < need:
         report.problems.append(Problem('train_state_dir', f'train_state_dir: {human_bytes(free)} free on the disk '
                                        f'of {t.train_state_dir}, a state of this model needs about '

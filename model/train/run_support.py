@@ -11,6 +11,7 @@ import datetime
 import itertools
 import logging
 import os
+import sys
 
 import torch
 
@@ -120,6 +121,42 @@ def new_log_file(log_dir: str) -> str:
     raise AssertionError('unreachable')
 
 
+class LogFile(logging.FileHandler):
+    """The run's log file. A write that fails (the disk filled up) is said once, in one line on
+    the console, and the file is given up: the run goes on logging to the console (its next save
+    says in one line if the same disk is full), rather than a traceback per logged line."""
+
+    failed = False
+
+    def emit(self, record) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self) -> None:
+        if self.failed:
+            return
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the buffer's last write, on a disk already said to be full
+            if not self.failed:
+                self.handleError(None)
+
+    def handleError(self, record) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = getattr(error, 'strerror', None) or str(error) or type(error).__name__
+        print(f'warning: cannot write the log file {self.baseFilename} ({reason}); logging to the console only '
+              f'from here on', file=sys.stderr, flush=True)
+
+
 def setup_logging_all_ranks(log_dir: str, collectives: Collectives) -> str:
     """One log file per run; every rank appends to it (non-main ranks: warnings and errors).
     The console handler goes through tqdm while a progress bar runs (logging_redirect_tqdm)."""
@@ -129,7 +166,7 @@ def setup_logging_all_ranks(log_dir: str, collectives: Collectives) -> str:
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    file_handler = logging.FileHandler(name, mode='a', encoding='utf-8')
+    file_handler = LogFile(name, mode='a', encoding='utf-8')
     console = logging.StreamHandler()
     for handler in (file_handler, console):
         handler.setFormatter(fmt)
