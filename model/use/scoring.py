@@ -65,7 +65,8 @@ def check_predictions_path(path: str, test_files: list[str], input_specs: list[s
     training run would read its data, never inside a tokenizer, model or state folder."""
     real = ownership.resolve_place(path, '--out')
     if not real.endswith('.jsonl') or os.path.basename(real) == '.jsonl':
-        raise UserError(f'--out={path}: the predictions are JSON lines; give a file path ending in .jsonl')
+        leads = f' (a link to {real})' if real != os.path.abspath(path) else ''
+        raise UserError(f'--out={path}{leads}: the predictions are JSON lines; give a file path ending in .jsonl')
     ownership.check_not_an_input(real, test_files, '--out', input_specs)
     ownership.check_replaceable(real, PREDICTIONS, '--out', folder=False)
     ownership.check_writable(real, '--out')
