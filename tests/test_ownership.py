@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.errors import UserError
-from model.state import ownership as own, locks, writes
-from model.state.ownership import DATA, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
+from model.state import locks, markers, ownership as own, writes
+from model.state.markers import DATA, PLOT, PREDICTIONS, TOKENIZER, WEIGHTS
 
 
 def tree(root) -> dict[str, str]:
@@ -86,12 +86,12 @@ def test_a_marker_that_lists_names_only_or_wrong_content_protects_nothing(tmp_pa
     folder = tmp_path / 'mine'
     folder.mkdir()
     (folder / 'thesis.txt').write_text('years of work')
-    (folder / own.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer',
+    (folder / markers.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer',
                                                       'files': ['thesis.txt']}))
     with pytest.raises(UserError, match='records no content'):
         own.check_replaceable(str(folder), TOKENIZER, 'tokenizer_dir', folder=True)
     assert writes.remove_owned(str(folder), TOKENIZER) is False
-    (folder / own.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer', 'entries': {
+    (folder / markers.MARKER_FILE).write_text(json.dumps({'made_by': 'chat_small_t5', 'kind': 'tokenizer', 'entries': {
         'thesis.txt': {'type': 'file', 'bytes': 13, 'sha256': '0' * 64}}}))
     assert own.foreign_entries(str(folder)) == ['thesis.txt (changed since the toolkit wrote it)']
     assert writes.remove_owned(str(folder), TOKENIZER) is False
@@ -103,7 +103,7 @@ def test_a_marker_that_is_a_link_is_not_a_marker(tmp_path):
     fake = tmp_path / 'fake'
     fake.mkdir()
     (fake / 'data.txt').write_text('mine')
-    os.symlink(os.path.join(real, own.MARKER_FILE), fake / own.MARKER_FILE)
+    os.symlink(os.path.join(real, markers.MARKER_FILE), fake / markers.MARKER_FILE)
     assert own.read_marker(str(fake)) is None and own.folder_kind(str(fake)) is None
     with pytest.raises(UserError, match='did not make'):
         own.check_replaceable(str(fake), TOKENIZER, 'tokenizer_dir', folder=True)
@@ -140,7 +140,7 @@ def test_a_new_folder_goes_where_a_link_points_and_the_link_stays(tmp_path):
             (open(os.path.join(tmp, 'new.json'), 'w')).write('new')
             own.write_marker(tmp, TOKENIZER)
         assert os.path.islink(link) and os.readlink(link) == str(real)
-        assert sorted(os.listdir(real)) == [own.MARKER_FILE, 'new.json']
+        assert sorted(os.listdir(real)) == [markers.MARKER_FILE, 'new.json']
     assert not [n for n in os.listdir(tmp_path) if writes.TEMP_TAG in n]
 
 
@@ -153,13 +153,13 @@ def write_marked(path, kind) -> str:
         if kind == DATA:
             w = pq.ParquetWriter(tmp, pa.schema([('prompt', pa.string()), ('response', pa.string())]))
             w.write_table(pa.table({'prompt': ['问'] * 50, 'response': ['答'] * 50}))
-            w.add_key_value_metadata(own.parquet_marker(DATA))
+            w.add_key_value_metadata(markers.parquet_marker(DATA))
             w.close()
         elif kind == WEIGHTS:
             import torch
             from safetensors.torch import save_file
 
-            save_file({'w': torch.arange(12.0).reshape(3, 4)}, tmp, metadata=own.weights_metadata(step=1))
+            save_file({'w': torch.arange(12.0).reshape(3, 4)}, tmp, metadata=markers.weights_metadata(step=1))
         elif kind == PLOT:
             import matplotlib
 
@@ -167,11 +167,11 @@ def write_marked(path, kind) -> str:
             import matplotlib.pyplot as plt
 
             fig = plt.figure(figsize=(1, 1))
-            fig.savefig(tmp, format='png', metadata={own.MARKER_KEY: json.dumps(own.file_marker_info(PLOT))})
+            fig.savefig(tmp, format='png', metadata={markers.MARKER_KEY: json.dumps(markers.file_marker_info(PLOT))})
             plt.close(fig)
         else:
             with open(tmp, 'w') as f:
-                f.write(json.dumps(own.file_marker_info(PREDICTIONS)) + '\n{"prompt": "问", "answer": "答"}\n')
+                f.write(json.dumps(markers.file_marker_info(PREDICTIONS)) + '\n{"prompt": "问", "answer": "答"}\n')
     return str(path)
 
 
@@ -179,23 +179,23 @@ def write_marked(path, kind) -> str:
                                         (PREDICTIONS, 'p.jsonl')])
 def test_a_file_is_ours_while_its_content_matches_its_sealed_hash(tmp_path, kind, name):
     path = write_marked(tmp_path / name, kind)
-    info = own.file_marker(path)
-    assert info['kind'] == kind and info[own.CONTENT_KEY] != own.PLACEHOLDER
-    assert own.file_kind(path) == kind
+    info = markers.file_marker(path)
+    assert info['kind'] == kind and info[markers.CONTENT_KEY] != markers.PLACEHOLDER
+    assert markers.file_kind(path) == kind
     copy = tmp_path / f'copy_{name}'
     copy.write_bytes(open(path, 'rb').read())
-    assert own.file_kind(str(copy)) == kind  # an exact copy is what the toolkit wrote
+    assert markers.file_kind(str(copy)) == kind  # an exact copy is what the toolkit wrote
     data = bytearray(open(path, 'rb').read())
-    a, b = (own._layout(open(path, 'rb'), len(data))).content[-1]
+    a, b = (markers._layout(open(path, 'rb'), len(data))).content[-1]
     data[(a + b) // 2] ^= 1  # one bit of the content
     changed = tmp_path / f'changed_{name}'
     changed.write_bytes(bytes(data))
-    assert own.file_marker(str(changed)) is not None and own.file_kind(str(changed)) is None
+    assert markers.file_marker(str(changed)) is not None and markers.file_kind(str(changed)) is None
     with pytest.raises(UserError, match='changed since'):
         own.check_replaceable(str(changed), kind, '--out', folder=False)
     link = tmp_path / f'link_{name}'
     os.symlink(path, link)
-    assert own.file_kind(str(link)) is None and writes.remove_owned(str(link), kind) is False
+    assert markers.file_kind(str(link)) is None and writes.remove_owned(str(link), kind) is False
     assert os.path.exists(path)
     assert writes.remove_owned(str(changed), kind) is False and changed.exists()
     assert writes.remove_owned(path, kind) is True and not os.path.exists(path)
@@ -204,15 +204,15 @@ def test_a_file_is_ours_while_its_content_matches_its_sealed_hash(tmp_path, kind
 def test_a_table_read_from_our_file_and_written_again_is_not_ours(tmp_path):
     path = write_marked(tmp_path / 'a.parquet', DATA)
     pq.write_table(pq.read_table(path), tmp_path / 'b.parquet')
-    assert own.file_marker(str(tmp_path / 'b.parquet')) is None
+    assert markers.file_marker(str(tmp_path / 'b.parquet')) is None
     # the marker copied into another file's footer: the content does not match it
-    raw = pq.read_metadata(path).metadata[own.MARKER_KEY.encode()].decode()
+    raw = pq.read_metadata(path).metadata[markers.MARKER_KEY.encode()].decode()
     w = pq.ParquetWriter(tmp_path / 'c.parquet', pa.schema([('prompt', pa.string()), ('response', pa.string())]))
     w.write_table(pa.table({'prompt': ['x'], 'response': ['y']}))
-    w.add_key_value_metadata({own.MARKER_KEY: raw})
+    w.add_key_value_metadata({markers.MARKER_KEY: raw})
     w.close()
-    assert own.file_marker(str(tmp_path / 'c.parquet'))['kind'] == DATA
-    assert own.file_kind(str(tmp_path / 'c.parquet')) is None
+    assert markers.file_marker(str(tmp_path / 'c.parquet'))['kind'] == DATA
+    assert markers.file_kind(str(tmp_path / 'c.parquet')) is None
 
 
 def test_a_file_written_through_a_link_lands_where_it_points(tmp_path):
@@ -220,7 +220,7 @@ def test_a_file_written_through_a_link_lands_where_it_points(tmp_path):
     os.symlink(tmp_path / 'scratch' / 'new.jsonl', tmp_path / 'dangling.jsonl')
     write_marked(tmp_path / 'dangling.jsonl', PREDICTIONS)
     assert os.path.islink(tmp_path / 'dangling.jsonl')
-    assert own.file_kind(str(tmp_path / 'scratch' / 'new.jsonl')) == PREDICTIONS
+    assert markers.file_kind(str(tmp_path / 'scratch' / 'new.jsonl')) == PREDICTIONS
     write_marked(tmp_path / 'dangling.jsonl', PREDICTIONS)  # again: replaces the file, keeps the link
     assert os.path.islink(tmp_path / 'dangling.jsonl')
     (tmp_path / 'user.jsonl').write_text('{"mine": 1}\n')
@@ -242,8 +242,8 @@ def test_a_lock_file_is_never_written_through_a_link_or_a_second_name(tmp_path):
     for name, plant in cases.items():
         place = tmp_path / name.replace(' ', '_')
         place.mkdir()
-        plant(place / own.LOCK_FILE)
-        with pytest.raises(UserError, match=own.LOCK_FILE.replace('.', r'\.')):
+        plant(place / markers.LOCK_FILE)
+        with pytest.raises(UserError, match=markers.LOCK_FILE.replace('.', r'\.')):
             locks.PlaceLock([str(place)]).acquire()
         with pytest.raises(UserError):
             locks.is_locked(str(place))
@@ -259,7 +259,7 @@ def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
     assert locks.is_locked(place) is None
     with locks.PlaceLock([place]):  # the same file, taken again
         pass
-    assert own.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
+    assert markers.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
 
 
 # --------------------------------------------------------------------------- temporaries

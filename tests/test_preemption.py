@@ -25,7 +25,7 @@ import time
 import pytest
 
 import cli_runner
-from model.state import ownership
+from model.state import markers
 from conftest import (ENV, ROOT, STEP_RE, TWO_RANK_STEPS, TWO_RANKS, assert_same_weights, leftover_temps, make_texts,
                       tiny_flags, write_parquet)
 
@@ -135,7 +135,7 @@ def test_prepare_data_stopped_mid_write_leaves_no_temporary_and_says_so(stop, tm
         # a pair: the stop landed once both were written in full, and waited for both renames (a
         # mismatched train/validation pair is never left); a stop before that leaves neither
         assert len(written) == 2 and lines[0].count(' written') == 2 and 'not written' not in lines[0], lines
-        assert all(ownership.file_kind(path) == ownership.DATA for path in written)
+        assert all(markers.file_kind(path) == markers.DATA for path in written)
     else:
         assert 'not written' in lines[0] and not written, lines
     assert not leftover_temps(tmp_path)

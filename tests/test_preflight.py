@@ -8,7 +8,7 @@ import os
 
 from config import resolve_config
 from conftest import tiny_flags
-from model.state import ownership
+from model.state import markers
 from model.train import preflight
 
 
@@ -53,7 +53,7 @@ def test_a_foreign_file_in_the_state_folder_or_a_planted_lock_link_is_named(data
     (out / 'state' / 'notes.txt').write_text('mine')
     victim = tmp_path / 'thesis.txt'
     victim.write_text('my thesis')
-    os.symlink(victim, out / ownership.LOCK_FILE)
+    os.symlink(victim, out / markers.LOCK_FILE)
     found = problems(preflight.check_train(config(data, out), resume=False, world_size=1))
     assert 'did not make and is not empty' in found['train_state_dir']
     assert 'is a link, not the lock file' in found['output_dir']

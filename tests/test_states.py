@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from model.state import ownership as own
+from model.state import markers, ownership as own
 from model.state import states as sf
 
 
@@ -18,7 +18,7 @@ def make_state(state_dir, step, suffix='', files=None) -> str:
                                 'tokenizer/tokenizer.json': 'tok'}).items():
         with open(os.path.join(path, rel), 'w') as f:
             f.write(text)
-    own.write_marker(path, own.STATE, step=step)
+    own.write_marker(path, markers.STATE, step=step)
     return path
 
 
@@ -94,7 +94,7 @@ def test_links_and_files_named_like_states_are_never_states(tmp_path):
     os.makedirs(states / '.tmp-state-000000050')
     os.symlink(tmp_path / 'elsewhere', states / '.tmp-state-000000060')
     sf._sweep_tmp_states(str(states))
-    assert sorted(os.listdir(states)) == sorted([own.MARKER_FILE, '.tmp-state-000000060', 'state-000000030',
+    assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, '.tmp-state-000000060', 'state-000000030',
                                                  'state-000000040'])
     assert os.path.isdir(real) and sf.judge_state(real).wholly_owned
 
@@ -106,4 +106,4 @@ def test_a_fresh_run_moves_aside_only_whole_states_of_its_own(tmp_path):
     assert not sf.inspect_states(str(states), resume=False).problems
     archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert names(os.path.join(archive, 'states')) == ['state-000000010', 'state-000000020']
-    assert names(states) == [] and own.folder_kind(str(states)) == own.STATE_DIR
+    assert names(states) == [] and own.folder_kind(str(states)) == markers.STATE_DIR

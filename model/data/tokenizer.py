@@ -23,7 +23,7 @@ import pyarrow as pa
 from model.errors import UserError
 from model.state import ownership, writes
 from model.data.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
-from model.state.ownership import TOKENIZER
+from model.state.markers import TOKENIZER
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from model.errors import UserError
-from model.state import ownership
+from model.state import markers, ownership
 from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 
 SHAPE_FIELDS = ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers', 'feed_forward_proj',
@@ -41,13 +41,13 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
     if not os.path.isfile(path):  # a FIFO would block the first read for ever
         raise UserError(f'{what}={path}: not a regular file (a FIFO, device or socket); give a model folder '
                         f'or a weights file')
-    header = ownership.safetensors_header(path)
+    header = markers.safetensors_header(path)
     if header is None and not _is_torch_file(path):
         raise UserError(f'{what}={path}: neither a model folder nor a weights file (safetensors or torch)')
     check_tokenizer_folder(tokenizer_dir)
     info = {}
     if header is not None:
-        raw = (header.get('__metadata__') or {}).get(ownership.MARKER_KEY)
+        raw = (header.get('__metadata__') or {}).get(markers.MARKER_KEY)
         info = json.loads(raw) if raw else {}
     shape = info.get('model_shape')
     source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'), info.get('tokenizer'))
@@ -76,10 +76,10 @@ def check_same_tokenizer(source: ModelSource, tokenizer_dir: str, what: str) -> 
 def _describe_folder(folder: str, what: str) -> ModelSource:
     kind = ownership.folder_kind(folder)
     parent_kind = ownership.folder_kind(os.path.dirname(os.path.abspath(folder).rstrip(os.sep)))
-    if kind in (ownership.STATE_DIR, ownership.STATE) or parent_kind == ownership.STATE_DIR:
+    if kind in (markers.STATE_DIR, markers.STATE) or parent_kind == markers.STATE_DIR:
         raise UserError(f'{what}={folder} is a training state (for --is_keep_training), not a model folder; '
                         f'give a model folder such as {WHERE}')
-    if kind == ownership.TOKENIZER:
+    if kind == markers.TOKENIZER:
         raise UserError(f'{what}={folder} is a tokenizer folder, not a model; give a model folder such as {WHERE}')
     config = os.path.join(folder, 'config.json')
     weights = [n for n in ('model.safetensors', 'pytorch_model.bin') if os.path.isfile(os.path.join(folder, n))]

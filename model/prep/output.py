@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.errors import UserError
-from model.state import ownership, writes
+from model.state import markers, ownership, writes
 from model.data.files import TEXT_COLUMNS, resolve_parquet_files
-from model.state.ownership import DATA
+from model.state.markers import DATA
 from model.stopping import critical_from_mark
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
@@ -112,7 +112,7 @@ def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter
             rows = RowGroupWriter(writer)
             yield rows
             rows.close()
-            writer.add_key_value_metadata(ownership.parquet_marker(DATA, command=command, rows=rows.rows_written))
+            writer.add_key_value_metadata(markers.parquet_marker(DATA, command=command, rows=rows.rows_written))
         finally:
             writer.close()
 

@@ -11,7 +11,8 @@ import stat
 import time
 
 from model.errors import UserError
-from model.state.ownership import LOCK_FILE, lock_info, read_regular_file
+from model.state.ownership import lock_info, read_regular_file
+from model.state.markers import LOCK_FILE
 
 
 def _open_lock(folder: str, flags: int) -> int:

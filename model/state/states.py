@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.errors import UserError
-from model.state import ownership, writes
+from model.state import markers, ownership, writes
 from model.faults import fault_point
-from model.state.ownership import MODEL, STATE, STATE_DIR, WEIGHTS
+from model.state.markers import MODEL, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
 # `train --dry_run=True` (which inspects the saved states) stays fast.
 
 logger = logging.getLogger(__name__)
 
-MARKER = ownership.MARKER_FILE
+MARKER = markers.MARKER_FILE
 TOKENIZER_COPY = 'tokenizer'
 _STATE_RE = re.compile(r'^state-(\d+)(?:\.(\d+))?$')
 _TMP_RE = re.compile(r'^\.tmp-state-\d+$')
@@ -107,7 +107,7 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
         if st.st_size != saved.get('bytes'):
             verdict.problem = f'{rel} has {st.st_size} bytes, {saved.get("bytes")} were saved'
             break
-        if deep and ownership.file_sha256(os.path.join(path, rel)) != saved.get('sha256'):
+        if deep and markers.file_sha256(os.path.join(path, rel)) != saved.get('sha256'):
             verdict.problem = f'{rel} differs from what was saved (checksum)'
             break
     if verdict.problem is None and (deep if pickles is None else pickles):
@@ -360,7 +360,7 @@ def save_weights_file(state_dict: dict, path: str, **info) -> None:
 
     state_dict = clean_state_dict_for_safetensors({k: v.contiguous() for k, v in state_dict.items()})
     with writes.atomic_file(path, WEIGHTS, 'model_file') as tmp:
-        save_file(state_dict, tmp, metadata=ownership.weights_metadata(**info))
+        save_file(state_dict, tmp, metadata=markers.weights_metadata(**info))
 
 
 def load_weights_file(path: str) -> dict:
@@ -409,7 +409,7 @@ def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, st
     found = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         m = pattern.match(name)
-        if m and (ownership.file_marker(os.path.join(folder, name)) or {}).get('kind') == WEIGHTS:
+        if m and (markers.file_marker(os.path.join(folder, name)) or {}).get('kind') == WEIGHTS:
             found.append((m.group(1), os.path.join(folder, name)))
     return found
 
@@ -441,7 +441,7 @@ def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: st
     """What an earlier run of the toolkit left at these paths and a fresh run moves aside: its
     states, step and best weights files, best/ and final/ -- only what is wholly its own."""
     found = [path for _, path in list_complete_states(train_state_dir)]
-    found += [p for _, p in owned_model_files(model_file, r'\d+|best') if ownership.file_kind(p) == WEIGHTS]
+    found += [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
     found += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
               if ownership.kind_of(p) == MODEL]
     return found

@@ -18,7 +18,8 @@ from typing import Iterator
 
 from model.errors import UserError
 from model.faults import fault_point
-from model.state.ownership import lstat_or_none, check_replaceable, is_real_dir, kind_of, resolve_place, seal_file
+from model.state.ownership import lstat_or_none, check_replaceable, is_real_dir, kind_of, resolve_place
+from model.state.markers import seal_file
 from model.stopping import critical
 
 

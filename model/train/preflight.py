@@ -17,7 +17,7 @@ from model.errors import UserError
 from model.state import locks as place_locks, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
-from model.state.ownership import MODEL, STATE_DIR
+from model.state.markers import MODEL, STATE_DIR
 from model.net.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
 from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 

@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass, field
 
 from model.errors import UserError
-from model.state import ownership, writes
+from model.state import markers, ownership, writes
 from model.data import read_guard
 from model.data.read_guard import ReadGuard, iter_bounded_lines
-from model.state.ownership import PLOT
+from model.state.markers import PLOT
 
 STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)')
 EVAL_RE = re.compile(r'eval at step (\d+)(?: \([0-9.]+ s\))?: validation loss ([0-9.eE+-]+|nan|inf)(?:.*?BLEU-4 ([0-9.]+))?')
@@ -109,8 +109,8 @@ def plot_log(log_file: str, out: str) -> Curves:
         ax.legend(loc='upper left' if ax is axes[2] else 'upper right')
     fig.suptitle(os.path.basename(log_file))
     fig.tight_layout()
-    marker = json.dumps(ownership.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
+    marker = json.dumps(markers.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
     with writes.atomic_file(out, PLOT, '--out') as tmp:
-        fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', ownership.MARKER_KEY: marker})
+        fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', markers.MARKER_KEY: marker})
     plt.close(fig)
     return curves

@@ -22,11 +22,11 @@ import torch
 
 from config import DecodeConfig
 from model.errors import UserError
-from model.state import ownership, writes
+from model.state import markers, ownership, writes
 from model.net.chat_model import answer, token_loss_sum
 from model.data.files import TEXT_COLUMNS, iter_text_tables, usable_mask
 from model.data.loader import TokenEncoder, make_batches, to_torch
-from model.state.ownership import PREDICTIONS
+from model.state.markers import PREDICTIONS
 from model.data.tokenizer import LABEL_PAD_ID
 
 TEST_BATCH_ROWS = 32
@@ -118,7 +118,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                                   ref_len=stats[9], smooth_method=corpus.smooth_method,
                                   smooth_value=corpus.smooth_value).score if rows else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
-        header = ownership.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
+        header = markers.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
                                        exact_match=result.exact_match, decode=decode.__dict__)
         with writes.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
