@@ -165,7 +165,7 @@ def state_folders(state_dir) -> list[str]:
 
 
 def weights(path) -> dict:
-    from model.state.states import load_weights_file
+    from model.state.model_files import load_weights_file
 
     return load_weights_file(str(path))
 

@@ -146,7 +146,7 @@ def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(sto
     import train_low_mem
     from config import T5ModelConfig
     from model.net.chat_model import build_model
-    from model.state.states import save_model_folder
+    from model.state.model_files import save_model_folder
     from model.data.tokenizer import load_tokenizer
 
     src = write_parquet(tmp_path / 'text.parquet', make_texts(400, seed=4))

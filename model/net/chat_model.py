@@ -113,7 +113,7 @@ def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
 def load_weights_into(model, path: str) -> None:
     """Weights of a file into a built model: every tensor must be there with its shape (the tied
     embedding copies excepted); else one line naming the first that is not."""
-    from model.state.states import load_weights_file
+    from model.state.model_files import load_weights_file
 
     state = load_weights_file(path)
     tied = ('shared.weight', 'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight')

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from model.state import states as state_files
+from model.state import model_files, states as state_files
 from model.data.tokenizer import save_tokenizer_copy
 
 logger = logging.getLogger('chat_trainer')
@@ -88,7 +88,7 @@ class Checkpointer:
             self.data_position.pending = None
         self.last_saved_step = step
         self.export_weights_all_ranks(step, step)
-        self.collectives.on_main_all_ranks(lambda: state_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))
+        self.collectives.on_main_all_ranks(lambda: model_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))
         logger.info('saved state at step %d -> %s', step, path)
         return path
 
@@ -101,7 +101,7 @@ class Checkpointer:
         """model_file.format(tag): the gathered weights as safetensors, with the model shape."""
         state_dict = self.full_state_dict_all_ranks()
         t = self.train_cfg
-        self.collectives.on_main_all_ranks(lambda: state_files.save_weights_file(
+        self.collectives.on_main_all_ranks(lambda: model_files.save_weights_file(
             state_dict, t.model_file.format(tag), step=step, tag=tag, model_shape=self.fingerprint['model_shape'],
             tokenizer=self.fingerprint['tokenizer'], max_seq_len=t.max_seq_len))
 
@@ -112,7 +112,7 @@ class Checkpointer:
 
     def export_folder_all_ranks(self, name: str, step: int) -> None:
         state_dict = self.full_state_dict_all_ranks()
-        self.collectives.on_main_all_ranks(lambda: state_files.save_model_folder(
+        self.collectives.on_main_all_ranks(lambda: model_files.save_model_folder(
             self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer,
             os.path.join(self.train_cfg.output_dir, name), tag=name, step=step, max_seq_len=self.train_cfg.max_seq_len))
 

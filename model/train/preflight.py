@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, ResolvedConfig
 from model.errors import UserError
-from model.state import locks as place_locks, states as ckpt
+from model.state import locks as place_locks, model_files, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
 from model.state.markers import MODEL, STATE_DIR
@@ -139,7 +139,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     for name in ('best', 'final'):
         path = os.path.join(t.output_dir, name)
         problem('output_dir', lambda path=path: ownership.check_replaceable(path, MODEL, 'output_dir', folder=True))
-    for path in ckpt.foreign_model_files(t.model_file):
+    for path in model_files.foreign_model_files(t.model_file):
         report.problems.append(Problem('model_file', f'model_file: {path} matches the model_file pattern and was '
                                        f'not written by this toolkit, so a run could overwrite it',
                                        'move it away or choose another --model_file'))

@@ -1,0 +1,93 @@
+"""Weights the toolkit exports: step files (model_file.format(step)) as marked safetensors, loaded
+without unpickling anything; Hugging Face model folders (best/, final/); finding, refusing and
+pruning the files a model_file pattern names."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from model.errors import UserError
+from model.state import markers, ownership, writes
+from model.state.markers import MODEL, WEIGHTS
+
+
+def save_weights_file(state_dict: dict, path: str, **info) -> None:
+    """A full state dict as safetensors (tied weights once), marked as the toolkit's."""
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+    from safetensors.torch import save_file
+
+    state_dict = clean_state_dict_for_safetensors({k: v.contiguous() for k, v in state_dict.items()})
+    with writes.atomic_file(path, WEIGHTS, 'model_file') as tmp:
+        save_file(state_dict, tmp, metadata=markers.weights_metadata(**info))
+
+
+def load_weights_file(path: str) -> dict:
+    """A state dict from a weights file: safetensors, or a torch file of plain tensors only
+    (``weights_only=True``: loading never runs code from the file)."""
+    import torch
+
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    try:
+        if head[:2] == b'PK' or head[:1] == b'\x80':
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+                    raise UserError(f'{path}: this torch file holds more than tensors, and loading it '
+                                    f'could run code from it; it is not loaded') from None
+                raise
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f'{path}: not a readable weights file ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else "damaged"})') from None
+
+
+def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -> None:
+    """A Hugging Face folder (the full state dict, the tokenizer, the marker) swapped in atomically."""
+    with writes.building_folder(target, MODEL, 'output_dir') as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        ownership.write_marker(tmp, MODEL, **info)
+
+
+def model_file_pattern(model_file: str, tags: str = r'\d+') -> re.Pattern:
+    return re.compile('^' + re.escape(os.path.basename(model_file)).replace(r'\{\}', f'({tags})') + '$')
+
+
+def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, str]]:
+    """(tag, path) of the files of the model_file pattern that carry the toolkit's weights marker
+    (their content is judged again right before one is moved or deleted)."""
+    folder = os.path.dirname(model_file) or '.'
+    pattern = model_file_pattern(model_file, tags)
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = pattern.match(name)
+        if m and (markers.file_marker(os.path.join(folder, name)) or {}).get('kind') == WEIGHTS:
+            found.append((m.group(1), os.path.join(folder, name)))
+    return found
+
+
+def foreign_model_files(model_file: str) -> list[str]:
+    """Files of the model_file pattern (steps or best) that are not the toolkit's unchanged
+    weights: a run could overwrite or prune them."""
+    folder = os.path.dirname(model_file) or '.'
+    pattern = model_file_pattern(model_file, r'\d+|best')
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+            if pattern.match(n) and ownership.kind_of(os.path.join(folder, n)) != WEIGHTS]
+
+
+def prune_model_files(model_file: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` step files the toolkit wrote; 'best' stays."""
+    steps = sorted((int(tag), path) for tag, path in owned_model_files(model_file))
+    removed = [p for _, p in steps[:-keep]] if keep > 0 else []
+    for p in removed:
+        writes.remove_owned(p, WEIGHTS)
+    return removed
