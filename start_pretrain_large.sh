@@ -64,15 +64,22 @@ done
 # the user's own --dry_run: print the whole check and stop (this script runs one anyway)
 user_dry=0
 args=()
+dry_given=0
 for arg in "$@"; do
-  # the trainer's own spellings of a bool (model/cli.py coerce), any case; any other value goes to
-  # the dry run, which refuses it in one line
-  case "$(printf '%s' "$arg" | tr '[:upper:]' '[:lower:]')" in
+  # the trainer's own spellings of a bool (model/cli.py coerce), in any case; --dry-run as --dry_run
+  word=${arg,,}
+  word=${word/#--dry-run/--dry_run}
+  case "$word" in
+    --dry_run|--dry_run=*) dry_given=$((dry_given + 1)) ;;
+  esac
+  case "$word" in
     --dry_run|--dry_run=true|--dry_run=yes|--dry_run=1) user_dry=1 ;;
     --dry_run=false|--dry_run=no|--dry_run=0) ;;
+    --dry_run=*) echo "error: $arg: expected true or false for dry_run" >&2; exit 2 ;;
     *) args+=("$arg") ;;
   esac
 done
+if [ "$dry_given" -gt 1 ]; then echo "error: --dry_run is given twice; give it once" >&2; exit 2; fi
 set -- "${args[@]}"
 
 # GPUs first, so that the dry run's schedule counts the right number of processes

@@ -113,7 +113,7 @@ def test_start_script_checks_the_engine_config_before_launching(tmp_path, data):
     assert not os.path.exists(tmp_path / 'run')  # nothing started
 
 
-@pytest.mark.parametrize('spelling', ['--dry_run=True', '--dry_run=TRUE', '--dry_run=yes'])
+@pytest.mark.parametrize('spelling', ['--dry_run=True', '--dry_run=TRUE', '--dry-run=yes'])
 def test_start_script_passes_the_users_dry_run_through(tmp_path, data, spelling):
     # every spelling the trainer reads as true: a dry run the script missed would train for real
     flags = tiny_flags(data, tmp_path / 'run', max_steps=2)
@@ -121,6 +121,15 @@ def test_start_script_passes_the_users_dry_run_through(tmp_path, data, spelling)
     assert r.returncode == 0 and 'ready: data, tokenizer' in r.stdout and '2 process(es)' in r.stdout, \
         r.stderr[-2000:]
     assert not os.path.exists(tmp_path / 'run')  # a dry run starts nothing
+
+
+@pytest.mark.parametrize('spelling, said', [
+    (['--dry_run=maybe'], 'error: --dry_run=maybe: expected true or false for dry_run'),
+    (['--dry_run=no', '--dry-run=0'], 'error: --dry_run is given twice; give it once')])
+def test_start_script_refuses_a_dry_run_it_cannot_read_before_anything_runs(tmp_path, data, spelling, said):
+    r = start_script(*tiny_flags(data, tmp_path / 'run', max_steps=2), *spelling, env={'NUM_GPUS': '0'})
+    assert one_error(r) == said
+    assert not os.path.exists(tmp_path / 'run')
 
 
 @pytest.mark.slow

@@ -293,3 +293,25 @@ def test_only_temporaries_provably_of_a_dead_run_of_this_target_are_swept(tmp_pa
     assert writes.sweep_stale_temps(target, place_locked=True) == sorted(
         str(tmp_path / names[k]) for k in ('alive', 'other host'))
     assert (tmp_path / 'precious').read_text() == 'mine' and os.path.isdir('/etc')
+
+
+def test_a_fifo_under_a_marker_or_a_file_name_is_read_as_nothing_at_once(tmp_path):
+    """Opening a FIFO for reading waits for a writer: every read of a marker (folder or sealed
+    file) opens without waiting, so a planted FIFO is just not the toolkit's."""
+    import signal
+
+    os.mkfifo(tmp_path / own.MARKER_FILE)
+    os.mkfifo(tmp_path / 'w.safetensors')
+
+    def hung(signum, frame):
+        raise AssertionError('a read of a FIFO waited for a writer')
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert own.read_marker(str(tmp_path)) is None and own.folder_kind(str(tmp_path)) is None
+        assert markers.file_marker(str(tmp_path / 'w.safetensors')) is None
+        assert own.kind_of(str(tmp_path)) is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

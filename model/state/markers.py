@@ -201,7 +201,7 @@ def file_marker(path: str) -> dict | None:
 def file_status(path: str) -> tuple[dict | None, bool]:
     """(the embedded marker or None, whether the content matches the hash it records)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: no wait for a writer
     except OSError:
         return None, False
     try:

@@ -129,7 +129,7 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> No
 def read_regular_file(path: str, limit: int) -> bytes | None:
     """The bytes of a plain file (never through a link), or None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: no wait for a writer
     except OSError:
         return None
     with os.fdopen(fd, 'rb') as f:

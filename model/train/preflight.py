@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, ResolvedConfig
@@ -226,7 +227,9 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
     check_same_tokenizer(source, t.tokenizer_dir, '--init_from')
     with torch.device('meta'):
         model = build_model(cfg.model, vocab_size)
-    load_weights_into(model, weights_path(t.init_from))
+    with warnings.catch_warnings():  # torch says, per tensor, that copying into meta is a no-op: it is meant
+        warnings.filterwarnings('ignore', message='.*copying from a non-meta parameter')
+        load_weights_into(model, weights_path(t.init_from))
 
 
 def model_folder(t) -> str:
