@@ -141,12 +141,18 @@ if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not rea
   printf '%s\n' "$report" | sed -n '/^not ready:/,$p' >&2
   exit 1
 fi
-printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
-
 resume_given=0
 for arg in "$@"; do case "$arg" in --is_keep_training*) resume_given=1 ;; esac; done
 latest=$(path_of latest_state)
-if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then
+saved=0
+if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
+# the dry run checked a fresh run: what it says a fresh run would move does not apply to a resume
+if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
+  printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p' | grep -v '^note: a previous run saved'
+else
+  printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
+fi
+if [ "$saved" -eq 1 ]; then
   if [ "${RESUME:-ask}" = auto ]; then
     set -- "$@" --is_keep_training=True
   elif [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then

@@ -181,6 +181,7 @@ def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exact
     output, _ = requeued.communicate(timeout=400)
     assert requeued.returncode == 0, output[-3000:]
     assert f'resumed from {out}/state/{states[0]}' in output, output[-3000:]
+    assert 'a fresh run moves' not in output  # the start script's dry run note of a fresh run: not this one
     final = f'chat_small_t5.{TWO_RANK_STEPS}.bin'
     assert_same_weights(f'{two_rank_reference[0]}/{final}', f'{out}/{final}')
     # a finished run is not requeued
