@@ -34,10 +34,24 @@ def build_t5_config(model_cfg: T5ModelConfig, vocab_size: int):
                     **dataclasses.asdict(model_cfg))
 
 
-def build_model(model_cfg: T5ModelConfig, vocab_size: int):
+def new_t5(config, initialize: bool = True):
+    """A T5ForConditionalGeneration of this config. initialize=False leaves the weights as
+    allocated, not drawn, for a model whose every weight is loaded next (a resume, inference):
+    drawing the guide's shape costs ~7 s of a CPU's time that the load throws away."""
     from transformers import T5ForConditionalGeneration
 
-    model = T5ForConditionalGeneration(build_t5_config(model_cfg, vocab_size))
+    if initialize:
+        return T5ForConditionalGeneration(config)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = T5ForConditionalGeneration(config)
+    model.tie_weights()  # skipped with the initialization: one embedding for encoder, decoder and output
+    return model
+
+
+def build_model(model_cfg: T5ModelConfig, vocab_size: int, initialize: bool = True):
+    model = new_t5(build_t5_config(model_cfg, vocab_size), initialize)
     n = sum(p.numel() for p in model.parameters())
     logger.info('chat_small_t5: %.2fM parameters (vocab %d, d_model %d, %d+%d layers)', n / 1e6,
                 vocab_size, model_cfg.d_model, model_cfg.num_layers, model_cfg.num_decoder_layers)
@@ -87,7 +101,6 @@ def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
     """(model in eval mode, tokenizer, max_seq_len) of a folder or of a weights file; a weights
     file without a recorded shape takes the shape of the config (preset and flags)."""
     import transformers
-    from transformers import T5ForConditionalGeneration
 
     transformers.utils.logging.disable_progress_bar()  # no 'Loading weights' bar before the answers
     tokenizer = load_tokenizer(source.tokenizer_dir)
@@ -95,8 +108,8 @@ def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
     if source.kind == 'folder':  # config.json, then the weights through the one loader that never unpickles
         from transformers import T5Config
 
-        model = T5ForConditionalGeneration(T5Config.from_pretrained(source.path))
-        load_weights_into(model, weights_path(source.path))
+        model = new_t5(T5Config.from_pretrained(source.path), initialize=False)
+        load_weights_into(model, weights_path(source.path))  # every tensor, or one line
     else:
         shape = source.shape or model_shape(cfg.model, len(tokenizer))
         if shape.get('vocab_size') != len(tokenizer):
@@ -104,7 +117,7 @@ def load_for_inference(cfg: ResolvedConfig, source: ModelSource):
                             f'tokenizer in {source.tokenizer_dir} has {len(tokenizer)}; give its own --tokenizer_dir')
         fields = {f.name for f in dataclasses.fields(T5ModelConfig)}
         model_cfg = dataclasses.replace(cfg.model, **{k: v for k, v in shape.items() if k in fields})
-        model = build_model(model_cfg, len(tokenizer))
+        model = build_model(model_cfg, len(tokenizer), initialize=False)
         load_weights_into(model, source.path)
     model.eval()
     return model, tokenizer, max_seq_len
