@@ -139,20 +139,15 @@ class StopSignals:
         """A region that begins where the body calls the yielded mark() and ends with this
         block: placed first in a `with` of several outputs, and marked once they are all written,
         it keeps their renames together (a stop between them would leave a mismatched pair)."""
-        marked = []
+        with contextlib.ExitStack() as region:
+            marked = []
 
-        def mark() -> None:
-            if not marked:
-                self._critical += 1
-                marked.append(True)
+            def mark() -> None:
+                if not marked:
+                    region.enter_context(self.critical())
+                    marked.append(True)
 
-        try:
             yield mark
-        finally:
-            if marked:
-                self._critical -= 1
-        if marked:
-            self.raise_if_stopped()
 
     @contextlib.contextmanager
     def polling(self) -> Iterator[None]:

@@ -27,6 +27,17 @@ TEXT_COLUMNS = ('prompt', 'response')
 READ_BATCH_ROWS = 8192  # rows per streamed batch: bounded memory, big enough for vectorised work
 
 
+def _only_files(found: list[str], how: str, rule: str) -> list[str]:
+    """found, when every entry is a readable file; else one line naming the first that is not:
+    a FIFO would block the reader, a folder is not one file, a dangling link is not skipped."""
+    for path in found:
+        if not os.path.isfile(path):
+            what = ('a link to nothing, or in a loop' if os.path.islink(path) and not os.path.exists(path)
+                    else 'not a regular file')
+            raise UserError(f'{path}: {how}{what}; {rule}')
+    return found
+
+
 def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
     """A file, a folder (its *.parquet), a glob, or a list of those -> sorted file list."""
     if isinstance(spec, (list, tuple)):
@@ -39,22 +50,14 @@ def resolve_parquet_files(spec: str | os.PathLike | list | tuple) -> list[str]:
         found = sorted(glob.glob(os.path.join(spec, '*.parquet')))
         if not found:
             raise UserError(f'{spec}: folder holds no *.parquet files')
-        for path in found:  # a FIFO would block the reader, a folder is not one file
-            if not os.path.isfile(path):
-                raise UserError(f'{path}: not a regular file; a folder given as input must hold only '
-                                f'Parquet files named *.parquet (move it away, or give the files)')
-        return found
+        return _only_files(found, '', 'a folder given as input must hold only Parquet files named *.parquet '
+                                      '(move it away, or give the files)')
     if any(ch in spec for ch in '*?['):
         found = sorted(glob.glob(spec))
         if not found:
             raise UserError(f'{spec}: no file matches this pattern')
-        for path in found:  # as a folder's files: a match that is not one readable file is not skipped
-            if not os.path.isfile(path):
-                what = ('a link to nothing, or in a loop' if os.path.islink(path) and not os.path.exists(path)
-                        else 'not a regular file')
-                raise UserError(f'{path}: matches {spec} but is {what}; a pattern given as input must match '
-                                f'only Parquet files (remove it, or narrow the pattern)')
-        return found
+        return _only_files(found, f'matches {spec} but is ', 'a pattern given as input must match only Parquet '
+                                                             'files (remove it, or narrow the pattern)')
     if not os.path.exists(spec):
         raise UserError(f'{spec}: no such file')
     if not os.path.isfile(spec):
