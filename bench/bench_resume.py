@@ -34,10 +34,30 @@ def run_flags(d: str, run: str, max_seq_len: int) -> list[str]:
             '--bleu_samples=0', '--show_samples=0', '--warmup_steps=0']
 
 
+STAMP = '.bench_resume'  # in a --dir this benchmark made: only such a folder's work it removes
+
+
+def claim_work_dir(path: str) -> str:
+    """--dir, made here or made by this benchmark before (it holds the stamp); a folder holding
+    anything else, or a link planted for the copies it removes, is refused: nothing of a user's
+    is ever removed."""
+    d = os.path.realpath(path)
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise SystemExit(f'error: --dir={path} is a file; give a new folder')
+    if os.path.isdir(d) and os.listdir(d) and not os.path.isfile(os.path.join(d, STAMP)):
+        raise SystemExit(f'error: --dir={path} holds files this benchmark did not make; give a new or empty folder')
+    os.makedirs(d, exist_ok=True)
+    open(os.path.join(d, STAMP), 'a').close()
+    for name in ('resume', 'saved', 'tok'):
+        if os.path.islink(os.path.join(d, name)):
+            raise SystemExit(f'error: {d}/{name} is a link this benchmark did not make; remove it')
+    return d
+
+
 def timed_resume(d: str, pristine: str, max_seq_len: int) -> tuple[float, float]:
     """(seconds to 'resumed from', seconds to the first step's line) of one resume."""
     run = os.path.join(d, 'resume')
-    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(run, ignore_errors=True)  # this benchmark's own copy (claim_work_dir)
     shutil.copytree(pristine, run, symlinks=True)
     cmd = [sys.executable, 'train_low_mem.py', 'train', *run_flags(d, run, max_seq_len), '--max_steps=2',
            '--is_keep_training=True']
@@ -69,7 +89,7 @@ def main() -> None:
     parser.add_argument('--dir', default=None, help='work here (kept) instead of a temporary folder')
     args = parser.parse_args()
     print('load:', open('/proc/loadavg').read().split()[:3], flush=True)
-    d = args.dir or tempfile.mkdtemp(prefix='bench_resume_')
+    d = claim_work_dir(args.dir) if args.dir else tempfile.mkdtemp(prefix='bench_resume_')
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
     try:
         if not os.path.isfile(os.path.join(d, 'tok', 'tokenizer.json')):
