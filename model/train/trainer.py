@@ -129,8 +129,9 @@ class Trainer:
         valid_loader = self._build_loader(valid_files, train=False)
         self.total_steps = total_optimizer_steps(self.train_loader.num_rows, t.batch_size_per_gpu, self.world,
                                                  t.gradient_accumulation_steps, t.epochs, t.max_steps)
-        # a resume loads every weight from the state (accelerate's strict load): nothing to draw
-        model = build_model(cfg.model, len(self.tokenizer), initialize=not resume)
+        # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
+        # line) loads every weight next: nothing to draw
+        model = build_model(cfg.model, len(self.tokenizer), initialize=not (resume or t.init_from))
         if t.init_from and not resume:  # warm start: these weights, a fresh optimizer, schedule and data position
             load_weights_into(model, weights_path(t.init_from))
             logger.info('warm start: weights from %s', t.init_from)
