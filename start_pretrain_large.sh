@@ -211,9 +211,12 @@ if [ -n "${RANK_OUTCOME_DIR:-}" ]; then
     [ -f "$record" ] || continue
     read -r word on pid _ < "$record" || continue
     [ "$word" = running ] && [ "$on" = "$host" ] || continue
-    ps -o args= -p "$pid" 2>/dev/null | grep -q rank_outcome.py || continue   # gone (or another process now)
+    # gone, or another process now (no pipe into grep -q: under pipefail its early exit fails ps)
+    case "$(ps -o args= -p "$pid" 2>/dev/null)" in *rank_outcome.py*) ;; *) continue ;; esac
     left=$(( deadline - SECONDS ))
+    echo "note: the launcher has ended; waiting up to ${left} s for rank process $pid to finish its save" >&2
     if [ "$left" -le 0 ] || ! timeout "$left" tail --pid="$pid" -f /dev/null; then
+      echo "warning: rank process $pid did not end within the grace period: killed" >&2
       kill -KILL "$pid" 2>/dev/null   # what torchrun would have done at the end of the grace
     fi
   done

@@ -169,7 +169,7 @@ def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exact
     log_text = open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
     for rank in (0, 1):  # both saved and left by themselves: the step's end kills what is left
         assert f'rank {rank}: stopped by SIGTERM' in log_text, output[-3000:]
-    assert 'stopped (rank(s) 143 143): requeued (restart 1 of at most 50)' in output, output[-3000:]
+    assert 'stopped (rank(s) 143 143; node(s) 143 143): requeued (restart 1 of at most 50)' in output, output[-3000:]
     assert [c for c in calls(log) if c.startswith('scontrol requeue')] == [f'scontrol requeue {job_id}']
     assert len([c for c in calls(log) if c.startswith('srun')]) == 1
     states = state_folders(f'{out}/state')
@@ -257,7 +257,7 @@ def test_a_divergence_is_not_requeued_though_srun_stopped_the_other_node(tmp_pat
     r, requeues = stub_job(tmp_path, stand_ins, 'echo 1 > "$RANK_OUTCOME_DIR/rank-$MACHINE_RANK"\n'
                            'if [ "$MACHINE_RANK" = 0 ]; then trap "exit 143" TERM; sleep 60 & wait; fi\nexit 1\n')
     assert r.returncode == 1, r.stderr
-    assert 'failed (diverged, or not ready: see above; rank(s) 1 1): not requeued' in r.stderr, r.stderr
+    assert 'failed (diverged, or not ready: see above; rank(s) 1 1; node(s) 143 1): not requeued' in r.stderr, r.stderr
     assert not requeues
 
 
@@ -265,7 +265,7 @@ def test_a_job_restarted_max_requeues_times_is_not_requeued_again(tmp_path, stan
     r, requeues = stub_job(tmp_path, stand_ins, 'echo 143 > "$RANK_OUTCOME_DIR/rank-$MACHINE_RANK"\nexit 143\n',
                            SLURM_RESTART_COUNT='3', MAX_REQUEUES='3')
     assert r.returncode == 143, r.stderr
-    assert 'stopped (rank(s) 143 143) and was already restarted 3 times (MAX_REQUEUES=3): not requeued' in r.stderr
+    assert 'stopped (rank(s) 143 143; node(s) 143 143) and was already restarted 3 times (MAX_REQUEUES=3): not requeued' in r.stderr
     assert not requeues
 
 
