@@ -197,7 +197,7 @@ def test_a_crashed_node_brings_the_job_down_and_requeues(tmp_path, data, stand_i
     os.kill(descendants(job.pid, 'rank_outcome.py')[-1], signal.SIGKILL)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 1, output[-3000:]
-    assert re.search(r'crashed \(rank\(s\) [^)]*running[^)]*\): requeued', output), output[-3000:]
+    assert re.search(r'crashed \(rank\(s\) [^;]*running[^;]*; node\(s\) [^)]*\): requeued', output), output[-3000:]
     assert [c for c in calls(log) if c.startswith('scontrol requeue')] == [f'scontrol requeue {job_id}']
     assert newest_step(out) < TWO_RANK_STEPS
     assert no_outcome_folder_left(job_id)
