@@ -111,12 +111,13 @@ def peak_rss_mb() -> tuple[float, float]:
 
 
 def run_streaming(cfg, t_start):
-    from model.data.loader import StreamingLoader
+    from model.data.loader import LoaderSettings, StreamingLoader
     from model.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg['tokenizer'])
-    loader = StreamingLoader(cfg['file'], tok, MAX_LEN, BATCH, shuffle=True, seed=1, shuffle_window_rows=65536,
-                             group_by_length=True, length_group_batches=64, num_workers=cfg.get('workers', 0))
+    loader = StreamingLoader(cfg['file'], tok, LoaderSettings(
+        MAX_LEN, BATCH, shuffle=True, seed=1, shuffle_window_rows=65536, group_by_length=True, length_group_batches=64,
+        num_workers=cfg.get('workers', 0)))
     return consume(loader, cfg, t_start, lambda b: b['num_rows'] + b['num_skipped'], backend='rust')
 
 
@@ -155,12 +156,13 @@ def run_naive(cfg, t_start):
 def run_read_only(cfg, t_start):
     """The streaming reader's share: plan, window reads, per-batch take -> Python strings."""
     from model.data.epoch_order import FlatOrder
-    from model.data.loader import EpochPass, StreamingLoader
+    from model.data.loader import EpochPass, LoaderSettings, StreamingLoader
     from model.data.tokenizer import load_tokenizer
     from model.data.window_reader import WindowReader
 
     tok = load_tokenizer(cfg['tokenizer'])
-    loader = StreamingLoader(cfg['file'], tok, MAX_LEN, BATCH, group_by_length=True, length_group_batches=64)
+    loader = StreamingLoader(cfg['file'], tok, LoaderSettings(MAX_LEN, BATCH, group_by_length=True,
+                                                                 length_group_batches=64))
     ds = loader.dataset
     p = EpochPass(0, loader.order, 0, loader.rows_per_epoch(), 0, 1, BATCH)
     plan = ds.plan(p.epoch, p.order)

@@ -85,7 +85,7 @@ def run(args, compiled: bool) -> dict:
     from config import T5ModelConfig, TrainConfigPretrainLarge
     from model.net.chat_model import build_model
     from model.net.sizing import flops_per_row
-    from model.train.trainer import build_optimizer
+    from model.train.factory import build_optimizer
 
     device = torch.device(args.device)
     cuda = device.type == 'cuda'

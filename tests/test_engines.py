@@ -200,17 +200,18 @@ def test_loading_runs_no_code_from_a_handed_state_or_weights_file(tmp_path, data
     out = tmp_path / 'run'
     assert run_train(tiny_flags(data, out, max_steps=4, save_steps=2)).returncode == 0
     state = f'{out}/state/{state_folders(f"{out}/state")[-1]}'
-    assert {'model.safetensors', 'optimizer.bin', 'custom_checkpoint_0.pkl', 'custom_checkpoint_1.pkl',
-            'random_states_0.pkl', 'train_state.json', 'chat_small_t5.json'} <= set(os.listdir(state))
+    assert {'model.safetensors', 'optimizer.bin', 'schedule.json', 'data_position.json', 'counters.json',
+            'random_states_0.pkl', 'chat_small_t5.json'} <= set(os.listdir(state))
+    assert not [n for n in os.listdir(state) if n.startswith('custom_checkpoint')]  # the run's parts: JSON
     if os.path.exists('/tmp/chat_small_t5_code_ran'):
         os.remove('/tmp/chat_small_t5_code_ran')
     # a pickle that runs a command, with the manifest updated to match (checksums are no signature)
     import torch
 
-    evil = f'{state}/custom_checkpoint_1.pkl'
-    torch.save({'epoch': 0, 'rows_consumed': _RunsCode()}, evil)
+    evil = f'{state}/random_states_0.pkl'
+    torch.save({'step': 0, 'random_state': _RunsCode()}, evil)
     marker = json.load(open(f'{state}/chat_small_t5.json'))
-    marker['entries']['custom_checkpoint_1.pkl'] = {'type': 'file', 'bytes': os.path.getsize(evil),
+    marker['entries']['random_states_0.pkl'] = {'type': 'file', 'bytes': os.path.getsize(evil),
                                                     'sha256': hashlib.sha256(open(evil, 'rb').read()).hexdigest()}
     json.dump(marker, open(f'{state}/chat_small_t5.json', 'w'))
     r = run_train(tiny_flags(data, out, max_steps=6, save_steps=2), '--is_keep_training=True')

@@ -19,7 +19,7 @@ import torch
 from model.errors import UserError
 from conftest import make_texts, write_parquet
 from model.data.epoch_order import length_group_order
-from model.data.loader import StreamingLoader, TokenEncoder
+from model.data.loader import LoaderSettings, StreamingLoader, TokenEncoder
 
 MAX_LEN = 32
 
@@ -43,7 +43,8 @@ def make_loader(files, tokenizer, **kw):
     args = dict(max_seq_len=MAX_LEN, batch_size=4, shuffle_window_rows=64, return_row_index=True,
                 drop_last=False)
     args.update(kw)
-    return StreamingLoader(files, tokenizer, **args)
+    own = {k: args.pop(k) for k in ('rank', 'world_size', 'return_row_index', 'multiprocessing_context') if k in args}
+    return StreamingLoader(files, tokenizer, LoaderSettings(**args), **own)
 
 
 def rows_of(batches) -> list[int]:
@@ -369,8 +370,9 @@ def _two_process_worker(index, port, files, tokenizer_dir, out):
     tok = load_tokenizer(tokenizer_dir)
     result = {}
     for drop_last in (False, True):
-        loader = StreamingLoader(files, tok, MAX_LEN, 4, rank=state.process_index, world_size=state.num_processes,
-                                 shuffle_window_rows=64, drop_last=drop_last, return_row_index=True)
+        settings = LoaderSettings(MAX_LEN, 4, shuffle_window_rows=64, drop_last=drop_last)
+        loader = StreamingLoader(files, tok, settings, rank=state.process_index, world_size=state.num_processes,
+                                 return_row_index=True)
         result[str(drop_last)] = [b['row_index'].tolist() for b in loader]
     gathered = [None] * state.num_processes
     dist.all_gather_object(gathered, {'rank': state.process_index, 'world': state.num_processes, **result})

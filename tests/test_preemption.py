@@ -260,7 +260,7 @@ def newest_state(out) -> tuple[int, bool] | None:
     path = latest_state(f'{out}/state')
     if not path:
         return None
-    saved = json.load(open(f'{path}/train_state.json', encoding='utf-8'))
+    saved = json.load(open(f'{path}/counters.json', encoding='utf-8'))
     return saved['global_step'], saved.get('eval_pending', False)
 
 

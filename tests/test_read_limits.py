@@ -210,11 +210,12 @@ def damage_row_group(tmp_path, name='data.parquet') -> str:
 
 @pytest.mark.parametrize('workers', [0, 1])
 def test_a_damaged_page_met_mid_epoch_is_one_line(tmp_path, tokenizer, workers):
-    from model.data.loader import StreamingLoader
+    from model.data.loader import LoaderSettings, StreamingLoader
 
     path = damage_row_group(tmp_path)
     inspect_parquet(path)  # the footer is fine: the damage shows only when the page is read
-    loader = StreamingLoader(path, tokenizer, 32, 4, shuffle=False, shuffle_window_rows=100, num_workers=workers)
+    loader = StreamingLoader(path, tokenizer, LoaderSettings(32, 4, shuffle=False, shuffle_window_rows=100,
+                                                                 num_workers=workers))
     seen = 0
     with pytest.raises(UserError) as raised:
         for _ in loader:

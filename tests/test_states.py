@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 
-from model.state import markers, ownership as own
+from model.state import contract, markers, ownership as own
 from model.state import states as sf
+
+JSON_FILES = {file: '{}' for file in (*contract.PART_FILES.values(), *contract.RUN_FILES.values())}
 
 
 def make_state(state_dir, step, suffix='', files=None) -> str:
@@ -14,7 +16,7 @@ def make_state(state_dir, step, suffix='', files=None) -> str:
     sf.ensure_state_dir(str(state_dir))
     path = os.path.join(str(state_dir), sf.state_name(step) + suffix)
     os.makedirs(os.path.join(path, 'tokenizer'))
-    for rel, text in (files or {'model.safetensors': f'weights {step}', 'train_state.json': '{}',
+    for rel, text in (files or {'model.safetensors': f'weights {step}', **JSON_FILES,
                                 'tokenizer/tokenizer.json': 'tok'}).items():
         with open(os.path.join(path, rel), 'w') as f:
             f.write(text)
@@ -42,14 +44,14 @@ def test_a_stray_entry_leaves_a_state_loadable_but_never_pruned(tmp_path):
     verdict = sf.judge_state(new)
     assert verdict.loadable and not verdict.wholly_owned
     assert verdict.foreign == ['link (a link)', 'stray.pkl']
-    report = sf.inspect_states(str(states), resume=True)
+    report = contract.inspect(str(states), resume=True)
     assert report.resume_from == new and not report.problems
     assert 'stray.pkl' in report.notes[0] and 'never pruned' in report.notes[0]
     sf._prune_states(str(states), keep=0)
     assert names(states) == ['state-000000020']  # the old one pruned, the one with the stray kept
     assert (tmp_path / 'notes.txt').read_text() == 'mine'
     # a fresh run may not move it aside: one problem, before the first step
-    problems = sf.inspect_states(str(states), resume=False).problems
+    problems = contract.inspect(str(states), resume=False).problems
     assert len(problems) == 1 and 'stray.pkl' in problems[0] and 'move it away yourself' in problems[0]
     assert old not in problems[0]
 
@@ -60,7 +62,7 @@ def test_a_damaged_newest_state_is_stepped_around_not_replaced(tmp_path):
     with open(os.path.join(newest, 'model.safetensors'), 'w') as f:
         f.write('weights 21')  # same size, other content
     before = open(os.path.join(newest, 'model.safetensors')).read()
-    report = sf.inspect_states(str(states), resume=True)
+    report = contract.inspect(str(states), resume=True)
     assert report.resume_from == older
     assert 'is damaged' in report.notes[0] and 'checksum' in report.notes[0]
     # the resumed run reaches step 20 again: its state goes beside the damaged one
@@ -75,10 +77,10 @@ def test_a_damaged_newest_state_is_stepped_around_not_replaced(tmp_path):
 
 def test_every_state_damaged_or_none_is_one_problem(tmp_path):
     states = tmp_path / 'states'
-    assert 'no complete saved state' in sf.inspect_states(str(states), resume=True).problems[0]
+    assert 'no complete saved state' in contract.inspect(str(states), resume=True).problems[0]
     path = make_state(states, 10)
     os.remove(os.path.join(path, 'model.safetensors'))
-    problems = sf.inspect_states(str(states), resume=True).problems
+    problems = contract.inspect(str(states), resume=True).problems
     assert len(problems) == 1 and 'every saved state is damaged' in problems[0] and 'is missing' in problems[0]
 
 
@@ -103,7 +105,7 @@ def test_a_fresh_run_moves_aside_only_whole_states_of_its_own(tmp_path):
     states, out = tmp_path / 'states', tmp_path / 'out'
     make_state(states, 10)
     make_state(states, 20)
-    assert not sf.inspect_states(str(states), resume=False).problems
+    assert not contract.inspect(str(states), resume=False).problems
     archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert names(os.path.join(archive, 'states')) == ['state-000000010', 'state-000000020']
     assert names(states) == [] and own.folder_kind(str(states)) == markers.STATE_DIR

@@ -29,7 +29,7 @@ def test_schedule_step_count():
 
 def test_lr_warmup_then_decay():
     from config import TrainConfigPretrainLarge
-    from model.train.trainer import build_scheduler
+    from model.train.factory import build_scheduler
 
     def schedule(kind, warmup, total):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -41,6 +41,17 @@ def test_lr_warmup_then_decay():
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-9)
     assert schedule('linear', 10, 110)(60) == pytest.approx(0.5)
     assert schedule('constant', 0, 100)(99) == 1.0
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from model.train.run_support import cpu_supports_bf16
+
+    def cpu(flags):
+        (tmp_path / 'cpuinfo').write_text(f'processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\n')
+        return cpu_supports_bf16(str(tmp_path / 'cpuinfo'))
+
+    assert cpu('avx2 avx512f avx512_bf16') and cpu('amx_tile amx_bf16')
+    assert not cpu('avx2 avx512f avx512_vnni') and not cpu_supports_bf16(str(tmp_path / 'none'))
 
 
 def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
@@ -55,19 +66,11 @@ def test_precision_fallback_on_cpu_without_bf16(monkeypatch):
     assert trainer.resolve_precision('no', use_cpu=True) == ('no', None)
 
 
-def test_a_stop_that_would_outlast_the_grace_period_is_warned_once(caplog):
-    from types import SimpleNamespace
+def test_a_stop_that_would_outlast_the_grace_period_is_warned():
+    from model.train.trainer import stop_outlasts_grace
 
-    from model.train.trainer import Trainer
-
-    run = SimpleNamespace(train_cfg=SimpleNamespace(stop_grace_s=10), _seconds_per_step=2.0, _grace_warned=False)
-    with caplog.at_level('WARNING', logger='chat_trainer'):
-        Trainer.warn_if_stop_outlasts_grace(run, 7.0)  # a step and a save: 9 s, within
-        assert not caplog.records
-        Trainer.warn_if_stop_outlasts_grace(run, 9.0)  # 11 s: a SIGKILL could cut the save
-        Trainer.warn_if_stop_outlasts_grace(run, 30.0)
-    assert len(caplog.records) == 1, caplog.records
-    text = caplog.records[0].getMessage()
+    assert stop_outlasts_grace(10, 7.0, 2.0) is None  # a step and a save: 9 s, within
+    text = stop_outlasts_grace(10, 9.0, 2.0)  # 11 s: a SIGKILL could cut the save
     assert 'stop_grace_s=10' in text and '--signal=B:TERM@' in text and '--save_steps' in text
 
 

@@ -356,6 +356,48 @@ def in_order(batches):
         raise RuntimeError(f'data loader: batches {sorted(waiting)[:3]} came without {want}')  # a bug
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What a loader is asked for, checked here once; a run builds it from its config
+    (:meth:`of`), other callers (test, benches) directly."""
+
+    max_seq_len: int
+    batch_size: int  # rows per rank per batch
+    accumulation: int = 1  # micro-batches per optimizer step (drop_last cuts to whole steps)
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_window_rows: int = 65536
+    group_by_length: bool = False
+    length_group_batches: int = 64
+    mix_row_groups: int = 16
+    drop_last: bool = True
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    def __post_init__(self):
+        for name in ('max_seq_len', 'batch_size', 'accumulation', 'shuffle_window_rows', 'length_group_batches',
+                     'mix_row_groups'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.num_workers < 0:
+            raise ValueError(f'num_workers must be >= 0, got {self.num_workers}')
+
+    @classmethod
+    def of(cls, t, train: bool, pin_memory: bool = False) -> 'LoaderSettings':
+        """The training loader (train) or the validation loader of a run's config ``t``."""
+        return cls(max_seq_len=t.max_seq_len, batch_size=t.batch_size_per_gpu,
+                   accumulation=t.gradient_accumulation_steps if train else 1, shuffle=train, seed=t.seed,
+                   shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
+                   length_group_batches=t.length_group_batches, mix_row_groups=t.shuffle_row_groups,
+                   drop_last=train, num_workers=t.num_workers if train else 0, pin_memory=pin_memory)
+
+    @property
+    def order(self) -> OrderParams:
+        return OrderParams(seed=self.seed, shuffle=self.shuffle, shuffle_window_rows=self.shuffle_window_rows,
+                           group_by_length=self.group_by_length, length_group_batches=self.length_group_batches,
+                           batch_size=self.batch_size, mix_row_groups=self.mix_row_groups)
+
+
 class StreamingLoader:
     """Owns the dataset and its DataLoader, tracks the data position, saves and resumes it.
 
@@ -366,33 +408,21 @@ class StreamingLoader:
     and with ``return_row_index`` also ``row_index`` (global row numbers, files in order).
     """
 
-    def __init__(self, files, tokenizer, max_seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, accumulation: int = 1, shuffle: bool = True, seed: int = 0,
-                 shuffle_window_rows: int = 65536, group_by_length: bool = False,
-                 length_group_batches: int = 64, drop_last: bool = True, num_workers: int = 0,
-                 mix_row_groups: int = 16,
-                 pin_memory: bool = False, return_row_index: bool = False,
-                 multiprocessing_context=None):
-        for name, v in (('batch_size', batch_size), ('world_size', world_size), ('accumulation', accumulation),
-                        ('shuffle_window_rows', shuffle_window_rows), ('length_group_batches', length_group_batches)):
-            if v < 1:
-                raise ValueError(f'{name} must be >= 1, got {v}')
-        if not 0 <= rank < world_size:
+    def __init__(self, files, tokenizer, settings: LoaderSettings, rank: int = 0, world_size: int = 1,
+                 return_row_index: bool = False, multiprocessing_context=None):
+        if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f'rank {rank} outside world size {world_size}')
-        if num_workers < 0:
-            raise ValueError(f'num_workers must be >= 0, got {num_workers}')
         self.files = resolve_parquet_files(files)
-        encoder = TokenEncoder(tokenizer, max_seq_len)
+        encoder = TokenEncoder(tokenizer, settings.max_seq_len)
         self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index)
         if self.dataset.num_rows == 0:
             raise UserError(f'{", ".join(self.files)}: no rows to train on')
-        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
-        self.batch_size, self.drop_last, self.num_workers = batch_size, drop_last, num_workers
-        self.pin_memory = pin_memory
-        self.order = OrderParams(seed=seed, shuffle=shuffle, shuffle_window_rows=shuffle_window_rows,
-                                 group_by_length=group_by_length, length_group_batches=length_group_batches,
-                                 batch_size=batch_size, mix_row_groups=mix_row_groups)
-        self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
+        self.settings = settings
+        self.rank, self.world_size, self.accumulation = rank, world_size, settings.accumulation
+        self.batch_size, self.drop_last, self.num_workers = settings.batch_size, settings.drop_last, settings.num_workers
+        self.pin_memory = settings.pin_memory
+        self.order = settings.order
+        self.dataloader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                      multiprocessing_context=multiprocessing_context,
                                      worker_init_fn=ignore_in_worker,  # a stop is the main process's
                                      # workers hand over numpy arrays: pickled through the pipe they

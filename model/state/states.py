@@ -1,4 +1,5 @@
-"""The files of a run: atomic training states, weights files, model folders, previous runs.
+"""The files of a run: state folders (atomic, marked, judged by content), weights files, model
+folders, previous runs. File operations only: what a state holds is model/state/contract.py's.
 
 Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``)::
 
@@ -6,12 +7,7 @@ Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``
         chat_small_t5.json      the marker (kind "state"), written last with every file's size and
                                 checksum: a folder without it, or whose files do not match it, is
                                 not a state
-        model.safetensors optimizer.bin custom_checkpoint_0.pkl (schedule) custom_checkpoint_1.pkl
-        (data position) [scaler.pt] random_states_<rank>.pkl
-                                what accelerate's save_state writes for the engine in use (FSDP:
-                                sharded model and optimizer folders; DeepSpeed: its checkpoint)
-        train_state.json config.json fingerprint.json run.json
-        tokenizer/              the run's tokenizer, so a retrained one never strands a state
+        ...                     the state's parts (model/state/contract.py)
     .tmp-state-000006000/       a save in progress (removed when found stale)
 
 The previous state stays until the new one is complete, so a crash, a kill or a full disk
@@ -29,12 +25,10 @@ import re
 import shutil
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
 from model.state.model_files import owned_model_files
-from model.faults import fault_point
 from model.state.markers import MODEL, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
@@ -127,51 +121,6 @@ def latest_state(state_dir: str, deep: bool = False) -> str | None:
     return None
 
 
-@dataclass
-class StatesReport:
-    """What train_state_dir holds for a run about to start: the state a resume loads, and every
-    fact worth a line before the first step (found once, by the dry run too)."""
-
-    resume_from: str | None = None
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def inspect_states(state_dir: str, resume: bool) -> StatesReport:
-    """Judge every saved state now, so that nothing found later stops the run: a resume loads
-    the newest loadable state (a damaged newer one is left alone, and a save at its step goes to
-    a new name beside it); a fresh run moves the earlier run's states aside, which it may only do
-    with states wholly its own."""
-    report = StatesReport()
-    states = [path for _, path in list_complete_states(state_dir)]
-    if resume:
-        newest = None
-        for path in reversed(states):  # judged newest first, down to the one a resume loads
-            v = judge_state(path)
-            newest = newest or v
-            if v.loadable:
-                report.resume_from = v.path
-                if v.foreign:
-                    report.notes.append(f'{v.path} holds {ownership.describe_foreign(v.foreign)}, not part of the '
-                                        f'state: left alone (not loaded, never deleted; this state is never pruned)')
-                break
-            report.notes.append(f'the newest state {v.path} is damaged ({v.problem}): it is left alone (the toolkit '
-                                f'never deletes or replaces what changed since it wrote it) and the run resumes '
-                                f'from an earlier one; remove it once you no longer need it')
-        if report.resume_from is None:
-            what = (f'every saved state is damaged in {state_dir} ({newest.problem} in {newest.path})'
-                    if newest else f'no complete saved state in {state_dir}')
-            report.problems.append(f'--is_keep_training=True but {what}')
-        return report
-    for v in (judge_state(path, pickles=False) for path in states):  # moving aside loads nothing
-        if not v.wholly_owned:
-            why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
-            report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a fresh '
-                                   f'run: {why}, which this toolkit did not write; move it away yourself (or resume '
-                                   f'that run with --is_keep_training=True)')
-    return report
-
-
 def write_json(path: str, obj) -> None:
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(obj, f, ensure_ascii=False, indent=1, default=str)
@@ -190,29 +139,9 @@ def ensure_state_dir(state_dir: str) -> None:
         ownership.write_marker(state_dir, STATE_DIR, manifest=False)
 
 
-def save_state(state_dir: str, step: int, *, is_main: bool, all_ok: Callable[[bool], bool],
-               write_all_ranks: Callable[[str], None], write_main: Callable[[str], None], keep: int = 2) -> str:
-    """Collective: every rank calls it. ``write_all_ranks(folder)`` runs on every rank (the
-    engine's save: accelerate's save_state), then ``write_main(folder)`` on the main process
-    (the JSON parts, the tokenizer). ``all_ok`` is a collective vote after each part, so a rank
-    whose write failed -- a full disk -- never leaves the others waiting. The folder is marked
-    with every file's size and checksum and renamed into place; the oldest states beyond
-    ``keep`` are pruned. Returns the final folder. The caller holds the lock of state_dir."""
-    tmp = os.path.join(state_dir, '.tmp-' + state_name(step))
-    final = []
-    steps = [lambda: _new_tmp(state_dir, tmp) if is_main else None,
-             lambda: write_all_ranks(tmp),
-             lambda: (fault_point('state-save', step), write_main(tmp)) if is_main else None,
-             lambda: final.append(_complete(state_dir, tmp, step, keep)) if is_main else None]
-    for part in steps:
-        error: BaseException | None = None
-        try:
-            part()
-        except Exception as e:  # noqa: BLE001 - reported after the vote, on every rank
-            error = e
-        if not all_ok(error is None):
-            raise _save_error(error, state_dir, tmp, is_main)
-    return final[0] if final else os.path.join(state_dir, state_name(step))
+def tmp_path(state_dir: str, step: int) -> str:
+    """Where the state of this step is written before it is complete."""
+    return os.path.join(state_dir, '.tmp-' + state_name(step))
 
 
 def _sweep_tmp_states(state_dir: str) -> None:
@@ -224,7 +153,8 @@ def _sweep_tmp_states(state_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _new_tmp(state_dir: str, tmp: str) -> None:
+def begin_save(state_dir: str, tmp: str) -> None:
+    """The temporary folder of a save, once stale ones are gone and a state the size of the last fits."""
     ensure_state_dir(state_dir)
     _sweep_tmp_states(state_dir)
     previous = latest_state(state_dir)
@@ -247,7 +177,8 @@ def free_state_path(state_dir: str, step: int) -> str:
     return path
 
 
-def _complete(state_dir: str, tmp: str, step: int, keep: int) -> str:
+def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
+    """Data on disk, the marker with every file's checksum, the rename into place, the pruning."""
     for root, _, names in os.walk(tmp):
         for name in names:  # data on disk before the marker says complete
             _fsync_file(os.path.join(root, name))
@@ -284,7 +215,8 @@ def _prune_states(state_dir: str, keep: int) -> None:
             logger.warning('%s is not pruned: %s, which this toolkit did not write', path, why)
 
 
-def _save_error(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
+def save_failed(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
+    """A save that failed on some rank: its temporary folder removed (main), the error to raise."""
     if is_main and ownership.is_real_dir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
     previous = latest_state(state_dir)
@@ -300,36 +232,6 @@ def _save_error(error: BaseException | None, state_dir: str, tmp: str, is_main: 
 def _fsync_file(path: str) -> None:
     with open(path, 'rb') as f:
         os.fsync(f.fileno())
-
-
-def load_state(state_dir: str, load_all_ranks: Callable[[str], None]) -> dict[str, Any]:
-    """The newest state that loads: its JSON parts, after ``load_all_ranks(folder)`` (the
-    engine's load_state) filled the live objects. A damaged state (a listed file missing,
-    truncated, of another checksum, or one that would need unpickling beyond tensors) is
-    reported and the previous complete one is tried; none left is a UserError. Entries a state
-    does not list are never loaded."""
-    states = list_complete_states(state_dir)
-    if not states:
-        raise UserError(f'--is_keep_training=True but no complete saved state in {state_dir}; '
-                        f'start without --is_keep_training (or check --train_state_dir)')
-    damaged = []
-    for _, path in reversed(states):
-        problem = judge_state(path).problem
-        if problem is None:
-            try:
-                out: dict[str, Any] = {'path': path, 'damaged': damaged}
-                for name in ('train_state', 'config', 'fingerprint', 'run'):
-                    out[name] = read_json(os.path.join(path, f'{name}.json'))
-                load_all_ranks(path)
-                return out
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a damaged file of any kind
-                problem = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-        damaged.append((path, problem))
-        logger.warning('state %s is damaged (%s); trying the previous one', path, problem)
-    raise UserError(f'every saved state in {state_dir} is damaged ({damaged[0][1]} in {damaged[0][0]}); '
-                    f'start a new run without --is_keep_training')
 
 
 def unsafe_pickles(path: str, names: list[str] | None = None) -> str | None:
@@ -392,39 +294,3 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
         elif ownership.kind_of(item) in (WEIGHTS, MODEL):
             shutil.move(item, os.path.join(archive, os.path.basename(os.path.normpath(item))))
     return archive
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def data_fingerprint(files: list[str]) -> list[dict]:
-    """Names, sizes and row counts of the training files (metadata only, not a content hash)."""
-    from model.data.files import inspect_parquet
-
-    return [{'name': os.path.basename(f), 'bytes': os.path.getsize(f),
-             'rows': inspect_parquet(f).num_rows} for f in files]
-
-
-def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool,
-                         state_path: str = '') -> list[str]:
-    """Raise on a changed tokenizer or model shape; on changed data unless allowed. Returns notes."""
-    if saved.get('tokenizer') != current['tokenizer']:
-        copy = os.path.join(state_path, TOKENIZER_COPY) if state_path else ''
-        fix = (f'resume with the run\'s own copy: --tokenizer_dir={copy}' if copy and os.path.isdir(copy)
-               else 'resume with the tokenizer it was trained with')
-        raise UserError(f'the tokenizer in tokenizer_dir is not the one this run was trained with '
-                        f'(retrained or replaced since the save); {fix}')
-    if saved.get('model_shape') != current['model_shape']:
-        diff = {k: (saved.get('model_shape', {}).get(k), v) for k, v in current['model_shape'].items()
-                if saved.get('model_shape', {}).get(k) != v}
-        desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
-        raise UserError(f'the saved state has a different model shape ({desc}); resume with the '
-                        f'same shape, or start a new run in another --train_state_dir')
-    notes = []
-    if saved.get('data') != current['data']:
-        msg = (f'the training data changed since the save (saved {saved.get("data")}, '
-               f'now {current["data"]})')
-        if not allow_data_change:
-            raise UserError(msg + '; pass --allow_data_change=True to continue on the new data anyway')
-        notes.append(msg + '; continuing as --allow_data_change=True asks')
-    return notes

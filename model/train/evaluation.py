@@ -63,15 +63,34 @@ class EvalResult:
         return text
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """The evaluator's view of the config, built once (:meth:`of`)."""
+
+    batch_size: int  # rows per rank per validation batch
+    max_rows: int  # validation rows scored (0: all)
+    bleu_samples: int
+    show_samples: int
+    max_seq_len: int
+    max_new_tokens: int  # a generated answer's cap, at most max_seq_len
+
+    @classmethod
+    def of(cls, t) -> 'EvalSettings':
+        return cls(batch_size=t.batch_size_per_gpu, max_rows=t.max_eval_rows, bleu_samples=t.bleu_samples,
+                   show_samples=t.show_samples, max_seq_len=t.max_seq_len,
+                   max_new_tokens=min(t.eval_max_new_tokens, t.max_seq_len))
+
+
 class Evaluator:
-    def __init__(self, train_cfg, accelerator, collectives, tokenizer, valid_loader, valid_files, decoder_inputs):
-        self.train_cfg, self.accelerator, self.collectives = train_cfg, accelerator, collectives
+    def __init__(self, settings: EvalSettings, collectives, tokenizer, valid_loader, valid_files, decoder_inputs):
+        self.settings, self.collectives, self.accelerator = settings, collectives, collectives.accelerator
+        accelerator = self.accelerator
         self.tokenizer, self.valid_loader, self.valid_files = tokenizer, valid_loader, valid_files
         self.decoder_inputs = decoder_inputs
         self._sample_rows = None  # read at the first evaluation, then kept
         # under FSDP or ZeRO-3 no process holds the whole model: answers would need every rank
         self.answers = not is_sharded(accelerator)
-        if not self.answers and (train_cfg.bleu_samples or train_cfg.show_samples):
+        if not self.answers and (settings.bleu_samples or settings.show_samples):
             logger.info('BLEU and sample answers are off under a sharded engine; score the exported '
                         'model with: python train_low_mem.py test')
 
@@ -95,12 +114,12 @@ class Evaluator:
         """Every rank runs the same number of forwards (a sharded engine's forward is a
         collective): a rank whose slice of the last global batch is empty runs a placeholder
         batch that adds no tokens. None when a stop came (voted before every batch)."""
-        t, dev = self.train_cfg, self.accelerator.device
+        t, dev = self.settings, self.accelerator.device
         if self.answers:  # DDP or one process: the plain module, no collective per forward
             model = self.accelerator.unwrap_model(model)
         loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
-        global_batch = t.batch_size_per_gpu * self.collectives.world
-        rows = min(t.max_eval_rows or self.valid_loader.num_rows, self.valid_loader.num_rows)
+        global_batch = t.batch_size * self.collectives.world
+        rows = min(t.max_rows or self.valid_loader.num_rows, self.valid_loader.num_rows)
         self.valid_loader.load_state_dict({'epoch': 0, 'rows_consumed': 0})  # rewind
         batches = iter(self.valid_loader)
         model.eval()
@@ -120,7 +139,7 @@ class Evaluator:
 
     def _bleu_and_samples(self, model, result: EvalResult, step: int) -> bool:
         """BLEU-4 and the sample answers into result; False when a stop cut the answers."""
-        t = self.train_cfg
+        t = self.settings
         n = max(t.bleu_samples, t.show_samples)
         if not n:
             return True
@@ -136,7 +155,7 @@ class Evaluator:
 
         with self.accelerator.autocast():
             hyps = answer(model, self.tokenizer, [p for p, _ in rows], max_seq_len=t.max_seq_len,
-                          max_new_tokens=min(t.eval_max_new_tokens, t.max_seq_len), should_stop=should_stop)
+                          max_new_tokens=t.max_new_tokens, should_stop=should_stop)
         if STOP.signum:
             return False
         if t.bleu_samples:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, ResolvedConfig
 from model.errors import UserError
-from model.state import locks as place_locks, model_files, states as ckpt
+from model.state import contract, locks as place_locks, model_files, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
 from model.state.markers import MODEL, STATE_DIR
 from model.net.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
-from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
+from model.data.tokenizer import check_tokenizer_folder
 
 # a changed value of these fields cannot continue a saved run
 REFUSED_ON_RESUME = {'optimizer': 'the optimizer state of one optimizer does not load into another'}
@@ -45,7 +45,12 @@ class Report:
     vocab_size: int = 0
     parameters: int = 0
     total_steps: int = 0
-    latest_state: str | None = None
+    fingerprint: dict = field(default_factory=dict)  # what a resume must find unchanged (contract.fingerprint)
+    resume: contract.SavedState | None = None  # the state a resume loads, judged here once
+
+    @property
+    def latest_state(self) -> str | None:
+        return self.resume.path if self.resume else None
 
     @property
     def ready(self) -> bool:
@@ -99,8 +104,10 @@ def data_fix(cfg: ResolvedConfig) -> str:
             f'--valid_out={t.validation_file}')
 
 
-def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool = True) -> Report:
-    """The facts a run needs, and every problem that would stop it, without side effects."""
+def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool = True, deep: bool = True) -> Report:
+    """The facts a run needs, and every problem that would stop it, without side effects.
+    ``deep=False``: the saved states by their sizes only (a rank whose main process judges them
+    fully and shares its verdict, model/train/factory.py)."""
     t = cfg.train
     report = Report()
 
@@ -176,6 +183,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                 f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
                 f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
+        report.fingerprint = contract.fingerprint(model_shape(cfg.model, report.vocab_size), report.train_files,
+                                                  t.tokenizer_dir)
         _check_disk(t, report)
         if report.total_steps and t.warmup_steps >= report.total_steps:
             report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '
@@ -198,9 +207,9 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     # resume: a state that loads, trained with what this run would use; a fresh run: what an
     # earlier one left can be moved aside
     if resume:
-        _check_resume(cfg, report)
+        _check_resume(cfg, report, deep)
     else:
-        for message in ckpt.inspect_states(t.train_state_dir, resume=False).problems:
+        for message in contract.inspect(t.train_state_dir, resume=False).problems:
             report.problems.append(Problem('train_state_dir', message))
     if not resume and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
@@ -271,35 +280,27 @@ def _check_disk(t, report: Report) -> None:
                             f'{t.keep_latest_n_ckp} step files are kept, the disk may fill up')
 
 
-def _check_resume(cfg: ResolvedConfig, report: Report) -> None:
+def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     t = cfg.train
-    states = ckpt.inspect_states(t.train_state_dir, resume=True)
-    report.latest_state = path = states.resume_from
+    states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
+    report.resume = saved = states.resume
     report.notes += states.notes
     for message in states.problems:
         report.problems.append(Problem('is_keep_training', message,
                                        'start without --is_keep_training (or check --train_state_dir)'))
-    if path is None:
+    if saved is None:
         return
-    try:
-        saved_cfg = ckpt.read_json(os.path.join(path, 'config.json'))['train']
-        saved_fp = ckpt.read_json(os.path.join(path, 'fingerprint.json'))
-    except (OSError, ValueError, KeyError) as e:
-        report.problems.append(Problem('is_keep_training', f'{path}: unreadable state ({e})'))
-        return
+    saved_cfg = saved.config.get('train', {})
     for name, why in REFUSED_ON_RESUME.items():
         if saved_cfg.get(name) != getattr(t, name):
             report.problems.append(Problem(name, f'--{name}={getattr(t, name)} but the saved run trained with '
                                            f'{name}={saved_cfg.get(name)} ({why})',
                                            f'resume with --{name}={saved_cfg.get(name)}, or start a new run '
                                            f'without --is_keep_training'))
-    if not report.vocab_size or not report.train_files:
+    if not report.fingerprint:
         return
-    current = {'model_shape': model_shape(cfg.model, report.vocab_size),
-               'data': ckpt.data_fingerprint(report.train_files),
-               'tokenizer': tokenizer_fingerprint(t.tokenizer_dir)}
     try:
-        for note in ckpt.compare_fingerprints(saved_fp, current, t.allow_data_change, path):
-            report.notes.append(note)
+        report.notes += contract.compare_fingerprints(saved.fingerprint, report.fingerprint, t.allow_data_change,
+                                                      saved.path)
     except UserError as e:
-        report.problems.append(Problem('is_keep_training', str(e)))
+        report.problems.append(Problem('is_keep_training', e.message, e.fix))

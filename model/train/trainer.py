@@ -35,24 +35,18 @@ from dataclasses import dataclass, field
 import torch
 
 from config import ResolvedConfig
-from model.state import locks, states as state_files
-from model.train import preflight
 from model import stopping
-from model.net.chat_model import build_model, load_weights_into, token_loss_sum
-from model.state.checkpoint import Checkpointer, TrainState
-from model.train.evaluation import Evaluator
+from model.data.tokenizer import LABEL_PAD_ID
 from model.faults import fault_point
-from model.data.files import resolve_parquet_files
-from model.net.model_source import weights_path
-from model.train.run_support import Collectives, resolve_precision, setup_logging_all_ranks
+from model.net.chat_model import token_loss_sum
+from model.state import states as state_files
 from model.stopping import STOP, Stopped
-from model.net.sizing import model_shape, total_optimizer_steps
-from model.data.tokenizer import LABEL_PAD_ID, load_tokenizer, tokenizer_fingerprint
+from model.train import preflight
+from model.train.factory import Run, build_run
 
 logger = logging.getLogger('chat_trainer')
 
 EXIT_OK, EXIT_DIVERGED = 0, 1
-SCHEDULES = {'cosine': 'cosine', 'linear': 'linear', 'constant': 'constant_with_warmup'}
 
 
 class Diverged(Exception):
@@ -73,117 +67,37 @@ class LogInterval:
     start: float = field(default_factory=time.time)
 
 
-def build_optimizer(train_cfg, model):
-    if train_cfg.optimizer == 'adafactor':
-        from transformers.optimization import Adafactor
-
-        return Adafactor(model.parameters(), lr=train_cfg.learn_rate, relative_step=False,
-                         scale_parameter=False, warmup_init=False, weight_decay=train_cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learn_rate, weight_decay=train_cfg.weight_decay)
-
-
-def build_scheduler(train_cfg, optimizer, total_steps: int):
-    """Linear warmup over warmup_steps, then lr_schedule (transformers' schedules)."""
-    from transformers import get_scheduler
-
-    return get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer, num_warmup_steps=train_cfg.warmup_steps,
-                         num_training_steps=max(total_steps, 1))
+def stop_outlasts_grace(grace: int, save_seconds: float, step_seconds: float) -> str | None:
+    """A stop finishes the step in progress, then saves: the warning when that takes longer than
+    the cluster waits between SIGTERM and SIGKILL, else None."""
+    if save_seconds + step_seconds <= grace:
+        return None
+    return (f'a save took {save_seconds:.0f} s and a step {step_seconds:.1f} s: a stop (the step, then a save) needs '
+            f'more than stop_grace_s={grace} s, the time your cluster leaves between SIGTERM and SIGKILL, so it '
+            f'could be killed before its save is complete. Have the signal sent earlier (SLURM: #SBATCH '
+            f'--signal=B:TERM@<seconds>, or the cluster\'s GraceTime / KillWait) and pass that as --stop_grace_s, '
+            f'or save more often (--save_steps) so that a killed stop loses less')
 
 
 class Trainer:
-    def __init__(self, cfg: ResolvedConfig, resume: bool = False, notes: list[str] = ()):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+    """The loop: setup (a :class:`Run` from model/train/factory.py), ``train()``, one step,
+    and ``maybe_*`` hooks whose conditions depend on the global step only."""
 
-        self.cfg, self.train_cfg = cfg, cfg.train
-        t = self.train_cfg
-        use_cpu = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
-        precision, warning = resolve_precision(t.mixed_precision, use_cpu)
-        trackers = {} if t.log_with == 'none' else {'log_with': t.log_with, 'project_dir': t.log_dir}
-        # an accelerate config file's value would override the flag silently (and DeepSpeed reads it)
-        os.environ['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'] = str(t.gradient_accumulation_steps)
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu,
-                                       gradient_accumulation_steps=t.gradient_accumulation_steps, **trackers)
-        self.collectives = Collectives(self.accelerator)
+    def __init__(self, run: Run):
+        self.run, self.cfg, self.train_cfg = run, run.cfg, run.cfg.train
+        self.accelerator, self.collectives = run.accelerator, run.collectives
         self.world, self.rank = self.collectives.world, self.accelerator.process_index
-        # one run per output place: main takes the locks, every rank stops if that failed
-        self.lock = self.collectives.on_main_all_ranks(lambda: locks.PlaceLock(
-            [t.train_state_dir, t.output_dir, preflight.model_folder(t)], 'training run').acquire())
-        self.log_file = setup_logging_all_ranks(t.log_dir, self.collectives)
-        if warning:
-            logger.warning(warning)
-        logger.info('run: %d process(es), device %s, precision %s, log %s', self.world,
-                    self.accelerator.device, precision, self.log_file)
-        for note in notes:
-            logger.warning('%s', note)
-        self.stamp = os.path.basename(self.log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
-        fault_point('start-up')
-        self.startup_stop_all_ranks()
-        if t.log_with != 'none':
-            self._init_trackers()
-
-        set_seed(t.seed)
-        self.tokenizer = load_tokenizer(t.tokenizer_dir)
-        train_files, valid_files = resolve_parquet_files(t.train_file), resolve_parquet_files(t.validation_file)
-        self.train_loader = self._build_loader(train_files, train=True)
-        valid_loader = self._build_loader(valid_files, train=False)
-        self.total_steps = total_optimizer_steps(self.train_loader.num_rows, t.batch_size_per_gpu, self.world,
-                                                 t.gradient_accumulation_steps, t.epochs, t.max_steps)
-        # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
-        # line) loads every weight next: nothing to draw
-        model = build_model(cfg.model, len(self.tokenizer), initialize=not (resume or t.init_from))
-        if t.init_from and not resume:  # warm start: these weights, a fresh optimizer, schedule and data position
-            load_weights_into(model, weights_path(t.init_from))
-            logger.info('warm start: weights from %s', t.init_from)
-        self.decoder_inputs = model.prepare_decoder_input_ids_from_labels  # pad-started, -100 -> pad
-        if t.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-            model.config.use_cache = False
-        optimizer = build_optimizer(t, model)
-        # the scheduler is not prepared: accelerate would step it once per process
-        self.scheduler = build_scheduler(t, optimizer, self.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        fingerprint = {'model_shape': model_shape(cfg.model, len(self.tokenizer)),
-                       'data': state_files.data_fingerprint(train_files),
-                       'tokenizer': tokenizer_fingerprint(t.tokenizer_dir)}
-        self.checkpointer = Checkpointer(cfg, self.accelerator, self.collectives, self.model, self.optimizer,
-                                         self.scheduler, self.train_loader, self.tokenizer, fingerprint)
-        self.evaluator = Evaluator(t, self.accelerator, self.collectives, self.tokenizer, valid_loader, valid_files,
-                                   self.decoder_inputs)
-        self.startup_stop_all_ranks()  # again before anything is moved or loaded: a stop here changes nothing
-        if not resume:
-            with stopping.critical():
-                self.checkpointer.archive_previous_run_all_ranks(self.stamp)
-        self.collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
-        self.state = self.checkpointer.load() if resume else TrainState()
+        self.lock, self.log_file = run.lock, run.log_file
+        self.model, self.optimizer, self.scheduler = run.model, run.optimizer, run.scheduler
+        self.train_loader, self.decoder_inputs, self.total_steps = run.train_loader, run.decoder_inputs, run.total_steps
+        self.state, self.data_position = run.state, run.data_position
+        self.checkpointer, self.evaluator = run.checkpointer, run.evaluator
         self._saved_pending = self.state.eval_pending  # as in the newest saved state
         self._seconds_per_step = 0.0
         self._grace_warned = False
         self.nonfinite_step = torch.tensor(-1, device=self.accelerator.device)
         self.interval = self._new_interval()
         self._rows_unfolded = self._tokens_unfolded = 0  # this rank's, not yet in the run state
-
-    def _init_trackers(self) -> None:
-        """accelerate's trackers (TensorBoard under log_dir/tensorboard/<run>, or wandb), with the
-        config as hyperparameters."""
-        flat = {f'{part}/{k}': v for part, values in self.cfg.to_dict().items() if isinstance(values, dict)
-                for k, v in values.items()}
-        name = f'tensorboard/{self.stamp}' if self.train_cfg.log_with == 'tensorboard' else 'chat_small_t5'
-        self.accelerator.init_trackers(name, config=flat)
-        logger.info('curves also go to %s (%s)', self.train_cfg.log_with,
-                    os.path.join(self.train_cfg.log_dir, name) if self.train_cfg.log_with == 'tensorboard' else name)
-
-    def _build_loader(self, files, train: bool):
-        from model.data.loader import StreamingLoader
-
-        t = self.train_cfg
-        return StreamingLoader(
-            files, self.tokenizer, max_seq_len=t.max_seq_len, batch_size=t.batch_size_per_gpu,
-            rank=self.rank, world_size=self.world,
-            accumulation=t.gradient_accumulation_steps if train else 1, shuffle=train, seed=t.seed,
-            shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
-            length_group_batches=t.length_group_batches, drop_last=train, mix_row_groups=t.shuffle_row_groups,
-            num_workers=t.num_workers if train else 0, pin_memory=self.accelerator.device.type == 'cuda')
 
     # --- the loop ---
 
@@ -363,36 +277,15 @@ class Trainer:
         self.check_finite_all_ranks()
         self.fold_counts_all_ranks()
         start = time.perf_counter()
-        with stopping.critical():
-            path = self.checkpointer.save_all_ranks(self.state, data_state)
+        with stopping.critical(), self.data_position.as_of(data_state):
+            path = self.checkpointer.save_all_ranks(self.state.global_step)
         self._saved_pending = self.state.eval_pending
-        self.warn_if_stop_outlasts_grace(time.perf_counter() - start)
+        warning = None if self._grace_warned else stop_outlasts_grace(
+            self.train_cfg.stop_grace_s, time.perf_counter() - start, self._seconds_per_step)
+        if warning:  # once
+            self._grace_warned = True
+            logger.warning('%s', warning)
         return path
-
-    def warn_if_stop_outlasts_grace(self, save_seconds: float) -> None:
-        """A stop finishes the step in progress, then saves: once, say so if that takes longer
-        than the cluster waits between SIGTERM and SIGKILL."""
-        grace, step = self.train_cfg.stop_grace_s, self._seconds_per_step
-        if self._grace_warned or save_seconds + step <= grace:
-            return
-        self._grace_warned = True
-        logger.warning('a save took %.0f s and a step %.1f s: a stop (the step, then a save) needs more than '
-                       'stop_grace_s=%d s, the time your cluster leaves between SIGTERM and SIGKILL, so it could be '
-                       'killed before its save is complete. Have the signal sent earlier (SLURM: #SBATCH '
-                       '--signal=B:TERM@<seconds>, or the cluster\'s GraceTime / KillWait) and pass that as '
-                       '--stop_grace_s, or save more often (--save_steps) so that a killed stop loses less',
-                       save_seconds, step, grace)
-
-    def startup_stop_all_ranks(self) -> None:
-        """A stop before the run state is loaded or anything moved: nothing new to save."""
-        signum = self.collectives.stop_signal_all_ranks(STOP.signum)
-        if not signum:
-            return
-        STOP.follow(signum)
-        seconds = STOP.seconds_since_signal()
-        logger.warning('rank %d: stopped by %s during start-up, %.1f s after the signal: nothing was '
-                       'trained, saved or moved', self.rank, signal.Signals(signum).name, seconds)
-        raise STOP.stopped(f'during start-up, {seconds:.1f} s after the signal: nothing was trained, saved or moved')
 
     def poll_stop_all_ranks(self) -> None:
         signum = self.collectives.stop_signal_all_ranks(STOP.signum)
@@ -436,12 +329,15 @@ def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
     Stopped after a stop saved what it could.
 
     Every check that can be made at start-up runs first (the same as --dry_run=True), before
-    anything is moved, created or trained. From then on signals are polled (model/stopping.py).
+    anything is moved, created or trained; the saved states are judged by the main process alone
+    (its verdict is shared when the run starts). From then on signals are polled
+    (model/stopping.py).
     """
-    report = preflight.check_train(cfg, resume, int(os.environ.get('WORLD_SIZE', '1')), locks=False)
+    main = os.environ.get('RANK', '0') == '0'
+    report = preflight.check_train(cfg, resume, int(os.environ.get('WORLD_SIZE', '1')), locks=False, deep=main)
     report.raise_first()
     with stopping.polling():
-        trainer = Trainer(cfg, resume=resume, notes=report.notes)
+        trainer = Trainer(build_run(cfg, resume, report.notes, report.fingerprint, report.resume))
         try:
             code = trainer.train()
         finally:

@@ -1,0 +1,262 @@
+"""What a training state is -- the one contract of a save and a resume.
+
+A state is one folder under ``train_state_dir`` (model/state/states.py keeps it atomic: written
+under a temporary name, marked with every file's size and checksum, renamed into place). It
+holds named parts:
+
+=================  ==============================================  ===============================
+part               what                                            file(s)
+=================  ==============================================  ===============================
+model, optimizer,  the engine's parts: accelerate's save_state /   model.safetensors optimizer.bin
+scaler, rng        load_state, as DDP, FSDP or DeepSpeed keep them [scaler.pt] random_states_<r>.pkl
+schedule           the learning-rate schedule                      schedule.json
+data_position      the loader's place in the global order          data_position.json
+counters           steps, rows, tokens, best loss (TrainState)     counters.json
+=================  ==============================================  ===============================
+
+and what describes the run that saved it -- ``config.json``, ``fingerprint.json`` (model shape,
+tokenizer, data), ``run.json`` (world size, engine, time), ``tokenizer/`` (its copy). The run's
+own parts are ``Stateful`` (``state_dict()`` / ``load_state_dict()``) and are saved as JSON: plain
+data, so loading one runs no code, and a newcomer adds a part by adding it to the dict.
+
+Validated once: :func:`inspect` (the start-up checks, on the main process, and the dry run)
+judges the states newest first -- every listed file as saved, no torch file that would unpickle
+more than tensors, the JSON parts readable -- and returns the chosen one as a
+:class:`SavedState`. A run shares the main process's SavedState with every rank
+(:meth:`StateParts.load_all_ranks`) and loads exactly that folder; nothing is judged twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from model.errors import UserError
+from model.faults import fault_point
+from model.state import ownership, states
+
+PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json', 'counters': 'counters.json'}
+RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': 'run.json'}
+TOKENIZER_COPY = states.TOKENIZER_COPY
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """The run's counters (never written onto the config); the ``counters`` part of a state."""
+
+    global_step: int = 0  # optimizer steps done
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    samples_seen: int = 0  # real rows trained on, all ranks
+    tokens_seen: int = 0  # label tokens trained on, all ranks
+    last_eval_step: int = -1
+    eval_pending: bool = False  # the evaluation at global_step was cut by a stop: a resume performs it first
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        fields = {f.name for f in dataclasses.fields(self)}
+        for name, value in state.items():
+            if name in fields:
+                setattr(self, name, value)
+
+
+@dataclass
+class SavedState:
+    """A state judged loadable, with its JSON read: what the dry run reports, the start-up checks
+    compare, and every rank of the resumed run loads."""
+
+    path: str
+    step: int
+    parts: dict[str, dict]  # the run's own parts, by name
+    config: dict
+    fingerprint: dict
+    run: dict
+
+
+def read_saved(path: str, step: int) -> SavedState:
+    """The JSON of a state folder; a missing or unreadable file is a ValueError naming it."""
+    found: dict[str, Any] = {}
+    for name, file in {**PART_FILES, **RUN_FILES}.items():
+        try:
+            with open(os.path.join(path, file), encoding='utf-8') as f:
+                found[name] = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f'{file} is missing (a state saved by an earlier version of this toolkit?)') from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f'{file} is unreadable ({type(e).__name__})') from None
+        if not isinstance(found[name], dict):
+            raise ValueError(f'{file} holds no JSON object')
+    return SavedState(path, step, {name: found[name] for name in PART_FILES},
+                      **{name: found[name] for name in RUN_FILES})
+
+
+# --------------------------------------------------------------------------- judged once
+
+
+@dataclass
+class StatesReport:
+    """What train_state_dir holds for a run about to start: the state a resume loads, and every
+    fact worth a line before the first step."""
+
+    resume: SavedState | None = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def resume_from(self) -> str | None:
+        return self.resume.path if self.resume else None
+
+
+def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
+    """Judge the saved states once, before anything moves: a resume takes the newest loadable
+    state (a damaged newer one is left alone, and a save at its step goes to a new name beside
+    it); a fresh run moves the earlier run's states aside, which it may only do with states wholly
+    its own. ``deep=False`` checks sizes only (a rank whose main process judges deeply)."""
+    report = StatesReport()
+    found = [path for _, path in states.list_complete_states(state_dir)]
+    if not resume:
+        for v in (states.judge_state(path, pickles=False) for path in found):  # moving aside loads nothing
+            if not v.wholly_owned:
+                why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
+                report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a '
+                                       f'fresh run: {why}, which this toolkit did not write; move it away yourself '
+                                       f'(or resume that run with --is_keep_training=True)')
+        return report
+    newest = None
+    for path in reversed(found):  # judged newest first, down to the one a resume loads
+        v = states.judge_state(path, deep=deep)
+        if v.loadable:
+            try:
+                report.resume = read_saved(v.path, v.step)
+            except ValueError as e:
+                v.problem = str(e)
+        newest = newest or v
+        if report.resume:
+            if v.foreign:
+                report.notes.append(f'{v.path} holds {ownership.describe_foreign(v.foreign)}, not part of the '
+                                    f'state: left alone (not loaded, never deleted; this state is never pruned)')
+            break
+        report.notes.append(f'the newest state {v.path} is damaged ({v.problem}): it is left alone (the toolkit '
+                            f'never deletes or replaces what changed since it wrote it) and the run resumes '
+                            f'from an earlier one; remove it once you no longer need it')
+    if report.resume is None:
+        what = (f'every saved state is damaged in {state_dir} ({newest.problem} in {newest.path})'
+                if newest else f'no complete saved state in {state_dir}')
+        report.problems.append(f'--is_keep_training=True but {what}')
+    return report
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint(model_shape: dict, train_files: list[str], tokenizer_dir: str) -> dict:
+    """What a resume must find unchanged: the model's shape, the tokenizer, the training data
+    (names, sizes and row counts: metadata, not a content hash)."""
+    from model.data.files import inspect_parquet
+    from model.data.tokenizer import tokenizer_fingerprint
+
+    data = [{'name': os.path.basename(f), 'bytes': os.path.getsize(f), 'rows': inspect_parquet(f).num_rows}
+            for f in train_files]
+    return {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer_fingerprint(tokenizer_dir)}
+
+
+def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, state_path: str = '') -> list[str]:
+    """Raise on a changed tokenizer or model shape; on changed data unless allowed. Returns notes."""
+    if saved.get('tokenizer') != current['tokenizer']:
+        copy = os.path.join(state_path, TOKENIZER_COPY) if state_path else ''
+        fix = (f"resume with the run's own copy: --tokenizer_dir={copy}" if copy and os.path.isdir(copy)
+               else 'resume with the tokenizer it was trained with')
+        raise UserError('the tokenizer in tokenizer_dir is not the one this run was trained with '
+                        '(retrained or replaced since the save)', fix)
+    if saved.get('model_shape') != current['model_shape']:
+        diff = {k: (saved.get('model_shape', {}).get(k), v) for k, v in current['model_shape'].items()
+                if saved.get('model_shape', {}).get(k) != v}
+        desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
+        raise UserError(f'the saved state has a different model shape ({desc})',
+                        'resume with the same shape, or start a new run in another --train_state_dir')
+    if saved.get('data') == current['data']:
+        return []
+    msg = f'the training data changed since the save (saved {saved.get("data")}, now {current["data"]})'
+    if not allow_data_change:
+        raise UserError(msg, 'pass --allow_data_change=True to continue on the new data anyway')
+    return [msg + '; continuing as --allow_data_change=True asks']
+
+
+# --------------------------------------------------------------------------- saved and loaded as one
+
+
+class StateParts:
+    """The parts of a live run that a state holds, saved and loaded as one on every rank: the
+    engine's through accelerate, the run's own (``parts``) as JSON, in states.py's atomic folder."""
+
+    def __init__(self, accelerator, collectives, parts: dict[str, Stateful]):
+        unknown = set(parts) ^ set(PART_FILES)
+        if unknown:
+            raise ValueError(f'state parts {sorted(unknown)}: each part has its file in PART_FILES')
+        self.accelerator, self.collectives, self.parts = accelerator, collectives, parts
+
+    def save_all_ranks(self, state_dir: str, step: int, describe: dict[str, dict], tokenizer, keep: int = 2) -> str:
+        """Every rank calls it. The folder is made (main), the engine writes its parts (every
+        rank), the run's parts, ``describe`` (config, fingerprint, run) and the tokenizer copy are
+        written (main), and the folder is completed (main: checksums, marker, rename, pruning).
+        A vote after each, so a rank whose write failed -- a full disk -- never leaves the others
+        waiting. Returns the final folder. The caller holds the lock of state_dir."""
+        is_main = self.collectives.is_main
+        tmp = states.tmp_path(state_dir, step)
+        jsons = {PART_FILES[name]: part.state_dict() for name, part in self.parts.items()}
+        jsons.update({RUN_FILES[name]: value for name, value in describe.items()})
+        final: list[str] = []
+
+        def write_own() -> None:
+            fault_point('state-save', step)
+            for file, obj in jsons.items():
+                states.write_json(os.path.join(tmp, file), obj)
+            from model.data.tokenizer import save_tokenizer_copy
+
+            save_tokenizer_copy(tokenizer, os.path.join(tmp, TOKENIZER_COPY))
+
+        steps = [lambda: states.begin_save(state_dir, tmp) if is_main else None,
+                 lambda: self.accelerator.save_state(tmp, safe_serialization=True),
+                 lambda: write_own() if is_main else None,
+                 lambda: final.append(states.complete_save(state_dir, tmp, step, keep)) if is_main else None]
+        for part in steps:
+            error: BaseException | None = None
+            try:
+                part()
+            except Exception as e:  # noqa: BLE001 - reported after the vote, on every rank
+                error = e
+            if not self.collectives.ok_all_ranks(error is None):
+                raise states.save_failed(error, state_dir, tmp, is_main)
+        return final[0] if final else os.path.join(state_dir, states.state_name(step))
+
+    def load_all_ranks(self, saved: SavedState) -> None:
+        """Exactly the state judged at start-up (the main process's SavedState): the engine's
+        parts through accelerate, then the run's own from the JSON already read."""
+        try:
+            self.accelerator.load_state(saved.path)
+        except Exception as e:  # noqa: BLE001 - a file that passed its checksum but does not load here
+            raise UserError(f'the state {saved.path} does not load into this run ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0] if str(e) else ""})',
+                            'resume with the engine and model it was saved with, or start a new run '
+                            'without --is_keep_training') from None
+        for name, part in self.parts.items():
+            part.load_state_dict(saved.parts[name])
+
+
+def describe_run(config: dict, fingerprint_: dict, world: int, engine: str) -> dict[str, dict]:
+    """config.json, fingerprint.json and run.json of a state about to be saved."""
+    return {'config': config, 'fingerprint': fingerprint_,
+            'run': {'world_size': world, 'engine': engine, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}

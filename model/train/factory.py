@@ -1,0 +1,205 @@
+"""A training run's parts, built from the config in one visible order.
+
+:func:`build_run` is the only place that knows the order, and why it is so:
+
+1. the engine (accelerate: processes, device, precision) and the run's collectives;
+2. the lock of the output places (main; every rank stops if another run holds them);
+3. the log file, then the start-up notes; a stop from here on ends the run before anything moves;
+4. the tokenizer, the loaders, the model (drawn, warm-started, or left for the resume to fill),
+   the optimizer and the schedule, prepared by the engine;
+5. the state's parts (model/state/contract.py), the checkpointer and the evaluator;
+6. a fresh run moves an earlier run's artifacts aside; a resume loads the state the start-up
+   checks judged (the main process's verdict, shared) and applies the hyperparameters changed since.
+
+Each component takes its own typed view of the config (``LoaderSettings.of``, ``EvalSettings.of``),
+built here once. The Trainer (model/train/trainer.py) receives the result and only runs the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from config import ResolvedConfig
+from model import stopping
+from model.faults import fault_point
+from model.state import locks, states as state_files
+from model.state.checkpoint import Checkpointer, DataPosition, SaveSettings, apply_changed_hyperparameters
+from model.state.contract import SavedState, StateParts, TrainState
+from model.stopping import STOP
+
+logger = logging.getLogger('chat_trainer')
+
+SCHEDULES = {'cosine': 'cosine', 'linear': 'linear', 'constant': 'constant_with_warmup'}
+
+
+@dataclass
+class Run:
+    """Everything the loop works with."""
+
+    cfg: ResolvedConfig
+    accelerator: object
+    collectives: object
+    lock: object
+    log_file: str
+    tokenizer: object
+    train_loader: object
+    model: object
+    optimizer: object
+    scheduler: object
+    decoder_inputs: object  # labels -> decoder inputs (pad-started, -100 -> pad)
+    total_steps: int
+    state: TrainState  # the run's counters
+    data_position: DataPosition
+    checkpointer: Checkpointer
+    evaluator: object
+
+
+def build_optimizer(train_cfg, model):
+    if train_cfg.optimizer == 'adafactor':
+        from transformers.optimization import Adafactor
+
+        return Adafactor(model.parameters(), lr=train_cfg.learn_rate, relative_step=False,
+                         scale_parameter=False, warmup_init=False, weight_decay=train_cfg.weight_decay)
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learn_rate, weight_decay=train_cfg.weight_decay)
+
+
+def build_scheduler(train_cfg, optimizer, total_steps: int):
+    """Linear warmup over warmup_steps, then lr_schedule (transformers' schedules)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer, num_warmup_steps=train_cfg.warmup_steps,
+                         num_training_steps=max(total_steps, 1))
+
+
+def build_engine(t):
+    """accelerate's Accelerator for this run, and its collectives; a precision warning or None."""
+    from accelerate import Accelerator
+
+    from model.train.run_support import Collectives, resolve_precision
+
+    use_cpu = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes')
+    precision, warning = resolve_precision(t.mixed_precision, use_cpu)
+    trackers = {} if t.log_with == 'none' else {'log_with': t.log_with, 'project_dir': t.log_dir}
+    # an accelerate config file's value would override the flag silently (and DeepSpeed reads it)
+    os.environ['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'] = str(t.gradient_accumulation_steps)
+    accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu,
+                              gradient_accumulation_steps=t.gradient_accumulation_steps, **trackers)
+    return accelerator, Collectives(accelerator), warning
+
+
+def stop_at_start_up_all_ranks(collectives) -> None:
+    """A stop before the run state is loaded or anything moved: nothing new to save."""
+    signum = collectives.stop_signal_all_ranks(STOP.signum)
+    if not signum:
+        return
+    STOP.follow(signum)
+    seconds = STOP.seconds_since_signal()
+    logger.warning('rank %d: stopped by %s during start-up, %.1f s after the signal: nothing was '
+                   'trained, saved or moved', collectives.accelerator.process_index, signal.Signals(signum).name,
+                   seconds)
+    raise STOP.stopped(f'during start-up, {seconds:.1f} s after the signal: nothing was trained, saved or moved')
+
+
+def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: dict,
+              saved: SavedState | None) -> Run:
+    """The run's parts (see the module's text for the order). ``saved``: the state the main
+    process judged loadable (resume only; other ranks pass None and receive it)."""
+    from model.train.preflight import model_folder
+    from model.train.run_support import setup_logging_all_ranks
+
+    t = cfg.train
+    accelerator, collectives, warning = build_engine(t)
+    # one run per output place: main takes the locks, every rank stops if that failed
+    lock = collectives.on_main_all_ranks(lambda: locks.PlaceLock(
+        [t.train_state_dir, t.output_dir, model_folder(t)], 'training run').acquire())
+    try:
+        log_file = setup_logging_all_ranks(t.log_dir, collectives)
+        if warning:
+            logger.warning(warning)
+        logger.info('run: %d process(es), device %s, precision %s, log %s', collectives.world,
+                    accelerator.device, accelerator.mixed_precision, log_file)
+        for note in notes:
+            logger.warning('%s', note)
+        stamp = os.path.basename(log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
+        fault_point('start-up')
+        stop_at_start_up_all_ranks(collectives)
+        if t.log_with != 'none':
+            init_trackers(cfg, accelerator, stamp)
+        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint)
+        stop_at_start_up_all_ranks(collectives)  # again before anything is moved or loaded: a stop changes nothing
+        if not resume:
+            with stopping.critical():
+                run.checkpointer.archive_previous_run_all_ranks(stamp)
+        collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
+        if resume:
+            saved = collectives.broadcast_from_main_all_ranks(saved)
+            run.checkpointer.load_all_ranks(saved, run.state, run.data_position)
+            apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler, saved.config)
+        return run
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint) -> Run:
+    from accelerate.utils import set_seed
+
+    from model.data.files import resolve_parquet_files
+    from model.data.loader import LoaderSettings, StreamingLoader
+    from model.data.tokenizer import load_tokenizer
+    from model.net.chat_model import build_model, load_weights_into
+    from model.net.model_source import weights_path
+    from model.net.sizing import total_optimizer_steps
+    from model.train.evaluation import EvalSettings, Evaluator
+
+    t = cfg.train
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(t.tokenizer_dir)
+    world, rank, pin = collectives.world, accelerator.process_index, accelerator.device.type == 'cuda'
+    train_files, valid_files = resolve_parquet_files(t.train_file), resolve_parquet_files(t.validation_file)
+    train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, train=True, pin_memory=pin), rank, world)
+    valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, train=False, pin_memory=pin), rank,
+                                   world)
+    total_steps = total_optimizer_steps(train_loader.num_rows, t.batch_size_per_gpu, world,
+                                        t.gradient_accumulation_steps, t.epochs, t.max_steps)
+    # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
+    # line) loads every weight next: nothing to draw
+    model = build_model(cfg.model, len(tokenizer), initialize=not (resume or t.init_from))
+    if t.init_from and not resume:  # warm start: these weights, a fresh optimizer, schedule and data position
+        load_weights_into(model, weights_path(t.init_from))
+        logger.info('warm start: weights from %s', t.init_from)
+    decoder_inputs = model.prepare_decoder_input_ids_from_labels
+    if t.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        model.config.use_cache = False
+    optimizer = build_optimizer(t, model)
+    # the scheduler is not prepared: accelerate would step it once per process
+    scheduler = build_scheduler(t, optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state, data_position = TrainState(), DataPosition(train_loader)
+    parts = StateParts(accelerator, collectives,
+                       {'schedule': scheduler, 'data_position': data_position, 'counters': state})
+    checkpointer = Checkpointer(SaveSettings.of(cfg, fingerprint), collectives, model, tokenizer, parts)
+    evaluator = Evaluator(EvalSettings.of(t), collectives, tokenizer, valid_loader, valid_files, decoder_inputs)
+    return Run(cfg, accelerator, collectives, lock, log_file, tokenizer, train_loader, model, optimizer, scheduler,
+               decoder_inputs, total_steps, state, data_position, checkpointer, evaluator)
+
+
+def init_trackers(cfg, accelerator, stamp: str) -> None:
+    """accelerate's trackers (TensorBoard under log_dir/tensorboard/<run>, or wandb), with the
+    config as hyperparameters."""
+    t = cfg.train
+    flat = {f'{part}/{k}': v for part, values in cfg.to_dict().items() if isinstance(values, dict)
+            for k, v in values.items()}
+    name = f'tensorboard/{stamp}' if t.log_with == 'tensorboard' else 'chat_small_t5'
+    accelerator.init_trackers(name, config=flat)
+    logger.info('curves also go to %s (%s)', t.log_with,
+                os.path.join(t.log_dir, name) if t.log_with == 'tensorboard' else name)
+
+
