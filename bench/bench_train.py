@@ -62,7 +62,7 @@ class ValidationScorer:
 
     def __init__(self, tok_dir: str):
         from model.data.files import iter_usable_rows
-        from model.data.loader import TokenEncoder, make_batches, to_torch
+        from model.data.batches import TokenEncoder, make_batches, to_torch
         from model.data.tokenizer import load_tokenizer
 
         encoder = TokenEncoder(load_tokenizer(tok_dir), COMMON['max_seq_len'])

@@ -35,6 +35,7 @@ def live_run(tokenizer, d_model=32):
     from transformers import get_scheduler
 
     from config import T5ModelConfig
+    from model.data.tokenizer import save_tokenizer_copy
     from model.net.chat_model import build_model
     from model.train.run_support import Collectives
 
@@ -47,7 +48,8 @@ def live_run(tokenizer, d_model=32):
     model, optimizer = accelerator.prepare(model, optimizer)
     counters, position = contract.TrainState(), Position()
     parts = contract.StateParts(accelerator, Collectives(accelerator),
-                                {'schedule': scheduler, 'data_position': position, 'counters': counters})
+                                {'schedule': scheduler, 'data_position': position, 'counters': counters},
+                                write_tokenizer=lambda folder: save_tokenizer_copy(tokenizer, folder))
     return model, optimizer, scheduler, counters, position, parts
 
 
@@ -72,7 +74,7 @@ def describe():
 
 
 def save(parts, tokenizer, state_dir, step):
-    return parts.save_all_ranks(str(state_dir), step, describe(), tokenizer)
+    return parts.save_all_ranks(str(state_dir), step, describe())
 
 
 def test_a_save_loads_back_into_every_named_part(tmp_path, tokenizer):
@@ -178,9 +180,9 @@ def test_a_failed_save_leaves_nothing_half_written_and_the_previous_state(tmp_pa
 def test_every_part_has_its_file_in_the_contract(tokenizer):
     *_, parts = live_run(tokenizer)
     with pytest.raises(ValueError, match='PART_FILES'):
-        contract.StateParts(parts.accelerator, parts.collectives, {**parts.parts, 'ema': Position()})
+        contract.StateParts(parts.accelerator, parts.collectives, {**parts.parts, 'ema': Position()}, print)
     with pytest.raises(ValueError, match='PART_FILES'):
-        contract.StateParts(parts.accelerator, parts.collectives, {'schedule': parts.parts['schedule']})
+        contract.StateParts(parts.accelerator, parts.collectives, {'schedule': parts.parts['schedule']}, print)
 
 
 def test_a_fingerprint_change_is_refused_or_noted():

@@ -31,7 +31,7 @@ import prepare_data
 import train_low_mem
 import cli_runner
 from conftest import ENV, ROOT, leftover_temps, make_texts, tiny_flags, write_parquet
-from model.prep import readers as prep_readers
+from model.prep import records as prep_records
 from model.data import read_guard
 
 SEED = 20261205
@@ -279,7 +279,7 @@ def fuzz_run(tmp_path_factory, tokenizer_dir):
     mp = pytest.MonkeyPatch()
     mp.setattr(read_guard, 'MAX_RECORD_BYTES', RECORD_LIMIT)
     mp.setattr(read_guard, 'MAX_ROW_GROUP_TEXT_BYTES', ROW_GROUP_LIMIT)
-    mp.setattr(prep_readers, 'READ_CHUNK_BYTES', READ_CHUNK_BYTES)
+    mp.setattr(prep_records, 'READ_CHUNK_BYTES', READ_CHUNK_BYTES)
     root = tmp_path_factory.mktemp('fuzz')
     out = str(root / 'out')
     os.makedirs(out)

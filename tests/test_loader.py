@@ -19,7 +19,8 @@ import torch
 from model.errors import UserError
 from conftest import make_texts, write_parquet
 from model.data.epoch_order import length_group_order
-from model.data.loader import LoaderSettings, StreamingLoader, TokenEncoder
+from model.data.batches import TokenEncoder
+from model.data.loader import LoaderSettings, StreamingLoader
 
 MAX_LEN = 32
 
@@ -442,7 +443,8 @@ def test_a_file_sorted_by_a_label_trains_mixed(tmp_path, tokenizer):
 
 def test_the_mixing_reader_holds_a_bounded_number_of_rows(tmp_path, tokenizer):
     from model.data.epoch_order import EpochPlan, OrderParams
-    from model.data.loader import ParquetStreamDataset, TokenEncoder
+    from model.data.batches import TokenEncoder
+    from model.data.loader import ParquetStreamDataset
     from model.data.window_reader import WindowReader
 
     f, per_label, labels = label_file(tmp_path, labels=8, per_label=4000, row_group=1000)  # 32 row groups

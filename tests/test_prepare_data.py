@@ -16,16 +16,17 @@ import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
 from model.errors import UserError
 from model.prep import demo_corpus, ops as prep_ops, output as prep_output, readers as prep_readers
+from model.prep import records as prep_records
 from model.prep.demo_corpus import build_demo_rows, demo_prompts, write_demo
 from model.prep.ops import build_report, clean_parquet, convert_to_parquet, format_report, split_parquet
 from model.prep.output import OUTPUT_SCHEMA
-from model.prep.readers import find_bad_utf8
+from model.prep.records import find_bad_utf8
 
 
 def set_constant(monkeypatch, name, value):
     """A module constant, in every data-preparation module that reads it."""
     name = {'TEXT_CHUNK_BYTES': 'READ_CHUNK_BYTES'}.get(name, name)
-    for module in (prep_output, prep_readers, prep_ops, demo_corpus):
+    for module in (prep_output, prep_records, prep_readers, prep_ops, demo_corpus):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, value)
 

@@ -20,7 +20,8 @@ from model.errors import UserError
 import cli_runner
 from conftest import ENV, ROOT, make_texts, write_parquet
 # imported before memory is measured
-from model.prep import json_readers as prep_json, output as prep_output, readers as prep_readers  # noqa: F401
+from model.prep import output as prep_output
+from model.prep import records as prep_records
 from model.data import read_guard
 from model.data.files import inspect_parquet, iter_text_tables
 from model.prep.ops import convert_to_parquet
@@ -35,7 +36,7 @@ def small_limits(monkeypatch):
     monkeypatch.setattr(read_guard, 'MAX_RECORD_BYTES', LIMIT)
     monkeypatch.setattr(read_guard, 'MAX_ROW_GROUP_TEXT_BYTES', ROW_GROUP_LIMIT)
     monkeypatch.setattr(read_guard, 'MAX_LOG_LINE_BYTES', LIMIT)
-    monkeypatch.setattr(prep_readers, 'READ_CHUNK_BYTES', 4 << 10)
+    monkeypatch.setattr(prep_records, 'READ_CHUNK_BYTES', 4 << 10)
 
 
 def peak_python_bytes(fn) -> int:
@@ -171,7 +172,7 @@ def test_chat_refuses_a_huge_piped_line_and_reads_the_others(small_limits):
 
 @pytest.mark.slow
 def test_a_cut_text_gives_the_tokens_of_the_whole_text(tokenizer):
-    from model.data.loader import TokenEncoder
+    from model.data.batches import TokenEncoder
 
     encoder = TokenEncoder(tokenizer, 48)
     texts = [p + '\n' + r for p, r in make_texts(300, seed=9)]

@@ -93,7 +93,7 @@ def test_real_validation_texts_round_trip(real):
 def test_a_cut_text_keeps_the_tokens_of_the_whole_real_text(real, max_seq_len):
     """Each real validation text repeated past the cut (tokenizer.text_cut_chars), so the cut
     lands at a different place in each: the kept tokens equal those of the uncut text."""
-    from model.data.loader import TokenEncoder
+    from model.data.batches import TokenEncoder
 
     tok, texts = real
     encoder = TokenEncoder(tok, max_seq_len)

@@ -19,9 +19,9 @@ from typing import Iterator
 import pyarrow as pa
 
 from model.errors import UserError
-from model.prep import readers as prep_readers
+from model.prep import records
 from model.data import read_guard
-from model.prep.readers import _BOM, RECORD_FIX, _tables, build_utf8_error
+from model.prep.records import BOM, RECORD_FIX, build_utf8_error, tables
 from model.data.read_guard import ReadBudget, iter_bounded_lines, too_long
 
 
@@ -29,7 +29,7 @@ from model.data.read_guard import ReadBudget, iter_bounded_lines, too_long
 
 
 def iter_jsonl(path: str, prompt_col: str, response_col: str, hint: str = '') -> Iterator[pa.Table]:
-    return _tables(path, prompt_col, response_col, _jsonl_records(path, hint))
+    return tables(path, prompt_col, response_col, _jsonl_records(path, hint))
 
 
 def _jsonl_records(path: str, hint: str = ''):
@@ -58,7 +58,7 @@ def _jsonl_records(path: str, hint: str = ''):
 def _open_json(path: str):
     """The file, positioned after a UTF-8 BOM (yajl refuses one)."""
     f = open(path, 'rb')
-    if f.read(3) != _BOM:
+    if f.read(3) != BOM:
         f.seek(0)
     return f
 
@@ -78,12 +78,12 @@ def iter_json(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Tabl
     """A JSON list of objects, any layout pandas' to_json writes, or JSONL saved as .json."""
     first = _first_char(path)
     if first == '[':
-        return _tables(path, prompt_col, response_col, _list_records(path, 'item'))
+        return tables(path, prompt_col, response_col, _list_records(path, 'item'))
     if first == '{':
         if _is_jsonl(path):
             hint = '; a .json file must hold one JSON value, or one object per line (JSONL)'
             return iter_jsonl(path, prompt_col, response_col, hint=hint)
-        return _tables(path, prompt_col, response_col, _object_records(path, prompt_col, response_col))
+        return tables(path, prompt_col, response_col, _object_records(path, prompt_col, response_col))
     found = 'an empty file' if first == '' else f'{first!r}'
     raise UserError(f'{path}: line 1: expected a JSON list of objects ("[{{...}}, ...]") or an object, '
                     f'found {found}')
@@ -97,7 +97,7 @@ def _is_jsonl(path: str) -> bool:
             json.loads(first)
         except ValueError:
             return False
-        following = itertools.islice(iter_bounded_lines(f, prep_readers.READ_CHUNK_BYTES), 1000)
+        following = itertools.islice(iter_bounded_lines(f, records.READ_CHUNK_BYTES), 1000)
         return whole and any(line.strip() for line, _ in following)
 
 
@@ -142,7 +142,7 @@ def _list_records(path: str, prefix: str):
     def where(i):
         return f'element {i + 1} of the list'
 
-    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True),
+    items = _records(path, lambda f: ijson.items(f, prefix, buf_size=records.READ_CHUNK_BYTES, use_float=True),
                      where, lambda i: _element_line(path, i))
     for i, record in enumerate(items):
         yield record, lambda i=i: f'{where(i)} ({_element_line(path, i)})'
@@ -154,7 +154,7 @@ def _object_records(path: str, prompt_col: str, response_col: str):
 
     keys: dict[str, str] = {}  # top-level key -> the event its value starts with
     pending = None
-    for prefix, event, value in _records(path, lambda f: ijson.parse(f, buf_size=prep_readers.READ_CHUNK_BYTES),
+    for prefix, event, value in _records(path, lambda f: ijson.parse(f, buf_size=records.READ_CHUNK_BYTES),
                                          lambda i: 'the top-level object'):
         if prefix == '' and event == 'map_key':
             pending = value
@@ -171,7 +171,7 @@ def _object_records(path: str, prompt_col: str, response_col: str):
     elif keys.get(prompt_col) == 'start_map':  # orient='columns' (pandas' default)
         yield from _column_records(path, prompt_col, response_col)
     elif keys and all(event == 'start_map' for event in keys.values()):  # orient='index'
-        items = _records(path, lambda f: ijson.kvitems(f, '', buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True),
+        items = _records(path, lambda f: ijson.kvitems(f, '', buf_size=records.READ_CHUNK_BYTES, use_float=True),
                          lambda i: f'record {i + 1} of the object')
         for key, record in items:
             yield record, f'record {key!r}'
@@ -179,7 +179,7 @@ def _object_records(path: str, prompt_col: str, response_col: str):
         key = next(k for k, event in keys.items() if event == 'start_array')
         yield from _list_records(path, f'{key}.item')
     else:  # one record
-        items = _records(path, lambda f: ijson.items(f, '', buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True),
+        items = _records(path, lambda f: ijson.items(f, '', buf_size=records.READ_CHUNK_BYTES, use_float=True),
                          lambda i: 'the object')
         # the second take lets the parser see what follows: another value is an error, not dropped
         for record in itertools.islice(items, 2):
@@ -191,7 +191,7 @@ def _column_records(path: str, prompt_col: str, response_col: str):
     import ijson
 
     def column(name):
-        return _records(path, lambda f: ijson.kvitems(f, name, buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True),
+        return _records(path, lambda f: ijson.kvitems(f, name, buf_size=records.READ_CHUNK_BYTES, use_float=True),
                         lambda i: f'row {i + 1} of column {name!r}')
 
     for (kp, p), (kr, r) in itertools.zip_longest(column(prompt_col), column(response_col),
@@ -206,9 +206,9 @@ def _split_records(path: str):
     """{"columns": [...], "index": [...], "data": [[...], ...]} (orient='split')."""
     import ijson
 
-    columns = next(iter(_records(path, lambda f: ijson.items(f, 'columns', buf_size=prep_readers.READ_CHUNK_BYTES),
+    columns = next(iter(_records(path, lambda f: ijson.items(f, 'columns', buf_size=records.READ_CHUNK_BYTES),
                                  lambda i: 'the list of columns')))
-    rows = _records(path, lambda f: ijson.items(f, 'data.item', buf_size=prep_readers.READ_CHUNK_BYTES, use_float=True),
+    rows = _records(path, lambda f: ijson.items(f, 'data.item', buf_size=records.READ_CHUNK_BYTES, use_float=True),
                     lambda i: f'data row {i + 1}')
     for i, row in enumerate(rows):
         if not isinstance(row, list):
@@ -236,7 +236,7 @@ def _syntax_error_where(path: str) -> str | None:
     try:
         with _open_json(path) as f:
             budget = ReadBudget(f, read_guard.MAX_RECORD_BYTES, _GiveUp)
-            for _ in slow.basic_parse(budget, buf_size=prep_readers.READ_CHUNK_BYTES):
+            for _ in slow.basic_parse(budget, buf_size=records.READ_CHUNK_BYTES):
                 budget.took_record()
     except _GiveUp:
         return None
@@ -258,7 +258,7 @@ def _line_at(path: str, offset: int) -> tuple[int, str]:
     decoder = codecs.getincrementaldecoder('utf-8')('replace')
     seen, line = 0, 1
     with _open_json(path) as f:
-        for chunk in iter(lambda: f.read(prep_readers.READ_CHUNK_BYTES), b''):
+        for chunk in iter(lambda: f.read(records.READ_CHUNK_BYTES), b''):
             text = decoder.decode(chunk)
             if 0 <= offset < seen + len(text):
                 k = offset - seen
@@ -303,7 +303,7 @@ def _element_line(path: str, index: int) -> str:
     try:
         lexer = slow.utf8_encoder(slow.Lexer(sink()))
         with _open_json(path) as f:
-            for chunk in iter(lambda: f.read(prep_readers.READ_CHUNK_BYTES), b''):
+            for chunk in iter(lambda: f.read(records.READ_CHUNK_BYTES), b''):
                 unread[0] += len(chunk)
                 if unread[0] > read_guard.MAX_RECORD_BYTES:  # the lexer would hold a huge string
                     break

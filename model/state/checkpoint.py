@@ -77,7 +77,7 @@ class Checkpointer:
         t = self.settings
         describe = contract.describe_run(t.config, self.fingerprint, self.collectives.world,
                                          str(self.accelerator.distributed_type))
-        path = self.parts.save_all_ranks(t.train_state_dir, step, describe, self.tokenizer)
+        path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
         self.last_saved_step = step
         self.export_weights_all_ranks(step, step)
         self.collectives.on_main_all_ranks(lambda: model_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))

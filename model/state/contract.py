@@ -34,7 +34,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from model.errors import UserError
 from model.faults import fault_point
@@ -162,15 +162,11 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def fingerprint(model_shape: dict, train_files: list[str], tokenizer_dir: str) -> dict:
-    """What a resume must find unchanged: the model's shape, the tokenizer, the training data
-    (names, sizes and row counts: metadata, not a content hash)."""
-    from model.data.files import inspect_parquet
-    from model.data.tokenizer import tokenizer_fingerprint
-
-    data = [{'name': os.path.basename(f), 'bytes': os.path.getsize(f), 'rows': inspect_parquet(f).num_rows}
-            for f in train_files]
-    return {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer_fingerprint(tokenizer_dir)}
+def fingerprint(model_shape: dict, train_files: list[tuple[str, int]], tokenizer: str) -> dict:
+    """What a resume must find unchanged: the model's shape, the tokenizer's fingerprint, the
+    training data as (path, rows) -- names, sizes and row counts: metadata, not a content hash."""
+    data = [{'name': os.path.basename(f), 'bytes': os.path.getsize(f), 'rows': rows} for f, rows in train_files]
+    return {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer}
 
 
 def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, state_path: str = '') -> list[str]:
@@ -202,13 +198,15 @@ class StateParts:
     """The parts of a live run that a state holds, saved and loaded as one on every rank: the
     engine's through accelerate, the run's own (``parts``) as JSON, in states.py's atomic folder."""
 
-    def __init__(self, accelerator, collectives, parts: dict[str, Stateful]):
+    def __init__(self, accelerator, collectives, parts: dict[str, Stateful], write_tokenizer: Callable[[str], None]):
+        """``write_tokenizer(folder)`` writes the run's tokenizer into a new folder (its copy)."""
         unknown = set(parts) ^ set(PART_FILES)
         if unknown:
             raise ValueError(f'state parts {sorted(unknown)}: each part has its file in PART_FILES')
         self.accelerator, self.collectives, self.parts = accelerator, collectives, parts
+        self.write_tokenizer = write_tokenizer
 
-    def save_all_ranks(self, state_dir: str, step: int, describe: dict[str, dict], tokenizer, keep: int = 2) -> str:
+    def save_all_ranks(self, state_dir: str, step: int, describe: dict[str, dict], keep: int = 2) -> str:
         """Every rank calls it. The folder is made (main), the engine writes its parts (every
         rank), the run's parts, ``describe`` (config, fingerprint, run) and the tokenizer copy are
         written (main), and the folder is completed (main: checksums, marker, rename, pruning).
@@ -224,9 +222,7 @@ class StateParts:
             fault_point('state-save', step)
             for file, obj in jsons.items():
                 states.write_json(os.path.join(tmp, file), obj)
-            from model.data.tokenizer import save_tokenizer_copy
-
-            save_tokenizer_copy(tokenizer, os.path.join(tmp, TOKENIZER_COPY))
+            self.write_tokenizer(os.path.join(tmp, TOKENIZER_COPY))
 
         steps = [lambda: states.begin_save(state_dir, tmp) if is_main else None,
                  lambda: self.accelerator.save_state(tmp, safe_serialization=True),

@@ -24,7 +24,7 @@ import torch
 from model.net.chat_model import answer, token_loss_sum
 from model.faults import fault_point
 from model.data.files import iter_usable_rows
-from model.data.loader import placeholder_batch, to_torch
+from model.data.batches import placeholder_batch, to_torch
 from model.stopping import STOP
 from model.data.tokenizer import LABEL_PAD_ID
 

@@ -152,7 +152,7 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
 
     from model.data.files import resolve_parquet_files
     from model.data.loader import LoaderSettings, StreamingLoader
-    from model.data.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer, save_tokenizer_copy
     from model.net.chat_model import build_model, load_weights_into
     from model.net.model_source import weights_path
     from model.net.sizing import total_optimizer_steps
@@ -184,7 +184,8 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     model, optimizer = accelerator.prepare(model, optimizer)
     state, data_position = TrainState(), DataPosition(train_loader)
     parts = StateParts(accelerator, collectives,
-                       {'schedule': scheduler, 'data_position': data_position, 'counters': state})
+                       {'schedule': scheduler, 'data_position': data_position, 'counters': state},
+                       write_tokenizer=lambda folder: save_tokenizer_copy(tokenizer, folder))
     checkpointer = Checkpointer(SaveSettings.of(cfg, fingerprint), collectives, model, tokenizer, parts)
     evaluator = Evaluator(EvalSettings.of(t), collectives, tokenizer, valid_loader, valid_files, decoder_inputs)
     return Run(cfg, accelerator, collectives, lock, log_file, tokenizer, train_loader, model, optimizer, scheduler,

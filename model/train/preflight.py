@@ -20,7 +20,7 @@ from model.state import ownership
 from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
 from model.state.markers import MODEL, STATE_DIR
 from model.net.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
-from model.data.tokenizer import check_tokenizer_folder
+from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
 
 # a changed value of these fields cannot continue a saved run
 REFUSED_ON_RESUME = {'optimizer': 'the optimizer state of one optimizer does not load into another'}
@@ -183,8 +183,9 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                 f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
                 f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
-        report.fingerprint = contract.fingerprint(model_shape(cfg.model, report.vocab_size), report.train_files,
-                                                  t.tokenizer_dir)
+        report.fingerprint = contract.fingerprint(
+            model_shape(cfg.model, report.vocab_size), [(f, inspect_parquet(f).num_rows) for f in report.train_files],
+            tokenizer_fingerprint(t.tokenizer_dir))
         _check_disk(t, report)
         if report.total_steps and t.warmup_steps >= report.total_steps:
             report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '

@@ -25,7 +25,7 @@ from model.errors import UserError
 from model.state import markers, ownership, writes
 from model.net.chat_model import answer, token_loss_sum
 from model.data.files import TEXT_COLUMNS, iter_text_tables, usable_mask
-from model.data.loader import TokenEncoder, make_batches, to_torch
+from model.data.batches import TokenEncoder, make_batches, to_torch
 from model.state.markers import PREDICTIONS
 from model.data.tokenizer import LABEL_PAD_ID
 

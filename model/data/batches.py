@@ -1,0 +1,123 @@
+"""Token ids and padded batches: the tokenizer that inference uses, each side truncated to
+``max_seq_len`` with eos kept last, padded as numpy arrays (``PAD_ID``, labels ``LABEL_PAD_ID``)
+and handed to torch without a copy. The loader (model/data/loader.py), `test` (use/scoring.py)
+and the benches batch through here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from model.data.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, text_cut_chars
+
+
+class TokenEncoder:
+    """Strings -> token ids with the fast (Rust) tokenizer that inference uses, each truncated
+    to max_seq_len with eos kept last; a text is first cut to the characters that can give those
+    tokens (tokenizer.text_cut_chars), so a huge cell costs no more than a long row. Pickles as
+    the tokenizer's JSON, for DataLoader workers."""
+
+    def __init__(self, tokenizer, max_seq_len: int):
+        if max_seq_len < 2:
+            raise ValueError(f'max_seq_len must be >= 2 (one token and eos), got {max_seq_len}')
+        rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
+        self.max_seq_len = max_seq_len
+        self.eos_id = rust.token_to_id('</s>')
+        self._json = rust.to_str()
+        self._setup()
+
+    def _setup(self) -> None:
+        from tokenizers import Tokenizer
+
+        # a private copy: truncation settings on the shared tokenizer would leak to other users
+        self._rust = Tokenizer.from_str(self._json)
+        self._rust.no_padding()
+        self._rust.enable_truncation(self.max_seq_len)
+        self._cut_chars = text_cut_chars(self._rust, self.max_seq_len)
+
+    def __getstate__(self):
+        return {'max_seq_len': self.max_seq_len, 'eos_id': self.eos_id, '_json': self._json}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text (eos last, at most max_seq_len)."""
+        texts = cut_texts(texts, self._cut_chars)
+        return [e.ids for e in self._rust.encode_batch_fast(texts, add_special_tokens=True)]
+
+    def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All ids concatenated (int64) and the length of each text's part."""
+        seqs = self.encode(texts)
+        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lens.sum()))
+        return flat, lens
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _pad(flat: np.ndarray, lens: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest row; returns (ids [b, L] int64, mask [b, L] int64)."""
+    mask = np.arange(int(lens.max())) < lens[:, None]
+    ids = np.full(mask.shape, pad, dtype=np.int64)
+    ids[mask] = flat  # the mask's row-major order is the order of the concatenated rows
+    return ids, mask.astype(np.int64)
+
+
+def make_batches(parts: list[tuple[list, list, np.ndarray | None, int]], encoder: TokenEncoder) -> list[dict]:
+    """Batch dicts (numpy arrays; see :func:`to_torch`) of several local batches, each given
+    as (prompts, responses, row_index, num_skipped), tokenized in one call: the tokenizer's
+    threads pay off only on a few hundred texts."""
+    texts = [t for prompts, responses, _, _ in parts for t in itertools.chain(prompts, responses)]
+    flat, lens = encoder.encode_ragged(texts) if texts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    ends = np.concatenate([[0], np.cumsum(lens)])
+    out, row = [], 0
+    for prompts, responses, row_index, num_skipped in parts:
+        n = len(prompts)
+        p = flat[ends[row]:ends[row + n]], lens[row:row + n]
+        r = flat[ends[row + n]:ends[row + 2 * n]], lens[row + n:row + 2 * n]
+        out.append(batch_from_ids(p, r, row_index, num_skipped, encoder.eos_id))
+        row += 2 * n
+    return out
+
+
+def placeholder_batch(eos_id: int) -> dict:
+    """One row (input [eos]) whose labels are all padding: a forward that adds no loss, so that a
+    rank with nothing left to read still joins its batch's collectives."""
+    one = np.ones((1, 1), dtype=np.int64)
+    return {'input_ids': one * eos_id, 'attention_mask': one, 'labels': one * LABEL_PAD_ID}
+
+
+def batch_from_ids(prompts: tuple[np.ndarray, np.ndarray], responses: tuple[np.ndarray, np.ndarray],
+                   row_index: np.ndarray | None, num_skipped: int, eos_id: int) -> dict:
+    """One padded batch of token ids, each side given as (all ids concatenated, length of each
+    row). A batch whose rows were all skipped becomes a 1-row placeholder (input [eos], labels
+    -100) so that ranks stay in lockstep; it contributes no target tokens."""
+    n = len(prompts[1])
+    if n == 0:
+        batch = placeholder_batch(eos_id)
+    else:
+        input_ids, attention = _pad(*prompts, PAD_ID)
+        labels, _ = _pad(*responses, LABEL_PAD_ID)
+        batch = {'input_ids': input_ids, 'attention_mask': attention, 'labels': labels}
+    batch.update(num_rows=n, num_skipped=num_skipped)
+    if row_index is not None:
+        batch['row_index'] = np.ascontiguousarray(row_index, dtype=np.int64)
+    return batch
+
+
+def to_torch(batch: dict, pin_memory: bool = False) -> dict:
+    """numpy arrays -> tensors (zero-copy), optionally pinned for non_blocking copies."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+            if pin_memory:
+                v = v.pin_memory()
+        out[k] = v
+    return out
