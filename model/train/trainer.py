@@ -67,6 +67,29 @@ class LogInterval:
     start: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's view of the config, built once (:meth:`of`)."""
+
+    accumulation: int  # micro-batches per optimizer step
+    epochs: int
+    max_grad_norm: float  # 0: no clipping
+    logging_steps: int
+    eval_steps: int  # 0: only at each epoch's end
+    save_steps: int
+    stop_grace_s: int
+    learn_rate: float
+    train_state_dir: str
+    output_dir: str
+
+    @classmethod
+    def of(cls, t) -> 'LoopSettings':
+        return cls(accumulation=t.gradient_accumulation_steps, epochs=t.epochs, max_grad_norm=t.max_grad_norm,
+                   logging_steps=t.logging_steps, eval_steps=t.eval_steps, save_steps=t.save_steps,
+                   stop_grace_s=t.stop_grace_s, learn_rate=t.learn_rate, train_state_dir=t.train_state_dir,
+                   output_dir=t.output_dir)
+
+
 def stop_outlasts_grace(grace: int, save_seconds: float, step_seconds: float) -> str | None:
     """A stop finishes the step in progress, then saves: the warning when that takes longer than
     the cluster waits between SIGTERM and SIGKILL, else None."""
@@ -84,7 +107,7 @@ class Trainer:
     and ``maybe_*`` hooks whose conditions depend on the global step only."""
 
     def __init__(self, run: Run):
-        self.run, self.cfg, self.train_cfg = run, run.cfg, run.cfg.train
+        self.run, self.settings = run, LoopSettings.of(run.cfg.train)
         self.accelerator, self.collectives = run.accelerator, run.collectives
         self.world, self.rank = self.collectives.world, self.accelerator.process_index
         self.lock, self.log_file = run.lock, run.log_file
@@ -105,7 +128,7 @@ class Trainer:
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        t, state = self.train_cfg, self.state
+        t, state = self.settings, self.state
         logger.info('training: %d rows, %d optimizer steps (%d per epoch), epoch %d, step %d',
                     self.train_loader.num_rows, self.total_steps, self.train_loader.steps_per_epoch(),
                     self.train_loader.epoch, state.global_step)
@@ -122,7 +145,7 @@ class Trainer:
                 batches = iter(self.train_loader)
                 while state.global_step < self.total_steps:
                     position = self.train_loader.state_dict()
-                    micro = list(itertools.islice(batches, t.gradient_accumulation_steps))
+                    micro = list(itertools.islice(batches, t.accumulation))
                     if not micro:  # epoch done: the loader moved to the next epoch
                         self.evaluate_all_ranks()
                         if self.train_loader.epoch >= t.epochs:
@@ -160,7 +183,7 @@ class Trainer:
                 self.accelerator.backward(loss_sum * scale)
                 if self.accelerator.sync_gradients:
                     grad_norm = self.accelerator.clip_grad_norm_(model.parameters(),
-                                                                 self.train_cfg.max_grad_norm or float('inf'))
+                                                                 self.settings.max_grad_norm or float('inf'))
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -185,13 +208,13 @@ class Trainer:
     # --- maybe_*: each condition lives here, once, and depends on the global step only ---
 
     def should_log(self) -> bool:
-        return self.state.global_step % self.train_cfg.logging_steps == 0 or self.state.global_step == self.total_steps
+        return self.state.global_step % self.settings.logging_steps == 0 or self.state.global_step == self.total_steps
 
     def should_evaluate(self) -> bool:
-        return bool(self.train_cfg.eval_steps) and self.state.global_step % self.train_cfg.eval_steps == 0
+        return bool(self.settings.eval_steps) and self.state.global_step % self.settings.eval_steps == 0
 
     def should_save(self) -> bool:
-        return self.state.global_step % self.train_cfg.save_steps == 0
+        return self.state.global_step % self.settings.save_steps == 0
 
     def maybe_log(self) -> None:
         if self.should_log():
@@ -213,10 +236,10 @@ class Trainer:
         count, step_sum = self.collectives.sum_all_ranks([float(own >= 0), float(max(own, 0))])
         if count:
             bad = own if own >= 0 else int(step_sum / count)
-            last = state_files.latest_state(self.train_cfg.train_state_dir)
+            last = state_files.latest_state(self.settings.train_state_dir)
             raise Diverged(f'loss became NaN/inf at optimizer step {bad}; training stopped and nothing '
                            f'after the last good state was saved ({last or "no state saved yet"}). '
-                           f'Try a lower --learn_rate (now {self.train_cfg.learn_rate}) or --max_grad_norm')
+                           f'Try a lower --learn_rate (now {self.settings.learn_rate}) or --max_grad_norm')
 
     def fold_counts_all_ranks(self) -> None:
         """Add the rows and label tokens trained on since the last fold to the run state."""
@@ -281,7 +304,7 @@ class Trainer:
             path = self.checkpointer.save_all_ranks(self.state.global_step)
         self._saved_pending = self.state.eval_pending
         warning = None if self._grace_warned else stop_outlasts_grace(
-            self.train_cfg.stop_grace_s, time.perf_counter() - start, self._seconds_per_step)
+            self.settings.stop_grace_s, time.perf_counter() - start, self._seconds_per_step)
         if warning:  # once
             self._grace_warned = True
             logger.warning('%s', warning)
@@ -302,7 +325,7 @@ class Trainer:
             path = self.save_all_ranks(data_state=position)
             kept = f'the state at step {step} saved in {path}'
         elif step:
-            kept = f'the state at step {step} is saved in {state_files.latest_state(self.train_cfg.train_state_dir)}'
+            kept = f'the state at step {step} is saved in {state_files.latest_state(self.settings.train_state_dir)}'
         else:
             kept = 'no step was taken, nothing to save'
         pending = '; its evaluation was cut and is pending' if self.state.eval_pending else ''
@@ -321,7 +344,7 @@ class Trainer:
             self.checkpointer.export_folder_all_ranks('final', self.state.global_step)
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
-                    os.path.join(self.train_cfg.output_dir, 'final'))
+                    os.path.join(self.settings.output_dir, 'final'))
 
 
 def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
