@@ -104,14 +104,18 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
     for name in ('train_file', 'validation_file', 'tokenizer_dir', 'model_file', 'train_state_dir',
                  'output_dir', 'log_dir'):
         print(f'  path.{name}={getattr(t, name)}')
-    from model.state.states import latest_state
-
-    print(f'  path.latest_state={latest_state(t.train_state_dir) or "none"}')
     world = process_count()
     from model.faults import fault_point
 
     fault_point('dry-run')
     report = preflight.check_train(cfg, resume, world)
+    if resume:  # the state the resume loads, as judged (checksums included)
+        print(f'  path.resume_from={report.latest_state or "none"}')
+    else:
+        from model.state.states import latest_state
+
+        newest = latest_state(t.train_state_dir, deep=False)
+        print(f'  path.latest_state={newest}  (a fresh run moves it aside)' if newest else '  path.latest_state=none')
     if report.total_steps:
         per_step = t.batch_size_per_gpu * world * t.gradient_accumulation_steps
         print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} rows x '

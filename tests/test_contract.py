@@ -141,7 +141,7 @@ def test_a_state_whose_json_parts_do_not_read_is_not_loadable(tmp_path, tokenize
     remark(new, 2)
     report = contract.inspect(str(states), resume=True)
     assert report.resume.path == old, report.notes
-    why = {'missing': 'data_position.json is missing (a state saved by an earlier version',
+    why = {'missing': 'data_position.json is missing',
            'unreadable': 'data_position.json is unreadable', 'not an object': 'data_position.json holds no JSON object'}
     assert why[damage] in report.notes[0]
     os.remove(os.path.join(old, 'counters.json'))
@@ -199,3 +199,23 @@ def test_a_fingerprint_change_is_refused_or_noted():
         contract.compare_fingerprints(saved, changed, False)
     assert raised.value.fix == 'pass --allow_data_change=True to continue on the new data anyway'
     assert 'continuing as --allow_data_change=True asks' in contract.compare_fingerprints(saved, changed, True)[0]
+
+
+def test_a_state_of_the_version_before_the_contract_still_loads(tmp_path, tokenizer):
+    model, optimizer, scheduler, counters, position, parts = live_run(tokenizer)
+    train_steps(model, optimizer, scheduler, tokenizer, 2)
+    counters.global_step, position.rows = 2, 16
+    path = save(parts, tokenizer, tmp_path / 'states', 2)
+    # as that version left it: the schedule and the position pickled by accelerate, the counters in train_state.json
+    torch.save(scheduler.state_dict(), os.path.join(path, 'custom_checkpoint_0.pkl'))
+    torch.save(position.state_dict(), os.path.join(path, 'custom_checkpoint_1.pkl'))
+    os.rename(os.path.join(path, 'counters.json'), os.path.join(path, 'train_state.json'))
+    for name in ('schedule.json', 'data_position.json'):
+        os.remove(os.path.join(path, name))
+    remark(path, 2)
+    saved = contract.inspect(str(tmp_path / 'states'), resume=True).resume
+    assert saved is not None and saved.parts['data_position'] == {'rows': 16}
+    *_, scheduler2, counters2, position2, parts2 = live_run(tokenizer)
+    parts2.load_all_ranks(saved)
+    assert counters2.global_step == 2 and position2.rows == 16
+    assert scheduler2.state_dict() == scheduler.state_dict()

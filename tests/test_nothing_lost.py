@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -331,9 +332,15 @@ def test_resume_uses_the_runs_own_tokenizer_after_a_retrain(tmp_path, data):
     assert cli('train_tokenizer', f'--train_file={data["train"]}', f'--tokenizer_dir={tok}',
                '--vocab_size=950').returncode == 0
     r = run_train(tiny_flags(data, out, tokenizer_dir=tok, max_steps=8), '--is_keep_training=True')
-    line = assert_user_error(r, 'not the one this run was trained with', '--tokenizer_dir=')
-    copy = line.split('--tokenizer_dir=')[1].split()[0]
-    r = run_train(tiny_flags(data, out, tokenizer_dir=copy, max_steps=8), '--is_keep_training=True')
+    line = assert_user_error(r, 'not the one this run was trained with', 'cp -r ')
+    own_copy = line.split('cp -r ')[1].split()[0]
+    assert own_copy.startswith(f'{out}/state/state-') and own_copy.endswith('/tokenizer')
+    # in place it would be pruned under the run: refused, with the copy to make
+    r = run_train(tiny_flags(data, out, tokenizer_dir=own_copy, max_steps=8), '--is_keep_training=True')
+    assert_user_error(r, 'lies inside train_state_dir', f'cp -r {own_copy} ')
+    shutil.copytree(own_copy, tmp_path / 'tok_of_the_run')  # the cp -r it names
+    r = run_train(tiny_flags(data, out, tokenizer_dir=tmp_path / 'tok_of_the_run', max_steps=8),
+                  '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-2000:]
 
 

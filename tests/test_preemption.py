@@ -27,7 +27,7 @@ import pytest
 import cli_runner
 from model.state import markers
 from conftest import (ENV, ROOT, STEP_RE, TWO_RANK_STEPS, TWO_RANKS, assert_same_weights, leftover_temps, make_texts,
-                      tiny_flags, write_parquet)
+                      tiny_flags, torchrun, write_parquet)
 
 GRACE_S = 60  # the grace period of these runs (--stop_grace_s): each must exit by itself within it
 RESUME = '--is_keep_training=True'
@@ -468,3 +468,23 @@ def test_a_two_rank_state_resumes_on_one_rank_at_the_same_data_position(tmp_path
     ref, resumed = losses_of(two_rank_reference[1]), losses_of(r.stderr)
     assert sorted(resumed) == list(range(step + 1, TWO_RANK_STEPS + 1))
     assert abs(resumed[step + 1] - ref[step + 1]) < 0.1  # from scratch it would be ~0.4 away
+
+
+@pytest.mark.slow
+def test_a_damage_only_the_main_process_finds_stops_every_rank_at_once(tmp_path, data):
+    # every state's optimizer.bin replaced by bytes of its size: the sizes every rank checks pass,
+    # the checksums the main process alone checks do not; no rank may wait for it in the engine
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, max_steps=4, save_steps=2, max_eval_rows=8, bleu_samples=0)
+    r = torchrun(flags, 2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for state in glob.glob(f'{out}/state/state-*'):
+        path = f'{state}/optimizer.bin'
+        size = os.path.getsize(path)
+        with open(path, 'wb') as f:
+            f.write(bytes(random.Random(size).getrandbits(8) for _ in range(size)))
+    r = torchrun(flags + [RESUME], 2)
+    output = r.stdout + r.stderr
+    assert r.returncode != 0 and 'every saved state is damaged' in output, output[-3000:]
+    assert 'optimizer.bin differs from what was saved (checksum)' in output
+    assert 'forcefully exiting' not in output and 'Unable to shutdown' not in output, output[-3000:]

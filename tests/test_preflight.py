@@ -70,3 +70,36 @@ def test_a_resume_without_a_state_and_with_a_changed_optimizer_is_refused(data, 
     out = tmp_path / 'run'
     found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))
     assert 'is_keep_training' in found, found
+
+
+def test_a_tokenizer_inside_a_folder_the_run_prunes_is_a_problem(data, tmp_path):
+    out = tmp_path / 'run'
+    copy = out / 'state' / 'state-000000020' / 'tokenizer'  # where a refused resume's own copy lies
+    found = problems(preflight.check_train(config(data, out, tokenizer_dir=copy), resume=False, world_size=1))
+    assert 'lies inside train_state_dir' in found['tokenizer_dir'] and 'cp -r' in found['tokenizer_dir'], found
+
+
+def test_the_states_of_a_run_of_several_are_judged_deeply_on_main_only_then(data, tmp_path, monkeypatch):
+    from model.state import contract
+    from model.state import states as sf
+
+    calls = []
+    real = sf.judge_state
+    monkeypatch.setattr(sf, 'judge_state', lambda path, deep=True, pickles=None: calls.append(deep) or
+                        real(path, deep=deep, pickles=pickles))
+    out = tmp_path / 'run'
+    os.makedirs(out / 'state' / 'state-000000005')
+    (out / 'state' / 'state-000000005' / 'x').write_text('x')
+    from model.state import ownership
+    ownership.write_marker(str(out / 'state' / 'state-000000005'), markers.STATE, step=5)
+    ownership.write_marker(str(out / 'state'), markers.STATE_DIR, manifest=False)
+    cfg = config(data, out)
+    report = preflight.check_train(cfg, resume=True, world_size=2, deep=False)
+    assert calls and not any(calls)  # sizes only
+    assert 'every saved state is damaged' in problems(report)['is_keep_training']  # no JSON parts
+    calls.clear()
+    try:
+        preflight.judge_states_on_main(cfg, resume=True, fingerprint=report.fingerprint)
+    except Exception as e:  # noqa: BLE001
+        assert 'schedule.json is missing' in str(e) and contract.PART_FILES['schedule'] in str(e)
+    assert calls and all(calls)

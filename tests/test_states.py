@@ -109,3 +109,31 @@ def test_a_fresh_run_moves_aside_only_whole_states_of_its_own(tmp_path):
     archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert names(os.path.join(archive, 'states')) == ['state-000000010', 'state-000000020']
     assert names(states) == [] and own.folder_kind(str(states)) == markers.STATE_DIR
+
+
+def test_pruning_counts_only_whole_states_so_two_loadable_ones_stay(tmp_path):
+    states = tmp_path / 'states'
+    older, damaged = make_state(states, 10), make_state(states, 20)
+    with open(os.path.join(damaged, 'model.safetensors'), 'w') as f:
+        f.write('weights 21')  # same size: only the checksum sees it
+    resumed = make_state(states, 20, '.1')  # the resumed run saved beside it
+    sf._prune_states(str(states), keep=2)
+    assert names(states) == ['state-000000010', 'state-000000020', 'state-000000020.1']
+    assert sf.latest_state(str(states)) == resumed and sf.latest_state(str(states), deep=False) == resumed
+    sf._prune_states(str(states), keep=1)  # the damaged one is left alone, never counted
+    assert names(states) == ['state-000000020', 'state-000000020.1']
+    assert os.path.isdir(older) is False
+
+
+def test_a_state_judged_whole_is_not_hashed_again_until_a_listed_file_changes(tmp_path, monkeypatch):
+    path = make_state(tmp_path / 'states', 10)
+    hashed = []
+    real = markers.file_sha256
+    monkeypatch.setattr(markers, 'file_sha256', lambda p: hashed.append(p) or real(p))
+    assert sf.judge_state(path).loadable and hashed
+    hashed.clear()
+    assert sf.judge_state(path).loadable and not hashed  # remembered
+    with open(os.path.join(path, 'model.safetensors'), 'w') as f:
+        f.write('weights 99')  # same size, a new mtime
+    verdict = sf.judge_state(path)
+    assert hashed and 'checksum' in verdict.problem

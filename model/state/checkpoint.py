@@ -8,7 +8,6 @@ one model; every method named ``*_all_ranks`` is reached by every rank at the sa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class Checkpointer:
     def __init__(self, settings: SaveSettings, collectives, model, tokenizer, parts: StateParts):
         self.settings, self.collectives, self.accelerator = settings, collectives, collectives.accelerator
         self.model, self.tokenizer, self.parts, self.fingerprint = model, tokenizer, parts, settings.fingerprint
-        self.last_saved_step = -1
+        self.last_saved_step, self.last_saved_path = -1, None  # the newest state of this run: saved or resumed
 
     # --- saving ---
 
@@ -78,7 +77,7 @@ class Checkpointer:
         describe = contract.describe_run(t.config, self.fingerprint, self.collectives.world,
                                          str(self.accelerator.distributed_type))
         path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
-        self.last_saved_step = step
+        self.last_saved_step, self.last_saved_path = step, path
         self.export_weights_all_ranks(step, step)
         self.collectives.on_main_all_ranks(lambda: model_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))
         logger.info('saved state at step %d -> %s', step, path)
@@ -121,9 +120,9 @@ class Checkpointer:
     def load_all_ranks(self, saved: SavedState, state: TrainState, data_position: DataPosition) -> None:
         """The state judged at start-up, into every part (``state`` is the counters part)."""
         self.parts.load_all_ranks(saved)
-        self.last_saved_step = state.global_step
+        self.last_saved_step, self.last_saved_path = state.global_step, saved.path
         saved_world = saved.run.get('world_size')
-        if saved_world != self.collectives.world:
+        if saved_world != self.collectives.world and self.collectives.is_main:
             logger.warning('resuming on %d process(es), saved on %s: the data position is kept exactly '
                            '(no row repeated or skipped); ranks without a saved RNG state start from the seed',
                            self.collectives.world, saved_world)
@@ -132,10 +131,11 @@ class Checkpointer:
                     state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0))
 
 
-def apply_changed_hyperparameters(cfg, optimizer, scheduler, saved_config: dict) -> None:
+def apply_changed_hyperparameters(cfg, optimizer, scheduler) -> None:
     """The loaded optimizer and schedule carry the saved learning rate and weight decay; this
-    run's values win (the schedule's shape comes from this run's config already). Every changed
-    field is logged: none is silently ignored."""
+    run's values win (the schedule's shape comes from this run's config already). The start-up
+    checks name every field changed since the save (contract.changed_fields): none is silently
+    ignored."""
     t = cfg.train
     for group in optimizer.param_groups:
         group['initial_lr'] = t.learn_rate
@@ -148,9 +148,3 @@ def apply_changed_hyperparameters(cfg, optimizer, scheduler, saved_config: dict)
     scheduler.load_state_dict(schedule)
     for group, lr in zip(optimizer.param_groups, lrs):
         group['lr'] = lr
-    changed = [f'{k} {saved_config[part][k]!r} -> {v!r}'
-               for part, now in (('train', t), ('model', cfg.model))
-               for k, v in dataclasses.asdict(now).items() if k in saved_config.get(part, {})
-               and saved_config[part][k] != v]
-    if changed:
-        logger.warning('changed since the save, applied from step %d on: %s', step, '; '.join(changed))

@@ -28,10 +28,13 @@ more than tensors, the JSON parts readable -- and returns the chosen one as a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -86,21 +89,38 @@ class SavedState:
     run: dict
 
 
+# a state of the toolkit before the contract (2026-12): the run's parts pickled by accelerate
+# (custom_checkpoint_<i>.pkl, in the order they were registered) and the counters in train_state.json
+LEGACY_PART_FILES = {'schedule': 'custom_checkpoint_0.pkl', 'data_position': 'custom_checkpoint_1.pkl',
+                     'counters': 'train_state.json'}
+
+
 def read_saved(path: str, step: int) -> SavedState:
-    """The JSON of a state folder; a missing or unreadable file is a ValueError naming it."""
+    """The JSON of a state folder (or an earlier version's parts, read as plain data); a missing
+    or unreadable file is a ValueError naming it."""
+    legacy = not os.path.exists(os.path.join(path, PART_FILES['schedule'])) and all(
+        os.path.isfile(os.path.join(path, f)) for f in LEGACY_PART_FILES.values())
     found: dict[str, Any] = {}
-    for name, file in {**PART_FILES, **RUN_FILES}.items():
+    for name, file in {**(LEGACY_PART_FILES if legacy else PART_FILES), **RUN_FILES}.items():
         try:
-            with open(os.path.join(path, file), encoding='utf-8') as f:
-                found[name] = json.load(f)
+            found[name] = _read_part(os.path.join(path, file))
         except FileNotFoundError:
-            raise ValueError(f'{file} is missing (a state saved by an earlier version of this toolkit?)') from None
-        except (OSError, ValueError) as e:
+            raise ValueError(f'{file} is missing') from None
+        except Exception as e:  # noqa: BLE001 - any damage: the state is not loadable
             raise ValueError(f'{file} is unreadable ({type(e).__name__})') from None
         if not isinstance(found[name], dict):
             raise ValueError(f'{file} holds no JSON object')
     return SavedState(path, step, {name: found[name] for name in PART_FILES},
                       **{name: found[name] for name in RUN_FILES})
+
+
+def _read_part(path: str):
+    if path.endswith('.json'):
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    from accelerate.utils.other import load  # an earlier version's part: tensors and numbers only
+
+    return load(path, map_location='cpu', weights_only=True)
 
 
 # --------------------------------------------------------------------------- judged once
@@ -128,7 +148,7 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
     report = StatesReport()
     found = [path for _, path in states.list_complete_states(state_dir)]
     if not resume:
-        for v in (states.judge_state(path, pickles=False) for path in found):  # moving aside loads nothing
+        for v in (states.judge_state(path, deep=deep, pickles=False) for path in found):  # moving aside loads nothing
             if not v.wholly_owned:
                 why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
                 report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a '
@@ -173,8 +193,9 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
     """Raise on a changed tokenizer or model shape; on changed data unless allowed. Returns notes."""
     if saved.get('tokenizer') != current['tokenizer']:
         copy = os.path.join(state_path, TOKENIZER_COPY) if state_path else ''
-        fix = (f"resume with the run's own copy: --tokenizer_dir={copy}" if copy and os.path.isdir(copy)
-               else 'resume with the tokenizer it was trained with')
+        fix = (f"resume with the run's own copy, copied out of the state (its states are pruned as the run "
+               f"saves): cp -r {copy} tokenizer_of_the_run, then --tokenizer_dir=tokenizer_of_the_run"
+               if copy and os.path.isdir(copy) else 'resume with the tokenizer it was trained with')
         raise UserError('the tokenizer in tokenizer_dir is not the one this run was trained with '
                         '(retrained or replaced since the save)', fix)
     if saved.get('model_shape') != current['model_shape']:
@@ -242,7 +263,8 @@ class StateParts:
         """Exactly the state judged at start-up (the main process's SavedState): the engine's
         parts through accelerate, then the run's own from the JSON already read."""
         try:
-            self.accelerator.load_state(saved.path)
+            with _engine_view(saved.path) as folder:
+                self.accelerator.load_state(folder)
         except Exception as e:  # noqa: BLE001 - a file that passed its checksum but does not load here
             raise UserError(f'the state {saved.path} does not load into this run ({type(e).__name__}: '
                             f'{str(e).splitlines()[0] if str(e) else ""})',
@@ -250,6 +272,32 @@ class StateParts:
                             'without --is_keep_training') from None
         for name, part in self.parts.items():
             part.load_state_dict(saved.parts[name])
+
+
+@contextlib.contextmanager
+def _engine_view(path: str):
+    """The folder accelerate loads the engine's parts from: the state itself, or for a state of
+    the version before the contract a temporary folder of links to all but its pickled parts
+    (accelerate would load those into registered objects with weights_only=False)."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in LEGACY_PART_FILES.values() if f.endswith('.pkl')):
+        yield path
+        return
+    view = tempfile.mkdtemp(prefix='.chat_small_t5-state-view-')
+    try:
+        for name in os.listdir(path):
+            if name not in LEGACY_PART_FILES.values():
+                os.symlink(os.path.join(path, name), os.path.join(view, name))
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def changed_fields(saved_config: dict, cfg) -> list[str]:
+    """``name old -> new`` for every field of the run's config that differs from the saved one."""
+    return [f'{k} {saved_config[part][k]!r} -> {v!r}'
+            for part, now in (('train', cfg.train), ('model', cfg.model))
+            for k, v in dataclasses.asdict(now).items() if k in saved_config.get(part, {})
+            and saved_config[part][k] != v]
 
 
 def describe_run(config: dict, fingerprint_: dict, world: int, engine: str) -> dict[str, dict]:

@@ -92,6 +92,9 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
         return StateVerdict(path, step, f'{MARKER} lists no files')
     verdict = StateVerdict(path, step)
     on_disk = ownership.list_entries(path)
+    signature = _signature(path, recorded, on_disk)
+    if (deep or pickles) and signature is not None and _judged_whole.get(path) == signature:
+        deep = pickles = False  # judged whole already in this process, and no listed file changed since
     for rel, saved in sorted(recorded.items()):
         if saved.get('type') == 'dir':
             continue
@@ -105,16 +108,49 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
         if deep and markers.file_sha256(os.path.join(path, rel)) != saved.get('sha256'):
             verdict.problem = f'{rel} differs from what was saved (checksum)'
             break
-    if verdict.problem is None and (deep if pickles is None else pickles):
+    pickles = deep if pickles is None else pickles
+    if verdict.problem is None and pickles:
         verdict.problem = unsafe_pickles(path, [r for r, e in recorded.items() if e.get('type') != 'dir'])
+    if verdict.problem is None and deep and pickles and signature is not None:
+        _judged_whole[path] = signature
     verdict.foreign = [f'{rel} (a link)' if stat.S_ISLNK(st.st_mode) else rel
                        for rel, st in sorted(on_disk.items()) if rel not in recorded]
     return verdict
 
 
-def latest_state(state_dir: str, deep: bool = False) -> str | None:
-    """The newest state a resume would load (its listed files as saved; with deep, checksums and
-    torch files too), or None."""
+# states judged whole (checksums and torch files) in this process, by path: the signature of
+# their listed files then (size, mtime, inode). A state is hashed once a process, not at every
+# save's pruning; one written since (a listed file's signature differs) is judged again.
+_judged_whole: dict[str, tuple] = {}
+
+
+def _signature(path: str, recorded: dict, on_disk: dict) -> tuple | None:
+    try:
+        marker = os.lstat(os.path.join(path, MARKER))
+    except OSError:
+        return None
+    found = [(marker.st_size, marker.st_mtime_ns, marker.st_ino)]
+    for rel, saved in sorted(recorded.items()):
+        st = on_disk.get(rel)
+        if saved.get('type') == 'dir':
+            continue
+        if st is None:
+            return None
+        found.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(found)
+
+
+def remember_whole(path: str) -> None:
+    """A state this process has just written and marked: judged whole without hashing it again."""
+    recorded = ownership.recorded_entries(ownership.read_marker(path) or {})
+    signature = _signature(path, recorded, ownership.list_entries(path))
+    if signature is not None:
+        _judged_whole[path] = signature
+
+
+def latest_state(state_dir: str, deep: bool = True) -> str | None:
+    """The newest state a resume would load (its listed files as saved: checksums and torch files
+    too, or with deep=False sizes only), or None."""
     for _, path in reversed(list_complete_states(state_dir)):
         if judge_state(path, deep).loadable:
             return path
@@ -157,7 +193,7 @@ def begin_save(state_dir: str, tmp: str) -> None:
     """The temporary folder of a save, once stale ones are gone and a state the size of the last fits."""
     ensure_state_dir(state_dir)
     _sweep_tmp_states(state_dir)
-    previous = latest_state(state_dir)
+    previous = latest_state(state_dir, deep=False)
     if previous:  # a state the size of the last one must fit: found before any rank writes
         need = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(previous) for n in names)
         if shutil.disk_usage(state_dir).free < need * 1.05:
@@ -189,6 +225,7 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
                        os.path.join(state_dir, state_name(step)), step, final)
     os.rename(tmp, final)
     writes.fsync_dir(state_dir)
+    remember_whole(final)
     _prune_states(state_dir, keep)
     _sweep_tmp_states(state_dir)
     return final
@@ -201,7 +238,7 @@ def _prune_states(state_dir: str, keep: int) -> None:
     """Delete the states older than the newest ``keep`` loadable ones -- only those wholly the
     toolkit's; any other is left alone and said once."""
     states = [path for _, path in list_complete_states(state_dir)]
-    loadable = [p for p in states if judge_state(p, deep=False).loadable]
+    loadable = [p for p in states if judge_state(p).loadable]  # whole: a state damaged since never counts
     kept = set(loadable[-keep:]) if keep > 0 else set()
     for path in states:
         if path in kept or states.index(path) > states.index(loadable[-1] if loadable else states[-1]):

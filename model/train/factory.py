@@ -9,7 +9,10 @@
    the optimizer and the schedule, prepared by the engine;
 5. the state's parts (model/state/contract.py), the checkpointer and the evaluator;
 6. a fresh run moves an earlier run's artifacts aside; a resume loads the state the start-up
-   checks judged (the main process's verdict, shared) and applies the hyperparameters changed since.
+   checks judged and applies the hyperparameters changed since. With several processes every rank
+   checks the states by size before the engine starts (the same verdict everywhere), and the main
+   process alone judges them deeply once it can share the result (step 3): a problem only it
+   sees stops every rank at once, and every rank loads the state it chose.
 
 Each component takes its own typed view of the config (``LoaderSettings.of``, ``EvalSettings.of``),
 built here once. The Trainer (model/train/trainer.py) receives the result and only runs the loop.
@@ -107,9 +110,9 @@ def stop_at_start_up_all_ranks(collectives) -> None:
 
 def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: dict,
               saved: SavedState | None) -> Run:
-    """The run's parts (see the module's text for the order). ``saved``: the state the main
-    process judged loadable (resume only; other ranks pass None and receive it)."""
-    from model.train.preflight import model_folder
+    """The run's parts (see the module's text for the order). ``saved``: the state a resume loads,
+    as the start-up checks judged it (one process; with several, the main process judges again)."""
+    from model.train.preflight import judge_states_on_main, model_folder
     from model.train.run_support import setup_logging_all_ranks
 
     t = cfg.train
@@ -128,6 +131,12 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         stamp = os.path.basename(log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
         fault_point('start-up')
         stop_at_start_up_all_ranks(collectives)
+        if collectives.world > 1:  # judged deeply once, by the main process: its verdict for every rank
+            saved, deep_notes = collectives.on_main_all_ranks(
+                lambda: judge_states_on_main(cfg, resume, fingerprint)) or (None, [])
+            for note in deep_notes:
+                if note not in notes:
+                    logger.warning('%s', note)
         if t.log_with != 'none':
             init_trackers(cfg, accelerator, stamp)
         run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint)
@@ -139,7 +148,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         if resume:
             saved = collectives.broadcast_from_main_all_ranks(saved)
             run.checkpointer.load_all_ranks(saved, run.state, run.data_position)
-            apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler, saved.config)
+            apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler)
         return run
     except BaseException:
         if lock is not None:

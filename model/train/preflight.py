@@ -142,6 +142,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.problems.append(Problem(name, f'{name}: {path} lies inside tokenizer_dir '
                                            f'{t.tokenizer_dir}, an input of the run',
                                            'write the run\'s outputs elsewhere'))
+    if ownership.same_or_inside(t.tokenizer_dir, t.train_state_dir):  # e.g. a state's own copy: pruned as the run saves
+        report.problems.append(Problem('tokenizer_dir', f'tokenizer_dir: {t.tokenizer_dir} lies inside train_state_dir '
+                                       f'{t.train_state_dir}, whose states the run moves and prunes',
+                                       f'copy it out first: cp -r {t.tokenizer_dir} tokenizer_of_the_run, then '
+                                       f'--tokenizer_dir=tokenizer_of_the_run'))
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
                                                                    folder=True))
     for name in ('best', 'final'):
@@ -207,11 +212,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
 
     # resume: a state that loads, trained with what this run would use; a fresh run: what an
     # earlier one left can be moved aside
-    if resume:
-        _check_resume(cfg, report, deep)
-    else:
-        for message in contract.inspect(t.train_state_dir, resume=False).problems:
-            report.problems.append(Problem('train_state_dir', message))
+    check_states(cfg, resume, report, deep)
     if not resume and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
@@ -281,6 +282,29 @@ def _check_disk(t, report: Report) -> None:
                             f'{t.keep_latest_n_ckp} step files are kept, the disk may fill up')
 
 
+def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool = True) -> None:
+    """The saved states: for a resume, the one it loads (``report.resume``) and whether it fits
+    this run; for a fresh run, whether what an earlier one left can be moved aside. A run of
+    several processes has each check them by size (``deep=False``: the same verdict on every
+    rank), then the main process alone deeply (:func:`judge_states_on_main`)."""
+    if resume:
+        _check_resume(cfg, report, deep)
+        return
+    for message in contract.inspect(cfg.train.train_state_dir, resume=False, deep=deep).problems:
+        report.problems.append(Problem('train_state_dir', message))
+
+
+def judge_states_on_main(cfg: ResolvedConfig, resume: bool, fingerprint: dict) -> tuple[contract.SavedState | None,
+                                                                                        list[str]]:
+    """The states judged deeply (checksums, torch files) by the main process of a run of several:
+    (the state a resume loads, notes); the first problem is raised as a UserError, which the
+    run's collectives raise on every rank."""
+    report = Report(fingerprint=fingerprint)
+    check_states(cfg, resume, report, deep=True)
+    report.raise_first()
+    return report.resume, report.notes
+
+
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     t = cfg.train
     states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
@@ -298,6 +322,9 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                            f'{name}={saved_cfg.get(name)} ({why})',
                                            f'resume with --{name}={saved_cfg.get(name)}, or start a new run '
                                            f'without --is_keep_training'))
+    changed = contract.changed_fields(saved.config, cfg)
+    if changed:
+        report.notes.append(f'changed since the save, applied from step {saved.step} on: {"; ".join(changed)}')
     if not report.fingerprint:
         return
     try:

@@ -39,7 +39,6 @@ from model import stopping
 from model.data.tokenizer import LABEL_PAD_ID
 from model.faults import fault_point
 from model.net.chat_model import token_loss_sum
-from model.state import states as state_files
 from model.stopping import STOP, Stopped
 from model.train import preflight
 from model.train.factory import Run, build_run
@@ -236,7 +235,7 @@ class Trainer:
         count, step_sum = self.collectives.sum_all_ranks([float(own >= 0), float(max(own, 0))])
         if count:
             bad = own if own >= 0 else int(step_sum / count)
-            last = state_files.latest_state(self.settings.train_state_dir)
+            last = self.checkpointer.last_saved_path
             raise Diverged(f'loss became NaN/inf at optimizer step {bad}; training stopped and nothing '
                            f'after the last good state was saved ({last or "no state saved yet"}). '
                            f'Try a lower --learn_rate (now {self.settings.learn_rate}) or --max_grad_norm')
@@ -325,7 +324,7 @@ class Trainer:
             path = self.save_all_ranks(data_state=position)
             kept = f'the state at step {step} saved in {path}'
         elif step:
-            kept = f'the state at step {step} is saved in {state_files.latest_state(self.settings.train_state_dir)}'
+            kept = f'the state at step {step} is saved in {self.checkpointer.last_saved_path}'
         else:
             kept = 'no step was taken, nothing to save'
         pending = '; its evaluation was cut and is pending' if self.state.eval_pending else ''
@@ -352,12 +351,12 @@ def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
     Stopped after a stop saved what it could.
 
     Every check that can be made at start-up runs first (the same as --dry_run=True), before
-    anything is moved, created or trained; the saved states are judged by the main process alone
-    (its verdict is shared when the run starts). From then on signals are polled
-    (model/stopping.py).
+    anything is moved, created or trained (with several processes, the saved states by size on
+    every rank, then deeply by the main process alone: model/train/factory.py). From then on
+    signals are polled (model/stopping.py).
     """
-    main = os.environ.get('RANK', '0') == '0'
-    report = preflight.check_train(cfg, resume, int(os.environ.get('WORLD_SIZE', '1')), locks=False, deep=main)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    report = preflight.check_train(cfg, resume, world, locks=False, deep=world == 1)
     report.raise_first()
     with stopping.polling():
         trainer = Trainer(build_run(cfg, resume, report.notes, report.fingerprint, report.resume))
