@@ -185,17 +185,18 @@ if [ -n "${RANK_OUTCOME_DIR:-}" ]; then rank_entry=("$HERE/scripts/rank_outcome.
 # to it (it passes them to the ranks, which save), and exit 130/143 like one process would.
 # One SIGTERM only: torchrun abandons ranks still saving when another one reaches it during
 # its wait (SLURM also signals every process of the job step itself).
-stopped=0
+stopped=0 stop_signal= launcher=
 pass_on() {
   if [ "$1" = TERM ] && [ "$stopped" -ne 0 ]; then return; fi
-  stopped=$2
-  kill -"$1" "$launcher" 2>/dev/null
+  stopped=$2 stop_signal=$1
+  [ -z "$launcher" ] || kill -"$1" "$launcher" 2>/dev/null
 }
 trap 'pass_on TERM 143' TERM
 trap 'pass_on INT 130' INT
 if [ "${#launch_args[@]}" -eq 0 ]; then launch_args=(--multi_gpu --num_processes "$gpus"); fi
 "$ACCELERATE" launch "${launch_args[@]}" "${rank_entry[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
 launcher=$!
+[ -z "$stop_signal" ] || kill -"$stop_signal" "$launcher" 2>/dev/null   # it came while the launcher started
 while :; do
   wait "$launcher"
   rc=$?
@@ -211,8 +212,11 @@ if [ -n "${RANK_OUTCOME_DIR:-}" ]; then
     [ -f "$record" ] || continue
     read -r word on pid _ < "$record" || continue
     [ "$word" = running ] && [ "$on" = "$host" ] || continue
-    # gone, or another process now (no pipe into grep -q: under pipefail its early exit fails ps)
-    case "$(ps -o args= -p "$pid" 2>/dev/null)" in *rank_outcome.py*) ;; *) continue ;; esac
+    # gone, or another process now: a rank of this job is rank_outcome.py (the whole command line,
+    # -ww: a COLUMNS in the environment must not cut it; no pipe into grep -q, whose early exit
+    # fails ps under pipefail) with this job's outcome folder in its environment
+    case "$(ps -ww -o args= -p "$pid" 2>/dev/null)" in *rank_outcome.py*) ;; *) continue ;; esac
+    grep -qzxF "RANK_OUTCOME_DIR=$RANK_OUTCOME_DIR" "/proc/$pid/environ" 2>/dev/null || continue
     left=$(( deadline - SECONDS ))
     echo "note: the launcher has ended; waiting up to ${left} s for rank process $pid to finish its save" >&2
     if [ "$left" -le 0 ] || ! timeout "$left" tail --pid="$pid" -f /dev/null; then

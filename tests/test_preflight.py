@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from config import resolve_config
 from conftest import tiny_flags
+from model.errors import UserError
 from model.state import markers
 from model.train import preflight
 
@@ -95,11 +98,10 @@ def test_the_states_of_a_run_of_several_are_judged_deeply_on_main_only_then(data
     ownership.write_marker(str(out / 'state'), markers.STATE_DIR, manifest=False)
     cfg = config(data, out)
     report = preflight.check_train(cfg, resume=True, world_size=2, deep=False)
-    assert calls and not any(calls)  # sizes only
-    assert 'every saved state is damaged' in problems(report)['is_keep_training']  # no JSON parts
+    assert calls and not any(calls)  # sizes only: nothing read, nothing said of what the state holds
+    assert report.ready and report.resume is None and not any('state' in note for note in report.notes)
     calls.clear()
-    try:
+    with pytest.raises(UserError) as raised:  # the main process: deeply, notes and comparisons included
         preflight.judge_states_on_main(cfg, resume=True, fingerprint=report.fingerprint)
-    except Exception as e:  # noqa: BLE001
-        assert 'schedule.json is missing' in str(e) and contract.PART_FILES['schedule'] in str(e)
+    assert f'{contract.PART_FILES["schedule"]} is missing' in str(raised.value)
     assert calls and all(calls)

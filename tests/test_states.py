@@ -133,7 +133,10 @@ def test_a_state_judged_whole_is_not_hashed_again_until_a_listed_file_changes(tm
     assert sf.judge_state(path).loadable and hashed
     hashed.clear()
     assert sf.judge_state(path).loadable and not hashed  # remembered
-    with open(os.path.join(path, 'model.safetensors'), 'w') as f:
-        f.write('weights 99')  # same size, a new mtime
+    target = os.path.join(path, 'model.safetensors')
+    before = os.stat(target)
+    with open(target, 'w') as f:
+        f.write('weights 99')  # same size, and the mtime put back: only the ctime tells
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     verdict = sf.judge_state(path)
     assert hashed and 'checksum' in verdict.problem

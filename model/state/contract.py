@@ -144,7 +144,8 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
     """Judge the saved states once, before anything moves: a resume takes the newest loadable
     state (a damaged newer one is left alone, and a save at its step goes to a new name beside
     it); a fresh run moves the earlier run's states aside, which it may only do with states wholly
-    its own. ``deep=False`` checks sizes only (a rank whose main process judges deeply)."""
+    its own. ``deep=False``: by sizes only, problems only -- no state read, no note (each rank of a
+    run of several, whose main process then judges deeply and speaks for all)."""
     report = StatesReport()
     found = [path for _, path in states.list_complete_states(state_dir)]
     if not resume:
@@ -155,27 +156,33 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
                                        f'fresh run: {why}, which this toolkit did not write; move it away yourself '
                                        f'(or resume that run with --is_keep_training=True)')
         return report
-    newest = None
+    damaged: list[states.StateVerdict] = []
+    loadable = None
     for path in reversed(found):  # judged newest first, down to the one a resume loads
         v = states.judge_state(path, deep=deep)
-        if v.loadable:
+        if v.loadable and deep:
             try:
                 report.resume = read_saved(v.path, v.step)
             except ValueError as e:
                 v.problem = str(e)
-        newest = newest or v
-        if report.resume:
-            if v.foreign:
-                report.notes.append(f'{v.path} holds {ownership.describe_foreign(v.foreign)}, not part of the '
-                                    f'state: left alone (not loaded, never deleted; this state is never pruned)')
+        if v.loadable:
+            loadable = v
             break
-        report.notes.append(f'the newest state {v.path} is damaged ({v.problem}): it is left alone (the toolkit '
-                            f'never deletes or replaces what changed since it wrote it) and the run resumes '
-                            f'from an earlier one; remove it once you no longer need it')
-    if report.resume is None:
-        what = (f'every saved state is damaged in {state_dir} ({newest.problem} in {newest.path})'
-                if newest else f'no complete saved state in {state_dir}')
+        damaged.append(v)
+    if loadable is None:
+        what = (f'every saved state is damaged in {state_dir} ({damaged[0].problem} in {damaged[0].path})'
+                if damaged else f'no complete saved state in {state_dir}')
         report.problems.append(f'--is_keep_training=True but {what}')
+        return report
+    if not deep:
+        return report
+    if loadable.foreign:
+        report.notes.append(f'{loadable.path} holds {ownership.describe_foreign(loadable.foreign)}, not part of the '
+                            f'state: left alone (not loaded, never deleted; this state is never pruned)')
+    for i, v in enumerate(damaged):
+        report.notes.append(f'{"the newest" if i == 0 else "the"} state {v.path} is damaged ({v.problem}): it is '
+                            f'left alone (the toolkit never deletes or replaces what changed since it wrote it) and '
+                            f'the run resumes from {loadable.path}; remove it once you no longer need it')
     return report
 
 

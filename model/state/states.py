@@ -119,8 +119,9 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
 
 
 # states judged whole (checksums and torch files) in this process, by path: the signature of
-# their listed files then (size, mtime, inode). A state is hashed once a process, not at every
-# save's pruning; one written since (a listed file's signature differs) is judged again.
+# their listed files then (size, mtime, ctime, inode). A state is hashed once a process, not at
+# every save's pruning; one written to since -- even with its mtime put back: the ctime moves with
+# any write -- is judged again. (A disk's own bit rot changes no metadata: a later process sees it.)
 _judged_whole: dict[str, tuple] = {}
 
 
@@ -129,14 +130,14 @@ def _signature(path: str, recorded: dict, on_disk: dict) -> tuple | None:
         marker = os.lstat(os.path.join(path, MARKER))
     except OSError:
         return None
-    found = [(marker.st_size, marker.st_mtime_ns, marker.st_ino)]
+    found = [(marker.st_size, marker.st_mtime_ns, marker.st_ctime_ns, marker.st_ino)]
     for rel, saved in sorted(recorded.items()):
         st = on_disk.get(rel)
         if saved.get('type') == 'dir':
             continue
         if st is None:
             return None
-        found.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+        found.append((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     return tuple(found)
 
 

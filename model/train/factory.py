@@ -126,7 +126,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             logger.warning(warning)
         logger.info('run: %d process(es), device %s, precision %s, log %s', collectives.world,
                     accelerator.device, accelerator.mixed_precision, log_file)
-        for note in notes:
+        for note in notes if collectives.is_main else ():  # the same on every rank: said once
             logger.warning('%s', note)
         stamp = os.path.basename(log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')
         fault_point('start-up')
@@ -135,7 +135,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             saved, deep_notes = collectives.on_main_all_ranks(
                 lambda: judge_states_on_main(cfg, resume, fingerprint)) or (None, [])
             for note in deep_notes:
-                if note not in notes:
+                if note not in notes:  # the main process's: every rank's notes said nothing of the states
                     logger.warning('%s', note)
         if t.log_with != 'none':
             init_trackers(cfg, accelerator, stamp)

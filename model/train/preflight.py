@@ -213,12 +213,6 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     # resume: a state that loads, trained with what this run would use; a fresh run: what an
     # earlier one left can be moved aside
     check_states(cfg, resume, report, deep)
-    if not resume and report.ready:
-        previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
-        if previous:
-            report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
-                                f'{os.path.join(t.output_dir, "previous_runs")}/<time>/ (to continue it instead: '
-                                f'--is_keep_training=True)')
     return report
 
 
@@ -287,11 +281,18 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
     this run; for a fresh run, whether what an earlier one left can be moved aside. A run of
     several processes has each check them by size (``deep=False``: the same verdict on every
     rank), then the main process alone deeply (:func:`judge_states_on_main`)."""
+    t = cfg.train
     if resume:
         _check_resume(cfg, report, deep)
         return
-    for message in contract.inspect(cfg.train.train_state_dir, resume=False, deep=deep).problems:
+    for message in contract.inspect(t.train_state_dir, resume=False, deep=deep).problems:
         report.problems.append(Problem('train_state_dir', message))
+    if deep and report.ready:
+        previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
+        if previous:
+            report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
+                                f'{os.path.join(t.output_dir, "previous_runs")}/<time>/ (to continue it instead: '
+                                f'--is_keep_training=True)')
 
 
 def judge_states_on_main(cfg: ResolvedConfig, resume: bool, fingerprint: dict) -> tuple[contract.SavedState | None,
@@ -313,7 +314,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     for message in states.problems:
         report.problems.append(Problem('is_keep_training', message,
                                        'start without --is_keep_training (or check --train_state_dir)'))
-    if saved is None:
+    if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
     saved_cfg = saved.config.get('train', {})
     for name, why in REFUSED_ON_RESUME.items():
