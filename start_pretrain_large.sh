@@ -205,23 +205,28 @@ done
 
 # ranks the launcher left behind (it gave up on them, see above) finish their save before this
 # script ends: SLURM kills what is left of a job step once its tasks have exited
+rank_at_work() {
+  # the rank of this record still works: its record says running here, and its process lives (not a
+  # zombie: its environment would be empty) as this job's rank_outcome.py -- the whole command line
+  # (-ww: a COLUMNS in the environment must not cut it; no pipe into grep -q, whose early exit fails
+  # ps under pipefail) with this job's outcome folder in its environment (not a reused pid)
+  local word on pid
+  read -r word on pid _ < "$1" 2>/dev/null || return 1
+  [ "$word" = running ] && [ "$on" = "$host" ] || return 1
+  case "$(ps -ww -o args= -p "$pid" 2>/dev/null)" in *rank_outcome.py*) ;; *) return 1 ;; esac
+  grep -qzxF "RANK_OUTCOME_DIR=$RANK_OUTCOME_DIR" "/proc/$pid/environ" 2>/dev/null || return 1
+  rank_pid=$pid
+}
 if [ -n "${RANK_OUTCOME_DIR:-}" ]; then
   host=$(uname -n)
   deadline=$(( SECONDS + TORCH_ELASTIC_SHUTDOWN_TIMEOUT ))
   for record in "$RANK_OUTCOME_DIR"/rank-*; do
-    [ -f "$record" ] || continue
-    read -r word on pid _ < "$record" || continue
-    [ "$word" = running ] && [ "$on" = "$host" ] || continue
-    # gone, or another process now: a rank of this job is rank_outcome.py (the whole command line,
-    # -ww: a COLUMNS in the environment must not cut it; no pipe into grep -q, whose early exit
-    # fails ps under pipefail) with this job's outcome folder in its environment
-    case "$(ps -ww -o args= -p "$pid" 2>/dev/null)" in *rank_outcome.py*) ;; *) continue ;; esac
-    grep -qzxF "RANK_OUTCOME_DIR=$RANK_OUTCOME_DIR" "/proc/$pid/environ" 2>/dev/null || continue
-    left=$(( deadline - SECONDS ))
-    echo "note: the launcher has ended; waiting up to ${left} s for rank process $pid to finish its save" >&2
-    if [ "$left" -le 0 ] || ! timeout "$left" tail --pid="$pid" -f /dev/null; then
-      echo "warning: rank process $pid did not end within the grace period: killed" >&2
-      kill -KILL "$pid" 2>/dev/null   # what torchrun would have done at the end of the grace
+    [ -f "$record" ] && rank_at_work "$record" || continue
+    echo "note: the launcher has ended; waiting up to $(( deadline - SECONDS )) s for rank process $rank_pid to finish its save" >&2
+    while rank_at_work "$record" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
+    if rank_at_work "$record"; then
+      echo "warning: rank process $rank_pid did not end within the grace period: killed" >&2
+      kill -KILL "$rank_pid" 2>/dev/null   # what torchrun would have done at the end of the grace
     fi
   done
 fi

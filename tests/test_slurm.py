@@ -151,7 +151,8 @@ def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exact
     out, log, job_id = tmp_path / 'run', tmp_path / 'calls', 900000 + os.getpid() % 90000
     flags = tiny_flags(data, out, **TWO_RANKS)
     # the stop's save takes 8 s: every further signal below, and torchrun's exit, land while the ranks save
-    job = start_job(flags, job_env(stand_ins, log, job_id, CHAT_SMALL_T5_FAULT='state-save:sleep=8'))
+    # COLUMNS as a submitter's terminal exports it: ps must not cut the command lines the start script reads
+    job = start_job(flags, job_env(stand_ins, log, job_id, CHAT_SMALL_T5_FAULT='state-save:sleep=8', COLUMNS='80'))
     wait_for_training(job, out)
     os.kill(job.pid, signal.SIGTERM)  # SLURM's --signal=B:TERM@N: the batch shell only
     launchers = descendants(job.pid, 'accelerate launch')
@@ -169,6 +170,7 @@ def test_sigterm_saves_on_every_node_requeues_and_the_requeued_job_resumes_exact
     log_text = open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
     for rank in (0, 1):  # both saved and left by themselves: the step's end kills what is left
         assert f'rank {rank}: stopped by SIGTERM' in log_text, output[-3000:]
+    assert 'to finish its save' in output and 'did not end within the grace period' not in output  # waited
     assert 'stopped (rank(s) 143 143; node(s) 143 143): requeued (restart 1 of at most 50)' in output, output[-3000:]
     assert [c for c in calls(log) if c.startswith('scontrol requeue')] == [f'scontrol requeue {job_id}']
     assert len([c for c in calls(log) if c.startswith('srun')]) == 1
