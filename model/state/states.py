@@ -160,7 +160,7 @@ def latest_state(state_dir: str, deep: bool = True) -> str | None:
 
 def write_json(path: str, obj) -> None:
     with open(path, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, default=str)
+        json.dump(obj, f, ensure_ascii=False, indent=1)  # plain data only: anything else fails the save, loudly
 
 
 def read_json(path: str):
