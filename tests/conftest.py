@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import random
 import re
@@ -195,3 +197,56 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session, exitstatus):
     cli_runner.close_all()
+
+
+# --------------------------------------------------------------------------- the CLI as a user runs it
+
+
+def cli(*args, script='train_low_mem.py', env=None, stdin=None, timeout=300):
+    return cli_runner.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def start(*args, script='train_low_mem.py'):
+    return cli_runner.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every file under folder with a hash of its content (hidden files and .git included)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            with open(p, 'rb') as f:
+                out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder) + '/'] = 'dir'
+    return out
+
+
+def assert_user_error(r, *words):
+    stderr = r.stderr if isinstance(r, subprocess.CompletedProcess) else r[1]
+    code = r.returncode if isinstance(r, subprocess.CompletedProcess) else r[0]
+    lines = [line for line in stderr.splitlines() if line.strip() and ' INFO ' not in line
+             and ' WARNING ' not in line]
+    assert code == 2, stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    if os.environ.get('RECORD_USER_ERRORS'):  # the case -> line table of a release note
+        with open(os.environ['RECORD_USER_ERRORS'], 'a', encoding='utf-8') as f:
+            f.write(json.dumps({'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0],
+                                'words': words, 'line': lines[0]}, ensure_ascii=False) + '\n')
+    return lines[0]
+
+
+def run_parallel(cases):
+    """[(name, args, script)] started at once (start-up dominates), -> {name: (code, stderr, stdout)}."""
+    procs = {name: start(*args, script=script) for name, args, script in cases}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out[name] = (proc.returncode, stderr, stdout)
+    return out

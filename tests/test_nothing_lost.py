@@ -7,7 +7,6 @@ naming the thing and what to do, no traceback, and nothing that existed before c
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -20,58 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import cli_runner
-from conftest import ENV, ROOT, logged_losses, make_texts, run_logs, run_train, state_folders, tiny_flags, \
-    train_cmd, write_parquet
-
-
-def cli(*args, script='train_low_mem.py', env=None, stdin=None, timeout=300):
-    return cli_runner.run([sys.executable, script, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout, input=stdin)
-
-
-def start(*args, script='train_low_mem.py'):
-    return cli_runner.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-
-
-def snapshot(folder) -> dict[str, str]:
-    """Every file under folder with a hash of its content (hidden files and .git included)."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            p = os.path.join(root, name)
-            with open(p, 'rb') as f:
-                out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
-        for name in dirs:
-            out[os.path.relpath(os.path.join(root, name), folder) + '/'] = 'dir'
-    return out
-
-
-def assert_user_error(r, *words):
-    stderr = r.stderr if isinstance(r, subprocess.CompletedProcess) else r[1]
-    code = r.returncode if isinstance(r, subprocess.CompletedProcess) else r[0]
-    lines = [line for line in stderr.splitlines() if line.strip() and ' INFO ' not in line
-             and ' WARNING ' not in line]
-    assert code == 2, stderr[-3000:]
-    assert 'Traceback' not in stderr, stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), stderr[-3000:]
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    if os.environ.get('RECORD_USER_ERRORS'):  # the case -> line table of a release note
-        with open(os.environ['RECORD_USER_ERRORS'], 'a', encoding='utf-8') as f:
-            f.write(json.dumps({'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0],
-                                'words': words, 'line': lines[0]}, ensure_ascii=False) + '\n')
-    return lines[0]
-
-
-def run_parallel(cases):
-    """[(name, args, script)] started at once (start-up dominates), -> {name: (code, stderr, stdout)}."""
-    procs = {name: start(*args, script=script) for name, args, script in cases}
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        out[name] = (proc.returncode, stderr, stdout)
-    return out
+from conftest import (ENV, ROOT, assert_user_error, cli, logged_losses, make_texts, run_logs, run_parallel, run_train,
+                      snapshot, start, state_folders, tiny_flags, train_cmd, write_parquet)
 
 
 @pytest.fixture(scope='module')
@@ -125,85 +74,6 @@ def test_generate_on_a_state_folder_explains_instead_of_suggesting_train_tokeniz
     assert 'train_tokenizer' not in line
     assert_user_error(cli('generate', f'--model_dir={trained}/nowhere'), 'no such file or folder')
     assert snapshot(trained) == before
-
-
-# --------------------------------------------------------------------------- prepare_data
-
-
-def test_prepare_data_never_replaces_an_input_or_a_foreign_file(tmp_path):
-    pairs = make_texts(50, seed=4)
-    src = tmp_path / 'a.jsonl'
-    src.write_text(''.join(json.dumps({'prompt': p, 'response': r}, ensure_ascii=False) + '\n' for p, r in pairs),
-                   encoding='utf-8')
-    d = tmp_path / 'd.parquet'
-    write_parquet(d, pairs)
-    folder = tmp_path / 'parts'
-    folder.mkdir()
-    write_parquet(folder / 'p1.parquet', pairs)
-    foreign = tmp_path / 'foreign.parquet'
-    write_parquet(foreign, pairs[:3])
-    (tmp_path / 'outdir').mkdir()
-    before = snapshot(tmp_path)
-    py = 'prepare_data.py'
-    results = run_parallel([
-        ('convert same', ['convert', src, src], py),
-        ('convert same parquet', ['convert', d, d], py),
-        ('clean same', ['clean', d, d], py),
-        ('split train=input', ['split', d, f'--train_out={d}', f'--valid_out={tmp_path / "v.parquet"}'], py),
-        ('split valid=input', ['split', d, f'--train_out={tmp_path / "t.parquet"}', f'--valid_out={d}'], py),
-        ('clean into input folder', ['clean', folder, folder / 'clean.parquet'], py),
-        ('clean into input glob', ['clean', f'{tmp_path}/*.parquet', tmp_path / 'x.parquet'], py),
-        ('foreign output', ['convert', src, foreign], py),
-        ('output is a folder', ['convert', src, tmp_path / 'outdir'], py),
-        ('output under a file', ['convert', src, src / 'x.parquet'], py),
-        ('demo over foreign', ['demo', f'--out_dir={tmp_path}', '--rows=20'], py),
-        ('missing positional', ['convert', src], py),
-    ])
-    assert_user_error(results['convert same'], 'also an input')
-    assert_user_error(results['convert same parquet'], 'also an input')
-    assert_user_error(results['clean same'], 'also an input')
-    assert_user_error(results['split train=input'], 'also an input')
-    assert_user_error(results['split valid=input'], 'also an input')
-    assert_user_error(results['clean into input folder'], 'input folder')
-    assert_user_error(results['clean into input glob'], 'input pattern')
-    assert_user_error(results['foreign output'], 'not written by this toolkit')
-    assert_user_error(results['output is a folder'], 'is a folder')
-    assert_user_error(results['output under a file'], 'is a file')
-    assert_user_error(results['missing positional'], 'OUTPUT')
-    # demo's outputs train.parquet / valid.parquet do not exist in tmp_path: only a real clash is refused
-    assert results['demo over foreign'][0] == 0, results['demo over foreign'][1]
-    after = snapshot(tmp_path)
-    for name in ('train.parquet', 'valid.parquet'):
-        after.pop(name)
-    assert after == before
-    # a file it wrote, it may replace: the same command twice works
-    out = tmp_path / 'out.parquet'
-    for _ in range(2):
-        r = cli('convert', src, out, script=py)
-        assert r.returncode == 0, r.stderr
-    assert pq.read_table(out).num_rows == 50
-
-
-def test_dictionary_string_view_and_null_columns_are_text(tmp_path, data):
-    import pandas as pd
-
-    pairs = make_texts(40, seed=5)
-    df = pd.DataFrame({'question': pd.Categorical([p for p, _ in pairs]),
-                       'answer': pd.array([r for _, r in pairs], dtype='string[pyarrow]')})
-    df.to_parquet(tmp_path / 'cat.parquet')
-    r = cli('convert', tmp_path / 'cat.parquet', tmp_path / 'out.parquet', '--prompt_col=question',
-            '--response_col=answer', script='prepare_data.py')
-    assert r.returncode == 0, r.stderr
-    assert pq.read_table(tmp_path / 'out.parquet').column('prompt').to_pylist() == [p for p, _ in pairs]
-    # training reads a dictionary-encoded column as it is
-    cat = tmp_path / 'train_cat.parquet'
-    pd.DataFrame({'prompt': pd.Categorical([p for p, _ in pairs] * 6),
-                  'response': [r for _, r in pairs] * 6}).to_parquet(cat)
-    flags = tiny_flags(data, tmp_path / 'run', train_file=cat, max_steps=3)
-    r = cli('train', *flags, '--dry_run=True')
-    assert r.returncode == 0 and 'ready' in r.stdout, r.stdout + r.stderr
-    r = run_train(flags)
-    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- train: start-up checks
@@ -539,34 +409,6 @@ def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize('orient', ['records', 'columns', 'index', 'split', 'table', 'values', 'lines', 'json.dump'])
-def test_every_json_layout_pandas_or_json_writes_converts(tmp_path, orient):
-    import pandas as pd
-
-    pairs = make_texts(30, seed=9)
-    df = pd.DataFrame({'q': [p for p, _ in pairs], 'a': [r for _, r in pairs]})
-    src = tmp_path / ('in.jsonl' if orient == 'lines' else 'in.json')
-    if orient == 'json.dump':  # JSONL from the standard library: a missing float is written as NaN
-        records = df.to_dict('records')
-        records[3]['a'] = float('nan')
-        src = tmp_path / 'in.jsonl'
-        src.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records), encoding='utf-8')
-    elif orient == 'lines':
-        df.to_json(src, orient='records', lines=True, force_ascii=False)
-    else:
-        df.to_json(src, orient=orient, force_ascii=False)
-    cols = ['--prompt_col=0', '--response_col=1'] if orient == 'values' else ['--prompt_col=q', '--response_col=a']
-    r = cli('convert', src, tmp_path / 'out.parquet', *cols, script='prepare_data.py')
-    assert r.returncode == 0, r.stderr
-    table = pq.read_table(tmp_path / 'out.parquet')
-    want = [r for _, r in pairs]
-    if orient == 'json.dump':
-        want[3] = None
-    assert table.column('prompt').to_pylist() == [p for p, _ in pairs]
-    assert table.column('response').to_pylist() == want
-
-
-@pytest.mark.slow
 def test_start_script_keeps_relative_paths_and_checks_num_gpus(tmp_path, data):
     env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}
     script = os.path.join(ROOT, 'start_pretrain_large.sh')
@@ -592,11 +434,3 @@ def test_resume_reports_changed_model_settings_and_files_are_readable(tmp_path, 
     for path in (out / 'chat_small_t5.6.bin', out / 'final', out / 'final' / 'model.safetensors'):
         want = (0o777 if path.is_dir() else 0o666) & ~mask
         assert os.stat(path).st_mode & 0o777 == want, path
-
-
-def test_nan_in_a_json_list_is_one_line_with_its_line_number(tmp_path):
-    src = tmp_path / 'nan.json'
-    src.write_text(json.dumps([{'q': '问', 'a': '答'}, {'q': '问二', 'a': float('nan')}], indent=1), encoding='utf-8')
-    r = cli('convert', src, tmp_path / 'out.parquet', '--prompt_col=q', '--response_col=a', script='prepare_data.py')
-    assert_user_error(r, 'line 8', 'NaN is not JSON')
-    assert not os.path.exists(tmp_path / 'out.parquet')
