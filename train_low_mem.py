@@ -244,10 +244,14 @@ def chat(*, use_large_config=False, preset=None, **flags):
         try:
             # a terminal's line is bounded by the terminal (4 KiB); a pipe's only by this read
             line = input('你> ') if interactive else read_prompt_line(sys.stdin, line_no)
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D, or the end of a pipe: done
             if interactive:
                 print()
             return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt, or SIGINT to a piped chat: ends it, exit 130
+            if interactive:
+                print()
+            raise
         prompt = line.strip()
         if not prompt:
             continue

@@ -159,6 +159,21 @@ def test_chat_reads_a_pipe_and_answers_like_generate(run):
     assert lines == want
 
 
+def test_sigint_at_a_piped_chats_prompt_ends_it_with_130_and_one_line(run):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, 'train_low_mem.py', 'chat', *model_flags(run)], cwd=ROOT, env=ENV,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(PROMPTS[0] + '\n')
+    proc.stdin.flush()
+    while proc.stdout.readline().startswith('model: '):  # then its answer: the chat waits at the prompt
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip() and ' INFO ' not in line]
+    assert proc.returncode == 130 and 'Traceback' not in stderr and len(lines) == 1, stderr[-2000:]
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ('touch /tmp/chat_small_t5_code_ran',))
