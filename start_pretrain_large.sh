@@ -196,35 +196,44 @@ trap 'pass_on INT 130' INT
 if [ "${#launch_args[@]}" -eq 0 ]; then launch_args=(--multi_gpu --num_processes "$gpus"); fi
 "$ACCELERATE" launch "${launch_args[@]}" "${rank_entry[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
 launcher=$!
-[ -z "$stop_signal" ] || kill -"$stop_signal" "$launcher" 2>/dev/null   # it came while the launcher started
+# a stop that came while the launcher started: as SIGTERM, since a background job starts with
+# SIGINT ignored until torchrun sets its handlers
+[ -z "$stop_signal" ] || kill -TERM "$launcher" 2>/dev/null
 while :; do
   wait "$launcher"
   rc=$?
   kill -0 "$launcher" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
 done
+launcher=   # reaped: its pid may be another process's now, a later stop is not passed on to it
 
 # ranks the launcher left behind (it gave up on them, see above) finish their save before this
 # script ends: SLURM kills what is left of a job step once its tasks have exited
 rank_at_work() {
-  # the rank of this record still works: its record says running here, and its process lives (not a
-  # zombie: its environment would be empty) as this job's rank_outcome.py -- the whole command line
-  # (-ww: a COLUMNS in the environment must not cut it; no pipe into grep -q, whose early exit fails
-  # ps under pipefail) with this job's outcome folder in its environment (not a reused pid)
-  local word on pid
-  read -r word on pid _ < "$1" 2>/dev/null || return 1
+  # the rank of this record still works: its record (a plain file) says running here, and its
+  # process lives -- not a zombie, whose environment is empty -- as this job's rank_outcome.py
+  # (the command line from /proc) with this job's outcome folder in its environment (not a reused
+  # pid). Builtins only: a signal to the whole group cannot fail a check by killing a ps or grep.
+  local word on pid entry ours=0 cmd=
+  [ -f "$1" ] || return 1
+  read -r word on pid _ 2>/dev/null < "$1" || return 1
   [ "$word" = running ] && [ "$on" = "$host" ] || return 1
-  case "$(ps -ww -o args= -p "$pid" 2>/dev/null)" in *rank_outcome.py*) ;; *) return 1 ;; esac
-  grep -qzxF "RANK_OUTCOME_DIR=$RANK_OUTCOME_DIR" "/proc/$pid/environ" 2>/dev/null || return 1
+  case "$pid" in ''|0*|*[!0-9]*) return 1 ;; esac
+  while IFS= read -r -d '' entry; do
+    [ "$entry" = "RANK_OUTCOME_DIR=$RANK_OUTCOME_DIR" ] && ours=1
+  done 2>/dev/null < "/proc/$pid/environ"
+  [ "$ours" -eq 1 ] || return 1
+  while IFS= read -r -d '' entry; do cmd+="$entry "; done 2>/dev/null < "/proc/$pid/cmdline"
+  case "$cmd" in *rank_outcome.py*) ;; *) return 1 ;; esac
   rank_pid=$pid
 }
 if [ -n "${RANK_OUTCOME_DIR:-}" ]; then
   host=$(uname -n)
   deadline=$(( SECONDS + TORCH_ELASTIC_SHUTDOWN_TIMEOUT ))
   for record in "$RANK_OUTCOME_DIR"/rank-*; do
-    [ -f "$record" ] && rank_at_work "$record" || continue
+    rank_at_work "$record" || continue
     echo "note: the launcher has ended; waiting up to $(( deadline - SECONDS )) s for rank process $rank_pid to finish its save" >&2
-    while rank_at_work "$record" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
-    if rank_at_work "$record"; then
+    while [ "$SECONDS" -lt "$deadline" ] && rank_at_work "$record"; do sleep 0.5; done
+    if [ "$SECONDS" -ge "$deadline" ] && rank_at_work "$record"; then   # killed only at the deadline
       echo "warning: rank process $rank_pid did not end within the grace period: killed" >&2
       kill -KILL "$rank_pid" 2>/dev/null   # what torchrun would have done at the end of the grace
     fi
