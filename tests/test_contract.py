@@ -5,8 +5,10 @@ earlier-format state is stepped around; a failed save leaves nothing half-writte
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -214,9 +216,22 @@ def test_a_state_of_the_version_before_the_contract_still_loads(tmp_path, tokeni
     for name in ('schedule.json', 'data_position.json'):
         os.remove(os.path.join(path, name))
     remark(path, 2)
+    # a user's folder linked into the state (foreign: never loaded, never deleted)
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'thesis.txt').write_text('mine')
+    os.symlink(mine, os.path.join(path, 'my_link'))
+    before = {n: open(os.path.join(path, n), 'rb').read() for n in os.listdir(path)
+              if os.path.isfile(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n))}
+    views = set(glob.glob(os.path.join(tempfile.gettempdir(), '.chat_small_t5-state-view-*')))
     saved = contract.inspect(str(tmp_path / 'states'), resume=True).resume
     assert saved is not None and saved.parts['data_position'] == {'rows': 16}
     *_, scheduler2, counters2, position2, parts2 = live_run(tokenizer)
     parts2.load_all_ranks(saved)
     assert counters2.global_step == 2 and position2.rows == 16
     assert scheduler2.state_dict() == scheduler.state_dict()
+    # the engine's parts were read through a temporary folder of links: gone, and nothing behind any
+    # link (the state's files, the user's folder) changed or went with it
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), '.chat_small_t5-state-view-*'))) == views
+    assert (mine / 'thesis.txt').read_text() == 'mine' and os.path.islink(os.path.join(path, 'my_link'))
+    assert all(open(os.path.join(path, n), 'rb').read() == data for n, data in before.items())

@@ -66,7 +66,7 @@ class Checkpointer:
 
     def __init__(self, settings: SaveSettings, collectives, model, tokenizer, parts: StateParts):
         self.settings, self.collectives, self.accelerator = settings, collectives, collectives.accelerator
-        self.model, self.tokenizer, self.parts, self.fingerprint = model, tokenizer, parts, settings.fingerprint
+        self.model, self.tokenizer, self.parts = model, tokenizer, parts
         self.last_saved_step, self.last_saved_path = -1, None  # the newest state of this run: saved or resumed
 
     # --- saving ---
@@ -74,7 +74,7 @@ class Checkpointer:
     def save_all_ranks(self, step: int) -> str:
         """The full state, then the step's weights file and keep-N pruning."""
         t = self.settings
-        describe = contract.describe_run(t.config, self.fingerprint, self.collectives.world,
+        describe = contract.describe_run(t.config, t.fingerprint, self.collectives.world,
                                          str(self.accelerator.distributed_type))
         path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
         self.last_saved_step, self.last_saved_path = step, path
@@ -93,8 +93,8 @@ class Checkpointer:
         state_dict = self.full_state_dict_all_ranks()
         t = self.settings
         self.collectives.on_main_all_ranks(lambda: model_files.save_weights_file(
-            state_dict, t.model_file.format(tag), step=step, tag=tag, model_shape=self.fingerprint['model_shape'],
-            tokenizer=self.fingerprint['tokenizer'], max_seq_len=t.max_seq_len))
+            state_dict, t.model_file.format(tag), step=step, tag=tag, model_shape=t.fingerprint['model_shape'],
+            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len))
 
     def save_best_all_ranks(self, step: int) -> None:
         """model_file.format('best') and the Hugging Face folder output_dir/best."""
