@@ -183,7 +183,7 @@ def run_read_only(cfg, t_start):
     def batches():
         for _, s, e in ds.local_batches(p):
             reader.release_below(flat.low_water(s))
-            prompts, _, _, skipped = reader.take(flat.positions(s, e))
+            (prompts, _), _, skipped = reader.take(flat.positions(s, e))
             yield len(prompts) + skipped
 
     result = consume(batches(), cfg, t_start, lambda n: n, backend='-')

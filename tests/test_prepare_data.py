@@ -331,7 +331,7 @@ def build_bad_inputs(tmp_path):
          ['bad_list.json', 'line 3', 'malformed JSON']),
         ('non-string parquet column', ['convert', d / 'int_col.parquet', d / 'out8.parquet', *out],
          ['int_col.parquet', "'question'", 'int64']),
-        ('check without prompt column', ['check', d / 'int_col.parquet'], ['int_col.parquet', "'prompt'"]),
+        ('check without prompt column', ['check', d / 'int_col.parquet'], ['int_col.parquet', 'no prompt and response columns', '--text_col']),
         ('unknown flag', ['clean', d / 'ok.jsonl', d / 'out9.parquet', '--max_char=3'], ['--max_chars']),
     ]
 

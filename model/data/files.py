@@ -23,7 +23,9 @@ from model.errors import UserError
 from model.data import read_guard
 from model.data.read_guard import ReadGuard, human_size
 
-TEXT_COLUMNS = ('prompt', 'response')
+PAIR_COLUMNS = ('prompt', 'response')  # the guide's data: a prompt and its response per row
+TEXT_COLUMN = 'text'  # raw text (encyclopedias, news, books): one document per row
+KINDS = {'pairs': PAIR_COLUMNS, 'text': (TEXT_COLUMN,)}  # a file's kind, from the columns it holds
 READ_BATCH_ROWS = 8192  # rows per streamed batch: bounded memory, big enough for vectorised work
 
 
@@ -97,8 +99,26 @@ def blank_mask(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def usable_mask(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """Rows whose prompt and response are both not blank."""
-    return ~(blank_mask(table.column('prompt')) | blank_mask(table.column('response')))
+    """Rows none of whose columns of its kind (prompt and response, or text) is blank."""
+    mask = np.ones(table.num_rows, dtype=bool)
+    for name in KINDS[kind_of(table.schema.names)]:
+        mask &= ~blank_mask(table.column(name))
+    return mask
+
+
+def kind_of(names) -> str | None:
+    """'pairs' when the columns hold prompt and response, else 'text' when they hold text, else
+    None. Pairs win: a file holding both is the guide's data with an extra column."""
+    for kind, columns in KINDS.items():
+        if all(c in names for c in columns):
+            return kind
+    return None
+
+
+def kind_missing_error(path: str, names) -> UserError:
+    return UserError(f'{path}: no prompt and response columns, and no text column (has: {show_names(names)}); '
+                     f'make one with: python prepare_data.py convert {path} OUT.parquet '
+                     f'--prompt_col=... --response_col=... (pairs), or --text_col=... (raw text)')
 
 
 # --------------------------------------------------------------------------- metadata
@@ -110,18 +130,47 @@ class ParquetInfo:
     num_rows: int
     row_group_rows: tuple[int, ...]  # rows of each row group, in file order
     size_bytes: int
+    columns: tuple[str, ...] = PAIR_COLUMNS  # the text columns read (those of its kind, or those asked for)
+
+    @property
+    def kind(self) -> str | None:
+        return kind_of(self.columns)
 
 
-def inspect_parquet(path: str, columns=TEXT_COLUMNS) -> ParquetInfo:
-    """Row counts and a column check from the footer alone (no data is read)."""
+def inspect_parquet(path: str, columns=None) -> ParquetInfo:
+    """Row counts and a column check from the footer alone (no data is read). columns: those
+    that must be there; None: those of the file's kind (prompt and response, or text)."""
     with ReadGuard(path):
         pf = pq.ParquetFile(path)
+        if columns is None:
+            names = pf.schema_arrow.names
+            kind = kind_of(names) or ('pairs' if any(c in names for c in PAIR_COLUMNS) else None)
+            if kind is None:  # one of prompt and response there: the check below names the other
+                raise kind_missing_error(path, names)
+            columns = KINDS[kind]
+        columns = tuple(columns)
         check_text_columns(path, pf.schema_arrow, columns, 'cast it to string before writing the file')
         md = pf.metadata
         rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
         check_row_group_sizes(path, pf, columns, f'rewrite it with: python prepare_data.py convert {path} OUT.parquet')
         return ParquetInfo(path=path, num_rows=md.num_rows, row_group_rows=rg,
-                           size_bytes=os.path.getsize(path))
+                           size_bytes=os.path.getsize(path), columns=columns)
+
+
+def files_kind(files: list[str], what: str) -> str:
+    """The one kind of all the files (pairs or text); mixed kinds are one line naming two files."""
+    kinds = {}
+    for f in files:
+        kinds.setdefault(inspect_parquet(f).kind, f)
+    if len(kinds) > 1:
+        (k1, f1), (k2, f2) = list(kinds.items())[:2]
+        raise UserError(f'{what}: {f1} holds {describe_kind(k1)} but {f2} holds {describe_kind(k2)}; '
+                        f'give files of one kind')
+    return next(iter(kinds))
+
+
+def describe_kind(kind: str) -> str:
+    return 'prompt/response pairs' if kind == 'pairs' else 'raw text (a text column)'
 
 
 def check_text_columns(path: str, schema: pa.Schema, columns, cast_fix: str, rename_fix: str = '') -> None:
@@ -147,7 +196,7 @@ def show_names(names) -> str:
                      for n in names) or 'none'
 
 
-def row_group_text_bytes(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> list[int]:
+def row_group_text_bytes(pf: pq.ParquetFile, columns=PAIR_COLUMNS) -> list[int]:
     """Uncompressed bytes of the columns in each row group, from the footer."""
     md = pf.metadata
     names = set(columns)
@@ -181,7 +230,7 @@ def check_row_group_sizes(path: str, pf: pq.ParquetFile, columns, fix: str) -> l
     return sizes
 
 
-def largest_page_bytes(path: str, row_group: int, columns=TEXT_COLUMNS) -> int | None:
+def largest_page_bytes(path: str, row_group: int, columns=PAIR_COLUMNS) -> int | None:
     """The largest uncompressed page of the columns in a row group, from the page headers
     (a few bytes each, no page is read); None when they cannot be walked (then nothing is
     known). A page holds whole values: one huge value is one huge page, whatever the row group."""
@@ -297,18 +346,18 @@ def open_parquet(path: str, buffer_size: int = 1 << 20) -> pq.ParquetFile:
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer_size)
 
 
-def iter_text_tables(spec, columns=TEXT_COLUMNS, batch_rows: int = READ_BATCH_ROWS):
-    """Tables of at most batch_rows rows of the columns (as text), streamed from every file."""
+def iter_text_tables(spec, columns=None, batch_rows: int = READ_BATCH_ROWS):
+    """Tables of at most batch_rows rows of the columns (as text), streamed from every file;
+    columns None: each file's kind's (prompt and response, or text)."""
     for path in resolve_parquet_files(spec):
-        yield from iter_file_batches(path, columns, batch_rows, lambda batch: pa.Table.from_arrays(
-            [as_text(batch.column(c)) for c in columns], names=list(columns)), inspect=True)
+        names = inspect_parquet(path, columns).columns
+        yield from iter_file_batches(path, names, batch_rows, lambda batch, names=names: pa.Table.from_arrays(
+            [as_text(batch.column(c)) for c in names], names=list(names)))
 
 
-def iter_file_batches(path: str, columns, batch_rows: int, convert=lambda batch: batch, inspect: bool = False):
+def iter_file_batches(path: str, columns, batch_rows: int, convert=lambda batch: batch):
     """convert(batch) of the record batches of one file, row group by row group, a failure
-    naming the row group; inspect: check the footer first (columns, row-group sizes)."""
-    if inspect:
-        inspect_parquet(path, columns)
+    naming the row group."""
     pf = open_parquet(path)
     with ReadGuard(path) as guard:
         for i in range(pf.metadata.num_row_groups):
@@ -336,11 +385,11 @@ def check_utf8(batch: pa.RecordBatch) -> None:
 
 
 def iter_usable_rows(spec, limit: int):
-    """(prompt, response) of the first `limit` usable rows, in file order."""
+    """(prompt, response) -- or (text,) for raw text -- of the first `limit` usable rows, in file order."""
     found = 0
     for table in iter_text_tables(spec, batch_rows=max(64, min(limit, READ_BATCH_ROWS))):
         table = table.filter(pa.array(usable_mask(table)))
-        for pair in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
+        for pair in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             yield pair
             found += 1
             if found >= limit:
@@ -348,9 +397,9 @@ def iter_usable_rows(spec, limit: int):
 
 
 def check_usable_rows(spec, what: str, shown=None) -> None:
-    """UserError unless some row has a non-blank prompt and response (stops at the first)."""
+    """UserError unless some row has a non-blank prompt and response, or text (stops at the first)."""
     if next(iter_usable_rows(spec, 1), None) is None:
         shown = shown or (spec if isinstance(spec, str) else ' '.join(map(str, spec)))
         raise UserError(f'{what}: {shown}: no usable row (every row has a null, empty or '
-                        f'whitespace-only prompt or response); check it with: '
+                        f'whitespace-only prompt or response, or text); check it with: '
                         f'python prepare_data.py check {shown}')

@@ -64,7 +64,7 @@ class TokenGroups:
         if group is None:
             a = g * self.group_rows
             b = min(a + self.group_rows, int(self.reader.plan.num_rows))
-            prompts, responses, rows, blank = self.reader.take_all(np.arange(a, b, dtype=np.int64))
+            (prompts, responses), rows, blank = self.reader.take_all(np.arange(a, b, dtype=np.int64))
             keep = np.flatnonzero(~blank)
             flat, lens = self.encoder.encode_ragged([prompts[i] for i in keep] + [responses[i] for i in keep])
             p_len, r_len = np.zeros(b - a, np.int64), np.zeros(b - a, np.int64)
@@ -213,7 +213,7 @@ class ParquetStreamDataset(IterableDataset):
         pending, indices = [], []
         for j, s, e in self.local_batches(pass_, worker, num_workers):
             reader.release_below(s)
-            prompts, responses, rows, skipped = reader.take(np.arange(s, e, dtype=np.int64))
+            (prompts, responses), rows, skipped = reader.take(np.arange(s, e, dtype=np.int64))
             pending.append((prompts, responses, rows if self.return_row_index else None, skipped))
             indices.append(j)
             if len(pending) == per_call:

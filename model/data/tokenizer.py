@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from model.errors import UserError
 from model.state import ownership, writes
-from model.data.files import TEXT_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
+from model.data.files import PAIR_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
 from model.state.markers import TOKENIZER
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
         if keep < 1.0:
             chosen &= rng.random(table.num_rows) < keep
         table = table.filter(pa.array(chosen))
-        for pair in zip(*(table.column(c).to_pylist() for c in TEXT_COLUMNS)):
+        for pair in zip(*(table.column(c).to_pylist() for c in PAIR_COLUMNS)):
             yield from pair
 
 

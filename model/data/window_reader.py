@@ -1,7 +1,7 @@
 """Reading the rows of an epoch's windows from Parquet, on demand, in bounded memory.
 
 A window is slices of up to ``mix_row_groups`` row groups (model/data/epoch_order.py), read
-column-pruned to ``prompt`` and ``response`` and held as Arrow text. A row group is read
+column-pruned to its kind's columns (``prompt`` and ``response``, or ``text``) and held as Arrow text. A row group is read
 sequentially across the windows that take from it (one open stream each), so every row is read
 once per epoch. Memory per reading process: the loaded window(s) (about ``shuffle_window_rows``
 rows, two while a batch or length group straddles a boundary), one read-ahead batch per open
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from model.data.epoch_order import EpochPlan, RowGroupSlice
 from model.data import read_guard
-from model.data.files import (TEXT_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, row_group_text_bytes,
+from model.data.files import (PAIR_COLUMNS, as_text, blank_mask, check_utf8, open_parquet, row_group_text_bytes,
                          short_read_error)
 from model.data.read_guard import ReadGuard
 
@@ -30,20 +30,22 @@ MAX_OPEN_FILES = 8  # many small files: keep only a few open
 
 
 class Window:
-    __slots__ = ('index', 'start', 'perm', 'prompt', 'response', 'row_index', 'blank')
+    __slots__ = ('index', 'start', 'perm', 'columns', 'row_index', 'blank')
 
-    def __init__(self, index, start, perm, prompt, response, row_index):
+    def __init__(self, index, start, perm, columns: list, row_index):
         self.index, self.start, self.perm = index, start, perm
-        self.prompt, self.response, self.row_index = prompt, response, row_index
-        self.blank = blank_mask(prompt) | blank_mask(response)  # null, empty or whitespace only
+        self.columns, self.row_index = columns, row_index
+        self.blank = np.zeros(len(perm), dtype=bool)
+        for column in columns:
+            self.blank |= blank_mask(column)  # null, empty or whitespace only
 
     @property
     def end(self) -> int:
         return self.start + len(self.perm)
 
-    def texts(self, raw: np.ndarray) -> tuple[list, list]:
-        """Prompts and responses of rows `raw` (read order) as Python strings."""
-        return self.prompt.take(raw).to_pylist(), self.response.take(raw).to_pylist()
+    def texts(self, raw: np.ndarray) -> list[list]:
+        """Each column's texts of rows `raw` (read order) as Python strings."""
+        return [column.take(raw).to_pylist() for column in self.columns]
 
 
 def _contiguous(chunks: list[pa.Array]) -> pa.Array:
@@ -59,8 +61,8 @@ def _contiguous(chunks: list[pa.Array]) -> pa.Array:
 class WindowReader:
     """Loads the windows of one epoch on demand and drops those no longer needed."""
 
-    def __init__(self, files: list[str], plan: EpochPlan):
-        self.files, self.plan = files, plan
+    def __init__(self, files: list[str], plan: EpochPlan, columns: tuple[str, ...] = PAIR_COLUMNS):
+        self.files, self.plan, self.columns = files, plan, tuple(columns)
         self.loaded: dict[int, Window] = {}
         self._handles: dict[int, pq.ParquetFile] = {}
         # (file, row group) -> [batch iterator, next row, leftover record batch or None]
@@ -88,35 +90,34 @@ class WindowReader:
         lo, hi = self.plan.window_of(np.array([positions.min(), positions.max()]))
         return [self.window(w) for w in range(int(lo), int(hi) + 1)]
 
-    def take(self, positions: np.ndarray) -> tuple[list, list, np.ndarray, int]:
-        """The non-blank rows at flat positions, in order: prompts, responses, their global
-        row indices, and how many blank rows were left out."""
-        prompts, responses, rows, blank = self.take_all(positions)
+    def take(self, positions: np.ndarray) -> tuple[list[list], np.ndarray, int]:
+        """The non-blank rows at flat positions, in order: each column's texts (prompts and
+        responses, or texts), their global row indices, and how many blank rows were left out."""
+        texts, rows, blank = self.take_all(positions)
         if not blank.any():
-            return prompts, responses, rows, 0
+            return texts, rows, 0
         keep = np.flatnonzero(~blank)
-        return [prompts[i] for i in keep], [responses[i] for i in keep], rows[keep], int(blank.sum())
+        return [[column[i] for i in keep] for column in texts], rows[keep], int(blank.sum())
 
-    def take_all(self, positions: np.ndarray) -> tuple[list, list, np.ndarray, np.ndarray]:
-        """Every row at the flat positions, in order: prompts, responses, global row indices
+    def take_all(self, positions: np.ndarray) -> tuple[list[list], np.ndarray, np.ndarray]:
+        """Every row at the flat positions, in order: each column's texts, global row indices
         and a blank mask (blank rows come as they are: None or whitespace)."""
         wins = self.windows_for(positions)
         if len(wins) == 1:
             win = wins[0]
             raw = win.perm[positions - win.start]
-            return (*win.texts(raw), win.row_index[raw], win.blank[raw])
-        prompts, responses, rows, blank = [], [], [], []
+            return win.texts(raw), win.row_index[raw], win.blank[raw]
+        texts, rows, blank = [[] for _ in self.columns], [], []
         which = self.plan.window_of(positions)
         for w, raws in itertools.groupby(zip(which.tolist(), positions.tolist()), key=lambda x: x[0]):
             # consecutive runs of one window keep the order (a group straddling windows)
             win = self.loaded[w]
             raw = win.perm[np.array([q for _, q in raws]) - win.start]
-            p, r = win.texts(raw)
-            prompts += p
-            responses += r
+            for out, part in zip(texts, win.texts(raw)):
+                out += part
             rows.append(win.row_index[raw])
             blank.append(win.blank[raw])
-        return prompts, responses, np.concatenate(rows), np.concatenate(blank)
+        return texts, np.concatenate(rows), np.concatenate(blank)
 
     # -- assembling a window from its units
 
@@ -131,7 +132,7 @@ class WindowReader:
 
     def _read_unit(self, u: RowGroupSlice) -> list[pa.RecordBatch]:
         if u.whole and self._row_group_bytes(u) <= read_guard.MAX_ROW_GROUP_TEXT_BYTES:
-            table = self._handle(u.file).read_row_group(u.row_group, columns=list(TEXT_COLUMNS))
+            table = self._handle(u.file).read_row_group(u.row_group, columns=list(self.columns))
             return table.to_batches()
         # a slice of a huge row group: stream it so that only the slice is held in memory
         key = (u.file, u.row_group)
@@ -140,7 +141,7 @@ class WindowReader:
             order = self.plan.order  # a window takes window / mix rows of each open row group
             rows = min(STREAM_BATCH_ROWS, max(1024, order.shuffle_window_rows // max(1, order.mix_row_groups)))
             it = self._handle(u.file).iter_batches(batch_size=rows, row_groups=[u.row_group],
-                                                   columns=list(TEXT_COLUMNS), use_threads=False)
+                                                   columns=list(self.columns), use_threads=False)
             stream = self._streams[key] = [it, 0, None]
         out, need = [], u.rows
         while need:
@@ -167,14 +168,14 @@ class WindowReader:
         """Text bytes of the unit's row group (footer): a larger one is streamed in slices."""
         sizes = self._text_bytes.get(u.file)
         if sizes is None:
-            sizes = self._text_bytes[u.file] = row_group_text_bytes(self._handle(u.file), TEXT_COLUMNS)
+            sizes = self._text_bytes[u.file] = row_group_text_bytes(self._handle(u.file), self.columns)
         return sizes[u.row_group]
 
     def _row_group_rows(self, u: RowGroupSlice) -> int:
         return self._handle(u.file).metadata.row_group(u.row_group).num_rows
 
     def _load(self, w: int) -> Window:
-        chunks = {c: [] for c in TEXT_COLUMNS}
+        chunks = {c: [] for c in self.columns}
         row_index = []
         for u in self.plan.windows[w]:
             with ReadGuard(self.files[u.file]).at(f'row group {u.row_group}'):
@@ -185,11 +186,10 @@ class WindowReader:
                 raise short_read_error(self.files[u.file], u.row_group, sum(b.num_rows for b in batches),
                                        self._row_group_rows(u))
             for batch in batches:
-                for c in TEXT_COLUMNS:
+                for c in self.columns:
                     chunks[c].append(batch.column(c))
             row_index.append(np.arange(u.first_row, u.first_row + u.rows, dtype=np.int64))
         # one contiguous array per column: Arrow's take on a many-chunk array would
         # concatenate per call; a single chunk (one whole row group) is used as read
-        prompt, response = (_contiguous(chunks[c]) for c in TEXT_COLUMNS)
         return Window(w, int(self.plan.window_start[w]), self.plan.window_permutation(w),
-                       prompt, response, np.concatenate(row_index))
+                      [_contiguous(chunks[c]) for c in self.columns], np.concatenate(row_index))

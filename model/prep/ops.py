@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from config import TrainConfigPretrainLarge
 from model.errors import UserError
-from model.data.files import TEXT_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
+from model.data.files import PAIR_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
 from model.prep.output import (BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output,
                                open_parquet_outputs)
 from model.prep.readers import iter_input_tables
@@ -28,7 +28,7 @@ HEAD_CHARS = 200  # characters of a value `check` shows (the table cuts them to 
 TOKEN_SAMPLE_ROWS = 100_000  # rows tokenized by `check` (tokenizing is ~100x slower than counting)
 
 
-def iter_parquet_tables(spec, columns=TEXT_COLUMNS):
+def iter_parquet_tables(spec, columns=PAIR_COLUMNS):
     """Batches of one or more prompt/response Parquet files (file, folder or glob)."""
     return iter_text_tables(spec, columns, batch_rows=BATCH_ROWS)
 
@@ -191,7 +191,7 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
         counts['blank_rows'] += int(masks['blank'].sum())
         usable = ~masks['null']
         counts['duplicate_rows'] += int(usable.sum() - unseen_rows(table, usable, seen).sum())
-        for name in TEXT_COLUMNS:
+        for name in PAIR_COLUMNS:
             # int32 per row: 10M rows cost 40 MB; null rows are left out, as describe() would
             length = pc.drop_null(pc.utf8_length(table.column(name)))
             lengths[name].append(length.to_numpy().astype(np.int32))
@@ -242,7 +242,7 @@ class _TokenStats:
         rows = table.filter(pa.array(chosen))
         from model.data.tokenizer import cut_texts
 
-        for name in TEXT_COLUMNS:
+        for name in PAIR_COLUMNS:
             texts = rows.column(name).to_pylist()
             self.cut += sum(len(t) > self.cut_chars for t in texts)
             ids = self.tok(cut_texts(texts, self.cut_chars), add_special_tokens=True)['input_ids'] if texts else []
@@ -250,7 +250,7 @@ class _TokenStats:
 
     def summary(self) -> dict[str, Any]:
         prompt, response = (np.concatenate(self.lengths[name] or [np.zeros(0, np.int32)])
-                            for name in TEXT_COLUMNS)
+                            for name in PAIR_COLUMNS)
         over_p, over_r = prompt > self.max_seq_len, response > self.max_seq_len
         sampled = len(prompt)
         return {
@@ -282,7 +282,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f'rows with a null field:                 {report["null_rows"]}',
               f'rows with an empty/whitespace field:    {report["blank_rows"]}',
               f'duplicate rows (same prompt+response):  {report["duplicate_rows"]}']
-    for name in TEXT_COLUMNS:
+    for name in PAIR_COLUMNS:
         stats = pd.Series(report[f'{name}_chars']).to_string(float_format=lambda v: f'{v:.1f}')
         lines += ['', f'{name} length (characters):', stats]
     tokens = report['tokens']
@@ -291,7 +291,7 @@ def format_report(report: dict[str, Any]) -> str:
         cut = (f'; {tokens["cut_texts"]} text(s) over {tokens["cut_chars"]:,} characters counted up to there'
                if tokens['cut_texts'] else '')
         lines += ['', f'token lengths, eos included ({sample}{cut}):']
-        for name in TEXT_COLUMNS:
+        for name in PAIR_COLUMNS:
             lines.append(f'  {name:<9} ' + '  '.join(f'{k} {v}' for k, v in tokens[name].items()))
         lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '
                      f'({100 * tokens["truncated_share"]:.2f}%; prompts {tokens["truncated_prompts"]}, '

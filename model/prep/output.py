@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.data.files import TEXT_COLUMNS, resolve_parquet_files
+from model.data.files import PAIR_COLUMNS, resolve_parquet_files
 from model.state.markers import DATA
 from model.stopping import critical_from_mark
 
@@ -73,7 +73,7 @@ class RowGroupWriter:
 
 def build_output_table(table: pa.Table | pa.RecordBatch) -> pa.Table:
     """The prompt/response columns as plain `string` (inputs may hold large_string)."""
-    arrays = [table.column(name).cast(pa.string()) for name in TEXT_COLUMNS]
+    arrays = [table.column(name).cast(pa.string()) for name in PAIR_COLUMNS]
     return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from model.data.files import TEXT_COLUMNS, iter_usable_rows
+from model.data.files import PAIR_COLUMNS, iter_usable_rows
 from model.net.sizing import GPU_BF16_TFLOPS, flops_per_row, gpu_memory_bytes, human_bytes, human_seconds
 
 ASSUMED_MFU = 0.40
@@ -31,7 +31,7 @@ def sample_token_lengths(files, tokenizer_dir: str, max_seq_len: int, rows: int 
     cut = text_cut_chars(tok, max_seq_len)
     pairs = list(iter_usable_rows(files, rows))
     lengths = [[len(e.ids) for e in tok.encode_batch_fast(cut_texts([p[i] for p in pairs], cut))]
-               for i in range(len(TEXT_COLUMNS))]
+               for i in range(len(PAIR_COLUMNS))]
     return float(np.mean(lengths[0])), float(np.mean(lengths[1]))
 
 

@@ -24,7 +24,7 @@ from config import DecodeConfig
 from model.errors import UserError
 from model.state import markers, ownership, writes
 from model.net.chat_model import answer, token_loss_sum
-from model.data.files import TEXT_COLUMNS, iter_text_tables, usable_mask
+from model.data.files import PAIR_COLUMNS, iter_text_tables, usable_mask
 from model.data.batches import TokenEncoder, make_batches, to_torch
 from model.state.markers import PREDICTIONS
 from model.data.tokenizer import LABEL_PAD_ID
@@ -99,7 +99,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                 table = table.filter(pa.array(keep))
                 if not table.num_rows:
                     continue
-                prompts, refs = (table.column(c).to_pylist() for c in TEXT_COLUMNS)
+                prompts, refs = (table.column(c).to_pylist() for c in PAIR_COLUMNS)
                 batch = to_torch(make_batches([(prompts, refs, None, 0)], encoder)[0])
                 loss_sum += float(token_loss_sum(model, batch, device))
                 tokens += int((batch['labels'] != LABEL_PAD_ID).sum())
