@@ -59,6 +59,11 @@ class TrainConfigPretrainLarge:
     log_with: str = 'none'  # also record curves with: none | tensorboard | wandb (accelerate's trackers)
     stop_grace_s: int = 120  # seconds your cluster allows between SIGTERM and SIGKILL: a stop saves within them (SLURM: match #SBATCH --signal=B:TERM@<this>); a save that takes longer is warned about
 
+    # --- objective ---
+    objective: str = 'pairs'  # what the model learns: pairs (the guide's prompt -> response) | span_corruption (T5's own pretraining on raw text: files with a text column)
+    noise_density: float = 0.15  # span corruption: share of a text's tokens masked (T5: 0.15)
+    mean_noise_span_length: float = 3.0  # span corruption: mean tokens per masked span, each replaced by one sentinel (T5: 3)
+
     # --- evaluation ---
     eval_steps: int = 0  # optimizer steps between evaluations (0 = only at each epoch end)
     max_eval_rows: int = 20000  # validation rows used for the validation loss (0 = all)
@@ -75,7 +80,7 @@ class TrainConfigPretrainLarge:
     length_group_batches: int = 64  # local batches per length-sorting window
 
     # --- tokenizer training (train_low_mem.py train_tokenizer) ---
-    vocab_size: int = 32000  # sentencepiece vocabulary (pieces, incl. 256 byte pieces)
+    vocab_size: int = 32000  # sentencepiece vocabulary (pieces, incl. 256 byte pieces); T5's 100 sentinels <extra_id_N> come on top
     tokenizer_max_rows: int = 2_000_000  # rows sampled from the train file to train it
     character_coverage: float = 0.9995  # share of characters kept as pieces (rest: bytes)
 
@@ -147,6 +152,7 @@ OPTIMIZERS = ('adafactor', 'adamw')
 TRACKERS = ('none', 'tensorboard', 'wandb')
 LR_SCHEDULES = ('cosine', 'linear', 'constant')
 FEED_FORWARD = ('relu', 'gated-gelu')
+OBJECTIVES = ('pairs', 'span_corruption')  # model/data/loader.py's
 
 TRAIN_FIELDS = field_types(TrainConfigPretrainLarge)
 MODEL_FIELDS = field_types(T5ModelConfig)
@@ -203,10 +209,14 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     if not 1 <= train.stop_grace_s <= 24 * 3600:
         raise UserError(f'stop_grace_s={train.stop_grace_s}: give the seconds between SIGTERM and SIGKILL '
                         f'on your cluster, 1 to 86400')
+    if not 0 < train.noise_density < 1:
+        raise UserError(f'noise_density must be in (0, 1), got {train.noise_density} (T5: 0.15)')
+    if not train.mean_noise_span_length >= 1:
+        raise UserError(f'mean_noise_span_length must be >= 1 token, got {train.mean_noise_span_length} (T5: 3)')
     if not 0 < train.character_coverage <= 1:
         raise UserError(f'character_coverage must be in (0, 1], got {train.character_coverage}')
     for name, allowed in (('mixed_precision', PRECISIONS), ('optimizer', OPTIMIZERS),
-                          ('lr_schedule', LR_SCHEDULES), ('log_with', TRACKERS)):
+                          ('lr_schedule', LR_SCHEDULES), ('log_with', TRACKERS), ('objective', OBJECTIVES)):
         if getattr(train, name) not in allowed:
             raise UserError(f'{name} must be one of {", ".join(allowed)}; got {getattr(train, name)!r}')
     check_model_file_pattern(train.model_file)

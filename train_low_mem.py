@@ -118,14 +118,20 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
         print(f'  path.latest_state={newest}  (a fresh run moves it aside)' if newest else '  path.latest_state=none')
     if report.total_steps:
         per_step = t.batch_size_per_gpu * world * t.gradient_accumulation_steps
-        print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} rows x '
-              f'{t.gradient_accumulation_steps} accumulation = {per_step} rows per optimizer step; '
+        unit = 'rows'
+        if t.objective == 'span_corruption':
+            unit = 'examples'
+            print(f'[span corruption]\n  {report.train_examples:,} examples of {t.max_seq_len} input tokens an epoch, '
+                  f'packed from the {report.train_rows:,} rows\' tokens (counted by tokenizing them)')
+        print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} {unit} x '
+              f'{t.gradient_accumulation_steps} accumulation = {per_step} {unit} per optimizer step; '
               f'{report.total_steps:,} optimizer steps over {t.epochs} epoch(s); '
               f'{report.parameters / 1e6:.1f}M parameters')
     if report.total_steps:
         from model.train.resources import resource_lines
 
-        print('\n'.join(resource_lines(cfg, report.train_rows, report.vocab_size, world, report.train_files,
+        print('\n'.join(resource_lines(cfg, report.train_examples or report.train_rows, report.vocab_size, world,
+                                       report.train_files,
                                        rows_per_s)))
     for note in report.notes:
         print(f'note: {note}')

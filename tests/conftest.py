@@ -65,7 +65,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp('tok')
     src = write_parquet(d / 'text.parquet', make_texts(3000, seed=1))
     out = str(d / 'tokenizer')
-    train_tokenizer(src, out, vocab_size=1000, max_rows=10_000, num_threads=2)
+    train_tokenizer(src, out, vocab_size=1000, max_rows=10_000, num_threads=2)  # + 100 sentinels
     return out
 
 

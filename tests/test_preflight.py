@@ -30,7 +30,7 @@ def test_a_ready_run_is_counted_and_nothing_is_written(data, tmp_path):
     report = preflight.check_train(config(data, out), resume=False, world_size=2)
     assert report.ready, problems(report)
     # 480 rows, 8 a process, 2 processes: 30 optimizer steps in the one epoch
-    assert (report.train_rows, report.total_steps, report.vocab_size) == (480, 30, 1000)
+    assert (report.train_rows, report.total_steps, report.vocab_size) == (480, 30, 1100)  # + 100 sentinels
     assert not os.path.exists(out)  # a check makes nothing
 
 

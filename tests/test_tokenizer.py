@@ -18,8 +18,13 @@ def test_loads_as_fast_tokenizer_with_fixed_ids(tokenizer_dir):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert tok.is_fast
-    assert len(tok) == 1000
+    assert len(tok) == 1000 + 100  # the pieces, then T5's sentinels
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (PAD_ID, EOS_ID, UNK_ID) == (0, 1, 2)
+    sentinels = [f'<extra_id_{i}>' for i in range(100)]
+    assert tok.convert_tokens_to_ids(sentinels) == list(range(1000, 1100))
+    assert set(sentinels) <= set(tok.all_special_tokens)  # additional special tokens, as AutoTokenizer loads them
+    ids = tok('北京<extra_id_7>首都').input_ids
+    assert 1007 in ids and tok.decode(ids, skip_special_tokens=True).replace(' ', '') == '北京首都'
 
 
 @pytest.mark.parametrize('text', [

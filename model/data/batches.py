@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import torch
 
-from model.data.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, text_cut_chars
+from model.data.tokenizer import LABEL_PAD_ID, PAD_ID, cut_texts, sentinel_ids, text_cut_chars
 
 
 class TokenEncoder:
@@ -20,11 +20,11 @@ class TokenEncoder:
     tokens (tokenizer.text_cut_chars), so a huge cell costs no more than a long row. Pickles as
     the tokenizer's JSON, for DataLoader workers."""
 
-    def __init__(self, tokenizer, max_seq_len: int):
+    def __init__(self, tokenizer, max_seq_len: int, truncate: bool = True):
         if max_seq_len < 2:
             raise ValueError(f'max_seq_len must be >= 2 (one token and eos), got {max_seq_len}')
         rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.truncate = max_seq_len, truncate
         self.eos_id = rust.token_to_id('</s>')
         self._json = rust.to_str()
         self._setup()
@@ -35,11 +35,16 @@ class TokenEncoder:
         # a private copy: truncation settings on the shared tokenizer would leak to other users
         self._rust = Tokenizer.from_str(self._json)
         self._rust.no_padding()
-        self._rust.enable_truncation(self.max_seq_len)
-        self._cut_chars = text_cut_chars(self._rust, self.max_seq_len)
+        if self.truncate:  # whole documents (span corruption packs them) are not truncated
+            self._rust.enable_truncation(self.max_seq_len)
+        else:
+            self._rust.no_truncation()
+        self._cut_chars = text_cut_chars(self._rust, self.max_seq_len) if self.truncate else None
+        self.sentinel_ids = sentinel_ids(self._rust)
 
     def __getstate__(self):
-        return {'max_seq_len': self.max_seq_len, 'eos_id': self.eos_id, '_json': self._json}
+        return {'max_seq_len': self.max_seq_len, 'truncate': self.truncate, 'eos_id': self.eos_id,
+                '_json': self._json}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -47,7 +52,8 @@ class TokenEncoder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text (eos last, at most max_seq_len)."""
-        texts = cut_texts(texts, self._cut_chars)
+        if self._cut_chars is not None:
+            texts = cut_texts(texts, self._cut_chars)
         return [e.ids for e in self._rust.encode_batch_fast(texts, add_special_tokens=True)]
 
     def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

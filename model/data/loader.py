@@ -48,6 +48,7 @@ from model.data.window_reader import WindowReader
 logger = logging.getLogger(__name__)
 
 READ_ERROR = 'read_error'  # a worker's UserError, handed over as a batch
+OBJECTIVES = ('pairs', 'span_corruption')
 TOKENIZE_ROWS = 256  # rows of local batches tokenized per call: the Rust tokenizer's threads pay off
 
 
@@ -149,6 +150,10 @@ class ParquetStreamDataset(IterableDataset):
 
     def plan(self, epoch: int, order: OrderParams) -> EpochPlan:
         return EpochPlan(self.row_groups, order, epoch, self.num_rows)
+
+    def num_positions(self, epoch: int, order: OrderParams) -> int:
+        """Positions of an epoch's sequence: its rows."""
+        return self.num_rows
 
     @staticmethod
     def local_batches(p: EpochPass, worker: int = 0, num_workers: int = 1):
@@ -263,6 +268,9 @@ class LoaderSettings:
     drop_last: bool = True
     num_workers: int = 0
     pin_memory: bool = False
+    objective: str = 'pairs'  # pairs: prompt -> response | span_corruption: raw text, T5's objective
+    noise_density: float = 0.15  # span corruption: share of tokens masked
+    mean_noise_span_length: float = 3.0  # span corruption: mean tokens per masked span
 
     def __post_init__(self):
         for name in ('max_seq_len', 'batch_size', 'accumulation', 'shuffle_window_rows', 'length_group_batches',
@@ -271,6 +279,8 @@ class LoaderSettings:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
         if self.num_workers < 0:
             raise ValueError(f'num_workers must be >= 0, got {self.num_workers}')
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f'objective must be one of {", ".join(OBJECTIVES)}, got {self.objective!r}')
 
     @classmethod
     def of(cls, t, train: bool, pin_memory: bool = False) -> 'LoaderSettings':
@@ -279,12 +289,15 @@ class LoaderSettings:
                    accumulation=t.gradient_accumulation_steps if train else 1, shuffle=train, seed=t.seed,
                    shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
                    length_group_batches=t.length_group_batches, mix_row_groups=t.shuffle_row_groups,
-                   drop_last=train, num_workers=t.num_workers if train else 0, pin_memory=pin_memory)
+                   drop_last=train, num_workers=t.num_workers if train else 0, pin_memory=pin_memory,
+                   objective=t.objective, noise_density=t.noise_density,
+                   mean_noise_span_length=t.mean_noise_span_length)
 
     @property
     def order(self) -> OrderParams:
         return OrderParams(seed=self.seed, shuffle=self.shuffle, shuffle_window_rows=self.shuffle_window_rows,
-                           group_by_length=self.group_by_length, length_group_batches=self.length_group_batches,
+                           # span corruption's examples all have one length: nothing to group
+                           group_by_length=self.group_by_length and self.objective == 'pairs', length_group_batches=self.length_group_batches,
                            batch_size=self.batch_size, mix_row_groups=self.mix_row_groups)
 
 
@@ -303,8 +316,15 @@ class StreamingLoader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f'rank {rank} outside world size {world_size}')
         self.files = resolve_parquet_files(files)
-        encoder = TokenEncoder(tokenizer, settings.max_seq_len)
-        self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index)
+        if settings.objective == 'span_corruption':
+            from model.data.span_stream import SpanCorruptionDataset, SpanSettings
+
+            encoder = TokenEncoder(tokenizer, settings.max_seq_len, truncate=False)
+            self.dataset = SpanCorruptionDataset(self.files, encoder, SpanSettings(
+                settings.max_seq_len, settings.noise_density, settings.mean_noise_span_length), return_row_index)
+        else:
+            encoder = TokenEncoder(tokenizer, settings.max_seq_len)
+            self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index)
         if self.dataset.num_rows == 0:
             raise UserError(f'{", ".join(self.files)}: no rows to train on')
         self.settings = settings
@@ -336,30 +356,48 @@ class StreamingLoader:
         return self.dataset.num_rows
 
     @property
+    def num_positions(self) -> int:
+        """Positions of epoch 0's sequence: rows for pairs, examples for span corruption."""
+        return self.dataset.num_positions(0, self.order)
+
+    def _positions(self) -> int:
+        """Positions of the epoch in progress."""
+        return self.dataset.num_positions(self.epoch, self._epoch_order)
+
+    @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
-    def _epoch_end(self, origin: int) -> int:
+    def _epoch_end(self, origin: int, positions: int | None = None) -> int:
+        positions = self._positions() if positions is None else positions
         if not self.drop_last:
-            return self.num_rows
+            return positions
         span = self.global_batch_size * self.accumulation
-        return origin + (self.num_rows - origin) // span * span
+        return origin + (positions - origin) // span * span
 
     def _local_count(self, start: int, stop: int) -> int:
         first = start + self.rank * self.batch_size
         return 0 if first >= stop else math.ceil((stop - first) / self.global_batch_size)
 
     def rows_per_epoch(self) -> int:
-        """Rows of the sequence used in a full epoch (all ranks together)."""
-        return self._epoch_end(0)
+        """Positions of epoch 0's sequence used in a full epoch (all ranks together)."""
+        return self._epoch_end(0, self.num_positions)
 
     def __len__(self) -> int:
-        """This rank's local batches in a full epoch (from metadata)."""
-        return self._local_count(0, self._epoch_end(0))
+        """This rank's local batches in a full epoch 0 (from metadata)."""
+        return self._local_count(0, self.rows_per_epoch())
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps in a full epoch (the last one may be partial with drop_last=False)."""
-        return math.ceil(self._epoch_end(0) / (self.global_batch_size * self.accumulation))
+        """Optimizer steps in a full epoch 0 (the last one may be partial with drop_last=False)."""
+        return math.ceil(self.rows_per_epoch() / (self.global_batch_size * self.accumulation))
+
+    def total_steps(self, epochs: int) -> int:
+        """Optimizer steps of `epochs` full epochs from epoch 0 (span corruption's epochs differ
+        by a few examples: each is counted)."""
+        span = self.global_batch_size * self.accumulation
+        if isinstance(self.dataset, ParquetStreamDataset):
+            return self.num_rows // span * epochs
+        return sum(self.dataset.num_positions(e, self.order) // span for e in range(epochs))
 
     # -- position
 
@@ -372,10 +410,18 @@ class StreamingLoader:
 
     def state_dict(self) -> dict:
         return {'epoch': self.epoch, 'rows_consumed': self.rows_consumed, 'num_rows': self.num_rows,
+                'objective': self.settings.objective,
                 **asdict(self._epoch_order), 'global_batch_size': self.global_batch_size,
                 'accumulation': self.accumulation, 'grid_origin': self._grid_origin}
 
     def load_state_dict(self, state: dict) -> None:
+        # a saved position without the key is from before span corruption: pairs (a rewind has neither)
+        saved_objective = state.get('objective', 'pairs' if 'num_rows' in state else self.settings.objective)
+        if saved_objective != self.settings.objective:
+            raise UserError(f'the saved state trained --objective={saved_objective} (its data position counts '
+                            f'{"examples" if saved_objective == "span_corruption" else "rows"}); resume it with '
+                            f'--objective={saved_objective}, or start the next stage with --init_from=<its model '
+                            f'folder> (a new run)')
         self.epoch, self.rows_consumed = int(state['epoch']), int(state['rows_consumed'])
         saved = replace(self.order, **{k: state[k] for k in asdict(self.order) if k in state})
         if state.get('num_rows', self.num_rows) != self.num_rows:

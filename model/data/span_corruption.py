@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SENTINEL_COUNT = 100  # T5's extra ids; a sequence of max_seq_len tokens never needs more (checked below)
+SENTINEL_COUNT = 100  # T5's extra ids; model/data/span_stream.py refuses lengths that need more
 _TAG = 4  # seed-stream tag of the noise masks (model/data/epoch_order.py uses 1-3)
 
 
@@ -38,6 +38,14 @@ def lengths_for(max_seq_len: int, noise_density: float, mean_noise_span_length: 
     return raw, corrupted(raw)[1]
 
 
+def span_count(length: int, noise_density: float, mean_noise_span_length: float) -> int:
+    """Noise spans of a run of ``length`` tokens (as :func:`noise_mask` draws them)."""
+    if length < 2:
+        return 0
+    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    return min(max(1, int(round(noise / mean_noise_span_length))), noise, length - noise)
+
+
 def noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
                rng: np.random.Generator) -> np.ndarray:
     """Which of ``length`` tokens are noise: ``round(length * noise_density)`` of them (at least
@@ -46,8 +54,7 @@ def noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
     if length < 2:
         return np.zeros(length, dtype=bool)
     noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    spans = max(1, int(round(noise / mean_noise_span_length)))
-    spans = min(spans, noise, length - noise)
+    spans = span_count(length, noise_density, mean_noise_span_length)
 
     def segments(items: int, count: int) -> np.ndarray:
         """``items`` cut into ``count`` non-empty parts at random."""
@@ -109,17 +116,19 @@ def uncorrupt(inputs: np.ndarray, target: np.ndarray, sentinel_ids: np.ndarray, 
     sentinels = frozenset(int(s) for s in sentinel_ids)
     spans: dict[int, list[int]] = {}
     current = None
-    for t in target.tolist():
-        if t == eos_id:
-            break
+    # both end with eos; an eos before the end is a document boundary inside the run, kept
+    for t in _without_last_eos(target, eos_id):
         if t in sentinels:
             current = int(t)
             spans[current] = []
         elif current is not None:
             spans[current].append(int(t))
     out: list[int] = []
-    for t in inputs.tolist():
-        if t == eos_id:
-            break
+    for t in _without_last_eos(inputs, eos_id):
         out.extend(spans.get(int(t), []) if t in sentinels else [int(t)])
     return np.array(out, dtype=np.int64)
+
+
+def _without_last_eos(ids: np.ndarray, eos_id: int) -> list[int]:
+    ids = [int(t) for t in ids]
+    return ids[:-1] if ids and ids[-1] == eos_id else ids

@@ -22,14 +22,16 @@ import pyarrow as pa
 
 from model.errors import UserError
 from model.state import ownership, writes
-from model.data.files import PAIR_COLUMNS, check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
+from model.data.files import check_usable_rows, count_rows, iter_text_tables, resolve_parquet_files, usable_mask
 from model.state.markers import TOKENIZER
+from model.data.span_corruption import SENTINEL_COUNT, sentinel_token
 
 logger = logging.getLogger(__name__)
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 LABEL_PAD_ID = -100  # label positions the loss ignores (padding)
 SPM_FILE = 'sentencepiece.model'  # the trained model; the data loader's fast path encodes with it
+SENTINELS = [sentinel_token(i) for i in range(SENTINEL_COUNT)]  # <extra_id_0> ... <extra_id_99>
 
 
 def text_cut_chars(tokenizer, max_tokens: int) -> int:
@@ -52,7 +54,7 @@ def cut_texts(texts: list, chars: int) -> list:
 
 
 def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
-    """Prompt and response strings streamed from Parquet, sampling at most ~max_rows rows."""
+    """Prompt and response strings (or raw texts) streamed from Parquet, sampling at most ~max_rows rows."""
     total = count_rows(files)
     keep = 1.0 if total <= max_rows else max_rows / total
     rng = np.random.default_rng(seed)
@@ -61,8 +63,8 @@ def iter_training_texts(files: list[str], max_rows: int, seed: int = 42):
         if keep < 1.0:
             chosen &= rng.random(table.num_rows) < keep
         table = table.filter(pa.array(chosen))
-        for pair in zip(*(table.column(c).to_pylist() for c in PAIR_COLUMNS)):
-            yield from pair
+        for row in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            yield from row
 
 
 def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
@@ -90,7 +92,7 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
         raise _explain_spm_error(e, vocab_size) from None
     texts.reraise()
     if model_buf.tell() == 0:
-        raise UserError(f'{train_file}: no non-empty prompt/response text to train a tokenizer on')
+        raise UserError(f'{train_file}: no non-empty text to train a tokenizer on')
     save_tokenizer(model_buf.getvalue(), tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     logger.info('tokenizer with %d pieces written to %s', len(tok), tokenizer_dir)
@@ -190,7 +192,8 @@ def save_tokenizer(spm_model: bytes, tokenizer_dir: str) -> None:
 
     hf = PreTrainedTokenizerFast(tokenizer_object=build_fast_tokenizer(spm_model),
                                  pad_token='<pad>', eos_token='</s>', unk_token='<unk>',
-                                 model_max_length=1 << 30)
+                                 # T5's sentinels, after the pieces: span corruption's masks
+                                 additional_special_tokens=SENTINELS, model_max_length=1 << 30)
     with writes.building_folder(tokenizer_dir, TOKENIZER, 'tokenizer_dir') as tmp:
         hf.save_pretrained(tmp)
         with open(os.path.join(tmp, SPM_FILE), 'wb') as f:
@@ -251,10 +254,33 @@ def check_tokenizer_folder(tokenizer_dir: str) -> int:
     return size
 
 
+def sentinel_ids(tokenizer) -> np.ndarray | None:
+    """The ids of <extra_id_0> ... <extra_id_99> in order, or None when the tokenizer lacks one."""
+    rust = getattr(tokenizer, 'backend_tokenizer', tokenizer)
+    ids = [rust.token_to_id(t) for t in SENTINELS]
+    return None if None in ids else np.array(ids, dtype=np.int64)
+
+
+def check_sentinels(tokenizer_dir: str) -> int:
+    """UserError (one line, with the command that makes one) unless the tokenizer carries T5's
+    sentinels, which span corruption writes into its inputs and targets."""
+    from tokenizers import Tokenizer
+
+    check_tokenizer_folder(tokenizer_dir)
+    if sentinel_ids(Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json'))) is None:
+        raise UserError(f'{tokenizer_dir}: this tokenizer has no T5 sentinel tokens (<extra_id_0> ... '
+                        f'<extra_id_{SENTINEL_COUNT - 1}>), which --objective=span_corruption needs; train one '
+                        f'with: python train_low_mem.py train_tokenizer --tokenizer_dir=NEW_FOLDER')
+    return SENTINEL_COUNT
+
+
 def tokenizer_fingerprint(tokenizer_dir: str) -> str:
     """A hash of what maps text to ids (pieces, scores, normaliser, pre- and post-processing):
     equal for a copy or a retraining that gives the same tokenizer."""
     with open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8') as f:
         spec = json.load(f)
     parts = {k: spec.get(k) for k in ('normalizer', 'pre_tokenizer', 'model', 'post_processor')}
+    sentinels = {t['content']: t['id'] for t in spec.get('added_tokens') or () if t.get('content') in SENTINELS}
+    if sentinels:  # added after the pieces (a tokenizer without them keeps its earlier fingerprint)
+        parts['sentinels'] = sentinels
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

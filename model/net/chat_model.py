@@ -212,9 +212,50 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
                         truncation=True, max_length=limit, return_tensors='pt')
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                              **kwargs)
-        out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+        texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+        for row, text in enumerate(texts):  # a prompt with sentinels: the spans filled in
+            if SENTINEL_MARK in prompts[i + row]:
+                texts[row] = fill_sentinels(tokenizer, enc['input_ids'][row].tolist(), gen[row].tolist())
+        out.extend(texts)
     model.train(was_training)
     return out
+
+
+SENTINEL_MARK = '<extra_id_'
+
+
+def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks: tuple[str, str] = ('【', '】')) -> str:
+    """The input with each sentinel replaced by the span the model wrote after that sentinel in
+    its output (T5's span-corruption targets: ``<extra_id_0> span <extra_id_1> span ... </s>``),
+    each filled span between ``marks``; a sentinel the output left out stays as it is."""
+    from model.data.tokenizer import sentinel_ids
+
+    ids = sentinel_ids(tokenizer)
+    sentinels = set() if ids is None else set(ids.tolist())
+    special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    spans, current = {}, None
+    for t in output_ids:
+        if t == tokenizer.eos_token_id and current is not None:
+            break
+        if t in sentinels:
+            current = spans.setdefault(t, [])
+        elif current is not None and t not in special:
+            current.append(t)
+    text, plain = [], []
+
+    def flush():
+        if plain:
+            text.append(tokenizer.decode(plain, skip_special_tokens=True))
+            plain.clear()
+    for t in input_ids:
+        if t in sentinels:
+            flush()
+            text.append(marks[0] + tokenizer.decode(spans[t], skip_special_tokens=True) + marks[1] if t in spans
+                        else tokenizer.convert_ids_to_tokens(t))
+        elif t not in special:
+            plain.append(t)
+    flush()
+    return ''.join(text)
 
 
 @torch.no_grad()

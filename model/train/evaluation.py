@@ -73,12 +73,13 @@ class EvalSettings:
     show_samples: int
     max_seq_len: int
     max_new_tokens: int  # a generated answer's cap, at most max_seq_len
+    objective: str = 'pairs'  # span_corruption: the denoising loss only (no answers to score)
 
     @classmethod
     def of(cls, t) -> 'EvalSettings':
         return cls(batch_size=t.batch_size_per_gpu, max_rows=t.max_eval_rows, bleu_samples=t.bleu_samples,
                    show_samples=t.show_samples, max_seq_len=t.max_seq_len,
-                   max_new_tokens=min(t.eval_max_new_tokens, t.max_seq_len))
+                   max_new_tokens=min(t.eval_max_new_tokens, t.max_seq_len), objective=t.objective)
 
 
 class Evaluator:
@@ -89,8 +90,12 @@ class Evaluator:
         self.decoder_inputs = decoder_inputs
         self._sample_rows = None  # read at the first evaluation, then kept
         # under FSDP or ZeRO-3 no process holds the whole model: answers would need every rank
-        self.answers = not is_sharded(accelerator)
-        if not self.answers and (settings.bleu_samples or settings.show_samples):
+        self.whole_model = not is_sharded(accelerator)
+        self.answers = self.whole_model and settings.objective == 'pairs'
+        if settings.objective != 'pairs':
+            logger.info('evaluation: the denoising loss on the validation text (span corruption has no answers '
+                        'for BLEU or samples)')
+        elif not self.answers and (settings.bleu_samples or settings.show_samples):
             logger.info('BLEU and sample answers are off under a sharded engine; score the exported '
                         'model with: python train_low_mem.py test')
 
@@ -115,11 +120,11 @@ class Evaluator:
         collective): a rank whose slice of the last global batch is empty runs a placeholder
         batch that adds no tokens. None when a stop came (voted before every batch)."""
         t, dev = self.settings, self.accelerator.device
-        if self.answers:  # DDP or one process: the plain module, no collective per forward
+        if self.whole_model:  # DDP or one process: the plain module, no collective per forward
             model = self.accelerator.unwrap_model(model)
         loss_sum, tokens = torch.zeros((), device=dev, dtype=torch.float64), 0
         global_batch = t.batch_size * self.collectives.world
-        rows = min(t.max_rows or self.valid_loader.num_rows, self.valid_loader.num_rows)
+        rows = min(t.max_rows or self.valid_loader.num_positions, self.valid_loader.num_positions)  # rows or examples
         self.valid_loader.load_state_dict({'epoch': 0, 'rows_consumed': 0})  # rewind
         batches = iter(self.valid_loader)
         model.eval()

@@ -164,7 +164,6 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     from model.data.tokenizer import load_tokenizer, save_tokenizer_copy
     from model.net.chat_model import build_model, load_weights_into
     from model.net.model_source import weights_path
-    from model.net.sizing import total_optimizer_steps
     from model.train.evaluation import EvalSettings, Evaluator
 
     t = cfg.train
@@ -175,8 +174,9 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, train=True, pin_memory=pin), rank, world)
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, train=False, pin_memory=pin), rank,
                                    world)
-    total_steps = total_optimizer_steps(train_loader.num_rows, t.batch_size_per_gpu, world,
-                                        t.gradient_accumulation_steps, t.epochs, t.max_steps)
+    # rows (pairs) or examples (span corruption) per global step, every epoch counted
+    total_steps = train_loader.total_steps(t.epochs)
+    total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
     # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
     # line) loads every weight next: nothing to draw
     model = build_model(cfg.model, len(tokenizer), initialize=not (resume or t.init_from))

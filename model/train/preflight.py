@@ -17,10 +17,10 @@ from config import PATH_FIELDS, ResolvedConfig
 from model.errors import UserError
 from model.state import contract, locks as place_locks, model_files, states as ckpt
 from model.state import ownership
-from model.data.files import check_usable_rows, inspect_parquet, resolve_parquet_files
+from model.data.files import check_usable_rows, files_kind, inspect_parquet, resolve_parquet_files
 from model.state.markers import MODEL, STATE_DIR
 from model.net.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
-from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
+from model.data.tokenizer import check_sentinels, check_tokenizer_folder, tokenizer_fingerprint
 
 # a changed value of these fields cannot continue a saved run
 REFUSED_ON_RESUME = {'optimizer': 'the optimizer state of one optimizer does not load into another'}
@@ -42,6 +42,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # worth saying, not blocking
     train_files: list[str] = field(default_factory=list)
     train_rows: int = 0
+    train_examples: int = 0  # span corruption: examples of epoch 0 (the positions a step takes)
     vocab_size: int = 0
     parameters: int = 0
     total_steps: int = 0
@@ -125,12 +126,15 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     for name in ('train_file', 'validation_file'):
         spec = getattr(t, name)
         missing = not os.path.exists(spec) and not any(ch in spec for ch in '*?[')
-        files[name] = problem(name, lambda spec=spec, name=name: _check_data(spec, name),
+        files[name] = problem(name, lambda spec=spec, name=name: _check_data(spec, name, t.objective),
                               data_fix(cfg) if missing else '') or []
     report.train_files = files['train_file']
     tok_fix = f'create it with: {_cli(cfg, "train_tokenizer")} --tokenizer_dir={t.tokenizer_dir}'
     report.vocab_size = problem('tokenizer_dir', lambda: check_tokenizer_folder(t.tokenizer_dir),
                                 tok_fix if not os.path.exists(t.tokenizer_dir) else '') or 0
+    if report.vocab_size and t.objective == 'span_corruption':
+        if problem('tokenizer_dir', lambda: check_sentinels(t.tokenizer_dir)) is None:
+            report.vocab_size = 0
 
     # outputs: the toolkit's own or new, writable, and never an input
     input_files = files['train_file'] + files['validation_file']
@@ -182,9 +186,14 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.train_rows = sum(inspect_parquet(f).num_rows for f in files['train_file'])
         report.total_steps = total_optimizer_steps(report.train_rows, t.batch_size_per_gpu, world_size,
                                                    t.gradient_accumulation_steps, t.epochs, t.max_steps)
+        unit = 'rows'
+        if t.objective == 'span_corruption':  # examples, from every row's tokens (the loader's count)
+            report.train_examples, report.total_steps = problem(
+                'train_file', lambda: span_steps(t, files['train_file'], world_size)) or (0, 0)
+            unit = f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)'
         if report.total_steps == 0:
             report.problems.append(Problem(
-                'batch_size_per_gpu', f'train_file: {report.train_rows} rows are fewer than one optimizer step '
+                'batch_size_per_gpu', f'train_file: its {unit} are fewer than one optimizer step '
                 f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
                 f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
@@ -242,12 +251,32 @@ def model_folder(t) -> str:
     return os.path.dirname(t.model_file) or '.'
 
 
-def _check_data(spec, name: str) -> list[str]:
+def _check_data(spec, name: str, objective: str = 'pairs') -> list[str]:
+    """The files of spec: readable, of the kind the objective trains on, with a usable row."""
     files = resolve_parquet_files(spec)
-    for f in files:
-        inspect_parquet(f)
+    kind = files_kind(files, name)
+    if objective == 'span_corruption' and kind != 'text':
+        raise UserError(f'{name}: {spec} holds prompt/response pairs; --objective=span_corruption trains on raw '
+                        f'text: give files with a text column (python prepare_data.py convert IN OUT '
+                        f'--text_col=...), or train these pairs with --objective=pairs')
+    if objective == 'pairs' and kind != 'pairs':
+        raise UserError(f'{name}: {spec} holds raw text (a text column); --objective=pairs trains prompt/response '
+                        f'pairs: pretrain on this text with --objective=span_corruption, or give pairs')
     check_usable_rows(files, name, shown=spec)
     return files
+
+
+def span_steps(t, files: list[str], world_size: int) -> tuple[int, int]:
+    """(examples of epoch 0, optimizer steps of the run) under span corruption: the loader's own
+    count, from every row's tokens (the Rust tokenizer; no torch model)."""
+    from tokenizers import Tokenizer
+
+    from model.data.loader import LoaderSettings, StreamingLoader
+
+    tok = Tokenizer.from_file(os.path.join(t.tokenizer_dir, 'tokenizer.json'))
+    loader = StreamingLoader(files, tok, LoaderSettings.of(t, train=True), 0, world_size)
+    steps = loader.total_steps(t.epochs)
+    return loader.num_positions, min(steps, t.max_steps) if t.max_steps else steps
 
 
 LOG_ROOM = 1 << 20  # a run's log grows by ~100 bytes a logged step: a MiB is the least that makes sense

@@ -37,7 +37,12 @@ def sample_token_lengths(files, tokenizer_dir: str, max_seq_len: int, rows: int 
 
 def resource_lines(cfg, rows: int, vocab_size: int, world: int, files, rows_per_s: float = 0.0) -> list[str]:
     t, m = cfg.train, cfg.model
-    prompt, response = sample_token_lengths(files, t.tokenizer_dir, t.max_seq_len)
+    if t.objective == 'span_corruption':  # rows are examples: a full input and its target
+        from model.data.span_corruption import lengths_for
+
+        prompt, response = t.max_seq_len, lengths_for(t.max_seq_len, t.noise_density, t.mean_noise_span_length)[1]
+    else:
+        prompt, response = sample_token_lengths(files, t.tokenizer_dir, t.max_seq_len)
     flops = flops_per_row(m, vocab_size, prompt, response)
     lines = ['[resources] estimates for this config (measure on your GPU: python bench/bench_gpu.py)',
              f'  training FLOPs per row: {flops / 1e9:.1f} G (mean {prompt:.0f} prompt + {response:.0f} response '

@@ -128,8 +128,10 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         t, state = self.settings, self.state
-        logger.info('training: %d rows, %d optimizer steps (%d per epoch), epoch %d, step %d',
-                    self.train_loader.num_rows, self.total_steps, self.train_loader.steps_per_epoch(),
+        logger.info('training: %d rows%s, %d optimizer steps (%d per epoch), epoch %d, step %d',
+                    self.train_loader.num_rows, '' if self.train_loader.settings.objective == 'pairs' else
+                    f' ({self.train_loader.num_positions} span-corruption examples an epoch)',
+                    self.total_steps, self.train_loader.steps_per_epoch(),
                     self.train_loader.epoch, state.global_step)
         bar = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.collectives.is_main,
                    dynamic_ncols=True, mininterval=1.0, desc='train')

@@ -1,0 +1,215 @@
+"""Raw text as T5 pretrains on it: this rank's span-corrupted batches of the epoch, by position.
+
+The epoch's rows come in the order of model/data/epoch_order.py (the same windows as for pairs).
+Each window's documents, in that order, are tokenized whole, each followed by eos, concatenated
+and cut into runs of ``raw_length`` tokens -- the length whose corrupted input is
+``max_seq_len`` tokens (:func:`span_corruption.lengths_for`); a window's last run is kept when it
+holds at least two tokens. Example k of the epoch is corrupted with a Generator seeded by
+(seed, epoch, k) (model/data/span_corruption.py).
+
+The position is one number, the examples of the epoch consumed, as rows are for pairs: global
+batch i is examples ``[i*G, (i+1)*G)`` and rank r takes its slice, so the examples, their masks
+and the position are the same for any number of ranks, and a resume needs only the window that
+holds the position. To know where each window's examples start without reading the windows, the
+dataset counts every row's tokens once (:meth:`SpanCorruptionDataset.row_tokens`, the first time
+an epoch's size is asked for): a window's examples follow from its rows' token counts alone.
+
+Costs, stated: the counting pass tokenizes the training files once per process at start-up; and
+every rank tokenizes every window it takes examples from (a window's examples interleave across
+the ranks), where pairs are tokenized one rank's rows each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from model.errors import UserError
+from model.data import span_corruption as sc
+from model.data.batches import TokenEncoder, batch_from_ids
+from model.data.epoch_order import EpochPlan, OrderParams
+from model.data.files import TEXT_COLUMN, blank_mask, inspect_parquet, iter_text_tables
+from model.data.window_reader import WindowReader
+
+logger = logging.getLogger(__name__)
+
+COUNT_ROWS = 4096  # rows tokenized per call of the counting pass
+
+
+@dataclass(frozen=True)
+class SpanSettings:
+    """T5's span corruption (the T5 paper's values by default)."""
+
+    max_seq_len: int  # tokens of a corrupted input, eos included
+    noise_density: float = 0.15  # share of a run's tokens masked
+    mean_noise_span_length: float = 3.0  # mean tokens per masked span
+
+    def __post_init__(self):
+        if not 0 < self.noise_density < 1:
+            raise ValueError(f'noise_density must be in (0, 1), got {self.noise_density}')
+        if not self.mean_noise_span_length >= 1:
+            raise ValueError(f'mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}')
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """(raw tokens per example, target tokens of a full example)."""
+        return sc.lengths_for(self.max_seq_len, self.noise_density, self.mean_noise_span_length)
+
+
+def runs_of(tokens: np.ndarray, raw_length: int) -> np.ndarray:
+    """Examples made of windows holding ``tokens`` tokens each (see :func:`span_corruption.pack`)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return tokens // raw_length + (tokens % raw_length >= 2)
+
+
+class SpanCorruptionDataset(IterableDataset):
+    """This rank's span-corrupted local batches of one pass; the same interface as
+    model/data/loader.py's ParquetStreamDataset, positions being examples instead of rows."""
+
+    def __init__(self, files: list[str], encoder: TokenEncoder, span: SpanSettings, return_row_index: bool = False):
+        if encoder.truncate:
+            raise ValueError('span corruption packs whole documents: give a TokenEncoder with truncate=False')
+        if encoder.sentinel_ids is None:
+            raise UserError('the tokenizer has no T5 sentinel tokens (<extra_id_0> ...), which span corruption '
+                            'needs; train one with: python train_low_mem.py train_tokenizer --tokenizer_dir=NEW_FOLDER')
+        self.files, self.encoder, self.span = files, encoder, span
+        self.return_row_index = return_row_index
+        self.raw_length, _ = span.lengths
+        spans = sc.span_count(self.raw_length, span.noise_density, span.mean_noise_span_length)
+        if spans > sc.SENTINEL_COUNT:  # each noise span takes one sentinel
+            raise UserError(f'max_seq_len={span.max_seq_len} with noise_density={span.noise_density} and '
+                            f'mean_noise_span_length={span.mean_noise_span_length} makes {spans} noise spans an '
+                            f'example, more than the {sc.SENTINEL_COUNT} sentinels; lower --max_seq_len or raise '
+                            f'--mean_noise_span_length')
+        infos = [inspect_parquet(f, (TEXT_COLUMN,)) for f in files]
+        self.row_groups: list[tuple[int, int, int, int]] = []
+        first = 0
+        for fi, info in enumerate(infos):
+            for rg, n in enumerate(info.row_group_rows):
+                if n:
+                    self.row_groups.append((fi, rg, n, first))
+                first += n
+        self.num_rows = first
+        self._row_tokens: np.ndarray | None = None
+        self._sizes: dict[tuple[int, OrderParams], np.ndarray] = {}
+        self.pass_ = None
+
+    # -- sizes
+
+    def row_tokens(self) -> np.ndarray:
+        """Every row's tokens with its eos (0 for a blank row), files in order: the counting pass."""
+        if self._row_tokens is None:
+            counts = []
+            for table in iter_text_tables(self.files, (TEXT_COLUMN,), batch_rows=COUNT_ROWS):
+                texts = table.column(TEXT_COLUMN)
+                blank = blank_mask(texts)
+                n = np.zeros(len(texts), dtype=np.int64)
+                keep = np.flatnonzero(~blank)
+                if keep.size:
+                    n[keep] = self.encoder.encode_ragged(texts.take(keep).to_pylist())[1]
+                counts.append(n)
+            self._row_tokens = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+            logger.info('data: %d tokens in %d rows (span corruption: %d tokens per example)',
+                        int(self._row_tokens.sum()), self.num_rows, self.raw_length)
+        return self._row_tokens
+
+    def window_examples(self, plan: EpochPlan) -> np.ndarray:
+        """Examples of each window of the plan, from the rows' token counts."""
+        key = (plan.epoch, plan.order)
+        sizes = self._sizes.get(key)
+        if sizes is None:
+            cum = np.concatenate([[0], np.cumsum(self.row_tokens())])
+            tokens = [sum(int(cum[u.first_row + u.rows] - cum[u.first_row]) for u in window) for window in plan.windows]
+            sizes = self._sizes[key] = runs_of(np.array(tokens, dtype=np.int64), self.raw_length)
+            for old in [k for k in self._sizes if k != key][:-1]:  # the last two epochs' are kept
+                del self._sizes[old]
+        return sizes
+
+    def num_positions(self, epoch: int, order: OrderParams) -> int:
+        """Examples in the epoch (they vary a little with the epoch: its windows hold other rows)."""
+        return int(self.window_examples(self.plan(epoch, order)).sum())
+
+    def plan(self, epoch: int, order: OrderParams) -> EpochPlan:
+        return EpochPlan(self.row_groups, order, epoch, self.num_rows)
+
+    # -- iteration
+
+    def configure(self, pass_) -> None:
+        self.pass_ = pass_
+
+    def __iter__(self):
+        if self.pass_ is None:
+            raise RuntimeError('configure() the dataset before iterating it')
+        return self._batches(self.pass_)
+
+    def _batches(self, pass_):
+        from model.data.loader import READ_ERROR, ParquetStreamDataset
+
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+        plan = self.plan(pass_.epoch, pass_.order)
+        starts = np.concatenate([[0], np.cumsum(self.window_examples(plan))])
+        reader = WindowReader(self.files, plan, (TEXT_COLUMN,))
+        windows = _WindowRuns(self, plan, reader, starts, pass_.epoch)
+        try:
+            for j, s, e in ParquetStreamDataset.local_batches(pass_, worker, num_workers):
+                batch = windows.batch(s, e)
+                batch['batch_index'] = j
+                yield batch
+        except UserError as e:  # a damaged page met mid-epoch: see ParquetStreamDataset
+            if info is None:
+                raise
+            yield {READ_ERROR: str(e)}
+        finally:
+            reader.close()
+
+
+class _WindowRuns:
+    """The runs (uncorrupted examples) of the windows in use, tokenized once each."""
+
+    def __init__(self, dataset: SpanCorruptionDataset, plan: EpochPlan, reader: WindowReader, starts: np.ndarray,
+                 epoch: int):
+        self.dataset, self.plan, self.reader, self.starts, self.epoch = dataset, plan, reader, starts, epoch
+        self.runs: dict[int, list[np.ndarray]] = {}
+
+    def window_runs(self, w: int) -> list[np.ndarray]:
+        runs = self.runs.get(w)
+        if runs is None:
+            for old in [x for x in self.runs if x < w]:
+                del self.runs[old]
+            lo, hi = int(self.plan.window_start[w]), int(self.plan.window_start[w + 1])
+            self.reader.release_below(lo)
+            (texts,), _, _ = self.reader.take(np.arange(lo, hi, dtype=np.int64))  # blank rows left out
+            flat, lens = self.dataset.encoder.encode_ragged(texts) if texts else (np.zeros(0, np.int64), None)
+            runs = self.runs[w] = sc.pack([flat], self.dataset.raw_length) if flat.size else []
+            expected = int(self.starts[w + 1] - self.starts[w])
+            if len(runs) != expected:  # the files changed after the counting pass
+                raise UserError(f'{", ".join(self.dataset.files)}: the text changed while training read it '
+                                f'(window {w}: {len(runs)} examples, {expected} counted at start-up); '
+                                f'start the run again')
+        return runs
+
+    def batch(self, start: int, stop: int) -> dict:
+        d, span = self.dataset, self.dataset.span
+        inputs, targets = [], []
+        for k in range(start, stop):
+            w = int(np.searchsorted(self.starts, k, side='right') - 1)
+            run = self.window_runs(w)[k - int(self.starts[w])]
+            mask = sc.noise_mask(len(run), span.noise_density, span.mean_noise_span_length,
+                                 sc.example_rng(self.plan.order.seed, self.epoch, k))
+            x, y = sc.corrupt(run, mask, d.encoder.sentinel_ids, d.encoder.eos_id)
+            inputs.append(x)
+            targets.append(y)
+
+        def side(seqs):
+            if not seqs:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.concatenate(seqs), np.array([len(s) for s in seqs], dtype=np.int64)
+        rows = np.arange(start, stop, dtype=np.int64) if d.return_row_index else None
+        return batch_from_ids(side(inputs), side(targets), rows, 0, d.encoder.eos_id)

@@ -1,0 +1,234 @@
+"""Span corruption on raw text as the loader serves it (model/data/span_stream.py): the examples
+rebuild the packed text, fit the sequence, follow the settings' noise, do not depend on the
+number of ranks or workers, and resume exactly; the CLI refuses what it cannot train on."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import (ENV, ROOT, assert_same_weights, assert_user_error, cli, logged_losses, make_texts, run_train,
+                      tiny_flags, torchrun)
+from model.data import span_corruption as sc
+from model.data.loader import LoaderSettings, StreamingLoader
+from model.errors import UserError
+
+MAX_LEN = 32
+
+
+def write_text(path, n, seed, row_group_size=50, blank_every=0) -> str:
+    texts = [p + '\n' + r for p, r in make_texts(n, seed=seed, max_len=60)]
+    if blank_every:
+        texts = [None if i % blank_every == 0 else t for i, t in enumerate(texts)]
+    pq.write_table(pa.table({'text': texts}), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def text_data(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp('text')
+    return {'train': write_text(d / 'train.parquet', 300, seed=21, blank_every=17),
+            'valid': write_text(d / 'valid.parquet', 40, seed=22), 'tok': tokenizer_dir}
+
+
+def loader(files, tokenizer, rank=0, world=1, **kw):
+    settings = dict(max_seq_len=MAX_LEN, batch_size=8, objective='span_corruption', shuffle_window_rows=120,
+                    mix_row_groups=2, seed=5)
+    settings.update(kw)
+    return StreamingLoader(files, tokenizer, LoaderSettings(**settings), rank, world, return_row_index=True)
+
+
+def epoch(ld) -> list[dict]:
+    return [{k: v.clone() if hasattr(v, 'clone') else v for k, v in b.items()} for b in ld]
+
+
+def examples(batches) -> dict[int, tuple[list, list]]:
+    """example index -> (input ids, target ids), padding removed."""
+    out = {}
+    for b in batches:
+        for i, k in enumerate(b['row_index'].tolist()):
+            x = b['input_ids'][i][b['attention_mask'][i].bool()].tolist()
+            out[k] = (x, [t for t in b['labels'][i].tolist() if t != -100])
+    return out
+
+
+def test_the_examples_rebuild_the_documents_packed_in_the_epoch_order(text_data, tokenizer):
+    ld = loader(text_data['train'], tokenizer, shuffle=False, drop_last=False)
+    ex = examples(epoch(ld))
+    assert sorted(ex) == list(range(ld.num_positions))
+    sentinels = np.array([tokenizer.convert_tokens_to_ids(sc.sentinel_token(i)) for i in range(100)])
+    rebuilt = np.concatenate([sc.uncorrupt(np.array(x), np.array(y), sentinels, tokenizer.eos_token_id)
+                              for _, (x, y) in sorted(ex.items())])
+    # unshuffled: windows of 120 rows in file order, blank rows left out, each text then eos
+    texts = pq.read_table(text_data['train']).column('text').to_pylist()
+    expected = []
+    for w in range(0, len(texts), 120):
+        flat = [t for text in texts[w:w + 120] if text is not None for t in tokenizer(text).input_ids]
+        raw = sc.lengths_for(MAX_LEN, 0.15, 3.0)[0]
+        runs = [flat[i:i + raw] for i in range(0, len(flat), raw)]
+        expected += [t for run in runs if len(run) >= 2 for t in run]
+    assert rebuilt.tolist() == expected
+
+
+def test_inputs_fill_the_sequence_and_the_noise_follows_the_settings(text_data, tokenizer):
+    for density, span, length in ((0.15, 3.0, MAX_LEN), (0.15, 3.0, 128), (0.3, 5.0, 128)):
+        ld = loader(text_data['train'], tokenizer, noise_density=density, mean_noise_span_length=span,
+                    max_seq_len=length)
+        ex = examples(epoch(ld))
+        lengths = [len(x) for x, _ in ex.values()]
+        assert max(lengths) == length and sum(n == length for n in lengths) >= 0.8 * len(lengths)
+        assert all(len(y) <= sc.lengths_for(length, density, span)[1] for _, y in ex.values())
+        if length == MAX_LEN:
+            continue  # two or three spans an example: the means below need longer ones
+        sentinel_ids = {tokenizer.convert_tokens_to_ids(sc.sentinel_token(i)) for i in range(100)}
+        noise = spans = raw = 0
+        for x, y in ex.values():
+            s = [t for t in y if t in sentinel_ids]
+            assert s == [tokenizer.convert_tokens_to_ids(sc.sentinel_token(i)) for i in range(len(s))]  # in order
+            spans += len(s)
+            noise += len(y) - 1 - len(s)
+            raw += noise_free(x, sentinel_ids) + len(y) - 1 - len(s)
+        assert abs(noise / raw - density) < 0.01, (noise / raw, density)
+        assert abs(noise / spans - span) < 0.15 * span, (noise / spans, span)
+
+
+def noise_free(x, sentinel_ids) -> int:
+    return sum(1 for t in x[:-1] if t not in sentinel_ids)
+
+
+def test_two_ranks_and_workers_serve_the_examples_of_one_rank(text_data, tokenizer):
+    one = epoch(loader(text_data['train'], tokenizer, batch_size=8))
+    ranks = [epoch(loader(text_data['train'], tokenizer, rank=r, world=2, batch_size=4)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for i, b in enumerate(one):
+        assert ranks[0][i]['row_index'].tolist() + ranks[1][i]['row_index'].tolist() == b['row_index'].tolist()
+        for key in ('input_ids', 'labels'):
+            joined = [row for r in (0, 1) for row in ranks[r][i][key].tolist()]
+            assert [[t for t in row if t not in (0, -100)] for row in joined] == \
+                   [[t for t in row if t not in (0, -100)] for row in b[key].tolist()]
+    workers = epoch(loader(text_data['train'], tokenizer, batch_size=8, num_workers=2))
+    assert all(np.array_equal(a['input_ids'], b['input_ids']) and np.array_equal(a['labels'], b['labels'])
+               for a, b in zip(one, workers)) and len(workers) == len(one)
+
+
+def test_the_masks_depend_on_the_seed_and_epoch_and_the_size_is_counted_right(text_data, tokenizer):
+    a = loader(text_data['train'], tokenizer)
+    first = examples(epoch(a))
+    second = examples(epoch(a))  # epoch 1: other windows, other masks
+    assert a.epoch == 2 and first != second
+    assert first == examples(epoch(loader(text_data['train'], tokenizer)))
+    assert first != examples(epoch(loader(text_data['train'], tokenizer, seed=6)))
+    b = loader(text_data['train'], tokenizer)
+    sizes = [len(list(b)) for _ in range(3)]
+    assert sizes[0] == len(b) and sum(sizes) == b.total_steps(3)  # every epoch's own count
+
+
+@pytest.mark.parametrize('new_world', [1, 2])
+def test_resume_mid_epoch_continues_with_the_same_examples(text_data, tokenizer, new_world):
+    whole = examples(epoch(loader(text_data['train'], tokenizer, rank=0, world=2, batch_size=4))
+                     + epoch(loader(text_data['train'], tokenizer, rank=1, world=2, batch_size=4)))
+    ld = loader(text_data['train'], tokenizer, rank=0, world=2, batch_size=4)
+    it = iter(ld)
+    seen = examples([next(it) for _ in range(5)])
+    state = json.loads(json.dumps(ld.state_dict()))  # as a saved state holds it
+    assert state['objective'] == 'span_corruption' and state['rows_consumed'] == 40
+    rest = []
+    for r in range(new_world):
+        again = loader(text_data['train'], tokenizer, rank=r, world=new_world, batch_size=8 // new_world)
+        again.load_state_dict(state)
+        rest += epoch(again)
+    got = {**examples(rest)}
+    for k in seen:  # rank 0's first five batches; rank 1 held the others of those global batches
+        assert whole[k] == seen[k]
+    assert set(got) == set(range(40, max(whole) + 1)) and all(got[k] == whole[k] for k in got)
+
+
+def test_a_tokenizer_without_sentinels_and_the_wrong_kind_of_data_are_refused(text_data, tokenizer_dir, tmp_path,
+                                                                             data):
+    old = tmp_path / 'old_tokenizer'
+    old.mkdir()
+    spec = json.load(open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8'))
+    spec['added_tokens'] = [t for t in spec['added_tokens'] if not t['content'].startswith('<extra_id_')]
+    (old / 'tokenizer.json').write_text(json.dumps(spec), encoding='utf-8')
+    for f in ('tokenizer_config.json', 'special_tokens_map.json', '.chat_small_t5.json'):
+        if os.path.exists(os.path.join(tokenizer_dir, f)):
+            (old / f).write_bytes(open(os.path.join(tokenizer_dir, f), 'rb').read())
+    from tokenizers import Tokenizer
+
+    with pytest.raises(UserError, match='no T5 sentinel tokens'):
+        StreamingLoader(text_data['train'], Tokenizer.from_file(str(old / 'tokenizer.json')),
+                        LoaderSettings(max_seq_len=MAX_LEN, batch_size=8, objective='span_corruption'))
+    r = run_train(tiny_flags({**text_data, 'tok': str(old)}, tmp_path / 'run', objective='span_corruption'))
+    assert_user_error(r, 'no T5 sentinel tokens', 'train_tokenizer')
+    r = run_train(tiny_flags(data, tmp_path / 'run', objective='span_corruption'))
+    assert_user_error(r, 'holds prompt/response pairs', '--text_col')
+    r = run_train(tiny_flags(text_data, tmp_path / 'run'))
+    assert_user_error(r, 'holds raw text', '--objective=span_corruption')
+    assert not os.path.exists(tmp_path / 'run' / 'state')
+
+
+SPAN = {'objective': 'span_corruption', 'epochs': 1, 'max_eval_rows': 16, 'eval_steps': 10, 'save_steps': 1000,
+        'dropout_rate': 0.0}
+
+
+@pytest.mark.slow
+def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, tmp_path):
+    ref = tmp_path / 'ref'
+    r = run_train(tiny_flags(text_data, ref, **SPAN))
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = max(logged_losses(ref))
+    cut = tmp_path / 'cut'
+    env = {**ENV, 'CHAT_SMALL_T5_FAULT': f'train-step@{steps // 2}:sigterm'}
+    import subprocess
+    import sys
+
+    stopped = subprocess.run([sys.executable, 'train_low_mem.py', 'train', *tiny_flags(text_data, cut, **SPAN)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    r = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref_losses, losses = logged_losses(ref), logged_losses(cut)
+    assert ref_losses == losses  # every step's loss, before and after the stop
+    assert_same_weights(f'{ref}/final/model.safetensors', f'{cut}/final/model.safetensors')
+    two = tmp_path / 'two'
+    r = torchrun(tiny_flags(text_data, two, **{**SPAN, 'batch_size_per_gpu': 4}), 2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    for s, v in logged_losses(two).items():
+        assert abs(v - ref_losses[s]) < 1e-4, (s, v, ref_losses[s])
+    assert_same_weights(f'{ref}/final/model.safetensors', f'{two}/final/model.safetensors', atol=1e-4)
+    log = open(glob.glob(f'{ref}/logs/*.log')[0], encoding='utf-8').read()
+    assert 'validation loss' in log and 'BLEU-4' not in log  # the denoising loss, no answers
+
+
+@pytest.mark.slow
+def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text_data, data, tmp_path):
+    stage1 = tmp_path / 'stage1'
+    r = run_train(tiny_flags(text_data, stage1, objective='span_corruption', max_steps=8))
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage2 = tmp_path / 'stage2'
+    r = run_train(tiny_flags(data, stage2, max_steps=8, init_from=f'{stage1}/final'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = open(glob.glob(f'{stage2}/logs/*.log')[0], encoding='utf-8').read()
+    assert f'warm start: weights from {stage1}/final' in log and 'BLEU-4' in log
+    r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_0>世界', '--max_new_tokens=8')
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [x for x in r.stdout.splitlines() if '->' in x][0]
+    filled = line.split('->', 1)[1].strip()  # the prompt with its sentinel filled (or left when not written)
+    assert filled.startswith('你好') and filled.endswith('世界') and '</s>' not in filled
+
+
+def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):
+    from model.net.chat_model import fill_sentinels
+
+    ids = tokenizer('北京是<extra_id_0>的首都<extra_id_1>').input_ids
+    s0, s1 = (tokenizer.convert_tokens_to_ids(sc.sentinel_token(i)) for i in (0, 1))
+    china = tokenizer('中国', add_special_tokens=False).input_ids
+    out = [0, s0, *china, s1, *tokenizer('。', add_special_tokens=False).input_ids, 1, 0]
+    assert fill_sentinels(tokenizer, ids, out).replace(' ', '') == '北京是【中国】的首都【。】'
+    assert fill_sentinels(tokenizer, ids, [0, s0, *china, 1]).replace(' ', '') == '北京是【中国】的首都<extra_id_1>'
