@@ -294,11 +294,15 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
     """Score a trained model on test_file: loss, perplexity, BLEU-4 (sacrebleu, zh) and exact
     match, streamed; the predictions (prompt, reference, answer) go to a JSONL beside the model."""
     cfg, decode, source = _inference_setup('test', preset, use_large_config, flags, extra=('out',))
-    from model.data.files import check_usable_rows, count_rows, resolve_parquet_files
+    from model.data.files import check_usable_rows, count_rows, files_kind, resolve_parquet_files
     from model.use.scoring import check_predictions_path, predictions_path, score_file
 
     t = cfg.train
     count_rows(t.test_file)
+    if files_kind(resolve_parquet_files(t.test_file), 'test_file') != 'pairs':
+        raise UserError(f'test_file: {t.test_file} holds raw text; test scores answers to prompts: give '
+                        f'prompt/response pairs (a span-corruption model is scored by its validation loss in the '
+                        f'training log)')
     check_usable_rows(t.test_file, 'test_file', shown=t.test_file)
     path = coerce('out', out, str) if out not in (None, '') else predictions_path(source.path, t.test_file)
     path = check_predictions_path(path, resolve_parquet_files(t.test_file),

@@ -211,6 +211,8 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     stage1 = tmp_path / 'stage1'
     r = run_train(tiny_flags(text_data, stage1, objective='span_corruption', max_steps=8))
     assert r.returncode == 0, r.stderr[-3000:]
+    r = cli('test', f'--model_dir={stage1}/final', f'--test_file={text_data["valid"]}')
+    assert_user_error(r, 'holds raw text', 'prompt/response pairs')
     stage2 = tmp_path / 'stage2'
     r = run_train(tiny_flags(data, stage2, max_steps=8, init_from=f'{stage1}/final'))
     assert r.returncode == 0, r.stderr[-3000:]
