@@ -227,11 +227,13 @@ def test_mixed_kinds_are_refused(tmp_path):
 
 
 def test_cli_text_mistakes_are_one_line_and_leave_nothing(tmp_path):
-    d = tmp_path
+    d = tmp_path / 'work'
+    d.mkdir()
     write_text_source(d / 'a.jsonl', chinese_texts(5, seed=9), 'jsonl')
     write_text_source(d / 'a.csv', chinese_texts(5, seed=9), 'csv')
     (d / 'gbk.txt').write_bytes('好\n\n'.encode() + '坏'.encode('gbk') + b'\n')
     (d / 'c.txt').write_text('文本\n', encoding='utf-8')
+    os.symlink(d / 'gone.txt', tmp_path / 'dangling.txt')  # beside d: snapshot() cannot read it
     before = snapshot(d)
     results = run_parallel([
         ('both flags', ['convert', d / 'a.jsonl', d / 'o1.parquet', '--text_col=content', '--prompt_col=q'], PY),
@@ -241,6 +243,7 @@ def test_cli_text_mistakes_are_one_line_and_leave_nothing(tmp_path):
         ('txt not utf-8', ['convert', d / 'gbk.txt', d / 'o5.parquet'], PY),
         ('txt with text_col', ['convert', d / 'c.txt', d / 'o6.parquet', '--text_col=x'], PY),
         ('empty text_col', ['convert', d / 'a.jsonl', d / 'o7.parquet', '--text_col='], PY),
+        ('dangling link', ['convert', tmp_path / 'dangling.txt', d / 'o8.parquet'], PY),
     ])
     assert_user_error(results['both flags'], '--text_col', '--prompt_col', 'not both')
     assert_user_error(results['missing text_col'], 'a.jsonl', 'line 1', "'body'", '--text_col')
@@ -249,6 +252,7 @@ def test_cli_text_mistakes_are_one_line_and_leave_nothing(tmp_path):
     assert_user_error(results['txt not utf-8'], 'gbk.txt', 'line 3', 'not UTF-8', 'iconv')
     assert_user_error(results['txt with text_col'], 'c.txt', 'no columns', '--text_col')
     assert_user_error(results['empty text_col'], '--text_col')
+    assert_user_error(results['dangling link'], 'dangling.txt', 'a link to nothing', 'gone.txt')
     assert snapshot(d) == before
 
 

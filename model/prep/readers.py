@@ -55,6 +55,8 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
     """Tables of the columns' output names of any supported file, streamed (the first table
     tells the kind: 'auto' columns are resolved from the source's names)."""
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise UserError(f'{path}: a link to nothing ({os.readlink(path)}), or in a loop; give the file itself')
         raise UserError(f'{path}: no such file')
     if not os.path.isfile(path):
         raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
