@@ -101,6 +101,11 @@ def test_pandas_json_layouts_of_a_text_column(tmp_path):
         out = tmp_path / f'{orient}.parquet'
         assert convert_to_parquet(str(src), str(out)) == 20, orient
         assert read_texts(out) == texts, orient
+    pd.DataFrame({'text': texts}).to_json(tmp_path / 'values.json', orient='values', force_ascii=False)
+    with pytest.raises(UserError, match=r'element 1 of the list .* or --text_col=0 \(raw text\)'):
+        convert_to_parquet(str(tmp_path / 'values.json'), str(tmp_path / 'values.parquet'))
+    assert convert_to_parquet(str(tmp_path / 'values.json'), str(tmp_path / 'values.parquet'), text_col='0') == 20
+    assert read_texts(tmp_path / 'values.parquet') == texts
 
 
 def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):

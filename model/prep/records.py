@@ -167,7 +167,8 @@ class RecordBatcher:
             record = dict(enumerate(record))
             keys = tuple(int(k) for k in source)
         elif isinstance(record, list):
-            example = ('--text_col=0' if self.cols.kind == 'text' else '--prompt_col=0 --response_col=1')
+            example = {'text': '--text_col=0', 'pairs': '--prompt_col=0 --response_col=1'}.get(
+                self.cols.kind, '--prompt_col=0 --response_col=1 (pairs), or --text_col=0 (raw text)')
             raise UserError(f'{self.path}: {place(where)}: a row is a list, which has no column names; pass the '
                             f'positions of the columns, e.g. {example}')
         elif not isinstance(record, dict):
