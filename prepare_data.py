@@ -1,4 +1,4 @@
-"""Prepare prompt/response Parquet for pretraining (the logic lives in model/prep/).
+"""Prepare prompt/response (or raw-text) Parquet for pretraining (the logic lives in model/prep/).
 
 Examples:
     # CSV / JSON (a list of objects) / JSONL / Parquet -> Parquet, renaming the columns
@@ -6,7 +6,11 @@ Examples:
     python prepare_data.py convert raw/qa.csv data/all.parquet
     python prepare_data.py convert raw/export.txt data/all.parquet --format=jsonl
 
-    # drop null, empty, duplicate and over-long rows
+    # raw text -> Parquet with one `text` column: a column of any format, or a .txt (one document a line)
+    python prepare_data.py convert raw/wiki.jsonl data/wiki.parquet --text_col=content
+    python prepare_data.py convert raw/news.txt data/news.parquet
+
+    # drop null, empty, duplicate and over-long rows (clean, check and split take either kind)
     python prepare_data.py clean data/all.parquet data/clean.parquet --max_chars=2000
 
     # quality report; with a tokenizer also token lengths and what max_seq_len truncates
@@ -31,6 +35,7 @@ nothing existing is changed and no partial output is left. Ctrl-C or SIGTERM pri
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -42,13 +47,18 @@ from model.errors import UserError
 
 
 def convert(*args, **flags):
-    """Convert CSV / JSON (a list of objects) / JSONL / Parquet into prompt/response Parquet."""
-    from model.prep.ops import convert_to_parquet
+    """Convert CSV / JSON (a list of objects) / JSONL / Parquet / .txt into prompt/response Parquet,
+    or raw text (one `text` column: --text_col=..., a source with a text column and no
+    prompt/response, or a .txt file, one document a line)."""
+    from model.prep.ops import convert_file
 
     o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
     stopping.watch_outputs(o.output)
-    rows = convert_to_parquet(o.input, o.output, o.prompt_col, o.response_col, o.format or None)
-    print(f'wrote {rows} rows to {o.output}')
+    given = {name: getattr(o, name) if name in flags else None for name in ('prompt_col', 'response_col', 'text_col')}
+    result = convert_file(o.input, o.output, input_format=o.format or None, **given)
+    skipped = f'; {result.blank_lines} blank line(s) skipped' if result.blank_lines else ''
+    kind = 'prompt/response pairs' if result.kind == 'pairs' else 'raw text, one text column'
+    print(f'wrote {result.rows} rows to {o.output} ({kind}{skipped})')
 
 
 def clean(*args, **flags):
@@ -104,7 +114,7 @@ COMMANDS = {'convert': (convert, ConvertOptions, 'INPUT OUTPUT'), 'clean': (clea
 def command_help(name: str) -> str:
     fn, options, usage = COMMANDS[name]
     return '\n'.join([f'usage: python prepare_data.py {name} {usage} [--option=value ...]'.replace('  ', ' '),
-                      '', (fn.__doc__ or '').strip(), '', 'options (model/prep/options.py):', *format_options(options)])
+                      '', inspect.cleandoc(fn.__doc__ or ''), '', 'options (model/prep/options.py):', *format_options(options)])
 
 
 def main(argv: list[str] | None = None) -> None:

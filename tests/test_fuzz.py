@@ -177,8 +177,9 @@ def text_cases(rng: random.Random, pairs) -> list[Case]:
     sink = io.BytesIO()
     pcsv.write_csv(pa.Table.from_pylist(records), sink)
     csv = sink.getvalue()
+    txt = ''.join(f'{p}{r}\n' for p, r in pairs).encode()  # raw text: one document a line
     cases = []
-    for suffix, base in (('.jsonl', jsonl), ('.json', as_json), ('.csv', csv)):
+    for suffix, base in (('.jsonl', jsonl), ('.json', as_json), ('.csv', csv), ('.txt', txt)):
         kind = suffix[1:]
         cases += [Case(f'{kind}: bytes flipped #{i}', suffix, flip(rng, base, 0, len(base), rng.randint(1, 5)))
                   for i in range(20)]

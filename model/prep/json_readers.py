@@ -21,15 +21,15 @@ import pyarrow as pa
 from model.errors import UserError
 from model.prep import records
 from model.data import read_guard
-from model.prep.records import BOM, RECORD_FIX, build_utf8_error, tables
+from model.prep.records import BOM, RECORD_FIX, Columns, build_utf8_error, tables
 from model.data.read_guard import ReadBudget, iter_bounded_lines, too_long
 
 
 # --------------------------------------------------------------------------- JSONL
 
 
-def iter_jsonl(path: str, prompt_col: str, response_col: str, hint: str = '') -> Iterator[pa.Table]:
-    return tables(path, prompt_col, response_col, _jsonl_records(path, hint))
+def iter_jsonl(path: str, cols: Columns, hint: str = '') -> Iterator[pa.Table]:
+    return tables(path, cols, _jsonl_records(path, hint))
 
 
 def _jsonl_records(path: str, hint: str = ''):
@@ -74,16 +74,16 @@ def _first_char(path: str) -> str:
                 return stripped[:1].decode('latin-1')
 
 
-def iter_json(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
+def iter_json(path: str, cols: Columns) -> Iterator[pa.Table]:
     """A JSON list of objects, any layout pandas' to_json writes, or JSONL saved as .json."""
     first = _first_char(path)
     if first == '[':
-        return tables(path, prompt_col, response_col, _list_records(path, 'item'))
+        return tables(path, cols, _list_records(path, 'item'))
     if first == '{':
         if _is_jsonl(path):
             hint = '; a .json file must hold one JSON value, or one object per line (JSONL)'
-            return iter_jsonl(path, prompt_col, response_col, hint=hint)
-        return tables(path, prompt_col, response_col, _object_records(path, prompt_col, response_col))
+            return iter_jsonl(path, cols, hint=hint)
+        return tables(path, cols, _object_records(path, cols))
     found = 'an empty file' if first == '' else f'{first!r}'
     raise UserError(f'{path}: line 1: expected a JSON list of objects ("[{{...}}, ...]") or an object, '
                     f'found {found}')
@@ -148,8 +148,9 @@ def _list_records(path: str, prefix: str):
         yield record, lambda i=i: f'{where(i)} ({_element_line(path, i)})'
 
 
-def _object_records(path: str, prompt_col: str, response_col: str):
-    """The layouts of a top-level object, told apart by its first keys and their values."""
+def _object_records(path: str, cols: Columns):
+    """The layouts of a top-level object, told apart by its first keys and their values.
+    Columns of kind 'auto' are resolved from the keys when they are the column names."""
     import ijson
 
     keys: dict[str, str] = {}  # top-level key -> the event its value starts with
@@ -162,14 +163,14 @@ def _object_records(path: str, prompt_col: str, response_col: str):
             keys[pending] = event
             # a list that is not a split's column names or index decides the layout: stop before
             # reading through it
-            if len(keys) >= 3 or keys.keys() >= {prompt_col, response_col} or (
+            if len(keys) >= 3 or keys.keys() >= set(cols.source) or (
                     event == 'start_array' and pending not in ('columns', 'index')):
                 break
             pending = None
     if keys.get('columns') == 'start_array' and 'data' in keys:  # orient='split'
         yield from _split_records(path)
-    elif keys.get(prompt_col) == 'start_map':  # orient='columns' (pandas' default)
-        yield from _column_records(path, prompt_col, response_col)
+    elif keys.get(cols.resolve(keys).source[0]) == 'start_map':  # orient='columns' (pandas' default)
+        yield from _column_records(path, cols.resolve(keys).source)
     elif keys and all(event == 'start_map' for event in keys.values()):  # orient='index'
         items = _records(path, lambda f: ijson.kvitems(f, '', buf_size=records.READ_CHUNK_BYTES, use_float=True),
                          lambda i: f'record {i + 1} of the object')
@@ -186,20 +187,20 @@ def _object_records(path: str, prompt_col: str, response_col: str):
             yield record, 'the object'
 
 
-def _column_records(path: str, prompt_col: str, response_col: str):
-    """{"prompt": {"0": ..}, "response": {"0": ..}}: two streamed passes, zipped by index."""
+def _column_records(path: str, names: tuple[str, ...]):
+    """{"prompt": {"0": ..}, "response": {"0": ..}}: a streamed pass a column, zipped by index."""
     import ijson
 
     def column(name):
         return _records(path, lambda f: ijson.kvitems(f, name, buf_size=records.READ_CHUNK_BYTES, use_float=True),
                         lambda i: f'row {i + 1} of column {name!r}')
 
-    for (kp, p), (kr, r) in itertools.zip_longest(column(prompt_col), column(response_col),
-                                                  fillvalue=(None, None)):
-        if kp != kr:
-            raise UserError(f'{path}: the columns {prompt_col!r} and {response_col!r} hold different '
-                            f'row indices ({kp!r} and {kr!r})')
-        yield {prompt_col: p, response_col: r}, f'row {kp!r}'
+    for row in itertools.zip_longest(*(column(name) for name in names), fillvalue=(None, None)):
+        indices = [index for index, _ in row]
+        if len(set(indices)) > 1:
+            raise UserError(f'{path}: the columns {names[0]!r} and {names[1]!r} hold different '
+                            f'row indices ({indices[0]!r} and {indices[1]!r})')
+        yield {name: value for name, (_, value) in zip(names, row)}, f'row {indices[0]!r}'
 
 
 def _split_records(path: str):

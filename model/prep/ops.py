@@ -1,4 +1,6 @@
-"""convert, split, clean and check: the operations of `prepare_data.py`, all streamed.
+"""convert, split, clean and check: the operations of `prepare_data.py`, all streamed, on either
+kind of data (model/data/files.py ``KINDS``): prompt/response pairs, or raw text (a text column).
+Clean, split and check take the kind from the input's columns, and write the same kind.
 
 Only ``split`` below ``max_in_memory_rows`` holds a table, to use sklearn's
 ``train_test_split`` as the guide does; every other operation reads batches and writes
@@ -18,33 +20,61 @@ import pyarrow.compute as pc
 
 from config import TrainConfigPretrainLarge
 from model.errors import UserError
-from model.data.files import PAIR_COLUMNS, blank_mask, count_rows, iter_text_tables, open_parquet, resolve_parquet_files
+from model.data.files import (KINDS, blank_mask, count_rows, describe_kind, files_kind, iter_text_tables, open_parquet,
+                              resolve_parquet_files)
 from model.prep.output import (BATCH_ROWS, ROW_GROUP_ROWS, RowGroupWriter, check_outputs, open_parquet_output,
                                open_parquet_outputs)
-from model.prep.readers import iter_input_tables
+from model.prep.readers import ReadStats, iter_input_tables
+from model.prep.records import Columns
 
 IN_MEMORY_ROWS = 2_000_000  # split with sklearn up to this many rows, stream beyond
 HEAD_CHARS = 200  # characters of a value `check` shows (the table cuts them to 30)
 TOKEN_SAMPLE_ROWS = 100_000  # rows tokenized by `check` (tokenizing is ~100x slower than counting)
 
 
-def iter_parquet_tables(spec, columns=PAIR_COLUMNS):
-    """Batches of one or more prompt/response Parquet files (file, folder or glob)."""
-    return iter_text_tables(spec, columns, batch_rows=BATCH_ROWS)
+def input_kind(spec, command: str) -> str:
+    """The one kind of the Parquet files of spec (file, folder or glob): 'pairs' or 'text'."""
+    return files_kind(resolve_parquet_files(spec), command)
+
+
+def iter_parquet_tables(spec, kind: str = 'pairs'):
+    """Batches of the kind's columns of one or more Parquet files (file, folder or glob)."""
+    return iter_text_tables(spec, KINDS[kind], batch_rows=BATCH_ROWS)
 
 
 # --- convert ----------------------------------------------------------------
 
 
-def convert_to_parquet(input_path: str, output_path: str, prompt_col: str = 'prompt',
-                       response_col: str = 'response', input_format: str | None = None) -> int:
-    """CSV / JSON / JSONL / Parquet -> Parquet with string columns prompt, response; rows written."""
-    tables = iter_input_tables(input_path, prompt_col, response_col, input_format)
+@dataclass(frozen=True)
+class ConvertResult:
+    rows: int
+    kind: str  # 'pairs' or 'text'
+    blank_lines: int  # a .txt file's blank lines, skipped
+
+
+def convert_file(input_path: str, output_path: str, prompt_col: str | None = None, response_col: str | None = None,
+                 input_format: str | None = None, text_col: str | None = None) -> ConvertResult:
+    """CSV / JSON / JSONL / Parquet / .txt -> Parquet with string columns prompt, response (pairs)
+    or text (raw text). The columns are those given (None: not given); with none given, the
+    source's prompt and response, else its text column (a .txt file: each line)."""
+    stats = ReadStats()
+    tables = iter_input_tables(input_path, Columns.of(prompt_col, response_col, text_col), input_format, stats)
     check_outputs({'output': output_path}, [input_path])
-    with open_parquet_output(output_path, 'convert') as out:
+    first = next(tables, None)  # every reader yields at least one table: its columns tell the kind
+    kind = 'text' if first is not None and first.column_names == list(KINDS['text']) else 'pairs'
+    with open_parquet_output(output_path, 'convert', kind) as out:
+        if first is not None:
+            out.write(first)
         for table in tables:
             out.write(table)
-    return out.rows_written
+    return ConvertResult(out.rows_written, kind, stats.blank_lines)
+
+
+def convert_to_parquet(input_path: str, output_path: str, prompt_col: str | None = None,
+                       response_col: str | None = None, input_format: str | None = None,
+                       text_col: str | None = None) -> int:
+    """convert_file's rows written."""
+    return convert_file(input_path, output_path, prompt_col, response_col, input_format, text_col).rows
 
 
 # --- split ------------------------------------------------------------------
@@ -67,16 +97,17 @@ def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float
         raise UserError(f'{input_spec}: {total} row(s); a split needs at least 2')
     if max_in_memory_rows < 0:
         raise UserError(f'max_in_memory_rows must be >= 0, got {max_in_memory_rows}')
+    kind = input_kind(input_spec, 'split')
     in_memory = total <= max_in_memory_rows
     if in_memory and not 0 < math.ceil(valid_ratio * total) < total:
         raise UserError(f'valid_ratio={valid_ratio} of {total} rows leaves one side empty; choose a ratio '
                         f'between {1 / total:.2g} and {1 - 1 / total:.4g}')
     check_outputs({'train_out': train_out, 'valid_out': valid_out}, [input_spec])
-    with open_parquet_outputs([train_out, valid_out], 'split') as (train, valid):
+    with open_parquet_outputs([train_out, valid_out], 'split', kind) as (train, valid):
         if in_memory:
-            _split_in_memory(input_spec, train, valid, valid_ratio, seed)
+            _split_in_memory(input_spec, kind, train, valid, valid_ratio, seed)
         else:
-            _split_streaming(input_spec, train, valid, valid_ratio, seed)
+            _split_streaming(input_spec, kind, train, valid, valid_ratio, seed)
         for name, out in (('train', train), ('validation', valid)):
             if out.rows_total == 0:  # raised inside: neither file is written
                 raise UserError(f'valid_ratio={valid_ratio}: the {name} side got no row of {total}; '
@@ -84,11 +115,11 @@ def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float
     return SplitResult(train.rows_written, valid.rows_written, 'sklearn' if in_memory else 'streaming')
 
 
-def _split_in_memory(input_spec, train: RowGroupWriter, valid: RowGroupWriter,
+def _split_in_memory(input_spec, kind: str, train: RowGroupWriter, valid: RowGroupWriter,
                      valid_ratio: float, seed: int) -> None:
     from sklearn.model_selection import train_test_split
 
-    batches = list(iter_parquet_tables(input_spec))
+    batches = list(iter_parquet_tables(input_spec, kind))
     offsets = np.cumsum([0] + [b.num_rows for b in batches])
     train_idx, valid_idx = train_test_split(np.arange(offsets[-1]), test_size=valid_ratio,
                                             random_state=seed)
@@ -112,12 +143,12 @@ def take_rows(batches: list[pa.Table], offsets: np.ndarray, indices: np.ndarray)
     return pa.concat_tables(pieces).take(np.argsort(order))
 
 
-def _split_streaming(input_spec, train: RowGroupWriter, valid: RowGroupWriter,
+def _split_streaming(input_spec, kind: str, train: RowGroupWriter, valid: RowGroupWriter,
                      valid_ratio: float, seed: int) -> None:
     # One generator for the whole file: PCG64 draws one number per row, so the split
     # does not depend on the batch size.
     rng = np.random.default_rng(seed)
-    for table in iter_parquet_tables(input_spec):
+    for table in iter_parquet_tables(input_spec, kind):
         to_valid = pa.array(rng.random(table.num_rows) < valid_ratio)
         valid.write(table.filter(to_valid))
         train.write(table.filter(pc.invert(to_valid)))
@@ -127,16 +158,17 @@ def _split_streaming(input_spec, train: RowGroupWriter, valid: RowGroupWriter,
 
 
 def build_row_masks(table: pa.Table, max_chars: int = 0) -> dict[str, np.ndarray]:
-    """Per-row booleans: null (either field), blank (either empty/whitespace), too_long."""
-    prompt, response = table.column('prompt'), table.column('response')
-    null = _np(pc.or_(pc.is_null(prompt), pc.is_null(response)))
-    blank = (blank_mask(prompt) | blank_mask(response)) & ~null
+    """Per-row booleans over the table's columns (prompt and response, or text): null (any
+    field), blank (any empty/whitespace), too_long (any over max_chars)."""
+    null = np.zeros(table.num_rows, dtype=bool)
+    blank = np.zeros(table.num_rows, dtype=bool)
     too_long = np.zeros(table.num_rows, dtype=bool)
-    if max_chars > 0:
-        longer = pc.or_(pc.greater(pc.utf8_length(prompt), max_chars),
-                        pc.greater(pc.utf8_length(response), max_chars))
-        too_long = _np(longer) & ~null
-    return {'null': null, 'blank': blank, 'too_long': too_long}
+    for column in table.columns:
+        null |= _np(pc.is_null(column))
+        blank |= blank_mask(column)
+        if max_chars > 0:
+            too_long |= _np(pc.greater(pc.utf8_length(column), max_chars))
+    return {'null': null, 'blank': blank & ~null, 'too_long': too_long & ~null}
 
 
 def _np(mask) -> np.ndarray:
@@ -144,19 +176,19 @@ def _np(mask) -> np.ndarray:
     return np.asarray(pc.fill_null(mask, False).to_numpy(), dtype=bool)
 
 
-def row_digest(prompt: str, response: str) -> bytes:
-    """16 bytes naming a prompt/response pair (the length prefix keeps the fields apart)."""
-    data = f'{len(prompt)}:{prompt}{response}'.encode('utf-8', 'surrogatepass')
-    return hashlib.blake2b(data, digest_size=16).digest()
+def row_digest(*fields: str) -> bytes:
+    """16 bytes naming a row: a prompt/response pair or a text (the length prefixes keep the
+    fields apart)."""
+    data = ''.join(f'{len(f)}:{f}' for f in fields[:-1]) + fields[-1]
+    return hashlib.blake2b(data.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
 
 
 def unseen_rows(table: pa.Table, candidates: np.ndarray, seen: set[bytes]) -> np.ndarray:
-    """candidates minus rows whose pair is in ``seen`` (earlier or in this batch); updates seen."""
+    """candidates minus rows whose fields are in ``seen`` (earlier or in this batch); updates seen."""
     keep = candidates.copy()
-    prompts = table.column('prompt').to_pylist()
-    responses = table.column('response').to_pylist()
+    columns = [column.to_pylist() for column in table.columns]
     for i in np.flatnonzero(candidates):
-        digest = row_digest(prompts[i], responses[i])
+        digest = row_digest(*(column[i] for column in columns))
         if digest in seen:
             keep[i] = False
         else:
@@ -170,40 +202,39 @@ def unseen_rows(table: pa.Table, candidates: np.ndarray, seen: set[bytes]) -> np
 def build_report(input_spec, tokenizer_dir: str | None = None,
                  max_seq_len: int = TrainConfigPretrainLarge.max_seq_len,
                  token_sample_rows: int = TOKEN_SAMPLE_ROWS, seed: int = 0) -> dict[str, Any]:
-    """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths."""
+    """The guide's quality figures plus blanks, duplicates and (with a tokenizer) token lengths,
+    per column of the files' kind (prompt and response, or text)."""
     files = resolve_parquet_files(input_spec)
     total = count_rows(files)
+    kind = files_kind(files, 'check')
+    names = KINDS[kind]
     columns = open_parquet(files[0]).schema_arrow.names
     head: list[dict] | None = None
-    tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed) \
+    tokens = _TokenStats(tokenizer_dir, max_seq_len, token_sample_rows, total, seed, names) \
         if tokenizer_dir else None
-    counts = {'null_prompt': 0, 'null_response': 0, 'null_rows': 0, 'blank_rows': 0,
-              'duplicate_rows': 0}
-    lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
+    counts = {'null_rows': 0, 'blank_rows': 0, 'duplicate_rows': 0}
+    nulls = dict.fromkeys(names, 0)
+    lengths: dict[str, list[np.ndarray]] = {name: [] for name in names}
     seen: set[bytes] = set()
-    for table in iter_parquet_tables(files):
+    for table in iter_parquet_tables(files, kind):
         if head is None:  # the first rows of the first file, cut for display (pandas formats a value whole)
             head = _head_rows(table.slice(0, 5))
         masks = build_row_masks(table)
-        counts['null_prompt'] += table.column('prompt').null_count
-        counts['null_response'] += table.column('response').null_count
         counts['null_rows'] += int(masks['null'].sum())
         counts['blank_rows'] += int(masks['blank'].sum())
         usable = ~masks['null']
         counts['duplicate_rows'] += int(usable.sum() - unseen_rows(table, usable, seen).sum())
-        for name in PAIR_COLUMNS:
+        for name in names:
+            nulls[name] += table.column(name).null_count
             # int32 per row: 10M rows cost 40 MB; null rows are left out, as describe() would
             length = pc.drop_null(pc.utf8_length(table.column(name)))
             lengths[name].append(length.to_numpy().astype(np.int32))
         if tokens is not None:
             tokens.add(table)
     return {
-        'files': files, 'rows': total, 'columns': columns, 'shape': (total, len(columns)),
-        'head': head or [],
-        'nulls': {'prompt': counts['null_prompt'], 'response': counts['null_response']},
-        'null_rows': counts['null_rows'], 'blank_rows': counts['blank_rows'],
-        'duplicate_rows': counts['duplicate_rows'],
-        'prompt_chars': _describe(lengths['prompt']), 'response_chars': _describe(lengths['response']),
+        'files': files, 'rows': total, 'columns': columns, 'shape': (total, len(columns)), 'kind': kind,
+        'head': head or [], 'nulls': nulls, **counts,
+        **{f'{name}_chars': _describe(lengths[name]) for name in names},
         'tokens': tokens.summary() if tokens is not None else None,
     }
 
@@ -223,7 +254,8 @@ def _describe(parts: list[np.ndarray]) -> dict[str, float]:
 class _TokenStats:
     """Token lengths (eos included) of a seeded sample of at most ``sample_rows`` rows."""
 
-    def __init__(self, tokenizer_dir: str, max_seq_len: int, sample_rows: int, total: int, seed: int):
+    def __init__(self, tokenizer_dir: str, max_seq_len: int, sample_rows: int, total: int, seed: int,
+                 names: tuple[str, ...] = KINDS['pairs']):
         from model.data.tokenizer import load_tokenizer, text_cut_chars
 
         self.tok = load_tokenizer(tokenizer_dir)
@@ -232,7 +264,7 @@ class _TokenStats:
         self.cut = 0
         self.keep = 1.0 if total <= sample_rows else sample_rows / total
         self.rng = np.random.default_rng(seed)
-        self.lengths: dict[str, list[np.ndarray]] = {'prompt': [], 'response': []}
+        self.lengths: dict[str, list[np.ndarray]] = {name: [] for name in names}
 
     def add(self, table: pa.Table) -> None:
         masks = build_row_masks(table)
@@ -242,24 +274,24 @@ class _TokenStats:
         rows = table.filter(pa.array(chosen))
         from model.data.tokenizer import cut_texts
 
-        for name in PAIR_COLUMNS:
+        for name in self.lengths:
             texts = rows.column(name).to_pylist()
             self.cut += sum(len(t) > self.cut_chars for t in texts)
             ids = self.tok(cut_texts(texts, self.cut_chars), add_special_tokens=True)['input_ids'] if texts else []
             self.lengths[name].append(np.array([len(x) for x in ids], dtype=np.int32))
 
     def summary(self) -> dict[str, Any]:
-        prompt, response = (np.concatenate(self.lengths[name] or [np.zeros(0, np.int32)])
-                            for name in PAIR_COLUMNS)
-        over_p, over_r = prompt > self.max_seq_len, response > self.max_seq_len
-        sampled = len(prompt)
+        values = {name: np.concatenate(parts or [np.zeros(0, np.int32)]) for name, parts in self.lengths.items()}
+        over = {name: v > self.max_seq_len for name, v in values.items()}
+        any_over = np.logical_or.reduce(list(over.values()))
+        sampled = len(any_over)
         return {
             'sample_rows': sampled, 'sampled_all': self.keep >= 1.0, 'max_seq_len': self.max_seq_len,
             'cut_texts': self.cut, 'cut_chars': self.cut_chars,
-            'prompt': _percentiles(prompt), 'response': _percentiles(response),
-            'truncated_prompts': int(over_p.sum()), 'truncated_responses': int(over_r.sum()),
-            'truncated_rows': int((over_p | over_r).sum()),
-            'truncated_share': float((over_p | over_r).mean()) if sampled else 0.0,
+            **{name: _percentiles(v) for name, v in values.items()},
+            'truncated': {name: int(o.sum()) for name, o in over.items()},
+            'truncated_rows': int(any_over.sum()),
+            'truncated_share': float(any_over.mean()) if sampled else 0.0,
         }
 
 
@@ -274,15 +306,18 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
 def format_report(report: dict[str, Any]) -> str:
     import pandas as pd
 
+    names = list(report['nulls'])
     lines = [f'files: {", ".join(report["files"])}',
+             f'kind: {describe_kind(report["kind"])}',
              f'shape: {report["shape"]}', f'columns: {report["columns"]}', '', 'first 5 rows:']
     with pd.option_context('display.max_colwidth', 30, 'display.width', 160):
         lines.append(pd.DataFrame(report['head']).to_string() if report['head'] else '  (none)')
     lines += ['', 'nulls per column:'] + [f'  {k:<10} {v}' for k, v in report['nulls'].items()]
+    what = 'prompt+response' if report['kind'] == 'pairs' else 'text'
     lines += [f'rows with a null field:                 {report["null_rows"]}',
               f'rows with an empty/whitespace field:    {report["blank_rows"]}',
-              f'duplicate rows (same prompt+response):  {report["duplicate_rows"]}']
-    for name in PAIR_COLUMNS:
+              f'duplicate rows (same {what}):{" " * (17 - len(what))}{report["duplicate_rows"]}']
+    for name in names:
         stats = pd.Series(report[f'{name}_chars']).to_string(float_format=lambda v: f'{v:.1f}')
         lines += ['', f'{name} length (characters):', stats]
     tokens = report['tokens']
@@ -291,11 +326,11 @@ def format_report(report: dict[str, Any]) -> str:
         cut = (f'; {tokens["cut_texts"]} text(s) over {tokens["cut_chars"]:,} characters counted up to there'
                if tokens['cut_texts'] else '')
         lines += ['', f'token lengths, eos included ({sample}{cut}):']
-        for name in PAIR_COLUMNS:
+        for name in names:
             lines.append(f'  {name:<9} ' + '  '.join(f'{k} {v}' for k, v in tokens[name].items()))
+        each = ', '.join(f'{name}s {n}' for name, n in tokens['truncated'].items()) if len(names) > 1 else ''
         lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '
-                     f'({100 * tokens["truncated_share"]:.2f}%; prompts {tokens["truncated_prompts"]}, '
-                     f'responses {tokens["truncated_responses"]})')
+                     f'({100 * tokens["truncated_share"]:.2f}%{"; " + each if each else ""})')
     return '\n'.join(lines)
 
 
@@ -313,12 +348,12 @@ def clean_parquet(input_spec, output_path: str, max_chars: int = 0,
     """
     if max_chars < 0:
         raise UserError(f'max_chars must be >= 0 (0 = no limit), got {max_chars}')
-    count_rows(input_spec)  # the inputs exist and have the columns, before anything is written
+    kind = input_kind(input_spec, 'clean')  # the inputs exist and have the columns, before anything is written
     counts = dict.fromkeys(('rows', *DROP_REASONS, 'kept'), 0)
     seen: set[bytes] = set()
-    tables = iter_parquet_tables(input_spec)
+    tables = iter_parquet_tables(input_spec, kind)
     check_outputs({'output': output_path}, [input_spec])
-    with open_parquet_output(output_path, 'clean') as out:
+    with open_parquet_output(output_path, 'clean', kind) as out:
         for table in tables:
             masks = build_row_masks(table, max_chars)
             keep = np.ones(table.num_rows, dtype=bool)

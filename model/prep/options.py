@@ -10,23 +10,24 @@ from config import PROJECT_ROOT
 
 @dataclass
 class ConvertOptions:
-    """convert INPUT OUTPUT: CSV / JSON / JSONL / Parquet into prompt/response Parquet."""
+    """convert INPUT OUTPUT: CSV / JSON / JSONL / Parquet / .txt into prompt/response or raw-text Parquet."""
 
-    input: str = ''  # CSV, JSON (a list of objects), JSONL or Parquet file to read
+    input: str = ''  # CSV, JSON (a list of objects), JSONL, Parquet or .txt (one document a line) file to read
     output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
     prompt_col: str = 'prompt'  # the input's column (or JSON key) holding the prompt; renamed to prompt
     response_col: str = 'response'  # the input's column (or JSON key) holding the response; renamed to response
-    format: str = ''  # csv | json | jsonl | parquet (default: from the file extension)
+    text_col: str = ''  # raw text: the input's column (or JSON key) holding it, written as the one column text; not with --prompt_col/--response_col (.txt: none)
+    format: str = ''  # csv | json | jsonl | parquet | txt (default: from the file extension)
 
 
 @dataclass
 class CleanOptions:
-    """clean INPUT OUTPUT: drop null, empty/whitespace, over-long and duplicate rows."""
+    """clean INPUT OUTPUT: drop null, empty/whitespace, over-long and duplicate rows (pairs or text)."""
 
     input: str = ''  # Parquet file, folder or glob to read
     output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
-    max_chars: int = 0  # drop rows whose prompt or response has more characters (0 = no limit)
-    dedup: bool = True  # drop repeated (prompt, response) pairs, keeping the first
+    max_chars: int = 0  # drop rows whose prompt or response (or text) has more characters (0 = no limit)
+    dedup: bool = True  # drop repeated (prompt, response) pairs (or texts), keeping the first
 
 
 @dataclass

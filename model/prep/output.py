@@ -1,6 +1,8 @@
-"""Writing prompt/response Parquet: full row groups, the toolkit's marker, an atomic rename.
+"""Writing the toolkit's Parquet: full row groups, the toolkit's marker, an atomic rename.
 
-Outputs have exactly the string columns ``prompt`` and ``response`` in row groups of
+Outputs have exactly the string columns of their kind (model/data/files.py ``KINDS``):
+``prompt`` and ``response`` (pairs, ``OUTPUT_SCHEMA``) or ``text`` (raw text,
+``TEXT_OUTPUT_SCHEMA``), in row groups of
 ``ROW_GROUP_ROWS`` rows (fewer when rows are long: about ``ROW_GROUP_MAX_BYTES`` of text),
 carry the toolkit's marker in the footer (so a later command may replace them, and nothing else), and are written to a temporary file renamed into place, so
 a failed run leaves no partial file behind.
@@ -17,22 +19,24 @@ import pyarrow.parquet as pq
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.data.files import PAIR_COLUMNS, resolve_parquet_files
+from model.data.files import KINDS, resolve_parquet_files
 from model.state.markers import DATA
 from model.stopping import critical_from_mark
 
 ROW_GROUP_ROWS = 65536  # rows per output row group: the training streamer shuffles at this grain
 BATCH_ROWS = 8192  # rows per read batch: bounds memory per step, big enough for vectorised work
 ROW_GROUP_MAX_BYTES = 64 << 20  # long rows: a row group ends here, far below a reader's limit (read_guard)
-OUTPUT_SCHEMA = pa.schema([('prompt', pa.string()), ('response', pa.string())])
+OUTPUT_SCHEMAS = {kind: pa.schema([(name, pa.string()) for name in columns]) for kind, columns in KINDS.items()}
+OUTPUT_SCHEMA = OUTPUT_SCHEMAS['pairs']  # prompt, response
+TEXT_OUTPUT_SCHEMA = OUTPUT_SCHEMAS['text']  # text
 
 
 class RowGroupWriter:
     """Buffers incoming tables so every row group but the last has ROW_GROUP_ROWS rows, or
     fewer when they hold ROW_GROUP_MAX_BYTES of text."""
 
-    def __init__(self, writer: pq.ParquetWriter):
-        self._writer = writer
+    def __init__(self, writer: pq.ParquetWriter, kind: str = 'pairs'):
+        self._writer, self.kind = writer, kind
         self._pending: list[pa.Table] = []
         self._pending_rows = self._pending_bytes = 0
         self.rows_written = 0
@@ -40,7 +44,7 @@ class RowGroupWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        self._pending.append(build_output_table(table))
+        self._pending.append(build_output_table(table, self.kind))
         self._pending_rows += table.num_rows
         self._pending_bytes += self._pending[-1].nbytes
         if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_MAX_BYTES:
@@ -71,10 +75,10 @@ class RowGroupWriter:
             self._pending_bytes = self._pending[0].nbytes
 
 
-def build_output_table(table: pa.Table | pa.RecordBatch) -> pa.Table:
-    """The prompt/response columns as plain `string` (inputs may hold large_string)."""
-    arrays = [table.column(name).cast(pa.string()) for name in PAIR_COLUMNS]
-    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+def build_output_table(table: pa.Table | pa.RecordBatch, kind: str = 'pairs') -> pa.Table:
+    """The columns of the kind as plain `string` (inputs may hold large_string)."""
+    arrays = [table.column(name).cast(pa.string()) for name in KINDS[kind]]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMAS[kind])
 
 
 def check_outputs(outputs: dict[str, str], inputs=()) -> None:
@@ -100,16 +104,17 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
 
 
 @contextlib.contextmanager
-def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter]:
-    """A RowGroupWriter on a temporary file next to ``path``, renamed into place on success.
+def open_parquet_output(path: str, command: str = '', kind: str = 'pairs') -> Iterator[RowGroupWriter]:
+    """A RowGroupWriter of the kind's columns (pairs or text) on a temporary file next to
+    ``path``, renamed into place on success.
 
     The footer carries the toolkit's marker, so a later command may replace this file; any
     other file at ``path`` is refused before anything is written.
     """
     with writes.atomic_file(path, DATA, 'the output') as tmp:
-        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMA)
+        writer = pq.ParquetWriter(tmp, OUTPUT_SCHEMAS[kind])
         try:
-            rows = RowGroupWriter(writer)
+            rows = RowGroupWriter(writer, kind)
             yield rows
             rows.close()
             writer.add_key_value_metadata(markers.parquet_marker(DATA, command=command, rows=rows.rows_written))
@@ -118,11 +123,11 @@ def open_parquet_output(path: str, command: str = '') -> Iterator[RowGroupWriter
 
 
 @contextlib.contextmanager
-def open_parquet_outputs(paths: list[str], command: str = '') -> Iterator[list[RowGroupWriter]]:
+def open_parquet_outputs(paths: list[str], command: str = '', kind: str = 'pairs') -> Iterator[list[RowGroupWriter]]:
     """Several outputs that belong together (split's train and validation files): written in
     full, then renamed into place together -- a stop while they are renamed waits for the last
     one -- or, on any failure or a stop before that, none of them."""
     with critical_from_mark() as all_written, contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(open_parquet_output(path, command)) for path in paths]
+        writers = [stack.enter_context(open_parquet_output(path, command, kind)) for path in paths]
         yield writers
         all_written()

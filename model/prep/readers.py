@@ -1,7 +1,9 @@
-"""Readers of the formats `prepare_data.py convert` takes, each yielding prompt/response tables.
+"""Readers of the formats `prepare_data.py convert` takes, each yielding tables of the output's
+columns: prompt/response pairs, or one text column (raw text).
 
-CSV (pyarrow) and Parquet here, JSONL and JSON in model/prep/json_readers.py, all on
-model/prep/records.py (the encoding checks and the record batcher). Everything streams: memory
+CSV (pyarrow), Parquet and plain text (.txt: one document a line) here, JSONL and JSON in
+model/prep/json_readers.py, all on model/prep/records.py (the encoding checks, the columns, the
+record batcher). Everything streams: memory
 holds one batch of rows, whatever the file size. Every reader runs under model/data/read_guard.py's
 guard (whatever a parser raises on malformed content is one line naming the file), and a record
 over ``MAX_RECORD_BYTES`` is refused as it streams, before it is whole.
@@ -18,14 +20,14 @@ from model.errors import UserError
 from model.data import read_guard
 from model.data.files import as_text, check_row_group_sizes, check_text_columns, iter_file_batches, open_parquet, show_names
 from model.prep import records
-from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMA
+from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMAS
 from model.prep.json_readers import iter_json, iter_jsonl
-from model.prep.records import RECORD_FIX, build_utf8_error, check_not_wide_unicode
-from model.data.read_guard import guarded, human_size, too_long
+from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_not_wide_unicode
+from model.data.read_guard import guarded, human_size, iter_bounded_lines, too_long
 
-FORMATS = ('csv', 'json', 'jsonl', 'parquet')
+FORMATS = ('csv', 'json', 'jsonl', 'parquet', 'txt')
 _EXTENSIONS = {'.csv': 'csv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
-               '.parquet': 'parquet', '.pq': 'parquet'}
+               '.parquet': 'parquet', '.pq': 'parquet', '.txt': 'txt'}
 
 
 def infer_format(path: str, input_format: str | None = None) -> str:
@@ -41,20 +43,36 @@ def infer_format(path: str, input_format: str | None = None) -> str:
     return _EXTENSIONS[ext]
 
 
-def iter_input_tables(path: str, prompt_col: str = 'prompt', response_col: str = 'response',
-                      input_format: str | None = None) -> Iterator[pa.Table]:
-    """prompt/response tables of any supported file, streamed."""
+class ReadStats:
+    """What a reader skipped (a .txt file's blank lines), for convert's report."""
+
+    def __init__(self):
+        self.blank_lines = 0
+
+
+def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
+                      stats: ReadStats | None = None) -> Iterator[pa.Table]:
+    """Tables of the columns' output names of any supported file, streamed (the first table
+    tells the kind: 'auto' columns are resolved from the source's names)."""
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise UserError(f'{path}: a link to nothing ({os.readlink(path)}), or in a loop; give the file itself')
         raise UserError(f'{path}: no such file')
     if not os.path.isfile(path):
         raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
-    readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': iter_jsonl, 'parquet': iter_parquet_columns}
     fmt = infer_format(path, input_format)
+    if fmt == 'txt' and cols.kind != 'auto':
+        flags = '--text_col' if cols.kind == 'text' else '--prompt_col/--response_col'
+        raise UserError(f'{path}: a .txt file has no columns (each line is one document, written to the text '
+                        f'column); leave out {flags}, or pass --format=jsonl|csv|json if it is one of those')
+    stats = stats if stats is not None else ReadStats()
+    readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': iter_jsonl, 'parquet': iter_parquet_columns,
+               'txt': lambda p, c: iter_txt(p, stats, guess=input_format is None)}
 
     def tables():
         if fmt != 'parquet':
             check_not_wide_unicode(path)
-        return readers[fmt](path, prompt_col, response_col)
+        return readers[fmt](path, cols)
 
     return guarded(path, tables)
 
@@ -62,7 +80,7 @@ def iter_input_tables(path: str, prompt_col: str = 'prompt', response_col: str =
 # --------------------------------------------------------------------------- CSV, Parquet
 
 
-def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
+def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
     import pyarrow.csv as pcsv
 
     parse = pcsv.ParseOptions(newlines_in_values=True)  # multi-line answers are common
@@ -72,13 +90,14 @@ def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table
     read = pcsv.ReadOptions(block_size=limit)
     try:
         names = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
-        _check_columns(path, names, prompt_col, response_col)
-        cols = list(dict.fromkeys([prompt_col, response_col]))
-        convert = pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.string() for c in cols})
+        cols = cols.resolve(names)
+        _check_columns(path, names, cols)
+        source = list(dict.fromkeys(cols.source))
+        convert = pcsv.ConvertOptions(include_columns=source, column_types={c: pa.string() for c in source})
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         first_row = 0
         for batch in reader:
-            table = pa.Table.from_arrays([batch.column(prompt_col), batch.column(response_col)], schema=OUTPUT_SCHEMA)
+            table = pa.Table.from_arrays([batch.column(c) for c in cols.source], schema=OUTPUT_SCHEMAS[cols.kind])
             _check_row_bytes(path, table, first_row, limit, 'data row')
             first_row += table.num_rows
             yield table
@@ -94,25 +113,24 @@ def iter_csv(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table
         raise
 
 
-def _check_columns(path: str, names: list[str], prompt_col: str, response_col: str) -> None:
-    for col in (prompt_col, response_col):
+def _check_columns(path: str, names: list[str], cols: Columns) -> None:
+    for col in cols.source:
         if col not in names:
-            raise UserError(f'{path}: missing column {col!r} (has: {show_names(names)}); '
-                            f'pass --prompt_col=... --response_col=...')
+            raise UserError(f'{path}: missing column {col!r} (has: {show_names(names)}); {cols.fix}')
         if names.count(col) > 1:  # the reader would take one of them silently
             raise UserError(f'{path}: column {col!r} appears {names.count(col)} times in the header; '
                             f'rename one of them')
 
 
-def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Iterator[pa.Table]:
-    """The two columns of any Parquet file, row group by row group. A row group of any size is
+def iter_parquet_columns(path: str, cols: Columns) -> Iterator[pa.Table]:
+    """The columns of any Parquet file, row group by row group. A row group of any size is
     read in batches (this is how a file with too large row groups gets smaller ones), a page at a
     time; a row over MAX_RECORD_BYTES is refused -- from the footer and page headers
     (files.check_row_group_sizes) when they show it, else once read."""
     pf = open_parquet(path)
-    cols = list(dict.fromkeys([prompt_col, response_col]))
-    check_text_columns(path, pf.schema_arrow, cols, 'cast it to string first',
-                       'pass --prompt_col=... --response_col=...')
+    columns = cols.resolve(pf.schema_arrow.names)
+    cols = list(dict.fromkeys(columns.source))
+    check_text_columns(path, pf.schema_arrow, cols, 'cast it to string first', columns.fix)
     limit = read_guard.MAX_RECORD_BYTES
     md = pf.metadata
     batch_rows = BATCH_ROWS
@@ -121,17 +139,73 @@ def iter_parquet_columns(path: str, prompt_col: str, response_col: str) -> Itera
             batch_rows = min(batch_rows, max(1, md.row_group(i).num_rows * records.BATCH_TEXT_BYTES // size))
     first_row = 0
     for batch in iter_file_batches(path, cols, batch_rows):
-        table = pa.Table.from_arrays([as_text(batch.column(c)).cast(pa.string()) for c in (prompt_col, response_col)],
-                                     schema=OUTPUT_SCHEMA)
+        table = pa.Table.from_arrays([as_text(batch.column(c)).cast(pa.string()) for c in columns.source],
+                                     schema=OUTPUT_SCHEMAS[columns.kind])
         _check_row_bytes(path, table, first_row, limit)
         first_row += table.num_rows
         yield table
+    if md.num_row_groups == 0:  # every reader yields a table: its columns tell convert the kind
+        yield OUTPUT_SCHEMAS[columns.kind].empty_table()
 
 
 def _check_row_bytes(path: str, table: pa.Table, first_row: int, limit: int, what: str = 'row') -> None:
     import pyarrow.compute as pc
 
-    sizes = pc.add(*(pc.fill_null(pc.binary_length(table.column(c)), 0) for c in ('prompt', 'response')))
+    sizes = pc.fill_null(pc.binary_length(table.column(0)), 0)
+    for c in range(1, table.num_columns):
+        sizes = pc.add(sizes, pc.fill_null(pc.binary_length(table.column(c)), 0))
     if table.num_rows and pc.max(sizes).as_py() > limit:
         row = first_row + int(pc.index(pc.greater(sizes, limit), True).as_py())
         raise too_long(path, f'{what} {row + 1}', 'MAX_RECORD_BYTES', RECORD_FIX)
+
+
+# --------------------------------------------------------------------------- plain text
+
+
+def iter_txt(path: str, stats: ReadStats, guess: bool = False) -> Iterator[pa.Table]:
+    """A .txt file, one document a line (the line end, LF or CRLF, left out; a UTF-8 BOM
+    dropped), as text tables; blank or whitespace-only lines are skipped and counted in stats.
+    Each line is read bounded: one over MAX_RECORD_BYTES is refused by its number, unheld.
+    guess: the format came from the extension, so a JSONL file saved as .txt is refused (its
+    lines would become text)."""
+    limit = read_guard.MAX_RECORD_BYTES
+    texts: list[str] = []
+    size = 0
+    with open(path, 'rb') as f:
+        for line_no, (raw, whole) in enumerate(iter_bounded_lines(f, limit), start=1):
+            if not whole:
+                raise too_long(path, f'line {line_no}', 'MAX_RECORD_BYTES', RECORD_FIX)
+            try:
+                text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
+            except UnicodeDecodeError:
+                raise build_utf8_error(path) from None
+            text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
+            if not text.strip():
+                stats.blank_lines += 1
+                continue
+            if guess:  # the first non-blank line only
+                _refuse_jsonl_as_text(path, line_no, text)
+                guess = False
+            texts.append(text)
+            size += len(raw)
+            if len(texts) >= BATCH_ROWS or size >= records.BATCH_TEXT_BYTES:
+                yield pa.table([pa.array(texts, pa.string())], schema=OUTPUT_SCHEMAS['text'])
+                texts, size = [], 0
+    yield pa.table([pa.array(texts, pa.string())], schema=OUTPUT_SCHEMAS['text'])
+
+
+def _refuse_jsonl_as_text(path: str, line_no: int, text: str) -> None:
+    """The first line a JSON object: JSONL saved as .txt (a common export), not raw text."""
+    import json
+
+    stripped = text.strip()
+    if not (stripped.startswith('{') and stripped.endswith('}')):
+        return
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return
+    if isinstance(value, dict):
+        raise UserError(f'{path}: line {line_no} is a JSON object: a JSONL file saved as .txt? pass '
+                        f'--format=jsonl (then --prompt_col/--response_col or --text_col as needed), or '
+                        f'--format=txt to take each line as raw text')

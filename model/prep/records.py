@@ -1,6 +1,7 @@
 """What every reader of prepare_data.py builds on: the encoding checks (UTF-8, no UTF-16/32),
-and records -> prompt/response tables of ``BATCH_ROWS`` rows (:class:`RecordBatcher`), each
-record's text bounded as it comes.
+which source columns become the output's (:class:`Columns`: prompt/response pairs or one text
+column), and records -> tables of ``BATCH_ROWS`` rows (:class:`RecordBatcher`), each record's
+text bounded as it comes.
 """
 
 from __future__ import annotations
@@ -8,14 +9,15 @@ from __future__ import annotations
 import codecs
 import os
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
 
 from model.errors import UserError
-from model.data.files import show_names
+from model.data.files import KINDS, PAIR_COLUMNS, TEXT_COLUMN, show_names
 
-from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMA
+from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMAS
 
 READ_CHUNK_BYTES = 1 << 20  # read size of the JSON parser and the UTF-8 scanner
 BATCH_TEXT_BYTES = 16 << 20  # a batch of records is handed on at this much text, even if short of BATCH_ROWS
@@ -71,6 +73,62 @@ def check_not_wide_unicode(path: str) -> None:
                             f'convert it first, e.g. iconv -f {name} -t UTF-8 {path} > {stem}.utf8{ext}')
 
 
+# --------------------------------------------------------------------------- columns
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The source's columns (or JSON keys, or list positions) that become the output's, in
+    output order. kind 'auto' (no column flag given): pairs when the source has a prompt or a
+    response column, else raw text when it has a text column; :meth:`resolve` decides it from
+    the source's names."""
+
+    kind: str  # 'pairs', 'text' or 'auto'
+    source: tuple[str, ...]  # pairs and auto: (prompt, response); text: (text,)
+    guessed: bool = False  # resolved from 'auto': no column flag was given
+
+    @classmethod
+    def of(cls, prompt_col: str | None = None, response_col: str | None = None,
+           text_col: str | None = None) -> Columns:
+        """From the flags given (None: not given)."""
+        if text_col is not None and (prompt_col is not None or response_col is not None):
+            given = ' and '.join(f for f, v in (('--prompt_col', prompt_col), ('--response_col', response_col))
+                                 if v is not None)
+            raise UserError(f'--text_col and {given} are both given: give --text_col=... for raw text, or '
+                            f'--prompt_col=... --response_col=... for prompt/response pairs, not both')
+        for flag, value in (('--prompt_col', prompt_col), ('--response_col', response_col), ('--text_col', text_col)):
+            if value is not None and not str(value):
+                raise UserError(f'{flag} is empty: give the name of a column of the input')
+        if text_col is not None:
+            return cls('text', (str(text_col),))
+        kind = 'auto' if prompt_col is None and response_col is None else 'pairs'
+        return cls(kind, (str(PAIR_COLUMNS[0] if prompt_col is None else prompt_col),
+                          str(PAIR_COLUMNS[1] if response_col is None else response_col)))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The output's columns."""
+        return KINDS['pairs' if self.kind == 'auto' else self.kind]
+
+    def resolve(self, names) -> Columns:
+        """The kind decided from the source's column names (auto only: pairs unless the source
+        has no prompt and no response column but a text column)."""
+        names = list(names)
+        if self.kind != 'auto':
+            return self
+        if not any(c in names for c in self.source) and TEXT_COLUMN in names:
+            return Columns('text', (TEXT_COLUMN,), guessed=True)
+        return Columns('pairs', self.source, guessed=True)
+
+    @property
+    def fix(self) -> str:
+        if self.guessed or self.kind == 'auto':
+            return 'pass --prompt_col=... --response_col=... (pairs), or --text_col=... (raw text)'
+        if self.kind == 'text':
+            return 'pass --text_col=... (the column holding the text)'
+        return 'pass --prompt_col=... --response_col=...'
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -89,59 +147,67 @@ def _to_text(value: Any) -> str | None:
 
 
 class RecordBatcher:
-    """Collects (prompt, response) of JSON records into tables of BATCH_ROWS rows. A record is
-    an object, or a list when the columns are given as positions (--prompt_col=0)."""
+    """Collects the columns' values of JSON records into tables of BATCH_ROWS rows. A record is
+    an object, or a list when the columns are given as positions (--prompt_col=0). Columns of
+    kind 'auto' are resolved from the first record's keys."""
 
-    def __init__(self, path: str, prompt_col: str, response_col: str):
-        self.path, self.keys = path, (prompt_col, response_col)
-        self.prompts: list[str | None] = []
-        self.responses: list[str | None] = []
+    def __init__(self, path: str, cols: Columns):
+        self.path, self.cols = path, cols
+        self.values: list[list[str | None]] = [[] for _ in cols.names]
         self.wheres: list = []  # to name a record Arrow refuses (a lone surrogate)
         self.chars = 0
 
     def add(self, record: Any, where) -> pa.Table | None:
         """where: a string, or a function giving one (called only to report an error)."""
-        if isinstance(record, list) and all(k.isdigit() for k in self.keys):
+        if self.cols.kind == 'auto' and isinstance(record, dict):
+            self.cols = self.cols.resolve(record.keys())
+            self.values = [[] for _ in self.cols.names]
+        source = self.cols.source
+        if isinstance(record, list) and all(k.isdigit() for k in source):
             record = dict(enumerate(record))
-            keys = tuple(int(k) for k in self.keys)
+            keys = tuple(int(k) for k in source)
         elif isinstance(record, list):
+            example = {'text': '--text_col=0', 'pairs': '--prompt_col=0 --response_col=1'}.get(
+                self.cols.kind, '--prompt_col=0 --response_col=1 (pairs), or --text_col=0 (raw text)')
             raise UserError(f'{self.path}: {place(where)}: a row is a list, which has no column names; pass the '
-                            f'positions of the columns, e.g. --prompt_col=0 --response_col=1')
+                            f'positions of the columns, e.g. {example}')
         elif not isinstance(record, dict):
             raise UserError(f'{self.path}: {place(where)}: expected a JSON object, got {type(record).__name__}')
         else:
-            keys = self.keys
+            keys = source
         for key in keys:
             if key not in record:
                 raise UserError(f'{self.path}: {place(where)}: record has no field {key!r} '
-                                f'(has: {show_names(record)}); '
-                                f'pass --prompt_col=... --response_col=...')
-        values = []
-        for key in keys:
+                                f'(has: {show_names(record)}); {self.cols.fix}')
+        for key, column in zip(keys, self.values):
             try:
-                values.append(_to_text(record[key]))
+                value = _to_text(record[key])
             except TypeError as kind:
                 raise UserError(f'{self.path}: {place(where)}: field {key!r} is {kind}, expected text') from None
-        self.prompts.append(values[0])
-        self.responses.append(values[1])
+            column.append(value)
+            self.chars += len(value) if value is not None else 0
         self.wheres.append(where)
-        self.chars += sum(len(v) for v in values if v is not None)
         # characters, not bytes (no encoding pass): a batch holds at most ~4x BATCH_TEXT_BYTES
-        return self.take() if len(self.prompts) >= BATCH_ROWS or self.chars >= BATCH_TEXT_BYTES else None
+        return self.take() if len(self.wheres) >= BATCH_ROWS or self.chars >= BATCH_TEXT_BYTES else None
 
     def take(self) -> pa.Table:
         try:
-            table = pa.Table.from_arrays([pa.array(self.prompts, pa.string()),
-                                          pa.array(self.responses, pa.string())], schema=OUTPUT_SCHEMA)
+            table = pa.Table.from_arrays([pa.array(v, pa.string()) for v in self.values],
+                                         schema=OUTPUT_SCHEMAS[self.kind])
         except UnicodeEncodeError:
             raise self._not_unicode() from None
-        self.prompts, self.responses, self.wheres, self.chars = [], [], [], 0
+        self.values, self.wheres, self.chars = [[] for _ in self.values], [], 0
         return table
+
+    @property
+    def kind(self) -> str:
+        return 'pairs' if self.cols.kind == 'auto' else self.cols.kind
 
     def _not_unicode(self) -> UserError:
         """JSON may escape half of a UTF-16 pair alone (\\ud800): valid JSON, not text."""
-        for prompt, response, where in zip(self.prompts, self.responses, self.wheres):
-            for key, value in zip(self.keys, (prompt, response)):
+        for i, where in enumerate(self.wheres):
+            for key, column in zip(self.cols.source, self.values):
+                value = column[i]
                 try:
                     (value or '').encode('utf-8')
                 except UnicodeEncodeError as e:
@@ -156,9 +222,9 @@ def place(where) -> str:
     return where() if callable(where) else where
 
 
-def tables(path: str, prompt_col: str, response_col: str, records) -> Iterator[pa.Table]:
+def tables(path: str, cols: Columns, records) -> Iterator[pa.Table]:
     """records: (record, where) pairs -> tables of BATCH_ROWS rows (and a last, shorter one)."""
-    batcher = RecordBatcher(path, prompt_col, response_col)
+    batcher = RecordBatcher(path, cols)
     for record, where in records:
         table = batcher.add(record, where)
         if table is not None:

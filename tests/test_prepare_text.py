@@ -1,0 +1,290 @@
+"""prepare_data.py on raw text (one `text` column): convert from every format and from .txt (one
+document a line), clean / split / check on text files, and the mistakes as one line."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_user_error, make_texts, run_parallel, snapshot, write_parquet
+from model.data import read_guard
+from model.data.files import inspect_parquet
+from model.errors import UserError
+from model.prep.ops import build_report, clean_parquet, convert_file, convert_to_parquet, format_report, split_parquet
+from model.prep.output import TEXT_OUTPUT_SCHEMA
+
+PY = 'prepare_data.py'
+
+
+def chinese_texts(n: int, seed: int = 0) -> list[str]:
+    return [p + '。' + r for p, r in make_texts(n, seed=seed)]
+
+
+def read_texts(path) -> list[str]:
+    table = pq.read_table(path)
+    assert table.schema == TEXT_OUTPUT_SCHEMA
+    assert inspect_parquet(str(path)).kind == 'text'
+    return table.column('text').to_pylist()
+
+
+def write_text_source(path, texts, fmt: str, key: str = 'content') -> str:
+    """texts under `key`, with an extra column convert must drop."""
+    records = [{'id': i, key: t} for i, t in enumerate(texts)]
+    path = str(path)
+    if fmt == 'csv':
+        import pyarrow.csv as pcsv
+        pcsv.write_csv(pa.Table.from_pylist(records), path)
+    elif fmt == 'json':
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(records, f, ensure_ascii=False, indent=2)
+    elif fmt == 'jsonl':
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def write_text_parquet(path, texts, row_group_size=None) -> str:
+    pq.write_table(pa.table({'text': pa.array(texts, pa.string())}), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+# --- convert ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('fmt', ['csv', 'json', 'jsonl', 'parquet'])
+def test_each_format_converts_to_text_with_text_col(tmp_path, fmt):
+    texts = chinese_texts(200, seed=1)
+    texts[3] = '多行\n文本，带"引号"\n第三行'  # newlines and quotes survive CSV and JSON
+    src = write_text_source(tmp_path / f'src.{fmt}', texts, fmt)
+    result = convert_file(src, str(tmp_path / 'out.parquet'), text_col='content')
+    assert (result.rows, result.kind) == (200, 'text')
+    assert read_texts(tmp_path / 'out.parquet') == texts
+
+
+@pytest.mark.parametrize('fmt', ['csv', 'json', 'jsonl', 'parquet'])
+def test_without_flags_a_text_column_is_text_and_prompt_response_stay_pairs(tmp_path, fmt):
+    texts = chinese_texts(30, seed=2)
+    src = write_text_source(tmp_path / f'text.{fmt}', texts, fmt, key='text')
+    assert convert_file(src, str(tmp_path / 'a.parquet')).kind == 'text'
+    assert read_texts(tmp_path / 'a.parquet') == texts
+    both = [{'text': t, 'prompt': t[:3], 'response': t[3:]} for t in texts]  # pairs win, as in files.kind_of
+    src = str(tmp_path / f'both.{fmt}')
+    if fmt == 'parquet':
+        pq.write_table(pa.Table.from_pylist(both), src)
+    elif fmt == 'csv':
+        import pyarrow.csv as pcsv
+        pcsv.write_csv(pa.Table.from_pylist(both), src)
+    else:
+        with open(src, 'w', encoding='utf-8') as f:
+            if fmt == 'json':
+                json.dump(both, f, ensure_ascii=False)
+            else:
+                f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in both)
+    assert convert_file(src, str(tmp_path / 'b.parquet')).kind == 'pairs'
+    assert inspect_parquet(str(tmp_path / 'b.parquet')).kind == 'pairs'
+
+
+def test_pandas_json_layouts_of_a_text_column(tmp_path):
+    import pandas as pd
+
+    texts = chinese_texts(20, seed=3)
+    for orient in ('columns', 'split', 'index', 'records', 'table'):
+        src = tmp_path / f'{orient}.json'
+        pd.DataFrame({'text': texts}).to_json(src, orient=orient, force_ascii=False)
+        out = tmp_path / f'{orient}.parquet'
+        assert convert_to_parquet(str(src), str(out)) == 20, orient
+        assert read_texts(out) == texts, orient
+    pd.DataFrame({'text': texts}).to_json(tmp_path / 'values.json', orient='values', force_ascii=False)
+    with pytest.raises(UserError, match=r'element 1 of the list .* or --text_col=0 \(raw text\)'):
+        convert_to_parquet(str(tmp_path / 'values.json'), str(tmp_path / 'values.parquet'))
+    assert convert_to_parquet(str(tmp_path / 'values.json'), str(tmp_path / 'values.parquet'), text_col='0') == 20
+    assert read_texts(tmp_path / 'values.parquet') == texts
+
+
+def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):
+    src = tmp_path / 'corpus.txt'
+    lines = ['第一篇：今天天气很好。', '', '  第二篇，前后有空格  ', ' \t', '\u3000\u3000', '第三篇 GPU T5', '第一篇：今天天气很好。']
+    # a BOM, CRLF and LF mixed, no newline at the end
+    src.write_bytes(b'\xef\xbb\xbf' + '\r\n'.join(lines[:4]).encode() + b'\n' + '\n'.join(lines[4:]).encode())
+    result = convert_file(str(src), str(tmp_path / 'out.parquet'))
+    assert (result.rows, result.kind, result.blank_lines) == (4, 'text', 3)
+    assert read_texts(tmp_path / 'out.parquet') == [lines[0], lines[2], lines[5], lines[6]]
+    (tmp_path / 'empty.txt').write_bytes(b'')
+    assert convert_file(str(tmp_path / 'empty.txt'), str(tmp_path / 'empty.parquet')).rows == 0
+    assert read_texts(tmp_path / 'empty.parquet') == []
+
+
+def test_txt_streams_in_batches(tmp_path, monkeypatch):
+    from model.prep import output as prep_output, readers as prep_readers
+
+    monkeypatch.setattr(prep_readers, 'BATCH_ROWS', 64)
+    monkeypatch.setattr(prep_output, 'ROW_GROUP_ROWS', 100)
+    texts = chinese_texts(450, seed=4)
+    (tmp_path / 'c.txt').write_text('\n'.join(texts) + '\n', encoding='utf-8')
+    assert convert_to_parquet(str(tmp_path / 'c.txt'), str(tmp_path / 'c.parquet')) == 450
+    md = pq.ParquetFile(tmp_path / 'c.parquet').metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [100, 100, 100, 100, 50]
+    assert read_texts(tmp_path / 'c.parquet') == texts
+
+
+def test_txt_line_over_the_record_limit_is_refused_unheld(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(read_guard, 'MAX_RECORD_BYTES', 64 << 10)
+    src = tmp_path / 'big.txt'
+    src.write_text('短\n\n' + '长' * (3 << 20) + '\n短\n', encoding='utf-8')  # line 3: 9 MiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=r'big\.txt: line 3 is longer than 64 KiB \(read_guard\.MAX_RECORD_BYTES\)'):
+            convert_to_parquet(str(src), str(tmp_path / 'out.parquet'))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert not (tmp_path / 'out.parquet').exists()
+
+
+def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
+    (tmp_path / 'gbk.txt').write_bytes('第一行\n'.encode() + '第二行'.encode('gbk') + b'\n')
+    with pytest.raises(UserError, match=r'gbk\.txt: line 2: byte 0x\w+ at offset 10 is not UTF-8'):
+        convert_to_parquet(str(tmp_path / 'gbk.txt'), str(tmp_path / 'out.parquet'))
+    (tmp_path / 'lines.txt').write_text('\n{"prompt": "问", "response": "答"}\n', encoding='utf-8')
+    with pytest.raises(UserError, match=r'lines\.txt: line 2 is a JSON object.*--format=jsonl'):
+        convert_to_parquet(str(tmp_path / 'lines.txt'), str(tmp_path / 'out.parquet'))
+    assert convert_file(str(tmp_path / 'lines.txt'), str(tmp_path / 'out.parquet'), input_format='txt').kind == 'text'
+    assert convert_file(str(tmp_path / 'lines.txt'), str(tmp_path / 'p.parquet'), input_format='jsonl').kind == 'pairs'
+
+
+# --- clean, split, check ------------------------------------------------------
+
+
+def flawed_texts() -> list:
+    good = chinese_texts(20, seed=5)
+    return good + [None, '', ' \t', '\u3000', good[0], good[7], '长' * 201]
+
+
+def test_clean_a_text_file_counts_each_reason_and_writes_text(tmp_path):
+    texts = flawed_texts()
+    src = write_text_parquet(tmp_path / 'flawed.parquet', texts)
+    counts = clean_parquet(src, str(tmp_path / 'clean.parquet'), max_chars=200)
+    assert counts == {'rows': 27, 'null': 1, 'blank': 3, 'too_long': 1, 'duplicate': 2, 'kept': 20}
+    assert read_texts(tmp_path / 'clean.parquet') == texts[:20]
+
+
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_split_a_text_file(tmp_path, in_memory):
+    texts = chinese_texts(1000, seed=6)
+    src = write_text_parquet(tmp_path / 'all.parquet', texts, row_group_size=300)
+
+    def run(name, seed=42):
+        return split_parquet(src, str(tmp_path / f't{name}.parquet'), str(tmp_path / f'v{name}.parquet'),
+                             valid_ratio=0.1, seed=seed, max_in_memory_rows=2000 if in_memory else 10)
+
+    result = run('a')
+    train, valid = read_texts(tmp_path / 'ta.parquet'), read_texts(tmp_path / 'va.parquet')
+    assert collections.Counter(train) + collections.Counter(valid) == collections.Counter(texts)
+    if in_memory:
+        from sklearn.model_selection import train_test_split  # the same rows as a pairs file's split
+        assert (result.method, result.valid_rows) == ('sklearn', 100)
+        assert (train, valid) == tuple(map(list, train_test_split(texts, test_size=0.1, random_state=42)))
+    else:
+        assert result.method == 'streaming' and 50 <= result.valid_rows <= 150
+    assert run('b') == result and read_texts(tmp_path / 'vb.parquet') == valid
+    run('c', seed=7)
+    assert read_texts(tmp_path / 'vc.parquet') != valid
+
+
+def test_check_a_text_file(tmp_path, tokenizer_dir, tokenizer):
+    texts = flawed_texts()
+    src = write_text_parquet(tmp_path / 'flawed.parquet', texts)
+    report = build_report(src)
+    assert (report['kind'], report['shape'], report['columns']) == ('text', (27, 1), ['text'])
+    assert report['nulls'] == {'text': 1}
+    assert (report['null_rows'], report['blank_rows'], report['duplicate_rows']) == (1, 3, 2)
+    lengths = [len(t) for t in texts if t is not None]
+    assert report['text_chars']['count'] == len(lengths) and report['text_chars']['max'] == max(lengths)
+    text = format_report(report)
+    assert 'kind: raw text' in text and 'duplicate rows (same text):' in text and 'text length (characters)' in text
+    tokens = build_report(src, tokenizer_dir=tokenizer_dir, max_seq_len=12)['tokens']
+    over = sum(len(tokenizer(t)['input_ids']) > 12 for t in texts if t is not None)
+    assert 0 < over < len(lengths) and tokens['truncated_rows'] == over
+    assert 'would truncate' in format_report(build_report(src, tokenizer_dir, max_seq_len=12))
+
+
+def test_mixed_kinds_are_refused(tmp_path):
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    write_parquet(folder / 'a.parquet', make_texts(5, seed=7))
+    write_text_parquet(folder / 'b.parquet', chinese_texts(5, seed=8))
+    with pytest.raises(UserError, match=r'a\.parquet holds prompt/response pairs but .*b\.parquet holds raw text'):
+        clean_parquet(str(folder), str(tmp_path / 'out.parquet'))
+    assert not (tmp_path / 'out.parquet').exists()
+
+
+# --- the real CLI -----------------------------------------------------------
+
+
+def test_cli_text_mistakes_are_one_line_and_leave_nothing(tmp_path):
+    d = tmp_path / 'work'
+    d.mkdir()
+    write_text_source(d / 'a.jsonl', chinese_texts(5, seed=9), 'jsonl')
+    write_text_source(d / 'a.csv', chinese_texts(5, seed=9), 'csv')
+    (d / 'gbk.txt').write_bytes('好\n\n'.encode() + '坏'.encode('gbk') + b'\n')
+    (d / 'c.txt').write_text('文本\n', encoding='utf-8')
+    os.symlink(d / 'gone.txt', tmp_path / 'dangling.txt')  # beside d: snapshot() cannot read it
+    before = snapshot(d)
+    results = run_parallel([
+        ('both flags', ['convert', d / 'a.jsonl', d / 'o1.parquet', '--text_col=content', '--prompt_col=q'], PY),
+        ('missing text_col', ['convert', d / 'a.jsonl', d / 'o2.parquet', '--text_col=body'], PY),
+        ('missing csv text_col', ['convert', d / 'a.csv', d / 'o3.parquet', '--text_col=body'], PY),
+        ('no column of either kind', ['convert', d / 'a.jsonl', d / 'o4.parquet'], PY),
+        ('txt not utf-8', ['convert', d / 'gbk.txt', d / 'o5.parquet'], PY),
+        ('txt with text_col', ['convert', d / 'c.txt', d / 'o6.parquet', '--text_col=x'], PY),
+        ('empty text_col', ['convert', d / 'a.jsonl', d / 'o7.parquet', '--text_col='], PY),
+        ('dangling link', ['convert', tmp_path / 'dangling.txt', d / 'o8.parquet'], PY),
+    ])
+    assert_user_error(results['both flags'], '--text_col', '--prompt_col', 'not both')
+    assert_user_error(results['missing text_col'], 'a.jsonl', 'line 1', "'body'", '--text_col')
+    assert_user_error(results['missing csv text_col'], 'a.csv', "'body'", 'content', '--text_col')
+    assert_user_error(results['no column of either kind'], "'prompt'", '--text_col')
+    assert_user_error(results['txt not utf-8'], 'gbk.txt', 'line 3', 'not UTF-8', 'iconv')
+    assert_user_error(results['txt with text_col'], 'c.txt', 'no columns', '--text_col')
+    assert_user_error(results['empty text_col'], '--text_col')
+    assert_user_error(results['dangling link'], 'dangling.txt', 'a link to nothing', 'gone.txt')
+    assert snapshot(d) == before
+
+
+def test_cli_text_corpus_convert_clean_split_check(tmp_path):
+    texts = chinese_texts(300, seed=10)
+    (tmp_path / 'corpus.txt').write_text('\n'.join(texts[:150]) + '\n\n\n' + '\n'.join(texts[150:] + texts[:5]) + '\n',
+                                         encoding='utf-8')
+    t = tmp_path
+    results = {}
+    for name, args in [
+        ('convert', ['convert', t / 'corpus.txt', t / 'all.parquet']),
+        ('clean', ['clean', t / 'all.parquet', t / 'clean.parquet']),
+        ('split', ['split', t / 'clean.parquet', f'--train_out={t / "train.parquet"}',
+                   f'--valid_out={t / "valid.parquet"}']),
+        ('check', ['check', t / 'valid.parquet']),
+        ('help', ['convert', '--help']),
+    ]:
+        results.update(run_parallel([(name, args, PY)]))
+        assert results[name][0] == 0, (name, results[name][1])
+    out = {name: r[2] + r[1] for name, r in results.items()}
+    assert f'wrote 305 rows to {t / "all.parquet"} (raw text, one text column; 2 blank line(s) skipped)' in out['convert']
+    assert 'duplicate 5' in out['clean'] and 'kept 300 rows' in out['clean']
+    assert 'train: 270 rows' in out['split'] and 'valid: 30 rows' in out['split']
+    assert 'kind: raw text' in out['check'] and 'shape: (30, 1)' in out['check']
+    help_lines = [line for line in out['help'].splitlines() if line.startswith('  --text_col=')]
+    assert len(help_lines) == 1 and 'raw text' in help_lines[0]
+    for name in ('all', 'clean', 'train', 'valid'):
+        assert inspect_parquet(str(t / f'{name}.parquet')).kind == 'text'
+    assert sorted(read_texts(t / 'train.parquet') + read_texts(t / 'valid.parquet')) == sorted(texts)
+    assert not [n for n in os.listdir(t) if 'tmp' in n]
