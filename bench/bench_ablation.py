@@ -2,8 +2,9 @@
 T5's span corruption on raw text before the prompt/response pairs make a better model than the
 pairs alone? A benchmark, not a test: every run is the CLI a user types, printed as it runs.
 
-    .venv/bin/python bench/bench_ablation.py                      # 2 seeds, ~40 min on 2 cores
-    .venv/bin/python bench/bench_ablation.py --seeds=1 --steps=100  # a quick look
+    .venv/bin/python bench/bench_ablation.py                          # demo corpus, 2 seeds, ~15 min on 2 cores
+    .venv/bin/python bench/bench_ablation.py --corpus=real --steps=400  # the real 3k pairs (slower, near the plateau)
+    .venv/bin/python bench/bench_ablation.py --seeds=1 --steps=100      # a quick look
 
 Arms, each ``--steps`` optimizer steps of the same batch and length (the same model, tokenizer,
 optimizer and schedule shape):
@@ -12,12 +13,13 @@ optimizer and schedule shape):
       pairs, warm-started (``--init_from``) with a fresh optimizer and schedule.
 Scored on held-out pairs with ``train_low_mem.py test`` (loss, BLEU-4, exact match).
 
-Data: the pairs are ../shared/data/real_train_3k.parquet (held out: the first ``--test_rows`` of
-real_valid_1k); the raw text is the same 3k rows written as documents (prompt, newline,
-response): the arms see the same text and differ only in the objective. The tokenizer is trained
-on that text (vocab 6000 + 100 sentinels). Span-corruption steps hold full inputs of max_seq_len
-tokens (pairs steps: padded to their batch's longest row), so arm (b) processes more tokens; the
-table gives each arm's tokens and seconds beside the scores.
+Corpora: ``demo`` is the built-in corpus (``prepare_data.py demo``: templated tasks whose held-out
+prompts are unseen; the demo preset's model and recipe); ``real`` is ../shared/data/real_train_3k
+(held out: real_valid_1k). In both the raw text is the training pairs written as documents
+(prompt, newline, response): the arms see the same text and differ only in the objective. The
+tokenizer is trained on the pairs as the demo does (+ 100 sentinels). Span-corruption steps hold
+full inputs of max_seq_len tokens (a pairs step is padded to its batch's longest row), so arm (b)
+processes more tokens: the table gives each arm's tokens and seconds beside the scores.
 """
 
 from __future__ import annotations
@@ -34,12 +36,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out', 'ablation')
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
-TRAIN, VALID = os.path.join(SHARED, 'real_train_3k.parquet'), os.path.join(SHARED, 'real_valid_1k.parquet')
-MODEL = dict(d_model=128, num_heads=4, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, dropout_rate=0.0)
-RECIPE = dict(max_seq_len=64, batch_size_per_gpu=32, gradient_accumulation_steps=1, optimizer='adamw',
-              learn_rate=1e-3, lr_schedule='cosine', mixed_precision='no', epochs=100, logging_steps=25,
-              save_steps=100000, eval_steps=0, max_eval_rows=256, bleu_samples=0, show_samples=0)
-ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+CORPORA = {  # pairs (train, held out), and what the runs change of the demo preset
+    'demo': {'train': os.path.join(OUT, 'demo', 'train.parquet'), 'valid': os.path.join(OUT, 'demo', 'valid.parquet'),
+             'vocab_size': 1200, 'flags': {}},
+    'real': {'train': os.path.join(SHARED, 'real_train_3k.parquet'),
+             'valid': os.path.join(SHARED, 'real_valid_1k.parquet'), 'vocab_size': 6000,
+             'flags': {'max_seq_len': 64, 'batch_size_per_gpu': 32, 'num_layers': 2, 'num_decoder_layers': 2,
+                       'learn_rate': 1e-3}},
+}
+RECIPE = dict(preset='demo', mixed_precision='no', epochs=1000, logging_steps=25, save_steps=10**6, eval_steps=0,
+              max_eval_rows=256, bleu_samples=0, show_samples=0)
+ARGS = None
+# one thread: the scores are per step, and a machine shared with other work spins OpenMP threads
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false',
+       'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')}
 
 
 def sh(args: list[str]) -> str:
@@ -55,42 +65,48 @@ def flags(d: dict) -> list[str]:
     return [f'--{k}={v}' for k, v in d.items()]
 
 
-def prepare() -> tuple[str, str, str]:
-    """(text train file, text validation file, tokenizer folder), made once."""
+def prepare(corpus: str) -> tuple[str, str, str]:
+    """(text train file, text validation file, tokenizer folder) of the corpus, made once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    os.makedirs(OUT, exist_ok=True)
-    text, text_valid, tok = (os.path.join(OUT, n) for n in ('text_train.parquet', 'text_valid.parquet', 'tokenizer'))
-    if not os.path.exists(text):
-        for src, dst in ((TRAIN, text), (VALID, text_valid)):
+    c = CORPORA[corpus]
+    base = os.path.join(OUT, corpus)
+    os.makedirs(base, exist_ok=True)
+    if corpus == 'demo' and not os.path.exists(c['valid']):
+        sh(['prepare_data.py', 'demo', f'--out_dir={base}'])
+    text, text_valid, tok = (os.path.join(base, n) for n in ('text_train.parquet', 'text_valid.parquet', 'tokenizer'))
+    if not os.path.exists(text_valid):
+        for src, dst in ((c['train'], text), (c['valid'], text_valid)):
             t = pq.read_table(src, columns=['prompt', 'response']).to_pydict()
             docs = [f'{p}\n{r}' for p, r in zip(t['prompt'], t['response'])]
             pq.write_table(pa.table({'text': docs}), dst)
     if not os.path.isfile(os.path.join(tok, 'tokenizer.json')):
-        sh(['train_low_mem.py', 'train_tokenizer', f'--train_file={text}', f'--tokenizer_dir={tok}',
-            '--vocab_size=6000'])
+        sh(['train_low_mem.py', 'train_tokenizer', '--preset=demo', f'--train_file={c["train"]}',
+            f'--tokenizer_dir={tok}', f'--vocab_size={c["vocab_size"]}'])
     return text, text_valid, tok
 
 
 def train(run: str, steps: int, seed: int, tok: str, **extra) -> dict:
-    out = os.path.join(OUT, run)
+    out = os.path.join(OUT, ARGS.corpus, run)
     paths = dict(tokenizer_dir=tok, output_dir=out, train_state_dir=f'{out}/state', model_file=f'{out}/m.{{}}.bin',
                  log_dir=f'{out}/logs')
     start = time.perf_counter()
-    sh(['train_low_mem.py', 'train', *flags({**RECIPE, **MODEL, **paths, 'seed': seed, 'max_steps': steps,
-                                            'warmup_steps': max(1, steps // 20), **extra})])
+    sh(['train_low_mem.py', 'train', *flags({**RECIPE, **CORPORA[ARGS.corpus]['flags'], **paths, 'seed': seed,
+                                            'max_steps': steps, 'warmup_steps': max(1, steps // 20), **extra})])
     seconds = time.perf_counter() - start
     log = open(max((os.path.join(out, 'logs', f) for f in os.listdir(f'{out}/logs')), key=os.path.getmtime),
                encoding='utf-8').read()
-    tokens = sum(float(s) * 25 * 32 / float(r) for r, s in  # tokens/s x the interval's seconds
+    batch = int(CORPORA[ARGS.corpus]['flags'].get('batch_size_per_gpu', 64))
+    tokens = sum(float(s) * 25 * batch / float(r) for r, s in  # tokens/s x the interval's seconds
                  re.findall(r'([0-9.]+) samples/s \| ([0-9.]+) tokens/s', log))
     return {'model': f'{out}/final', 'seconds': seconds, 'tokens': tokens}
 
 
 def score(model: str, tok: str, rows: int) -> dict:
-    text = sh(['train_low_mem.py', 'test', f'--model_dir={model}', f'--test_file={VALID}', f'--max_test_rows={rows}',
-               f'--max_seq_len={RECIPE["max_seq_len"]}', f'--out={model}/predictions.jsonl'])
+    text = sh(['train_low_mem.py', 'test', '--preset=demo', f'--model_dir={model}',
+               f'--test_file={CORPORA[ARGS.corpus]["valid"]}', f'--max_test_rows={rows}',
+               f'--out={model}.predictions.jsonl'])
     m = re.search(r'loss ([0-9.]+) \| perplexity ([0-9.]+) \| BLEU-4 ([0-9.]+) \| exact match ([0-9.]+)%', text)
     if not m:
         raise SystemExit(f'no scores in:\n{text}')
@@ -99,31 +115,35 @@ def score(model: str, tok: str, rows: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--corpus', choices=sorted(CORPORA), default='demo')
     ap.add_argument('--seeds', default='1,2')
-    ap.add_argument('--steps', type=int, default=600, help='optimizer steps of each arm')
+    ap.add_argument('--steps', type=int, default=1500, help='optimizer steps of each arm')
     ap.add_argument('--span_share', type=float, default=0.5, help="arm (b): the share of the steps on span corruption")
     ap.add_argument('--test_rows', type=int, default=500)
     args = ap.parse_args()
+    global ARGS
+    ARGS = args
+    c = CORPORA[args.corpus]
     print(f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; {args.steps} steps an arm, '
           f'{args.span_share:.0%} of arm (b) span corruption', flush=True)
-    text, text_valid, tok = prepare()
+    text, text_valid, tok = prepare(args.corpus)
     rows = []
     for seed in [int(s) for s in args.seeds.split(',')]:
-        a = train(f'a_pairs_s{seed}', args.steps, seed, tok, train_file=TRAIN, validation_file=VALID)
+        a = train(f'a_pairs_s{seed}', args.steps, seed, tok, train_file=c['train'], validation_file=c['valid'])
         rows.append({'arm': '(a) pairs only', 'seed': seed, **score(a['model'], tok, args.test_rows),
                      'seconds': a['seconds'], 'tokens': a['tokens']})
         k = int(round(args.steps * args.span_share))
         b1 = train(f'b_span_s{seed}', k, seed, tok, train_file=text, validation_file=text_valid,
                    objective='span_corruption')
-        b2 = train(f'b_pairs_s{seed}', args.steps - k, seed, tok, train_file=TRAIN, validation_file=VALID,
+        b2 = train(f'b_pairs_s{seed}', args.steps - k, seed, tok, train_file=c['train'], validation_file=c['valid'],
                    init_from=b1['model'])
         rows.append({'arm': f'(b) span {k} + pairs {args.steps - k}', 'seed': seed,
                      **score(b2['model'], tok, args.test_rows), 'seconds': b1['seconds'] + b2['seconds'],
                      'tokens': b1['tokens'] + b2['tokens']})
         print(json.dumps(rows[-2:], ensure_ascii=False), flush=True)
-    print(f'\nheld-out pairs: the first {args.test_rows} rows of real_valid_1k; {args.steps} optimizer steps an arm '
-          f'of batch {RECIPE["batch_size_per_gpu"]} x max_seq_len {RECIPE["max_seq_len"]}')
-    print(f'| arm | seed | test loss | BLEU-4 | exact match | tokens trained | seconds |\n|---|---|---|---|---|---|---|')
+    print(f'\n{args.corpus} corpus; held-out pairs: the first {args.test_rows} rows of {c["valid"]}; '
+          f'{args.steps} optimizer steps an arm; the demo preset with {c["flags"] or "no changes"}')
+    print('| arm | seed | test loss | BLEU-4 | exact match | tokens trained | seconds |\n|---|---|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["arm"]} | {r["seed"]} | {r["loss"]:.4f} | {r["bleu"]:.2f} | {r["em"]:.1f}% | '
               f'{r["tokens"] / 1e6:.2f}M | {r["seconds"]:.0f} |')
@@ -133,7 +153,7 @@ def main() -> None:
               f'{statistics.median(r["bleu"] for r in mine):.2f} | {statistics.median(r["em"] for r in mine):.1f}% | '
               f'{statistics.median(r["tokens"] for r in mine) / 1e6:.2f}M | '
               f'{statistics.median(r["seconds"] for r in mine):.0f} |')
-    with open(os.path.join(OUT, 'results.json'), 'w', encoding='utf-8') as f:
+    with open(os.path.join(OUT, args.corpus, 'results.json'), 'w', encoding='utf-8') as f:
         json.dump(rows, f, ensure_ascii=False, indent=1)
 
 

@@ -202,6 +202,11 @@ def test_a_fingerprint_change_is_refused_or_noted():
         contract.compare_fingerprints(saved, changed, False)
     assert raised.value.fix == 'pass --allow_data_change=True to continue on the new data anyway'
     assert 'continuing as --allow_data_change=True asks' in contract.compare_fingerprints(saved, changed, True)[0]
+    # the objective: a state from before it counts as pairs; another one is refused even with changed data allowed
+    assert contract.compare_fingerprints(saved, {**saved, 'objective': 'pairs'}, False) == []
+    with pytest.raises(UserError) as raised:
+        contract.compare_fingerprints({**saved, 'objective': 'span_corruption'}, {**changed, 'objective': 'pairs'}, True)
+    assert 'trained --objective=span_corruption' in raised.value.message and '--init_from' in raised.value.fix
 
 
 def test_a_state_of_the_version_before_the_contract_still_loads(tmp_path, tokenizer):

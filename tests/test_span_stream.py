@@ -178,7 +178,7 @@ SPAN = {'objective': 'span_corruption', 'epochs': 1, 'max_eval_rows': 16, 'eval_
 
 
 @pytest.mark.slow
-def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, tmp_path):
+def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, data, tmp_path):
     ref = tmp_path / 'ref'
     r = run_train(tiny_flags(text_data, ref, **SPAN))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -196,6 +196,9 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, t
     ref_losses, losses = logged_losses(ref), logged_losses(cut)
     assert ref_losses == losses  # every step's loss, before and after the stop
     assert_same_weights(f'{ref}/final/model.safetensors', f'{cut}/final/model.safetensors')
+    # its state resumed as pairs (stage 2 by mistake): refused before anything starts
+    r = run_train(tiny_flags(data, cut, allow_data_change=True), '--is_keep_training=True')
+    assert_user_error(r, 'trained --objective=span_corruption', '--init_from')
     two = tmp_path / 'two'
     r = torchrun(tiny_flags(text_data, two, **{**SPAN, 'batch_size_per_gpu': 4}), 2)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

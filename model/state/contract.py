@@ -189,11 +189,13 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def fingerprint(model_shape: dict, train_files: list[tuple[str, int]], tokenizer: str) -> dict:
+def fingerprint(model_shape: dict, train_files: list[tuple[str, int]], tokenizer: str,
+                objective: str = 'pairs') -> dict:
     """What a resume must find unchanged: the model's shape, the tokenizer's fingerprint, the
-    training data as (path, rows) -- names, sizes and row counts: metadata, not a content hash."""
+    objective (its data position counts rows or examples), the training data as (path, rows) --
+    names, sizes and row counts: metadata, not a content hash."""
     data = [{'name': os.path.basename(f), 'bytes': os.path.getsize(f), 'rows': rows} for f, rows in train_files]
-    return {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer}
+    return {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer, 'objective': objective}
 
 
 def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, state_path: str = '') -> list[str]:
@@ -211,6 +213,11 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
         desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
         raise UserError(f'the saved state has a different model shape ({desc})',
                         'resume with the same shape, or start a new run in another --train_state_dir')
+    was, now = saved.get('objective', 'pairs'), current.get('objective', 'pairs')  # states before it: pairs
+    if was != now:
+        raise UserError(f'the saved state trained --objective={was}, this run asks for --objective={now}',
+                        f'resume it with --objective={was}, or start the next stage as a new run from its weights: '
+                        f'--init_from=<its model folder> with another --train_state_dir')
     if saved.get('data') == current['data']:
         return []
     msg = f'the training data changed since the save (saved {saved.get("data")}, now {current["data"]})'

@@ -199,7 +199,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
         report.fingerprint = contract.fingerprint(
             model_shape(cfg.model, report.vocab_size), [(f, inspect_parquet(f).num_rows) for f in report.train_files],
-            tokenizer_fingerprint(t.tokenizer_dir))
+            tokenizer_fingerprint(t.tokenizer_dir), t.objective)
         _check_disk(t, report)
         if report.total_steps and t.warmup_steps >= report.total_steps:
             report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '
