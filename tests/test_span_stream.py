@@ -37,11 +37,28 @@ def text_data(tmp_path_factory, tokenizer_dir):
             'valid': write_text(d / 'valid.parquet', 40, seed=22), 'tok': tokenizer_dir}
 
 
-def loader(files, tokenizer, rank=0, world=1, **kw):
+def loader(files, tokenizer, rank=0, world=1, combine_counts=None, **kw):
     settings = dict(max_seq_len=MAX_LEN, batch_size=8, objective='span_corruption', shuffle_window_rows=120,
                     mix_row_groups=2, seed=5)
     settings.update(kw)
-    return StreamingLoader(files, tokenizer, LoaderSettings(**settings), rank, world, return_row_index=True)
+    return StreamingLoader(files, tokenizer, LoaderSettings(**settings), rank, world, return_row_index=True,
+                           combine_counts=combine_counts)
+
+
+def test_each_rank_counts_a_share_of_the_tokens_and_the_shares_sum_to_the_whole(text_data, tokenizer):
+    whole = loader(text_data['train'], tokenizer).dataset.row_tokens()
+    shares = {}
+
+    def keep(rank):
+        def combine(counts, error):  # what Collectives.combine_counts sums over the ranks
+            assert error is None
+            shares[rank] = counts.copy()
+            return counts
+        return combine
+    for r in (0, 1):
+        loader(text_data['train'], tokenizer, rank=r, world=2, combine_counts=keep(r)).dataset.row_tokens()
+    assert np.array_equal(shares[0] + shares[1], whole)
+    assert 0 < (shares[0] > 0).sum() < (whole > 0).sum() and not ((shares[0] > 0) & (shares[1] > 0)).any()
 
 
 def epoch(ld) -> list[dict]:

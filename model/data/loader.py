@@ -312,7 +312,10 @@ class StreamingLoader:
     """
 
     def __init__(self, files, tokenizer, settings: LoaderSettings, rank: int = 0, world_size: int = 1,
-                 return_row_index: bool = False, multiprocessing_context=None):
+                 return_row_index: bool = False, multiprocessing_context=None, combine_counts=None):
+        """combine_counts(counts, error): span corruption's token counts, each rank counting a share
+        of the row groups and this summing them over the ranks (Collectives.combine_counts); None:
+        this process counts them all."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f'rank {rank} outside world size {world_size}')
         self.files = resolve_parquet_files(files)
@@ -320,8 +323,10 @@ class StreamingLoader:
             from model.data.span_stream import SpanCorruptionDataset, SpanSettings
 
             encoder = TokenEncoder(tokenizer, settings.max_seq_len, truncate=False)
+            share = (rank, world_size, combine_counts) if combine_counts is not None else None
             self.dataset = SpanCorruptionDataset(self.files, encoder, SpanSettings(
-                settings.max_seq_len, settings.noise_density, settings.mean_noise_span_length), return_row_index)
+                settings.max_seq_len, settings.noise_density, settings.mean_noise_span_length), return_row_index,
+                count_share=share)
         else:
             encoder = TokenEncoder(tokenizer, settings.max_seq_len)
             self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index)

@@ -14,9 +14,10 @@ holds the position. To know where each window's examples start without reading t
 dataset counts every row's tokens once (:meth:`SpanCorruptionDataset.row_tokens`, the first time
 an epoch's size is asked for): a window's examples follow from its rows' token counts alone.
 
-Costs, stated: the counting pass tokenizes the training files once per process at start-up; and
-every rank tokenizes every window it takes examples from (a window's examples interleave across
-the ranks), where pairs are tokenized one rank's rows each.
+Costs, stated: the counting pass tokenizes the training files once at start-up, each rank a share
+of the row groups (their counts summed over the ranks); and every rank tokenizes every window it
+takes examples from (a window's examples interleave across the ranks), where pairs are tokenized
+one rank's rows each.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from torch.utils.data import IterableDataset, get_worker_info
 
 from model.errors import UserError
 from model.data import span_corruption as sc
 from model.data.batches import TokenEncoder, batch_from_ids
 from model.data.epoch_order import EpochPlan, OrderParams
-from model.data.files import TEXT_COLUMN, blank_mask, inspect_parquet, iter_text_tables
+from model.data.files import (TEXT_COLUMN, as_text, blank_mask, check_utf8, inspect_parquet, open_parquet,
+                              short_read_error)
+from model.data.read_guard import ReadGuard
 from model.data.window_reader import WindowReader
 
 logger = logging.getLogger(__name__)
@@ -71,7 +75,10 @@ class SpanCorruptionDataset(IterableDataset):
     """This rank's span-corrupted local batches of one pass; the same interface as
     model/data/loader.py's ParquetStreamDataset, positions being examples instead of rows."""
 
-    def __init__(self, files: list[str], encoder: TokenEncoder, span: SpanSettings, return_row_index: bool = False):
+    def __init__(self, files: list[str], encoder: TokenEncoder, span: SpanSettings, return_row_index: bool = False,
+                 count_share: tuple | None = None):
+        """count_share: (rank, world, combine): this process counts the tokens of the row groups
+        g with g % world == rank and combine(counts, error) sums every rank's (see row_tokens)."""
         if encoder.truncate:
             raise ValueError('span corruption packs whole documents: give a TokenEncoder with truncate=False')
         if encoder.sentinel_ids is None:
@@ -96,27 +103,54 @@ class SpanCorruptionDataset(IterableDataset):
                 first += n
         self.num_rows = first
         self._row_tokens: np.ndarray | None = None
+        self.count_share = count_share
         self._sizes: dict[tuple[int, OrderParams], np.ndarray] = {}
         self.pass_ = None
 
     # -- sizes
 
     def row_tokens(self) -> np.ndarray:
-        """Every row's tokens with its eos (0 for a blank row), files in order: the counting pass."""
+        """Every row's tokens with its eos (0 for a blank row), files in order: the counting pass,
+        split across the ranks when a count_share is given (every rank must call it then, together)."""
         if self._row_tokens is None:
-            start, counts = time.perf_counter(), []
-            for table in iter_text_tables(self.files, (TEXT_COLUMN,), batch_rows=COUNT_ROWS):
-                texts = table.column(TEXT_COLUMN)
-                blank = blank_mask(texts)
-                n = np.zeros(len(texts), dtype=np.int64)
-                keep = np.flatnonzero(~blank)
-                if keep.size:
-                    n[keep] = self.encoder.encode_ragged(texts.take(keep).to_pylist())[1]
-                counts.append(n)
-            self._row_tokens = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-            logger.info('data: %d tokens in %d rows, counted in %.1f s (span corruption: %d tokens per example)',
-                        int(self._row_tokens.sum()), self.num_rows, time.perf_counter() - start, self.raw_length)
+            rank, world, combine = self.count_share or (0, 1, None)
+            start, counts, error = time.perf_counter(), np.zeros(self.num_rows, dtype=np.int64), None
+            try:
+                for g, (fi, rg, n, first) in enumerate(self.row_groups):
+                    if g % world == rank:
+                        counts[first:first + n] = self._count_row_group(fi, rg, n)
+            except UserError as e:  # a damaged page: every rank must hear of it before the sum
+                error = e
+            if combine is not None:
+                counts = combine(counts, error)
+            elif error is not None:
+                raise error
+            self._row_tokens, self.count_share = counts, None  # counted: nothing of the ranks' group is pickled
+            logger.info('data: %d tokens in %d rows, counted in %.1f s by %d process(es) (span corruption: %d '
+                        'tokens per example)', int(counts.sum()), self.num_rows, time.perf_counter() - start, world,
+                        self.raw_length)
         return self._row_tokens
+
+    def _count_row_group(self, fi: int, rg: int, rows: int) -> np.ndarray:
+        """Tokens (eos included) of each row of one row group, 0 for a blank row."""
+        path, out, done = self.files[fi], [], 0
+        pf = open_parquet(path)
+        try:
+            with ReadGuard(path).at(f'row group {rg}'):
+                for batch in pf.iter_batches(batch_size=COUNT_ROWS, row_groups=[rg], columns=[TEXT_COLUMN]):
+                    check_utf8(batch)
+                    texts = as_text(batch.column(TEXT_COLUMN))
+                    n = np.zeros(len(texts), dtype=np.int64)
+                    keep = np.flatnonzero(~blank_mask(texts))
+                    if keep.size:
+                        n[keep] = self.encoder.encode_ragged(texts.take(pa.array(keep)).to_pylist())[1]
+                    out.append(n)
+                    done += len(texts)
+        finally:
+            pf.close()
+        if done != rows:
+            raise short_read_error(path, rg, done, rows)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def window_examples(self, plan: EpochPlan) -> np.ndarray:
         """Examples of each window of the plan, from the rows' token counts."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from config import ResolvedConfig
 from model import stopping
+from model.errors import UserError
 from model.faults import fault_point
 from model.state import locks, states as state_files
 from model.state.checkpoint import Checkpointer, DataPosition, SaveSettings, apply_changed_hyperparameters
@@ -171,11 +172,24 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     tokenizer = load_tokenizer(t.tokenizer_dir)
     world, rank, pin = collectives.world, accelerator.process_index, accelerator.device.type == 'cuda'
     train_files, valid_files = resolve_parquet_files(t.train_file), resolve_parquet_files(t.validation_file)
-    train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, train=True, pin_memory=pin), rank, world)
+    # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts)
+    count = collectives.combine_counts if t.objective == 'span_corruption' else None
+    train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, train=True, pin_memory=pin), rank, world,
+                                   combine_counts=count)
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, train=False, pin_memory=pin), rank,
-                                   world)
+                                   world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted
     total_steps = train_loader.total_steps(t.epochs)
+    valid_loader.num_positions  # counted now, by every rank together (later calls read the count)
+    if total_steps == 0:  # pairs: said by the start-up checks; span corruption's examples are known only now
+        raise UserError(f'train_file: its {train_loader.num_positions} span-corruption examples are fewer than one '
+                        f'optimizer step needs ({t.batch_size_per_gpu} x {world} processes x '
+                        f'{t.gradient_accumulation_steps} accumulation)',
+                        'lower --batch_size_per_gpu or --gradient_accumulation_steps')
+    if t.warmup_steps >= total_steps and t.objective == 'span_corruption' and collectives.is_main:
+        logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never reaches '
+                       'learn_rate=%g; e.g. --warmup_steps=%d', t.warmup_steps, total_steps, t.learn_rate,
+                       max(1, total_steps // 10))
     total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
     # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
     # line) loads every weight next: nothing to draw

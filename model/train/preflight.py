@@ -105,10 +105,13 @@ def data_fix(cfg: ResolvedConfig) -> str:
             f'--valid_out={t.validation_file}')
 
 
-def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool = True, deep: bool = True) -> Report:
+def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool = True, deep: bool = True,
+                count_examples: bool = True) -> Report:
     """The facts a run needs, and every problem that would stop it, without side effects.
     ``deep=False``: the saved states by their sizes only (a rank whose main process judges them
-    fully and shares its verdict, model/train/factory.py)."""
+    fully and shares its verdict, model/train/factory.py). ``count_examples=False``: span
+    corruption's steps are left to the run's loaders (they count the rows' tokens, split across
+    the ranks), the dry run counts them here."""
     t = cfg.train
     report = Report()
 
@@ -189,9 +192,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         unit = 'rows'
         if t.objective == 'span_corruption':  # examples, from every row's tokens (the loader's count)
             report.train_examples, report.total_steps = problem(
-                'train_file', lambda: span_steps(t, files['train_file'], world_size)) or (0, 0)
+                'train_file', lambda: span_steps(t, files['train_file'], world_size)) or (0, 0) \
+                if count_examples else (0, 0)
             unit = f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)'
-        if report.total_steps == 0:
+        if report.total_steps == 0 and (count_examples or t.objective == 'pairs'):
             report.problems.append(Problem(
                 'batch_size_per_gpu', f'train_file: its {unit} are fewer than one optimizer step '
                 f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '

@@ -40,6 +40,20 @@ class Collectives:
         dist.all_reduce(buf, group=self.cpu_group)
         return buf.tolist()
 
+    def combine_counts(self, counts, error: Exception | None):
+        """The element-wise sum of every rank's share of counts (numpy int64); a rank's error is
+        raised on every rank (the others quietly) before any waits for the sum."""
+        if not self.ok_all_ranks(error is None):
+            raise error if error is not None else UserError('')
+        if self.world == 1:
+            return counts
+        import numpy as np
+        import torch.distributed as dist
+
+        buf = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64))
+        dist.all_reduce(buf, group=self.cpu_group)
+        return buf.numpy()
+
     def stop_signal_all_ranks(self, signum: int) -> int:
         """The stop signal of any rank (the largest number), 0 while no rank has one: every rank
         learns of a stop at the same point, so they leave together."""

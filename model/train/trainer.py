@@ -358,7 +358,8 @@ def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
     signals are polled (model/stopping.py).
     """
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    report = preflight.check_train(cfg, resume, world, locks=False, deep=world == 1)
+    # span corruption's examples are counted by the run's loaders, split across the ranks (not here)
+    report = preflight.check_train(cfg, resume, world, locks=False, deep=world == 1, count_examples=False)
     report.raise_first()
     with stopping.polling():
         trainer = Trainer(build_run(cfg, resume, report.notes, report.fingerprint, report.resume))
