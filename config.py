@@ -66,7 +66,7 @@ class TrainConfigPretrainLarge:
 
     # --- evaluation ---
     eval_steps: int = 0  # optimizer steps between evaluations (0 = only at each epoch end)
-    max_eval_rows: int = 20000  # validation rows used for the validation loss (0 = all)
+    max_eval_rows: int = 20000  # validation rows (span corruption: examples) used for the validation loss (0 = all)
     bleu_samples: int = 64  # validation rows answered greedily for BLEU-4 (0 = no BLEU)
     show_samples: int = 3  # prompts whose generated answer is logged at each evaluation
     eval_max_new_tokens: int = 192  # most tokens generated per answer for BLEU and the samples at an evaluation (at most max_seq_len)

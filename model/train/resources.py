@@ -44,9 +44,11 @@ def resource_lines(cfg, rows: int, vocab_size: int, world: int, files, rows_per_
     else:
         prompt, response = sample_token_lengths(files, t.tokenizer_dir, t.max_seq_len)
     flops = flops_per_row(m, vocab_size, prompt, response)
+    where = (f'mean {prompt:.0f} prompt + {response:.0f} response tokens over the first {SAMPLE_ROWS} rows'
+             if t.objective == 'pairs' else f'a span-corruption example: {prompt} input + {response} target tokens')
     lines = ['[resources] estimates for this config (measure on your GPU: python bench/bench_gpu.py)',
-             f'  training FLOPs per row: {flops / 1e9:.1f} G (mean {prompt:.0f} prompt + {response:.0f} response '
-             f'tokens over the first {SAMPLE_ROWS} rows; 3 x the forward matmuls, sizing.flops_per_row)']
+             f'  training FLOPs per {"row" if t.objective == "pairs" else "example"}: {flops / 1e9:.1f} G ({where}; '
+             f'3 x the forward matmuls, sizing.flops_per_row)']
     for checkpointing in (False, True):
         parts = gpu_memory_bytes(m, vocab_size, t.optimizer, t.batch_size_per_gpu, t.max_seq_len, t.max_seq_len,
                                  checkpointing)
@@ -62,6 +64,7 @@ def resource_lines(cfg, rows: int, vocab_size: int, world: int, files, rows_per_
     else:
         times = ', '.join(f'{gpu} {human_seconds(epoch_rows * flops / (world * tflops * 1e12 * ASSUMED_MFU))}'
                           for gpu, tflops in GPU_BF16_TFLOPS.items())
-        lines.append(f'  time per epoch of {epoch_rows:,} rows on {world} GPU(s) at {ASSUMED_MFU:.0%} of the bf16 '
+        unit = 'rows' if t.objective == 'pairs' else 'examples'
+        lines.append(f'  time per epoch of {epoch_rows:,} {unit} on {world} GPU(s) at {ASSUMED_MFU:.0%} of the bf16 '
                      f'peak: {times} (give --rows_per_s=<bench_gpu.py rows/s> for a measured figure)')
     return lines
