@@ -297,7 +297,8 @@ class LoaderSettings:
     def order(self) -> OrderParams:
         return OrderParams(seed=self.seed, shuffle=self.shuffle, shuffle_window_rows=self.shuffle_window_rows,
                            # span corruption's examples all have one length: nothing to group
-                           group_by_length=self.group_by_length and self.objective == 'pairs', length_group_batches=self.length_group_batches,
+                           group_by_length=self.group_by_length and self.objective == 'pairs',
+                           length_group_batches=self.length_group_batches,
                            batch_size=self.batch_size, mix_row_groups=self.mix_row_groups)
 
 
