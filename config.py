@@ -28,7 +28,7 @@ class TrainConfigPretrainLarge:
     epochs: int = 3  # passes over the training file
     batch_size_per_gpu: int = 32  # rows per process per micro-step
     gradient_accumulation_steps: int = 2  # micro-steps per optimizer step
-    max_seq_len: int = 192  # tokens kept per prompt and per response (eos included; at most 4096)
+    max_seq_len: int = 192  # tokens kept per prompt and per response (eos included; at most 4096); span corruption: tokens of a corrupted input
     learn_rate: float = 1e-4  # peak learning rate, reached after warmup
     warmup_steps: int = 1024  # optimizer steps of linear warmup
     save_steps: int = 5000  # optimizer steps between checkpoints
@@ -209,10 +209,14 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     if not 1 <= train.stop_grace_s <= 24 * 3600:
         raise UserError(f'stop_grace_s={train.stop_grace_s}: give the seconds between SIGTERM and SIGKILL '
                         f'on your cluster, 1 to 86400')
-    if not 0 < train.noise_density < 1:
-        raise UserError(f'noise_density must be in (0, 1), got {train.noise_density} (T5: 0.15)')
-    if not train.mean_noise_span_length >= 1:
-        raise UserError(f'mean_noise_span_length must be >= 1 token, got {train.mean_noise_span_length} (T5: 3)')
+    if not 0 < train.noise_density <= 0.5:
+        raise UserError(f'noise_density must be in (0, 0.5], got {train.noise_density} (T5: 0.15; above 0.5 a '
+                        f'target is longer than its input)')
+    if not 1 <= train.mean_noise_span_length <= train.max_seq_len:
+        raise UserError(f'mean_noise_span_length must be 1 to max_seq_len={train.max_seq_len} tokens, got '
+                        f'{train.mean_noise_span_length} (T5: 3)')
+    if train.objective == 'span_corruption':
+        check_span_lengths(train)
     if not 0 < train.character_coverage <= 1:
         raise UserError(f'character_coverage must be in (0, 1], got {train.character_coverage}')
     for name, allowed in (('mixed_precision', PRECISIONS), ('optimizer', OPTIMIZERS),
@@ -226,7 +230,8 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     for name, (cap, why) in caps.items():
         if getattr(train, name) > cap:
             raise UserError(f'{name}={getattr(train, name)} is more than {cap:,} ({why}); use at most {cap}')
-    if train.length_group_batches * train.batch_size_per_gpu > train.shuffle_window_rows:
+    if (train.group_by_length and train.objective == 'pairs'
+            and train.length_group_batches * train.batch_size_per_gpu > train.shuffle_window_rows):
         raise UserError(f'length_group_batches x batch_size_per_gpu = '
                         f'{train.length_group_batches * train.batch_size_per_gpu} rows must fit in '
                         f'shuffle_window_rows={train.shuffle_window_rows} (the rows held in memory); '
@@ -247,6 +252,29 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     if model.feed_forward_proj not in FEED_FORWARD:
         raise UserError(f'feed_forward_proj must be one of {", ".join(FEED_FORWARD)}; '
                         f'got {model.feed_forward_proj!r}')
+
+
+def check_span_lengths(train) -> None:
+    """Span corruption fits max_seq_len: a run corrupts to at most max_seq_len tokens and needs no
+    more than the tokenizer's 100 sentinels (one per noise span)."""
+    from model.data.span_corruption import SENTINEL_COUNT, lengths_for, span_count
+
+    d, m = train.noise_density, train.mean_noise_span_length
+    try:
+        raw, _ = lengths_for(train.max_seq_len, d, m)
+    except ValueError:
+        raise UserError(f'max_seq_len={train.max_seq_len} is too short for span corruption; use at least 8') from None
+    if span_count(raw, d, m) > SENTINEL_COUNT:
+        lo, hi = 8, train.max_seq_len  # the longest that fits: spans grow with the length
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if span_count(lengths_for(mid, d, m)[0], d, m) <= SENTINEL_COUNT else (lo, mid)
+        longest = lo
+        raise UserError(f'max_seq_len={train.max_seq_len} with noise_density={d} and mean_noise_span_length={m} makes '
+                        f'{span_count(raw, d, m)} noise spans an example, more than the {SENTINEL_COUNT} sentinels; use '
+                        f'--max_seq_len={longest} or less, or a longer --mean_noise_span_length')
+    if train.max_seq_len < 8:
+        raise UserError(f'max_seq_len={train.max_seq_len} is too short for span corruption; use at least 8')
 
 
 @dataclass

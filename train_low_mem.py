@@ -227,7 +227,7 @@ def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
     from model.net.chat_model import answer
 
     model, tok, max_seq_len = _load(cfg, source)
-    for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode)):
+    for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode, fill=True)):
         print(f'  {p}  ->  {a}')
 
 
@@ -271,7 +271,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
                 stopping.STOP.clear()
                 print('\n(回答已中断 answer stopped)')
         else:
-            print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode)[0], flush=True)
+            print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode, fill=True)[0], flush=True)
 
 
 def read_prompt_line(stream, line_no: int) -> str:

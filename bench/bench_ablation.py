@@ -10,7 +10,9 @@ Arms, each ``--steps`` optimizer steps of the same batch and length (the same mo
 optimizer and schedule shape):
   (a) pairs only: ``--steps`` steps on the prompt/response pairs;
   (b) two stages: ``--span_share`` of the steps span corruption on raw text, then the rest on the
-      pairs, warm-started (``--init_from``) with a fresh optimizer and schedule.
+      pairs, warm-started (``--init_from``) with a fresh optimizer and schedule;
+  (c) with ``--arms=a,b,c``, not the same compute: (b)'s span-corruption stage, then all
+      ``--steps`` on the pairs: what the pretraining adds when the pairs get their full budget.
 Scored on held-out pairs with ``train_low_mem.py test`` (loss, BLEU-4, exact match).
 
 Corpora: ``demo`` is the built-in corpus (``prepare_data.py demo``: templated tasks whose held-out
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument('--steps', type=int, default=1500, help='optimizer steps of each arm')
     ap.add_argument('--span_share', type=float, default=0.5, help="arm (b): the share of the steps on span corruption")
     ap.add_argument('--test_rows', type=int, default=500)
+    ap.add_argument('--arms', default='a,b', help='a: pairs only; b: span then pairs, same steps; c: span then all the '
+                                                  'steps on pairs (more compute)')
     args = ap.parse_args()
     global ARGS
     ARGS = args
@@ -128,19 +132,26 @@ def main() -> None:
           f'{args.span_share:.0%} of arm (b) span corruption', flush=True)
     text, text_valid, tok = prepare(args.corpus)
     rows = []
+    arms = args.arms.split(',')
     for seed in [int(s) for s in args.seeds.split(',')]:
-        a = train(f'a_pairs_s{seed}', args.steps, seed, tok, train_file=c['train'], validation_file=c['valid'])
-        rows.append({'arm': '(a) pairs only', 'seed': seed, **score(a['model'], tok, args.test_rows),
-                     'seconds': a['seconds'], 'tokens': a['tokens']})
+        if 'a' in arms:
+            a = train(f'a_pairs{args.steps}_s{seed}', args.steps, seed, tok, train_file=c['train'],
+                      validation_file=c['valid'])
+            rows.append({'arm': '(a) pairs only', 'seed': seed, **score(a['model'], tok, args.test_rows),
+                         'seconds': a['seconds'], 'tokens': a['tokens']})
         k = int(round(args.steps * args.span_share))
-        b1 = train(f'b_span_s{seed}', k, seed, tok, train_file=text, validation_file=text_valid,
-                   objective='span_corruption')
-        b2 = train(f'b_pairs_s{seed}', args.steps - k, seed, tok, train_file=c['train'], validation_file=c['valid'],
-                   init_from=b1['model'])
-        rows.append({'arm': f'(b) span {k} + pairs {args.steps - k}', 'seed': seed,
-                     **score(b2['model'], tok, args.test_rows), 'seconds': b1['seconds'] + b2['seconds'],
-                     'tokens': b1['tokens'] + b2['tokens']})
-        print(json.dumps(rows[-2:], ensure_ascii=False), flush=True)
+        if 'b' in arms or 'c' in arms:
+            b1 = train(f'b_span{k}_s{seed}', k, seed, tok, train_file=text, validation_file=text_valid,
+                       objective='span_corruption')
+        for arm, pairs_steps in (('b', args.steps - k), ('c', args.steps)):
+            if arm not in arms:
+                continue
+            b2 = train(f'{arm}_pairs{pairs_steps}_s{seed}', pairs_steps, seed, tok, train_file=c['train'],
+                       validation_file=c['valid'], init_from=b1['model'])
+            rows.append({'arm': f'({arm}) span {k} + pairs {pairs_steps}', 'seed': seed,
+                         **score(b2['model'], tok, args.test_rows), 'seconds': b1['seconds'] + b2['seconds'],
+                         'tokens': b1['tokens'] + b2['tokens']})
+        print(json.dumps(rows[-len(arms):], ensure_ascii=False), flush=True)
     print(f'\n{args.corpus} corpus; held-out pairs: the first {args.test_rows} rows of {c["valid"]}; '
           f'{args.steps} optimizer steps an arm; the demo preset with {c["flags"] or "no changes"}')
     print('| arm | seed | test loss | BLEU-4 | exact match | tokens trained | seconds |\n|---|---|---|---|---|---|---|')
@@ -153,7 +164,8 @@ def main() -> None:
               f'{statistics.median(r["bleu"] for r in mine):.2f} | {statistics.median(r["em"] for r in mine):.1f}% | '
               f'{statistics.median(r["tokens"] for r in mine) / 1e6:.2f}M | '
               f'{statistics.median(r["seconds"] for r in mine):.0f} |')
-    with open(os.path.join(OUT, args.corpus, 'results.json'), 'w', encoding='utf-8') as f:
+    name = f'results-{args.arms.replace(",", "")}-{args.steps}.json'
+    with open(os.path.join(OUT, args.corpus, name), 'w', encoding='utf-8') as f:
         json.dump(rows, f, ensure_ascii=False, indent=1)
 
 

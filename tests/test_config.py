@@ -123,6 +123,13 @@ def test_unknown_field_suggests_nearest():
     ({'max_seq_len': 1}, 'at least 2'),
     ({'seed': -1}, r'--seed=-1: give a seed from 0 to 4,294,967,295'),
     ({'seed': 2**32}, r'--seed=4294967296: give a seed from 0'),
+    ({'objective': 'mlm'}, 'objective must be one of pairs, span_corruption'),
+    ({'noise_density': 0.9}, r'noise_density must be in \(0, 0.5\]'),
+    ({'noise_density': 0}, r'noise_density must be in \(0, 0.5\]'),
+    ({'mean_noise_span_length': 0.5}, 'mean_noise_span_length must be 1 to max_seq_len'),
+    ({'objective': 'span_corruption', 'max_seq_len': 4}, 'too short for span corruption; use at least 8'),
+    # 227 noise spans at 4096: the largest length that needs at most 100 sentinels is named
+    ({'objective': 'span_corruption', 'max_seq_len': 4096}, r'227 noise spans .* use --max_seq_len=1809 or less'),
 ])
 def test_validation_messages(overrides, needle):
     with pytest.raises(UserError, match=needle):
@@ -163,3 +170,10 @@ def test_every_seed_of_every_command_is_one_the_libraries_take():
         with pytest.raises(UserError, match=f'--seed={MAX_SEED + 1}: give a seed'):
             parse_options(cls, 'x', args, {'seed': MAX_SEED + 1}, positional)
         assert parse_options(cls, 'x', args, {'seed': 0}, positional).seed == 0
+
+
+def test_span_corruption_is_free_of_the_pairs_only_length_group_rule():
+    small = {'shuffle_window_rows': 50, 'batch_size_per_gpu': 64}
+    with pytest.raises(UserError, match='must fit in shuffle_window_rows'):
+        resolve_config(overrides=small)
+    assert resolve_config(overrides={**small, 'objective': 'span_corruption'}).train.objective == 'span_corruption'

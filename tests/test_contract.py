@@ -207,6 +207,11 @@ def test_a_fingerprint_change_is_refused_or_noted():
     with pytest.raises(UserError) as raised:
         contract.compare_fingerprints({**saved, 'objective': 'span_corruption'}, {**changed, 'objective': 'pairs'}, True)
     assert 'trained --objective=span_corruption' in raised.value.message and '--init_from' in raised.value.fix
+    span = {**saved, 'objective': 'span_corruption', 'examples': {'max_seq_len': 128, 'noise_density': 0.15}}
+    assert contract.compare_fingerprints(span, dict(span), False) == []
+    with pytest.raises(UserError) as raised:
+        contract.compare_fingerprints(span, {**span, 'examples': {'max_seq_len': 64, 'noise_density': 0.15}}, True)
+    assert 'max_seq_len 128 -> 64' in raised.value.message and '--init_from' in raised.value.fix
 
 
 def test_a_state_of_the_version_before_the_contract_still_loads(tmp_path, tokenizer):

@@ -215,7 +215,7 @@ def test_check_a_text_file(tmp_path, tokenizer_dir, tokenizer):
     tokens = build_report(src, tokenizer_dir=tokenizer_dir, max_seq_len=12)['tokens']
     over = sum(len(tokenizer(t)['input_ids']) > 12 for t in texts if t is not None)
     assert 0 < over < len(lengths) and tokens['truncated_rows'] == over
-    assert 'would truncate' in format_report(build_report(src, tokenizer_dir, max_seq_len=12))
+    assert 'none is truncated' in format_report(build_report(src, tokenizer_dir, max_seq_len=12))
 
 
 def test_mixed_kinds_are_refused(tmp_path):

@@ -254,3 +254,41 @@ def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):
     out = [0, s0, *china, s1, *tokenizer('。', add_special_tokens=False).input_ids, 1, 0]
     assert fill_sentinels(tokenizer, ids, out).replace(' ', '') == '北京是【中国】的首都【。】'
     assert fill_sentinels(tokenizer, ids, [0, s0, *china, 1]).replace(' ', '') == '北京是【中国】的首都<extra_id_1>'
+
+
+def test_answers_are_filled_only_when_the_model_writes_sentinels(tokenizer):
+    import torch
+
+    from model.net.chat_model import answer
+
+    s0 = tokenizer.convert_tokens_to_ids(sc.sentinel_token(0))
+    china = tokenizer('中国', add_special_tokens=False).input_ids
+
+    class Writes(torch.nn.Module):  # a model that writes what it is told
+        def __init__(self, ids):
+            super().__init__()
+            self.ids, self.weight = ids, torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kw):
+            return torch.tensor([self.ids] * len(input_ids))
+    prompt = ['北京是<extra_id_0>的首都']
+    spans = Writes([0, s0, *china, 1])
+    assert answer(spans, tokenizer, prompt, fill=True)[0].replace(' ', '') == '北京是【中国】的首都'
+    assert answer(spans, tokenizer, prompt)[0].replace(' ', '') == '中国'  # test and evaluation: as written
+    plain = Writes([0, *china, 1])  # a pairs model asked about the string: its answer, not the prompt
+    assert answer(plain, tokenizer, prompt, fill=True)[0].replace(' ', '') == '中国'
+
+
+def test_a_literal_sentinel_in_the_training_text_is_text(tokenizer):
+    from model.data.batches import TokenEncoder
+
+    s0 = tokenizer.convert_tokens_to_ids(sc.sentinel_token(0))
+    ids = TokenEncoder(tokenizer, 64, truncate=False).encode(['写着<extra_id_0>的纸'])[0]
+    assert s0 not in ids and s0 in tokenizer('写着<extra_id_0>的纸').input_ids  # a prompt typed by a user: a sentinel
+
+
+def test_a_source_file_given_as_training_data_names_the_convert_command(tmp_path, text_data):
+    src = tmp_path / 'corpus.txt'
+    src.write_text('一篇文档\n', encoding='utf-8')
+    r = run_train(tiny_flags({**text_data, 'train': str(src)}, tmp_path / 'run', objective='span_corruption'))
+    assert_user_error(r, 'training reads Parquet', f'python prepare_data.py convert {src}')

@@ -35,6 +35,8 @@ class TokenEncoder:
         # a private copy: truncation settings on the shared tokenizer would leak to other users
         self._rust = Tokenizer.from_str(self._json)
         self._rust.no_padding()
+        # training text is text: a literal '<extra_id_0>' in it is not a sentinel (nor any added token)
+        self._rust.encode_special_tokens = True
         if self.truncate:  # whole documents (span corruption packs them) are not truncated
             self._rust.enable_truncation(self.max_seq_len)
         else:

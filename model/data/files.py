@@ -137,9 +137,17 @@ class ParquetInfo:
         return kind_of(self.columns)
 
 
+SOURCE_SUFFIXES = ('.txt', '.jsonl', '.json', '.csv', '.tsv')  # what prepare_data.py convert reads
+
+
 def inspect_parquet(path: str, columns=None) -> ParquetInfo:
     """Row counts and a column check from the footer alone (no data is read). columns: those
     that must be there; None: those of the file's kind (prompt and response, or text)."""
+    if path.lower().endswith(SOURCE_SUFFIXES):
+        raise UserError(f'{path}: training reads Parquet; convert it first: python prepare_data.py convert {path} '
+                        f'{os.path.splitext(path)[0]}.parquet' + (' (one document a line)' if path.lower().endswith('.txt')
+                                                                   else ' --prompt_col=... --response_col=... '
+                                                                        '(or --text_col=...)'))
     with ReadGuard(path):
         pf = pq.ParquetFile(path)
         if columns is None:

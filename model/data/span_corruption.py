@@ -24,25 +24,37 @@ def sentinel_token(i: int) -> str:
     return f'<extra_id_{i}>'
 
 
+MAX_NOISE_DENSITY = 0.5  # above it a target outgrows its input (and, without a bound, memory)
+
+
 def lengths_for(max_seq_len: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
     """(raw tokens per example, target tokens) such that the corrupted input is at most
-    max_seq_len tokens (eos included): the longest raw run whose input still fits."""
+    max_seq_len tokens (eos included): the longest raw run whose input still fits, counted with
+    :func:`noise_mask`'s own rules. ValueError when no run of two tokens fits."""
     def corrupted(raw: int) -> tuple[int, int]:
-        noise = int(round(raw * noise_density))
-        spans = max(1, int(round(noise / mean_noise_span_length)))
+        noise = noise_count(raw, noise_density)
+        spans = span_count(raw, noise_density, mean_noise_span_length)
         return raw - noise + spans + 1, noise + spans + 1
 
-    raw = max_seq_len
+    if corrupted(2)[0] > max_seq_len:
+        raise ValueError(f'max_seq_len={max_seq_len} is too short for span corruption (a run of 2 tokens '
+                         f'corrupts to {corrupted(2)[0]})')
+    raw = 2
     while corrupted(raw + 1)[0] <= max_seq_len:
         raw += 1
     return raw, corrupted(raw)[1]
+
+
+def noise_count(length: int, noise_density: float) -> int:
+    """Noise tokens of a run of ``length`` tokens: at least one, never all."""
+    return min(max(int(round(length * noise_density)), 1), length - 1) if length >= 2 else 0
 
 
 def span_count(length: int, noise_density: float, mean_noise_span_length: float) -> int:
     """Noise spans of a run of ``length`` tokens (as :func:`noise_mask` draws them)."""
     if length < 2:
         return 0
-    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    noise = noise_count(length, noise_density)
     return min(max(1, int(round(noise / mean_noise_span_length))), noise, length - noise)
 
 
@@ -53,7 +65,7 @@ def noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
     gaps between them of random lengths, the first token never noise (as in T5)."""
     if length < 2:
         return np.zeros(length, dtype=bool)
-    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    noise = noise_count(length, noise_density)
     spans = span_count(length, noise_density, mean_noise_span_length)
 
     def segments(items: int, count: int) -> np.ndarray:

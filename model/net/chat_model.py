@@ -184,12 +184,15 @@ def stop_criteria(should_stop: Callable[[], bool]):
 
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_seq_len: int | None = None,
-           decode: DecodeConfig | None = None, should_stop: Callable[[], bool] | None = None) -> list[str]:
+           decode: DecodeConfig | None = None, should_stop: Callable[[], bool] | None = None,
+           fill: bool = False) -> list[str]:
     """Answers in the prompts' order: greedy by default, else as ``decode`` says (sampling is
     seeded with decode.sample_seed once, so the same call gives the same answers).
 
     should_stop is asked after every token: once it says True the answers end there (cut, and
-    fewer than the prompts) -- a training run's evaluation leaves within one token of a stop."""
+    fewer than the prompts) -- a training run's evaluation leaves within one token of a stop.
+    fill (generate, chat): an answer that holds T5 sentinels is shown as its prompt with each
+    sentinel filled (:func:`fill_sentinels`); test and evaluation score the answers as written."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -213,25 +216,29 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                              **kwargs)
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
-        for row, text in enumerate(texts):  # a prompt with sentinels: the spans filled in
-            if SENTINEL_MARK in prompts[i + row]:
-                texts[row] = fill_sentinels(tokenizer, enc['input_ids'][row].tolist(), gen[row].tolist())
+        sentinels = sentinel_set(tokenizer) if fill else set()
+        for row in range(len(texts)):  # a span-corruption answer: the prompt with its spans filled in
+            written, given = gen[row].tolist(), enc['input_ids'][row].tolist()
+            if sentinels & set(written) and sentinels & set(given):
+                texts[row] = fill_sentinels(tokenizer, given, written)
         out.extend(texts)
     model.train(was_training)
     return out
 
 
-SENTINEL_MARK = '<extra_id_'
+def sentinel_set(tokenizer) -> set[int]:
+    """The ids of the tokenizer's T5 sentinels (none for a tokenizer without them)."""
+    from model.data.tokenizer import sentinel_ids
+
+    ids = sentinel_ids(tokenizer)
+    return set() if ids is None else set(ids.tolist())
 
 
 def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks: tuple[str, str] = ('【', '】')) -> str:
     """The input with each sentinel replaced by the span the model wrote after that sentinel in
     its output (T5's span-corruption targets: ``<extra_id_0> span <extra_id_1> span ... </s>``),
     each filled span between ``marks``; a sentinel the output left out stays as it is."""
-    from model.data.tokenizer import sentinel_ids
-
-    ids = sentinel_ids(tokenizer)
-    sentinels = set() if ids is None else set(ids.tolist())
+    sentinels = sentinel_set(tokenizer)
     special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
     spans, current = {}, None
     for t in output_ids:

@@ -329,8 +329,13 @@ def format_report(report: dict[str, Any]) -> str:
         for name in names:
             lines.append(f'  {name:<9} ' + '  '.join(f'{k} {v}' for k, v in tokens[name].items()))
         each = ', '.join(f'{name}s {n}' for name, n in tokens['truncated'].items()) if len(names) > 1 else ''
-        lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '
-                     f'({100 * tokens["truncated_share"]:.2f}%{"; " + each if each else ""})')
+        if tuple(names) == KINDS['text']:  # span corruption packs whole documents
+            lines.append(f'documents over max_seq_len={tokens["max_seq_len"]} tokens: {tokens["truncated_rows"]} '
+                         f'({100 * tokens["truncated_share"]:.2f}%); span corruption packs whole documents and cuts '
+                         f'the stream, so none is truncated')
+        else:
+            lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '
+                         f'({100 * tokens["truncated_share"]:.2f}%{"; " + each if each else ""})')
     return '\n'.join(lines)
 
 

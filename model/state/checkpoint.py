@@ -127,8 +127,9 @@ class Checkpointer:
                            '(no row repeated or skipped); ranks without a saved RNG state start from the seed',
                            self.collectives.world, saved_world)
         position = data_position.state_dict()
-        logger.info('resumed from %s: step %d, epoch %d, %d rows into the epoch', saved.path,
-                    state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0))
+        unit = 'examples' if position.get('objective') == 'span_corruption' else 'rows'
+        logger.info('resumed from %s: step %d, epoch %d, %d %s into the epoch', saved.path,
+                    state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0), unit)
 
 
 def apply_changed_hyperparameters(cfg, optimizer, scheduler) -> None:

@@ -190,12 +190,15 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
 
 
 def fingerprint(model_shape: dict, train_files: list[tuple[str, int]], tokenizer: str,
-                objective: str = 'pairs') -> dict:
+                objective: str = 'pairs', examples: dict | None = None) -> dict:
     """What a resume must find unchanged: the model's shape, the tokenizer's fingerprint, the
     objective (its data position counts rows or examples), the training data as (path, rows) --
     names, sizes and row counts: metadata, not a content hash."""
     data = [{'name': os.path.basename(f), 'bytes': os.path.getsize(f), 'rows': rows} for f, rows in train_files]
-    return {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer, 'objective': objective}
+    out = {'model_shape': model_shape, 'data': data, 'tokenizer': tokenizer, 'objective': objective}
+    if examples:  # span corruption: what an example is made of (its data position counts examples)
+        out['examples'] = examples
+    return out
 
 
 def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, state_path: str = '') -> list[str]:
@@ -218,6 +221,12 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
         raise UserError(f'the saved state trained --objective={was}, this run asks for --objective={now}',
                         f'resume it with --objective={was}, or start the next stage as a new run from its weights: '
                         f'--init_from=<its model folder> with another --train_state_dir')
+    if saved.get('examples') and current.get('examples') and saved['examples'] != current['examples']:
+        desc = ', '.join(f'{k} {v} -> {current["examples"].get(k)}' for k, v in saved['examples'].items()
+                         if current['examples'].get(k) != v)
+        raise UserError(f'a span-corruption example is made differently since the save ({desc}): the saved data '
+                        f'position counts examples of the old kind',
+                        'resume with the saved values, or start a new run from its weights with --init_from')
     if saved.get('data') == current['data']:
         return []
     msg = f'the training data changed since the save (saved {saved.get("data")}, now {current["data"]})'

@@ -120,7 +120,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             return fn()
         except UserError as e:
             message = e.message if fix else str(e)  # this run's own fix (with its preset) says it better
-            report.problems.append(Problem(name, f'{name}: {message}' if not message.startswith(name) else message,
+            named = message.startswith(name) or message.startswith(f'--{name}')
+            report.problems.append(Problem(name, message if named else f'{name}: {message}',
                                            fix))
             return None
 
@@ -203,7 +204,9 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
         report.fingerprint = contract.fingerprint(
             model_shape(cfg.model, report.vocab_size), [(f, inspect_parquet(f).num_rows) for f in report.train_files],
-            tokenizer_fingerprint(t.tokenizer_dir), t.objective)
+            tokenizer_fingerprint(t.tokenizer_dir), t.objective,
+            {k: getattr(t, k) for k in ('max_seq_len', 'noise_density', 'mean_noise_span_length')}
+            if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
         if report.total_steps and t.warmup_steps >= report.total_steps:
             report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '
