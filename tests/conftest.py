@@ -57,6 +57,28 @@ def write_parquet(path, pairs, row_group_size: int | None = None) -> str:
     return str(path)
 
 
+def write_records(path, records: list[dict], fmt: str) -> str:
+    """records as a prepare_data.py source: csv, json (multi-line, like real exports), jsonl or parquet."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(path)
+    if fmt == 'csv':
+        import pyarrow.csv as pcsv
+        pcsv.write_csv(pa.Table.from_pylist(records), path)
+    elif fmt == 'json':
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(records, f, ensure_ascii=False, indent=2)
+    elif fmt == 'jsonl':
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
 @pytest.fixture(scope='session')
 def tokenizer_dir(tmp_path_factory) -> str:
     """A small real sentencepiece tokenizer trained on generated text."""

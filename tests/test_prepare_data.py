@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cli_runner
-from conftest import ENV, ROOT, make_texts, write_parquet
+from conftest import ENV, ROOT, make_texts, write_parquet, write_records
 from model.errors import UserError
 from model.prep import demo_corpus, ops as prep_ops, output as prep_output, readers as prep_readers
 from model.prep import records as prep_records
@@ -47,19 +47,7 @@ def leftovers(folder) -> list[str]:
 def write_source(path, pairs, fmt: str, keys=('question', 'answer')) -> str:
     """pairs in fmt with renamed columns and an extra column that convert must drop."""
     records = [{keys[0]: p, 'id': i, keys[1]: r} for i, (p, r) in enumerate(pairs)]
-    path = str(path)
-    if fmt == 'csv':
-        import pyarrow.csv as pcsv
-        pcsv.write_csv(pa.Table.from_pylist(records), path)
-    elif fmt == 'json':
-        with open(path, 'w', encoding='utf-8') as f:
-            json.dump(records, f, ensure_ascii=False, indent=2)  # multi-line, like real exports
-    elif fmt == 'jsonl':
-        with open(path, 'w', encoding='utf-8') as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
-    else:
-        pq.write_table(pa.Table.from_pylist(records), path)
-    return path
+    return write_records(path, records, fmt)
 
 
 # --- convert ----------------------------------------------------------------

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_user_error, make_texts, run_parallel, snapshot, write_parquet
+from conftest import assert_user_error, make_texts, run_parallel, snapshot, write_parquet, write_records
 from model.data import read_guard
 from model.data.files import inspect_parquet
 from model.errors import UserError
@@ -35,19 +35,7 @@ def read_texts(path) -> list[str]:
 def write_text_source(path, texts, fmt: str, key: str = 'content') -> str:
     """texts under `key`, with an extra column convert must drop."""
     records = [{'id': i, key: t} for i, t in enumerate(texts)]
-    path = str(path)
-    if fmt == 'csv':
-        import pyarrow.csv as pcsv
-        pcsv.write_csv(pa.Table.from_pylist(records), path)
-    elif fmt == 'json':
-        with open(path, 'w', encoding='utf-8') as f:
-            json.dump(records, f, ensure_ascii=False, indent=2)
-    elif fmt == 'jsonl':
-        with open(path, 'w', encoding='utf-8') as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
-    else:
-        pq.write_table(pa.Table.from_pylist(records), path)
-    return path
+    return write_records(path, records, fmt)
 
 
 def write_text_parquet(path, texts, row_group_size=None) -> str:

@@ -165,6 +165,18 @@ def inspect_parquet(path: str, columns=None) -> ParquetInfo:
                            size_bytes=os.path.getsize(path), columns=columns)
 
 
+def row_group_table(files: list[str], columns=None) -> tuple[list[tuple[int, int, int, int]], int]:
+    """(file, row group, rows, global first row) of every non-empty row group, files in list
+    order (checked by their footers), and the rows of all: what an epoch's order is made from."""
+    table, first = [], 0
+    for fi, f in enumerate(files):
+        for rg, n in enumerate(inspect_parquet(f, columns).row_group_rows):
+            if n:
+                table.append((fi, rg, n, first))
+            first += n
+    return table, first
+
+
 def files_kind(files: list[str], what: str) -> str:
     """The one kind of all the files (pairs or text); mixed kinds are one line naming two files."""
     kinds = {}

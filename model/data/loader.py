@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.errors import UserError
 from model.data.epoch_order import EpochPlan, FlatOrder, OrderParams
-from model.data.files import inspect_parquet, resolve_parquet_files
+from model.data.files import resolve_parquet_files, row_group_table
 from model.stopping import ignore_in_worker
 from model.data.batches import TokenEncoder, batch_from_ids, make_batches, to_torch
 from model.data.window_reader import WindowReader
@@ -134,15 +134,7 @@ class ParquetStreamDataset(IterableDataset):
         self.files = files
         self.encoder = encoder
         self.return_row_index = return_row_index
-        infos = [inspect_parquet(f) for f in files]
-        self.row_groups: list[tuple[int, int, int, int]] = []
-        first = 0
-        for fi, info in enumerate(infos):
-            for rg, n in enumerate(info.row_group_rows):
-                if n:
-                    self.row_groups.append((fi, rg, n, first))
-                first += n
-        self.num_rows = first
+        self.row_groups, self.num_rows = row_group_table(files)
         self.pass_: EpochPass | None = None
 
     def configure(self, pass_: EpochPass) -> None:

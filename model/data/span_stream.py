@@ -35,7 +35,7 @@ from model.errors import UserError
 from model.data import span_corruption as sc
 from model.data.batches import TokenEncoder, batch_from_ids
 from model.data.epoch_order import EpochPlan, OrderParams
-from model.data.files import (TEXT_COLUMN, as_text, blank_mask, check_utf8, inspect_parquet, open_parquet,
+from model.data.files import (TEXT_COLUMN, as_text, blank_mask, check_utf8, open_parquet, row_group_table,
                               short_read_error)
 from model.data.read_guard import ReadGuard
 from model.data.window_reader import WindowReader
@@ -93,15 +93,7 @@ class SpanCorruptionDataset(IterableDataset):
                             f'mean_noise_span_length={span.mean_noise_span_length} makes {spans} noise spans an '
                             f'example, more than the {sc.SENTINEL_COUNT} sentinels; lower --max_seq_len or raise '
                             f'--mean_noise_span_length')
-        infos = [inspect_parquet(f, (TEXT_COLUMN,)) for f in files]
-        self.row_groups: list[tuple[int, int, int, int]] = []
-        first = 0
-        for fi, info in enumerate(infos):
-            for rg, n in enumerate(info.row_group_rows):
-                if n:
-                    self.row_groups.append((fi, rg, n, first))
-                first += n
-        self.num_rows = first
+        self.row_groups, self.num_rows = row_group_table(files, (TEXT_COLUMN,))
         self._row_tokens: np.ndarray | None = None
         self.count_share = count_share
         self._sizes: dict[tuple[int, OrderParams], np.ndarray] = {}

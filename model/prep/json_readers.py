@@ -34,22 +34,15 @@ def iter_jsonl(path: str, cols: Columns, hint: str = '') -> Iterator[pa.Table]:
 
 def _jsonl_records(path: str, hint: str = ''):
     decoder = json.JSONDecoder(strict=False)  # tolerate raw tabs/newlines inside strings
-    with open(path, 'rb') as f:
-        for line_no, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_RECORD_BYTES), start=1):
-            if not whole:
-                raise too_long(path, f'line {line_no}', 'MAX_RECORD_BYTES', RECORD_FIX)
-            try:
-                text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
-            except UnicodeDecodeError:
-                raise build_utf8_error(path) from None
-            if not text.strip():
-                continue
-            try:
-                record = decoder.decode(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f'{path}: line {line_no}: malformed JSON ({e.msg} at column '
-                                f'{e.colno}){hint}') from None
-            yield record, f'line {line_no}'
+    for line_no, text, _ in records.decoded_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = decoder.decode(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f'{path}: line {line_no}: malformed JSON ({e.msg} at column '
+                            f'{e.colno}){hint}') from None
+        yield record, f'line {line_no}'
 
 
 # --------------------------------------------------------------------------- JSON

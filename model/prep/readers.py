@@ -23,7 +23,7 @@ from model.prep import records
 from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMAS
 from model.prep.json_readers import iter_json, iter_jsonl
 from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_not_wide_unicode
-from model.data.read_guard import guarded, human_size, iter_bounded_lines, too_long
+from model.data.read_guard import guarded, human_size, too_long
 
 FORMATS = ('csv', 'json', 'jsonl', 'parquet', 'txt')
 _EXTENSIONS = {'.csv': 'csv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
@@ -168,29 +168,21 @@ def iter_txt(path: str, stats: ReadStats, guess: bool = False) -> Iterator[pa.Ta
     Each line is read bounded: one over MAX_RECORD_BYTES is refused by its number, unheld.
     guess: the format came from the extension, so a JSONL file saved as .txt is refused (its
     lines would become text)."""
-    limit = read_guard.MAX_RECORD_BYTES
     texts: list[str] = []
     size = 0
-    with open(path, 'rb') as f:
-        for line_no, (raw, whole) in enumerate(iter_bounded_lines(f, limit), start=1):
-            if not whole:
-                raise too_long(path, f'line {line_no}', 'MAX_RECORD_BYTES', RECORD_FIX)
-            try:
-                text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
-            except UnicodeDecodeError:
-                raise build_utf8_error(path) from None
-            text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
-            if not text.strip():
-                stats.blank_lines += 1
-                continue
-            if guess:  # the first non-blank line only
-                _refuse_jsonl_as_text(path, line_no, text)
-                guess = False
-            texts.append(text)
-            size += len(raw)
-            if len(texts) >= BATCH_ROWS or size >= records.BATCH_TEXT_BYTES:
-                yield pa.table([pa.array(texts, pa.string())], schema=OUTPUT_SCHEMAS['text'])
-                texts, size = [], 0
+    for line_no, text, raw_bytes in records.decoded_lines(path):
+        text = text[:-2] if text.endswith('\r\n') else text[:-1] if text.endswith('\n') else text
+        if not text.strip():
+            stats.blank_lines += 1
+            continue
+        if guess:  # the first non-blank line only
+            _refuse_jsonl_as_text(path, line_no, text)
+            guess = False
+        texts.append(text)
+        size += raw_bytes
+        if len(texts) >= BATCH_ROWS or size >= records.BATCH_TEXT_BYTES:
+            yield pa.table([pa.array(texts, pa.string())], schema=OUTPUT_SCHEMAS['text'])
+            texts, size = [], 0
     yield pa.table([pa.array(texts, pa.string())], schema=OUTPUT_SCHEMAS['text'])
 
 

@@ -230,3 +230,20 @@ def tables(path: str, cols: Columns, records) -> Iterator[pa.Table]:
         if table is not None:
             yield table
     yield batcher.take()
+
+
+def decoded_lines(path: str) -> Iterator[tuple[int, str, int]]:
+    """(line number, text with its end, raw byte length) of each line of a UTF-8 text file, read
+    bounded: a line over MAX_RECORD_BYTES is refused by its number, unheld; a BOM on the first
+    line dropped; bytes that are not UTF-8 are one line naming where (JSONL and .txt read this)."""
+    from model.data import read_guard
+    from model.data.read_guard import iter_bounded_lines, too_long
+
+    with open(path, 'rb') as f:
+        for line_no, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_RECORD_BYTES), start=1):
+            if not whole:
+                raise too_long(path, f'line {line_no}', 'MAX_RECORD_BYTES', RECORD_FIX)
+            try:
+                yield line_no, raw.decode('utf-8-sig' if line_no == 1 else 'utf-8'), len(raw)
+            except UnicodeDecodeError:
+                raise build_utf8_error(path) from None
