@@ -2,7 +2,7 @@
 T5's span corruption on raw text before the prompt/response pairs make a better model than the
 pairs alone? A benchmark, not a test: every run is the CLI a user types, printed as it runs.
 
-    .venv/bin/python bench/bench_ablation.py                          # demo corpus, 2 seeds, ~15 min on 2 cores
+    .venv/bin/python bench/bench_ablation.py                          # demo corpus, arms a and b, 2 seeds: 22 min here
     .venv/bin/python bench/bench_ablation.py --corpus=real --steps=400  # the real 3k pairs (slower, near the plateau)
     .venv/bin/python bench/bench_ablation.py --seeds=1 --steps=100      # a quick look
 
