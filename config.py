@@ -31,6 +31,7 @@ class TrainConfigPretrainLarge:
     max_seq_len: int = 192  # tokens kept per prompt and per response (eos included; at most 4096)
     learn_rate: float = 1e-4  # peak learning rate, reached after warmup
     warmup_steps: int = 1024  # optimizer steps of linear warmup
+    warmup_ratio: float = 0.0  # warmup as a fraction of the run's optimizer steps, rounded up (0 = use warmup_steps; > 0 replaces it)
     save_steps: int = 5000  # optimizer steps between checkpoints
     logging_steps: int = 100  # optimizer steps between log lines
 
@@ -47,6 +48,7 @@ class TrainConfigPretrainLarge:
     # --- trainer ---
     mixed_precision: str = 'bf16'  # no | fp16 | bf16 (bf16 falls back to fp32 on CPUs without it)
     optimizer: str = 'adafactor'  # adafactor (T5 recipe, less memory) | adamw
+    adafactor_scale_parameter: bool = False  # adafactor: scale each update by the parameter's RMS (learn_rate becomes relative to the weights' size)
     weight_decay: float = 0.0  # weight decay: decoupled for adamw, adafactor's own for adafactor
     lr_schedule: str = 'cosine'  # decay after warmup: cosine | linear | constant
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
@@ -191,6 +193,9 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     check_seeds(train)
     if not train.learn_rate > 0:
         raise UserError(f'learn_rate must be > 0, got {train.learn_rate}')
+    if not 0 <= train.warmup_ratio < 1:
+        raise UserError(f'warmup_ratio must be in [0, 1) (a fraction of the run\'s optimizer steps; 0 = use '
+                        f'warmup_steps), got {train.warmup_ratio}')
     if train.max_grad_norm < 0 or train.weight_decay < 0:
         raise UserError('max_grad_norm and weight_decay must be >= 0')
     if train.max_seq_len < 2:

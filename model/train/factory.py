@@ -65,17 +65,22 @@ def build_optimizer(train_cfg, model):
         from transformers.optimization import Adafactor
 
         return Adafactor(model.parameters(), lr=train_cfg.learn_rate, relative_step=False,
-                         scale_parameter=False, warmup_init=False, weight_decay=train_cfg.weight_decay)
+                         scale_parameter=train_cfg.adafactor_scale_parameter, warmup_init=False,
+                         weight_decay=train_cfg.weight_decay)
     import torch
 
     return torch.optim.AdamW(model.parameters(), lr=train_cfg.learn_rate, weight_decay=train_cfg.weight_decay)
 
 
 def build_scheduler(train_cfg, optimizer, total_steps: int):
-    """Linear warmup over warmup_steps, then lr_schedule (transformers' schedules)."""
+    """Linear warmup over warmup_steps (or warmup_ratio of the run's steps), then lr_schedule
+    (transformers' schedules)."""
     from transformers import get_scheduler
 
-    return get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer, num_warmup_steps=train_cfg.warmup_steps,
+    from model.net.sizing import warmup_steps_of
+
+    warmup = warmup_steps_of(train_cfg.warmup_steps, train_cfg.warmup_ratio, total_steps)
+    return get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer, num_warmup_steps=warmup,
                          num_training_steps=max(total_steps, 1))
 
 
