@@ -79,6 +79,15 @@ def test_demo_preset_is_tiny_and_valid():
     assert cfg.sources['d_model'] == 'preset:demo'
 
 
+def test_demo_preset_uses_the_measured_recipe():
+    from model.train import preflight
+
+    t = resolve_config(preset='demo').train
+    assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio) == ('adafactor', True, 1e-2, 0.05)
+    assert preflight.learn_rate_notes(t) == []  # in the range bench/bench_recipe.py measured good
+    assert preflight.warmup_notes(t, 4496) == []  # the demo's 8 epochs: 225 warmup steps
+
+
 def test_flags_override_preset_and_are_marked():
     cfg = resolve_config(preset='demo', overrides={'max_seq_len': 128, 'batch_size_per_gpu': 24,
                                                    'd_model': 64, 'num_heads': 2})
