@@ -12,10 +12,11 @@ Tasks (bench/tasks.py): ``demo``, the built-in demo corpus (its validation promp
 threads for both. Each trainer at the recipe it is best at:
 
 - this toolkit: the recipe bench/bench_recipe.py measured best (OURS below; --ours changes it);
-- the peer: Seq2SeqTrainer with the same optimizer, cosine schedule, 5% warmup and length grouping
-  (group_by_length, its own speed lever), the data tokenized up front as its examples do, and the
-  learning rate that a sweep picks (--peer_lrs, one seed, same steps, best exact match then loss;
-  the sweep is printed); --peer_lr skips the sweep.
+- the peer: Seq2SeqTrainer with the same optimizer (passed in: the same Adafactor with parameter
+  scaling), its own cosine schedule with 5% warmup, its length grouping (group_by_length, its own
+  speed lever), the data tokenized up front as its examples do, and the learning rate that a sweep
+  picks (--peer_lrs, one seed, same steps, best exact match then loss; the sweep is printed);
+  --peer_lr skips the sweep.
 
 One run of each per seed (42, 43, 44 by default: a seed sets the initial weights and the data order
 of both), alternating ours / peer, each in a fresh process. Every --eval_every optimizer steps both
@@ -43,8 +44,9 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-OURS = dict(optimizer='adamw', learn_rate=2e-3, warmup_ratio=0.05, dropout_rate=0.0, feed_forward_proj='relu')
-PEER_OPTIM = {'adamw': 'adamw_torch', 'adafactor': 'adafactor'}
+OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=1e-2, warmup_ratio=0.05, dropout_rate=0.0,
+            feed_forward_proj='relu')  # the demo preset's recipe, bench_recipe.py's best
+PEER_LRS = {'adamw': '5e-4,1e-3,2e-3', 'adafactor': '3e-4,1e-3,3e-3', 'adafactor+scale': '3e-3,1e-2,3e-2'}
 STEPS = {'demo': 1500, 'numbers': 1500}
 TARGETS = {'demo': {'em': 0.3, 'loss': 1.0}, 'numbers': {'em': 0.3, 'loss': 0.5}}  # stated qualities
 
@@ -92,7 +94,7 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
         output_dir=tempfile.mkdtemp(prefix='bench-peer-'), per_device_train_batch_size=BASE['batch_size_per_gpu'],
         gradient_accumulation_steps=BASE['gradient_accumulation_steps'], learning_rate=recipe['learn_rate'],
         lr_scheduler_type=BASE['lr_schedule'], warmup_steps=recipe.get('warmup_ratio', 0.05),  # < 1: a ratio
-        optim=PEER_OPTIM[recipe.get('optimizer', 'adamw')], weight_decay=BASE['weight_decay'],
+        weight_decay=BASE['weight_decay'],
         max_grad_norm=BASE['max_grad_norm'], max_steps=steps,
         train_sampling_strategy='group_by_length' if recipe.get('group_by_length', True) else 'random',
         seed=seed, logging_steps=eval_every, save_strategy='no', report_to=[], use_cpu=True,
@@ -105,7 +107,16 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
                 scores = clock.score(lambda: scorer(model))
                 curve.append((state.global_step, clock.train_seconds(), scores['loss'], scores['em']))
 
+    # the same optimizer as ours; its schedule is the Trainer's own (cosine, warmup as a ratio)
+    if recipe.get('optimizer', 'adamw') == 'adafactor':
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(model.parameters(), lr=recipe['learn_rate'], relative_step=False, warmup_init=False,
+                              scale_parameter=recipe.get('adafactor_scale_parameter', False), weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['learn_rate'], weight_decay=0.0)
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, callbacks=[Score()],
+                             optimizers=(optimizer, None),
                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100))
     trainer.train()
     return {'curve': curve, 'steps': trainer.state.global_step}
@@ -182,6 +193,8 @@ def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target
 
     def ratio(name):
         o, p = med['ours'][name], med['peer'][name]
+        if o == p == float('inf'):
+            return 'neither reached it'
         if o == float('inf'):
             return 'ours never reached it'
         return 'the peer never reached it' if p == float('inf') else f'{p / o:.2f}x'
@@ -198,7 +211,8 @@ def main() -> None:
     ap.add_argument('--steps', type=int, default=0, help='optimizer steps of every run (0 = per task: %s)' % STEPS)
     ap.add_argument('--eval_every', type=int, default=100, help='optimizer steps between scorings')
     ap.add_argument('--ours', default='{}', help='config fields changed from OURS for this toolkit, as JSON')
-    ap.add_argument('--peer_lrs', default='1e-3,2e-3,4e-3', help='the peer\'s learning-rate sweep')
+    ap.add_argument('--peer_lrs', default='', help='the peer\'s learning-rate sweep (default per optimizer: %s)'
+                    % PEER_LRS)
     ap.add_argument('--peer_lr', type=float, default=0.0, help='the peer\'s learning rate, no sweep')
     ap.add_argument('--target_em', type=float, default=0.0, help='0 = per task: %s' % TARGETS)
     ap.add_argument('--target_loss', type=float, default=0.0, help='0 = per task')
@@ -216,7 +230,7 @@ def main() -> None:
     seeds = [int(s) for s in str(args.seeds).split(',')]
     ours = {**OURS, **json.loads(args.ours)}
     if args.quick:
-        tasks, sizes, seeds, args.steps, args.eval_every, args.peer_lr = ['numbers'], sizes[:1], seeds[:1], 20, 10, 2e-3
+        tasks, sizes, seeds, args.steps, args.eval_every, args.peer_lr = ['numbers'], sizes[:1], seeds[:1], 20, 10, 1e-2
     os.makedirs(OUT, exist_ok=True)
     log = open(os.path.join(OUT, 'bench_train.txt'), 'w', encoding='utf-8')
 
@@ -232,7 +246,8 @@ def main() -> None:
         steps = args.steps or STEPS[task]
         target = {'em': args.target_em or TARGETS[task]['em'], 'loss': args.target_loss or TARGETS[task]['loss']}
         for size in sizes:
-            lrs = [float(x) for x in args.peer_lrs.split(',')]
+            name = ours['optimizer'] + ('+scale' if ours.get('adafactor_scale_parameter') else '')
+            lrs = [float(x) for x in (args.peer_lrs or PEER_LRS[name]).split(',')]
             peer_lr = args.peer_lr or sweep_peer(task, size, seeds[0], steps, args.eval_every, lrs, args.threads, say)
             compare(task, size, seeds, steps, args.eval_every, ours, peer_lr, args.threads, target, say)
     say(f'load average at the end {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
