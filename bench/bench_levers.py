@@ -1,9 +1,9 @@
 """Each speed lever on and off, on this machine (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_levers.py                 # CPU: the bench_train tiny model, ~3 min
+    .venv/bin/python bench/bench_levers.py                 # CPU: the tiny model, ~3 min
     .venv/bin/python bench/bench_levers.py --device=cuda   # a GPU: also TF32, fused AdamW, pinned memory
 
-One forward + backward + optimizer step of the bench_train tiny T5 (or --size=small) on fixed
+One forward + backward + optimizer step of a tiny T5 (or --size=small) on fixed
 batches with the real length mix, timed after warm-up steps, each variant in this process one
 after another: the attention implementation (transformers 5's T5 under sdpa or eager),
 torch.compile, foreach / fused AdamW against the per-tensor loop, and on CUDA TF32 and pinned
@@ -23,13 +23,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
 
+# the shapes and batch of the speed benchmarks on real_train_3k's length mix
+SIZES = {'tiny': dict(d_model=128, num_heads=4, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2),
+         'small': dict(d_model=256, num_heads=4, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4)}
+COMMON = dict(batch_size_per_gpu=16, max_seq_len=128, dropout_rate=0.1)
+
 
 def main() -> None:
     import torch
     import torch.nn.functional as F
 
     from bench_gpu import make_batches, real_lengths
-    from bench_train import COMMON, SIZES
     from config import T5ModelConfig
     from model.net.chat_model import build_t5_config
 

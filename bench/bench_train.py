@@ -1,23 +1,32 @@
-"""This toolkit against transformers' Seq2SeqTrainer, the trainer users would otherwise pick
-(a benchmark, not a test).
+"""This toolkit against transformers' Seq2SeqTrainer on tasks where both learn (a benchmark, not a
+test): time to a stated quality on held-out prompts, and the quality each reaches in the same time.
 
-    .venv/bin/python bench/bench_train.py                         # both model sizes, 3 seeds each, ~35 min on 2 cores
-    .venv/bin/python bench/bench_train.py --sizes=tiny --seeds=42  # a quick look
+    .venv/bin/python bench/bench_train.py                                  # both tasks, 3 seeds, ~60 min on 2 cores
+    .venv/bin/python bench/bench_train.py --tasks=numbers --seeds=42       # one task, one seed
+    .venv/bin/python bench/bench_train.py --quick                          # does it run (a few steps, no timing)
 
-Same model (T5, fp32), data (../shared/data/real_train_3k.parquet, one epoch; validation: the
-first 256 rows of real_valid_1k), tokenizer (sentencepiece, vocab 8000, trained on the train
-file), optimizer (Adafactor, lr 1e-2, no relative step), schedule (10 warmup steps, cosine),
-batch 16 x accumulation 2, max length 128, dropout 0.1, on the CPU. One run of each per seed
-(42, 43, 44 by default: a seed sets the initial weights and the data order of both), alternating
-(ours, peer, ours, peer, ...), each in a fresh process; the figures are medians over the seeds.
-After one epoch of 3k rows both are near the token-frequency plateau, where a single seed's data
-order moves the final validation loss by a few hundredths: hence several seeds, not one repeated.
+Tasks (bench/tasks.py): ``demo``, the built-in demo corpus (its validation prompts are unseen), and
+``numbers``, Chinese numerals <-> digits with held-out numbers plus weekdays and months. Same model
+(the demo preset's T5, d128, fp32, --sizes=d256 for 4x the compute), data files, tokenizer, batch
+(64 x 1, max length 32), step horizon (--steps, the cosine schedule's length for both) and
+threads for both. Each trainer at the recipe it is best at:
 
-Every 10 optimizer steps both are paused and scored with one function: the token-weighted
-validation loss on the same padded batches; evaluation time is left out of the training time.
-"time to the peer's final validation loss" is our training time until our validation loss first
-reaches the loss the peer ends its epoch with under the same seed, against the peer's whole
-training time.
+- this toolkit: the recipe bench/bench_recipe.py measured best (OURS below; --ours changes it);
+- the peer: Seq2SeqTrainer with the same optimizer (passed in: the same Adafactor with parameter
+  scaling), its own cosine schedule with 5% warmup, its length grouping (group_by_length, its own
+  speed lever), the data tokenized up front as its examples do, and the learning rate that a sweep
+  picks (--peer_lrs, one seed, same steps, best exact match then loss; the sweep is printed);
+  --peer_lr skips the sweep.
+
+One run of each per seed (42, 43, 44 by default: a seed sets the initial weights and the data order
+of both), alternating ours / peer, each in a fresh process. Every --eval_every optimizer steps both
+are paused and scored by one function (bench/heldout.py: the token-weighted validation loss on 512
+held-out rows, and the exact match of greedy answers to 256 distinct held-out prompts, the
+toolkit's model/use/scoring.exact_match); scoring time is left out of the training time. Reported,
+medians over the seeds: training seconds to the stated exact match (--target_em) and validation loss
+(--target_loss) -- a run that never reaches one counts as never; and the validation loss and exact
+match each has at the same time budget, the faster trainer's whole run (the slower one's last
+evaluation by then), and after the whole horizon (the same compute).
 """
 
 from __future__ import annotations
@@ -28,275 +37,220 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out')
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
-TRAIN, VALID = os.path.join(SHARED, 'real_train_3k.parquet'), os.path.join(SHARED, 'real_valid_1k.parquet')
-SIZES = {'tiny': dict(d_model=128, num_heads=4, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2),
-         'small': dict(d_model=256, num_heads=4, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4)}
-COMMON = dict(batch_size_per_gpu=16, gradient_accumulation_steps=2, max_seq_len=128, learn_rate=1e-2,
-              warmup_steps=10, lr_schedule='cosine', optimizer='adafactor', weight_decay=0.0, max_grad_norm=1.0,
-              dropout_rate=0.1, epochs=1, mixed_precision='no')
-EVAL_EVERY, EVAL_ROWS = 10, 256
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-
-def tokenizer_dir() -> str:
-    d = os.path.join(OUT, 'tokenizer_real8k')
-    if not os.path.isfile(os.path.join(d, 'tokenizer.json')):
-        from model.data.tokenizer import train_tokenizer
-
-        train_tokenizer(TRAIN, d, vocab_size=8000, num_threads=os.cpu_count())
-    return d
+OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=1e-2, warmup_ratio=0.05, dropout_rate=0.0,
+            feed_forward_proj='relu')  # the demo preset's recipe, bench_recipe.py's best
+PEER_LRS = {'adamw': '5e-4,1e-3,2e-3', 'adafactor': '3e-4,1e-3,3e-3', 'adafactor+scale': '3e-3,1e-2,3e-2'}
+STEPS = {'demo': 1500, 'numbers': 1500}
+TARGETS = {'demo': {'em': 0.3, 'loss': 1.0}, 'numbers': {'em': 0.3, 'loss': 0.5}}  # stated qualities
 
 
-# --------------------------------------------------------------------------- shared measures
-
-
-class ValidationScorer:
-    """The token-weighted validation loss of any T5 on fixed padded batches (one function for both)."""
-
-    def __init__(self, tok_dir: str):
-        from model.data.files import iter_usable_rows
-        from model.data.batches import TokenEncoder, make_batches, to_torch
-        from model.data.tokenizer import load_tokenizer
-
-        encoder = TokenEncoder(load_tokenizer(tok_dir), COMMON['max_seq_len'])
-        rows = list(iter_usable_rows(VALID, EVAL_ROWS))
-        self.batches = [to_torch(b) for b in make_batches(
-            [([p for p, _ in rows[i:i + 32]], [r for _, r in rows[i:i + 32]], None, 0) for i in range(0, len(rows), 32)],
-            encoder)]
-
-    def __call__(self, model) -> float:
-        import torch
-        import torch.nn.functional as F
-
-        was = model.training
-        model.eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for b in self.batches:
-                dec = model.prepare_decoder_input_ids_from_labels(labels=b['labels'])
-                logits = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], decoder_input_ids=dec).logits
-                total += float(F.cross_entropy(logits.flatten(0, 1), b['labels'].flatten(), ignore_index=-100,
-                                               reduction='sum'))
-                tokens += int((b['labels'] != -100).sum())
-        model.train(was)
-        return total / tokens
-
-
-class Clock:
-    """Training time with the evaluations taken out."""
-
-    def __init__(self):
-        self.start, self.paused = time.perf_counter(), 0.0
-
-    def train_seconds(self) -> float:
-        return time.perf_counter() - self.start - self.paused
-
-    def score(self, fn):
-        t = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.paused += time.perf_counter() - t
-
-
-def peak_rss_mb() -> float:
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
-
-
-# --------------------------------------------------------------------------- the two trainers
-
-
-def run_ours(size: str, seed: int, tok_dir: str, extra: dict) -> dict:
+def run_ours(task: str, size: str, seed: int, steps: int, eval_every: int, recipe: dict, threads: int) -> dict:
     import torch
 
-    from config import resolve_config
-    from model.train import trainer as trainer_module
-    from model.train.evaluation import EvalResult
+    from heldout import BASE, SIZES, HeldOutScorer, run_toolkit
+    from tasks import task_files
 
-    torch.set_num_threads(os.cpu_count())
-    work = tempfile.mkdtemp(prefix='bench-ours-')
-    overrides = {**COMMON, **SIZES[size], **extra, 'seed': seed, 'train_file': TRAIN, 'validation_file': VALID,
-                 'tokenizer_dir': tok_dir, 'output_dir': work, 'train_state_dir': f'{work}/state',
-                 'model_file': f'{work}/m.{{}}.bin', 'log_dir': f'{work}/logs', 'save_steps': 10**6,
-                 'logging_steps': EVAL_EVERY, 'eval_steps': EVAL_EVERY, 'bleu_samples': 0, 'show_samples': 0}
-    cfg = resolve_config(overrides=overrides)
-    trainer = trainer_module.Trainer(cfg)
-    scorer, curve, counts = ValidationScorer(tok_dir), [], {'real': 0, 'padded': 0, 'rows': 0}
-    clock = Clock()
-
-    def evaluate(model):
-        loss = clock.score(lambda: scorer(trainer.accelerator.unwrap_model(model)))
-        curve.append((trainer.state.global_step, clock.train_seconds(), loss))
-        return EvalResult(loss=loss)
-
-    trainer.evaluator.evaluate_all_ranks = evaluate
-    step = trainer.train_step
-
-    def counting_step(micro, label_tokens, global_tokens):
-        for b in micro:
-            counts['real'] += int(b['attention_mask'].sum()) + int((b['labels'] != -100).sum())
-            counts['padded'] += b['input_ids'].numel() + b['labels'].numel()
-            counts['rows'] += b['num_rows']
-        return step(micro, label_tokens, global_tokens)
-
-    trainer.train_step = counting_step
-    clock.start = time.perf_counter()
-    trainer.train()
-    seconds = curve[-1][1]
-    log = open(trainer.log_file, encoding='utf-8').read()
-    import re
-
-    final_loss = float(re.findall(r'\| loss ([0-9.]+)', log)[-1])
-    return result('ours', curve, counts, seconds, final_loss)
+    torch.set_num_threads(threads)
+    paths = task_files(task)
+    scorer = HeldOutScorer(paths['valid'], paths['tok'], BASE['max_seq_len'])
+    return run_toolkit(paths, {**BASE, **SIZES[size], **recipe, 'seed': seed}, steps, eval_every, scorer)
 
 
-def run_peer(size: str, seed: int, tok_dir: str, extra: dict) -> dict:
+def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recipe: dict, threads: int) -> dict:
+    import tempfile
+
     import torch
     from transformers import (DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback,
                               set_seed)
 
     from config import T5ModelConfig
-    from model.net.chat_model import build_model
+    from heldout import BASE, SIZES, Clock, HeldOutScorer
     from model.data.files import iter_usable_rows
     from model.data.tokenizer import load_tokenizer
+    from model.net.chat_model import build_model
+    from tasks import task_files
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(threads)
+    paths = task_files(task)
+    scorer = HeldOutScorer(paths['valid'], paths['tok'], BASE['max_seq_len'])
     set_seed(seed)
-    tok = load_tokenizer(tok_dir)
-    model = build_model(T5ModelConfig(dropout_rate=COMMON['dropout_rate'], **SIZES[size]), len(tok))
-    rows = list(iter_usable_rows(TRAIN, 10**9))  # as a user would: tokenize up front
-    t0 = time.perf_counter()
-    enc = tok([p for p, _ in rows], truncation=True, max_length=COMMON['max_seq_len'])
-    lab = tok([r for _, r in rows], truncation=True, max_length=COMMON['max_seq_len'])['input_ids']
+    tok = load_tokenizer(paths['tok'])
+    model = build_model(T5ModelConfig(**SIZES[size], dropout_rate=recipe.get('dropout_rate', 0.0),
+                                      feed_forward_proj=recipe.get('feed_forward_proj', 'relu')), len(tok))
+    clock = Clock()
+    rows = list(iter_usable_rows(paths['train'], 10**9))  # as a user would: tokenized up front, timed
+    enc = tok([p for p, _ in rows], truncation=True, max_length=BASE['max_seq_len'])
+    labels = tok([r for _, r in rows], truncation=True, max_length=BASE['max_seq_len'])['input_ids']
     dataset = [{'input_ids': i, 'attention_mask': m, 'labels': y}
-               for i, m, y in zip(enc['input_ids'], enc['attention_mask'], lab)]
-    tokenize_s = time.perf_counter() - t0
-    collator = DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100, padding='longest')
-    counts = {'real': 0, 'padded': 0, 'rows': 0}
-
-    def counting_collator(features):
-        batch = collator(features)
-        counts['real'] += int(batch['attention_mask'].sum()) + int((batch['labels'] != -100).sum())
-        counts['padded'] += batch['input_ids'].numel() + batch['labels'].numel()
-        counts['rows'] += len(features)
-        return batch
-
-    work = tempfile.mkdtemp(prefix='bench-peer-')
+               for i, m, y in zip(enc['input_ids'], enc['attention_mask'], labels)]
     args = Seq2SeqTrainingArguments(
-        output_dir=work, per_device_train_batch_size=COMMON['batch_size_per_gpu'],
-        gradient_accumulation_steps=COMMON['gradient_accumulation_steps'], learning_rate=COMMON['learn_rate'],
-        lr_scheduler_type=COMMON['lr_schedule'], warmup_steps=COMMON['warmup_steps'], optim='adafactor',
-        weight_decay=COMMON['weight_decay'], max_grad_norm=COMMON['max_grad_norm'], num_train_epochs=1,
-        seed=seed, logging_steps=EVAL_EVERY, save_strategy='no', report_to=[], use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, **extra)
-    scorer, curve, clock = ValidationScorer(tok_dir), [], Clock()
+        output_dir=tempfile.mkdtemp(prefix='bench-peer-'), per_device_train_batch_size=BASE['batch_size_per_gpu'],
+        gradient_accumulation_steps=BASE['gradient_accumulation_steps'], learning_rate=recipe['learn_rate'],
+        lr_scheduler_type=BASE['lr_schedule'], warmup_steps=recipe.get('warmup_ratio', 0.05),  # < 1: a ratio
+        weight_decay=BASE['weight_decay'],
+        max_grad_norm=BASE['max_grad_norm'], max_steps=steps,
+        train_sampling_strategy='group_by_length' if recipe.get('group_by_length', True) else 'random',
+        seed=seed, logging_steps=eval_every, save_strategy='no', report_to=[], use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True)
+    curve = []
 
     class Score(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step % EVAL_EVERY == 0 or state.global_step == state.max_steps:
-                loss = clock.score(lambda: scorer(model))
-                curve.append((state.global_step, clock.train_seconds(), loss))
+            if state.global_step % eval_every == 0 or state.global_step == state.max_steps:
+                scores = clock.score(lambda: scorer(model))
+                curve.append((state.global_step, clock.train_seconds(), scores['loss'], scores['em']))
 
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, data_collator=counting_collator,
-                             callbacks=[Score()])
-    clock.start = time.perf_counter()
+    # the same optimizer as ours; its schedule is the Trainer's own (cosine, warmup as a ratio)
+    if recipe.get('optimizer', 'adamw') == 'adafactor':
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(model.parameters(), lr=recipe['learn_rate'], relative_step=False, warmup_init=False,
+                              scale_parameter=recipe.get('adafactor_scale_parameter', False), weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['learn_rate'], weight_decay=0.0)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, callbacks=[Score()],
+                             optimizers=(optimizer, None),
+                             data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100))
     trainer.train()
-    seconds = curve[-1][1]
-    final_loss = [h['loss'] for h in trainer.state.log_history if 'loss' in h][-1]
-    out = result('peer', curve, counts, seconds, final_loss)
-    out['tokenize_s'] = tokenize_s
-    return out
+    return {'curve': curve, 'steps': trainer.state.global_step}
 
 
-def result(who, curve, counts, seconds, final_loss) -> dict:
-    return {'who': who, 'curve': curve, 'train_s': seconds, 'samples_per_s': counts['rows'] / seconds,
-            'tokens_per_s': counts['real'] / seconds, 'pad_fraction': 1 - counts['real'] / counts['padded'],
-            'final_train_loss': final_loss, 'final_val_loss': curve[-1][2], 'peak_rss_mb': peak_rss_mb()}
-
-
-# --------------------------------------------------------------------------- parent
-
-
-def run_child(kind: str, size: str, seed: int, extra: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), '--child', json.dumps([kind, size, seed, extra])]
+def run_child(kind: str, task: str, size: str, seed: int, steps: int, eval_every: int, recipe: dict,
+              threads: int) -> dict:
+    spec = json.dumps([kind, task, size, seed, steps, eval_every, recipe, threads])
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', spec], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[7:])
-    raise RuntimeError(f'{kind} {size}: failed\n{proc.stderr[-3000:]}')
+    raise RuntimeError(f'{kind} {task} {size} seed {seed}: failed\n{proc.stderr[-3000:]}')
 
 
-def time_to(curve, target: float) -> float | None:
-    for _, seconds, loss in curve:
-        if loss <= target:
-            return seconds
-    return None
+def time_to(curve, metric: int, target: float, higher: bool) -> float:
+    """Training seconds at the first evaluation that reaches the target (inf: never)."""
+    for point in curve:
+        if (point[metric] >= target) if higher else (point[metric] <= target):
+            return point[1]
+    return float('inf')
+
+
+def at_time(curve, seconds: float):
+    """(loss, em) of the last evaluation within ``seconds`` of training (the first one if none)."""
+    within = [p for p in curve if p[1] <= seconds + 1e-9] or curve[:1]
+    return within[-1][2], within[-1][3]
+
+
+def fmt_s(x: float) -> str:
+    return 'never' if x == float('inf') else f'{x:.0f} s'
+
+
+def sweep_peer(task, size, seed, steps, eval_every, lrs, threads, say) -> float:
+    results = []
+    for lr in lrs:
+        r = run_child('peer', task, size, seed, steps, eval_every, {**OURS, 'learn_rate': lr}, threads)
+        _, _, loss, em = r['curve'][-1]
+        results.append((em, -loss, lr))
+        say(f'  peer lr sweep {task} {size} seed {seed}: lr {lr:g}: val loss {loss:.4f}, exact match {em:.1%}')
+    best = max(results)[2]
+    say(f'  peer lr for {task} {size}: {best:g} (best exact match, then loss, of {", ".join(f"{x:g}" for x in lrs)})')
+    return best
+
+
+def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target, say) -> None:
+    runs = {'ours': [], 'peer': []}
+    recipes = {'ours': ours, 'peer': {**ours, 'learn_rate': peer_lr}}
+    for seed in seeds:
+        for kind in ('ours', 'peer'):
+            r = run_child(kind, task, size, seed, steps, eval_every, recipes[kind], threads)
+            runs[kind].append(r)
+            _, seconds, loss, em = r['curve'][-1]
+            say(f'  {task} {size} seed {seed} {kind}: {r["steps"]} steps in {seconds:.1f} s, val loss {loss:.4f}, '
+                f'exact match {em:.1%}')
+    budget = min(statistics.median(r['curve'][-1][1] for r in runs[k]) for k in runs)
+    med = {}
+    for kind, rs in runs.items():
+        med[kind] = {'em_s': statistics.median(time_to(r['curve'], 3, target['em'], True) for r in rs),
+                     'loss_s': statistics.median(time_to(r['curve'], 2, target['loss'], False) for r in rs),
+                     'budget_loss': statistics.median(at_time(r['curve'], budget)[0] for r in rs),
+                     'budget_em': statistics.median(at_time(r['curve'], budget)[1] for r in rs),
+                     'loss': statistics.median(r['curve'][-1][2] for r in rs),
+                     'em': statistics.median(r['curve'][-1][3] for r in rs),
+                     'train_s': statistics.median(r['curve'][-1][1] for r in rs)}
+    say(f'\n{task} {size}, {steps} steps, medians over seeds {seeds}; ours {ours}; peer lr {peer_lr:g}:')
+    say(f'{"":<5} {"to EM " + format(target["em"], ".0%"):>10} {"to loss " + format(target["loss"], "g"):>11} '
+        f'{"at " + format(budget, ".0f") + " s: loss":>15} {"EM":>6} {"all steps: s":>13} {"loss":>7} {"EM":>6}')
+    for kind, m in med.items():
+        say(f'{kind:<5} {fmt_s(m["em_s"]):>10} {fmt_s(m["loss_s"]):>11} {m["budget_loss"]:>15.4f} '
+            f'{m["budget_em"]:>6.1%} {m["train_s"]:>13.0f} {m["loss"]:>7.4f} {m["em"]:>6.1%}')
+
+    def ratio(name):
+        o, p = med['ours'][name], med['peer'][name]
+        if o == p == float('inf'):
+            return 'neither reached it'
+        if o == float('inf'):
+            return 'ours never reached it'
+        return 'the peer never reached it' if p == float('inf') else f'{p / o:.2f}x'
+
+    say(f'speed-up (peer time / our time): to the exact match {ratio("em_s")}, to the loss {ratio("loss_s")}; '
+        f'whole horizon {med["peer"]["train_s"] / med["ours"]["train_s"]:.2f}x')
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--sizes', default='tiny,small')
+    ap.add_argument('--tasks', default='demo,numbers')
+    ap.add_argument('--sizes', default='d128', help='d128 (the demo preset) and/or d256')
     ap.add_argument('--seeds', default='42,43,44', help='one run of each trainer per seed')
-    ap.add_argument('--ours', default='{}', help='extra config fields for this toolkit, as JSON')
-    ap.add_argument('--peer', default='{}', help='extra Seq2SeqTrainingArguments, as JSON')
+    ap.add_argument('--steps', type=int, default=0, help='optimizer steps of every run (0 = per task: %s)' % STEPS)
+    ap.add_argument('--eval_every', type=int, default=100, help='optimizer steps between scorings')
+    ap.add_argument('--ours', default='{}', help='config fields changed from OURS for this toolkit, as JSON')
+    ap.add_argument('--peer_lrs', default='', help='the peer\'s learning-rate sweep (default per optimizer: %s)'
+                    % PEER_LRS)
+    ap.add_argument('--peer_lr', type=float, default=0.0, help='the peer\'s learning rate, no sweep')
+    ap.add_argument('--target_em', type=float, default=0.0, help='0 = per task: %s' % TARGETS)
+    ap.add_argument('--target_loss', type=float, default=0.0, help='0 = per task')
+    ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads of every run')
+    ap.add_argument('--quick', action='store_true', help='numbers, one seed, 20 steps, no sweep')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, size, seed, extra = json.loads(args.child)
-        out = (run_ours if kind == 'ours' else run_peer)(size, seed, tokenizer_dir(), extra)
-        out['seed'] = seed
-        print('RESULT ' + json.dumps(out), flush=True)
+        kind, *rest = json.loads(args.child)
+        print('RESULT ' + json.dumps((run_ours if kind == 'ours' else run_peer)(*rest)), flush=True)
         return
-    os.makedirs(OUT, exist_ok=True)
-    tokenizer_dir()
-    print(f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; ours {args.ours}; peer {args.peer}')
+    from tasks import task_files
+
+    tasks, sizes = args.tasks.split(','), args.sizes.split(',')
     seeds = [int(s) for s in str(args.seeds).split(',')]
-    for size in args.sizes.split(','):
-        runs = {'ours': [], 'peer': []}
-        for seed in seeds:
-            for kind in ('ours', 'peer'):
-                r = run_child(kind, size, seed, json.loads(args.ours if kind == 'ours' else args.peer))
-                runs[kind].append(r)
-                print(f'  {size} seed {seed} {kind}: {r["train_s"]:.1f} s, {r["samples_per_s"]:.1f} samples/s, '
-                      f'val {r["final_val_loss"]:.4f}', flush=True)
-        for r, p in zip(runs['ours'], runs['peer']):  # the peer's run under the same seed
-            r['time_to_peer_s'] = time_to(r['curve'], p['final_val_loss'])
-            print(f'  {size} seed {r["seed"]}: ours reaches the peer\'s {p["final_val_loss"]:.4f} at '
-                  + (f'{r["time_to_peer_s"]:.1f} s' if r['time_to_peer_s'] is not None else 'no point')
-                  + f' of {r["train_s"]:.1f} s; the peer ends at {p["train_s"]:.1f} s')
-        for r in runs['peer']:
-            r['time_to_peer_s'] = r['train_s']
-        med = {k: {m: statistics.median(x[m] for x in v if x.get(m) is not None)
-                   for m in ('samples_per_s', 'tokens_per_s', 'pad_fraction', 'peak_rss_mb', 'final_train_loss',
-                             'final_val_loss', 'train_s')} for k, v in runs.items()}
-        reached = [r['time_to_peer_s'] for r in runs['ours'] if r['time_to_peer_s'] is not None]
-        # a run that never reached the peer's loss counts as infinitely slow, not as left out
-        med['ours']['time_to_peer_s'] = statistics.median(
-            r['time_to_peer_s'] if r['time_to_peer_s'] is not None else float('inf') for r in runs['ours'])
-        speedups = [p['train_s'] / r['time_to_peer_s'] if r['time_to_peer_s'] else 0.0
-                    for r, p in zip(runs['ours'], runs['peer'])]
-        med['peer']['time_to_peer_s'] = med['peer']['train_s']
-        print(f'\n{size} ({SIZES[size]}), medians over seeds {seeds}:')
-        print(f'{"":<6} {"samples/s":>10} {"tokens/s":>9} {"pad":>6} {"peak RSS":>9} {"train loss":>10} '
-              f'{"val loss":>9} {"epoch s":>8} {"to peer val":>11}')
-        for k in ('ours', 'peer'):
-            m = med[k]
-            print(f'{k:<6} {m["samples_per_s"]:>10.1f} {m["tokens_per_s"]:>9.0f} {m["pad_fraction"]:>6.1%} '
-                  f'{m["peak_rss_mb"]:>6.0f} MB {m["final_train_loss"]:>10.4f} {m["final_val_loss"]:>9.4f} '
-                  f'{m["train_s"]:>8.1f} {m["time_to_peer_s"]:>10.1f}s')
-        print(f'samples/s ratio {med["ours"]["samples_per_s"] / med["peer"]["samples_per_s"]:.2f}x; time to the '
-              f'peer\'s final validation loss: {statistics.median(speedups):.2f}x faster, median over the seeds '
-              f'(per seed {", ".join(f"{x:.2f}x" for x in speedups)}; {len(reached)}/{len(seeds)} of our runs '
-              f'reached it)', flush=True)
+    ours = {**OURS, **json.loads(args.ours)}
+    if args.quick:
+        tasks, sizes, seeds, args.steps, args.eval_every, args.peer_lr = ['numbers'], sizes[:1], seeds[:1], 20, 10, 1e-2
+    os.makedirs(OUT, exist_ok=True)
+    log = open(os.path.join(OUT, 'bench_train.txt'), 'w', encoding='utf-8')
+
+    def say(text):
+        print(text, flush=True)
+        log.write(text + '\n')
+        log.flush()
+
+    say(f'bench_train {" ".join(sys.argv[1:])}: {os.cpu_count()} cores, {args.threads} thread(s) a run, load '
+        f'average {" ".join(f"{x:.2f}" for x in os.getloadavg())} at the start')
+    for task in tasks:
+        task_files(task)
+        steps = args.steps or STEPS[task]
+        target = {'em': args.target_em or TARGETS[task]['em'], 'loss': args.target_loss or TARGETS[task]['loss']}
+        for size in sizes:
+            name = ours['optimizer'] + ('+scale' if ours.get('adafactor_scale_parameter') else '')
+            lrs = [float(x) for x in (args.peer_lrs or PEER_LRS[name]).split(',')]
+            peer_lr = args.peer_lr or sweep_peer(task, size, seeds[0], steps, args.eval_every, lrs, args.threads, say)
+            compare(task, size, seeds, steps, args.eval_every, ours, peer_lr, args.threads, target, say)
+    say(f'load average at the end {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
 
 
 if __name__ == '__main__':

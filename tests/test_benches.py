@@ -46,3 +46,60 @@ def test_bench_resume_removes_only_its_own_work(tmp_path):
     with pytest.raises(SystemExit, match='is a link this benchmark did not make'):
         bench.claim_work_dir(work)
     assert (user / 'resume' / 'thesis.txt').read_text() == 'mine' and not os.path.exists(user / bench.STAMP)
+
+
+def load_bench(name: str):
+    import importlib.util
+
+    if f'{ROOT}/bench' not in sys.path:  # the benches import their neighbours (tasks, heldout) by name
+        sys.path.insert(0, f'{ROOT}/bench')
+    spec = importlib.util.spec_from_file_location(name, f'{ROOT}/bench/{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_numbers_task_is_seeded_and_holds_its_validation_numbers_out():
+    tasks = load_bench('tasks')
+    assert [tasks.chinese_number(n) for n in (7, 10, 15, 40, 101, 110, 305, 999)] == \
+        ['七', '十', '十五', '四十', '一百零一', '一百一十', '三百零五', '九百九十九']
+    train, valid = tasks.number_rows(3000, seed=5)
+    assert (train, valid) == tasks.number_rows(3000, seed=5) and (len(train), len(valid)) == (2700, 300)
+    assert tasks.number_rows(3000, seed=6) != (train, valid)
+    assert not {p for p, _ in train} & {p for p, _ in valid}  # every validation prompt is unseen
+
+    value = {tasks.chinese_number(n): n for n in range(1000)}
+
+    def numbers(rows):  # the numbers that numeral <-> digits rows are about, read from their answers
+        return {int(r) if r.isdigit() else value[r] for _, r in rows if r in value or r.isdigit()}
+
+    held = numbers(valid)
+    assert len(held) > 20 and not held & numbers(train)  # neither direction of a held-out number is trained on
+
+
+def test_bench_train_times_the_first_evaluation_that_reaches_the_target():
+    bench = load_bench('bench_train')
+    curve = [(100, 10.0, 2.0, 0.0), (200, 20.0, 0.9, 0.2), (300, 30.0, 0.6, 0.4)]  # (step, train s, loss, em)
+    assert bench.time_to(curve, 3, 0.3, higher=True) == 30.0 and bench.time_to(curve, 2, 1.0, higher=False) == 20.0
+    assert bench.time_to(curve, 3, 0.5, higher=True) == float('inf')  # never reached: never, not left out
+    assert bench.at_time(curve, 25.0) == (0.9, 0.2) and bench.at_time(curve, 5.0) == (2.0, 0.0)
+
+
+def test_bench_recipe_settings_are_config_fields():
+    from config import resolve_config
+
+    bench = load_bench('bench_recipe')
+    for name, lrs in bench.LRS.items():
+        fields = bench.setting(name, lrs[0])
+        cfg = resolve_config(overrides=fields)
+        assert cfg.train.adafactor_scale_parameter is name.endswith('+scale') and cfg.train.learn_rate == lrs[0]
+        assert name.split('+')[0] in bench.label(fields)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('bench', ['bench_train', 'bench_recipe'])
+def test_learning_benches_run_quick(bench):
+    r = subprocess.run([sys.executable, f'bench/{bench}.py', '--quick'], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ('speed-up (peer time / our time)' if bench == 'bench_train' else 'adamw') in r.stdout

@@ -37,6 +37,13 @@ def test_defaults_are_the_guides_table():
         assert getattr(t, name) == f'{config.PROJECT_ROOT}/{rel}', name
     assert t.mixed_precision == 'bf16'
     assert t.max_steps == 0
+    assert t.warmup_ratio == 0.0 and t.adafactor_scale_parameter is False  # the guide's warmup_steps, T5's Adafactor
+
+
+def test_recipe_flags_parse_and_are_marked():
+    cfg = resolve_config(overrides={'warmup_ratio': '0.05', 'adafactor_scale_parameter': 'True'})
+    assert cfg.train.warmup_ratio == 0.05 and cfg.train.adafactor_scale_parameter is True
+    assert cfg.sources['warmup_ratio'] == cfg.sources['adafactor_scale_parameter'] == 'flag'
 
 
 def test_model_shape_is_chat_small_t5():
@@ -70,6 +77,15 @@ def test_demo_preset_is_tiny_and_valid():
     assert cfg.model.d_model * cfg.model.num_layers < 768 * 10 / 10
     assert cfg.train.train_file.endswith('data/demo/train.parquet')
     assert cfg.sources['d_model'] == 'preset:demo'
+
+
+def test_demo_preset_uses_the_measured_recipe():
+    from model.train import preflight
+
+    t = resolve_config(preset='demo').train
+    assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio) == ('adafactor', True, 1e-2, 0.05)
+    assert preflight.learn_rate_notes(t) == []  # in the range bench/bench_recipe.py measured good
+    assert preflight.warmup_notes(t, 4496) == []  # the demo's 8 epochs: 225 warmup steps
 
 
 def test_flags_override_preset_and_are_marked():
@@ -119,6 +135,8 @@ def test_unknown_field_suggests_nearest():
     ({'d_model': 100}, 'not divisible'),
     ({'dropout_rate': 1.5}, 'dropout_rate'),
     ({'learn_rate': -1}, 'learn_rate must be > 0'),
+    ({'warmup_ratio': -0.1}, r'warmup_ratio must be in \[0, 1\)'),
+    ({'warmup_ratio': 1.0}, r'warmup_ratio must be in \[0, 1\)'),
     ({'model_file': 'model.bin'}, "must contain '{}'"),
     ({'max_seq_len': 1}, 'at least 2'),
     ({'seed': -1}, r'--seed=-1: give a seed from 0 to 4,294,967,295'),

@@ -66,7 +66,40 @@ def test_a_foreign_file_in_the_state_folder_or_a_planted_lock_link_is_named(data
 def test_a_warmup_longer_than_the_run_is_a_note_not_a_problem(data, tmp_path):
     report = preflight.check_train(config(data, tmp_path / 'run', warmup_steps=500), resume=False, world_size=1)
     assert report.ready
-    assert any('warmup_steps=500 >=' in note for note in report.notes), report.notes
+    assert any('warmup_steps=500 >=' in note and '--warmup_ratio=0.05' in note for note in report.notes), report.notes
+
+
+def test_a_warmup_over_a_tenth_of_the_run_is_noted_with_its_fix(data, tmp_path):
+    """480 rows, 8 a step: 60 optimizer steps; a tenth of them is 6."""
+    def warmup_notes(**changed):
+        report = preflight.check_train(config(data, tmp_path / 'run', **changed), resume=False, world_size=1)
+        assert report.ready and report.total_steps == 60
+        return [n for n in report.notes if 'warm' in n]
+
+    assert warmup_notes(warmup_steps=6) == [] and warmup_notes(warmup_steps=0, warmup_ratio=0.1) == []
+    (note,) = warmup_notes(warmup_steps=20)
+    assert 'warmup_steps=20 warms up for 20 of the run\'s 60 optimizer steps, more than 10%' in note
+    assert '--warmup_ratio=0.05' in note and '--warmup_steps=3' in note
+    (note,) = warmup_notes(warmup_steps=1, warmup_ratio=0.5)  # the ratio replaces the steps
+    assert 'warmup_ratio=0.5 warms up for 30 of the run\'s 60' in note
+
+
+@pytest.mark.parametrize('optimizer,scale,lr,noted', [
+    ('adafactor', False, 1e-4, True),  # the guide's rate: below what the recipe bench found good
+    ('adafactor', False, 1e-3, False),
+    ('adafactor', False, 1e-2, True),  # good with parameter scaling, far too high without
+    ('adafactor', True, 1e-2, False),
+    ('adamw', False, 1e-3, False),
+    ('adamw', False, 3e-3, True),
+])
+def test_a_learning_rate_outside_the_measured_range_is_noted(optimizer, scale, lr, noted):
+    t = resolve_config(overrides={'optimizer': optimizer, 'adafactor_scale_parameter': scale, 'learn_rate': lr}).train
+    low, best, high = preflight.GOOD_LEARN_RATES[optimizer + ('+scale' if scale else '')]
+    notes = preflight.learn_rate_notes(t)
+    assert bool(notes) is noted
+    if noted:
+        assert f'learn_rate={lr:g} is outside {low:g} to {high:g}' in notes[0] and 'bench/bench_recipe.py' in notes[0]
+        assert f'--learn_rate={best:g}' in notes[0]
 
 
 def test_a_resume_without_a_state_and_with_a_changed_optimizer_is_refused(data, tmp_path):

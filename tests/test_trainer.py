@@ -43,6 +43,32 @@ def test_lr_warmup_then_decay():
     assert schedule('constant', 0, 100)(99) == 1.0
 
 
+def test_warmup_ratio_replaces_warmup_steps_and_scales_with_the_run():
+    from config import TrainConfigPretrainLarge
+    from model.net.sizing import warmup_steps_of
+    from model.train.factory import build_scheduler
+
+    def peak_step(total, **fields):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        f = build_scheduler(TrainConfigPretrainLarge(lr_schedule='constant', **fields), opt, total).lr_lambdas[0]
+        return next(step for step in range(total + 1) if f(step) == 1.0)
+
+    assert peak_step(200, warmup_steps=50, warmup_ratio=0.0) == 50  # 0: warmup_steps as given
+    assert peak_step(200, warmup_steps=50, warmup_ratio=0.05) == 10  # > 0: a fraction, warmup_steps ignored
+    assert peak_step(2000, warmup_steps=50, warmup_ratio=0.05) == 100
+    assert warmup_steps_of(1024, 0.05, 101) == 6  # rounded up, as transformers' warmup_ratio
+
+
+@pytest.mark.parametrize('scale', [False, True])
+def test_adafactor_parameter_scaling_follows_the_flag(scale):
+    from config import TrainConfigPretrainLarge
+    from model.train.factory import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(TrainConfigPretrainLarge(optimizer='adafactor', adafactor_scale_parameter=scale), model)
+    assert opt.defaults['scale_parameter'] is scale and opt.defaults['relative_step'] is False
+
+
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     from model.train.run_support import cpu_supports_bf16
 

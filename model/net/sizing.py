@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from config import T5ModelConfig
 
@@ -41,6 +42,12 @@ def total_optimizer_steps(rows: int, batch_size: int, processes: int, accumulati
     """rows / (batch x processes x accumulation) x epochs, or max_steps when that is sooner."""
     steps = rows // (batch_size * processes * accumulation) * epochs
     return min(steps, max_steps) if max_steps else steps
+
+
+def warmup_steps_of(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
+    """Optimizer steps of linear warmup: warmup_ratio of the run's steps, rounded up (as transformers'
+    TrainingArguments.warmup_ratio), when it is > 0; else warmup_steps."""
+    return math.ceil(warmup_ratio * total_steps) if warmup_ratio > 0 else warmup_steps
 
 
 def human_bytes(n: float) -> str:

@@ -66,17 +66,22 @@ def build_optimizer(train_cfg, model):
         from transformers.optimization import Adafactor
 
         return Adafactor(model.parameters(), lr=train_cfg.learn_rate, relative_step=False,
-                         scale_parameter=False, warmup_init=False, weight_decay=train_cfg.weight_decay)
+                         scale_parameter=train_cfg.adafactor_scale_parameter, warmup_init=False,
+                         weight_decay=train_cfg.weight_decay)
     import torch
 
     return torch.optim.AdamW(model.parameters(), lr=train_cfg.learn_rate, weight_decay=train_cfg.weight_decay)
 
 
 def build_scheduler(train_cfg, optimizer, total_steps: int):
-    """Linear warmup over warmup_steps, then lr_schedule (transformers' schedules)."""
+    """Linear warmup over warmup_steps (or warmup_ratio of the run's steps), then lr_schedule
+    (transformers' schedules)."""
     from transformers import get_scheduler
 
-    return get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer, num_warmup_steps=train_cfg.warmup_steps,
+    from model.net.sizing import warmup_steps_of
+
+    warmup = warmup_steps_of(train_cfg.warmup_steps, train_cfg.warmup_ratio, total_steps)
+    return get_scheduler(SCHEDULES[train_cfg.lr_schedule], optimizer, num_warmup_steps=warmup,
                          num_training_steps=max(total_steps, 1))
 
 
@@ -186,10 +191,11 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
                         f'optimizer step needs ({t.batch_size_per_gpu} x {world} processes x '
                         f'{t.gradient_accumulation_steps} accumulation)',
                         'lower --batch_size_per_gpu or --gradient_accumulation_steps')
-    if t.warmup_steps >= total_steps and t.objective == 'span_corruption' and collectives.is_main:
-        logger.warning('warmup_steps=%d >= the run\'s %d optimizer steps: the learning rate never reaches '
-                       'learn_rate=%g; e.g. --warmup_steps=%d', t.warmup_steps, total_steps, t.learn_rate,
-                       max(1, total_steps // 10))
+    if t.objective == 'span_corruption' and collectives.is_main:  # the start-up checks could not count the steps
+        from model.train.preflight import warmup_notes
+
+        for note in warmup_notes(t, total_steps):
+            logger.warning('%s', note)
     total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
     # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
     # line) loads every weight next: nothing to draw

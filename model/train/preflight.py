@@ -19,8 +19,22 @@ from model.state import contract, locks as place_locks, model_files, states as c
 from model.state import ownership
 from model.data.files import check_usable_rows, files_kind, inspect_parquet, resolve_parquet_files
 from model.state.markers import MODEL, STATE_DIR
-from model.net.sizing import human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps
+from model.net.sizing import (human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps,
+                              warmup_steps_of)
 from model.data.tokenizer import check_sentinels, check_tokenizer_folder, tokenizer_fingerprint
+
+# The learning rates that learned well per step, per optimizer: (low, best measured, high), from
+# bench/bench_recipe.py on its held-out numbers task (bench/tasks.py), the demo preset's T5 (d_model
+# 128), 400 optimizer steps of batch 64, cosine, 5% warmup, median exact match of 2 seeds. "Good":
+# a median exact match of at least 3/4 of that optimizer's best; the range reaches halfway (on a log
+# scale) to the nearest rate measured poor, or 2x past the last one measured where none was.
+# Measured: adafactor 1e-4 / 1e-3 / 3e-3 / 1e-2 -> 2% / 18% / 4% / 0%; with parameter scaling
+# 3e-3 / 1e-2 / 3e-2 -> 13% / 23% / 14%; adamw 5e-4 / 1e-3 / 2e-3 / 4e-3 -> 19% / 20% / 9% / 1%
+# (the table and its commands: bench/RECIPE_NOTES.md). Tiny models and short runs: a note, never a
+# problem.
+GOOD_LEARN_RATES = {'adafactor': (3e-4, 1e-3, 1.7e-3), 'adafactor+scale': (5.5e-3, 1e-2, 1.7e-2),
+                    'adamw': (2.5e-4, 1e-3, 1.4e-3)}
+WARMUP_SHARE = 0.1  # warmup longer than this share of the run's optimizer steps is noted
 
 # a changed value of these fields cannot continue a saved run
 REFUSED_ON_RESUME = {'optimizer': 'the optimizer state of one optimizer does not load into another'}
@@ -208,10 +222,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             {k: getattr(t, k) for k in ('max_seq_len', 'noise_density', 'mean_noise_span_length')}
             if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
-        if report.total_steps and t.warmup_steps >= report.total_steps:
-            report.notes.append(f'warmup_steps={t.warmup_steps} >= the run\'s {report.total_steps} optimizer steps: the '
-                                f'learning rate never reaches learn_rate={t.learn_rate}; e.g. '
-                                f'--warmup_steps={max(1, report.total_steps // 10)}')
+        report.notes += warmup_notes(t, report.total_steps)
+    report.notes += learn_rate_notes(t)
 
     # warm start and trackers
     if t.init_from and resume:
@@ -230,6 +242,34 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     # earlier one left can be moved aside
     check_states(cfg, resume, report, deep)
     return report
+
+
+def warmup_notes(t, total_steps: int) -> list[str]:
+    """A warmup that takes more than a tenth of the run (or all of it), with the flags that fix it."""
+    warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, total_steps)
+    if not total_steps or warmup <= WARMUP_SHARE * total_steps:
+        return []
+    fix = f'e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps={max(1, total_steps // 20)}'
+    if warmup >= total_steps:
+        return [f'warmup_steps={t.warmup_steps} >= the run\'s {total_steps} optimizer steps: the learning rate never '
+                f'reaches learn_rate={t.learn_rate}; {fix}']
+    given = f'warmup_ratio={t.warmup_ratio}' if t.warmup_ratio else f'warmup_steps={t.warmup_steps}'
+    return [f'{given} warms up for {warmup} of the run\'s {total_steps} optimizer steps, more than '
+            f'{WARMUP_SHARE:.0%}: the learning rate is below learn_rate for much of the run (in bench/bench_recipe.py a '
+            f'third of the run learned less than 5%: bench/RECIPE_NOTES.md); {fix}']
+
+
+def learn_rate_notes(t) -> list[str]:
+    """A learning rate outside the range bench/bench_recipe.py measured good for the optimizer."""
+    name = t.optimizer + ('+scale' if t.optimizer == 'adafactor' and t.adafactor_scale_parameter else '')
+    low, best, high = GOOD_LEARN_RATES[name]
+    if low <= t.learn_rate <= high:
+        return []
+    scaling = {'adafactor': ' without parameter scaling', 'adafactor+scale': ' with parameter scaling'}.get(name, '')
+    return [f'learn_rate={t.learn_rate:g} is outside {low:g} to {high:g}, the range that learned well per step '
+            f'for {t.optimizer}{scaling} in bench/bench_recipe.py (best {best:g}; measured on tiny T5s and a '
+            f'held-out task, 400 steps: bench/RECIPE_NOTES.md); a much larger model or a much longer run may want '
+            f'less, but check e.g. --learn_rate={best:g}']
 
 
 def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:

@@ -51,6 +51,12 @@ class TestResult:
                 f'predictions: {self.predictions}')
 
 
+def exact_match(answer: str, reference: str) -> bool:
+    """The exact-match rule of `test` (and of the learning benchmarks): the same text once the
+    whitespace around both is stripped."""
+    return answer.strip() == reference.strip()
+
+
 def predictions_path(model_path: str, test_file: str) -> str:
     """Beside the model: <model folder or weights file>.predictions.<test file name>.jsonl."""
     # a glob's '*' (or any odd character) never ends up in a file name a shell would expand
@@ -108,7 +114,7 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
                     s = bleu.sentence_score(h, [r])
                     stats += np.array([*s.counts, *s.totals, s.sys_len, s.ref_len])
                 for p, r, h in zip(prompts, refs, hyps):
-                    exact += h.strip() == r.strip()
+                    exact += exact_match(h, r)
                     body.write(json.dumps({'prompt': p, 'reference': r, 'answer': h}, ensure_ascii=False) + '\n')
                 rows += len(prompts)
                 if progress:

@@ -1,0 +1,131 @@
+"""What the learning benchmarks share (bench_train.py, bench_recipe.py): a held-out scorer that
+judges any T5 the same way, a clock that leaves the scoring out, and this toolkit's trainer run on
+a task (bench/tasks.py) with the scorer in place of its own evaluation.
+
+The scorer: the token-weighted validation loss (the toolkit's one loss rule,
+model/net/chat_model.token_loss_sum) on the first ``loss_rows`` held-out rows, and the exact match
+(model/use/scoring.exact_match: whitespace-stripped answer == reference) of greedy answers
+(model/net/chat_model.answer, no repetition rule) to the first ``em_prompts`` distinct held-out
+prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# the base of every run: the demo preset's batch and length, fp32 on the CPU
+BASE = dict(batch_size_per_gpu=64, gradient_accumulation_steps=1, max_seq_len=32, mixed_precision='no',
+            lr_schedule='cosine', weight_decay=0.0, max_grad_norm=1.0)
+SIZES = {  # d_model 128: the demo preset's shape (1.5M parameters); d_model 256: about 4x the compute
+    'd128': dict(d_model=128, num_heads=4, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=3),
+    'd256': dict(d_model=256, num_heads=4, d_kv=64, d_ff=1024, num_layers=3, num_decoder_layers=3),
+}
+
+
+class HeldOutScorer:
+    """Validation loss and exact match of any T5 on a task's held-out rows (one function for all)."""
+
+    def __init__(self, valid_file: str, tok_dir: str, max_seq_len: int, loss_rows: int = 512, em_prompts: int = 256):
+        from model.data.batches import TokenEncoder, make_batches, to_torch
+        from model.data.files import iter_usable_rows
+        from model.data.tokenizer import load_tokenizer
+
+        self.tokenizer, self.max_seq_len = load_tokenizer(tok_dir), max_seq_len
+        rows = list(iter_usable_rows(valid_file, 10**9))
+        loss_rows_ = rows[:loss_rows]
+        encoder = TokenEncoder(self.tokenizer, max_seq_len)
+        self.batches = [to_torch(b) for b in make_batches(
+            [([p for p, _ in loss_rows_[i:i + 64]], [r for _, r in loss_rows_[i:i + 64]], None, 0)
+             for i in range(0, len(loss_rows_), 64)], encoder)]
+        distinct = dict(rows)  # prompt -> its (one) answer, in first-seen order
+        self.prompts = list(distinct)[:em_prompts]
+        self.references = [distinct[p] for p in self.prompts]
+
+    def __call__(self, model) -> dict:
+        import torch
+
+        from model.data.tokenizer import LABEL_PAD_ID
+        from model.net.chat_model import answer, token_loss_sum
+        from model.use.scoring import exact_match
+
+        was = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for b in self.batches:
+                total += float(token_loss_sum(model, b, device))
+                tokens += int((b['labels'] != LABEL_PAD_ID).sum())
+            answers = answer(model, self.tokenizer, self.prompts, max_new_tokens=self.max_seq_len,
+                             max_seq_len=self.max_seq_len)
+        model.train(was)
+        em = sum(exact_match(a, r) for a, r in zip(answers, self.references)) / max(len(self.prompts), 1)
+        return {'loss': total / max(tokens, 1), 'em': em}
+
+
+class Clock:
+    """Training time with the scoring taken out."""
+
+    def __init__(self):
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def restart(self) -> None:
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def score(self, fn):
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.paused += time.perf_counter() - t
+
+
+def run_toolkit(paths: dict, fields: dict, max_steps: int, eval_every: int, scorer: HeldOutScorer,
+                budget_s: float = 0.0) -> dict:
+    """This toolkit's trainer (preflight -> build_run -> Trainer, as `train` runs it) for max_steps
+    optimizer steps with ``fields`` over the task's files; the scorer judges it every eval_every
+    steps and at the end, outside the training time. budget_s > 0: stop at the first evaluation
+    past that much training time. Returns {'curve': [(step, train_s, loss, em)], 'steps'}."""
+    from config import resolve_config
+    from model.train import preflight
+    from model.train.evaluation import EvalResult
+    from model.train.factory import build_run
+    from model.train.trainer import Trainer
+
+    work = tempfile.mkdtemp(prefix='bench-ours-')
+    overrides = {**fields, 'train_file': paths['train'], 'validation_file': paths['valid'], 'tokenizer_dir': paths['tok'],
+                 'output_dir': work, 'train_state_dir': f'{work}/state', 'model_file': f'{work}/m.{{}}.bin',
+                 'log_dir': f'{work}/logs', 'save_steps': 10**6, 'logging_steps': eval_every, 'eval_steps': eval_every,
+                 'epochs': 1000, 'max_steps': max_steps, 'bleu_samples': 0, 'show_samples': 0, 'max_eval_rows': 1}
+    cfg = resolve_config(overrides=overrides)
+    report = preflight.check_train(cfg, False, 1)
+    report.raise_first()
+    trainer = Trainer(build_run(cfg, False, report.notes, report.fingerprint, report.resume))
+    clock, curve = Clock(), []
+
+    def evaluate(model, step):
+        scores = scorer(trainer.accelerator.unwrap_model(model))
+        curve.append((step, clock.train_seconds(), scores['loss'], scores['em']))
+        if budget_s and clock.train_seconds() >= budget_s:
+            trainer.total_steps = step  # the loop ends after this step; finish() evaluates no more
+        return EvalResult(loss=scores['loss'])
+
+    trainer.evaluator.evaluate_all_ranks = evaluate
+    evaluate_with_best_save = trainer.evaluate_all_ranks  # the best model's export is not training either
+    trainer.evaluate_all_ranks = lambda: clock.score(evaluate_with_best_save)
+    try:
+        clock.restart()
+        trainer.train()
+    finally:
+        trainer.lock.release()
+    return {'curve': curve, 'steps': trainer.state.global_step}
