@@ -126,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         'optimizer': 'adafactor',
         'adafactor_scale_parameter': True,
         # its tasks differ in length: batches sorted by length hold one task each and learned far less per
-        # step (bench/bench_train.py, numbers task: 42.6% exact match grouped, 99.2% not, same seed)
+        # step (bench/bench_train.py, numbers task: 50.8% exact match grouped, 98.4% not, medians of 2 seeds)
         'group_by_length': False,
         'tokenizer_dir': PROJECT_ROOT + '/model_save/demo/tokenizer/',
         'train_file': PROJECT_ROOT + '/data/demo/train.parquet',
