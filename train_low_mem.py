@@ -164,7 +164,7 @@ def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_ru
 def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
     """Train the sentencepiece tokenizer on the train file (defaults from the config)."""
     cfg = _resolve('train_tokenizer', preset, use_large_config, overrides)
-    from model.data.tokenizer import check_tokenizer_inputs
+    from model.data.tokenizer import SENTINELS, check_tokenizer_inputs
     from model.data.tokenizer import train_tokenizer as build
 
     t = cfg.train
@@ -172,8 +172,8 @@ def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
     stopping.watch_outputs(t.tokenizer_dir)
     tok = build(t.train_file, t.tokenizer_dir, vocab_size=t.vocab_size, max_rows=t.tokenizer_max_rows,
                 character_coverage=t.character_coverage, seed=t.seed)
-    print(f'tokenizer: {len(tok)} pieces (pad {tok.pad_token_id}, eos {tok.eos_token_id}, '
-          f'unk {tok.unk_token_id}) -> {t.tokenizer_dir}')
+    print(f'tokenizer: {len(tok) - len(SENTINELS)} pieces + {len(SENTINELS)} T5 sentinels (pad {tok.pad_token_id}, '
+          f'eos {tok.eos_token_id}, unk {tok.unk_token_id}) -> {t.tokenizer_dir}')
 
 
 def parse_prompts(prompts) -> list[str]:

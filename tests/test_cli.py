@@ -68,9 +68,9 @@ def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
                         f'--tokenizer_dir={tok}', '--vocab_size=900'], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)  # the real interpreter: this command's smoke test
     assert r.returncode == 0, r.stderr
-    assert 'tokenizer: 900 pieces (pad 0, eos 1, unk 2)' in r.stdout
+    assert 'tokenizer: 900 pieces + 100 T5 sentinels (pad 0, eos 1, unk 2)' in r.stdout
     check = ('from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(%r); '
-             'assert len(t) == 900 and t.is_fast' % str(tok))
+             'assert len(t) == 1000 and t.is_fast' % str(tok))
     subprocess.run([sys.executable, '-c', check], env=ENV, check=True)
     r = cli('train', '--dry_run=True', f'--train_file={train}', f'--validation_file={valid}',
             f'--tokenizer_dir={tok}', '--batch_size_per_gpu=8', '--gradient_accumulation_steps=1',

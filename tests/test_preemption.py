@@ -467,7 +467,8 @@ def test_a_two_rank_state_resumes_on_one_rank_at_the_same_data_position(tmp_path
     # float reduction order: compared by data position, not bit for bit)
     ref, resumed = losses_of(two_rank_reference[1]), losses_of(r.stderr)
     assert sorted(resumed) == list(range(step + 1, TWO_RANK_STEPS + 1))
-    assert abs(resumed[step + 1] - ref[step + 1]) < 0.1  # from scratch it would be ~0.4 away
+    near = [s for s in range(step + 1, step + 6) if s in ref]  # a few steps: 1 rank's dropout draws differ
+    assert abs(sum(resumed[s] - ref[s] for s in near) / len(near)) < 0.1  # from scratch: ~0.4 away
 
 
 @pytest.mark.slow
