@@ -92,7 +92,6 @@ def number_rows(rows: int, seed: int = 42) -> tuple[list, list]:
 def task_files(task: str) -> dict[str, str]:
     """{'train', 'valid', 'tok'} of a task, written on first use under bench/out/tasks/<task>/."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     folder = os.path.join(OUT, 'tasks', task)
     paths = {'train': os.path.join(folder, 'train.parquet'), 'valid': os.path.join(folder, 'valid.parquet'),
@@ -103,11 +102,15 @@ def task_files(task: str) -> dict[str, str]:
             from model.prep.demo_corpus import write_demo
 
             write_demo(folder, rows=ROWS[task], seed=42)
-        else:
-            for name, pairs in zip(('train', 'valid'), number_rows(ROWS[task])):
-                tmp = paths[name] + '.tmp'
-                pq.write_table(pa.table({'prompt': [p for p, _ in pairs], 'response': [r for _, r in pairs]}), tmp)
-                os.replace(tmp, paths[name])
+        else:  # the toolkit's own writer: marked, atomic, never over a file or through a link it did not make
+            from model.prep.output import OUTPUT_SCHEMA, check_outputs, open_parquet_outputs
+
+            names = ('train', 'valid')
+            check_outputs({f'bench task {task} ({name}.parquet)': paths[name] for name in names})
+            with open_parquet_outputs([paths[name] for name in names], 'bench tasks') as writers:
+                for out, pairs in zip(writers, number_rows(ROWS[task])):
+                    out.write(pa.Table.from_arrays([pa.array([p for p, _ in pairs], pa.string()),
+                                                    pa.array([r for _, r in pairs], pa.string())], schema=OUTPUT_SCHEMA))
     if not os.path.isfile(os.path.join(paths['tok'], 'tokenizer.json')):
         from model.data.tokenizer import train_tokenizer
 

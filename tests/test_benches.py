@@ -77,6 +77,34 @@ def test_the_numbers_task_is_seeded_and_holds_its_validation_numbers_out():
     assert len(held) > 20 and not held & numbers(train)  # neither direction of a held-out number is trained on
 
 
+def test_a_task_is_written_only_where_nothing_of_the_users_is(tmp_path, monkeypatch):
+    from model.errors import UserError
+
+    tasks = load_bench('tasks')
+    monkeypatch.setattr(tasks, 'ROWS', {**tasks.ROWS, 'numbers': 200})
+    user = tmp_path / 'mine.parquet'
+    user.write_bytes(b'my own bytes')
+    for how in ('a file of the user', 'a link to a file of the user'):
+        monkeypatch.setattr(tasks, 'OUT', str(tmp_path / how.replace(' ', '_')))
+        folder = tmp_path / how.replace(' ', '_') / 'tasks' / 'numbers'
+        folder.mkdir(parents=True)
+        if how == 'a file of the user':
+            (folder / 'train.parquet').write_bytes(b'my own bytes')
+        else:
+            (folder / 'train.parquet').symlink_to(user)
+        with pytest.raises(UserError):
+            tasks.task_files('numbers')
+        assert (folder / 'train.parquet').read_bytes() == b'my own bytes' and user.read_bytes() == b'my own bytes'
+        assert sorted(os.listdir(folder)) == ['train.parquet'], how  # nothing else written
+    monkeypatch.setattr(tasks, 'OUT', str(tmp_path / 'fresh'))
+    paths = tasks.task_files('numbers')  # a new place: written, marked as the toolkit's
+    from model.data.files import inspect_parquet
+    from model.state.markers import file_kind
+
+    assert inspect_parquet(paths['valid']).num_rows == 20 and file_kind(paths['train']) is not None
+    assert tasks.task_files('numbers') == paths  # the same command again: kept
+
+
 def test_bench_train_times_the_first_evaluation_that_reaches_the_target():
     bench = load_bench('bench_train')
     curve = [(100, 10.0, 2.0, 0.0), (200, 20.0, 0.9, 0.2), (300, 30.0, 0.6, 0.4)]  # (step, train s, loss, em)

@@ -208,6 +208,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         kwargs['stopping_criteria'] = stop_criteria(should_stop)
     cut = text_cut_chars(tokenizer, limit)
     out: list[str] = []
+    sentinels = sentinel_set(tokenizer) if fill else set()
     for i in range(0, len(prompts), batch_size):
         if should_stop is not None and should_stop():
             break
@@ -216,7 +217,6 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
                              **kwargs)
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
-        sentinels = sentinel_set(tokenizer) if fill else set()
         for row in range(len(texts)):  # a span-corruption answer: the prompt with its spans filled in
             written, given = gen[row].tolist(), enc['input_ids'][row].tolist()
             if sentinels & set(written) and sentinels & set(given):
