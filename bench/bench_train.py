@@ -11,12 +11,14 @@ Tasks (bench/tasks.py): ``demo``, the built-in demo corpus (its validation promp
 (64 x 1, max length 32), step horizon (--steps, the cosine schedule's length for both) and
 threads for both. Each trainer at the recipe it is best at:
 
-- this toolkit: the recipe bench/bench_recipe.py measured best (OURS below; --ours changes it);
+- this toolkit: the recipe bench/bench_recipe.py measured best, ungrouped and packed (OURS below;
+  --ours changes it; --ours_lrs sweeps its learning rate as the peer's is swept);
 - the peer: Seq2SeqTrainer with the same optimizer (passed in: the same Adafactor with parameter
-  scaling), its own cosine schedule with 5% warmup, its length grouping (group_by_length, its own
-  speed lever), the data tokenized up front as its examples do, and the learning rate that a sweep
-  picks (--peer_lrs, one seed, same steps, best exact match then loss; the sweep is printed);
-  --peer_lr skips the sweep.
+  scaling), its own cosine schedule with 5% warmup, its sampler (length-grouped when OURS groups,
+  else random: random learned faster on both tasks), the data tokenized up front as its examples
+  do, and the learning rate that a sweep picks (--peer_lrs, one seed, same steps, best exact match
+  then loss; the sweep is printed); --peer_lr skips the sweep. Packing is this toolkit's own
+  (Seq2SeqTrainer pads every pair to the longest of its batch).
 
 One run of each per seed (42, 43, 44 by default: a seed sets the initial weights and the data order
 of both), alternating ours / peer, each in a fresh process. Every --eval_every optimizer steps both
@@ -45,7 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=1e-2, warmup_ratio=0.05, dropout_rate=0.0,
-            feed_forward_proj='relu')  # the demo preset's recipe, bench_recipe.py's best
+            feed_forward_proj='relu', group_by_length=False, packing=True)  # the demo preset's recipe
 PEER_LRS = {'adamw': '5e-4,1e-3,2e-3', 'adafactor': '3e-4,1e-3,3e-3', 'adafactor+scale': '3e-3,1e-2,3e-2'}
 STEPS = {'demo': 1500, 'numbers': 1500}
 TARGETS = {'demo': {'em': 0.3, 'loss': 1.0}, 'numbers': {'em': 0.3, 'loss': 0.5}}  # stated qualities
@@ -152,21 +154,22 @@ def fmt_s(x: float) -> str:
     return 'never' if x == float('inf') else f'{x:.0f} s'
 
 
-def sweep_peer(task, size, seed, steps, eval_every, lrs, threads, say) -> float:
+def sweep(kind, task, size, seed, steps, eval_every, recipe, lrs, threads, say) -> float:
+    """The learning rate of ``lrs`` with the best final exact match (then loss) for one trainer."""
     results = []
     for lr in lrs:
-        r = run_child('peer', task, size, seed, steps, eval_every, {**OURS, 'learn_rate': lr}, threads)
+        r = run_child(kind, task, size, seed, steps, eval_every, {**recipe, 'learn_rate': lr}, threads)
         _, _, loss, em = r['curve'][-1]
         results.append((em, -loss, lr))
-        say(f'  peer lr sweep {task} {size} seed {seed}: lr {lr:g}: val loss {loss:.4f}, exact match {em:.1%}')
+        say(f'  {kind} lr sweep {task} {size} seed {seed}: lr {lr:g}: val loss {loss:.4f}, exact match {em:.1%}')
     best = max(results)[2]
-    say(f'  peer lr for {task} {size}: {best:g} (best exact match, then loss, of {", ".join(f"{x:g}" for x in lrs)})')
+    say(f'  {kind} lr for {task} {size}: {best:g} (best exact match, then loss, of {", ".join(f"{x:g}" for x in lrs)})')
     return best
 
 
 def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target, say) -> None:
     runs = {'ours': [], 'peer': []}
-    recipes = {'ours': ours, 'peer': {**ours, 'learn_rate': peer_lr}}
+    recipes = {'ours': ours, 'peer': {**ours, 'learn_rate': peer_lr}}  # packing: this toolkit's only
     for seed in seeds:
         for kind in ('ours', 'peer'):
             r = run_child(kind, task, size, seed, steps, eval_every, recipes[kind], threads)
@@ -214,6 +217,8 @@ def main() -> None:
     ap.add_argument('--peer_lrs', default='', help='the peer\'s learning-rate sweep (default per optimizer: %s)'
                     % PEER_LRS)
     ap.add_argument('--peer_lr', type=float, default=0.0, help='the peer\'s learning rate, no sweep')
+    ap.add_argument('--ours_lrs', default='', help='sweep this toolkit\'s learning rate too, as the peer\'s '
+                    '(e.g. 1e-2,3e-2); default: the rate of OURS / --ours')
     ap.add_argument('--target_em', type=float, default=0.0, help='0 = per task: %s' % TARGETS)
     ap.add_argument('--target_loss', type=float, default=0.0, help='0 = per task')
     ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads of every run')
@@ -248,8 +253,13 @@ def main() -> None:
         for size in sizes:
             name = ours['optimizer'] + ('+scale' if ours.get('adafactor_scale_parameter') else '')
             lrs = [float(x) for x in (args.peer_lrs or PEER_LRS[name]).split(',')]
-            peer_lr = args.peer_lr or sweep_peer(task, size, seeds[0], steps, args.eval_every, lrs, args.threads, say)
-            compare(task, size, seeds, steps, args.eval_every, ours, peer_lr, args.threads, target, say)
+            peer_lr = args.peer_lr or sweep('peer', task, size, seeds[0], steps, args.eval_every, ours, lrs, args.threads,
+                                            say)
+            mine = dict(ours)
+            if args.ours_lrs:
+                mine['learn_rate'] = sweep('ours', task, size, seeds[0], steps, args.eval_every, ours,
+                                           [float(x) for x in args.ours_lrs.split(',')], args.threads, say)
+            compare(task, size, seeds, steps, args.eval_every, mine, peer_lr, args.threads, target, say)
     say(f'load average at the end {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
 
 

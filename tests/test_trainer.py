@@ -134,7 +134,7 @@ def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
     assert 'validation loss' in text and 'BLEU-4' in text
     if not __import__('model.train.run_support', fromlist=['x']).cpu_supports_bf16():
         assert 'mixed_precision=bf16 is not supported natively' in text  # fp32 fallback, logged
-    assert re.search(r'samples/s \| \d+ tokens/s \| eta', text)
+    assert re.search(r'samples/s \| \d+ tokens/s \| \d+% filled \| eta', text)
     # keep_latest_n_ckp=2 step files, plus best; HF folders load
     steps = sorted(int(re.search(r'\.(\d+)\.bin$', p).group(1)) for p in glob.glob(f'{out}/chat_small_t5.*.bin')
                    if re.search(r'\.\d+\.bin$', p))

@@ -43,6 +43,7 @@ from model.data.epoch_order import EpochPlan, FlatOrder, OrderParams
 from model.data.files import resolve_parquet_files, row_group_table
 from model.stopping import ignore_in_worker
 from model.data.batches import TokenEncoder, batch_from_ids, make_batches, to_torch
+from model.data.packing import pack_batch
 from model.data.window_reader import WindowReader
 
 logger = logging.getLogger(__name__)
@@ -130,10 +131,11 @@ class EpochPass:
 class ParquetStreamDataset(IterableDataset):
     """This rank's local batches of one pass (set by :meth:`configure`); see the module doc."""
 
-    def __init__(self, files: list[str], encoder: TokenEncoder, return_row_index: bool = False):
+    def __init__(self, files: list[str], encoder: TokenEncoder, return_row_index: bool = False, packing: bool = False):
         self.files = files
         self.encoder = encoder
         self.return_row_index = return_row_index
+        self.packing = packing  # each batch packed (model/data/packing.py) where it is made: in a worker
         self.row_groups, self.num_rows = row_group_table(files)
         self.pass_: EpochPass | None = None
 
@@ -179,9 +181,11 @@ class ParquetStreamDataset(IterableDataset):
         reader = WindowReader(self.files, plan)
         try:
             if pass_.order.group_by_length:
-                yield from self._grouped_batches(pass_, plan, reader, worker, num_workers)
+                batches = self._grouped_batches(pass_, plan, reader, worker, num_workers)
             else:
-                yield from self._plain_batches(pass_, reader, worker, num_workers)
+                batches = self._plain_batches(pass_, reader, worker, num_workers)
+            for batch in batches:
+                yield pack_batch(batch, self.encoder.max_seq_len) if self.packing else batch
         except UserError as e:  # a damaged page met mid-epoch
             if info is None:
                 raise
@@ -261,6 +265,7 @@ class LoaderSettings:
     num_workers: int = 0
     pin_memory: bool = False
     objective: str = 'pairs'  # pairs: prompt -> response | span_corruption: raw text, T5's objective
+    packing: bool = False  # pairs: several pairs a row (model/data/packing.py); span corruption fills its rows already
     noise_density: float = 0.15  # span corruption: share of tokens masked
     mean_noise_span_length: float = 3.0  # span corruption: mean tokens per masked span
 
@@ -282,7 +287,7 @@ class LoaderSettings:
                    shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
                    length_group_batches=t.length_group_batches, mix_row_groups=t.shuffle_row_groups,
                    drop_last=train, num_workers=t.num_workers if train else 0, pin_memory=pin_memory,
-                   objective=t.objective, noise_density=t.noise_density,
+                   objective=t.objective, packing=t.packing, noise_density=t.noise_density,
                    mean_noise_span_length=t.mean_noise_span_length)
 
     @property
@@ -302,6 +307,8 @@ class StreamingLoader:
     ``input_ids`` int64 [b, Ls], ``attention_mask`` int64 [b, Ls], ``labels`` int64
     [b, Lt] (padding -100), ``num_rows`` (real rows), ``num_skipped`` (blank rows dropped),
     and with ``return_row_index`` also ``row_index`` (global row numbers, files in order).
+    With ``settings.packing`` the rows are packed pairs (model/data/packing.py: b is then the
+    packed rows, ``num_rows`` still the pairs) with their segments and decoder inputs.
     """
 
     def __init__(self, files, tokenizer, settings: LoaderSettings, rank: int = 0, world_size: int = 1,
@@ -322,7 +329,8 @@ class StreamingLoader:
                 count_share=share)
         else:
             encoder = TokenEncoder(tokenizer, settings.max_seq_len)
-            self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index)
+            self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index,
+                                                packing=settings.packing)
         if self.dataset.num_rows == 0:
             raise UserError(f'{", ".join(self.files)}: no rows to train on')
         self.settings = settings

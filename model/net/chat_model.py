@@ -41,12 +41,65 @@ def new_t5(config, initialize: bool = True):
     from transformers import T5ForConditionalGeneration
 
     if initialize:
-        return T5ForConditionalGeneration(config)
+        return accept_packed_batches(T5ForConditionalGeneration(config))
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
         model = T5ForConditionalGeneration(config)
     model.tie_weights()  # skipped with the initialization: one embedding for encoder, decoder and output
+    return accept_packed_batches(model)
+
+
+# --------------------------------------------------------------------------- packed batches
+
+
+def segment_mask(query: torch.Tensor, key: torch.Tensor, causal: bool, stack) -> torch.Tensor:
+    """The attention mask [b, 1, q, k] of packed rows (model/data/packing.py) for one T5 stack:
+    a token sees the tokens of its own pair (segment), the decoder only earlier ones. Padding
+    (segment 0) queries see everything -- their outputs are never used, and no row of the mask
+    is empty (an empty row is NaN in SDPA). In the stack's convention: a boolean mask for SDPA,
+    an additive one (0 / the dtype's minimum) for eager attention."""
+    allowed = (query[:, :, None] == key[:, None, :]) | (query[:, :, None] == 0)
+    if causal:
+        allowed &= torch.ones(query.shape[1], key.shape[1], dtype=torch.bool, device=query.device).tril()
+    allowed = allowed[:, None]
+    implementation = stack.config._attn_implementation
+    if implementation == 'sdpa':
+        return allowed
+    if implementation == 'eager':
+        dtype = stack.embed_tokens.weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill(~allowed,
+                                                                                         torch.finfo(dtype).min)
+    raise UserError(f'--packing needs eager or SDPA attention, this model uses {implementation!r}; '
+                    f'train with --packing=False')
+
+
+def accept_packed_batches(model):
+    """Let ``model(..., encoder_segments=, decoder_segments=)`` run a packed batch: T5 takes one
+    encoder mask for the encoder and for the decoder's cross-attention, so a hook on each stack
+    turns the segments into that stack's masks (encoder: pair to pair; decoder: pair to pair,
+    causal; cross: a response to its own prompt). Hooks are not saved with the model: what is
+    saved is the plain T5 that transformers loads. Called on every model this toolkit builds."""
+    if getattr(model, '_accepts_packed_batches', False):
+        return model
+
+    def encoder_hook(stack, args, kwargs):
+        kwargs.pop('decoder_segments', None)
+        enc = kwargs.pop('encoder_segments', None)
+        if enc is not None:
+            kwargs['attention_mask'] = segment_mask(enc, enc, False, stack)
+        return args, kwargs
+
+    def decoder_hook(stack, args, kwargs):
+        enc, dec = kwargs.pop('encoder_segments', None), kwargs.pop('decoder_segments', None)
+        if dec is not None:
+            kwargs['attention_mask'] = segment_mask(dec, dec, True, stack)
+            kwargs['encoder_attention_mask'] = segment_mask(dec, enc, False, stack)
+        return args, kwargs
+
+    model.encoder.register_forward_pre_hook(encoder_hook, with_kwargs=True)
+    model.decoder.register_forward_pre_hook(decoder_hook, with_kwargs=True)
+    model._accepts_packed_batches = True
     return model
 
 
@@ -85,11 +138,19 @@ def token_loss_sum(model, batch: dict, device, decoder_inputs=None) -> torch.Ten
     """The loss rule of training, validation and `test`, in one place: the sum of the label tokens'
     cross-entropies, computed in float32 (padding, -100, ignored). Callers divide the sums they
     gather (over micro-batches, batches, ranks) by the number of label tokens: a token-weighted
-    mean, whatever the batch shapes. decoder_inputs: the unwrapped model's
+    mean, whatever the batch shapes. A packed batch (model/data/packing.py) brings its decoder
+    inputs and segments: the same sums in fewer positions. decoder_inputs: the unwrapped model's
     prepare_decoder_input_ids_from_labels when `model` is a wrapper (DDP)."""
     import torch.nn.functional as F
 
     labels = batch['labels'].to(device, non_blocking=True)
+    if 'decoder_segments' in batch:  # packed (model/data/packing.py): the masks come from the segments
+        logits = model(input_ids=batch['input_ids'].to(device, non_blocking=True),
+                       decoder_input_ids=batch['decoder_input_ids'].to(device, non_blocking=True),
+                       encoder_segments=batch['encoder_segments'].to(device, non_blocking=True),
+                       decoder_segments=batch['decoder_segments'].to(device, non_blocking=True)).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD_ID,
+                               reduction='sum')
     make_decoder_inputs = decoder_inputs or model.prepare_decoder_input_ids_from_labels
     logits = model(input_ids=batch['input_ids'].to(device, non_blocking=True),
                    attention_mask=batch['attention_mask'].to(device, non_blocking=True),

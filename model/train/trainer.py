@@ -59,6 +59,7 @@ class LogInterval:
     loss_sum: torch.Tensor  # on the device: read only when logging
     label_tokens: int = 0
     input_tokens: int = 0
+    positions: int = 0  # input and label positions computed, padding included
     rows: int = 0
     skipped: int = 0
     steps: int = 0
@@ -191,6 +192,7 @@ class Trainer:
             interval.loss_sum += loss_sum.detach()
             interval.label_tokens += n_labels
             interval.input_tokens += int(batch['attention_mask'].sum())
+            interval.positions += batch['input_ids'].numel() + batch['labels'].numel()
             interval.rows += batch['num_rows']
             interval.skipped += batch['num_skipped']
             self._rows_unfolded += batch['num_rows']
@@ -252,8 +254,9 @@ class Trainer:
     def log_all_ranks(self) -> None:
         self.check_finite_all_ranks()
         interval, state = self.interval, self.state
-        loss_sum, label_tokens, input_tokens, rows, skipped = self.collectives.sum_all_ranks(
-            [float(interval.loss_sum), interval.label_tokens, interval.input_tokens, interval.rows, interval.skipped])
+        loss_sum, label_tokens, input_tokens, positions, rows, skipped = self.collectives.sum_all_ranks(
+            [float(interval.loss_sum), interval.label_tokens, interval.input_tokens, interval.positions, interval.rows,
+             interval.skipped])
         elapsed = max(time.time() - interval.start, 1e-9)
         self._seconds_per_step = elapsed / max(interval.steps, 1)
         self.fold_counts_all_ranks()
@@ -261,11 +264,12 @@ class Trainer:
         eta = (time.time() - self._run_start) / max(done, 1) * (self.total_steps - state.global_step)
         figures = {'train/loss': loss_sum / max(label_tokens, 1), 'train/lr': self.scheduler.get_last_lr()[0],
                    'train/grad_norm': float(interval.grad_norm), 'train/samples_per_s': rows / elapsed,
-                   'train/tokens_per_s': (label_tokens + input_tokens) / elapsed}
+                   'train/tokens_per_s': (label_tokens + input_tokens) / elapsed,
+                   'train/filled': (label_tokens + input_tokens) / max(positions, 1)}  # the rest is padding
         logger.info('step %d/%d | epoch %d | loss %.4f | lr %.3e | grad_norm %.3f | %.1f samples/s | '
-                    '%.0f tokens/s | eta %s%s', state.global_step, self.total_steps, self.train_loader.epoch,
-                    *figures.values(), datetime.timedelta(seconds=int(eta)),
-                    f' | skipped {int(skipped)} empty rows' if skipped else '')
+                    '%.0f tokens/s | %.0f%% filled | eta %s%s', state.global_step, self.total_steps,
+                    self.train_loader.epoch, *list(figures.values())[:-1], 100 * figures['train/filled'],
+                    datetime.timedelta(seconds=int(eta)), f' | skipped {int(skipped)} empty rows' if skipped else '')
         self.accelerator.log(figures, step=state.global_step)
         self.interval = self._new_interval()
 

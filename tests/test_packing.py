@@ -1,0 +1,234 @@
+"""Packing (model/data/packing.py, model/net/chat_model.accept_packed_batches): every pair lands
+in exactly one row, whole and in its own segment; a packed batch has the padded batch's loss and
+gradients under both attention implementations; the loader packs without changing which pairs a
+batch holds."""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from config import T5ModelConfig
+from model.data.batches import batch_from_ids, placeholder_batch, to_torch
+from model.data.packing import first_fit, pack_batch, pack_rows
+from model.data.tokenizer import LABEL_PAD_ID, PAD_ID
+from model.net.chat_model import build_model, token_loss_sum
+
+TINY = T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, dropout_rate=0.0)
+VOCAB = 50
+
+
+def random_batch(rng, n: int, max_len: int, lens=None) -> dict:
+    """A padded batch of n pairs with random lengths 1..max_len (eos = 1 last, ids 2..VOCAB-1)."""
+    lens = lens if lens is not None else rng.integers(1, max_len + 1, size=(2, n))
+    sides = []
+    for side in lens:
+        seqs = [np.append(rng.integers(2, VOCAB, size=k - 1), 1) for k in side]
+        sides.append((np.concatenate(seqs).astype(np.int64), np.asarray(side, dtype=np.int64)))
+    return batch_from_ids(sides[0], sides[1], np.arange(n, dtype=np.int64) * 7, 0, 1)
+
+
+def unpack(packed: dict) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, response, decoder input) of every segment, in row then segment order."""
+    out = []
+    for k in range(len(packed['input_ids'])):
+        enc, dec = packed['encoder_segments'][k], packed['decoder_segments'][k]
+        for s in range(1, int(enc.max()) + 1):
+            assert np.ptp(np.flatnonzero(enc == s)) + 1 == (enc == s).sum()  # contiguous
+            assert np.ptp(np.flatnonzero(dec == s)) + 1 == (dec == s).sum()
+            out.append((packed['input_ids'][k][enc == s].tolist(), packed['labels'][k][dec == s].tolist(),
+                        packed['decoder_input_ids'][k][dec == s].tolist()))
+        assert set(np.unique(dec)) - {0} == set(np.unique(enc)) - {0}  # a prompt and its response share a row
+    return out
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_every_pair_lands_once_whole_and_in_fewer_rows(seed):
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(4, 40))
+    batch = random_batch(rng, int(rng.integers(1, 80)), length)
+    packed = pack_batch(batch, length)
+    pairs = [(batch['input_ids'][i][batch['attention_mask'][i] == 1].tolist(),
+              batch['labels'][i][batch['labels'][i] != LABEL_PAD_ID].tolist()) for i in range(len(batch['input_ids']))]
+    segments = unpack(packed)
+    assert sorted((p, r) for p, r, _ in segments) == sorted(pairs)
+    for _, response, decoder_in in segments:  # each response shifted right behind the start token
+        assert decoder_in == [PAD_ID] + response[:-1]
+    assert packed['input_ids'].shape[1] <= length and packed['labels'].shape[1] <= length
+    assert len(packed['input_ids']) <= len(batch['input_ids'])
+    # padding is padding on every side, the mask is the tokens
+    assert ((packed['encoder_segments'] > 0) == (packed['attention_mask'] == 1)).all()
+    assert (packed['input_ids'][packed['encoder_segments'] == 0] == PAD_ID).all()
+    assert (packed['labels'][packed['decoder_segments'] == 0] == LABEL_PAD_ID).all()
+    # the batch's bookkeeping is the pairs', not the rows'
+    assert packed['num_rows'] == batch['num_rows'] and (packed['row_index'] == batch['row_index']).all()
+
+
+def test_rows_are_filled_first_fit():
+    order = [0, 3, 2, 1]
+    assert first_fit([3, 1, 2, 2], [3, 1, 1, 2], order, 4, 4) == [[0, 1], [3, 2]]
+    assert first_fit([4, 4], [1, 1], [0, 1], 4, 4) == [[0], [1]]  # the prompts do not fit one row
+    with pytest.raises(ValueError, match='longer than the packed length'):
+        pack_rows(np.array([5]), np.array([1]), 4)
+
+
+def positions(rows, p, r):
+    return len(rows) * (max(sum(p[i] for i in row) for row in rows) + max(sum(r[i] for i in row) for row in rows))
+
+
+@pytest.mark.parametrize('seed', range(20))
+def test_the_layout_kept_computes_no_more_than_plain_first_fit(seed):
+    """Short prompts and long answers: filling every row to the full length on both sides leaves
+    the prompt side mostly padding; the kept layout is never worse, and all pairs are in it once."""
+    rng = np.random.default_rng(seed)
+    n, length = int(rng.integers(1, 70)), int(rng.integers(8, 64))
+    p = rng.integers(1, max(2, length // 4), size=n)
+    r = rng.integers(1, length + 1, size=n)
+    rows = pack_rows(p, r, length)
+    assert sorted(i for row in rows for i in row) == list(range(n))
+    assert all(sum(p[i] for i in row) <= length and sum(r[i] for i in row) <= length for row in rows)
+    order = sorted(range(n), key=lambda i: -(p[i] + r[i]))
+    assert positions(rows, p, r) <= positions(first_fit(p.tolist(), r.tolist(), order, length, length), p, r)
+    assert positions(rows, p, r) <= n * (p.max() + r.max())  # never more than padding
+
+
+def test_a_placeholder_batch_is_left_as_it_is():
+    empty = batch_from_ids((np.zeros(0, np.int64), np.zeros(0, np.int64)),
+                           (np.zeros(0, np.int64), np.zeros(0, np.int64)), None, 3, 1)
+    assert pack_batch(empty, 8) is empty
+    assert 'decoder_segments' not in pack_batch(empty, 8)
+    assert 'decoder_segments' not in placeholder_batch(1)
+
+
+@pytest.mark.parametrize('attention', ['sdpa', 'eager'])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_a_packed_batch_has_the_padded_batch_loss_and_gradients(attention, seed):
+    torch.manual_seed(seed)
+    model = build_model(TINY, VOCAB)
+    model.config._attn_implementation = attention
+    rng = np.random.default_rng(seed)
+    # lengths that fill a row exactly, one-token pairs, and a mix
+    lens = np.array([[12, 1, 5, 7, 3, 1, 12, 2, 9, 4], [1, 12, 6, 2, 8, 1, 12, 3, 2, 10]])
+    batch = random_batch(rng, lens.shape[1], 12, lens)
+    packed = pack_batch(batch, 12)
+    assert len(packed['input_ids']) < len(batch['input_ids'])
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        loss = token_loss_sum(model, to_torch(b), 'cpu')
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters()]
+
+    padded_loss, padded_grads = loss_and_grads(batch)
+    packed_loss, packed_grads = loss_and_grads(packed)
+    assert np.isfinite(packed_loss)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-8)
+
+
+def test_a_packed_pair_does_not_see_its_neighbours():
+    """Change one pair's tokens: the loss of the other pairs in its row stays what it was."""
+    torch.manual_seed(0)
+    model = build_model(TINY, VOCAB).eval()
+    rng = np.random.default_rng(3)
+    batch = random_batch(rng, 6, 10, np.array([[3, 3, 3, 3, 3, 3], [2, 2, 2, 2, 2, 2]]))
+    packed = pack_batch(batch, 10)
+    assert len(packed['input_ids']) == 2  # three pairs a row
+
+    def per_token(b):
+        t = to_torch(b)
+        with torch.no_grad():
+            logits = model(input_ids=t['input_ids'], decoder_input_ids=t['decoder_input_ids'],
+                           encoder_segments=t['encoder_segments'], decoder_segments=t['decoder_segments']).logits
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), t['labels'].clamp(min=0), reduction='none')
+
+    before = per_token(packed)
+    changed = dict(packed, input_ids=packed['input_ids'].copy())
+    first = packed['encoder_segments'][0] == 1
+    changed['input_ids'][0][first] = (changed['input_ids'][0][first] + 5) % VOCAB
+    after = per_token(changed)
+    others = torch.as_tensor(packed['decoder_segments'][0] > 1)
+    assert torch.equal(before[0][others], after[0][others])
+    assert not torch.equal(before[0][torch.as_tensor(packed['decoder_segments'][0] == 1)],
+                           after[0][torch.as_tensor(packed['decoder_segments'][0] == 1)])
+    assert torch.equal(before[1], after[1])
+
+
+def test_a_saved_packing_model_is_a_plain_t5(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    model = build_model(TINY, VOCAB)
+    model.save_pretrained(tmp_path)
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert not getattr(loaded, '_accepts_packed_batches', False)
+    ids = torch.tensor([[5, 6, 1]])
+    torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                               model(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+@pytest.mark.parametrize('grouped', [False, True])
+def test_the_loader_packs_the_same_pairs_in_the_same_order(tmp_path, tokenizer, grouped):
+    from conftest import make_texts, write_parquet
+    from model.data.loader import LoaderSettings, StreamingLoader
+
+    path = write_parquet(tmp_path / 'train.parquet', make_texts(150, seed=5, min_len=1, max_len=40), row_group_size=40)
+
+    def batches(packing, **kw):
+        settings = LoaderSettings(max_seq_len=48, batch_size=8, shuffle_window_rows=64, group_by_length=grouped,
+                                  length_group_batches=4, drop_last=False, packing=packing, **kw)
+        return list(StreamingLoader([path], tokenizer, settings, return_row_index=True))
+
+    plain, packed = batches(False), batches(True)
+    assert len(plain) == len(packed)
+    def computed(batches):
+        return sum(b['input_ids'].numel() + b['labels'].numel() for b in batches)
+
+    assert computed(packed) <= computed(plain) if grouped else computed(packed) < 0.9 * computed(plain)
+    for a, b in zip(plain, packed):
+        assert 'decoder_segments' in b and 'decoder_segments' not in a
+        assert torch.equal(a['row_index'], b['row_index']) and a['num_rows'] == b['num_rows']
+        assert int((a['labels'] != LABEL_PAD_ID).sum()) == int((b['labels'] != LABEL_PAD_ID).sum())
+        assert int(a['attention_mask'].sum()) == int(b['attention_mask'].sum())
+        assert b['input_ids'].shape[1] <= 48 and b['labels'].shape[1] <= 48
+    # a worker process packs what the main process would
+    in_worker = batches(True, num_workers=1)
+    for a, b in zip(packed, in_worker):
+        for key in ('input_ids', 'labels', 'decoder_input_ids', 'encoder_segments', 'decoder_segments'):
+            assert torch.equal(a[key], b[key])
+
+
+@pytest.mark.slow
+def test_training_packed_follows_training_padded(tmp_path, tokenizer_dir):
+    """The same run (no dropout) packed and padded: the same losses step by step and the same
+    weights at the end, to float rounding; the packed one computes far less padding."""
+    from conftest import assert_same_weights, logged_losses, make_texts, run_train, tiny_flags, write_parquet
+
+    data = {'train': write_parquet(tmp_path / 'train.parquet', make_texts(480, seed=11, min_len=1, max_len=60),
+                                   row_group_size=100),
+            'valid': write_parquet(tmp_path / 'valid.parquet', make_texts(64, seed=12, min_len=1, max_len=60)),
+            'tok': tokenizer_dir}
+    runs = {}
+    for packing in (False, True):
+        out = tmp_path / f'packing_{packing}'
+        r = run_train(tiny_flags(data, out, dropout_rate=0.0, packing=packing, save_steps=1000, eval_steps=0,
+                                          max_seq_len=48, group_by_length=False))
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        runs[packing] = (out, logged_losses(out))
+    (plain_out, plain), (packed_out, packed) = runs[False], runs[True]
+    assert plain.keys() == packed.keys() and len(plain) >= 50
+    for step in plain:
+        assert packed[step] == pytest.approx(plain[step], rel=2e-3, abs=2e-3)
+    assert_same_weights(f'{plain_out}/final/model.safetensors', f'{packed_out}/final/model.safetensors', atol=2e-3)
+
+    def filled(out):  # the share of computed positions that held a token, as the log reports it
+        import re
+
+        from conftest import run_logs
+
+        return [int(x) for x in re.findall(r'(\d+)% filled', open(run_logs(out)[-1], encoding='utf-8').read())]
+
+    assert statistics.median(filled(packed_out)) > statistics.median(filled(plain_out)) + 10
