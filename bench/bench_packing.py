@@ -7,7 +7,8 @@ For each (max_seq_len, batch_size_per_gpu) and each of length grouping off / on 
 on: one epoch of this toolkit's own loader (model/data/loader.StreamingLoader, seed 42) over
 ../shared/data/real_train_3k.parquet with an 8k tokenizer trained on it (bench/out/tokenizer_real8k,
 made once), and the share of the positions computed (input and label rows, padding included)
-that hold a token: the rest is padding, computed for nothing. Then the cost of packing itself:
+that hold a token (the rest is padding, computed for nothing) and the attention cells computed
+(rows x (Le^2 + Ld^2 + Le*Ld)). Then the cost of packing itself:
 milliseconds of model/data/packing.pack_batch per batch, at the sizes asked and at a GPU's
 (max length 512, 256 rows). Speed and learning are measured elsewhere (README, "Performance").
 """
@@ -41,7 +42,8 @@ def main() -> None:
     if not os.path.isfile(os.path.join(TOK, 'tokenizer.json')):
         train_tokenizer(REAL, TOK, vocab_size=8000, num_threads=os.cpu_count())
     tok = load_tokenizer(TOK)
-    print(f'{"max len x batch":<16} {"grouped":<8} {"packed":<7} {"filled":>7} {"positions":>10} {"rows":>6}')
+    print(f'{"max len x batch":<16} {"grouped":<8} {"packed":<7} {"filled":>7} {"positions":>10} {"rows":>6} '
+          f'{"attention cells":>16}')
     for size in args.sizes.split(','):
         length, batch = (int(x) for x in size.split('x'))
         padded = []
@@ -49,15 +51,17 @@ def main() -> None:
             for packing in (False, True):
                 loader = StreamingLoader([REAL], tok, LoaderSettings(
                     max_seq_len=length, batch_size=batch, group_by_length=grouped, packing=packing, seed=42))
-                tokens = positions = rows = 0
+                tokens = positions = rows = cells = 0
                 for b in loader:
+                    le, ld = b['input_ids'].shape[1], b['labels'].shape[1]
+                    cells += len(b['input_ids']) * (le * le + ld * ld + le * ld)  # encoder, decoder, cross
                     tokens += int(b['attention_mask'].sum()) + int((b['labels'] != LABEL_PAD_ID).sum())
                     positions += b['input_ids'].numel() + b['labels'].numel()
                     rows += len(b['input_ids'])
                     if not packing and not grouped:
                         padded.append({k: v.numpy() for k, v in b.items() if hasattr(v, 'numpy')})
                 print(f'{size:<16} {str(grouped):<8} {str(packing):<7} {tokens / positions:>7.1%} {positions:>10,} '
-                      f'{rows:>6}')
+                      f'{rows:>6} {cells:>16,}')
         start = time.perf_counter()
         for b in padded:
             pack_batch(b, length)

@@ -45,25 +45,36 @@ def first_fit(prompt_lens: list[int], response_lens: list[int], order: list[int]
     return rows
 
 
+def layout_cost(rows: list[list[int]], prompt_lens: list[int], response_lens: list[int]) -> tuple[int, int]:
+    """(positions, attention cells) a layout computes: rows x (longest prompt side + longest
+    response side), and rows x (Le^2 + Ld^2 + Le*Ld) for the encoder's, the decoder's and the
+    cross attention (T5 materialises a bias for each cell, in every layer)."""
+    le = max(sum(prompt_lens[i] for i in row) for row in rows)
+    ld = max(sum(response_lens[i] for i in row) for row in rows)
+    return len(rows) * (le + ld), len(rows) * (le * le + ld * ld + le * ld)
+
+
 def pack_rows(prompt_lens: np.ndarray, response_lens: np.ndarray, length: int) -> list[list[int]]:
     """Pairs (by index) into rows whose prompts and whose responses each fit ``length`` tokens,
-    with the fewest positions computed (rows x (longest prompt side + longest response side)).
-    A pair's prompt and response share a row, so rows filled up to ``length`` on one side can be
-    mostly padding on the other (short prompts, long answers): first fit, longest pairs first,
-    is tried with each side capped at 1x, 2x and 3x its longest pair and at ``length``, and the
-    layout with the fewest positions is kept (of equals, the one with the widest caps: fewer, larger
-    rows). Deterministic."""
+    computing no more than the padded batch does: never more positions, never more attention
+    cells. First fit, longest pairs first, is tried with each side capped at 1x, 2x and 3x its
+    longest pair and at ``length``; of the layouts with no more attention cells than padding, the
+    one with the fewest positions is kept (then the fewest cells). Capped at 1x -- rows no longer
+    than the padded batch's, and no more of them -- always qualifies. A pair's prompt and response
+    share a row, so with short prompts and long answers the prompt side stays partly padding.
+    Deterministic."""
     p, r = prompt_lens.astype(np.int64).tolist(), response_lens.astype(np.int64).tolist()
     for i, (a, b) in enumerate(zip(p, r)):
         if a > length or b > length:
             raise ValueError(f'pair {i} ({a} + {b} tokens) is longer than the packed length {length}')
+    _, padded_cells = layout_cost([[i] for i in range(len(p))], p, r)
     order = sorted(range(len(p)), key=lambda i: -(p[i] + r[i]))  # stable: ties in batch order
     best, best_cost = None, None
-    for prompt_cap in sorted({min(length, max(p) * k) for k in (1, 2, 3)} | {length}, reverse=True):
-        for response_cap in sorted({min(length, max(r) * k) for k in (1, 2, 3)} | {length}, reverse=True):
+    for prompt_cap in sorted({min(length, max(p) * k) for k in (1, 2, 3)} | {length}):
+        for response_cap in sorted({min(length, max(r) * k) for k in (1, 2, 3)} | {length}):
             rows = first_fit(p, r, order, prompt_cap, response_cap)
-            cost = len(rows) * (max(sum(p[i] for i in row) for row in rows) + max(sum(r[i] for i in row) for row in rows))
-            if best_cost is None or cost < best_cost:
+            cost = layout_cost(rows, p, r)
+            if cost[1] <= padded_cells and (best_cost is None or cost < best_cost):
                 best, best_cost = rows, cost
     return best
 

@@ -145,6 +145,12 @@ def token_loss_sum(model, batch: dict, device, decoder_inputs=None) -> torch.Ten
 
     labels = batch['labels'].to(device, non_blocking=True)
     if 'decoder_segments' in batch:  # packed (model/data/packing.py): the masks come from the segments
+        inner = model
+        while hasattr(inner, 'module'):  # DDP, FSDP, DeepSpeed: the model they wrap
+            inner = inner.module
+        if not getattr(inner, '_accepts_packed_batches', False):  # transformers ignores unknown arguments:
+            raise RuntimeError('a packed batch for a model without accept_packed_batches: '  # pairs would mix
+                               'its loss would be wrong')
         logits = model(input_ids=batch['input_ids'].to(device, non_blocking=True),
                        decoder_input_ids=batch['decoder_input_ids'].to(device, non_blocking=True),
                        encoder_segments=batch['encoder_segments'].to(device, non_blocking=True),
