@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_packing.py --sizes=192x32
 
 For each (max_seq_len, batch_size_per_gpu) and each of length grouping off / on and packing off /
-on: one epoch of this toolkit's own loader (model/data/loader.StreamingLoader, seed 42) over
+on (packing weighing attention for a model of --width): one epoch of this toolkit's own loader (model/data/loader.StreamingLoader, seed 42) over
 ../shared/data/real_train_3k.parquet with an 8k tokenizer trained on it (bench/out/tokenizer_real8k,
 made once), and the share of the positions computed (input and label rows, padding included)
 that hold a token (the rest is padding, computed for nothing) and the attention cells computed
@@ -36,6 +36,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--sizes', default='192x32,192x16,128x16', help='max_seq_len x batch_size_per_gpu, comma-separated')
+    ap.add_argument('--width', type=int, default=768, help='the model\'s d_model, as packing weighs attention '
+                    '(768: the guide\'s model; the demo\'s is 128)')
     args = ap.parse_args()
     if not os.path.isfile(REAL):
         sys.exit(f'{REAL} is missing: this benchmark reads the real rows')
@@ -50,7 +52,8 @@ def main() -> None:
         for grouped in (False, True):
             for packing in (False, True):
                 loader = StreamingLoader([REAL], tok, LoaderSettings(
-                    max_seq_len=length, batch_size=batch, group_by_length=grouped, packing=packing, seed=42))
+                    max_seq_len=length, batch_size=batch, group_by_length=grouped, packing=packing, seed=42,
+                    packing_width=args.width))
                 tokens = positions = rows = cells = 0
                 for b in loader:
                     le, ld = b['input_ids'].shape[1], b['labels'].shape[1]
@@ -64,7 +67,7 @@ def main() -> None:
                       f'{rows:>6} {cells:>16,}')
         start = time.perf_counter()
         for b in padded:
-            pack_batch(b, length)
+            pack_batch(b, length, args.width)
         print(f'{size:<16} pack_batch: {1000 * (time.perf_counter() - start) / len(padded):.2f} ms a batch')
     # a GPU's batch: 256 rows up to 512 tokens a side, lengths drawn like the real rows' (log-normal)
     rng = np.random.default_rng(0)
@@ -77,7 +80,7 @@ def main() -> None:
 
         b = batch_from_ids(ids(p), ids(r), None, 0, 1)
         start = time.perf_counter()
-        pack_batch(b, 512)
+        pack_batch(b, 512, args.width)
         times.append(time.perf_counter() - start)
     print(f'512x256 (log-normal lengths) pack_batch: {1000 * sorted(times)[len(times) // 2]:.1f} ms a batch (median of 20)')
 

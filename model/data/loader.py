@@ -131,11 +131,13 @@ class EpochPass:
 class ParquetStreamDataset(IterableDataset):
     """This rank's local batches of one pass (set by :meth:`configure`); see the module doc."""
 
-    def __init__(self, files: list[str], encoder: TokenEncoder, return_row_index: bool = False, packing: bool = False):
+    def __init__(self, files: list[str], encoder: TokenEncoder, return_row_index: bool = False, packing: bool = False,
+                 packing_width: int = 0):
         self.files = files
         self.encoder = encoder
         self.return_row_index = return_row_index
         self.packing = packing  # each batch packed (model/data/packing.py) where it is made: in a worker
+        self.packing_width = packing_width
         self.row_groups, self.num_rows = row_group_table(files)
         self.pass_: EpochPass | None = None
 
@@ -185,7 +187,7 @@ class ParquetStreamDataset(IterableDataset):
             else:
                 batches = self._plain_batches(pass_, reader, worker, num_workers)
             for batch in batches:
-                yield pack_batch(batch, self.encoder.max_seq_len) if self.packing else batch
+                yield pack_batch(batch, self.encoder.max_seq_len, self.packing_width) if self.packing else batch
         except UserError as e:  # a damaged page met mid-epoch
             if info is None:
                 raise
@@ -266,6 +268,7 @@ class LoaderSettings:
     pin_memory: bool = False
     objective: str = 'pairs'  # pairs: prompt -> response | span_corruption: raw text, T5's objective
     packing: bool = False  # pairs: several pairs a row (model/data/packing.py); span corruption fills its rows already
+    packing_width: int = 0  # the model's d_model: how packing weighs attention against positions (0: never more attention)
     noise_density: float = 0.15  # span corruption: share of tokens masked
     mean_noise_span_length: float = 3.0  # span corruption: mean tokens per masked span
 
@@ -280,14 +283,15 @@ class LoaderSettings:
             raise ValueError(f'objective must be one of {", ".join(OBJECTIVES)}, got {self.objective!r}')
 
     @classmethod
-    def of(cls, t, train: bool, pin_memory: bool = False) -> 'LoaderSettings':
-        """The training loader (train) or the validation loader of a run's config ``t``."""
+    def of(cls, t, train: bool, pin_memory: bool = False, model_width: int = 0) -> 'LoaderSettings':
+        """The training loader (train) or the validation loader of a run's config ``t``
+        (model_width: the model's d_model, for packing)."""
         return cls(max_seq_len=t.max_seq_len, batch_size=t.batch_size_per_gpu,
                    accumulation=t.gradient_accumulation_steps if train else 1, shuffle=train, seed=t.seed,
                    shuffle_window_rows=t.shuffle_window_rows, group_by_length=t.group_by_length and train,
                    length_group_batches=t.length_group_batches, mix_row_groups=t.shuffle_row_groups,
                    drop_last=train, num_workers=t.num_workers if train else 0, pin_memory=pin_memory,
-                   objective=t.objective, packing=t.packing, noise_density=t.noise_density,
+                   objective=t.objective, packing=t.packing, packing_width=model_width, noise_density=t.noise_density,
                    mean_noise_span_length=t.mean_noise_span_length)
 
     @property
@@ -330,7 +334,7 @@ class StreamingLoader:
         else:
             encoder = TokenEncoder(tokenizer, settings.max_seq_len)
             self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index,
-                                                packing=settings.packing)
+                                                packing=settings.packing, packing_width=settings.packing_width)
         if self.dataset.num_rows == 0:
             raise UserError(f'{", ".join(self.files)}: no rows to train on')
         self.settings = settings

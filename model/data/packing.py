@@ -54,15 +54,18 @@ def layout_cost(rows: list[list[int]], prompt_lens: list[int], response_lens: li
     return len(rows) * (le + ld), len(rows) * (le * le + ld * ld + le * ld)
 
 
-def pack_rows(prompt_lens: np.ndarray, response_lens: np.ndarray, length: int) -> list[list[int]]:
-    """Pairs (by index) into rows whose prompts and whose responses each fit ``length`` tokens,
-    computing no more than the padded batch does: never more positions, never more attention
-    cells. First fit, longest pairs first, is tried with each side capped at 1x, 2x and 3x its
-    longest pair and at ``length``; of the layouts with no more attention cells than padding, the
-    one with the fewest positions is kept (then the fewest cells). Capped at 1x -- rows no longer
-    than the padded batch's, and no more of them -- always qualifies. A pair's prompt and response
-    share a row, so with short prompts and long answers the prompt side stays partly padding.
-    Deterministic."""
+def pack_rows(prompt_lens: np.ndarray, response_lens: np.ndarray, length: int, width: int = 0) -> list[list[int]]:
+    """Pairs (by index) into rows whose prompts and whose responses each fit ``length`` tokens.
+    First fit, longest pairs first, is tried with each side capped at 1x, 2x and 3x its longest
+    pair and at ``length``; the layout kept is the cheapest, an attention cell counted as 1/width
+    of a position (width: the model's d_model; a position costs ~24 d_model^2 FLOPs a layer in
+    its matmuls, a cell ~4 d_model in attention's, and T5 materialises a bias for each cell, so
+    1/width is a pessimistic weight), ties to the fewest cells. width=0: only layouts with no
+    more attention cells than the padded batch, the fewest positions of those. Capped at 1x --
+    rows no longer than the padded batch's, and no more of them -- computes no more of either
+    than padding and is always a candidate, so packing never costs more than padding. A pair's
+    prompt and response share a row, so with short prompts and long answers the prompt side
+    stays partly padding. Deterministic."""
     p, r = prompt_lens.astype(np.int64).tolist(), response_lens.astype(np.int64).tolist()
     for i, (a, b) in enumerate(zip(p, r)):
         if a > length or b > length:
@@ -73,15 +76,18 @@ def pack_rows(prompt_lens: np.ndarray, response_lens: np.ndarray, length: int) -
     for prompt_cap in sorted({min(length, max(p) * k) for k in (1, 2, 3)} | {length}):
         for response_cap in sorted({min(length, max(r) * k) for k in (1, 2, 3)} | {length}):
             rows = first_fit(p, r, order, prompt_cap, response_cap)
-            cost = layout_cost(rows, p, r)
-            if cost[1] <= padded_cells and (best_cost is None or cost < best_cost):
+            positions, cells = layout_cost(rows, p, r)
+            if not width and cells > padded_cells:
+                continue
+            cost = (positions + cells / width if width else positions, cells)
+            if best_cost is None or cost < best_cost:
                 best, best_cost = rows, cost
     return best
 
 
-def pack_batch(batch: dict, length: int) -> dict:
+def pack_batch(batch: dict, length: int, width: int = 0) -> dict:
     """The padded batch ``batch`` (numpy, model/data/batches.batch_from_ids) packed into rows of
-    at most ``length`` tokens a side. Adds ``encoder_segments``, ``decoder_segments`` (int64,
+    at most ``length`` tokens a side (``width``: :func:`pack_rows`). Adds ``encoder_segments``, ``decoder_segments`` (int64,
     0 = padding) and ``decoder_input_ids`` (each pair's response shifted right behind the
     decoder's start token); ``attention_mask`` stays the tokens (segments > 0) and every other
     key (num_rows, row_index, ...) is kept as it was. A batch without rows (a placeholder) is
@@ -91,7 +97,7 @@ def pack_batch(batch: dict, length: int) -> dict:
     ids, labels = batch['input_ids'], batch['labels']
     p_len = batch['attention_mask'].sum(1).astype(np.int64)
     r_len = (labels != LABEL_PAD_ID).sum(1).astype(np.int64)
-    rows = pack_rows(p_len, r_len, length)
+    rows = pack_rows(p_len, r_len, length, width)
     n = len(rows)
     le = max(int(p_len[r].sum()) for r in rows)
     ld = max(int(r_len[r].sum()) for r in rows)

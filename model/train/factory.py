@@ -179,9 +179,10 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     train_files, valid_files = resolve_parquet_files(t.train_file), resolve_parquet_files(t.validation_file)
     # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts)
     count = collectives.combine_counts if t.objective == 'span_corruption' else None
-    train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, train=True, pin_memory=pin), rank, world,
+    width = cfg.model.d_model  # packing weighs attention against positions by the model's width
+    train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, True, pin, width), rank, world,
                                    combine_counts=count)
-    valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, train=False, pin_memory=pin), rank,
+    valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, False, pin, width), rank,
                                    world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted
     total_steps = train_loader.total_steps(t.epochs)
