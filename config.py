@@ -80,7 +80,7 @@ class TrainConfigPretrainLarge:
     shuffle_row_groups: int = 16  # row groups a shuffle window draws its rows from: a file sorted by source or topic still trains mixed
     group_by_length: bool = True  # sort rows by length within a window to cut padding (faster steps; where lengths go with the task, as in the demo, it learns less per step: measured in the README)
     length_group_batches: int = 64  # local batches per length-sorting window
-    packing: bool = True  # pairs: a batch's pairs laid end to end in fewer rows, each attending only to itself: the padded batch's loss and gradients (dropout draws aside) in fewer positions, never more attention (measured in the README); the batch's pairs and order do not change
+    packing: bool = True  # pairs: a batch's pairs laid end to end in fewer rows, each attending only to itself: the padded batch's loss and gradients (dropout draws aside) in fewer positions, attention weighed by d_model (measured in the README); the batch's pairs and order do not change
 
     # --- tokenizer training (train_low_mem.py train_tokenizer) ---
     vocab_size: int = 32000  # sentencepiece vocabulary (pieces, incl. 256 byte pieces); T5's 100 sentinels <extra_id_N> come on top
