@@ -30,6 +30,7 @@ TOK = os.path.join(ROOT, 'bench', 'out', 'tokenizer_real8k')
 def main() -> None:
     import numpy as np
 
+    from model.data.batches import batch_from_ids
     from model.data.loader import LoaderSettings, StreamingLoader
     from model.data.packing import pack_batch
     from model.data.tokenizer import LABEL_PAD_ID, load_tokenizer, train_tokenizer
@@ -75,10 +76,7 @@ def main() -> None:
     for _ in range(20):
         p = np.minimum(rng.lognormal(3.2, 0.6, 256).astype(int) + 2, 512)
         r = np.minimum(rng.lognormal(4.5, 0.8, 256).astype(int) + 2, 512)
-        ids = lambda lens: (np.ones(int(lens.sum()), np.int64), lens)  # noqa: E731
-        from model.data.batches import batch_from_ids
-
-        b = batch_from_ids(ids(p), ids(r), None, 0, 1)
+        b = batch_from_ids((np.ones(int(p.sum()), np.int64), p), (np.ones(int(r.sum()), np.int64), r), None, 0, 1)
         start = time.perf_counter()
         pack_batch(b, 512, args.width)
         times.append(time.perf_counter() - start)

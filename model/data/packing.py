@@ -20,9 +20,6 @@ import numpy as np
 
 from model.data.tokenizer import LABEL_PAD_ID, PAD_ID
 
-PACKED_KEYS = ('encoder_segments', 'decoder_segments', 'decoder_input_ids')
-
-
 def first_fit(prompt_lens: list[int], response_lens: list[int], order: list[int], prompt_cap: int,
               response_cap: int) -> list[list[int]]:
     """Pairs (by index, taken in ``order``) into rows: each goes to the first row where its prompt

@@ -143,7 +143,10 @@ def token_loss_sum(model, batch: dict, device, decoder_inputs=None) -> torch.Ten
     prepare_decoder_input_ids_from_labels when `model` is a wrapper (DDP)."""
     import torch.nn.functional as F
 
-    labels = batch['labels'].to(device, non_blocking=True)
+    def to_device(key):
+        return batch[key].to(device, non_blocking=True)
+
+    labels = to_device('labels')
     if 'decoder_segments' in batch:  # packed (model/data/packing.py): the masks come from the segments
         inner = model
         while hasattr(inner, 'module'):  # DDP, FSDP, DeepSpeed: the model they wrap
@@ -151,16 +154,11 @@ def token_loss_sum(model, batch: dict, device, decoder_inputs=None) -> torch.Ten
         if not getattr(inner, '_accepts_packed_batches', False):  # transformers ignores unknown arguments:
             raise RuntimeError('a packed batch for a model without accept_packed_batches: '  # pairs would mix
                                'its loss would be wrong')
-        logits = model(input_ids=batch['input_ids'].to(device, non_blocking=True),
-                       decoder_input_ids=batch['decoder_input_ids'].to(device, non_blocking=True),
-                       encoder_segments=batch['encoder_segments'].to(device, non_blocking=True),
-                       decoder_segments=batch['decoder_segments'].to(device, non_blocking=True)).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD_ID,
-                               reduction='sum')
-    make_decoder_inputs = decoder_inputs or model.prepare_decoder_input_ids_from_labels
-    logits = model(input_ids=batch['input_ids'].to(device, non_blocking=True),
-                   attention_mask=batch['attention_mask'].to(device, non_blocking=True),
-                   decoder_input_ids=make_decoder_inputs(labels=labels)).logits
+        inputs = {key: to_device(key) for key in ('encoder_segments', 'decoder_segments', 'decoder_input_ids')}
+    else:
+        make_decoder_inputs = decoder_inputs or model.prepare_decoder_input_ids_from_labels
+        inputs = {'attention_mask': to_device('attention_mask'), 'decoder_input_ids': make_decoder_inputs(labels=labels)}
+    logits = model(input_ids=to_device('input_ids'), **inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD_ID, reduction='sum')
 
 
