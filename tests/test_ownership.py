@@ -262,6 +262,49 @@ def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
     assert markers.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
 
 
+
+KILLED_WITH_A_WORKER = """
+import os, sys, time, torch
+from model.state import locks
+from model.stopping import ignore_in_worker
+
+class Slow(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.getpid()
+        time.sleep(120)
+        yield 0
+
+lock = locks.PlaceLock([sys.argv[1]], 'training run').acquire()
+loader = iter(torch.utils.data.DataLoader(Slow(), batch_size=None, num_workers=1, worker_init_fn=ignore_in_worker))
+print(int(next(loader)), flush=True)  # the worker's pid, the worker alive and sleeping
+time.sleep(120)
+"""
+
+
+def test_a_killed_runs_dataloader_worker_does_not_hold_its_lock(tmp_path):
+    """SIGKILL to a run whose DataLoader worker lives on (it checks for its parent only every few
+    seconds): the lock is free at once, so the resume right after the kill is not refused."""
+    import signal
+
+    place = str(tmp_path / 'run')
+    proc = subprocess.Popen([sys.executable, '-c', KILLED_WITH_A_WORKER, place], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(proc.stdout.readline())
+    try:
+        assert 'pid' in (locks.is_locked(place) or '')  # held while the run lives
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(worker, 0)  # the worker outlives the run ...
+        assert locks.is_locked(place) is None  # ... and holds no lock
+        with locks.PlaceLock([place], 'training run'):
+            pass
+    finally:
+        proc.kill()
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
 # --------------------------------------------------------------------------- temporaries
 
 

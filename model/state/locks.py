@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import time
+import weakref
 
 from model.errors import UserError
 from model.state.ownership import lock_info, read_regular_file
@@ -37,11 +38,33 @@ def _open_lock(folder: str, flags: int) -> int:
     return fd
 
 
+_HELD: weakref.WeakSet = weakref.WeakSet()  # this process's locks now held
+
+
+def _drop_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the copies of the lock files. A flock
+    belongs to the open file, which a fork shares: a worker outliving its killed run (it looks
+    for its parent only every few seconds) would otherwise hold the run's lock, and the resume
+    right after the kill would be refused as "in use". Closing a copy leaves the parent's lock."""
+    for lock in list(_HELD):
+        for fd in lock._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        lock._fds = []
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
+
 class PlaceLock:
     """One run per output place: an exclusive flock on ``<folder>/.chat_small_t5.lock``.
 
     The kernel drops the lock when the process dies, so a killed run never blocks the next
-    one; the file only says who holds it (pid, host, start time) for the error message.
+    one (its forked children close their copies at the fork: they never hold it); the file
+    only says who holds it (pid, host, start time) for the error message.
     """
 
     def __init__(self, folders: list[str], what: str = 'run'):
@@ -52,6 +75,7 @@ class PlaceLock:
     def acquire(self) -> PlaceLock:
         import fcntl
 
+        _HELD.add(self)
         try:
             for folder in self.folders:  # every lock file judged before any is taken or written
                 os.makedirs(folder, exist_ok=True)
@@ -77,6 +101,7 @@ class PlaceLock:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        _HELD.discard(self)
 
     def __enter__(self):
         return self.acquire()
