@@ -131,3 +131,11 @@ def test_learning_benches_run_quick(bench):
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ('speed-up (peer time / our time)' if bench == 'bench_train' else 'adamw') in r.stdout
+
+
+def test_bench_optimizer_runs_and_reports_both():
+    r = subprocess.run([sys.executable, 'bench/bench_optimizer.py', '--sizes=demo', '--reps=2', '--threads=1'], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if 'ratio' in line]
+    assert len(lines) == 2 and all('transformers' in line and 'this toolkit' in line for line in lines)

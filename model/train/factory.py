@@ -63,10 +63,9 @@ class Run:
 
 def build_optimizer(train_cfg, model):
     if train_cfg.optimizer == 'adafactor':
-        from transformers.optimization import Adafactor
+        from model.train.adafactor import Adafactor  # transformers' arithmetic, weights of one shape at once
 
-        return Adafactor(model.parameters(), lr=train_cfg.learn_rate, relative_step=False,
-                         scale_parameter=train_cfg.adafactor_scale_parameter, warmup_init=False,
+        return Adafactor(model.parameters(), lr=train_cfg.learn_rate, scale_parameter=train_cfg.adafactor_scale_parameter,
                          weight_decay=train_cfg.weight_decay)
     import torch
 
