@@ -37,12 +37,12 @@ def text_data(tmp_path_factory, tokenizer_dir):
             'valid': write_text(d / 'valid.parquet', 40, seed=22), 'tok': tokenizer_dir}
 
 
-def loader(files, tokenizer, rank=0, world=1, combine_counts=None, **kw):
+def loader(files, tokenizer, rank=0, world=1, combine_counts=None, saved_counts=None, **kw):
     settings = dict(max_seq_len=MAX_LEN, batch_size=8, objective='span_corruption', shuffle_window_rows=120,
                     mix_row_groups=2, seed=5)
     settings.update(kw)
     return StreamingLoader(files, tokenizer, LoaderSettings(**settings), rank, world, return_row_index=True,
-                           combine_counts=combine_counts)
+                           combine_counts=combine_counts, saved_counts=saved_counts)
 
 
 def test_each_rank_counts_a_share_of_the_tokens_and_the_shares_sum_to_the_whole(text_data, tokenizer):
@@ -166,6 +166,64 @@ def test_resume_mid_epoch_continues_with_the_same_examples(text_data, tokenizer,
     assert set(got) == set(range(40, max(whole) + 1)) and all(got[k] == whole[k] for k in got)
 
 
+def test_a_resume_takes_the_token_counts_its_state_kept(text_data, tokenizer, monkeypatch):
+    """The data position carries the rows' token counts: a loader given them counts nothing and
+    serves the same examples; the counts survive JSON as a state holds them."""
+    first = loader(text_data['train'], tokenizer)
+    part = json.loads(json.dumps(first.state_dict()))['row_tokens']  # as a saved state holds it
+    assert part['rows'] == first.num_rows and part['tokens'] == int(first.dataset.row_tokens().sum())
+
+    def no_counting(*a, **k):
+        raise AssertionError('counted again')
+    monkeypatch.setattr(type(first.dataset), '_count_row_group', no_counting)
+    again = loader(text_data['train'], tokenizer, saved_counts=part)
+    assert np.array_equal(again.dataset.row_tokens(), first.dataset.row_tokens())
+    assert examples(epoch(again)) == examples(epoch(loader(text_data['train'], tokenizer, saved_counts=part)))
+    assert again.num_positions == first.num_positions and again.state_dict()['row_tokens']['of'] == part['of']
+
+
+def test_token_counts_for_other_files_or_damaged_are_counted_again(text_data, tokenizer, tmp_path):
+    """Kept counts are taken only for the very files, tokenizer and rule they were counted from;
+    other files under the same names (another folder), a changed tokenizer or a damaged part:
+    counted again, the same numbers as a first start."""
+    part = json.loads(json.dumps(loader(text_data['train'], tokenizer).state_dict()))['row_tokens']
+    other_dir = tmp_path / 'other'
+    other_dir.mkdir()
+    other = write_text(other_dir / os.path.basename(text_data['train']), 300, seed=99, blank_every=17)
+    fresh = loader(other, tokenizer).dataset.row_tokens()
+    assert not np.array_equal(fresh, loader(text_data['train'], tokenizer).dataset.row_tokens())
+    assert np.array_equal(loader(other, tokenizer, saved_counts=part).dataset.row_tokens(), fresh)
+
+    def changed(**how):
+        bad = json.loads(json.dumps(part))
+        for key, value in how.items():
+            if key in bad['of']:
+                bad['of'][key] = value
+            else:
+                bad[key] = value
+        return bad
+    # the same size and rows, another footer (a rewrite): not taken, though here the counts would agree
+    table = pq.read_table(text_data['train'])
+    for tag in ('a', 'b'):
+        (tmp_path / tag).mkdir()
+        pq.write_table(table.replace_schema_metadata({'tag': tag}), str(tmp_path / tag / 'train.parquet'),
+                       row_group_size=50)
+    a, b = str(tmp_path / 'a' / 'train.parquet'), str(tmp_path / 'b' / 'train.parquet')
+    assert os.path.getsize(a) == os.path.getsize(b)
+    kept = json.loads(json.dumps(loader(a, tokenizer).state_dict()))['row_tokens']
+    assert loader(b, tokenizer, saved_counts=kept).dataset._row_tokens is None
+    assert loader(a, tokenizer, saved_counts=kept).dataset._row_tokens is not None
+
+    counts = loader(text_data['train'], tokenizer).dataset.row_tokens()
+    for bad in (changed(tokenizer_sha256='0' * 64), changed(rule=0), changed(tokens=part['tokens'] + 1),
+                changed(int32_zlib_base64='not base64!'), changed(int32_zlib_base64=''), changed(rows=1),
+                {k: v for k, v in part.items() if k != 'int32_zlib_base64'}, 'not a dict', None):
+        ld = loader(text_data['train'], tokenizer, saved_counts=bad)
+        assert ld.dataset._row_tokens is None  # nothing taken: counted as at a first start
+        assert np.array_equal(ld.dataset.row_tokens(), counts)
+    assert loader(text_data['train'], tokenizer, saved_counts=part).dataset._row_tokens is not None
+
+
 def test_a_tokenizer_without_sentinels_and_the_wrong_kind_of_data_are_refused(text_data, tokenizer_dir, tmp_path,
                                                                              data):
     old = tmp_path / 'old_tokenizer'
@@ -212,6 +270,8 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, d
     assert r.returncode == 0, r.stderr[-3000:]
     ref_losses, losses = logged_losses(ref), logged_losses(cut)
     assert ref_losses == losses  # every step's loss, before and after the stop
+    resumed_log = open(sorted(glob.glob(f'{cut}/logs/*.log'))[-1], encoding='utf-8').read()
+    assert 'taken from the saved state' in resumed_log  # the resume did not count the corpus again
     assert_same_weights(f'{ref}/final/model.safetensors', f'{cut}/final/model.safetensors')
     # its state resumed as pairs (stage 2 by mistake): refused before anything starts
     r = run_train(tiny_flags(data, cut, allow_data_change=True), '--is_keep_training=True')

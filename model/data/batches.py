@@ -29,6 +29,12 @@ class TokenEncoder:
         self._json = rust.to_str()
         self._setup()
 
+    def digest(self) -> str:
+        """The tokenizer's SHA-256 (its JSON): what a count of its tokens depends on."""
+        import hashlib
+
+        return hashlib.sha256(self._json.encode('utf-8')).hexdigest()
+
     def _setup(self) -> None:
         from tokenizers import Tokenizer
 

@@ -316,10 +316,12 @@ class StreamingLoader:
     """
 
     def __init__(self, files, tokenizer, settings: LoaderSettings, rank: int = 0, world_size: int = 1,
-                 return_row_index: bool = False, multiprocessing_context=None, combine_counts=None):
+                 return_row_index: bool = False, multiprocessing_context=None, combine_counts=None,
+                 saved_counts: dict | None = None):
         """combine_counts(counts, error): span corruption's token counts, each rank counting a share
         of the row groups and this summing them over the ranks (Collectives.combine_counts); None:
-        this process counts them all."""
+        this process counts them all. saved_counts: the counts a saved state's data position holds
+        (``row_tokens``), taken instead of counting when they were counted from these files."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f'rank {rank} outside world size {world_size}')
         self.files = resolve_parquet_files(files)
@@ -331,6 +333,9 @@ class StreamingLoader:
             self.dataset = SpanCorruptionDataset(self.files, encoder, SpanSettings(
                 settings.max_seq_len, settings.noise_density, settings.mean_noise_span_length), return_row_index,
                 count_share=share)
+            if saved_counts is not None and not self.dataset.take_counts(saved_counts):
+                logger.info('data: the saved state\'s token counts are for other files or another tokenizer: '
+                            'counting again')
         else:
             encoder = TokenEncoder(tokenizer, settings.max_seq_len)
             self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index,
@@ -419,10 +424,13 @@ class StreamingLoader:
             self._epoch_order, self._grid_origin = self.order, 0
 
     def state_dict(self) -> dict:
-        return {'epoch': self.epoch, 'rows_consumed': self.rows_consumed, 'num_rows': self.num_rows,
-                'objective': self.settings.objective,
-                **asdict(self._epoch_order), 'global_batch_size': self.global_batch_size,
-                'accumulation': self.accumulation, 'grid_origin': self._grid_origin}
+        state = {'epoch': self.epoch, 'rows_consumed': self.rows_consumed, 'num_rows': self.num_rows,
+                 'objective': self.settings.objective,
+                 **asdict(self._epoch_order), 'global_batch_size': self.global_batch_size,
+                 'accumulation': self.accumulation, 'grid_origin': self._grid_origin}
+        if self.settings.objective == 'span_corruption':  # so a resume need not count the corpus again
+            state['row_tokens'] = self.dataset.counts_part()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         # a saved position without the key is from before span corruption: pairs (a rewind has neither)

@@ -142,16 +142,17 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             for note in deep_notes:
                 if note not in notes:  # the main process's: every rank's notes said nothing of the states
                     logger.warning('%s', note)
+        if resume:  # every rank loads the main process's verdict (its data position's counts: before the loaders)
+            saved = collectives.broadcast_from_main_all_ranks(saved)
         if t.log_with != 'none':
             init_trackers(cfg, accelerator, stamp)
-        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint)
+        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved)
         stop_at_start_up_all_ranks(collectives)  # again before anything is moved or loaded: a stop changes nothing
         if not resume:
             with stopping.critical():
                 run.checkpointer.archive_previous_run_all_ranks(stamp)
         collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
         if resume:
-            saved = collectives.broadcast_from_main_all_ranks(saved)
             run.checkpointer.load_all_ranks(saved, run.state, run.data_position)
             apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler)
         return run
@@ -161,7 +162,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         raise
 
 
-def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint) -> Run:
+def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved=None) -> Run:
     from accelerate.utils import set_seed
 
     from model.data.files import resolve_parquet_files
@@ -179,8 +180,10 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts)
     count = collectives.combine_counts if t.objective == 'span_corruption' else None
     width = cfg.model.d_model  # packing weighs attention against positions by the model's width
+    # a resume takes the token counts its state kept (span corruption), if they are for these files
+    counted = saved.parts['data_position'].get('row_tokens') if saved is not None and resume else None
     train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, True, pin, width), rank, world,
-                                   combine_counts=count)
+                                   combine_counts=count, saved_counts=counted)
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, False, pin, width), rank,
                                    world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted
