@@ -122,7 +122,8 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
         if t.objective == 'span_corruption':
             unit = 'examples'
             print(f'[span corruption]\n  {report.train_examples:,} examples of {t.max_seq_len} input tokens an epoch, '
-                  f'packed from the {report.train_rows:,} rows\' tokens (counted by tokenizing them)')
+                  f'packed from the {report.train_rows:,} rows\' tokens ('
+                  f'{"kept by the saved state: not counted again" if report.counts_kept else "counted by tokenizing them"})')
         print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} {unit} x '
               f'{t.gradient_accumulation_steps} accumulation = {per_step} {unit} per optimizer step; '
               f'{report.total_steps:,} optimizer steps over {t.epochs} epoch(s); '

@@ -266,6 +266,8 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, d
     stopped = subprocess.run([sys.executable, 'train_low_mem.py', 'train', *tiny_flags(text_data, cut, **SPAN)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
+    dry = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True', '--dry_run=True')
+    assert dry.returncode == 0 and 'kept by the saved state: not counted again' in dry.stdout, dry.stdout[-3000:]
     r = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]
     ref_losses, losses = logged_losses(ref), logged_losses(cut)

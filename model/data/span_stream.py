@@ -108,6 +108,7 @@ class SpanCorruptionDataset(IterableDataset):
         self._row_tokens: np.ndarray | None = None
         self._counts_part: dict | None = None
         self._counts_of: dict | None = None  # what the counts were counted from (read as they were counted)
+        self.counts_taken = False  # the counts came from a saved state (take_counts), not from counting
         self.count_share = count_share
         self._sizes: dict[tuple[int, OrderParams], np.ndarray] = {}
         self.pass_ = None
@@ -165,7 +166,7 @@ class SpanCorruptionDataset(IterableDataset):
             return False
         if counts.size != self.num_rows or (counts < 0).any() or int(counts.sum()) != part.get('tokens'):
             return False
-        self._row_tokens, self._counts_of, self.count_share = counts, now, None
+        self._row_tokens, self._counts_of, self.count_share, self.counts_taken = counts, now, None, True
         logger.info('data: %d tokens in %d rows, taken from the saved state (counted when the run started; span '
                     'corruption: %d tokens per example)', int(counts.sum()), self.num_rows, self.raw_length)
         return True

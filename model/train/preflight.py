@@ -57,6 +57,7 @@ class Report:
     train_files: list[str] = field(default_factory=list)
     train_rows: int = 0
     train_examples: int = 0  # span corruption: examples of epoch 0 (the positions a step takes)
+    counts_kept: bool = False  # span corruption: the rows' token counts came from the resume's state
     vocab_size: int = 0
     parameters: int = 0
     total_steps: int = 0
@@ -204,17 +205,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.train_rows = sum(inspect_parquet(f).num_rows for f in files['train_file'])
         report.total_steps = total_optimizer_steps(report.train_rows, t.batch_size_per_gpu, world_size,
                                                    t.gradient_accumulation_steps, t.epochs, t.max_steps)
-        unit = 'rows'
-        if t.objective == 'span_corruption':  # examples, from every row's tokens (the loader's count)
-            report.train_examples, report.total_steps = problem(
-                'train_file', lambda: span_steps(t, files['train_file'], world_size)) or (0, 0) \
-                if count_examples else (0, 0)
-            unit = f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)'
-        if report.total_steps == 0 and (count_examples or t.objective == 'pairs'):
-            report.problems.append(Problem(
-                'batch_size_per_gpu', f'train_file: its {unit} are fewer than one optimizer step '
-                f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
-                f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps'))
+        if t.objective == 'span_corruption':  # examples: counted below, once a resume's state is judged
+            report.total_steps = 0
+        elif report.total_steps == 0:
+            report.problems.append(too_few_for_a_step(t, 'rows', world_size))
         report.parameters = t5_parameter_count(cfg.model, report.vocab_size)
         report.fingerprint = contract.fingerprint(
             model_shape(cfg.model, report.vocab_size), [(f, inspect_parquet(f).num_rows) for f in report.train_files],
@@ -241,7 +235,22 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     # resume: a state that loads, trained with what this run would use; a fresh run: what an
     # earlier one left can be moved aside
     check_states(cfg, resume, report, deep)
+    if count_examples and t.objective == 'span_corruption' and files['train_file'] and report.vocab_size:
+        # examples, from every row's tokens (the loader's count; a resume's state keeps them)
+        kept = report.resume.parts['data_position'].get('row_tokens') if report.resume else None
+        report.train_examples, report.total_steps, report.counts_kept = problem(
+            'train_file', lambda: span_steps(t, files['train_file'], world_size, kept)) or (0, 0, False)
+        if report.total_steps == 0:
+            report.problems.append(too_few_for_a_step(
+                t, f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)', world_size))
+        report.notes += warmup_notes(t, report.total_steps)
     return report
+
+
+def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
+    return Problem('batch_size_per_gpu', f'train_file: its {unit} are fewer than one optimizer step '
+                   f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
+                   f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps')
 
 
 def warmup_notes(t, total_steps: int) -> list[str]:
@@ -313,17 +322,19 @@ def _check_data(spec, name: str, objective: str = 'pairs') -> list[str]:
     return files
 
 
-def span_steps(t, files: list[str], world_size: int) -> tuple[int, int]:
-    """(examples of epoch 0, optimizer steps of the run) under span corruption: the loader's own
-    count, from every row's tokens (the Rust tokenizer; no torch model)."""
+def span_steps(t, files: list[str], world_size: int, kept: dict | None = None) -> tuple[int, int, bool]:
+    """(examples of epoch 0, optimizer steps of the run, whether the kept counts were taken) under
+    span corruption: the loader's own
+    count, from every row's tokens (the Rust tokenizer; no torch model), or from the counts a
+    resume's state kept (``kept``: its data position's ``row_tokens``) when they are for these files."""
     from tokenizers import Tokenizer
 
     from model.data.loader import LoaderSettings, StreamingLoader
 
     tok = Tokenizer.from_file(os.path.join(t.tokenizer_dir, 'tokenizer.json'))
-    loader = StreamingLoader(files, tok, LoaderSettings.of(t, train=True), 0, world_size)
+    loader = StreamingLoader(files, tok, LoaderSettings.of(t, train=True), 0, world_size, saved_counts=kept)
     steps = loader.total_steps(t.epochs)
-    return loader.num_positions, min(steps, t.max_steps) if t.max_steps else steps
+    return loader.num_positions, min(steps, t.max_steps) if t.max_steps else steps, loader.dataset.counts_taken
 
 
 LOG_ROOM = 1 << 20  # a run's log grows by ~100 bytes a logged step: a MiB is the least that makes sense
