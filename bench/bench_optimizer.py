@@ -1,14 +1,16 @@
 """One Adafactor step, transformers' against this toolkit's (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_optimizer.py                    # demo and 10m shapes, ~2 min on 2 cores
-    .venv/bin/python bench/bench_optimizer.py --sizes=demo --reps=50
+    .venv/bin/python bench/bench_optimizer.py                    # demo and 10m shapes, 1 and all threads, ~4 min on 2 cores
+    .venv/bin/python bench/bench_optimizer.py --sizes=demo --reps=50 --threads=1
 
 For each model shape (the demo preset's T5: 1.5M parameters; the 10m preset's: the guide's
 190M-parameter T5 with a 32k vocabulary) one backward pass leaves gradients, then ``optimizer.step()``
 of transformers' ``Adafactor(relative_step=False, warmup_init=False)`` and of
 ``model/train/adafactor.Adafactor`` (the same arithmetic, weights of one shape at once) are timed
-in turn, ``--reps`` times each after a warm-up step, with and without parameter scaling; printed:
-median milliseconds a step and the ratio (transformers' / ours). The steps change the weights; both
+in turn, ``--reps`` times each after a warm-up step, with and without parameter scaling, at each
+torch thread count of ``--threads`` (on a CPU small operations can run slower on more threads:
+transformers' many small ones most); printed: median milliseconds a step and the ratio
+(transformers' / ours). Run it alone: another process on the cores moves these figures widely. The steps change the weights; both
 see the same gradients. On a GPU the reference also waits for the device once per weight with
 scaling (``max(float, tensor)``); this bench runs where torch runs (--device).
 """
@@ -68,23 +70,31 @@ def main() -> None:
     from model.train.adafactor import Adafactor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--sizes', default='demo,10m')
-    ap.add_argument('--reps', type=int, default=20)
+    ap.add_argument('--sizes', default='demo,10m', help=f'comma-separated, of {", ".join(SHAPES)}')
+    ap.add_argument('--reps', type=int, default=20, help='timed steps of each (at least 1)')
     ap.add_argument('--device', default='cpu')
-    ap.add_argument('--threads', type=int, default=os.cpu_count())
+    ap.add_argument('--threads', default=f'1,{os.cpu_count()}', help='torch thread counts, comma-separated')
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f'bench_optimizer: {args.device}, {args.threads} thread(s), load average '
-          f'{" ".join(f"{x:.2f}" for x in os.getloadavg())}; median ms of {args.reps} steps')
-    for size in args.sizes.split(','):
+    sizes = args.sizes.split(',')
+    unknown = [s for s in sizes if s not in SHAPES]
+    if unknown or args.reps < 1:
+        ap.error(f'unknown size {", ".join(unknown)} (choose from {", ".join(SHAPES)})' if unknown
+                 else f'--reps={args.reps}: give at least 1')
+    threads = sorted({int(x) for x in args.threads.split(',')})
+    print(f'bench_optimizer: {args.device}, load average {" ".join(f"{x:.2f}" for x in os.getloadavg())}; '
+          f'median ms of {args.reps} steps')
+    for size in sizes:
         model = build(size, args.device)
         params = sum(p.numel() for p in model.parameters())
-        for scale in (True, False):
-            ref = time_steps(Reference(model.parameters(), lr=1e-3, relative_step=False, warmup_init=False,
-                                       scale_parameter=scale), args.reps, args.device)
-            ours = time_steps(Adafactor(model.parameters(), lr=1e-3, scale_parameter=scale), args.reps, args.device)
-            print(f'{size:>5} ({params / 1e6:.1f}M parameters), scale_parameter={scale!s:<5}: transformers '
-                  f'{ref:8.2f} ms, this toolkit {ours:8.2f} ms, ratio {ref / ours:.2f}x', flush=True)
+        for n in threads:
+            torch.set_num_threads(n)
+            for scale in (True, False):
+                ref = time_steps(Reference(model.parameters(), lr=1e-3, relative_step=False, warmup_init=False,
+                                           scale_parameter=scale), args.reps, args.device)
+                ours = time_steps(Adafactor(model.parameters(), lr=1e-3, scale_parameter=scale), args.reps,
+                                  args.device)
+                print(f'{size:>5} ({params / 1e6:.1f}M parameters), {n} thread(s), scale_parameter={scale!s:<5}: '
+                      f'transformers {ref:8.2f} ms, this toolkit {ours:8.2f} ms, ratio {ref / ours:.2f}x', flush=True)
 
 
 if __name__ == '__main__':

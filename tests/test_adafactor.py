@@ -92,9 +92,9 @@ def test_bit_equal_to_transformers(make, loss_of, kw):
 
 @pytest.mark.parametrize('kw', ROUNDED, ids=['beta1', 'weight_decay', 'both'])
 def test_first_moment_and_weight_decay_within_rounding(kw):
-    """The update and the decay are summed before they are subtracted (transformers subtracts them
-    one after the other): a step differs by float rounding only, and four steps stay within it
-    (the first moment carried from step to step)."""
+    """Weight decay is a separate multiply and subtract here (transformers: one add_ with alpha): a
+    step differs by float rounding only, and four steps stay within it (the first moment, bit-equal
+    alone, carried from step to step)."""
     ours, ref = t5(), t5()
     train(ours, Adafactor(ours.parameters(), **kw), t5_loss, range(4))
     train(ref, reference(ref, **kw), t5_loss, range(4))
@@ -196,3 +196,15 @@ def test_the_trainer_builds_it():
     assert isinstance(opt, Adafactor)
     group = opt.param_groups[0]
     assert (group['lr'], group['scale_parameter'], group['weight_decay'], group['beta1']) == (2e-3, True, 0.01, None)
+
+
+def test_fp64_weights_are_computed_in_fp64_as_the_reference():
+    def f64_loss(model, step):
+        return model.loss(torch.randn(4, 5, generator=torch.Generator().manual_seed(step)).double(), step)
+    ours, ref = Shapes().double(), Shapes().double()
+    opt = Adafactor(ours.parameters(), lr=1e-2)
+    train(ours, opt, f64_loss, range(4))
+    train(ref, reference(ref, lr=1e-2), f64_loss, range(4))
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert p.dtype == torch.float64 and torch.equal(p, q)
+    assert opt.state[ours.mats[0]]['exp_avg_sq_row'].dtype == torch.float64

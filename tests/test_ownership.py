@@ -264,9 +264,13 @@ def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
 
 
 KILLED_WITH_A_WORKER = """
-import os, sys, time, torch
+import os, signal, sys, time, torch
 from model.state import locks
 from model.stopping import ignore_in_worker
+
+def outliving(worker_id):  # a worker that does not die with its parent (another OS, or before the fix)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 class Slow(torch.utils.data.IterableDataset):
     def __iter__(self):
@@ -275,35 +279,68 @@ class Slow(torch.utils.data.IterableDataset):
         yield 0
 
 lock = locks.PlaceLock([sys.argv[1]], 'training run').acquire()
-loader = iter(torch.utils.data.DataLoader(Slow(), batch_size=None, num_workers=1, worker_init_fn=ignore_in_worker))
+init = outliving if sys.argv[2] == 'outliving' else ignore_in_worker  # the loader's own
+loader = iter(torch.utils.data.DataLoader(Slow(), batch_size=None, num_workers=1, worker_init_fn=init))
 print(int(next(loader)), flush=True)  # the worker's pid, the worker alive and sleeping
 time.sleep(120)
 """
 
 
+def kill_a_run_with_a_worker(place: str, init: str):
+    """(the run's process, its DataLoader worker's pid) once the run holds the lock; the run is SIGKILLed."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, '-c', KILLED_WITH_A_WORKER, place, init], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(proc.stdout.readline())
+    assert 'pid' in (locks.is_locked(place) or '')  # held while the run lives
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc, worker
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_a_killed_runs_dataloader_worker_does_not_hold_its_lock(tmp_path):
-    """SIGKILL to a run whose DataLoader worker lives on (it checks for its parent only every few
-    seconds): the lock is free at once, so the resume right after the kill is not refused."""
+    """SIGKILL to a run whose DataLoader worker lives on: the worker closed its copy of the lock at
+    the fork, so the lock is free at once and the resume right after the kill is not refused."""
     import signal
 
     place = str(tmp_path / 'run')
-    proc = subprocess.Popen([sys.executable, '-c', KILLED_WITH_A_WORKER, place], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    worker = int(proc.stdout.readline())
+    proc, worker = kill_a_run_with_a_worker(place, 'outliving')
     try:
-        assert 'pid' in (locks.is_locked(place) or '')  # held while the run lives
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        os.kill(worker, 0)  # the worker outlives the run ...
+        assert alive(worker)  # the worker outlives the run ...
         assert locks.is_locked(place) is None  # ... and holds no lock
         with locks.PlaceLock([place], 'training run'):
             pass
     finally:
         proc.kill()
-        try:
+        if alive(worker):
             os.kill(worker, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+
+def test_a_killed_runs_dataloader_worker_dies_with_it(tmp_path):
+    """The loader's worker_init: the worker is killed with its run (else it would wait for ever to
+    hand its batch to a pipe nobody reads, ignoring SIGTERM, holding its memory)."""
+    import signal
+    import time
+
+    proc, worker = kill_a_run_with_a_worker(str(tmp_path / 'run'), 'loader')
+    try:
+        deadline = time.monotonic() + 10
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(worker), f'the worker {worker} outlived its killed run by 10 s'
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
 
 # --------------------------------------------------------------------------- temporaries
 

@@ -224,6 +224,50 @@ def test_token_counts_for_other_files_or_damaged_are_counted_again(text_data, to
     assert loader(text_data['train'], tokenizer, saved_counts=part).dataset._row_tokens is not None
 
 
+def test_kept_counts_without_a_footer_digest_are_never_taken(text_data, tokenizer, monkeypatch):
+    from model.data import span_stream
+
+    monkeypatch.setattr(span_stream, 'FOOTER_BYTES', 1)  # no footer digested: names and sizes alone never suffice
+    part = json.loads(json.dumps(loader(text_data['train'], tokenizer).state_dict()))['row_tokens']
+    assert part['of']['files'][0]['footer_sha256'] is None
+    assert loader(text_data['train'], tokenizer, saved_counts=part).dataset._row_tokens is None
+
+
+def test_a_file_changed_in_place_under_kept_counts_says_how_to_count_again(tokenizer, tmp_path):
+    """The same size and footer, other text (an in-place edit of an uncompressed file): the kept
+    counts are taken, and the first window that disagrees stops the run with the flag that makes
+    it count again; a dropped take (another rank could not take them) counts again, together."""
+    texts = [p + r for p, r in make_texts(200, seed=4, max_len=60)]
+    path = str(tmp_path / 'train.parquet')
+    pq.write_table(pa.table({'text': texts}), path, row_group_size=50, compression='none', use_dictionary=False,
+                   write_statistics=False)
+    part = json.loads(json.dumps(loader(path, tokenizer).state_dict()))['row_tokens']
+    raw = open(path, 'rb').read()
+    edited = raw
+    for t in texts[:100]:
+        old = t.encode('utf-8')
+        new = b''.join(b'xyz' if len(ch.encode('utf-8')) == 3 else ch.encode('utf-8') for ch in t)
+        edited = edited.replace(old, new, 1)
+    assert len(edited) == len(raw) and edited != raw
+    open(path, 'wb').write(edited)
+    ld = loader(path, tokenizer, saved_counts=part)
+    assert ld.dataset.counts_taken  # nothing outside the data tells the edit
+    with pytest.raises(UserError) as e:
+        epoch(ld)
+    assert 'changed in place' in e.value.message and '--allow_data_change=True' in e.value.fix
+    shares = []
+
+    def combine(counts, error):  # what Collectives.combine_counts does, one rank's share kept
+        shares.append(counts)
+        return counts
+    ld = loader(path, tokenizer, rank=0, world=2, combine_counts=combine, saved_counts=part)
+    assert ld.dataset.counts_taken and not shares
+    ld.dataset.drop_taken_counts()
+    assert not ld.dataset.counts_taken and ld.dataset._row_tokens is None
+    ld.dataset.row_tokens()
+    assert len(shares) == 1  # counted again, through the ranks' sum
+
+
 def test_a_tokenizer_without_sentinels_and_the_wrong_kind_of_data_are_refused(text_data, tokenizer_dir, tmp_path,
                                                                              data):
     old = tmp_path / 'old_tokenizer'
@@ -268,6 +312,9 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, d
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     dry = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True', '--dry_run=True')
     assert dry.returncode == 0 and 'kept by the saved state: not counted again' in dry.stdout, dry.stdout[-3000:]
+    dry = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True', '--dry_run=True',
+                    '--allow_data_change=True')  # the data said to have changed: counted again
+    assert dry.returncode == 0 and 'counted by tokenizing them' in dry.stdout, dry.stdout[-3000:]
     r = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]
     ref_losses, losses = logged_losses(ref), logged_losses(cut)

@@ -333,9 +333,6 @@ class StreamingLoader:
             self.dataset = SpanCorruptionDataset(self.files, encoder, SpanSettings(
                 settings.max_seq_len, settings.noise_density, settings.mean_noise_span_length), return_row_index,
                 count_share=share)
-            if saved_counts is not None and not self.dataset.take_counts(saved_counts):
-                logger.info('data: the saved state\'s token counts are for other files or another tokenizer: '
-                            'counting again')
         else:
             encoder = TokenEncoder(tokenizer, settings.max_seq_len)
             self.dataset = ParquetStreamDataset(self.files, encoder, return_row_index=return_row_index,
@@ -363,6 +360,13 @@ class StreamingLoader:
         self._grid_origin = 0  # drop_last cuts (num_rows - origin) to multiples of G * accumulation
         logger.info('data: %d rows in %d files, %d row groups', self.num_rows, len(self.files),
                     len(self.dataset.row_groups))
+        if saved_counts is not None and settings.objective == 'span_corruption':  # a resume: the counts its state kept
+            why_not = self.dataset.take_counts(saved_counts)
+            if why_not is None:
+                logger.info('data: the rows\' token counts taken from the saved state (%d tokens; counted when the '
+                            'run first started)', int(self.dataset.row_tokens().sum()))
+            else:
+                logger.info('data: the saved state\'s token counts are not used (%s): counting again', why_not)
 
     # -- sizes
 

@@ -109,6 +109,7 @@ class SpanCorruptionDataset(IterableDataset):
         self._counts_part: dict | None = None
         self._counts_of: dict | None = None  # what the counts were counted from (read as they were counted)
         self.counts_taken = False  # the counts came from a saved state (take_counts), not from counting
+        self._share_before_taking = count_share
         self.count_share = count_share
         self._sizes: dict[tuple[int, OrderParams], np.ndarray] = {}
         self.pass_ = None
@@ -151,25 +152,42 @@ class SpanCorruptionDataset(IterableDataset):
                                  'int32_zlib_base64': base64.b64encode(packed).decode('ascii')}
         return self._counts_part
 
-    def take_counts(self, part) -> bool:
+    def take_counts(self, part) -> str | None:
         """The counts of a saved state's data position, if they were counted from these very files
-        (names, sizes, footers) with this tokenizer and rule; False, taking nothing, otherwise (they
-        are then counted as at a first start)."""
+        (names, sizes, footers) with this tokenizer and rule: None, taken; else why not, nothing
+        taken (they are then counted as at a first start)."""
         now = self._counted_from()
-        if not isinstance(part, dict) or part.get('rows') != self.num_rows or part.get('of') != now:
-            return False
+        if not isinstance(part, dict) or not isinstance(part.get('of'), dict):
+            return 'the saved state holds none'
+        was = part['of']
+        if any(f['footer_sha256'] is None for f in now['files']):
+            return 'a file\'s Parquet footer could not be read or is too large to digest'
+        if was.get('files') != now['files'] or part.get('rows') != self.num_rows:
+            names = [f['name'] for f in now['files']]
+            changed = [f['name'] for f in now['files'] if f not in (was.get('files') or [])]
+            return (f'the training files differ from those counted ({", ".join(changed or names)}: another name, '
+                    f'size or Parquet footer, e.g. written again)')
+        if was.get('tokenizer_sha256') != now['tokenizer_sha256']:
+            return 'they were counted with another tokenizer'
+        if was.get('rule') != now['rule']:
+            return 'they were counted by another version of the counting rule'
         try:
             raw = zlib.decompressobj().decompress(base64.b64decode(part['int32_zlib_base64'], validate=True),
                                                   4 * self.num_rows + 1)  # never more than the rows' numbers
             counts = np.frombuffer(raw, dtype='<i4').astype(np.int64)
         except (KeyError, TypeError, ValueError, binascii.Error, zlib.error):
-            return False
+            return 'they are damaged'
         if counts.size != self.num_rows or (counts < 0).any() or int(counts.sum()) != part.get('tokens'):
-            return False
+            return 'they are damaged'
+        self._share_before_taking = self.count_share
         self._row_tokens, self._counts_of, self.count_share, self.counts_taken = counts, now, None, True
-        logger.info('data: %d tokens in %d rows, taken from the saved state (counted when the run started; span '
-                    'corruption: %d tokens per example)', int(counts.sum()), self.num_rows, self.raw_length)
-        return True
+        return None
+
+    def drop_taken_counts(self) -> None:
+        """Forget counts taken from a saved state (another rank could not take them: all count)."""
+        if self.counts_taken:
+            self._row_tokens, self._counts_of, self._counts_part = None, None, None
+            self.count_share, self.counts_taken = self._share_before_taking, False
 
     def _counted_from(self) -> dict:
         """What the counts depend on: each file's name, size and footer digest, the tokenizer, the rule."""
@@ -281,6 +299,11 @@ class _WindowRuns:
             flat, lens = self.dataset.encoder.encode_ragged(texts) if texts else (np.zeros(0, np.int64), None)
             runs = self.runs[w] = sc.pack([flat], self.dataset.raw_length) if flat.size else []
             expected = int(self.starts[w + 1] - self.starts[w])
+            if len(runs) != expected and self.dataset.counts_taken:  # changed inside, the same size and footer
+                raise UserError(f'{", ".join(self.dataset.files)}: the text differs from the token counts the saved '
+                                f'state kept (window {w}: {len(runs)} examples, {expected} by the kept counts): a file '
+                                f'was changed in place since they were counted',
+                                'resume with --allow_data_change=True: the run then counts the tokens again')
             if len(runs) != expected:  # the files changed after the counting pass
                 raise UserError(f'{", ".join(self.dataset.files)}: the text changed while training read it '
                                 f'(window {w}: {len(runs)} examples, {expected} counted at start-up); '

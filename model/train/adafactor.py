@@ -6,7 +6,8 @@ and with ``scale_parameter`` a ``max(float, tensor)`` that waits for the device 
 Here the weights are put in buckets of one shape (a T5 has few: its q/k/v/o, wi, wo, norms,
 embedding), each bucket's gradients stacked, and every operation runs once per bucket on the
 stack; nothing waits for the device. The arithmetic is transformers' (same defaults, same order
-of operations up to float rounding; tests/test_adafactor.py holds it to the reference), and the
+of operations; tests/test_adafactor.py holds it to the reference: bit-equal, but for weight
+decay, which is applied as a separate multiply, within float rounding), and the
 state of a weight is kept under transformers' names (``step``, ``exp_avg_sq_row`` /
 ``exp_avg_sq_col`` or ``exp_avg_sq``, ``RMS``, ``exp_avg`` with ``beta1``), so a training state
 saved by either loads into the other.
@@ -79,7 +80,7 @@ class Adafactor(torch.optim.Optimizer):
         factored = len(shape) >= 2
         first_moment = group['beta1'] is not None
         n = len(params)
-        grads = _stack([p.grad for p in params]).float()  # (n, *shape)
+        grads = _in_fp32_or_wider(_stack([p.grad for p in params]))  # (n, *shape)
         states = [self.state[p] for p in params]
         if not states[0]:
             for state in states:
@@ -98,7 +99,7 @@ class Adafactor(torch.optim.Optimizer):
         root_numel = math.sqrt(params[0].numel())
 
         # the weights' RMS (kept as transformers keeps it) and each weight's step size
-        weights = _stack(params).float()
+        weights = _in_fp32_or_wider(_stack(params))
         rms = torch.linalg.vector_norm(weights.reshape(n, -1), dim=1) / root_numel
         for state, value in zip(states, rms.unbind(0)):
             state['RMS'] = value
@@ -146,6 +147,11 @@ class Adafactor(torch.optim.Optimizer):
     @staticmethod
     def _unstack(states, key: str, stacked: torch.Tensor) -> None:
         _write_back([s[key] for s in states], stacked)
+
+
+def _in_fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """Half precision computed in fp32, as transformers does; fp32 and fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _stack(tensors: list) -> torch.Tensor:

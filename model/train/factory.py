@@ -180,10 +180,16 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts)
     count = collectives.combine_counts if t.objective == 'span_corruption' else None
     width = cfg.model.d_model  # packing weighs attention against positions by the model's width
-    # a resume takes the token counts its state kept (span corruption), if they are for these files
-    counted = saved.parts['data_position'].get('row_tokens') if saved is not None and resume else None
+    # a resume takes the token counts its state kept (span corruption), if they are for these files and
+    # the data is not said to have changed (--allow_data_change=True: counted again)
+    counted = saved.parts['data_position'].get('row_tokens') \
+        if saved is not None and resume and not t.allow_data_change else None
     train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, True, pin, width), rank, world,
                                    combine_counts=count, saved_counts=counted)
+    if counted is not None and world > 1 and not collectives.ok_all_ranks(train_loader.dataset.counts_taken):
+        train_loader.dataset.drop_taken_counts()  # a rank sees other files (its own copy?): all count, together
+        logger.warning('data: not every process could take the saved token counts (do they all see the same '
+                       'files?): every process counts them again')
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, False, pin, width), rank,
                                    world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted

@@ -237,7 +237,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     check_states(cfg, resume, report, deep)
     if count_examples and t.objective == 'span_corruption' and files['train_file'] and report.vocab_size:
         # examples, from every row's tokens (the loader's count; a resume's state keeps them)
-        kept = report.resume.parts['data_position'].get('row_tokens') if report.resume else None
+        kept = report.resume.parts['data_position'].get('row_tokens') \
+            if report.resume and not t.allow_data_change else None
         report.train_examples, report.total_steps, report.counts_kept = problem(
             'train_file', lambda: span_steps(t, files['train_file'], world_size, kept)) or (0, 0, False)
         if report.total_steps == 0:
