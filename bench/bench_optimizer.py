@@ -80,7 +80,12 @@ def main() -> None:
     if unknown or args.reps < 1:
         ap.error(f'unknown size {", ".join(unknown)} (choose from {", ".join(SHAPES)})' if unknown
                  else f'--reps={args.reps}: give at least 1')
-    threads = sorted({int(x) for x in args.threads.split(',')})
+    try:
+        threads = sorted({int(x) for x in args.threads.split(',')})
+    except ValueError:
+        threads = [0]
+    if min(threads) < 1:
+        ap.error(f'--threads={args.threads}: give whole numbers of at least 1, comma-separated')
     print(f'bench_optimizer: {args.device}, load average {" ".join(f"{x:.2f}" for x in os.getloadavg())}; '
           f'median ms of {args.reps} steps')
     for size in sizes:

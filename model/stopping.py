@@ -187,9 +187,10 @@ def ignore_in_worker(worker_id: int = 0) -> None:
 
 
 def die_with_parent() -> None:
-    """Linux: SIGKILL this process when the one that forked it dies (prctl PR_SET_PDEATHSIG);
-    if it died already, exit now. Elsewhere nothing (torch's watchdog still ends a worker whose
-    parent is gone, when it is not blocked)."""
+    """Linux: SIGKILL this process when the one that forked it dies (prctl PR_SET_PDEATHSIG;
+    under the forkserver start method that is the server, which ends with the main process); if
+    the main process died already, exit now. Elsewhere nothing (torch's watchdog still ends a
+    worker whose parent is gone, when it is not blocked)."""
     import multiprocessing
 
     if not sys.platform.startswith('linux'):
@@ -200,8 +201,8 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # gone between the fork and the prctl
+    parent = multiprocessing.parent_process()  # the main process, whatever the start method
+    if parent is not None and not parent.is_alive():  # gone between the fork and the prctl
         os._exit(1)
 
 

@@ -319,13 +319,16 @@ def test_truncation_keeps_eos_and_never_exceeds_max_seq_len(tmp_path, tokenizer)
         assert torch.equal(b['labels'], want.masked_fill(want == 0, -100))
 
 
-def test_encoder_survives_pickling_and_spawned_workers(data, tokenizer):
+@pytest.mark.parametrize('start', ['spawn', 'forkserver'])
+def test_encoder_survives_pickling_and_spawned_workers(data, tokenizer, start):
+    """Workers started by spawn or a forkserver (Python 3.14's default on Linux) serve the same
+    batches: their worker_init (die with the main process) tells their parent right."""
     enc = TokenEncoder(tokenizer, MAX_LEN)
     texts = [a for pair in data['one'][1][:50] for a in pair]
     copy = pickle.loads(pickle.dumps(enc))
     assert copy.encode(texts) == enc.encode(texts)
     files, _ = data['one']
-    spawned = make_loader(files, tokenizer, num_workers=1, multiprocessing_context='spawn')
+    spawned = make_loader(files, tokenizer, num_workers=1, multiprocessing_context=start)
     assert_batches_equal(list(spawned), list(make_loader(files, tokenizer)))
 
 
