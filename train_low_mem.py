@@ -123,7 +123,8 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
             unit = 'examples'
             print(f'[span corruption]\n  {report.train_examples:,} examples of {t.max_seq_len} input tokens an epoch, '
                   f'packed from the {report.train_rows:,} rows\' tokens ('
-                  f'{"kept by the saved state: not counted again" if report.counts_kept else "counted by tokenizing them"})')
+                  f'{"kept by the saved state: not counted again" if report.counts_kept else "counted by tokenizing them"}'
+                  f'{"; --allow_data_change=True: the counts a saved state kept are not used" if resume and t.allow_data_change else ""})')
         print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} {unit} x '
               f'{t.gradient_accumulation_steps} accumulation = {per_step} {unit} per optimizer step; '
               f'{report.total_steps:,} optimizer steps over {t.epochs} epoch(s); '

@@ -84,8 +84,14 @@ def main() -> None:
         threads = sorted({int(x) for x in args.threads.split(',')})
     except ValueError:
         threads = [0]
-    if min(threads) < 1:
-        ap.error(f'--threads={args.threads}: give whole numbers of at least 1, comma-separated')
+    if min(threads) < 1 or max(threads) > 4 * (os.cpu_count() or 1):
+        ap.error(f'--threads={args.threads}: give whole numbers from 1 to {4 * (os.cpu_count() or 1)}, comma-separated')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        ap.error(f'--device={args.device}: {e}')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        ap.error(f'--device={args.device}: no CUDA device here')
     print(f'bench_optimizer: {args.device}, load average {" ".join(f"{x:.2f}" for x in os.getloadavg())}; '
           f'median ms of {args.reps} steps')
     for size in sizes:

@@ -139,7 +139,8 @@ def test_bench_optimizer_runs_and_reports_both():
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if 'ratio' in line]
     assert len(lines) == 2 and all('transformers' in line and 'this toolkit' in line for line in lines)
-    for bad in ('--sizes=bogus', '--reps=0', '--threads=0', '--threads=x'):
+    for bad in ('--sizes=bogus', '--reps=0', '--threads=0', '--threads=x', '--threads=1,', '--threads=99999',
+                '--device=bogus'):
         r = subprocess.run([sys.executable, 'bench/bench_optimizer.py', bad], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]

@@ -360,13 +360,15 @@ class StreamingLoader:
         self._grid_origin = 0  # drop_last cuts (num_rows - origin) to multiples of G * accumulation
         logger.info('data: %d rows in %d files, %d row groups', self.num_rows, len(self.files),
                     len(self.dataset.row_groups))
+        self.counts_not_taken = 'none kept'  # why a saved state's token counts were not taken (None: taken)
         if saved_counts is not None and settings.objective == 'span_corruption':  # a resume: the counts its state kept
-            why_not = self.dataset.take_counts(saved_counts)
-            if why_not is None:
-                logger.info('data: the rows\' token counts taken from the saved state (%d tokens; counted when the '
-                            'run first started)', int(self.dataset.row_tokens().sum()))
+            self.counts_not_taken = self.dataset.take_counts(saved_counts)  # None: taken, else why not
+            if self.counts_not_taken is None:
+                logger.info('data: the rows\' token counts taken from the saved state (%d tokens; counted by an '
+                            'earlier start of this run)', int(self.dataset.row_tokens().sum()))
             else:
-                logger.info('data: the saved state\'s token counts are not used (%s): counting again', why_not)
+                logger.info('data: the saved state\'s token counts are not used (%s): counting again',
+                            self.counts_not_taken)
 
     # -- sizes
 

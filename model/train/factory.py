@@ -188,8 +188,12 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
                                    combine_counts=count, saved_counts=counted)
     if counted is not None and world > 1 and not collectives.ok_all_ranks(train_loader.dataset.counts_taken):
         train_loader.dataset.drop_taken_counts()  # a rank sees other files (its own copy?): all count, together
-        logger.warning('data: not every process could take the saved token counts (do they all see the same '
-                       'files?): every process counts them again')
+        logger.warning('data: not every process could take the saved token counts (this one: %s; do they all see '
+                       'the same files?): every process counts them again',
+                       train_loader.counts_not_taken or 'taken')
+    elif resume and t.allow_data_change and saved is not None and saved.parts['data_position'].get('row_tokens'):
+        logger.info('data: --allow_data_change=True: the token counts the saved state kept are not used; counting '
+                    'again')
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, False, pin, width), rank,
                                    world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted
