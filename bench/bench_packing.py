@@ -10,7 +10,8 @@ made once), and the share of the positions computed (input and label rows, paddi
 that hold a token (the rest is padding, computed for nothing) and the attention cells computed
 (rows x (Le^2 + Ld^2 + Le*Ld)). Then the cost of packing itself:
 milliseconds of model/data/packing.pack_batch per batch, at the sizes asked and at a GPU's
-(max length 512, 256 rows). Speed and learning are measured elsewhere (README, "Performance").
+(max length 512, 256 rows), and pack_rows with first fit's rows scanned in Python or in numpy at
+64 to 4,096 pairs. Speed and learning are measured elsewhere (README, "Performance").
 """
 
 from __future__ import annotations
@@ -81,6 +82,37 @@ def main() -> None:
         pack_batch(b, 512, args.width)
         times.append(time.perf_counter() - start)
     print(f'512x256 (log-normal lengths) pack_batch: {1000 * sorted(times)[len(times) // 2]:.1f} ms a batch (median of 20)')
+    scans(args.width)
+
+
+def scans(width: int) -> None:
+    """pack_rows at 64 to 4,096 pairs of up to 512 tokens, first fit's rows scanned in Python or in
+    numpy (packing.SCAN_IN_NUMPY_FROM decides; the rows must be the same)."""
+    import statistics
+
+    import numpy as np
+
+    from model.data import packing
+
+    rng, threshold = np.random.default_rng(0), packing.SCAN_IN_NUMPY_FROM
+    try:
+        for n in (64, 256, 1024, 4096):
+            p, r = rng.integers(5, 60, n), rng.integers(20, 400, n)
+            found = {}
+            for name, from_ in (('python', 10**9), ('numpy', 1)):
+                packing.SCAN_IN_NUMPY_FROM = from_
+                times = []
+                for _ in range(5 if n < 4096 else 3):
+                    start = time.perf_counter()
+                    rows = packing.pack_rows(p, r, 512, width)
+                    times.append(time.perf_counter() - start)
+                found[name] = (1000 * statistics.median(times), rows)
+            assert found['python'][1] == found['numpy'][1], 'the two scans found other rows'
+            (py, _), (vec, _) = found['python'], found['numpy']
+            print(f'pack_rows, {n} pairs at 512: rows scanned in Python {py:.1f} ms, in numpy {vec:.1f} ms '
+                  f'({py / vec:.2f}x; the same rows; numpy from {threshold} pairs)')
+    finally:
+        packing.SCAN_IN_NUMPY_FROM = threshold
 
 
 if __name__ == '__main__':

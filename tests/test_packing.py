@@ -67,6 +67,24 @@ def test_every_pair_lands_once_whole_and_in_fewer_rows(seed):
     assert packed['num_rows'] == batch['num_rows'] and (packed['row_index'] == batch['row_index']).all()
 
 
+@pytest.mark.parametrize('seed', range(12))
+def test_first_fit_scanned_in_numpy_finds_the_same_rows(seed, monkeypatch):
+    """Large batches scan the rows in numpy: for any lengths, caps and order, the Python scan's rows."""
+    from model.data import packing
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 700))
+    p_, r_ = rng.integers(1, 80, n).tolist(), rng.integers(1, 300, n).tolist()
+    order = rng.permutation(n).tolist() if seed % 2 else sorted(range(n), key=lambda i: -(p_[i] + r_[i]))
+    in_numpy = {c: packing.first_fit(p_, r_, order, *c) if n >= packing.SCAN_IN_NUMPY_FROM
+                else packing._first_fit_arrays(p_, r_, order, *c)
+                for c in ((max(p_), max(r_)), (2 * max(p_), 2 * max(r_)), (512, 512))}
+    monkeypatch.setattr(packing, 'SCAN_IN_NUMPY_FROM', 10**9)  # the Python scan, at any size
+    for caps, rows in in_numpy.items():
+        assert rows == packing.first_fit(p_, r_, order, *caps)
+        assert sorted(i for row in rows for i in row) == list(range(n))
+
+
 def test_rows_are_filled_first_fit():
     order = [0, 3, 2, 1]
     assert first_fit([3, 1, 2, 2], [3, 1, 1, 2], order, 4, 4) == [[0, 1], [3, 2]]

@@ -20,10 +20,17 @@ import numpy as np
 
 from model.data.tokenizer import LABEL_PAD_ID, PAD_ID
 
+SCAN_IN_NUMPY_FROM = 256  # pairs a batch from which first fit scans its rows in numpy (measured: equal at 256)
+
+
 def first_fit(prompt_lens: list[int], response_lens: list[int], order: list[int], prompt_cap: int,
               response_cap: int) -> list[list[int]]:
     """Pairs (by index, taken in ``order``) into rows: each goes to the first row where its prompt
-    and its response still fit the caps, else to a new row."""
+    and its response still fit the caps, else to a new row. Scanning the rows is the cost (pairs x
+    rows): a large batch scans them in numpy, the same rows found (tests/test_packing.py), 11x
+    faster at 4,096 pairs; a small one in Python, where numpy's per-call cost would dominate."""
+    if len(order) >= SCAN_IN_NUMPY_FROM:
+        return _first_fit_arrays(prompt_lens, response_lens, order, prompt_cap, response_cap)
     rows: list[list[int]] = []
     used_p: list[int] = []
     used_r: list[int] = []
@@ -39,6 +46,28 @@ def first_fit(prompt_lens: list[int], response_lens: list[int], order: list[int]
             rows.append([i])
             used_p.append(p)
             used_r.append(r)
+    return rows
+
+
+def _first_fit_arrays(prompt_lens, response_lens, order, prompt_cap: int, response_cap: int) -> list[list[int]]:
+    """first_fit with the rows' used lengths in arrays: the first row that fits, found by one
+    vectorised comparison per pair."""
+    rows: list[list[int]] = []
+    used_p = np.zeros(len(order), np.int64)
+    used_r = np.zeros(len(order), np.int64)
+    for i in order:
+        p, r = prompt_lens[i], response_lens[i]
+        m = len(rows)
+        if m:
+            fits = (used_p[:m] <= prompt_cap - p) & (used_r[:m] <= response_cap - r)
+            k = int(fits.argmax())
+            if fits[k]:
+                rows[k].append(i)
+                used_p[k] += p
+                used_r[k] += r
+                continue
+        rows.append([i])
+        used_p[m], used_r[m] = p, r
     return rows
 
 
