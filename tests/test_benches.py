@@ -144,3 +144,12 @@ def test_bench_optimizer_runs_and_reports_both():
         r = subprocess.run([sys.executable, 'bench/bench_optimizer.py', bad], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_bench_span_resume_runs_and_compares_kept_with_counted():
+    r = subprocess.run([sys.executable, 'bench/bench_span_resume.py', '--rows=1000', '--runs=1'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert 'counts kept' in r.stdout and 'token counts taken from the saved state' in r.stdout
+    assert 'counted again' in r.stdout and 'counted in' in r.stdout

@@ -16,8 +16,8 @@ an epoch's size is asked for): a window's examples follow from its rows' token c
 
 The counts travel with the data position into every saved state (:meth:`counts_part`), with what
 they were counted from (each file's name, size and Parquet footer digest; the tokenizer's digest):
-a resume on the same files takes them (:meth:`take_counts`) instead of tokenizing the corpus again
--- at 10M rows of ~200 characters about 15 minutes on a 2-core CPU, paid by every requeue.
+a resume on the same files takes them (:meth:`take_counts`) instead of tokenizing the corpus again,
+at every requeue (bench/bench_span_resume.py measures both).
 
 Costs, stated: the counting pass tokenizes the training files once at a run's start (not again
 on resume), each rank a share of the row groups (their counts summed over the ranks); and every rank tokenizes every window it

@@ -171,6 +171,7 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     from model.net.chat_model import build_model, load_weights_into
     from model.net.model_source import weights_path
     from model.train.evaluation import EvalSettings, Evaluator
+    from model.train.preflight import kept_counts
 
     t = cfg.train
     set_seed(t.seed)
@@ -180,10 +181,8 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts)
     count = collectives.combine_counts if t.objective == 'span_corruption' else None
     width = cfg.model.d_model  # packing weighs attention against positions by the model's width
-    # a resume takes the token counts its state kept (span corruption), if they are for these files and
-    # the data is not said to have changed (--allow_data_change=True: counted again)
-    counted = saved.parts['data_position'].get('row_tokens') \
-        if saved is not None and resume and not t.allow_data_change else None
+    # a resume takes the token counts its state kept (span corruption), if they are for these files
+    counted = kept_counts(t, saved if resume else None)
     train_loader = StreamingLoader(train_files, tokenizer, LoaderSettings.of(t, True, pin, width), rank, world,
                                    combine_counts=count, saved_counts=counted)
     if counted is not None and world > 1 and not collectives.ok_all_ranks(train_loader.dataset.counts_taken):
@@ -191,9 +190,8 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
         logger.warning('data: not every process could take the saved token counts (this one: %s; do they all see '
                        'the same files?): every process counts them again',
                        train_loader.counts_not_taken or 'taken')
-    elif resume and t.allow_data_change and saved is not None and saved.parts['data_position'].get('row_tokens'):
-        logger.info('data: --allow_data_change=True: the token counts the saved state kept are not used; counting '
-                    'again')
+    elif resume and t.allow_data_change and t.objective == 'span_corruption':
+        logger.info('data: --allow_data_change=True: token counts a saved state kept are not used; counting again')
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, False, pin, width), rank,
                                    world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted

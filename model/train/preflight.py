@@ -237,8 +237,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     check_states(cfg, resume, report, deep)
     if count_examples and t.objective == 'span_corruption' and files['train_file'] and report.vocab_size:
         # examples, from every row's tokens (the loader's count; a resume's state keeps them)
-        kept = report.resume.parts['data_position'].get('row_tokens') \
-            if report.resume and not t.allow_data_change else None
+        kept = kept_counts(t, report.resume)
         report.train_examples, report.total_steps, report.counts_kept = problem(
             'train_file', lambda: span_steps(t, files['train_file'], world_size, kept)) or (0, 0, False)
         if report.total_steps == 0:
@@ -246,6 +245,15 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                 t, f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)', world_size))
         report.notes += warmup_notes(t, report.total_steps)
     return report
+
+
+def kept_counts(t, saved) -> dict | None:
+    """The span-corruption token counts a resume's state kept (its data position's ``row_tokens``),
+    for the loader to take if they are for these files; None for a fresh run, a state without
+    them, or --allow_data_change=True (the data said to have changed: counted again)."""
+    if saved is None or t.allow_data_change:
+        return None
+    return saved.parts['data_position'].get('row_tokens')
 
 
 def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
