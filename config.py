@@ -40,8 +40,8 @@ class TrainConfigPretrainLarge:
     train_file: str = PROJECT_ROOT + '/data/pretrain_train_10m.parquet'  # file, folder or glob
     validation_file: str = PROJECT_ROOT + '/data/pretrain_valid_100k.parquet'  # file, folder or glob
     test_file: str = PROJECT_ROOT + '/data/pretrain_test.parquet'  # scored by `train_low_mem.py test` (not used in training)
-    model_file: str = PROJECT_ROOT + '/model_save/pretrain_large/chat_small_t5.{}.bin'  # {} = step or 'best'
-    train_state_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/train_latest_state'  # resume state
+    model_file: str = PROJECT_ROOT + '/model_save/pretrain_large/chat_small_t5.{}.bin'  # {} = step or 'best' (with --output_dir given: output_dir/chat_small_t5.{}.bin)
+    train_state_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/train_latest_state'  # resume state (with --output_dir given: output_dir/train_latest_state)
     output_dir: str = PROJECT_ROOT + '/model_save/pretrain_large/'  # HF-format best/ and final/ models
     log_dir: str = PROJECT_ROOT + '/logs/'  # chat_trainer_low_mem_<time>.log goes here
 
@@ -181,6 +181,10 @@ def check_model_file_pattern(pattern: str) -> None:
                         f"use '{{}}' once and write other braces doubled, '{{{{' and '}}}}'") from None
     if name.endswith(os.sep) or not os.path.basename(name):
         raise UserError(f"model_file must name a file, e.g. .../chat_small_t5.{{}}.bin: {pattern}")
+    marked = pattern.format('\0')  # where the step goes
+    if marked.count('\0') != 1 or '\0' in os.path.dirname(marked):
+        raise UserError(f"model_file needs its one '{{}}' (the step) in the file name, e.g. .../chat_small_t5.{{}}.bin; "
+                        f"braces meant literally are written doubled, '{{{{' and '}}}}': {pattern}")
 
 
 def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
@@ -294,7 +298,7 @@ class ResolvedConfig:
     train: TrainConfigPretrainLarge
     model: T5ModelConfig
     preset: str | None = None
-    sources: dict[str, str] = field(default_factory=dict)  # field -> 'preset:<name>' | 'flag'
+    sources: dict[str, str] = field(default_factory=dict)  # field -> 'preset:<name>' | 'flag' | 'from --output_dir'
 
     def to_dict(self) -> dict[str, Any]:
         return {'train': dataclasses.asdict(self.train), 'model': dataclasses.asdict(self.model),
@@ -338,10 +342,30 @@ def resolve_config(preset: str | None = None, use_large_config: bool = False,
             raise unknown_option(k, all_fields)
         values[k] = coerce(k, v, all_fields[k])
         sources[k] = 'flag'
+    follow_output_dir(values, sources)
     train = TrainConfigPretrainLarge(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
     model = T5ModelConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
     validate(train, model)
     return ResolvedConfig(train=train, model=model, preset=preset, sources=sources)
+
+
+# the run's outputs kept beside its models: where they go when --output_dir is given without them
+OUTPUT_DIR_PLACES = {'train_state_dir': 'train_latest_state', 'model_file': 'chat_small_t5.{}.bin'}
+
+
+def follow_output_dir(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """A run given its own --output_dir writes its states and step files there too, unless those
+    are given as well: otherwise two runs that differ only in output_dir would share the default
+    (or preset's) train_state_dir and model_file folder -- the second refused as "in use" for a
+    path its user never named, or archiving the first one's step files as its own."""
+    if sources.get('output_dir') != 'flag':
+        return
+    folder = str(values['output_dir'])
+    literal = folder.replace('{', '{{').replace('}', '}}')  # in model_file, '{}' is the step alone
+    for name, leaf in OUTPUT_DIR_PLACES.items():
+        if sources.get(name) != 'flag':
+            values[name] = os.path.join(literal if name == 'model_file' else folder, leaf)
+            sources[name] = 'from --output_dir'
 
 
 def config_from_dict(d: dict[str, Any]) -> ResolvedConfig:

@@ -195,3 +195,40 @@ def test_span_corruption_is_free_of_the_pairs_only_length_group_rule():
     with pytest.raises(UserError, match='must fit in shuffle_window_rows'):
         resolve_config(overrides=small)
     assert resolve_config(overrides={**small, 'objective': 'span_corruption'}).train.objective == 'span_corruption'
+
+
+def test_a_given_output_dir_takes_the_states_and_step_files_along():
+    # two runs that differ only in --output_dir share no place (the default or preset's would be shared)
+    for preset in (None, 'demo'):
+        cfg = resolve_config(preset=preset, overrides={'output_dir': '/runs/a'})
+        assert (cfg.train.model_file, cfg.train.train_state_dir) == ('/runs/a/chat_small_t5.{}.bin',
+                                                                      '/runs/a/train_latest_state')
+        assert cfg.sources['model_file'] == cfg.sources['train_state_dir'] == 'from --output_dir'
+        assert '<- from --output_dir' in cfg.describe()
+    # what is given stays as given; without --output_dir the defaults and presets are unchanged
+    cfg = resolve_config(overrides={'output_dir': '/runs/a', 'model_file': '/w/m.{}.bin'})
+    assert (cfg.train.model_file, cfg.train.train_state_dir) == ('/w/m.{}.bin', '/runs/a/train_latest_state')
+    cfg = resolve_config(overrides={'output_dir': '/runs/a', 'train_state_dir': '/s'})
+    assert (cfg.train.model_file, cfg.train.train_state_dir) == ('/runs/a/chat_small_t5.{}.bin', '/s')
+    assert resolve_config(preset='demo').train.model_file == PRESETS['demo']['model_file']
+    assert resolve_config(overrides={'train_state_dir': '/s'}).train.model_file == TrainConfigPretrainLarge().model_file
+    # braces in the folder are the folder's: the step files land in it, literally
+    t = resolve_config(overrides={'output_dir': '/runs/v{2}'}).train
+    assert t.model_file.format(3) == '/runs/v{2}/chat_small_t5.3.bin' and t.train_state_dir == '/runs/v{2}/train_latest_state'
+
+
+@pytest.mark.parametrize('pattern', ['/a/{}/m.bin', '/a/m{{}}.bin', '/a/{{x}}.bin'])
+def test_a_model_file_without_its_step_in_the_file_name_is_refused(pattern):
+    with pytest.raises(UserError, match=r"(needs its one '\{\}' \(the step\) in the file name|exactly once)"):
+        resolve_config(overrides={'model_file': pattern})
+
+
+def test_a_model_file_pattern_is_taken_apart_with_its_literal_braces():
+    from model.state.model_files import join_model_file, model_file_pattern, model_folder, split_model_file
+
+    for pattern, parts in [('/r/v{{2}}/m{{a}}.{}.bin', ('/r/v{2}', 'm{a}.', '.bin')),
+                           ('m.{}', ('.', 'm.', '')), ('/r/{}.bin', ('/r', '', '.bin'))]:
+        assert split_model_file(pattern) == parts and model_folder(pattern) == parts[0]
+        assert split_model_file(join_model_file(*parts)) == parts
+        assert model_file_pattern(pattern).match(parts[1] + '12' + parts[2]).group(1) == '12'
+    assert not model_file_pattern('/r/m{{a}}.{}.bin').match('m{{a}}.12.bin')  # the literal name only

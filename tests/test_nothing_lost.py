@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cli_runner
+from config import resolve_config
 from conftest import (ENV, ROOT, assert_user_error, cli, logged_losses, make_texts, run_logs, run_parallel, run_train,
                       snapshot, start, state_folders, tiny_flags, train_cmd, write_parquet)
 
@@ -361,6 +362,34 @@ def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data)
     finally:
         first.kill()
         first.wait()
+
+
+def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, data):
+    # --output_dir alone takes the states and step files along: neither run touches the defaults'
+    # places, nor the other's (a folder with braces in its name included: the pattern keeps them literal)
+    def own_flags(out, **extra):
+        return [f for f in tiny_flags(data, out, **extra) if not f.startswith(('--model_file=', '--train_state_dir='))]
+
+    defaults = resolve_config().train
+    before = {p: os.path.exists(p) for p in (defaults.train_state_dir, os.path.dirname(defaults.model_file))}
+    first = cli_runner.Popen(train_cmd(own_flags(tmp_path / 'a', epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not logged_losses(tmp_path / 'a'):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        out = tmp_path / 'b{1}'
+        r = run_train(own_flags(out, max_steps=3, save_steps=1, keep_latest_n_ckp=1))
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+    assert state_folders(out / 'train_latest_state')[-1].endswith('state-000000003')
+    assert sorted(glob.glob(f'{glob.escape(str(out))}/chat_small_t5.*.bin')) == [f'{out}/chat_small_t5.3.bin',
+                                                                                 f'{out}/chat_small_t5.best.bin']
+    assert not os.path.exists(tmp_path / 'a' / 'previous_runs') and not os.path.exists(out / 'previous_runs')
+    assert {p: os.path.exists(p) for p in before} == before
 
 
 def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):

@@ -56,14 +56,39 @@ def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -
         ownership.write_marker(tmp, MODEL, **info)
 
 
+STEP = '\0'  # stands for the '{}' while a pattern is taken apart (no path holds it)
+
+
+def split_model_file(model_file: str) -> tuple[str, str, str]:
+    """(folder, text before the step, text after it) of a model_file pattern, each as it is on
+    disk: doubled braces anywhere ('{{', '}}') are the literal characters, as format writes them."""
+    folder, name = os.path.split(model_file.format(STEP))
+    before, after = name.split(STEP)
+    return folder or '.', before, after
+
+
+def model_folder(model_file: str) -> str:
+    """The folder the model_file pattern writes into."""
+    return split_model_file(model_file)[0]
+
+
+def join_model_file(folder: str, before: str, after: str) -> str:
+    """The pattern of split_model_file's parts (its braces doubled again)."""
+    def literal(text):
+        return text.replace('{', '{{').replace('}', '}}')
+
+    return os.path.join(literal(folder), literal(before) + '{}' + literal(after))
+
+
 def model_file_pattern(model_file: str, tags: str = r'\d+') -> re.Pattern:
-    return re.compile('^' + re.escape(os.path.basename(model_file)).replace(r'\{\}', f'({tags})') + '$')
+    _, before, after = split_model_file(model_file)
+    return re.compile('^' + re.escape(before) + f'({tags})' + re.escape(after) + '$')
 
 
 def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, str]]:
     """(tag, path) of the files of the model_file pattern that carry the toolkit's weights marker
     (their content is judged again right before one is moved or deleted)."""
-    folder = os.path.dirname(model_file) or '.'
+    folder = model_folder(model_file)
     pattern = model_file_pattern(model_file, tags)
     found = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -76,7 +101,7 @@ def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, st
 def foreign_model_files(model_file: str) -> list[str]:
     """Files of the model_file pattern (steps or best) that are not the toolkit's unchanged
     weights: a run could overwrite or prune them."""
-    folder = os.path.dirname(model_file) or '.'
+    folder = model_folder(model_file)
     pattern = model_file_pattern(model_file, r'\d+|best')
     if not os.path.isdir(folder):
         return []

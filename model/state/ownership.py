@@ -47,10 +47,6 @@ def resolve_place(path: str, what: str) -> str:
     return real
 
 
-def resolve_pattern(pattern: str, what: str) -> str:
-    """A model_file-like pattern: its folder resolved, its file name kept."""
-    folder, name = os.path.split(str(pattern))
-    return os.path.join(resolve_place(folder or '.', what), name)
 
 
 def same_or_inside(path: str, folder: str) -> bool:

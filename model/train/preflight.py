@@ -94,7 +94,8 @@ def resolve_places(cfg: ResolvedConfig) -> ResolvedConfig:
         if not value:
             continue
         if name == 'model_file':
-            resolved = ownership.resolve_pattern(value, name)
+            folder, before, after = model_files.split_model_file(value)  # the folder resolved, the name kept
+            resolved = model_files.join_model_file(ownership.resolve_place(folder, name), before, after)
         else:
             resolved = resolve_spec(value, name)
         setattr(t, name, resolved)
@@ -313,7 +314,7 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
 
 def model_folder(t) -> str:
     """The folder the model_file pattern writes into."""
-    return os.path.dirname(t.model_file) or '.'
+    return model_files.model_folder(t.model_file)
 
 
 def _check_data(spec, name: str, objective: str = 'pairs') -> list[str]:
