@@ -104,9 +104,28 @@ def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):
     result = convert_file(str(src), str(tmp_path / 'out.parquet'))
     assert (result.rows, result.kind, result.blank_lines) == (4, 'text', 3)
     assert read_texts(tmp_path / 'out.parquet') == [lines[0], lines[2], lines[5], lines[6]]
-    (tmp_path / 'empty.txt').write_bytes(b'')
-    assert convert_file(str(tmp_path / 'empty.txt'), str(tmp_path / 'empty.parquet')).rows == 0
-    assert read_texts(tmp_path / 'empty.parquet') == []
+
+
+
+@pytest.mark.parametrize('name,content,needle', [
+    ('empty.txt', b'', 'no rows to convert;'),
+    ('blank.txt', b'\n \r\n\t\n', r'no rows to convert \(3 blank line\(s\) skipped\)'),
+    ('empty.jsonl', b'\n\n', 'no rows to convert'),
+    ('header.csv', b'prompt,response\n', 'no rows to convert'),
+    ('empty.json', b'[]', 'no rows to convert'),
+])
+def test_an_input_without_rows_is_refused_and_nothing_written(tmp_path, name, content, needle):
+    # an empty training file would only fail later, at train time, far from its cause
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=needle + '.*nothing written to'):
+        convert_file(str(tmp_path / name), str(tmp_path / 'out.parquet'))
+    assert os.listdir(tmp_path) == [name]
+    # a file this toolkit wrote before stays as it was
+    write_records(tmp_path / 'ok.jsonl', [{'text': '一篇'}], 'jsonl')
+    convert_file(str(tmp_path / 'ok.jsonl'), str(tmp_path / 'out.parquet'))
+    with pytest.raises(UserError, match='no rows to convert'):
+        convert_file(str(tmp_path / name), str(tmp_path / 'out.parquet'))
+    assert read_texts(tmp_path / 'out.parquet') == ['一篇']
 
 
 def test_txt_streams_in_batches(tmp_path, monkeypatch):

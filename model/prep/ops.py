@@ -67,6 +67,9 @@ def convert_file(input_path: str, output_path: str, prompt_col: str | None = Non
             out.write(first)
         for table in tables:
             out.write(table)
+        if out.rows_total == 0:  # raised inside: no file is written (training on it would fail later)
+            blank = f' ({stats.blank_lines} blank line(s) skipped)' if stats.blank_lines else ''
+            raise UserError(f'{input_path}: no rows to convert{blank}; nothing written to {output_path}')
     return ConvertResult(out.rows_written, kind, stats.blank_lines)
 
 
@@ -371,6 +374,12 @@ def clean_parquet(input_spec, output_path: str, max_chars: int = 0,
                 keep = unique
             counts['rows'] += table.num_rows
             out.write(table.filter(pa.array(keep)))
+        if out.rows_total == 0:  # raised inside: no file is written
+            words = {'blank': 'empty/whitespace', 'too_long': 'too long'}  # as the command's count line says them
+            dropped = ', '.join(f'{words.get(r, r)} {counts[r]}' for r in DROP_REASONS if counts[r])
+            hint = '; raise --max_chars (0 = no limit)' if counts['too_long'] else ''
+            raise UserError(f'{input_spec}: no row left of {counts["rows"]}' + (f' (dropped: {dropped})' if dropped else '')
+                            + f'{hint}; nothing written to {output_path}')
     counts['kept'] = out.rows_written
     return counts
 
