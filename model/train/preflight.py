@@ -264,15 +264,18 @@ def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
 
 
 def warmup_notes(t, total_steps: int) -> list[str]:
-    """A warmup that takes more than a tenth of the run (or all of it), with the flags that fix it."""
+    """A warmup that takes more than a tenth of the run (or all of it), with the flags that fix it.
+    A warmup_ratio within the tenth says nothing: on a run of a few steps its one step rounded up
+    is more than a tenth, but the fix it would suggest is the flag already given."""
     warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, total_steps)
-    if not total_steps or warmup <= WARMUP_SHARE * total_steps:
+    if not total_steps or warmup <= WARMUP_SHARE * total_steps or 0 < t.warmup_ratio <= WARMUP_SHARE:
         return []
-    fix = f'e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps={max(1, total_steps // 20)}'
-    if warmup >= total_steps:
-        return [f'warmup_steps={t.warmup_steps} >= the run\'s {total_steps} optimizer steps: the learning rate never '
-                f'reaches learn_rate={t.learn_rate}; {fix}']
     given = f'warmup_ratio={t.warmup_ratio}' if t.warmup_ratio else f'warmup_steps={t.warmup_steps}'
+    fix = ('e.g. --warmup_ratio=0.05' if t.warmup_ratio else
+           f'e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps={total_steps // 20}')
+    if warmup >= total_steps:
+        return [f'{given}: {warmup} warmup steps >= the run\'s {total_steps} optimizer steps: the learning rate '
+                f'never reaches learn_rate={t.learn_rate}; {fix}']
     return [f'{given} warms up for {warmup} of the run\'s {total_steps} optimizer steps, more than '
             f'{WARMUP_SHARE:.0%}: the learning rate is below learn_rate for much of the run (in bench/bench_recipe.py a '
             f'third of the run learned less than 5%: bench/RECIPE_NOTES.md); {fix}']
