@@ -153,3 +153,49 @@ def test_the_states_of_a_run_of_several_are_judged_deeply_on_main_only_then(data
         preflight.judge_states_on_main(cfg, resume=True, fingerprint=report.fingerprint)
     assert f'{contract.PART_FILES["schedule"]} is missing' in str(raised.value)
     assert calls and all(calls)
+
+
+def _folder_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'adafactor'])
+def test_the_disk_estimate_is_what_a_run_writes(data, tmp_path, optimizer):
+    # a state (weights, moments, the tokenizer's copy) and a step file, as a finished run left them
+    from conftest import run_train
+
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=2, save_steps=2, optimizer=optimizer)).returncode == 0
+    cfg = config(data, out, optimizer=optimizer)
+    report = preflight.check_train(cfg, resume=True, world_size=1)
+    state, model = preflight.save_bytes(cfg.train, report.parameters)
+    (saved,) = [os.path.join(out, 'state', n) for n in os.listdir(out / 'state') if n.startswith('state-')]
+    assert 0.8 < state / _folder_bytes(saved) < 1.25, (state, _folder_bytes(saved))
+    assert 0.95 < 4 * report.parameters / os.path.getsize(out / 'chat_small_t5.2.bin') < 1.05
+    assert 0.9 < model / _folder_bytes(out / 'final') < 1.1, (model, _folder_bytes(out / 'final'))
+
+
+def test_room_for_the_saves_is_judged_on_each_disk(data, tmp_path):
+    """best/ and final/ on a small disk of their own: the note names that disk and those folders
+    only; the step files there too, and too large for the first save: a problem naming model_file."""
+    import subprocess
+
+    disk = tmp_path / 'small'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=400k', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a small tmpfs here (not root?)')
+    try:
+        cfg = config(data, tmp_path / 'run', output_dir=disk / 'out')
+        report = preflight.check_train(cfg, resume=False, world_size=1)
+        state, model = preflight.save_bytes(cfg.train, report.parameters)
+        assert model < 400 * 1024 < 2 * model, 'the tiny model no longer fits this test'
+        notes = [n for n in report.notes if 'may fill up' in n]
+        assert report.ready and len(notes) == 1 and f'disk of {disk}/out;' in notes[0], report.notes
+        assert '(best/ and final/)' in notes[0]
+        cfg = config(data, tmp_path / 'run', output_dir=disk / 'out', model_file=f'{disk}/steps/m.{{}}.bin',
+                     d_model=64, num_heads=2, d_kv=32, d_ff=256)  # a step file larger than the disk
+        report = preflight.check_train(cfg, resume=False, world_size=1)
+        assert [p.name for p in report.problems] == ['model_file'], report.problems
+        assert f'free on the disk of {disk}/steps, the first save of this model (a step file) needs' in report.problems[0].line()
+    finally:
+        subprocess.run(['umount', str(disk)], check=False)

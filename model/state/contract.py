@@ -46,6 +46,7 @@ from model.state import ownership, states
 PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json', 'counters': 'counters.json'}
 RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': 'run.json'}
 TOKENIZER_COPY = states.TOKENIZER_COPY
+STATES_KEPT = 2  # loadable states a run keeps: a damaged newest one still leaves one to resume
 
 
 class Stateful(Protocol):
@@ -250,7 +251,7 @@ class StateParts:
         self.accelerator, self.collectives, self.parts = accelerator, collectives, parts
         self.write_tokenizer = write_tokenizer
 
-    def save_all_ranks(self, state_dir: str, step: int, describe: dict[str, dict], keep: int = 2) -> str:
+    def save_all_ranks(self, state_dir: str, step: int, describe: dict[str, dict], keep: int = STATES_KEPT) -> str:
         """Every rank calls it. The folder is made (main), the engine writes its parts (every
         rank), the run's parts, ``describe`` (config, fingerprint, run) and the tokenizer copy are
         written (main), and the folder is completed (main: checksums, marker, rename, pruning).

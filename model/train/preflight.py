@@ -353,27 +353,62 @@ def span_steps(t, files: list[str], world_size: int, kept: dict | None = None) -
 LOG_ROOM = 1 << 20  # a run's log grows by ~100 bytes a logged step: a MiB is the least that makes sense
 
 
-def _free_bytes(path: str) -> int:
+def _existing(path: str) -> str:
     folder = path
     while not os.path.isdir(folder):
         folder = os.path.dirname(os.path.abspath(folder))
-    return shutil.disk_usage(folder).free
+    return folder
+
+
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(_existing(path)).free
+
+
+def save_bytes(t, parameters: int) -> tuple[int, int]:
+    """(one training state, one exported model) on disk, about: a state is the fp32 weights, the
+    optimizer's moments and a copy of the tokenizer; a step file is the fp32 weights (a model
+    folder, best/ or final/, adds the tokenizer)."""
+    tokenizer = sum(os.path.getsize(os.path.join(root, name))
+                    for root, _, names in os.walk(t.tokenizer_dir) for name in names)
+    return state_bytes(parameters, t.optimizer) + tokenizer, 4 * parameters + tokenizer
 
 
 def _check_disk(t, report: Report) -> None:
+    """Room for the log, for the first save (a problem), and for everything a run's saves hold
+    at once (a note): the states kept plus the one being written, the step files kept plus the
+    one being written and the best one, the best/ and final/ folders -- each on its own disk."""
     log_free = _free_bytes(t.log_dir)
     if log_free < LOG_ROOM:
         report.problems.append(Problem('log_dir', f'log_dir: {human_bytes(log_free)} free on the disk of {t.log_dir}',
                                        'free space or choose another --log_dir'))
-    need = state_bytes(report.parameters, t.optimizer) + 4 * report.parameters  # a state + a weights file
-    free = _free_bytes(t.train_state_dir)
-    if free < need:
-        report.problems.append(Problem('train_state_dir', f'train_state_dir: {human_bytes(free)} free on the disk '
-                                       f'of {t.train_state_dir}, a state of this model needs about '
-                                       f'{human_bytes(need)}', 'free space or choose another disk'))
-    elif free < need * (2 + t.keep_latest_n_ckp):
-        report.notes.append(f'{human_bytes(free)} free for states of ~{human_bytes(need)} each: two states and '
-                            f'{t.keep_latest_n_ckp} step files are kept, the disk may fill up')
+    state, model = save_bytes(t, report.parameters)
+    weights = 4 * report.parameters
+    first = [(t.train_state_dir, state, 'a state'), (model_folder(t), weights, 'a step file')]
+    whole = [(t.train_state_dir, (contract.STATES_KEPT + 1) * state, f'{contract.STATES_KEPT + 1} states of ~{human_bytes(state)}'),
+             (model_folder(t), (t.keep_latest_n_ckp + 2) * weights, f'{t.keep_latest_n_ckp + 2} step files'),
+             (t.output_dir, 2 * model, 'best/ and final/')]
+    for saves, first_save in ((first, True), (whole, False)):
+        disks: dict[int, list] = {}
+        for path, size, what in saves:
+            disks.setdefault(os.stat(_existing(path)).st_dev, []).append((path, size, what))
+        short = False
+        for items in disks.values():
+            path, need = items[0][0], sum(size for _, size, _ in items)
+            free = _free_bytes(path)
+            if free >= need:
+                continue
+            what = ' and '.join(w for _, _, w in items)
+            if first_save:
+                short = True
+                name = 'train_state_dir' if path == t.train_state_dir else 'model_file'
+                report.problems.append(Problem(name, f'{name}: {human_bytes(free)} free on the disk of {path}, the '
+                                               f'first save of this model ({what}) needs about {human_bytes(need)}',
+                                               'free space or choose another disk'))
+            else:
+                report.notes.append(f'{human_bytes(free)} free on the disk of {path}; this run\'s saves hold up to '
+                                    f'~{human_bytes(need)} there at once ({what}): the disk may fill up')
+        if short:
+            return
 
 
 def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool = True) -> None:
