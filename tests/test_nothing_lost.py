@@ -142,11 +142,17 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
     r = run_train(tiny_flags(data, out, max_steps=5))
     assert_user_error(r, 'chat_small_t5.999.bin', 'not written by this toolkit')
     os.remove(out / 'chat_small_t5.999.bin')
+    # the previous run's best/ scored by `test`: its predictions go with it, never stay beside the new best/
+    r = cli('test', f'--output_dir={out}', f'--test_file={data["valid"]}', '--max_test_rows=4')
+    assert r.returncode == 0 and os.path.exists(out / 'best.predictions.valid.jsonl'), r.stderr[-2000:]
+    (out / 'best.predictions.mine.jsonl').write_text('{"mine": 1}\n')  # named alike, not the toolkit's: stays
     r = run_train(tiny_flags(data, out, max_steps=5))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / 'my_notes.txt').read_text() == 'mine'
     archived = glob.glob(f'{out}/previous_runs/*/')
     assert len(archived) == 1 and os.path.isdir(f'{archived[0]}/best')
+    assert os.path.exists(f'{archived[0]}/best.predictions.valid.jsonl')
+    assert sorted(n for n in os.listdir(out) if '.predictions.' in n) == ['best.predictions.mine.jsonl']
 
 
 def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):
