@@ -352,6 +352,27 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     line = [x for x in r.stdout.splitlines() if '->' in x][0]
     answer = line.split('->', 1)[1].strip()  # 8 steps: the prompt filled if it wrote a sentinel, else its words
     assert '</s>' not in answer and (not answer.startswith('你好') or answer.endswith('世界'))
+    assert 'note:' not in r.stderr  # <extra_id_0> first, alone: as the model learned it
+    r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_100>世界', '--max_new_tokens=2')
+    assert r.returncode == 0 and 'note: 你好<extra_id_100>世界: <extra_id_100> is not a sentinel' in r.stderr, r.stderr
+
+
+def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):
+    from tokenizers import Tokenizer
+
+    from model.net.chat_model import sentinel_note
+
+    assert sentinel_note(tokenizer, '北京是中国的首都') is None
+    assert sentinel_note(tokenizer, '北京<extra_id_0>首都<extra_id_1>') is None
+    assert sentinel_note(tokenizer, '<extra_id_0>, extra_id_5 and <extra_id 3>') is None  # not sentinels' text
+    assert 'is not a sentinel of this tokenizer (<extra_id_0> to <extra_id_99>)' in sentinel_note(tokenizer, 'a<extra_id_100>')
+    note = sentinel_note(tokenizer, '北京<extra_id_1>首都<extra_id_0>')
+    assert note.startswith('sentinels <extra_id_1>, <extra_id_0>: span corruption numbers them from <extra_id_0> up')
+    assert 'numbers them' in sentinel_note(tokenizer, '<extra_id_0>a<extra_id_0>')  # each once
+    assert 'numbers them' in sentinel_note(tokenizer, '<extra_id_3>')
+    without = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str().replace('<extra_id_', '<xtra_id_'))  # no sentinels
+    assert sentinel_note(without, '北京<extra_id_0>').startswith(
+        "this model's tokenizer has no T5 sentinels: <extra_id_0> is read as plain text")
 
 
 def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):

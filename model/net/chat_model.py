@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from typing import Callable
 
@@ -297,6 +298,32 @@ def sentinel_set(tokenizer) -> set[int]:
 
     ids = sentinel_ids(tokenizer)
     return set() if ids is None else set(ids.tolist())
+
+
+SENTINEL_TEXT = re.compile(r'<extra_id_(\d+)>')
+
+
+def sentinel_note(tokenizer, prompt: str) -> str | None:
+    """What a user should know before a prompt with T5 sentinels is answered, or None: a sentinel
+    the tokenizer lacks is read as plain text, and span corruption's inputs number their
+    sentinels from <extra_id_0> up in order -- a model fills others less well."""
+    from model.data.span_corruption import SENTINEL_COUNT
+
+    written = [int(n) for n in SENTINEL_TEXT.findall(prompt)]
+    if not written:
+        return None
+    if not sentinel_set(tokenizer):
+        return (f'this model\'s tokenizer has no T5 sentinels: <extra_id_{written[0]}> is read as plain text (a '
+                f'model pretrained with --objective=span_corruption fills them)')
+    unknown = sorted({n for n in written if n >= SENTINEL_COUNT})
+    if unknown:
+        return (f'<extra_id_{unknown[0]}> is not a sentinel of this tokenizer (<extra_id_0> to '
+                f'<extra_id_{SENTINEL_COUNT - 1}>): it is read as plain text')
+    if written != list(range(len(written))):
+        shown = ', '.join(f'<extra_id_{n}>' for n in written[:6]) + (', ...' if len(written) > 6 else '')
+        return (f'sentinels {shown}: span corruption numbers them from <extra_id_0> up, in order, each once '
+                f'(as the model learned them); it may fill these poorly')
+    return None
 
 
 def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks: tuple[str, str] = ('【', '】')) -> str:
