@@ -353,6 +353,12 @@ def resolve_config(preset: str | None = None, use_large_config: bool = False,
 OUTPUT_DIR_PLACES = {'train_state_dir': 'train_latest_state', 'model_file': 'chat_small_t5.{}.bin'}
 
 
+def place_before_output_dir(preset: str | None, name: str) -> str:
+    """Where ``name`` (train_state_dir or model_file) would be without follow_output_dir: the
+    preset's or the default's place -- where a run started before that rule keeps its states."""
+    return PRESETS.get(preset or '', {}).get(name) or getattr(TrainConfigPretrainLarge(), name)
+
+
 def follow_output_dir(values: dict[str, Any], sources: dict[str, str]) -> None:
     """A run given its own --output_dir writes its states and step files there too, unless those
     are given as well: otherwise two runs that differ only in output_dir would share the default

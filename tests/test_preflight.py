@@ -199,3 +199,30 @@ def test_room_for_the_saves_is_judged_on_each_disk(data, tmp_path):
         assert f'free on the disk of {disk}/steps, the first save of this model (a step file) needs' in report.problems[0].line()
     finally:
         subprocess.run(['umount', str(disk)], check=False)
+
+
+def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_them_says_so(data, tmp_path,
+                                                                                            monkeypatch):
+    # a run started before --output_dir took the states along: its states are at the default place
+    import config as config_module
+    from conftest import run_train
+
+    out, old = tmp_path / 'run', tmp_path / 'default_place'
+    r = run_train(tiny_flags(data, out, max_steps=2, save_steps=2, train_state_dir=old / 'train_latest_state',
+                             model_file=f'{old}/chat_small_t5.{{}}.bin'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setattr(config_module, 'place_before_output_dir',
+                        lambda preset, name: {'train_state_dir': str(old / 'train_latest_state'),
+                                              'model_file': f'{old}/chat_small_t5.{{}}.bin'}[name])
+    flags = {k: v for k, v in (a[2:].split('=', 1) for a in tiny_flags(data, out))
+             if k not in ('train_state_dir', 'model_file')}
+    cfg = preflight.resolve_places(resolve_config(overrides=flags))
+    assert cfg.train.train_state_dir == f'{out}/train_latest_state'
+    (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
+    assert problem.line().endswith(f"this run's states are in {old}/train_latest_state (a run given --output_dir now "
+                                   f"keeps its states and step files there unless told otherwise): resume with "
+                                   f"--train_state_dir={old}/train_latest_state --model_file={old}/chat_small_t5.{{}}.bin")
+    # another run's states there (another output_dir): the plain advice
+    cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
+    (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
+    assert problem.line().endswith('start without --is_keep_training (or check --train_state_dir)')

@@ -441,6 +441,28 @@ def judge_states_on_main(cfg: ResolvedConfig, resume: bool, fingerprint: dict) -
     return report.resume, report.notes
 
 
+def _states_elsewhere(cfg: ResolvedConfig) -> str:
+    """The fix for a resume that finds no state where train_state_dir now follows --output_dir, when
+    the run's states are where it pointed before that rule (the preset's or default's place,
+    saved by a run with this output_dir); else ''."""
+    from config import place_before_output_dir
+
+    t = cfg.train
+    if cfg.sources.get('train_state_dir') != 'from --output_dir':
+        return ''
+    before = place_before_output_dir(cfg.preset, 'train_state_dir')
+    newest = ckpt.latest_state(before, deep=False)
+    try:
+        saved = ckpt.read_json(os.path.join(newest, contract.RUN_FILES['config']))['train'] if newest else {}
+        saved_out, pattern = saved['output_dir'], saved['model_file']
+    except (OSError, ValueError, KeyError, TypeError):  # no state there, or not one this could read
+        return ''
+    if os.path.realpath(saved_out) != os.path.realpath(t.output_dir):
+        return ''
+    return (f'this run\'s states are in {before} (a run given --output_dir now keeps its states and step files '
+            f'there unless told otherwise): resume with --train_state_dir={before} --model_file={pattern}')
+
+
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     t = cfg.train
     states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
@@ -448,7 +470,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     report.notes += states.notes
     for message in states.problems:
         report.problems.append(Problem('is_keep_training', message,
-                                       'start without --is_keep_training (or check --train_state_dir)'))
+                                       _states_elsewhere(cfg) or 'start without --is_keep_training (or check --train_state_dir)'))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
     saved_cfg = saved.config.get('train', {})
