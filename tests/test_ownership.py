@@ -395,3 +395,98 @@ def test_a_fifo_under_a_marker_or_a_file_name_is_read_as_nothing_at_once(tmp_pat
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------- locks between machines
+
+ON_A_MACHINE = """
+import errno, fcntl, os, socket, sys, time
+from model.state import locks
+from model.errors import UserError
+
+place, host, flock, action = sys.argv[1:5]
+socket.gethostname = lambda: host  # this process plays that machine
+locks.BEAT_S, locks.FRESH_S = 0.3, 0.9
+real = fcntl.flock
+if flock == 'local':  # a filesystem whose locks do not reach other machines: each one gets it
+    fcntl.flock = lambda fd, op: None
+elif flock == 'none':  # no flock at all (Lustre mounted without flock)
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    fcntl.flock = no_flock
+start = time.monotonic()
+try:
+    lock = locks.PlaceLock([place], 'training run').acquire()
+except UserError as e:
+    print('refused', round(time.monotonic() - start, 2), e, flush=True)
+    sys.exit(3)
+print('held', round(time.monotonic() - start, 2), flush=True)
+if action == 'hold':
+    time.sleep(60)
+elif action == 'release':
+    lock.release()
+"""
+
+
+def on_a_machine(place, host, flock, action):
+    return subprocess.Popen([sys.executable, '-c', ON_A_MACHINE, str(place), host, flock, action],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def holding(place, host, flock):
+    proc = on_a_machine(place, host, flock, 'hold')
+    assert proc.stdout.readline().startswith('held'), proc.stderr.read()
+    return proc
+
+
+def outcome(place, host, flock, action='exit'):
+    proc = on_a_machine(place, host, flock, action)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize('flock', ['local', 'none'])
+def test_a_run_on_another_machine_is_refused_while_the_holders_heartbeat_goes_on(tmp_path, flock):
+    # the second machine's flock succeeds (or there is none): the heartbeat is what stops it
+    place = tmp_path / 'run'
+    holder = holding(place, 'nodeA', 'real')
+    try:
+        code, out, err = outcome(place, 'nodeB', flock)
+        assert code == 3 and 'is in use by another training run (pid' in out and 'on nodeA' in out, (out, err)
+        if flock == 'local':
+            assert 'its heartbeat goes on from nodeA: the locks of this filesystem do not reach between machines' in out
+        assert 'waiting up to' in err  # it watched the heartbeat before it said so
+        assert 'on nodeA' in (locks.is_locked(str(place)) or '')
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize('flock', ['real', 'local', 'none'])
+def test_a_killed_holder_on_another_machine_is_taken_over_once_its_heartbeat_stops(tmp_path, flock):
+    # a preempted run SIGKILLed on one node, requeued on another: its lock file still names it
+    place = tmp_path / 'run'
+    holder = holding(place, 'nodeA', 'real')
+    holder.kill()
+    holder.wait()
+    code, out, err = outcome(place, 'nodeB', flock, 'release')
+    assert code == 0 and out.startswith('held') and 'waiting' in err, (out, err)
+    assert float(out.split()[1]) < 5  # about one beat and a half of watching, not the whole FRESH_S
+    # released cleanly: the next one, anywhere, takes it at once
+    code, out, err = outcome(place, 'nodeC', flock)
+    assert code == 0 and 'waiting' not in err, (out, err)
+
+
+def test_without_flock_a_holder_on_this_machine_is_known_by_its_pid(tmp_path):
+    place = tmp_path / 'run'
+    holder = holding(place, 'nodeA', 'none')
+    try:
+        code, out, err = outcome(place, 'nodeA', 'none')
+        assert code == 3 and 'in use by another training run' in out and 'waiting' not in err, (out, err)
+        assert 'has no flock (Function not implemented)' in err and 'heartbeat alone' in err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, err = outcome(place, 'nodeA', 'none')  # its pid is gone: taken at once
+    assert code == 0 and 'waiting' not in err, (out, err)

@@ -1,5 +1,15 @@
 """One run per output place: a lock file per folder, held by the kernel (flock), opened so that no
-planted link or stranger's file can redirect it."""
+planted link or stranger's file can redirect it.
+
+On a filesystem shared by several machines a flock stops a second run only where the filesystem
+shares its locks (NFSv4, GPFS, Lustre mounted with ``-o flock``); where it does not (Lustre's
+``localflock``, NFS mounted ``nolock``) every machine gets the lock, and where flock is not
+there at all (Lustre without either) it fails. So the holder also renews a heartbeat in the lock
+file every BEAT_S seconds, and a run that takes a lock whose file names another machine with a
+recent heartbeat watches it for a little longer than one beat: renewed, the other run is alive
+and this one is refused; not renewed, the other run is gone (killed, its node lost) and this one
+takes over. Without flock the heartbeat (and on one machine the holder's pid) is the lock.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,8 @@ import json
 import os
 import socket
 import stat
+import sys
+import threading
 import time
 import weakref
 
@@ -32,10 +44,72 @@ def _open_lock(folder: str, flags: int) -> int:
             raise not_ours from None
         raise
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or lock_info(os.pread(fd, 4096, 0)) is None:
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or _read_info(fd) is None:
         os.close(fd)
         raise not_ours
     return fd
+
+
+BEAT_S = 10.0  # the holder renews its heartbeat this often
+FRESH_S = 3 * BEAT_S  # a heartbeat younger than this may be a live holder's (clocks of machines differ a little)
+CONTENT_BYTES = 512  # the lock file's content, padded to one size: a renewal overwrites it in place, never shorter
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not there: a filesystem without it
+
+
+def _read_info(fd: int) -> dict | None:
+    """The holder the lock file records ({} when empty, None when not a lock's): read twice a
+    moment apart when the first read is not a lock's (a renewal may be half written)."""
+    info = lock_info(os.pread(fd, 4096, 0))
+    if info is None:
+        time.sleep(0.05)
+        info = lock_info(os.pread(fd, 4096, 0))
+    return info
+
+
+def _content(started: str) -> bytes:
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started, 'beat': round(time.time(), 3)}
+    return json.dumps(info).encode().ljust(CONTENT_BYTES)
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+def _maybe_alive(info: dict, kernel_locked: bool) -> bool:
+    """Whether the holder a lock file names may still run. With the kernel's lock taken, only one
+    on another machine may (its flock may not reach here); without flock, one on this machine
+    whose pid lives, or one elsewhere whose heartbeat is recent."""
+    if not info or 'beat' not in info:
+        return False  # released, or written before heartbeats: a flock is all there was
+    try:
+        age = time.time() - float(info['beat'])
+    except (TypeError, ValueError):
+        return False
+    if info.get('host') == socket.gethostname():
+        return not kernel_locked and info.get('pid') != os.getpid() and _pid_alive(info.get('pid')) and age < FRESH_S
+    return age < FRESH_S
+
+
+def _alive_elsewhere(fd: int, info: dict) -> bool:
+    """Watch a recent heartbeat of another machine for a little longer than one beat: renewed, its
+    run is alive."""
+    if info.get('host') == socket.gethostname():
+        return True  # on this machine the pid says it (_maybe_alive)
+    print(f'note: the lock names a run on {info.get("host")} whose heartbeat is recent; waiting up to '
+          f'{1.5 * BEAT_S:g} s to see whether it still runs', file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 1.5 * BEAT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _read_info(fd) or {}
+        if now.get('beat') != info.get('beat') or now.get('host') != info.get('host'):
+            return True
+    return False
 
 
 _HELD: weakref.WeakSet = weakref.WeakSet()  # this process's locks now held
@@ -60,17 +134,26 @@ os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class PlaceLock:
-    """One run per output place: an exclusive flock on ``<folder>/.chat_small_t5.lock``.
+    """One run per output place: an exclusive flock on ``<folder>/.chat_small_t5.lock``, and a
+    heartbeat in it (the module's text: machines whose flock does not reach each other).
 
     The kernel drops the lock when the process dies, so a killed run never blocks the next
-    one (its forked children close their copies at the fork: they never hold it); the file
-    only says who holds it (pid, host, start time) for the error message.
+    one on its machine (its forked children close their copies at the fork: they never hold
+    it); the file says who holds it (pid, host, start time, heartbeat) for the error message
+    and for runs on other machines.
     """
 
     def __init__(self, folders: list[str], what: str = 'run'):
         self.folders = sorted({os.path.abspath(f) for f in folders})
         self.what = what
         self._fds: list[int] = []
+        self._beat: threading.Event | None = None
+        self._mutex = threading.Lock()
+        self._written = False  # the lock files hold this run's content (a release clears them)
+
+    def _in_use(self, folder: str, why: str = '') -> UserError:
+        return UserError(f'{folder} is in use by another {self.what} ({holder(folder)}){why}; '
+                         f'wait for it to end, or give this one other output paths')
 
     def acquire(self) -> PlaceLock:
         import fcntl
@@ -80,27 +163,76 @@ class PlaceLock:
             for folder in self.folders:  # every lock file judged before any is taken or written
                 os.makedirs(folder, exist_ok=True)
                 self._fds.append(_open_lock(folder, os.O_RDWR | os.O_CREAT))
+            kernel = []
             for folder, fd in zip(self.folders, self._fds):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    kernel.append(True)
                 except OSError as e:
+                    if e.errno in NO_FLOCK:
+                        _say_no_flock(folder, e)
+                        kernel.append(False)
+                        continue
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
-                    raise UserError(f'{folder} is in use by another {self.what} ({holder(folder)}); '
-                                    f'wait for it to end, or give this one other output paths') from None
-            for fd in self._fds:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                          'started': time.strftime('%Y-%m-%d %H:%M:%S')}).encode(), 0)
+                    raise self._in_use(folder) from None
+            contested = not all(kernel)  # a start beside another one could both take the place
+            for folder, fd, locked in zip(self.folders, self._fds, kernel):
+                info = _read_info(fd) or {}
+                contested |= bool(info) and info.get('host') != socket.gethostname()
+                if _maybe_alive(info, locked) and _alive_elsewhere(fd, info):
+                    raise self._in_use(folder, '' if not locked else
+                                       f'; its heartbeat goes on from {info.get("host")}: the locks of this '
+                                       f'filesystem do not reach between machines (e.g. Lustre without '
+                                       f'-o flock, NFS mounted nolock), so only the heartbeat stops a second run')
+            started = time.strftime('%Y-%m-%d %H:%M:%S')
+            self._written = True
+            for fd in self._fds:  # in place, one size: a reader never sees it empty or half gone
+                os.pwrite(fd, _content(started), 0)
+                os.ftruncate(fd, CONTENT_BYTES)
+            if contested:  # two starts at once both wrote: the one whose content stays has the place
+                time.sleep(0.5)
+                for folder, fd in zip(self.folders, self._fds):
+                    now = _read_info(fd) or {}
+                    if (now.get('pid'), now.get('host')) != (os.getpid(), socket.gethostname()):
+                        raise self._in_use(folder)
+            self._start_beat(started)
         except BaseException:
             self.release()
             raise
         return self
 
+    def _start_beat(self, started: str) -> None:
+        stop = self._beat = threading.Event()
+        fds, mutex = list(self._fds), self._mutex
+
+        def beat():
+            while not stop.wait(BEAT_S):
+                with mutex:  # never after release: a closed fd's number may be another file's by then
+                    if stop.is_set():
+                        return
+                    for fd in fds:
+                        try:
+                            os.pwrite(fd, _content(started), 0)
+                        except OSError:  # a full disk, say: the next beat tries again
+                            pass
+
+        threading.Thread(target=beat, name='chat_small_t5-lock-heartbeat', daemon=True).start()
+
     def release(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        with self._mutex:
+            if self._beat is not None:
+                self._beat.set()
+                self._beat = None
+            for fd in self._fds:
+                try:  # released: a run on another machine need not wait for the heartbeat to age
+                    mine = (_read_info(fd) or {}) if self._written else {}
+                    if (mine.get('pid'), mine.get('host')) == (os.getpid(), socket.gethostname()):
+                        os.ftruncate(fd, 0)
+                except OSError:
+                    pass
+                os.close(fd)
+            self._fds = []
         _HELD.discard(self)
 
     def __enter__(self):
@@ -109,6 +241,16 @@ class PlaceLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+_said_no_flock: set[str] = set()
+
+
+def _say_no_flock(folder: str, e: OSError) -> None:
+    if folder not in _said_no_flock:
+        _said_no_flock.add(folder)
+        print(f'note: the filesystem of {folder} has no flock ({os.strerror(e.errno)}): one run per place is '
+              f'kept by the lock file\'s heartbeat alone', file=sys.stderr, flush=True)
 
 
 def holder(folder: str) -> str:
@@ -127,9 +269,14 @@ def is_locked(folder: str) -> str | None:
         return None
     fd = _open_lock(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return holder(folder)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            kernel = True
+        except OSError as e:
+            if e.errno not in NO_FLOCK:
+                return holder(folder)
+            kernel = False
+        info = _read_info(fd) or {}
+        return holder(folder) if _maybe_alive(info, kernel) and _alive_elsewhere(fd, info) else None
     finally:
         os.close(fd)
-    return None
