@@ -490,3 +490,17 @@ def test_without_flock_a_holder_on_this_machine_is_known_by_its_pid(tmp_path):
         holder.wait()
     code, out, err = outcome(place, 'nodeA', 'none')  # its pid is gone: taken at once
     assert code == 0 and 'waiting' not in err, (out, err)
+
+
+def test_a_stopped_heartbeat_is_watched_once_for_all_the_places_of_its_run(tmp_path):
+    places = ','.join(str(tmp_path / name) for name in ('state', 'out', 'models'))
+    script = ON_A_MACHINE.replace('[place]', 'place.split(",")')  # one lock of three places, as a run takes them
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, '-c', script, places, 'nodeA', 'real', 'hold'], stdout=subprocess.PIPE,
+                              text=True, cwd=cwd)
+    assert holder.stdout.readline().startswith('held')
+    holder.kill()
+    holder.wait()
+    r = subprocess.run([sys.executable, '-c', script, places, 'nodeB', 'real', 'release'], capture_output=True,
+                       text=True, cwd=cwd, timeout=60)
+    assert r.returncode == 0 and r.stderr.count('waiting up to') == 1, (r.stdout, r.stderr)

@@ -101,6 +101,9 @@ def _alive_elsewhere(fd: int, info: dict) -> bool:
     run is alive."""
     if info.get('host') == socket.gethostname():
         return True  # on this machine the pid says it (_maybe_alive)
+    who = (info.get('host'), info.get('pid'), info.get('started'))
+    if who in _gone:  # watched already (one run holds all its places): once is enough
+        return False
     print(f'note: the lock names a run on {info.get("host")} whose heartbeat is recent; waiting up to '
           f'{1.5 * BEAT_S:g} s to see whether it still runs', file=sys.stderr, flush=True)
     deadline = time.monotonic() + 1.5 * BEAT_S
@@ -109,7 +112,11 @@ def _alive_elsewhere(fd: int, info: dict) -> bool:
         now = _read_info(fd) or {}
         if now.get('beat') != info.get('beat') or now.get('host') != info.get('host'):
             return True
+    _gone.add(who)
     return False
+
+
+_gone: set[tuple] = set()  # holders on other machines whose heartbeat was seen to stop
 
 
 _HELD: weakref.WeakSet = weakref.WeakSet()  # this process's locks now held
