@@ -406,6 +406,9 @@ from model.errors import UserError
 
 place, host, flock, action = sys.argv[1:5]
 socket.gethostname = lambda: host  # this process plays that machine
+if len(sys.argv) > 5:  # and its clock, this many seconds off
+    clock = time.time
+    time.time = lambda: clock() + float(sys.argv[5])
 locks.BEAT_S, locks.FRESH_S = 0.3, 0.9
 real = fcntl.flock
 if flock == 'local':  # a filesystem whose locks do not reach other machines: each one gets it
@@ -428,14 +431,14 @@ elif action == 'release':
 """
 
 
-def on_a_machine(place, host, flock, action):
-    return subprocess.Popen([sys.executable, '-c', ON_A_MACHINE, str(place), host, flock, action],
+def on_a_machine(place, host, flock, action, *skew):
+    return subprocess.Popen([sys.executable, '-c', ON_A_MACHINE, str(place), host, flock, action, *map(str, skew)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def holding(place, host, flock):
-    proc = on_a_machine(place, host, flock, 'hold')
+def holding(place, host, flock, *skew):
+    proc = on_a_machine(place, host, flock, 'hold', *skew)
     assert proc.stdout.readline().startswith('held'), proc.stderr.read()
     return proc
 
@@ -446,11 +449,12 @@ def outcome(place, host, flock, action='exit'):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize('flock', ['local', 'none'])
-def test_a_run_on_another_machine_is_refused_while_the_holders_heartbeat_goes_on(tmp_path, flock):
-    # the second machine's flock succeeds (or there is none): the heartbeat is what stops it
+@pytest.mark.parametrize('flock,skew', [('local', 0), ('none', 0), ('local', -3600)])
+def test_a_run_on_another_machine_is_refused_while_the_holders_heartbeat_goes_on(tmp_path, flock, skew):
+    # the second machine's flock succeeds (or there is none): the heartbeat is what stops it, whatever
+    # the holder's clock says (an hour behind: its beats look old, and it runs)
     place = tmp_path / 'run'
-    holder = holding(place, 'nodeA', 'real')
+    holder = holding(place, 'nodeA', 'real', skew)
     try:
         code, out, err = outcome(place, 'nodeB', flock)
         assert code == 3 and 'is in use by another training run (pid' in out and 'on nodeA' in out, (out, err)

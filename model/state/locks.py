@@ -5,10 +5,11 @@ On a filesystem shared by several machines a flock stops a second run only where
 shares its locks (NFSv4, GPFS, Lustre mounted with ``-o flock``); where it does not (Lustre's
 ``localflock``, NFS mounted ``nolock``) every machine gets the lock, and where flock is not
 there at all (Lustre without either) it fails. So the holder also renews a heartbeat in the lock
-file every BEAT_S seconds, and a run that takes a lock whose file names another machine with a
-recent heartbeat watches it for a little longer than one beat: renewed, the other run is alive
-and this one is refused; not renewed, the other run is gone (killed, its node lost) and this one
-takes over. Without flock the heartbeat (and on one machine the holder's pid) is the lock.
+file every BEAT_S seconds (a release clears the file), and a run that takes a lock whose file
+still names another machine watches that heartbeat for a little longer than one beat -- the
+clocks of two machines may differ by any amount, so only a renewal tells: renewed, the other run
+is alive and this one is refused; not renewed, the other run is gone (killed, its node lost) and
+this one takes over. Without flock the heartbeat (and on one machine the holder's pid) is the lock.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _open_lock(folder: str, flags: int) -> int:
 
 
 BEAT_S = 10.0  # the holder renews its heartbeat this often
-FRESH_S = 3 * BEAT_S  # a heartbeat younger than this may be a live holder's (clocks of machines differ a little)
+FRESH_S = 3 * BEAT_S  # on one machine, a heartbeat younger than this with its pid alive is a live holder's
 CONTENT_BYTES = 512  # the lock file's content, padded to one size: a renewal overwrites it in place, never shorter
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not there: a filesystem without it
 
@@ -84,16 +85,17 @@ def _pid_alive(pid) -> bool:
 def _maybe_alive(info: dict, kernel_locked: bool) -> bool:
     """Whether the holder a lock file names may still run. With the kernel's lock taken, only one
     on another machine may (its flock may not reach here); without flock, one on this machine
-    whose pid lives, or one elsewhere whose heartbeat is recent."""
+    whose pid lives (and whose heartbeat is recent: a pid is reused), or any elsewhere -- the
+    other machine's clock may differ by any amount, so only watching its heartbeat tells."""
     if not info or 'beat' not in info:
         return False  # released, or written before heartbeats: a flock is all there was
+    if info.get('host') != socket.gethostname():
+        return True
     try:
         age = time.time() - float(info['beat'])
     except (TypeError, ValueError):
         return False
-    if info.get('host') == socket.gethostname():
-        return not kernel_locked and info.get('pid') != os.getpid() and _pid_alive(info.get('pid')) and age < FRESH_S
-    return age < FRESH_S
+    return not kernel_locked and info.get('pid') != os.getpid() and _pid_alive(info.get('pid')) and age < FRESH_S
 
 
 def _alive_elsewhere(fd: int, info: dict) -> bool:
@@ -104,7 +106,7 @@ def _alive_elsewhere(fd: int, info: dict) -> bool:
     who = (info.get('host'), info.get('pid'), info.get('started'))
     if who in _gone:  # watched already (one run holds all its places): once is enough
         return False
-    print(f'note: the lock names a run on {info.get("host")} whose heartbeat is recent; waiting up to '
+    print(f'note: the lock names a run on {info.get("host")} that did not release it; waiting up to '
           f'{1.5 * BEAT_S:g} s to see whether it still runs', file=sys.stderr, flush=True)
     deadline = time.monotonic() + 1.5 * BEAT_S
     while time.monotonic() < deadline:
