@@ -169,22 +169,25 @@ assert not set(TRAIN_FIELDS) & set(MODEL_FIELDS), 'a flag must map to exactly on
 
 
 def check_model_file_pattern(pattern: str) -> None:
-    """model_file holds exactly one '{}' and formats with a step or 'best'."""
-    if pattern.count('{}') != 1:
-        raise UserError(f"model_file must contain '{{}}' exactly once (replaced by the step or 'best'): "
-                        f"{pattern}")
+    """model_file holds exactly one '{}' (the step or 'best'), in its file name; other braces are
+    doubled ('{{', '}}': literal, in the folder or the name)."""
+    from model.state.model_files import STEP
+
     try:
-        for tag in (1, 'best'):
-            name = pattern.format(tag)
+        marked = pattern.format(STEP)
     except (KeyError, IndexError, ValueError) as e:
         raise UserError(f"model_file {pattern!r} cannot be formatted ({type(e).__name__}: {e}); "
                         f"use '{{}}' once and write other braces doubled, '{{{{' and '}}}}'") from None
-    if name.endswith(os.sep) or not os.path.basename(name):
-        raise UserError(f"model_file must name a file, e.g. .../chat_small_t5.{{}}.bin: {pattern}")
-    marked = pattern.format('\0')  # where the step goes
-    if marked.count('\0') != 1 or '\0' in os.path.dirname(marked):
-        raise UserError(f"model_file needs its one '{{}}' (the step) in the file name, e.g. .../chat_small_t5.{{}}.bin; "
-                        f"braces meant literally are written doubled, '{{{{' and '}}}}': {pattern}")
+    if marked.count(STEP) != 1:
+        raise UserError(f"model_file must contain '{{}}' exactly once (replaced by the step or 'best'; braces meant "
+                        f"literally are written doubled, '{{{{' and '}}}}'): {pattern}")
+    folder, name = os.path.split(marked)
+    if STEP in folder:
+        raise UserError(f"model_file needs its '{{}}' (the step) in the file name, e.g. .../chat_small_t5.{{}}.bin: "
+                        f"{pattern}")
+    if name == STEP:
+        raise UserError(f"model_file's file name must hold more than the step (its 'best' would be output_dir/best's "
+                        f"name), e.g. .../chat_small_t5.{{}}.bin: {pattern}")
 
 
 def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
@@ -366,11 +369,13 @@ def follow_output_dir(values: dict[str, Any], sources: dict[str, str]) -> None:
     path its user never named, or archiving the first one's step files as its own."""
     if sources.get('output_dir') != 'flag':
         return
+    from model.state.model_files import join_model_file, split_model_file
+
     folder = str(values['output_dir'])
-    literal = folder.replace('{', '{{').replace('}', '}}')  # in model_file, '{}' is the step alone
     for name, leaf in OUTPUT_DIR_PLACES.items():
         if sources.get(name) != 'flag':
-            values[name] = os.path.join(literal if name == 'model_file' else folder, leaf)
+            values[name] = (join_model_file(folder, *split_model_file(leaf)[1:]) if name == 'model_file'
+                            else os.path.join(folder, leaf))
             sources[name] = 'from --output_dir'
 
 

@@ -217,10 +217,21 @@ def test_a_given_output_dir_takes_the_states_and_step_files_along():
     assert t.model_file.format(3) == '/runs/v{2}/chat_small_t5.3.bin' and t.train_state_dir == '/runs/v{2}/train_latest_state'
 
 
-@pytest.mark.parametrize('pattern', ['/a/{}/m.bin', '/a/m{{}}.bin', '/a/{{x}}.bin'])
-def test_a_model_file_without_its_step_in_the_file_name_is_refused(pattern):
-    with pytest.raises(UserError, match=r"(needs its one '\{\}' \(the step\) in the file name|exactly once)"):
+@pytest.mark.parametrize('pattern,needle', [
+    ('/a/{}/m.bin', r"needs its '\{\}' \(the step\) in the file name"),
+    ('/a/m{{}}.bin', 'exactly once'), ('/a/{{x}}.bin', 'exactly once'), ('/a/m.{}.{}', 'cannot be formatted'),
+    ('/a/{}', r"must hold more than the step \(its 'best' would be output_dir/best's name\)"),
+])
+def test_a_model_file_without_its_step_in_the_file_name_is_refused(pattern, needle):
+    with pytest.raises(UserError, match=needle):
         resolve_config(overrides={'model_file': pattern})
+
+
+@pytest.mark.parametrize('pattern', ['/a/q{{}}/m.{}.bin', '/a/q/m{{}}.{}.bin', '/a/q/m.{}.{{}}', '/a/{{x}}/m{{y}}.{}'])
+def test_literal_braces_beside_the_step_are_accepted(pattern):
+    assert resolve_config(overrides={'model_file': pattern}).train.model_file == pattern
+    t = resolve_config(overrides={'output_dir': '/tmp/x/{}'}).train  # a folder named '{}'
+    assert t.model_file.format(7) == '/tmp/x/{}/chat_small_t5.7.bin'
 
 
 def test_a_model_file_pattern_is_taken_apart_with_its_literal_braces():

@@ -66,7 +66,7 @@ def test_a_foreign_file_in_the_state_folder_or_a_planted_lock_link_is_named(data
 def test_a_warmup_longer_than_the_run_is_a_note_not_a_problem(data, tmp_path):
     report = preflight.check_train(config(data, tmp_path / 'run', warmup_steps=500), resume=False, world_size=1)
     assert report.ready
-    assert any('warmup_steps=500: 500 warmup steps >=' in note and '--warmup_ratio=0.05' in note for note in report.notes), report.notes
+    assert any('warmup_steps=500 warms up for 500 optimizer steps, all of the run' in note and '--warmup_ratio=0.05' in note for note in report.notes), report.notes
 
 
 def test_a_warmup_over_a_tenth_of_the_run_is_noted_with_its_fix(data, tmp_path):
@@ -78,10 +78,10 @@ def test_a_warmup_over_a_tenth_of_the_run_is_noted_with_its_fix(data, tmp_path):
 
     assert warmup_notes(warmup_steps=6) == [] and warmup_notes(warmup_steps=0, warmup_ratio=0.1) == []
     (note,) = warmup_notes(warmup_steps=20)
-    assert 'warmup_steps=20 warms up for 20 of the run\'s 60 optimizer steps, more than 10%' in note
+    assert 'warmup_steps=20 warms up for 20 optimizer steps of the run\'s 60, more than 10%' in note
     assert '--warmup_ratio=0.05' in note and '--warmup_steps=3' in note
     (note,) = warmup_notes(warmup_steps=1, warmup_ratio=0.5)  # the ratio replaces the steps
-    assert 'warmup_ratio=0.5 warms up for 30 of the run\'s 60' in note
+    assert 'warmup_ratio=0.5 warms up for 30 optimizer steps of the run\'s 60' in note
     assert '--warmup_steps' not in note and '--warmup_ratio=0.05' in note
 
 
@@ -90,13 +90,17 @@ def test_a_warmup_ratio_within_a_tenth_is_not_noted_on_a_run_of_a_few_steps():
     def notes(total, **changed):
         return preflight.warmup_notes(resolve_config(overrides=changed).train, total)
 
-    assert notes(2, warmup_ratio=0.05) == notes(1, warmup_ratio=0.1) == []
+    assert notes(2, warmup_ratio=0.05) == notes(3, warmup_ratio=0.1) == []
     (note,) = notes(2, warmup_ratio=0.2)
-    assert note.startswith('warmup_ratio=0.2 warms up for 1 of the run\'s 2 optimizer steps')
-    (note,) = notes(1, warmup_ratio=0.2)
-    assert note.startswith('warmup_ratio=0.2: 1 warmup steps >= the run\'s 1 optimizer steps') and '--warmup_ratio=0.05' in note
+    assert note.startswith("warmup_ratio=0.2 warms up for 1 optimizer step of the run's 2") and note.endswith(
+        '--warmup_ratio=0.05')
+    # a warmup as long as the run is always said: a run of one step learns nothing at all
+    for ratio in (0.05, 0.2):
+        (note,) = notes(1, warmup_ratio=ratio)
+        assert note.startswith(f"warmup_ratio={ratio} warms up for 1 optimizer step, all of the run's 1")
+        assert note.endswith('its one step is taken at rate 0 and learns nothing: --warmup_ratio=0 --warmup_steps=0')
     (note,) = notes(2, warmup_steps=1)  # steps given: half the run, the steps are what to change
-    assert note.startswith('warmup_steps=1 warms up for 1 of the run\'s 2') and note.endswith('--warmup_steps=0')
+    assert note.startswith("warmup_steps=1 warms up for 1 optimizer step of the run's 2") and note.endswith('--warmup_steps=0')
 
 
 @pytest.mark.parametrize('optimizer,scale,lr,noted', [

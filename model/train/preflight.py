@@ -264,19 +264,27 @@ def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
 
 
 def warmup_notes(t, total_steps: int) -> list[str]:
-    """A warmup that takes more than a tenth of the run (or all of it), with the flags that fix it.
-    A warmup_ratio within the tenth says nothing: on a run of a few steps its one step rounded up
-    is more than a tenth, but the fix it would suggest is the flag already given."""
+    """A warmup as long as the run (its learning rate never reaches learn_rate; one step of one:
+    nothing is learned, the first step's rate is 0), or longer than a tenth of it, with the flags
+    that fix it. A warmup_ratio within a tenth is not noted for exceeding a tenth: on a run of a
+    few steps its one step rounded up is that excess, and the fix would be the flag already given."""
     warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, total_steps)
-    if not total_steps or warmup <= WARMUP_SHARE * total_steps or 0 < t.warmup_ratio <= WARMUP_SHARE:
+    if not total_steps or warmup <= WARMUP_SHARE * total_steps:
+        return []
+    if warmup < total_steps and 0 < t.warmup_ratio <= WARMUP_SHARE:
         return []
     given = f'warmup_ratio={t.warmup_ratio}' if t.warmup_ratio else f'warmup_steps={t.warmup_steps}'
-    fix = ('e.g. --warmup_ratio=0.05' if t.warmup_ratio else
-           f'e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps={total_steps // 20}')
+    if warmup_steps_of(0, 0.05, total_steps) >= total_steps:  # a run of one step: no warmup at all
+        fix = 'its one step is taken at rate 0 and learns nothing: --warmup_ratio=0 --warmup_steps=0'
+    elif t.warmup_ratio:
+        fix = 'e.g. --warmup_ratio=0.05'
+    else:
+        fix = f'e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps={total_steps // 20}'
+    steps = f'{warmup} optimizer step{"s" if warmup != 1 else ""}'
     if warmup >= total_steps:
-        return [f'{given}: {warmup} warmup steps >= the run\'s {total_steps} optimizer steps: the learning rate '
-                f'never reaches learn_rate={t.learn_rate}; {fix}']
-    return [f'{given} warms up for {warmup} of the run\'s {total_steps} optimizer steps, more than '
+        return [f'{given} warms up for {steps}, all of the run\'s {total_steps}: the learning rate never reaches '
+                f'learn_rate={t.learn_rate}; {fix}']
+    return [f'{given} warms up for {steps} of the run\'s {total_steps}, more than '
             f'{WARMUP_SHARE:.0%}: the learning rate is below learn_rate for much of the run (in bench/bench_recipe.py a '
             f'third of the run learned less than 5%: bench/RECIPE_NOTES.md); {fix}']
 
