@@ -171,16 +171,19 @@ assert not set(TRAIN_FIELDS) & set(MODEL_FIELDS), 'a flag must map to exactly on
 def check_model_file_pattern(pattern: str) -> None:
     """model_file holds exactly one '{}' (the step or 'best'), in its file name; other braces are
     doubled ('{{', '}}': literal, in the folder or the name)."""
+    import string
+
     from model.state.model_files import STEP
 
+    once = UserError(f"model_file must contain '{{}}' exactly once (replaced by the step or 'best'; braces meant "
+                     f"literally are written doubled, '{{{{' and '}}}}'): {pattern}")
     try:
+        if sum(field is not None for _, field, _, _ in string.Formatter().parse(pattern)) != 1:
+            raise once
         marked = pattern.format(STEP)
     except (KeyError, IndexError, ValueError) as e:
         raise UserError(f"model_file {pattern!r} cannot be formatted ({type(e).__name__}: {e}); "
                         f"use '{{}}' once and write other braces doubled, '{{{{' and '}}}}'") from None
-    if marked.count(STEP) != 1:
-        raise UserError(f"model_file must contain '{{}}' exactly once (replaced by the step or 'best'; braces meant "
-                        f"literally are written doubled, '{{{{' and '}}}}'): {pattern}")
     folder, name = os.path.split(marked)
     if STEP in folder:
         raise UserError(f"model_file needs its '{{}}' (the step) in the file name, e.g. .../chat_small_t5.{{}}.bin: "

@@ -219,7 +219,8 @@ def test_a_given_output_dir_takes_the_states_and_step_files_along():
 
 @pytest.mark.parametrize('pattern,needle', [
     ('/a/{}/m.bin', r"needs its '\{\}' \(the step\) in the file name"),
-    ('/a/m{{}}.bin', 'exactly once'), ('/a/{{x}}.bin', 'exactly once'), ('/a/m.{}.{}', 'cannot be formatted'),
+    ('/a/m{{}}.bin', 'exactly once'), ('/a/{{x}}.bin', 'exactly once'), ('/a/m.{}.{}', 'exactly once'), ('/a/m.{x}', 'cannot be formatted'),
+    ('/a/m.{', 'cannot be formatted'),
     ('/a/{}', r"must hold more than the step \(its 'best' would be output_dir/best's name\)"),
 ])
 def test_a_model_file_without_its_step_in_the_file_name_is_refused(pattern, needle):

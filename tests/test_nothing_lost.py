@@ -102,7 +102,7 @@ def test_mistakes_are_caught_before_the_work_and_by_the_dry_run(tmp_path, data):
         'validation all blank': ({'validation_file': blank}, ['validation_file', 'no usable row']),
         'prompts all null': ({'train_file': null_prompts}, ['train_file', 'no usable row']),
         'model_file no {}': ({'model_file': f'{out}/m.{{step}}.bin'}, ['model_file', "'{}'"]),
-        'model_file pattern': ({'model_file': f'{out}/m.{{}}.{{x}}.bin'}, ['model_file', 'cannot be formatted']),
+        'model_file pattern': ({'model_file': f'{out}/m.{{}}.{{x}}.bin'}, ['model_file', "'{}' exactly once"]),
         'model_file two braces': ({'model_file': f'{out}/m.{{}}.{{}}.bin'}, ['model_file', 'exactly once']),
         'empty tokenizer.json': ({'tokenizer_dir': empty_tok}, ['tokenizer.json', 'not a valid tokenizer']),
         'missing tokenizer': ({'tokenizer_dir': tmp_path / 'none'}, ['no tokenizer here', 'train_tokenizer']),
