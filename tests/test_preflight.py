@@ -180,29 +180,49 @@ def test_the_disk_estimate_is_what_a_run_writes(data, tmp_path, optimizer):
 
 
 def test_room_for_the_saves_is_judged_on_each_disk(data, tmp_path):
-    """best/ and final/ on a small disk of their own: the note names that disk and those folders
-    only; the step files there too, and too large for the first save: a problem naming model_file."""
+    """Small disks of their own (tmpfs): what goes to each is summed there, and named by the first
+    of output_dir, train_state_dir, model_file that goes there."""
+    import contextlib
     import subprocess
 
-    disk = tmp_path / 'small'
-    disk.mkdir()
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=400k', 'tmpfs', str(disk)], capture_output=True).returncode:
-        pytest.skip('cannot mount a small tmpfs here (not root?)')
-    try:
-        cfg = config(data, tmp_path / 'run', output_dir=disk / 'out')
-        report = preflight.check_train(cfg, resume=False, world_size=1)
-        state, model = preflight.save_bytes(cfg.train, report.parameters)
-        assert model < 400 * 1024 < 2 * model, 'the tiny model no longer fits this test'
-        notes = [n for n in report.notes if 'may fill up' in n]
-        assert report.ready and len(notes) == 1 and f'disk of {disk}/out;' in notes[0], report.notes
-        assert '(best/ and final/)' in notes[0]
-        cfg = config(data, tmp_path / 'run', output_dir=disk / 'out', model_file=f'{disk}/steps/m.{{}}.bin',
-                     d_model=64, num_heads=2, d_kv=32, d_ff=256)  # a step file larger than the disk
-        report = preflight.check_train(cfg, resume=False, world_size=1)
-        assert [p.name for p in report.problems] == ['model_file'], report.problems
-        assert f'free on the disk of {disk}/steps, the first save of this model (a step file) needs' in report.problems[0].line()
-    finally:
-        subprocess.run(['umount', str(disk)], check=False)
+    @contextlib.contextmanager
+    def disk(name, size):
+        path = tmp_path / name
+        path.mkdir()
+        if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                          capture_output=True).returncode:
+            pytest.skip('cannot mount a small tmpfs here (not root?)')
+        try:
+            yield path
+        finally:
+            subprocess.run(['umount', str(path)], check=False)
+
+    def judged(**changed):
+        report = preflight.check_train(config(data, tmp_path / 'run', **changed), resume=False, world_size=1)
+        return report, [n for n in report.notes if 'may fill up' in n]
+
+    report, _ = judged()
+    state, model = preflight.save_bytes(config(data, tmp_path / 'run').train, report.parameters)
+    weights = 4 * report.parameters
+    assert weights < model < 2 * weights and report.total_steps == 60, 'the tiny model no longer fits this test'
+    # best/ and final/ alone on a disk that holds one model folder: a note naming that disk and those only
+    with disk('one_model', int(1.5 * model)) as d:
+        report, notes = judged(output_dir=d / 'out')
+        assert report.ready and len(notes) == 1 and f'disk of {d}/out;' in notes[0] and '(best/ and final/)' in notes[0]
+    # a model folder and a step file on one disk, each fits, both do not: a problem, named output_dir
+    with disk('shared', int(0.8 * (model + weights))) as d:
+        report, _ = judged(output_dir=d / 'out', model_file=f'{d}/steps/m.{{}}.bin')
+        (problem,) = report.problems
+        assert problem.name == 'output_dir' and problem.line().startswith(f'output_dir: ') and (
+            'the first saves of this model there (a model folder and a step file) need about' in problem.line())
+    # --keep_latest_n_ckp=0 keeps every step file: 60 steps saved every 10 are 8 files with the one written
+    # and the best, where keep 2 are 4
+    with disk('steps', 6 * weights) as d:
+        report, notes = judged(model_file=f'{d}/m.{{}}.bin', keep_latest_n_ckp=2)
+        assert report.ready and notes == []
+        report, notes = judged(model_file=f'{d}/m.{{}}.bin', keep_latest_n_ckp=0)
+        assert report.ready and len(notes) == 1 and '(8 step files: --keep_latest_n_ckp=0 keeps every one)' in notes[0]
+
 
 
 def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_them_says_so(data, tmp_path,

@@ -382,36 +382,46 @@ def save_bytes(t, parameters: int) -> tuple[int, int]:
 
 
 def _check_disk(t, report: Report) -> None:
-    """Room for the log, for the first save (a problem), and for everything a run's saves hold
-    at once (a note): the states kept plus the one being written, the step files kept plus the
-    one being written and the best one, the best/ and final/ folders -- each on its own disk."""
+    """Room for the log; for the first saves (a problem): a state, a step file and a model folder
+    (best/ at the first evaluation, else final/); and for everything a run's saves hold at once (a
+    note): the states kept plus the one being written, the step files kept plus the one being
+    written and the best one, best/ and final/ -- each on the disk it goes to."""
     log_free = _free_bytes(t.log_dir)
     if log_free < LOG_ROOM:
         report.problems.append(Problem('log_dir', f'log_dir: {human_bytes(log_free)} free on the disk of {t.log_dir}',
                                        'free space or choose another --log_dir'))
     state, model = save_bytes(t, report.parameters)
     weights = 4 * report.parameters
-    first = [(t.train_state_dir, state, 'a state'), (model_folder(t), weights, 'a step file')]
-    whole = [(t.train_state_dir, (contract.STATES_KEPT + 1) * state, f'{contract.STATES_KEPT + 1} states of ~{human_bytes(state)}'),
-             (model_folder(t), (t.keep_latest_n_ckp + 2) * weights, f'{t.keep_latest_n_ckp + 2} step files'),
-             (t.output_dir, 2 * model, 'best/ and final/')]
-    for saves, first_save in ((first, True), (whole, False)):
-        disks: dict[int, list] = {}
-        for path, size, what in saves:
-            disks.setdefault(os.stat(_existing(path)).st_dev, []).append((path, size, what))
+    if t.keep_latest_n_ckp:
+        step_files, kept = t.keep_latest_n_ckp + 2, f'{t.keep_latest_n_ckp + 2} step files'
+    elif report.total_steps:  # 0 keeps them all
+        step_files = report.total_steps // t.save_steps + 2
+        kept = f'{step_files} step files: --keep_latest_n_ckp=0 keeps every one'
+    else:  # span corruption: the steps are counted later
+        step_files, kept = 2, 'at least 2 step files: --keep_latest_n_ckp=0 keeps every one'
+    places = ('output_dir', t.output_dir), ('train_state_dir', t.train_state_dir), ('model_file', model_folder(t))
+    first = {'output_dir': (model, 'a model folder'), 'train_state_dir': (state, 'a state'),
+             'model_file': (weights, 'a step file')}
+    whole = {'output_dir': (2 * model, 'best/ and final/'),
+             'train_state_dir': ((contract.STATES_KEPT + 1) * state,
+                                 f'{contract.STATES_KEPT + 1} states of ~{human_bytes(state)}'),
+             'model_file': (step_files * weights, kept)}
+    for saves, first_saves in ((first, True), (whole, False)):
+        disks: dict[int, list] = {}  # a disk's places, in the order of `places`: the first names it
+        for name, path in places:
+            disks.setdefault(os.stat(_existing(path)).st_dev, []).append((name, path, *saves[name]))
         short = False
         for items in disks.values():
-            path, need = items[0][0], sum(size for _, size, _ in items)
+            name, path = items[0][:2]
+            need, what = sum(i[2] for i in items), ' and '.join(i[3] for i in items)
             free = _free_bytes(path)
             if free >= need:
                 continue
-            what = ' and '.join(w for _, _, w in items)
-            if first_save:
+            if first_saves:
                 short = True
-                name = 'train_state_dir' if path == t.train_state_dir else 'model_file'
                 report.problems.append(Problem(name, f'{name}: {human_bytes(free)} free on the disk of {path}, the '
-                                               f'first save of this model ({what}) needs about {human_bytes(need)}',
-                                               'free space or choose another disk'))
+                                               f'first saves of this model there ({what}) need about '
+                                               f'{human_bytes(need)}', 'free space or choose another disk'))
             else:
                 report.notes.append(f'{human_bytes(free)} free on the disk of {path}; this run\'s saves hold up to '
                                     f'~{human_bytes(need)} there at once ({what}): the disk may fill up')
