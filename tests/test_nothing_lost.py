@@ -145,6 +145,11 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
     # the previous run's best/ scored by `test`: its predictions go with it, never stay beside the new best/
     r = cli('test', f'--output_dir={out}', f'--test_file={data["valid"]}', '--max_test_rows=4')
     assert r.returncode == 0 and os.path.exists(out / 'best.predictions.valid.jsonl'), r.stderr[-2000:]
+    # a step file scored, then pruned (as a later save of the run would): its predictions go too
+    r = cli('test', f'--model_dir={out}/chat_small_t5.5.bin', f'--tokenizer_dir={data["tok"]}',
+            f'--test_file={data["valid"]}', '--max_test_rows=4')
+    assert r.returncode == 0 and os.path.exists(out / 'chat_small_t5.5.bin.predictions.valid.jsonl'), r.stderr[-2000:]
+    os.remove(out / 'chat_small_t5.5.bin')
     (out / 'best.predictions.mine.jsonl').write_text('{"mine": 1}\n')  # named alike, not the toolkit's: stays
     r = run_train(tiny_flags(data, out, max_steps=5))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -152,6 +157,7 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
     archived = glob.glob(f'{out}/previous_runs/*/')
     assert len(archived) == 1 and os.path.isdir(f'{archived[0]}/best')
     assert os.path.exists(f'{archived[0]}/best.predictions.valid.jsonl')
+    assert os.path.exists(f'{archived[0]}/chat_small_t5.5.bin.predictions.valid.jsonl')
     assert sorted(n for n in os.listdir(out) if '.predictions.' in n) == ['best.predictions.mine.jsonl']
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import owned_model_files
+from model.state.model_files import model_file_pattern, model_folder, owned_model_files
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
@@ -296,19 +296,21 @@ def unsafe_pickles(path: str, names: list[str] | None = None) -> str | None:
 
 def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: str) -> list[str]:
     """What an earlier run of the toolkit left at these paths and a fresh run moves aside: its
-    states, step and best weights files, best/ and final/, and the predictions `test` wrote
-    beside those models (<model>.predictions.<name>.jsonl: they go with their model, never stay
-    beside the next run's model of the same name) -- only what is wholly its own."""
+    states, step and best weights files, best/ and final/, and the predictions `test` wrote beside
+    its models (<model>.predictions.<name>.jsonl, a step file's too when the file was pruned
+    since: they go with their run, never stay beside the next run's model of the same name) --
+    only what is wholly its own."""
     found = [path for _, path in list_complete_states(train_state_dir)]
-    models = [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
-    models += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
-               if ownership.kind_of(p) == MODEL]
-    for model in models:
-        found.append(model)
-        folder, name = os.path.split(os.path.normpath(model))
-        found += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-                  if n.startswith(name + '.predictions.') and n.endswith('.jsonl')
-                  and ownership.kind_of(os.path.join(folder, n)) == PREDICTIONS]
+    found += [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
+    found += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
+              if ownership.kind_of(p) == MODEL]
+    predictions = r'\.predictions\.[^/]+\.jsonl$'
+    for folder, names in ((model_folder(model_file), model_file_pattern(model_file, r'\d+|best').pattern[:-1]),
+                          (output_dir, r'^(best|final)')):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if re.match(names + predictions, name) and path not in found and ownership.kind_of(path) == PREDICTIONS:
+                found.append(path)
     return found
 
 
