@@ -262,7 +262,6 @@ def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
     assert markers.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
 
 
-
 KILLED_WITH_A_WORKER = """
 import os, signal, sys, time, torch
 from model.state import locks

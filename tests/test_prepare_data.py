@@ -242,13 +242,12 @@ def test_clean_counts_each_reason(tmp_path):
     assert (counts['too_long'], counts['duplicate'], counts['kept']) == (0, 0, 24)
 
 
-
 def test_clean_that_would_keep_no_row_writes_nothing_and_says_why(tmp_path):
     src = write_parquet(tmp_path / 'all_dropped.parquet', [('长' * 61, '短'), ('  ', '答'), ('长' * 61, '短')])
     with pytest.raises(UserError, match=r'no row left of 3 \(dropped: empty/whitespace 1, too long 2\); raise --max_chars '
                                         r'\(0 = no limit\); nothing written to'):
         clean_parquet(src, str(tmp_path / 'clean.parquet'), max_chars=60)
-    with pytest.raises(UserError, match=r'no row left of 0; nothing written'):
+    with pytest.raises(UserError, match=r'none.parquet: no rows to clean; nothing written'):
         clean_parquet(write_parquet(tmp_path / 'none.parquet', []), str(tmp_path / 'clean.parquet'))
     assert not os.path.exists(tmp_path / 'clean.parquet')
 

@@ -106,24 +106,27 @@ def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):
     assert read_texts(tmp_path / 'out.parquet') == [lines[0], lines[2], lines[5], lines[6]]
 
 
-
 @pytest.mark.parametrize('name,content,needle', [
     ('empty.txt', b'', 'no rows to convert;'),
     ('blank.txt', b'\n \r\n\t\n', r'no rows to convert \(3 blank line\(s\) skipped\)'),
-    ('empty.jsonl', b'\n\n', 'no rows to convert'),
+    ('empty.jsonl', b'\n\n', r'no rows to convert \(2 blank line\(s\) skipped\)'),
     ('header.csv', b'prompt,response\n', 'no rows to convert'),
+    ('zero.csv', b'', 'no rows to convert'),
     ('empty.json', b'[]', 'no rows to convert'),
+    ('blank.json', b' \n', 'no rows to convert'),
+    ('spaces.csv', b'prompt,response\n" ","\t"\n,\n', 'none of its 2 rows has text in every column'),
+    ('half.jsonl', b'{"prompt": "a", "response": " "}\n', 'none of its 1 rows has text in every column'),
 ])
 def test_an_input_without_rows_is_refused_and_nothing_written(tmp_path, name, content, needle):
     # an empty training file would only fail later, at train time, far from its cause
     (tmp_path / name).write_bytes(content)
     with pytest.raises(UserError, match=needle + '.*nothing written to'):
-        convert_file(str(tmp_path / name), str(tmp_path / 'out.parquet'))
-    assert os.listdir(tmp_path) == [name]
+        convert_file(str(tmp_path / name), str(tmp_path / 'new' / 'sub' / 'out.parquet'))
+    assert os.listdir(tmp_path) == [name]  # not even the folders it would have gone into
     # a file this toolkit wrote before stays as it was
     write_records(tmp_path / 'ok.jsonl', [{'text': '一篇'}], 'jsonl')
     convert_file(str(tmp_path / 'ok.jsonl'), str(tmp_path / 'out.parquet'))
-    with pytest.raises(UserError, match='no rows to convert'):
+    with pytest.raises(UserError, match=needle):
         convert_file(str(tmp_path / name), str(tmp_path / 'out.parquet'))
     assert read_texts(tmp_path / 'out.parquet') == ['一篇']
 

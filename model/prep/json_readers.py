@@ -28,14 +28,17 @@ from model.data.read_guard import ReadBudget, iter_bounded_lines, too_long
 # --------------------------------------------------------------------------- JSONL
 
 
-def iter_jsonl(path: str, cols: Columns, hint: str = '') -> Iterator[pa.Table]:
-    return tables(path, cols, _jsonl_records(path, hint))
+def iter_jsonl(path: str, cols: Columns, hint: str = '', stats=None) -> Iterator[pa.Table]:
+    """One JSON object a line; blank lines are skipped (counted in stats.blank_lines when given)."""
+    return tables(path, cols, _jsonl_records(path, hint, stats))
 
 
-def _jsonl_records(path: str, hint: str = ''):
+def _jsonl_records(path: str, hint: str = '', stats=None):
     decoder = json.JSONDecoder(strict=False)  # tolerate raw tabs/newlines inside strings
     for line_no, text, _ in records.decoded_lines(path):
         if not text.strip():
+            if stats is not None:
+                stats.blank_lines += 1
             continue
         try:
             record = decoder.decode(text)
@@ -77,7 +80,9 @@ def iter_json(path: str, cols: Columns) -> Iterator[pa.Table]:
             hint = '; a .json file must hold one JSON value, or one object per line (JSONL)'
             return iter_jsonl(path, cols, hint=hint)
         return tables(path, cols, _object_records(path, cols))
-    found = 'an empty file' if first == '' else f'{first!r}'
+    if first == '':  # empty, or only whitespace: no rows (convert says so)
+        return iter(())
+    found = f'{first!r}'
     raise UserError(f'{path}: line 1: expected a JSON list of objects ("[{{...}}, ...]") or an object, '
                     f'found {found}')
 

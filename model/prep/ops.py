@@ -10,6 +10,7 @@ row groups, so a file larger than RAM works.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -62,14 +63,19 @@ def convert_file(input_path: str, output_path: str, prompt_col: str | None = Non
     check_outputs({'output': output_path}, [input_path])
     first = next(tables, None)  # every reader yields at least one table: its columns tell the kind
     kind = 'text' if first is not None and first.column_names == list(KINDS['text']) else 'pairs'
+    usable = 0  # rows with text in every column: what training reads
     with open_parquet_output(output_path, 'convert', kind) as out:
-        if first is not None:
-            out.write(first)
-        for table in tables:
+        for table in itertools.chain([first] if first is not None else [], tables):
+            masks = build_row_masks(table)
+            usable += table.num_rows - int((masks['null'] | masks['blank']).sum())
             out.write(table)
-        if out.rows_total == 0:  # raised inside: no file is written (training on it would fail later)
+        # raised inside: no file is written (training on it would only fail later, far from here)
+        if out.rows_total == 0:
             blank = f' ({stats.blank_lines} blank line(s) skipped)' if stats.blank_lines else ''
             raise UserError(f'{input_path}: no rows to convert{blank}; nothing written to {output_path}')
+        if usable == 0:
+            raise UserError(f'{input_path}: none of its {out.rows_total} rows has text in every column (each is '
+                            f'empty, whitespace or null); nothing written to {output_path}')
     return ConvertResult(out.rows_written, kind, stats.blank_lines)
 
 
@@ -378,8 +384,10 @@ def clean_parquet(input_spec, output_path: str, max_chars: int = 0,
             words = {'blank': 'empty/whitespace', 'too_long': 'too long'}  # as the command's count line says them
             dropped = ', '.join(f'{words.get(r, r)} {counts[r]}' for r in DROP_REASONS if counts[r])
             hint = '; raise --max_chars (0 = no limit)' if counts['too_long'] else ''
-            raise UserError(f'{input_spec}: no row left of {counts["rows"]}' + (f' (dropped: {dropped})' if dropped else '')
-                            + f'{hint}; nothing written to {output_path}')
+            if not counts['rows']:
+                raise UserError(f'{input_spec}: no rows to clean; nothing written to {output_path}')
+            raise UserError(f'{input_spec}: no row left of {counts["rows"]} (dropped: {dropped}){hint}; '
+                            f'nothing written to {output_path}')
     counts['kept'] = out.rows_written
     return counts
 

@@ -44,7 +44,7 @@ def infer_format(path: str, input_format: str | None = None) -> str:
 
 
 class ReadStats:
-    """What a reader skipped (a .txt file's blank lines), for convert's report."""
+    """What a reader skipped (the blank lines of a .txt or JSONL file), for convert's report."""
 
     def __init__(self):
         self.blank_lines = 0
@@ -66,7 +66,8 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
         raise UserError(f'{path}: a .txt file has no columns (each line is one document, written to the text '
                         f'column); leave out {flags}, or pass --format=jsonl|csv|json if it is one of those')
     stats = stats if stats is not None else ReadStats()
-    readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': iter_jsonl, 'parquet': iter_parquet_columns,
+    readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': lambda p, c: iter_jsonl(p, c, stats=stats),
+               'parquet': iter_parquet_columns,
                'txt': lambda p, c: iter_txt(p, stats, guess=input_format is None)}
 
     def tables():
@@ -82,6 +83,9 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
 
 def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
     import pyarrow.csv as pcsv
+
+    if os.path.getsize(path) == 0:  # not even a header: no rows (convert says so)
+        return
 
     parse = pcsv.ParseOptions(newlines_in_values=True)  # multi-line answers are common
     # a row may span one block boundary, not two: the block size bounds a row (and the ~10 blocks

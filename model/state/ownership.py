@@ -47,8 +47,6 @@ def resolve_place(path: str, what: str) -> str:
     return real
 
 
-
-
 def same_or_inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

@@ -164,9 +164,11 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
     file of these kinds; a link on the way is followed, never replaced."""
     path = resolve_place(path, what)
     check_replaceable(path, kinds, what, folder=False)
+    made = _first_missing(os.path.dirname(path))  # folders made for it go again if nothing is written
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sweep_stale_temps(path)
     tmp = temp_path(path)
+    written = False
     try:
         with disk_errors(what, path):
             yield tmp
@@ -178,9 +180,35 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
         with critical():  # a stop lands before the rename (nothing written) or after it (all written)
             os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
             os.replace(tmp, path)
+            written = True
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+        if not written and made:
+            _remove_empty_folders(os.path.dirname(path), made)
+
+
+def _first_missing(folder: str) -> str | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None: it exists)."""
+    missing = None
+    while not os.path.lexists(folder):
+        missing, parent = folder, os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def _remove_empty_folders(folder: str, up_to: str) -> None:
+    """Remove ``folder`` and its parents up to ``up_to`` while they are empty (made by this write)."""
+    while True:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (someone else wrote there meanwhile), or gone
+            return
+        if os.path.normpath(folder) == os.path.normpath(up_to):
+            return
+        folder = os.path.dirname(folder)
 
 
 _RENAME_EXCHANGE = 2
