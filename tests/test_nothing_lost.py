@@ -383,7 +383,12 @@ def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, dat
         return [f for f in tiny_flags(data, out, **extra) if not f.startswith(('--model_file=', '--train_state_dir='))]
 
     defaults = resolve_config().train
-    before = {p: os.path.exists(p) for p in (defaults.train_state_dir, os.path.dirname(defaults.model_file))}
+    started = time.time()
+
+    def touched_since_start():  # anything in the default places written by these runs
+        return [os.path.join(root, n) for place in (defaults.train_state_dir, os.path.dirname(defaults.model_file))
+                for root, dirs, files in os.walk(place) for n in dirs + files
+                if os.lstat(os.path.join(root, n)).st_mtime >= started]
     first = cli_runner.Popen(train_cmd(own_flags(tmp_path / 'a', epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -391,6 +396,10 @@ def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, dat
         while not logged_losses(tmp_path / 'a'):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
+        # the first one's output_dir is also its model_file folder: that folder said in use once
+        dry = cli('train', *own_flags(tmp_path / 'a', max_steps=3), '--dry_run=True')
+        in_use = [line.strip() for line in dry.stdout.splitlines() if 'is in use by another run' in line]
+        assert dry.returncode == 1 and [line.split(':')[0] for line in in_use] == ['- train_state_dir', '- output_dir']
         out = tmp_path / 'b{1}'
         r = run_train(own_flags(out, max_steps=3, save_steps=1, keep_latest_n_ckp=1))
         assert r.returncode == 0, r.stderr[-2000:]
@@ -401,7 +410,7 @@ def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, dat
     assert sorted(glob.glob(f'{glob.escape(str(out))}/chat_small_t5.*.bin')) == [f'{out}/chat_small_t5.3.bin',
                                                                                  f'{out}/chat_small_t5.best.bin']
     assert not os.path.exists(tmp_path / 'a' / 'previous_runs') and not os.path.exists(out / 'previous_runs')
-    assert {p: os.path.exists(p) for p in before} == before
+    assert touched_since_start() == []
 
 
 def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):

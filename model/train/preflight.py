@@ -195,7 +195,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     if os.path.lexists(archive) and not os.path.isdir(archive):
         report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
                                        f'earlier runs in a folder of that name', 'move the file away'))
+    judged = set()  # a folder that is two places (model_file's beside output_dir's models) is said once
     for name in ('train_state_dir', 'output_dir', 'model_file'):  # a lock file that is a link: always a problem
+        if os.path.realpath(places[name]) in judged:
+            continue
+        judged.add(os.path.realpath(places[name]))
         who = problem(name, lambda path=places[name]: place_locks.is_locked(path))
         if who and locks:
             report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
