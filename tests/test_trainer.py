@@ -245,3 +245,16 @@ def test_start_script_launches_two_processes_with_accelerate(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
     assert '2 process(es)' in log and 'step 4/4' in log
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path, data):
+    # warmup from 0 over 1 step: step 1 is taken at rate 0, step 2 at the peak (the rate after the
+    # scheduler's step would read one step ahead: the peak at step 1)
+    from conftest import run_logs, tiny_flags
+
+    out = tmp_path / 'run'
+    r = run_train(tiny_flags(data, out, max_steps=2, warmup_steps=1, learn_rate=3e-3, logging_steps=1, save_steps=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = open(run_logs(out)[-1], encoding='utf-8').read()
+    rates = dict(re.findall(r'step (\d+)/2 \| .*? \| lr ([0-9.e+-]+)', log))
+    assert rates == {'1': '0.000e+00', '2': '3.000e-03'}, rates

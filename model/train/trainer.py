@@ -64,6 +64,7 @@ class LogInterval:
     skipped: int = 0
     steps: int = 0
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    lr: float = 0.0  # the learning rate the interval's last optimizer step used
     start: float = field(default_factory=time.time)
 
 
@@ -187,6 +188,7 @@ class Trainer:
                     grad_norm = self.accelerator.clip_grad_norm_(model.parameters(),
                                                                  self.settings.max_grad_norm or float('inf'))
                     self.optimizer.step()
+                    interval.lr = self.scheduler.get_last_lr()[0]  # this step's rate, before the next one is set
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             interval.loss_sum += loss_sum.detach()
@@ -262,7 +264,7 @@ class Trainer:
         self.fold_counts_all_ranks()
         done = state.global_step - self._run_start_step
         eta = (time.time() - self._run_start) / max(done, 1) * (self.total_steps - state.global_step)
-        figures = {'train/loss': loss_sum / max(label_tokens, 1), 'train/lr': self.scheduler.get_last_lr()[0],
+        figures = {'train/loss': loss_sum / max(label_tokens, 1), 'train/lr': interval.lr,
                    'train/grad_norm': float(interval.grad_norm), 'train/samples_per_s': rows / elapsed,
                    'train/tokens_per_s': (label_tokens + input_tokens) / elapsed,
                    'train/filled': (label_tokens + input_tokens) / max(positions, 1)}  # the rest is padding
