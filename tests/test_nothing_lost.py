@@ -6,6 +6,7 @@ naming the thing and what to do, no traceback, and nothing that existed before c
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -359,21 +360,27 @@ def test_flags_without_effect_and_outputs_among_the_inputs_are_refused(tmp_path,
     assert r.returncode == 0 and 'note: warmup_steps=50 warms up for 50 optimizer steps, all of the run\'s 4' in r.stdout, r.stdout
 
 
-def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data):
-    shared = tmp_path / 'shared'
-    first = cli_runner.Popen(train_cmd(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000,
-                                                  model_file=f'{shared}/m.{{}}.bin')), cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextlib.contextmanager
+def a_long_run(flags, out):
+    """A run of many epochs, training (it has logged a loss) while the block runs; killed after."""
+    first = cli_runner.Popen(train_cmd(flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not logged_losses(tmp_path / 'a'):
+        while not logged_losses(out):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        r = run_train(tiny_flags(data, tmp_path / 'b', max_steps=2, model_file=f'{shared}/m.{{}}.bin'))
-        assert_user_error(r, str(shared), 'in use by another')
+        yield first
     finally:
         first.kill()
         first.wait()
+
+
+def test_two_runs_sharing_only_the_model_file_folder_are_refused(tmp_path, data):
+    shared = tmp_path / 'shared'
+    with a_long_run(tiny_flags(data, tmp_path / 'a', epochs=50, save_steps=100000, model_file=f'{shared}/m.{{}}.bin'),
+                    tmp_path / 'a'):
+        r = run_train(tiny_flags(data, tmp_path / 'b', max_steps=2, model_file=f'{shared}/m.{{}}.bin'))
+        assert_user_error(r, str(shared), 'in use by another')
 
 
 def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, data):
@@ -389,13 +396,8 @@ def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, dat
         return [os.path.join(root, n) for place in (defaults.train_state_dir, os.path.dirname(defaults.model_file))
                 for root, dirs, files in os.walk(place) for n in dirs + files
                 if os.lstat(os.path.join(root, n)).st_mtime >= started]
-    first = cli_runner.Popen(train_cmd(own_flags(tmp_path / 'a', epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not logged_losses(tmp_path / 'a'):
-            assert first.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+
+    with a_long_run(own_flags(tmp_path / 'a', epochs=50, save_steps=100000), tmp_path / 'a'):
         # the first one's output_dir is also its model_file folder: that folder said in use once
         dry = cli('train', *own_flags(tmp_path / 'a', max_steps=3), '--dry_run=True')
         in_use = [line.strip() for line in dry.stdout.splitlines() if 'is in use by another run' in line]
@@ -403,9 +405,6 @@ def test_two_runs_given_only_their_own_output_dir_run_side_by_side(tmp_path, dat
         out = tmp_path / 'b{1}'
         r = run_train(own_flags(out, max_steps=3, save_steps=1, keep_latest_n_ckp=1))
         assert r.returncode == 0, r.stderr[-2000:]
-    finally:
-        first.kill()
-        first.wait()
     assert state_folders(out / 'train_latest_state')[-1].endswith('state-000000003')
     assert sorted(glob.glob(f'{glob.escape(str(out))}/chat_small_t5.*.bin')) == [f'{out}/chat_small_t5.3.bin',
                                                                                  f'{out}/chat_small_t5.best.bin']
