@@ -43,6 +43,9 @@ def _open_lock(folder: str, flags: int) -> int:
                             f'(the toolkit never writes through a link)') from None
         if e.errno in (errno.EISDIR, errno.ENXIO):
             raise not_ours from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f'{path} cannot be opened for writing ({e.strerror}): another user\'s lock file, or one '
+                            f'made read-only; if no run holds it, remove it, or give this run other output paths') from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or _read_info(fd) is None:
@@ -52,7 +55,6 @@ def _open_lock(folder: str, flags: int) -> int:
 
 
 BEAT_S = 10.0  # the holder renews its heartbeat this often
-FRESH_S = 3 * BEAT_S  # on one machine, a heartbeat younger than this with its pid alive is a live holder's
 CONTENT_BYTES = 512  # the lock file's content, padded to one size: a renewal overwrites it in place, never shorter
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not there: a filesystem without it
 
@@ -67,9 +69,27 @@ def _read_info(fd: int) -> dict | None:
     return info
 
 
-def _content(started: str) -> bytes:
-    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started, 'beat': round(time.time(), 3)}
+def _read_path(path: str) -> dict:
+    """The holder as the file says now, opened afresh: an NFS client revalidates its cache at an
+    open, while a file kept open may show another machine's writes late. {} when unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        return _read_info(fd) or {}
+    finally:
+        os.close(fd)
+
+
+def _content(started: str, since: float) -> bytes:
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started, 'since': since,
+            'beat': round(time.time(), 3)}
     return json.dumps(info).encode().ljust(CONTENT_BYTES)
+
+
+def _is_mine(info: dict) -> bool:
+    return (info.get('pid'), info.get('host')) == (os.getpid(), socket.gethostname())
 
 
 def _pid_alive(pid) -> bool:
@@ -83,42 +103,47 @@ def _pid_alive(pid) -> bool:
 
 
 def _maybe_alive(info: dict, kernel_locked: bool) -> bool:
-    """Whether the holder a lock file names may still run. With the kernel's lock taken, only one
-    on another machine may (its flock may not reach here); without flock, one on this machine
-    whose pid lives (and whose heartbeat is recent: a pid is reused), or any elsewhere -- the
-    other machine's clock may differ by any amount, so only watching its heartbeat tells."""
-    if not info or 'beat' not in info:
-        return False  # released, or written before heartbeats: a flock is all there was
+    """Whether the holder a lock file names may still run, to be told by watching its heartbeat.
+    With the kernel's lock taken, only one on another machine may (its flock may not reach here);
+    without flock, one elsewhere, or one on this machine whose pid lives (a pid is reused, and a
+    clock may jump: the heartbeat decides, never its age)."""
+    if not info or 'beat' not in info or _is_mine(info):
+        return False  # released, written before heartbeats (a flock was all there was), or this process's
     if info.get('host') != socket.gethostname():
         return True
-    try:
-        age = time.time() - float(info['beat'])
-    except (TypeError, ValueError):
-        return False
-    return not kernel_locked and info.get('pid') != os.getpid() and _pid_alive(info.get('pid')) and age < FRESH_S
+    return not kernel_locked and _pid_alive(info.get('pid'))
 
 
-def _alive_elsewhere(fd: int, info: dict) -> bool:
-    """Watch a recent heartbeat of another machine for a little longer than one beat: renewed, its
-    run is alive."""
-    if info.get('host') == socket.gethostname():
-        return True  # on this machine the pid says it (_maybe_alive)
-    who = (info.get('host'), info.get('pid'), info.get('started'))
-    if who in _gone:  # watched already (one run holds all its places): once is enough
+def _still_beating(path: str, info: dict) -> bool:
+    """Watch the holder's heartbeat for a little longer than one beat: renewed, its run is alive."""
+    seen = (info.get('host'), info.get('pid'), info.get('since'), info.get('beat'))
+    if seen in _gone:  # watched already, and not renewed since (one run holds all its places)
         return False
-    print(f'note: the lock names a run on {info.get("host")} that did not release it; waiting up to '
-          f'{1.5 * BEAT_S:g} s to see whether it still runs', file=sys.stderr, flush=True)
+    print(f'note: the lock names a run on {info.get("host")} (pid {info.get("pid")}) that did not release it; '
+          f'waiting up to {1.5 * BEAT_S:g} s to see whether it still runs', file=sys.stderr, flush=True)
     deadline = time.monotonic() + 1.5 * BEAT_S
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = _read_info(fd) or {}
-        if now.get('beat') != info.get('beat') or now.get('host') != info.get('host'):
+        now = _read_path(path)
+        if (now.get('host'), now.get('pid'), now.get('since'), now.get('beat')) != seen:
             return True
-    _gone.add(who)
+    _gone.add(seen)
     return False
 
 
-_gone: set[tuple] = set()  # holders on other machines whose heartbeat was seen to stop
+_gone: set[tuple] = set()  # holders seen not renewing their heartbeat (by the beat seen)
+
+
+def _newer(a: dict, b: dict) -> bool:
+    """Whether holder a started after holder b: the one order two runs sharing a place both agree
+    on (each reads the same two contents; the clocks that wrote them need not agree)."""
+    def key(info):
+        try:
+            since = float(info.get('since', 0))
+        except (TypeError, ValueError):
+            since = 0.0
+        return since, str(info.get('host')), str(info.get('pid'))
+    return key(a) > key(b)
 
 
 _HELD: weakref.WeakSet = weakref.WeakSet()  # this process's locks now held
@@ -149,7 +174,10 @@ class PlaceLock:
     The kernel drops the lock when the process dies, so a killed run never blocks the next
     one on its machine (its forked children close their copies at the fork: they never hold
     it); the file says who holds it (pid, host, start time, heartbeat) for the error message
-    and for runs on other machines.
+    and for runs on other machines. Two runs that find each other in one lock file at a beat
+    (they started together where flock does not reach, or one was paused longer than the watch
+    and then taken over) agree on which started last; that one goes on, the other stops at once,
+    without saving, so that the two never write the same place.
     """
 
     def __init__(self, folders: list[str], what: str = 'run'):
@@ -189,40 +217,45 @@ class PlaceLock:
             for folder, fd, locked in zip(self.folders, self._fds, kernel):
                 info = _read_info(fd) or {}
                 contested |= bool(info) and info.get('host') != socket.gethostname()
-                if _maybe_alive(info, locked) and _alive_elsewhere(fd, info):
-                    raise self._in_use(folder, '' if not locked else
+                if _maybe_alive(info, locked) and _still_beating(os.path.join(folder, LOCK_FILE), info):
+                    raise self._in_use(folder, '' if not locked or info.get('host') == socket.gethostname() else
                                        f'; its heartbeat goes on from {info.get("host")}: the locks of this '
                                        f'filesystem do not reach between machines (e.g. Lustre without '
                                        f'-o flock, NFS mounted nolock), so only the heartbeat stops a second run')
-            started = time.strftime('%Y-%m-%d %H:%M:%S')
+            started, since = time.strftime('%Y-%m-%d %H:%M:%S'), time.time()
             self._written = True
+            content = _content(started, since)  # one beat in every file: a watcher sees the run, not the file
             for fd in self._fds:  # in place, one size: a reader never sees it empty or half gone
-                os.pwrite(fd, _content(started), 0)
+                _write(fd, content)
                 os.ftruncate(fd, CONTENT_BYTES)
             if contested:  # two starts at once both wrote: the one whose content stays has the place
                 time.sleep(0.5)
-                for folder, fd in zip(self.folders, self._fds):
-                    now = _read_info(fd) or {}
-                    if (now.get('pid'), now.get('host')) != (os.getpid(), socket.gethostname()):
+                for folder in self.folders:
+                    if not _is_mine(_read_path(os.path.join(folder, LOCK_FILE))):
                         raise self._in_use(folder)
-            self._start_beat(started)
+            self._start_beat(started, since)
         except BaseException:
             self.release()
             raise
         return self
 
-    def _start_beat(self, started: str) -> None:
+    def _start_beat(self, started: str, since: float) -> None:
         stop = self._beat = threading.Event()
-        fds, mutex = list(self._fds), self._mutex
+        places, mutex = list(zip(self.folders, self._fds)), self._mutex
 
         def beat():
             while not stop.wait(BEAT_S):
                 with mutex:  # never after release: a closed fd's number may be another file's by then
                     if stop.is_set():
                         return
-                    for fd in fds:
-                        try:
-                            os.pwrite(fd, _content(started), 0)
+                    content = _content(started, since)
+                    for folder, fd in places:
+                        now = _read_path(os.path.join(folder, LOCK_FILE))
+                        if now and not _is_mine(now) and _newer(now, {'since': since, 'host': socket.gethostname(),
+                                                                      'pid': os.getpid()}):
+                            _give_way(folder, now, self.what)
+                        try:  # this run's content again (a run that started before it and wrote here gives way)
+                            _write(fd, content)
                         except OSError:  # a full disk, say: the next beat tries again
                             pass
 
@@ -235,8 +268,7 @@ class PlaceLock:
                 self._beat = None
             for fd in self._fds:
                 try:  # released: a run on another machine need not wait for the heartbeat to age
-                    mine = (_read_info(fd) or {}) if self._written else {}
-                    if (mine.get('pid'), mine.get('host')) == (os.getpid(), socket.gethostname()):
+                    if self._written and _is_mine(_read_info(fd) or {}):
                         os.ftruncate(fd, 0)
                 except OSError:
                     pass
@@ -250,6 +282,29 @@ class PlaceLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _write(fd: int, content: bytes) -> None:
+    os.pwrite(fd, content, 0)
+    os.fsync(fd)  # on NFS a write may wait in the client's cache: the other machines must see it now
+
+
+GAVE_WAY = 75  # exit status of a run that found another one in its place (EX_TEMPFAIL)
+
+
+def _give_way(folder: str, other: dict, what: str) -> None:
+    """Another run that started after this one holds this place too: this one stops now, without
+    saving (its DataLoader workers die with it), so that the two never write the same place."""
+    import logging
+
+    line = (f'error: {folder} was taken by another {what} (pid {other.get("pid")} on {other.get("host")}, started '
+            f'{other.get("started")}) while this one held it: this filesystem\'s locks do not reach between '
+            f'machines, or this run was paused longer than the {1.5 * BEAT_S:g} s another one watches for; this '
+            f'run stops now without saving (the other goes on), resume it later from its last state in a place '
+            f'of its own')
+    logging.getLogger(__name__).error('%s', line)
+    print(line, file=sys.stderr, flush=True)
+    os._exit(GAVE_WAY)
 
 
 _said_no_flock: set[str] = set()
@@ -276,7 +331,7 @@ def is_locked(folder: str) -> str | None:
 
     if not os.path.lexists(os.path.join(folder, LOCK_FILE)):
         return None
-    fd = _open_lock(folder, os.O_RDONLY)
+    fd = _open_lock(folder, os.O_RDWR)  # as the run opens it: a file it could not open is said now
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -286,6 +341,7 @@ def is_locked(folder: str) -> str | None:
                 return holder(folder)
             kernel = False
         info = _read_info(fd) or {}
-        return holder(folder) if _maybe_alive(info, kernel) and _alive_elsewhere(fd, info) else None
+        alive = _maybe_alive(info, kernel) and _still_beating(os.path.join(folder, LOCK_FILE), info)
+        return holder(folder) if alive else None
     finally:
         os.close(fd)

@@ -24,6 +24,7 @@ Every replace, archive or prune goes through :func:`check_replaceable` (or
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import tempfile
@@ -348,4 +349,12 @@ def lock_info(raw: bytes) -> dict | None:
         info = json.loads(raw)
     except ValueError:
         return None
-    return info if isinstance(info, dict) and {'pid', 'host', 'started'} <= set(info) else None
+    if not (isinstance(info, dict) and {'pid', 'host', 'started'} <= set(info)):
+        return None
+    kinds = {'pid': int, 'host': str, 'started': str, 'since': (int, float), 'beat': (int, float)}
+    for key, kind in kinds.items():  # a file edited by hand: never a lock's, rather than a crash or a riddle
+        value = info.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, kind) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            return None
+    return info

@@ -45,6 +45,7 @@ class Problem:
     name: str  # the field or thing at fault
     message: str  # one line: what is wrong
     fix: str = ''  # the command or flag that fixes it
+    first: bool = False  # said before the others: it explains them (a place in use: no state saved yet, ...)
 
     def line(self) -> str:
         return self.message + (f'; {self.fix}' if self.fix else '')
@@ -76,7 +77,7 @@ class Report:
         if self.problems:
             more = len(self.problems) - 1
             tail = f' (and {more} more problem(s): run with --dry_run=True to list them)' if more else ''
-            raise UserError(self.problems[0].line() + tail)
+            raise UserError(sorted(self.problems, key=lambda p: not p.first)[0].line() + tail)
 
 
 def _cli(cfg: ResolvedConfig, command: str) -> str:
@@ -203,7 +204,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         who = problem(name, lambda path=places[name]: place_locks.is_locked(path))
         if who and locks:
             report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
-                                           'wait for it to end, or give this run other output paths'))
+                                           'wait for it to end, or give this run other output paths', first=True))
 
     # sizes: at least one optimizer step, and room on disk for a state
     if files['train_file'] and report.vocab_size:

@@ -365,7 +365,9 @@ def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
     """
     world = int(os.environ.get('WORLD_SIZE', '1'))
     # span corruption's examples are counted by the run's loaders, split across the ranks (not here)
-    report = preflight.check_train(cfg, resume, world, locks=False, deep=world == 1, count_examples=False)
+    # one process also asks the locks (a place in use explains the rest, e.g. no state saved yet); with several,
+    # a rank's probe could meet the main process taking the lock: build_run's acquire says it for them
+    report = preflight.check_train(cfg, resume, world, locks=world == 1, deep=world == 1, count_examples=False)
     report.raise_first()
     with stopping.polling():
         trainer = Trainer(build_run(cfg, resume, report.notes, report.fingerprint, report.resume))
