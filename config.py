@@ -178,8 +178,16 @@ def check_model_file_pattern(pattern: str) -> None:
     once = UserError(f"model_file must contain '{{}}' exactly once (replaced by the step or 'best'; braces meant "
                      f"literally are written doubled, '{{{{' and '}}}}'): {pattern}")
     try:
-        if sum(field is not None for _, field, _, _ in string.Formatter().parse(pattern)) != 1:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(pattern)
+                  if name is not None]
+        if len(fields) != 1:
             raise once
+        name, spec, conversion = fields[0]
+        if name not in ('', '0'):
+            raise UserError(f"model_file {pattern!r} cannot be formatted (a field named {name!r}); use '{{}}' once "
+                            f"and write other braces doubled, '{{{{' and '}}}}'")
+        if spec or conversion:  # '{!r}', '{:>3}': the file's name would not be the step's
+            raise UserError(f"model_file's '{{}}' takes no conversion or format ('!r', ':>3'): {pattern}")
         marked = pattern.format(STEP)
     except (KeyError, IndexError, ValueError) as e:
         raise UserError(f"model_file {pattern!r} cannot be formatted ({type(e).__name__}: {e}); "
@@ -349,6 +357,9 @@ def resolve_config(preset: str | None = None, use_large_config: bool = False,
         values[k] = coerce(k, v, all_fields[k])
         sources[k] = 'flag'
     follow_output_dir(values, sources)
+    if sources.get('warmup_steps') == 'flag' and sources.get('warmup_ratio') not in (None, 'flag'):
+        values['warmup_ratio'] = 0.0  # the preset's warmup_ratio would replace the steps the user gave
+        sources['warmup_ratio'] = 'set to 0 by --warmup_steps'
     train = TrainConfigPretrainLarge(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
     model = T5ModelConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
     validate(train, model)

@@ -220,7 +220,8 @@ def test_a_given_output_dir_takes_the_states_and_step_files_along():
 @pytest.mark.parametrize('pattern,needle', [
     ('/a/{}/m.bin', r"needs its '\{\}' \(the step\) in the file name"),
     ('/a/m{{}}.bin', 'exactly once'), ('/a/{{x}}.bin', 'exactly once'), ('/a/m.{}.{}', 'exactly once'), ('/a/m.{x}', 'cannot be formatted'),
-    ('/a/m.{', 'cannot be formatted'),
+    ('/a/m.{', 'cannot be formatted'), ('/a/m.{!r}.bin', 'takes no conversion or format'),
+    ('/a/m.{:>3}.bin', 'takes no conversion or format'), ('/a/m.{0!s}.bin', 'takes no conversion or format'),
     ('/a/{}', r"must hold more than the step \(its 'best' would be output_dir/best's name\)"),
 ])
 def test_a_model_file_without_its_step_in_the_file_name_is_refused(pattern, needle):
@@ -244,3 +245,13 @@ def test_a_model_file_pattern_is_taken_apart_with_its_literal_braces():
         assert split_model_file(join_model_file(*parts)) == parts
         assert model_file_pattern(pattern).match(parts[1] + '12' + parts[2]).group(1) == '12'
     assert not model_file_pattern('/r/m{{a}}.{}.bin').match('m{{a}}.12.bin')  # the literal name only
+
+
+def test_warmup_steps_given_beat_a_presets_warmup_ratio():
+    # the demo preset warms up by a ratio, which would replace the steps: the flag given wins, said so
+    cfg = resolve_config(preset='demo', overrides={'warmup_steps': 3})
+    assert (cfg.train.warmup_steps, cfg.train.warmup_ratio) == (3, 0.0)
+    assert cfg.sources['warmup_ratio'] == 'set to 0 by --warmup_steps'
+    cfg = resolve_config(preset='demo', overrides={'warmup_steps': 3, 'warmup_ratio': 0.1})  # both given: the ratio's rule
+    assert (cfg.train.warmup_steps, cfg.train.warmup_ratio) == (3, 0.1)
+    assert resolve_config(preset='demo').train.warmup_ratio == 0.05

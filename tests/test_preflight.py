@@ -93,7 +93,11 @@ def test_a_warmup_ratio_within_a_tenth_is_not_noted_on_a_run_of_a_few_steps():
     assert notes(2, warmup_ratio=0.05) == notes(3, warmup_ratio=0.1) == []
     (note,) = notes(2, warmup_ratio=0.2)
     assert note.startswith("warmup_ratio=0.2 warms up for 1 optimizer step of the run's 2") and note.endswith(
-        '--warmup_ratio=0.05')
+        'e.g. --warmup_ratio=0 --warmup_steps=0')  # 0.05 of 2 steps is that one step again
+    (note,) = notes(3, warmup_steps=1)  # nor is the ratio offered where it gives the same step
+    assert note.endswith('e.g. --warmup_steps=0') and 'warmup_ratio' not in note.split('e.g.')[1]
+    (note,) = notes(100, warmup_steps=20)
+    assert note.endswith('e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps=5')
     # a warmup as long as the run is always said: a run of one step learns nothing at all
     for ratio in (0.05, 0.2):
         (note,) = notes(1, warmup_ratio=ratio)

@@ -279,12 +279,16 @@ def warmup_notes(t, total_steps: int) -> list[str]:
     if warmup < total_steps and 0 < t.warmup_ratio <= WARMUP_SHARE:
         return []
     given = f'warmup_ratio={t.warmup_ratio}' if t.warmup_ratio else f'warmup_steps={t.warmup_steps}'
-    if warmup_steps_of(0, 0.05, total_steps) >= total_steps:  # a run of one step: no warmup at all
-        fix = 'its one step is taken at rate 0 and learns nothing: --warmup_ratio=0 --warmup_steps=0'
-    elif t.warmup_ratio:
-        fix = 'e.g. --warmup_ratio=0.05'
-    else:
-        fix = f'e.g. --warmup_ratio=0.05 (a share of any run) or --warmup_steps={total_steps // 20}'
+    fixes = []  # only what gives a shorter warmup on this run
+    if warmup_steps_of(0, 0.05, total_steps) < warmup:
+        fixes.append('--warmup_ratio=0.05' + ('' if t.warmup_ratio else ' (a share of any run)'))
+    if not t.warmup_ratio:
+        fixes.append(f'--warmup_steps={total_steps // 20}')
+    elif not fixes:
+        fixes.append('--warmup_ratio=0 --warmup_steps=0')
+    fix = 'e.g. ' + ' or '.join(fixes)
+    if total_steps == 1:
+        fix = 'its one step is taken at rate 0 and learns nothing: ' + fix[len('e.g. '):]
     steps = f'{warmup} optimizer step{"s" if warmup != 1 else ""}'
     if warmup >= total_steps:
         return [f'{given} warms up for {steps}, all of the run\'s {total_steps}: the learning rate never reaches '
