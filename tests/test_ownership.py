@@ -512,13 +512,17 @@ def test_a_holder_paused_past_the_watch_and_taken_over_gives_way_when_it_wakes(t
     import signal
 
     place = tmp_path / 'run'
-    first = holding(place, 'nodeA', 'local')
+    outcomes = tmp_path / 'outcomes'  # as under the SLURM script (scripts/rank_outcome.py)
+    outcomes.mkdir()
+    first = on_a_machine(place, 'nodeA', 'local', 'hold', env={**os.environ, 'RANK_OUTCOME_DIR': str(outcomes)})
+    assert first.stdout.readline().startswith('held')
     first.send_signal(signal.SIGSTOP)
     second = on_a_machine(place, 'nodeB', 'local', 'hold')
     try:
         assert second.stdout.readline().startswith('held')
         first.send_signal(signal.SIGCONT)
         assert gave_way(first), 'the earlier run must stop at its next beat'
+        assert (outcomes / 'rank-0').read_text() == f'{locks.GAVE_WAY}\n'  # a failure the job does not requeue
         time.sleep(1)
         assert second.poll() is None and 'on nodeB' in (locks.is_locked(str(place)) or '')
     finally:

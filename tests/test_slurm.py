@@ -259,7 +259,7 @@ def test_a_divergence_is_not_requeued_though_srun_stopped_the_other_node(tmp_pat
     r, requeues = stub_job(tmp_path, stand_ins, 'echo 1 > "$RANK_OUTCOME_DIR/rank-$MACHINE_RANK"\n'
                            'if [ "$MACHINE_RANK" = 0 ]; then trap "exit 143" TERM; sleep 60 & wait; fi\nexit 1\n')
     assert r.returncode == 1, r.stderr
-    assert 'failed (diverged, or not ready: see above; rank(s) 1 1; node(s) 143 1): not requeued' in r.stderr, r.stderr
+    assert 'failed (diverged, not ready, or gave way to another run in its place: see above; rank(s) 1 1; node(s) 143 1): not requeued' in r.stderr, r.stderr
     assert not requeues
 
 

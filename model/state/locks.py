@@ -304,6 +304,15 @@ def _give_way(folder: str, other: dict, what: str) -> None:
             f'of its own')
     logging.getLogger(__name__).error('%s', line)
     print(line, file=sys.stderr, flush=True)
+    outcomes = os.environ.get('RANK_OUTCOME_DIR')  # scripts/rank_outcome.py's record, which os._exit skips:
+    if outcomes:  # the batch job must not read this as a crash and requeue it into the other run's place
+        path = os.path.join(outcomes, f"rank-{os.environ.get('RANK', '0')}")
+        try:
+            with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:
+                f.write(f'{GAVE_WAY}\n')
+            os.replace(f'{path}.{os.getpid()}.tmp', path)
+        except OSError:
+            pass
     os._exit(GAVE_WAY)
 
 
