@@ -417,6 +417,8 @@ elif flock == 'none':  # no flock at all (Lustre mounted without flock)
     def no_flock(fd, op):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
     fcntl.flock = no_flock
+if os.environ.get('FAKE_PID'):  # containers sharing a host name, each with its own pid 7
+    os.getpid = lambda: int(os.environ['FAKE_PID'])
 if os.environ.get('START_AT'):  # several machines starting together
     time.sleep(max(0.0, float(os.environ['START_AT']) - time.time()))
 start = time.monotonic()
@@ -504,7 +506,7 @@ def gave_way(proc, timeout=10):
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
-    return proc.returncode == locks.GAVE_WAY and 'this run stops now without saving (the other goes on)' in err
+    return proc.returncode == locks.GAVE_WAY and 'the later start goes on and this run stops now without saving' in err
 
 
 def test_a_holder_paused_past_the_watch_and_taken_over_gives_way_when_it_wakes(tmp_path):
@@ -546,6 +548,40 @@ def test_two_starts_at_once_where_flock_does_not_reach_leave_one_run(tmp_path):
         (ended,) = [proc for proc in runs if proc.poll() is not None]
         assert len(alive) == 1 and ended.returncode in (3, locks.GAVE_WAY), ended.communicate()
         assert alive[0].stdout.readline().startswith('held')
+    finally:
+        for proc in runs:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_woken_holder_keeps_the_place_when_the_run_that_took_it_is_gone(tmp_path):
+    import signal
+
+    place = tmp_path / 'run'
+    first = holding(place, 'nodeA', 'local')
+    first.send_signal(signal.SIGSTOP)
+    second = holding(place, 'nodeB', 'local')
+    second.kill()  # killed without releasing: its content stays
+    second.wait()
+    try:
+        first.send_signal(signal.SIGCONT)
+        time.sleep(2)  # a beat, the watch of the dead one's heartbeat, and beats again
+        assert first.poll() is None and 'on nodeA' in (locks.is_locked(str(place)) or '')
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_two_containers_with_one_host_name_and_one_pid_leave_one_run(tmp_path):
+    place = tmp_path / 'run'
+    together = {**os.environ, 'START_AT': str(time.time() + 2), 'FAKE_PID': '7'}
+    runs = [on_a_machine(place, 'pod', 'local', 'hold', env=together) for _ in range(2)]
+    try:
+        deadline = time.time() + 6
+        while time.time() < deadline and all(proc.poll() is None for proc in runs):
+            time.sleep(0.1)
+        time.sleep(1)
+        assert sorted(proc.poll() is None for proc in runs) == [False, True]
     finally:
         for proc in runs:
             proc.kill()

@@ -82,13 +82,20 @@ def _read_path(path: str) -> dict:
         os.close(fd)
 
 
-def _content(started: str, since: float) -> bytes:
-    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started, 'since': since,
+def _content(started: str, since: float, run: str) -> bytes:
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started, 'since': since, 'run': run,
             'beat': round(time.time(), 3)}
     return json.dumps(info).encode().ljust(CONTENT_BYTES)
 
 
+_RUNS: set[str] = set()  # the random ids of the locks this process holds
+
+
 def _is_mine(info: dict) -> bool:
+    """Content this process wrote: by its random id (containers may share a host name and a pid,
+    and a host may be renamed mid-run); a content without one by pid and host."""
+    if 'run' in info:
+        return info['run'] in _RUNS
     return (info.get('pid'), info.get('host')) == (os.getpid(), socket.gethostname())
 
 
@@ -135,8 +142,9 @@ _gone: set[tuple] = set()  # holders seen not renewing their heartbeat (by the b
 
 
 def _newer(a: dict, b: dict) -> bool:
-    """Whether holder a started after holder b: the one order two runs sharing a place both agree
-    on (each reads the same two contents; the clocks that wrote them need not agree)."""
+    """Whether holder a started after holder b, each by its own clock: the one order two runs
+    sharing a place both agree on (each reads the same two contents; the clocks that wrote them
+    need not agree, so with clocks apart it may not be the true order -- it is the same one)."""
     def key(info):
         try:
             since = float(info.get('since', 0))
@@ -181,12 +189,13 @@ class PlaceLock:
     """
 
     def __init__(self, folders: list[str], what: str = 'run'):
-        self.folders = sorted({os.path.abspath(f) for f in folders})
+        self.folders = sorted({os.path.realpath(f) for f in folders})  # one folder reached twice: one lock
         self.what = what
         self._fds: list[int] = []
         self._beat: threading.Event | None = None
         self._mutex = threading.Lock()
         self._written = False  # the lock files hold this run's content (a release clears them)
+        self._run = ''  # this hold's random id, in the content
 
     def _in_use(self, folder: str, why: str = '') -> UserError:
         return UserError(f'{folder} is in use by another {self.what} ({holder(folder)}){why}; '
@@ -222,9 +231,11 @@ class PlaceLock:
                                        f'; its heartbeat goes on from {info.get("host")}: the locks of this '
                                        f'filesystem do not reach between machines (e.g. Lustre without '
                                        f'-o flock, NFS mounted nolock), so only the heartbeat stops a second run')
-            started, since = time.strftime('%Y-%m-%d %H:%M:%S'), time.time()
+            started, since, run = time.strftime('%Y-%m-%d %H:%M:%S'), time.time(), os.urandom(8).hex()
+            self._run = run
+            _RUNS.add(run)
             self._written = True
-            content = _content(started, since)  # one beat in every file: a watcher sees the run, not the file
+            content = _content(started, since, run)  # one beat in every file: a watcher sees the run, not the file
             for fd in self._fds:  # in place, one size: a reader never sees it empty or half gone
                 _write(fd, content)
                 os.ftruncate(fd, CONTENT_BYTES)
@@ -233,13 +244,13 @@ class PlaceLock:
                 for folder in self.folders:
                     if not _is_mine(_read_path(os.path.join(folder, LOCK_FILE))):
                         raise self._in_use(folder)
-            self._start_beat(started, since)
+            self._start_beat(started, since, run)
         except BaseException:
             self.release()
             raise
         return self
 
-    def _start_beat(self, started: str, since: float) -> None:
+    def _start_beat(self, started: str, since: float, run: str) -> None:
         stop = self._beat = threading.Event()
         places, mutex = list(zip(self.folders, self._fds)), self._mutex
 
@@ -248,11 +259,15 @@ class PlaceLock:
                 with mutex:  # never after release: a closed fd's number may be another file's by then
                     if stop.is_set():
                         return
-                    content = _content(started, since)
+                    content = _content(started, since, run)
+                    mine = json.loads(content)
                     for folder, fd in places:
-                        now = _read_path(os.path.join(folder, LOCK_FILE))
-                        if now and not _is_mine(now) and _newer(now, {'since': since, 'host': socket.gethostname(),
-                                                                      'pid': os.getpid()}):
+                        path = os.path.join(folder, LOCK_FILE)
+                        now = _read_path(path)
+                        # another run holds it too: if it started later (or is of a version that never
+                        # gives way) and still beats, this one gives way; a dead one's content is overwritten
+                        if (now and not _is_mine(now) and ('since' not in now or _newer(now, mine))
+                                and _still_beating(path, now)):
                             _give_way(folder, now, self.what)
                         try:  # this run's content again (a run that started before it and wrote here gives way)
                             _write(fd, content)
@@ -274,6 +289,7 @@ class PlaceLock:
                     pass
                 os.close(fd)
             self._fds = []
+            _RUNS.discard(self._run)
         _HELD.discard(self)
 
     def __enter__(self):
@@ -297,13 +313,15 @@ def _give_way(folder: str, other: dict, what: str) -> None:
     saving (its DataLoader workers die with it), so that the two never write the same place."""
     import logging
 
-    line = (f'error: {folder} was taken by another {what} (pid {other.get("pid")} on {other.get("host")}, started '
-            f'{other.get("started")}) while this one held it: this filesystem\'s locks do not reach between '
-            f'machines, or this run was paused longer than the {1.5 * BEAT_S:g} s another one watches for; this '
-            f'run stops now without saving (the other goes on), resume it later from its last state in a place '
-            f'of its own')
-    logging.getLogger(__name__).error('%s', line)
-    print(line, file=sys.stderr, flush=True)
+    line = (f'{folder} is held by another {what} too (pid {other.get("pid")} on {other.get("host")}, started '
+            f'{other.get("started")}), whose heartbeat goes on: this filesystem\'s locks do not reach between '
+            f'machines, or a run was paused longer than the {1.5 * BEAT_S:g} s another one watches for; of the two, '
+            f'the later start goes on and this run stops now without saving; resume it later from its last state '
+            f'in a place of its own')
+    if logging.getLogger().handlers:  # a training run: its log and its console say it
+        logging.getLogger(__name__).error('%s', line)
+    else:
+        print(f'error: {line}', file=sys.stderr, flush=True)
     outcomes = os.environ.get('RANK_OUTCOME_DIR')  # scripts/rank_outcome.py's record, which os._exit skips:
     if outcomes:  # the batch job must not read this as a crash and requeue it into the other run's place
         path = os.path.join(outcomes, f"rank-{os.environ.get('RANK', '0')}")

@@ -351,9 +351,9 @@ def lock_info(raw: bytes) -> dict | None:
         return None
     if not (isinstance(info, dict) and {'pid', 'host', 'started'} <= set(info)):
         return None
-    kinds = {'pid': int, 'host': str, 'started': str, 'since': (int, float), 'beat': (int, float)}
+    kinds = {'pid': int, 'host': str, 'started': str, 'since': (int, float), 'beat': (int, float), 'run': str}
     for key, kind in kinds.items():  # a file edited by hand: never a lock's, rather than a crash or a riddle
-        value = info.get(key, 0)
+        value = info.get(key, '' if kind is str else 0)
         if isinstance(value, bool) or not isinstance(value, kind) or (
                 isinstance(value, float) and not math.isfinite(value)):
             return None
