@@ -217,7 +217,7 @@ def test_room_for_the_saves_is_judged_on_each_disk(data, tmp_path):
     with disk('shared', int(0.8 * (model + weights))) as d:
         report, _ = judged(output_dir=d / 'out', model_file=f'{d}/steps/m.{{}}.bin')
         (problem,) = report.problems
-        assert problem.name == 'output_dir' and problem.line().startswith(f'output_dir: ') and (
+        assert problem.name == 'output_dir' and problem.line().startswith('output_dir: ') and (
             'the first saves of this model there (a model folder and a step file) need about' in problem.line())
     # --keep_latest_n_ckp=0 keeps every step file: 60 steps saved every 10 are 8 files with the one written
     # and the best, where keep 2 are 4
