@@ -5,9 +5,8 @@
 start_pretrain_large.sh launches its ranks through this when RANK_OUTCOME_DIR is set (the SLURM
 script sets it). A launcher reports every failing rank as 1, but a batch job must tell a stop
 that saved (130/143) or a crash (requeue: the next job resumes) from a divergence (1) or a user
-error (2), which would only fail again. <folder>/rank-<RANK> holds `running <host> <pid>` while
-the rank runs, then its exit code, or `exception` after an uncaught error; a rank killed by a
-signal leaves `running`.
+error (2), which would only fail again (model/run_outcome.py: what the record holds, and that it
+replaces only a record). A rank killed by a signal leaves `running`.
 """
 
 from __future__ import annotations
@@ -18,20 +17,14 @@ import signal
 import socket
 import sys
 
-
-def record(path: str, text: str) -> None:
-    """Written whole or not at all: the batch shell may read it at any time."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text + '\n')
-        os.replace(tmp, path)
-    except OSError as e:  # the outcome stays `running`, read as a crash: the safe side
-        print(f'warning: cannot record this rank\'s outcome in {path}: {e}', file=sys.stderr)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the toolkit's root
+from model.run_outcome import path_of_this_rank, record  # noqa: E402
 
 
 def main() -> None:
-    path = os.path.join(os.environ['RANK_OUTCOME_DIR'], f"rank-{os.environ.get('RANK', '0')}")
+    path = path_of_this_rank()
+    if path is None:
+        sys.exit('error: RANK_OUTCOME_DIR is not set: this script records a rank\'s outcome there')
     record(path, f'running {socket.gethostname()} {os.getpid()}')
     script = sys.argv[1]
     sys.argv = sys.argv[1:]

@@ -593,6 +593,8 @@ def test_two_containers_with_one_host_name_and_one_pid_leave_one_run(tmp_path):
     '{"pid": 1, "host": "gpu7", "started": {}, "beat": 1}',
     '{"pid": 1, "host": "gpu7", "started": "s", "beat": NaN}',
     '{"pid": "1", "host": "gpu7", "started": "s"}',
+    '{"pid": 0, "host": "gpu7", "started": "s", "beat": 1}',  # os.kill(0) would ask this process's group
+    '{"pid": -1, "host": "gpu7", "started": "s", "beat": 1}',
 ])
 def test_a_lock_file_edited_by_hand_is_one_line_never_a_crash_or_a_wait(tmp_path, content):
     place = tmp_path / 'run'
@@ -630,3 +632,30 @@ def test_a_lock_file_this_user_cannot_write_is_one_line_at_the_check_and_at_the_
                 attempt()
     finally:
         subprocess.run(['chattr', '-i', str(lock)], check=False)
+
+
+@pytest.mark.parametrize('planted', ['nothing', 'a file of mine', 'a link to my file', 'a folder'])
+def test_a_rank_outcome_replaces_only_an_outcome_never_a_users_file_or_a_link(tmp_path, monkeypatch, capsys, planted):
+    from model import run_outcome
+
+    monkeypatch.setenv('RANK_OUTCOME_DIR', str(tmp_path))
+    monkeypatch.setenv('RANK', '3')
+    path = run_outcome.path_of_this_rank()
+    mine = tmp_path / 'notes.txt'
+    mine.write_text('my notes')
+    if planted == 'a file of mine':
+        (tmp_path / 'rank-3').write_text('my notes')
+    elif planted == 'a link to my file':
+        os.symlink(mine, path)
+    elif planted == 'a folder':
+        os.mkdir(path)
+    run_outcome.record(path, 'running node7 42')
+    run_outcome.record(path, '75')  # an outcome replaces an outcome: the record's life under the job
+    err = capsys.readouterr().err
+    assert mine.read_text() == 'my notes' and not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+    if planted == 'nothing':
+        assert open(path).read() == '75\n' and err == ''
+    else:
+        assert 'cannot record this rank\'s outcome' in err
+        assert (os.path.islink(path) if planted == 'a link to my file' else os.path.isdir(path) if planted == 'a folder'
+                else open(path).read() == 'my notes')

@@ -24,9 +24,11 @@ import threading
 import time
 import weakref
 
+from model import run_outcome
 from model.errors import UserError
 from model.state.ownership import lock_info, read_regular_file
 from model.state.markers import LOCK_FILE
+from model.state.writes import pid_alive
 
 
 def _open_lock(folder: str, flags: int) -> int:
@@ -99,16 +101,6 @@ def _is_mine(info: dict) -> bool:
     return (info.get('pid'), info.get('host')) == (os.getpid(), socket.gethostname())
 
 
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True
-    return True
-
-
 def _maybe_alive(info: dict, kernel_locked: bool) -> bool:
     """Whether the holder a lock file names may still run, to be told by watching its heartbeat.
     With the kernel's lock taken, only one on another machine may (its flock may not reach here);
@@ -118,12 +110,17 @@ def _maybe_alive(info: dict, kernel_locked: bool) -> bool:
         return False  # released, written before heartbeats (a flock was all there was), or this process's
     if info.get('host') != socket.gethostname():
         return True
-    return not kernel_locked and _pid_alive(info.get('pid'))
+    return not kernel_locked and pid_alive(info['pid'])
+
+
+def _beat(info: dict) -> tuple:
+    """One heartbeat of one holder: a renewal or another holder changes it."""
+    return info.get('host'), info.get('pid'), info.get('since'), info.get('beat')
 
 
 def _still_beating(path: str, info: dict) -> bool:
     """Watch the holder's heartbeat for a little longer than one beat: renewed, its run is alive."""
-    seen = (info.get('host'), info.get('pid'), info.get('since'), info.get('beat'))
+    seen = _beat(info)
     if seen in _gone:  # watched already, and not renewed since (one run holds all its places)
         return False
     print(f'note: the lock names a run on {info.get("host")} (pid {info.get("pid")}) that did not release it; '
@@ -132,7 +129,7 @@ def _still_beating(path: str, info: dict) -> bool:
     while time.monotonic() < deadline:
         time.sleep(0.5)
         now = _read_path(path)
-        if (now.get('host'), now.get('pid'), now.get('since'), now.get('beat')) != seen:
+        if _beat(now) != seen:
             return True
     _gone.add(seen)
     return False
@@ -322,15 +319,9 @@ def _give_way(folder: str, other: dict, what: str) -> None:
         logging.getLogger(__name__).error('%s', line)
     else:
         print(f'error: {line}', file=sys.stderr, flush=True)
-    outcomes = os.environ.get('RANK_OUTCOME_DIR')  # scripts/rank_outcome.py's record, which os._exit skips:
-    if outcomes:  # the batch job must not read this as a crash and requeue it into the other run's place
-        path = os.path.join(outcomes, f"rank-{os.environ.get('RANK', '0')}")
-        try:
-            with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:
-                f.write(f'{GAVE_WAY}\n')
-            os.replace(f'{path}.{os.getpid()}.tmp', path)
-        except OSError:
-            pass
+    outcome = run_outcome.path_of_this_rank()  # scripts/rank_outcome.py's own record is skipped by os._exit:
+    if outcome:  # the batch job must not read this as a crash and requeue it into the other run's place
+        run_outcome.record(outcome, str(GAVE_WAY))
     os._exit(GAVE_WAY)
 
 

@@ -357,4 +357,4 @@ def lock_info(raw: bytes) -> dict | None:
         if isinstance(value, bool) or not isinstance(value, kind) or (
                 isinstance(value, float) and not math.isfinite(value)):
             return None
-    return info
+    return info if info['pid'] > 0 else None  # 0 or less would name a process group to os.kill

@@ -69,10 +69,12 @@ def temp_path(target: str) -> str:
     return os.path.join(folder, f'.{name}.{TEMP_TAG}-{_host_tag()}-{os.getpid()}-{os.urandom(4).hex()}')
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (another user's counts; a pid too
+    large to be one does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -101,7 +103,7 @@ def stale_temps(target: str, place_locked: bool = False) -> list[str]:
         mine = m.group('host') == _host_tag()
         if int(m.group('pid')) == os.getpid() and mine:
             continue
-        if place_locked or (mine and not _pid_alive(int(m.group('pid')))):
+        if place_locked or (mine and not pid_alive(int(m.group('pid')))):
             found.append(path)
     return sorted(found)
 
