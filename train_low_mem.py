@@ -302,7 +302,8 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
     match, streamed; the predictions (prompt, reference, answer) go to a JSONL beside the model."""
     cfg, decode, source = _inference_setup('test', preset, use_large_config, flags, extra=('out',))
     from model.data.files import check_usable_rows, count_rows, files_kind, resolve_parquet_files
-    from model.use.scoring import check_predictions_path, predictions_path, score_file
+    from model.state.model_files import predictions_path
+    from model.use.scoring import check_predictions_path, score_file
 
     t = cfg.train
     count_rows(t.test_file)

@@ -4,7 +4,8 @@ again (a benchmark, not a test).
     .venv/bin/python bench/bench_span_resume.py                  # 300,000 documents, ~3 min on 2 cores
     .venv/bin/python bench/bench_span_resume.py --rows=20000 --runs=1
 
-Under bench/out/span_resume/ (made, or emptied when it is this bench's own): a raw-text Parquet of
+In a new folder bench/out/span_resume-<random>/ (made by this run, removed at its end unless --keep;
+nothing that was there before is touched): a raw-text Parquet of
 --rows documents (real_train_3k's rows, prompt and response joined, numbered and repeated), a 6,000
 piece tokenizer trained on the 3k rows, and a 2-step demo-model run at max length 128 with its
 saved state. Then, --runs times in turn, a copy of that state resumed to step 3 as it is (the
@@ -21,12 +22,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.path.join(ROOT, '..', 'shared', 'data', 'real_train_3k.parquet')
-OUT = os.path.join(ROOT, 'bench', 'out', 'span_resume')
-STAMP = os.path.join(OUT, '.bench_span_resume')
+OUT = ''  # this run's own folder, made in main()
 
 
 def train(folder: str, *flags: str) -> subprocess.CompletedProcess:
@@ -42,20 +43,29 @@ def train(folder: str, *flags: str) -> subprocess.CompletedProcess:
 
 
 def main() -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--rows', type=int, default=300_000)
     ap.add_argument('--runs', type=int, default=2)
+    ap.add_argument('--keep', action='store_true', help='keep the folder with the data, tokenizer and runs')
     args = ap.parse_args()
     if args.rows < 1000 or args.runs < 1:
         ap.error('--rows must be at least 1000 and --runs at least 1')
-    if os.path.exists(OUT) and not os.path.isfile(STAMP):
-        sys.exit(f'{OUT} exists and is not this bench\'s folder: move it away')
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.makedirs(OUT)
-    open(STAMP, 'w').close()
+    global OUT
+    os.makedirs(os.path.join(ROOT, 'bench', 'out'), exist_ok=True)
+    OUT = tempfile.mkdtemp(prefix='span_resume-', dir=os.path.join(ROOT, 'bench', 'out'))  # new: nothing else's
+    try:
+        measure(args)
+    finally:
+        if args.keep:
+            print(f'kept: {OUT}')
+        else:
+            shutil.rmtree(OUT)
+
+
+def measure(args) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     t = pq.read_table(REAL).to_pydict()
     texts = [p + '\n' + r for p, r in zip(t['prompt'], t['response'])]
     pq.write_table(pa.table({'text': [f'{i}. {texts[i % len(texts)]}' for i in range(args.rows)]}),
@@ -73,9 +83,8 @@ def main() -> None:
     print(f'bench_span_resume: {args.rows:,} documents; load average {os.getloadavg()[0]:.2f}; '
           f'data_position.json {size:,} bytes ({size / args.rows:.2f} a row)')
     for run in range(args.runs):
-        for name, extra in (('counts kept', ()), ('counted again', ('--allow_data_change=True',))):
-            copy = f'{OUT}/copy'
-            shutil.rmtree(copy, ignore_errors=True)
+        for k, (name, extra) in enumerate((('counts kept', ()), ('counted again', ('--allow_data_change=True',)))):
+            copy = f'{OUT}/copy-{run}-{k}'  # a new folder each time: nothing is removed on the way
             shutil.copytree(base, copy, symlinks=True)
             start = time.perf_counter()
             r = train(copy, '--max_steps=3', '--is_keep_training=True', *extra)

@@ -148,8 +148,18 @@ def test_bench_optimizer_runs_and_reports_both():
 
 @pytest.mark.slow
 def test_bench_span_resume_runs_and_compares_kept_with_counted():
+    mine = os.path.join(ROOT, 'bench', 'out', 'span_resume')  # a folder of that name, the bench's old place
+    os.makedirs(mine, exist_ok=True)
+    with open(os.path.join(mine, 'my_notes.txt'), 'w') as f:
+        f.write('mine')
     r = subprocess.run([sys.executable, 'bench/bench_span_resume.py', '--rows=1000', '--runs=1'], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert 'counts kept' in r.stdout and 'token counts taken from the saved state' in r.stdout
     assert 'counted again' in r.stdout and 'counted in' in r.stdout
+    # its own new folder, removed at its end: what bench/out held before is untouched
+    assert not any(n.startswith('span_resume-') for n in os.listdir(os.path.join(ROOT, 'bench', 'out')))
+    assert open(os.path.join(mine, 'my_notes.txt')).read() == 'mine'
+    os.remove(os.path.join(mine, 'my_notes.txt'))
+    if not os.listdir(mine):
+        os.rmdir(mine)

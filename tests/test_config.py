@@ -1,6 +1,7 @@
 """Config schema: the guide's defaults, presets, overrides, types and validation."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -255,3 +256,16 @@ def test_warmup_steps_given_beat_a_presets_warmup_ratio():
     cfg = resolve_config(preset='demo', overrides={'warmup_steps': 3, 'warmup_ratio': 0.1})  # both given: the ratio's rule
     assert (cfg.train.warmup_steps, cfg.train.warmup_ratio) == (3, 0.1)
     assert resolve_config(preset='demo').train.warmup_ratio == 0.05
+
+
+@pytest.mark.parametrize('test_file', ['/d/valid.parquet', '/d/验证 集*.parquet', '/d/a.b-c.parquet', '/d/***', '/d/x/'])
+def test_the_predictions_of_any_test_file_are_found_by_their_models_name(test_file):
+    # one naming rule: where `test` writes them, and what a fresh run moves with the earlier run's models
+    import re
+
+    from model.state.model_files import PREDICTIONS_TAIL, model_file_pattern, predictions_path
+
+    for model in ('/r/m{{x}}.12.bin', '/r/m{{x}}.best.bin'):
+        name = os.path.basename(predictions_path(model.replace('{{', '{').replace('}}', '}'), test_file))
+        assert model_file_pattern('/r/m{{x}}.{}.bin', r'\d+|best', PREDICTIONS_TAIL).match(name), name
+    assert re.match(r'^(best|final)' + PREDICTIONS_TAIL + '$', os.path.basename(predictions_path('/o/best', test_file)))

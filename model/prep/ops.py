@@ -63,11 +63,12 @@ def convert_file(input_path: str, output_path: str, prompt_col: str | None = Non
     check_outputs({'output': output_path}, [input_path])
     first = next(tables, None)  # every reader yields at least one table: its columns tell the kind
     kind = 'text' if first is not None and first.column_names == list(KINDS['text']) else 'pairs'
-    usable = 0  # rows with text in every column: what training reads
+    usable = 0  # rows with text in every column (what training reads), counted until there is one
     with open_parquet_output(output_path, 'convert', kind) as out:
         for table in itertools.chain([first] if first is not None else [], tables):
-            masks = build_row_masks(table)
-            usable += table.num_rows - int((masks['null'] | masks['blank']).sum())
+            if not usable:  # until the first usable row: no more work after it
+                masks = build_row_masks(table)
+                usable = table.num_rows - int((masks['null'] | masks['blank']).sum())
             out.write(table)
         # raised inside: no file is written (training on it would only fail later, far from here)
         if out.rows_total == 0:

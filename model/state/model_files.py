@@ -56,6 +56,19 @@ def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -
         ownership.write_marker(tmp, MODEL, **info)
 
 
+PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)
+
+
+def predictions_path(model_path: str, test_file: str) -> str:
+    """Where `test` puts a model's predictions by default, beside the model:
+    <model folder or weights file>.predictions.<test file name>.jsonl (a fresh run moves them
+    with the earlier run's models: model/state/states.py)."""
+    # a glob's '*' (or any odd character) never ends up in a file name a shell would expand
+    stem = re.sub(r'[^\w.-]+', '_', os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0]).strip('_.')
+    stem = stem or 'test'
+    return f'{os.path.normpath(model_path)}.predictions.{stem}.jsonl'
+
+
 STEP = '\0'  # stands for the '{}' while a pattern is taken apart (no path holds it)
 
 
@@ -80,9 +93,11 @@ def join_model_file(folder: str, before: str, after: str) -> str:
     return os.path.join(literal(folder), literal(before) + '{}' + literal(after))
 
 
-def model_file_pattern(model_file: str, tags: str = r'\d+') -> re.Pattern:
+def model_file_pattern(model_file: str, tags: str = r'\d+', then: str = '') -> re.Pattern:
+    """The names of the pattern's files whose step is one of ``tags`` (group 1), followed by the
+    regular expression ``then`` (e.g. what `test` adds to a model's name for its predictions)."""
     _, before, after = split_model_file(model_file)
-    return re.compile('^' + re.escape(before) + f'({tags})' + re.escape(after) + '$')
+    return re.compile('^' + re.escape(before) + f'({tags})' + re.escape(after) + then + '$')
 
 
 def owned_model_files(model_file: str, tags: str = r'\d+') -> list[tuple[str, str]]:

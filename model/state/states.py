@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import model_file_pattern, model_folder, owned_model_files
+from model.state.model_files import PREDICTIONS_TAIL, model_file_pattern, model_folder, owned_model_files
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
@@ -304,12 +304,11 @@ def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: st
     found += [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
     found += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
               if ownership.kind_of(p) == MODEL]
-    predictions = r'\.predictions\.[^/]+\.jsonl$'
-    for folder, names in ((model_folder(model_file), model_file_pattern(model_file, r'\d+|best').pattern[:-1]),
-                          (output_dir, r'^(best|final)')):
+    for folder, names in ((model_folder(model_file), model_file_pattern(model_file, r'\d+|best', PREDICTIONS_TAIL)),
+                          (output_dir, re.compile(r'^(best|final)' + PREDICTIONS_TAIL + '$'))):
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             path = os.path.join(folder, name)
-            if re.match(names + predictions, name) and path not in found and ownership.kind_of(path) == PREDICTIONS:
+            if names.match(name) and path not in found and ownership.kind_of(path) == PREDICTIONS:
                 found.append(path)
     return found
 

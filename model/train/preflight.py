@@ -286,9 +286,7 @@ def warmup_notes(t, total_steps: int) -> list[str]:
         fixes.append(f'--warmup_steps={total_steps // 20}')
     elif not fixes:
         fixes.append('--warmup_ratio=0 --warmup_steps=0')
-    fix = 'e.g. ' + ' or '.join(fixes)
-    if total_steps == 1:
-        fix = 'its one step is taken at rate 0 and learns nothing: ' + fix[len('e.g. '):]
+    fix = ('its one step is taken at rate 0 and learns nothing: ' if total_steps == 1 else 'e.g. ') + ' or '.join(fixes)
     steps = f'{warmup} optimizer step{"s" if warmup != 1 else ""}'
     if warmup >= total_steps:
         return [f'{given} warms up for {steps}, all of the run\'s {total_steps}: the learning rate never reaches '

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 
@@ -55,14 +54,6 @@ def exact_match(answer: str, reference: str) -> bool:
     """The exact-match rule of `test` (and of the learning benchmarks): the same text once the
     whitespace around both is stripped."""
     return answer.strip() == reference.strip()
-
-
-def predictions_path(model_path: str, test_file: str) -> str:
-    """Beside the model: <model folder or weights file>.predictions.<test file name>.jsonl."""
-    # a glob's '*' (or any odd character) never ends up in a file name a shell would expand
-    stem = re.sub(r'[^\w.-]+', '_', os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0]).strip('_.')
-    stem = stem or 'test'
-    return f'{os.path.normpath(model_path)}.predictions.{stem}.jsonl'
 
 
 def check_predictions_path(path: str, test_files: list[str], input_specs: list[str]) -> str:
