@@ -180,7 +180,7 @@ def ignore_in_worker(worker_id: int = 0) -> None:
     process group, a SLURM job step -- kill a worker mid-batch, and the main process then gets
     an error at whatever it is doing, the stop's save included.) And the worker dies with the
     main process: a SIGKILLed run's worker would otherwise wait for ever to hand a batch to a
-    pipe nobody reads, ignoring SIGTERM, holding its memory (hundreds of MB)."""
+    pipe nobody reads, ignoring SIGTERM, holding its memory."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     die_with_parent()

@@ -298,3 +298,24 @@ def test_cli_text_corpus_convert_clean_split_check(tmp_path):
         assert inspect_parquet(str(t / f'{name}.parquet')).kind == 'text'
     assert sorted(read_texts(t / 'train.parquet') + read_texts(t / 'valid.parquet')) == sorted(texts)
     assert not [n for n in os.listdir(t) if 'tmp' in n]
+
+
+def test_a_refused_convert_removes_only_the_folders_it_made_never_a_users_or_a_links(tmp_path):
+    # atomic_file makes the output's missing folders and removes them again when nothing is written:
+    # only those, only while empty -- not a folder of the user's, not through or on a link
+    (tmp_path / 'empty.jsonl').write_bytes(b'')
+    src = str(tmp_path / 'empty.jsonl')
+    mine = tmp_path / 'mine'
+    mine.mkdir()  # the user's own folder, empty
+    target = tmp_path / 'elsewhere'
+    target.mkdir()
+    (tmp_path / 'link').symlink_to(target)  # a link to a folder of the user's
+    (tmp_path / 'dangling').symlink_to(tmp_path / 'nowhere')  # a link to nothing
+    for out in (mine / 'out.parquet', mine / 'a' / 'b' / 'out.parquet', tmp_path / 'link' / 'c' / 'out.parquet',
+                tmp_path / 'dangling' / 'out.parquet'):
+        with pytest.raises(UserError, match='no rows to convert'):
+            convert_file(src, str(out))
+    assert sorted(os.listdir(tmp_path)) == ['dangling', 'elsewhere', 'empty.jsonl', 'link', 'mine']
+    assert os.listdir(mine) == [] and os.listdir(target) == []
+    assert os.path.islink(tmp_path / 'link') and os.path.islink(tmp_path / 'dangling')
+    assert not os.path.exists(tmp_path / 'nowhere')  # made through the dangling link, and removed again
