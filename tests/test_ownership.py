@@ -145,6 +145,36 @@ def test_a_new_folder_goes_where_a_link_points_and_the_link_stays(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if writes.TEMP_TAG in n]
 
 
+@pytest.mark.parametrize('writer', ['file', 'folder'])
+def test_a_failed_write_takes_back_only_the_folders_it_made_and_that_are_still_those(tmp_path, writer):
+    def write(target, meanwhile=lambda: None):
+        with pytest.raises(OSError, match='no room'):
+            if writer == 'file':
+                with writes.atomic_file(str(target), PREDICTIONS, 'out') as tmp:
+                    open(tmp, 'w').write('half')
+                    meanwhile()
+                    raise OSError('no room')
+            else:
+                with writes.building_folder(str(target), TOKENIZER, 'out') as tmp:
+                    meanwhile()
+                    raise OSError('no room')
+
+    write(tmp_path / 'a' / 'b' / 'out')
+    assert os.listdir(tmp_path) == []  # a and a/b made for it: gone again
+
+    def users_folder_in_its_place():  # the user moves the write's new folder away and makes one of that name
+        os.rename(tmp_path / 'c' / 'd', tmp_path / 'moved')
+        os.makedirs(tmp_path / 'c' / 'd')
+
+    def users_file_beside():
+        (tmp_path / 'e' / 'notes.txt').write_text('mine')
+
+    write(tmp_path / 'c' / 'd' / 'out', users_folder_in_its_place)
+    assert os.path.isdir(tmp_path / 'c' / 'd')  # the user's, though empty: stays, and so does c above it
+    write(tmp_path / 'e' / 'f' / 'out', users_file_beside)
+    assert os.listdir(tmp_path / 'e') == ['notes.txt']  # f went; e holds the user's file: stays
+
+
 # --------------------------------------------------------------------------- files
 
 

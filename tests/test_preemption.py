@@ -141,8 +141,9 @@ def test_prepare_data_stopped_mid_write_leaves_no_temporary_and_says_so(stop, tm
     assert not leftover_temps(tmp_path)
 
 
-def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(stop, tmp_path, monkeypatch, capsys,
-                                                                               tokenizer_dir):
+def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary_and_no_folder_made(
+        stop, tmp_path, monkeypatch, capsys, tokenizer_dir):
+    # each output in new folders: those are made for the write and go again when it is stopped
     import train_low_mem
     from config import T5ModelConfig
     from model.net.chat_model import build_model
@@ -151,10 +152,10 @@ def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(sto
 
     src = write_parquet(tmp_path / 'text.parquet', make_texts(400, seed=4))
     monkeypatch.setenv('CHAT_SMALL_T5_FAULT', 'write:sigterm')
-    code, err = run_face(train_low_mem, ['train_tokenizer', f'--train_file={src}', f'--tokenizer_dir={tmp_path}/tok',
+    code, err = run_face(train_low_mem, ['train_tokenizer', f'--train_file={src}', f'--tokenizer_dir={tmp_path}/new/a/tok',
                                          '--vocab_size=900'], capsys)
     assert code == 143 and err.strip().splitlines()[-1].startswith('stopped by SIGTERM: ') and 'Traceback' not in err
-    assert not os.path.exists(f'{tmp_path}/tok') and not leftover_temps(tmp_path)
+    assert not os.path.exists(f'{tmp_path}/new') and not leftover_temps(tmp_path)
 
     tok = load_tokenizer(tokenizer_dir)
     model = build_model(T5ModelConfig(d_model=16, num_heads=2, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1),
@@ -163,17 +164,17 @@ def test_tokenizer_predictions_and_plot_stopped_mid_write_leave_no_temporary(sto
     stop.STOP.uninstall()
     monkeypatch.setenv('CHAT_SMALL_T5_FAULT', 'write:sigint')
     code, err = run_face(train_low_mem, ['test', f'--model_dir={tmp_path}/model', f'--test_file={src}',
-                                         '--max_test_rows=8', f'--out={tmp_path}/pred.jsonl'], capsys)
+                                         '--max_test_rows=8', f'--out={tmp_path}/new/b/pred.jsonl'], capsys)
     assert code == 130 and 'stopped by SIGINT: ' in err and 'pred.jsonl not written' in err and 'Traceback' not in err
-    assert not os.path.exists(f'{tmp_path}/pred.jsonl') and not leftover_temps(tmp_path)
+    assert not os.path.exists(f'{tmp_path}/new') and not leftover_temps(tmp_path)
 
     log = tmp_path / 'run.log'
     log.write_text(''.join(f'2026-01-01 00:00:00 [rank 0] INFO step {i}/9 | epoch 0 | loss {9 - i}.0 | lr 1e-3\n'
                            for i in range(1, 10)), encoding='utf-8')
     stop.STOP.uninstall()
     monkeypatch.setenv('CHAT_SMALL_T5_FAULT', 'write:sigterm')
-    code, err = run_face(train_low_mem, ['plot', f'--log_file={log}', f'--out={tmp_path}/p.png'], capsys)
-    assert code == 143 and 'p.png not written' in err and not os.path.exists(f'{tmp_path}/p.png')
+    code, err = run_face(train_low_mem, ['plot', f'--log_file={log}', f'--out={tmp_path}/new/c/p.png'], capsys)
+    assert code == 143 and 'p.png not written' in err and not os.path.exists(f'{tmp_path}/new')
     assert not leftover_temps(tmp_path)
 
 

@@ -166,51 +166,64 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
     file of these kinds; a link on the way is followed, never replaced."""
     path = resolve_place(path, what)
     check_replaceable(path, kinds, what, folder=False)
-    made = _first_missing(os.path.dirname(path))  # folders made for it go again if nothing is written
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sweep_stale_temps(path)
-    tmp = temp_path(path)
-    written = False
+    with folders_for(path):  # folders made for it go again if nothing is written
+        sweep_stale_temps(path)
+        tmp = temp_path(path)
+        try:
+            with disk_errors(what, path):
+                yield tmp
+                fault_point('write')
+                if seal:
+                    seal_file(tmp)
+                with open(tmp, 'rb') as f:
+                    os.fsync(f.fileno())
+            with critical():  # a stop lands before the rename (nothing written) or after it (all written)
+                os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
+                os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def folders_for(path: str) -> Iterator[None]:
+    """The missing folders above ``path``, made for a write in the block; when the block does not
+    complete (an error, a refusal, a stop, a full disk) those it made go again -- each only while
+    empty and still the folder it made (by device and inode: one a user made in its place since,
+    or put something in, stays)."""
+    made = _make_folders(os.path.dirname(os.path.abspath(path)))
+    done = False
     try:
-        with disk_errors(what, path):
-            yield tmp
-            fault_point('write')
-            if seal:
-                seal_file(tmp)
-            with open(tmp, 'rb') as f:
-                os.fsync(f.fileno())
-        with critical():  # a stop lands before the rename (nothing written) or after it (all written)
-            os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
-            os.replace(tmp, path)
-            written = True
+        yield
+        done = True
     finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        if not written and made:
-            _remove_empty_folders(os.path.dirname(path), made)
+        if not done:
+            for folder, identity in reversed(made):  # innermost first
+                st = lstat_or_none(folder)
+                if st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+                    with contextlib.suppress(OSError):  # not empty: someone wrote there meanwhile
+                        os.rmdir(folder)
 
 
-def _first_missing(folder: str) -> str | None:
-    """The outermost folder of ``folder``'s path that does not exist yet (None: it exists)."""
-    missing = None
+def _make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
+    """Make ``folder`` and its missing parents, outermost first: (path, (device, inode)) of each
+    this call made (one made by someone else meanwhile is not listed)."""
+    missing = []
     while not os.path.lexists(folder):
-        missing, parent = folder, os.path.dirname(folder)
+        missing.append(folder)
+        parent = os.path.dirname(folder)
         if parent == folder:
             break
         folder = parent
-    return missing
-
-
-def _remove_empty_folders(folder: str, up_to: str) -> None:
-    """Remove ``folder`` and its parents up to ``up_to`` while they are empty (made by this write)."""
-    while True:
+    made = []
+    for folder in reversed(missing):
         try:
-            os.rmdir(folder)
-        except OSError:  # not empty (someone else wrote there meanwhile), or gone
-            return
-        if os.path.normpath(folder) == os.path.normpath(up_to):
-            return
-        folder = os.path.dirname(folder)
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        st = os.lstat(folder)
+        made.append((folder, (st.st_dev, st.st_ino)))
+    return made
 
 
 _RENAME_EXCHANGE = 2
@@ -265,15 +278,16 @@ def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Ite
     failure it is removed."""
     target = resolve_place(target.rstrip(os.sep), what)
     check_replaceable(target, kinds, what, folder=True)
-    tmp = new_temp_folder(target)
-    try:
-        with disk_errors(what, target):
-            yield tmp
-            fault_point('write')
-        replace_folder(tmp, target, kinds, what)
-    finally:
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    with folders_for(target):
+        tmp = new_temp_folder(target)
+        try:
+            with disk_errors(what, target):
+                yield tmp
+                fault_point('write')
+            replace_folder(tmp, target, kinds, what)
+        finally:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_owned(path: str, kinds: str | tuple[str, ...]) -> bool:

@@ -73,6 +73,12 @@ def check_predictions_path(path: str, test_files: list[str], input_specs: list[s
 @torch.no_grad()
 def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int, decode: DecodeConfig,
                max_rows: int = 0, model_path: str = '', progress=None) -> TestResult:
+    ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
+    with writes.folders_for(out_path):  # folders made for the file go again if it is not written
+        return _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_rows, model_path, progress)
+
+
+def _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_rows, model_path, progress):
     from sacrebleu.metrics import BLEU
 
     # effective order only changes a sentence's own score (unused), not its counts
@@ -81,8 +87,6 @@ def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int
     device = next(model.parameters()).device
     stats = np.zeros(10, dtype=np.int64)  # matches 1-4, totals 1-4, answer and reference lengths
     loss_sum, tokens, rows, skipped, exact = 0.0, 0, 0, 0, 0
-    ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     body_path = writes.temp_path(out_path)
     try:
         with writes.disk_errors('predictions', out_path), open(body_path, 'w', encoding='utf-8') as body:
