@@ -155,6 +155,10 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
 
     remove_owned(str(out / 'chat_small_t5.5.bin'), WEIGHTS)  # as pruning does: only the toolkit's unchanged file
     (out / 'best.predictions.mine.jsonl').write_text('{"mine": 1}\n')  # named alike, not the toolkit's: stays
+    # final/ scored into a file named as best/'s: it scores another model, so it does not go with best/
+    r = cli('test', f'--model_dir={out}/final', f'--test_file={data["valid"]}', '--max_test_rows=4',
+            f'--out={out}/best.predictions.final.jsonl')
+    assert r.returncode == 0, r.stderr[-2000:]
     r = run_train(tiny_flags(data, out, max_steps=5))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / 'my_notes.txt').read_text() == 'mine'
@@ -162,7 +166,24 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
     assert len(archived) == 1 and os.path.isdir(f'{archived[0]}/best')
     assert os.path.exists(f'{archived[0]}/best.predictions.valid.jsonl')
     assert os.path.exists(f'{archived[0]}/chat_small_t5.5.bin.predictions.valid.jsonl')
-    assert sorted(n for n in os.listdir(out) if '.predictions.' in n) == ['best.predictions.mine.jsonl']
+    assert sorted(n for n in os.listdir(out) if '.predictions.' in n) == ['best.predictions.final.jsonl',
+                                                                         'best.predictions.mine.jsonl']
+    # each one left is said, with why: beside the new best/, neither describes it
+    assert f'{out}/best.predictions.final.jsonl is named as the predictions of a model this run writes there, ' \
+           f'but it scores {out}/final' in r.stderr, r.stderr[-3000:]
+    assert f'{out}/best.predictions.mine.jsonl is named as' in r.stderr and '`test` did not write it' in r.stderr
+
+
+def test_states_kept_in_the_output_folder_itself_survive_a_second_run_and_resume(tmp_path, data):
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, train_state_dir=out, max_steps=10)
+    for _ in range(2):  # the second moves the first aside (its states among best/, final/ and step files)
+        r = run_train(flags)
+        assert r.returncode == 0, r.stderr[-2000:]
+    archived = glob.glob(f'{out}/previous_runs/*/run/state-000000010/chat_small_t5.json')
+    assert len(archived) == 1 and os.path.isdir(archived[0].split('/run/state-')[0] + '/best')
+    r = run_train(tiny_flags(data, out, train_state_dir=out, max_steps=15), '--is_keep_training=True')
+    assert r.returncode == 0 and 'resumed from' in r.stderr and f'{out}/state-000000015' in r.stderr, r.stderr[-2000:]
 
 
 def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):

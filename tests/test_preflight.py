@@ -138,6 +138,31 @@ def test_a_tokenizer_inside_a_folder_the_run_prunes_is_a_problem(data, tmp_path)
     assert 'lies inside train_state_dir' in found['tokenizer_dir'] and 'cp -r' in found['tokenizer_dir'], found
 
 
+@pytest.mark.parametrize('folder', ['best', 'final', 'previous_runs'])
+@pytest.mark.parametrize('place,value', [('train_state_dir', '{f}'), ('train_state_dir', '{f}/states'),
+                                         ('model_file', '{f}/m.{{}}.bin'), ('log_dir', '{f}/logs/run1'),
+                                         ('train_state_dir', '{link}/states')])
+def test_a_place_inside_a_folder_the_run_replaces_or_archives_into_is_a_problem(data, tmp_path, folder, place,
+                                                                                value):
+    out = tmp_path / 'run'
+    os.makedirs(tmp_path / 'scratch')
+    os.symlink(out / folder, tmp_path / 'scratch' / 'link')  # a link that leads into it, made before the folder
+    path = value.format(f=out / folder, link=tmp_path / 'scratch' / 'link')
+    found = problems(preflight.check_train(config(data, out, **{place: path}), resume=False, world_size=1))
+    assert place in found and f'{out / folder}, which' in found[place], found
+    assert ('earlier runs are moved into' if folder == 'previous_runs' else 'replaced whole') in found[place]
+    assert set(found) == {place}, found  # nothing else is said about it
+
+
+@pytest.mark.parametrize('place,value', [('train_state_dir', '{out}'), ('train_state_dir', '{out}/best_states'),
+                                         ('model_file', '{out}/final_weights/m.{{}}.bin'),
+                                         ('log_dir', '{out}/previous_runs_logs')])
+def test_places_beside_those_folders_or_the_output_folder_itself_are_fine(data, tmp_path, place, value):
+    out = tmp_path / 'run'
+    report = preflight.check_train(config(data, out, **{place: value.format(out=out)}), resume=False, world_size=1)
+    assert report.ready, problems(report)
+
+
 def test_the_states_of_a_run_of_several_are_judged_deeply_on_main_only_then(data, tmp_path, monkeypatch):
     from model.state import contract
     from model.state import states as sf
@@ -250,7 +275,20 @@ def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_t
     assert problem.line().endswith(f"this run's states are in {old}/train_latest_state (a run given --output_dir now "
                                    f"keeps its states and step files there unless told otherwise): resume with "
                                    f"--train_state_dir={old}/train_latest_state --model_file={old}/chat_small_t5.{{}}.bin")
+    # a fresh run there: the earlier run's best/ and final/ are moved aside, and it says how to continue instead
+    fresh = preflight.check_train(cfg, resume=False, world_size=1)
+    (note,) = [n for n in fresh.notes if 'a previous run saved' in n]
+    assert note.startswith('a previous run saved 2 item(s) here') and note.endswith(
+        f'to continue it instead: --is_keep_training=True --train_state_dir={old}/train_latest_state '
+        f'--model_file={old}/chat_small_t5.{{}}.bin'), note
     # another run's states there (another output_dir): the plain advice
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
     (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
     assert problem.line().endswith('start without --is_keep_training (or check --train_state_dir)')
+    # models without any state of their run: moved aside, and nothing promises a resume
+    import shutil
+
+    shutil.copytree(out / 'best', tmp_path / 'other' / 'best')
+    cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
+    (note,) = [n for n in preflight.check_train(cfg, resume=False, world_size=1).notes if 'a previous run' in n]
+    assert 'is_keep_training' not in note and note.endswith('it cannot be continued from there)'), note

@@ -111,6 +111,38 @@ def test_a_fresh_run_moves_aside_only_whole_states_of_its_own(tmp_path):
     assert names(states) == [] and own.folder_kind(str(states)) == markers.STATE_DIR
 
 
+def a_model_folder_and_a_step_file(out) -> None:
+    import torch
+
+    from model.state.model_files import save_weights_file
+
+    os.makedirs(out / 'best')
+    (out / 'best' / 'model.safetensors').write_text('weights')
+    own.write_marker(str(out / 'best'), markers.MODEL)
+    save_weights_file({'w': torch.zeros(2)}, str(out / 'm.20.bin'), step=20)
+
+
+def test_states_in_the_output_folder_itself_are_moved_aside_by_what_they_are(tmp_path):
+    out = tmp_path / 'out'  # train_state_dir = output_dir = the step files' folder
+    make_state(out, 20)
+    a_model_folder_and_a_step_file(out)
+    archive = sf.archive_previous_run(str(out), str(out / 'm.{}.bin'), str(out), 'stamp')
+    assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'out']
+    assert names(os.path.join(archive, 'out')) == ['state-000000020']
+    assert sf.judge_state(os.path.join(archive, 'out', 'state-000000020')).wholly_owned
+    assert sorted(os.listdir(out)) == [markers.MARKER_FILE, 'previous_runs']
+
+
+def test_a_state_folder_named_like_a_model_folder_is_archived_beside_it_not_into_it(tmp_path):
+    states, out = tmp_path / 'scratch' / 'best', tmp_path / 'out'
+    make_state(states, 20)
+    a_model_folder_and_a_step_file(out)
+    archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
+    assert sorted(os.listdir(archive)) == ['best', 'best-states', 'm.20.bin']
+    assert names(os.path.join(archive, 'best-states')) == ['state-000000020']
+    assert own.folder_kind(os.path.join(archive, 'best')) == markers.MODEL
+
+
 def test_pruning_counts_only_whole_states_so_two_loadable_ones_stay(tmp_path):
     states = tmp_path / 'states'
     older, damaged = make_state(states, 10), make_state(states, 20)

@@ -118,7 +118,9 @@ def build_model(model_cfg: T5ModelConfig, vocab_size: int, initialize: bool = Tr
 def default_model_paths(cfg: ResolvedConfig) -> list[str]:
     import os
 
-    return [os.path.join(cfg.train.output_dir, 'best'), os.path.join(cfg.train.output_dir, 'final')]
+    from model.state.model_files import MODEL_FOLDERS
+
+    return [os.path.join(cfg.train.output_dir, name) for name in MODEL_FOLDERS]
 
 
 def find_model_source(cfg: ResolvedConfig, model_dir: str = '') -> ModelSource:

@@ -56,6 +56,18 @@ def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -
         ownership.write_marker(tmp, MODEL, **info)
 
 
+# what a run keeps in output_dir: its model folders, each replaced whole when written, and the
+# folder its earlier runs are moved into (states.archive_previous_run)
+MODEL_FOLDERS = ('best', 'final')
+PREVIOUS_RUNS = 'previous_runs'
+
+
+def run_folders(output_dir: str) -> list[str]:
+    """output_dir's folders that a run replaces whole or fills with earlier runs: no other place of
+    a run (states, step files, logs) may lie in one (preflight.layout_problems)."""
+    return [os.path.join(output_dir, name) for name in (*MODEL_FOLDERS, PREVIOUS_RUNS)]
+
+
 PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)
 
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import PREDICTIONS_TAIL, model_file_pattern, model_folder, owned_model_files
+from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, model_file_pattern, model_folder,
+                                     owned_model_files, run_folders)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
@@ -296,21 +297,57 @@ def unsafe_pickles(path: str, names: list[str] | None = None) -> str | None:
 
 def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: str) -> list[str]:
     """What an earlier run of the toolkit left at these paths and a fresh run moves aside: its
-    states, step and best weights files, best/ and final/, and the predictions `test` wrote beside
-    its models (<model>.predictions.<name>.jsonl, a step file's too when the file was pruned
-    since: they go with their run, never stay beside the next run's model of the same name) --
-    only what is wholly its own."""
+    states, step and best weights files, best/ and final/, and the predictions `test` wrote of
+    those models beside them (<model>.predictions.<name>.jsonl, a step file's too when the file was
+    pruned since: they go with the model they score, never stay beside the next run's model of the
+    same name) -- only what is wholly its own."""
     found = [path for _, path in list_complete_states(train_state_dir)]
     found += [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
-    found += [p for p in (os.path.join(output_dir, 'best'), os.path.join(output_dir, 'final'))
-              if ownership.kind_of(p) == MODEL]
+    found += [p for p in run_folders(output_dir)[:len(MODEL_FOLDERS)] if ownership.kind_of(p) == MODEL]
+    found += [p for p in named_predictions(model_file, output_dir) if p not in found and scored_model(p) == p]
+    return found
+
+
+def named_predictions(model_file: str, output_dir: str) -> list[str]:
+    """Files named as the predictions of a model a run writes at these paths (its step files,
+    best/, final/), whoever wrote them."""
+    models = '|'.join(map(re.escape, MODEL_FOLDERS))
+    found = []
     for folder, names in ((model_folder(model_file), model_file_pattern(model_file, r'\d+|best', PREDICTIONS_TAIL)),
-                          (output_dir, re.compile(r'^(best|final)' + PREDICTIONS_TAIL + '$'))):
+                          (output_dir, re.compile(f'^({models})' + PREDICTIONS_TAIL + '$'))):
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             path = os.path.join(folder, name)
-            if names.match(name) and path not in found and ownership.kind_of(path) == PREDICTIONS:
+            if names.match(name) and path not in found:
                 found.append(path)
     return found
+
+
+def scored_model(path: str) -> str | None:
+    """For predictions `test` wrote and nobody changed since: ``path`` itself when they score the
+    model beside them that their name gives (<model>.predictions.<name>.jsonl, the model's path
+    as `test` resolved it), else the model they do score. None: not such a file."""
+    info, intact = markers.file_status(path)
+    model = info.get('model') if info and intact and info.get('kind') == PREDICTIONS else None
+    if not isinstance(model, str) or not model:
+        return None
+    model = os.path.normpath(model)
+    beside = os.path.realpath(os.path.dirname(model)) == os.path.realpath(os.path.dirname(path))
+    return path if beside and os.path.basename(path).startswith(os.path.basename(model) + '.predictions.') else model
+
+
+def predictions_left_beside(model_file: str, output_dir: str) -> list[str]:
+    """Notes for the files named as predictions of this place's models that a fresh run does not
+    move (changed since `test` wrote them, not written by it, or scoring another model): they
+    stay beside the new models of that name, which they do not describe."""
+    notes = []
+    for path in named_predictions(model_file, output_dir):
+        scored = scored_model(path)
+        if scored == path:
+            continue
+        why = f'it scores {scored}' if scored else '`test` did not write it, or it was changed since'
+        notes.append(f'{path} is named as the predictions of a model this run writes there, but {why}: it is '
+                     f'left where it is, beside the new model it does not describe')
+    return notes
 
 
 def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str, stamp: str) -> str | None:
@@ -323,15 +360,20 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     if not items:
         return None
-    archive = os.path.join(output_dir, 'previous_runs', stamp)
+    archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
     suffix = 1
     while os.path.lexists(archive):
-        archive = os.path.join(output_dir, 'previous_runs', f'{stamp}-{suffix}')
+        archive = os.path.join(output_dir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
         suffix += 1
     os.makedirs(archive)
-    states = os.path.join(archive, os.path.basename(os.path.normpath(train_state_dir)))
-    for item in items:
-        if os.path.dirname(item) == os.path.normpath(train_state_dir):
+    states_of_run = {path for _, path in list_complete_states(train_state_dir)}
+    beside = {os.path.basename(os.path.normpath(item)) for item in items if item not in states_of_run}
+    name = os.path.basename(os.path.normpath(train_state_dir))
+    while name in beside:  # e.g. a train_state_dir named final: its states never go into the final/ moved beside
+        name += '-states'
+    states = os.path.join(archive, name)
+    for item in items:  # by what each is, not where: the state folder may be output_dir or the step files' folder
+        if item in states_of_run:
             if not judge_state(item, pickles=False).wholly_owned:
                 continue  # changed since the check: left where it is
             if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)

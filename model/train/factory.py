@@ -126,6 +126,9 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
     lock = collectives.on_main_all_ranks(lambda: locks.PlaceLock(
         [t.train_state_dir, t.output_dir, model_folder(t)], 'training run').acquire())
     try:
+        # the state folder is marked the toolkit's as soon as its lock is taken: before the log folder
+        # (which may lie in it) or anything else of the run is made there
+        collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
         log_file = setup_logging_all_ranks(t.log_dir, collectives)
         if warning:
             logger.warning(warning)
@@ -151,7 +154,6 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         if not resume:
             with stopping.critical():
                 run.checkpointer.archive_previous_run_all_ranks(stamp)
-        collectives.on_main_all_ranks(lambda: state_files.ensure_state_dir(t.train_state_dir))
         if resume:
             run.checkpointer.load_all_ranks(saved, run.state, run.data_position)
             apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler)

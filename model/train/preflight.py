@@ -159,9 +159,9 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
 
     # outputs: the toolkit's own or new, writable, and never an input
     input_files = files['train_file'] + files['validation_file']
-    outputs = [('train_state_dir', t.train_state_dir), ('output_dir', os.path.join(t.output_dir, 'best')),
-               ('output_dir', os.path.join(t.output_dir, 'final')), ('model_file', t.model_file.format(0)),
-               ('log_dir', t.log_dir)]
+    outputs = [('train_state_dir', t.train_state_dir),
+               *[('output_dir', os.path.join(t.output_dir, name)) for name in model_files.MODEL_FOLDERS],
+               ('model_file', t.model_file.format(0)), ('log_dir', t.log_dir)]
     for name, path in outputs:  # also where tokenizer_dir is not made yet
         if ownership.same_or_inside(path, t.tokenizer_dir):
             report.problems.append(Problem(name, f'{name}: {path} lies inside tokenizer_dir '
@@ -172,9 +172,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                                        f'{t.train_state_dir}, whose states the run moves and prunes',
                                        f'copy it out first: cp -r {t.tokenizer_dir} tokenizer_of_the_run, then '
                                        f'--tokenizer_dir=tokenizer_of_the_run'))
+    report.problems += layout_problems(t)
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
                                                                    folder=True))
-    for name in ('best', 'final'):
+    for name in model_files.MODEL_FOLDERS:
         path = os.path.join(t.output_dir, name)
         problem('output_dir', lambda path=path: ownership.check_replaceable(path, MODEL, 'output_dir', folder=True))
     for path in model_files.foreign_model_files(t.model_file):
@@ -192,7 +193,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     input_specs = [t.train_file, t.validation_file]
     for name, path in outputs:
         problem(name, lambda path=path, name=name: ownership.check_not_an_input(path, input_files, name, input_specs))
-    archive = os.path.join(t.output_dir, 'previous_runs')
+    archive = os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)
     if os.path.lexists(archive) and not os.path.isdir(archive):
         report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
                                        f'earlier runs in a folder of that name', 'move the file away'))
@@ -330,6 +331,26 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
         load_weights_into(model, weights_path(t.init_from))
 
 
+def layout_problems(t) -> list[Problem]:
+    """Places of one run that would undo each other: its states, step files or logs inside a folder
+    of output_dir that the run replaces whole (best/, final/: what was in it would block the new
+    model at the run's end, or be lost) or moves earlier runs into (previous_runs/). By path, links
+    followed, whether or not the folders exist yet."""
+    found = []
+    places = {'train_state_dir': (t.train_state_dir, t.train_state_dir), 'model_file': (model_folder(t), t.model_file),
+              'log_dir': (t.log_dir, t.log_dir)}
+    for name, (path, given) in places.items():
+        for folder in model_files.run_folders(t.output_dir):
+            if ownership.same_or_inside(path, folder):
+                role = ('earlier runs are moved into' if os.path.basename(folder) == model_files.PREVIOUS_RUNS
+                        else 'is replaced whole by a model folder at the end of the run')
+                where = 'is' if os.path.realpath(given) == os.path.realpath(folder) else 'lies in'
+                found.append(Problem(name, f'{name}: {given} {where} {folder}, which {role}',
+                                     f'choose a --{name} outside it'))
+                break
+    return found
+
+
 def model_folder(t) -> str:
     """The folder the model_file pattern writes into."""
     return model_files.model_folder(t.model_file)
@@ -450,9 +471,14 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
+            states = ckpt.list_complete_states(t.train_state_dir)
+            elsewhere = _states_elsewhere(cfg, flags_only=True)
+            resume = ('; to continue it instead: --is_keep_training=True' if states else
+                      f'; to continue it instead: --is_keep_training=True {elsewhere}' if elsewhere else
+                      f' (no saved state of it in {t.train_state_dir}: it cannot be continued from there)')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
-                                f'{os.path.join(t.output_dir, "previous_runs")}/<time>/ (to continue it instead: '
-                                f'--is_keep_training=True)')
+                                f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/<time>/{resume}')
+        report.notes += ckpt.predictions_left_beside(t.model_file, t.output_dir)
 
 
 def judge_states_on_main(cfg: ResolvedConfig, resume: bool, fingerprint: dict) -> tuple[contract.SavedState | None,
@@ -466,10 +492,10 @@ def judge_states_on_main(cfg: ResolvedConfig, resume: bool, fingerprint: dict) -
     return report.resume, report.notes
 
 
-def _states_elsewhere(cfg: ResolvedConfig) -> str:
+def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
     """The fix for a resume that finds no state where train_state_dir now follows --output_dir, when
     the run's states are where it pointed before that rule (the preset's or default's place,
-    saved by a run with this output_dir); else ''."""
+    saved by a run with this output_dir); else ''. ``flags_only``: the two flags that resume it."""
     from config import place_before_output_dir
 
     t = cfg.train
@@ -484,8 +510,9 @@ def _states_elsewhere(cfg: ResolvedConfig) -> str:
         return ''
     if os.path.realpath(saved_out) != os.path.realpath(t.output_dir):
         return ''
-    return (f'this run\'s states are in {before} (a run given --output_dir now keeps its states and step files '
-            f'there unless told otherwise): resume with --train_state_dir={before} --model_file={pattern}')
+    flags = f'--train_state_dir={before} --model_file={pattern}'
+    return flags if flags_only else (f'this run\'s states are in {before} (a run given --output_dir now keeps its '
+                                     f'states and step files there unless told otherwise): resume with {flags}')
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
