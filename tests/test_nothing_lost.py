@@ -174,7 +174,7 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
     assert f'{out}/best.predictions.mine.jsonl is named as' in r.stderr and '`test` did not write it' in r.stderr
 
 
-def test_states_kept_in_the_output_folder_itself_survive_a_second_run_and_resume(tmp_path, data):
+def test_states_kept_in_the_output_folder_itself_or_around_it_survive_a_second_run_and_resume(tmp_path, data):
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, train_state_dir=out, max_steps=10)
     for _ in range(2):  # the second moves the first aside (its states among best/, final/ and step files)
@@ -184,6 +184,12 @@ def test_states_kept_in_the_output_folder_itself_survive_a_second_run_and_resume
     assert len(archived) == 1 and os.path.isdir(archived[0].split('/run/state-')[0] + '/best')
     r = run_train(tiny_flags(data, out, train_state_dir=out, max_steps=15), '--is_keep_training=True')
     assert r.returncode == 0 and 'resumed from' in r.stderr and f'{out}/state-000000015' in r.stderr, r.stderr[-2000:]
+    # the other way round: output_dir and the step files' folder inside a new state folder (their locks make
+    # them there before the state folder is marked)
+    states = tmp_path / 'states'
+    r = run_train(tiny_flags(data, states / 'out', train_state_dir=states, model_file=f'{states}/steps/m.{{}}.bin',
+                             max_steps=10))
+    assert r.returncode == 0 and os.path.isdir(states / 'state-000000010'), r.stderr[-2000:]
 
 
 def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):

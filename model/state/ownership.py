@@ -234,6 +234,8 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         found = folder_kind(path)
         if found in kinds and found in GROWING:
             return  # adopted as it is: never replaced whole, its entries judged one by one
+        if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_and_locks(path):
+            return  # e.g. the run's own output folders, made inside it by their locks before it was marked
         if found in kinds:
             extra = foreign_entries(path)
             if extra:
@@ -330,6 +332,14 @@ def check_writable(path: str, what: str) -> None:
         os.unlink(name)
     except OSError as e:
         raise UserError(f'{what}: cannot write in {target} ({e.strerror}); choose a writable place') from None
+
+
+def _holds_only_folders_and_locks(folder: str) -> bool:
+    """Nothing under folder but folders and this toolkit's lock files: adopting it as a folder
+    that grows (never replaced whole) takes nothing from anyone."""
+    return all(stat.S_ISDIR(st.st_mode) or (os.path.basename(rel) == LOCK_FILE and
+                                            _is_lock_file(os.path.join(folder, rel)))
+               for rel, st in list_entries(folder).items())
 
 
 def _is_lock_file(path: str) -> bool:
