@@ -93,11 +93,15 @@ def test_links_and_files_named_like_states_are_never_states(tmp_path):
     assert sf.list_complete_states(str(states)) == []
     assert sf.free_state_path(str(states), 30).endswith('state-000000030.1')
     sf._prune_states(str(states), keep=0)
-    os.makedirs(states / '.tmp-state-000000050')
+    sf.begin_save(str(states), str(states / '.tmp-state-000000050'))  # a save a killed run left half-done
+    (states / '.tmp-state-000000050' / 'model.safetensors').write_text('half')
     os.symlink(tmp_path / 'elsewhere', states / '.tmp-state-000000060')
+    os.makedirs(states / '.tmp-state-000000070')  # named alike, not a save of the toolkit's
+    (states / '.tmp-state-000000070' / 'thesis.txt').write_text('mine')
     sf._sweep_tmp_states(str(states))
-    assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, '.tmp-state-000000060', 'state-000000030',
-                                                 'state-000000040'])
+    assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, '.tmp-state-000000060', '.tmp-state-000000070',
+                                                 'state-000000030', 'state-000000040'])
+    assert (states / '.tmp-state-000000070' / 'thesis.txt').read_text() == 'mine'
     assert os.path.isdir(real) and sf.judge_state(real).wholly_owned
 
 

@@ -8,7 +8,8 @@ Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``
                                 checksum: a folder without it, or whose files do not match it, is
                                 not a state
         ...                     the state's parts (model/state/contract.py)
-    .tmp-state-000006000/       a save in progress (removed when found stale)
+    .tmp-state-000006000/       a save in progress, holding .chat_small_t5.saving until it is
+                                complete (removed when found stale; one without that file is left)
 
 The previous state stays until the new one is complete, so a crash, a kill or a full disk
 during a save loses nothing that was already saved; a resume falls back past a damaged
@@ -23,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 from dataclasses import dataclass, field
 
@@ -182,13 +184,30 @@ def tmp_path(state_dir: str, step: int) -> str:
     return os.path.join(state_dir, '.tmp-' + state_name(step))
 
 
+# in a save's temporary folder from its first moment to its completion: what makes a half-done
+# save provably the toolkit's (the name alone does not: the state folder may be output_dir)
+SAVING = '.chat_small_t5.saving'
+
+
+def _is_half_done_save(path: str) -> bool:
+    st = ownership.lstat_or_none(os.path.join(path, SAVING))
+    return ownership.is_real_dir(path) and st is not None and stat.S_ISREG(st.st_mode)
+
+
 def _sweep_tmp_states(state_dir: str) -> None:
-    """Saves a killed run left half-done: real folders of that name in this run's locked
-    train_state_dir (no other run writes there); links or files of such a name are not touched."""
+    """Saves a killed run left half-done: real folders of that name holding the save's own
+    SAVING file, in this run's locked train_state_dir (no other run writes there). Links, files,
+    and folders of such a name without it are not touched (said once)."""
     for name in os.listdir(state_dir):
         path = os.path.join(state_dir, name)
-        if _TMP_RE.match(name) and ownership.is_real_dir(path):
+        if not _TMP_RE.match(name):
+            continue
+        if _is_half_done_save(path):
             shutil.rmtree(path, ignore_errors=True)
+        elif path not in _warned_not_pruned:
+            _warned_not_pruned.add(path)
+            logger.warning('%s is named like a save in progress but is not one of this toolkit\'s: left as it is',
+                           path)
 
 
 def begin_save(state_dir: str, tmp: str) -> None:
@@ -201,6 +220,8 @@ def begin_save(state_dir: str, tmp: str) -> None:
         if shutil.disk_usage(state_dir).free < need * 1.05:
             raise OSError(errno.ENOSPC, f'No space left on device: a state needs about {need} bytes')
     os.makedirs(tmp)
+    with open(os.path.join(tmp, SAVING), 'w') as f:
+        f.write(f'{socket.gethostname()} {os.getpid()}\n')
 
 
 def free_state_path(state_dir: str, step: int) -> str:
@@ -220,6 +241,7 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
     for root, _, names in os.walk(tmp):
         for name in names:  # data on disk before the marker says complete
             _fsync_file(os.path.join(root, name))
+    os.remove(os.path.join(tmp, SAVING))  # not part of the state: gone before the marker lists its files
     ownership.write_marker(tmp, STATE, step=step)
     final = free_state_path(state_dir, step)
     if os.path.basename(final) != state_name(step):
