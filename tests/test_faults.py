@@ -134,6 +134,13 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_the_previous_state(tmp_p
     r = run_train(flags, RESUME)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_weights(final_weights(reference), final_weights(out))
+    # the first save of a run: nothing to resume, and the line says to start again
+    first = tmp_path / 'first'
+    r = cli_runner.run(train_cmd(tiny_flags(data, first, **EXTRA)), cwd=ROOT, capture_output=True, text=True,
+                       env={**ENV, 'CHAT_SMALL_T5_FAULT': 'state-save@4:enospc'}, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    assert r.returncode == 2 and len(errors) == 1 and 'no earlier state was saved' in errors[0], r.stderr[-3000:]
+    assert errors[0].endswith('Free space, then start the run again') and not state_folders(f'{first}/state')
 
 
 def _mount_tmpfs(path, size) -> bool:

@@ -172,6 +172,14 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
     assert f'{out}/best.predictions.final.jsonl is named as the predictions of a model this run writes there, ' \
            f'but it scores {out}/final' in r.stderr, r.stderr[-3000:]
     assert f'{out}/best.predictions.mine.jsonl is named as' in r.stderr and '`test` did not write it' in r.stderr
+    # the moved run continues where it now is, as the run says, beside the new one and apart from it
+    advice = r.stderr.split('resume it where it now is')[1].split(': ', 1)[1].splitlines()[0].split()
+    assert advice[0] == '--is_keep_training=True' and advice[1] == f'--output_dir={archived[0].rstrip("/")}', advice
+    new_best = snapshot(out / 'best')
+    given = {a.split('=')[0] for a in advice}
+    r = run_train([f for f in tiny_flags(data, out, max_steps=8) if f.split('=')[0] not in given], *advice)
+    assert r.returncode == 0 and f'resumed from {archived[0]}' in r.stderr, r.stderr[-2000:]
+    assert snapshot(out / 'best') == new_best and os.path.exists(f'{archived[0]}/chat_small_t5.8.bin')
 
 
 def test_states_kept_in_the_output_folder_itself_or_around_it_survive_a_second_run_and_resume(tmp_path, data):

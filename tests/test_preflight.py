@@ -138,26 +138,37 @@ def test_a_tokenizer_inside_a_folder_the_run_prunes_is_a_problem(data, tmp_path)
     assert 'lies inside train_state_dir' in found['tokenizer_dir'] and 'cp -r' in found['tokenizer_dir'], found
 
 
-@pytest.mark.parametrize('folder', ['best', 'final', 'previous_runs'])
+@pytest.mark.parametrize('folder', ['best', 'final'])
 @pytest.mark.parametrize('place,value', [('train_state_dir', '{f}'), ('train_state_dir', '{f}/states'),
                                          ('model_file', '{f}/m.{{}}.bin'), ('log_dir', '{f}/logs/run1'),
                                          ('train_state_dir', '{link}/states')])
-def test_a_place_inside_a_folder_the_run_replaces_or_archives_into_is_a_problem(data, tmp_path, folder, place,
-                                                                                value):
+def test_a_place_inside_a_folder_the_run_replaces_is_a_problem(data, tmp_path, folder, place, value):
     out = tmp_path / 'run'
     os.makedirs(tmp_path / 'scratch')
     os.symlink(out / folder, tmp_path / 'scratch' / 'link')  # a link that leads into it, made before the folder
     path = value.format(f=out / folder, link=tmp_path / 'scratch' / 'link')
     found = problems(preflight.check_train(config(data, out, **{place: path}), resume=False, world_size=1))
-    assert place in found and f'{out / folder}, which' in found[place], found
-    assert ('earlier runs are moved into' if folder == 'previous_runs' else 'replaced whole') in found[place]
+    assert place in found and 'replaced whole by a model folder' in found[place], found
     assert set(found) == {place}, found  # nothing else is said about it
+
+
+@pytest.mark.parametrize('place,value', [('train_state_dir', '{f}'), ('model_file', '{f}/m.{{}}.bin'),
+                                         ('log_dir', '{f}'), ('train_state_dir', '{link}')])
+def test_previous_runs_itself_is_no_place_of_a_run(data, tmp_path, place, value):
+    out = tmp_path / 'run'
+    os.makedirs(tmp_path / 'scratch')
+    os.symlink(out / 'previous_runs', tmp_path / 'scratch' / 'link')
+    path = value.format(f=out / 'previous_runs', link=tmp_path / 'scratch' / 'link')
+    found = problems(preflight.check_train(config(data, out, **{place: path}), resume=False, world_size=1))
+    assert set(found) == {place} and 'which earlier runs are moved into' in found[place], found
 
 
 @pytest.mark.parametrize('place,value', [('train_state_dir', '{out}'), ('train_state_dir', '{out}/best_states'),
                                          ('model_file', '{out}/final_weights/m.{{}}.bin'),
-                                         ('log_dir', '{out}/previous_runs_logs')])
-def test_places_beside_those_folders_or_the_output_folder_itself_are_fine(data, tmp_path, place, value):
+                                         ('log_dir', '{out}/previous_runs_logs'),
+                                         ('train_state_dir', '{out}/previous_runs/20261205-233201/train_latest_state'),
+                                         ('model_file', '{out}/previous_runs/x/m.{{}}.bin')])
+def test_places_beside_those_folders_or_in_an_earlier_run_are_fine(data, tmp_path, place, value):
     out = tmp_path / 'run'
     report = preflight.check_train(config(data, out, **{place: value.format(out=out)}), resume=False, world_size=1)
     assert report.ready, problems(report)

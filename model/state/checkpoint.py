@@ -112,8 +112,15 @@ class Checkpointer:
         archive = self.collectives.on_main_all_ranks(
             lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
         if archive:
-            logger.warning('a previous run left a state or models here; moved them to %s (nothing is '
-                           'deleted). To continue that run instead, pass --is_keep_training=True', archive)
+            states = sorted(os.path.join(archive, name) for name in os.listdir(archive)
+                            if state_files.list_complete_states(os.path.join(archive, name)))
+            pattern = model_files.join_model_file(archive, *model_files.split_model_file(t.model_file)[1:])
+            again = (f'to continue that one instead, stop this run and resume it where it now is (its models '
+                     f'and states together, apart from this run\'s): --is_keep_training=True --output_dir={archive} '
+                     f'--train_state_dir={states[0]} --model_file={pattern}' if states else
+                     'it saved no state, so it cannot be continued')
+            logger.warning('a previous run left a state or models here; moved them to %s (nothing is deleted). '
+                           'This run starts afresh; %s', archive, again)
 
     # --- loading ---
 

@@ -285,8 +285,9 @@ def save_failed(error: BaseException | None, state_dir: str, tmp: str, is_main: 
     if error is None:
         return UserError(f'another process failed while saving the state in {state_dir}{kept}')
     if writes.is_disk_full(error):
+        again = 'resume with --is_keep_training=True' if previous else 'start the run again'
         return UserError(f'disk full while saving the training state in {state_dir}{kept} and nothing '
-                         f'half-written was left. Free space, then resume with --is_keep_training=True')
+                         f'half-written was left. Free space, then {again}')
     return error
 
 

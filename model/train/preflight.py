@@ -195,8 +195,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         problem(name, lambda path=path, name=name: ownership.check_not_an_input(path, input_files, name, input_specs))
     archive = os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)
     if os.path.lexists(archive) and not os.path.isdir(archive):
-        report.problems.append(Problem('output_dir', f'output_dir: {archive} is a file; the toolkit keeps '
-                                       f'earlier runs in a folder of that name', 'move the file away'))
+        what = 'a link to nothing' if os.path.islink(archive) else 'a file'
+        report.problems.append(Problem('output_dir', f'output_dir: {archive} is {what}; the toolkit keeps '
+                                       f'earlier runs in a folder of that name',
+                                       'remove or fix the link' if os.path.islink(archive) else 'move the file away'))
     judged = set()  # a folder that is two places (model_file's beside output_dir's models) is said once
     for name in ('train_state_dir', 'output_dir', 'model_file'):  # a lock file that is a link: always a problem
         if os.path.realpath(places[name]) in judged:
@@ -334,20 +336,23 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
 def layout_problems(t) -> list[Problem]:
     """Places of one run that would undo each other: its states, step files or logs inside a folder
     of output_dir that the run replaces whole (best/, final/: what was in it would block the new
-    model at the run's end, or be lost) or moves earlier runs into (previous_runs/). By path, links
-    followed, whether or not the folders exist yet."""
+    model at the run's end, or be lost), or previous_runs/ itself (which earlier runs are moved
+    into; a run's own folder inside it -- a state folder moved there, resumed -- is fine). By
+    path, links followed, whether or not the folders exist yet."""
     found = []
     places = {'train_state_dir': (t.train_state_dir, t.train_state_dir), 'model_file': (model_folder(t), t.model_file),
               'log_dir': (t.log_dir, t.log_dir)}
     for name, (path, given) in places.items():
         for folder in model_files.run_folders(t.output_dir):
-            if ownership.same_or_inside(path, folder):
-                role = ('earlier runs are moved into' if os.path.basename(folder) == model_files.PREVIOUS_RUNS
-                        else 'is replaced whole by a model folder at the end of the run')
-                where = 'is' if os.path.realpath(given) == os.path.realpath(folder) else 'lies in'
-                found.append(Problem(name, f'{name}: {given} {where} {folder}, which {role}',
-                                     f'choose a --{name} outside it'))
-                break
+            leaf = os.path.basename(folder)
+            same = os.path.realpath(path) == os.path.realpath(folder)
+            if leaf == model_files.PREVIOUS_RUNS and same:
+                found.append(Problem(name, f'{name}: {given} is output_dir\'s {leaf}/, which earlier runs are '
+                                     f'moved into', f'choose a --{name} outside it (or a folder inside it)'))
+            elif leaf != model_files.PREVIOUS_RUNS and ownership.same_or_inside(path, folder):
+                where = f'is output_dir\'s {leaf}/' if same and path == given else f'lies in {folder}'
+                found.append(Problem(name, f'{name}: {given} {where}, which is replaced whole by a model folder '
+                                     f'at the end of the run', f'choose a --{name} outside it'))
     return found
 
 
