@@ -303,3 +303,15 @@ def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_t
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
     (note,) = [n for n in preflight.check_train(cfg, resume=False, world_size=1).notes if 'a previous run' in n]
     assert 'is_keep_training' not in note and note.endswith('it cannot be continued from there)'), note
+
+
+def test_a_fresh_run_where_an_earlier_one_kept_its_states_in_output_dir_says_how_to_continue_that(data, tmp_path):
+    from test_states import make_state
+
+    out = tmp_path / 'run'
+    make_state(out, 20)  # an earlier run of this output_dir with --train_state_dir=<output_dir>
+    report = preflight.check_train(config(data, out, train_state_dir=out / 'train_latest_state'), resume=False,
+                                   world_size=1)
+    (note,) = [n for n in report.notes if 'a previous run saved' in n]
+    assert note.startswith('a previous run saved 1 item(s) here') and note.endswith(
+        f'to continue it instead: --is_keep_training=True --train_state_dir={out}'), note

@@ -137,6 +137,20 @@ def test_states_in_the_output_folder_itself_are_moved_aside_by_what_they_are(tmp
     assert sorted(os.listdir(out)) == [markers.MARKER_FILE, 'previous_runs']
 
 
+def test_states_an_earlier_run_kept_in_the_output_folder_go_too_when_the_states_move_elsewhere(tmp_path):
+    out = tmp_path / 'out'
+    make_state(out, 20)  # an earlier run with --train_state_dir=<output_dir>
+    make_state(out / 'train_latest_state', 30)
+    a_model_folder_and_a_step_file(out)
+    assert sf.state_folders(str(out / 'train_latest_state'), str(out / 'm.{}.bin'), str(out)) == [
+        str(out / 'train_latest_state'), str(out)]
+    archive = sf.archive_previous_run(str(out / 'train_latest_state'), str(out / 'm.{}.bin'), str(out), 'stamp')
+    assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'out', 'train_latest_state']
+    assert names(os.path.join(archive, 'out')) == ['state-000000020']
+    assert names(os.path.join(archive, 'train_latest_state')) == ['state-000000030']
+    assert names(out) == [] and names(out / 'train_latest_state') == []
+
+
 def test_a_state_folder_named_like_a_model_folder_is_archived_beside_it_not_into_it(tmp_path):
     states, out = tmp_path / 'scratch' / 'best', tmp_path / 'out'
     make_state(states, 20)

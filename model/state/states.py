@@ -324,11 +324,24 @@ def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: st
     those models beside them (<model>.predictions.<name>.jsonl, a step file's too when the file was
     pruned since: they go with the model they score, never stay beside the next run's model of the
     same name) -- only what is wholly its own."""
-    found = [path for _, path in list_complete_states(train_state_dir)]
+    found = [path for folder in state_folders(train_state_dir, model_file, output_dir)
+             for _, path in list_complete_states(folder)]
     found += [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
     found += [p for p in run_folders(output_dir)[:len(MODEL_FOLDERS)] if ownership.kind_of(p) == MODEL]
     found += [p for p in named_predictions(model_file, output_dir) if p not in found and scored_model(p) == p]
     return found
+
+
+def state_folders(train_state_dir: str, model_file: str, output_dir: str) -> list[str]:
+    """The state folders a fresh run moves states out of: train_state_dir, and output_dir or the
+    step files' folder where an earlier run kept its states there (a state folder of the toolkit's:
+    a run of this place with --train_state_dir=<that folder>)."""
+    folders = [train_state_dir]
+    for folder in (output_dir, model_folder(model_file)):
+        if (ownership.folder_kind(folder) == STATE_DIR
+                and os.path.realpath(folder) not in {os.path.realpath(f) for f in folders}):
+            folders.append(folder)
+    return folders
 
 
 def named_predictions(model_file: str, output_dir: str) -> list[str]:
@@ -389,16 +402,22 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
         archive = os.path.join(output_dir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
         suffix += 1
     os.makedirs(archive)
-    states_of_run = {path for _, path in list_complete_states(train_state_dir)}
-    beside = {os.path.basename(os.path.normpath(item)) for item in items if item not in states_of_run}
-    name = os.path.basename(os.path.normpath(train_state_dir))
-    while name in beside:  # e.g. a train_state_dir named final: its states never go into the final/ moved beside
-        name += '-states'
-    states = os.path.join(archive, name)
-    for item in items:  # by what each is, not where: the state folder may be output_dir or the step files' folder
-        if item in states_of_run:
+    # by what each is, not where: a state folder may be output_dir or the step files' folder
+    states_of = {path: folder for folder in state_folders(train_state_dir, model_file, output_dir)
+                 for _, path in list_complete_states(folder)}
+    taken = {os.path.basename(os.path.normpath(item)) for item in items if item not in states_of}
+    into = {}  # each state folder's folder in the archive, named after it: never into a model folder moved beside
+    for folder in dict.fromkeys(states_of.values()):
+        name = os.path.basename(os.path.normpath(folder))
+        while name in taken:  # e.g. a train_state_dir named final
+            name += '-states'
+        taken.add(name)
+        into[folder] = os.path.join(archive, name)
+    for item in items:
+        if item in states_of:
             if not judge_state(item, pickles=False).wholly_owned:
                 continue  # changed since the check: left where it is
+            states = into[states_of[item]]
             if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)
                 os.makedirs(states)
                 ownership.write_marker(states, STATE_DIR, manifest=False)

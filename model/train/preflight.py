@@ -476,9 +476,11 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
-            states = ckpt.list_complete_states(t.train_state_dir)
-            elsewhere = _states_elsewhere(cfg, flags_only=True)
-            resume = ('; to continue it instead: --is_keep_training=True' if states else
+            states = [f for f in ckpt.state_folders(t.train_state_dir, t.model_file, t.output_dir)
+                      if ckpt.list_complete_states(f)]
+            elsewhere = (_states_elsewhere(cfg, flags_only=True) if not states else
+                         '' if states[0] == t.train_state_dir else f'--train_state_dir={states[0]}')
+            resume = ('; to continue it instead: --is_keep_training=True' if states and not elsewhere else
                       f'; to continue it instead: --is_keep_training=True {elsewhere}' if elsewhere else
                       f' (no saved state of it in {t.train_state_dir}: it cannot be continued from there)')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
