@@ -175,6 +175,19 @@ def test_a_failed_write_takes_back_only_the_folders_it_made_and_that_are_still_t
     assert os.listdir(tmp_path / 'e') == ['notes.txt']  # f went; e holds the user's file: stays
 
 
+def test_a_name_too_long_is_one_line_before_anything_is_made(tmp_path):
+    long = 'x' * 300
+    with pytest.raises(UserError, match='has 300 bytes, more than the 255 a name may have there'):
+        own.resolve_place(str(tmp_path / 'a' / long / 'out'), 'output_dir')
+    with pytest.raises(UserError, match='more than a path may be'):
+        own.resolve_place(str(tmp_path / '/'.join(['y' * 200] * 25)), 'output_dir')
+    # met only while making the folders (here: not resolved first): those made so far go again
+    with pytest.raises(UserError, match=f'cannot make the folder {tmp_path}/a/{long} .File name too long'):
+        with writes.folders_for(str(tmp_path / 'a' / long / 'out')):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -45,7 +45,27 @@ def resolve_place(path: str, what: str) -> str:
     real = os.path.realpath(os.path.expanduser(str(path)))
     if os.path.islink(real):
         raise UserError(f'{what}: {path} is a symbolic link that leads back to itself (a loop); fix the link')
+    check_name_lengths(real, what)
     return real
+
+
+def check_name_lengths(path: str, what: str) -> None:
+    """Every name in path within what its filesystem allows (NAME_MAX of the nearest existing
+    folder, PATH_MAX): said here in one line, not met as a traceback halfway through a write."""
+    folder = path
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        name_max, path_max = os.pathconf(folder, 'PC_NAME_MAX'), os.pathconf(folder, 'PC_PATH_MAX')
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    long = [name for name in path.split(os.sep) if len(os.fsencode(name)) > name_max]
+    if long:
+        raise UserError(f'{what}: the name {long[0][:40]}... has {len(os.fsencode(long[0]))} bytes, more than '
+                        f'the {name_max} a name may have there; choose a shorter one')
+    if len(os.fsencode(path)) >= path_max:
+        raise UserError(f'{what}: {path[:60]}... is {len(os.fsencode(path))} bytes long, more than a path may be '
+                        f'({path_max - 1}); choose a shorter one')
 
 
 def same_or_inside(path: str, folder: str) -> bool:

@@ -198,11 +198,7 @@ def folders_for(path: str) -> Iterator[None]:
         done = True
     finally:
         if not done:
-            for folder, identity in reversed(made):  # innermost first
-                st = lstat_or_none(folder)
-                if st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == identity:
-                    with contextlib.suppress(OSError):  # not empty: someone wrote there meanwhile
-                        os.rmdir(folder)
+            _remove_made(made)
 
 
 def _make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
@@ -221,9 +217,20 @@ def _make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
             os.mkdir(folder)
         except FileExistsError:
             continue
+        except OSError as e:  # no right to, a name too long, a full disk: those made so far go again
+            _remove_made(made)
+            raise UserError(f'cannot make the folder {folder} ({e.strerror}); choose another place') from None
         st = os.lstat(folder)
         made.append((folder, (st.st_dev, st.st_ino)))
     return made
+
+
+def _remove_made(made: list[tuple[str, tuple[int, int]]]) -> None:
+    for folder, identity in reversed(made):  # innermost first
+        st = lstat_or_none(folder)
+        if st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+            with contextlib.suppress(OSError):  # not empty: someone wrote there meanwhile
+                os.rmdir(folder)
 
 
 _RENAME_EXCHANGE = 2
