@@ -190,3 +190,41 @@ def test_a_state_judged_whole_is_not_hashed_again_until_a_listed_file_changes(tm
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     verdict = sf.judge_state(path)
     assert hashed and 'checksum' in verdict.problem
+
+
+def write_predictions(path, **header) -> None:
+    import json
+
+    from model.state import writes
+
+    with writes.atomic_file(str(path), markers.PREDICTIONS, 'predictions') as tmp:
+        with open(tmp, 'w') as f:
+            f.write(json.dumps(markers.file_marker_info(markers.PREDICTIONS, **header)) + '\n{"answer": "a"}\n')
+
+
+def test_predictions_go_with_the_model_they_score_even_after_its_folder_moved(tmp_path):
+    from model.state.model_files import model_identity
+
+    out = tmp_path / 'moved_here'
+    a_model_folder_and_a_step_file(out)
+    best = str(out / 'best')
+    cases = {  # file name -> (header, moved with best/)
+        'best.predictions.moved.jsonl': ({'model': '/gone/run/best', 'model_id': model_identity(best)}, True),
+        'best.predictions.old.jsonl': ({'model': '/gone/run/best'}, False),  # written before identities: unknown
+        'best.predictions.other.jsonl': ({'model': '/gone/run/best', 'model_id': 'folder:another'}, False),
+        'best.predictions.here.jsonl': ({'model': best, 'model_id': 'folder:an earlier best/ here'}, True),
+        'best.predictions.step.jsonl': ({'model': str(out / 'm.20.bin'),
+                                         'model_id': model_identity(str(out / 'm.20.bin'))}, False),
+        'm.20.bin.predictions.x.jsonl': ({'model': '/gone/run/m.20.bin',
+                                          'model_id': model_identity(str(out / 'm.20.bin'))}, True),
+    }
+    for name, (header, _) in cases.items():
+        write_predictions(out / name, **header)
+    os.symlink(out / 'best.predictions.here.jsonl', out / 'best.predictions.link.jsonl')
+    found = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+    assert sorted(os.path.basename(p) for p in found if '.predictions.' in p) == sorted(
+        name for name, (_, moved) in cases.items() if moved)
+    notes = sf.predictions_left_beside(str(out / 'm.{}.bin'), str(out))
+    assert len(notes) == 4 and any('best.predictions.link.jsonl' in n and 'a link' in n for n in notes), notes
+    assert any('best.predictions.other.jsonl' in n and 'it scores /gone/run/best' in n for n in notes), notes
+

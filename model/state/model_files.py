@@ -68,6 +68,18 @@ def run_folders(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for name in (*MODEL_FOLDERS, PREVIOUS_RUNS)]
 
 
+def model_identity(path: str) -> str | None:
+    """What a model the toolkit wrote is, by content, wherever it lies: a model folder's marker
+    (which records every file's checksum) hashed, a weights file's sealed content hash. None for
+    anything else, or one changed since it was written."""
+    if ownership.kind_of(path) == MODEL:
+        return 'folder:' + markers.file_sha256(os.path.join(path, markers.MARKER_FILE))
+    info, intact = markers.file_status(path)
+    if info and intact and info.get('kind') == WEIGHTS:
+        return 'weights:' + str(info.get(markers.CONTENT_KEY))
+    return None
+
+
 PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from model.errors import UserError
 from model.state import markers, ownership, writes
 from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, model_file_pattern, model_folder,
-                                     owned_model_files, run_folders)
+                                     model_identity, owned_model_files, run_folders)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
@@ -360,15 +360,22 @@ def named_predictions(model_file: str, output_dir: str) -> list[str]:
 
 def scored_model(path: str) -> str | None:
     """For predictions `test` wrote and nobody changed since: ``path`` itself when they score the
-    model beside them that their name gives (<model>.predictions.<name>.jsonl, the model's path
-    as `test` resolved it), else the model they do score. None: not such a file."""
+    model beside them that their name gives (<model>.predictions.<name>.jsonl): the model's path
+    as `test` resolved it is that one (there or pruned since), or the model there is the one they
+    score by content (the folder moved since, links and all); else the model they do score. None:
+    not such a file."""
     info, intact = markers.file_status(path)
     model = info.get('model') if info and intact and info.get('kind') == PREDICTIONS else None
     if not isinstance(model, str) or not model:
         return None
     model = os.path.normpath(model)
-    beside = os.path.realpath(os.path.dirname(model)) == os.path.realpath(os.path.dirname(path))
-    return path if beside and os.path.basename(path).startswith(os.path.basename(model) + '.predictions.') else model
+    if not os.path.basename(path).startswith(os.path.basename(model) + '.predictions.'):
+        return model
+    if os.path.realpath(os.path.dirname(model)) == os.path.realpath(os.path.dirname(path)):
+        return path
+    beside = os.path.join(os.path.dirname(path), os.path.basename(model))
+    scored = info.get('model_id')
+    return path if scored and os.path.lexists(beside) and model_identity(beside) == scored else model
 
 
 def predictions_left_beside(model_file: str, output_dir: str) -> list[str]:
@@ -380,7 +387,8 @@ def predictions_left_beside(model_file: str, output_dir: str) -> list[str]:
         scored = scored_model(path)
         if scored == path:
             continue
-        why = f'it scores {scored}' if scored else '`test` did not write it, or it was changed since'
+        why = ('it is a link (a link is never moved)' if os.path.islink(path) else f'it scores {scored}' if scored
+               else '`test` did not write it, or it was changed since')
         notes.append(f'{path} is named as the predictions of a model this run writes there, but {why}: it is '
                      f'left where it is, beside the new model it does not describe')
     return notes

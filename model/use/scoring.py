@@ -26,6 +26,7 @@ from model.net.chat_model import answer, token_loss_sum
 from model.data.files import PAIR_COLUMNS, iter_text_tables, usable_mask
 from model.data.batches import TokenEncoder, make_batches, to_torch
 from model.state.markers import PREDICTIONS
+from model.state.model_files import model_identity
 from model.data.tokenizer import LABEL_PAD_ID
 
 TEST_BATCH_ROWS = 32
@@ -74,11 +75,13 @@ def check_predictions_path(path: str, test_files: list[str], input_specs: list[s
 def score_file(model, tokenizer, test_file: str, out_path: str, max_seq_len: int, decode: DecodeConfig,
                max_rows: int = 0, model_path: str = '', progress=None) -> TestResult:
     ownership.check_replaceable(out_path, PREDICTIONS, 'predictions', folder=False)
+    model_id = model_identity(model_path) if model_path else None  # what is scored, by content (before it can change)
     with writes.folders_for(out_path):  # folders made for the file go again if it is not written
-        return _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_rows, model_path, progress)
+        return _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_rows, model_path, model_id,
+                           progress)
 
 
-def _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_rows, model_path, progress):
+def _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_rows, model_path, model_id, progress):
     from sacrebleu.metrics import BLEU
 
     # effective order only changes a sentence's own score (unused), not its counts
@@ -119,7 +122,7 @@ def _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_
                                   ref_len=stats[9], smooth_method=corpus.smooth_method,
                                   smooth_value=corpus.smooth_value).score if rows else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
-        header = markers.file_marker_info(PREDICTIONS, model=model_path, test_file=test_file, rows=rows,
+        header = markers.file_marker_info(PREDICTIONS, model=model_path, model_id=model_id, test_file=test_file, rows=rows,
                                        skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
                                        exact_match=result.exact_match, decode=decode.__dict__)
         with writes.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
