@@ -58,7 +58,7 @@ def test_a_foreign_file_in_the_state_folder_or_a_planted_lock_link_is_named(data
     victim.write_text('my thesis')
     os.symlink(victim, out / markers.LOCK_FILE)
     found = problems(preflight.check_train(config(data, out), resume=False, world_size=1))
-    assert 'did not make and is not empty' in found['train_state_dir']
+    assert 'did not make and is not empty (it holds notes.txt)' in found['train_state_dir']
     assert 'is a link, not the lock file' in found['output_dir']
     assert victim.read_text() == 'my thesis'
 

@@ -263,8 +263,10 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
                                 f'({describe_foreign(extra)}), so it is not replaced; move those out of it first')
             return
         made = f'a {found} folder of this toolkit' if found else 'a folder this toolkit did not make'
-        raise UserError(f'{what}: {path} is {made} and is not empty; nothing in it is replaced: '
-                        f'choose a new or empty folder, or move it away first')
+        names = sorted(n for n in os.listdir(path) if n not in (MARKER_FILE, LOCK_FILE))
+        holds = (', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')) or MARKER_FILE
+        raise UserError(f'{what}: {path} is {made} and is not empty (it holds {holds}); nothing in it is '
+                        f'replaced: choose a new or empty folder, or move it away first')
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f'{what}: {path} is a folder; give a file path, e.g. '
                         f'{os.path.join(path, "out.parquet") if DATA in kinds else path.rstrip(os.sep) + ".bin"}')
