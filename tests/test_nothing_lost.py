@@ -10,6 +10,7 @@ import contextlib
 import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def test_a_fresh_run_moves_only_its_own_previous_run_and_only_after_the_checks(t
            f'but it scores {out}/final' in r.stderr, r.stderr[-3000:]
     assert f'{out}/best.predictions.mine.jsonl is named as' in r.stderr and '`test` did not write it' in r.stderr
     # the moved run continues where it now is, as the run says, beside the new one and apart from it
-    advice = r.stderr.split('resume it where it now is')[1].split(': ', 1)[1].splitlines()[0].split()
+    advice = shlex.split(r.stderr.split('apart from this run\'s): ')[1].splitlines()[0])
     assert advice[0] == '--is_keep_training=True' and advice[1] == f'--output_dir={archived[0].rstrip("/")}', advice
     new_best = snapshot(out / 'best')
     given = {a.split('=')[0] for a in advice}

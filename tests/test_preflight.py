@@ -285,13 +285,13 @@ def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_t
     (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
     assert problem.line().endswith(f"this run's states are in {old}/train_latest_state (a run given --output_dir now "
                                    f"keeps its states and step files there unless told otherwise): resume with "
-                                   f"--train_state_dir={old}/train_latest_state --model_file={old}/chat_small_t5.{{}}.bin")
+                                   f"--train_state_dir={old}/train_latest_state '--model_file={old}/chat_small_t5.{{}}.bin'")
     # a fresh run there: the earlier run's best/ and final/ are moved aside, and it says how to continue instead
     fresh = preflight.check_train(cfg, resume=False, world_size=1)
     (note,) = [n for n in fresh.notes if 'a previous run saved' in n]
     assert note.startswith('a previous run saved 2 item(s) here') and note.endswith(
         f'to continue it instead: --is_keep_training=True --train_state_dir={old}/train_latest_state '
-        f'--model_file={old}/chat_small_t5.{{}}.bin'), note
+        f"'--model_file={old}/chat_small_t5.{{}}.bin'"), note
     # another run's states there (another output_dir): the plain advice
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
     (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
@@ -305,13 +305,29 @@ def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_t
     assert 'is_keep_training' not in note and note.endswith('it cannot be continued from there)'), note
 
 
-def test_a_fresh_run_where_an_earlier_one_kept_its_states_in_output_dir_says_how_to_continue_that(data, tmp_path):
-    from test_states import make_state
+def test_a_fresh_run_names_the_states_of_the_run_whose_models_it_moves_and_no_others(data, tmp_path):
+    import json
+
+    from test_states import JSON_FILES, make_state
+
+    def state_of(folder, step, output_dir):
+        config = {'train': {'output_dir': str(output_dir), 'model_file': f'{output_dir}/m.{{}}.bin',
+                            'train_state_dir': str(folder)}}
+        make_state(folder, step, files={'model.safetensors': 'w', **JSON_FILES, 'config.json': json.dumps(config),
+                                        'tokenizer/tokenizer.json': 'tok'})
+
+    def note(out, **places):
+        report = preflight.check_train(config(data, out, **places), resume=False, world_size=1)
+        assert report.ready, problems(report)
+        (found,) = [n for n in report.notes if 'a previous run saved' in n]
+        return found
 
     out = tmp_path / 'run'
-    make_state(out, 20)  # an earlier run of this output_dir with --train_state_dir=<output_dir>
-    report = preflight.check_train(config(data, out, train_state_dir=out / 'train_latest_state'), resume=False,
-                                   world_size=1)
-    (note,) = [n for n in report.notes if 'a previous run saved' in n]
-    assert note.startswith('a previous run saved 1 item(s) here') and note.endswith(
-        f'to continue it instead: --is_keep_training=True --train_state_dir={out}'), note
+    state_of(out, 20, out)  # an earlier run of this output_dir with --train_state_dir=<output_dir>
+    assert note(out, train_state_dir=out / 'train_latest_state').endswith(
+        f'to continue it instead: --is_keep_training=True --train_state_dir={out}')
+    # the states in this run's train_state_dir are another output_dir's: never offered as this one's
+    other = tmp_path / 'other'
+    state_of(tmp_path / 'shared_states', 30, tmp_path / 'elsewhere')
+    found = note(other, train_state_dir=tmp_path / 'shared_states')
+    assert 'is_keep_training' not in found and found.endswith('it cannot be continued from there)'), found

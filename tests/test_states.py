@@ -4,6 +4,7 @@ foreign entry is left alone and stepped around, never replaced or pruned (units,
 from __future__ import annotations
 
 import os
+import shutil
 
 from model.state import contract, markers, ownership as own
 from model.state import states as sf
@@ -228,3 +229,37 @@ def test_predictions_go_with_the_model_they_score_even_after_its_folder_moved(tm
     assert len(notes) == 4 and any('best.predictions.link.jsonl' in n and 'a link' in n for n in notes), notes
     assert any('best.predictions.other.jsonl' in n and 'it scores /gone/run/best' in n for n in notes), notes
 
+
+
+def test_a_state_folder_named_like_a_folder_of_an_output_dir_is_renamed_in_the_archive_even_alone(tmp_path):
+    out = tmp_path / 'out'
+    for name in ('final', 'previous_runs'):  # no final/ moved beside: the archive may be resumed as an output_dir
+        make_state(tmp_path / 'scratch' / name, 20)
+        archive = sf.archive_previous_run(str(tmp_path / 'scratch' / name), str(out / 'm.{}.bin'), str(out), name)
+        assert os.listdir(archive) == [f'{name}-states']
+
+
+def test_the_moved_run_is_continued_with_its_own_states_only(tmp_path):
+    import json
+    import shlex
+
+    from model.state.checkpoint import moved_run_advice
+
+    def state_of(folder, output_dir):
+        config = {'train': {'output_dir': str(output_dir), 'model_file': f'{output_dir}/m.{{}}.bin',
+                            'train_state_dir': 'x'}}
+        make_state(folder, 20, files={'model.safetensors': 'w', **JSON_FILES, 'config.json': json.dumps(config),
+                                      'tokenizer/tokenizer.json': 'tok'})
+
+    out, archive = tmp_path / 'my run', tmp_path / 'my run' / 'previous_runs' / 't'
+    state_of(archive / 'a_states', tmp_path / 'another_run')  # sorted first: another run's states, moved too
+    state_of(archive / 's3', out)
+    advice = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
+    flags = shlex.split(advice.split("apart from this run's): ")[1].split('; also moved')[0])
+    assert flags == ['--is_keep_training=True', f'--output_dir={archive}', f'--model_file={archive}/m.{{}}.bin',
+                     f'--train_state_dir={archive}/s3'], advice
+    assert f'also moved: {archive}/a_states, the states of a run whose output_dir was {tmp_path}/another_run' in advice
+    shutil.rmtree(archive / 's3')
+    advice = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
+    assert advice.startswith('no state of the run whose models were here was among what was moved') and \
+        '--train_state_dir=' not in advice, advice

@@ -112,15 +112,8 @@ class Checkpointer:
         archive = self.collectives.on_main_all_ranks(
             lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
         if archive:
-            states = sorted(os.path.join(archive, name) for name in os.listdir(archive)
-                            if state_files.list_complete_states(os.path.join(archive, name)))
-            pattern = model_files.join_model_file(archive, *model_files.split_model_file(t.model_file)[1:])
-            again = (f'to continue that one instead, stop this run and resume it where it now is (its models '
-                     f'and states together, apart from this run\'s): --is_keep_training=True --output_dir={archive} '
-                     f'--train_state_dir={states[0]} --model_file={pattern}' if states else
-                     'it saved no state, so it cannot be continued')
             logger.warning('a previous run left a state or models here; moved them to %s (nothing is deleted). '
-                           'This run starts afresh; %s', archive, again)
+                           'This run starts afresh; %s', archive, moved_run_advice(archive, t.output_dir, t.model_file))
 
     # --- loading ---
 
@@ -137,6 +130,30 @@ class Checkpointer:
         unit = 'examples' if position.get('objective') == 'span_corruption' else 'rows'
         logger.info('resumed from %s: step %d, epoch %d, %d %s into the epoch', saved.path,
                     state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0), unit)
+
+
+def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:
+    """How to continue the run whose models a fresh run moved into archive: resumed where it now
+    is, with the states of that run only (a state folder's newest state names the output_dir it
+    was saved for), its models and states apart from the new run's."""
+    import shlex
+
+    folders = sorted(os.path.join(archive, n) for n in os.listdir(archive)
+                     if state_files.list_complete_states(os.path.join(archive, n)))
+    own = contract.states_of_output(folders, output_dir)
+    others = [f for f in folders if f != own]
+    pattern = model_files.join_model_file(archive, *model_files.split_model_file(model_file)[1:])
+    flags = [f'--output_dir={archive}', f'--model_file={pattern}']
+    also = ''.join(f'; also moved: {f}, the states of a run whose output_dir was '
+                   f'{(contract.saved_places(f) or {}).get("output_dir", "not known")}' for f in others)
+    if own is None:
+        return (f'no state of the run whose models were here was among what was moved{also}; if it kept its '
+                f'states in another --train_state_dir, resume it with that and: '
+                f'{" ".join(shlex.quote(f) for f in ["--is_keep_training=True", *flags])}')
+    return (f'to continue that one instead, stop this run and run its command again with these flags in place of '
+            f'its own (its models and states together, apart from this run\'s): '
+            f'{" ".join(shlex.quote(f) for f in ["--is_keep_training=True", *flags, f"--train_state_dir={own}"])}'
+            f'{also}')
 
 
 def apply_changed_hyperparameters(cfg, optimizer, scheduler) -> None:

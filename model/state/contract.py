@@ -141,7 +141,8 @@ class StatesReport:
         return self.resume.path if self.resume else None
 
 
-def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
+def inspect(state_dir: str, resume: bool, deep: bool = True,
+            resume_flags: str = '--is_keep_training=True') -> StatesReport:
     """Judge the saved states once, before anything moves: a resume takes the newest loadable
     state (a damaged newer one is left alone, and a save at its step goes to a new name beside
     it); a fresh run moves the earlier run's states aside, which it may only do with states wholly
@@ -155,7 +156,7 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
                 why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
                 report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a '
                                        f'fresh run: {why}, which this toolkit did not write; move it away yourself '
-                                       f'(or resume that run with --is_keep_training=True)')
+                                       f'(or resume that run with {resume_flags})')
         return report
     damaged: list[states.StateVerdict] = []
     loadable = None
@@ -185,6 +186,27 @@ def inspect(state_dir: str, resume: bool, deep: bool = True) -> StatesReport:
                             f'left alone (the toolkit never deletes or replaces what changed since it wrote it) and '
                             f'the run resumes from {loadable.path}; remove it once you no longer need it')
     return report
+
+
+def saved_places(state_dir: str) -> dict | None:
+    """The places (output_dir, model_file, ...) the newest state in state_dir was saved with, from
+    its config (by sizes only); None when it holds none this can read."""
+    newest = states.latest_state(state_dir, deep=False)
+    try:
+        saved = states.read_json(os.path.join(newest, RUN_FILES['config']))['train'] if newest else None
+        return {k: saved[k] for k in ('output_dir', 'model_file', 'train_state_dir')} if saved else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def states_of_output(folders: list[str], output_dir: str) -> str | None:
+    """The first of these state folders whose newest state was saved by a run with this
+    output_dir: the states of the run whose models are (or were) there."""
+    for folder in folders:
+        places = saved_places(folder)
+        if places and os.path.realpath(str(places['output_dir'])) == os.path.realpath(output_dir):
+            return folder
+    return None
 
 
 # --------------------------------------------------------------------------- fingerprints

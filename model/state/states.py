@@ -399,8 +399,9 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     overwriting them: a fresh run never destroys what was saved. Each is judged by content
     right before it moves (the start-up checks refused a state that is not wholly the
     toolkit's); half-done saves of a killed run are removed. Returns the archive folder."""
-    if ownership.folder_kind(train_state_dir) == STATE_DIR:
-        _sweep_tmp_states(train_state_dir)
+    for folder in state_folders(train_state_dir, model_file, output_dir):
+        if ownership.folder_kind(folder) == STATE_DIR:
+            _sweep_tmp_states(folder)
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     if not items:
         return None
@@ -413,8 +414,11 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     # by what each is, not where: a state folder may be output_dir or the step files' folder
     states_of = {path: folder for folder in state_folders(train_state_dir, model_file, output_dir)
                  for _, path in list_complete_states(folder)}
+    # each state folder's folder in the archive, named after it: never a name the archive has or may have as a
+    # run's output_dir (resumed there: a folder named final would be its final/)
     taken = {os.path.basename(os.path.normpath(item)) for item in items if item not in states_of}
-    into = {}  # each state folder's folder in the archive, named after it: never into a model folder moved beside
+    taken |= {*MODEL_FOLDERS, PREVIOUS_RUNS}
+    into = {}
     for folder in dict.fromkeys(states_of.values()):
         name = os.path.basename(os.path.normpath(folder))
         while name in taken:  # e.g. a train_state_dir named final

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -471,18 +472,26 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
     if resume:
         _check_resume(cfg, report, deep)
         return
-    for message in contract.inspect(t.train_state_dir, resume=False, deep=deep).problems:
-        report.problems.append(Problem('train_state_dir', message))
+    folders = ckpt.state_folders(t.train_state_dir, t.model_file, t.output_dir)  # output_dir's too, if it held states
+    for folder in folders:
+        resume_it = '--is_keep_training=True' + ('' if folder == t.train_state_dir else
+                                                 f' --train_state_dir={shlex.quote(folder)}')
+        for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
+            report.problems.append(Problem('train_state_dir', message))
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
-            states = [f for f in ckpt.state_folders(t.train_state_dir, t.model_file, t.output_dir)
-                      if ckpt.list_complete_states(f)]
-            elsewhere = (_states_elsewhere(cfg, flags_only=True) if not states else
-                         '' if states[0] == t.train_state_dir else f'--train_state_dir={states[0]}')
-            resume = ('; to continue it instead: --is_keep_training=True' if states and not elsewhere else
-                      f'; to continue it instead: --is_keep_training=True {elsewhere}' if elsewhere else
-                      f' (no saved state of it in {t.train_state_dir}: it cannot be continued from there)')
+            with_states = [f for f in folders if ckpt.list_complete_states(f)]
+            own = contract.states_of_output(with_states, t.output_dir)  # the run whose models are here
+            elsewhere = _states_elsewhere(cfg, flags_only=True) if own is None else ''
+            if own is not None:
+                resume = '; to continue it instead: --is_keep_training=True' + (
+                    '' if own == t.train_state_dir else f' --train_state_dir={shlex.quote(own)}')
+            elif elsewhere:
+                resume = f'; to continue it instead: --is_keep_training=True {elsewhere}'
+            else:
+                resume = (f' (no state of the run whose models are here in {", ".join(with_states or folders)}: '
+                          f'it cannot be continued from there)')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
                                 f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/<time>/{resume}')
         report.notes += ckpt.predictions_left_beside(t.model_file, t.output_dir)
@@ -517,7 +526,7 @@ def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
         return ''
     if os.path.realpath(saved_out) != os.path.realpath(t.output_dir):
         return ''
-    flags = f'--train_state_dir={before} --model_file={pattern}'
+    flags = f'{shlex.quote(f"--train_state_dir={before}")} {shlex.quote(f"--model_file={pattern}")}'
     return flags if flags_only else (f'this run\'s states are in {before} (a run given --output_dir now keeps its '
                                      f'states and step files there unless told otherwise): resume with {flags}')
 
