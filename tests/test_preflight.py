@@ -331,3 +331,11 @@ def test_a_fresh_run_names_the_states_of_the_run_whose_models_it_moves_and_no_ot
     state_of(tmp_path / 'shared_states', 30, tmp_path / 'elsewhere')
     found = note(other, train_state_dir=tmp_path / 'shared_states')
     assert 'is_keep_training' not in found and found.endswith('it cannot be continued from there)'), found
+    # ... while that output_dir is there: another run's states, which a fresh run would take from it
+    os.makedirs(tmp_path / 'elsewhere')
+    found = problems(preflight.check_train(config(data, other, train_state_dir=tmp_path / 'shared_states'),
+                                           resume=False, world_size=1))
+    assert f'holds the states of another run, whose output_dir is {tmp_path}/elsewhere' in found['train_state_dir']
+    assert found['train_state_dir'].endswith(f'that run resumes with --is_keep_training=True '
+                                             f'--output_dir={tmp_path}/elsewhere '
+                                             f'--train_state_dir={tmp_path}/shared_states)'), found

@@ -478,6 +478,16 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                                                  f' --train_state_dir={shlex.quote(folder)}')
         for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
             report.problems.append(Problem('train_state_dir', message))
+        theirs = str((contract.saved_places(folder) or {}).get('output_dir') or '')
+        if theirs and os.path.isdir(theirs) and os.path.realpath(theirs) != os.path.realpath(t.output_dir):
+            # another run's states (a state folder two runs share): moved into this run's archive, that run's own
+            # resume would then continue this one's states over its models
+            report.problems.append(Problem(
+                'train_state_dir', f'train_state_dir: {folder} holds the states of another run, whose output_dir is '
+                f'{theirs}; a fresh run here would move them into {os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}'
+                f'/, away from that run', f'give this run a --train_state_dir of its own (that run resumes with '
+                f'--is_keep_training=True {shlex.quote(f"--output_dir={theirs}")} '
+                f'{shlex.quote(f"--train_state_dir={folder}")})'))
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
