@@ -16,6 +16,7 @@ from typing import Any
 
 from model.cli import check_seeds, coerce, field_types, nearest_field, unknown_option
 from model.errors import UserError
+from model.state import model_files
 
 PROJECT_ROOT: str = os.path.dirname(os.path.abspath(__file__))
 
@@ -367,7 +368,7 @@ def resolve_config(preset: str | None = None, use_large_config: bool = False,
 
 
 # the run's outputs kept beside its models: where they go when --output_dir is given without them
-OUTPUT_DIR_PLACES = {'train_state_dir': 'train_latest_state', 'model_file': 'chat_small_t5.{}.bin'}
+OUTPUT_DIR_PLACES = {'train_state_dir': model_files.STATES_IN_OUTPUT_DIR, 'model_file': model_files.STEP_FILES_IN_OUTPUT_DIR}
 
 
 def place_before_output_dir(preset: str | None, name: str) -> str:

@@ -263,3 +263,14 @@ def test_the_moved_run_is_continued_with_its_own_states_only(tmp_path):
     advice = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
     assert advice.startswith('no state of the run whose models were here was among what was moved') and \
         '--train_state_dir=' not in advice, advice
+
+
+def test_states_left_in_the_output_folders_default_state_folder_go_too(tmp_path):
+    out = tmp_path / 'out'  # an earlier run given only --output_dir; this one keeps its states in output_dir itself
+    make_state(out / 'train_latest_state', 30)
+    sf.begin_save(str(out / 'train_latest_state'), str(out / 'train_latest_state' / '.tmp-state-000000040'))
+    a_model_folder_and_a_step_file(out)
+    archive = sf.archive_previous_run(str(out), str(out / 'm.{}.bin'), str(out), 'stamp')
+    assert names(os.path.join(archive, 'train_latest_state')) == ['state-000000030']
+    # a half-done save is swept only where this run holds the lock (not in that folder: a run may be saving there)
+    assert sorted(os.listdir(out / 'train_latest_state')) == sorted([markers.MARKER_FILE, '.tmp-state-000000040'])

@@ -60,6 +60,9 @@ def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -
 # folder its earlier runs are moved into (states.archive_previous_run)
 MODEL_FOLDERS = ('best', 'final')
 PREVIOUS_RUNS = 'previous_runs'
+# where a run given only --output_dir keeps its states and step files (config.follow_output_dir)
+STATES_IN_OUTPUT_DIR = 'train_latest_state'
+STEP_FILES_IN_OUTPUT_DIR = 'chat_small_t5.{}.bin'
 
 
 def run_folders(output_dir: str) -> list[str]:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, model_file_pattern, model_folder,
+from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, STATES_IN_OUTPUT_DIR,
+                                     model_file_pattern, model_folder,
                                      model_identity, owned_model_files, run_folders)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
@@ -333,11 +334,12 @@ def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: st
 
 
 def state_folders(train_state_dir: str, model_file: str, output_dir: str) -> list[str]:
-    """The state folders a fresh run moves states out of: train_state_dir, and output_dir or the
-    step files' folder where an earlier run kept its states there (a state folder of the toolkit's:
-    a run of this place with --train_state_dir=<that folder>)."""
+    """The state folders a fresh run moves states out of: train_state_dir, and output_dir, the
+    step files' folder or output_dir's default state folder where an earlier run of this output_dir
+    kept its states there (a state folder of the toolkit's: --train_state_dir=<that folder>, or
+    none given)."""
     folders = [train_state_dir]
-    for folder in (output_dir, model_folder(model_file)):
+    for folder in (output_dir, model_folder(model_file), os.path.join(output_dir, STATES_IN_OUTPUT_DIR)):
         if (ownership.folder_kind(folder) == STATE_DIR
                 and os.path.realpath(folder) not in {os.path.realpath(f) for f in folders}):
             folders.append(folder)
@@ -399,8 +401,9 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     overwriting them: a fresh run never destroys what was saved. Each is judged by content
     right before it moves (the start-up checks refused a state that is not wholly the
     toolkit's); half-done saves of a killed run are removed. Returns the archive folder."""
-    for folder in state_folders(train_state_dir, model_file, output_dir):
-        if ownership.folder_kind(folder) == STATE_DIR:
+    locked = {os.path.realpath(f) for f in (train_state_dir, output_dir, model_folder(model_file))}
+    for folder in state_folders(train_state_dir, model_file, output_dir):  # half-done saves: only where this run
+        if ownership.folder_kind(folder) == STATE_DIR and os.path.realpath(folder) in locked:  # holds the lock
             _sweep_tmp_states(folder)
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     if not items:
