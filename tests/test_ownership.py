@@ -171,6 +171,14 @@ def test_a_failed_write_takes_back_only_the_folders_it_made_and_that_are_still_t
 
     write(tmp_path / 'c' / 'd' / 'out', users_folder_in_its_place)
     assert os.path.isdir(tmp_path / 'c' / 'd')  # the user's, though empty: stays, and so does c above it
+
+    def users_link_in_its_place():  # ... or puts a link there, to an empty folder of theirs
+        os.rename(tmp_path / 'g' / 'h', tmp_path / 'moved_too')
+        os.makedirs(tmp_path / 'theirs')
+        os.symlink(tmp_path / 'theirs', tmp_path / 'g' / 'h')
+
+    write(tmp_path / 'g' / 'h' / 'out', users_link_in_its_place)
+    assert os.path.islink(tmp_path / 'g' / 'h') and os.listdir(tmp_path / 'theirs') == []
     write(tmp_path / 'e' / 'f' / 'out', users_file_beside)
     assert os.listdir(tmp_path / 'e') == ['notes.txt']  # f went; e holds the user's file: stays
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from model.errors import UserError
 from model.state import contract, markers, ownership as own
 from model.state import states as sf
 
@@ -274,3 +275,44 @@ def test_states_left_in_the_output_folders_default_state_folder_go_too(tmp_path)
     assert names(os.path.join(archive, 'train_latest_state')) == ['state-000000030']
     # a half-done save is swept only where this run holds the lock (not in that folder: a run may be saving there)
     assert sorted(os.listdir(out / 'train_latest_state')) == sorted([markers.MARKER_FILE, '.tmp-state-000000040'])
+
+
+def test_a_save_never_takes_over_or_removes_a_folder_or_link_in_the_way_of_its_temporary_name(tmp_path):
+    states = tmp_path / 'states'
+    sf.ensure_state_dir(str(states))
+    mine = states / '.tmp-state-000000050'  # a user's folder with the name a save of step 50 would use
+    mine.mkdir()
+    (mine / 'thesis.txt').write_text('mine')
+    os.symlink(tmp_path / 'elsewhere', states / '.tmp-state-000000060')  # and a link, to a folder of the user's
+    (tmp_path / 'elsewhere').mkdir()
+    for step, what in ((50, mine), (60, states / '.tmp-state-000000060')):
+        tmp = sf.tmp_path(str(states), step)
+        try:
+            sf.begin_save(str(states), tmp)
+            raise AssertionError('the save went ahead')
+        except UserError as e:
+            assert 'is in the way of the save of this step' in str(e) and 'this toolkit did not make it' in str(e)
+            sf.save_failed(e, str(states), tmp, is_main=True)  # what a failed save does next
+        assert os.path.lexists(what)
+    assert (mine / 'thesis.txt').read_text() == 'mine' and os.listdir(tmp_path / 'elsewhere') == []
+    assert os.path.islink(states / '.tmp-state-000000060')
+
+
+def test_a_save_in_progress_is_marked_until_its_state_is_in_place_and_never_part_of_it(tmp_path):
+    states = tmp_path / 'states'
+    tmp = sf.tmp_path(str(states), 70)
+    sf.begin_save(str(states), tmp)
+    assert own.is_saving_file(os.path.join(tmp, sf.SAVING))
+    for rel, text in {'model.safetensors': 'w', **JSON_FILES}.items():
+        with open(os.path.join(tmp, rel), 'w') as f:
+            f.write(text)
+    final = sf.complete_save(str(states), tmp, 70, keep=2)
+    assert not os.path.exists(os.path.join(final, sf.SAVING)) and sf.judge_state(final).wholly_owned
+    # a save-in-progress file left in a complete state (its removal failed) is not an entry of its own
+    with open(os.path.join(final, sf.SAVING), 'w') as f:
+        f.write('host 123\n')
+    assert sf.judge_state(final).wholly_owned
+    # a file of that name holding something else is the user's: it makes the state theirs
+    with open(os.path.join(final, sf.SAVING), 'w') as f:
+        f.write('my notes\n')
+    assert sf.judge_state(final).foreign == [sf.SAVING]

@@ -116,11 +116,9 @@ def build_model(model_cfg: T5ModelConfig, vocab_size: int, initialize: bool = Tr
 
 
 def default_model_paths(cfg: ResolvedConfig) -> list[str]:
-    import os
+    from model.state.model_files import model_folders
 
-    from model.state.model_files import MODEL_FOLDERS
-
-    return [os.path.join(cfg.train.output_dir, name) for name in MODEL_FOLDERS]
+    return model_folders(cfg.train.output_dir)
 
 
 def find_model_source(cfg: ResolvedConfig, model_dir: str = '') -> ModelSource:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 
 from model.state import contract, model_files, states as state_files
@@ -136,8 +137,6 @@ def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:
     """How to continue the run whose models a fresh run moved into archive: resumed where it now
     is, with the states of that run only (a state folder's newest state names the output_dir it
     was saved for), its models and states apart from the new run's."""
-    import shlex
-
     folders = sorted(os.path.join(archive, n) for n in os.listdir(archive)
                      if state_files.list_complete_states(os.path.join(archive, n)))
     own = contract.states_of_output(folders, output_dir)

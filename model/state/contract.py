@@ -189,12 +189,12 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
 
 
 def saved_places(state_dir: str) -> dict | None:
-    """The places (output_dir, model_file, ...) the newest state in state_dir was saved with, from
+    """The places (output_dir, model_file) the newest state in state_dir was saved with, from
     its config (by sizes only); None when it holds none this can read."""
     newest = states.latest_state(state_dir, deep=False)
     try:
         saved = states.read_json(os.path.join(newest, RUN_FILES['config']))['train'] if newest else None
-        return {k: saved[k] for k in ('output_dir', 'model_file', 'train_state_dir')} if saved else None
+        return {k: str(saved[k]) for k in ('output_dir', 'model_file')} if saved else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -204,7 +204,7 @@ def states_of_output(folders: list[str], output_dir: str) -> str | None:
     output_dir: the states of the run whose models are (or were) there."""
     for folder in folders:
         places = saved_places(folder)
-        if places and os.path.realpath(str(places['output_dir'])) == os.path.realpath(output_dir):
+        if places and os.path.realpath(places['output_dir']) == os.path.realpath(output_dir):
             return folder
     return None
 

@@ -16,6 +16,9 @@ import zlib
 MARKER_FILE = 'chat_small_t5.json'
 MARKER_KEY = 'chat_small_t5'
 LOCK_FILE = '.chat_small_t5.lock'
+# in a state's folder from the first moment of its save until it is in place: a half-done save is
+# known by it, never by its name alone (model/state/states.py); not part of the state
+SAVING_FILE = '.chat_small_t5.saving'
 CONTENT_KEY = 'content_sha256'
 PLACEHOLDER = '0' * 64  # the content hash of a file before seal_file fills it in
 MAX_MARKER_BYTES = 64 << 20  # a marker (a manifest of a sharded state included) is read up to this

@@ -65,10 +65,15 @@ STATES_IN_OUTPUT_DIR = 'train_latest_state'
 STEP_FILES_IN_OUTPUT_DIR = 'chat_small_t5.{}.bin'
 
 
+def model_folders(output_dir: str) -> list[str]:
+    """output_dir's model folders (best/, final/), each replaced whole when written."""
+    return [os.path.join(output_dir, name) for name in MODEL_FOLDERS]
+
+
 def run_folders(output_dir: str) -> list[str]:
     """output_dir's folders that a run replaces whole or fills with earlier runs: no other place of
     a run (states, step files, logs) may lie in one (preflight.layout_problems)."""
-    return [os.path.join(output_dir, name) for name in (*MODEL_FOLDERS, PREVIOUS_RUNS)]
+    return [*model_folders(output_dir), os.path.join(output_dir, PREVIOUS_RUNS)]
 
 
 def model_identity(path: str) -> str | None:

@@ -26,14 +26,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 
 from model.errors import UserError
 from model.stopping import critical
 
-from model.state.markers import (DATA, LOCK_FILE, MARKER_FILE, MARKER_KEY, MAX_MARKER_BYTES, MODEL, STATE, STATE_DIR,
-                                 TOKENIZER, file_status, file_kind, file_sha256, marker_info)
+from model.state.markers import (DATA, LOCK_FILE, MARKER_FILE, MARKER_KEY, MAX_MARKER_BYTES, MODEL, SAVING_FILE, STATE,
+                                 STATE_DIR, TOKENIZER, file_status, file_kind, file_sha256, marker_info)
 
 # --------------------------------------------------------------------------- paths
 
@@ -96,14 +97,15 @@ def is_real_dir(path: str) -> bool:
 
 def list_entries(folder: str) -> dict[str, os.stat_result]:
     """Every entry under folder by relative path, from lstat: links are listed, never
-    followed. The folder's own marker and lock are left out."""
+    followed. The folder's own marker, lock and save-in-progress file are left out."""
     out: dict[str, os.stat_result] = {}
     pending = ['']
     while pending:
         rel = pending.pop()
         for name in os.listdir(os.path.join(folder, rel)):
             r = os.path.join(rel, name) if rel else name
-            if r == MARKER_FILE or (r == LOCK_FILE and _is_lock_file(os.path.join(folder, r))):
+            if r == MARKER_FILE or (r == LOCK_FILE and _is_lock_file(os.path.join(folder, r))) or (
+                    r == SAVING_FILE and is_saving_file(os.path.join(folder, r))):
                 continue
             st = os.lstat(os.path.join(folder, r))
             out[r] = st
@@ -362,6 +364,16 @@ def _holds_only_folders_and_locks(folder: str) -> bool:
     return all(stat.S_ISDIR(st.st_mode) or (os.path.basename(rel) == LOCK_FILE and
                                             _is_lock_file(os.path.join(folder, rel)))
                for rel, st in list_entries(folder).items())
+
+
+def is_saving_file(path: str) -> bool:
+    """The file a save in progress holds (model/state/states.py): a plain file with one link that
+    says which process saves, ``<host> <pid>``."""
+    st = lstat_or_none(path)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    raw = read_regular_file(path, 512)
+    return raw is not None and re.fullmatch(rb'\S+ \d+\n', raw) is not None
 
 
 def _is_lock_file(path: str) -> bool:

@@ -18,6 +18,7 @@ newest state to the previous complete one. Every rank must see the same filesyst
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -31,8 +32,8 @@ from dataclasses import dataclass, field
 from model.errors import UserError
 from model.state import markers, ownership, writes
 from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, STATES_IN_OUTPUT_DIR,
-                                     model_file_pattern, model_folder,
-                                     model_identity, owned_model_files, run_folders)
+                                     model_file_pattern, model_folder, model_folders, model_identity,
+                                     owned_model_files)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
@@ -185,14 +186,12 @@ def tmp_path(state_dir: str, step: int) -> str:
     return os.path.join(state_dir, '.tmp-' + state_name(step))
 
 
-# in a save's temporary folder from its first moment to its completion: what makes a half-done
-# save provably the toolkit's (the name alone does not: the state folder may be output_dir)
-SAVING = '.chat_small_t5.saving'
+SAVING = markers.SAVING_FILE  # what makes a half-done save provably the toolkit's (the state folder may be output_dir)
+_warned_left: set[str] = set()  # folders named like a save in progress and left: said once a process
 
 
 def _is_half_done_save(path: str) -> bool:
-    st = ownership.lstat_or_none(os.path.join(path, SAVING))
-    return ownership.is_real_dir(path) and st is not None and stat.S_ISREG(st.st_mode)
+    return ownership.is_real_dir(path) and ownership.is_saving_file(os.path.join(path, SAVING))
 
 
 def _sweep_tmp_states(state_dir: str) -> None:
@@ -205,8 +204,8 @@ def _sweep_tmp_states(state_dir: str) -> None:
             continue
         if _is_half_done_save(path):
             shutil.rmtree(path, ignore_errors=True)
-        elif path not in _warned_not_pruned:
-            _warned_not_pruned.add(path)
+        elif path not in _warned_left:
+            _warned_left.add(path)
             logger.warning('%s is named like a save in progress but is not one of this toolkit\'s: left as it is',
                            path)
 
@@ -220,9 +219,16 @@ def begin_save(state_dir: str, tmp: str) -> None:
         need = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(previous) for n in names)
         if shutil.disk_usage(state_dir).free < need * 1.05:
             raise OSError(errno.ENOSPC, f'No space left on device: a state needs about {need} bytes')
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, SAVING), 'w') as f:
-        f.write(f'{socket.gethostname()} {os.getpid()}\n')
+    if os.path.lexists(tmp):  # not a save of the toolkit's (those were swept): never written into, never removed
+        raise UserError(f'{tmp} is in the way of the save of this step: named like a save in progress, but this '
+                        f'toolkit did not make it; move it away, then resume with --is_keep_training=True')
+    os.mkdir(tmp)
+    try:
+        with open(os.path.join(tmp, SAVING), 'w') as f:
+            f.write(f'{socket.gethostname()} {os.getpid()}\n')
+    except OSError:
+        shutil.rmtree(tmp)  # made just now, by this call
+        raise
 
 
 def free_state_path(state_dir: str, step: int) -> str:
@@ -242,14 +248,15 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
     for root, _, names in os.walk(tmp):
         for name in names:  # data on disk before the marker says complete
             _fsync_file(os.path.join(root, name))
-    os.remove(os.path.join(tmp, SAVING))  # not part of the state: gone before the marker lists its files
-    ownership.write_marker(tmp, STATE, step=step)
+    ownership.write_marker(tmp, STATE, step=step)  # SAVING stays until the state is in place: never listed
     final = free_state_path(state_dir, step)
     if os.path.basename(final) != state_name(step):
         logger.warning('%s holds something this toolkit may not replace; the state of step %d goes to %s',
                        os.path.join(state_dir, state_name(step)), step, final)
     os.rename(tmp, final)
     writes.fsync_dir(state_dir)
+    with contextlib.suppress(OSError):  # in place and complete: no longer a save in progress (never listed)
+        os.remove(os.path.join(final, SAVING))
     remember_whole(final)
     _prune_states(state_dir, keep)
     _sweep_tmp_states(state_dir)
@@ -279,7 +286,7 @@ def _prune_states(state_dir: str, keep: int) -> None:
 
 def save_failed(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
     """A save that failed on some rank: its temporary folder removed (main), the error to raise."""
-    if is_main and ownership.is_real_dir(tmp):
+    if is_main and _is_half_done_save(tmp):  # this save's own folder (begin_save never took over another)
         shutil.rmtree(tmp, ignore_errors=True)
     previous = latest_state(state_dir)
     kept = f'; the previous state {previous} is intact' if previous else '; no earlier state was saved'
@@ -328,7 +335,7 @@ def previous_run_artifacts(train_state_dir: str, model_file: str, output_dir: st
     found = [path for folder in state_folders(train_state_dir, model_file, output_dir)
              for _, path in list_complete_states(folder)]
     found += [p for _, p in owned_model_files(model_file, r'\d+|best') if markers.file_kind(p) == WEIGHTS]
-    found += [p for p in run_folders(output_dir)[:len(MODEL_FOLDERS)] if ownership.kind_of(p) == MODEL]
+    found += [p for p in model_folders(output_dir) if ownership.kind_of(p) == MODEL]
     found += [p for p in named_predictions(model_file, output_dir) if p not in found and scored_model(p) == p]
     return found
 
@@ -401,8 +408,9 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     overwriting them: a fresh run never destroys what was saved. Each is judged by content
     right before it moves (the start-up checks refused a state that is not wholly the
     toolkit's); half-done saves of a killed run are removed. Returns the archive folder."""
+    folders = state_folders(train_state_dir, model_file, output_dir)
     locked = {os.path.realpath(f) for f in (train_state_dir, output_dir, model_folder(model_file))}
-    for folder in state_folders(train_state_dir, model_file, output_dir):  # half-done saves: only where this run
+    for folder in folders:  # half-done saves: only where this run
         if ownership.folder_kind(folder) == STATE_DIR and os.path.realpath(folder) in locked:  # holds the lock
             _sweep_tmp_states(folder)
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
@@ -415,8 +423,7 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
         suffix += 1
     os.makedirs(archive)
     # by what each is, not where: a state folder may be output_dir or the step files' folder
-    states_of = {path: folder for folder in state_folders(train_state_dir, model_file, output_dir)
-                 for _, path in list_complete_states(folder)}
+    states_of = {path: folder for folder in folders for _, path in list_complete_states(folder)}
     # each state folder's folder in the archive, named after it: never a name the archive has or may have as a
     # run's output_dir (resumed there: a folder named final would be its final/)
     taken = {os.path.basename(os.path.normpath(item)) for item in items if item not in states_of}

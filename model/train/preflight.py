@@ -161,7 +161,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     # outputs: the toolkit's own or new, writable, and never an input
     input_files = files['train_file'] + files['validation_file']
     outputs = [('train_state_dir', t.train_state_dir),
-               *[('output_dir', os.path.join(t.output_dir, name)) for name in model_files.MODEL_FOLDERS],
+               *[('output_dir', path) for path in model_files.model_folders(t.output_dir)],
                ('model_file', t.model_file.format(0)), ('log_dir', t.log_dir)]
     for name, path in outputs:  # also where tokenizer_dir is not made yet
         if ownership.same_or_inside(path, t.tokenizer_dir):
@@ -176,8 +176,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     report.problems += layout_problems(t)
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
                                                                    folder=True))
-    for name in model_files.MODEL_FOLDERS:
-        path = os.path.join(t.output_dir, name)
+    for path in model_files.model_folders(t.output_dir):
         problem('output_dir', lambda path=path: ownership.check_replaceable(path, MODEL, 'output_dir', folder=True))
     for path in model_files.foreign_model_files(t.model_file):
         report.problems.append(Problem('model_file', f'model_file: {path} matches the model_file pattern and was '
@@ -478,7 +477,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                                                  f' --train_state_dir={shlex.quote(folder)}')
         for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
             report.problems.append(Problem('train_state_dir', message))
-        theirs = str((contract.saved_places(folder) or {}).get('output_dir') or '')
+        theirs = (contract.saved_places(folder) or {}).get('output_dir', '')
         if theirs and os.path.isdir(theirs) and os.path.realpath(theirs) != os.path.realpath(t.output_dir):
             # another run's states (a state folder two runs share): moved into this run's archive, that run's own
             # resume would then continue this one's states over its models
@@ -528,14 +527,9 @@ def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
     if cfg.sources.get('train_state_dir') != 'from --output_dir':
         return ''
     before = place_before_output_dir(cfg.preset, 'train_state_dir')
-    newest = ckpt.latest_state(before, deep=False)
-    try:
-        saved = ckpt.read_json(os.path.join(newest, contract.RUN_FILES['config']))['train'] if newest else {}
-        saved_out, pattern = saved['output_dir'], saved['model_file']
-    except (OSError, ValueError, KeyError, TypeError):  # no state there, or not one this could read
+    if contract.states_of_output([before], t.output_dir) is None:  # no state there, or another output_dir's
         return ''
-    if os.path.realpath(saved_out) != os.path.realpath(t.output_dir):
-        return ''
+    pattern = contract.saved_places(before)['model_file']
     flags = f'{shlex.quote(f"--train_state_dir={before}")} {shlex.quote(f"--model_file={pattern}")}'
     return flags if flags_only else (f'this run\'s states are in {before} (a run given --output_dir now keeps its '
                                      f'states and step files there unless told otherwise): resume with {flags}')
