@@ -368,7 +368,8 @@ def resolve_config(preset: str | None = None, use_large_config: bool = False,
 
 
 # the run's outputs kept beside its models: where they go when --output_dir is given without them
-OUTPUT_DIR_PLACES = {'train_state_dir': model_files.STATES_IN_OUTPUT_DIR, 'model_file': model_files.STEP_FILES_IN_OUTPUT_DIR}
+OUTPUT_DIR_PLACES = {'train_state_dir': model_files.STATES_IN_OUTPUT_DIR,
+                     'model_file': model_files.STEP_FILES_IN_OUTPUT_DIR}
 
 
 def place_before_output_dir(preset: str | None, name: str) -> str:

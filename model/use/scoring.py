@@ -122,9 +122,9 @@ def _score_into(model, tokenizer, test_file, out_path, max_seq_len, decode, max_
                                   ref_len=stats[9], smooth_method=corpus.smooth_method,
                                   smooth_value=corpus.smooth_value).score if rows else 0.0
         result = TestResult(rows, skipped, loss_sum / max(tokens, 1), score, exact / max(rows, 1), out_path)
-        header = markers.file_marker_info(PREDICTIONS, model=model_path, model_id=model_id, test_file=test_file, rows=rows,
-                                       skipped=skipped, loss=result.loss, perplexity=result.perplexity, bleu4=score,
-                                       exact_match=result.exact_match, decode=decode.__dict__)
+        header = markers.file_marker_info(PREDICTIONS, model=model_path, model_id=model_id, test_file=test_file,
+                                          rows=rows, skipped=skipped, loss=result.loss, perplexity=result.perplexity,
+                                          bleu4=score, exact_match=result.exact_match, decode=decode.__dict__)
         with writes.atomic_file(out_path, PREDICTIONS, 'predictions') as tmp:
             with open(tmp, 'w', encoding='utf-8') as f, open(body_path, encoding='utf-8') as body:
                 f.write(json.dumps(header, ensure_ascii=False) + '\n')
