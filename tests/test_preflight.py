@@ -339,3 +339,21 @@ def test_a_fresh_run_names_the_states_of_the_run_whose_models_it_moves_and_no_ot
     assert found['train_state_dir'].endswith(f'that run resumes with --is_keep_training=True '
                                              f'--output_dir={tmp_path}/elsewhere '
                                              f'--train_state_dir={tmp_path}/shared_states)'), found
+
+
+def test_step_files_or_logs_in_another_runs_model_folder_or_a_name_too_long_are_found_before_the_work(data, tmp_path):
+    from model.state import ownership
+
+    theirs = tmp_path / 'another_run' / 'best'  # a model folder of the toolkit's (an edited copy would be too)
+    os.makedirs(theirs)
+    (theirs / 'config.json').write_text('{}')
+    ownership.write_marker(str(theirs), markers.MODEL)
+    out = tmp_path / 'run'
+    for place, value, said in (('model_file', f'{theirs}/m.{{}}.bin', 'lies inside'), ('log_dir', theirs, 'is a model'),
+                               ('log_dir', theirs / 'logs', 'lies inside')):
+        found = problems(preflight.check_train(config(data, out, **{place: value}), resume=False, world_size=1))
+        assert set(found) == {place} and said in found[place] and 'replaced whole' in found[place], found
+    found = problems(preflight.check_train(config(data, out, model_file=f'{out}/{"a" * 250}{{}}.bin'),
+                                           resume=False, world_size=1))
+    assert 'more than the 255 a name may have there' in found['model_file'], found
+    assert sorted(os.listdir(theirs)) == ['chat_small_t5.json', 'config.json']  # nothing written there

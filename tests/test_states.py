@@ -3,6 +3,7 @@ foreign entry is left alone and stepped around, never replaced or pruned (units,
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 
@@ -316,3 +317,30 @@ def test_a_save_in_progress_is_marked_until_its_state_is_in_place_and_never_part
     with open(os.path.join(final, sf.SAVING), 'w') as f:
         f.write('my notes\n')
     assert sf.judge_state(final).foreign == [sf.SAVING]
+
+
+def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_one_line(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    make_state(out / 'states', 20)
+    a_model_folder_and_a_step_file(out)
+    real_copy = shutil.copyfile
+
+    def copy_fails_on_the_model(src, dst, **kw):  # previous_runs on another, full disk: the copy fails midway
+        if os.path.basename(src) == 'model.safetensors' and 'previous_runs' in str(dst):
+            open(dst, 'w').close()  # a half copy
+            raise OSError(28, 'No space left on device')
+        return real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_model)
+    try:
+        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        raise AssertionError('the archive went ahead')
+    except UserError as e:
+        assert 'no space left on the device' in str(e) and 'it stays where it was' in str(e), e
+    monkeypatch.undo()
+    archive = out / 'previous_runs' / 'stamp'
+    assert names(out / 'states') == ['state-000000020'] and sf.judge_state(str(out / 'states' / 'state-000000020')).wholly_owned
+    assert not glob.glob(f'{archive}/**/model.safetensors', recursive=True)  # no half copy of anything
+    left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
+    assert left, 'every item was taken from its place'

@@ -287,13 +287,15 @@ SEALED = (TOKENIZER, MODEL, STATE)
 GROWING = (STATE_DIR,)
 
 
-def check_outside_sealed(path: str, what: str) -> None:
-    """An output never lies inside a tokenizer, model or state folder of this toolkit."""
-    folder = os.path.dirname(os.path.abspath(path))
+def check_outside_sealed(path: str, what: str, itself: bool = False) -> None:
+    """An output never lies inside a tokenizer, model or state folder of this toolkit (``itself``:
+    an output folder that is one is refused too)."""
+    folder = os.path.abspath(path) if itself else os.path.dirname(os.path.abspath(path))
     while True:
         kind = folder_kind(folder)
         if kind in SEALED:
-            raise UserError(f'{what}: {path} lies inside {folder}, a {kind} folder of this toolkit that is '
+            where = 'is' if folder == os.path.abspath(path) else f'lies inside {folder},'
+            raise UserError(f'{what}: {path} {where} a {kind} folder of this toolkit that is '
                             f'replaced whole; write it elsewhere')
         parent = os.path.dirname(folder)
         if parent == folder:

@@ -443,7 +443,26 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
             if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)
                 os.makedirs(states)
                 ownership.write_marker(states, STATE_DIR, manifest=False)
-            shutil.move(item, os.path.join(states, os.path.basename(item)))
+            _move_whole(item, os.path.join(states, os.path.basename(item)), archive)
         elif ownership.kind_of(item) in (WEIGHTS, MODEL, PREDICTIONS):
-            shutil.move(item, os.path.join(archive, os.path.basename(os.path.normpath(item))))
+            _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive)
     return archive
+
+
+def _move_whole(item: str, target: str, archive: str) -> None:
+    """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
+    copied then removed. A copy that fails (a full disk there) is taken back: the item stays whole
+    where it was, what moved before it stays whole in the archive, and the run stops in one line."""
+    try:
+        shutil.move(item, target)
+    except (OSError, shutil.Error) as e:
+        if os.path.lexists(item) and os.path.lexists(target):  # a half copy, made by this move in a new archive
+            if ownership.is_real_dir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.remove(target)
+        full = writes.is_disk_full(e) or 'No space left' in str(e)  # shutil.Error lists its copies' errors as text
+        why = 'no space left on the device' if full else getattr(e, 'strerror', None) or type(e).__name__
+        raise UserError(f'cannot move {item} into {archive} ({why}): it stays where it was (what moved before it '
+                        f'is whole in {archive}); free space there, or make {os.path.dirname(archive)} a folder on '
+                        f'this disk, and run again') from None

@@ -193,6 +193,13 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     input_specs = [t.train_file, t.validation_file]
     for name, path in outputs:
         problem(name, lambda path=path, name=name: ownership.check_not_an_input(path, input_files, name, input_specs))
+    for name, path in outputs:  # the others are checked with what they replace (check_replaceable)
+        if name in ('model_file', 'log_dir') and not ownership.same_or_inside(path, t.tokenizer_dir):  # said above
+            # e.g. inside another run's best/; log_dir: the folder itself too
+            problem(name, lambda path=path, name=name: ownership.check_outside_sealed(path, name,
+                                                                                    itself=name == 'log_dir'))
+    # the longest name the pattern gives (a step of 12 digits): found now, not at the first save
+    problem('model_file', lambda: ownership.check_name_lengths(t.model_file.format('9' * 12), 'model_file'))
     archive = os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)
     if os.path.lexists(archive) and not os.path.isdir(archive):
         what = 'a link to nothing' if os.path.islink(archive) else 'a file'
