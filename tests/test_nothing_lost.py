@@ -201,6 +201,60 @@ def test_states_kept_in_the_output_folder_itself_or_around_it_survive_a_second_r
     assert r.returncode == 0 and os.path.isdir(states / 'state-000000010'), r.stderr[-2000:]
 
 
+def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_as_itself(tmp_path, data):
+    from model.state import markers, model_files
+
+    def recorded_runs(out):  # the run id of each model and of the newest state
+        found = {name: model_files.recorded_run(str(out / name)) for name in ('best', 'final', 'chat_small_t5.10.bin')}
+        (newest,) = state_folders(out / 'state')[-1:]
+        found['state'] = json.loads((out / 'state' / newest / 'run.json').read_text())['run_id']
+        return found
+
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    for out in (a, b):
+        r = run_train(tiny_flags(data, out, max_steps=10, save_steps=10, eval_steps=5))
+        assert r.returncode == 0, r.stderr[-2000:]
+    runs_a, runs_b = recorded_runs(a), recorded_runs(b)
+    # every model and state a run writes records its run's id; two runs differ
+    assert len(set(runs_a.values())) == 1 and None not in runs_a.values(), runs_a
+    assert len(set(runs_b.values())) == 1 and runs_a['best'] != runs_b['best'], (runs_a, runs_b)
+    # a's states resumed with hand-made flags into b's models, or over b's step files: refused before the work,
+    # pointing at where a's models are
+    before = snapshot(b)
+    for place, said in ((dict(output_dir=b), f'{b}/best, {b}/final'), (dict(model_file=f'{b}/chat_small_t5.{{}}.bin'),
+                                                                        f'{b}/chat_small_t5.10.bin')):
+        flags = tiny_flags(data, a, max_steps=15, train_state_dir=a / 'state', **place)
+        for extra in ((), ('--dry_run=True',)):
+            r = run_train(flags, '--is_keep_training=True', *extra)
+            if extra:
+                assert r.returncode == 1 and said in r.stdout and runs_b['best'] in r.stdout, r.stdout[-2000:]
+                continue
+            line = assert_user_error(r, said, f'written by another run ({runs_b["best"]})',
+                                     f'than the one whose state this resumes ({runs_a["best"]}')
+            wanted = shlex.quote(f'--output_dir={a}') if 'output_dir' in place else \
+                shlex.quote(f'--model_file={a}/chat_small_t5.{{}}.bin')
+            assert line.endswith(f'resume with {wanted}, where this run saved them'), line
+    assert snapshot(b) == before
+    # a resume into its own places keeps its id
+    r = run_train(tiny_flags(data, a, max_steps=15, save_steps=5), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert model_files.recorded_run(str(a / 'chat_small_t5.15.bin')) == runs_a['best']
+    # a copy of a run folder (its states inside): the same run, not another run's states; a fresh run there moves
+    # the copy aside as its own earlier run, and the copy resumes on its own
+    c = tmp_path / 'c'
+    shutil.copytree(a, c, symlinks=True)
+    r = run_train(tiny_flags(data, c, max_steps=18, save_steps=6), '--is_keep_training=True')
+    assert r.returncode == 0 and f'resumed from {c}/state' in r.stderr, r.stderr[-2000:]
+    assert model_files.recorded_run(str(c / 'chat_small_t5.18.bin')) == runs_a['best']
+    shutil.rmtree(c)
+    shutil.copytree(a, c, symlinks=True)
+    r = run_train(tiny_flags(data, c, max_steps=5, save_steps=5))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (archived,) = glob.glob(f'{c}/previous_runs/*/')
+    assert model_files.recorded_run(f'{archived}best') == runs_a['best'] != model_files.recorded_run(str(c / 'final'))
+    assert markers.file_kind(str(a / 'chat_small_t5.15.bin')) == markers.WEIGHTS  # the original untouched
+
+
 def test_two_runs_into_the_same_place_one_is_refused(tmp_path, data):
     out = tmp_path / 'run'
     first = cli_runner.Popen(train_cmd(tiny_flags(data, out, epochs=50, save_steps=100000)), cwd=ROOT, env=ENV,

@@ -296,11 +296,19 @@ def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_t
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
     (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
     assert problem.line().endswith('start without --is_keep_training (or check --train_state_dir)')
-    # models without any state of their run: moved aside, and nothing promises a resume
+    # a copy of the run's best/ elsewhere is known by the run's id its marker records: that run's states
+    import json
     import shutil
 
     shutil.copytree(out / 'best', tmp_path / 'other' / 'best')
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
+    (note,) = [n for n in preflight.check_train(cfg, resume=False, world_size=1).notes if 'a previous run' in n]
+    assert note.endswith(f'to continue it instead: --is_keep_training=True --train_state_dir={old}/train_latest_state '
+                         f"'--model_file={old}/chat_small_t5.{{}}.bin'"), note
+    # models without any state of their run (written before runs had ids): moved aside, and nothing promises a resume
+    marker = tmp_path / 'other' / 'best' / markers.MARKER_FILE
+    info = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in info.items() if k != 'run_id'}))
     (note,) = [n for n in preflight.check_train(cfg, resume=False, world_size=1).notes if 'a previous run' in n]
     assert 'is_keep_training' not in note and note.endswith('it cannot be continued from there)'), note
 

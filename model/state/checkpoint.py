@@ -53,13 +53,14 @@ class SaveSettings:
     max_seq_len: int
     config: dict  # the whole config, as each state records it
     fingerprint: dict  # what a resume must find unchanged (contract.fingerprint)
+    run_id: str | None = None  # the run's id (contract.new_run_id), in every state and model it saves
 
     @classmethod
-    def of(cls, cfg, fingerprint: dict) -> 'SaveSettings':
+    def of(cls, cfg, fingerprint: dict, run_id: str | None = None) -> 'SaveSettings':
         t = cfg.train
         return cls(train_state_dir=t.train_state_dir, model_file=t.model_file, output_dir=t.output_dir,
                    keep_latest_n_ckp=t.keep_latest_n_ckp, max_seq_len=t.max_seq_len, config=cfg.to_dict(),
-                   fingerprint=fingerprint)
+                   fingerprint=fingerprint, run_id=run_id)
 
 
 class Checkpointer:
@@ -76,7 +77,7 @@ class Checkpointer:
         """The full state, then the step's weights file and keep-N pruning."""
         t = self.settings
         describe = contract.describe_run(t.config, t.fingerprint, self.collectives.world,
-                                         str(self.accelerator.distributed_type))
+                                         str(self.accelerator.distributed_type), t.run_id)
         path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
         self.last_saved_step, self.last_saved_path = step, path
         self.export_weights_all_ranks(step, step)
@@ -95,7 +96,7 @@ class Checkpointer:
         t = self.settings
         self.collectives.on_main_all_ranks(lambda: model_files.save_weights_file(
             state_dict, t.model_file.format(tag), step=step, tag=tag, model_shape=t.fingerprint['model_shape'],
-            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len))
+            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len, run_id=t.run_id))
 
     def save_best_all_ranks(self, step: int) -> None:
         """model_file.format('best') and the Hugging Face folder output_dir/best."""
@@ -106,7 +107,8 @@ class Checkpointer:
         state_dict = self.full_state_dict_all_ranks()
         self.collectives.on_main_all_ranks(lambda: model_files.save_model_folder(
             self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer,
-            os.path.join(self.settings.output_dir, name), tag=name, step=step, max_seq_len=self.settings.max_seq_len))
+            os.path.join(self.settings.output_dir, name), tag=name, step=step, max_seq_len=self.settings.max_seq_len,
+            run_id=self.settings.run_id))
 
     def archive_previous_run_all_ranks(self, stamp: str) -> None:
         t = self.settings

@@ -15,7 +15,10 @@ counters           steps, rows, tokens, best loss (TrainState)     counters.json
 =================  ==============================================  ===============================
 
 and what describes the run that saved it -- ``config.json``, ``fingerprint.json`` (model shape,
-tokenizer, data), ``run.json`` (world size, engine, time), ``tokenizer/`` (its copy). The run's
+tokenizer, data), ``run.json`` (world size, engine, time, the run's id), ``tokenizer/`` (its copy). The run's id
+(:func:`new_run_id`) is made by a fresh start, kept by every resume, and recorded in every model
+the run writes: a resume never replaces another run's models (preflight), and a copy of a run
+folder is known as the same run. The run's
 own parts are ``Stateful`` (``state_dict()`` / ``load_state_dict()``) and are saved as JSON: plain
 data, so loading one runs no code, and a newcomer adds a part by adding it to the dict.
 
@@ -33,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -41,7 +45,7 @@ from typing import Any, Callable, Protocol
 
 from model.errors import UserError
 from model.faults import fault_point
-from model.state import ownership, states
+from model.state import model_files, ownership, states
 
 PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json', 'counters': 'counters.json'}
 RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': 'run.json'}
@@ -190,23 +194,45 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
 
 def saved_places(state_dir: str) -> dict | None:
     """The places (output_dir, model_file) the newest state in state_dir was saved with, from
-    its config (by sizes only); None when it holds none this can read."""
+    its config, and its run's id (``run_id``: None before ids were kept), by sizes only; None
+    when it holds none this can read."""
     newest = states.latest_state(state_dir, deep=False)
     try:
         saved = states.read_json(os.path.join(newest, RUN_FILES['config']))['train'] if newest else None
-        return {k: str(saved[k]) for k in ('output_dir', 'model_file')} if saved else None
+        places = {k: str(saved[k]) for k in ('output_dir', 'model_file')} if saved else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if places is not None:
+        try:
+            places['run_id'] = run_id_of(states.read_json(os.path.join(newest, RUN_FILES['run'])))
+        except (OSError, ValueError, TypeError):
+            places['run_id'] = None
+    return places
 
 
 def states_of_output(folders: list[str], output_dir: str) -> str | None:
     """The first of these state folders whose newest state was saved by a run with this
-    output_dir: the states of the run whose models are (or were) there."""
+    output_dir, or by the run whose models are in it (a run folder copied or moved): the states
+    of the run whose models are (or were) there."""
+    runs = model_files.runs_in(output_dir)
     for folder in folders:
         places = saved_places(folder)
-        if places and os.path.realpath(places['output_dir']) == os.path.realpath(output_dir):
+        if places and (os.path.realpath(places['output_dir']) == os.path.realpath(output_dir)
+                       or places['run_id'] in runs):
             return folder
     return None
+
+
+def new_run_id(stamp: str) -> str:
+    """A fresh run's id: its start time and 8 random hex digits (two runs started in the same
+    second on two nodes differ)."""
+    return f'{stamp}-{secrets.token_hex(4)}'
+
+
+def run_id_of(run: dict) -> str | None:
+    """The run's id a state's run.json records (None: saved before ids were kept)."""
+    found = run.get('run_id') if isinstance(run, dict) else None
+    return found if isinstance(found, str) and found else None
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -346,7 +372,9 @@ def changed_fields(saved_config: dict, cfg) -> list[str]:
             and saved_config[part][k] != v]
 
 
-def describe_run(config: dict, fingerprint_: dict, world: int, engine: str) -> dict[str, dict]:
+def describe_run(config: dict, fingerprint_: dict, world: int, engine: str, run_id: str | None = None
+                 ) -> dict[str, dict]:
     """config.json, fingerprint.json and run.json of a state about to be saved."""
     return {'config': config, 'fingerprint': fingerprint_,
-            'run': {'world_size': world, 'engine': engine, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S')}}
+            'run': {'world_size': world, 'engine': engine, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S'),
+                    'run_id': run_id}}

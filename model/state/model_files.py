@@ -88,6 +88,33 @@ def model_identity(path: str) -> str | None:
     return None
 
 
+RUN_ID = 'run_id'  # the key of the run's id in a model's marker (model/state/contract.py: new_run_id)
+
+
+def recorded_run(path: str) -> str | None:
+    """The id of the run that wrote this model (a model folder or a weights file of the toolkit),
+    as its marker records it; None for anything else, or a model written before ids were kept."""
+    if ownership.is_link(path):
+        return None
+    info = ownership.read_marker(path) if os.path.isdir(path) else markers.file_marker(path)
+    if not info or info.get('kind') not in (MODEL, WEIGHTS):
+        return None
+    found = info.get(RUN_ID)
+    return found if isinstance(found, str) and found else None
+
+
+def runs_in(output_dir: str) -> set[str]:
+    """The ids of the runs whose model folders (best/, final/) are in output_dir."""
+    return {run for run in map(recorded_run, model_folders(output_dir)) if run}
+
+
+def other_runs_models(output_dir: str, model_file: str, run_id: str) -> list[tuple[str, str]]:
+    """(path, its run's id) of the models a run with this id would replace or prune that another
+    run wrote: output_dir's model folders, the model_file pattern's step and best files."""
+    paths = [*model_folders(output_dir), *(p for _, p in owned_model_files(model_file, r'\d+|best'))]
+    return [(p, run) for p in paths for run in [recorded_run(p)] if run and run != run_id]
+
+
 PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)
 
 

@@ -29,7 +29,7 @@ from config import ResolvedConfig
 from model import stopping
 from model.errors import UserError
 from model.faults import fault_point
-from model.state import locks, states as state_files
+from model.state import contract, locks, states as state_files
 from model.state.checkpoint import Checkpointer, DataPosition, SaveSettings, apply_changed_hyperparameters
 from model.state.contract import SavedState, StateParts, TrainState
 from model.stopping import STOP
@@ -149,7 +149,12 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             saved = collectives.broadcast_from_main_all_ranks(saved)
         if t.log_with != 'none':
             init_trackers(cfg, accelerator, stamp)
-        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved)
+        # the run's id: a resume keeps its state's (None: saved before ids were kept), a fresh run makes one
+        if resume:
+            run_id = contract.run_id_of(saved.run) if saved else None
+        else:
+            run_id = collectives.broadcast_from_main_all_ranks(contract.new_run_id(stamp))
+        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved, run_id)
         stop_at_start_up_all_ranks(collectives)  # again before anything is moved or loaded: a stop changes nothing
         if not resume:
             with stopping.critical():
@@ -164,7 +169,8 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         raise
 
 
-def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved=None) -> Run:
+def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved=None,
+                 run_id=None) -> Run:
     from accelerate.utils import set_seed
 
     from model.data.files import resolve_parquet_files
@@ -228,7 +234,7 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     parts = StateParts(accelerator, collectives,
                        {'schedule': scheduler, 'data_position': data_position, 'counters': state},
                        write_tokenizer=lambda folder: save_tokenizer_copy(tokenizer, folder))
-    checkpointer = Checkpointer(SaveSettings.of(cfg, fingerprint), collectives, model, tokenizer, parts)
+    checkpointer = Checkpointer(SaveSettings.of(cfg, fingerprint, run_id), collectives, model, tokenizer, parts)
     evaluator = Evaluator(EvalSettings.of(t), collectives, tokenizer, valid_loader, valid_files, decoder_inputs)
     return Run(cfg, accelerator, collectives, lock, log_file, tokenizer, train_loader, model, optimizer, scheduler,
                decoder_inputs, total_steps, state, data_position, checkpointer, evaluator)

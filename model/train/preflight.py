@@ -484,8 +484,10 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                                                  f' --train_state_dir={shlex.quote(folder)}')
         for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
             report.problems.append(Problem('train_state_dir', message))
-        theirs = (contract.saved_places(folder) or {}).get('output_dir', '')
-        if theirs and os.path.isdir(theirs) and os.path.realpath(theirs) != os.path.realpath(t.output_dir):
+        places = contract.saved_places(folder) or {}
+        theirs = places.get('output_dir', '')
+        if (theirs and os.path.isdir(theirs) and os.path.realpath(theirs) != os.path.realpath(t.output_dir)
+                and places.get('run_id') not in model_files.runs_in(t.output_dir)):  # not a copy of that run
             # another run's states (a state folder two runs share): moved into this run's archive, that run's own
             # resume would then continue this one's states over its models
             report.problems.append(Problem(
@@ -542,6 +544,29 @@ def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
                                      f'states and step files there unless told otherwise): resume with {flags}')
 
 
+def _other_runs_models(t, saved: contract.SavedState) -> list[Problem]:
+    """A resume that would replace or prune models another run wrote (output_dir's model folders,
+    the model_file pattern's files): refused, with where this run's own models are."""
+    run_id = contract.run_id_of(saved.run)
+    if run_id is None:  # a state saved before ids were kept: whose models are which is not known
+        return []
+    others = model_files.other_runs_models(t.output_dir, t.model_file, run_id)
+    if not others:
+        return []
+    places = saved.config.get('train', {})
+    own = {k: str(places[k]) for k in ('output_dir', 'model_file') if places.get(k)}
+    flags = ' '.join(shlex.quote(f'--{k}={v}') for k, v in own.items() if v != getattr(t, k))
+    runs = sorted({run for _, run in others})
+    folders = {os.path.realpath(p) for p in model_files.model_folders(t.output_dir)}
+    name = 'output_dir' if any(os.path.realpath(p) in folders for p, _ in others) else 'model_file'
+    shown = ', '.join(p for p, _ in others[:4]) + (f' and {len(others) - 4} more' if len(others) > 4 else '')
+    fix = (f'resume with {flags}, where this run saved them' if flags else
+           'move them out of the way, or give this resume a new, empty --output_dir and --model_file')
+    return [Problem(name, f'{shown} {"was" if len(others) == 1 else "were"} written by another run '
+                    f'({", ".join(runs)}) than the one whose state this resumes ({run_id}, {saved.path}); '
+                    f'the resume would replace or prune them', fix)]
+
+
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     t = cfg.train
     states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
@@ -552,6 +577,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                        _states_elsewhere(cfg) or 'start without --is_keep_training (or check --train_state_dir)'))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
+    report.problems += _other_runs_models(t, saved)
     saved_cfg = saved.config.get('train', {})
     for name, why in REFUSED_ON_RESUME.items():
         if saved_cfg.get(name) != getattr(t, name):
