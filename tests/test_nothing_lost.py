@@ -235,9 +235,13 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
                 shlex.quote(f'--model_file={a}/chat_small_t5.{{}}.bin')
             assert line.endswith(f'resume with {wanted}, where this run saved them'), line
     assert snapshot(b) == before
-    # a resume into its own places keeps its id
+    # a resume into its own places keeps its id; final/ scored by `test` before: the resume that replaces it says
+    # the predictions describe the one before
+    r = cli('test', f'--model_dir={a}/final', f'--test_file={data["valid"]}', '--max_test_rows=4')
+    assert r.returncode == 0 and os.path.exists(a / 'final.predictions.valid.jsonl'), r.stderr[-2000:]
     r = run_train(tiny_flags(data, a, max_steps=15, save_steps=5), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f'{a}/final.predictions.valid.jsonl scored the model at {a}/final before this save replaced it' in r.stderr
     assert model_files.recorded_run(str(a / 'chat_small_t5.15.bin')) == runs_a['best']
     # a copy of a run folder (its states inside): the same run, not another run's states; a fresh run there moves
     # the copy aside as its own earlier run, and the copy resumes on its own

@@ -233,6 +233,30 @@ def test_predictions_go_with_the_model_they_score_even_after_its_folder_moved(tm
 
 
 
+def test_the_predictions_a_save_leaves_describing_the_model_it_replaced_are_the_ones_of_that_model(tmp_path):
+    from model.state.model_files import model_identity
+
+    out = tmp_path / 'run'
+    a_model_folder_and_a_step_file(out)
+    best = str(out / 'best')
+    now = model_identity(best)
+    cases = {  # file name -> (header, scores best/ as it is now)
+        'best.predictions.now.jsonl': ({'model': best, 'model_id': now}, True),
+        'best.predictions.moved.jsonl': ({'model': '/gone/run/best', 'model_id': now}, True),  # by content
+        'best.predictions.before.jsonl': ({'model': best, 'model_id': 'folder:an earlier best/ here'}, False),
+        'best.predictions.old.jsonl': ({'model': best}, False),  # written before identities: unknown
+        'best.predictions.step.jsonl': ({'model': str(out / 'm.20.bin'), 'model_id': now}, False),
+        'best.predictions.edited.jsonl': ({'model': best, 'model_id': now}, False),
+    }
+    for name, (header, _) in cases.items():
+        write_predictions(out / name, **header)
+    with open(out / 'best.predictions.edited.jsonl', 'a') as f:
+        f.write('{"answer": "mine"}\n')
+    os.symlink(out / 'best.predictions.now.jsonl', out / 'best.predictions.link.jsonl')
+    assert sf.predictions_scoring(best) == sorted(str(out / n) for n, (_, now_) in cases.items() if now_)
+    assert sf.predictions_scoring(str(out / 'm.20.bin')) == []  # nothing under its name
+
+
 def test_a_state_folder_named_like_a_folder_of_an_output_dir_is_renamed_in_the_archive_even_alone(tmp_path):
     out = tmp_path / 'out'
     for name in ('final', 'previous_runs'):  # no final/ moved beside: the archive may be resumed as an output_dir

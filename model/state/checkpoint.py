@@ -94,9 +94,10 @@ class Checkpointer:
         """model_file.format(tag): the gathered weights as safetensors, with the model shape."""
         state_dict = self.full_state_dict_all_ranks()
         t = self.settings
-        self.collectives.on_main_all_ranks(lambda: model_files.save_weights_file(
-            state_dict, t.model_file.format(tag), step=step, tag=tag, model_shape=t.fingerprint['model_shape'],
-            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len, run_id=t.run_id))
+        path = t.model_file.format(tag)
+        self.collectives.on_main_all_ranks(lambda: _replacing(path, lambda: model_files.save_weights_file(
+            state_dict, path, step=step, tag=tag, model_shape=t.fingerprint['model_shape'],
+            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len, run_id=t.run_id)))
 
     def save_best_all_ranks(self, step: int) -> None:
         """model_file.format('best') and the Hugging Face folder output_dir/best."""
@@ -105,10 +106,10 @@ class Checkpointer:
 
     def export_folder_all_ranks(self, name: str, step: int) -> None:
         state_dict = self.full_state_dict_all_ranks()
-        self.collectives.on_main_all_ranks(lambda: model_files.save_model_folder(
-            self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer,
-            os.path.join(self.settings.output_dir, name), tag=name, step=step, max_seq_len=self.settings.max_seq_len,
-            run_id=self.settings.run_id))
+        path = os.path.join(self.settings.output_dir, name)
+        self.collectives.on_main_all_ranks(lambda: _replacing(path, lambda: model_files.save_model_folder(
+            self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer, path, tag=name, step=step,
+            max_seq_len=self.settings.max_seq_len, run_id=self.settings.run_id)))
 
     def archive_previous_run_all_ranks(self, stamp: str) -> None:
         t = self.settings
@@ -133,6 +134,17 @@ class Checkpointer:
         unit = 'examples' if position.get('objective') == 'span_corruption' else 'rows'
         logger.info('resumed from %s: step %d, epoch %d, %d %s into the epoch', saved.path,
                     state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0), unit)
+
+
+def _replacing(model_path: str, write) -> None:
+    """write() the model at model_path; then name the predictions `test` wrote beside it of the
+    model it replaced: they describe that one, not this (each records the model it scored)."""
+    stale = state_files.predictions_scoring(model_path) if os.path.lexists(model_path) else []
+    write()
+    for path in stale:
+        logger.warning('%s scored the model at %s before this save replaced it: it no longer describes that model '
+                       '(its record names the one it scored); run `test` again to score the new one', path,
+                       model_path)
 
 
 def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:

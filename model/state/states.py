@@ -373,8 +373,8 @@ def scored_model(path: str) -> str | None:
     as `test` resolved it is that one (there or pruned since), or the model there is the one they
     score by content (the folder moved since, links and all); else the model they do score. None:
     not such a file."""
-    info, intact = markers.file_status(path)
-    model = info.get('model') if info and intact and info.get('kind') == PREDICTIONS else None
+    info = _predictions_record(path) or {}
+    model = info.get('model')
     if not isinstance(model, str) or not model:
         return None
     model = os.path.normpath(model)
@@ -385,6 +385,26 @@ def scored_model(path: str) -> str | None:
     beside = os.path.join(os.path.dirname(path), os.path.basename(model))
     scored = info.get('model_id')
     return path if scored and os.path.lexists(beside) and model_identity(beside) == scored else model
+
+
+def predictions_scoring(model_path: str) -> list[str]:
+    """The predictions `test` wrote beside this model, under its name, of the model as it is now
+    (by content, unchanged since): a save that replaces the model leaves them describing the one
+    before."""
+    folder, name = os.path.split(os.path.normpath(model_path))
+    names = re.compile(re.escape(name) + PREDICTIONS_TAIL + '$')
+    found = [os.path.join(folder, n) for n in sorted(os.listdir(folder or '.')) if names.match(n)] \
+        if os.path.isdir(folder or '.') else []
+    if not found:
+        return []
+    now = model_identity(model_path)
+    return [p for p in found if now and scored_model(p) == p and (_predictions_record(p) or {}).get('model_id') == now]
+
+
+def _predictions_record(path: str) -> dict | None:
+    """The record of predictions `test` wrote, unchanged since; else None."""
+    info, intact = markers.file_status(path)
+    return info if info and intact and info.get('kind') == PREDICTIONS else None
 
 
 def predictions_left_beside(model_file: str, output_dir: str) -> list[str]:
