@@ -7,6 +7,8 @@ import glob
 import os
 import shutil
 
+import pytest
+
 from model.errors import UserError
 from model.state import contract, markers, ownership as own
 from model.state import states as sf
@@ -368,3 +370,12 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     assert not glob.glob(f'{archive}/**/model.safetensors', recursive=True)  # no half copy of anything
     left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
     assert left, 'every item was taken from its place'
+    # the only item fails: no empty archive (nor previous_runs/, made for it) is left behind
+    only = tmp_path / 'only'
+    make_state(only / 'states', 20)
+    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_model)
+    with pytest.raises(UserError, match='no space left on the device'):
+        sf.archive_previous_run(str(only / 'states'), str(only / 'm.{}.bin'), str(only), 'stamp')
+    monkeypatch.undo()
+    assert sorted(os.listdir(only)) == ['states'] and names(only / 'states') == ['state-000000020']

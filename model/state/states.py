@@ -441,7 +441,15 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     while os.path.lexists(archive):
         archive = os.path.join(output_dir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
         suffix += 1
-    os.makedirs(archive)
+    with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
+        _move_items(items, folders, archive)
+    return archive
+
+
+def _move_items(items: list[str], folders: list[str], archive: str) -> None:
+    """archive_previous_run's moves into the (new) archive folder; a state folder for each state
+    folder they come from, made as its first state moves (one left empty by a failed move goes
+    again)."""
     # by what each is, not where: a state folder may be output_dir or the step files' folder
     states_of = {path: folder for folder in folders for _, path in list_complete_states(folder)}
     # each state folder's folder in the archive, named after it: never a name the archive has or may have as a
@@ -455,18 +463,27 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
             name += '-states'
         taken.add(name)
         into[folder] = os.path.join(archive, name)
-    for item in items:
-        if item in states_of:
-            if not judge_state(item, pickles=False).wholly_owned:
-                continue  # changed since the check: left where it is
-            states = into[states_of[item]]
-            if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)
-                os.makedirs(states)
-                ownership.write_marker(states, STATE_DIR, manifest=False)
-            _move_whole(item, os.path.join(states, os.path.basename(item)), archive)
-        elif ownership.kind_of(item) in (WEIGHTS, MODEL, PREDICTIONS):
-            _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive)
-    return archive
+    made = []
+    try:
+        for item in items:
+            if item in states_of:
+                if not judge_state(item, pickles=False).wholly_owned:
+                    continue  # changed since the check: left where it is
+                states = into[states_of[item]]
+                if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)
+                    os.makedirs(states)
+                    made.append(states)
+                    ownership.write_marker(states, STATE_DIR, manifest=False)
+                _move_whole(item, os.path.join(states, os.path.basename(item)), archive)
+            elif ownership.kind_of(item) in (WEIGHTS, MODEL, PREDICTIONS):
+                _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive)
+    except BaseException:
+        for states in made:  # still holding only the marker this made
+            if ownership.is_real_dir(states) and os.listdir(states) == [markers.MARKER_FILE]:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(states, markers.MARKER_FILE))
+                    os.rmdir(states)
+        raise
 
 
 def _move_whole(item: str, target: str, archive: str) -> None:
