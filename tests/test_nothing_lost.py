@@ -252,9 +252,17 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
     assert model_files.recorded_run(str(c / 'chat_small_t5.18.bin')) == runs_a['best']
     shutil.rmtree(c)
     shutil.copytree(a, c, symlinks=True)
+    # stopped before its first step, right after it moved the copy aside: its last line says how that one continues
+    r = cli_runner.run(train_cmd(tiny_flags(data, c, max_steps=5, save_steps=5)), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'moved-aside:sigterm'})
+    (archived,) = glob.glob(f'{c}/previous_runs/*/')
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 143 and 'no step was taken, nothing to save' in last, r.stderr[-2000:]
+    assert f'the earlier run is in {archived.rstrip("/")}: to continue that one' in last, last
+    assert f'--train_state_dir={archived}state' in last, last
     r = run_train(tiny_flags(data, c, max_steps=5, save_steps=5))
     assert r.returncode == 0, r.stderr[-2000:]
-    (archived,) = glob.glob(f'{c}/previous_runs/*/')
+    (archived,) = [p for p in glob.glob(f'{c}/previous_runs/*/') if os.path.isdir(f'{p}best')]
     assert model_files.recorded_run(f'{archived}best') == runs_a['best'] != model_files.recorded_run(str(c / 'final'))
     assert markers.file_kind(str(a / 'chat_small_t5.15.bin')) == markers.WEIGHTS  # the original untouched
 

@@ -70,6 +70,7 @@ class Checkpointer:
         self.settings, self.collectives, self.accelerator = settings, collectives, collectives.accelerator
         self.model, self.tokenizer, self.parts = model, tokenizer, parts
         self.last_saved_step, self.last_saved_path = -1, None  # the newest state of this run: saved or resumed
+        self.moved_run = ''  # where a fresh run moved an earlier one, and how that one continues
 
     # --- saving ---
 
@@ -116,8 +117,10 @@ class Checkpointer:
         archive = self.collectives.on_main_all_ranks(
             lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
         if archive:
+            advice = moved_run_advice(archive, t.output_dir, t.model_file)
+            self.moved_run = f'the earlier run is in {archive}: {advice}'
             logger.warning('a previous run left a state or models here; moved them to %s (nothing is deleted). '
-                           'This run starts afresh; %s', archive, moved_run_advice(archive, t.output_dir, t.model_file))
+                           'This run starts afresh; %s', archive, advice)
 
     # --- loading ---
 
@@ -153,7 +156,7 @@ def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:
     was saved for), its models and states apart from the new run's."""
     folders = sorted(os.path.join(archive, n) for n in os.listdir(archive)
                      if state_files.list_complete_states(os.path.join(archive, n)))
-    own = contract.states_of_output(folders, output_dir)
+    own = contract.states_of_output(folders, output_dir, models_now_in=archive)
     others = [f for f in folders if f != own]
     pattern = model_files.join_model_file(archive, *model_files.split_model_file(model_file)[1:])
     flags = [f'--output_dir={archive}', f'--model_file={pattern}']

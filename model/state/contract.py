@@ -210,11 +210,12 @@ def saved_places(state_dir: str) -> dict | None:
     return places
 
 
-def states_of_output(folders: list[str], output_dir: str) -> str | None:
+def states_of_output(folders: list[str], output_dir: str, models_now_in: str | None = None) -> str | None:
     """The first of these state folders whose newest state was saved by a run with this
-    output_dir, or by the run whose models are in it (a run folder copied or moved): the states
-    of the run whose models are (or were) there."""
-    runs = model_files.runs_in(output_dir)
+    output_dir, or by the run whose models are in it (a run folder copied or moved; or in
+    ``models_now_in``, where they were moved to): the states of the run whose models are (or
+    were) there."""
+    runs = model_files.runs_in(models_now_in or output_dir)
     for folder in folders:
         places = saved_places(folder)
         if places and (os.path.realpath(places['output_dir']) == os.path.realpath(output_dir)

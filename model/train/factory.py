@@ -159,6 +159,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         if not resume:
             with stopping.critical():
                 run.checkpointer.archive_previous_run_all_ranks(stamp)
+            fault_point('moved-aside')
         if resume:
             run.checkpointer.load_all_ranks(saved, run.state, run.data_position)
             apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler)

@@ -339,7 +339,9 @@ class Trainer:
         seconds = STOP.seconds_since_signal()
         logger.warning('rank %d: stopped by %s at step %d: %s%s; %.1f s after the signal; exit code %d',
                        self.rank, name, step, kept, pending, seconds, 128 + STOP.signum)
-        resume = '; continue with --is_keep_training=True' if step else ''
+        # nothing of this run to continue: how the earlier run it moved aside continues, if it moved one
+        resume = '; continue with --is_keep_training=True' if step else \
+            f'; {self.checkpointer.moved_run}' if self.checkpointer.moved_run else ''
         return STOP.stopped(f'{kept}{pending}{resume} ({seconds:.1f} s after the signal)')
 
     def finish_all_ranks(self) -> None:
