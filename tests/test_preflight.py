@@ -365,3 +365,21 @@ def test_step_files_or_logs_in_another_runs_model_folder_or_a_name_too_long_are_
                                            resume=False, world_size=1))
     assert 'more than the 255 a name may have there' in found['model_file'], found
     assert sorted(os.listdir(theirs)) == ['chat_small_t5.json', 'config.json']  # nothing written there
+
+
+def test_a_rank_of_a_run_of_several_that_stops_anyway_says_first_that_the_place_is_in_use(data, tmp_path):
+    from model.state import locks
+
+    out = tmp_path / 'run'
+    cfg = config(data, out)
+    held = locks.PlaceLock([cfg.train.train_state_dir, cfg.train.output_dir, preflight.model_folder(cfg.train)],
+                           'training run').acquire()  # a live run there, that has saved no state yet
+    try:
+        # a resume's rank (no lock probe while its main process may be taking them): it stops anyway, and says why
+        report = preflight.check_train(cfg, resume=True, world_size=2, locks=False, deep=False)
+        with pytest.raises(UserError, match=r'is in use by another run .*; wait for it to end'):
+            report.raise_first()
+        # a fresh run's rank that finds nothing wrong goes on: its own main process may hold the locks by now
+        assert preflight.check_train(cfg, resume=False, world_size=2, locks=False, deep=False).ready
+    finally:
+        held.release()

@@ -207,14 +207,15 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                                        f'earlier runs in a folder of that name',
                                        'remove or fix the link' if os.path.islink(archive) else 'move the file away'))
     judged = set()  # a folder that is two places (model_file's beside output_dir's models) is said once
+    in_use = []
     for name in ('train_state_dir', 'output_dir', 'model_file'):  # a lock file that is a link: always a problem
         if os.path.realpath(places[name]) in judged:
             continue
         judged.add(os.path.realpath(places[name]))
         who = problem(name, lambda path=places[name]: place_locks.is_locked(path))
-        if who and locks:
-            report.problems.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
-                                           'wait for it to end, or give this run other output paths', first=True))
+        if who:
+            in_use.append(Problem(name, f'{name}: {places[name]} is in use by another run ({who})',
+                                  'wait for it to end, or give this run other output paths', first=True))
 
     # sizes: at least one optimizer step, and room on disk for a state
     if files['train_file'] and report.vocab_size:
@@ -260,6 +261,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.problems.append(too_few_for_a_step(
                 t, f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)', world_size))
         report.notes += warmup_notes(t, report.total_steps)
+    # a place in use explains the rest (no state saved yet, ...). Without ``locks`` (a rank of a run of several,
+    # whose main process may be taking the locks now) only when the run stops anyway: every rank then found a
+    # problem by the same checks, so no main process of this run holds them
+    if locks or report.problems:
+        report.problems += in_use
     return report
 
 
