@@ -229,11 +229,11 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
             if extra:
                 assert r.returncode == 1 and said in r.stdout and runs_b['best'] in r.stdout, r.stdout[-2000:]
                 continue
-            line = assert_user_error(r, said, f'written by another run ({runs_b["best"]})',
-                                     f'than the one whose state this resumes ({runs_a["best"]}')
+            line = assert_user_error(r, said, f'of another run ({runs_b["best"]}), not of the run this resumes '
+                                     f'({runs_a["best"]}')
             wanted = shlex.quote(f'--output_dir={a}') if 'output_dir' in place else \
                 shlex.quote(f'--model_file={a}/chat_small_t5.{{}}.bin')
-            assert line.endswith(f'resume with {wanted}, where this run saved them'), line
+            assert line.endswith(f'resume with {wanted}, where this run saved its models'), line
     assert snapshot(b) == before
     # a resume into its own places keeps its id; final/ scored by `test` before: the resume that replaces it says
     # the predictions describe the one before

@@ -296,19 +296,12 @@ def test_a_resume_that_finds_its_states_where_they_were_before_output_dir_took_t
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
     (problem,) = preflight.check_train(cfg, resume=True, world_size=1).problems
     assert problem.line().endswith('start without --is_keep_training (or check --train_state_dir)')
-    # a copy of the run's best/ elsewhere is known by the run's id its marker records: that run's states
-    import json
+    # a copy of the run's best/ alone (its run's states elsewhere, its output_dir still holding it): moved aside, and
+    # nothing promises a resume -- that run's states stay that run's
     import shutil
 
     shutil.copytree(out / 'best', tmp_path / 'other' / 'best')
     cfg = preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': str(tmp_path / 'other')}))
-    (note,) = [n for n in preflight.check_train(cfg, resume=False, world_size=1).notes if 'a previous run' in n]
-    assert note.endswith(f'to continue it instead: --is_keep_training=True --train_state_dir={old}/train_latest_state '
-                         f"'--model_file={old}/chat_small_t5.{{}}.bin'"), note
-    # models without any state of their run (written before runs had ids): moved aside, and nothing promises a resume
-    marker = tmp_path / 'other' / 'best' / markers.MARKER_FILE
-    info = json.loads(marker.read_text())
-    marker.write_text(json.dumps({k: v for k, v in info.items() if k != 'run_id'}))
     (note,) = [n for n in preflight.check_train(cfg, resume=False, world_size=1).notes if 'a previous run' in n]
     assert 'is_keep_training' not in note and note.endswith('it cannot be continued from there)'), note
 
@@ -346,6 +339,7 @@ def test_a_fresh_run_names_the_states_of_the_run_whose_models_it_moves_and_no_ot
     assert f'holds the states of another run, whose output_dir is {tmp_path}/elsewhere' in found['train_state_dir']
     assert found['train_state_dir'].endswith(f'that run resumes with --is_keep_training=True '
                                              f'--output_dir={tmp_path}/elsewhere '
+                                             f"'--model_file={tmp_path}/elsewhere/m.{{}}.bin' "
                                              f'--train_state_dir={tmp_path}/shared_states)'), found
 
 
@@ -383,3 +377,21 @@ def test_a_rank_of_a_run_of_several_that_stops_anyway_says_first_that_the_place_
         assert preflight.check_train(cfg, resume=False, world_size=2, locks=False, deep=False).ready
     finally:
         held.release()
+
+
+def test_a_resume_among_another_runs_states_or_models_is_refused_whichever_has_an_id(data, tmp_path):
+    from test_states import run_models, run_state
+
+    out = tmp_path / 'run'
+    run_state(out / 'state', 10, None, output_dir=out)  # a run from before runs had ids ...
+    run_models(out, 'R', folders=('best',))  # ... and best/ of a run with one: not its own
+    found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))
+    assert f'output_dir: {out}/best is the model of another run (R), not of the run this resumes (from before ' \
+           f'runs had ids' in found['output_dir'] and found['output_dir'].endswith('move it out of the way (or give '
+           "this resume the --output_dir and --model_file that hold this run's models)"), found
+    # the states of two runs in one train_state_dir: a resume would continue the newest among the other's
+    run_state(out / 'state', 20, 'S', output_dir=out)
+    found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))
+    assert f'holds the states of more than one run (run from before runs had ids: state-000000010; run S: ' \
+           f'state-000000020); this resume would continue the newest, {out}/state/state-000000020' in \
+           found['train_state_dir'], found

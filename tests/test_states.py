@@ -379,3 +379,75 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
         sf.archive_previous_run(str(only / 'states'), str(only / 'm.{}.bin'), str(only), 'stamp')
     monkeypatch.undo()
     assert sorted(os.listdir(only)) == ['states'] and names(only / 'states') == ['state-000000020']
+
+
+def run_state(state_dir, step, run, output_dir=None) -> str:
+    """A state saved by the run with this id (None: before runs had ids) for this output_dir."""
+    import json
+
+    config = {'train': {'output_dir': str(output_dir or state_dir), 'model_file': f'{output_dir or state_dir}/m.{{}}.bin'}}
+    return make_state(state_dir, step, files={'model.safetensors': f'weights {step}', **JSON_FILES,
+                                              'config.json': json.dumps(config),
+                                              'run.json': json.dumps({'run_id': run} if run else {}),
+                                              'tokenizer/tokenizer.json': 'tok'})
+
+
+def run_models(out, run, folders=('best',), steps=()) -> None:
+    """Model folders and step files (out/m.<step>.bin) as the run with this id writes them."""
+    import torch
+
+    from model.state.model_files import save_weights_file
+
+    for name in folders:
+        os.makedirs(out / name)
+        (out / name / 'model.safetensors').write_text('weights')
+        own.write_marker(str(out / name), markers.MODEL, **({'run_id': run} if run else {}))
+    for step in steps:
+        save_weights_file({'w': torch.zeros(2)}, str(out / f'm.{step}.bin'), step=step, run_id=run)
+
+
+def test_the_models_another_run_wrote_are_told_by_their_run_id_either_way(tmp_path):
+    from model.state.model_files import other_runs_models, runs_in
+
+    out = tmp_path / 'out'
+    run_models(out, 'R', folders=('best',), steps=(10,))
+    run_models(out, None, folders=('final',), steps=(20,))  # written before runs had ids
+    os.makedirs(out / 'mine')  # a user's folder, and a link to a model: never a run's model
+    os.symlink(out / 'best', out / 'm.30.bin')
+    pattern = str(out / 'm.{}.bin')
+    assert runs_in(str(out)) == {'R'} and runs_in(str(out), pattern) == {'R'}
+    assert sorted(other_runs_models(str(out), pattern, 'R')) == [(str(out / 'final'), None), (str(out / 'm.20.bin'), None)]
+    # a run from before ids writes none with an id: those with one are another run's; its own look like the rest
+    assert sorted(other_runs_models(str(out), pattern, None)) == [(str(out / 'best'), 'R'), (str(out / 'm.10.bin'), 'R')]
+    assert sorted(p for p, _ in other_runs_models(str(out), pattern, 'S')) == [
+        str(out / n) for n in ('best', 'final', 'm.10.bin', 'm.20.bin')]
+
+
+def test_a_state_folder_is_the_copy_of_a_run_only_inside_the_copy_or_where_the_original_is_gone(tmp_path):
+    a, copy = tmp_path / 'a', tmp_path / 'copy'
+    run_models(a, 'R', steps=(10,))
+    run_models(copy, 'R', folders=(), steps=(10,))  # a copy of its outputs, no best/ yet: its step files tell the run
+    inside, outside = copy / 'state', tmp_path / 'shared_states'
+    for folder in (inside, outside):
+        run_state(folder, 10, 'R', output_dir=a)
+    pattern = f'{copy}/m.{{}}.bin'
+    assert contract.states_of_output([str(inside)], str(copy), pattern) == str(inside)
+    # states outside the copy, their run's models still in a: that run's, never the copy's
+    assert contract.states_of_output([str(outside)], str(copy), pattern) is None
+    assert contract.holds_its_run(contract.saved_places(str(outside)))
+    shutil.move(str(a), str(tmp_path / 'a_moved'))  # the original moved away: nothing holds them there now
+    assert not contract.holds_its_run(contract.saved_places(str(outside)))
+    assert contract.states_of_output([str(outside)], str(copy), pattern) == str(outside)
+    # another run's states are no copy
+    run_state(tmp_path / 'other', 10, 'S', output_dir=a)
+    assert contract.states_of_output([str(tmp_path / 'other')], str(copy), pattern) is None
+
+
+def test_a_save_prunes_only_its_own_runs_states(tmp_path):
+    states = tmp_path / 'states'
+    for step, run in ((10, 'R'), (20, 'R'), (30, 'S'), (40, 'R')):
+        run_state(states, step, run)
+    assert contract.runs_of_states(str(states)) == {'R': [str(states / sf.state_name(s)) for s in (10, 20, 40)],
+                                                    'S': [str(states / sf.state_name(30))]}
+    sf._prune_states(str(states), keep=1, saved=str(states / sf.state_name(40)))
+    assert names(states) == [sf.state_name(30), sf.state_name(40)]  # the other run's state stays

@@ -156,9 +156,9 @@ def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:
     was saved for), its models and states apart from the new run's."""
     folders = sorted(os.path.join(archive, n) for n in os.listdir(archive)
                      if state_files.list_complete_states(os.path.join(archive, n)))
-    own = contract.states_of_output(folders, output_dir, models_now_in=archive)
-    others = [f for f in folders if f != own]
     pattern = model_files.join_model_file(archive, *model_files.split_model_file(model_file)[1:])
+    own = contract.states_of_output(folders, archive, pattern, saved_for=output_dir)
+    others = [f for f in folders if f != own]
     flags = [f'--output_dir={archive}', f'--model_file={pattern}']
     also = ''.join(f'; also moved: {f}, the states of a run whose output_dir was '
                    f'{(contract.saved_places(f) or {}).get("output_dir", "not known")}' for f in others)

@@ -48,7 +48,7 @@ from model.faults import fault_point
 from model.state import model_files, ownership, states
 
 PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json', 'counters': 'counters.json'}
-RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': 'run.json'}
+RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': states.RUN_JSON}
 TOKENIZER_COPY = states.TOKENIZER_COPY
 STATES_KEPT = 2  # loadable states a run keeps: a damaged newest one still leaves one to resume
 
@@ -210,18 +210,44 @@ def saved_places(state_dir: str) -> dict | None:
     return places
 
 
-def states_of_output(folders: list[str], output_dir: str, models_now_in: str | None = None) -> str | None:
-    """The first of these state folders whose newest state was saved by a run with this
-    output_dir, or by the run whose models are in it (a run folder copied or moved; or in
-    ``models_now_in``, where they were moved to): the states of the run whose models are (or
-    were) there."""
-    runs = model_files.runs_in(models_now_in or output_dir)
+def states_of_output(folders: list[str], output_dir: str, model_file: str, saved_for: str | None = None
+                     ) -> str | None:
+    """The first of these state folders that holds the states of the run whose models are at
+    output_dir and model_file: saved by a run with that output_dir (``saved_for``, where they
+    were moved from, when given), or -- a run folder copied or moved -- by the run whose id these
+    models carry, when the folder lies inside output_dir or its saved places no longer hold that
+    run's models (a copy of the outputs alone never takes the original's states)."""
+    runs = model_files.runs_in(output_dir, model_file)
     for folder in folders:
         places = saved_places(folder)
-        if places and (os.path.realpath(places['output_dir']) == os.path.realpath(output_dir)
-                       or places['run_id'] in runs):
+        if not places:
+            continue
+        if os.path.realpath(places['output_dir']) == os.path.realpath(saved_for or output_dir):
+            return folder
+        if places['run_id'] in runs and (ownership.same_or_inside(folder, output_dir) or not holds_its_run(places)):
             return folder
     return None
+
+
+def holds_its_run(places: dict) -> bool:
+    """Whether the places a state was saved for (saved_places) still hold its run: models with its
+    id there (a run from before ids: its output_dir is there)."""
+    if places.get('run_id') is None:
+        return os.path.isdir(places['output_dir'])
+    return places['run_id'] in model_files.runs_in(places['output_dir'], places['model_file'])
+
+
+def runs_of_states(state_dir: str) -> dict[str | None, list[str]]:
+    """The complete states in state_dir by the run that saved them (None: before runs had ids);
+    a state whose run.json cannot be read is left out."""
+    found: dict[str | None, list[str]] = {}
+    for _, path in states.list_complete_states(state_dir):
+        try:
+            run = run_id_of(states.read_json(os.path.join(path, RUN_FILES['run'])))
+        except (OSError, ValueError):
+            continue
+        found.setdefault(run, []).append(path)
+    return found
 
 
 def new_run_id(stamp: str) -> str:

@@ -91,28 +91,40 @@ def model_identity(path: str) -> str | None:
 RUN_ID = 'run_id'  # the key of the run's id in a model's marker (model/state/contract.py: new_run_id)
 
 
-def recorded_run(path: str) -> str | None:
-    """The id of the run that wrote this model (a model folder or a weights file of the toolkit),
-    as its marker records it; None for anything else, or a model written before ids were kept."""
-    if ownership.is_link(path):
+def model_record(path: str) -> dict | None:
+    """The marker of a model the toolkit wrote (a model folder or a weights file, never through a
+    link); None for anything else."""
+    if ownership.is_link(path) or not os.path.lexists(path):
         return None
     info = ownership.read_marker(path) if os.path.isdir(path) else markers.file_marker(path)
-    if not info or info.get('kind') not in (MODEL, WEIGHTS):
-        return None
-    found = info.get(RUN_ID)
+    return info if info and info.get('kind') in (MODEL, WEIGHTS) else None
+
+
+def recorded_run(path: str) -> str | None:
+    """The id of the run that wrote this model, as its marker records it; None for anything else,
+    or a model written before runs had ids."""
+    found = (model_record(path) or {}).get(RUN_ID)
     return found if isinstance(found, str) and found else None
 
 
-def runs_in(output_dir: str) -> set[str]:
-    """The ids of the runs whose model folders (best/, final/) are in output_dir."""
-    return {run for run in map(recorded_run, model_folders(output_dir)) if run}
+def _models_at(output_dir: str, model_file: str | None) -> list[str]:
+    """The toolkit's models a run with these places writes: output_dir's model folders, and the
+    model_file pattern's step and best files."""
+    files = [p for _, p in owned_model_files(model_file, r'\d+|best')] if model_file else []
+    return [p for p in [*model_folders(output_dir), *files] if model_record(p) is not None]
 
 
-def other_runs_models(output_dir: str, model_file: str, run_id: str) -> list[tuple[str, str]]:
-    """(path, its run's id) of the models a run with this id would replace or prune that another
-    run wrote: output_dir's model folders, the model_file pattern's step and best files."""
-    paths = [*model_folders(output_dir), *(p for _, p in owned_model_files(model_file, r'\d+|best'))]
-    return [(p, run) for p in paths for run in [recorded_run(p)] if run and run != run_id]
+def runs_in(output_dir: str, model_file: str | None = None) -> set[str]:
+    """The ids of the runs whose models are at these places (output_dir's best/ and final/, and
+    with model_file its pattern's files)."""
+    return {run for run in map(recorded_run, _models_at(output_dir, model_file)) if run}
+
+
+def other_runs_models(output_dir: str, model_file: str, run_id: str | None) -> list[tuple[str, str | None]]:
+    """(path, its run's id) of the models at these places that a run with this id did not write:
+    another id, or -- for a run with an id -- none (a run from before ids). A run from before ids
+    (None) writes none with an id; its own models, without one, are not told apart from others."""
+    return [(p, run) for p in _models_at(output_dir, model_file) for run in [recorded_run(p)] if run != run_id]
 
 
 PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)

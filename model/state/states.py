@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = markers.MARKER_FILE
 TOKENIZER_COPY = 'tokenizer'
+RUN_JSON = 'run.json'  # what describes the run that saved a state (model/state/contract.py)
 _STATE_RE = re.compile(r'^state-(\d+)(?:\.(\d+))?$')
 _TMP_RE = re.compile(r'^\.tmp-state-\d+$')
 TORCH_FILES = ('.bin', '.pkl', '.pt')
@@ -258,7 +259,7 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
     with contextlib.suppress(OSError):  # in place and complete: no longer a save in progress (never listed)
         os.remove(os.path.join(final, SAVING))
     remember_whole(final)
-    _prune_states(state_dir, keep)
+    _prune_states(state_dir, keep, final)
     _sweep_tmp_states(state_dir)
     return final
 
@@ -266,10 +267,22 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
 _warned_not_pruned: set[str] = set()
 
 
-def _prune_states(state_dir: str, keep: int) -> None:
-    """Delete the states older than the newest ``keep`` loadable ones -- only those wholly the
-    toolkit's; any other is left alone and said once."""
+def state_run(path: str) -> str | None:
+    """The id of the run that saved this state (its run.json; None before runs had ids, or unreadable)."""
+    try:
+        found = read_json(os.path.join(path, RUN_JSON)).get('run_id')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
+def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
+    """Delete the states older than the newest ``keep`` loadable ones of the run that just saved
+    ``saved`` (default: the newest state) -- only those wholly the toolkit's; any other is left
+    alone and said once. Another run's states in the folder are never pruned."""
     states = [path for _, path in list_complete_states(state_dir)]
+    run = state_run(saved or states[-1]) if states else None
+    states = [path for path in states if state_run(path) == run]
     loadable = [p for p in states if judge_state(p).loadable]  # whole: a state damaged since never counts
     kept = set(loadable[-keep:]) if keep > 0 else set()
     for path in states:

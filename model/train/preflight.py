@@ -490,10 +490,10 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                                                  f' --train_state_dir={shlex.quote(folder)}')
         for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
             report.problems.append(Problem('train_state_dir', message))
-        places = contract.saved_places(folder) or {}
-        theirs = places.get('output_dir', '')
-        if (theirs and os.path.isdir(theirs) and os.path.realpath(theirs) != os.path.realpath(t.output_dir)
-                and places.get('run_id') not in model_files.runs_in(t.output_dir)):  # not a copy of that run
+        places = contract.saved_places(folder)
+        theirs = places['output_dir'] if places else ''
+        if (places and os.path.realpath(theirs) != os.path.realpath(t.output_dir) and contract.holds_its_run(places)
+                and contract.states_of_output([folder], t.output_dir, t.model_file) is None):  # nor a copy of it here
             # another run's states (a state folder two runs share): moved into this run's archive, that run's own
             # resume would then continue this one's states over its models
             report.problems.append(Problem(
@@ -501,12 +501,13 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                 f'{theirs}; a fresh run here would move them into '
                 f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/, away from that run', f'give this run a --train_state_dir of its own (that run resumes with '
                 f'--is_keep_training=True {shlex.quote(f"--output_dir={theirs}")} '
+                f'{shlex.quote("--model_file=" + places["model_file"])} '
                 f'{shlex.quote(f"--train_state_dir={folder}")})'))
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
             with_states = [f for f in folders if ckpt.list_complete_states(f)]
-            own = contract.states_of_output(with_states, t.output_dir)  # the run whose models are here
+            own = contract.states_of_output(with_states, t.output_dir, t.model_file)  # the run whose models are here
             elsewhere = _states_elsewhere(cfg, flags_only=True) if own is None else ''
             if own is not None:
                 resume = '; to continue it instead: --is_keep_training=True' + (
@@ -542,7 +543,7 @@ def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
     if cfg.sources.get('train_state_dir') != 'from --output_dir':
         return ''
     before = place_before_output_dir(cfg.preset, 'train_state_dir')
-    if contract.states_of_output([before], t.output_dir) is None:  # no state there, or another output_dir's
+    if contract.states_of_output([before], t.output_dir, t.model_file) is None:  # none there, or another output_dir's
         return ''
     pattern = contract.saved_places(before)['model_file']
     flags = f'{shlex.quote(f"--train_state_dir={before}")} {shlex.quote(f"--model_file={pattern}")}'
@@ -552,25 +553,26 @@ def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
 
 def _other_runs_models(t, saved: contract.SavedState) -> list[Problem]:
     """A resume that would replace or prune models another run wrote (output_dir's model folders,
-    the model_file pattern's files): refused, with where this run's own models are."""
+    the model_file pattern's files): refused, with this run's own places where they still hold it."""
     run_id = contract.run_id_of(saved.run)
-    if run_id is None:  # a state saved before ids were kept: whose models are which is not known
-        return []
     others = model_files.other_runs_models(t.output_dir, t.model_file, run_id)
     if not others:
         return []
     places = saved.config.get('train', {})
     own = {k: str(places[k]) for k in ('output_dir', 'model_file') if places.get(k)}
-    flags = ' '.join(shlex.quote(f'--{k}={v}') for k, v in own.items() if v != getattr(t, k))
-    runs = sorted({run for _, run in others})
+    moved = {k: v for k, v in own.items() if v != getattr(t, k)}
+    holds = len(own) == 2 and not model_files.other_runs_models(own['output_dir'], own['model_file'], run_id)
+    runs = sorted({run or 'a run from before runs had ids' for _, run in others})
     folders = {os.path.realpath(p) for p in model_files.model_folders(t.output_dir)}
     name = 'output_dir' if any(os.path.realpath(p) in folders for p, _ in others) else 'model_file'
     shown = ', '.join(p for p, _ in others[:4]) + (f' and {len(others) - 4} more' if len(others) > 4 else '')
-    fix = (f'resume with {flags}, where this run saved them' if flags else
-           'move them out of the way, or give this resume a new, empty --output_dir and --model_file')
-    return [Problem(name, f'{shown} {"was" if len(others) == 1 else "were"} written by another run '
-                    f'({", ".join(runs)}) than the one whose state this resumes ({run_id}, {saved.path}); '
-                    f'the resume would replace or prune them', fix)]
+    one = len(others) == 1
+    fix = (f'resume with {" ".join(shlex.quote(f"--{k}={v}") for k, v in moved.items())}, where this run saved its '
+           f'models' if moved and holds else f'move {"it" if one else "them"} out of the way (or give this resume the '
+           f'--output_dir and --model_file that hold this run\'s models)')
+    return [Problem(name, f'{name}: {shown} {"is" if one else "are"} the model{"" if one else "s"} of another run '
+                    f'({", ".join(runs)}), not of the run this resumes ({run_id or "from before runs had ids"}, '
+                    f'{saved.path}); the resume would replace or prune {"it" if one else "them"}', fix)]
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
@@ -584,6 +586,15 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
     report.problems += _other_runs_models(t, saved)
+    runs = contract.runs_of_states(t.train_state_dir)
+    if len(runs) > 1:  # its saves would sit among another run's states, and a resume could take either's
+        said = '; '.join(f'run {run or "from before runs had ids"}: '
+                         f'{", ".join(os.path.basename(p) for p in paths)}' for run, paths in runs.items())
+        report.problems.append(Problem('train_state_dir', f'train_state_dir: {t.train_state_dir} holds the states of '
+                                       f'more than one run ({said}); this resume would continue the newest, '
+                                       f'{saved.path}, among the other\'s',
+                                       'move each run\'s states into a folder of their own, then resume with '
+                                       '--train_state_dir=<that folder>'))
     saved_cfg = saved.config.get('train', {})
     for name, why in REFUSED_ON_RESUME.items():
         if saved_cfg.get(name) != getattr(t, name):
