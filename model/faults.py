@@ -8,8 +8,9 @@ specs are separated by commas. Unset -- the only case outside tests -- it costs 
 lookup per call.
 
 Points: ``dry-run`` (a dry run, before its checks), ``start-up`` (a training run, before its
-state is loaded), ``moved-aside`` (a fresh run, after it moved an earlier run aside), ``train-step`` (inside a step, after a micro-batch's backward; the step is the
-one being taken), ``eval-loss`` (before each validation batch), ``eval-generate`` (after each
+state is loaded), ``moved-aside`` (a fresh run, right after it moved an earlier run aside),
+``train-step`` (inside a step, after a micro-batch's backward; the step is the one being taken),
+``eval-loss`` (before each validation batch), ``eval-generate`` (after each
 token generated for BLEU and the samples), ``state-save`` (inside a state save, after the
 engine's files), ``write`` (a file or folder written in full at its temporary name, not yet
 renamed into place: every writer).

@@ -15,12 +15,15 @@ counters           steps, rows, tokens, best loss (TrainState)     counters.json
 =================  ==============================================  ===============================
 
 and what describes the run that saved it -- ``config.json``, ``fingerprint.json`` (model shape,
-tokenizer, data), ``run.json`` (world size, engine, time, the run's id), ``tokenizer/`` (its copy). The run's id
-(:func:`new_run_id`) is made by a fresh start, kept by every resume, and recorded in every model
-the run writes: a resume never replaces another run's models (preflight), and a copy of a run
-folder is known as the same run. The run's
-own parts are ``Stateful`` (``state_dict()`` / ``load_state_dict()``) and are saved as JSON: plain
-data, so loading one runs no code, and a newcomer adds a part by adding it to the dict.
+tokenizer, data), ``run.json`` (world size, engine, time, the run's id), ``tokenizer/`` (its
+copy). The run's own parts are ``Stateful`` (``state_dict()`` / ``load_state_dict()``) and are
+saved as JSON: plain data, so loading one runs no code, and a newcomer adds a part by adding it to
+the dict.
+
+The run's id (:func:`new_run_id`) is made by a fresh start, kept by every resume, and recorded in
+every state and every model the run writes: a resume never replaces another run's models nor
+prunes another run's states (preflight, states.py), and a run folder copied with its states is
+known as the same run (:func:`states_of_output`).
 
 Validated once: :func:`inspect` (the start-up checks, on the main process, and the dry run)
 judges the states newest first -- every listed file as saved, no torch file that would unpickle
@@ -50,6 +53,7 @@ from model.state import model_files, ownership, states
 PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json', 'counters': 'counters.json'}
 RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': states.RUN_JSON}
 TOKENIZER_COPY = states.TOKENIZER_COPY
+run_id_of = states.run_id_of  # the run's id a state's run.json records (None: before runs had ids)
 STATES_KEPT = 2  # loadable states a run keeps: a damaged newest one still leaves one to resume
 
 
@@ -203,10 +207,7 @@ def saved_places(state_dir: str) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if places is not None:
-        try:
-            places['run_id'] = run_id_of(states.read_json(os.path.join(newest, RUN_FILES['run'])))
-        except (OSError, ValueError, TypeError):
-            places['run_id'] = None
+        places['run_id'] = states.state_run(newest)
     return places
 
 
@@ -242,11 +243,9 @@ def runs_of_states(state_dir: str) -> dict[str | None, list[str]]:
     a state whose run.json cannot be read is left out."""
     found: dict[str | None, list[str]] = {}
     for _, path in states.list_complete_states(state_dir):
-        try:
-            run = run_id_of(states.read_json(os.path.join(path, RUN_FILES['run'])))
-        except (OSError, ValueError):
-            continue
-        found.setdefault(run, []).append(path)
+        run = states.read_run(path)
+        if run is not None:
+            found.setdefault(run_id_of(run), []).append(path)
     return found
 
 
@@ -254,12 +253,6 @@ def new_run_id(stamp: str) -> str:
     """A fresh run's id: its start time and 8 random hex digits (two runs started in the same
     second on two nodes differ)."""
     return f'{stamp}-{secrets.token_hex(4)}'
-
-
-def run_id_of(run: dict) -> str | None:
-    """The run's id a state's run.json records (None: saved before ids were kept)."""
-    found = run.get('run_id') if isinstance(run, dict) else None
-    return found if isinstance(found, str) and found else None
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -404,4 +397,4 @@ def describe_run(config: dict, fingerprint_: dict, world: int, engine: str, run_
     """config.json, fingerprint.json and run.json of a state about to be saved."""
     return {'config': config, 'fingerprint': fingerprint_,
             'run': {'world_size': world, 'engine': engine, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S'),
-                    'run_id': run_id}}
+                    model_files.RUN_ID: run_id}}

@@ -88,7 +88,7 @@ def model_identity(path: str) -> str | None:
     return None
 
 
-RUN_ID = 'run_id'  # the key of the run's id in a model's marker (model/state/contract.py: new_run_id)
+RUN_ID = 'run_id'  # the key of the run's id in a model's marker and a state's run.json (contract.new_run_id)
 
 
 def model_record(path: str) -> dict | None:

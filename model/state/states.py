@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, STATES_IN_OUTPUT_DIR,
+from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, RUN_ID, STATES_IN_OUTPUT_DIR,
                                      model_file_pattern, model_folder, model_folders, model_identity,
                                      owned_model_files)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
@@ -267,13 +267,24 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
 _warned_not_pruned: set[str] = set()
 
 
-def state_run(path: str) -> str | None:
-    """The id of the run that saved this state (its run.json; None before runs had ids, or unreadable)."""
+def read_run(path: str) -> dict | None:
+    """What describes the run that saved this state (its run.json); None when unreadable."""
     try:
-        found = read_json(os.path.join(path, RUN_JSON)).get('run_id')
-    except (OSError, ValueError, AttributeError):
+        run = read_json(os.path.join(path, RUN_JSON))
+    except (OSError, ValueError):
         return None
+    return run if isinstance(run, dict) else None
+
+
+def run_id_of(run: dict | None) -> str | None:
+    """The run's id a state's run.json records (None: saved before runs had ids)."""
+    found = run.get(RUN_ID) if isinstance(run, dict) else None
     return found if isinstance(found, str) and found else None
+
+
+def state_run(path: str) -> str | None:
+    """The id of the run that saved this state (None before runs had ids, or unreadable)."""
+    return run_id_of(read_run(path))
 
 
 def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
