@@ -499,7 +499,8 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
             report.problems.append(Problem(
                 'train_state_dir', f'train_state_dir: {folder} holds the states of another run, whose output_dir is '
                 f'{theirs}; a fresh run here would move them into '
-                f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/, away from that run', f'give this run a --train_state_dir of its own (that run resumes with '
+                f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/, away from that run',
+                f'give this run a --train_state_dir of its own (that run resumes with '
                 f'--is_keep_training=True {shlex.quote(f"--output_dir={theirs}")} '
                 f'{shlex.quote("--model_file=" + places["model_file"])} '
                 f'{shlex.quote(f"--train_state_dir={folder}")})'))
