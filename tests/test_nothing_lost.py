@@ -233,7 +233,7 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
                                      f'({runs_a["best"]}')
             wanted = shlex.quote(f'--output_dir={a}') if 'output_dir' in place else \
                 shlex.quote(f'--model_file={a}/chat_small_t5.{{}}.bin')
-            assert line.endswith(f'resume with {wanted}, where this run saved its models'), line
+            assert line.endswith(f'resume with {wanted}, where this run\'s models are'), line
     assert snapshot(b) == before
     # a resume into its own places keeps its id; final/ scored by `test` before: the resume that replaces it says
     # the predictions describe the one before
@@ -241,7 +241,8 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
     assert r.returncode == 0 and os.path.exists(a / 'final.predictions.valid.jsonl'), r.stderr[-2000:]
     r = run_train(tiny_flags(data, a, max_steps=15, save_steps=5), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f'{a}/final.predictions.valid.jsonl scored the model at {a}/final before this save replaced it' in r.stderr
+    assert f'{a}/final.predictions.valid.jsonl scored the model that was at {a}/final until this save replaced it' \
+           in r.stderr
     assert model_files.recorded_run(str(a / 'chat_small_t5.15.bin')) == runs_a['best']
     # a copy of a run folder (its states inside): the same run, not another run's states; a fresh run there moves
     # the copy aside as its own earlier run, and the copy resumes on its own
@@ -258,8 +259,13 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
     (archived,) = glob.glob(f'{c}/previous_runs/*/')
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 143 and 'no step was taken, nothing to save' in last, r.stderr[-2000:]
-    assert f'the earlier run is in {archived.rstrip("/")}: to continue that one' in last, last
-    assert f'--train_state_dir={archived}state' in last, last
+    assert (f'; the earlier run it moved aside continues with --is_keep_training=True --output_dir='
+            f'{archived.rstrip("/")} \'--model_file={archived}chat_small_t5.{{}}.bin\' --train_state_dir={archived}state '
+            f'(') in last, last
+    # its requeue as a resume (nothing of its own saved): the same way to the earlier run
+    r = run_train(tiny_flags(data, c, max_steps=5, save_steps=5), '--is_keep_training=True')
+    assert_user_error(r, 'no complete saved state', f'or continue the run a fresh run here moved aside last, to '
+                      f'{archived.rstrip("/")}, with --is_keep_training=True --output_dir={archived.rstrip("/")}')
     r = run_train(tiny_flags(data, c, max_steps=5, save_steps=5))
     assert r.returncode == 0, r.stderr[-2000:]
     (archived,) = [p for p in glob.glob(f'{c}/previous_runs/*/') if os.path.isdir(f'{p}best')]

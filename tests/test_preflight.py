@@ -332,11 +332,16 @@ def test_a_fresh_run_names_the_states_of_the_run_whose_models_it_moves_and_no_ot
     state_of(tmp_path / 'shared_states', 30, tmp_path / 'elsewhere')
     found = note(other, train_state_dir=tmp_path / 'shared_states')
     assert 'is_keep_training' not in found and found.endswith('it cannot be continued from there)'), found
-    # ... while that output_dir is there: another run's states, which a fresh run would take from it
+    # ... while that output_dir holds that run (its models; a run from before ids here): another run's states,
+    # which a fresh run would take from it
+    from test_states import run_models
+
     os.makedirs(tmp_path / 'elsewhere')
+    assert note(other, train_state_dir=tmp_path / 'shared_states') == found  # an empty folder holds no run
+    run_models(tmp_path / 'elsewhere', None)
     found = problems(preflight.check_train(config(data, other, train_state_dir=tmp_path / 'shared_states'),
                                            resume=False, world_size=1))
-    assert f'holds the states of another run, whose output_dir is {tmp_path}/elsewhere' in found['train_state_dir']
+    assert f'holds the states of another run, whose models are in {tmp_path}/elsewhere' in found['train_state_dir']
     assert found['train_state_dir'].endswith(f'that run resumes with --is_keep_training=True '
                                              f'--output_dir={tmp_path}/elsewhere '
                                              f"'--model_file={tmp_path}/elsewhere/m.{{}}.bin' "
@@ -395,3 +400,42 @@ def test_a_resume_among_another_runs_states_or_models_is_refused_whichever_has_a
     assert f'holds the states of more than one run (run from before runs had ids: state-000000010; run S: ' \
            f'state-000000020); this resume would continue the newest, {out}/state/state-000000020' in \
            found['train_state_dir'], found
+
+
+def test_a_copy_of_a_runs_outputs_alone_never_resumes_its_states_and_a_copy_with_them_is_that_run(data, tmp_path):
+    import shutil
+
+    from test_states import run_models, run_state
+
+    a, copy, shared = tmp_path / 'a', tmp_path / 'copy', tmp_path / 'shared_states'
+    run_models(a, 'R', steps=(10,))
+    run_state(shared, 10, 'R', output_dir=a)  # its states outside its output_dir
+    shutil.copytree(a, copy)
+    found = problems(preflight.check_train(config(data, copy, train_state_dir=shared), resume=True, world_size=1))
+    assert found['output_dir'].startswith(f'output_dir: the run whose state this resumes ({shared}/state-000000010) '
+                                          f'has its models in {a}; resumed with --output_dir={copy} it would go on '
+                                          f'apart from them'), found
+    assert found['output_dir'].endswith(f"resume with --output_dir={a} '--model_file={a}/m.{{}}.bin', or move {a} "
+                                        f'away first to continue here'), found
+    shutil.move(str(a), str(tmp_path / 'a_moved'))  # moved by hand: the copy is the run's only place now
+    assert 'output_dir' not in problems(preflight.check_train(config(data, copy, train_state_dir=shared),
+                                                              resume=True, world_size=1))
+    # a run's folder holding its outputs and its states side by side, copied whole: the copy's states went along
+    run_models(tmp_path / 'root' / 'out', 'T', steps=(10,))
+    run_state(tmp_path / 'root' / 'state', 10, 'T', output_dir=tmp_path / 'root' / 'out')
+    shutil.copytree(tmp_path / 'root', tmp_path / 'root2')
+    for resume in (True, False):
+        found = problems(preflight.check_train(config(data, tmp_path / 'root2' / 'out',
+                                                      train_state_dir=tmp_path / 'root2' / 'state'),
+                                               resume=resume, world_size=1))
+        assert 'output_dir' not in found and 'train_state_dir' not in found, found
+    # a run from before ids copied with its states inside: that run, not another's; a fresh run there moves them aside
+    old, old_copy = tmp_path / 'old', tmp_path / 'old_copy'
+    run_models(old, None, steps=(10,))
+    run_state(old / 'state', 10, None, output_dir=old)
+    shutil.copytree(old, old_copy)
+    assert 'train_state_dir' not in problems(preflight.check_train(
+        config(data, old_copy, train_state_dir=old_copy / 'state'), resume=False, world_size=1))
+    found = problems(preflight.check_train(config(data, tmp_path / 'third', train_state_dir=old / 'state'),
+                                           resume=False, world_size=1))  # while old holds it: not a third run's
+    assert f'holds the states of another run, whose models are in {old}' in found['train_state_dir'], found

@@ -282,14 +282,15 @@ def test_the_moved_run_is_continued_with_its_own_states_only(tmp_path):
     out, archive = tmp_path / 'my run', tmp_path / 'my run' / 'previous_runs' / 't'
     state_of(archive / 'a_states', tmp_path / 'another_run')  # sorted first: another run's states, moved too
     state_of(archive / 's3', out)
-    advice = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
+    advice, resume = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
     flags = shlex.split(advice.split("apart from this run's): ")[1].split('; also moved')[0])
+    assert shlex.split(resume) == flags
     assert flags == ['--is_keep_training=True', f'--output_dir={archive}', f'--model_file={archive}/m.{{}}.bin',
                      f'--train_state_dir={archive}/s3'], advice
     assert f'also moved: {archive}/a_states, the states of a run whose output_dir was {tmp_path}/another_run' in advice
     shutil.rmtree(archive / 's3')
-    advice = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
-    assert advice.startswith('no state of the run whose models were here was among what was moved') and \
+    advice, resume = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
+    assert resume is None and advice.startswith('no state of the run whose models were here was among what was moved') and \
         '--train_state_dir=' not in advice, advice
 
 
@@ -385,7 +386,8 @@ def run_state(state_dir, step, run, output_dir=None) -> str:
     """A state saved by the run with this id (None: before runs had ids) for this output_dir."""
     import json
 
-    config = {'train': {'output_dir': str(output_dir or state_dir), 'model_file': f'{output_dir or state_dir}/m.{{}}.bin'}}
+    config = {'train': {'output_dir': str(output_dir or state_dir), 'model_file': f'{output_dir or state_dir}/m.{{}}.bin',
+                        'train_state_dir': str(state_dir)}}
     return make_state(state_dir, step, files={'model.safetensors': f'weights {step}', **JSON_FILES,
                                               'config.json': json.dumps(config),
                                               'run.json': json.dumps({'run_id': run} if run else {}),
@@ -434,9 +436,17 @@ def test_a_state_folder_is_the_copy_of_a_run_only_inside_the_copy_or_where_the_o
     assert contract.states_of_output([str(inside)], str(copy), pattern) == str(inside)
     # states outside the copy, their run's models still in a: that run's, never the copy's
     assert contract.states_of_output([str(outside)], str(copy), pattern) is None
-    assert contract.holds_its_run(contract.saved_places(str(outside)))
-    shutil.move(str(a), str(tmp_path / 'a_moved'))  # the original moved away: nothing holds them there now
-    assert not contract.holds_its_run(contract.saved_places(str(outside)))
+    assert contract.run_home(contract.saved_places(str(outside))) == (str(a), f'{a}/m.{{}}.bin')
+    # the original's models moved aside by a fresh run there: they are found in its archive
+    archive = a / 'previous_runs' / '20261206-000000'
+    os.makedirs(archive)
+    for name in ('best', 'm.10.bin'):
+        shutil.move(str(a / name), str(archive / name))
+    run_models(a, 'Z', steps=(10,))
+    assert contract.run_home(contract.saved_places(str(outside))) == (str(archive), f'{archive}/m.{{}}.bin')
+    assert contract.states_of_output([str(outside)], str(copy), pattern) is None
+    shutil.move(str(a), str(tmp_path / 'a_moved'))  # the original moved away by hand: nothing holds them there now
+    assert contract.run_home(contract.saved_places(str(outside))) is None
     assert contract.states_of_output([str(outside)], str(copy), pattern) == str(outside)
     # another run's states are no copy
     run_state(tmp_path / 'other', 10, 'S', output_dir=a)

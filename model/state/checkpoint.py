@@ -116,11 +116,14 @@ class Checkpointer:
         t = self.settings
         archive = self.collectives.on_main_all_ranks(
             lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
+        advice, flags = moved_run_advice(archive, t.output_dir, t.model_file) if archive else ('', None)
         if archive:
-            advice = moved_run_advice(archive, t.output_dir, t.model_file)
-            self.moved_run = f'the earlier run is in {archive}: {advice}'
             logger.warning('a previous run left a state or models here; moved them to %s (nothing is deleted). '
                            'This run starts afresh; %s', archive, advice)
+        # every rank's last line may be the one a user sees
+        self.moved_run = self.collectives.broadcast_from_main_all_ranks(
+            (f'the earlier run it moved aside continues with {flags}' if flags else
+             f'the earlier run it moved aside is in {archive}') if archive else '')
 
     # --- loading ---
 
@@ -145,15 +148,16 @@ def _replacing(model_path: str, write) -> None:
     stale = state_files.predictions_scoring(model_path) if os.path.lexists(model_path) else []
     write()
     for path in stale:
-        logger.warning('%s scored the model at %s before this save replaced it: it no longer describes that model '
-                       '(its record names the one it scored); run `test` again to score the new one', path,
+        logger.warning('%s scored the model that was at %s until this save replaced it: it does not describe the model '
+                       'there now (its record names the one it scored); run `test` again to score the new one', path,
                        model_path)
 
 
-def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:
+def moved_run_advice(archive: str, output_dir: str, model_file: str) -> tuple[str, str | None]:
     """How to continue the run whose models a fresh run moved into archive: resumed where it now
     is, with the states of that run only (a state folder's newest state names the output_dir it
-    was saved for), its models and states apart from the new run's."""
+    was saved for), its models and states apart from the new run's. (the advice, the flags that
+    resume it -- None without a state of that run among what moved)."""
     folders = sorted(os.path.join(archive, n) for n in os.listdir(archive)
                      if state_files.list_complete_states(os.path.join(archive, n)))
     pattern = model_files.join_model_file(archive, *model_files.split_model_file(model_file)[1:])
@@ -165,11 +169,10 @@ def moved_run_advice(archive: str, output_dir: str, model_file: str) -> str:
     if own is None:
         return (f'no state of the run whose models were here was among what was moved{also}; if it kept its '
                 f'states in another --train_state_dir, resume it with that and: '
-                f'{" ".join(shlex.quote(f) for f in ["--is_keep_training=True", *flags])}')
+                f'{" ".join(shlex.quote(f) for f in ["--is_keep_training=True", *flags])}'), None
+    resume = ' '.join(shlex.quote(f) for f in ['--is_keep_training=True', *flags, f'--train_state_dir={own}'])
     return (f'to continue that one instead, stop this run and run its command again with these flags in place of '
-            f'its own (its models and states together, apart from this run\'s): '
-            f'{" ".join(shlex.quote(f) for f in ["--is_keep_training=True", *flags, f"--train_state_dir={own}"])}'
-            f'{also}')
+            f'its own (its models and states together, apart from this run\'s): {resume}{also}'), resume
 
 
 def apply_changed_hyperparameters(cfg, optimizer, scheduler) -> None:

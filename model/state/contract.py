@@ -208,34 +208,56 @@ def saved_places(state_dir: str) -> dict | None:
         return None
     if places is not None:
         places['run_id'] = states.state_run(newest)
+        places['train_state_dir'] = str(saved['train_state_dir']) if saved.get('train_state_dir') else None
     return places
+
+
+def copied_states(state_dir: str, saved_state_dir: str | None, output_dir: str) -> bool:
+    """Whether the states in state_dir are a copy (or a move) of a run's, not the folder the run
+    saved them in -- or lie inside output_dir: they went along with a run folder copied or moved."""
+    moved = saved_state_dir is not None and os.path.realpath(state_dir) != os.path.realpath(saved_state_dir)
+    return moved or ownership.same_or_inside(state_dir, output_dir)
 
 
 def states_of_output(folders: list[str], output_dir: str, model_file: str, saved_for: str | None = None
                      ) -> str | None:
     """The first of these state folders that holds the states of the run whose models are at
     output_dir and model_file: saved by a run with that output_dir (``saved_for``, where they
-    were moved from, when given), or -- a run folder copied or moved -- by the run whose id these
-    models carry, when the folder lies inside output_dir or its saved places no longer hold that
-    run's models (a copy of the outputs alone never takes the original's states)."""
-    runs = model_files.runs_in(output_dir, model_file)
+    were moved from, when given), or -- a run folder copied or moved -- by the run whose models
+    these are, when the states went along (:func:`copied_states`) or the run's models are nowhere
+    else (:func:`run_home`): a copy of the outputs alone never takes the original's states."""
     for folder in folders:
         places = saved_places(folder)
         if not places:
             continue
         if os.path.realpath(places['output_dir']) == os.path.realpath(saved_for or output_dir):
             return folder
-        if places['run_id'] in runs and (ownership.same_or_inside(folder, output_dir) or not holds_its_run(places)):
-            return folder
+        if model_files.holds_run(output_dir, model_file, places['run_id']):
+            home = run_home(places)
+            if (copied_states(folder, places['train_state_dir'], output_dir) or home is None
+                    or os.path.realpath(home[0]) == os.path.realpath(output_dir)):
+                return folder
     return None
 
 
-def holds_its_run(places: dict) -> bool:
-    """Whether the places a state was saved for (saved_places) still hold its run: models with its
-    id there (a run from before ids: its output_dir is there)."""
-    if places.get('run_id') is None:
-        return os.path.isdir(places['output_dir'])
-    return places['run_id'] in model_files.runs_in(places['output_dir'], places['model_file'])
+def run_home(places: dict) -> tuple[str, str] | None:
+    """(output_dir, model_file) where the models of the run that saved a state are now (places:
+    :func:`saved_places`): the places it was saved for, or -- a run with an id -- the archive a
+    fresh run there moved them to (output_dir/previous_runs/<time>/, newest first); None: neither
+    holds them (moved or copied by hand, or gone)."""
+    output_dir, model_file, run = places['output_dir'], places['model_file'], places.get('run_id')
+    if model_files.holds_run(output_dir, model_file, run):
+        return output_dir, model_file
+    archives = os.path.join(output_dir, model_files.PREVIOUS_RUNS)
+    if run is None or not ownership.is_real_dir(archives):
+        return None
+    _, before, after = model_files.split_model_file(model_file)
+    for name in sorted(os.listdir(archives), reverse=True):
+        archive = os.path.join(archives, name)
+        pattern = model_files.join_model_file(archive, before, after)
+        if ownership.is_real_dir(archive) and model_files.holds_run(archive, pattern, run):
+            return archive, pattern
+    return None
 
 
 def runs_of_states(state_dir: str) -> dict[str | None, list[str]]:

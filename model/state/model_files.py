@@ -120,6 +120,13 @@ def runs_in(output_dir: str, model_file: str | None = None) -> set[str]:
     return {run for run in map(recorded_run, _models_at(output_dir, model_file)) if run}
 
 
+def holds_run(output_dir: str, model_file: str | None, run_id: str | None) -> bool:
+    """Whether these places hold models of the run with this id (None: a run from before ids --
+    models there, none with an id)."""
+    runs = [recorded_run(p) for p in _models_at(output_dir, model_file)]
+    return run_id in runs if run_id else bool(runs) and not any(runs)
+
+
 def other_runs_models(output_dir: str, model_file: str, run_id: str | None) -> list[tuple[str, str | None]]:
     """(path, its run's id) of the models at these places that a run with this id did not write:
     another id, or -- for a run with an id -- none (a run from before ids). A run from before ids

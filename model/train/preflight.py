@@ -491,19 +491,16 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
         for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
             report.problems.append(Problem('train_state_dir', message))
         places = contract.saved_places(folder)
-        theirs = places['output_dir'] if places else ''
-        if (places and os.path.realpath(theirs) != os.path.realpath(t.output_dir) and contract.holds_its_run(places)
-                and contract.states_of_output([folder], t.output_dir, t.model_file) is None):  # nor a copy of it here
+        home = contract.run_home(places) if places else None  # where that run's models are now
+        if home and contract.states_of_output([folder], t.output_dir, t.model_file) is None:  # not this place's run
             # another run's states (a state folder two runs share): moved into this run's archive, that run's own
             # resume would then continue this one's states over its models
             report.problems.append(Problem(
-                'train_state_dir', f'train_state_dir: {folder} holds the states of another run, whose output_dir is '
-                f'{theirs}; a fresh run here would move them into '
+                'train_state_dir', f'train_state_dir: {folder} holds the states of another run, whose models are in '
+                f'{home[0]}; a fresh run here would move them into '
                 f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/, away from that run',
-                f'give this run a --train_state_dir of its own (that run resumes with '
-                f'--is_keep_training=True {shlex.quote(f"--output_dir={theirs}")} '
-                f'{shlex.quote("--model_file=" + places["model_file"])} '
-                f'{shlex.quote(f"--train_state_dir={folder}")})'))
+                f'give this run a --train_state_dir of its own (that run resumes with --is_keep_training=True '
+                f'{_flags(output_dir=home[0], model_file=home[1], train_state_dir=folder)})'))
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         if previous:
@@ -552,6 +549,20 @@ def _states_elsewhere(cfg: ResolvedConfig, flags_only: bool = False) -> str:
                                      f'states and step files there unless told otherwise): resume with {flags}')
 
 
+def _flags(**places) -> str:
+    return ' '.join(shlex.quote(f'--{name}={value}') for name, value in places.items())
+
+
+def _run_home(saved: contract.SavedState) -> dict | None:
+    """{output_dir, model_file} where the models of the run whose state this resumes are now."""
+    train = saved.config.get('train', {})
+    if not (isinstance(train, dict) and train.get('output_dir') and train.get('model_file')):
+        return None
+    home = contract.run_home({'output_dir': str(train['output_dir']), 'model_file': str(train['model_file']),
+                              'run_id': contract.run_id_of(saved.run)})
+    return dict(zip(('output_dir', 'model_file'), home)) if home else None
+
+
 def _other_runs_models(t, saved: contract.SavedState) -> list[Problem]:
     """A resume that would replace or prune models another run wrote (output_dir's model folders,
     the model_file pattern's files): refused, with this run's own places where they still hold it."""
@@ -559,21 +570,32 @@ def _other_runs_models(t, saved: contract.SavedState) -> list[Problem]:
     others = model_files.other_runs_models(t.output_dir, t.model_file, run_id)
     if not others:
         return []
-    places = saved.config.get('train', {})
-    own = {k: str(places[k]) for k in ('output_dir', 'model_file') if places.get(k)}
-    moved = {k: v for k, v in own.items() if v != getattr(t, k)}
-    holds = len(own) == 2 and not model_files.other_runs_models(own['output_dir'], own['model_file'], run_id)
+    home = _run_home(saved) or {}
+    moved = {k: v for k, v in home.items() if v != getattr(t, k)}  # this run's places that are not its own
     runs = sorted({run or 'a run from before runs had ids' for _, run in others})
     folders = {os.path.realpath(p) for p in model_files.model_folders(t.output_dir)}
     name = 'output_dir' if any(os.path.realpath(p) in folders for p, _ in others) else 'model_file'
     shown = ', '.join(p for p, _ in others[:4]) + (f' and {len(others) - 4} more' if len(others) > 4 else '')
     one = len(others) == 1
-    fix = (f'resume with {" ".join(shlex.quote(f"--{k}={v}") for k, v in moved.items())}, where this run saved its '
-           f'models' if moved and holds else f'move {"it" if one else "them"} out of the way (or give this resume the '
-           f'--output_dir and --model_file that hold this run\'s models)')
+    fix = (f'resume with {_flags(**moved)}, where this run\'s models are' if moved else
+           f'move {"it" if one else "them"} out of the way (or give this resume the --output_dir and --model_file that '
+           f'hold this run\'s models)')
     return [Problem(name, f'{name}: {shown} {"is" if one else "are"} the model{"" if one else "s"} of another run '
                     f'({", ".join(runs)}), not of the run this resumes ({run_id or "from before runs had ids"}, '
                     f'{saved.path}); the resume would replace or prune {"it" if one else "them"}', fix)]
+
+
+def _moved_aside(t) -> str:
+    """For a resume that finds no state: how the run a fresh run here moved aside last continues
+    (a fresh run stopped or killed before its first save leaves none of its own); else ''."""
+    from model.state.checkpoint import moved_run_advice
+
+    archives = os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)
+    newest = sorted(os.listdir(archives))[-1:] if ownership.is_real_dir(archives) else []
+    archive = os.path.join(archives, newest[0]) if newest else ''
+    flags = moved_run_advice(archive, t.output_dir, t.model_file)[1] if ownership.is_real_dir(archive) else None
+    return (f'start without --is_keep_training; or continue the run a fresh run here moved aside last, to {archive}, '
+            f'with {flags}') if flags else ''
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
@@ -582,11 +604,22 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     report.resume = saved = states.resume
     report.notes += states.notes
     for message in states.problems:
-        report.problems.append(Problem('is_keep_training', message,
-                                       _states_elsewhere(cfg) or 'start without --is_keep_training (or check --train_state_dir)'))
+        report.problems.append(Problem('is_keep_training', message, _states_elsewhere(cfg) or _moved_aside(t) or
+                                       'start without --is_keep_training (or check --train_state_dir)'))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
-    report.problems += _other_runs_models(t, saved)
+    others = _other_runs_models(t, saved)
+    report.problems += others
+    home, saved_at = _run_home(saved), saved.config.get('train', {}).get('train_state_dir')
+    if (home and os.path.realpath(home['output_dir']) != os.path.realpath(t.output_dir) and not others
+            and not contract.copied_states(t.train_state_dir, saved_at if isinstance(saved_at, str) else None,
+                                           t.output_dir)):
+        # its models elsewhere, its states outside this output_dir: a copy of its outputs would go on apart from them
+        report.problems.append(Problem('output_dir', f'output_dir: the run whose state this resumes ({saved.path}) has '
+                                       f'its models in {home["output_dir"]}; resumed with --output_dir={t.output_dir} '
+                                       f'it would go on apart from them (a copy of its outputs?)',
+                                       f'resume with {_flags(**home)}, or move {home["output_dir"]} away first to '
+                                       f'continue here'))
     runs = contract.runs_of_states(t.train_state_dir)
     if len(runs) > 1:  # its saves would sit among another run's states, and a resume could take either's
         said = '; '.join(f'run {run or "from before runs had ids"}: '
