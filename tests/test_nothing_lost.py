@@ -264,7 +264,7 @@ def test_a_resume_never_replaces_another_runs_models_and_a_copied_run_is_known_a
             f'(') in last, last
     # its requeue as a resume (nothing of its own saved): the same way to the earlier run
     r = run_train(tiny_flags(data, c, max_steps=5, save_steps=5), '--is_keep_training=True')
-    assert_user_error(r, 'no complete saved state', f'or continue the run a fresh run here moved aside last, to '
+    assert_user_error(r, 'no complete saved state', f'or continue the newest earlier run moved aside from here, to '
                       f'{archived.rstrip("/")}, with --is_keep_training=True --output_dir={archived.rstrip("/")}')
     r = run_train(tiny_flags(data, c, max_steps=5, save_steps=5))
     assert r.returncode == 0, r.stderr[-2000:]

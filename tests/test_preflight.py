@@ -417,6 +417,9 @@ def test_a_copy_of_a_runs_outputs_alone_never_resumes_its_states_and_a_copy_with
                                           f'apart from them'), found
     assert found['output_dir'].endswith(f"resume with --output_dir={a} '--model_file={a}/m.{{}}.bin', or move {a} "
                                         f'away first to continue here'), found
+    # into a new, empty output_dir: the run goes on there (a changed place, not a copy)
+    assert 'output_dir' not in problems(preflight.check_train(config(data, tmp_path / 'new_out', train_state_dir=shared),
+                                                              resume=True, world_size=1))
     shutil.move(str(a), str(tmp_path / 'a_moved'))  # moved by hand: the copy is the run's only place now
     assert 'output_dir' not in problems(preflight.check_train(config(data, copy, train_state_dir=shared),
                                                               resume=True, world_size=1))
@@ -439,3 +442,37 @@ def test_a_copy_of_a_runs_outputs_alone_never_resumes_its_states_and_a_copy_with
     found = problems(preflight.check_train(config(data, tmp_path / 'third', train_state_dir=old / 'state'),
                                            resume=False, world_size=1))  # while old holds it: not a third run's
     assert f'holds the states of another run, whose models are in {old}' in found['train_state_dir'], found
+
+
+def test_the_states_of_a_run_whose_models_were_moved_aside_go_with_them_not_with_the_next_run(data, tmp_path):
+    import shutil
+
+    from test_states import run_models, run_state
+
+    out, states = tmp_path / 'out', tmp_path / 'states_of_x'
+    run_models(out, 'X', steps=(10,))
+    run_state(states, 10, 'X', output_dir=out)
+    archive = out / 'previous_runs' / '20261206-000000'  # a fresh run here with other states moved X's models
+    os.makedirs(archive)
+    for name in ('best', 'm.10.bin'):
+        shutil.move(str(out / name), str(archive / name))
+    run_models(out, 'Z', steps=(10,))
+    # X's command again, fresh: its states would go into another archive than its models
+    found = problems(preflight.check_train(config(data, out, train_state_dir=states), resume=False, world_size=1))
+    assert f'holds the states of another run, whose models are in {archive}' in found['train_state_dir'], found
+    assert found['train_state_dir'].endswith(f"--output_dir={archive} '--model_file={archive}/m.{{}}.bin' "
+                                             f'--train_state_dir={states})'), found
+    # a resume that finds no state: the run moved aside from this very train_state_dir is offered, no other
+    run = tmp_path / 'run'
+    moved = run / 'previous_runs' / '20261206-000001'
+    run_models(moved, 'Y', steps=(10,))
+    run_state(moved / 'state', 10, 'Y', output_dir=run, saved_in=run / 'elsewhere')  # (a copy's: <its run>/state)
+    found = problems(preflight.check_train(config(data, run), resume=True, world_size=1))
+    assert 'moved aside' not in found['is_keep_training'], found  # its states came from another train_state_dir
+    shutil.rmtree(moved / 'state')
+    run_state(moved / 'state', 10, 'Y', output_dir=run, saved_in=run / 'state')
+    found = problems(preflight.check_train(config(data, run), resume=True, world_size=1))
+    assert found['is_keep_training'].endswith(f'or continue the newest earlier run moved aside from here, to {moved}, '
+                                              f'with --is_keep_training=True --output_dir={moved} '
+                                              f"'--model_file={moved}/chat_small_t5.{{}}.bin' "
+                                              f'--train_state_dir={moved}/state'), found

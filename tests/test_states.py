@@ -382,12 +382,13 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     assert sorted(os.listdir(only)) == ['states'] and names(only / 'states') == ['state-000000020']
 
 
-def run_state(state_dir, step, run, output_dir=None) -> str:
-    """A state saved by the run with this id (None: before runs had ids) for this output_dir."""
+def run_state(state_dir, step, run, output_dir=None, saved_in=None) -> str:
+    """A state saved by the run with this id (None: before runs had ids) for this output_dir, in
+    state_dir (or in saved_in, and moved to state_dir since)."""
     import json
 
     config = {'train': {'output_dir': str(output_dir or state_dir), 'model_file': f'{output_dir or state_dir}/m.{{}}.bin',
-                        'train_state_dir': str(state_dir)}}
+                        'train_state_dir': str(saved_in or state_dir)}}
     return make_state(state_dir, step, files={'model.safetensors': f'weights {step}', **JSON_FILES,
                                               'config.json': json.dumps(config),
                                               'run.json': json.dumps({'run_id': run} if run else {}),

@@ -230,13 +230,13 @@ def states_of_output(folders: list[str], output_dir: str, model_file: str, saved
         places = saved_places(folder)
         if not places:
             continue
-        if os.path.realpath(places['output_dir']) == os.path.realpath(saved_for or output_dir):
+        home = run_home(places)
+        here = home is None or os.path.realpath(home[0]) == os.path.realpath(output_dir)  # its models: here or nowhere
+        if os.path.realpath(places['output_dir']) == os.path.realpath(saved_for or output_dir) and here:
+            return folder  # (a fresh run there since moved its models aside: they are in that archive, not here)
+        if model_files.holds_run(output_dir, model_file, places['run_id']) and (
+                here or copied_states(folder, places['train_state_dir'], output_dir)):
             return folder
-        if model_files.holds_run(output_dir, model_file, places['run_id']):
-            home = run_home(places)
-            if (copied_states(folder, places['train_state_dir'], output_dir) or home is None
-                    or os.path.realpath(home[0]) == os.path.realpath(output_dir)):
-                return folder
     return None
 
 

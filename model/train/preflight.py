@@ -593,9 +593,19 @@ def _moved_aside(t) -> str:
     archives = os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)
     newest = sorted(os.listdir(archives))[-1:] if ownership.is_real_dir(archives) else []
     archive = os.path.join(archives, newest[0]) if newest else ''
-    flags = moved_run_advice(archive, t.output_dir, t.model_file)[1] if ownership.is_real_dir(archive) else None
-    return (f'start without --is_keep_training; or continue the run a fresh run here moved aside last, to {archive}, '
-            f'with {flags}') if flags else ''
+    if not ownership.is_real_dir(archive):
+        return ''
+    here = os.path.basename(os.path.normpath(t.train_state_dir))
+
+    def moved_from_here(name: str) -> bool:  # saved in this train_state_dir, or in one of its name (a copied run's)
+        saved_in = (contract.saved_places(os.path.join(archive, name)) or {}).get('train_state_dir')
+        return bool(saved_in) and (os.path.realpath(saved_in) == os.path.realpath(t.train_state_dir)
+                                   or os.path.basename(os.path.normpath(saved_in)) == here)
+
+    flags = moved_run_advice(archive, t.output_dir, t.model_file)[1] if any(
+        map(moved_from_here, os.listdir(archive))) else None
+    return (f'start without --is_keep_training (or check --train_state_dir); or continue the newest earlier run '
+            f'moved aside from here, to {archive}, with {flags}') if flags else ''
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
@@ -612,6 +622,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     report.problems += others
     home, saved_at = _run_home(saved), saved.config.get('train', {}).get('train_state_dir')
     if (home and os.path.realpath(home['output_dir']) != os.path.realpath(t.output_dir) and not others
+            and model_files.holds_run(t.output_dir, t.model_file, contract.run_id_of(saved.run))  # a copy of them
             and not contract.copied_states(t.train_state_dir, saved_at if isinstance(saved_at, str) else None,
                                            t.output_dir)):
         # its models elsewhere, its states outside this output_dir: a copy of its outputs would go on apart from them
