@@ -290,8 +290,7 @@ def test_the_moved_run_is_continued_with_its_own_states_only(tmp_path):
     assert f'also moved: {archive}/a_states, the states of a run whose output_dir was {tmp_path}/another_run' in advice
     shutil.rmtree(archive / 's3')
     advice, resume = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
-    assert resume is None and advice.startswith(
-        'no state of the run whose models were here was among what was moved') and \
+    assert resume is None and advice.startswith('no state of the run whose models were here was among what was moved') and \
         '--train_state_dir=' not in advice, advice
 
 
@@ -388,8 +387,7 @@ def run_state(state_dir, step, run, output_dir=None, saved_in=None, lineage=None
     state_dir (or in saved_in, and moved to state_dir since)."""
     import json
 
-    output_dir = output_dir or state_dir
-    config = {'train': {'output_dir': str(output_dir), 'model_file': f'{output_dir}/m.{{}}.bin',
+    config = {'train': {'output_dir': str(output_dir or state_dir), 'model_file': f'{output_dir or state_dir}/m.{{}}.bin',
                         'train_state_dir': str(saved_in or state_dir)}}
     return make_state(state_dir, step, files={'model.safetensors': f'weights {step}', **JSON_FILES,
                                               'config.json': json.dumps(config),
@@ -422,8 +420,7 @@ def test_the_models_another_run_wrote_are_told_by_their_run_id_either_way(tmp_pa
     os.symlink(out / 'best', out / 'm.30.bin')
     pattern = str(out / 'm.{}.bin')
     assert runs_in(str(out)) == {'R'} and runs_in(str(out), pattern) == {'R'}
-    assert sorted(other_runs_models(str(out), pattern, ['R'])) == [(str(out / 'final'), None),
-                                                                   (str(out / 'm.20.bin'), None)]
+    assert sorted(other_runs_models(str(out), pattern, ['R'])) == [(str(out / 'final'), None), (str(out / 'm.20.bin'), None)]
     # a run from before ids writes none with an id: those with one are another run's; its own look like the rest
     assert sorted(other_runs_models(str(out), pattern, [])) == [(str(out / 'best'), 'R'), (str(out / 'm.10.bin'), 'R')]
     assert sorted(p for p, _ in other_runs_models(str(out), pattern, ['S'])) == [
@@ -477,8 +474,8 @@ def test_a_save_prunes_only_its_own_runs_states(tmp_path):
 
 def test_a_run_resumed_from_states_copied_or_moved_is_a_branch_and_its_requeue_the_same_branch(tmp_path):
     def saved(run, saved_in):
-        return contract.SavedState(str(saved_in / 'state-000000010'), 10, {},
-                                   {'train': {'train_state_dir': str(saved_in)}}, {}, run)
+        return contract.SavedState(str(saved_in / 'state-000000010'), 10, {}, {'train': {'train_state_dir': str(saved_in)}},
+                                   {}, run)
 
     here, copy, other = tmp_path / 'run' / 'state', tmp_path / 'copy' / 'state', tmp_path / 'other' / 'state'
     assert contract.run_ids(None, str(here), 'NEW') == ('NEW', ['NEW'])  # a fresh run

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import (LINEAGE, MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, RUN_ID,
-                                     STATES_IN_OUTPUT_DIR, model_file_pattern, model_folder, model_folders,
-                                     model_identity, owned_model_files)
+from model.state.model_files import (LINEAGE, MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, RUN_ID, STATES_IN_OUTPUT_DIR,
+                                     model_file_pattern, model_folder, model_folders, model_identity,
+                                     owned_model_files)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
 
 # torch and numpy are imported inside the functions that need them, so that
