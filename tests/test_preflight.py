@@ -397,8 +397,8 @@ def test_a_resume_among_another_runs_states_or_models_is_refused_whichever_has_a
     # the states of two runs in one train_state_dir: a resume would continue the newest among the other's
     run_state(out / 'state', 20, 'S', output_dir=out)
     found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))
-    assert f'holds the states of more than one run (run S: state-000000020; run from before runs had ids: ' \
-           f'state-000000010); this resume would continue the newest, {out}/state/state-000000020' in \
+    assert f'holds the states of more than one run (run from before runs had ids: state-000000010; run S: ' \
+           f'state-000000020); this resume would continue the newest, {out}/state/state-000000020' in \
            found['train_state_dir'], found
 
 

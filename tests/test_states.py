@@ -382,7 +382,7 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     assert sorted(os.listdir(only)) == ['states'] and names(only / 'states') == ['state-000000020']
 
 
-def run_state(state_dir, step, run, output_dir=None, saved_in=None, lineage=None) -> str:
+def run_state(state_dir, step, run, output_dir=None, saved_in=None) -> str:
     """A state saved by the run with this id (None: before runs had ids) for this output_dir, in
     state_dir (or in saved_in, and moved to state_dir since)."""
     import json
@@ -391,8 +391,7 @@ def run_state(state_dir, step, run, output_dir=None, saved_in=None, lineage=None
                         'train_state_dir': str(saved_in or state_dir)}}
     return make_state(state_dir, step, files={'model.safetensors': f'weights {step}', **JSON_FILES,
                                               'config.json': json.dumps(config),
-                                              'run.json': json.dumps({'run_id': run, 'lineage': lineage or [run]}
-                                                                     if run else {}),
+                                              'run.json': json.dumps({'run_id': run} if run else {}),
                                               'tokenizer/tokenizer.json': 'tok'})
 
 
@@ -420,15 +419,11 @@ def test_the_models_another_run_wrote_are_told_by_their_run_id_either_way(tmp_pa
     os.symlink(out / 'best', out / 'm.30.bin')
     pattern = str(out / 'm.{}.bin')
     assert runs_in(str(out)) == {'R'} and runs_in(str(out), pattern) == {'R'}
-    assert sorted(other_runs_models(str(out), pattern, ['R'])) == [(str(out / 'final'), None), (str(out / 'm.20.bin'), None)]
+    assert sorted(other_runs_models(str(out), pattern, 'R')) == [(str(out / 'final'), None), (str(out / 'm.20.bin'), None)]
     # a run from before ids writes none with an id: those with one are another run's; its own look like the rest
-    assert sorted(other_runs_models(str(out), pattern, [])) == [(str(out / 'best'), 'R'), (str(out / 'm.10.bin'), 'R')]
-    assert sorted(p for p, _ in other_runs_models(str(out), pattern, ['S'])) == [
+    assert sorted(other_runs_models(str(out), pattern, None)) == [(str(out / 'best'), 'R'), (str(out / 'm.10.bin'), 'R')]
+    assert sorted(p for p, _ in other_runs_models(str(out), pattern, 'S')) == [
         str(out / n) for n in ('best', 'final', 'm.10.bin', 'm.20.bin')]
-    # a branch of R (a copy of it resumed): R's models are its own too, another branch's are not
-    run_models(out, 'R2', folders=(), steps=(40,))
-    assert sorted(p for p, _ in other_runs_models(str(out), pattern, ['R', 'R3'])) == [
-        str(out / n) for n in ('final', 'm.20.bin', 'm.40.bin')]
 
 
 def test_a_state_folder_is_the_copy_of_a_run_only_inside_the_copy_or_where_the_original_is_gone(tmp_path):
@@ -463,32 +458,7 @@ def test_a_save_prunes_only_its_own_runs_states(tmp_path):
     states = tmp_path / 'states'
     for step, run in ((10, 'R'), (20, 'R'), (30, 'S'), (40, 'R')):
         run_state(states, step, run)
-    run_state(states, 50, 'R2', lineage=['R', 'R2'])  # a branch of R (its states copied, then resumed)
-    assert contract.other_runs_states(str(states), {'run_id': 'R2', 'lineage': ['R', 'R2']}) == {
-        'S': [str(states / sf.state_name(30))]}
-    assert contract.other_runs_states(str(states), {'run_id': 'R'}) == {'S': [str(states / sf.state_name(30))]}
-    assert set(contract.other_runs_states(str(states), {'run_id': 'S'})) == {'R', 'R2'}
-    sf._prune_states(str(states), keep=1, saved=str(states / sf.state_name(50)))
-    assert names(states) == [sf.state_name(30), sf.state_name(50)]  # the other run's state stays
-
-
-def test_a_run_resumed_from_states_copied_or_moved_is_a_branch_and_its_requeue_the_same_branch(tmp_path):
-    def saved(run, saved_in):
-        return contract.SavedState(str(saved_in / 'state-000000010'), 10, {}, {'train': {'train_state_dir': str(saved_in)}},
-                                   {}, run)
-
-    here, copy, other = tmp_path / 'run' / 'state', tmp_path / 'copy' / 'state', tmp_path / 'other' / 'state'
-    assert contract.run_ids(None, str(here), 'NEW') == ('NEW', ['NEW'])  # a fresh run
-    assert contract.run_ids(saved({'run_id': 'R'}, here), str(here), 'NEW') == ('R', ['R'])  # in place
-    os.makedirs(here)
-    os.symlink(here, tmp_path / 'link')  # the same folder through a link: in place
-    assert contract.run_ids(saved({'run_id': 'R'}, here), str(tmp_path / 'link'), 'NEW') == ('R', ['R'])
-    branch, lineage = contract.run_ids(saved({'run_id': 'R'}, here), str(copy), 'NEW')
-    assert branch.startswith('R+') and lineage == ['R', branch]
-    assert contract.run_ids(saved({'run_id': 'R'}, here), str(copy), 'OTHER') == (branch, lineage)  # its requeue
-    assert contract.run_ids(saved({'run_id': 'R'}, here), str(other), 'NEW')[0] not in ('R', branch)
-    # the branch resumed where it saved: itself; copied again: a branch of the branch, the lineage kept
-    assert contract.run_ids(saved({'run_id': branch, 'lineage': lineage}, copy), str(copy), 'NEW') == (branch, lineage)
-    again, longer = contract.run_ids(saved({'run_id': branch, 'lineage': lineage}, copy), str(other), 'NEW')
-    assert again.startswith('R+') and again != branch and longer == ['R', branch, again]
-    assert contract.run_ids(saved({}, here), str(copy), 'NEW') == (None, [])  # a run from before ids
+    assert contract.runs_of_states(str(states)) == {'R': [str(states / sf.state_name(s)) for s in (10, 20, 40)],
+                                                    'S': [str(states / sf.state_name(30))]}
+    sf._prune_states(str(states), keep=1, saved=str(states / sf.state_name(40)))
+    assert names(states) == [sf.state_name(30), sf.state_name(40)]  # the other run's state stays

@@ -54,14 +54,13 @@ class SaveSettings:
     config: dict  # the whole config, as each state records it
     fingerprint: dict  # what a resume must find unchanged (contract.fingerprint)
     run_id: str | None = None  # the run's id (contract.new_run_id), in every state and model it saves
-    lineage: tuple = ()  # its id and those of the runs it branched from (contract.run_ids), in every state
 
     @classmethod
-    def of(cls, cfg, fingerprint: dict, run_id: str | None = None, lineage=()) -> 'SaveSettings':
+    def of(cls, cfg, fingerprint: dict, run_id: str | None = None) -> 'SaveSettings':
         t = cfg.train
         return cls(train_state_dir=t.train_state_dir, model_file=t.model_file, output_dir=t.output_dir,
                    keep_latest_n_ckp=t.keep_latest_n_ckp, max_seq_len=t.max_seq_len, config=cfg.to_dict(),
-                   fingerprint=fingerprint, run_id=run_id, lineage=tuple(lineage))
+                   fingerprint=fingerprint, run_id=run_id)
 
 
 class Checkpointer:
@@ -79,7 +78,7 @@ class Checkpointer:
         """The full state, then the step's weights file and keep-N pruning."""
         t = self.settings
         describe = contract.describe_run(t.config, t.fingerprint, self.collectives.world,
-                                         str(self.accelerator.distributed_type), t.run_id, list(t.lineage))
+                                         str(self.accelerator.distributed_type), t.run_id)
         path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
         self.last_saved_step, self.last_saved_path = step, path
         self.export_weights_all_ranks(step, step)

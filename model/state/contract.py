@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -55,7 +54,6 @@ PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json'
 RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': states.RUN_JSON}
 TOKENIZER_COPY = states.TOKENIZER_COPY
 run_id_of = states.run_id_of  # the run's id a state's run.json records (None: before runs had ids)
-lineage_of = states.lineage_of  # its id and those of the runs it branched from, oldest first
 STATES_KEPT = 2  # loadable states a run keeps: a damaged newest one still leaves one to resume
 
 
@@ -209,8 +207,7 @@ def saved_places(state_dir: str) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if places is not None:
-        run = states.read_run(newest)
-        places['run_id'], places['lineage'] = run_id_of(run), lineage_of(run)
+        places['run_id'] = states.state_run(newest)
         places['train_state_dir'] = str(saved['train_state_dir']) if saved.get('train_state_dir') else None
     return places
 
@@ -237,7 +234,7 @@ def states_of_output(folders: list[str], output_dir: str, model_file: str, saved
         here = home is None or os.path.realpath(home[0]) == os.path.realpath(output_dir)  # its models: here or nowhere
         if os.path.realpath(places['output_dir']) == os.path.realpath(saved_for or output_dir) and here:
             return folder  # (a fresh run there since moved its models aside: they are in that archive, not here)
-        if model_files.holds_run(output_dir, model_file, places['lineage']) and (
+        if model_files.holds_run(output_dir, model_file, places['run_id']) and (
                 here or copied_states(folder, places['train_state_dir'], output_dir)):
             return folder
     return None
@@ -248,34 +245,29 @@ def run_home(places: dict) -> tuple[str, str] | None:
     :func:`saved_places`): the places it was saved for, or -- a run with an id -- the archive a
     fresh run there moved them to (output_dir/previous_runs/<time>/, newest first); None: neither
     holds them (moved or copied by hand, or gone)."""
-    output_dir, model_file, lineage = places['output_dir'], places['model_file'], places.get('lineage') or []
-    if model_files.holds_run(output_dir, model_file, lineage):
+    output_dir, model_file, run = places['output_dir'], places['model_file'], places.get('run_id')
+    if model_files.holds_run(output_dir, model_file, run):
         return output_dir, model_file
     archives = os.path.join(output_dir, model_files.PREVIOUS_RUNS)
-    if not lineage or not ownership.is_real_dir(archives):
+    if run is None or not ownership.is_real_dir(archives):
         return None
     _, before, after = model_files.split_model_file(model_file)
     for name in sorted(os.listdir(archives), reverse=True):
         archive = os.path.join(archives, name)
         pattern = model_files.join_model_file(archive, before, after)
-        if ownership.is_real_dir(archive) and model_files.holds_run(archive, pattern, lineage):
+        if ownership.is_real_dir(archive) and model_files.holds_run(archive, pattern, run):
             return archive, pattern
     return None
 
 
-def other_runs_states(state_dir: str, run: dict) -> dict[str | None, list[str]]:
-    """The complete states in state_dir of runs other than ``run`` (a state's run.json) -- neither
-    of its lineage nor branched from it -- by their run's id (None: before runs had ids); a state
-    whose run.json cannot be read is left out."""
-    own, lineage = run_id_of(run), lineage_of(run)
+def runs_of_states(state_dir: str) -> dict[str | None, list[str]]:
+    """The complete states in state_dir by the run that saved them (None: before runs had ids);
+    a state whose run.json cannot be read is left out."""
     found: dict[str | None, list[str]] = {}
     for _, path in states.list_complete_states(state_dir):
-        theirs = states.read_run(path)
-        if theirs is None:
-            continue
-        related = (run_id_of(theirs) in lineage or own in lineage_of(theirs)) if own else run_id_of(theirs) is None
-        if not related:
-            found.setdefault(run_id_of(theirs), []).append(path)
+        run = states.read_run(path)
+        if run is not None:
+            found.setdefault(run_id_of(run), []).append(path)
     return found
 
 
@@ -422,30 +414,9 @@ def changed_fields(saved_config: dict, cfg) -> list[str]:
             and saved_config[part][k] != v]
 
 
-def describe_run(config: dict, fingerprint_: dict, world: int, engine: str, run_id: str | None = None,
-                 lineage: list[str] | None = None) -> dict[str, dict]:
+def describe_run(config: dict, fingerprint_: dict, world: int, engine: str, run_id: str | None = None
+                 ) -> dict[str, dict]:
     """config.json, fingerprint.json and run.json of a state about to be saved."""
     return {'config': config, 'fingerprint': fingerprint_,
             'run': {'world_size': world, 'engine': engine, 'saved_at': time.strftime('%Y-%m-%d %H:%M:%S'),
-                    model_files.RUN_ID: run_id, model_files.LINEAGE: lineage or ([run_id] if run_id else [])}}
-
-
-def run_ids(saved: SavedState | None, train_state_dir: str, new_id: str) -> tuple[str | None, list[str]]:
-    """(id, lineage) of a run about to start: a fresh run's new id; a resume keeps its state's --
-    unless its states were copied or moved from where it saved them (a run folder copied, then
-    resumed in the copy): a branch then, with an id of its own after its lineage, so that copies
-    trained on apart never take each other's models for their own. The branch's id is its run's
-    root id and a hash of its run's id and its state folder: a requeue of the branch before its
-    first save is the same branch. A run from before ids stays without one."""
-    if saved is None:
-        return new_id, [new_id]
-    own, lineage = run_id_of(saved.run), lineage_of(saved.run)
-    train = saved.config.get('train') if isinstance(saved.config, dict) else None
-    saved_at = train.get('train_state_dir') if isinstance(train, dict) else None
-    if own is None:
-        return None, []
-    here = os.path.realpath(train_state_dir)
-    if isinstance(saved_at, str) and os.path.realpath(saved_at) != here:
-        branch = f'{own.split("+")[0]}+{hashlib.sha256(f"{own}/{here}".encode()).hexdigest()[:8]}'
-        return branch, [*lineage, branch]
-    return own, lineage
+                    model_files.RUN_ID: run_id}}

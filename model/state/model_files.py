@@ -89,7 +89,6 @@ def model_identity(path: str) -> str | None:
 
 
 RUN_ID = 'run_id'  # the key of the run's id in a model's marker and a state's run.json (contract.new_run_id)
-LINEAGE = 'lineage'  # a state's run.json: the ids of its run and of those it branched from (states.lineage_of)
 
 
 def model_record(path: str) -> dict | None:
@@ -121,20 +120,18 @@ def runs_in(output_dir: str, model_file: str | None = None) -> set[str]:
     return {run for run in map(recorded_run, _models_at(output_dir, model_file)) if run}
 
 
-def holds_run(output_dir: str, model_file: str | None, lineage: list[str]) -> bool:
-    """Whether these places hold models of the run with this lineage (its id and those it branched
-    from; [] a run from before ids -- models there, none with an id)."""
+def holds_run(output_dir: str, model_file: str | None, run_id: str | None) -> bool:
+    """Whether these places hold models of the run with this id (None: a run from before ids --
+    models there, none with an id)."""
     runs = [recorded_run(p) for p in _models_at(output_dir, model_file)]
-    return any(run in lineage for run in runs) if lineage else bool(runs) and not any(runs)
+    return run_id in runs if run_id else bool(runs) and not any(runs)
 
 
-def other_runs_models(output_dir: str, model_file: str, lineage: list[str]) -> list[tuple[str, str | None]]:
-    """(path, its run's id) of the models at these places that the run with this lineage did not
-    write: an id outside it, or -- for a run with an id -- none (a run from before ids). A run from
-    before ids ([]) writes none with an id; its own models, without one, are not told apart from
-    others."""
-    return [(p, run) for p in _models_at(output_dir, model_file) for run in [recorded_run(p)]
-            if (run not in lineage if lineage else run is not None)]
+def other_runs_models(output_dir: str, model_file: str, run_id: str | None) -> list[tuple[str, str | None]]:
+    """(path, its run's id) of the models at these places that a run with this id did not write:
+    another id, or -- for a run with an id -- none (a run from before ids). A run from before ids
+    (None) writes none with an id; its own models, without one, are not told apart from others."""
+    return [(p, run) for p in _models_at(output_dir, model_file) for run in [recorded_run(p)] if run != run_id]
 
 
 PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)

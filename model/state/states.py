@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.state.model_files import (LINEAGE, MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, RUN_ID, STATES_IN_OUTPUT_DIR,
+from model.state.model_files import (MODEL_FOLDERS, PREDICTIONS_TAIL, PREVIOUS_RUNS, RUN_ID, STATES_IN_OUTPUT_DIR,
                                      model_file_pattern, model_folder, model_folders, model_identity,
                                      owned_model_files)
 from model.state.markers import MODEL, PREDICTIONS, STATE, STATE_DIR, WEIGHTS
@@ -282,16 +282,6 @@ def run_id_of(run: dict | None) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
-def lineage_of(run: dict | None) -> list[str]:
-    """The ids of the run that saved a state and of the runs it branched from (a copy or a move
-    of a run resumed takes an id of its own), oldest first; [] before runs had ids."""
-    found = run.get(LINEAGE) if isinstance(run, dict) else None
-    own = run_id_of(run)
-    if isinstance(found, list) and all(isinstance(x, str) and x for x in found) and found and found[-1] == own:
-        return list(found)
-    return [own] if own else []
-
-
 def state_run(path: str) -> str | None:
     """The id of the run that saved this state (None before runs had ids, or unreadable)."""
     return run_id_of(read_run(path))
@@ -302,9 +292,8 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
     ``saved`` (default: the newest state) -- only those wholly the toolkit's; any other is left
     alone and said once. Another run's states in the folder are never pruned."""
     states = [path for _, path in list_complete_states(state_dir)]
-    run = read_run(saved or states[-1]) if states else None
-    ours = set(lineage_of(run))  # its branch's and the runs' it branched from (a copy's states among them)
-    states = [path for path in states if (state_run(path) in ours if ours else state_run(path) is None)]
+    run = state_run(saved or states[-1]) if states else None
+    states = [path for path in states if state_run(path) == run]
     loadable = [p for p in states if judge_state(p).loadable]  # whole: a state damaged since never counts
     kept = set(loadable[-keep:]) if keep > 0 else set()
     for path in states:

@@ -150,13 +150,11 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         if t.log_with != 'none':
             init_trackers(cfg, accelerator, stamp)
         # the run's id: a resume keeps its state's (None: saved before ids were kept), a fresh run makes one
-        run_id, lineage = contract.run_ids(saved if resume else None, t.train_state_dir,
-                                           collectives.broadcast_from_main_all_ranks(contract.new_run_id(stamp)))
-        if resume and saved is not None and run_id != contract.run_id_of(saved.run) and collectives.is_main:
-            logger.info('run %s: its states were copied or moved from where it saved them; it goes on as a branch of '
-                        'its own, run %s (models of %s are its own too)', contract.run_id_of(saved.run), run_id,
-                        ', '.join(lineage[:-1]))
-        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved, (run_id, lineage))
+        if resume:
+            run_id = contract.run_id_of(saved.run) if saved else None
+        else:
+            run_id = collectives.broadcast_from_main_all_ranks(contract.new_run_id(stamp))
+        run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved, run_id)
         stop_at_start_up_all_ranks(collectives)  # again before anything is moved or loaded: a stop changes nothing
         if not resume:
             with stopping.critical():
@@ -173,7 +171,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
 
 
 def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved=None,
-                 ids=(None, ())) -> Run:
+                 run_id=None) -> Run:
     from accelerate.utils import set_seed
 
     from model.data.files import resolve_parquet_files
@@ -237,7 +235,7 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     parts = StateParts(accelerator, collectives,
                        {'schedule': scheduler, 'data_position': data_position, 'counters': state},
                        write_tokenizer=lambda folder: save_tokenizer_copy(tokenizer, folder))
-    checkpointer = Checkpointer(SaveSettings.of(cfg, fingerprint, *ids), collectives, model, tokenizer, parts)
+    checkpointer = Checkpointer(SaveSettings.of(cfg, fingerprint, run_id), collectives, model, tokenizer, parts)
     evaluator = Evaluator(EvalSettings.of(t), collectives, tokenizer, valid_loader, valid_files, decoder_inputs)
     return Run(cfg, accelerator, collectives, lock, log_file, tokenizer, train_loader, model, optimizer, scheduler,
                decoder_inputs, total_steps, state, data_position, checkpointer, evaluator)

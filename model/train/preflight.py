@@ -559,7 +559,7 @@ def _run_home(saved: contract.SavedState) -> dict | None:
     if not (isinstance(train, dict) and train.get('output_dir') and train.get('model_file')):
         return None
     home = contract.run_home({'output_dir': str(train['output_dir']), 'model_file': str(train['model_file']),
-                              'lineage': contract.lineage_of(saved.run)})
+                              'run_id': contract.run_id_of(saved.run)})
     return dict(zip(('output_dir', 'model_file'), home)) if home else None
 
 
@@ -567,7 +567,7 @@ def _other_runs_models(t, saved: contract.SavedState) -> list[Problem]:
     """A resume that would replace or prune models another run wrote (output_dir's model folders,
     the model_file pattern's files): refused, with this run's own places where they still hold it."""
     run_id = contract.run_id_of(saved.run)
-    others = model_files.other_runs_models(t.output_dir, t.model_file, contract.lineage_of(saved.run))
+    others = model_files.other_runs_models(t.output_dir, t.model_file, run_id)
     if not others:
         return []
     home = _run_home(saved) or {}
@@ -622,7 +622,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     report.problems += others
     home, saved_at = _run_home(saved), saved.config.get('train', {}).get('train_state_dir')
     if (home and os.path.realpath(home['output_dir']) != os.path.realpath(t.output_dir) and not others
-            and model_files.holds_run(t.output_dir, t.model_file, contract.lineage_of(saved.run))  # a copy of them
+            and model_files.holds_run(t.output_dir, t.model_file, contract.run_id_of(saved.run))  # a copy of them
             and not contract.copied_states(t.train_state_dir, saved_at if isinstance(saved_at, str) else None,
                                            t.output_dir)):
         # its models elsewhere, its states outside this output_dir: a copy of its outputs would go on apart from them
@@ -631,9 +631,8 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                        f'it would go on apart from them (a copy of its outputs?)',
                                        f'resume with {_flags(**home)}, or move {home["output_dir"]} away first to '
                                        f'continue here'))
-    runs = contract.other_runs_states(t.train_state_dir, saved.run)
-    if runs:  # its saves would sit among another run's states, and a resume could take either's
-        runs = {contract.run_id_of(saved.run): [saved.path], **runs}
+    runs = contract.runs_of_states(t.train_state_dir)
+    if len(runs) > 1:  # its saves would sit among another run's states, and a resume could take either's
         said = '; '.join(f'run {run or "from before runs had ids"}: '
                          f'{", ".join(os.path.basename(p) for p in paths)}' for run, paths in runs.items())
         report.problems.append(Problem('train_state_dir', f'train_state_dir: {t.train_state_dir} holds the states of '
