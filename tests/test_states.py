@@ -410,7 +410,7 @@ def run_models(out, run, folders=('best',), steps=()) -> None:
 
 
 def test_the_models_another_run_wrote_are_told_by_their_run_id_either_way(tmp_path):
-    from model.state.model_files import other_runs_models, runs_in
+    from model.state.model_files import holds_run, other_runs_models
 
     out = tmp_path / 'out'
     run_models(out, 'R', folders=('best',), steps=(10,))
@@ -418,7 +418,7 @@ def test_the_models_another_run_wrote_are_told_by_their_run_id_either_way(tmp_pa
     os.makedirs(out / 'mine')  # a user's folder, and a link to a model: never a run's model
     os.symlink(out / 'best', out / 'm.30.bin')
     pattern = str(out / 'm.{}.bin')
-    assert runs_in(str(out)) == {'R'} and runs_in(str(out), pattern) == {'R'}
+    assert holds_run(str(out), None, 'R') and holds_run(str(out), pattern, 'R') and not holds_run(str(out), None, 'S')
     assert sorted(other_runs_models(str(out), pattern, 'R')) == [(str(out / 'final'), None), (str(out / 'm.20.bin'), None)]
     # a run from before ids writes none with an id: those with one are another run's; its own look like the rest
     assert sorted(other_runs_models(str(out), pattern, None)) == [(str(out / 'best'), 'R'), (str(out / 'm.10.bin'), 'R')]

@@ -103,27 +103,31 @@ def model_record(path: str) -> dict | None:
 def recorded_run(path: str) -> str | None:
     """The id of the run that wrote this model, as its marker records it; None for anything else,
     or a model written before runs had ids."""
-    found = (model_record(path) or {}).get(RUN_ID)
+    return _run_of(model_record(path))
+
+
+def _run_of(record: dict | None) -> str | None:
+    found = (record or {}).get(RUN_ID)
     return found if isinstance(found, str) and found else None
 
 
-def _models_at(output_dir: str, model_file: str | None) -> list[str]:
-    """The toolkit's models a run with these places writes: output_dir's model folders, and the
-    model_file pattern's step and best files."""
+def _recorded_runs(output_dir: str, model_file: str | None) -> list[tuple[str, str | None]]:
+    """(path, the id its marker records: None before runs had ids) of the toolkit's models a run
+    with these places writes: output_dir's model folders, the model_file pattern's step and best
+    files (each marker read once)."""
     files = [p for _, p in owned_model_files(model_file, r'\d+|best')] if model_file else []
-    return [p for p in [*model_folders(output_dir), *files] if model_record(p) is not None]
-
-
-def runs_in(output_dir: str, model_file: str | None = None) -> set[str]:
-    """The ids of the runs whose models are at these places (output_dir's best/ and final/, and
-    with model_file its pattern's files)."""
-    return {run for run in map(recorded_run, _models_at(output_dir, model_file)) if run}
+    found = []
+    for path in [*model_folders(output_dir), *files]:
+        record = model_record(path)
+        if record is not None:
+            found.append((path, _run_of(record)))
+    return found
 
 
 def holds_run(output_dir: str, model_file: str | None, run_id: str | None) -> bool:
     """Whether these places hold models of the run with this id (None: a run from before ids --
     models there, none with an id)."""
-    runs = [recorded_run(p) for p in _models_at(output_dir, model_file)]
+    runs = [run for _, run in _recorded_runs(output_dir, model_file)]
     return run_id in runs if run_id else bool(runs) and not any(runs)
 
 
@@ -131,7 +135,7 @@ def other_runs_models(output_dir: str, model_file: str, run_id: str | None) -> l
     """(path, its run's id) of the models at these places that a run with this id did not write:
     another id, or -- for a run with an id -- none (a run from before ids). A run from before ids
     (None) writes none with an id; its own models, without one, are not told apart from others."""
-    return [(p, run) for p in _models_at(output_dir, model_file) for run in [recorded_run(p)] if run != run_id]
+    return [(p, run) for p, run in _recorded_runs(output_dir, model_file) if run != run_id]
 
 
 PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path adds to a model's name (a regex)
