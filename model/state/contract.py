@@ -197,19 +197,26 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
 
 
 def saved_places(state_dir: str) -> dict | None:
-    """The places (output_dir, model_file) the newest state in state_dir was saved with, from
-    its config, and its run's id (``run_id``: None before ids were kept), by sizes only; None
-    when it holds none this can read."""
+    """The places the newest state in state_dir was saved with (:func:`places_of`), by sizes
+    only; None when it holds none this can read."""
     newest = states.latest_state(state_dir, deep=False)
     try:
-        saved = states.read_json(os.path.join(newest, RUN_FILES['config']))['train'] if newest else None
-        places = {k: str(saved[k]) for k in ('output_dir', 'model_file')} if saved else None
-    except (OSError, ValueError, KeyError, TypeError):
+        config = states.read_json(os.path.join(newest, RUN_FILES['config'])) if newest else None
+    except (OSError, ValueError):
         return None
-    if places is not None:
-        places['run_id'] = states.state_run(newest)
-        places['train_state_dir'] = str(saved['train_state_dir']) if saved.get('train_state_dir') else None
-    return places
+    return places_of(config, states.read_run(newest)) if newest else None
+
+
+def places_of(config, run: dict | None) -> dict | None:
+    """From a state's config and run.json: the places it was saved with (output_dir, model_file,
+    train_state_dir -- None if not recorded) and its run's id (``run_id``: None before runs had
+    ids); None when the config names no output_dir and model_file."""
+    train = config.get('train') if isinstance(config, dict) else None
+    if not (isinstance(train, dict) and train.get('output_dir') and train.get('model_file')):
+        return None
+    return {'output_dir': str(train['output_dir']), 'model_file': str(train['model_file']),
+            'train_state_dir': str(train['train_state_dir']) if train.get('train_state_dir') else None,
+            'run_id': run_id_of(run)}
 
 
 def copied_states(state_dir: str, saved_state_dir: str | None, output_dir: str) -> bool:

@@ -553,24 +553,21 @@ def _flags(**places) -> str:
     return ' '.join(shlex.quote(f'--{name}={value}') for name, value in places.items())
 
 
-def _run_home(saved: contract.SavedState) -> dict | None:
-    """{output_dir, model_file} where the models of the run whose state this resumes are now."""
-    train = saved.config.get('train', {})
-    if not (isinstance(train, dict) and train.get('output_dir') and train.get('model_file')):
-        return None
-    home = contract.run_home({'output_dir': str(train['output_dir']), 'model_file': str(train['model_file']),
-                              'run_id': contract.run_id_of(saved.run)})
+def _run_home(places: dict | None) -> dict | None:
+    """{output_dir, model_file} where the models of the run whose state this resumes are now
+    (places: contract.places_of its state)."""
+    home = contract.run_home(places) if places else None
     return dict(zip(('output_dir', 'model_file'), home)) if home else None
 
 
-def _other_runs_models(t, saved: contract.SavedState) -> list[Problem]:
+def _other_runs_models(t, saved: contract.SavedState, home: dict | None) -> list[Problem]:
     """A resume that would replace or prune models another run wrote (output_dir's model folders,
     the model_file pattern's files): refused, with this run's own places where they still hold it."""
     run_id = contract.run_id_of(saved.run)
     others = model_files.other_runs_models(t.output_dir, t.model_file, run_id)
     if not others:
         return []
-    home = _run_home(saved) or {}
+    home = home or {}
     moved = {k: v for k, v in home.items() if v != getattr(t, k)}  # this run's places that are not its own
     runs = sorted({run or 'a run from before runs had ids' for _, run in others})
     folders = {os.path.realpath(p) for p in model_files.model_folders(t.output_dir)}
@@ -618,13 +615,13 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                        'start without --is_keep_training (or check --train_state_dir)'))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
-    others = _other_runs_models(t, saved)
+    places = contract.places_of(saved.config, saved.run) or {}
+    home = _run_home(places)
+    others = _other_runs_models(t, saved, home)
     report.problems += others
-    home, saved_at = _run_home(saved), saved.config.get('train', {}).get('train_state_dir')
     if (home and os.path.realpath(home['output_dir']) != os.path.realpath(t.output_dir) and not others
             and model_files.holds_run(t.output_dir, t.model_file, contract.run_id_of(saved.run))  # a copy of them
-            and not contract.copied_states(t.train_state_dir, saved_at if isinstance(saved_at, str) else None,
-                                           t.output_dir)):
+            and not contract.copied_states(t.train_state_dir, places.get('train_state_dir'), t.output_dir)):
         # its models elsewhere, its states outside this output_dir: a copy of its outputs would go on apart from them
         report.problems.append(Problem('output_dir', f'output_dir: the run whose state this resumes ({saved.path}) has '
                                        f'its models in {home["output_dir"]}; resumed with --output_dir={t.output_dir} '
