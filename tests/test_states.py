@@ -462,3 +462,26 @@ def test_a_save_prunes_only_its_own_runs_states(tmp_path):
                                                     'S': [str(states / sf.state_name(30))]}
     sf._prune_states(str(states), keep=1, saved=str(states / sf.state_name(40)))
     assert names(states) == [sf.state_name(30), sf.state_name(40)]  # the other run's state stays
+
+
+def test_an_archive_move_whose_removal_fails_midway_keeps_the_whole_copy(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / 'out'
+    a_model_folder_and_a_step_file(out)
+    real_rmtree = shutil.rmtree
+
+    def removal_fails_midway(path, *a, **kw):  # previous_runs on another filesystem: copied, then removed there
+        if 'previous_runs' in str(path):
+            return real_rmtree(path, *a, **kw)
+        os.remove(os.path.join(path, 'model.safetensors'))
+        raise OSError(errno.EACCES, 'Permission denied')
+
+    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    monkeypatch.setattr(shutil, 'rmtree', removal_fails_midway)
+    with pytest.raises(UserError, match=r'was copied whole into .*but removing it where it was failed'):
+        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+    monkeypatch.undo()
+    # the only whole copy is kept: never taken back once the item where it was is no longer whole
+    assert own.kind_of(str(out / 'previous_runs' / 'stamp' / 'best')) == markers.MODEL
+    assert sorted(os.listdir(out / 'best')) == ['chat_small_t5.json']

@@ -218,6 +218,13 @@ def foreign_entries(folder: str, deep: bool = True) -> list[str]:
     return out
 
 
+def missing_entries(folder: str) -> list[str]:
+    """The entries a marked folder's marker records that are no longer there (a folder partly
+    removed); [] for a folder whose marker records none."""
+    recorded = recorded_entries(read_marker(folder) or {}) or {}
+    return [rel for rel in sorted(recorded) if not os.path.lexists(os.path.join(folder, rel))]
+
+
 def describe_foreign(found: list[str]) -> str:
     return ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
 

@@ -227,8 +227,10 @@ def begin_save(state_dir: str, tmp: str) -> None:
     try:
         with open(os.path.join(tmp, SAVING), 'w') as f:
             f.write(f'{socket.gethostname()} {os.getpid()}\n')
-    except OSError:
-        shutil.rmtree(tmp)  # made just now, by this call
+    except OSError:  # made just now, by this call: its own file, then the folder only if empty
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(tmp, SAVING))
+            os.rmdir(tmp)
         raise
 
 
@@ -256,8 +258,9 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
                        os.path.join(state_dir, state_name(step)), step, final)
     os.rename(tmp, final)
     writes.fsync_dir(state_dir)
-    with contextlib.suppress(OSError):  # in place and complete: no longer a save in progress (never listed)
-        os.remove(os.path.join(final, SAVING))
+    if ownership.is_saving_file(os.path.join(final, SAVING)):  # in place and complete: no longer a save in progress
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(final, SAVING))
     remember_whole(final)
     _prune_states(state_dir, keep, final)
     _sweep_tmp_states(state_dir)
@@ -498,9 +501,11 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
                     os.makedirs(states)
                     made.append(states)
                     ownership.write_marker(states, STATE_DIR, manifest=False)
-                _move_whole(item, os.path.join(states, os.path.basename(item)), archive)
-            elif ownership.kind_of(item) in (WEIGHTS, MODEL, PREDICTIONS):
-                _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive)
+                _move_whole(item, os.path.join(states, os.path.basename(item)), archive,
+                            lambda: judge_state(item, pickles=False).wholly_owned)
+            elif (kind := ownership.kind_of(item)) in (WEIGHTS, MODEL, PREDICTIONS):
+                _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive,
+                            lambda: ownership.kind_of(item) == kind and not ownership.missing_entries(item))
     except BaseException:
         for states in made:  # still holding only the marker this made
             if ownership.is_real_dir(states) and os.listdir(states) == [markers.MARKER_FILE]:
@@ -510,20 +515,26 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
         raise
 
 
-def _move_whole(item: str, target: str, archive: str) -> None:
+def _move_whole(item: str, target: str, archive: str, still_whole) -> None:
     """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
     copied then removed. A copy that fails (a full disk there) is taken back: the item stays whole
-    where it was, what moved before it stays whole in the archive, and the run stops in one line."""
+    where it was, what moved before it stays whole in the archive, and the run stops in one line.
+    The copy is taken back only while the item is still whole where it was (``still_whole()``):
+    when removing the item failed midway after a whole copy, the copy stays."""
     try:
         shutil.move(item, target)
     except (OSError, shutil.Error) as e:
+        why = getattr(e, 'strerror', None) or type(e).__name__
+        if os.path.lexists(target) and not still_whole():  # copied whole, then the removal there failed midway
+            raise UserError(f'{item} was copied whole into {target}, but removing it where it was failed ({why}): '
+                            f'what is left of it there is a partial copy; remove it, then run again') from None
         if os.path.lexists(item) and os.path.lexists(target):  # a half copy, made by this move in a new archive
             if ownership.is_real_dir(target):
                 shutil.rmtree(target, ignore_errors=True)
             else:
                 os.remove(target)
         full = writes.is_disk_full(e) or 'No space left' in str(e)  # shutil.Error lists its copies' errors as text
-        why = 'no space left on the device' if full else getattr(e, 'strerror', None) or type(e).__name__
+        why = 'no space left on the device' if full else why
         raise UserError(f'cannot move {item} into {archive} ({why}): it stays where it was (what moved before it '
                         f'is whole in {archive}); free space there, or make {os.path.dirname(archive)} a folder on '
                         f'this disk, and run again') from None
