@@ -485,3 +485,53 @@ def test_an_archive_move_whose_removal_fails_midway_keeps_the_whole_copy(tmp_pat
     # the only whole copy is kept: never taken back once the item where it was is no longer whole
     assert own.kind_of(str(out / 'previous_runs' / 'stamp' / 'best')) == markers.MODEL
     assert sorted(os.listdir(out / 'best')) == ['chat_small_t5.json']
+
+
+def test_an_archive_never_removes_what_it_did_not_copy_nor_calls_a_half_copy_whole(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    import torch
+
+    from model.state.model_files import save_weights_file
+
+    # two items of one name (a model_file pattern whose best file is named best): both kept, neither replaced
+    out, other = tmp_path / 'out', tmp_path / 'other'
+    a_model_folder_and_a_step_file(out)
+    os.makedirs(other)
+    save_weights_file({'w': torch.ones(2)}, str(other / 'best'), step=20)
+    archive = sf.archive_previous_run(str(out / 'states'), str(other / '{}'), str(out), 'stamp')
+    assert sorted(os.listdir(archive)) == ['best', 'best-1'] and not os.listdir(other)
+    assert {own.kind_of(os.path.join(archive, n)) for n in ('best', 'best-1')} == {markers.MODEL, markers.WEIGHTS}
+    # a copy that fails midway while the item cannot be judged where it is (a failing disk): the half copy is
+    # taken back, never called whole
+    out2 = tmp_path / 'out2'
+    a_model_folder_and_a_step_file(out2)
+    shutil.rmtree(out2 / 'best')
+    real_kind, unreadable = own.kind_of, set()
+
+    def half_copy(src, dst, **kw):  # the disk fails midway: half a copy, and the item no longer readable there
+        with open(src, 'rb') as f, open(dst, 'wb') as g:
+            g.write(f.read(100))
+        unreadable.add(os.path.realpath(src))
+        raise OSError(errno.EIO, 'Input/output error')
+
+    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    monkeypatch.setattr(shutil, 'copyfile', half_copy)
+    monkeypatch.setattr(own, 'kind_of', lambda p: None if os.path.realpath(p) in unreadable else real_kind(p))
+    with pytest.raises(UserError) as e:
+        sf.archive_previous_run(str(out2 / 'states'), str(out2 / 'm.{}.bin'), str(out2), 'stamp')
+    monkeypatch.undo()
+    assert 'copied whole' not in str(e.value) and 'Input/output error' in str(e.value), e.value
+    assert not os.path.exists(out2 / 'previous_runs') and real_kind(str(out2 / 'm.20.bin')) == markers.WEIGHTS
+    # a save whose save-in-progress file cannot be written leaves no folder of its own behind
+    sd = str(tmp_path / 'states')
+    sf.ensure_state_dir(sd)
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, 'open', lambda p, *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left'))
+                        if str(p).endswith(sf.SAVING) else real_open(p, *a, **k))
+    with pytest.raises(OSError):
+        sf.begin_save(sd, sf.tmp_path(sd, 10))
+    monkeypatch.undo()
+    assert not os.path.lexists(sf.tmp_path(sd, 10))
+    sf.begin_save(sd, sf.tmp_path(sd, 10))  # the next save goes ahead

@@ -230,6 +230,7 @@ def begin_save(state_dir: str, tmp: str) -> None:
     except OSError:  # made just now, by this call: its own file, then the folder only if empty
         with contextlib.suppress(OSError):
             os.remove(os.path.join(tmp, SAVING))
+        with contextlib.suppress(OSError):
             os.rmdir(tmp)
         raise
 
@@ -502,10 +503,10 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
                     made.append(states)
                     ownership.write_marker(states, STATE_DIR, manifest=False)
                 _move_whole(item, os.path.join(states, os.path.basename(item)), archive,
-                            lambda: judge_state(item, pickles=False).wholly_owned)
+                            lambda path: judge_state(path, pickles=False).wholly_owned)
             elif (kind := ownership.kind_of(item)) in (WEIGHTS, MODEL, PREDICTIONS):
                 _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive,
-                            lambda: ownership.kind_of(item) == kind and not ownership.missing_entries(item))
+                            lambda path: ownership.kind_of(path) == kind and not ownership.missing_entries(path))
     except BaseException:
         for states in made:  # still holding only the marker this made
             if ownership.is_real_dir(states) and os.listdir(states) == [markers.MARKER_FILE]:
@@ -515,17 +516,29 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
         raise
 
 
-def _move_whole(item: str, target: str, archive: str, still_whole) -> None:
+def _move_whole(item: str, target: str, archive: str, whole) -> None:
     """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
     copied then removed. A copy that fails (a full disk there) is taken back: the item stays whole
     where it was, what moved before it stays whole in the archive, and the run stops in one line.
-    The copy is taken back only while the item is still whole where it was (``still_whole()``):
-    when removing the item failed midway after a whole copy, the copy stays."""
+    ``whole(path)``: the item is whole there, judged by its marker. What this call copied is taken
+    back only while it is not a whole copy, or the item is still whole where it was; a whole copy
+    of an item whose removal failed midway stays. A name already taken in the archive gets a
+    suffix: nothing there is ever replaced or taken back."""
+    n, name = 1, target
+    while os.path.lexists(target):
+        target, n = f'{name}-{n}', n + 1
+
+    def judged(path):
+        try:
+            return whole(path)
+        except OSError:  # unreadable: not whole
+            return False
+
     try:
         shutil.move(item, target)
     except (OSError, shutil.Error) as e:
         why = getattr(e, 'strerror', None) or type(e).__name__
-        if os.path.lexists(target) and not still_whole():  # copied whole, then the removal there failed midway
+        if os.path.lexists(target) and judged(target) and not judged(item):  # removal failed midway after the copy
             raise UserError(f'{item} was copied whole into {target}, but removing it where it was failed ({why}): '
                             f'what is left of it there is a partial copy; remove it, then run again') from None
         if os.path.lexists(item) and os.path.lexists(target):  # a half copy, made by this move in a new archive
