@@ -476,3 +476,53 @@ def test_the_states_of_a_run_whose_models_were_moved_aside_go_with_them_not_with
                                               f'with --is_keep_training=True --output_dir={moved} '
                                               f"'--model_file={moved}/chat_small_t5.{{}}.bin' "
                                               f'--train_state_dir={moved}/state'), found
+
+
+@pytest.mark.parametrize('changed', [dict(tie_word_embeddings=False), dict(feed_forward_proj='gated-gelu'),
+                                     dict(relative_attention_max_distance=64)])
+def test_a_warm_start_from_a_model_of_another_shape_is_refused_whatever_field_differs(data, tmp_path, changed):
+    """Every field of the model's shape counts (sizing.SHAPE_FIELDS), for a model folder and a
+    weights file alike: an output scaling that differs (tie_word_embeddings, kept by transformers 5
+    as scale_decoder_outputs) loaded silently and began from another function (loss 62 against 7.9)."""
+    from model.data.tokenizer import load_tokenizer
+    from model.net.chat_model import build_model
+    from model.net.sizing import model_shape
+    from accelerate import PartialState
+
+    from model.state import model_files
+
+    PartialState()  # save_weights_file logs through accelerate, as a run does
+    base = config(data, tmp_path / 'run')
+    tok = load_tokenizer(data['tok'])
+    model = build_model(base.model, len(tok))
+    folder, weights = str(tmp_path / 'src' / 'best'), str(tmp_path / 'src' / 'm.best.bin')
+    model_files.save_model_folder(model, model.state_dict(), tok, folder, tag='best', step=1)
+    model_files.save_weights_file(model.state_dict(), weights, step=1, tag='best',
+                                  model_shape=model_shape(base.model, len(tok)))
+    for source in (folder, weights):
+        same = preflight.check_train(config(data, tmp_path / 'same', init_from=source), resume=False, world_size=1)
+        assert same.ready, problems(same)
+        other = preflight.check_train(config(data, tmp_path / 'other', init_from=source, **changed), resume=False,
+                                      world_size=1)
+        (name, value), = changed.items()
+        line = problems(other)['init_from']
+        assert 'the model shape differs' in line and f'{name} {getattr(base.model, name)} in {source}' in line, line
+        assert f'{value} in this run' in line
+
+
+def test_the_shape_a_model_folder_describes_is_the_shape_it_was_built_with():
+    """sizing.shape_of_t5_config inverts chat_model.build_t5_config for every shape field."""
+    import dataclasses
+    import json
+
+    from config import T5ModelConfig
+    from model.net.chat_model import build_t5_config
+    from model.net.sizing import SHAPE_FIELDS, model_shape, shape_of_t5_config
+
+    variants = [T5ModelConfig(), T5ModelConfig(tie_word_embeddings=False, feed_forward_proj='gated-gelu', d_model=512,
+                                               num_heads=8, relative_attention_num_buckets=16)]
+    for m in variants:
+        spec = json.loads(build_t5_config(m, 1300).to_json_string())  # as config.json holds it
+        assert shape_of_t5_config(spec) == model_shape(m, 1300)
+    assert set(SHAPE_FIELDS) == {f.name for f in dataclasses.fields(T5ModelConfig)} - {'dropout_rate'} | {'vocab_size'}
+    assert shape_of_t5_config({'tie_word_embeddings': False})['tie_word_embeddings'] is False  # transformers 4's

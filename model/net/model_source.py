@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from model.errors import UserError
 from model.state import markers, ownership
 from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
+from model.net.sizing import SHAPE_FIELDS, shape_of_t5_config
 
-SHAPE_FIELDS = ('d_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers', 'num_decoder_layers', 'feed_forward_proj',
-                'relative_attention_num_buckets', 'relative_attention_max_distance', 'vocab_size')
 WHERE = 'output_dir/best or output_dir/final'
 
 
@@ -96,7 +95,7 @@ def _describe_folder(folder: str, what: str) -> ModelSource:
     if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
         raise UserError(f'{what}={folder} has no tokenizer.json: models written by train carry their tokenizer')
     check_tokenizer_folder(folder)
-    shape = {k: spec.get(k) for k in SHAPE_FIELDS}
+    shape = shape_of_t5_config(spec)
     info = ownership.read_marker(folder) or {}
     return ModelSource(folder, 'folder', folder, shape, info.get('max_seq_len'))
 

@@ -29,11 +29,27 @@ def state_bytes(parameters: int, optimizer: str) -> int:
     return int(4 * parameters * (1 + optimizer_share))
 
 
+# what must match for saved weights to be the same function: every field of the model's shape
+# but dropout (which may change on resume), and the vocabulary's size -- the one list of it
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(T5ModelConfig) if f.name != 'dropout_rate') + ('vocab_size',)
+
+
 def model_shape(m: T5ModelConfig, vocab_size: int) -> dict:
-    """What must match for saved weights to load (dropout may change on resume)."""
+    """The model's shape (SHAPE_FIELDS) as a run's fingerprint and a weights file record it."""
     shape = dataclasses.asdict(m)
     shape.pop('dropout_rate')
     shape['vocab_size'] = vocab_size
+    return shape
+
+
+def shape_of_t5_config(spec: dict) -> dict:
+    """The shape (SHAPE_FIELDS) a model folder's config.json describes: the inverse of
+    chat_model.build_t5_config. transformers 5 keeps T5's output scaling, which this toolkit's
+    tie_word_embeddings sets, as scale_decoder_outputs (and writes tie_word_embeddings true
+    whatever it was); a config.json from transformers 4 has only tie_word_embeddings."""
+    shape = {k: spec.get(k) for k in SHAPE_FIELDS}
+    scaled = spec.get('scale_decoder_outputs', spec.get('tie_word_embeddings', True))
+    shape['tie_word_embeddings'] = scaled is not False
     return shape
 
 
