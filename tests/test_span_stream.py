@@ -409,6 +409,44 @@ def test_answers_are_filled_only_when_the_model_writes_sentinels(tokenizer):
     assert answer(plain, tokenizer, prompt, fill=True)[0].replace(' ', '') == '中国'
 
 
+def test_chat_in_a_terminal_answers_as_a_pipe_does_filled_and_seeded(tokenizer):
+    """stream_answer (chat in a terminal) against answer (generate, a piped chat): a prompt with
+    sentinels is shown filled, and sampling with one --sample_seed gives one answer (it printed
+    the bare spans, and a new answer each time)."""
+    import io
+
+    import torch
+
+    from config import DecodeConfig, T5ModelConfig
+    from model.net.chat_model import answer, build_model, stream_answer
+
+    torch.manual_seed(0)
+    model = build_model(T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1),
+                        len(tokenizer)).eval()
+    sampled = DecodeConfig(do_sample=True, temperature=2.0, top_p=1.0, top_k=0, max_new_tokens=8, sample_seed=7)
+    for prompt in ('你好吗', '北京是<extra_id_0>的首都'):
+        shown = []
+        for _ in range(2):
+            torch.manual_seed(len(shown))  # whatever the global generator holds before
+            out = io.StringIO()
+            text = stream_answer(model, tokenizer, prompt, sampled, 32, out=out)
+            assert out.getvalue() == text + '\n'
+            shown.append(text)
+        assert shown[0] == shown[1] == answer(model, tokenizer, [prompt], max_seq_len=32, decode=sampled, fill=True)[0]
+    s0 = tokenizer.convert_tokens_to_ids(sc.sentinel_token(0))
+
+    class Writes(torch.nn.Module):  # a model that writes its span for <extra_id_0>
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kw):
+            return torch.tensor([[0, s0, *tokenizer('中国', add_special_tokens=False).input_ids, 1]] * len(input_ids))
+    out = io.StringIO()
+    stream_answer(Writes(), tokenizer, '北京是<extra_id_0>的首都', sampled, 32, out=out)
+    assert out.getvalue().replace(' ', '') == '北京是【中国】的首都\n'  # the prompt, its sentinel filled
+
+
 def test_a_literal_sentinel_in_the_training_text_is_text(tokenizer):
     from model.data.batches import TokenEncoder
 

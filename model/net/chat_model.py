@@ -359,10 +359,19 @@ def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks
 
 @torch.no_grad()
 def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_len: int, out=None) -> str:
-    """One answer, printed token by token to ``out`` as it is generated; returns it."""
+    """One answer, printed token by token to ``out`` as it is generated; returns it. Decoded as
+    :func:`answer` decodes (sampling seeded with decode.sample_seed: the same seed, the same
+    answer); a prompt with T5 sentinels is answered whole and shown filled, as answer(fill=True)
+    shows it -- its spans streamed alone read as noise."""
     from transformers import TextStreamer
 
     out = out or sys.stdout
+    sentinels = sentinel_set(tokenizer)
+    if sentinels and sentinels & set(tokenizer(valid_text(prompt))['input_ids']):
+        text = answer(model, tokenizer, [prompt], max_seq_len=max_seq_len, decode=decode, fill=True)[0]
+        out.write(text + '\n')
+        out.flush()
+        return text
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text, stream_end=False):
@@ -373,6 +382,8 @@ def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_l
     prompt = cut_texts([prompt], text_cut_chars(tokenizer, max_seq_len))[0]
     enc = tokenizer([valid_text(prompt)], truncation=True, max_length=max_seq_len, return_tensors='pt')
     device = next(model.parameters()).device
+    kwargs = generation_kwargs(decode, max_seq_len)
+    torch.manual_seed(decode.sample_seed)  # as answer() seeds it
     gen = model.generate(input_ids=enc['input_ids'].to(device), attention_mask=enc['attention_mask'].to(device),
-                         streamer=streamer, **generation_kwargs(decode, max_seq_len))
+                         streamer=streamer, **kwargs)
     return tokenizer.decode(gen[0], skip_special_tokens=True)
