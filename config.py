@@ -240,13 +240,7 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     if not 1 <= train.stop_grace_s <= 24 * 3600:
         raise UserError(f'stop_grace_s={train.stop_grace_s}: give the seconds between SIGTERM and SIGKILL '
                         f'on your cluster, 1 to 86400')
-    if not 0 < train.noise_density <= 0.5:
-        raise UserError(f'noise_density must be in (0, 0.5], got {train.noise_density} (T5: 0.15; above 0.5 a '
-                        f'target is longer than its input)')
-    if not 1 <= train.mean_noise_span_length <= train.max_seq_len:
-        raise UserError(f'mean_noise_span_length must be 1 to max_seq_len={train.max_seq_len} tokens, got '
-                        f'{train.mean_noise_span_length} (T5: 3)')
-    if train.objective == 'span_corruption':
+    if train.objective == 'span_corruption':  # the span fields do nothing for pairs: not judged there
         check_span_lengths(train)
     if not 0 < train.character_coverage <= 1:
         raise UserError(f'character_coverage must be in (0, 1], got {train.character_coverage}')
@@ -290,6 +284,14 @@ def check_span_lengths(train) -> None:
     more than the tokenizer's 100 sentinels (one per noise span)."""
     from model.data.span_corruption import SENTINEL_COUNT, lengths_for, span_count
 
+    if not 0 < train.noise_density <= 0.5:
+        raise UserError(f'noise_density must be in (0, 0.5], got {train.noise_density} (T5: 0.15; above 0.5 a '
+                        f'target is longer than its input)')
+    if train.max_seq_len < 8:
+        raise UserError(f'max_seq_len={train.max_seq_len} is too short for span corruption; use at least 8')
+    if not 1 <= train.mean_noise_span_length <= train.max_seq_len:
+        raise UserError(f'mean_noise_span_length must be 1 to max_seq_len={train.max_seq_len} tokens, got '
+                        f'{train.mean_noise_span_length} (T5: 3)')
     d, m = train.noise_density, train.mean_noise_span_length
     try:
         raw, _ = lengths_for(train.max_seq_len, d, m)
@@ -304,8 +306,6 @@ def check_span_lengths(train) -> None:
         raise UserError(f'max_seq_len={train.max_seq_len} with noise_density={d} and mean_noise_span_length={m} makes '
                         f'{span_count(raw, d, m)} noise spans an example, more than the {SENTINEL_COUNT} sentinels; use '
                         f'--max_seq_len={longest} or less, or a longer --mean_noise_span_length')
-    if train.max_seq_len < 8:
-        raise UserError(f'max_seq_len={train.max_seq_len} is too short for span corruption; use at least 8')
 
 
 @dataclass

@@ -143,16 +143,23 @@ def test_unknown_field_suggests_nearest():
     ({'seed': -1}, r'--seed=-1: give a seed from 0 to 4,294,967,295'),
     ({'seed': 2**32}, r'--seed=4294967296: give a seed from 0'),
     ({'objective': 'mlm'}, 'objective must be one of pairs, span_corruption'),
-    ({'noise_density': 0.9}, r'noise_density must be in \(0, 0.5\]'),
-    ({'noise_density': 0}, r'noise_density must be in \(0, 0.5\]'),
-    ({'mean_noise_span_length': 0.5}, 'mean_noise_span_length must be 1 to max_seq_len'),
+    ({'objective': 'span_corruption', 'noise_density': 0.9}, r'noise_density must be in \(0, 0.5\]'),
+    ({'objective': 'span_corruption', 'noise_density': 0}, r'noise_density must be in \(0, 0.5\]'),
+    ({'objective': 'span_corruption', 'mean_noise_span_length': 0.5}, 'mean_noise_span_length must be 1 to max_seq_len'),
     ({'objective': 'span_corruption', 'max_seq_len': 4}, 'too short for span corruption; use at least 8'),
+    # what it says first at a length too short for both its mean span and the objective: the length
+    ({'objective': 'span_corruption', 'max_seq_len': 2}, 'too short for span corruption; use at least 8'),
     # 227 noise spans at 4096: the largest length that needs at most 100 sentinels is named
     ({'objective': 'span_corruption', 'max_seq_len': 4096}, r'227 noise spans .* use --max_seq_len=1809 or less'),
 ])
 def test_validation_messages(overrides, needle):
     with pytest.raises(UserError, match=needle):
         resolve_config(overrides=overrides)
+
+
+def test_the_span_fields_are_not_judged_for_pairs_they_do_nothing_there():
+    for changed in ({'max_seq_len': 2}, {'noise_density': 0.9}, {'mean_noise_span_length': 0.5}):
+        assert resolve_config(overrides=changed).train.objective == 'pairs'  # no refusal of a flag not given
 
 
 def test_preset_errors():

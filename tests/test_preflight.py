@@ -11,7 +11,7 @@ import pytest
 from config import resolve_config
 from conftest import tiny_flags
 from model.errors import UserError
-from model.state import markers
+from model.state import contract, markers
 from model.train import preflight
 
 
@@ -175,7 +175,6 @@ def test_places_beside_those_folders_or_in_an_earlier_run_are_fine(data, tmp_pat
 
 
 def test_the_states_of_a_run_of_several_are_judged_deeply_on_main_only_then(data, tmp_path, monkeypatch):
-    from model.state import contract
     from model.state import states as sf
 
     calls = []
@@ -526,3 +525,20 @@ def test_the_shape_a_model_folder_describes_is_the_shape_it_was_built_with():
         assert shape_of_t5_config(spec) == model_shape(m, 1300)
     assert set(SHAPE_FIELDS) == {f.name for f in dataclasses.fields(T5ModelConfig)} - {'dropout_rate'} | {'vocab_size'}
     assert shape_of_t5_config({'tie_word_embeddings': False})['tie_word_embeddings'] is False  # transformers 4's
+
+
+def test_a_resume_names_as_applied_only_the_changes_it_makes(data, tmp_path):
+    """A change the resume refuses (the optimizer, the model's shape, what a span-corruption
+    example is made of) is a problem, never also a note that says it is applied from the saved
+    step on (the dry run said both)."""
+    from conftest import run_train
+
+    out = tmp_path / 'run'
+    assert run_train(tiny_flags(data, out, max_steps=2, save_steps=2)).returncode == 0
+    report = preflight.check_train(config(data, out, learn_rate=0.5, d_ff=96, optimizer='adafactor'), resume=True,
+                                   world_size=1)
+    (applied,) = [n for n in report.notes if 'applied from step 2 on' in n]
+    assert 'learn_rate' in applied and 'd_ff' not in applied and 'optimizer' not in applied, applied
+    assert 'd_ff' in problems(report)['is_keep_training'] and 'optimizer' in problems(report)
+    assert contract.fixed_fields({'model_shape': {'d_ff': 1}, 'examples': {'max_seq_len': 8}}) == {
+        'd_ff', 'objective', 'max_seq_len'}  # under pairs max_seq_len may change: its fingerprint has no examples

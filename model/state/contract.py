@@ -287,6 +287,9 @@ def new_run_id(stamp: str) -> str:
 # --------------------------------------------------------------------------- fingerprints
 
 
+EXAMPLE_FIELDS = ('max_seq_len', 'noise_density', 'mean_noise_span_length')  # what a span-corruption example is made of
+
+
 def fingerprint(model_shape: dict, train_files: list[tuple[str, int]], tokenizer: str,
                 objective: str = 'pairs', examples: dict | None = None) -> dict:
     """What a resume must find unchanged: the model's shape, the tokenizer's fingerprint, the
@@ -413,12 +416,20 @@ def _engine_view(path: str):
         shutil.rmtree(view, ignore_errors=True)
 
 
-def changed_fields(saved_config: dict, cfg) -> list[str]:
-    """``name old -> new`` for every field of the run's config that differs from the saved one."""
+def changed_fields(saved_config: dict, cfg, leave_out=()) -> list[str]:
+    """``name old -> new`` for every field of the run's config that differs from the saved one
+    (but those named in leave_out)."""
     return [f'{k} {saved_config[part][k]!r} -> {v!r}'
             for part, now in (('train', cfg.train), ('model', cfg.model))
             for k, v in dataclasses.asdict(now).items() if k in saved_config.get(part, {})
-            and saved_config[part][k] != v]
+            and saved_config[part][k] != v and k not in leave_out]
+
+
+def fixed_fields(saved_fingerprint: dict) -> set[str]:
+    """The config fields a resume of a state with this fingerprint cannot change (compare_fingerprints
+    refuses a change): the model's shape, the objective and, under span corruption, what an example
+    is made of (EXAMPLE_FIELDS)."""
+    return {*(saved_fingerprint.get('model_shape') or {}), 'objective', *(saved_fingerprint.get('examples') or {})}
 
 
 def describe_run(config: dict, fingerprint_: dict, world: int, engine: str, run_id: str | None = None

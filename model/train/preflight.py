@@ -230,7 +230,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.fingerprint = contract.fingerprint(
             model_shape(cfg.model, report.vocab_size), [(f, inspect_parquet(f).num_rows) for f in report.train_files],
             tokenizer_fingerprint(t.tokenizer_dir), t.objective,
-            {k: getattr(t, k) for k in ('max_seq_len', 'noise_density', 'mean_noise_span_length')}
+            {k: getattr(t, k) for k in contract.EXAMPLE_FIELDS}
             if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
         report.notes += warmup_notes(t, report.total_steps)
@@ -644,7 +644,8 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                            f'{name}={saved_cfg.get(name)} ({why})',
                                            f'resume with --{name}={saved_cfg.get(name)}, or start a new run '
                                            f'without --is_keep_training'))
-    changed = contract.changed_fields(saved.config, cfg)
+    # what is refused below is not applied: only the changes the resume makes are named
+    changed = contract.changed_fields(saved.config, cfg, {*REFUSED_ON_RESUME, *contract.fixed_fields(saved.fingerprint)})
     if changed:
         report.notes.append(f'changed since the save, applied from step {saved.step} on: {"; ".join(changed)}')
     if not report.fingerprint:
