@@ -119,6 +119,22 @@ def test_jsonl_saved_as_json_and_format_flag(tmp_path):
     assert read_pairs(tmp_path / 'a.parquet') == pairs == read_pairs(tmp_path / 'b.parquet')
 
 
+def test_an_output_not_named_parquet_is_refused_before_any_work(tmp_path):
+    """The readers know Parquet by its name: convert wrote Parquet as x.json, which clean then
+    refused as a source to convert, and whose suggested convert failed."""
+    src = write_source(tmp_path / 'src.jsonl', make_texts(20, seed=6), 'jsonl')
+    data = str(tmp_path / 'data.parquet')
+    convert_to_parquet(src, data, 'question', 'answer')
+    before = sorted(os.listdir(tmp_path))
+    for name, run in [('x.json', lambda out: convert_to_parquet(src, out, 'question', 'answer')),
+                      ('x', lambda out: clean_parquet(data, out)),
+                      ('x.csv', lambda out: split_parquet(data, out, str(tmp_path / 'v.parquet'), valid_ratio=0.5)),
+                      ('x.parquet/', lambda out: clean_parquet(data, out))]:
+        with pytest.raises(UserError, match='x.parquet$'):
+            run(f'{tmp_path}/{name}')  # a Path would drop the trailing slash
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
 def test_failed_convert_leaves_no_file(tmp_path, monkeypatch):
     set_constant(monkeypatch, 'BATCH_ROWS', 10)
     set_constant(monkeypatch, 'ROW_GROUP_ROWS', 10)  # row groups hit the disk before the error

@@ -101,6 +101,15 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
         ownership.check_not_an_input(real, files, f'--{what}', specs)
         ownership.check_replaceable(real, DATA, f'--{what}', folder=False)
         ownership.check_writable(real, f'--{what}')
+        if os.fspath(path).endswith(os.sep):
+            named = os.fspath(path).rstrip(os.sep) or 'out'
+            raise UserError(f'--{what}={path} names a folder; give the file to write, e.g. '
+                            f'{named if named.endswith(".parquet") else named + ".parquet"}')
+        if not os.fspath(path).endswith('.parquet'):  # what every reader takes for Parquet (a folder: its *.parquet)
+            stem = os.path.splitext(os.fspath(path))[0] or 'out'
+            raise UserError(f'--{what}={path}: the output is written as Parquet, and the readers know Parquet by '
+                            f'its name (a folder given as input: its *.parquet files; a .json, .csv or .txt name '
+                            f'is taken for a source to convert); name it {stem}.parquet')
 
 
 @contextlib.contextmanager

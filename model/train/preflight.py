@@ -380,7 +380,7 @@ def _check_data(spec, name: str, objective: str = 'pairs') -> list[str]:
     kind = files_kind(files, name)
     if objective == 'span_corruption' and kind != 'text':
         raise UserError(f'{name}: {spec} holds prompt/response pairs; --objective=span_corruption trains on raw '
-                        f'text: give files with a text column (python prepare_data.py convert IN OUT '
+                        f'text: give files with a text column (python prepare_data.py convert IN OUT.parquet '
                         f'--text_col=...), or train these pairs with --objective=pairs')
     if objective == 'pairs' and kind != 'pairs':
         raise UserError(f'{name}: {spec} holds raw text (a text column); --objective=pairs trains prompt/response '
