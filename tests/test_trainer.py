@@ -258,3 +258,17 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path, data):
     log = open(run_logs(out)[-1], encoding='utf-8').read()
     rates = dict(re.findall(r'step (\d+)/2 \| .*? \| lr ([0-9.e+-]+)', log))
     assert rates == {'1': '0.000e+00', '2': '3.000e-03'}, rates
+
+
+def test_perplexity_is_printed_as_it_is_not_capped():
+    """exp(loss), one rule for the log and `test`: an untrained model's loss of 61.43 printed
+    perplexity 5184705528587072045056.00, exp(50), as if exact."""
+    import math
+
+    from model.train.evaluation import EvalResult
+    from model.use.scoring import TestResult
+
+    for loss, shown in ((0.0403, '1.04'), (61.43, f'{math.exp(61.43):.3g}'), (800.0, 'inf')):
+        assert f'(ppl {shown})' in EvalResult(loss=loss).describe(1)
+        assert f'| perplexity {shown} |' in TestResult(10, 0, loss, 0.0, 0.0, 'p.jsonl').describe()
+    assert f'{math.exp(61.43):.3g}' == '4.77e+26'

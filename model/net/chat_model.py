@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import sys
 from typing import Callable
@@ -133,6 +134,18 @@ def find_model_source(cfg: ResolvedConfig, model_dir: str = '') -> ModelSource:
     preset = f' --preset={cfg.preset}' if cfg.preset else ''
     raise UserError(f'no trained model in {" or ".join(default_model_paths(cfg))}; train one with: '
                     f'python train_low_mem.py train{preset}, or give --model_dir')
+
+
+def perplexity(loss: float) -> float:
+    """exp of a token-weighted mean loss (:func:`token_loss_sum`); inf past what a float holds."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
+def show_perplexity(loss: float) -> str:
+    """The perplexity as the log and `test` print it: 2 decimals, or 3 digits with an exponent once
+    it is large (an untrained model's loss of 61.43 is a perplexity of 4.77e+26, not a capped figure)."""
+    value = perplexity(loss)
+    return f'{value:.2f}' if value < 1e6 else f'{value:.3g}'
 
 
 def token_loss_sum(model, batch: dict, device, decoder_inputs=None) -> torch.Tensor:

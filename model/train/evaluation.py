@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.net.chat_model import answer, token_loss_sum
+from model.net.chat_model import answer, perplexity, show_perplexity, token_loss_sum
 from model.faults import fault_point
 from model.data.files import iter_usable_rows
 from model.data.batches import placeholder_batch, to_torch
@@ -52,10 +52,10 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50))
+        return perplexity(self.loss)
 
     def describe(self, step: int) -> str:
-        text = f'eval at step {step} ({self.seconds:.1f} s): validation loss {self.loss:.4f} (ppl {self.perplexity:.2f})'
+        text = f'eval at step {step} ({self.seconds:.1f} s): validation loss {self.loss:.4f} (ppl {show_perplexity(self.loss)})'
         if self.bleu is not None:
             text += f' | BLEU-4 {self.bleu:.2f} on {self.bleu_rows} rows'
         for p, r, h in self.samples:

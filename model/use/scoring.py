@@ -10,7 +10,6 @@ toolkit's marker with the figures, one line per row follows: prompt, reference, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from config import DecodeConfig
 from model.errors import UserError
 from model.state import markers, ownership, writes
-from model.net.chat_model import answer, token_loss_sum
+from model.net.chat_model import answer, perplexity, show_perplexity, token_loss_sum
 from model.data.files import PAIR_COLUMNS, iter_text_tables, usable_mask
 from model.data.batches import TokenEncoder, make_batches, to_torch
 from model.state.markers import PREDICTIONS
@@ -43,11 +42,11 @@ class TestResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50))
+        return perplexity(self.loss)
 
     def describe(self) -> str:
         return (f'rows {self.rows} (skipped {self.skipped} blank) | loss {self.loss:.4f} | perplexity '
-                f'{self.perplexity:.2f} | BLEU-4 {self.bleu:.2f} | exact match {100 * self.exact_match:.1f}%\n'
+                f'{show_perplexity(self.loss)} | BLEU-4 {self.bleu:.2f} | exact match {100 * self.exact_match:.1f}%\n'
                 f'predictions: {self.predictions}')
 
 
