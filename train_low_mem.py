@@ -230,7 +230,7 @@ def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
 
     model, tok, max_seq_len = _load(cfg, source)
     for p in prompts:
-        if note := sentinel_note(tok, p):
+        if note := sentinel_note(tok, p, max_seq_len):
             print(f'note: {p}: {note}', file=sys.stderr)
     for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode, fill=True)):
         print(f'  {p}  ->  {a}')
@@ -268,7 +268,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
             continue
         if prompt.lower() in EXIT_WORDS:
             return
-        if note := sentinel_note(tok, prompt):
+        if note := sentinel_note(tok, prompt, max_seq_len):
             print(f'note: {note}', file=sys.stderr, flush=True)
         if interactive:
             sys.stdout.write('模型> ')

@@ -365,6 +365,10 @@ def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):
     assert sentinel_note(tokenizer, '北京是中国的首都') is None
     assert sentinel_note(tokenizer, '北京<extra_id_0>首都<extra_id_1>') is None
     assert sentinel_note(tokenizer, '<extra_id_0>, extra_id_5 and <extra_id 3>') is None  # not sentinels' text
+    long = '这是一段很长的文本' * 30 + '北京是<extra_id_0>的首都<extra_id_1>'  # its sentinels past 64 tokens
+    assert sentinel_note(tokenizer, long, 64).startswith(
+        "the prompt is cut to 64 tokens (the model's max_seq_len): <extra_id_0> and later sentinels fall outside it")
+    assert sentinel_note(tokenizer, long, 4096) is None and sentinel_note(tokenizer, long) is None
     assert 'is not a sentinel of this tokenizer (<extra_id_0> to <extra_id_99>)' in sentinel_note(tokenizer, 'a<extra_id_100>')
     note = sentinel_note(tokenizer, '北京<extra_id_1>首都<extra_id_0>')
     assert note.startswith('sentinels <extra_id_1>, <extra_id_0>: span corruption numbers them from <extra_id_0> up')

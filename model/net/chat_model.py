@@ -316,16 +316,27 @@ def sentinel_set(tokenizer) -> set[int]:
 SENTINEL_TEXT = re.compile(r'<extra_id_(\d+)>')
 
 
-def sentinel_note(tokenizer, prompt: str) -> str | None:
+def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str | None:
     """What a user should know before a prompt with T5 sentinels is answered, or None: a sentinel
-    the tokenizer lacks is read as plain text, and span corruption's inputs number their
-    sentinels from <extra_id_0> up in order -- a model fills others less well."""
+    the tokenizer lacks is read as plain text, one past the max_seq_len tokens a prompt is cut to
+    is never seen (nor filled), and span corruption's inputs number their sentinels from
+    <extra_id_0> up in order -- a model fills others less well."""
     from model.data.span_corruption import SENTINEL_COUNT
 
     written = [int(n) for n in SENTINEL_TEXT.findall(prompt)]
     if not written:
         return None
-    if not sentinel_set(tokenizer):
+    sentinels = sentinel_set(tokenizer)
+    if sentinels and max_seq_len:  # cut as answer() cuts it
+        text = valid_text(cut_texts([prompt], text_cut_chars(tokenizer, max_seq_len))[0])
+        kept = set(tokenizer(text, truncation=True, max_length=max_seq_len)['input_ids'])
+        lost = [t for t in tokenizer(text)['input_ids'] if t in sentinels and t not in kept]
+        if lost:
+            return (f'the prompt is cut to {max_seq_len} tokens (the model\'s max_seq_len): '
+                    f'{tokenizer.convert_ids_to_tokens(lost[0])}{" and later sentinels" if len(lost) > 1 else ""} '
+                    f'fall{"" if len(lost) > 1 else "s"} outside it and {"are" if len(lost) > 1 else "is"} not filled; '
+                    f'shorten the text before it')
+    if not sentinels:
         return (f'this model\'s tokenizer has no T5 sentinels: <extra_id_{written[0]}> is read as plain text (a '
                 f'model pretrained with --objective=span_corruption fills them)')
     unknown = sorted({n for n in written if n >= SENTINEL_COUNT})
