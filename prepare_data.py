@@ -88,12 +88,17 @@ def split(*args, **flags):
 
 def check(*args, **flags):
     """Quality report: shape, columns, head, nulls, blanks, duplicates, lengths (and tokens)."""
-    from model.prep.ops import build_report, format_report
+    from model.prep.ops import build_report, check_verdict, format_report
 
     o = parse_options(CheckOptions, 'check', args, flags, ('input',))
     if o.max_seq_len < 2:
         raise UserError(f'max_seq_len must be at least 2, got {o.max_seq_len}')
-    print(format_report(build_report(o.input, o.tokenizer_dir or None, o.max_seq_len)))
+    if 'max_seq_len' in flags and not o.tokenizer_dir:
+        raise UserError('check: --max_seq_len sets what the token figures refer to, and those need a tokenizer; '
+                        'give --tokenizer_dir too')
+    report = build_report(o.input, o.tokenizer_dir or None, o.max_seq_len)
+    print(format_report(report), flush=True)
+    check_verdict(report)  # after the report: what it says of the files, then why train would refuse them
 
 
 def demo(*args, **flags):

@@ -228,6 +228,36 @@ def test_check_a_text_file(tmp_path, tokenizer_dir, tokenizer):
     assert 'none is truncated' in format_report(build_report(src, tokenizer_dir, max_seq_len=12))
 
 
+def test_check_says_when_train_would_refuse_the_files_or_the_tokenizer(tmp_path, tokenizer_dir):
+    """check printed NaN statistics and exited 0 for a file train refuses (no usable row), said
+    nothing of a tokenizer span corruption refuses, and ignored --max_seq_len without a tokenizer."""
+    nulls = write_text_parquet(tmp_path / 'nulls.parquet', [None, '  ', None])
+    good = write_text_parquet(tmp_path / 'good.parquet', chinese_texts(20, seed=3))
+    plain = tmp_path / 'no_sentinels'
+    plain.mkdir()
+    spec = json.load(open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8'))
+    spec['added_tokens'] = [t for t in spec['added_tokens'] if not t['content'].startswith('<extra_id_')]
+    (plain / 'tokenizer.json').write_text(json.dumps(spec), encoding='utf-8')
+    for f in ('tokenizer_config.json', 'special_tokens_map.json', '.chat_small_t5.json'):
+        if os.path.exists(os.path.join(tokenizer_dir, f)):
+            (plain / f).write_bytes(open(os.path.join(tokenizer_dir, f), 'rb').read())
+    out = run_parallel([('nulls', ['check', nulls], 'prepare_data.py'),
+                        ('good', ['check', good, f'--tokenizer_dir={tokenizer_dir}'], 'prepare_data.py'),
+                        ('plain', ['check', good, f'--tokenizer_dir={plain}'], 'prepare_data.py'),
+                        ('len', ['check', good, '--max_seq_len=64'], 'prepare_data.py')])
+    code, err, report = out['nulls']
+    assert code == 2 and 'usable rows (text in every column, as train reads them): 0 of 3' in report
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f'error: {nulls}: no row has text in every column (2 with a null field, 1 blank, of 3): train refuses it; '
+        f'convert or clean the source again']
+    code, err, report = out['good']
+    assert code == 0 and ': 20 of 20' in report and 'refuses this tokenizer' not in report, err[-2000:]
+    code, err, report = out['plain']
+    assert code == 0 and 'note: --objective=span_corruption refuses this tokenizer: ' in report and 'train_tokenizer' in report
+    code, err, report = out['len']
+    assert code == 2 and 'give --tokenizer_dir too' in err
+
+
 def test_mixed_kinds_are_refused(tmp_path):
     folder = tmp_path / 'mixed'
     folder.mkdir()

@@ -244,6 +244,7 @@ def build_report(input_spec, tokenizer_dir: str | None = None,
     return {
         'files': files, 'rows': total, 'columns': columns, 'shape': (total, len(columns)), 'kind': kind,
         'head': head or [], 'nulls': nulls, **counts,
+        'usable_rows': total - counts['null_rows'] - counts['blank_rows'],  # what train reads (iter_usable_rows)
         **{f'{name}_chars': _describe(lengths[name]) for name in names},
         'tokens': tokens.summary() if tokens is not None else None,
     }
@@ -269,6 +270,7 @@ class _TokenStats:
         from model.data.tokenizer import load_tokenizer, text_cut_chars
 
         self.tok = load_tokenizer(tokenizer_dir)
+        self.tokenizer_dir = tokenizer_dir
         self.max_seq_len = max_seq_len
         self.cut_chars = text_cut_chars(self.tok, max_seq_len)  # longer texts: counted up to there
         self.cut = 0
@@ -291,6 +293,13 @@ class _TokenStats:
             self.lengths[name].append(np.array([len(x) for x in ids], dtype=np.int32))
 
     def summary(self) -> dict[str, Any]:
+        from model.data.tokenizer import check_sentinels
+
+        try:
+            check_sentinels(self.tokenizer_dir)  # train's own check
+            sentinels = None
+        except UserError as e:
+            sentinels = e.message
         values = {name: np.concatenate(parts or [np.zeros(0, np.int32)]) for name, parts in self.lengths.items()}
         over = {name: v > self.max_seq_len for name, v in values.items()}
         any_over = np.logical_or.reduce(list(over.values()))
@@ -302,6 +311,7 @@ class _TokenStats:
             'truncated': {name: int(o.sum()) for name, o in over.items()},
             'truncated_rows': int(any_over.sum()),
             'truncated_share': float(any_over.mean()) if sampled else 0.0,
+            'no_sentinels': sentinels,  # why span corruption refuses this tokenizer (None: it takes it)
         }
 
 
@@ -346,7 +356,18 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             lines.append(f'rows max_seq_len={tokens["max_seq_len"]} would truncate: {tokens["truncated_rows"]} '
                          f'({100 * tokens["truncated_share"]:.2f}%{"; " + each if each else ""})')
+        if tuple(names) == KINDS['text'] and tokens['no_sentinels']:
+            lines.append(f'note: --objective=span_corruption refuses this tokenizer: {tokens["no_sentinels"]}')
+    lines += ['', f'usable rows (text in every column, as train reads them): {report["usable_rows"]} of {report["rows"]}']
     return '\n'.join(lines)
+
+
+def check_verdict(report: dict[str, Any]) -> None:
+    """UserError, after the report, when train would refuse these files: no usable row."""
+    if report['usable_rows'] == 0:
+        raise UserError(f'{", ".join(report["files"])}: no row has text in every column ({report["null_rows"]} with '
+                        f'a null field, {report["blank_rows"]} blank, of {report["rows"]}): train refuses it; '
+                        f'convert or clean the source again')
 
 
 # --- clean ------------------------------------------------------------------
