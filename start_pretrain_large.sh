@@ -111,7 +111,7 @@ fi
 
 # in the background, so that a stop ends it at once (bash runs a trap only after a foreground
 # command, and a dry run checksumming a large state takes a while); it writes nothing but this
-report_file=$(mktemp "${TMPDIR:-/tmp}/chat_small_t5-dry-run.XXXXXX") || exit 1
+report_file=
 end_dry_run() {   # SIGTERM either way: before its handlers are up a background job ignores SIGINT
   if [ -n "$dry_pid" ]; then kill -TERM "$dry_pid" 2>/dev/null; wait "$dry_pid" 2>/dev/null; fi
   rm -f "$report_file"
@@ -119,33 +119,57 @@ end_dry_run() {   # SIGTERM either way: before its handlers are up a background 
   exit "$1"
 }
 dry_pid=
-trap 'end_dry_run 143 SIGTERM' TERM
-trap 'end_dry_run 130 SIGINT' INT
-NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "$@" --dry_run=True >"$report_file" 2>&1 &
-dry_pid=$!
-wait "$dry_pid"
-rc=$?
-trap 'exit 143' TERM
-trap 'exit 130' INT
-report=$(cat "$report_file")
-rm -f "$report_file"
-if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
-if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
-  printf '%s\n' "$report" >&2   # the dry run itself failed: show why
-  exit "$rc"
-fi
-if [ "$user_dry" -eq 1 ]; then printf '%s\n' "$report"; exit "$rc"; fi
+dry_run() {   # the trainer's own checks of this command (plus "$@"): sets rc and report
+  trap 'end_dry_run 143 SIGTERM' TERM
+  trap 'end_dry_run 130 SIGINT' INT
+  report_file=$(mktemp "${TMPDIR:-/tmp}/chat_small_t5-dry-run.XXXXXX") || exit 1
+  NUM_GPUS=$world "$PY" "$TRAIN" train "${config_flags[@]}" "${run_args[@]}" "$@" --dry_run=True >"$report_file" 2>&1 &
+  dry_pid=$!
+  wait "$dry_pid"
+  rc=$?
+  dry_pid=
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
+  report=$(cat "$report_file")
+  rm -f "$report_file"
+  if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
+  if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
+    printf '%s\n' "$report" >&2   # the dry run itself failed: show why
+    exit "$rc"
+  fi
+}
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
-
+run_args=("$@")
+resume_given=0
+for arg in "$@"; do
+  case "${arg,,}" in
+    --is_keep_training|--is_keep_training=true|--is_keep_training=yes|--is_keep_training=1) resume_given=1 ;;
+    --is_keep_training=*) resume_given=1
+      # a batch job's requeue would start afresh every time, moving the progress aside: refused
+      if [ "${RESUME:-ask}" = auto ]; then
+        echo "error: $arg with RESUME=auto: every requeue of this job would start afresh, moving the saved progress aside; drop $arg (RESUME=auto resumes a saved state) or set RESUME=no" >&2
+        exit 2
+      fi ;;
+  esac
+done
+dry_run
+if [ "$user_dry" -eq 1 ]; then printf '%s\n' "$report"; exit "$rc"; fi
+latest=$(path_of latest_state)
+latest=${latest%%  (*}
+saved=0
+if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
+if [ "$rc" -ne 0 ] && [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || { [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; }; }; then
+  # a fresh run is not ready, but what a resume would do is what RESUME=auto (or the question) asks: check that
+  fresh_report=$report
+  dry_run --is_keep_training=True
+  if [ "$rc" -eq 0 ]; then
+    printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/note: a fresh run would not be ready:/' >&2
+  fi
+fi
 if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not ready means it would fail
   printf '%s\n' "$report" | sed -n '/^not ready:/,$p' >&2
   exit 1
 fi
-resume_given=0
-for arg in "$@"; do case "$arg" in --is_keep_training*) resume_given=1 ;; esac; done
-latest=$(path_of latest_state)
-saved=0
-if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
 # the dry run checked a fresh run: what it says a fresh run would move does not apply to a resume
 if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
   printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p' | grep -v '^note: a previous run saved'

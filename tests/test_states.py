@@ -180,6 +180,43 @@ def test_pruning_counts_only_whole_states_so_two_loadable_ones_stay(tmp_path):
     assert os.path.isdir(older) is False
 
 
+@pytest.mark.parametrize('killed_after', ['the save-in-progress file', 'the rename', 'half the removal'])
+def test_a_prune_killed_at_any_moment_leaves_no_damaged_state(tmp_path, monkeypatch, killed_after):
+    """A SIGKILL while a save pruned the oldest state left it half removed in place: "damaged,
+    not written by this toolkit", which a fresh run's checks refused, and RESUME=auto's requeue
+    stopped there. Now the state is made a save in progress, renamed, then removed: whatever a kill
+    leaves is a whole state or a half-done save, which the next save sweeps."""
+    import shutil as real_shutil
+
+    class Killed(BaseException):
+        pass
+
+    states = tmp_path / 'states'
+    make_state(states, 10)
+    make_state(states, 20)
+    if killed_after == 'the save-in-progress file':
+        monkeypatch.setattr(sf.os, 'rename', lambda *a: (_ for _ in ()).throw(Killed()))
+    elif killed_after == 'the rename':
+        monkeypatch.setattr(sf.writes, 'fsync_dir', lambda *a: (_ for _ in ()).throw(Killed()))
+    else:
+        def half(path):  # one file of the state removed, then the kill
+            os.remove(os.path.join(path, 'model.safetensors'))
+            raise Killed()
+        monkeypatch.setattr(sf.shutil, 'rmtree', half)
+    with pytest.raises(Killed):
+        sf._prune_states(str(states), keep=1)
+    monkeypatch.undo()
+    for step, path in sf.list_complete_states(str(states)):
+        verdict = sf.judge_state(path)
+        assert verdict.loadable and verdict.wholly_owned, (killed_after, path, verdict.problem)
+    assert sf.latest_state(str(states)).endswith('state-000000020')
+    sf.begin_save(str(states), sf.tmp_path(str(states), 30))  # the next save sweeps what the kill left
+    assert sorted(os.listdir(states)) == sorted(
+        [markers.MARKER_FILE, '.tmp-state-000000030', 'state-000000020']
+        + (['state-000000010'] if killed_after == 'the save-in-progress file' else []))
+    real_shutil.rmtree(sf.tmp_path(str(states), 30))
+
+
 def test_a_state_judged_whole_is_not_hashed_again_until_a_listed_file_changes(tmp_path, monkeypatch):
     path = make_state(tmp_path / 'states', 10)
     hashed = []

@@ -234,6 +234,30 @@ def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
     assert bad.returncode == 2 and 'expected an integer for batch_size_per_gpu' in bad.stderr
 
 
+
+def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_refused(data, tmp_path):
+    """A requeue (RESUME=auto) checked a fresh run first and stopped at what only a fresh run meets
+    (an earlier state it cannot move aside: damaged), though the newest state resumed fine; and
+    --is_keep_training=False beside RESUME=auto started afresh at every requeue."""
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, save_steps=2, keep_latest_n_ckp=2, eval_steps=100)
+    assert run_train(flags, '--max_steps=6').returncode == 0
+    os.remove(out / 'state' / 'state-000000004' / 'counters.json')  # the older state damaged
+    script = ['bash', 'start_pretrain_large.sh', *flags]
+    r = subprocess.run(script + ['--max_steps=8'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'note: a fresh run would not be ready:' in r.stderr and 'state-000000004' in r.stderr
+    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    assert 'resumed from' in log and 'state-000000006' in log and 'step 8/8' in log
+    for spelling in ('--is_keep_training=False', '--is_keep_training=no'):
+        r = subprocess.run(script + [spelling], cwd=ROOT, env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=120)
+        assert r.returncode == 2 and 'with RESUME=auto: every requeue of this job would start afresh' in r.stderr
+    assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
+
+
 @pytest.mark.slow
 def test_start_script_launches_two_processes_with_accelerate(data, tmp_path):
     """NUM_GPUS=2 takes the guide's `accelerate launch --multi_gpu` path (on CPU here)."""

@@ -9,7 +9,8 @@ Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``
                                 not a state
         ...                     the state's parts (model/state/contract.py)
     .tmp-state-000006000/       a save in progress, holding .chat_small_t5.saving until it is
-                                complete (removed when found stale; one without that file is left)
+                                complete (removed when found stale; one without that file is left);
+                                a pruned state is renamed to such a folder, then removed
 
 The previous state stays until the new one is complete, so a crash, a kill or a full disk
 during a save loses nothing that was already saved; a resume falls back past a damaged
@@ -225,14 +226,35 @@ def begin_save(state_dir: str, tmp: str) -> None:
                         f'toolkit did not make it; move it away, then resume with --is_keep_training=True')
     os.mkdir(tmp)
     try:
-        with open(os.path.join(tmp, SAVING), 'w') as f:
-            f.write(f'{socket.gethostname()} {os.getpid()}\n')
+        _write_saving_file(tmp)
     except OSError:  # made just now, by this call: its own file, then the folder only if empty
         with contextlib.suppress(OSError):
             os.remove(os.path.join(tmp, SAVING))
         with contextlib.suppress(OSError):
             os.rmdir(tmp)
         raise
+
+
+def _write_saving_file(folder: str) -> None:
+    with open(os.path.join(folder, SAVING), 'w') as f:
+        f.write(f'{socket.gethostname()} {os.getpid()}\n')
+
+
+def _remove_state(path: str, step: int) -> None:
+    """A state pruned so that a kill at any moment leaves nothing a later run calls damaged: made a
+    save in progress first (its SAVING file, which a state's judgement leaves out: still whole),
+    renamed to a save's temporary name (atomic), then removed; what a kill leaves is a half-done
+    save, swept by the next save (a state half removed in place was "damaged, not written by this
+    toolkit", and a fresh run's checks refused it: a requeue of RESUME=auto stopped there)."""
+    state_dir = os.path.dirname(path)
+    _write_saving_file(path)
+    tmp, n = tmp_path(state_dir, step), 0
+    while os.path.lexists(tmp):  # never one already there (a stale save of that step, or not the toolkit's)
+        n += 1
+        tmp = f'{tmp_path(state_dir, step)}{n}'
+    os.rename(path, tmp)
+    writes.fsync_dir(state_dir)
+    shutil.rmtree(tmp)
 
 
 def free_state_path(state_dir: str, step: int) -> str:
@@ -305,7 +327,7 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
             continue
         verdict = judge_state(path)
         if verdict.wholly_owned:
-            shutil.rmtree(path)
+            _remove_state(path, verdict.step)
         elif path not in _warned_not_pruned:
             _warned_not_pruned.add(path)
             why = verdict.problem or f'it holds {ownership.describe_foreign(verdict.foreign)}'
