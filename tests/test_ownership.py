@@ -468,6 +468,8 @@ elif flock == 'none':  # no flock at all (Lustre mounted without flock)
     def no_flock(fd, op):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
     fcntl.flock = no_flock
+if os.environ.get('BOOT_ID'):  # this machine's kernel (containers on two machines may share a host name)
+    locks.BOOT_ID = os.environ['BOOT_ID']
 if os.environ.get('FAKE_PID'):  # containers sharing a host name, each with its own pid 7
     os.getpid = lambda: int(os.environ['FAKE_PID'])
 if os.environ.get('START_AT'):  # several machines starting together
@@ -582,6 +584,27 @@ def test_a_holder_paused_past_the_watch_and_taken_over_gives_way_when_it_wakes(t
         for proc in (first, second):
             proc.kill()
             proc.wait()
+
+
+def test_a_run_on_another_machine_with_the_same_host_name_is_refused_while_its_heartbeat_goes_on(tmp_path):
+    """Containers on two machines with one host name, on a filesystem whose flock does not reach
+    between them: the second took the place at once (a flock it got, from a holder of its own host
+    name, read as the holder's death), moved the live run's states aside, and both wrote there.
+    A machine is its kernel's boot id, not its host name."""
+    place = tmp_path / 'run'
+    holder = on_a_machine(place, 'pod', 'real', 'hold', env={**os.environ, 'BOOT_ID': 'machine-a'})
+    assert holder.stdout.readline().startswith('held'), holder.stderr.read()
+    try:
+        second = on_a_machine(place, 'pod', 'local', 'exit', env={**os.environ, 'BOOT_ID': 'machine-b'})
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 3 and 'is in use by another training run' in out, (out, err)
+        assert 'waiting up to' in err and 'do not reach between machines' in out
+        same = on_a_machine(place, 'pod', 'real', 'exit', env={**os.environ, 'BOOT_ID': 'machine-a'})
+        out, err = same.communicate(timeout=60)  # on the holder's own machine the kernel's lock says it at once
+        assert same.returncode == 3 and 'waiting up to' not in err, (out, err)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_two_starts_at_once_where_flock_does_not_reach_leave_one_run(tmp_path):

@@ -84,9 +84,30 @@ def _read_path(path: str) -> dict:
         os.close(fd)
 
 
+def _boot_id() -> str:
+    """The running kernel's boot id (Linux): what tells one machine from another. Containers on
+    one machine share it; a host name does not tell (containers on two machines may share one,
+    and then a flock that does not reach between them was taken for the holder's death)."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+            return f.read(64).strip()
+    except (OSError, ValueError):
+        return ''
+
+
+BOOT_ID = _boot_id()
+
+
+def _same_machine(info: dict) -> bool:
+    """Whether the holder a lock file names runs on this machine's kernel: the same host name and,
+    where both recorded one, the same boot id (a content from before boot ids: the host name)."""
+    theirs = info.get('boot')
+    return info.get('host') == socket.gethostname() and not (theirs and BOOT_ID and theirs != BOOT_ID)
+
+
 def _content(started: str, since: float, run: str) -> bytes:
-    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': started, 'since': since, 'run': run,
-            'beat': round(time.time(), 3)}
+    info = {'pid': os.getpid(), 'host': socket.gethostname(), 'boot': BOOT_ID, 'started': started, 'since': since,
+            'run': run, 'beat': round(time.time(), 3)}
     return json.dumps(info).encode().ljust(CONTENT_BYTES)
 
 
@@ -108,7 +129,7 @@ def _maybe_alive(info: dict, kernel_locked: bool) -> bool:
     clock may jump: the heartbeat decides, never its age)."""
     if not info or 'beat' not in info or _is_mine(info):
         return False  # released, written before heartbeats (a flock was all there was), or this process's
-    if info.get('host') != socket.gethostname():
+    if not _same_machine(info):
         return True
     return not kernel_locked and pid_alive(info['pid'])
 
@@ -222,9 +243,9 @@ class PlaceLock:
             contested = not all(kernel)  # a start beside another one could both take the place
             for folder, fd, locked in zip(self.folders, self._fds, kernel):
                 info = _read_info(fd) or {}
-                contested |= bool(info) and info.get('host') != socket.gethostname()
+                contested |= bool(info) and not _same_machine(info)
                 if _maybe_alive(info, locked) and _still_beating(os.path.join(folder, LOCK_FILE), info):
-                    raise self._in_use(folder, '' if not locked or info.get('host') == socket.gethostname() else
+                    raise self._in_use(folder, '' if not locked or _same_machine(info) else
                                        f'; its heartbeat goes on from {info.get("host")}: the locks of this '
                                        f'filesystem do not reach between machines (e.g. Lustre without '
                                        f'-o flock, NFS mounted nolock), so only the heartbeat stops a second run')
