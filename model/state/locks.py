@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import socket
 import stat
 import sys
@@ -28,7 +29,7 @@ from model import run_outcome
 from model.errors import UserError
 from model.state.ownership import lock_info, read_regular_file
 from model.state.markers import LOCK_FILE
-from model.state.writes import pid_alive
+from model.state.writes import boot_id, pid_alive
 
 
 def _open_lock(folder: str, flags: int) -> int:
@@ -56,7 +57,8 @@ def _open_lock(folder: str, flags: int) -> int:
     return fd
 
 
-BEAT_S = 10.0  # the holder renews its heartbeat this often
+BEAT_S = 10.0  # the holder renews its heartbeat about this often (0.75 to 1.25 times it, drawn each beat)
+_JITTER = random.SystemRandom()  # never the seeded global generator: two runs seeded alike would beat alike
 CONTENT_BYTES = 512  # the lock file's content, padded to one size: a renewal overwrites it in place, never shorter
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not there: a filesystem without it
 
@@ -84,18 +86,7 @@ def _read_path(path: str) -> dict:
         os.close(fd)
 
 
-def _boot_id() -> str:
-    """The running kernel's boot id (Linux): what tells one machine from another. Containers on
-    one machine share it; a host name does not tell (containers on two machines may share one,
-    and then a flock that does not reach between them was taken for the holder's death)."""
-    try:
-        with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
-            return f.read(64).strip()
-    except (OSError, ValueError):
-        return ''
-
-
-BOOT_ID = _boot_id()
+BOOT_ID = boot_id()  # this machine (writes.boot_id); the tests play other machines by changing it
 
 
 def _same_machine(info: dict) -> bool:
@@ -168,7 +159,9 @@ def _newer(a: dict, b: dict) -> bool:
             since = float(info.get('since', 0))
         except (TypeError, ValueError):
             since = 0.0
-        return since, str(info.get('host')), str(info.get('pid'))
+        # the run's random id last: containers with one host name and pid, started in the same instant
+        # (or on a coarse clock), tied on all the rest, and neither gave way
+        return since, str(info.get('host')), str(info.get('pid')), str(info.get('run'))
     return key(a) > key(b)
 
 
@@ -273,7 +266,9 @@ class PlaceLock:
         places, mutex = list(zip(self.folders, self._fds)), self._mutex
 
         def beat():
-            while not stop.wait(BEAT_S):
+            # each beat reads the file, then writes: two runs beating in step (started together) would each
+            # read their own content back for ever and never see each other: a drawn period moves them apart
+            while not stop.wait(BEAT_S * _JITTER.uniform(0.75, 1.25)):
                 with mutex:  # never after release: a closed fd's number may be another file's by then
                     if stop.is_set():
                         return

@@ -55,10 +55,21 @@ _TEMP_RE = re.compile(r'^\.(?P<name>.+)\.' + re.escape(TEMP_TAG) +
                       r'-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}(?:\.old)?$')
 
 
+def boot_id() -> str:
+    """The running kernel's boot id (Linux): what tells one machine from another with its host
+    name. Containers on one machine share it; a host name alone does not tell (containers on two
+    machines may share one, and a pid of one means nothing on the other)."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+            return f.read(64).strip()
+    except (OSError, ValueError):
+        return ''
+
+
 def _host_tag() -> str:
-    """8 hex digits naming this machine: a pid means something only on the machine that made it
-    (two nodes on one shared filesystem)."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    """8 hex digits naming this machine (its host name and kernel's boot id): a pid means something
+    only on the machine that made it (two nodes on one shared filesystem)."""
+    return hashlib.sha256(f'{socket.gethostname()}\0{boot_id()}'.encode()).hexdigest()[:8]
 
 
 def temp_path(target: str) -> str:
