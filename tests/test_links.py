@@ -206,3 +206,26 @@ def test_a_fifo_given_as_a_model_is_one_line_not_a_hang(tmp_path, data):
     for path in ('w.bin', 'link.bin'):
         with pytest.raises(UserError, match='not a regular file'):
             describe_model_source(str(tmp_path / path), data['tok'], '--model_dir')
+
+
+def test_a_link_into_a_folder_that_is_not_there_is_one_line_before_anything_is_made(tmp_path, data):
+    """A dangling output link whose target's folder is missing too (scratch not mounted on this
+    node) was followed and the whole chain made: a requeued run started afresh on the wrong disk.
+    A link to a place not there yet, in a folder that is, is followed as before."""
+    from config import resolve_config
+    from model.errors import UserError
+    from model.state.ownership import resolve_place
+    from model.train import preflight
+
+    unmounted = tmp_path / 'link_to_unmounted'
+    os.symlink(tmp_path / 'mnt' / 'scratch' / 'user' / 'run', unmounted)
+    with pytest.raises(UserError, match=r'is a link to .*/mnt/scratch/user/run, which is not there, nor the folder '
+                                        r'.*/mnt/scratch/user it would go in \(a filesystem not mounted here\?\)'):
+        resolve_place(str(unmounted / 'sub'), 'output_dir')
+    flags = dict(arg[2:].split('=', 1) for arg in tiny_flags(data, unmounted))
+    with pytest.raises(UserError, match=r'(model_file|train_state_dir|output_dir|log_dir): .*link_to_unmounted is a link to'):
+        preflight.resolve_places(resolve_config(overrides=flags))
+    assert not os.path.exists(tmp_path / 'mnt')  # nothing made
+    (tmp_path / 'scratch').mkdir()
+    os.symlink(tmp_path / 'scratch' / 'new_run', tmp_path / 'link_to_new')
+    assert resolve_place(str(tmp_path / 'link_to_new'), 'output_dir') == str(tmp_path / 'scratch' / 'new_run')

@@ -46,8 +46,26 @@ def resolve_place(path: str, what: str) -> str:
     real = os.path.realpath(os.path.expanduser(str(path)))
     if os.path.islink(real):
         raise UserError(f'{what}: {path} is a symbolic link that leads back to itself (a loop); fix the link')
+    check_dangling_links(str(path), what)
     check_name_lengths(real, what)
     return real
+
+
+def check_dangling_links(path: str, what: str) -> None:
+    """A link in path that points to nothing yet is followed (the place is made there) only where
+    the folder it points into exists: one whose target's folder is missing too is a scratch
+    filesystem not mounted on this node, or a typo, and a requeued run would start afresh in
+    folders made on the wrong disk."""
+    parts = os.path.abspath(os.path.expanduser(path)).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:i])
+        if not os.path.islink(prefix):
+            continue
+        target = os.path.realpath(prefix)
+        if not os.path.lexists(target) and not os.path.isdir(os.path.dirname(target)):
+            raise UserError(f'{what}: {prefix} is a link to {os.readlink(prefix)}, which is not there, nor the folder '
+                            f'{os.path.dirname(target)} it would go in (a filesystem not mounted here?); mount it or '
+                            f'fix the link')
 
 
 def check_name_lengths(path: str, what: str) -> None:
