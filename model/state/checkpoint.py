@@ -13,6 +13,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
+from model.faults import fault_point
 from model.state import contract, model_files, states as state_files
 from model.state.contract import SavedState, StateParts, TrainState
 
@@ -81,6 +82,7 @@ class Checkpointer:
                                          str(self.accelerator.distributed_type), t.run_id)
         path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
         self.last_saved_step, self.last_saved_path = step, path
+        fault_point('state-saved', step)  # a stop here: the resume writes the step file (_restore_step_file_all_ranks)
         self.export_weights_all_ranks(step, step)
         self.collectives.on_main_all_ranks(lambda: model_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))
         logger.info('saved state at step %d -> %s', step, path)
@@ -131,6 +133,7 @@ class Checkpointer:
         """The state judged at start-up, into every part (``state`` is the counters part)."""
         self.parts.load_all_ranks(saved)
         self.last_saved_step, self.last_saved_path = state.global_step, saved.path
+        self._restore_step_file_all_ranks(state.global_step)
         saved_world = saved.run.get('world_size')
         if saved_world != self.collectives.world and self.collectives.is_main:
             logger.warning('resuming on %d process(es), saved on %s: the data position is kept exactly '
@@ -140,6 +143,20 @@ class Checkpointer:
         unit = 'examples' if position.get('objective') == 'span_corruption' else 'rows'
         logger.info('resumed from %s: step %d, epoch %d, %d %s into the epoch', saved.path,
                     state.global_step, position.get('epoch', 0), position.get('rows_consumed', 0), unit)
+
+
+    def _restore_step_file_all_ranks(self, step: int) -> None:
+        """The step file of the state resumed from, written again when a kill came between that
+        state and its export (save_all_ranks writes the state first): the state holds the very
+        weights it would have had. Every state has one; without this it was missing for good."""
+        path = self.settings.model_file.format(step)
+        missing = self.collectives.broadcast_from_main_all_ranks(
+            step > 0 and self.collectives.is_main and not os.path.lexists(path))
+        if missing:
+            if self.collectives.is_main:
+                logger.info('%s, the step file of the state resumed from, is missing (a stop between the state '
+                            'and its export): written again from the state', path)
+            self.export_weights_all_ranks(step, step)
 
 
 def _replacing(model_path: str, write) -> None:
