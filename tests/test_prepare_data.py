@@ -321,6 +321,8 @@ def build_bad_inputs(tmp_path):
     (d / 'gbk.csv').write_bytes('question,answer\n你好,世界\n'.encode() + '再见,朋友\n'.encode('gbk'))
     (d / 'gbk_header.csv').write_bytes('问题,回答\n你好,世界\n'.encode('gbk'))
     (d / 'not_list.json').write_text('"just a string"', encoding='utf-8')
+    (d / 'open_quote.csv').write_text('question,answer\n问一,答一\n"未闭合的引号,答二\n问三,答三\n', encoding='utf-8')
+    (d / 'extra_comma.csv').write_text('question,answer\n问一,答一\n"多\n行",答\n问二,答,二\n', encoding='utf-8')
     (d / 'not_objects.json').write_text('[\n{"question": "a", "answer": "b"},\n 42\n]', encoding='utf-8')
     (d / 'bad_list.json').write_text('[\n{"question": "a", "answer": "b"},\n{"question": "c" "answer": 1}\n]',
                                      encoding='utf-8')
@@ -337,6 +339,10 @@ def build_bad_inputs(tmp_path):
          ['gbk.csv', 'line 3', 'iconv -f GBK -t UTF-8']),
         ('not utf-8 csv header', ['convert', d / 'gbk_header.csv', d / 'out10.parquet'],
          ['gbk_header.csv', 'line 1', 'iconv -f GBK -t UTF-8']),
+        ('csv quote never closed', ['convert', d / 'open_quote.csv', d / 'out11.parquet', *out],
+         ['open_quote.csv', 'line 3', 'a row of 1 field(s), where the header has 2']),
+        ('csv row with a comma too many', ['convert', d / 'extra_comma.csv', d / 'out12.parquet', *out],
+         ['extra_comma.csv', 'line 5', 'a row of 3 field(s)']),  # after a quoted value over two lines
         ('json not a list', ['convert', d / 'not_list.json', d / 'out5.parquet', *out],
          ['not_list.json', 'line 1', 'list of objects']),
         ('json list of non-objects', ['convert', d / 'not_objects.json', d / 'out6.parquet', *out],

@@ -114,7 +114,37 @@ def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
             raise UserError(f'{path}: a row is longer than {human_size(read_guard.MAX_RECORD_BYTES)} '
                             f'(read_guard.MAX_RECORD_BYTES), or a quote (") is opened and never closed; close '
                             f'the quote, or split or drop such rows before converting') from None
+        if 'CSV parse error' in str(e):  # pyarrow names neither the line nor a whole character
+            bad = _csv_bad_row(path)
+            if bad:
+                line, got, expected = bad
+                raise UserError(f'{path}: line {line}: a row of {got} field(s), where the header has {expected} '
+                                f'(a comma in a value that is not quoted, or a quote (") opened and never '
+                                f'closed?); fix that row') from None
+            raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
+
+
+def _csv_bad_row(path: str) -> tuple[int, int, int] | None:
+    """(line where it starts, its fields, the header's) of the first CSV record whose number of
+    fields is not the header's, read as pyarrow reads it (quoted values may hold newlines); None
+    if Python's reader finds none. Read only after pyarrow refused the file."""
+    import csv
+
+    try:
+        with open(path, encoding='utf-8-sig', newline='') as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return None
+            start = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(header):
+                    return start, len(row), len(header)
+                start = reader.line_num + 1
+    except (csv.Error, UnicodeDecodeError, OSError):
+        return None
+    return None
 
 
 def _check_columns(path: str, names: list[str], cols: Columns) -> None:
