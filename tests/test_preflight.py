@@ -145,6 +145,7 @@ def test_a_tokenizer_inside_a_folder_the_run_prunes_is_a_problem(data, tmp_path)
 def test_a_place_inside_a_folder_the_run_replaces_is_a_problem(data, tmp_path, folder, place, value):
     out = tmp_path / 'run'
     os.makedirs(tmp_path / 'scratch')
+    os.makedirs(out)  # a link into a folder not there yet is followed where the folder it points into is
     os.symlink(out / folder, tmp_path / 'scratch' / 'link')  # a link that leads into it, made before the folder
     path = value.format(f=out / folder, link=tmp_path / 'scratch' / 'link')
     found = problems(preflight.check_train(config(data, out, **{place: path}), resume=False, world_size=1))
@@ -157,6 +158,7 @@ def test_a_place_inside_a_folder_the_run_replaces_is_a_problem(data, tmp_path, f
 def test_previous_runs_itself_is_no_place_of_a_run(data, tmp_path, place, value):
     out = tmp_path / 'run'
     os.makedirs(tmp_path / 'scratch')
+    os.makedirs(out)  # a link into a folder not there yet is followed where the folder it points into is
     os.symlink(out / 'previous_runs', tmp_path / 'scratch' / 'link')
     path = value.format(f=out / 'previous_runs', link=tmp_path / 'scratch' / 'link')
     found = problems(preflight.check_train(config(data, out, **{place: path}), resume=False, world_size=1))
