@@ -64,8 +64,8 @@ def check_dangling_links(path: str, what: str) -> None:
         target = os.path.realpath(prefix)
         if not os.path.lexists(target) and not os.path.isdir(os.path.dirname(target)):
             raise UserError(f'{what}: {prefix} is a link to {os.readlink(prefix)}, which is not there, nor the folder '
-                            f'{os.path.dirname(target)} it would go in (a filesystem not mounted here?); mount it or '
-                            f'fix the link')
+                            f'{os.path.dirname(target)} it would go in (a filesystem not mounted here?); mount it, make '
+                            f'that folder, or fix the link')
 
 
 def check_name_lengths(path: str, what: str) -> None:
