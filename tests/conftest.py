@@ -91,6 +91,22 @@ def tokenizer_dir(tmp_path_factory) -> str:
     return out
 
 
+def tokenizer_without_sentinels(tokenizer_dir, folder) -> str:
+    """A copy of the tokenizer without T5's sentinels (as one trained before them), in folder."""
+    import json
+
+    os.makedirs(folder)
+    spec = json.load(open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8'))
+    spec['added_tokens'] = [t for t in spec['added_tokens'] if not t['content'].startswith('<extra_id_')]
+    with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+        json.dump(spec, f)
+    for name in ('tokenizer_config.json', 'special_tokens_map.json', '.chat_small_t5.json'):
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            with open(os.path.join(tokenizer_dir, name), 'rb') as src, open(os.path.join(folder, name), 'wb') as dst:
+                dst.write(src.read())
+    return str(folder)
+
+
 @pytest.fixture(scope='session')
 def tokenizer(tokenizer_dir):
     from model.data.tokenizer import load_tokenizer

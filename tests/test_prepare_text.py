@@ -233,14 +233,9 @@ def test_check_says_when_train_would_refuse_the_files_or_the_tokenizer(tmp_path,
     nothing of a tokenizer span corruption refuses, and ignored --max_seq_len without a tokenizer."""
     nulls = write_text_parquet(tmp_path / 'nulls.parquet', [None, '  ', None])
     good = write_text_parquet(tmp_path / 'good.parquet', chinese_texts(20, seed=3))
-    plain = tmp_path / 'no_sentinels'
-    plain.mkdir()
-    spec = json.load(open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8'))
-    spec['added_tokens'] = [t for t in spec['added_tokens'] if not t['content'].startswith('<extra_id_')]
-    (plain / 'tokenizer.json').write_text(json.dumps(spec), encoding='utf-8')
-    for f in ('tokenizer_config.json', 'special_tokens_map.json', '.chat_small_t5.json'):
-        if os.path.exists(os.path.join(tokenizer_dir, f)):
-            (plain / f).write_bytes(open(os.path.join(tokenizer_dir, f), 'rb').read())
+    from conftest import tokenizer_without_sentinels
+
+    plain = tokenizer_without_sentinels(tokenizer_dir, tmp_path / 'no_sentinels')
     out = run_parallel([('nulls', ['check', nulls], 'prepare_data.py'),
                         ('good', ['check', good, f'--tokenizer_dir={tokenizer_dir}'], 'prepare_data.py'),
                         ('plain', ['check', good, f'--tokenizer_dir={plain}'], 'prepare_data.py'),

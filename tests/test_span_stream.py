@@ -270,14 +270,10 @@ def test_a_file_changed_in_place_under_kept_counts_says_how_to_count_again(token
 
 def test_a_tokenizer_without_sentinels_and_the_wrong_kind_of_data_are_refused(text_data, tokenizer_dir, tmp_path,
                                                                              data):
+    from conftest import tokenizer_without_sentinels
+
     old = tmp_path / 'old_tokenizer'
-    old.mkdir()
-    spec = json.load(open(os.path.join(tokenizer_dir, 'tokenizer.json'), encoding='utf-8'))
-    spec['added_tokens'] = [t for t in spec['added_tokens'] if not t['content'].startswith('<extra_id_')]
-    (old / 'tokenizer.json').write_text(json.dumps(spec), encoding='utf-8')
-    for f in ('tokenizer_config.json', 'special_tokens_map.json', '.chat_small_t5.json'):
-        if os.path.exists(os.path.join(tokenizer_dir, f)):
-            (old / f).write_bytes(open(os.path.join(tokenizer_dir, f), 'rb').read())
+    tokenizer_without_sentinels(tokenizer_dir, old)
     from tokenizers import Tokenizer
 
     with pytest.raises(UserError, match='no T5 sentinel tokens'):
