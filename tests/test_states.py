@@ -199,13 +199,19 @@ def test_a_prune_killed_at_any_moment_leaves_no_damaged_state(tmp_path, monkeypa
     elif killed_after == 'the rename':
         monkeypatch.setattr(sf.writes, 'fsync_dir', lambda *a: (_ for _ in ()).throw(Killed()))
     else:
-        def half(path):  # one file of the state removed, then the kill
-            os.remove(os.path.join(path, 'model.safetensors'))
-            raise Killed()
-        monkeypatch.setattr(sf.shutil, 'rmtree', half)
+        unlink, removed = os.unlink, []
+
+        def half(path, *a, **k):  # one file of the state removed, then the kill (whatever the folder's order)
+            if removed:
+                raise Killed()
+            removed.append(path)
+            unlink(path, *a, **k)
+        monkeypatch.setattr(sf.os, 'unlink', half)
     with pytest.raises(Killed):
         sf._prune_states(str(states), keep=1)
     monkeypatch.undo()
+    if killed_after == 'half the removal':  # the save-in-progress file goes last, whatever rmtree's order
+        assert os.path.basename(removed[0]) != markers.SAVING_FILE
     for step, path in sf.list_complete_states(str(states)):
         verdict = sf.judge_state(path)
         assert verdict.loadable and verdict.wholly_owned, (killed_after, path, verdict.problem)

@@ -196,6 +196,21 @@ def _is_half_done_save(path: str) -> bool:
     return ownership.is_real_dir(path) and ownership.is_saving_file(os.path.join(path, SAVING))
 
 
+def _remove_half_done(path: str) -> None:
+    """A half-done save (or a state being pruned) removed with its SAVING file last, so that a kill
+    midway leaves what is still provably a half-done save, swept the next time (rmtree removes in
+    directory order: a kill after the SAVING file went left a folder no sweep would touch)."""
+    for entry in os.scandir(path):
+        if entry.name == SAVING:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    os.unlink(os.path.join(path, SAVING))
+    os.rmdir(path)
+
+
 def _sweep_tmp_states(state_dir: str) -> None:
     """Saves a killed run left half-done: real folders of that name holding the save's own
     SAVING file, in this run's locked train_state_dir (no other run writes there). Links, files,
@@ -205,7 +220,8 @@ def _sweep_tmp_states(state_dir: str) -> None:
         if not _TMP_RE.match(name):
             continue
         if _is_half_done_save(path):
-            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _remove_half_done(path)
         elif path not in _warned_left:
             _warned_left.add(path)
             logger.warning('%s is named like a save in progress but is not one of this toolkit\'s: left as it is',
@@ -254,7 +270,7 @@ def _remove_state(path: str, step: int) -> None:
         tmp = f'{tmp_path(state_dir, step)}{n}'
     os.rename(path, tmp)
     writes.fsync_dir(state_dir)
-    shutil.rmtree(tmp)
+    _remove_half_done(tmp)
 
 
 def free_state_path(state_dir: str, step: int) -> str:
@@ -337,7 +353,8 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
 def save_failed(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
     """A save that failed on some rank: its temporary folder removed (main), the error to raise."""
     if is_main and _is_half_done_save(tmp):  # this save's own folder (begin_save never took over another)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove_half_done(tmp)
     previous = latest_state(state_dir)
     kept = f'; the previous state {previous} is intact' if previous else '; no earlier state was saved'
     if error is None:
