@@ -140,30 +140,47 @@ dry_run() {   # the trainer's own checks of this command (plus "$@"): sets rc an
 }
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
 run_args=("$@")
+# --is_keep_training in any spelling the trainer takes (--is-keep-training, =value or a value as the
+# next word, --nois_keep_training): given at all, this script does not decide; given false beside
+# RESUME=auto, a batch job's every requeue would start afresh, moving the progress aside: refused
 resume_given=0
-for arg in "$@"; do
-  case "${arg,,}" in
-    --is_keep_training|--is_keep_training=true|--is_keep_training=yes|--is_keep_training=1) resume_given=1 ;;
-    --is_keep_training=*) resume_given=1
-      # a batch job's requeue would start afresh every time, moving the progress aside: refused
-      if [ "${RESUME:-ask}" = auto ]; then
-        echo "error: $arg with RESUME=auto: every requeue of this job would start afresh, moving the saved progress aside; drop $arg (RESUME=auto resumes a saved state) or set RESUME=no" >&2
-        exit 2
-      fi ;;
+resume_false=
+words=("$@")
+for ((i = 0; i < ${#words[@]}; i++)); do
+  low=${words[i],,}
+  name=${low%%=*}
+  name=${name#--}
+  name=${name//-/_}
+  case "$name" in
+    is_keep_training)
+      resume_given=1
+      if [[ "$low" == *=* ]]; then value=${low#*=}; shown=${words[i]}
+      else next=${words[i + 1]:-}; value=${next,,}; shown="${words[i]} $next"; fi
+      case "$value" in false|no|0) resume_false=$shown ;; esac ;;
+    nois_keep_training) resume_given=1; resume_false=${words[i]} ;;
   esac
 done
+if [ -n "$resume_false" ] && [ "${RESUME:-ask}" = auto ]; then
+  echo "error: $resume_false with RESUME=auto: every requeue of this job would start afresh, moving the saved progress aside; drop it (RESUME=auto resumes a saved state) or set RESUME=no" >&2
+  exit 2
+fi
 dry_run
 if [ "$user_dry" -eq 1 ]; then printf '%s\n' "$report"; exit "$rc"; fi
 latest=$(path_of latest_state)
 latest=${latest%%  (*}
 saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
+fresh_rc=$rc
+fresh_report=$report
 if [ "$rc" -ne 0 ] && [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || { [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; }; }; then
   # a fresh run is not ready, but what a resume would do is what RESUME=auto (or the question) asks: check that
-  fresh_report=$report
   dry_run --is_keep_training=True
   if [ "$rc" -eq 0 ]; then
     printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/note: a fresh run would not be ready:/' >&2
+  else   # neither is ready: both say why
+    printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/not ready as a fresh run:/' >&2
+    printf '%s\n' "$report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/nor as a resume of the saved state:/' >&2
+    exit 1
   fi
 fi
 if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not ready means it would fail
@@ -181,7 +198,13 @@ if [ "$saved" -eq 1 ]; then
     set -- "$@" --is_keep_training=True
   elif [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then
     read -r -p "A saved state exists ($latest). Resume it? [Y/n] " ans
-    case "${ans:-y}" in [nN]*) ;; *) set -- "$@" --is_keep_training=True ;; esac
+    case "${ans:-y}" in
+      [nN]*) if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
+               printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' >&2
+               exit 1
+             fi ;;
+      *) set -- "$@" --is_keep_training=True ;;
+    esac
   else
     echo "note: a saved state exists ($latest); a fresh run archives it. Pass --is_keep_training=True to resume." >&2
   fi

@@ -251,8 +251,9 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     assert 'note: a fresh run would not be ready:' in r.stderr and 'state-000000004' in r.stderr
     log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
     assert 'resumed from' in log and 'state-000000006' in log and 'step 8/8' in log
-    for spelling in ('--is_keep_training=False', '--is_keep_training=no'):
-        r = subprocess.run(script + [spelling], cwd=ROOT, env=env, capture_output=True, text=True,
+    for spelling in (['--is_keep_training=False'], ['--is_keep_training', 'no'], ['--is-keep-training=false'],
+                     ['--nois_keep_training']):  # every spelling the trainer takes
+        r = subprocess.run(script + spelling, cwd=ROOT, env=env, capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=120)
         assert r.returncode == 2 and 'with RESUME=auto: every requeue of this job would start afresh' in r.stderr
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
