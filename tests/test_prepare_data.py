@@ -133,6 +133,14 @@ def test_an_output_not_named_parquet_is_refused_before_any_work(tmp_path):
         with pytest.raises(UserError, match='x.parquet$'):
             run(f'{tmp_path}/{name}')  # a Path would drop the trailing slash
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    os.symlink(tmp_path / 'real.json', tmp_path / 'link.parquet')  # the name that counts is the file written
+    os.symlink(tmp_path / 'real.parquet', tmp_path / 'link')
+    with pytest.raises(UserError, match=r'link\.parquet leads to .*real\.json: .*name it .*real\.parquet$'):
+        clean_parquet(data, str(tmp_path / 'link.parquet'))
+    with pytest.raises(UserError, match=r'name it .*/x\.parquet$'):
+        clean_parquet(data, str(tmp_path / 'x.parquet.tmp'))
+    clean_parquet(data, str(tmp_path / 'link'))
+    assert not os.path.exists(tmp_path / 'real.json') and os.path.isfile(tmp_path / 'real.parquet')
 
 
 def test_failed_convert_leaves_no_file(tmp_path, monkeypatch):

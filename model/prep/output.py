@@ -105,11 +105,13 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
             named = os.fspath(path).rstrip(os.sep) or 'out'
             raise UserError(f'--{what}={path} names a folder; give the file to write, e.g. '
                             f'{named if named.endswith(".parquet") else named + ".parquet"}')
-        if not os.fspath(path).endswith('.parquet'):  # what every reader takes for Parquet (a folder: its *.parquet)
-            stem = os.path.splitext(os.fspath(path))[0] or 'out'
-            raise UserError(f'--{what}={path}: the output is written as Parquet, and the readers know Parquet by '
-                            f'its name (a folder given as input: its *.parquet files; a .json, .csv or .txt name '
-                            f'is taken for a source to convert); name it {stem}.parquet')
+        if not real.endswith('.parquet'):  # what every reader takes for Parquet (a folder: its *.parquet)
+            stem = os.path.splitext(real)[0] or 'out'
+            named = stem if stem.endswith('.parquet') else f'{stem}.parquet'
+            through = f' leads to {real}:' if real != os.path.abspath(os.fspath(path)) else ':'
+            raise UserError(f'--{what}={path}{through} the output is written as Parquet, and the readers know Parquet '
+                            f'by its name (a folder given as input: its *.parquet files; a .json, .csv or .txt name '
+                            f'is taken for a source to convert); name it {named}')
 
 
 @contextlib.contextmanager
