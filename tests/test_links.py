@@ -219,9 +219,13 @@ def test_a_link_into_a_folder_that_is_not_there_is_one_line_before_anything_is_m
 
     unmounted = tmp_path / 'link_to_unmounted'
     os.symlink(tmp_path / 'mnt' / 'scratch' / 'user' / 'run', unmounted)
-    with pytest.raises(UserError, match=r'is a link to .*/mnt/scratch/user/run, which is not there, nor the folder '
-                                        r'.*/mnt/scratch/user it would go in \(a filesystem not mounted here\?\)'):
+    with pytest.raises(UserError, match=r'is a link to .*/mnt/scratch/user/run, which is not there; it would go in '
+                                        r'.*/mnt/scratch/user, which is not there either \(a filesystem not mounted '):
         resolve_place(str(unmounted / 'sub'), 'output_dir')
+    (tmp_path / 'afile').write_text('x')
+    os.symlink(tmp_path / 'afile' / 'run', tmp_path / 'link_under_a_file')
+    with pytest.raises(UserError, match=r'afile, which is a file, not a folder'):
+        resolve_place(str(tmp_path / 'link_under_a_file'), 'output_dir')
     flags = dict(arg[2:].split('=', 1) for arg in tiny_flags(data, unmounted))
     with pytest.raises(UserError, match=r'(model_file|train_state_dir|output_dir|log_dir): .*link_to_unmounted is a link to'):
         preflight.resolve_places(resolve_config(overrides=flags))

@@ -57,7 +57,7 @@ def _open_lock(folder: str, flags: int) -> int:
     return fd
 
 
-BEAT_S = 10.0  # the holder renews its heartbeat about this often (0.75 to 1.25 times it, drawn each beat)
+BEAT_S = 10.0  # the holder renews its heartbeat about this often (0.9 to 1.1 times it, drawn each beat)
 _JITTER = random.SystemRandom()  # never the seeded global generator: two runs seeded alike would beat alike
 CONTENT_BYTES = 512  # the lock file's content, padded to one size: a renewal overwrites it in place, never shorter
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not there: a filesystem without it
@@ -268,7 +268,7 @@ class PlaceLock:
         def beat():
             # each beat reads the file, then writes: two runs beating in step (started together) would each
             # read their own content back for ever and never see each other: a drawn period moves them apart
-            while not stop.wait(BEAT_S * _JITTER.uniform(0.75, 1.25)):
+            while not stop.wait(BEAT_S * _JITTER.uniform(0.9, 1.1)):  # a watch of 1.5 x BEAT_S sees a renewal
                 with mutex:  # never after release: a closed fd's number may be another file's by then
                     if stop.is_set():
                         return

@@ -62,10 +62,12 @@ def check_dangling_links(path: str, what: str) -> None:
         if not os.path.islink(prefix):
             continue
         target = os.path.realpath(prefix)
-        if not os.path.lexists(target) and not os.path.isdir(os.path.dirname(target)):
-            raise UserError(f'{what}: {prefix} is a link to {os.readlink(prefix)}, which is not there, nor the folder '
-                            f'{os.path.dirname(target)} it would go in (a filesystem not mounted here?); mount it, make '
-                            f'that folder, or fix the link')
+        parent = os.path.dirname(target)
+        if not os.path.lexists(target) and not os.path.isdir(parent):
+            why = ('which is a file, not a folder' if os.path.lexists(parent) else
+                   'which is not there either (a filesystem not mounted here?)')
+            raise UserError(f'{what}: {prefix} is a link to {os.readlink(prefix)}, which is not there; it would go '
+                            f'in {parent}, {why}; mount it, make that folder, or fix the link')
 
 
 def check_name_lengths(path: str, what: str) -> None:
