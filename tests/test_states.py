@@ -369,6 +369,51 @@ def test_a_save_never_takes_over_or_removes_a_folder_or_link_in_the_way_of_its_t
     assert os.path.islink(states / '.tmp-state-000000060')
 
 
+
+def test_a_save_killed_before_its_marking_file_or_a_removal_after_it_never_blocks_a_later_save(tmp_path):
+    """begin_save makes the folder, then its SAVING file; a removal takes the SAVING file, then the
+    folder: a kill between left an empty folder (or one with an empty SAVING file) that every later
+    save of that step called "in the way" -- each RESUME=auto requeue stopped there."""
+    states = tmp_path / 'states'
+    sf.ensure_state_dir(str(states))
+    os.mkdir(sf.tmp_path(str(states), 8))
+    os.mkdir(sf.tmp_path(str(states), 9))
+    open(os.path.join(sf.tmp_path(str(states), 9), markers.SAVING_FILE), 'w').close()
+    for step in (8, 9):
+        sf.begin_save(str(states), sf.tmp_path(str(states), step))
+        assert ownership_saving(sf.tmp_path(str(states), step))
+        sf.save_failed(None, str(states), sf.tmp_path(str(states), step), is_main=True)
+    assert sorted(os.listdir(states)) == [markers.MARKER_FILE]
+
+
+def ownership_saving(folder) -> bool:
+    return own.is_saving_file(os.path.join(folder, markers.SAVING_FILE))
+
+
+def test_a_prune_that_cannot_remove_a_state_says_so_and_the_save_stands(tmp_path, monkeypatch, caplog):
+    """A state the prune could not remove (a permission, a busy file) crashed the run right after a
+    good save, with a traceback; the leftover was then never mentioned again."""
+    states = tmp_path / 'states'
+    make_state(states, 10)
+    make_state(states, 20)
+    real = sf._remove_half_done
+
+    def fails(path):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(sf, '_remove_half_done', fails)
+    with caplog.at_level('WARNING'):
+        sf._prune_states(str(states), keep=1)
+        sf._sweep_tmp_states(str(states))
+        sf._sweep_tmp_states(str(states))
+    said = [r.getMessage() for r in caplog.records]
+    assert any('state-000000010 could not be pruned (Permission denied)' in m for m in said), said
+    assert sum('could not be removed (Permission denied)' in m for m in said) == 1  # said once, tried at every save
+    assert sf.latest_state(str(states)).endswith('state-000000020')
+    monkeypatch.setattr(sf, '_remove_half_done', real)
+    sf._sweep_tmp_states(str(states))  # once it can: gone
+    assert names(states) == ['state-000000020'] and not [n for n in os.listdir(states) if n.startswith('.tmp')]
+
+
 def test_a_save_in_progress_is_marked_until_its_state_is_in_place_and_never_part_of_it(tmp_path):
     states = tmp_path / 'states'
     tmp = sf.tmp_path(str(states), 70)

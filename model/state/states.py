@@ -196,6 +196,18 @@ def _is_half_done_save(path: str) -> bool:
     return ownership.is_real_dir(path) and ownership.is_saving_file(os.path.join(path, SAVING))
 
 
+def _is_empty_save(path: str) -> bool:
+    """A save's folder made, and killed before its SAVING file was written (or a removal killed
+    after it went): a real folder holding nothing, or only a plain file of that name."""
+    if not ownership.is_real_dir(path):
+        return False
+    names = os.listdir(path)
+    if names != [SAVING]:
+        return not names
+    st = ownership.lstat_or_none(os.path.join(path, SAVING))
+    return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
 def _remove_half_done(path: str) -> None:
     """A half-done save (or a state being pruned) removed with its SAVING file last, so that a kill
     midway leaves what is still provably a half-done save, swept the next time (rmtree removes in
@@ -207,7 +219,8 @@ def _remove_half_done(path: str) -> None:
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
-    os.unlink(os.path.join(path, SAVING))
+    with contextlib.suppress(FileNotFoundError):  # a folder whose save was killed before it was written
+        os.unlink(os.path.join(path, SAVING))
     os.rmdir(path)
 
 
@@ -219,9 +232,14 @@ def _sweep_tmp_states(state_dir: str) -> None:
         path = os.path.join(state_dir, name)
         if not _TMP_RE.match(name):
             continue
-        if _is_half_done_save(path):
-            with contextlib.suppress(OSError):
+        if _is_half_done_save(path) or _is_empty_save(path):
+            try:
                 _remove_half_done(path)
+            except OSError as e:
+                if path not in _warned_left:  # said once a process; tried again at every save
+                    _warned_left.add(path)
+                    logger.warning('%s, a half-done save or pruned state, could not be removed (%s): it stays until '
+                                   'removed by hand, or by a later save once it can be', path, e.strerror or e)
         elif path not in _warned_left:
             _warned_left.add(path)
             logger.warning('%s is named like a save in progress but is not one of this toolkit\'s: left as it is',
@@ -343,7 +361,11 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
             continue
         verdict = judge_state(path)
         if verdict.wholly_owned:
-            _remove_state(path, verdict.step)
+            try:
+                _remove_state(path, verdict.step)
+            except OSError as e:  # the new state is saved: what could not go is said, and the run goes on
+                logger.warning('%s could not be pruned (%s): what is left of it stays until removed by hand, or by '
+                               'a later save once it can be', path, e.strerror or e)
         elif path not in _warned_not_pruned:
             _warned_not_pruned.add(path)
             why = verdict.problem or f'it holds {ownership.describe_foreign(verdict.foreign)}'
