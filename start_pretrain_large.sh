@@ -140,31 +140,17 @@ dry_run() {   # the trainer's own checks of this command (plus "$@"): sets rc an
 }
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
 run_args=("$@")
-# --is_keep_training in any spelling the trainer takes (--is-keep-training, =value or a value as the
-# next word, --nois_keep_training): given at all, this script does not decide; given false beside
-# RESUME=auto, a batch job's every requeue would start afresh, moving the progress aside: refused
+dry_run
+# --is_keep_training as the trainer's own parser read it (any spelling: two words, dashes, --nois_, a
+# Python literal): given at all, this script does not decide; given false beside RESUME=auto, a batch
+# job's every requeue would start afresh, moving the progress aside: refused
+keep=$(printf '%s\n' "$report" | sed -n 's/^  run\.is_keep_training=//p')
 resume_given=0
-resume_false=
-words=("$@")
-for ((i = 0; i < ${#words[@]}; i++)); do
-  low=${words[i],,}
-  name=${low%%=*}
-  name=${name#--}
-  name=${name//-/_}
-  case "$name" in
-    is_keep_training)
-      resume_given=1
-      if [[ "$low" == *=* ]]; then value=${low#*=}; shown=${words[i]}
-      else next=${words[i + 1]:-}; value=${next,,}; shown="${words[i]} $next"; fi
-      case "$value" in false|no|0) resume_false=$shown ;; esac ;;
-    nois_keep_training) resume_given=1; resume_false=${words[i]} ;;
-  esac
-done
-if [ -n "$resume_false" ] && [ "${RESUME:-ask}" = auto ]; then
-  echo "error: $resume_false with RESUME=auto: every requeue of this job would start afresh, moving the saved progress aside; drop it (RESUME=auto resumes a saved state) or set RESUME=no" >&2
+if [ -n "$keep" ] && [ "$keep" != not_given ]; then resume_given=1; fi
+if [ "$keep" = given_false ] && [ "${RESUME:-ask}" = auto ]; then
+  echo "error: --is_keep_training is given as false with RESUME=auto: every requeue of this job would start afresh, moving the saved progress aside; drop it (RESUME=auto resumes a saved state) or set RESUME=no" >&2
   exit 2
 fi
-dry_run
 if [ "$user_dry" -eq 1 ]; then printf '%s\n' "$report"; exit "$rc"; fi
 latest=$(path_of latest_state)
 latest=${latest%%  (*}

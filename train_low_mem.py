@@ -146,17 +146,20 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
     return 1
 
 
-def train(*, use_large_config=False, preset=None, is_keep_training=False, dry_run=False, rows_per_s=0.0,
+def train(*, use_large_config=False, preset=None, is_keep_training=None, dry_run=False, rows_per_s=0.0,
           **overrides):
     """Train (or, with --dry_run=True, print the resolved config, check everything and estimate
     the resources)."""
     cfg = _resolve('train', preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run', 'rows_per_s'))
-    resume = coerce('is_keep_training', is_keep_training, bool)
+    resume = coerce('is_keep_training', is_keep_training, bool) if is_keep_training is not None else False
     if coerce('dry_run', dry_run, bool):
         rate = coerce('rows_per_s', rows_per_s, float)
         if not (rate == 0 or 0 < rate < float('inf')):
             raise UserError(f'--rows_per_s={rows_per_s}: give the rows/s bench/bench_gpu.py measured (> 0), '
                             'or leave it out for the FLOPs estimate')
+        # for start_pretrain_large.sh: --is_keep_training as this parser read it (any spelling), or not given
+        given = 'not_given' if is_keep_training is None else ('given_true' if resume else 'given_false')
+        print(f'[run]\n  run.is_keep_training={given}')
         sys.exit(dry_run_report(cfg, resume, rate))
     from model.train.trainer import run_training
 

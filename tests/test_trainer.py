@@ -252,10 +252,11 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
     assert 'resumed from' in log and 'state-000000006' in log and 'step 8/8' in log
     for spelling in (['--is_keep_training=False'], ['--is_keep_training', 'no'], ['--is-keep-training=false'],
-                     ['--nois_keep_training']):  # every spelling the trainer takes
+                     ['--nois_keep_training'], ['--is_keep_training=00']):  # as the trainer's own parser reads them
         r = subprocess.run(script + spelling, cwd=ROOT, env=env, capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=120)
-        assert r.returncode == 2 and 'with RESUME=auto: every requeue of this job would start afresh' in r.stderr
+        assert r.returncode == 2 and 'given as false with RESUME=auto: every requeue of this job would start afresh' \
+            in r.stderr, (spelling, r.stderr[-1000:])
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
 
 

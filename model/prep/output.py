@@ -108,7 +108,7 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
         if not real.endswith('.parquet'):  # what every reader takes for Parquet (a folder: its *.parquet)
             stem = os.path.splitext(real)[0] or 'out'
             named = stem if stem.endswith('.parquet') else f'{stem}.parquet'
-            through = f' leads to {real}:' if real != os.path.abspath(os.fspath(path)) else ':'
+            through = f' leads to {real}:' if real != os.path.abspath(os.path.expanduser(os.fspath(path))) else ':'
             raise UserError(f'--{what}={path}{through} the output is written as Parquet, and the readers know Parquet '
                             f'by its name (a folder given as input: its *.parquet files; a .json, .csv or .txt name '
                             f'is taken for a source to convert); name it {named}')
