@@ -144,7 +144,7 @@ dry_run
 # --is_keep_training as the trainer's own parser read it (any spelling: two words, dashes, --nois_, a
 # Python literal): given at all, this script does not decide; given false beside RESUME=auto, a batch
 # job's every requeue would start afresh, moving the progress aside: refused
-keep=$(printf '%s\n' "$report" | sed -n 's/^  run\.is_keep_training=//p')
+keep=$(printf '%s\n' "$report" | sed -n 's/^  run\.is_keep_training=\([a-z_]*\).*/\1/p')
 resume_given=0
 if [ -n "$keep" ] && [ "$keep" != not_given ]; then resume_given=1; fi
 if [ "$keep" = given_false ] && [ "${RESUME:-ask}" = auto ]; then

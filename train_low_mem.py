@@ -94,7 +94,7 @@ def process_count() -> int:
     return 1
 
 
-def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -> int:
+def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, keep_flag: str = 'not_given') -> int:
     """The resolved config, the paths, and every problem the run would meet (exit 0 ready, 1 not)."""
     from model.train import preflight
 
@@ -104,6 +104,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
     for name in ('train_file', 'validation_file', 'tokenizer_dir', 'model_file', 'train_state_dir',
                  'output_dir', 'log_dir'):
         print(f'  path.{name}={getattr(t, name)}')
+    print(f'  run.is_keep_training={keep_flag}  (--is_keep_training as given: given_true, given_false or not_given)')
     world = process_count()
     from model.faults import fault_point
 
@@ -146,21 +147,30 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0) -
     return 1
 
 
-def train(*, use_large_config=False, preset=None, is_keep_training=None, dry_run=False, rows_per_s=0.0,
+class _NotGiven:
+    """A flag's default that tells "not given" from any value Fire may parse (None included)."""
+
+    def __repr__(self) -> str:
+        return 'False'
+
+
+NOT_GIVEN = _NotGiven()
+
+
+def train(*, use_large_config=False, preset=None, is_keep_training=NOT_GIVEN, dry_run=False, rows_per_s=0.0,
           **overrides):
     """Train (or, with --dry_run=True, print the resolved config, check everything and estimate
     the resources)."""
     cfg = _resolve('train', preset, use_large_config, overrides, extra=('is_keep_training', 'dry_run', 'rows_per_s'))
-    resume = coerce('is_keep_training', is_keep_training, bool) if is_keep_training is not None else False
+    given = is_keep_training is not NOT_GIVEN
+    resume = coerce('is_keep_training', is_keep_training, bool) if given else False
     if coerce('dry_run', dry_run, bool):
         rate = coerce('rows_per_s', rows_per_s, float)
         if not (rate == 0 or 0 < rate < float('inf')):
             raise UserError(f'--rows_per_s={rows_per_s}: give the rows/s bench/bench_gpu.py measured (> 0), '
                             'or leave it out for the FLOPs estimate')
         # for start_pretrain_large.sh: --is_keep_training as this parser read it (any spelling), or not given
-        given = 'not_given' if is_keep_training is None else ('given_true' if resume else 'given_false')
-        print(f'[run]\n  run.is_keep_training={given}')
-        sys.exit(dry_run_report(cfg, resume, rate))
+        sys.exit(dry_run_report(cfg, resume, rate, ('given_true' if resume else 'given_false') if given else 'not_given'))
     from model.train.trainer import run_training
 
     sys.exit(run_training(cfg, resume=resume))

@@ -379,11 +379,16 @@ def test_a_save_killed_before_its_marking_file_or_a_removal_after_it_never_block
     os.mkdir(sf.tmp_path(str(states), 8))
     os.mkdir(sf.tmp_path(str(states), 9))
     open(os.path.join(sf.tmp_path(str(states), 9), markers.SAVING_FILE), 'w').close()
+    notes = sf.tmp_path(str(states), 11)  # a user's file of that name, with something in it: never taken
+    os.mkdir(notes)
+    with open(os.path.join(notes, markers.SAVING_FILE), 'w') as f:
+        f.write('my notes, not a lock\n')
     for step in (8, 9):
         sf.begin_save(str(states), sf.tmp_path(str(states), step))
         assert ownership_saving(sf.tmp_path(str(states), step))
         sf.save_failed(None, str(states), sf.tmp_path(str(states), step), is_main=True)
-    assert sorted(os.listdir(states)) == [markers.MARKER_FILE]
+    assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, os.path.basename(notes)])
+    assert open(os.path.join(notes, markers.SAVING_FILE)).read() == 'my notes, not a lock\n'
 
 
 def ownership_saving(folder) -> bool:
@@ -406,12 +411,20 @@ def test_a_prune_that_cannot_remove_a_state_says_so_and_the_save_stands(tmp_path
         sf._sweep_tmp_states(str(states))
         sf._sweep_tmp_states(str(states))
     said = [r.getMessage() for r in caplog.records]
-    assert any('state-000000010 could not be pruned (Permission denied)' in m for m in said), said
+    assert sum('state-000000010 could not be pruned (Permission denied)' in m for m in said) == 1, said
     assert sum('could not be removed (Permission denied)' in m for m in said) == 1  # said once, tried at every save
     assert sf.latest_state(str(states)).endswith('state-000000020')
     monkeypatch.setattr(sf, '_remove_half_done', real)
     sf._sweep_tmp_states(str(states))  # once it can: gone
     assert names(states) == ['state-000000020'] and not [n for n in os.listdir(states) if n.startswith('.tmp')]
+    make_state(states, 30)  # a state that cannot even be marked (a folder of another owner): left in place
+    monkeypatch.setattr(sf, '_write_saving_file', fails)
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+        for _ in range(3):  # every save tries again; it is said once
+            sf._prune_states(str(states), keep=1)
+    assert sum('state-000000020 could not be pruned' in r.getMessage() for r in caplog.records) == 1
+    assert names(states) == ['state-000000020', 'state-000000030']
 
 
 def test_a_save_in_progress_is_marked_until_its_state_is_in_place_and_never_part_of_it(tmp_path):

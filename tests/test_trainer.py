@@ -257,6 +257,9 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
                            stdin=subprocess.DEVNULL, timeout=120)
         assert r.returncode == 2 and 'given as false with RESUME=auto: every requeue of this job would start afresh' \
             in r.stderr, (spelling, r.stderr[-1000:])
+    none = subprocess.run(script + ['--is_keep_training=None'], cwd=ROOT, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)  # Fire's None is a value, never "not given"
+    assert none.returncode == 2 and 'expected true or false for is_keep_training' in none.stderr, none.stderr[-1000:]
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
 
 

@@ -204,8 +204,8 @@ def _is_empty_save(path: str) -> bool:
     names = os.listdir(path)
     if names != [SAVING]:
         return not names
-    st = ownership.lstat_or_none(os.path.join(path, SAVING))
-    return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    st = ownership.lstat_or_none(os.path.join(path, SAVING))  # made, not yet written: empty, nothing of anyone's
+    return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0
 
 
 def _remove_half_done(path: str) -> None:
@@ -363,9 +363,11 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
         if verdict.wholly_owned:
             try:
                 _remove_state(path, verdict.step)
-            except OSError as e:  # the new state is saved: what could not go is said, and the run goes on
-                logger.warning('%s could not be pruned (%s): what is left of it stays until removed by hand, or by '
-                               'a later save once it can be', path, e.strerror or e)
+            except OSError as e:  # the new state is saved: what could not go is said (once), and the run goes on
+                if path not in _warned_not_pruned:
+                    _warned_not_pruned.add(path)
+                    logger.warning('%s could not be pruned (%s): what is left of it stays until removed by hand, or '
+                                   'by a later save once it can be', path, e.strerror or e)
         elif path not in _warned_not_pruned:
             _warned_not_pruned.add(path)
             why = verdict.problem or f'it holds {ownership.describe_foreign(verdict.foreign)}'
