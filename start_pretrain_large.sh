@@ -65,10 +65,17 @@ done
 user_dry=0
 args=()
 dry_given=0
-for arg in "$@"; do
-  # the trainer's own spellings of a bool (model/cli.py coerce), in any case; --dry-run as --dry_run
+all=("$@")
+for ((i = 0; i < ${#all[@]}; i++)); do
+  arg=${all[i]}
+  # the trainer's own spellings of a bool (model/cli.py coerce), in any case; --dry-run as --dry_run;
+  # its value as the next word too (--dry_run False), as the trainer's parser takes it
   word=${arg,,}
   word=${word/#--dry-run/--dry_run}
+  if [ "$word" = --dry_run ]; then
+    next=${all[i + 1]:-}
+    case "${next,,}" in true|yes|1|false|no|0) word="--dry_run=${next,,}"; i=$((i + 1)) ;; esac
+  fi
   case "$word" in
     --dry_run|--dry_run=*) dry_given=$((dry_given + 1)) ;;
   esac
@@ -151,11 +158,18 @@ if [ "$keep" = given_false ] && [ "${RESUME:-ask}" = auto ]; then
   echo "error: --is_keep_training is given as false with RESUME=auto: every requeue of this job would start afresh, moving the saved progress aside; drop it (RESUME=auto resumes a saved state) or set RESUME=no" >&2
   exit 2
 fi
-if [ "$user_dry" -eq 1 ]; then printf '%s\n' "$report"; exit "$rc"; fi
 latest=$(path_of latest_state)
 latest=${latest%%  (*}
 saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
+if [ "$user_dry" -eq 1 ]; then   # the user's own dry run: the check of what this command would run
+  if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
+    echo "RESUME=auto and a saved state exists ($latest): this command would resume it; the check of that resume:"
+    dry_run --is_keep_training=True
+  fi
+  printf '%s\n' "$report"
+  exit "$rc"
+fi
 fresh_rc=$rc
 fresh_report=$report
 if [ "$rc" -ne 0 ] && [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || { [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; }; }; then

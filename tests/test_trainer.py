@@ -257,6 +257,10 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
                            stdin=subprocess.DEVNULL, timeout=120)
         assert r.returncode == 2 and 'given as false with RESUME=auto: every requeue of this job would start afresh' \
             in r.stderr, (spelling, r.stderr[-1000:])
+    dry = subprocess.run(script + ['--dry_run', 'True'], cwd=ROOT, env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120)  # the user's own check: of the resume it would run
+    assert dry.returncode == 0 and 'this command would resume it; the check of that resume:' in dry.stdout
+    assert 'path.resume_from=' in dry.stdout and 'state-000000008' in dry.stdout, dry.stdout[-2000:]
     none = subprocess.run(script + ['--is_keep_training=None'], cwd=ROOT, env=env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=120)  # Fire's None is a value, never "not given"
     assert none.returncode == 2 and 'expected true or false for is_keep_training' in none.stderr, none.stderr[-1000:]
