@@ -239,11 +239,11 @@ def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
     """Answer prompts with a trained model (default: output_dir/best, else output_dir/final)."""
     prompts = parse_prompts(prompts)
     cfg, decode, source = _inference_setup('generate', preset, use_large_config, flags, extra=('prompts',))
-    from model.net.chat_model import answer, sentinel_note
+    from model.net.chat_model import answer, objective_note, sentinel_note
 
     model, tok, max_seq_len = _load(cfg, source)
     for p in prompts:
-        if note := sentinel_note(tok, p, max_seq_len):
+        if note := sentinel_note(tok, p, max_seq_len) or objective_note(source.objective, p):
             print(f'note: {p}: {note}', file=sys.stderr)
     for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode, fill=True)):
         print(f'  {p}  ->  {a}')
@@ -256,7 +256,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
     """Talk with a trained model: one prompt a line, the answer streamed as it is generated.
     Reads a pipe too (one answer a line); exit, quit, 退出 or Ctrl-D ends."""
     cfg, decode, source = _inference_setup('chat', preset, use_large_config, flags)
-    from model.net.chat_model import answer, sentinel_note, stream_answer
+    from model.net.chat_model import answer, objective_note, sentinel_note, stream_answer
 
     model, tok, max_seq_len = _load(cfg, source)
     if sys.stdin is None:  # stdin closed (<&-): nothing to answer
@@ -281,7 +281,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
             continue
         if prompt.lower() in EXIT_WORDS:
             return
-        if note := sentinel_note(tok, prompt, max_seq_len):
+        if note := sentinel_note(tok, prompt, max_seq_len) or objective_note(source.objective, prompt):
             print(f'note: {note}', file=sys.stderr, flush=True)
         if interactive:
             sys.stdout.write('模型> ')

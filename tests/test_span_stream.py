@@ -351,6 +351,13 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     assert 'note:' not in r.stderr  # <extra_id_0> first, alone: as the model learned it
     r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_100>世界', '--max_new_tokens=2')
     assert r.returncode == 0 and 'note: 你好<extra_id_100>世界: <extra_id_100> is not a sentinel' in r.stderr, r.stderr
+    # a plain question to the stage-1 model (it answered nothing, with no word why); the stage-2 model answers it
+    said = 'this model was pretrained with --objective=span_corruption: it fills T5 sentinels'
+    runs = {model: cli('generate', f'--model_dir={model}', '--prompts=北京是哪个国家的首都？', '--max_new_tokens=2',
+                       f'--tokenizer_dir={text_data["tok"]}')
+            for model in (f'{stage1}/final', f'{stage1}/chat_small_t5.best.bin', f'{stage2}/final')}
+    for model, r in runs.items():
+        assert r.returncode == 0 and (said in r.stderr) == model.startswith(str(stage1)), (model, r.stderr[-2000:])
 
 
 def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):

@@ -316,6 +316,16 @@ def sentinel_set(tokenizer) -> set[int]:
 SENTINEL_TEXT = re.compile(r'<extra_id_(\d+)>')
 
 
+def objective_note(objective: str | None, prompt: str) -> str | None:
+    """What a user should know before a model pretrained with span corruption answers a prompt
+    without sentinels: it learned to fill <extra_id_N> spans, nothing else (it answered nothing)."""
+    if objective != 'span_corruption' or SENTINEL_TEXT.search(prompt):
+        return None
+    return ('this model was pretrained with --objective=span_corruption: it fills T5 sentinels (e.g. '
+            '北京是<extra_id_0>的首都) and answers nothing else; to answer questions, train it on prompt/response '
+            'pairs with --init_from=<this model> (README, section 8)')
+
+
 def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str | None:
     """What a user should know before a prompt with T5 sentinels is answered, or None: a sentinel
     the tokenizer lacks is read as plain text, one past the max_seq_len tokens a prompt is cut to

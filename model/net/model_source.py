@@ -27,6 +27,7 @@ class ModelSource:
     shape: dict | None  # the model shape recorded with it (None: a weights file without it)
     max_seq_len: int | None  # what it was trained with, where recorded
     trained_tokenizer: str | None = None  # a weights file's recorded tokenizer fingerprint
+    objective: str | None = None  # what it was trained on, where recorded (pairs, span_corruption)
 
 
 def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_dir') -> ModelSource:
@@ -49,7 +50,8 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
         raw = (header.get('__metadata__') or {}).get(markers.MARKER_KEY)
         info = json.loads(raw) if raw else {}
     shape = info.get('model_shape')
-    source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'), info.get('tokenizer'))
+    source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'), info.get('tokenizer'),
+                         info.get('objective'))
     check_same_tokenizer(source, tokenizer_dir, what)
     return source
 
@@ -97,7 +99,7 @@ def _describe_folder(folder: str, what: str) -> ModelSource:
     check_tokenizer_folder(folder)
     shape = shape_of_t5_config(spec)
     info = ownership.read_marker(folder) or {}
-    return ModelSource(folder, 'folder', folder, shape, info.get('max_seq_len'))
+    return ModelSource(folder, 'folder', folder, shape, info.get('max_seq_len'), objective=info.get('objective'))
 
 
 def shape_mismatch(source: ModelSource, expected: dict) -> str | None:

@@ -55,13 +55,14 @@ class SaveSettings:
     config: dict  # the whole config, as each state records it
     fingerprint: dict  # what a resume must find unchanged (contract.fingerprint)
     run_id: str | None = None  # the run's id (contract.new_run_id), in every state and model it saves
+    objective: str = 'pairs'  # what the models it exports were trained on (generate and chat say so)
 
     @classmethod
     def of(cls, cfg, fingerprint: dict, run_id: str | None = None) -> 'SaveSettings':
         t = cfg.train
         return cls(train_state_dir=t.train_state_dir, model_file=t.model_file, output_dir=t.output_dir,
                    keep_latest_n_ckp=t.keep_latest_n_ckp, max_seq_len=t.max_seq_len, config=cfg.to_dict(),
-                   fingerprint=fingerprint, run_id=run_id)
+                   fingerprint=fingerprint, run_id=run_id, objective=t.objective)
 
 
 class Checkpointer:
@@ -100,7 +101,8 @@ class Checkpointer:
         path = t.model_file.format(tag)
         self.collectives.on_main_all_ranks(lambda: _replacing(path, lambda: model_files.save_weights_file(
             state_dict, path, step=step, tag=tag, model_shape=t.fingerprint['model_shape'],
-            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len, run_id=t.run_id)))
+            tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len, run_id=t.run_id,
+            objective=t.objective)))
 
     def save_best_all_ranks(self, step: int) -> None:
         """model_file.format('best') and the Hugging Face folder output_dir/best."""
@@ -112,7 +114,7 @@ class Checkpointer:
         path = os.path.join(self.settings.output_dir, name)
         self.collectives.on_main_all_ranks(lambda: _replacing(path, lambda: model_files.save_model_folder(
             self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer, path, tag=name, step=step,
-            max_seq_len=self.settings.max_seq_len, run_id=self.settings.run_id)))
+            max_seq_len=self.settings.max_seq_len, run_id=self.settings.run_id, objective=self.settings.objective)))
 
     def archive_previous_run_all_ranks(self, stamp: str) -> None:
         t = self.settings
