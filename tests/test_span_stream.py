@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (ENV, ROOT, assert_same_weights, assert_user_error, cli, logged_losses, make_texts, run_train,
-                      tiny_flags, torchrun)
+from conftest import (ENV, ROOT, assert_same_weights, assert_user_error, cli, logged_losses, make_texts, run_parallel,
+                      run_train, tiny_flags, torchrun)
 from model.data import span_corruption as sc
 from model.data.loader import LoaderSettings, StreamingLoader
 from model.errors import UserError
@@ -353,11 +353,11 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     assert r.returncode == 0 and 'note: 你好<extra_id_100>世界: <extra_id_100> is not a sentinel' in r.stderr, r.stderr
     # a plain question to the stage-1 model (it answered nothing, with no word why); the stage-2 model answers it
     said = 'this model was pretrained with --objective=span_corruption: it fills T5 sentinels'
-    runs = {model: cli('generate', f'--model_dir={model}', '--prompts=北京是哪个国家的首都？', '--max_new_tokens=2',
-                       f'--tokenizer_dir={text_data["tok"]}')
-            for model in (f'{stage1}/final', f'{stage1}/chat_small_t5.best.bin', f'{stage2}/final')}
-    for model, r in runs.items():
-        assert r.returncode == 0 and (said in r.stderr) == model.startswith(str(stage1)), (model, r.stderr[-2000:])
+    runs = run_parallel([(model, ['generate', f'--model_dir={model}', '--prompts=北京是哪个国家的首都？',
+                                  '--max_new_tokens=2', f'--tokenizer_dir={text_data["tok"]}'], 'train_low_mem.py')
+                         for model in (f'{stage1}/final', f'{stage1}/chat_small_t5.best.bin', f'{stage2}/final')])
+    for model, (code, err, _) in runs.items():
+        assert code == 0 and (said in err) == model.startswith(str(stage1)), (model, err[-2000:])
 
 
 def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):

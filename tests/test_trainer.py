@@ -251,19 +251,20 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     assert 'note: a fresh run would not be ready:' in r.stderr and 'state-000000004' in r.stderr
     log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
     assert 'resumed from' in log and 'state-000000006' in log and 'step 8/8' in log
-    for spelling in (['--is_keep_training=False'], ['--is_keep_training', 'no'], ['--is-keep-training=false'],
-                     ['--nois_keep_training'], ['--is_keep_training=00']):  # as the trainer's own parser reads them
-        r = subprocess.run(script + spelling, cwd=ROOT, env=env, capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=120)
-        assert r.returncode == 2 and 'given as false with RESUME=auto: every requeue of this job would start afresh' \
-            in r.stderr, (spelling, r.stderr[-1000:])
-    dry = subprocess.run(script + ['--dry_run', 'True'], cwd=ROOT, env=env, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=120)  # the user's own check: of the resume it would run
-    assert dry.returncode == 0 and 'this command would resume it; the check of that resume:' in dry.stdout
-    assert 'path.resume_from=' in dry.stdout and 'state-000000008' in dry.stdout, dry.stdout[-2000:]
-    none = subprocess.run(script + ['--is_keep_training=None'], cwd=ROOT, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120)  # Fire's None is a value, never "not given"
-    assert none.returncode == 2 and 'expected true or false for is_keep_training' in none.stderr, none.stderr[-1000:]
+    spellings = (['--is_keep_training=False'], ['--is_keep_training', 'no'], ['--is-keep-training=false'],
+                 ['--nois_keep_training'], ['--is_keep_training=00'])  # as the trainer's own parser reads them
+    cases = [*spellings, ['--dry_run', 'True'], ['--is_keep_training=None']]
+    procs = [subprocess.Popen(script + extra, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, stdin=subprocess.DEVNULL) for extra in cases]  # start-up dominates: at once
+    (*refused, dry, none) = [(p, *p.communicate(timeout=180)) for p in procs]
+    for spelling, (p, _, err) in zip(spellings, refused):
+        assert p.returncode == 2 and 'given as false with RESUME=auto: every requeue of this job would start afresh' \
+            in err, (spelling, err[-1000:])
+    p, out_, _ = dry  # the user's own check: of the resume it would run
+    assert p.returncode == 0 and 'this command would resume it; the check of that resume:' in out_
+    assert 'path.resume_from=' in out_ and 'state-000000008' in out_, out_[-2000:]
+    p, _, err = none  # Fire's None is a value, never "not given"
+    assert p.returncode == 2 and 'expected true or false for is_keep_training' in err, err[-1000:]
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
 
 
