@@ -383,12 +383,20 @@ def test_a_save_killed_before_its_marking_file_or_a_removal_after_it_never_block
     os.mkdir(notes)
     with open(os.path.join(notes, markers.SAVING_FILE), 'w') as f:
         f.write('my notes, not a lock\n')
+    mine = tmp_path / 'mine'  # links of that name, to a user's empty folder and to one holding an empty such file
+    (mine / 'empty').mkdir(parents=True)
+    (mine / 'marked').mkdir()
+    open(mine / 'marked' / markers.SAVING_FILE, 'w').close()
+    os.symlink(mine / 'empty', sf.tmp_path(str(states), 12))
+    os.symlink(mine / 'marked', sf.tmp_path(str(states), 13))
+    links = [os.path.basename(sf.tmp_path(str(states), n)) for n in (12, 13)]
     for step in (8, 9):
         sf.begin_save(str(states), sf.tmp_path(str(states), step))
         assert ownership_saving(sf.tmp_path(str(states), step))
         sf.save_failed(None, str(states), sf.tmp_path(str(states), step), is_main=True)
-    assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, os.path.basename(notes)])
+    assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, os.path.basename(notes), *links])
     assert open(os.path.join(notes, markers.SAVING_FILE)).read() == 'my notes, not a lock\n'
+    assert os.listdir(mine / 'empty') == [] and os.listdir(mine / 'marked') == [markers.SAVING_FILE]  # never followed
 
 
 def ownership_saving(folder) -> bool:

@@ -193,14 +193,12 @@ _warned_left: set[str] = set()  # folders named like a save in progress and left
 
 
 def _is_half_done_save(path: str) -> bool:
-    return ownership.is_real_dir(path) and ownership.is_saving_file(os.path.join(path, SAVING))
-
-
-def _is_empty_save(path: str) -> bool:
-    """A save's folder made, and killed before its SAVING file was written (or a removal killed
-    after it went): a real folder holding nothing, or only a plain file of that name."""
+    """A real folder (never a link) holding a save's SAVING file -- or, a save killed before that
+    file was written (or a removal killed after it went), holding nothing, or only that file empty."""
     if not ownership.is_real_dir(path):
         return False
+    if ownership.is_saving_file(os.path.join(path, SAVING)):
+        return True
     names = os.listdir(path)
     if names != [SAVING]:
         return not names
@@ -232,7 +230,7 @@ def _sweep_tmp_states(state_dir: str) -> None:
         path = os.path.join(state_dir, name)
         if not _TMP_RE.match(name):
             continue
-        if _is_half_done_save(path) or _is_empty_save(path):
+        if _is_half_done_save(path):
             try:
                 _remove_half_done(path)
             except OSError as e:

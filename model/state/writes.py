@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -55,6 +56,7 @@ _TEMP_RE = re.compile(r'^\.(?P<name>.+)\.' + re.escape(TEMP_TAG) +
                       r'-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}(?:\.old)?$')
 
 
+@functools.lru_cache(maxsize=1)
 def boot_id() -> str:
     """The running kernel's boot id (Linux): what tells one machine from another with its host
     name. Containers on one machine share it; a host name alone does not tell (containers on two
