@@ -55,14 +55,18 @@ class SaveSettings:
     config: dict  # the whole config, as each state records it
     fingerprint: dict  # what a resume must find unchanged (contract.fingerprint)
     run_id: str | None = None  # the run's id (contract.new_run_id), in every state and model it saves
-    objective: str = 'pairs'  # what the models it exports were trained on (generate and chat say so)
+
+    @property
+    def objective(self) -> str:
+        """What the models it exports were trained on (recorded in each: generate and chat say so)."""
+        return self.config['train'].get('objective', 'pairs')
 
     @classmethod
     def of(cls, cfg, fingerprint: dict, run_id: str | None = None) -> 'SaveSettings':
         t = cfg.train
         return cls(train_state_dir=t.train_state_dir, model_file=t.model_file, output_dir=t.output_dir,
                    keep_latest_n_ckp=t.keep_latest_n_ckp, max_seq_len=t.max_seq_len, config=cfg.to_dict(),
-                   fingerprint=fingerprint, run_id=run_id, objective=t.objective)
+                   fingerprint=fingerprint, run_id=run_id)
 
 
 class Checkpointer:
