@@ -544,3 +544,18 @@ def test_a_resume_names_as_applied_only_the_changes_it_makes(data, tmp_path):
     assert 'd_ff' in problems(report)['is_keep_training'] and 'optimizer' in problems(report)
     assert contract.fixed_fields({'model_shape': {'d_ff': 1}, 'examples': {'max_seq_len': 8}}) == {
         'd_ff', 'objective', 'max_seq_len'}  # under pairs max_seq_len may change: its fingerprint has no examples
+
+
+def test_a_folder_or_link_named_like_a_save_in_progress_is_named_before_any_step(data, tmp_path):
+    """One that is not the toolkit's stopped the save of its step (after the steps since the last
+    save were trained: lost); a half-done save of the toolkit's is swept, never named."""
+    from model.state import states as sf
+
+    out = tmp_path / 'run'
+    sf.ensure_state_dir(str(out / 'state'))
+    (tmp_path / 'mine').mkdir()
+    os.symlink(tmp_path / 'mine', out / 'state' / '.tmp-state-000000030')
+    sf.begin_save(str(out / 'state'), sf.tmp_path(str(out / 'state'), 40))  # a killed save's: the toolkit's
+    line = problems(preflight.check_train(config(data, out), resume=False, world_size=1))['train_state_dir']
+    assert '.tmp-state-000000030 is named like a save in progress but this toolkit did not make it' in line, line
+    assert '000000040' not in line and os.listdir(tmp_path / 'mine') == []

@@ -222,6 +222,16 @@ def _remove_half_done(path: str) -> None:
     os.rmdir(path)
 
 
+def temps_in_the_way(state_dir: str) -> list[str]:
+    """Entries of state_dir named like a save in progress that are not one of the toolkit's (a
+    link, a file, a folder of the user's): each would stop the save of its step, so the start-up
+    checks name them before any step is trained."""
+    if not ownership.is_real_dir(state_dir):
+        return []
+    return sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
+                  if _TMP_RE.match(n) and not _is_half_done_save(os.path.join(state_dir, n)))
+
+
 def _sweep_tmp_states(state_dir: str) -> None:
     """Saves a killed run left half-done: real folders of that name holding the save's own
     SAVING file, in this run's locked train_state_dir (no other run writes there). Links, files,
@@ -233,6 +243,7 @@ def _sweep_tmp_states(state_dir: str) -> None:
         if _is_half_done_save(path):
             try:
                 _remove_half_done(path)
+                logger.info('removed %s, a save or a prune that a stopped run left half-done', path)
             except OSError as e:
                 if path not in _warned_left:  # said once a process; tried again at every save
                     _warned_left.add(path)

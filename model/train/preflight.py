@@ -176,6 +176,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     report.problems += layout_problems(t)
     problem('train_state_dir', lambda: ownership.check_replaceable(t.train_state_dir, STATE_DIR, 'train_state_dir',
                                                                    folder=True))
+    for path in ckpt.temps_in_the_way(t.train_state_dir):  # found now, not at that step's save
+        report.problems.append(Problem('train_state_dir', f'train_state_dir: {path} is named like a save in progress '
+                                       f'but this toolkit did not make it; the save of that step would stop there',
+                                       'move it away'))
     for path in model_files.model_folders(t.output_dir):
         problem('output_dir', lambda path=path: ownership.check_replaceable(path, MODEL, 'output_dir', folder=True))
     for path in model_files.foreign_model_files(t.model_file):
