@@ -139,6 +139,8 @@ def test_an_output_not_named_parquet_is_refused_before_any_work(tmp_path):
         clean_parquet(data, str(tmp_path / 'link.parquet'))
     with pytest.raises(UserError, match=r'name it .*/x\.parquet$'):
         clean_parquet(data, str(tmp_path / 'x.parquet.tmp'))
+    with pytest.raises(UserError, match=r'name it .*/out\.parquet$'):  # a hidden file: a folder's reader skips it
+        clean_parquet(data, str(tmp_path / '.parquet'))
     clean_parquet(data, str(tmp_path / 'link'))
     assert not os.path.exists(tmp_path / 'real.json') and os.path.isfile(tmp_path / 'real.parquet')
 

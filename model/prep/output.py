@@ -105,9 +105,11 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
             named = os.fspath(path).rstrip(os.sep) or 'out'
             raise UserError(f'--{what}={path} names a folder; give the file to write, e.g. '
                             f'{named if named.endswith(".parquet") else named + ".parquet"}')
-        if not real.endswith('.parquet'):  # what every reader takes for Parquet (a folder: its *.parquet)
+        if not real.endswith('.parquet') or os.path.basename(real) == '.parquet':  # a folder's reader: its *.parquet
             stem = os.path.splitext(real)[0] or 'out'
             named = stem if stem.endswith('.parquet') else f'{stem}.parquet'
+            if os.path.basename(named) == '.parquet':  # a hidden file, which a folder's reader passes over
+                named = os.path.join(os.path.dirname(named), 'out.parquet')
             through = f' leads to {real}:' if real != os.path.abspath(os.path.expanduser(os.fspath(path))) else ':'
             raise UserError(f'--{what}={path}{through} the output is written as Parquet, and the readers know Parquet '
                             f'by its name (a folder given as input: its *.parquet files; a .json, .csv or .txt name '
