@@ -172,38 +172,54 @@ if [ "$user_dry" -eq 1 ]; then   # the user's own dry run: the check of what thi
 fi
 fresh_rc=$rc
 fresh_report=$report
-if [ "$rc" -ne 0 ] && [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || { [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; }; }; then
-  # a fresh run is not ready, but what a resume would do is what RESUME=auto (or the question) asks: check that
+resume_rc=0
+ask_tty=0
+if [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then ask_tty=1; fi
+not_ready() {   # a report's reasons, from its "not ready:" line on, with $1 in place of those words
+  local reasons
+  reasons=$(printf '%s\n' "$2" | sed -n '/^not ready:/,$p')
+  printf '%s%s\n' "$1" "${reasons#not ready:}" >&2
+}
+if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; }; then
+  # a resume is what RESUME=auto runs (and what the question offers): check it too, not only a fresh run
   dry_run --is_keep_training=True
-  if [ "$rc" -eq 0 ]; then
-    printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/note: a fresh run would not be ready:/' >&2
-  else   # neither is ready: both say why
-    printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/not ready as a fresh run:/' >&2
-    printf '%s\n' "$report" | sed -n '/^not ready:/,$p' | sed '1s/^not ready:/nor as a resume of the saved state:/' >&2
+  resume_rc=$rc
+  resume_report=$report
+  if [ "$resume_rc" -ne 0 ] && [ "$fresh_rc" -ne 0 ]; then   # neither is ready: both say why
+    not_ready 'not ready as a fresh run:' "$fresh_report"
+    not_ready 'nor as a resume of the saved state:' "$resume_report"
     exit 1
   fi
+  if [ "${RESUME:-ask}" = auto ] && [ "$resume_rc" -ne 0 ]; then
+    not_ready "not ready as a resume of the saved state ($latest), which RESUME=auto resumes (RESUME=no starts afresh and moves it aside):" "$resume_report"
+    exit 1
+  fi
+  if [ "$fresh_rc" -ne 0 ]; then
+    not_ready 'note: a fresh run would not be ready:' "$fresh_report"
+  fi
+  if [ "${RESUME:-ask}" = auto ] || [ "$fresh_rc" -ne 0 ]; then report=$resume_report; else report=$fresh_report; fi
+  rc=0
 fi
 if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not ready means it would fail
   printf '%s\n' "$report" | sed -n '/^not ready:/,$p' >&2
   exit 1
 fi
-# the dry run checked a fresh run: what it says a fresh run would move does not apply to a resume
-if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
-  printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p' | grep -v '^note: a previous run saved'
-else
-  printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
-fi
+printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
 if [ "$saved" -eq 1 ]; then
   if [ "${RESUME:-ask}" = auto ]; then
     set -- "$@" --is_keep_training=True
-  elif [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then
+  elif [ "$ask_tty" -eq 1 ]; then
     read -r -p "A saved state exists ($latest). Resume it? [Y/n] " ans
     case "${ans:-y}" in
       [nN]*) if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
-               printf '%s\n' "$fresh_report" | sed -n '/^not ready:/,$p' >&2
+               not_ready 'not ready:' "$fresh_report"
                exit 1
              fi ;;
-      *) set -- "$@" --is_keep_training=True ;;
+      *) if [ "$resume_rc" -ne 0 ]; then   # a resume it is, and that one is not ready
+           not_ready 'not ready:' "$resume_report"
+           exit 1
+         fi
+         set -- "$@" --is_keep_training=True ;;
     esac
   else
     echo "note: a saved state exists ($latest); a fresh run archives it. Pass --is_keep_training=True to resume." >&2

@@ -268,6 +268,31 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
 
 
+def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_path):
+    """A fresh run was ready but the resume RESUME=auto runs was not (the model's shape changed): the
+    script went on, and the trainer refused it only after the launcher had started every rank."""
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, save_steps=2, eval_steps=100)
+    assert run_train(flags, '--max_steps=2').returncode == 0
+    logs = sorted(glob.glob(f'{out}/logs/*.log'))
+    changed = [('--d_ff=96' if a.startswith('--d_ff=') else a) for a in flags]
+    r = subprocess.run(['bash', 'start_pretrain_large.sh', *changed, '--max_steps=4'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert 'not ready as a resume of the saved state (' in r.stderr and 'RESUME=auto resumes' in r.stderr
+    assert 'd_ff: saved 64 -> now 96' in r.stderr and 'state-000000002' in r.stderr, r.stderr[-2000:]
+    assert 'not ready as a fresh run' not in r.stderr
+    assert sorted(glob.glob(f'{out}/logs/*.log')) == logs  # nothing started
+    assert not os.path.exists(out / 'previous_runs')  # nothing moved aside (a fresh run would have)
+    r = subprocess.run(['bash', 'start_pretrain_large.sh', *flags, '--max_steps=4'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'path.resume_from' not in r.stdout and '[schedule]' in r.stdout
+    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    assert 'resumed from' in log and 'step 4/4' in log
+
+
 @pytest.mark.slow
 def test_start_script_launches_two_processes_with_accelerate(data, tmp_path):
     """NUM_GPUS=2 takes the guide's `accelerate launch --multi_gpu` path (on CPU here)."""
