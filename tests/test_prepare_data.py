@@ -141,6 +141,12 @@ def test_an_output_not_named_parquet_is_refused_before_any_work(tmp_path):
         clean_parquet(data, str(tmp_path / 'x.parquet.tmp'))
     with pytest.raises(UserError, match=r'name it .*/out\.parquet$'):  # a hidden file: a folder's reader skips it
         clean_parquet(data, str(tmp_path / '.parquet'))
+    os.symlink('k.parquet/', tmp_path / 'k2.parquet')  # a target written as a folder, through a chain too
+    os.symlink('k2.parquet', tmp_path / 'k3.parquet')
+    for name in ('k2.parquet', 'k3.parquet'):
+        with pytest.raises(UserError, match=r'k2\.parquet points to k\.parquet/, a folder.s name'):
+            clean_parquet(data, str(tmp_path / name))
+    assert not os.path.lexists(tmp_path / 'k.parquet')
     clean_parquet(data, str(tmp_path / 'link'))
     assert not os.path.exists(tmp_path / 'real.json') and os.path.isfile(tmp_path / 'real.parquet')
 

@@ -70,6 +70,22 @@ def check_dangling_links(path: str, what: str) -> None:
                             f'in {parent}, {why}; mount it, make that folder, or fix the link')
 
 
+def link_written_as_a_folder(path: str) -> tuple[str, str] | None:
+    """(link, its target) where the chain of links at path's last name has a target written as a
+    folder (ending in /), e.g. k2.parquet -> k.parquet/; else None. realpath drops that slash, so a
+    file written through such a link lands where the link then reads "Not a directory"."""
+    p = os.path.abspath(os.path.expanduser(path))
+    for _ in range(40):  # a loop is resolve_place's to report
+        if not os.path.islink(p):
+            return None
+        target = os.readlink(p)
+        if target.endswith(os.sep):
+            return p, target
+        p = os.path.join(os.path.realpath(os.path.dirname(p)), target)
+        p = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    return None
+
+
 def check_name_lengths(path: str, what: str) -> None:
     """Every name in path within what its filesystem allows (NAME_MAX of the nearest existing
     folder, PATH_MAX): said here in one line, not met as a traceback halfway through a write."""
