@@ -135,10 +135,10 @@ dry_run() {   # the trainer's own checks of this command (plus "$@"): sets rc an
   wait "$dry_pid"
   rc=$?
   dry_pid=
-  trap 'exit 143' TERM
-  trap 'exit 130' INT
   report=$(cat "$report_file")
   rm -f "$report_file"
+  trap 'exit 143' TERM   # only now: a stop before this line still removes the report file
+  trap 'exit 130' INT
   if [ "$rc" -eq 2 ]; then echo "$report" >&2; exit 2; fi
   if [ "$rc" -ne 0 ] && ! printf '%s\n' "$report" | grep -q '^not ready:'; then
     printf '%s\n' "$report" >&2   # the dry run itself failed: show why
@@ -162,10 +162,19 @@ latest=$(path_of latest_state)
 latest=${latest%%  (*}
 saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
+ask_tty=0
+if [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then ask_tty=1; fi
 if [ "$user_dry" -eq 1 ]; then   # the user's own dry run: the check of what this command would run
   if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
     echo "RESUME=auto and a saved state exists ($latest): this command would resume it; the check of that resume:"
     dry_run --is_keep_training=True
+  elif [ "$saved" -eq 1 ] && [ "$ask_tty" -eq 1 ]; then   # it would ask: both answers' checks
+    fresh_rc=$rc
+    echo "A saved state exists ($latest): this command would ask whether to resume it. The check of a fresh run:"
+    printf '%s\n' "$report"
+    echo "The check of the resume:"
+    dry_run --is_keep_training=True
+    if [ "$fresh_rc" -eq 0 ]; then rc=0; fi
   fi
   printf '%s\n' "$report"
   exit "$rc"
@@ -173,8 +182,6 @@ fi
 fresh_rc=$rc
 fresh_report=$report
 resume_rc=0
-ask_tty=0
-if [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then ask_tty=1; fi
 not_ready() {   # a report's reasons, from its "not ready:" line on, with $1 in place of those words
   local reasons
   reasons=$(printf '%s\n' "$2" | sed -n '/^not ready:/,$p')
@@ -197,6 +204,9 @@ if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; 
   if [ "$fresh_rc" -ne 0 ]; then
     not_ready 'note: a fresh run would not be ready:' "$fresh_report"
   fi
+  if [ "$resume_rc" -ne 0 ]; then   # asked below: a fresh run, not this resume
+    not_ready "note: the saved state ($latest) cannot be resumed:" "$resume_report"
+  fi
   if [ "${RESUME:-ask}" = auto ] || [ "$fresh_rc" -ne 0 ]; then report=$resume_report; else report=$fresh_report; fi
   rc=0
 fi
@@ -208,6 +218,12 @@ printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
 if [ "$saved" -eq 1 ]; then
   if [ "${RESUME:-ask}" = auto ]; then
     set -- "$@" --is_keep_training=True
+  elif [ "$ask_tty" -eq 1 ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
+    read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs? [y/N] " ans
+    case "${ans:-n}" in
+      [yY]*) ;;
+      *) echo "nothing started" >&2; exit 1 ;;
+    esac
   elif [ "$ask_tty" -eq 1 ]; then
     read -r -p "A saved state exists ($latest). Resume it? [Y/n] " ans
     case "${ans:-y}" in
@@ -215,11 +231,7 @@ if [ "$saved" -eq 1 ]; then
                not_ready 'not ready:' "$fresh_report"
                exit 1
              fi ;;
-      *) if [ "$resume_rc" -ne 0 ]; then   # a resume it is, and that one is not ready
-           not_ready 'not ready:' "$resume_report"
-           exit 1
-         fi
-         set -- "$@" --is_keep_training=True ;;
+      *) set -- "$@" --is_keep_training=True ;;
     esac
   else
     echo "note: a saved state exists ($latest); a fresh run archives it. Pass --is_keep_training=True to resume." >&2

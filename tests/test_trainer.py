@@ -268,6 +268,18 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
 
 
+def on_a_terminal(command: list, env: dict, answer: bytes) -> subprocess.CompletedProcess:
+    """command with a terminal as its stdin (the start script asks only there), answering ``answer``."""
+    controller, terminal = os.openpty()
+    try:
+        os.write(controller, answer)
+        r = subprocess.run(command, cwd=ROOT, env=env, stdin=terminal, capture_output=True, text=True, timeout=300)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    return r
+
+
 def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_path):
     """A fresh run was ready but the resume RESUME=auto runs was not (the model's shape changed): the
     script went on, and the trainer refused it only after the launcher had started every rank."""
@@ -285,12 +297,23 @@ def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_p
     assert 'not ready as a fresh run' not in r.stderr
     assert sorted(glob.glob(f'{out}/logs/*.log')) == logs  # nothing started
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside (a fresh run would have)
+    # on a terminal (RESUME=ask) the question offered that resume, and refused its own default answer:
+    # now the resume's reasons come first and a fresh run is offered instead, no by default
+    for answer, code in ((b'\n', 1), (b'n\n', 1)):
+        r = on_a_terminal(['bash', 'start_pretrain_large.sh', *changed, '--max_steps=4'], {**env, 'RESUME': 'ask'}, answer)
+        assert r.returncode == code, r.stderr[-3000:]
+        assert 'note: the saved state (' in r.stderr and 'cannot be resumed:' in r.stderr
+        assert 'd_ff: saved 64 -> now 96' in r.stderr and 'Start afresh, moving it to previous_runs? [y/N]' in r.stderr
+        assert 'Resume it?' not in r.stderr and 'nothing started' in r.stderr
+    assert sorted(glob.glob(f'{out}/logs/*.log')) == logs and not os.path.exists(out / 'previous_runs')
     r = subprocess.run(['bash', 'start_pretrain_large.sh', *flags, '--max_steps=4'], cwd=ROOT, env=env,
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'path.resume_from' not in r.stdout and '[schedule]' in r.stdout
     log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
     assert 'resumed from' in log and 'step 4/4' in log
+    r = on_a_terminal(['bash', 'start_pretrain_large.sh', *changed, '--max_steps=4'], {**env, 'RESUME': 'ask'}, b'y\n')
+    assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]  # afresh, as answered
 
 
 @pytest.mark.slow
