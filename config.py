@@ -218,6 +218,11 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
     for f in fields(train):
         if f.name in PATH_FIELDS and not str(getattr(train, f.name)).strip():
             raise UserError(f'{f.name} is empty; give a path, e.g. --{f.name}={f.default}')
+    for name in (*PATH_FIELDS, 'init_from'):  # reports print one path a line, and the start script reads them
+        odd = [ch for ch in str(getattr(train, name)) if ord(ch) < 32 or ord(ch) == 127]
+        if odd:
+            raise UserError(f'{name}={str(getattr(train, name))!r} holds a control character ({odd[0]!r}: a line break '
+                            f'or the like), which would break the one-path-a-line reports; rename it without one')
     cores = os.cpu_count() or 1
     if train.num_workers > cores:
         raise UserError(f'num_workers={train.num_workers} is more than the {cores} cores of this machine '

@@ -151,6 +151,10 @@ def test_unknown_field_suggests_nearest():
     ({'objective': 'span_corruption', 'max_seq_len': 2}, 'too short for span corruption; use at least 8'),
     # 227 noise spans at 4096: the largest length that needs at most 100 sentinels is named
     ({'objective': 'span_corruption', 'max_seq_len': 4096}, r'227 noise spans .* use --max_seq_len=1809 or less'),
+    # a line break in a path would let it print lines of its own into the reports the start script reads
+    ({'output_dir': '/tmp/run\nnot ready: x'}, r"='/tmp/run\\nnot ready: x.*' holds a control character \('\\n'"),
+    ({'train_file': 'a\rb.parquet'}, r'train_file=.* holds a control character'),
+    ({'init_from': 'm\x7f'}, r'init_from=.* holds a control character'),
 ])
 def test_validation_messages(overrides, needle):
     with pytest.raises(UserError, match=needle):
