@@ -385,6 +385,30 @@ def test_a_rank_of_a_run_of_several_that_stops_anyway_says_first_that_the_place_
         held.release()
 
 
+def test_the_states_of_a_live_run_are_not_judged_while_it_prunes_and_saves_them(data, tmp_path):
+    """A check beside a live run judged its states as that run pruned them (a file gone mid-read):
+    "every saved state is damaged", and its advice to start without --is_keep_training, beside
+    the place in use. Now the place in use is said alone, and a state not read."""
+    from model.state import locks
+    from test_states import run_state
+
+    out = tmp_path / 'run'
+    cfg = config(data, out)
+    run_state(cfg.train.train_state_dir, 4, None, output_dir=out)
+    os.remove(f'{cfg.train.train_state_dir}/state-000000004/model.safetensors')  # as a prune in progress leaves it
+    held = locks.PlaceLock([cfg.train.train_state_dir, cfg.train.output_dir, preflight.model_folder(cfg.train)],
+                           'training run').acquire()
+    try:
+        for resume in (True, False):
+            found = problems(preflight.check_train(cfg, resume=resume, world_size=1))
+            assert set(found) == {'train_state_dir', 'output_dir'}, found
+            assert all('is in use by another run' in m and 'damaged' not in m for m in found.values()), found
+    finally:
+        held.release()
+    found = problems(preflight.check_train(cfg, resume=True, world_size=1))  # the lock gone: judged as ever
+    assert 'every saved state is damaged' in found['is_keep_training'], found
+
+
 def test_a_resume_among_another_runs_states_or_models_is_refused_whichever_has_an_id(data, tmp_path):
     from test_states import run_models, run_state
 

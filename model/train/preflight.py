@@ -255,8 +255,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
 
     # resume: a state that loads, trained with what this run would use; a fresh run: what an
     # earlier one left can be moved aside
-    check_states(cfg, resume, report, deep)
-    if count_examples and t.objective == 'span_corruption' and files['train_file'] and report.vocab_size:
+    busy = locks and bool(in_use)  # a live run's states change under a check (pruned, saved): not judged then
+    if not busy:
+        check_states(cfg, resume, report, deep)
+    if (count_examples and not busy and t.objective == 'span_corruption' and files['train_file']
+            and report.vocab_size):
         # examples, from every row's tokens (the loader's count; a resume's state keeps them)
         kept = kept_counts(t, report.resume)
         report.train_examples, report.total_steps, report.counts_kept = problem(
