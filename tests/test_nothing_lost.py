@@ -544,6 +544,10 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     dry = cli('train', *flags, '--is_keep_training=True', '--dry_run=True')
     assert dry.returncode == 1 and 'every saved state is damaged' in dry.stdout and 'checksum' in dry.stdout
     assert_user_error(run_train(flags, '--is_keep_training=True'), 'every saved state is damaged')
+    # and the advice does not go round: a fresh run cannot move them aside either, so neither says to try the other
+    assert f'move {out}/state away yourself (a fresh run moves aside only states wholly' in dry.stdout, dry.stdout
+    fresh = cli('train', *flags, '--dry_run=True')
+    assert fresh.returncode == 1 and 'cannot be moved aside' in fresh.stdout and 'resume that run' not in fresh.stdout
 
 
 def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):

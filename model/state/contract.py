@@ -143,6 +143,7 @@ class StatesReport:
     resume: SavedState | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    all_damaged: bool = False  # states there, none whole: neither a resume nor a fresh run (which moves them) can go on
 
     @property
     def resume_from(self) -> str | None:
@@ -159,12 +160,15 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
     report = StatesReport()
     found = [path for _, path in states.list_complete_states(state_dir)]
     if not resume:
-        for v in (states.judge_state(path, deep=deep, pickles=False) for path in found):  # moving aside loads nothing
+        verdicts = [states.judge_state(path, deep=deep, pickles=False) for path in found]  # moving aside loads nothing
+        report.all_damaged = bool(verdicts) and all(v.problem for v in verdicts)
+        for v in verdicts:
             if not v.wholly_owned:
                 why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
+                resume_it = '' if report.all_damaged else f' (or resume that run with {resume_flags})'
                 report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a '
-                                       f'fresh run: {why}, which this toolkit did not write; move it away yourself '
-                                       f'(or resume that run with {resume_flags})')
+                                       f'fresh run: {why}, which this toolkit did not write; move it away '
+                                       f'yourself{resume_it}')
         return report
     damaged: list[states.StateVerdict] = []
     loadable = None
@@ -180,6 +184,7 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
             break
         damaged.append(v)
     if loadable is None:
+        report.all_damaged = bool(damaged)
         what = (f'every saved state is damaged in {state_dir} ({damaged[0].problem} in {damaged[0].path})'
                 if damaged else f'no complete saved state in {state_dir}')
         report.problems.append(f'--is_keep_training=True but {what}')

@@ -617,9 +617,12 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
     report.resume = saved = states.resume
     report.notes += states.notes
+    fresh = ('start without --is_keep_training (or check --train_state_dir)' if not states.all_damaged else
+             f'move {t.train_state_dir} away yourself (a fresh run moves aside only states wholly this toolkit\'s, '
+             f'so it cannot start there either), then start without --is_keep_training; or give another '
+             f'--train_state_dir')
     for message in states.problems:
-        report.problems.append(Problem('is_keep_training', message, _states_elsewhere(cfg) or _moved_aside(t) or
-                                       'start without --is_keep_training (or check --train_state_dir)'))
+        report.problems.append(Problem('is_keep_training', message, _states_elsewhere(cfg) or _moved_aside(t) or fresh))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
     places = contract.places_of(saved.config, saved.run) or {}
