@@ -340,7 +340,10 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
     cfg = _resolve('plot', preset, use_large_config, flags, extra=('log_file', 'out'))
     from model.use.plotting import newest_log, plot_log
 
-    log = coerce('log_file', log_file, str) if log_file not in (None, '') else newest_log(cfg.train.log_dir)
+    log, note = ((coerce('log_file', log_file, str), '') if log_file not in (None, '') else
+                 newest_log(cfg.train.log_dir, cfg.train.output_dir))
+    if note:
+        print(note)
     path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'
     stopping.watch_outputs(path)
     curves = plot_log(log, path)
@@ -349,7 +352,7 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
 
 COMMANDS = {'train': train, 'train_tokenizer': train_tokenizer, 'generate': generate, 'chat': chat, 'test': test,
             'plot': plot}
-PLOT_FLAGS = ['  --log_file=                                  a run\'s log (default: the newest in log_dir)',
+PLOT_FLAGS = ['  --log_file=                                  a run\'s log (default: the newest in log_dir of the run with this output_dir)',
               '  --out=                                       the PNG to write (default: beside the log)']
 
 

@@ -255,6 +255,34 @@ def test_plot_draws_three_curves_from_the_log(run, tmp_path):
     assert bad.returncode == 2 and 'not written by this toolkit' in bad.stderr
 
 
+def test_plot_draws_the_newest_log_of_the_run_asked_for_not_of_another_preset(tmp_path):
+    """Every preset logs into one log_dir: `plot --use_large_config=True` drew a demo run's newer
+    log (and, that one stopped before its first logged step, said it was no training log)."""
+    from model.errors import UserError
+    from model.use.plotting import newest_log, plot_log
+
+    def log(name, outputs, age, steps=True):
+        path = tmp_path / f'chat_trainer_low_mem_{name}.log'
+        lines = ['2026-12-06 07:22:57 [rank 0] INFO run: 1 process(es), device cpu, precision no, log x']
+        lines += [f'2026-12-06 07:22:57 [rank 0] INFO outputs: {outputs}'] if outputs else []
+        lines += ['2026-12-06 07:22:59 [rank 0] INFO step 5/9 | epoch 0 | loss 7.39 | lr 1.0e-03 | grad_norm 1.2'] * steps
+        path.write_text('\n'.join(lines) + '\n')
+        os.utime(path, (1e9 - age, 1e9 - age))
+        return str(path)
+
+    large = log('large', f'{tmp_path}/model_save/pretrain_large', age=30)
+    demo = log('demo', f'{tmp_path}/model_save/demo/', age=10, steps=False)  # the newest, stopped early
+    assert newest_log(str(tmp_path), f'{tmp_path}/model_save/pretrain_large/') == (large, '')
+    assert newest_log(str(tmp_path), f'{tmp_path}/model_save/demo') == (demo, '')
+    with pytest.raises(UserError, match='its run stopped before its first logged step'):
+        plot_log(demo, str(tmp_path / 'demo.png'))
+    found, note = newest_log(str(tmp_path), f'{tmp_path}/elsewhere')  # none of its own: the newest, said
+    assert found == demo and note.startswith(f'note: no log in {tmp_path} is of a run with output_dir '), note
+    older = log('older', '', age=20)  # from before logs named their outputs: any run's, as before
+    assert newest_log(str(tmp_path), f'{tmp_path}/elsewhere') == (older, '')
+    assert newest_log(str(tmp_path)) == (demo, '')
+
+
 def one_line(r, needle):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], \

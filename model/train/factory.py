@@ -134,6 +134,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             logger.warning(warning)
         logger.info('run: %d process(es), device %s, precision %s, log %s', collectives.world,
                     accelerator.device, accelerator.mixed_precision, log_file)
+        logger.info('outputs: %s', t.output_dir)  # plot finds a run's newest log by it (presets share log_dir)
         for note in notes if collectives.is_main else ():  # the same on every rank: said once
             logger.warning('%s', note)
         stamp = os.path.basename(log_file).removeprefix('chat_trainer_low_mem_').removesuffix('.log')

@@ -62,11 +62,39 @@ def read_curves(log_file: str) -> Curves:
     return curves
 
 
-def newest_log(log_dir: str) -> str:
-    logs = sorted(glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log')), key=os.path.getmtime)
+OUTPUTS_RE = re.compile(r'\] INFO outputs: (.*)$')
+HEADER_LINES = 40  # a log names its run's output_dir among its first lines
+
+
+def outputs_of_log(log_file: str) -> str | None:
+    """The output_dir a run's log names (None: a log from before logs named it, or unreadable)."""
+    try:
+        with open(log_file, 'rb') as f:
+            for i, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES)):
+                m = OUTPUTS_RE.search(raw.decode('utf-8', errors='replace').rstrip('\n')) if whole else None
+                if m or i >= HEADER_LINES:
+                    return m.group(1) if m else None
+    except OSError:
+        return None
+    return None
+
+
+def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
+    """The newest log in log_dir of the run whose outputs go to output_dir (logs of every preset
+    share one log_dir; a log from before logs named their output_dir counts as any run's), and a
+    note when there is none and the newest of all is taken instead."""
+    logs = sorted(glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log')), key=os.path.getmtime, reverse=True)
     if not logs:
         raise UserError(f'no chat_trainer_low_mem_*.log in {log_dir}; give --log_file=PATH')
-    return logs[-1]
+    if not output_dir:
+        return logs[0], ''
+    want = os.path.realpath(output_dir)
+    for log in logs:
+        said = outputs_of_log(log)
+        if said is None or os.path.realpath(said) == want:
+            return log, ''
+    return logs[0], (f'note: no log in {log_dir} is of a run with output_dir {output_dir}; the newest is drawn, '
+                     f'of {outputs_of_log(logs[0])} (give the --preset / --output_dir of the run, or --log_file)')
 
 
 def plot_log(log_file: str, out: str) -> Curves:
@@ -76,7 +104,9 @@ def plot_log(log_file: str, out: str) -> Curves:
         raise UserError(f'--log_file={log_file}: {what}; give a training run\'s log')
     curves = read_curves(log_file)
     if not curves.step:
-        raise UserError(f'{log_file}: no training step lines in this log (is it a chat_trainer_low_mem log?)')
+        why = ('its run stopped before its first logged step (one every --logging_steps)' if outputs_of_log(log_file)
+               else 'is it a chat_trainer_low_mem log?')
+        raise UserError(f'{log_file}: no training step lines in this log ({why}); give --log_file= another run\'s log')
     out = ownership.resolve_place(out, '--out')
     if not out.lower().endswith('.png') or os.path.basename(out).lower() == '.png':
         raise UserError(f'--out={out}: the plot is a PNG; give a file path ending in .png')
