@@ -202,6 +202,18 @@ def test_a_fingerprint_change_is_refused_or_noted():
         contract.compare_fingerprints(saved, changed, False)
     assert raised.value.fix == 'pass --allow_data_change=True to continue on the new data anyway'
     assert 'continuing as --allow_data_change=True asks' in contract.compare_fingerprints(saved, changed, True)[0]
+    # said file by file, in words (a Python list of dicts before)
+    a, b = {'name': 'a.parquet', 'bytes': 379822, 'rows': 900}, {'name': 'b.parquet', 'bytes': 10, 'rows': 1}
+    for was, now, said in (([a], [{**a, 'rows': 1200, 'bytes': 400000}],
+                            'a.parquet: 900 rows (379,822 bytes) -> 1,200 rows (400,000 bytes)'),
+                           ([a, b], [a], 'gone: b.parquet (1 row (10 bytes))'),
+                           ([a], [a, b], 'new: b.parquet (1 row (10 bytes))'),
+                           ([a, b], [b, a], 'the files are read in another order'),
+                           ([a, a], [a], 'saved a.parquet: 900 rows (379,822 bytes), a.parquet: 900 rows')):
+        with pytest.raises(UserError) as raised:
+            contract.compare_fingerprints({**saved, 'data': was}, {**saved, 'data': now}, False)
+        assert f'the training data changed since the save ({said}' in raised.value.message, raised.value.message
+        assert '{' not in raised.value.message
     # the objective: a state from before it counts as pairs; another one is refused even with changed data allowed
     assert contract.compare_fingerprints(saved, {**saved, 'objective': 'pairs'}, False) == []
     with pytest.raises(UserError) as raised:

@@ -533,6 +533,9 @@ def test_a_warm_start_from_a_model_of_another_shape_is_refused_whatever_field_di
         line = problems(other)['init_from']
         assert 'the model shape differs' in line and f'{name} {getattr(base.model, name)} in {source}' in line, line
         assert f'{value} in this run' in line
+        assert line.endswith(f'warm-start a run of the same shape: --{name}={getattr(base.model, name)}'), line
+        fixed = config(data, tmp_path / 'fixed', init_from=source, **{name: getattr(base.model, name)})
+        assert preflight.check_train(fixed, resume=False, world_size=1).ready  # the flags it names: ready
 
 
 def test_the_shape_a_model_folder_describes_is_the_shape_it_was_built_with():

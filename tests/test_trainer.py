@@ -174,7 +174,8 @@ def test_resume_refuses_changed_shape_missing_state_and_changed_data(data, tmp_p
     assert r.returncode == 2 and 'no complete saved state' in r.stderr
     assert run_train(tiny_flags(data, out, max_steps=10)).returncode == 0
     r = run_train(tiny_flags(data, out, d_ff=128), '--is_keep_training=True')
-    assert r.returncode == 2 and 'different model shape (d_ff: saved 64 -> now 128)' in r.stderr
+    assert r.returncode == 2 and ('different model shape (d_ff: saved 64 -> now 128); resume with the same shape: '
+                                  '--d_ff=64, or') in r.stderr
     other = write_parquet(tmp_path / 'other.parquet', make_texts(240, seed=99))
     r = run_train(tiny_flags(data, out, train_file=other), '--is_keep_training=True')
     assert r.returncode == 2 and '--allow_data_change=True' in r.stderr
@@ -293,7 +294,7 @@ def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_p
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     assert 'not ready as a resume of the saved state (' in r.stderr and 'RESUME=auto resumes' in r.stderr
-    assert 'd_ff: saved 64 -> now 96' in r.stderr and 'state-000000002' in r.stderr, r.stderr[-2000:]
+    assert 'd_ff: saved 64 -> now 96' in r.stderr and 'same shape: --d_ff=64' in r.stderr, r.stderr[-2000:]
     assert 'not ready as a fresh run' not in r.stderr
     assert sorted(glob.glob(f'{out}/logs/*.log')) == logs  # nothing started
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside (a fresh run would have)

@@ -112,6 +112,16 @@ def shape_mismatch(source: ModelSource, expected: dict) -> str | None:
     return '; '.join(diff) or None
 
 
+def shape_flags(source: ModelSource, expected: dict) -> str:
+    """The flags that give this run the source's shape ('--d_model=64 --d_ff=256'; the vocabulary
+    is the tokenizer's, not a flag: said in words)."""
+    differs = [k for k in SHAPE_FIELDS if k in expected and (source.shape or {}).get(k) is not None
+               and source.shape[k] != expected[k]]
+    flags = ' '.join(f'--{k}={source.shape[k]}' for k in differs if k != 'vocab_size')
+    vocab = ' and the tokenizer it was trained with (--tokenizer_dir)' if 'vocab_size' in differs else ''
+    return (flags + vocab) if flags else vocab.removeprefix(' and ')
+
+
 def _is_torch_file(path: str) -> bool:
     with open(path, 'rb') as f:
         head = f.read(4)

@@ -307,6 +307,27 @@ def fingerprint(model_shape: dict, train_files: list[tuple[str, int]], tokenizer
     return out
 
 
+def describe_data_change(saved: list[dict], now: list[dict]) -> str:
+    """'train.parquet: 900 rows (379,822 bytes) -> 1,200 rows (...); new: b.parquet (...)', file by file."""
+    def one(d: dict) -> str:
+        rows = d.get('rows', 0)
+        return f'{rows:,} row{"" if rows == 1 else "s"} ({d.get("bytes", 0):,} bytes)'
+
+    def name(d: dict) -> str:
+        return d.get('name', '?')
+
+    if any(len({name(d) for d in ds}) != len(ds) for ds in (saved, now)):  # one name in two folders
+        return (f'saved {", ".join(f"{name(d)}: {one(d)}" for d in saved)}; '
+                f'now {", ".join(f"{name(d)}: {one(d)}" for d in now)}')
+    before, after = {name(d): d for d in saved}, {name(d): d for d in now}
+    said = [f'{n}: {one(before[n])} -> {one(after[n])}' for n in before if n in after and before[n] != after[n]]
+    said += [f'gone: {n} ({one(before[n])})' for n in before if n not in after]
+    said += [f'new: {n} ({one(after[n])})' for n in after if n not in before]
+    if not said and [name(d) for d in saved] != [name(d) for d in now]:
+        said = ['the files are read in another order']
+    return '; '.join(said) or 'changed'
+
+
 def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, state_path: str = '') -> list[str]:
     """Raise on a changed tokenizer or model shape; on changed data unless allowed. Returns notes."""
     if saved.get('tokenizer') != current['tokenizer']:
@@ -320,8 +341,10 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
         diff = {k: (saved.get('model_shape', {}).get(k), v) for k, v in current['model_shape'].items()
                 if saved.get('model_shape', {}).get(k) != v}
         desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
+        flags = ' '.join(f'--{k}={a}' for k, (a, _) in diff.items() if k != 'vocab_size' and a is not None)
         raise UserError(f'the saved state has a different model shape ({desc})',
-                        'resume with the same shape, or start a new run in another --train_state_dir')
+                        f'resume with the same shape{": " + flags if flags else ""}, or start a new run in another '
+                        f'--train_state_dir')
     was, now = saved.get('objective', 'pairs'), current.get('objective', 'pairs')  # states before it: pairs
     if was != now:
         raise UserError(f'the saved state trained --objective={was}, this run asks for --objective={now}',
@@ -335,7 +358,7 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
                         'resume with the saved values, or start a new run from its weights with --init_from')
     if saved.get('data') == current['data']:
         return []
-    msg = f'the training data changed since the save (saved {saved.get("data")}, now {current["data"]})'
+    msg = f'the training data changed since the save ({describe_data_change(saved.get("data") or [], current["data"])})'
     if not allow_data_change:
         raise UserError(msg, 'pass --allow_data_change=True to continue on the new data anyway')
     return [msg + '; continuing as --allow_data_change=True asks']

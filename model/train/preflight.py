@@ -338,13 +338,15 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
     import torch
 
     from model.net.chat_model import build_model, load_weights_into
-    from model.net.model_source import check_same_tokenizer, describe_model_source, shape_mismatch, weights_path
+    from model.net.model_source import (check_same_tokenizer, describe_model_source, shape_flags, shape_mismatch,
+                                        weights_path)
 
     t = cfg.train
     source = describe_model_source(t.init_from, t.tokenizer_dir, what='--init_from')
     diff = shape_mismatch(source, model_shape(cfg.model, vocab_size))
     if diff:
-        raise UserError(f'--init_from: the model shape differs ({diff}); warm-start a run of the same shape')
+        raise UserError(f'--init_from: the model shape differs ({diff}); warm-start a run of the same shape: '
+                        f'{shape_flags(source, model_shape(cfg.model, vocab_size))}')
     check_same_tokenizer(source, t.tokenizer_dir, '--init_from')
     with torch.device('meta'):
         model = build_model(cfg.model, vocab_size)
