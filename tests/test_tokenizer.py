@@ -57,6 +57,20 @@ def test_vocab_too_small_names_the_minimum(tmp_path):
     assert not os.path.exists(tmp_path / 'tok')
 
 
+def test_vocab_too_large_for_the_text_names_the_largest_that_trains(tmp_path):
+    """sentencepiece's own line (src/trainer_interface.cc(...) ... Vocabulary size too high) became
+    the error: now the largest --vocab_size this text supports, which then trains."""
+    import re
+
+    src = write_parquet(tmp_path / 'd.parquet', make_texts(60, seed=2))
+    with pytest.raises(UserError) as raised:
+        train_tokenizer(src, str(tmp_path / 'tok'), vocab_size=20000, num_threads=2)
+    m = re.search(r'vocab_size=20000 is more than this text supports: its pieces allow at most (\d+); '
+                  r'use --vocab_size=\1 or less', str(raised.value))
+    assert m and 'trainer_interface' not in str(raised.value), str(raised.value)
+    assert len(train_tokenizer(src, str(tmp_path / 'tok'), vocab_size=int(m.group(1)), num_threads=2)) > int(m.group(1))
+
+
 def test_missing_tokenizer_names_the_command(tmp_path):
     with pytest.raises(UserError, match='train_low_mem.py train_tokenizer'):
         load_tokenizer(str(tmp_path / 'nothing'))

@@ -163,6 +163,11 @@ def _explain_spm_error(e: RuntimeError, vocab_size: int) -> Exception:
                          f'(or lower --character_coverage)')
     m = re.search(r'Vocabulary size too high \((\d+)\)', msg)
     if m:
+        limit = re.search(r'<= (\d+)', msg)
+        if limit:  # sentencepiece's pieces; the vocabulary adds what the toolkit puts beside them (T5's sentinels)
+            most = int(limit.group(1)) + vocab_size - int(m.group(1))
+            return UserError(f'vocab_size={vocab_size} is more than this text supports: its pieces allow at most '
+                             f'{most}; use --vocab_size={most} or less (or train on more text)')
         return UserError(f'vocab_size={vocab_size} is larger than this text supports; '
                          f'use a smaller --vocab_size (sentencepiece: {msg.splitlines()[-1].strip()})')
     return UserError(f'sentencepiece failed: {msg.strip().splitlines()[-1]}')
