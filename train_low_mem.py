@@ -126,10 +126,14 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
                   f'packed from the {report.train_rows:,} rows\' tokens ('
                   f'{"kept by the saved state: not counted again" if report.counts_kept else "counted by tokenizing them"}'
                   f'{"; --allow_data_change=True: the counts a saved state kept are not used" if resume and t.allow_data_change else ""})')
+        per_epoch = (report.train_examples if t.objective == 'span_corruption' else report.train_rows) // per_step
+        span = f'over {t.epochs} epoch(s)'
+        if t.max_steps and per_epoch and report.total_steps < per_epoch * t.epochs:  # --max_steps ends it sooner
+            span = (f'(--max_steps={t.max_steps}: {report.total_steps / per_epoch:.3g} epoch(s) of {per_epoch:,} '
+                    f'steps, not the {t.epochs} of --epochs)')
         print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} {unit} x '
               f'{t.gradient_accumulation_steps} accumulation = {per_step} {unit} per optimizer step; '
-              f'{report.total_steps:,} optimizer steps over {t.epochs} epoch(s); '
-              f'{report.parameters / 1e6:.1f}M parameters')
+              f'{report.total_steps:,} optimizer steps {span}; {report.parameters / 1e6:.1f}M parameters')
     if report.total_steps:
         from model.train.resources import resource_lines
 

@@ -77,4 +77,8 @@ def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
             '--epochs=2')
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'ready: data, tokenizer and output places checked' in r.stdout
-    assert 'train rows 600' in r.stdout and '150 optimizer steps' in r.stdout  # 600 // 8 * 2
+    assert 'train rows 600' in r.stdout and '150 optimizer steps over 2 epoch(s)' in r.stdout  # 600 // 8 * 2
+    r = cli('train', '--dry_run=True', f'--train_file={train}', f'--validation_file={valid}',
+            f'--tokenizer_dir={tok}', '--batch_size_per_gpu=8', '--gradient_accumulation_steps=1', '--epochs=3',
+            '--max_steps=15')
+    assert '15 optimizer steps (--max_steps=15: 0.2 epoch(s) of 75 steps, not the 3 of --epochs)' in r.stdout, r.stdout
