@@ -214,18 +214,23 @@ if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not rea
   printf '%s\n' "$report" | sed -n '/^not ready:/,$p' >&2
   exit 1
 fi
-printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
+if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; }; then
+  # what a fresh run would move aside is the question's (or not this run's) to say
+  printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p' | grep -v '^note: a previous run saved'
+else
+  printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
+fi
 if [ "$saved" -eq 1 ]; then
   if [ "${RESUME:-ask}" = auto ]; then
     set -- "$@" --is_keep_training=True
   elif [ "$ask_tty" -eq 1 ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
-    read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs? [y/N] " ans
+    read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs/? / 保存的状态无法续训（原因见上）。要从头训练、把它移到 previous_runs/ 吗？[y/N] " ans
     case "${ans:-n}" in
       [yY]*) ;;
       *) echo "nothing started" >&2; exit 1 ;;
     esac
   elif [ "$ask_tty" -eq 1 ]; then
-    read -r -p "A saved state exists ($latest). Resume it? [Y/n] " ans
+    read -r -p "A saved state exists ($latest). Resume it? (n: start afresh, moving it to previous_runs/) / 已有保存的状态，要续训吗？（n：从头训练，把它移到 previous_runs/）[Y/n] " ans
     case "${ans:-y}" in
       [nN]*) if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
                not_ready 'not ready:' "$fresh_report"

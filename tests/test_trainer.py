@@ -269,51 +269,65 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside
 
 
-def on_a_terminal(command: list, env: dict, answer: bytes) -> subprocess.CompletedProcess:
-    """command with a terminal as its stdin (the start script asks only there), answering ``answer``."""
-    controller, terminal = os.openpty()
-    try:
+def start_script(args: list, env: dict, answer: bytes | None = None) -> subprocess.Popen:
+    """The start script, started (several run at once: their start-up checks dominate); with
+    ``answer``, on a terminal (it asks only there) that answers it."""
+    stdin = subprocess.DEVNULL
+    if answer is not None:
+        controller, stdin = os.openpty()
         os.write(controller, answer)
-        r = subprocess.run(command, cwd=ROOT, env=env, stdin=terminal, capture_output=True, text=True, timeout=300)
-    finally:
-        os.close(controller)
-        os.close(terminal)
-    return r
+    proc = subprocess.Popen(['bash', 'start_pretrain_large.sh', *args], cwd=ROOT, env=env, stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if answer is not None:
+        proc.terminal = (controller, stdin)  # closed by finished()
+    return proc
+
+
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    for fd in getattr(proc, 'terminal', ()):
+        os.close(fd)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_path):
     """A fresh run was ready but the resume RESUME=auto runs was not (the model's shape changed): the
-    script went on, and the trainer refused it only after the launcher had started every rank."""
+    script went on, and the trainer refused it only after the launcher had started every rank. On
+    a terminal (RESUME=ask) the question offered that resume, and refused its own default answer."""
     env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    ask = {**env, 'RESUME': 'ask'}
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, save_steps=2, eval_steps=100)
     assert run_train(flags, '--max_steps=2').returncode == 0
     logs = sorted(glob.glob(f'{out}/logs/*.log'))
     changed = [('--d_ff=96' if a.startswith('--d_ff=') else a) for a in flags]
-    r = subprocess.run(['bash', 'start_pretrain_large.sh', *changed, '--max_steps=4'], cwd=ROOT, env=env,
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert r.returncode == 1, r.stderr[-3000:]
-    assert 'not ready as a resume of the saved state (' in r.stderr and 'RESUME=auto resumes' in r.stderr
-    assert 'd_ff: saved 64 -> now 96' in r.stderr and 'same shape: --d_ff=64' in r.stderr, r.stderr[-2000:]
-    assert 'not ready as a fresh run' not in r.stderr
+    auto, *asked = [finished(p) for p in [start_script([*changed, '--max_steps=4'], env),
+                                          start_script([*changed, '--max_steps=4'], ask, b'\n'),
+                                          start_script([*changed, '--max_steps=4'], ask, b'n\n')]]
+    assert auto.returncode == 1, auto.stderr[-3000:]
+    assert 'not ready as a resume of the saved state (' in auto.stderr and 'RESUME=auto resumes' in auto.stderr
+    assert 'd_ff: saved 64 -> now 96' in auto.stderr and 'same shape: --d_ff=64' in auto.stderr, auto.stderr[-2000:]
+    assert 'not ready as a fresh run' not in auto.stderr
+    for r in asked:  # the resume's reasons first, and a fresh run offered instead, no by default
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert 'note: the saved state (' in r.stderr and 'cannot be resumed:' in r.stderr
+        assert 'd_ff: saved 64 -> now 96' in r.stderr and 'Start afresh, moving it to previous_runs/?' in r.stderr
+        assert '要从头训练' in r.stderr and '[y/N]' in r.stderr
+        assert 'Resume it?' not in r.stderr and 'nothing started' in r.stderr
     assert sorted(glob.glob(f'{out}/logs/*.log')) == logs  # nothing started
     assert not os.path.exists(out / 'previous_runs')  # nothing moved aside (a fresh run would have)
-    # on a terminal (RESUME=ask) the question offered that resume, and refused its own default answer:
-    # now the resume's reasons come first and a fresh run is offered instead, no by default
-    for answer, code in ((b'\n', 1), (b'n\n', 1)):
-        r = on_a_terminal(['bash', 'start_pretrain_large.sh', *changed, '--max_steps=4'], {**env, 'RESUME': 'ask'}, answer)
-        assert r.returncode == code, r.stderr[-3000:]
-        assert 'note: the saved state (' in r.stderr and 'cannot be resumed:' in r.stderr
-        assert 'd_ff: saved 64 -> now 96' in r.stderr and 'Start afresh, moving it to previous_runs? [y/N]' in r.stderr
-        assert 'Resume it?' not in r.stderr and 'nothing started' in r.stderr
-    assert sorted(glob.glob(f'{out}/logs/*.log')) == logs and not os.path.exists(out / 'previous_runs')
-    r = subprocess.run(['bash', 'start_pretrain_large.sh', *flags, '--max_steps=4'], cwd=ROOT, env=env,
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    r = finished(start_script([*flags, '--max_steps=4'], env))
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'path.resume_from' not in r.stdout and '[schedule]' in r.stdout
     log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
     assert 'resumed from' in log and 'step 4/4' in log
-    r = on_a_terminal(['bash', 'start_pretrain_large.sh', *changed, '--max_steps=4'], {**env, 'RESUME': 'ask'}, b'y\n')
+    # both ready: the question (in both languages), a resume by default; what a fresh run moves is the question's
+    r = finished(start_script([*flags, '--max_steps=6'], ask, b'\n'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Resume it? (n: start afresh, moving it to previous_runs/)' in r.stderr and '要续训吗' in r.stderr
+    assert 'note: a previous run saved' not in r.stdout + r.stderr and not os.path.exists(out / 'previous_runs')
+    assert 'step 6/6' in open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    r = finished(start_script([*changed, '--max_steps=4'], ask, b'y\n'))
     assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]  # afresh, as answered
 
 
