@@ -243,14 +243,26 @@ def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
     """Answer prompts with a trained model (default: output_dir/best, else output_dir/final)."""
     prompts = parse_prompts(prompts)
     cfg, decode, source = _inference_setup('generate', preset, use_large_config, flags, extra=('prompts',))
-    from model.net.chat_model import answer, objective_note, sentinel_note
+    from model.net.chat_model import answer, objective_note, sentinel_note, unfilled_note
 
     model, tok, max_seq_len = _load(cfg, source)
+    said = {}
     for p in prompts:
         if note := sentinel_note(tok, p, max_seq_len) or objective_note(source.objective, p):
+            said[p] = note
             print(f'note: {p}: {note}', file=sys.stderr)
-    for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode, fill=True)):
+    fill = fill_mode(source)
+    for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode, fill=fill)):
+        if fill == 'always' and p not in said and (note := unfilled_note(a)):
+            print(f'note: {p}: {note}', file=sys.stderr)
         print(f'  {p}  ->  {a}')
+
+
+def fill_mode(source) -> bool | str:
+    """How answers to prompts with sentinels are shown: a span-corruption model's always as the
+    prompt filled; another model's (a pairs model asked about the string) so only where it wrote
+    sentinels."""
+    return 'always' if source.objective == 'span_corruption' else True
 
 
 EXIT_WORDS = ('exit', 'quit', '/exit', '/quit', '退出', 'q')
@@ -260,7 +272,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
     """Talk with a trained model: one prompt a line, the answer streamed as it is generated.
     Reads a pipe too (one answer a line); exit, quit, 退出 or Ctrl-D ends."""
     cfg, decode, source = _inference_setup('chat', preset, use_large_config, flags)
-    from model.net.chat_model import answer, objective_note, sentinel_note, stream_answer
+    from model.net.chat_model import answer, objective_note, sentinel_note, stream_answer, unfilled_note
 
     model, tok, max_seq_len = _load(cfg, source)
     if sys.stdin is None:  # stdin closed (<&-): nothing to answer
@@ -285,17 +297,22 @@ def chat(*, use_large_config=False, preset=None, **flags):
             continue
         if prompt.lower() in EXIT_WORDS:
             return
-        if note := sentinel_note(tok, prompt, max_seq_len) or objective_note(source.objective, prompt):
+        note = sentinel_note(tok, prompt, max_seq_len) or objective_note(source.objective, prompt)
+        if note:
             print(f'note: {note}', file=sys.stderr, flush=True)
+        fill, shown = fill_mode(source), None
         if interactive:
             sys.stdout.write('模型> ')
             try:
-                stream_answer(model, tok, prompt, decode, max_seq_len)
+                shown = stream_answer(model, tok, prompt, decode, max_seq_len, fill=fill)
             except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer, not the chat
                 stopping.STOP.clear()
                 print('\n(回答已中断 answer stopped)')
         else:
-            print(answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode, fill=True)[0], flush=True)
+            shown = answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode, fill=fill)[0]
+            print(shown, flush=True)
+        if shown and fill == 'always' and not note and (left := unfilled_note(shown)):
+            print(f'note: {left}', file=sys.stderr, flush=True)
 
 
 def read_prompt_line(stream, line_no: int) -> str:

@@ -346,9 +346,11 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_0>世界', '--max_new_tokens=8')
     assert r.returncode == 0, r.stderr[-2000:]
     line = [x for x in r.stdout.splitlines() if '->' in x][0]
-    answer = line.split('->', 1)[1].strip()  # 8 steps: the prompt filled if it wrote a sentinel, else its words
-    assert '</s>' not in answer and (not answer.startswith('你好') or answer.endswith('世界'))
-    assert 'note:' not in r.stderr  # <extra_id_0> first, alone: as the model learned it
+    answer = line.split('->', 1)[1].strip().replace(' ', '')  # the prompt, filled where the model wrote a span
+    assert '</s>' not in answer and answer.startswith('你好') and answer.endswith('世界'), answer
+    # <extra_id_0> first, alone: as the model learned it; one it wrote nothing for (8 steps) is said to be so
+    unfilled = 'note: 你好<extra_id_0>世界: the model wrote nothing for <extra_id_0> (left as written)'
+    assert ('<extra_id_0>' in answer) == (unfilled in r.stderr) and r.stderr.count('note:') <= 1, (answer, r.stderr)
     r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_100>世界', '--max_new_tokens=2')
     assert r.returncode == 0 and 'note: 你好<extra_id_100>世界: <extra_id_100> is not a sentinel' in r.stderr, r.stderr
     # a plain question to the stage-1 model (it answered nothing, with no word why); the stage-2 model answers it
@@ -396,7 +398,7 @@ def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):
 def test_answers_are_filled_only_when_the_model_writes_sentinels(tokenizer):
     import torch
 
-    from model.net.chat_model import answer
+    from model.net.chat_model import answer, unfilled_note
 
     s0 = tokenizer.convert_tokens_to_ids(sc.sentinel_token(0))
     china = tokenizer('中国', add_special_tokens=False).input_ids
@@ -414,6 +416,12 @@ def test_answers_are_filled_only_when_the_model_writes_sentinels(tokenizer):
     assert answer(spans, tokenizer, prompt)[0].replace(' ', '') == '中国'  # test and evaluation: as written
     plain = Writes([0, *china, 1])  # a pairs model asked about the string: its answer, not the prompt
     assert answer(plain, tokenizer, prompt, fill=True)[0].replace(' ', '') == '中国'
+    # a span-corruption model that wrote no span (little training): the prompt, the sentinel left and said so,
+    # not its words as if they answered something
+    shown = answer(plain, tokenizer, prompt, fill='always')[0].replace(' ', '')
+    assert shown == '北京是<extra_id_0>的首都' and 'wrote nothing for <extra_id_0>' in unfilled_note(shown)
+    assert answer(spans, tokenizer, prompt, fill='always')[0].replace(' ', '') == '北京是【中国】的首都'
+    assert unfilled_note('北京是【中国】的首都') is None
 
 
 def test_chat_in_a_terminal_answers_as_a_pipe_does_filled_and_seeded(tokenizer):

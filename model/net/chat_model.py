@@ -264,14 +264,16 @@ def stop_criteria(should_stop: Callable[[], bool]):
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_seq_len: int | None = None,
            decode: DecodeConfig | None = None, should_stop: Callable[[], bool] | None = None,
-           fill: bool = False) -> list[str]:
+           fill: bool | str = False) -> list[str]:
     """Answers in the prompts' order: greedy by default, else as ``decode`` says (sampling is
     seeded with decode.sample_seed once, so the same call gives the same answers).
 
     should_stop is asked after every token: once it says True the answers end there (cut, and
     fewer than the prompts) -- a training run's evaluation leaves within one token of a stop.
     fill (generate, chat): an answer that holds T5 sentinels is shown as its prompt with each
-    sentinel filled (:func:`fill_sentinels`); test and evaluation score the answers as written."""
+    sentinel filled (:func:`fill_sentinels`); ``'always'`` (a model pretrained with span
+    corruption): every answer to a prompt with sentinels, a sentinel it wrote nothing for left as
+    it is (:func:`unfilled_note` says so); test and evaluation score the answers as written."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -298,7 +300,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
         for row in range(len(texts)):  # a span-corruption answer: the prompt with its spans filled in
             written, given = gen[row].tolist(), enc['input_ids'][row].tolist()
-            if sentinels & set(written) and sentinels & set(given):
+            if sentinels & set(given) and (fill == 'always' or sentinels & set(written)):
                 texts[row] = fill_sentinels(tokenizer, given, written)
         out.extend(texts)
     model.train(was_training)
@@ -360,6 +362,17 @@ def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str
     return None
 
 
+def unfilled_note(filled: str) -> str | None:
+    """What a user should know of a span model's filled prompt that still shows sentinels: the
+    model wrote nothing for them (not a fault of the prompt)."""
+    left = SENTINEL_TEXT.findall(filled)
+    if not left:
+        return None
+    names = ', '.join(f'<extra_id_{n}>' for n in left[:3]) + (', ...' if len(left) > 3 else '')
+    return (f'the model wrote nothing for {names} (left as written): a model with little span-corruption '
+            f'training fills few sentinels')
+
+
 def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks: tuple[str, str] = ('【', '】')) -> str:
     """The input with each sentinel replaced by the span the model wrote after that sentinel in
     its output (T5's span-corruption targets: ``<extra_id_0> span <extra_id_1> span ... </s>``),
@@ -392,7 +405,8 @@ def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks
 
 
 @torch.no_grad()
-def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_len: int, out=None) -> str:
+def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_len: int, out=None,
+                  fill: bool | str = True) -> str:
     """One answer, printed token by token to ``out`` as it is generated; returns it. Decoded as
     :func:`answer` decodes (sampling seeded with decode.sample_seed: the same seed, the same
     answer); a prompt with T5 sentinels is answered whole and shown filled, as answer(fill=True)
@@ -402,7 +416,7 @@ def stream_answer(model, tokenizer, prompt: str, decode: DecodeConfig, max_seq_l
     out = out or sys.stdout
     sentinels = sentinel_set(tokenizer)
     if sentinels and sentinels & set(tokenizer(valid_text(prompt))['input_ids']):
-        text = answer(model, tokenizer, [prompt], max_seq_len=max_seq_len, decode=decode, fill=True)[0]
+        text = answer(model, tokenizer, [prompt], max_seq_len=max_seq_len, decode=decode, fill=fill)[0]
         out.write(text + '\n')
         out.flush()
         return text
