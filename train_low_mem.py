@@ -60,7 +60,7 @@ NOT_FOR_TRAIN = {
 INFERENCE_FIELDS = ('output_dir', 'tokenizer_dir', 'max_seq_len', *MODEL_FIELDS)
 EFFECTIVE = {'train': tuple(f for f in (*TRAIN_FIELDS, *MODEL_FIELDS) if f not in NOT_FOR_TRAIN),
              'train_tokenizer': TOKENIZER_FIELDS, 'generate': INFERENCE_FIELDS, 'chat': INFERENCE_FIELDS,
-             'test': (*INFERENCE_FIELDS, 'test_file', 'max_test_rows'), 'plot': ('log_dir',)}
+             'test': (*INFERENCE_FIELDS, 'test_file', 'max_test_rows'), 'plot': ('log_dir', 'output_dir')}
 
 
 def _resolve(command: str, preset, use_large_config, overrides: dict, extra=()) -> ResolvedConfig:
@@ -361,8 +361,10 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
     cfg = _resolve('plot', preset, use_large_config, flags, extra=('log_file', 'out'))
     from model.use.plotting import newest_log, plot_log
 
+    # the run named (a preset, or its --output_dir): its newest log; none named: the newest of all
+    named = 'output_dir' in flags or preset not in (None, '') or coerce('use_large_config', use_large_config, bool)
     log, note = ((coerce('log_file', log_file, str), '') if log_file not in (None, '') else
-                 newest_log(cfg.train.log_dir, cfg.train.output_dir))
+                 newest_log(cfg.train.log_dir, cfg.train.output_dir if named else ''))
     if note:
         print(note)
     path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'
@@ -373,7 +375,7 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
 
 COMMANDS = {'train': train, 'train_tokenizer': train_tokenizer, 'generate': generate, 'chat': chat, 'test': test,
             'plot': plot}
-PLOT_FLAGS = ['  --log_file=                                  a run\'s log (default: the newest in log_dir of the run with this output_dir)',
+PLOT_FLAGS = ['  --log_file=                                  a run\'s log (default: the newest in log_dir; with --preset, --use_large_config or --output_dir, the newest of that run)',
               '  --out=                                       the PNG to write (default: beside the log)']
 
 

@@ -278,6 +278,11 @@ def test_plot_draws_the_newest_log_of_the_run_asked_for_not_of_another_preset(tm
         plot_log(demo, str(tmp_path / 'demo.png'))
     found, note = newest_log(str(tmp_path), f'{tmp_path}/elsewhere')  # none of its own: the newest, said
     assert found == demo and note.startswith(f'note: no log in {tmp_path} is of a run with output_dir '), note
+    # the command: a run named by its --output_dir (or preset) gets its own newest log; none named, the newest
+    r = cli('plot', f'--log_dir={tmp_path}', f'--output_dir={tmp_path}/model_save/pretrain_large',
+            f'--out={tmp_path}/large.png')
+    assert r.returncode == 0 and f'from {large}' in r.stdout, r.stdout + r.stderr
+    one_line(cli('plot', f'--log_dir={tmp_path}', f'--out={tmp_path}/newest.png'), 'its run stopped before')
     older = log('older', '', age=20)  # from before logs named their outputs: any run's, as before
     assert newest_log(str(tmp_path), f'{tmp_path}/elsewhere') == (older, '')
     assert newest_log(str(tmp_path)) == (demo, '')

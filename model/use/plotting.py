@@ -94,7 +94,7 @@ def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
         if said is None or os.path.realpath(said) == want:
             return log, ''
     return logs[0], (f'note: no log in {log_dir} is of a run with output_dir {output_dir}; the newest is drawn, '
-                     f'of {outputs_of_log(logs[0])} (give the --preset / --output_dir of the run, or --log_file)')
+                     f'of {outputs_of_log(logs[0])} (give the --preset or --output_dir of the run, or --log_file)')
 
 
 def plot_log(log_file: str, out: str) -> Curves:
