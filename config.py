@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model.cli import check_seeds, coerce, field_types, nearest_field, unknown_option
+from model.cli import check_seeds, coerce, control_char, field_types, nearest_field, unknown_option
 from model.errors import UserError
 from model.state import model_files
 
@@ -219,9 +219,9 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
         if f.name in PATH_FIELDS and not str(getattr(train, f.name)).strip():
             raise UserError(f'{f.name} is empty; give a path, e.g. --{f.name}={f.default}')
     for name in (*PATH_FIELDS, 'init_from'):  # reports print one path a line, and the start script reads them
-        odd = [ch for ch in str(getattr(train, name)) if ord(ch) < 32 or ord(ch) == 127]
+        odd = control_char(str(getattr(train, name)))
         if odd:
-            raise UserError(f'{name}={str(getattr(train, name))!r} holds a control character ({odd[0]!r}: a line break '
+            raise UserError(f'{name}={str(getattr(train, name))!r} holds a control character ({odd!r}: a line break '
                             f'or the like), which would break the one-path-a-line reports; rename it without one')
     cores = os.cpu_count() or 1
     if train.num_workers > cores:

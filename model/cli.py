@@ -23,6 +23,12 @@ from model.errors import UserError
 _TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false', str: 'a string'}
 
 
+def control_char(text: str) -> str | None:
+    """The first control character of text (a line break, a tab, DEL, ...), or None: a path holding
+    one would print lines of its own into the one-path-a-line reports the start script reads."""
+    return next((ch for ch in text if ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in '\u2028\u2029'), None)
+
+
 def field_types(cls) -> dict[str, type]:
     # `from __future__ import annotations` turns annotations into strings
     names = {'int': int, 'float': float, 'bool': bool, 'str': str}

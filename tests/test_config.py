@@ -161,6 +161,21 @@ def test_validation_messages(overrides, needle):
         resolve_config(overrides=overrides)
 
 
+def test_a_data_file_named_with_a_line_break_in_a_folder_or_pattern_is_refused(tmp_path):
+    """The config's own paths are checked above; a file a folder or a pattern expands to printed
+    lines of its own (`  path.output_dir=...`) into the dry run's report too."""
+    from model.data.files import resolve_parquet_files
+
+    for name in ('a\n  path.output_dir=EVIL\nx.parquet', 'b\u2028c.parquet', 'd\x85e.parquet'):
+        folder = tmp_path / f'f{ord(name[1])}'
+        folder.mkdir()
+        (folder / 'fine.parquet').write_bytes(b'')
+        (folder / name).write_bytes(b'')
+        for spec in (str(folder), f'{folder}/*.parquet'):
+            with pytest.raises(UserError, match='a name with a control character'):
+                resolve_parquet_files(spec)
+
+
 def test_the_span_fields_are_not_judged_for_pairs_they_do_nothing_there():
     for changed in ({'max_seq_len': 2}, {'noise_density': 0.9}, {'mean_noise_span_length': 0.5}):
         assert resolve_config(overrides=changed).train.objective == 'pairs'  # no refusal of a flag not given

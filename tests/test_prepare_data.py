@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,8 +144,11 @@ def test_an_output_not_named_parquet_is_refused_before_any_work(tmp_path):
         clean_parquet(data, str(tmp_path / '.parquet'))
     os.symlink('k.parquet/', tmp_path / 'k2.parquet')  # a target written as a folder, through a chain too
     os.symlink('k2.parquet', tmp_path / 'k3.parquet')
-    for name in ('k2.parquet', 'k3.parquet'):
-        with pytest.raises(UserError, match=r'k2\.parquet points to k\.parquet/, a folder.s name'):
+    os.symlink('k.parquet//.', tmp_path / 'k4.parquet')
+    os.symlink('k.parquet/..', tmp_path / 'k5.parquet')
+    for name, said in (('k2.parquet', 'k2.parquet points to k.parquet/,'), ('k3.parquet', 'k2.parquet points to k.parquet/,'),
+                       ('k4.parquet', 'k4.parquet points to k.parquet//.,'), ('k5.parquet', 'points to k.parquet/..,')):
+        with pytest.raises(UserError, match=re.escape(said) + ' a folder.s name'):
             clean_parquet(data, str(tmp_path / name))
     assert not os.path.lexists(tmp_path / 'k.parquet')
     clean_parquet(data, str(tmp_path / 'link'))

@@ -107,8 +107,8 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
                             f'{named if named.endswith(".parquet") else named + ".parquet"}')
         as_folder = ownership.link_written_as_a_folder(path)
         if as_folder:
-            raise UserError(f'--{what}={path}: the link {as_folder[0]} points to {as_folder[1]}, a folder\'s name (it '
-                            f'ends in {os.sep}); the output is a file: fix the link, or give the file itself')
+            raise UserError(f'--{what}={path}: the link {as_folder[0]} points to {as_folder[1]}, a folder\'s name; the '
+                            f'output is a file: fix the link, or give the file itself')
         if not real.endswith('.parquet') or os.path.basename(real) == '.parquet':  # a folder's reader: its *.parquet
             stem = os.path.splitext(real)[0] or 'out'
             named = stem if stem.endswith('.parquet') else f'{stem}.parquet'

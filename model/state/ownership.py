@@ -72,14 +72,14 @@ def check_dangling_links(path: str, what: str) -> None:
 
 def link_written_as_a_folder(path: str) -> tuple[str, str] | None:
     """(link, its target) where the chain of links at path's last name has a target written as a
-    folder (ending in /), e.g. k2.parquet -> k.parquet/; else None. realpath drops that slash, so a
+    folder (ending in /, /. or /..), e.g. k2.parquet -> k.parquet/; else None. realpath drops that slash, so a
     file written through such a link lands where the link then reads "Not a directory"."""
     p = os.path.abspath(os.path.expanduser(path))
     for _ in range(40):  # a loop is resolve_place's to report
         if not os.path.islink(p):
             return None
         target = os.readlink(p)
-        if target.endswith(os.sep):
+        if os.path.basename(target) in ('', '.', '..'):  # k.parquet/, k.parquet/. : a folder's name
             return p, target
         p = os.path.join(os.path.realpath(os.path.dirname(p)), target)
         p = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
