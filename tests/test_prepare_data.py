@@ -145,9 +145,8 @@ def test_an_output_not_named_parquet_is_refused_before_any_work(tmp_path):
     os.symlink('k.parquet/', tmp_path / 'k2.parquet')  # a target written as a folder, through a chain too
     os.symlink('k2.parquet', tmp_path / 'k3.parquet')
     os.symlink('k.parquet//.', tmp_path / 'k4.parquet')
-    os.symlink('k.parquet/..', tmp_path / 'k5.parquet')
     for name, said in (('k2.parquet', 'k2.parquet points to k.parquet/,'), ('k3.parquet', 'k2.parquet points to k.parquet/,'),
-                       ('k4.parquet', 'k4.parquet points to k.parquet//.,'), ('k5.parquet', 'points to k.parquet/..,')):
+                       ('k4.parquet', 'k4.parquet points to k.parquet//.,')):
         with pytest.raises(UserError, match=re.escape(said) + ' a folder.s name'):
             clean_parquet(data, str(tmp_path / name))
     assert not os.path.lexists(tmp_path / 'k.parquet')
