@@ -209,7 +209,8 @@ def test_a_fingerprint_change_is_refused_or_noted():
                            ([a, b], [a], 'gone: b.parquet (1 row (10 bytes))'),
                            ([a], [a, b], 'new: b.parquet (1 row (10 bytes))'),
                            ([a, b], [b, a], 'the files are read in another order'),
-                           ([a, a], [a], 'saved a.parquet: 900 rows (379,822 bytes), a.parquet: 900 rows')):
+                           ([a, a], [a, {**a, 'rows': 5}], 'file 2 of 2 (a.parquet): 900 rows (379,822 bytes) -> 5 rows'),
+                           ([a, a], [a], '2 file(s) -> 1')):
         with pytest.raises(UserError) as raised:
             contract.compare_fingerprints({**saved, 'data': was}, {**saved, 'data': now}, False)
         assert f'the training data changed since the save ({said}' in raised.value.message, raised.value.message

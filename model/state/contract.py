@@ -316,9 +316,12 @@ def describe_data_change(saved: list[dict], now: list[dict]) -> str:
     def name(d: dict) -> str:
         return d.get('name', '?')
 
-    if any(len({name(d) for d in ds}) != len(ds) for ds in (saved, now)):  # one name in two folders
-        return (f'saved {", ".join(f"{name(d)}: {one(d)}" for d in saved)}; '
-                f'now {", ".join(f"{name(d)}: {one(d)}" for d in now)}')
+    if any(len({name(d) for d in ds}) != len(ds) for ds in (saved, now)):  # one name in two folders: by place
+        said = [f'file {i + 1} of {len(now)} ({name(b)}): {one(a)} -> {one(b)}'
+                for i, (a, b) in enumerate(zip(saved, now)) if a != b]
+        if len(saved) != len(now):
+            said.append(f'{len(saved)} file(s) -> {len(now)}')
+        return '; '.join(said) or 'changed'
     before, after = {name(d): d for d in saved}, {name(d): d for d in now}
     said = [f'{n}: {one(before[n])} -> {one(after[n])}' for n in before if n in after and before[n] != after[n]]
     said += [f'gone: {n} ({one(before[n])})' for n in before if n not in after]
