@@ -57,18 +57,23 @@ def test_vocab_too_small_names_the_minimum(tmp_path):
     assert not os.path.exists(tmp_path / 'tok')
 
 
-def test_vocab_too_large_for_the_text_names_the_largest_that_trains(tmp_path):
+def test_vocab_too_large_for_the_text_names_a_size_that_trains(tmp_path):
     """sentencepiece's own line (src/trainer_interface.cc(...) ... Vocabulary size too high) became
-    the error: now the largest --vocab_size this text supports, which then trains."""
+    the error: now a --vocab_size this text supports (sentencepiece's bound), which then trains;
+    and a row cap of 100 or less, which sentencepiece refused with its own line, trains."""
     import re
 
     src = write_parquet(tmp_path / 'd.parquet', make_texts(60, seed=2))
     with pytest.raises(UserError) as raised:
         train_tokenizer(src, str(tmp_path / 'tok'), vocab_size=20000, num_threads=2)
-    m = re.search(r'vocab_size=20000 is more than this text supports: its pieces allow at most (\d+); '
-                  r'use --vocab_size=\1 or less', str(raised.value))
+    m = re.search(r'vocab_size=20000 is more than this text supports \(sentencepiece allows at most (\d+) when '
+                  r'asked for 20000\); use --vocab_size=\1, or train on more text', str(raised.value))
     assert m and 'trainer_interface' not in str(raised.value), str(raised.value)
     assert len(train_tokenizer(src, str(tmp_path / 'tok'), vocab_size=int(m.group(1)), num_threads=2)) > int(m.group(1))
+    try:  # 40 rows: sentencepiece's own "input_sentence_size() > 100" is not met, whatever else is said
+        train_tokenizer(src, str(tmp_path / 'tok2'), vocab_size=int(m.group(1)), max_rows=40, num_threads=2)
+    except UserError as e:
+        assert 'input_sentence_size' not in str(e) and 'trainer_interface' not in str(e), str(e)
 
 
 def test_missing_tokenizer_names_the_command(tmp_path):
