@@ -253,7 +253,7 @@ def generate(*, use_large_config=False, preset=None, prompts=None, **flags):
             print(f'note: {p}: {note}', file=sys.stderr)
     fill = fill_mode(source)
     for p, a in zip(prompts, answer(model, tok, prompts, max_seq_len=max_seq_len, decode=decode, fill=fill)):
-        if fill == 'always' and p not in said and (note := unfilled_note(a)):
+        if fill == 'always' and p not in said and (note := unfilled_note(a, p)):
             print(f'note: {p}: {note}', file=sys.stderr)
         print(f'  {p}  ->  {a}')
 
@@ -311,7 +311,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
         else:
             shown = answer(model, tok, [prompt], max_seq_len=max_seq_len, decode=decode, fill=fill)[0]
             print(shown, flush=True)
-        if shown and fill == 'always' and not note and (left := unfilled_note(shown)):
+        if shown and fill == 'always' and not note and (left := unfilled_note(shown, prompt)):
             print(f'note: {left}', file=sys.stderr, flush=True)
 
 

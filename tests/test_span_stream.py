@@ -422,6 +422,9 @@ def test_answers_are_filled_only_when_the_model_writes_sentinels(tokenizer):
     assert shown == '北京是<extra_id_0>的首都' and 'wrote nothing for <extra_id_0>' in unfilled_note(shown)
     assert answer(spans, tokenizer, prompt, fill='always')[0].replace(' ', '') == '北京是【中国】的首都'
     assert unfilled_note('北京是【中国】的首都') is None
+    empty = answer(Writes([0, s0, 1]), tokenizer, prompt, fill='always')[0].replace(' ', '')  # a sentinel, no span
+    assert empty == '北京是【】的首都' and '1 span(s) (shown empty: 【】)' in unfilled_note(empty, prompt[0])
+    assert unfilled_note('书名号【】在此【x】', '书名号【】在此<extra_id_0>') is None  # the prompt's own 【】
 
 
 def test_chat_in_a_terminal_answers_as_a_pipe_does_filled_and_seeded(tokenizer):

@@ -362,15 +362,17 @@ def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str
     return None
 
 
-def unfilled_note(filled: str) -> str | None:
-    """What a user should know of a span model's filled prompt that still shows sentinels: the
-    model wrote nothing for them (not a fault of the prompt)."""
-    left = SENTINEL_TEXT.findall(filled)
-    if not left:
+def unfilled_note(filled: str, prompt: str = '') -> str | None:
+    """What a user should know of a span model's filled prompt that still shows sentinels, or an
+    empty span 【】: the model wrote nothing for them (not a fault of the prompt)."""
+    left = [f'<extra_id_{n}>' for n in SENTINEL_TEXT.findall(filled)]
+    empty = filled.count('【】') - prompt.count('【】')
+    if not left and empty <= 0:
         return None
-    names = ', '.join(f'<extra_id_{n}>' for n in left[:3]) + (', ...' if len(left) > 3 else '')
-    return (f'the model wrote nothing for {names} (left as written): a model with little span-corruption '
-            f'training fills few sentinels')
+    names = ', '.join(left[:3]) + (', ...' if len(left) > 3 else '')
+    said = ' and '.join(x for x in (f'{names} (left as written)' if left else '',
+                                     f'{empty} span(s) (shown empty: 【】)' if empty > 0 else '') if x)
+    return f'the model wrote nothing for {said}: a model with little span-corruption training fills few sentinels'
 
 
 def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks: tuple[str, str] = ('【', '】')) -> str:
