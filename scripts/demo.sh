@@ -4,7 +4,7 @@
 source "$(dirname "$0")/env.sh"
 $PY prepare_data.py demo
 $PY train_low_mem.py train_tokenizer --preset=demo
-$PY train_low_mem.py train --preset=demo "$@" --dry_run=True | sed -n '/^\[schedule\]/,/^  train rows/p; /^ready/p'
+$PY train_low_mem.py train --preset=demo "$@" --dry_run=True | sed -n '/^\[schedule\]/,/^  train rows/p; /^ready/p; /^not ready:/,$p'
 $PY train_low_mem.py train --preset=demo "$@"
 $PY train_low_mem.py generate --preset=demo
 $PY train_low_mem.py test --preset=demo --max_test_rows=500

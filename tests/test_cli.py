@@ -82,3 +82,23 @@ def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
             f'--tokenizer_dir={tok}', '--batch_size_per_gpu=8', '--gradient_accumulation_steps=1', '--epochs=3',
             '--max_steps=15')
     assert '15 optimizer steps (--max_steps=15: 0.2 epoch(s) of 75 steps, not the 3 of --epochs)' in r.stdout, r.stdout
+
+
+def test_the_demos_dry_run_shows_the_schedule_or_why_it_is_not_ready(tmp_path):
+    """scripts/demo.sh filters its dry run: it showed the last three lines of the resource estimates,
+    and (set -euo pipefail) a dry run that was not ready stopped the demo without its reasons."""
+    import re
+
+    line = next(x for x in open(f'{ROOT}/scripts/demo.sh', encoding='utf-8') if '--dry_run=True' in x)
+    program = re.search(r"\| sed -n '([^']*)'", line).group(1)  # the demo's own filter
+    train = write_parquet(tmp_path / 'train.parquet', make_texts(40, seed=1))
+    for given, kept, dropped in (
+            ([f'--train_file={tmp_path}/none.parquet'], ['not ready:', 'none.parquet: no such file'], ['[schedule]']),
+            ([f'--train_file={train}', f'--validation_file={train}', f'--tokenizer_dir={tmp_path}/tok'],
+             ['not ready:', 'no tokenizer here', 'train_tokenizer'], ['[resources]'])):
+        dry = cli('train', '--preset=demo', *given, '--dry_run=True')
+        shown = subprocess.run(['sed', '-n', program], input=dry.stdout, capture_output=True, text=True).stdout
+        assert all(k in shown for k in kept) and not any(d in shown for d in dropped), shown
+    ready = '[schedule]\n  train rows 9; ...\n[resources] estimates\n  GPU memory ...\nnote: x\nready: data\n'
+    shown = subprocess.run(['sed', '-n', program], input=ready, capture_output=True, text=True).stdout
+    assert shown == '[schedule]\n  train rows 9; ...\nready: data\n'

@@ -84,7 +84,8 @@ def train_tokenizer(train_file, tokenizer_dir: str, vocab_size: int = 32000,
             remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=['\n'],
             pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
             pad_piece='<pad>', eos_piece='</s>', unk_piece='<unk>',
-            input_sentence_size=max(2 * max_rows, 1000),  # sentencepiece takes no cap of 100 or less shuffle_input_sentence=True,
+            input_sentence_size=max(2 * max_rows, 1000),  # sentencepiece takes no cap of 100 or less
+            shuffle_input_sentence=True,
             max_sentence_length=1 << 16, num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2, seed_sentencepiece_size=1_000_000, train_extremely_large_corpus=False))
     except RuntimeError as e:
@@ -164,8 +165,8 @@ def _explain_spm_error(e: RuntimeError, vocab_size: int) -> Exception:
     m = re.search(r'Vocabulary size too high \((\d+)\)', msg)
     if m:
         limit = re.search(r'<= (\d+)', msg)
-        if limit:  # sentencepiece's pieces; the vocabulary adds what the toolkit puts beside them (T5's sentinels)
-            most = int(limit.group(1)) + vocab_size - int(m.group(1))
+        if limit:  # sentencepiece's bound for this request (T5's sentinels come on top of vocab_size)
+            most = int(limit.group(1))
             return UserError(f'vocab_size={vocab_size} is more than this text supports (sentencepiece allows at most '
                              f'{most} when asked for {vocab_size}); use --vocab_size={most}, or train on more text')
         return UserError(f'vocab_size={vocab_size} is larger than this text supports; '
