@@ -164,6 +164,8 @@ saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
 ask_tty=0
 if [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then ask_tty=1; fi
+may_resume=0   # a saved state this command resumes (RESUME=auto) or asks about (RESUME=ask, on a terminal)
+if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; }; then may_resume=1; fi
 if [ "$user_dry" -eq 1 ]; then   # the user's own dry run: the check of what this command would run
   if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
     echo "RESUME=auto and a saved state exists ($latest): this command would resume it; the check of that resume:"
@@ -187,7 +189,7 @@ not_ready() {   # a report's reasons, from its "not ready:" line on, with $1 in 
   reasons=$(printf '%s\n' "$2" | sed -n '/^not ready:/,$p')
   printf '%s%s\n' "$1" "${reasons#not ready:}" >&2
 }
-if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; }; then
+if [ "$may_resume" -eq 1 ]; then
   # a resume is what RESUME=auto runs (and what the question offers): check it too, not only a fresh run
   dry_run --is_keep_training=True
   resume_rc=$rc
@@ -211,10 +213,10 @@ if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; 
   rc=0
 fi
 if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not ready means it would fail
-  printf '%s\n' "$report" | sed -n '/^not ready:/,$p' >&2
+  not_ready 'not ready:' "$report"
   exit 1
 fi
-if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; }; then
+if [ "$may_resume" -eq 1 ]; then
   # what a fresh run would move aside is the question's (or not this run's) to say
   printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p' | grep -v '^note: a previous run saved'
 else
@@ -226,13 +228,13 @@ if [ "$saved" -eq 1 ]; then
   elif [ "$ask_tty" -eq 1 ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
     read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs/? / 保存的状态无法续训（原因见上）。要从头训练、把它移到 previous_runs/ 吗？[y/N] " ans
     case "${ans:-n}" in
-      [yY]*) ;;
+      [yY]*|是*|好*) ;;
       *) echo "nothing started" >&2; exit 1 ;;
     esac
   elif [ "$ask_tty" -eq 1 ]; then
     read -r -p "A saved state exists ($latest). Resume it? (n: start afresh, moving it to previous_runs/) / 已有保存的状态，要续训吗？（n：从头训练，把它移到 previous_runs/）[Y/n] " ans
     case "${ans:-y}" in
-      [nN]*) if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
+      [nN]*|否*|不*) if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
                not_ready 'not ready:' "$fresh_report"
                exit 1
              fi ;;

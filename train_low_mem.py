@@ -128,7 +128,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
                   f'{"; --allow_data_change=True: the counts a saved state kept are not used" if resume and t.allow_data_change else ""})')
         per_epoch = (report.train_examples if t.objective == 'span_corruption' else report.train_rows) // per_step
         span = f'over {t.epochs} epoch(s)'
-        if t.max_steps and per_epoch and report.total_steps < per_epoch * t.epochs:  # --max_steps ends it sooner
+        if t.max_steps == report.total_steps and per_epoch and report.total_steps < per_epoch * t.epochs:  # ends sooner
             span = (f'(--max_steps={t.max_steps}: {report.total_steps / per_epoch:.3g} epoch(s) of {per_epoch:,} '
                     f'steps, not the {t.epochs} of --epochs)')
         print(f'[schedule]\n  train rows {report.train_rows:,}; {world} process(es) x {t.batch_size_per_gpu} {unit} x '

@@ -321,7 +321,7 @@ def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_p
     assert 'Resume it? (n: start afresh, moving it to previous_runs/)' in r.stderr and '要续训吗' in r.stderr
     assert 'note: a previous run saved' not in r.stdout + r.stderr and not os.path.exists(out / 'previous_runs')
     assert 'step 6/6' in open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
-    r = finished(start_script([*changed, '--max_steps=4'], ask, b'y\n'))
+    r = finished(start_script([*changed, '--max_steps=4'], ask, '是\n'.encode()))  # answered in the question's Chinese
     assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]  # afresh, as answered
 
 
