@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model.cli import check_seeds, coerce, control_char, field_types, nearest_field, unknown_option
+from model.cli import check_seeds, coerce, field_types, nearest_field, refuse_control_char, unknown_option
 from model.errors import UserError
 from model.state import model_files
 
@@ -219,10 +219,7 @@ def validate(train: TrainConfigPretrainLarge, model: T5ModelConfig) -> None:
         if f.name in PATH_FIELDS and not str(getattr(train, f.name)).strip():
             raise UserError(f'{f.name} is empty; give a path, e.g. --{f.name}={f.default}')
     for name in (*PATH_FIELDS, 'init_from'):  # reports print one path a line, and the start script reads them
-        odd = control_char(str(getattr(train, name)))
-        if odd:
-            raise UserError(f'{name}={str(getattr(train, name))!r} holds a control character ({odd!r}: a line break '
-                            f'or the like), which would break the one-path-a-line reports; rename it without one')
+        refuse_control_char(str(getattr(train, name)), f'{name}=')
     cores = os.cpu_count() or 1
     if train.num_workers > cores:
         raise UserError(f'num_workers={train.num_workers} is more than the {cores} cores of this machine '

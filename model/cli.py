@@ -23,10 +23,13 @@ from model.errors import UserError
 _TYPE_NAMES = {int: 'an integer', float: 'a number', bool: 'true or false', str: 'a string'}
 
 
-def control_char(text: str) -> str | None:
-    """The first control character of text (a line break, a tab, DEL, ...), or None: a path holding
-    one would print lines of its own into the one-path-a-line reports the start script reads."""
-    return next((ch for ch in text if ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in '\u2028\u2029'), None)
+def refuse_control_char(path: str, what: str) -> None:
+    """A path holding a control character (a line break, a tab, DEL, ...) is refused: it would print
+    lines of its own into the one-path-a-line reports the start script reads."""
+    odd = next((ch for ch in path if ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in '\u2028\u2029'), None)
+    if odd:
+        raise UserError(f'{what}{path!r} holds a control character ({odd!r}: a line break or the like), which would '
+                        f'break the one-path-a-line reports; rename it without one')
 
 
 def field_types(cls) -> dict[str, type]:

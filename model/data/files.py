@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from model.cli import control_char
+from model.cli import refuse_control_char
 from model.errors import UserError
 from model.data import read_guard
 from model.data.read_guard import ReadGuard, human_size
@@ -34,9 +34,7 @@ def _only_files(found: list[str], how: str, rule: str) -> list[str]:
     """found, when every entry is a readable file; else one line naming the first that is not:
     a FIFO would block the reader, a folder is not one file, a dangling link is not skipped."""
     for path in found:
-        if control_char(path):
-            raise UserError(f'{path!r}: {how}a name with a control character ({control_char(path)!r}: a line break or '
-                            f'the like), which would break the one-path-a-line reports; rename it')
+        refuse_control_char(path, 'a data file ')
         if not os.path.isfile(path):
             what = ('a link to nothing, or in a loop' if os.path.islink(path) and not os.path.exists(path)
                     else 'not a regular file')
