@@ -53,6 +53,14 @@ def shape_of_t5_config(spec: dict) -> dict:
     return shape
 
 
+def shape_fix_flags(differences: dict) -> str:
+    """The flags that give a run the wanted shape, from {field: (wanted, current)}: '--d_model=64
+    --d_ff=256'; the vocabulary is the tokenizer's, not a flag, and is said in words."""
+    flags = ' '.join(f'--{k}={want}' for k, (want, _) in differences.items() if k != 'vocab_size' and want is not None)
+    vocab = 'the tokenizer it was trained with (--tokenizer_dir)' if 'vocab_size' in differences else ''
+    return ' and '.join(x for x in (flags, vocab) if x)
+
+
 def total_optimizer_steps(rows: int, batch_size: int, processes: int, accumulation: int, epochs: int,
                           max_steps: int = 0) -> int:
     """rows / (batch x processes x accumulation) x epochs, or max_steps when that is sooner."""

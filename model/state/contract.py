@@ -344,7 +344,9 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
         diff = {k: (saved.get('model_shape', {}).get(k), v) for k, v in current['model_shape'].items()
                 if saved.get('model_shape', {}).get(k) != v}
         desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
-        flags = ' '.join(f'--{k}={a}' for k, (a, _) in diff.items() if k != 'vocab_size' and a is not None)
+        from model.net.sizing import shape_fix_flags
+
+        flags = shape_fix_flags(diff)
         raise UserError(f'the saved state has a different model shape ({desc})',
                         f'resume with the same shape{": " + flags if flags else ""}, or start a new run in another '
                         f'--train_state_dir')
