@@ -366,7 +366,7 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
     log, note = ((coerce('log_file', log_file, str), '') if log_file not in (None, '') else
                  newest_log(cfg.train.log_dir, cfg.train.output_dir if named else ''))
     if note:
-        print(note)
+        print(note, file=sys.stderr)
     path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'
     stopping.watch_outputs(path)
     curves = plot_log(log, path)

@@ -395,7 +395,7 @@ def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):
     assert fill_sentinels(tokenizer, ids, [0, s0, *china, 1]).replace(' ', '') == '北京是【中国】的首都<extra_id_1>'
 
 
-def test_answers_are_filled_only_when_the_model_writes_sentinels(tokenizer):
+def test_answers_are_filled_where_the_model_writes_sentinels_and_always_for_a_span_model(tokenizer):
     import torch
 
     from model.net.chat_model import answer, unfilled_note

@@ -60,7 +60,7 @@ def test_vocab_too_small_names_the_minimum(tmp_path):
 def test_vocab_too_large_for_the_text_names_a_size_that_trains(tmp_path):
     """sentencepiece's own line (src/trainer_interface.cc(...) ... Vocabulary size too high) became
     the error: now a --vocab_size this text supports (sentencepiece's bound), which then trains;
-    and a row cap of 100 or less, which sentencepiece refused with its own line, trains."""
+    and a row cap of 100 or less, which sentencepiece refused with its own line, is not refused so."""
     import re
 
     src = write_parquet(tmp_path / 'd.parquet', make_texts(60, seed=2))
