@@ -184,6 +184,16 @@ fi
 fresh_rc=$rc
 fresh_report=$report
 resume_rc=0
+yes_or_no() {   # $1 an answer in either language, $2 the question's default (y or n): y or n, a word not known is the default
+  local a
+  a=$(printf '%s' "$1" | tr -d ' \t' | tr 'A-Z' 'a-z')
+  case "$a" in
+    y|yes|是|是的|好|好的|要|可以|对|行) echo y ;;
+    n|no|否|不|不要|不用|不是|不好) echo n ;;
+    '') echo "$2" ;;
+    *) echo "(\"$1\" not understood: taken as the default, $2)" >&2; echo "$2" ;;
+  esac
+}
 not_ready() {   # a report's reasons, from its "not ready:" line on, with $1 in place of those words
   local reasons
   reasons=$(printf '%s\n' "$2" | sed -n '/^not ready:/,$p')
@@ -227,19 +237,17 @@ if [ "$saved" -eq 1 ]; then
     set -- "$@" --is_keep_training=True
   elif [ "$ask_tty" -eq 1 ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
     read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs/? / 保存的状态无法续训（原因见上）。要从头训练、把它移到 previous_runs/ 吗？[y/N] " ans
-    case "${ans:-n}" in
-      [yY]*|是*|好*) ;;
-      *) echo "nothing started" >&2; exit 1 ;;
-    esac
+    if [ "$(yes_or_no "$ans" n)" = n ]; then echo "nothing started" >&2; exit 1; fi
   elif [ "$ask_tty" -eq 1 ]; then
     read -r -p "A saved state exists ($latest). Resume it? (n: start afresh, moving it to previous_runs/) / 已有保存的状态，要续训吗？（n：从头训练，把它移到 previous_runs/）[Y/n] " ans
-    case "${ans:-y}" in
-      [nN]*|否*|不*) if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
-               not_ready 'not ready:' "$fresh_report"
-               exit 1
-             fi ;;
-      *) set -- "$@" --is_keep_training=True ;;
-    esac
+    if [ "$(yes_or_no "$ans" y)" = n ]; then
+      if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
+        not_ready 'not ready:' "$fresh_report"
+        exit 1
+      fi
+    else
+      set -- "$@" --is_keep_training=True
+    fi
   else
     echo "note: a saved state exists ($latest); a fresh run archives it. Pass --is_keep_training=True to resume." >&2
   fi

@@ -194,6 +194,18 @@ def test_a_fingerprint_change_is_refused_or_noted():
     with pytest.raises(UserError) as raised:
         contract.compare_fingerprints(saved, {**saved, 'model_shape': {'d_model': 64}}, False)
     assert 'd_model: saved 32 -> now 64' in raised.value.message and 'another --train_state_dir' in raised.value.fix
+    # a state saved before a shape field existed was built with its default: resumed, not "saved None"
+    from config import T5ModelConfig
+    from model.net.sizing import model_shape
+
+    now = model_shape(T5ModelConfig(), 1000)
+    old = {k: v for k, v in now.items() if k != 'tie_word_embeddings'}
+    assert contract.compare_fingerprints({**saved, 'model_shape': old}, {**saved, 'model_shape': now}, False) == []
+    with pytest.raises(UserError) as raised:  # and one built otherwise is refused with the flag that fits it
+        contract.compare_fingerprints({**saved, 'model_shape': old},
+                                      {**saved, 'model_shape': {**now, 'tie_word_embeddings': False}}, False)
+    assert 'tie_word_embeddings: saved True -> now False' in raised.value.message
+    assert '--tie_word_embeddings=True' in raised.value.fix
     with pytest.raises(UserError) as raised:
         contract.compare_fingerprints(saved, {**saved, 'tokenizer': 'b'}, False)
     assert 'tokenizer' in raised.value.message

@@ -363,3 +363,18 @@ def test_perplexity_is_printed_as_it_is_not_capped():
         assert f'(ppl {shown})' in EvalResult(loss=loss).describe(1)
         assert f'| perplexity {shown} |' in TestResult(10, 0, loss, 0.0, 0.0, 'p.jsonl').describe()
     assert f'{math.exp(61.43):.3g}' == '4.77e+26'
+
+
+def test_the_start_scripts_questions_take_whole_words_of_either_language():
+    """Answers were matched by their first letter: 是不是 ("is it?") or 好不 started afresh, moving the
+    state aside, and 要 ("yes" to 要从头训练吗) was taken as no. Whole words now; others: the default."""
+    script = open(f'{ROOT}/start_pretrain_large.sh', encoding='utf-8').read()
+    function = re.search(r'^yes_or_no\(\) \{.*?^\}$', script, re.S | re.M).group(0)
+    cases = {'y': 'y', 'Yes': 'y', ' 是 ': 'y', '是的': 'y', '要': 'y', '好': 'y', 'n': 'n', 'NO': 'n', '否': 'n',
+             '不要': 'n', '不': 'n', '': 'DEFAULT', '是不是': 'DEFAULT', '好不': 'DEFAULT', '不知道': 'DEFAULT', 'x': 'DEFAULT'}
+    for default in ('y', 'n'):
+        for answer, meant in cases.items():
+            r = subprocess.run(['bash', '-c', f'{function}\nyes_or_no "$1" {default}', '_', answer],
+                               capture_output=True, text=True)
+            assert r.stdout.strip() == (default if meant == 'DEFAULT' else meant), (answer, default, r.stdout)
+            assert ('not understood' in r.stderr) == (meant == 'DEFAULT' and answer != ''), (answer, r.stderr)

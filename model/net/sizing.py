@@ -42,6 +42,13 @@ def model_shape(m: T5ModelConfig, vocab_size: int) -> dict:
     return shape
 
 
+def with_shape_defaults(shape: dict) -> dict:
+    """A recorded shape with each model field it lacks at its default: a state saved before a field
+    existed (tie_word_embeddings came later) was built as that default. The vocabulary has none."""
+    defaults = {f.name: f.default for f in dataclasses.fields(T5ModelConfig) if f.name in SHAPE_FIELDS}
+    return {**defaults, **{k: v for k, v in shape.items() if v is not None}}
+
+
 def shape_of_t5_config(spec: dict) -> dict:
     """The shape (SHAPE_FIELDS) a model folder's config.json describes: the inverse of
     chat_model.build_t5_config. transformers 5 keeps T5's output scaling, which this toolkit's

@@ -340,12 +340,12 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
                if copy and os.path.isdir(copy) else 'resume with the tokenizer it was trained with')
         raise UserError('the tokenizer in tokenizer_dir is not the one this run was trained with '
                         '(retrained or replaced since the save)', fix)
-    if saved.get('model_shape') != current['model_shape']:
-        diff = {k: (saved.get('model_shape', {}).get(k), v) for k, v in current['model_shape'].items()
-                if saved.get('model_shape', {}).get(k) != v}
-        desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
-        from model.net.sizing import shape_fix_flags
+    from model.net.sizing import shape_fix_flags, with_shape_defaults
 
+    was_shape = with_shape_defaults(saved.get('model_shape') or {})  # a field newer than the state: its default
+    diff = {k: (was_shape.get(k), v) for k, v in current['model_shape'].items() if was_shape.get(k) != v}
+    if diff:
+        desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
         flags = shape_fix_flags(diff)
         raise UserError(f'the saved state has a different model shape ({desc})',
                         f'resume with the same shape{": " + flags if flags else ""}, or start a new run in another '
