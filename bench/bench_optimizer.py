@@ -64,11 +64,6 @@ def time_steps(opt, reps: int, device: str) -> float:
 
 
 def main() -> None:
-    import torch
-    from transformers.optimization import Adafactor as Reference
-
-    from model.train.adafactor import Adafactor
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--sizes', default='demo,10m', help=f'comma-separated, of {", ".join(SHAPES)}')
     ap.add_argument('--reps', type=int, default=20, help='timed steps of each (at least 1)')
@@ -86,6 +81,11 @@ def main() -> None:
         threads = [0]
     if min(threads) < 1 or max(threads) > 4 * (os.cpu_count() or 1):
         ap.error(f'--threads={args.threads}: give whole numbers from 1 to {4 * (os.cpu_count() or 1)}, comma-separated')
+    import torch  # only now: a mistaken flag is said without the seconds torch takes to import
+    from transformers.optimization import Adafactor as Reference
+
+    from model.train.adafactor import Adafactor
+
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
