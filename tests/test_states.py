@@ -644,3 +644,24 @@ def test_an_archive_never_removes_what_it_did_not_copy_nor_calls_a_half_copy_who
     monkeypatch.undo()
     assert not os.path.lexists(sf.tmp_path(sd, 10))
     sf.begin_save(sd, sf.tmp_path(sd, 10))  # the next save goes ahead
+
+
+def test_a_half_done_save_is_removed_without_following_a_link_inside_it(tmp_path):
+    """The sweep empties a half-done save (its own SAVING file) entry by entry: a link in it -- to a
+    user's folder, a file, nothing -- is removed as a link, and what it points to is never touched."""
+    states = tmp_path / 'states'
+    sf.ensure_state_dir(str(states))
+    tmp = sf.tmp_path(str(states), 7)
+    sf.begin_save(str(states), tmp)  # the toolkit's own save in progress, then killed
+    theirs = tmp_path / 'theirs'
+    (theirs / 'sub').mkdir(parents=True)
+    (theirs / 'sub' / 'thesis.txt').write_text('mine')
+    (theirs / 'notes.txt').write_text('mine too')
+    os.makedirs(os.path.join(tmp, 'tokenizer'))
+    os.symlink(theirs, os.path.join(tmp, 'to_a_folder'))
+    os.symlink(theirs / 'notes.txt', os.path.join(tmp, 'to_a_file'))
+    os.symlink(tmp_path / 'nowhere', os.path.join(tmp, 'to_nothing'))
+    os.symlink(theirs / 'sub', os.path.join(tmp, 'tokenizer', 'nested'))
+    sf._sweep_tmp_states(str(states))
+    assert not os.path.lexists(tmp)
+    assert (theirs / 'sub' / 'thesis.txt').read_text() == 'mine' and (theirs / 'notes.txt').read_text() == 'mine too'
