@@ -233,3 +233,23 @@ def test_a_link_into_a_folder_that_is_not_there_is_one_line_before_anything_is_m
     (tmp_path / 'scratch').mkdir()
     os.symlink(tmp_path / 'scratch' / 'new_run', tmp_path / 'link_to_new')
     assert resolve_place(str(tmp_path / 'link_to_new'), 'output_dir') == str(tmp_path / 'scratch' / 'new_run')
+
+
+def test_every_file_output_refuses_a_link_whose_target_is_written_as_a_folder(tmp_path):
+    """p.png -> x.png/ was refused for prepare_data's outputs only: plot --out, test --out and every
+    file the toolkit writes resolve their place one way (ownership.resolve_place(file=True))."""
+    from model.errors import UserError
+    from model.state import ownership, writes
+
+    os.symlink('x.png/', tmp_path / 'p.png')
+    os.symlink('x.jsonl/.', tmp_path / 'p.jsonl')
+    for link in ('p.png', 'p.jsonl'):
+        with pytest.raises(UserError, match="a folder's name; the output is a file"):
+            ownership.resolve_place(str(tmp_path / link), '--out', file=True)
+        assert ownership.resolve_place(str(tmp_path / link), '--out_dir')  # a folder's place: followed as ever
+    from model.state.markers import PLOT
+
+    with pytest.raises(UserError, match="a folder's name"):
+        with writes.atomic_file(str(tmp_path / 'p.png'), PLOT, 'the plot'):
+            pass
+    assert not os.path.lexists(tmp_path / 'x.png') and not os.path.lexists(tmp_path / 'x.jsonl')

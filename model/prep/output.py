@@ -94,7 +94,7 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
             pass  # a missing input is reported by its reader
     seen: dict[str, str] = {}
     for what, path in outputs.items():
-        real = ownership.resolve_place(path, f'--{what}')  # a link is written through, never replaced
+        real = ownership.resolve_place(path, f'--{what}', file=True)  # a link is written through, never replaced
         if real in seen:
             raise UserError(f'--{what} and --{seen[real]} are the same file: {path}')
         seen[real] = what
@@ -105,10 +105,6 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
             named = os.fspath(path).rstrip(os.sep) or 'out'
             raise UserError(f'--{what}={path} names a folder; give the file to write, e.g. '
                             f'{named if named.endswith(".parquet") else named + ".parquet"}')
-        as_folder = ownership.link_written_as_a_folder(path)
-        if as_folder:
-            raise UserError(f'--{what}={path}: the link {as_folder[0]} points to {as_folder[1]}, a folder\'s name; the '
-                            f'output is a file: fix the link, or give the file itself')
         if not real.endswith('.parquet') or os.path.basename(real) == '.parquet':  # a folder's reader: its *.parquet
             stem = os.path.splitext(real)[0] or 'out'
             named = stem if stem.endswith('.parquet') else f'{stem}.parquet'

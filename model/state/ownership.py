@@ -39,13 +39,18 @@ from model.state.markers import (DATA, LOCK_FILE, MARKER_FILE, MARKER_KEY, MAX_M
 # --------------------------------------------------------------------------- paths
 
 
-def resolve_place(path: str, what: str) -> str:
+def resolve_place(path: str, what: str, file: bool = False) -> str:
     """The real path behind a path a user gives, resolved once at start: links anywhere in it
     (the last one included, even when it points to nothing yet) are followed, so the toolkit
-    writes where they point and never replaces them. A link loop is a UserError."""
+    writes where they point and never replaces them. A link loop is a UserError; so is, for a
+    ``file``, a link whose target is written as a folder (k.parquet -> k.parquet/)."""
     real = os.path.realpath(os.path.expanduser(str(path)))
     if os.path.islink(real):
         raise UserError(f'{what}: {path} is a symbolic link that leads back to itself (a loop); fix the link')
+    as_folder = link_written_as_a_folder(str(path)) if file else None
+    if as_folder:
+        raise UserError(f'{what}={path}: the link {as_folder[0]} points to {as_folder[1]}, a folder\'s name; the '
+                        f'output is a file: fix the link, or give the file itself')
     check_dangling_links(str(path), what)
     check_name_lengths(real, what)
     return real

@@ -177,7 +177,7 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
     hash filled into its marker), synced and renamed onto the path (a reader sees the old file or
     the whole new one), on failure removed. An existing path must be the toolkit's own unchanged
     file of these kinds; a link on the way is followed, never replaced."""
-    path = resolve_place(path, what)
+    path = resolve_place(path, what, file=True)
     check_replaceable(path, kinds, what, folder=False)
     with folders_for(path):  # folders made for it go again if nothing is written
         sweep_stale_temps(path)

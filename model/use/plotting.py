@@ -107,7 +107,7 @@ def plot_log(log_file: str, out: str) -> Curves:
         why = ('its run stopped before its first logged step (one every --logging_steps)' if outputs_of_log(log_file)
                else 'is it a chat_trainer_low_mem log?')
         raise UserError(f'{log_file}: no training step lines in this log ({why}); give --log_file= another run\'s log')
-    out = ownership.resolve_place(out, '--out')
+    out = ownership.resolve_place(out, '--out', file=True)
     if not out.lower().endswith('.png') or os.path.basename(out).lower() == '.png':
         raise UserError(f'--out={out}: the plot is a PNG; give a file path ending in .png')
     ownership.check_not_an_input(out, [log_file], '--out')

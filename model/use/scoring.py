@@ -60,7 +60,7 @@ def check_predictions_path(path: str, test_files: list[str], input_specs: list[s
     """Where the predictions go, checked before the model loads, resolved through links: a
     path ending in .jsonl, new or predictions this toolkit wrote, never an input, never where a
     training run would read its data, never inside a tokenizer, model or state folder."""
-    real = ownership.resolve_place(path, '--out')
+    real = ownership.resolve_place(path, '--out', file=True)
     if not real.endswith('.jsonl') or os.path.basename(real) == '.jsonl':
         leads = f' (a link to {real})' if real != os.path.abspath(path) else ''
         raise UserError(f'--out={path}{leads}: the predictions are JSON lines; give a file path ending in .jsonl')
