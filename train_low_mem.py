@@ -118,6 +118,8 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
         newest = latest_state(t.train_state_dir, deep=False)
         print(f'  path.latest_state={newest}  (a fresh run moves it aside)' if newest else '  path.latest_state=none')
     if report.total_steps:
+        from model.net.sizing import total_optimizer_steps
+
         per_step = t.batch_size_per_gpu * world * t.gradient_accumulation_steps
         unit = 'rows'
         if t.objective == 'span_corruption':
@@ -126,7 +128,8 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
                   f'packed from the {report.train_rows:,} rows\' tokens ('
                   f'{"kept by the saved state: not counted again" if report.counts_kept else "counted by tokenizing them"}'
                   f'{"; --allow_data_change=True: the counts a saved state kept are not used" if resume and t.allow_data_change else ""})')
-        per_epoch = (report.train_examples if t.objective == 'span_corruption' else report.train_rows) // per_step
+        per_epoch = total_optimizer_steps(report.train_examples if t.objective == 'span_corruption' else
+                                          report.train_rows, t.batch_size_per_gpu, world, t.gradient_accumulation_steps, 1)
         span = f'over {t.epochs} epoch(s)'
         if t.max_steps == report.total_steps and per_epoch and report.total_steps < per_epoch * t.epochs:  # ends sooner
             span = (f'(--max_steps={t.max_steps}: {report.total_steps / per_epoch:.3g} epoch(s) of {per_epoch:,} '
@@ -362,7 +365,7 @@ def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flag
     from model.use.plotting import newest_log, plot_log
 
     # the run named (a preset, or its --output_dir): its newest log; none named: the newest of all
-    named = 'output_dir' in flags or preset not in (None, '') or coerce('use_large_config', use_large_config, bool)
+    named = cfg.preset is not None or cfg.sources.get('output_dir') == 'flag'
     log, note = ((coerce('log_file', log_file, str), '') if log_file not in (None, '') else
                  newest_log(cfg.train.log_dir, cfg.train.output_dir if named else ''))
     if note:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from model.errors import UserError
 from model.state import markers, ownership
 from model.data.tokenizer import check_tokenizer_folder, tokenizer_fingerprint
-from model.net.sizing import SHAPE_FIELDS, shape_fix_flags, shape_of_t5_config
+from model.net.sizing import shape_of_t5_config
 
 WHERE = 'output_dir/best or output_dir/final'
 
@@ -100,23 +100,6 @@ def _describe_folder(folder: str, what: str) -> ModelSource:
     shape = shape_of_t5_config(spec)
     info = ownership.read_marker(folder) or {}
     return ModelSource(folder, 'folder', folder, shape, info.get('max_seq_len'), objective=info.get('objective'))
-
-
-def _differences(source: ModelSource, expected: dict) -> dict:
-    """{field: (the source's, this run's)} for each shape field both know and that differs."""
-    return {k: (source.shape[k], expected[k]) for k in SHAPE_FIELDS if k in expected
-            and (source.shape or {}).get(k) is not None and source.shape[k] != expected[k]}
-
-
-def shape_mismatch(source: ModelSource, expected: dict) -> str | None:
-    """'d_model 256 in the weights, 128 in this run; ...' or None when they agree (or are unknown)."""
-    return '; '.join(f'{k} {a} in {source.path}, {b} in this run'
-                     for k, (a, b) in _differences(source, expected).items()) or None
-
-
-def shape_flags(source: ModelSource, expected: dict) -> str:
-    """The flags that give this run the source's shape (sizing.shape_fix_flags)."""
-    return shape_fix_flags(_differences(source, expected))
 
 
 def _is_torch_file(path: str) -> bool:

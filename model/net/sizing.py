@@ -49,6 +49,16 @@ def with_shape_defaults(shape: dict) -> dict:
     return {**defaults, **{k: v for k, v in shape.items() if v is not None}}
 
 
+def shape_differences(recorded: dict | None, current: dict) -> dict:
+    """{field: (recorded, current)} for each shape field the two give otherwise: one rule for a warm
+    start and a resume. A field the record lacks (written before the field existed) is at its
+    default (with_shape_defaults); no record at all (None: a file that keeps none) knows no field."""
+    if recorded is None:
+        return {}
+    was = with_shape_defaults(recorded)
+    return {k: (was.get(k), v) for k, v in current.items() if k in SHAPE_FIELDS and was.get(k) != v}
+
+
 def shape_of_t5_config(spec: dict) -> dict:
     """The shape (SHAPE_FIELDS) a model folder's config.json describes: the inverse of
     chat_model.build_t5_config. transformers 5 keeps T5's output scaling, which this toolkit's

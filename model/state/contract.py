@@ -340,10 +340,9 @@ def compare_fingerprints(saved: dict, current: dict, allow_data_change: bool, st
                if copy and os.path.isdir(copy) else 'resume with the tokenizer it was trained with')
         raise UserError('the tokenizer in tokenizer_dir is not the one this run was trained with '
                         '(retrained or replaced since the save)', fix)
-    from model.net.sizing import shape_fix_flags, with_shape_defaults
+    from model.net.sizing import shape_differences, shape_fix_flags
 
-    was_shape = with_shape_defaults(saved.get('model_shape') or {})  # a field newer than the state: its default
-    diff = {k: (was_shape.get(k), v) for k, v in current['model_shape'].items() if was_shape.get(k) != v}
+    diff = shape_differences(saved.get('model_shape') or {}, current['model_shape'])  # a field newer than it: default
     if diff:
         desc = ', '.join(f'{k}: saved {a} -> now {b}' for k, (a, b) in diff.items())
         flags = shape_fix_flags(diff)

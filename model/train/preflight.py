@@ -338,15 +338,16 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
     import torch
 
     from model.net.chat_model import build_model, load_weights_into
-    from model.net.model_source import (check_same_tokenizer, describe_model_source, shape_flags, shape_mismatch,
-                                        weights_path)
+    from model.net.model_source import check_same_tokenizer, describe_model_source, weights_path
+    from model.net.sizing import shape_differences, shape_fix_flags
 
     t = cfg.train
     source = describe_model_source(t.init_from, t.tokenizer_dir, what='--init_from')
-    diff = shape_mismatch(source, model_shape(cfg.model, vocab_size))
+    diff = shape_differences(source.shape, model_shape(cfg.model, vocab_size))
     if diff:
-        raise UserError(f'--init_from: the model shape differs ({diff}); warm-start a run of the same shape: '
-                        f'{shape_flags(source, model_shape(cfg.model, vocab_size))}')
+        said = '; '.join(f'{k} {a} in {source.path}, {b} in this run' for k, (a, b) in diff.items())
+        raise UserError(f'--init_from: the model shape differs ({said}); warm-start a run of the same shape: '
+                        f'{shape_fix_flags(diff)}')
     check_same_tokenizer(source, t.tokenizer_dir, '--init_from')
     with torch.device('meta'):
         model = build_model(cfg.model, vocab_size)
