@@ -665,3 +665,25 @@ def test_a_half_done_save_is_removed_without_following_a_link_inside_it(tmp_path
     sf._sweep_tmp_states(str(states))
     assert not os.path.lexists(tmp)
     assert (theirs / 'sub' / 'thesis.txt').read_text() == 'mine' and (theirs / 'notes.txt').read_text() == 'mine too'
+
+
+def test_a_folder_judged_half_done_for_being_empty_keeps_what_was_put_in_it_since(tmp_path):
+    """An empty folder of a save's name is swept (a save killed before its SAVING file); one that
+    gets a user's file between that judgement and the removal keeps it: only the folder goes, by
+    rmdir, and a non-empty file of the SAVING name is never taken."""
+    states = tmp_path / 'states'
+    sf.ensure_state_dir(str(states))
+    for n, name, text in ((3, 'thesis.txt', 'mine'), (4, markers.SAVING_FILE, 'my notes, not a lock\n')):
+        folder = sf.tmp_path(str(states), n)
+        os.mkdir(folder)
+        assert sf._is_half_done_save(folder)  # judged: empty
+        with open(os.path.join(folder, name), 'w') as f:  # then the user's file arrives
+            f.write(text)
+        with pytest.raises(OSError):
+            sf._remove_half_done(folder)
+        assert open(os.path.join(folder, name)).read() == text
+    empty = sf.tmp_path(str(states), 5)
+    os.mkdir(empty)
+    open(os.path.join(empty, markers.SAVING_FILE), 'w').close()
+    sf._remove_half_done(empty)  # nothing of anyone's: gone
+    assert not os.path.lexists(empty)

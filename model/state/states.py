@@ -209,7 +209,15 @@ def _is_half_done_save(path: str) -> bool:
 def _remove_half_done(path: str) -> None:
     """A half-done save (or a state being pruned) removed with its SAVING file last, so that a kill
     midway leaves what is still provably a half-done save, swept the next time (rmtree removes in
-    directory order: a kill after the SAVING file went left a folder no sweep would touch)."""
+    directory order: a kill after the SAVING file went left a folder no sweep would touch). A folder
+    judged half-done for holding nothing (or only an empty SAVING file) loses only that file and
+    itself: rmdir fails on whatever was put in it since the judgement, which then stays."""
+    if not ownership.is_saving_file(os.path.join(path, SAVING)):
+        st = ownership.lstat_or_none(os.path.join(path, SAVING))
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0:
+            os.unlink(os.path.join(path, SAVING))
+        os.rmdir(path)
+        return
     for entry in os.scandir(path):
         if entry.name == SAVING:
             continue
