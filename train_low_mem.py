@@ -281,6 +281,7 @@ def chat(*, use_large_config=False, preset=None, **flags):
     if sys.stdin is None:  # stdin closed (<&-): nothing to answer
         return
     interactive = sys.stdin.isatty()
+    fill, objective_said = fill_mode(source), None
     if interactive:
         print('输入问题后回车；exit / 退出 / Ctrl-D 结束。 (type a prompt and Enter; exit or Ctrl-D ends)')
     for line_no in itertools.count(1):
@@ -300,10 +301,12 @@ def chat(*, use_large_config=False, preset=None, **flags):
             continue
         if prompt.lower() in EXIT_WORDS:
             return
-        note = sentinel_note(tok, prompt, max_seq_len) or objective_note(source.objective, prompt)
+        note = sentinel_note(tok, prompt, max_seq_len)
+        if not note and not objective_said:  # what the model is for: said once a session, not at every line
+            note = objective_said = objective_note(source.objective, prompt)
         if note:
             print(f'note: {note}', file=sys.stderr, flush=True)
-        fill, shown = fill_mode(source), None
+        shown = None
         if interactive:
             sys.stdout.write('模型> ')
             try:

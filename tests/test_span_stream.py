@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -360,6 +362,10 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
                          for model in (f'{stage1}/final', f'{stage1}/chat_small_t5.best.bin', f'{stage2}/final')])
     for model, (code, err, _) in runs.items():
         assert code == 0 and (said in err) == model.startswith(str(stage1)), (model, err[-2000:])
+    # a piped chat says it once a session, not at every plain line
+    r = subprocess.run([sys.executable, 'train_low_mem.py', 'chat', f'--model_dir={stage1}/final', '--max_new_tokens=2'],
+                       cwd=ROOT, env=ENV, input='你好\n北京\n上海\n', capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr.count(said) == 1, r.stderr[-2000:]
 
 
 def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):
