@@ -687,3 +687,22 @@ def test_a_folder_judged_half_done_for_being_empty_keeps_what_was_put_in_it_sinc
     open(os.path.join(empty, markers.SAVING_FILE), 'w').close()
     sf._remove_half_done(empty)  # nothing of anyone's: gone
     assert not os.path.lexists(empty)
+
+
+def test_a_state_copied_under_another_steps_name_is_neither_resumed_nor_pruned(tmp_path):
+    """A user's copy of state-4 as state-99 (a bookmark) was the newest by name: every RESUME=auto
+    resumed step 4 from it, and each save pruned the real newer states around it; copies named
+    state-2 and state-3 were pruned without a word. A state is the step its marker records."""
+    states = tmp_path / 'states'
+    four = make_state(states, 4)
+    six = make_state(states, 6)
+    for name in ('state-000000099', 'state-000000002'):
+        shutil.copytree(four, states / name)
+    bookmark = sf.judge_state(str(states / 'state-000000099'))
+    assert not bookmark.loadable and 'its marker records step 4, not the 99 of its name' in bookmark.problem
+    report = contract.inspect(str(states), resume=True, deep=False)
+    assert not report.problems  # the resume steps around the copy, to the newest state that is what it says
+    assert sf.latest_state(str(states)) == six
+    make_state(states, 8)
+    sf._prune_states(str(states), keep=1)
+    assert names(states) == ['state-000000002', 'state-000000008', 'state-000000099']  # the copies stay

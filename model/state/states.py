@@ -97,6 +97,9 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
     recorded = ownership.recorded_entries(info)
     if not recorded:
         return StateVerdict(path, step, f'{MARKER} lists no files')
+    if isinstance(info.get('step'), int) and info['step'] != step:  # a copy renamed: it would be taken for its name
+        return StateVerdict(path, step, f'its marker records step {info["step"]}, not the {step} of its name (a copy '
+                                        f'renamed?)')
     verdict = StateVerdict(path, step)
     on_disk = ownership.list_entries(path)
     signature = _signature(path, recorded, on_disk)
@@ -380,6 +383,7 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
         if verdict.wholly_owned:
             try:
                 _remove_state(path, verdict.step)
+                logger.info('pruned %s (keep_latest_n_ckp=%d)', path, keep)
             except OSError as e:  # the new state is saved: what could not go is said (once), and the run goes on
                 if path not in _warned_not_pruned:
                     _warned_not_pruned.add(path)
