@@ -286,6 +286,8 @@ def test_plot_draws_the_newest_log_of_the_run_asked_for_not_of_another_preset(tm
     older = log('older', '', age=20)  # from before logs named their outputs: any run's, as before
     assert newest_log(str(tmp_path), f'{tmp_path}/elsewhere') == (older, '')
     assert newest_log(str(tmp_path)) == (demo, '')
+    os.symlink(tmp_path / 'nowhere', tmp_path / 'chat_trainer_low_mem_20990101-000000.log')  # a traceback before
+    assert newest_log(str(tmp_path)) == (demo, '')
 
 
 def one_line(r, needle):

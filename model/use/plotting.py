@@ -83,7 +83,14 @@ def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
     """The newest log in log_dir of the run whose outputs go to output_dir (logs of every preset
     share one log_dir; a log from before logs named their output_dir counts as any run's), and a
     note when there is none and the newest of all is taken instead."""
-    logs = sorted(glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log')), key=os.path.getmtime, reverse=True)
+    def mtime(path: str) -> float:
+        try:
+            return os.path.getmtime(path)
+        except OSError:  # a link to nothing, or gone since the listing: not a log to draw
+            return -1.0
+
+    dated = [(mtime(p), p) for p in glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log'))]
+    logs = [p for t, p in sorted(dated, reverse=True) if t >= 0]
     if not logs:
         raise UserError(f'no chat_trainer_low_mem_*.log in {log_dir}; give --log_file=PATH')
     if not output_dir:
