@@ -8,7 +8,8 @@ specs are separated by commas. Unset -- the only case outside tests -- it costs 
 lookup per call.
 
 Points: ``dry-run`` (a dry run, before its checks), ``start-up`` (a training run, before its
-state is loaded), ``moved-aside`` (a fresh run, right after it moved an earlier run aside),
+state is loaded), ``token-count`` (span corruption's counting pass at start-up, before each
+batch of rows), ``moved-aside`` (a fresh run, right after it moved an earlier run aside),
 ``train-step`` (inside a step, after a micro-batch's backward; the step is the one being taken),
 ``eval-loss`` (before each validation batch), ``eval-generate`` (after each
 token generated for BLEU and the samples), ``state-save`` (inside a state save, after the

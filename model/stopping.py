@@ -32,6 +32,7 @@ from typing import Iterator
 
 REPEAT_S = 2.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+IN_TRAINING = 'finishing the step or evaluation batch in progress, then saving and stopping'  # what a polled stop does
 
 
 class Stopped(BaseException):
@@ -67,6 +68,7 @@ class StopSignals:
         self.raised = False  # a Stopped is on its way out: nothing raises another one
         self._critical = 0
         self._polling = 0
+        self.polled_says = IN_TRAINING  # what the polling region does with a stop (said at the signal)
         self._pid = 0  # the process that installed the handlers (not a forked worker)
         self._previous: dict[int, object] = {}
 
@@ -106,8 +108,8 @@ class StopSignals:
             return  # a copy of the signal that is being handled
         self._record(signum)
         if self._polling:
-            os.write(2, f'{signal.Signals(signum).name}: finishing the step or evaluation batch in progress, '
-                        f'then saving and stopping (Ctrl-C again after {REPEAT_S:.0f} s aborts at once)\n'.encode())
+            os.write(2, f'{signal.Signals(signum).name}: {self.polled_says} (Ctrl-C again after {REPEAT_S:.0f} s '
+                        f'aborts at once)\n'.encode())
         elif not self._critical:
             raise self.stopped()
 
@@ -150,13 +152,20 @@ class StopSignals:
             yield mark
 
     @contextlib.contextmanager
-    def polling(self) -> Iterator[None]:
-        """A region that looks at :attr:`signum` itself (the training run)."""
+    def polling(self, says: str = IN_TRAINING) -> Iterator[None]:
+        """A region that looks at :attr:`signum` itself (the training run); ``says`` is what it
+        does with a stop, printed at the signal (:meth:`polled_now` changes it as the region goes on)."""
         self._polling += 1
+        before, self.polled_says = self.polled_says, says
         try:
             yield
         finally:
             self._polling -= 1
+            self.polled_says = before
+
+    def polled_now(self, says: str) -> None:
+        """What the polling region now does with a stop (e.g. training began after the start-up)."""
+        self.polled_says = says
 
     def raise_if_stopped(self) -> None:
         if self.signum and not self.raised and not self._critical and not self._polling:
@@ -225,8 +234,8 @@ def critical_from_mark():
     return STOP.critical_from_mark()
 
 
-def polling():
-    return STOP.polling()
+def polling(says: str = IN_TRAINING):
+    return STOP.polling(says)
 
 
 # --------------------------------------------------------------------------- the face's line

@@ -314,6 +314,43 @@ def test_one_run_per_place_and_a_dead_holder_leaves_no_lock(tmp_path):
     assert markers.LOCK_FILE not in own.list_entries(place) and own.list_entries(place) == {}
 
 
+def test_a_lock_file_removed_while_held_is_never_taken_by_one_who_opened_it_before(tmp_path):
+    """A start that takes back its new folder removes its lock file while it holds it: a run that
+    opened that file meanwhile and gets the flock once it is released holds a file nobody else can
+    reach, and must stop; the file's name then leads to a new file, which a later run takes."""
+    import fcntl
+
+    place, other = str(tmp_path / 'run'), str(tmp_path / 'other')
+    lock = locks.PlaceLock([place, other]).acquire()
+    early = os.open(os.path.join(place, markers.LOCK_FILE), os.O_RDWR)  # another start opened it meanwhile
+    try:
+        lock.release(remove_in=(place,))
+        assert not os.path.lexists(os.path.join(place, markers.LOCK_FILE))  # removed, as the start asked
+        assert os.path.isfile(os.path.join(other, markers.LOCK_FILE))  # a place not asked for keeps its file
+        fcntl.flock(early, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other start's flock now succeeds ...
+        assert not locks._still_the_file(place, early)  # ... on a file that is no longer the place's lock
+        open(os.path.join(place, markers.LOCK_FILE), 'w').close()  # a third start made the name again
+        assert not locks._still_the_file(place, early)
+    finally:
+        os.close(early)
+    with locks.PlaceLock([place]):  # taken by a new start, on the new file
+        assert 'pid' in (locks.is_locked(place) or '')
+
+
+def test_a_start_whose_lock_file_is_taken_back_between_its_open_and_its_flock_stops(tmp_path, monkeypatch):
+    place = str(tmp_path / 'run')
+    opened = locks._open_lock
+
+    def open_then_taken_back(folder, flags):
+        fd = opened(folder, flags)
+        os.unlink(os.path.join(folder, markers.LOCK_FILE))  # the failing start removes it, still holding it
+        return fd
+
+    monkeypatch.setattr(locks, '_open_lock', open_then_taken_back)
+    with pytest.raises(UserError, match='in use by another training run .*starting there a moment ago'):
+        locks.PlaceLock([place], 'training run').acquire()
+
+
 KILLED_WITH_A_WORKER = """
 import os, signal, sys, time, torch
 from model.state import locks

@@ -31,7 +31,7 @@ from conftest import (ENV, ROOT, STEP_RE, TWO_RANK_STEPS, TWO_RANKS, assert_same
 
 GRACE_S = 60  # the grace period of these runs (--stop_grace_s): each must exit by itself within it
 RESUME = '--is_keep_training=True'
-NOTICE = re.compile(r'SIG(TERM|INT): finishing the step')  # printed by the handler when a run is signalled
+NOTICE = re.compile(r'SIG(TERM|INT): (finishing the step|the run is starting)')  # the handler's line at the signal
 EVAL_RE = re.compile(r'eval at step (\d+) \([0-9.]+ s\): (.*)')
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import cli_runner
 from conftest import (ENV, ROOT, assert_same_weights, assert_user_error, cli, logged_losses, make_texts, run_parallel,
-                      run_train, tiny_flags, torchrun)
+                      run_train, tiny_flags, torchrun, train_cmd)
 from model.data import span_corruption as sc
 from model.data.loader import LoaderSettings, StreamingLoader
 from model.errors import UserError
@@ -282,7 +284,8 @@ def test_a_tokenizer_without_sentinels_and_the_wrong_kind_of_data_are_refused(te
         StreamingLoader(text_data['train'], Tokenizer.from_file(str(old / 'tokenizer.json')),
                         LoaderSettings(max_seq_len=MAX_LEN, batch_size=8, objective='span_corruption'))
     r = run_train(tiny_flags({**text_data, 'tok': str(old)}, tmp_path / 'run', objective='span_corruption'))
-    assert_user_error(r, 'no T5 sentinel tokens', 'train_tokenizer')
+    assert_user_error(r, 'no T5 sentinel tokens', 'train_tokenizer', f'--train_file={text_data["train"]}',
+                      '--vocab_size=', '--tokenizer_dir=NEW_FOLDER')  # the run's own data: a command that runs
     r = run_train(tiny_flags(data, tmp_path / 'run', objective='span_corruption'))
     assert_user_error(r, 'holds prompt/response pairs', '--text_col')
     r = run_train(tiny_flags(text_data, tmp_path / 'run'))
@@ -484,3 +487,65 @@ def test_a_source_file_given_as_training_data_names_the_convert_command(tmp_path
     src.write_text('一篇文档\n', encoding='utf-8')
     r = run_train(tiny_flags({**text_data, 'train': str(src)}, tmp_path / 'run', objective='span_corruption'))
     assert_user_error(r, 'training reads Parquet', f'python prepare_data.py convert {src}')
+
+
+def test_a_stop_while_the_tokens_are_counted_breaks_the_count_off_and_keeps_nothing(text_data, tokenizer, monkeypatch):
+    """A training run only records a stop (model/stopping.py): the counting pass must look at it
+    itself, or a SIGTERM waits for a count of hours. Every rank still meets at the sum."""
+    from model import stopping
+
+    whole = loader(text_data['train'], tokenizer).dataset.row_tokens()
+    ds = loader(text_data['train'], tokenizer).dataset
+    asked, counted, met = [], [], []
+    monkeypatch.setattr(stopping, 'requested', lambda: asked.append(1) or (signal.SIGTERM if len(asked) > 2 else 0))
+    count = ds._count_row_group
+    monkeypatch.setattr(ds, '_count_row_group', lambda *a: counted.append(a) or count(*a))
+    try:
+        with pytest.raises(stopping.Stopped, match='SIGTERM'):
+            ds.row_tokens()
+        assert 2 <= len(counted) < len(ds.row_groups)  # broken off where the stop was seen
+        assert ds._row_tokens is None  # an unfinished count is never kept
+        with pytest.raises(stopping.Stopped):  # with a sum over ranks: this rank still gets there
+            loader(text_data['train'], tokenizer, rank=0, world=2,
+                   combine_counts=lambda c, e: met.append(e) or c).dataset.row_tokens()
+        assert met == [None]
+    finally:
+        stopping.STOP.uninstall()
+    monkeypatch.setattr(stopping, 'requested', lambda: 0)
+    assert np.array_equal(ds.row_tokens(), whole)  # counted afresh, in full
+
+
+def test_a_fresh_span_run_that_never_trains_takes_back_the_folders_it_made(text_data, tmp_path):
+    """Refused once its examples are counted (only the run counts them), or stopped while it
+    counts: the output folders it made go again; a folder that was there, and a user's file in
+    it, stay. The stop is said as a start-up's, and comes at once."""
+    import time
+
+    tiny = tmp_path / 'tiny.parquet'
+    pq.write_table(pa.table({'text': ['一二三']}), str(tiny))
+    logs = tmp_path / 'logs'
+    out = tmp_path / 'new' / 'run'
+    r = run_train(tiny_flags({**text_data, 'train': str(tiny)}, out, **SPAN, log_dir=logs))
+    assert_user_error(r, 'fewer than one optimizer step')
+    assert not os.path.exists(tmp_path / 'new')
+    mine = tmp_path / 'mine'
+    os.makedirs(mine)
+    (mine / 'notes.txt').write_text('mine')
+    start = time.monotonic()
+    r = cli_runner.run(train_cmd(tiny_flags(text_data, mine / 'run', **SPAN, log_dir=logs, output_dir=mine)), cwd=ROOT,
+                       env={**ENV, 'CHAT_SMALL_T5_FAULT': 'token-count:sigterm'}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert 'SIGTERM: the run is starting' in r.stderr and 'stopped by SIGTERM: during start-up' in r.stderr, r.stderr
+    assert 'Traceback' not in r.stderr and time.monotonic() - start < 60
+    assert sorted(os.listdir(mine)) == ['.chat_small_t5.lock', 'notes.txt']  # its lock file stays (released)
+    assert (mine / 'notes.txt').read_text() == 'mine'
+
+
+def test_a_span_run_notes_its_warmup_against_the_steps_it_takes(text_data, tmp_path):
+    """Span corruption's steps are known only once the run counted its examples: the warmup note
+    then judges the run that --max_steps cuts, as the dry run does, not the epochs'."""
+    r = run_train(tiny_flags(text_data, tmp_path / 'run', **{**SPAN, 'epochs': 3}, warmup_steps=1024, max_steps=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'warmup_steps=1024 warms up for 1024 optimizer steps, all of the run\'s 3:' in r.stderr, r.stderr[-3000:]
+    assert '--warmup_steps=0' in r.stderr

@@ -40,7 +40,9 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset, get_worker_info
 
+from model import stopping
 from model.errors import UserError
+from model.faults import fault_point
 from model.data import span_corruption as sc
 from model.data.batches import TokenEncoder, batch_from_ids
 from model.data.epoch_order import EpochPlan, OrderParams
@@ -94,7 +96,8 @@ class SpanCorruptionDataset(IterableDataset):
             raise ValueError('span corruption packs whole documents: give a TokenEncoder with truncate=False')
         if encoder.sentinel_ids is None:
             raise UserError('the tokenizer has no T5 sentinel tokens (<extra_id_0> ...), which span corruption '
-                            'needs; train one with: python train_low_mem.py train_tokenizer --tokenizer_dir=NEW_FOLDER')
+                            'needs; train one with: python train_low_mem.py train_tokenizer --train_file=YOUR_TEXT '
+                            '--tokenizer_dir=NEW_FOLDER')
         self.files, self.encoder, self.span = files, encoder, span
         self.return_row_index = return_row_index
         self.raw_length, _ = span.lengths
@@ -126,16 +129,25 @@ class SpanCorruptionDataset(IterableDataset):
             except OSError:  # then the counts are kept without their origin: a resume counts again
                 self._counts_of = None
             start, counts, error = time.perf_counter(), np.zeros(self.num_rows, dtype=np.int64), None
+            broken_off = False  # a stop came (a training run only records it): the count ends here, unfinished
             try:
                 for g, (fi, rg, n, first) in enumerate(self.row_groups):
                     if g % world == rank:
-                        counts[first:first + n] = self._count_row_group(fi, rg, n)
+                        got = self._count_row_group(fi, rg, n)
+                        if got is None:
+                            broken_off = True
+                            break
+                        counts[first:first + n] = got
             except UserError as e:  # a damaged page: every rank must hear of it before the sum
                 error = e
             if combine is not None:
-                counts = combine(counts, error)
+                counts = combine(counts, error)  # every rank leaves here if any broke its count off
             elif error is not None:
                 raise error
+            if broken_off or stopping.requested():  # nothing unfinished is kept
+                raise stopping.STOP.stopped(f'while counting the training text\'s tokens, '
+                                            f'{stopping.STOP.seconds_since_signal():.1f} s after the signal: nothing '
+                                            f'was trained, saved or moved')
             self._row_tokens, self.count_share = counts, None  # counted: nothing of the ranks' group is pickled
             logger.info('data: %d tokens in %d rows, counted in %.1f s by %d process(es) (span corruption: %d '
                         'tokens per example)', int(counts.sum()), self.num_rows, time.perf_counter() - start, world,
@@ -206,13 +218,17 @@ class SpanCorruptionDataset(IterableDataset):
             files.append({'name': os.path.basename(path), 'bytes': size, 'footer_sha256': footer})
         return {'files': files, 'tokenizer_sha256': self.encoder.digest(), 'rule': COUNT_RULE}
 
-    def _count_row_group(self, fi: int, rg: int, rows: int) -> np.ndarray:
-        """Tokens (eos included) of each row of one row group, 0 for a blank row."""
+    def _count_row_group(self, fi: int, rg: int, rows: int) -> np.ndarray | None:
+        """Tokens (eos included) of each row of one row group, 0 for a blank row; None when a stop
+        came (model/stopping.py: a training run records it and goes on) before it was counted."""
         path, out, done = self.files[fi], [], 0
         pf = open_parquet(path)
         try:
             with ReadGuard(path).at(f'row group {rg}'):
                 for batch in pf.iter_batches(batch_size=COUNT_ROWS, row_groups=[rg], columns=[TEXT_COLUMN]):
+                    fault_point('token-count')
+                    if stopping.requested():
+                        return None
                     check_utf8(batch)
                     texts = as_text(batch.column(TEXT_COLUMN))
                     n = np.zeros(len(texts), dtype=np.int64)

@@ -267,16 +267,20 @@ def sentinel_ids(tokenizer) -> np.ndarray | None:
     return None if None in ids else np.array(ids, dtype=np.int64)
 
 
-def check_sentinels(tokenizer_dir: str) -> int:
-    """UserError (one line, with the command that makes one) unless the tokenizer carries T5's
-    sentinels, which span corruption writes into its inputs and targets."""
+def check_sentinels(tokenizer_dir: str, make_one: str = '') -> int:
+    """UserError (one line, with the command that makes one: ``make_one``, the caller's, which
+    knows the run's data; else a generic one) unless the tokenizer carries T5's sentinels, which
+    span corruption writes into its inputs and targets."""
     from tokenizers import Tokenizer
 
     check_tokenizer_folder(tokenizer_dir)
-    if sentinel_ids(Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json'))) is None:
+    rust = Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json'))
+    if sentinel_ids(rust) is None:
+        make_one = make_one or (f'python train_low_mem.py train_tokenizer --train_file=YOUR_TEXT '
+                                f'--vocab_size={rust.get_vocab_size()} --tokenizer_dir=NEW_FOLDER')
         raise UserError(f'{tokenizer_dir}: this tokenizer has no T5 sentinel tokens (<extra_id_0> ... '
                         f'<extra_id_{SENTINEL_COUNT - 1}>), which --objective=span_corruption needs; train one '
-                        f'with: python train_low_mem.py train_tokenizer --tokenizer_dir=NEW_FOLDER')
+                        f'with: {make_one}')
     return SENTINEL_COUNT
 
 

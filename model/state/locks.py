@@ -233,6 +233,8 @@ class PlaceLock:
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
                     raise self._in_use(folder) from None
+                if not _still_the_file(folder, fd):  # a start taking its new folder back removed it meanwhile
+                    raise self._in_use(folder, ' (it was starting there a moment ago)')
             contested = not all(kernel)  # a start beside another one could both take the place
             for folder, fd, locked in zip(self.folders, self._fds, kernel):
                 info = _read_info(fd) or {}
@@ -289,15 +291,20 @@ class PlaceLock:
 
         threading.Thread(target=beat, name='chat_small_t5-lock-heartbeat', daemon=True).start()
 
-    def release(self) -> None:
+    def release(self, remove_in: tuple[str, ...] = ()) -> None:
+        """Give the places up. The lock files of the folders in ``remove_in`` (ones this run made,
+        taken back as it failed to start) are removed while still held: a run that opened one
+        meanwhile finds it gone once it holds it, and stops (acquire)."""
         with self._mutex:
             if self._beat is not None:
                 self._beat.set()
                 self._beat = None
-            for fd in self._fds:
+            for folder, fd in zip(self.folders, self._fds):
                 try:  # released: a run on another machine need not wait for the heartbeat to age
                     if self._written and _is_mine(_read_info(fd) or {}):
                         os.ftruncate(fd, 0)
+                        if folder in remove_in and _still_the_file(folder, fd):
+                            os.unlink(os.path.join(folder, LOCK_FILE))
                 except OSError:
                     pass
                 os.close(fd)
@@ -311,6 +318,15 @@ class PlaceLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _still_the_file(folder: str, fd: int) -> bool:
+    """The lock file's name still leads to the file open as fd (not removed or replaced since)."""
+    try:
+        st, held = os.lstat(os.path.join(folder, LOCK_FILE)), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _write(fd: int, content: bytes) -> None:

@@ -186,6 +186,14 @@ def ensure_state_dir(state_dir: str) -> None:
         ownership.write_marker(state_dir, STATE_DIR, manifest=False)
 
 
+def unmark_state_dir(state_dir: str) -> None:
+    """Take back the marker :func:`ensure_state_dir` wrote into a train_state_dir this run made
+    (a run that failed to start): only the toolkit's own marker of that kind, a plain file."""
+    if ownership.folder_kind(state_dir) == STATE_DIR:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(state_dir, markers.MARKER_FILE))
+
+
 def tmp_path(state_dir: str, step: int) -> str:
     """Where the state of this step is written before it is complete."""
     return os.path.join(state_dir, '.tmp-' + state_name(step))

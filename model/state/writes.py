@@ -204,17 +204,17 @@ def folders_for(path: str) -> Iterator[None]:
     complete (an error, a refusal, a stop, a full disk) those it made go again -- each only while
     empty and still the folder it made (by device and inode: one a user made in its place since,
     or put something in, stays)."""
-    made = _make_folders(os.path.dirname(os.path.abspath(path)))
+    made = make_folders(os.path.dirname(os.path.abspath(path)))
     done = False
     try:
         yield
         done = True
     finally:
         if not done:
-            _remove_made(made)
+            remove_made(made)
 
 
-def _make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
+def make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
     """Make ``folder`` and its missing parents, outermost first: (path, (device, inode)) of each
     this call made (one made by someone else meanwhile is not listed)."""
     missing = []
@@ -231,14 +231,14 @@ def _make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
         except FileExistsError:
             continue
         except OSError as e:  # no right to, a name too long, a full disk: those made so far go again
-            _remove_made(made)
+            remove_made(made)
             raise UserError(f'cannot make the folder {folder} ({e.strerror}); choose another place') from None
         st = os.lstat(folder)
         made.append((folder, (st.st_dev, st.st_ino)))
     return made
 
 
-def _remove_made(made: list[tuple[str, tuple[int, int]]]) -> None:
+def remove_made(made: list[tuple[str, tuple[int, int]]]) -> None:
     for folder, identity in reversed(made):  # innermost first
         st = lstat_or_none(folder)
         if st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == identity:

@@ -29,7 +29,7 @@ from config import ResolvedConfig
 from model import stopping
 from model.errors import UserError
 from model.faults import fault_point
-from model.state import contract, locks, states as state_files
+from model.state import contract, locks, states as state_files, writes
 from model.state.checkpoint import Checkpointer, DataPosition, SaveSettings, apply_changed_hyperparameters
 from model.state.contract import SavedState, StateParts, TrainState
 from model.stopping import STOP
@@ -122,9 +122,16 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
 
     t = cfg.train
     accelerator, collectives, warning = build_engine(t)
+    places = [t.train_state_dir, t.output_dir, model_folder(t)]
+    # the folders a fresh run makes for its places (main): taken back if it does not get to train (below)
+    made = collectives.on_main_all_ranks(
+        lambda: [] if resume else [m for p in places for m in writes.make_folders(os.path.realpath(p))])
     # one run per output place: main takes the locks, every rank stops if that failed
-    lock = collectives.on_main_all_ranks(lambda: locks.PlaceLock(
-        [t.train_state_dir, t.output_dir, model_folder(t)], 'training run').acquire())
+    try:
+        lock = collectives.on_main_all_ranks(lambda: locks.PlaceLock(places, 'training run').acquire())
+    except BaseException:
+        writes.remove_made(made or [])
+        raise
     try:
         # the state folder is marked the toolkit's as soon as its lock is taken: before the log folder
         # (which may lie in it) or anything else of the run is made there
@@ -166,9 +173,21 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler)
         return run
     except BaseException:
-        if lock is not None:
-            lock.release()
+        if lock is not None:  # main
+            take_back_made_folders(lock, made, t.train_state_dir)
         raise
+
+
+def take_back_made_folders(lock, made: list, state_dir: str) -> None:
+    """A fresh run that stops or is refused before its first step (span corruption's examples are
+    counted only here) leaves no folder it made: in those, its lock file and the state folder's
+    marker go, then each folder while empty and still the one it made (model/state/writes.py);
+    a folder holding anything else -- its log, a user's file put there since -- stays."""
+    folders = tuple(folder for folder, _ in made)
+    if state_dir in folders:
+        state_files.unmark_state_dir(state_dir)
+    lock.release(remove_in=folders)
+    writes.remove_made(made)
 
 
 def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved=None,
@@ -188,8 +207,14 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     tokenizer = load_tokenizer(t.tokenizer_dir)
     world, rank, pin = collectives.world, accelerator.process_index, accelerator.device.type == 'cuda'
     train_files, valid_files = resolve_parquet_files(t.train_file), resolve_parquet_files(t.validation_file)
-    # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts)
-    count = collectives.combine_counts if t.objective == 'span_corruption' else None
+    # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts);
+    # a stop breaks a rank's count off (model/data/span_stream.py), and every rank leaves at the sum
+    count = None
+    if t.objective == 'span_corruption':
+        def count(counts, error):
+            total = collectives.combine_counts(counts, error)
+            stop_at_start_up_all_ranks(collectives)
+            return total
     width = cfg.model.d_model  # packing weighs attention against positions by the model's width
     # a resume takes the token counts its state kept (span corruption), if they are for these files
     counted = kept_counts(t, saved if resume else None)
@@ -212,12 +237,12 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
                         f'optimizer step needs ({t.batch_size_per_gpu} x {world} processes x '
                         f'{t.gradient_accumulation_steps} accumulation)',
                         'lower --batch_size_per_gpu or --gradient_accumulation_steps')
+    total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
     if t.objective == 'span_corruption' and collectives.is_main:  # the start-up checks could not count the steps
         from model.train.preflight import warmup_notes
 
         for note in warmup_notes(t, total_steps):
             logger.warning('%s', note)
-    total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
     # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
     # line) loads every weight next: nothing to draw
     model = build_model(cfg.model, len(tokenizer), initialize=not (resume or t.init_from))

@@ -155,7 +155,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     report.vocab_size = problem('tokenizer_dir', lambda: check_tokenizer_folder(t.tokenizer_dir),
                                 tok_fix if not os.path.exists(t.tokenizer_dir) else '') or 0
     if report.vocab_size and t.objective == 'span_corruption':
-        if problem('tokenizer_dir', lambda: check_sentinels(t.tokenizer_dir)) is None:
+        make_one = (f'{_cli(cfg, "train_tokenizer")} --train_file={shlex.quote(t.train_file)} '
+                    f'--vocab_size={report.vocab_size} --tokenizer_dir=NEW_FOLDER, then train with '
+                    f'--tokenizer_dir=NEW_FOLDER')
+        if problem('tokenizer_dir', lambda: check_sentinels(t.tokenizer_dir, make_one)) is None:
             report.vocab_size = 0
 
     # outputs: the toolkit's own or new, writable, and never an input

@@ -130,6 +130,7 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         t, state = self.settings, self.state
+        stopping.STOP.polled_now(stopping.IN_TRAINING)
         logger.info('training: %d rows%s, %d optimizer steps (%d per epoch), epoch %d, step %d',
                     self.train_loader.num_rows, '' if self.train_loader.settings.objective == 'pairs' else
                     f' ({self.train_loader.num_positions} span-corruption examples an epoch)',
@@ -371,7 +372,7 @@ def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
     # a rank's probe could meet the main process taking the lock: build_run's acquire says it for them
     report = preflight.check_train(cfg, resume, world, locks=world == 1, deep=world == 1, count_examples=False)
     report.raise_first()
-    with stopping.polling():
+    with stopping.polling('the run is starting: stopping at its next safe point, before any step is trained'):
         trainer = Trainer(build_run(cfg, resume, report.notes, report.fingerprint, report.resume))
         try:
             code = trainer.train()
