@@ -215,10 +215,34 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+_PARENT = os.getppid()  # the process that started this one (read at import, as early as can be)
+
+
+def stop_with_launcher() -> None:
+    """Linux, a rank started by torchrun's agent (TORCHELASTIC_RUN_ID): SIGTERM this rank when the
+    agent dies (prctl PR_SET_PDEATHSIG). The agent starts every rank in a session of its own, so a
+    job killed by process group (SIGKILL at the end of a grace period, a scheduler that tracks
+    jobs so) would leave the ranks training with no one watching, holding the run's lock against
+    the requeue; with this they save their last step and stop as at any SIGTERM. If the agent is
+    gone already, the stop comes now."""
+    if not sys.platform.startswith('linux') or not os.environ.get('TORCHELASTIC_RUN_ID'):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # the agent died between this process's start and the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def install() -> None:
-    """At process start (each face's main): the handlers, and no output watched yet."""
+    """At process start (each face's main): the handlers, no output watched yet, and a rank of a
+    launcher stops with it."""
     STOP.install()
     OUTPUTS.clear()
+    stop_with_launcher()
 
 
 def requested() -> int:

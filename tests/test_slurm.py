@@ -316,3 +316,43 @@ def test_the_signal_lead_time_is_the_default_stop_grace():
     assert re.search(r'^#SBATCH --requeue$', text, re.M)
     lead = re.search(r'^#SBATCH --signal=B:TERM@(\d+)$', text, re.M)
     assert lead and int(lead.group(1)) == TrainConfigPretrainLarge().stop_grace_s
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_is_killed_save_and_stop_and_free_the_place(tmp_path, data):
+    """torchrun's agent starts each rank in a session of its own: a job killed by process group
+    (SIGKILL after the grace period, a node's cleanup) used to leave the ranks training alone,
+    holding the lock, and the requeue was refused ('in use by another run'). Now a rank stops as
+    at a SIGTERM when its agent dies: it saves its last step and exits."""
+    from model.state import locks
+
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, max_steps=100000, epochs=1000, save_steps=100000)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_low_mem.py',
+           'train', *flags]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, 'ACCELERATE_USE_CPU': '1'}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks = []
+    try:
+        deadline = time.time() + 300
+        while newest_step(out) < 5 or len(descendants(agent.pid, 'train_low_mem.py')) < 2:
+            assert agent.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        ranks = descendants(agent.pid, 'train_low_mem.py')
+        os.killpg(agent.pid, signal.SIGKILL)  # the job's process group: the agent alone, the ranks live apart
+        agent.wait(timeout=30)
+        deadline = time.time() + 120
+        while any(os.path.exists(f'/proc/{p}') and 'Z' not in open(f'/proc/{p}/stat').read().split()[2] for p in ranks):
+            assert time.time() < deadline, 'the ranks outlived their launcher'
+            time.sleep(0.1)
+    finally:
+        for p in ranks or descendants(agent.pid, 'train_low_mem.py'):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    saved = state_folders(out / 'state')  # save_steps is never reached: only a stop saves
+    assert saved and int(saved[-1].split('-')[1]) >= 5, saved
+    assert locks.is_locked(str(out)) is None  # the requeue can start
