@@ -7,7 +7,8 @@
 #   NUM_GPUS=2 ./start_pretrain_large.sh                   # use 2 of the GPUs
 #   ./start_pretrain_large.sh --preset=5m                  # another template instead of --use_large_config
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml ./start_pretrain_large.sh   # an engine: DDP, FSDP, DeepSpeed
-#   RESUME=auto ./start_pretrain_large.sh                  # resume when a state exists (batch jobs)
+#   RESUME=auto ./start_pretrain_large.sh                  # resume when a state exists, never ask
+#   RESUME=no ./start_pretrain_large.sh                    # start afresh (a saved state is moved to previous_runs/)
 #
 # Environment, each checked before anything runs (a bad value is one line and exit 2):
 #   NUM_GPUS (else CUDA_VISIBLE_DEVICES, else nvidia-smi), ACCELERATE_CONFIG, ACCELERATE_USE_CPU,
@@ -31,6 +32,12 @@ trap 'exit 143' TERM
 trap 'exit 130' INT
 
 one_of RESUME "ask auto no" "ask, auto or no (auto resumes a saved state without asking)"
+# ask (the default) needs a terminal to answer on; with none (a batch job, a requeue, cmd </dev/null) a
+# saved state is resumed, the question's own default: starting afresh there would move the job's
+# progress aside at every requeue
+resume_mode=${RESUME:-ask}
+auto_why="RESUME=auto"
+if [ "$resume_mode" = ask ] && ! [ -t 0 ]; then resume_mode=auto; auto_why="RESUME=${RESUME:-ask} without a terminal"; fi
 one_of ACCELERATE_USE_CPU "$BOOL_WORDS" "1 (CPU processes) or 0 (GPUs)"
 if [ -n "${ACCELERATE_USE_CPU:-}" ]; then   # one spelling for everyone who reads it
   if is_true ACCELERATE_USE_CPU; then ACCELERATE_USE_CPU=1; else ACCELERATE_USE_CPU=0; fi
@@ -163,12 +170,12 @@ latest=${latest%%  (*}
 saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
 ask_tty=0
-if [ "${RESUME:-ask}" = ask ] && [ -t 0 ]; then ask_tty=1; fi
+if [ "$resume_mode" = ask ]; then ask_tty=1; fi
 may_resume=0   # a saved state this command resumes (RESUME=auto) or asks about (RESUME=ask, on a terminal)
-if [ "$saved" -eq 1 ] && { [ "${RESUME:-ask}" = auto ] || [ "$ask_tty" -eq 1 ]; }; then may_resume=1; fi
+if [ "$saved" -eq 1 ] && { [ "$resume_mode" = auto ] || [ "$ask_tty" -eq 1 ]; }; then may_resume=1; fi
 if [ "$user_dry" -eq 1 ]; then   # the user's own dry run: the check of what this command would run
-  if [ "$saved" -eq 1 ] && [ "${RESUME:-ask}" = auto ]; then
-    echo "RESUME=auto and a saved state exists ($latest): this command would resume it; the check of that resume:"
+  if [ "$saved" -eq 1 ] && [ "$resume_mode" = auto ]; then
+    echo "$auto_why and a saved state exists ($latest): this command would resume it; the check of that resume:"
     dry_run --is_keep_training=True
   elif [ "$saved" -eq 1 ] && [ "$ask_tty" -eq 1 ]; then   # it would ask: both answers' checks
     fresh_rc=$rc
@@ -209,8 +216,8 @@ if [ "$may_resume" -eq 1 ]; then
     not_ready 'nor as a resume of the saved state:' "$resume_report"
     exit 1
   fi
-  if [ "${RESUME:-ask}" = auto ] && [ "$resume_rc" -ne 0 ]; then
-    not_ready "not ready as a resume of the saved state ($latest), which RESUME=auto resumes (RESUME=no starts afresh and moves it aside):" "$resume_report"
+  if [ "$resume_mode" = auto ] && [ "$resume_rc" -ne 0 ]; then
+    not_ready "not ready as a resume of the saved state ($latest), which $auto_why resumes (RESUME=no starts afresh and moves it aside):" "$resume_report"
     exit 1
   fi
   if [ "$fresh_rc" -ne 0 ]; then
@@ -219,11 +226,21 @@ if [ "$may_resume" -eq 1 ]; then
   if [ "$resume_rc" -ne 0 ]; then   # asked below: a fresh run, not this resume
     not_ready "note: the saved state ($latest) cannot be resumed:" "$resume_report"
   fi
-  if [ "${RESUME:-ask}" = auto ] || [ "$fresh_rc" -ne 0 ]; then report=$resume_report; else report=$fresh_report; fi
+  if [ "$resume_mode" = auto ] || [ "$fresh_rc" -ne 0 ]; then report=$resume_report; else report=$fresh_report; fi
   rc=0
 fi
 if [ "$rc" -ne 0 ]; then   # the dry run's checks are the trainer's own: not ready means it would fail
   not_ready 'not ready:' "$report"
+  exit 1
+fi
+# resuming, and yet no state: a fresh run would move an earlier run's models aside and start over at
+# step 0 -- at every requeue of a job whose states are out of reach (a link to node-local scratch
+# this node lacks, storage not mounted here): refused, the job stops instead of losing its progress
+if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] \
+    && printf '%s\n' "$report" | grep -q '^note: a previous run saved'; then
+  echo "error: $auto_why resumes a saved state, but $(path_of train_state_dir) holds none, while $(path_of output_dir) holds an earlier run that a fresh run would move aside, starting over at step 0:" >&2
+  printf '%s\n' "$report" | grep '^note: a previous run saved' >&2
+  echo "  if that run's states lie behind a link or on storage this machine lacks (node-local scratch, a filesystem not mounted here), make them reachable; to start afresh anyway: RESUME=no / 找不到可续训的状态：若状态在本机没有的存储上，请先让它可访问；确实要从头训练请设 RESUME=no" >&2
   exit 1
 fi
 if [ "$may_resume" -eq 1 ]; then
@@ -233,7 +250,10 @@ else
   printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p'
 fi
 if [ "$saved" -eq 1 ]; then
-  if [ "${RESUME:-ask}" = auto ]; then
+  if [ "$resume_mode" = auto ]; then
+    if [ "${RESUME:-ask}" != auto ]; then
+      echo "note: a saved state exists ($latest) and there is no terminal to ask on: resuming it, the question's default (RESUME=no starts afresh, moving it to previous_runs/) / 已有保存的状态，没有终端可以询问：按默认续训" >&2
+    fi
     set -- "$@" --is_keep_training=True
   elif [ "$ask_tty" -eq 1 ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
     read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs/? / 保存的状态无法续训（原因见上）。要从头训练、把它移到 previous_runs/ 吗？[y/N] " ans
@@ -249,7 +269,7 @@ if [ "$saved" -eq 1 ]; then
       set -- "$@" --is_keep_training=True
     fi
   else
-    echo "note: a saved state exists ($latest); a fresh run archives it. Pass --is_keep_training=True to resume." >&2
+    echo "note: a saved state exists ($latest); RESUME=no: a fresh run moves it to previous_runs/ (RESUME=auto or --is_keep_training=True resumes it)" >&2
   fi
 fi
 

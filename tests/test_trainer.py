@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -378,3 +379,32 @@ def test_the_start_scripts_questions_take_whole_words_of_either_language():
                                capture_output=True, text=True)
             assert r.stdout.strip() == (default if meant == 'DEFAULT' else meant), (answer, default, r.stdout)
             assert ('not understood' in r.stderr) == (meant == 'DEFAULT' and answer != ''), (answer, r.stderr)
+
+
+def test_a_batch_job_of_the_start_script_resumes_and_never_restarts_over_an_earlier_run(data, tmp_path):
+    """Without a terminal (a batch job, its requeues) RESUME's default, ask, started afresh over a
+    saved state, moving the job's progress aside at every requeue: it now resumes, the question's
+    own default. And a resume that finds no state while the output holds an earlier run (its states
+    behind a link to node-local scratch this node lacks) stops instead of starting over at step 0."""
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'NUM_GPUS': '0'}
+    out, scratch = tmp_path / 'run', tmp_path / 'scratch'
+    os.makedirs(scratch / 'states')
+    os.makedirs(out)
+    os.symlink(scratch / 'states', out / 'state')
+    flags = tiny_flags(data, out, save_steps=2, eval_steps=100)
+    assert run_train(flags, '--max_steps=2').returncode == 0
+    r = finished(start_script([*flags, '--max_steps=4'], env))  # no RESUME, stdin not a terminal
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'there is no terminal to ask on: resuming it' in r.stderr
+    log = open(sorted(glob.glob(f'{out}/logs/*.log'))[-1], encoding='utf-8').read()
+    assert 'resumed from' in log and 'step 4/4' in log and not os.path.exists(out / 'previous_runs')
+    shutil.rmtree(scratch / 'states')  # requeued onto a node whose scratch lacks the run's folder
+    logs = sorted(glob.glob(f'{out}/logs/*.log'))
+    for extra in ({}, {'RESUME': 'auto'}):
+        r = finished(start_script([*flags, '--max_steps=6'], {**env, **extra}))
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert 'holds none, while' in r.stderr and 'a fresh run would move aside, starting over at step 0' in r.stderr
+        assert 'RESUME=no' in r.stderr and 'note: a previous run saved' in r.stderr, r.stderr[-2000:]
+    assert sorted(glob.glob(f'{out}/logs/*.log')) == logs and not os.path.exists(out / 'previous_runs')
+    r = finished(start_script([*flags, '--max_steps=2'], {**env, 'RESUME': 'no'}))  # afresh, as asked
+    assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]
