@@ -13,7 +13,8 @@ batch of rows), ``moved-aside`` (a fresh run, right after it moved an earlier ru
 ``train-step`` (inside a step, after a micro-batch's backward; the step is the one being taken),
 ``eval-loss`` (before each validation batch), ``eval-generate`` (after each
 token generated for BLEU and the samples), ``state-save`` (inside a state save, after the
-engine's files), ``state-saved`` (a state saved, its step file not yet written), ``write`` (a file or folder written in full at its temporary name, not yet
+engine's files), ``state-saved`` (a state saved, its step file not yet written), ``done`` (a run's final model
+written and its last line logged), ``write`` (a file or folder written in full at its temporary name, not yet
 renamed into place: every writer).
 """
 

@@ -69,6 +69,7 @@ class StopSignals:
         self._critical = 0
         self._polling = 0
         self.polled_says = IN_TRAINING  # what the polling region does with a stop (said at the signal)
+        self.finished = False  # the command's work is done (a run's final model written): a stop changes nothing
         self._pid = 0  # the process that installed the handlers (not a forked worker)
         self._previous: dict[int, object] = {}
 
@@ -107,6 +108,10 @@ class StopSignals:
                 os._exit(130)
             return  # a copy of the signal that is being handled
         self._record(signum)
+        if self.finished:
+            os.write(2, f'{signal.Signals(signum).name} after the work was done: nothing to stop, exiting as '
+                        f'done\n'.encode())
+            return
         if self._polling:
             os.write(2, f'{signal.Signals(signum).name}: {self.polled_says} (Ctrl-C again after {REPEAT_S:.0f} s '
                         f'aborts at once)\n'.encode())
@@ -163,12 +168,17 @@ class StopSignals:
             self._polling -= 1
             self.polled_says = before
 
+    def finish(self) -> None:
+        """The command's work is done: a stop from now on is said and ignored, the exit code stays
+        the command's (a finished run that exited 143 was requeued by the cluster script)."""
+        self.finished = True
+
     def polled_now(self, says: str) -> None:
         """What the polling region now does with a stop (e.g. training began after the start-up)."""
         self.polled_says = says
 
     def raise_if_stopped(self) -> None:
-        if self.signum and not self.raised and not self._critical and not self._polling:
+        if self.signum and not self.raised and not self._critical and not self._polling and not self.finished:
             raise self.stopped()
 
     def stopped(self, kept: str = '') -> Stopped:

@@ -86,6 +86,24 @@ def test_a_polled_stop_is_only_recorded_and_followers_leave_the_same_way(stop):
     assert stop.requested() == signal.SIGTERM
 
 
+def test_a_stop_after_the_work_is_done_is_said_and_changes_nothing(stop, tmp_path, data, capfd):
+    """A SIGTERM after a run's final model is written (a job's end, a scancel a moment late) raised
+    wherever it landed -- an atexit callback's traceback, or a silent 143 that a cluster script
+    requeues: now it is said, and the command exits as done."""
+    stop.STOP.finish()
+    os.kill(os.getpid(), signal.SIGTERM)  # nothing raised, here or at a region's end
+    with stop.critical():
+        pass
+    stop.STOP.raise_if_stopped()
+    assert stop.requested() == signal.SIGTERM and 'SIGTERM after the work was done' in capfd.readouterr().err
+    out = tmp_path / 'run'
+    r = cli_runner.run([sys.executable, 'train_low_mem.py', 'train', *tiny_flags(data, out, max_steps=3)], cwd=ROOT,
+                       env={**ENV, 'CHAT_SMALL_T5_FAULT': 'done:sigterm'}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'SIGTERM after the work was done: nothing to stop, exiting as done' in r.stderr
+    assert 'Traceback' not in r.stderr and 'stopped by' not in r.stderr and os.path.isdir(out / 'final')
+
+
 def test_a_second_ctrl_c_after_the_repeat_time_aborts_at_once(stop, monkeypatch):
     class Aborted(BaseException):
         pass

@@ -352,9 +352,11 @@ class Trainer:
             self.save_all_ranks()
         with stopping.critical():
             self.checkpointer.export_folder_all_ranks('final', self.state.global_step)
+            stopping.STOP.finish()  # written: a stop from here on (a job's end, a scancel) exits 0, not 143
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
                     os.path.join(self.settings.output_dir, 'final'))
+        fault_point('done')
 
 
 def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
