@@ -15,3 +15,9 @@ class UserError(Exception):
     def __init__(self, message: str, fix: str = ''):
         super().__init__(message + (f'; {fix}' if fix else ''))
         self.message, self.fix = message, fix
+
+
+class NotOurs(UserError):
+    """An output place holds what this toolkit did not write (or changed since): it is never
+    replaced. Raised by model/state/ownership.check_replaceable; a training run meeting it at a
+    best-model export mid-run says so and trains on (model/train/trainer.py)."""

@@ -602,3 +602,25 @@ def test_resume_reports_changed_model_settings_and_files_are_readable(tmp_path, 
     for path in (out / 'chat_small_t5.6.bin', out / 'final', out / 'final' / 'model.safetensors'):
         want = (0o777 if path.is_dir() else 0o666) & ~mask
         assert os.stat(path).st_mode & 0o777 == want, path
+
+
+def test_a_users_file_put_in_best_mid_run_is_kept_and_the_run_trains_on(tmp_path, data):
+    """A user's note dropped into best/ while the run trains: the next best-model export would
+    replace that folder, so it is refused -- and that refusal ended the run with exit 2 before the
+    step's state was saved (the steps since the last save were lost, and a cluster script does not
+    requeue exit 2). Now it is said, the note stays, and the run trains to its end."""
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, eval_steps=2, max_steps=8, save_steps=100, learn_rate=1e-2)
+    proc = cli_runner.Popen(train_cmd(flags), cwd=ROOT, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@4:sleep=3'},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if 'step 4/8' in line:  # its evaluation now waits at the fault point: best/ exists from step 2
+            (out / 'best' / 'MYNOTE').write_text('mine')
+            break
+    err = ''.join(lines) + proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert 'MYNOTE' in err and 'is not exported there, training goes on' in err, err[-3000:]
+    assert (out / 'best' / 'MYNOTE').read_text() == 'mine' and 'step 8/8' in err and os.path.isdir(out / 'final')

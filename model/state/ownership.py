@@ -30,7 +30,7 @@ import re
 import stat
 import tempfile
 
-from model.errors import UserError
+from model.errors import NotOurs, UserError
 from model.stopping import critical
 
 from model.state.markers import (DATA, LOCK_FILE, MARKER_FILE, MARKER_KEY, MAX_MARKER_BYTES, MODEL, SAVING_FILE, STATE,
@@ -294,7 +294,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         return
     if stat.S_ISLNK(st.st_mode):
         leads = f'to {os.path.realpath(path)}' if os.path.exists(path) else 'to nothing, or in a loop'
-        raise UserError(f'{what}: {path} is a symbolic link this toolkit did not make ({leads}); it is never '
+        raise NotOurs(f'{what}: {path} is a symbolic link this toolkit did not make ({leads}); it is never '
                         f'replaced: remove or fix the link, or choose another path')
     if folder:
         if not stat.S_ISDIR(st.st_mode):
@@ -309,23 +309,23 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         if found in kinds:
             extra = foreign_entries(path)
             if extra:
-                raise UserError(f'{what}: {path} holds what this toolkit did not write or changed since '
+                raise NotOurs(f'{what}: {path} holds what this toolkit did not write or changed since '
                                 f'({describe_foreign(extra)}), so it is not replaced; move those out of it first')
             return
         made = f'a {found} folder of this toolkit' if found else 'a folder this toolkit did not make'
         names = sorted(n for n in os.listdir(path) if n not in (MARKER_FILE, LOCK_FILE))
         holds = (', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')) or MARKER_FILE
-        raise UserError(f'{what}: {path} is {made} and is not empty (it holds {holds}); nothing in it is '
+        raise NotOurs(f'{what}: {path} is {made} and is not empty (it holds {holds}); nothing in it is '
                         f'replaced: choose a new or empty folder, or move it away first')
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f'{what}: {path} is a folder; give a file path, e.g. '
                         f'{os.path.join(path, "out.parquet") if DATA in kinds else path.rstrip(os.sep) + ".bin"}')
     info, intact = file_status(path)
     if info is not None and info.get('kind') in kinds and not intact:
-        raise UserError(f'{what}: {path} was written by this toolkit but changed since; it is never overwritten: '
+        raise NotOurs(f'{what}: {path} was written by this toolkit but changed since; it is never overwritten: '
                         f'choose another path, or move it away first')
     if info is None or info.get('kind') not in kinds:
-        raise UserError(f'{what}: {path} already exists and was not written by this toolkit; '
+        raise NotOurs(f'{what}: {path} already exists and was not written by this toolkit; '
                         f'it is never overwritten: choose another path, or move it away first')
 
 

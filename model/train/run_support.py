@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from model.errors import UserError
+from model.errors import NotOurs, UserError
 
 
 class Collectives:
@@ -78,8 +78,9 @@ class Collectives:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
                 error = e
-        if not self.ok_all_ranks(error is None):
-            raise error if error is not None else UserError('')
+        failed, not_ours = self.sum_all_ranks([0.0 if error is None else 1.0, float(isinstance(error, NotOurs))])
+        if failed:  # of the same kind everywhere: a caller that handles one kind does so on every rank
+            raise error if error is not None else (NotOurs('') if not_ours else UserError(''))
         return result
 
     def broadcast_from_main_all_ranks(self, value):

@@ -36,6 +36,7 @@ import torch
 
 from config import ResolvedConfig
 from model import stopping
+from model.errors import NotOurs
 from model.data.tokenizer import LABEL_PAD_ID
 from model.faults import fault_point
 from model.net.chat_model import token_loss_sum
@@ -296,8 +297,14 @@ class Trainer:
         state.last_eval_step = state.global_step
         if result.loss < state.best_val_loss:
             state.best_val_loss, state.best_step = result.loss, state.global_step
-            with stopping.critical():
-                self.checkpointer.save_best_all_ranks(state.global_step)
+            try:
+                with stopping.critical():
+                    self.checkpointer.save_best_all_ranks(state.global_step)
+            except NotOurs as e:  # a user's file put in best/ meanwhile: never replaced, and no reason to end the run
+                if self.collectives.is_main:
+                    logger.warning('%s; the best model so far (step %d) is not exported there, training goes on: '
+                                   'the next better evaluation exports it once that is cleared, and final/ holds the '
+                                   'last model', e, state.global_step)
 
     def needs_save(self) -> bool:
         """The run state differs from the newest saved one (a step, or a pending evaluation done)."""
