@@ -425,10 +425,14 @@ def test_answers_are_filled_where_the_model_writes_sentinels_and_always_for_a_sp
     assert answer(spans, tokenizer, prompt)[0].replace(' ', '') == '中国'  # test and evaluation: as written
     plain = Writes([0, *china, 1])  # a pairs model asked about the string: its answer, not the prompt
     assert answer(plain, tokenizer, prompt, fill=True)[0].replace(' ', '') == '中国'
+    s53 = tokenizer.convert_tokens_to_ids(sc.sentinel_token(53))  # a pairs model's stray sentinel, not the prompt's:
+    stray = Writes([0, s53, *china, 1])  # its answer as written, not the prompt echoed as if filled
+    assert answer(stray, tokenizer, prompt, fill=True)[0].replace(' ', '') == '中国'
     # a span-corruption model that wrote no span (little training): the prompt, the sentinel left and said so,
     # not its words as if they answered something
     shown = answer(plain, tokenizer, prompt, fill='always')[0].replace(' ', '')
     assert shown == '北京是<extra_id_0>的首都' and 'wrote nothing for <extra_id_0>' in unfilled_note(shown)
+    assert 'an answer cut by --max_new_tokens ends before the later ones' in unfilled_note(shown)  # the other cause
     assert answer(spans, tokenizer, prompt, fill='always')[0].replace(' ', '') == '北京是【中国】的首都'
     assert unfilled_note('北京是【中国】的首都') is None
     empty = answer(Writes([0, s0, 1]), tokenizer, prompt, fill='always')[0].replace(' ', '')  # a sentinel, no span

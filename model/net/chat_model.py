@@ -300,7 +300,8 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, max_s
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
         for row in range(len(texts)):  # a span-corruption answer: the prompt with its spans filled in
             written, given = gen[row].tolist(), enc['input_ids'][row].tolist()
-            if sentinels & set(given) and (fill == 'always' or sentinels & set(written)):
+            asked = sentinels & set(given)  # filled where the model wrote one of the prompt's own sentinels (a
+            if asked and (fill == 'always' or asked & set(written)):  # pairs model's stray ones: its answer as is)
                 texts[row] = fill_sentinels(tokenizer, given, written)
         out.extend(texts)
     model.train(was_training)
@@ -372,7 +373,8 @@ def unfilled_note(filled: str, prompt: str = '') -> str | None:
     names = ', '.join(left[:3]) + (', ...' if len(left) > 3 else '')
     said = ' and '.join(x for x in (f'{names} (left as written)' if left else '',
                                      f'{empty} span(s) (shown empty: 【】)' if empty > 0 else '') if x)
-    return f'the model wrote nothing for {said}: a model with little span-corruption training fills few sentinels'
+    return (f'the model wrote nothing for {said}: a model with little span-corruption training fills few sentinels, '
+            f'and an answer cut by --max_new_tokens ends before the later ones (raise it to see)')
 
 
 def fill_sentinels(tokenizer, input_ids: list[int], output_ids: list[int], marks: tuple[str, str] = ('【', '】')) -> str:
