@@ -165,6 +165,22 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     (tmp_path / 'gbk.txt').write_bytes('第一行\n'.encode() + '第二行'.encode('gbk') + b'\n')
     with pytest.raises(UserError, match=r'gbk\.txt: line 2: byte 0x\w+ at offset 10 is not UTF-8'):
         convert_to_parquet(str(tmp_path / 'gbk.txt'), str(tmp_path / 'out.parquet'))
+    # the hint follows the file: iconv of the whole file only where the whole file reads as GBK
+    cases = {'late.txt': ('好\n' * 1000).encode() + '坏'.encode('gbk') + b'\n',  # UTF-8 text, then one line not
+             'all_gbk.txt': '第一行\n第二行\n'.encode('gbk'),
+             'stray.txt': b'\xff abc\n'}  # 0xff is in no GBK character
+    said = {}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(UserError) as e:
+            convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'))
+        said[name] = str(e.value)
+    assert 'line 1001' in said['late.txt'] and 'though the text before it is' in said['late.txt']
+    assert f"sed -n '1001p' {tmp_path / 'late.txt'} | iconv -f GBK -t UTF-8" in said['late.txt']
+    assert 'a GBK file?' not in said['late.txt']
+    assert 'a GBK file?' in said['all_gbk.txt'] and 'iconv -f GBK -t UTF-8' in said['all_gbk.txt']
+    assert 'nor GBK' in said['stray.txt'] and 'a GBK file?' not in said['stray.txt']
+    assert not (tmp_path / 'out.parquet').exists()
     (tmp_path / 'lines.txt').write_text('\n{"prompt": "问", "response": "答"}\n', encoding='utf-8')
     with pytest.raises(UserError, match=r'lines\.txt: line 2 is a JSON object.*--format=jsonl'):
         convert_to_parquet(str(tmp_path / 'lines.txt'), str(tmp_path / 'out.parquet'))

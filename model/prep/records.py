@@ -7,8 +7,9 @@ text bounded as it comes.
 from __future__ import annotations
 
 import codecs
-import os
 import math
+import os
+import shlex
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -54,8 +55,31 @@ def build_utf8_error(path: str) -> UserError:
                          f'it was cut short; copy or write it again')
     where = f'line {found[0]}: byte 0x{found[2].hex()} at offset {found[1]}' if found else 'somewhere'
     stem, ext = os.path.splitext(path)
-    return UserError(f'{path}: {where} is not UTF-8 (a GBK file?); convert it first, e.g. '
-                     f'iconv -f GBK -t UTF-8 {path} > {stem}.utf8{ext}')
+    quoted = shlex.quote(path)
+    with open(path, 'rb') as f:
+        head = f.read(GUESS_BYTES)
+    before = head[:found[1]] if found else b''
+    if any(b >= 0x80 for b in before):  # UTF-8 text (not only ASCII) before it: one line is not, not the file
+        return UserError(f'{path}: {where} is not UTF-8, though the text before it is: that line is in another '
+                         f'encoding (GBK?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' {quoted} | '
+                         f'iconv -f GBK -t UTF-8)')
+    if _decodes(head, 'gbk'):
+        return UserError(f'{path}: {where} is not UTF-8 (a GBK file?); convert it first, e.g. '
+                         f'iconv -f GBK -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
+    return UserError(f'{path}: {where} is not UTF-8, nor GBK; convert it to UTF-8 from its encoding first, e.g. '
+                     f'iconv -f BIG5 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)} (iconv -l lists encodings)')
+
+
+GUESS_BYTES = 1 << 20  # what the encoding hint reads from the file's start
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    """data (a file's start, perhaps cut inside a character) is text in encoding."""
+    try:
+        codecs.getincrementaldecoder(encoding)().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _WIDE_BOMS = ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'),
