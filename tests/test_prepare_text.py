@@ -96,6 +96,27 @@ def test_pandas_json_layouts_of_a_text_column(tmp_path):
     assert read_texts(tmp_path / 'values.parquet') == texts
 
 
+def test_a_text_field_of_numbers_only_is_a_field_named_wrong(tmp_path):
+    """--text_col=id (a number a record) made a corpus of numbers, rc 0: refused, naming the other
+    fields. A text field that also holds a number here and there converts (the numbers as text)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({'content': ['甲文', '乙文', '丙文'], 'n': [1, 2, 3], 'ok': [True, False, True]})
+    for name, orient in (('r.json', 'records'), ('c.json', 'columns')):
+        frame.to_json(tmp_path / name, orient=orient, force_ascii=False)
+    frame.to_json(tmp_path / 'r.jsonl', orient='records', lines=True, force_ascii=False)
+    for name in ('r.json', 'c.json', 'r.jsonl'):
+        for col in ('n', 'ok'):
+            with pytest.raises(UserError, match=rf"field '{col}' holds numbers or true/false, not text .*every one of "
+                                                rf"the first 3 records") as e:
+                convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'), text_col=col)
+            assert name == 'c.json' or 'the records also have: content' in str(e.value)  # a row's other fields
+        assert not (tmp_path / 'out.parquet').exists()
+    write_records(tmp_path / 'mixed.jsonl', [{'t': '一篇'}, {'t': 305}, {'t': True}], 'jsonl')
+    assert convert_to_parquet(str(tmp_path / 'mixed.jsonl'), str(tmp_path / 'out.parquet'), text_col='t') == 3
+    assert read_texts(tmp_path / 'out.parquet') == ['一篇', '305', 'true']
+
+
 def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):
     src = tmp_path / 'corpus.txt'
     lines = ['第一篇：今天天气很好。', '', '  第二篇，前后有空格  ', ' \t', '\u3000\u3000', '第三篇 GPU T5', '第一篇：今天天气很好。']

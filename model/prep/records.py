@@ -180,6 +180,10 @@ class RecordBatcher:
         self.values: list[list[str | None]] = [[] for _ in cols.names]
         self.wheres: list = []  # to name a record Arrow refuses (a lone surrogate)
         self.chars = 0
+        self.first = True  # the first batch: a text field of no text at all in it is a column named wrong
+        self.texts = 0  # values of the text field that were JSON strings (first batch)
+        self.non_texts: list = []  # ... and that were numbers or booleans (made text), a few kept to show
+        self.keys: list = []  # the first record's keys, to name the others
 
     def add(self, record: Any, where) -> pa.Table | None:
         """where: a string, or a function giving one (called only to report an error)."""
@@ -203,11 +207,19 @@ class RecordBatcher:
             if key not in record:
                 raise UserError(f'{self.path}: {place(where)}: record has no field {key!r} '
                                 f'(has: {show_names(record)}); {self.cols.fix}')
+        if self.first and not self.keys:
+            self.keys = list(record)
         for key, column in zip(keys, self.values):
+            raw = record[key]
             try:
-                value = _to_text(record[key])
+                value = _to_text(raw)
             except TypeError as kind:
                 raise UserError(f'{self.path}: {place(where)}: field {key!r} is {kind}, expected text') from None
+            if self.first and self.kind == 'text':
+                if isinstance(raw, str):
+                    self.texts += 1
+                elif value is not None:
+                    self.non_texts.append(value)
             column.append(value)
             self.chars += len(value) if value is not None else 0
         self.wheres.append(where)
@@ -215,6 +227,14 @@ class RecordBatcher:
         return self.take() if len(self.wheres) >= BATCH_ROWS or self.chars >= BATCH_TEXT_BYTES else None
 
     def take(self) -> pa.Table:
+        if self.first and self.kind == 'text' and self.non_texts and not self.texts:
+            shown = ', '.join(self.non_texts[:3])
+            others = [str(k) for k in self.keys if str(k) != self.cols.source[0]]
+            raise UserError(f'{self.path}: field {self.cols.source[0]!r} holds numbers or true/false, not text '
+                            f'({shown}, ...: every one of the first {len(self.non_texts):,} records); is it the field '
+                            f'you meant?' + (f' the records also have: {", ".join(others[:8])}' if others else ''),
+                            'pass --text_col=... (the field holding the text)')
+        self.first = False
         try:
             table = pa.Table.from_arrays([pa.array(v, pa.string()) for v in self.values],
                                          schema=OUTPUT_SCHEMAS[self.kind])
