@@ -1,4 +1,5 @@
-"""Pretrain chat_small_t5 on streamed prompt/response Parquet (a Fire CLI).
+"""Pretrain chat_small_t5 on streamed Parquet: prompt/response pairs, or raw text with T5's span
+corruption (a Fire CLI).
 
 Examples:
     # the guide's command: 3 GPUs, the 10M-row configuration
@@ -18,6 +19,9 @@ Examples:
     python train_low_mem.py chat --preset=demo
     # score it on test_file: loss, perplexity, BLEU-4, exact match; predictions JSONL beside the model
     python train_low_mem.py test --preset=demo
+    # raw text (prepare_data.py convert --text_col=...): T5's span corruption, then pairs from it
+    python train_low_mem.py train --objective=span_corruption --train_file=data/text_train.parquet --validation_file=data/text_valid.parquet --output_dir=model_save/stage1/
+    python train_low_mem.py generate --model_dir=model_save/stage1/best --prompts='["北京是<extra_id_0>的首都"]'
     # warm start: a new run from trained weights (fresh optimizer, schedule, data position)
     python train_low_mem.py train --init_from=model_save/pretrain_large/best --train_file=data/sft.parquet ...
     # curves: TensorBoard while training, or a PNG from the log

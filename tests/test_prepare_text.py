@@ -117,6 +117,29 @@ def test_a_text_field_of_numbers_only_is_a_field_named_wrong(tmp_path):
     assert read_texts(tmp_path / 'out.parquet') == ['一篇', '305', 'true']
 
 
+def test_a_txt_of_carriage_returns_alone_is_refused_not_read_as_one_document(tmp_path):
+    import subprocess
+
+    (tmp_path / 'mac.txt').write_bytes('第一篇\r第二篇\r第三篇\r'.encode())
+    with pytest.raises(UserError, match=r'mac\.txt: line 1 holds line breaks of a carriage return alone') as e:
+        convert_to_parquet(str(tmp_path / 'mac.txt'), str(tmp_path / 'out.parquet'))
+    fix = str(e.value).split('e.g. ')[1]
+    subprocess.run(fix, shell=True, check=True)  # the command it gives works
+    assert convert_to_parquet(str(tmp_path / 'mac.lf.txt'), str(tmp_path / 'out.parquet')) == 3
+    (tmp_path / 'dos.txt').write_bytes('第一篇\r\n第二篇\r\n'.encode())  # CRLF: two documents, as ever
+    assert convert_to_parquet(str(tmp_path / 'dos.txt'), str(tmp_path / 'out2.parquet')) == 2
+
+
+def test_a_malformed_jsonl_line_is_named_at_its_column(tmp_path):
+    (tmp_path / 'cut.jsonl').write_text('{"t": "好"}\n{"t": "bad"\n', encoding='utf-8')
+    (tmp_path / 'colon.jsonl').write_text('{"t": "好"}\r\n{"t" "x"}\r\n', encoding='utf-8')
+    with pytest.raises(UserError, match=r"line 2: malformed JSON \(the line ends before its JSON does: Expecting ',' "
+                                        r"delimiter after column 11\)"):
+        convert_to_parquet(str(tmp_path / 'cut.jsonl'), str(tmp_path / 'out.parquet'), text_col='t')
+    with pytest.raises(UserError, match=r"line 2: malformed JSON \(Expecting ':' delimiter at column 6\)"):
+        convert_to_parquet(str(tmp_path / 'colon.jsonl'), str(tmp_path / 'out.parquet'), text_col='t')
+
+
 def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):
     src = tmp_path / 'corpus.txt'
     lines = ['第一篇：今天天气很好。', '', '  第二篇，前后有空格  ', ' \t', '\u3000\u3000', '第三篇 GPU T5', '第一篇：今天天气很好。']

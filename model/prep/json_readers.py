@@ -40,11 +40,13 @@ def _jsonl_records(path: str, hint: str = '', stats=None):
             if stats is not None:
                 stats.blank_lines += 1
             continue
+        line = text.rstrip('\r\n')  # its end is no part of the JSON: an error there is at the line's last column
         try:
-            record = decoder.decode(text)
+            record = decoder.decode(line)
         except json.JSONDecodeError as e:
-            raise UserError(f'{path}: line {line_no}: malformed JSON ({e.msg} at column '
-                            f'{e.colno}){hint}') from None
+            where = (f'the line ends before its JSON does: {e.msg} after column {len(line)}' if e.pos >= len(line)
+                     else f'{e.msg} at column {e.colno}')
+            raise UserError(f'{path}: line {line_no}: malformed JSON ({where}){hint}') from None
         yield record, f'line {line_no}'
 
 

@@ -12,6 +12,7 @@ over ``MAX_RECORD_BYTES`` is refused as it streams, before it is whole.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Iterator
 
 import pyarrow as pa
@@ -212,6 +213,11 @@ def iter_txt(path: str, stats: ReadStats, guess: bool = False) -> Iterator[pa.Ta
         if guess:  # the first non-blank line only
             _refuse_jsonl_as_text(path, line_no, text)
             guess = False
+        if '\r' in text.rstrip('\r'):  # CRs inside one line: lines ended by CR alone, read as one document
+            q = shlex.quote(path)
+            raise UserError(f'{path}: line {line_no} holds line breaks of a carriage return alone (CR, classic Mac '
+                            f'OS), which would make its lines one document; convert them first, e.g. '
+                            f'tr \'\\r\' \'\\n\' < {q} > {shlex.quote(os.path.splitext(path)[0] + ".lf.txt")}')
         texts.append(text)
         size += raw_bytes
         if len(texts) >= BATCH_ROWS or size >= records.BATCH_TEXT_BYTES:
