@@ -209,12 +209,11 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     train_files, valid_files = resolve_parquet_files(t.train_file), resolve_parquet_files(t.validation_file)
     # span corruption counts every row's tokens once: each rank a share, summed (collectives.combine_counts);
     # a stop breaks a rank's count off (model/data/span_stream.py), and every rank leaves at the sum
-    count = None
-    if t.objective == 'span_corruption':
-        def count(counts, error):
-            total = collectives.combine_counts(counts, error)
-            stop_at_start_up_all_ranks(collectives)
-            return total
+    def sum_counts_or_stop(counts, error):
+        total = collectives.combine_counts(counts, error)
+        stop_at_start_up_all_ranks(collectives)
+        return total
+    count = sum_counts_or_stop if t.objective == 'span_corruption' else None
     width = cfg.model.d_model  # packing weighs attention against positions by the model's width
     # a resume takes the token counts its state kept (span corruption), if they are for these files
     counted = kept_counts(t, saved if resume else None)
