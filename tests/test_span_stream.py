@@ -553,3 +553,29 @@ def test_a_span_run_notes_its_warmup_against_the_steps_it_takes(text_data, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'warmup_steps=1024 warms up for 1024 optimizer steps, all of the run\'s 3:' in r.stderr, r.stderr[-3000:]
     assert '--warmup_steps=0' in r.stderr
+
+
+def test_a_long_document_is_tokenized_in_pieces_with_the_whole_texts_ids(tokenizer, monkeypatch):
+    """A 15 MB one-line document made the tokenizer hold its records of every token at once (1.6 GB
+    peak in a run): it is tokenized a piece at a time, seams before spaces -- the same ids as the
+    whole text -- or, in a stretch without one, where it must be: a token or two apart a seam."""
+    from model.data import batches
+    from model.data.batches import TokenEncoder, document_pieces
+
+    monkeypatch.setattr(batches, 'PIECE_CHARS', 300)
+    monkeypatch.setattr(batches, 'SEAM_CHARS', 100)
+    enc = TokenEncoder(tokenizer, MAX_LEN, truncate=False)
+    whole = lambda text: enc._rust.encode(text, add_special_tokens=True).ids  # noqa: E731
+    spaced = ' '.join(p + r for p, r in make_texts(200, seed=5, max_len=30))
+    pieces = document_pieces(spaced, 300)
+    assert len(pieces) > 5 and ''.join(pieces) == spaced and all(len(p) <= 300 for p in pieces)
+    assert all(p.startswith(' ') for p in pieces[1:])  # every seam before a space
+    short = '北京是中国的首都'
+    ids = enc.encode([short, spaced, short])
+    assert list(ids[1]) == whole(spaced) and ids[0] == ids[2] == whole(short)
+    flat, lens = enc.encode_ragged([short, spaced])
+    assert list(lens) == [len(whole(short)), len(whole(spaced))] and list(flat) == whole(short) + whole(spaced)
+    unspaced = '北京是中国的首都也是一座历史悠久的城市' * 100  # no space: cut where it must be
+    got = enc.encode([unspaced])[0]
+    assert len(document_pieces(unspaced, 300)) == 7 and got[-1] == enc.eos_id
+    assert abs(len(got) - len(whole(unspaced))) <= 2 * 6  # a token or two a seam

@@ -58,18 +58,55 @@ class TokenEncoder:
         self.__dict__.update(state)
         self._setup()
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids per text (eos last, at most max_seq_len)."""
+    def encode(self, texts: list[str]) -> list:
+        """Token ids per text (eos last; at most max_seq_len unless whole documents are asked
+        for, where a document longer than PIECE_CHARS is tokenized piece by piece: see
+        :func:`document_pieces`)."""
         if self._cut_chars is not None:
             texts = cut_texts(texts, self._cut_chars)
+        elif any(len(t) > PIECE_CHARS for t in texts):
+            return [self._encode_long(t) if len(t) > PIECE_CHARS else ids for t, ids in
+                    zip(texts, self.encode([t if len(t) <= PIECE_CHARS else '' for t in texts]))]
         return [e.ids for e in self._rust.encode_batch_fast(texts, add_special_tokens=True)]
+
+    def _encode_long(self, text: str) -> np.ndarray:
+        """A long document's ids (int64, eos last), a piece at a time: the tokenizer's own
+        records of one 15 MB line took 1.6 GB at once."""
+        parts = [np.asarray(e.ids, dtype=np.int64) for e in
+                 self._rust.encode_batch_fast(document_pieces(text), add_special_tokens=False)]
+        return np.concatenate(parts + [np.array([self.eos_id], dtype=np.int64)])
 
     def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All ids concatenated (int64) and the length of each text's part."""
         seqs = self.encode(texts)
         lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lens.sum()))
+        if any(isinstance(s, np.ndarray) for s in seqs):  # a long document's, in one array already
+            flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, np.int64)
+        else:
+            flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lens.sum()))
         return flat, lens
+
+
+PIECE_CHARS = 1 << 16  # a whole document longer than this is tokenized in pieces of about this many characters
+SEAM_CHARS = 4096  # how far back from a piece's end a seam is looked for
+
+
+def document_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """text in pieces of at most ``size`` characters whose ids, concatenated, are the text's:
+    each seam is put before a space within SEAM_CHARS of the end (the tokenizer splits words at
+    spaces, '▁', and a piece that starts with one gets no second). A stretch without one (Chinese
+    is written without spaces) is cut where it must be: there the tokenizer's '▁' that starts a
+    text starts the piece too, and its ids differ from the whole text's by a token or two a seam,
+    one seam per PIECE_CHARS characters (tests/test_span_stream.py)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        space = text.rfind(' ', end - SEAM_CHARS, end)
+        end = space if space > start else end
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 # --------------------------------------------------------------------------- batches
