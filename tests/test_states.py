@@ -480,6 +480,34 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     assert not glob.glob(f'{archive}/**/model.safetensors', recursive=True)  # no half copy of anything
     left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
     assert left, 'every item was taken from its place'
+    # a cut after the state moved (the best model's copy fails), then space freed: the next fresh run moves the
+    # rest into the same archive -- one run is never split over two
+    out = tmp_path / 'out_cut'
+    run_state(out / 'states', 20, 'r1', output_dir=out)  # a state that names the output_dir it was saved for
+    a_model_folder_and_a_step_file(out)
+
+    def copy_fails_on_the_best_model(src, dst, **kw):
+        if os.sep.join(('previous_runs', 'stamp', 'best', '')) in str(dst):  # src may be a DirEntry
+            raise OSError(28, 'No space left on device')
+        return real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
+    with pytest.raises(UserError, match='the next run moves the rest there too'):
+        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+    monkeypatch.undo()
+    archive = out / 'previous_runs' / 'stamp'
+    left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
+    assert names(out / 'states') == [] and 'best' in left  # the state moved, the best model did not
+    assert os.path.isfile(archive / sf.MOVING) and sf.unfinished_archive(str(out)) == str(archive)
+    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') == str(archive)
+    assert os.listdir(out / 'previous_runs') == ['stamp'] and not os.path.exists(archive / sf.MOVING)
+    assert not any(os.path.exists(out / p) for p in left) and all(os.path.exists(archive / p) for p in left)
+    from model.state.checkpoint import moved_run_advice
+
+    advice, flags = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
+    assert flags and f'--output_dir={archive}' in flags, advice  # its states and its models resume together
+    assert sf.unfinished_archive(str(out)) is None
     # the only item fails: no empty archive (nor previous_runs/, made for it) is left behind
     only = tmp_path / 'only'
     make_state(only / 'states', 20)

@@ -556,14 +556,51 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     if not items:
         return None
-    archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
-    suffix = 1
-    while os.path.lexists(archive):
-        archive = os.path.join(output_dir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
-        suffix += 1
+    archive = unfinished_archive(output_dir)  # a move cut short (a kill, a full disk): the rest goes with it
+    if archive is None:
+        archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
+        suffix = 1
+        while os.path.lexists(archive):
+            archive = os.path.join(output_dir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
+            suffix += 1
+    moving = os.path.join(archive, MOVING)
     with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
-        _move_items(items, folders, archive)
+        if not os.path.lexists(moving):
+            with open(moving, 'x', encoding='utf-8') as f:  # until the last item is in: the run is split till then
+                f.write(f'{stamp}\n')
+        try:
+            _move_items(items, folders, archive)
+        except BaseException:
+            if os.listdir(archive) == [MOVING]:  # nothing moved: the folder goes again, not a split run
+                os.remove(moving)
+            raise
+        os.remove(moving)
     return archive
+
+
+MOVING = '.chat_small_t5.moving'  # in an archive folder while a run's items move in: a cut move is finished there
+
+
+def unfinished_archive(output_dir: str) -> str | None:
+    """The archive folder under output_dir/previous_runs/ whose moves were cut short (it holds the
+    toolkit's MOVING file), the newest if several: the next fresh run moves what is left of that
+    run into it, so one run is never split over two archives."""
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return None
+    found = [os.path.join(root, n) for n in names if ownership.is_real_dir(os.path.join(root, n))
+             and _is_moving_file(os.path.join(root, n, MOVING))]
+    return found[-1] if found else None
+
+
+def _is_moving_file(path: str) -> bool:
+    st = ownership.lstat_or_none(path)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return False
+    raw = ownership.read_regular_file(path, 256)
+    return raw is not None and re.fullmatch(rb'[\w.-]+\n', raw) is not None
 
 
 def _move_items(items: list[str], folders: list[str], archive: str) -> None:
@@ -641,5 +678,6 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
         full = writes.is_disk_full(e) or 'No space left' in str(e)  # shutil.Error lists its copies' errors as text
         why = 'no space left on the device' if full else why
         raise UserError(f'cannot move {item} into {archive} ({why}): it stays where it was (what moved before it '
-                        f'is whole in {archive}); free space there, or make {os.path.dirname(archive)} a folder on '
-                        f'this disk, and run again') from None
+                        f'is whole in {archive}, and the next run moves the rest there too); free space there and '
+                        f'run again, or, to keep earlier runs on this disk, move {archive} into a folder '
+                        f'{os.path.dirname(archive)} on this disk first') from None
