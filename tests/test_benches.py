@@ -165,3 +165,32 @@ def test_bench_span_resume_runs_and_compares_kept_with_counted():
     os.remove(os.path.join(mine, 'my_notes.txt'))
     if not os.listdir(mine):
         os.rmdir(mine)
+
+
+def test_bench_steps_minimal_t5_computes_what_transformers_does(tokenizer):
+    """bench/bench_step.py times a minimal T5 on the same weights: it must compute the same loss
+    and gradients as transformers' (packed batches, both stacks, relative position bias)."""
+    import torch
+
+    from config import T5ModelConfig
+    from conftest import make_texts
+    from model.data.batches import TokenEncoder, make_batches, to_torch
+    from model.data.packing import pack_batch
+    from model.net.chat_model import build_model, token_loss_sum
+
+    bench = load_bench('bench_step')
+    pairs = make_texts(48, seed=3, max_len=40)
+    (batch,) = make_batches([([p for p, _ in pairs], [r for _, r in pairs], None, 0)], TokenEncoder(tokenizer, 48))
+    packed = {k: v for k, v in to_torch(pack_batch(batch, 48, 32)).items() if isinstance(v, torch.Tensor)}
+    assert packed['input_ids'].shape[0] < 48  # several pairs a row: the masks matter
+    torch.manual_seed(0)
+    model = build_model(T5ModelConfig(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                      dropout_rate=0.0, feed_forward_proj='relu'), len(tokenizer))
+    grads = []
+    for loss in (token_loss_sum(model, packed, 'cpu'), bench.minimal_loss(model, packed)):
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (want, g_want), (got, g_got) = grads
+    assert abs(got - want) < 1e-4 * want and set(g_got) == set(g_want)
+    assert all(torch.allclose(g_got[k], g_want[k], rtol=1e-3, atol=1e-6) for k in g_want)
