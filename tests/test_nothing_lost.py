@@ -624,3 +624,18 @@ def test_a_users_file_put_in_best_mid_run_is_kept_and_the_run_trains_on(tmp_path
     assert proc.returncode == 0, err[-3000:]
     assert 'MYNOTE' in err and 'is not exported there, training goes on' in err, err[-3000:]
     assert (out / 'best' / 'MYNOTE').read_text() == 'mine' and 'step 8/8' in err and os.path.isdir(out / 'final')
+
+
+def test_a_start_stopped_early_with_its_log_in_the_state_folder_starts_again(tmp_path, data):
+    """The take-back of a start stopped before its first step removed the state folder's marker
+    though the folder stayed (it held the run's log): the same command was then refused ('a folder
+    this toolkit did not make'), and a requeued job could never start. A folder that keeps
+    anything keeps its marker."""
+    out = tmp_path / 'new' / 'o'
+    flags = tiny_flags(data, out, train_state_dir=out / 'st', log_dir=out / 'st' / 'logs', max_steps=2)
+    r = cli_runner.run(train_cmd(flags), cwd=ROOT, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'start-up:sigterm'},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert sorted(os.listdir(out / 'st')) == ['.chat_small_t5.lock', 'chat_small_t5.json', 'logs']
+    r = run_train(flags)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -337,6 +337,17 @@ def test_a_lock_file_removed_while_held_is_never_taken_by_one_who_opened_it_befo
         assert 'pid' in (locks.is_locked(place) or '')
 
 
+def test_a_start_refused_at_its_locks_takes_back_the_lock_files_it_made_in_its_own_new_folders(tmp_path):
+    mine, shared = str(tmp_path / 'mine'), str(tmp_path / 'shared')
+    os.makedirs(mine)  # made by the refused start itself
+    with locks.PlaceLock([shared], 'training run'):  # another run holds the shared place
+        with pytest.raises(UserError, match='in use by another training run'):
+            locks.PlaceLock([mine, shared], 'training run').acquire(take_back=(mine,))
+        assert os.listdir(mine) == []  # its new folder holds nothing of it: the folder can go again
+        assert markers.LOCK_FILE in os.listdir(shared)  # the holder's file untouched
+        assert 'pid' in (locks.is_locked(shared) or '')
+
+
 def test_a_start_whose_lock_file_is_taken_back_between_its_open_and_its_flock_stops(tmp_path, monkeypatch):
     place = str(tmp_path / 'run')
     opened = locks._open_lock

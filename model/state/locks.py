@@ -212,7 +212,9 @@ class PlaceLock:
         return UserError(f'{folder} is in use by another {self.what} ({holder(folder)}){why}; '
                          f'wait for it to end, or give this one other output paths')
 
-    def acquire(self) -> PlaceLock:
+    def acquire(self, take_back: tuple[str, ...] = ()) -> PlaceLock:
+        """Take every place, or none: on failure the lock files this made in the folders of
+        ``take_back`` (folders the run itself just made) go again (:meth:`release`)."""
         import fcntl
 
         _HELD.add(self)
@@ -259,7 +261,7 @@ class PlaceLock:
                         raise self._in_use(folder)
             self._start_beat(started, since, run)
         except BaseException:
-            self.release()
+            self.release(remove_in=tuple(os.path.realpath(f) for f in take_back))
             raise
         return self
 
@@ -303,8 +305,8 @@ class PlaceLock:
                 try:  # released: a run on another machine need not wait for the heartbeat to age
                     if self._written and _is_mine(_read_info(fd) or {}):
                         os.ftruncate(fd, 0)
-                        if folder in remove_in and _still_the_file(folder, fd):
-                            os.unlink(os.path.join(folder, LOCK_FILE))
+                    if folder in remove_in and _held_here(fd) and _still_the_file(folder, fd):
+                        os.unlink(os.path.join(folder, LOCK_FILE))  # held: no other run is inside it
                 except OSError:
                     pass
                 os.close(fd)
@@ -318,6 +320,18 @@ class PlaceLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _held_here(fd: int) -> bool:
+    """This process holds the file's flock (taking it again is a no-op; one no other run holds is
+    taken now): no other run is using the file."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _still_the_file(folder: str, fd: int) -> bool:

@@ -29,7 +29,7 @@ from config import ResolvedConfig
 from model import stopping
 from model.errors import UserError
 from model.faults import fault_point
-from model.state import contract, locks, states as state_files, writes
+from model.state import contract, locks, markers, states as state_files, writes
 from model.state.checkpoint import Checkpointer, DataPosition, SaveSettings, apply_changed_hyperparameters
 from model.state.contract import SavedState, StateParts, TrainState
 from model.stopping import STOP
@@ -126,9 +126,11 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
     # the folders a fresh run makes for its places (main): taken back if it does not get to train (below)
     made = collectives.on_main_all_ranks(
         lambda: [] if resume else [m for p in places for m in writes.make_folders(os.path.realpath(p))])
-    # one run per output place: main takes the locks, every rank stops if that failed
+    # one run per output place: main takes the locks, every rank stops if that failed (the lock files it
+    # made in folders it made go with them)
     try:
-        lock = collectives.on_main_all_ranks(lambda: locks.PlaceLock(places, 'training run').acquire())
+        lock = collectives.on_main_all_ranks(lambda: locks.PlaceLock(places, 'training run').acquire(
+            take_back=tuple(folder for folder, _ in made)))
     except BaseException:
         writes.remove_made(made or [])
         raise
@@ -180,13 +182,22 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
 
 def take_back_made_folders(lock, made: list, state_dir: str) -> None:
     """A fresh run that stops or is refused before its first step (span corruption's examples are
-    counted only here) leaves no folder it made: in those, its lock file and the state folder's
-    marker go, then each folder while empty and still the one it made (model/state/writes.py);
-    a folder holding anything else -- its log, a user's file put there since -- stays."""
-    folders = tuple(folder for folder, _ in made)
-    if state_dir in folders:
+    counted only here) leaves no folder it made that holds nothing else: from such a folder its
+    lock file and the state folder's marker go, then the folder, while still the one it made
+    (model/state/writes.py). A folder holding anything more -- the run's log, a user's file put
+    there since -- stays whole, marker and all: the same command starts there again."""
+    emptied: set[str] = set()
+    for folder, _ in reversed(made):  # innermost first: a made folder inside one counts as gone
+        own = {markers.LOCK_FILE} | ({markers.MARKER_FILE} if folder == state_dir else set())
+        try:
+            left = {n for n in os.listdir(folder) if os.path.join(folder, n) not in emptied}
+        except OSError:
+            continue
+        if left <= own:
+            emptied.add(folder)
+    if state_dir in emptied:
         state_files.unmark_state_dir(state_dir)
-    lock.release(remove_in=folders)
+    lock.release(remove_in=tuple(emptied))
     writes.remove_made(made)
 
 
