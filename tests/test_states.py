@@ -499,7 +499,8 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     archive = out / 'previous_runs' / 'stamp'
     left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
     assert names(out / 'states') == [] and 'best' in left  # the state moved, the best model did not
-    assert os.path.isfile(archive / sf.MOVING) and sf.unfinished_archive(str(out)) == str(archive)
+    items = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+    assert os.path.isfile(archive / sf.MOVING) and sf.unfinished_archive(str(out), items) == str(archive)
     assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') == str(archive)
     assert os.listdir(out / 'previous_runs') == ['stamp'] and not os.path.exists(archive / sf.MOVING)
     assert not any(os.path.exists(out / p) for p in left) and all(os.path.exists(archive / p) for p in left)
@@ -507,7 +508,7 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
 
     advice, flags = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
     assert flags and f'--output_dir={archive}' in flags, advice  # its states and its models resume together
-    assert sf.unfinished_archive(str(out)) is None
+    assert sf.unfinished_archive(str(out), items) is None
     # the only item fails: no empty archive (nor previous_runs/, made for it) is left behind
     only = tmp_path / 'only'
     make_state(only / 'states', 20)
@@ -734,3 +735,56 @@ def test_a_state_copied_under_another_steps_name_is_neither_resumed_nor_pruned(t
     make_state(states, 8)
     sf._prune_states(str(states), keep=1)
     assert names(states) == ['state-000000002', 'state-000000008', 'state-000000099']  # the copies stay
+
+
+def cut_archive_move(out, monkeypatch):
+    """A run's state, best model and step file, whose move into previous_runs/stamp (on another, full
+    disk) was cut after the state moved. -> the archive folder."""
+    run_state(out / 'states', 20, 'r1', output_dir=out)
+    a_model_folder_and_a_step_file(out)
+    real_copy = shutil.copyfile
+
+    def copy_fails_on_the_best_model(src, dst, **kw):
+        if os.sep.join(('previous_runs', 'stamp', 'best', '')) in str(dst):
+            raise OSError(28, 'No space left on device')
+        return real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
+    with pytest.raises(UserError, match='no space left'):
+        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+    monkeypatch.undo()
+    return out / 'previous_runs' / 'stamp'
+
+
+def test_only_the_toolkits_record_of_a_cut_move_of_these_very_items_is_continued(tmp_path, monkeypatch):
+    """A folder is continued only where the toolkit's record names these very items (same files,
+    by inode) for this output_dir, and no run has trained in it since: a user's folder holding a file
+    of that name, another run's items at the same paths, an archive resumed in place -- each is
+    left alone and the move goes into a new folder."""
+    def items(out):
+        return sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+
+    out = tmp_path / 'a'
+    archive = cut_archive_move(out, monkeypatch)
+    user = out / 'previous_runs' / 'zzz_mine'  # sorts after: would be "the newest"
+    os.makedirs(user)
+    (user / sf.MOVING).write_text('hello\n')
+    (user / 'notes.txt').write_text('mine')
+    assert sf.unfinished_archive(str(out), items(out)) == str(archive)  # the toolkit's record, not the user's file
+    assert sf.unfinished_archive(str(tmp_path / 'elsewhere'), items(out)) is None  # another output_dir's
+    (archive / markers.LOCK_FILE).write_text('')  # a run continued the archive in place: it is that run's now
+    assert sf.unfinished_archive(str(out), items(out)) is None
+    os.remove(archive / markers.LOCK_FILE)
+    shutil.rmtree(out / 'best')  # another run's best model where the cut one was: not the items recorded
+    os.makedirs(out / 'best')
+    (out / 'best' / 'model.safetensors').write_text('weights')
+    own.write_marker(str(out / 'best'), markers.MODEL)
+    assert sf.unfinished_archive(str(out), items(out)) is None
+    # every recorded item is gone from its place now (the state and step file moved, the best model replaced), as
+    # after a kill between the last move and the record's removal: a dry run leaves the record, a run removes it
+    assert os.path.isfile(archive / sf.MOVING)
+    moved = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later')
+    assert moved == str(out / 'previous_runs' / 'later')
+    assert sorted(os.listdir(user)) == [sf.MOVING, 'notes.txt'] and (user / sf.MOVING).read_text() == 'hello\n'
+    assert not os.path.exists(archive / sf.MOVING)

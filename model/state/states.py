@@ -556,7 +556,7 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     if not items:
         return None
-    archive = unfinished_archive(output_dir)  # a move cut short (a kill, a full disk): the rest goes with it
+    archive = unfinished_archive(output_dir, items, tidy=True)  # a move of these very items cut short: finished there
     if archive is None:
         archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
         suffix = 1
@@ -565,9 +565,10 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
             suffix += 1
     moving = os.path.join(archive, MOVING)
     with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
-        if not os.path.lexists(moving):
-            with open(moving, 'x', encoding='utf-8') as f:  # until the last item is in: the run is split till then
-                f.write(f'{stamp}\n')
+        if not os.path.lexists(moving):  # until the last item is in, the record of what moves
+            with open(moving, 'x', encoding='utf-8') as f:
+                json.dump(markers.marker_info(MOVING_KIND, output_dir=os.path.realpath(output_dir),
+                                              items=[_identity(i) for i in items]), f)
         try:
             _move_items(items, folders, archive)
         except BaseException:
@@ -579,28 +580,73 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
 
 
 MOVING = '.chat_small_t5.moving'  # in an archive folder while a run's items move in: a cut move is finished there
+MOVING_KIND = 'archive-in-progress'
 
 
-def unfinished_archive(output_dir: str) -> str | None:
-    """The archive folder under output_dir/previous_runs/ whose moves were cut short (it holds the
-    toolkit's MOVING file), the newest if several: the next fresh run moves what is left of that
-    run into it, so one run is never split over two archives."""
+def _identity(path: str) -> list:
+    st = os.lstat(path)
+    return [os.path.realpath(path), st.st_dev, st.st_ino]
+
+
+def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) -> str | None:
+    """The archive folder under output_dir/previous_runs/ into which a move of these very items
+    (each the same file or folder, by device and inode) was cut short -- a kill, a full disk --
+    the newest if several: the rest goes there too, so one run is never split over two archives.
+    Only a folder whose record is the toolkit's, for this output_dir, never trained in since (no
+    lock file: a run continued it in place), is one. ``tidy`` (a run holding the place's lock): a
+    record whose items all moved (a kill after the last move) is removed."""
     root = os.path.join(output_dir, PREVIOUS_RUNS)
     try:
         names = sorted(os.listdir(root))
     except OSError:
         return None
-    found = [os.path.join(root, n) for n in names if ownership.is_real_dir(os.path.join(root, n))
-             and _is_moving_file(os.path.join(root, n, MOVING))]
-    return found[-1] if found else None
+    wanted = []
+    for item in items:
+        try:
+            wanted.append(_identity(item))
+        except OSError:
+            return None
+    found = None
+    for name in names:
+        folder = os.path.join(root, name)
+        record = _moving_record(folder, output_dir)
+        if record is None:
+            continue
+        recorded = record['items']
+        if not any(_still_at(path, dev, ino) for path, dev, ino in recorded):  # all moved: the record is stale
+            if tidy:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, MOVING))
+            continue
+        if wanted and all(w in recorded for w in wanted) and not os.path.lexists(os.path.join(folder, markers.LOCK_FILE)):
+            found = folder
+    return found
 
 
-def _is_moving_file(path: str) -> bool:
+def _still_at(path, dev, ino) -> bool:
+    st = ownership.lstat_or_none(path)
+    return st is not None and (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _moving_record(folder: str, output_dir: str) -> dict | None:
+    """The toolkit's record of a move in progress into folder, for output_dir, else None."""
+    if not ownership.is_real_dir(folder):
+        return None
+    path = os.path.join(folder, MOVING)
     st = ownership.lstat_or_none(path)
     if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return False
-    raw = ownership.read_regular_file(path, 256)
-    return raw is not None and re.fullmatch(rb'[\w.-]+\n', raw) is not None
+        return None
+    raw = ownership.read_regular_file(path, 1 << 20)
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    if (not isinstance(record, dict) or record.get('made_by') != markers.MARKER_KEY
+            or record.get('kind') != MOVING_KIND or record.get('output_dir') != os.path.realpath(output_dir)
+            or not isinstance(record.get('items'), list)
+            or not all(isinstance(i, list) and len(i) == 3 for i in record['items'])):
+        return None
+    return record
 
 
 def _move_items(items: list[str], folders: list[str], archive: str) -> None:

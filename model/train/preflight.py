@@ -528,7 +528,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
             else:
                 resume = (f' (no state of the run whose models are here in {", ".join(with_states or folders)}: '
                           f'it cannot be continued from there)')
-            cut = ckpt.unfinished_archive(t.output_dir)
+            cut = ckpt.unfinished_archive(t.output_dir, previous)
             into = (f'{cut}/, where an earlier move of them was cut short' if cut else
                     f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/<time>/')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
