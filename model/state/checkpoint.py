@@ -13,6 +13,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
+from model.errors import NotOurs
 from model.faults import fault_point
 from model.state import contract, model_files, states as state_files
 from model.state.contract import SavedState, StateParts, TrainState
@@ -109,9 +110,16 @@ class Checkpointer:
             objective=t.objective)))
 
     def save_best_all_ranks(self, step: int) -> None:
-        """model_file.format('best') and the Hugging Face folder output_dir/best."""
-        self.export_weights_all_ranks('best', step)
-        self.export_folder_all_ranks('best', step)
+        """model_file.format('best') and the Hugging Face folder output_dir/best: each written
+        where it may be, a refusal of either (a user's file there: NotOurs) raised after both."""
+        refused = []
+        for export in (self.export_weights_all_ranks, self.export_folder_all_ranks):
+            try:
+                export('best', step)
+            except NotOurs as e:
+                refused.append(e.message)
+        if refused:
+            raise NotOurs('; '.join(refused))
 
     def export_folder_all_ranks(self, name: str, step: int) -> None:
         state_dict = self.full_state_dict_all_ranks()

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, ResolvedConfig
-from model.errors import UserError
+from model.errors import NotOurs, UserError
 from model.state import contract, locks as place_locks, model_files, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, files_kind, inspect_parquet, resolve_parquet_files
@@ -183,11 +183,27 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         report.problems.append(Problem('train_state_dir', f'train_state_dir: {path} is named like a save in progress '
                                        f'but this toolkit did not make it; the save of that step would stop there',
                                        'move it away'))
+    best_folder, best_name = os.path.join(t.output_dir, 'best'), model_files.model_file_pattern(t.model_file, 'best')
+    best_note = ('; the best model is not exported there until that is moved out: the run trains on, as when '
+                 'it came in mid-run (a fresh run would have to move it aside: refused)')
     for path in model_files.model_folders(t.output_dir):
-        problem('output_dir', lambda path=path: ownership.check_replaceable(path, MODEL, 'output_dir', folder=True))
+        try:
+            ownership.check_replaceable(path, MODEL, 'output_dir', folder=True)
+        except NotOurs as e:  # a user's file in best/: a resume goes on (the run that met it mid-run did)
+            if resume and path == best_folder:
+                report.notes.append(f'output_dir: {e.message}{best_note}')
+            else:
+                report.problems.append(Problem('output_dir', e.message if e.message.startswith('output_dir')
+                                               else f'output_dir: {e.message}'))
+        except UserError as e:
+            report.problems.append(Problem('output_dir', str(e) if str(e).startswith('output_dir') else
+                                           f'output_dir: {e}'))
     for path in model_files.foreign_model_files(t.model_file):
-        report.problems.append(Problem('model_file', f'model_file: {path} matches the model_file pattern and was '
-                                       f'not written by this toolkit, so a run could overwrite it',
+        said = f'model_file: {path} matches the model_file pattern and was not written by this toolkit'
+        if resume and best_name.match(os.path.basename(path)):
+            report.notes.append(said + best_note)
+            continue
+        report.problems.append(Problem('model_file', f'{said}, so a run could overwrite it',
                                        'move it away or choose another --model_file'))
     places = {'train_state_dir': t.train_state_dir, 'output_dir': t.output_dir, 'model_file': model_folder(t),
               'log_dir': t.log_dir}

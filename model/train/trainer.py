@@ -120,6 +120,7 @@ class Trainer:
         self._saved_pending = self.state.eval_pending  # as in the newest saved state
         self._seconds_per_step = 0.0
         self._grace_warned = False
+        self.best_refused = -1  # the step whose best-model export a file not the toolkit's refused, if any
         self.nonfinite_step = torch.tensor(-1, device=self.accelerator.device)
         self.interval = self._new_interval()
         self._rows_unfolded = self._tokens_unfolded = 0  # this rank's, not yet in the run state
@@ -301,6 +302,7 @@ class Trainer:
                 with stopping.critical():
                     self.checkpointer.save_best_all_ranks(state.global_step)
             except NotOurs as e:  # a user's file put in best/ meanwhile: never replaced, and no reason to end the run
+                self.best_refused = state.global_step
                 if self.collectives.is_main:
                     logger.warning('%s; the best model so far (step %d) is not exported there, training goes on: '
                                    'the next better evaluation exports it once that is cleared, and final/ holds the '
@@ -363,6 +365,10 @@ class Trainer:
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
                     os.path.join(self.settings.output_dir, 'final'))
+        if self.best_refused == self.state.best_step and self.collectives.is_main:
+            logger.warning('the best model (step %d) is not in %s: a file that is not this toolkit\'s blocked its '
+                           'export; final/ holds the last model', self.state.best_step,
+                           os.path.join(self.settings.output_dir, 'best'))
         fault_point('done')
 
 
