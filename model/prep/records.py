@@ -59,6 +59,10 @@ def build_utf8_error(path: str) -> UserError:
     with open(path, 'rb') as f:
         head = f.read(GUESS_BYTES)
     before = head[:found[1]] if found else b''
+    after = head[found[1] + len(found[2]):] if found else b''
+    if found and after and _decodes(after, 'utf-8'):  # UTF-8 again right after it: a stray byte, not an encoding
+        return UserError(f'{path}: {where} is not UTF-8, while the text after it is: a stray byte in a UTF-8 file; '
+                         f'remove it or that line (see it: sed -n \'{found[0]}p\' {quoted} | od -c | head)')
     if any(b >= 0x80 for b in before):  # UTF-8 text (not only ASCII) before it: one line is not, not the file
         return UserError(f'{path}: {where} is not UTF-8, though the text before it is: that line is in another '
                          f'encoding (GBK?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' {quoted} | '
