@@ -175,7 +175,7 @@ def test_a_packed_batch_has_the_padded_batch_loss_and_gradients(attention, seed)
         model.zero_grad()
         loss = token_loss_sum(model, to_torch(b), 'cpu')
         loss.backward()
-        return float(loss), [p.grad.clone() for p in model.parameters()]
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
     padded_loss, padded_grads = loss_and_grads(batch)
     packed_loss, packed_grads = loss_and_grads(packed)
