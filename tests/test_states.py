@@ -483,20 +483,7 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     # a cut after the state moved (the best model's copy fails), then space freed: the next fresh run moves the
     # rest into the same archive -- one run is never split over two
     out = tmp_path / 'out_cut'
-    run_state(out / 'states', 20, 'r1', output_dir=out)  # a state that names the output_dir it was saved for
-    a_model_folder_and_a_step_file(out)
-
-    def copy_fails_on_the_best_model(src, dst, **kw):
-        if os.sep.join(('previous_runs', 'stamp', 'best', '')) in str(dst):  # src may be a DirEntry
-            raise OSError(28, 'No space left on device')
-        return real_copy(src, dst, **kw)
-
-    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
-    monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
-    with pytest.raises(UserError, match='the next run moves the rest there too'):
-        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
-    monkeypatch.undo()
-    archive = out / 'previous_runs' / 'stamp'
+    archive = cut_archive_move(out, monkeypatch)
     left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
     assert names(out / 'states') == [] and 'best' in left  # the state moved, the best model did not
     items = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
@@ -751,7 +738,7 @@ def cut_archive_move(out, monkeypatch):
 
     monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
-    with pytest.raises(UserError, match='no space left'):
+    with pytest.raises(UserError, match='no space left.*the next run moves the rest there too'):
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
     monkeypatch.undo()
     return out / 'previous_runs' / 'stamp'
