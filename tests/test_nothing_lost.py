@@ -10,6 +10,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -654,6 +655,10 @@ def test_a_resume_trains_on_beside_a_users_file_in_best_as_the_run_that_met_it_d
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'the best model is not exported there until that is moved out' in r.stderr, r.stderr[-3000:]
     assert (out / 'best' / 'notes.txt').read_text() == 'mine' and 'step 8/8' in r.stderr
+    assert 'output_dir: output_dir' not in r.stderr
+    best = int(re.search(r'done: .* at step (\d+)', r.stderr).group(1))  # read back at the end: said where it is not
+    assert (f'{out / "best"} does not hold the best model (step {best}), but step 4\'s' in r.stderr) == (best > 4)
+    assert 'chat_small_t5.best.bin does not hold' not in r.stderr  # the weights file was written: not named
     os.remove(out / 'best' / 'notes.txt')
     os.remove(out / 'chat_small_t5.best.bin')
     (out / 'chat_small_t5.best.bin').write_text('my own weights')

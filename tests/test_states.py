@@ -759,6 +759,9 @@ def test_only_the_toolkits_record_of_a_cut_move_of_these_very_items_is_continued
     (user / sf.MOVING).write_text('hello\n')
     (user / 'notes.txt').write_text('mine')
     assert sf.unfinished_archive(str(out), items(out)) == str(archive)  # the toolkit's record, not the user's file
+    shutil.copytree(archive, out / 'previous_runs' / 'zz_backup', symlinks=True)  # a user's copy, record and all
+    assert sf.unfinished_archive(str(out), items(out)) == str(archive)  # the record names its own folder
+    shutil.rmtree(out / 'previous_runs' / 'zz_backup')
     assert sf.unfinished_archive(str(tmp_path / 'elsewhere'), items(out)) is None  # another output_dir's
     (archive / markers.LOCK_FILE).write_text('')  # a run continued the archive in place: it is that run's now
     assert sf.unfinished_archive(str(out), items(out)) is None

@@ -568,7 +568,7 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
         if not os.path.lexists(moving):  # until the last item is in, the record of what moves
             with open(moving, 'x', encoding='utf-8') as f:
                 json.dump(markers.marker_info(MOVING_KIND, output_dir=os.path.realpath(output_dir),
-                                              items=[_identity(i) for i in items]), f)
+                                              folder=_identity(archive)[:3], items=[_identity(i) for i in items]), f)
         try:
             _move_items(items, folders, archive)
         except BaseException:
@@ -584,13 +584,15 @@ MOVING_KIND = 'archive-in-progress'
 
 
 def _identity(path: str) -> list:
+    """What tells this very file or folder from one made in its place since: an inode number is
+    soon reused (a folder removed and made again often gets the same), its change time is not."""
     st = os.lstat(path)
-    return [os.path.realpath(path), st.st_dev, st.st_ino]
+    return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
 def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) -> str | None:
     """The archive folder under output_dir/previous_runs/ into which a move of these very items
-    (each the same file or folder, by device and inode) was cut short -- a kill, a full disk --
+    (each the same file or folder, by device, inode and change time) was cut short -- a kill, a full disk --
     the newest if several: the rest goes there too, so one run is never split over two archives.
     Only a folder whose record is the toolkit's, for this output_dir, never trained in since (no
     lock file: a run continued it in place), is one. ``tidy`` (a run holding the place's lock): a
@@ -613,7 +615,7 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
         if record is None:
             continue
         recorded = record['items']
-        if not any(_still_at(path, dev, ino) for path, dev, ino in recorded):  # all moved: the record is stale
+        if not any(_still_at(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
             if tidy:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, MOVING))
@@ -623,13 +625,14 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
     return found
 
 
-def _still_at(path, dev, ino) -> bool:
+def _still_at(path, dev, ino, ctime_ns) -> bool:
     st = ownership.lstat_or_none(path)
-    return st is not None and (st.st_dev, st.st_ino) == (dev, ino)
+    return st is not None and (st.st_dev, st.st_ino, st.st_ctime_ns) == (dev, ino, ctime_ns)
 
 
 def _moving_record(folder: str, output_dir: str) -> dict | None:
-    """The toolkit's record of a move in progress into folder, for output_dir, else None."""
+    """The toolkit's record of a move in progress into folder -- this very folder (by inode), for
+    output_dir -- else None."""
     if not ownership.is_real_dir(folder):
         return None
     path = os.path.join(folder, MOVING)
@@ -643,8 +646,10 @@ def _moving_record(folder: str, output_dir: str) -> dict | None:
         return None
     if (not isinstance(record, dict) or record.get('made_by') != markers.MARKER_KEY
             or record.get('kind') != MOVING_KIND or record.get('output_dir') != os.path.realpath(output_dir)
+            or record.get('folder') != _identity(folder)[:3]  # a copy of the folder or its record: not the one (its
+            # change time changes as items move in: path, device and inode)
             or not isinstance(record.get('items'), list)
-            or not all(isinstance(i, list) and len(i) == 3 for i in record['items'])):
+            or not all(isinstance(i, list) and len(i) == 4 for i in record['items'])):
         return None
     return record
 

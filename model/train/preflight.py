@@ -191,7 +191,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             ownership.check_replaceable(path, MODEL, 'output_dir', folder=True)
         except NotOurs as e:  # a user's file in best/: a resume goes on (the run that met it mid-run did)
             if resume and path == best_folder:
-                report.notes.append(f'output_dir: {e.message}{best_note}')
+                report.notes.append((e.message if e.message.startswith('output_dir') else f'output_dir: {e.message}')
+                                    + best_note)
             else:
                 report.problems.append(Problem('output_dir', e.message if e.message.startswith('output_dir')
                                                else f'output_dir: {e.message}'))

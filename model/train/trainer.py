@@ -83,13 +83,14 @@ class LoopSettings:
     learn_rate: float
     train_state_dir: str
     output_dir: str
+    model_file: str  # its 'best' export is read back at the end (say_best_exports)
 
     @classmethod
     def of(cls, t) -> 'LoopSettings':
         return cls(accumulation=t.gradient_accumulation_steps, epochs=t.epochs, max_grad_norm=t.max_grad_norm,
                    logging_steps=t.logging_steps, eval_steps=t.eval_steps, save_steps=t.save_steps,
                    stop_grace_s=t.stop_grace_s, learn_rate=t.learn_rate, train_state_dir=t.train_state_dir,
-                   output_dir=t.output_dir)
+                   output_dir=t.output_dir, model_file=t.model_file)
 
 
 def stop_outlasts_grace(grace: int, save_seconds: float, step_seconds: float) -> str | None:
@@ -120,7 +121,6 @@ class Trainer:
         self._saved_pending = self.state.eval_pending  # as in the newest saved state
         self._seconds_per_step = 0.0
         self._grace_warned = False
-        self.best_refused = -1  # the step whose best-model export a file not the toolkit's refused, if any
         self.nonfinite_step = torch.tensor(-1, device=self.accelerator.device)
         self.interval = self._new_interval()
         self._rows_unfolded = self._tokens_unfolded = 0  # this rank's, not yet in the run state
@@ -302,11 +302,23 @@ class Trainer:
                 with stopping.critical():
                     self.checkpointer.save_best_all_ranks(state.global_step)
             except NotOurs as e:  # a user's file put in best/ meanwhile: never replaced, and no reason to end the run
-                self.best_refused = state.global_step
                 if self.collectives.is_main:
                     logger.warning('%s; the best model so far (step %d) is not exported there, training goes on: '
                                    'the next better evaluation exports it once that is cleared, and final/ holds the '
                                    'last model', e, state.global_step)
+
+    def say_best_exports(self) -> None:
+        """Where the best step's model is not (a file not the toolkit's blocked an export, in this
+        process or the one before a resume): each export read back, by the step its marker records."""
+        from model.state.model_files import model_record
+
+        best = self.state.best_step
+        for path in (self.settings.model_file.format('best'), os.path.join(self.settings.output_dir, 'best')):
+            step = (model_record(path) or {}).get('step')
+            if best > 0 and step != best:
+                logger.warning('%s does not hold the best model (step %d)%s: a file that is not this toolkit\'s '
+                               'blocked its export; final/ holds the last model', path, best,
+                               f', but step {step}\'s' if isinstance(step, int) else '')
 
     def needs_save(self) -> bool:
         """The run state differs from the newest saved one (a step, or a pending evaluation done)."""
@@ -365,10 +377,8 @@ class Trainer:
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
                     os.path.join(self.settings.output_dir, 'final'))
-        if self.best_refused == self.state.best_step and self.collectives.is_main:
-            logger.warning('the best model (step %d) is not in %s: a file that is not this toolkit\'s blocked its '
-                           'export; final/ holds the last model', self.state.best_step,
-                           os.path.join(self.settings.output_dir, 'best'))
+        if self.collectives.is_main:
+            self.say_best_exports()
         fault_point('done')
 
 
