@@ -72,8 +72,10 @@ class TokenEncoder:
     def _encode_long(self, text: str) -> np.ndarray:
         """A long document's ids (int64, eos last), a piece at a time: the tokenizer's own
         records of one 15 MB line took 1.6 GB at once."""
-        parts = [np.asarray(e.ids, dtype=np.int64) for e in
-                 self._rust.encode_batch_fast(document_pieces(text), add_special_tokens=False)]
+        pieces, parts = document_pieces(text), []
+        for i in range(0, len(pieces), PIECES_AT_ONCE):  # the tokenizer's records of a few pieces at a time
+            parts += [np.asarray(e.ids, dtype=np.int64) for e in
+                      self._rust.encode_batch_fast(pieces[i:i + PIECES_AT_ONCE], add_special_tokens=False)]
         return np.concatenate(parts + [np.array([self.eos_id], dtype=np.int64)])
 
     def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +91,7 @@ class TokenEncoder:
 
 PIECE_CHARS = 1 << 16  # a whole document longer than this is tokenized in pieces of about this many characters
 SEAM_CHARS = 4096  # how far back from a piece's end a seam is looked for
+PIECES_AT_ONCE = 4  # pieces tokenized in one call (the tokenizer's threads), their records freed after it
 
 
 def document_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
