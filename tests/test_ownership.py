@@ -781,3 +781,62 @@ def test_a_rank_outcome_replaces_only_an_outcome_never_a_users_file_or_a_link(tm
         assert 'cannot record this rank\'s outcome' in err
         assert (os.path.islink(path) if planted == 'a link to my file' else os.path.isdir(path) if planted == 'a folder'
                 else open(path).read() == 'my notes')
+
+
+def test_a_start_takes_back_only_the_real_folders_it_made_never_a_users_or_a_link(tmp_path):
+    """take_back_made_folders (a fresh run stopped before its first step) removes a lock file, the
+    state folder's marker and the folder -- only in a folder it made that is still that folder, a
+    real one: one a user made in its place since (same path, holding a marker and a lock file of
+    that name), or a link put there to a user's folder, loses nothing."""
+    from model.state import states as sf, writes
+    from model.train.factory import take_back_made_folders
+
+    def user_folder(path):
+        os.makedirs(path)
+        own.write_marker(str(path), markers.STATE_DIR, manifest=False)  # a copy of the toolkit's own, say
+        (path / markers.LOCK_FILE).write_text('')
+        return snapshot_of(path)
+
+    def snapshot_of(path):
+        return sorted((n, open(os.path.join(path, n), 'rb').read()) for n in os.listdir(path))
+
+    for case in ('made again', 'link'):
+        base = tmp_path / case.replace(' ', '_')
+        state = base / 'state'
+        made = writes.make_folders(str(state))
+        lock = locks.PlaceLock([str(state)]).acquire()
+        sf.ensure_state_dir(str(state))
+        os.rename(state, base / 'was')  # the made folder moved away; a user's stands in its place
+        users = base / 'users'
+        if case == 'made again':
+            before = user_folder(state)
+        else:
+            before = user_folder(users)
+            os.symlink(users, state)
+        take_back_made_folders(lock, made, str(state))
+        target = users if case == 'link' else state
+        assert snapshot_of(target) == before, case  # marker and lock file of the user's folder kept
+        assert os.path.lexists(state) and (case != 'link' or os.path.islink(state))
+
+
+def test_a_start_takes_back_the_folders_it_made_and_nothing_beside(tmp_path):
+    from model.state import states as sf, writes
+    from model.train.factory import take_back_made_folders
+
+    out = tmp_path / 'new' / 'out'
+    made = writes.make_folders(str(out / 'state'))
+    lock = locks.PlaceLock([str(out / 'state'), str(out)]).acquire()
+    sf.ensure_state_dir(str(out / 'state'))
+    (tmp_path / 'beside.txt').write_text('mine')
+    take_back_made_folders(lock, made, str(out / 'state'))
+    assert os.listdir(tmp_path) == ['beside.txt']  # new/, out/, state/ and their files gone; nothing else
+
+
+def test_a_lock_file_swapped_for_a_link_is_not_removed_with_the_folder_it_made(tmp_path):
+    place, user_file = str(tmp_path / 'run'), tmp_path / 'mine.txt'
+    user_file.write_text('mine')
+    lock = locks.PlaceLock([place]).acquire()
+    os.symlink(user_file, os.path.join(place, 'tmp-link'))
+    os.replace(os.path.join(place, 'tmp-link'), os.path.join(place, markers.LOCK_FILE))  # the name now a link
+    lock.release(remove_in=(place,))
+    assert os.path.islink(os.path.join(place, markers.LOCK_FILE)) and user_file.read_text() == 'mine'

@@ -778,3 +778,25 @@ def test_only_the_toolkits_record_of_a_cut_move_of_these_very_items_is_continued
     assert moved == str(out / 'previous_runs' / 'later')
     assert sorted(os.listdir(user)) == [sf.MOVING, 'notes.txt'] and (user / sf.MOVING).read_text() == 'hello\n'
     assert not os.path.exists(archive / sf.MOVING)
+
+
+def test_a_cut_moves_record_is_never_read_or_removed_through_a_link(tmp_path, monkeypatch):
+    """The record of a cut move (removed once the move ends, or when stale) is the toolkit's only in
+    the very archive folder it names, as a plain file: a link in previous_runs/ to a user's folder
+    holding a copy of it, or the record replaced by a link to a user's file, is not continued, and
+    the user's files stay."""
+    out = tmp_path / 'out'
+    archive = cut_archive_move(out, monkeypatch)
+    items = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+    record = (archive / sf.MOVING).read_bytes()
+    users = tmp_path / 'users'
+    os.makedirs(users)
+    (users / sf.MOVING).write_bytes(record)
+    os.symlink(users, out / 'previous_runs' / 'zzz_link')  # sorts last: would be "the newest"
+    assert sf.unfinished_archive(str(out), items, tidy=True) == str(archive)
+    os.remove(archive / sf.MOVING)
+    os.symlink(users / sf.MOVING, archive / sf.MOVING)  # the record now a link to the user's copy
+    assert sf.unfinished_archive(str(out), items, tidy=True) is None
+    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later') != str(archive)
+    assert (users / sf.MOVING).read_bytes() == record and os.listdir(users) == [sf.MOVING]
+    assert os.path.islink(archive / sf.MOVING) and os.path.islink(out / 'previous_runs' / 'zzz_link')
