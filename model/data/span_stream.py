@@ -144,7 +144,8 @@ class SpanCorruptionDataset(IterableDataset):
                 counts = combine(counts, error)  # every rank leaves here if any broke its count off
             elif error is not None:
                 raise error
-            if broken_off or stopping.requested():  # nothing unfinished is kept
+            # nothing unfinished is kept; with a sum over ranks the stop is the sum's to say (every rank at once)
+            if broken_off or (combine is None and stopping.requested()):
                 raise stopping.STOP.stopped(f'while counting the training text\'s tokens, '
                                             f'{stopping.STOP.seconds_since_signal():.1f} s after the signal: nothing '
                                             f'was trained, saved or moved')

@@ -238,10 +238,15 @@ def make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
     return made
 
 
+def still_made(folder: str, identity: tuple[int, int]) -> bool:
+    """folder is still the real folder make_folders made (never a link, nor one made there since)."""
+    st = lstat_or_none(folder)
+    return st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == tuple(identity)
+
+
 def remove_made(made: list[tuple[str, tuple[int, int]]]) -> None:
     for folder, identity in reversed(made):  # innermost first
-        st = lstat_or_none(folder)
-        if st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == identity:
+        if still_made(folder, identity):
             with contextlib.suppress(OSError):  # not empty: someone wrote there meanwhile
                 os.rmdir(folder)
 

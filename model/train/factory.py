@@ -23,14 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import stat
 from dataclasses import dataclass
 
 from config import ResolvedConfig
 from model import stopping
 from model.errors import UserError
 from model.faults import fault_point
-from model.state import contract, locks, markers, ownership, states as state_files, writes
+from model.state import contract, locks, markers, states as state_files, writes
 from model.state.checkpoint import Checkpointer, DataPosition, SaveSettings, apply_changed_hyperparameters
 from model.state.contract import SavedState, StateParts, TrainState
 from model.stopping import STOP
@@ -187,10 +186,9 @@ def take_back_made_folders(lock, made: list, state_dir: str) -> None:
     lock file and the state folder's marker go, then the folder, while still the one it made
     (model/state/writes.py). A folder holding anything more -- the run's log, a user's file put
     there since -- stays whole, marker and all: the same command starts there again."""
-    emptied: set[str] = set()
+    state_dir, emptied = os.path.realpath(state_dir), set()  # as made (make_folders was given realpaths)
     for folder, identity in reversed(made):  # innermost first: a made folder inside one counts as gone
-        st = ownership.lstat_or_none(folder)  # still the real folder it made: never a link or one made since
-        if st is None or not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != identity:
+        if not writes.still_made(folder, identity):  # never a link, nor a folder made there since
             continue
         own = {markers.LOCK_FILE} | ({markers.MARKER_FILE} if folder == state_dir else set())
         try:
