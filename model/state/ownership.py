@@ -169,15 +169,16 @@ def describe_entries(folder: str) -> dict[str, dict]:
     return out
 
 
-def write_marker(folder: str, kind: str, *, manifest: bool = True, **info) -> None:
+def write_marker(folder: str, kind: str, *, manifest: bool = True, name: str = MARKER_FILE, **info) -> None:
     """Mark a folder as the toolkit's. With manifest (the default) the marker records every
     entry in it now, with its content; see :func:`foreign_entries`. Created with O_EXCL and
-    O_NOFOLLOW: never written through a link, never over a file already there."""
+    O_NOFOLLOW: never written through a link, never over a file already there. ``name``: a
+    record of another name (an archive's move in progress, model/state/states.py)."""
     if manifest:
         info['entries'] = describe_entries(folder)
     data = json.dumps(marker_info(kind, **info), ensure_ascii=False, indent=1).encode()
     with critical():  # never half a marker
-        fd = os.open(os.path.join(folder, MARKER_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -197,11 +198,11 @@ def read_regular_file(path: str, limit: int) -> bytes | None:
         return f.read(limit)
 
 
-def read_marker(folder: str) -> dict | None:
+def read_marker(folder: str, name: str = MARKER_FILE) -> dict | None:
     """The marker of a folder the toolkit made (a real folder, a plain marker file), else None."""
     if not is_real_dir(folder):
         return None
-    raw = read_regular_file(os.path.join(folder, MARKER_FILE), MAX_MARKER_BYTES)
+    raw = read_regular_file(os.path.join(folder, name), MAX_MARKER_BYTES)
     try:
         info = json.loads(raw) if raw is not None else None
     except ValueError:

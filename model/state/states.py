@@ -566,9 +566,9 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     moving = os.path.join(archive, MOVING)
     with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
         if not os.path.lexists(moving):  # until the last item is in, the record of what moves
-            with open(moving, 'x', encoding='utf-8') as f:
-                json.dump(markers.marker_info(MOVING_KIND, output_dir=os.path.realpath(output_dir),
-                                              folder=_identity(archive)[:3], items=[_identity(i) for i in items]), f)
+            ownership.write_marker(archive, MOVING_KIND, manifest=False, name=MOVING,
+                                   output_dir=os.path.realpath(output_dir), archive=_identity(archive)[:3],
+                                   items=[_identity(i) for i in items])
         try:
             _move_items(items, folders, archive)
         except BaseException:
@@ -633,20 +633,10 @@ def _still_at(path, dev, ino, ctime_ns) -> bool:
 def _moving_record(folder: str, output_dir: str) -> dict | None:
     """The toolkit's record of a move in progress into folder -- this very folder (by inode), for
     output_dir -- else None."""
-    if not ownership.is_real_dir(folder):
-        return None
-    path = os.path.join(folder, MOVING)
-    st = ownership.lstat_or_none(path)
-    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return None
-    raw = ownership.read_regular_file(path, 1 << 20)
-    try:
-        record = json.loads(raw) if raw is not None else None
-    except ValueError:
-        return None
-    if (not isinstance(record, dict) or record.get('made_by') != markers.MARKER_KEY
-            or record.get('kind') != MOVING_KIND or record.get('output_dir') != os.path.realpath(output_dir)
-            or record.get('folder') != _identity(folder)[:3]  # a copy of the folder or its record: not the one (its
+    st = ownership.lstat_or_none(os.path.join(folder, MOVING))
+    record = ownership.read_marker(folder, MOVING) if st is not None and st.st_nlink == 1 else None  # not a hard link
+    if (record is None or record.get('kind') != MOVING_KIND or record.get('output_dir') != os.path.realpath(output_dir)
+            or record.get('archive') != _identity(folder)[:3]  # a copy of the folder or its record: not the one (its
             # change time changes as items move in: path, device and inode)
             or not isinstance(record.get('items'), list)
             or not all(isinstance(i, list) and len(i) == 4 for i in record['items'])):
