@@ -575,6 +575,7 @@ def test_a_long_document_is_tokenized_in_pieces_with_the_whole_texts_ids(tokeniz
     assert list(ids[1]) == whole(spaced) and ids[0] == ids[2] == whole(short)
     flat, lens = enc.encode_ragged([short, spaced])
     assert list(lens) == [len(whole(short)), len(whole(spaced))] and list(flat) == whole(short) + whole(spaced)
+    assert list(enc.encode_lengths([short, spaced])) == list(lens)  # the counting pass: lengths alone
     unspaced = '北京是中国的首都也是一座历史悠久的城市' * 100  # no space: cut where it must be
     got = enc.encode([unspaced])[0]
     assert len(document_pieces(unspaced, 300)) == 7 and got[-1] == enc.eos_id

@@ -78,6 +78,10 @@ class TokenEncoder:
                       self._rust.encode_batch_fast(pieces[i:i + PIECES_AT_ONCE], add_special_tokens=False)]
         return np.concatenate(parts + [np.array([self.eos_id], dtype=np.int64)])
 
+    def encode_lengths(self, texts: list[str]) -> np.ndarray:
+        """The number of ids of each text (int64), the ids themselves not kept (a counting pass)."""
+        return np.fromiter(map(len, self.encode(texts)), dtype=np.int64, count=len(texts))
+
     def encode_ragged(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All ids concatenated (int64) and the length of each text's part."""
         seqs = self.encode(texts)

@@ -235,7 +235,7 @@ class SpanCorruptionDataset(IterableDataset):
                     n = np.zeros(len(texts), dtype=np.int64)
                     keep = np.flatnonzero(~blank_mask(texts))
                     if keep.size:
-                        n[keep] = self.encoder.encode_ragged(texts.take(pa.array(keep)).to_pylist())[1]
+                        n[keep] = self.encoder.encode_lengths(texts.take(pa.array(keep)).to_pylist())
                     out.append(n)
                     done += len(texts)
         finally:

@@ -186,19 +186,15 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     best_folder, best_name = os.path.join(t.output_dir, 'best'), model_files.model_file_pattern(t.model_file, 'best')
     best_note = ('; the best model is not exported there until that is moved out: the run trains on, as when '
                  'it came in mid-run (a fresh run would have to move it aside: refused)')
-    for path in model_files.model_folders(t.output_dir):
+    def replaceable_model_folder(path):
         try:
             ownership.check_replaceable(path, MODEL, 'output_dir', folder=True)
         except NotOurs as e:  # a user's file in best/: a resume goes on (the run that met it mid-run did)
-            if resume and path == best_folder:
-                report.notes.append((e.message if e.message.startswith('output_dir') else f'output_dir: {e.message}')
-                                    + best_note)
-            else:
-                report.problems.append(Problem('output_dir', e.message if e.message.startswith('output_dir')
-                                               else f'output_dir: {e.message}'))
-        except UserError as e:
-            report.problems.append(Problem('output_dir', str(e) if str(e).startswith('output_dir') else
-                                           f'output_dir: {e}'))
+            if not (resume and path == best_folder):
+                raise
+            report.notes.append(str(e) + best_note)
+    for path in model_files.model_folders(t.output_dir):
+        problem('output_dir', lambda path=path: replaceable_model_folder(path))
     for path in model_files.foreign_model_files(t.model_file):
         said = f'model_file: {path} matches the model_file pattern and was not written by this toolkit'
         if resume and best_name.match(os.path.basename(path)):
