@@ -129,13 +129,16 @@ def main() -> None:
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--threads', type=int, default=os.cpu_count())
     args = ap.parse_args()
+    from heldout import BASE, SIZES  # no torch at its import: the flags are checked before torch loads
+
     if args.task not in ('demo', 'numbers') or args.batches < 1 or args.rounds < 1 or args.threads < 1:
         ap.error('--task is demo or numbers; --batches, --rounds and --threads are at least 1')
+    if args.size not in SIZES:
+        ap.error(f'--size is one of {", ".join(SIZES)}')
 
     import torch
 
     from config import T5ModelConfig
-    from heldout import BASE, SIZES
     from model.data.batches import TokenEncoder, make_batches, to_torch
     from model.data.files import iter_usable_rows
     from model.data.packing import pack_batch
@@ -143,8 +146,6 @@ def main() -> None:
     from model.net.chat_model import build_model, token_loss_sum
     from tasks import task_files
 
-    if args.size not in SIZES:
-        ap.error(f'--size is one of {", ".join(SIZES)}')
     torch.set_num_threads(args.threads)
     paths = task_files(args.task)
     tok = load_tokenizer(paths['tok'])
@@ -178,8 +179,10 @@ def main() -> None:
     if set(g_ref) != set(g_mine) or abs(mine - reference) > 1e-4 * abs(reference) or worst > 1e-3:
         sys.exit('the minimal T5 does not compute what transformers\' does: no timing')
 
-    ways = {'padded': lambda b: token_loss_sum(model, b, 'cpu'), 'packed': lambda b: token_loss_sum(model, b, 'cpu'),
-            'minimal': lambda b: minimal_loss(model, b)}
+    def transformers_loss(b):
+        return token_loss_sum(model, b, 'cpu')
+
+    ways = {'padded': transformers_loss, 'packed': transformers_loss, 'minimal': lambda b: minimal_loss(model, b)}
     data = {'padded': padded, 'packed': packed, 'minimal': packed}
     times = {k: [] for k in ways}
     for way in ways:  # one warm-up round each
