@@ -840,3 +840,12 @@ def test_a_lock_file_swapped_for_a_link_is_not_removed_with_the_folder_it_made(t
     os.replace(os.path.join(place, 'tmp-link'), os.path.join(place, markers.LOCK_FILE))  # the name now a link
     lock.release(remove_in=(place,))
     assert os.path.islink(os.path.join(place, markers.LOCK_FILE)) and user_file.read_text() == 'mine'
+
+
+def test_places_that_cannot_all_be_made_leave_none_of_the_folders_made(tmp_path):
+    from model.train.factory import make_places
+
+    (tmp_path / 'afile').write_text('mine')
+    with pytest.raises(UserError, match='cannot make the folder'):
+        make_places([str(tmp_path / 'new' / 'state'), str(tmp_path / 'afile' / 'out')])  # a file in the way
+    assert sorted(os.listdir(tmp_path)) == ['afile'] and (tmp_path / 'afile').read_text() == 'mine'

@@ -124,8 +124,7 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
     accelerator, collectives, warning = build_engine(t)
     places = [t.train_state_dir, t.output_dir, model_folder(t)]
     # the folders a fresh run makes for its places (main): taken back if it does not get to train (below)
-    made = collectives.on_main_all_ranks(
-        lambda: [] if resume else [m for p in places for m in writes.make_folders(os.path.realpath(p))])
+    made = collectives.on_main_all_ranks(lambda: [] if resume else make_places(places))
     # one run per output place: main takes the locks, every rank stops if that failed (the lock files it
     # made in folders it made go with them)
     try:
@@ -178,6 +177,19 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
         if lock is not None:  # main
             take_back_made_folders(lock, made, t.train_state_dir)
         raise
+
+
+def make_places(places: list[str]) -> list:
+    """The folders of the places made (writes.make_folders), outermost first; if one cannot be made,
+    those made for the places before it go again."""
+    made: list = []
+    try:
+        for place in places:
+            made += writes.make_folders(os.path.realpath(place))
+    except BaseException:
+        writes.remove_made(made)
+        raise
+    return made
 
 
 def take_back_made_folders(lock, made: list, state_dir: str) -> None:
