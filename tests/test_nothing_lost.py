@@ -666,3 +666,19 @@ def test_a_resume_trains_on_beside_a_users_file_in_best_as_the_run_that_met_it_d
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / 'chat_small_t5.best.bin').read_text() == 'my own weights' and 'step 12/12' in r.stderr
     assert_user_error(run_train(flags, '--max_steps=2'), 'chat_small_t5.best.bin')  # a fresh run: refused
+
+
+def test_a_marker_named_entry_of_the_users_is_one_line_in_the_dry_run_and_the_run(tmp_path, data):
+    out = tmp_path / 'run'
+    os.makedirs(out / 'state')
+    (out / 'state' / 'chat_small_t5.json').write_text('{"mine": 1}')
+    flags = tiny_flags(data, out, max_steps=2)
+    for extra in ((), ('--dry_run=True',)):
+        r = run_train(flags, *extra)
+        assert r.returncode in (1, 2) and 'Traceback' not in r.stderr + r.stdout, (r.stdout + r.stderr)[-3000:]
+        assert 'holds a chat_small_t5.json this toolkit did not write' in r.stderr + r.stdout
+    assert_user_error(run_train(flags), 'chat_small_t5.json')
+    assert (out / 'state' / 'chat_small_t5.json').read_text() == '{"mine": 1}'
+    os.makedirs(tmp_path / 'model' / 'chat_small_t5.json')  # a folder of that name: no traceback either
+    r = cli('generate', f'--model_dir={tmp_path / "model"}', f'--tokenizer_dir={data["tok"]}', '--prompts=["hi"]')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]

@@ -849,3 +849,25 @@ def test_places_that_cannot_all_be_made_leave_none_of_the_folders_made(tmp_path)
     with pytest.raises(UserError, match='cannot make the folder'):
         make_places([str(tmp_path / 'new' / 'state'), str(tmp_path / 'afile' / 'out')])  # a file in the way
     assert sorted(os.listdir(tmp_path)) == ['afile'] and (tmp_path / 'afile').read_text() == 'mine'
+
+
+def test_a_users_file_or_folder_named_like_the_marker_is_refused_in_one_line_never_replaced(tmp_path):
+    """A folder named chat_small_t5.json opened like a file (a traceback, in the dry run and in
+    generate too); a user's own chat_small_t5.json in an empty train_state_dir was taken as room to
+    mark (a FileExistsError at start-up). Both are the user's: said in one line, left as they are."""
+    from model.state import states as sf
+
+    as_folder = tmp_path / 'a'
+    os.makedirs(as_folder / markers.MARKER_FILE)
+    assert own.read_marker(str(as_folder)) is None and own.folder_kind(str(as_folder)) is None
+    target = tmp_path / 'mine.json'
+    target.write_text('{"mine": 1}')
+    for name, plant in {'a folder': lambda p: os.makedirs(p), 'a file': lambda p: p.write_text('{"mine": 1}'),
+                        'a link': lambda p: os.symlink(target, p)}.items():
+        state = tmp_path / name.replace(' ', '_')
+        os.makedirs(state)
+        plant(state / markers.MARKER_FILE)
+        with pytest.raises(UserError, match='holds a chat_small_t5.json this toolkit did not write'):
+            sf.ensure_state_dir(str(state))
+        assert os.listdir(state) == [markers.MARKER_FILE]
+    assert target.read_text() == '{"mine": 1}'

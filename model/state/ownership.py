@@ -191,11 +191,16 @@ def read_regular_file(path: str, limit: int) -> bytes | None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: no wait for a writer
     except OSError:
         return None
-    with os.fdopen(fd, 'rb') as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:  # a folder of that name opens too
             return None
-        return f.read(limit)
+        with os.fdopen(os.dup(fd), 'rb') as f:
+            return f.read(limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_marker(folder: str, name: str = MARKER_FILE) -> dict | None:
@@ -306,6 +311,9 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         if found in kinds and found in GROWING:
             return  # adopted as it is: never replaced whole, its entries judged one by one
         if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_and_locks(path):
+            if os.path.lexists(os.path.join(path, MARKER_FILE)):  # ours by name, not by content: no room to mark
+                raise NotOurs(f'{what}: {path} holds a {MARKER_FILE} this toolkit did not write (the name of its '
+                              f'marker); it is never replaced: move it out, or choose another folder')
             return  # e.g. the run's own output folders, made inside it by their locks before it was marked
         if found in kinds:
             extra = foreign_entries(path)
