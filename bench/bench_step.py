@@ -2,12 +2,17 @@
 
     .venv/bin/python bench/bench_step.py                       # the demo task, d128, 20 batches, 5 rounds
     .venv/bin/python bench/bench_step.py --task=numbers --size=d256
+    .venv/bin/python bench/bench_step.py --task=real          # real_train_3k's length spread, max length 192
 
 Forward and backward of the demo preset's T5 (no optimizer, no loader) on the first --batches
-batches of a learning-bench task (bench/tasks.py: 64 pairs, max length 32), fp32, the threads of
---threads, in three ways taken in turn, each round over every batch:
+batches of a learning-bench task (bench/tasks.py: 64 pairs, max length 32) or of
+../shared/data/real_train_3k.parquet (``real``: its prompt/response rows as they come, an 8k
+tokenizer trained on them, max length --max_len, default 192), fp32, the threads of --threads, in
+four ways taken in turn, each round over every batch:
 
 - ``padded``: transformers' T5 on the padded batch, as Seq2SeqTrainer runs it;
+- ``grouped``: the same pairs as Seq2SeqTrainer's length-grouped sampler batches them (sorted by
+  prompt length within megabatches of 50 batches), padded: the peer's own answer to padding;
 - ``packed``: transformers' T5 on the same batch packed (model/data/packing.py), as this toolkit
   trains it: the same loss and gradients in fewer positions;
 - ``minimal``: the packed batch through a T5 written out here in a few lines on the SAME weights
@@ -33,6 +38,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+REAL = os.path.join(ROOT, '..', 'shared', 'data', 'real_train_3k.parquet')
+REAL_TOK = os.path.join(ROOT, 'bench', 'out', 'tokenizer_real8k')  # bench_packing.py's, made once
+
+
+def length_grouped(rows: list, lengths: list[int], batch: int, mega: int = 50) -> list:
+    """``rows`` in the order transformers' LengthGroupedSampler gives them, without its random draw
+    (the rows already come in a random order): megabatches of ``mega`` batches, each sorted by
+    prompt length, longest first."""
+    out = []
+    for i in range(0, len(rows), mega * batch):
+        out += sorted(range(i, min(i + mega * batch, len(rows))), key=lambda k: -lengths[k])
+    return [rows[k] for k in out]
 
 
 def _buckets(relative, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -123,7 +142,8 @@ def minimal_loss(model, batch):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--task', default='demo', help='demo or numbers (bench/tasks.py)')
+    ap.add_argument('--task', default='demo', help='demo or numbers (bench/tasks.py), or real (real_train_3k)')
+    ap.add_argument('--max_len', type=int, default=0, help='max length a side (0: 32, or 192 for real)')
     ap.add_argument('--size', default='d128', help='d128 (the demo preset) or d256')
     ap.add_argument('--batches', type=int, default=20)
     ap.add_argument('--rounds', type=int, default=5)
@@ -131,8 +151,10 @@ def main() -> None:
     args = ap.parse_args()
     from heldout import BASE, SIZES  # no torch at its import: the flags are checked before torch loads
 
-    if args.task not in ('demo', 'numbers') or args.batches < 1 or args.rounds < 1 or args.threads < 1:
-        ap.error('--task is demo or numbers; --batches, --rounds and --threads are at least 1')
+    if args.task not in ('demo', 'numbers', 'real') or min(args.batches, args.rounds, args.threads) < 1 or args.max_len < 0:
+        ap.error('--task is demo, numbers or real; --batches, --rounds and --threads are at least 1')
+    if args.task == 'real' and not os.path.isfile(REAL):
+        sys.exit(f'{REAL} is missing: --task=real reads the real rows')
     if args.size not in SIZES:
         ap.error(f'--size is one of {", ".join(SIZES)}')
 
@@ -142,24 +164,34 @@ def main() -> None:
     from model.data.batches import TokenEncoder, make_batches, to_torch
     from model.data.files import iter_usable_rows
     from model.data.packing import pack_batch
-    from model.data.tokenizer import load_tokenizer
+    from model.data.tokenizer import load_tokenizer, train_tokenizer
     from model.net.chat_model import build_model, token_loss_sum
     from tasks import task_files
 
     torch.set_num_threads(args.threads)
-    paths = task_files(args.task)
-    tok = load_tokenizer(paths['tok'])
-    n, size = BASE['batch_size_per_gpu'], BASE['max_seq_len']
-    rows = list(iter_usable_rows(paths['train'], n * args.batches))
+    if args.task == 'real':
+        if not os.path.isfile(os.path.join(REAL_TOK, 'tokenizer.json')):
+            train_tokenizer(REAL, REAL_TOK, vocab_size=8000, num_threads=os.cpu_count())
+        train_file, tok = REAL, load_tokenizer(REAL_TOK)
+    else:
+        paths = task_files(args.task)
+        train_file, tok = paths['train'], load_tokenizer(paths['tok'])
+    n, size = BASE['batch_size_per_gpu'], args.max_len or (192 if args.task == 'real' else BASE['max_seq_len'])
+    rows = list(iter_usable_rows(train_file, n * args.batches))
     encoder = TokenEncoder(tok, size)
-    padded = make_batches([([p for p, _ in rows[i:i + n]], [r for _, r in rows[i:i + n]], None, 0)
-                           for i in range(0, len(rows), n)], encoder)
+
+    def batches(rs):
+        return make_batches([([p for p, _ in rs[i:i + n]], [r for _, r in rs[i:i + n]], None, 0)
+                             for i in range(0, len(rs), n)], encoder)
+
+    padded = batches(rows)
     packed = [pack_batch(b, size, SIZES[args.size]['d_model']) for b in padded]
+    grouped = batches(length_grouped(rows, [len(x) for x in encoder.encode([p for p, _ in rows])], n))
 
     def tensors(b):
         return {k: v for k, v in to_torch(b).items() if isinstance(v, torch.Tensor)}
 
-    padded, packed = [tensors(b) for b in padded], [tensors(b) for b in packed]
+    padded, packed, grouped = [tensors(b) for b in padded], [tensors(b) for b in packed], [tensors(b) for b in grouped]
     torch.manual_seed(0)
     model = build_model(T5ModelConfig(**SIZES[args.size], dropout_rate=0.0, feed_forward_proj='relu'), len(tok))
     model.train()
@@ -182,8 +214,9 @@ def main() -> None:
     def transformers_loss(b):
         return token_loss_sum(model, b, 'cpu')
 
-    ways = {'padded': transformers_loss, 'packed': transformers_loss, 'minimal': lambda b: minimal_loss(model, b)}
-    data = {'padded': padded, 'packed': packed, 'minimal': packed}
+    ways = {'padded': transformers_loss, 'grouped': transformers_loss, 'packed': transformers_loss,
+            'minimal': lambda b: minimal_loss(model, b)}
+    data = {'padded': padded, 'grouped': grouped, 'packed': packed, 'minimal': packed}
     times = {k: [] for k in ways}
     for way in ways:  # one warm-up round each
         for b in data[way][:3]:
@@ -200,13 +233,14 @@ def main() -> None:
     def positions(bs):
         return sum(b['input_ids'].numel() + b['labels'].numel() for b in bs)
 
-    print(f'{args.task} {args.size}, {args.batches} batches of {n}, {args.threads} thread(s), median of {args.rounds} '
+    print(f'{args.task} {args.size}, max length {size}, {args.batches} batches of {n}, {args.threads} thread(s), median of {args.rounds} '
           f'rounds; load average {" ".join(f"{x:.2f}" for x in os.getloadavg())} at the end')
     for way in ways:
         print(f'{way:<8} {ms[way]:7.1f} ms a step  ({positions(data[way]):,} positions; rounds '
               f'{" ".join(f"{x:.1f}" for x in times[way])})')
-    print(f'padded / packed {ms["padded"] / ms["packed"]:.2f}x (positions {positions(padded) / positions(packed):.2f}x); '
-          f'packed / minimal {ms["packed"] / ms["minimal"]:.2f}x')
+    for way in ('padded', 'grouped'):
+        print(f'{way} / packed {ms[way] / ms["packed"]:.2f}x (positions {positions(data[way]) / positions(packed):.2f}x)')
+    print(f'packed / minimal {ms["packed"] / ms["minimal"]:.2f}x')
 
 
 if __name__ == '__main__':

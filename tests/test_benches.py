@@ -194,3 +194,21 @@ def test_bench_steps_minimal_t5_computes_what_transformers_does(tokenizer):
     (want, g_want), (got, g_got) = grads
     assert abs(got - want) < 1e-4 * want and set(g_got) == set(g_want)
     assert all(torch.allclose(g_got[k], g_want[k], rtol=1e-3, atol=1e-6) for k in g_want)
+
+
+def test_bench_steps_grouped_way_batches_as_the_peers_length_grouped_sampler():
+    """bench_step's ``grouped`` way: the same rows, each megabatch of 50 batches sorted by prompt
+    length (longest first), rows of other megabatches never mixed in."""
+    import random
+
+    bench = load_bench('bench_step')
+    rng = random.Random(0)
+    rows = [(f'p{i}', f'r{i}') for i in range(130 * 4)]
+    lengths = [rng.randint(1, 60) for _ in rows]
+    out = bench.length_grouped(rows, lengths, batch=4, mega=50)
+    assert sorted(out) == sorted(rows)
+    index = {row: i for i, row in enumerate(rows)}
+    for start in range(0, len(rows), 200):
+        mega = [index[r] for r in out[start:start + 200]]
+        assert sorted(mega) == list(range(start, min(start + 200, len(rows))))
+        assert [lengths[k] for k in mega] == sorted((lengths[k] for k in mega), reverse=True)
