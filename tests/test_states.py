@@ -467,7 +467,7 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
             raise OSError(28, 'No space left on device')
         return real_copy(src, dst, **kw)
 
-    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_model)
     try:
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
@@ -499,12 +499,25 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     # the only item fails: no empty archive (nor previous_runs/, made for it) is left behind
     only = tmp_path / 'only'
     make_state(only / 'states', 20)
-    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_model)
     with pytest.raises(UserError, match='no space left on the device'):
         sf.archive_previous_run(str(only / 'states'), str(only / 'm.{}.bin'), str(only), 'stamp')
     monkeypatch.undo()
     assert sorted(os.listdir(only)) == ['states'] and names(only / 'states') == ['state-000000020']
+
+
+def previous_runs_elsewhere(monkeypatch) -> None:
+    """previous_runs/ on another filesystem: a rename into it fails as across devices (EXDEV), one
+    inside it goes."""
+    real_rename = os.rename
+
+    def rename(src, dst, *a, **kw):
+        if os.sep + 'previous_runs' + os.sep not in os.fspath(src):
+            raise OSError(18, 'Invalid cross-device link')
+        return real_rename(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, 'rename', rename)
 
 
 def run_state(state_dir, step, run, output_dir=None, saved_in=None) -> str:
@@ -602,7 +615,7 @@ def test_an_archive_move_whose_removal_fails_midway_keeps_the_whole_copy(tmp_pat
         os.remove(os.path.join(path, 'model.safetensors'))
         raise OSError(errno.EACCES, 'Permission denied')
 
-    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'rmtree', removal_fails_midway)
     with pytest.raises(UserError, match=r'was copied whole into .*but removing it where it was failed'):
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
@@ -641,7 +654,7 @@ def test_an_archive_never_removes_what_it_did_not_copy_nor_calls_a_half_copy_who
         unreadable.add(os.path.realpath(src))
         raise OSError(errno.EIO, 'Input/output error')
 
-    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', half_copy)
     monkeypatch.setattr(own, 'kind_of', lambda p: None if os.path.realpath(p) in unreadable else real_kind(p))
     with pytest.raises(UserError) as e:
@@ -732,11 +745,11 @@ def cut_archive_move(out, monkeypatch):
     real_copy = shutil.copyfile
 
     def copy_fails_on_the_best_model(src, dst, **kw):
-        if os.sep.join(('previous_runs', 'stamp', 'best', '')) in str(dst):
+        if os.fspath(src) == str(out / 'best' / 'model.safetensors') and 'previous_runs' in str(dst):
             raise OSError(28, 'No space left on device')
         return real_copy(src, dst, **kw)
 
-    monkeypatch.setattr(os, 'rename', lambda *a: (_ for _ in ()).throw(OSError(18, 'Invalid cross-device link')))
+    previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
     with pytest.raises(UserError, match='no space left.*the next run moves the rest there too'):
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
@@ -800,3 +813,101 @@ def test_a_cut_moves_record_is_never_read_or_removed_through_a_link(tmp_path, mo
     assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later') != str(archive)
     assert (users / sf.MOVING).read_bytes() == record and os.listdir(users) == [sf.MOVING]
     assert os.path.islink(archive / sf.MOVING) and os.path.islink(out / 'previous_runs' / 'zzz_link')
+
+
+KILL_MID_COPY = r'''
+import os, shutil, signal, sys
+sys.path.insert(0, sys.argv[1])
+from model.state import states as sf
+out = sys.argv[2]
+real_rename, real_copy = os.rename, shutil.copyfile
+
+def rename(src, dst, *a, **kw):  # previous_runs on another filesystem: only a rename inside it goes
+    if os.sep + 'previous_runs' + os.sep not in os.fspath(src):
+        raise OSError(18, 'Invalid cross-device link')
+    return real_rename(src, dst, *a, **kw)
+
+def copyfile(src, dst, **kw):  # the kill lands halfway through the state's weights
+    if os.path.basename(src) == 'model.safetensors' and 'state-' in os.fspath(src):
+        with open(dst, 'w') as f:
+            f.write('half')
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_copy(src, dst, **kw)
+
+os.rename, shutil.copyfile = rename, copyfile
+sf.archive_previous_run(os.path.join(out, 'states'), os.path.join(out, 'm.{}.bin'), out, 'stamp')
+'''
+
+
+def killed_mid_copy(out):
+    """A run's state, best model and step file, whose move into previous_runs/stamp (another
+    filesystem) was killed (SIGKILL) halfway through copying the state. -> the archive folder."""
+    import signal
+    import subprocess
+    import sys
+
+    run_state(out / 'states', 20, 'r1', output_dir=out)
+    a_model_folder_and_a_step_file(out)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', KILL_MID_COPY, root, str(out)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    archive = out / 'previous_runs' / 'stamp'
+    assert os.path.isdir(archive / sf.PART) and os.path.isfile(archive / sf.COPYING)
+    return archive
+
+
+@pytest.mark.parametrize('then', ['elsewhere', 'same disk'])
+def test_a_move_killed_halfway_through_a_copy_leaves_no_half_copy_under_the_items_name(tmp_path, monkeypatch, then):
+    """previous_runs/ on another filesystem, a SIGKILL (preemption) in the middle of copying the
+    state: the next fresh run finishes the move with each item under its own name, whole -- the half
+    copy never took the name (it was given a `-1` beside a half copy, and the resume flags printed for
+    the archive were refused: 'not written by this toolkit') -- and no half copy is left."""
+    from model.state.checkpoint import moved_run_advice
+
+    out = tmp_path / 'out'
+    archive = killed_mid_copy(out)
+    assert os.path.isfile(archive / sf.MOVING) and names(out / 'states') == ['state-000000020']
+    if then == 'elsewhere':  # the requeued job, on the same node
+        previous_runs_elsewhere(monkeypatch)
+    moved = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
+    monkeypatch.undo()
+    assert moved == str(archive) and os.listdir(out / 'previous_runs') == ['stamp']
+    assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'states'], os.listdir(archive)
+    assert names(archive / 'states') == ['state-000000020']
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+    advice, flags = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
+    assert flags and f'--train_state_dir={archive / "states"}' in flags, advice
+    report = contract.inspect(str(archive / 'states'), resume=True, deep=False)
+    assert not report.problems, report.problems
+
+
+def test_a_half_copy_is_taken_back_only_as_its_record_names_it_never_a_users_file_or_a_link(tmp_path):
+    """What is taken back of a killed copy is the very folder the toolkit's record names (device,
+    inode), a real one: a user's folder or a link put at its name, or a user's file at the record's
+    name, stops the move in one line and stays as it is."""
+    def items(out):
+        return str(out / 'states'), str(out / 'm.{}.bin'), str(out)
+
+    for case in ('folder', 'link', 'record'):
+        out = tmp_path / case
+        archive = killed_mid_copy(out)
+        mine = tmp_path / f'mine_{case}'
+        os.makedirs(mine)
+        (mine / 'notes.txt').write_text('mine')
+        if case == 'record':
+            os.remove(archive / sf.COPYING)
+            (archive / sf.COPYING).write_text('my own notes\n')
+        else:
+            shutil.rmtree(archive / sf.PART)
+            if case == 'folder':
+                shutil.copytree(mine, archive / sf.PART)
+            else:
+                os.symlink(mine, archive / sf.PART)
+        with pytest.raises(UserError, match='was not (left there|written) by this toolkit: move it away'):
+            sf.archive_previous_run(*items(out), 'stamp2')
+        assert (mine / 'notes.txt').read_text() == 'mine'
+        if case == 'record':
+            assert (archive / sf.COPYING).read_text() == 'my own notes\n' and os.path.isdir(archive / sf.PART)
+        else:
+            assert (archive / sf.PART / 'notes.txt').read_text() == 'mine'
+        assert names(out / 'states') == ['state-000000020']  # nothing moved meanwhile

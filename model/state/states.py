@@ -557,7 +557,9 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     if not items:
         return None
     archive = unfinished_archive(output_dir, items, tidy=True)  # a move of these very items cut short: finished there
-    if archive is None:
+    if archive is not None:
+        _take_back_part(archive)  # the half copy of a kill in the middle of a copy
+    else:
         archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
         suffix = 1
         while os.path.lexists(archive):
@@ -617,7 +619,8 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
         recorded = record['items']
         if not any(_still_at(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
             if tidy:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, UserError):
+                    _take_back_part(folder)
                     os.remove(os.path.join(folder, MOVING))
             continue
         if wanted and all(w in recorded for w in wanted) and not os.path.lexists(os.path.join(folder, markers.LOCK_FILE)):
@@ -686,14 +689,22 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
         raise
 
 
+PART = '.chat_small_t5.part'  # in an archive folder: a folder holding the one item being copied in from elsewhere
+PART_TOKEN = '.chat_small_t5.part-token'  # in PART: the token its record holds (what makes PART the toolkit's)
+COPYING = '.chat_small_t5.copying'  # in the archive folder: the record of PART; a copy cut by a kill is taken back
+COPYING_KIND = 'copy-in-progress'
+
+
 def _move_whole(item: str, target: str, archive: str, whole) -> None:
     """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
-    copied then removed. A copy that fails (a full disk there) is taken back: the item stays whole
-    where it was, what moved before it stays whole in the archive, and the run stops in one line.
-    ``whole(path)``: the item is whole there, judged by its marker. What this call copied is taken
-    back only while it is not a whole copy, or the item is still whole where it was; a whole copy
-    of an item whose removal failed midway stays. A name already taken in the archive gets a
-    suffix: nothing there is ever replaced or taken back."""
+    copied into a folder of the toolkit's in the archive (PART), renamed into place once whole, then
+    removed where it was: a kill in the middle of a copy never leaves a half copy under the item's
+    name, and the next run takes the half copy back (:func:`_take_back_part`). A copy that fails (a
+    full disk there) is taken back: the item stays whole where it was, what moved before it stays
+    whole in the archive, and the run stops in one line. ``whole(path)``: the item is whole there,
+    judged by its marker. What this call copied is taken back only while it is not a whole copy, or
+    the item is still whole where it was; a whole copy of an item whose removal failed midway stays.
+    A name already taken in the archive gets a suffix: nothing there is ever replaced or taken back."""
     n, name = 1, target
     while os.path.lexists(target):
         target, n = f'{name}-{n}', n + 1
@@ -705,20 +716,85 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
             return False
 
     try:
-        shutil.move(item, target)
+        os.rename(item, target)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            _cannot_move(item, archive, e)
+    _take_back_part(archive)
+    placed = False
+    try:
+        copy = _new_part(archive, os.path.basename(target))
+        if ownership.is_real_dir(item):
+            shutil.copytree(item, copy, symlinks=True)
+        else:
+            shutil.copy2(item, copy)
+        os.rename(copy, target)
+        placed = True
+        _take_back_part(archive)  # the token, the empty folder, the record
+        if ownership.is_real_dir(item):
+            shutil.rmtree(item)
+        else:
+            os.remove(item)
     except (OSError, shutil.Error) as e:
         why = getattr(e, 'strerror', None) or type(e).__name__
-        if os.path.lexists(target) and judged(target) and not judged(item):  # removal failed midway after the copy
+        if placed and judged(target) and not judged(item):  # removal failed midway after the copy
             raise UserError(f'{item} was copied whole into {target}, but removing it where it was failed ({why}): '
                             f'what is left of it there is a partial copy; remove it, then run again') from None
-        if os.path.lexists(item) and os.path.lexists(target):  # a half copy, made by this move in a new archive
+        with contextlib.suppress(OSError, UserError):
+            _take_back_part(archive)  # a half copy, made by this call
+        if placed and os.path.lexists(item):  # the item is still whole where it was: the copy goes again
             if ownership.is_real_dir(target):
                 shutil.rmtree(target, ignore_errors=True)
             else:
                 os.remove(target)
-        full = writes.is_disk_full(e) or 'No space left' in str(e)  # shutil.Error lists its copies' errors as text
-        why = 'no space left on the device' if full else why
-        raise UserError(f'cannot move {item} into {archive} ({why}): it stays where it was (what moved before it '
-                        f'is whole in {archive}, and the next run moves the rest there too); free space there and '
-                        f'run again, or, to keep earlier runs on this disk, move {archive} into a folder '
-                        f'{os.path.dirname(archive)} on this disk first') from None
+        _cannot_move(item, archive, e)
+
+
+def _new_part(archive: str, name: str) -> str:
+    """PART, made with its token and its record (the token's proof: written first): -> the path
+    the copy goes to in it."""
+    token = os.urandom(16).hex()
+    ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token)
+    part = os.path.join(archive, PART)
+    os.mkdir(part)
+    fd = os.open(os.path.join(part, PART_TOKEN), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, 'w') as f:
+        f.write(token)
+    return os.path.join(part, name)
+
+
+def _take_back_part(archive: str) -> None:
+    """What a copy into the archive folder left (a kill in the middle of it, or its end): PART --
+    removed only while it is a real folder holding the token of the toolkit's record COPYING, or
+    nothing at all -- then the record. Anything else under either name is not the toolkit's: it
+    stays, and no copy goes ahead beside it."""
+    part, record_path = os.path.join(archive, PART), os.path.join(archive, COPYING)
+    record_st = ownership.lstat_or_none(record_path)
+    record = ownership.read_marker(archive, COPYING) if record_st is not None and record_st.st_nlink == 1 else None
+    token = record.get('token') if record is not None and record.get('kind') == COPYING_KIND else None
+    if record_st is not None and not isinstance(token, str):
+        raise UserError(f'{record_path} is in the way of the move into {archive} and was not written by this '
+                        f'toolkit: move it away, then run again')
+    if os.path.lexists(part):
+        held = ownership.read_regular_file(os.path.join(part, PART_TOKEN), 64) if ownership.is_real_dir(part) else None
+        if token is not None and held == token.encode():
+            shutil.rmtree(part)
+        elif not (ownership.is_real_dir(part) and not os.listdir(part)):  # an empty folder: a kill before its token
+            raise UserError(f'{part} is in the way of the move into {archive} and was not left there by this '
+                            f'toolkit: move it away, then run again')
+        else:
+            os.rmdir(part)
+    if token is not None:
+        os.remove(record_path)
+
+
+def _cannot_move(item: str, archive: str, e: BaseException):
+    why = getattr(e, 'strerror', None) or type(e).__name__
+    full = writes.is_disk_full(e) or 'No space left' in str(e)  # shutil.Error lists its copies' errors as text
+    why = 'no space left on the device' if full else why
+    raise UserError(f'cannot move {item} into {archive} ({why}): it stays where it was (what moved before it '
+                    f'is whole in {archive}, and the next run moves the rest there too); free space there and '
+                    f'run again, or, to keep earlier runs on this disk, move {archive} into a folder '
+                    f'{os.path.dirname(archive)} on this disk first') from None
+
