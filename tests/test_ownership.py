@@ -871,3 +871,26 @@ def test_a_users_file_or_folder_named_like_the_marker_is_refused_in_one_line_nev
             sf.ensure_state_dir(str(state))
         assert os.listdir(state) == [markers.MARKER_FILE]
     assert target.read_text() == '{"mine": 1}'
+
+
+def test_a_marker_cut_by_a_full_disk_leaves_no_file_in_the_way(tmp_path, monkeypatch):
+    """A marker or record whose write fails (a full disk) is not left empty or cut under its name:
+    it would be no marker, and in the way of the next run ('not written by this toolkit')."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.readlink(f'/proc/self/fd/{fd}').endswith(('chat_small_t5.json', '.record')):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_fsync(fd)
+
+    os.makedirs(tmp_path / 'm')
+    monkeypatch.setattr(os, 'fsync', full)
+    for name in (markers.MARKER_FILE, 'x.record'):
+        with pytest.raises(OSError, match='No space left'):
+            own.write_marker(str(tmp_path / 'm'), markers.MODEL, name=name)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / 'm') == []
+    own.write_marker(str(tmp_path / 'm'), markers.MODEL)  # space freed: the next write goes ahead
+    assert own.kind_of(str(tmp_path / 'm')) == markers.MODEL

@@ -177,12 +177,20 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, name: str = M
     if manifest:
         info['entries'] = describe_entries(folder)
     data = json.dumps(marker_info(kind, **info), ensure_ascii=False, indent=1).encode()
+    path = os.path.join(folder, name)
     with critical():  # never half a marker
-        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        made = os.fstat(fd)
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk: the empty or cut file this made goes (it would be no marker, in the way)
+            now = lstat_or_none(path)
+            if now is not None and (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
+                os.remove(path)
+            raise
 
 
 def read_regular_file(path: str, limit: int) -> bytes | None:
