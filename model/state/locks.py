@@ -27,7 +27,7 @@ import weakref
 
 from model import run_outcome
 from model.errors import UserError
-from model.state.ownership import lock_info, read_regular_file
+from model.state.ownership import identity, lock_info, read_regular_file, still_the_one
 from model.state.markers import LOCK_FILE
 from model.state.writes import boot_id, pid_alive
 
@@ -337,10 +337,10 @@ def _held_here(fd: int) -> bool:
 def _still_the_file(folder: str, fd: int) -> bool:
     """The lock file's name still leads to the file open as fd (not removed or replaced since)."""
     try:
-        st, held = os.lstat(os.path.join(folder, LOCK_FILE)), os.fstat(fd)
+        held = identity(os.fstat(fd))
     except OSError:
         return False
-    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+    return still_the_one(os.path.join(folder, LOCK_FILE), held)
 
 
 def _write(fd: int, content: bytes) -> None:

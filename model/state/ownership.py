@@ -122,6 +122,18 @@ def lstat_or_none(path: str) -> os.stat_result | None:
         return None
 
 
+def identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def still_the_one(path: str, made: tuple[int, int], is_kind=None) -> bool:
+    """The name still leads to this very file or folder (``made``: its device and inode, taken
+    while this process held it; ``is_kind``: a stat.S_IS* test it must pass): never a link put in
+    its place, nor one made there since."""
+    st = lstat_or_none(path)
+    return st is not None and identity(st) == tuple(made) and (is_kind is None or is_kind(st.st_mode))
+
+
 def is_link(path: str) -> bool:
     st = lstat_or_none(path)
     return st is not None and stat.S_ISLNK(st.st_mode)
@@ -180,15 +192,14 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, name: str = M
     path = os.path.join(folder, name)
     with critical():  # never half a marker
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        made = os.fstat(fd)
+        made = identity(os.fstat(fd))
         try:
             with os.fdopen(fd, 'wb') as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:  # a full disk: the empty or cut file this made goes (it would be no marker, in the way)
-            now = lstat_or_none(path)
-            if now is not None and (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
+            if still_the_one(path, made):
                 os.remove(path)
             raise
 

@@ -19,7 +19,8 @@ from typing import Iterator
 
 from model.errors import UserError
 from model.faults import fault_point
-from model.state.ownership import lstat_or_none, check_replaceable, is_real_dir, kind_of, resolve_place
+from model.state.ownership import (check_replaceable, identity, is_real_dir, kind_of, lstat_or_none, resolve_place,
+                                   still_the_one)
 from model.state.markers import seal_file
 from model.stopping import critical
 
@@ -233,20 +234,18 @@ def make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
         except OSError as e:  # no right to, a name too long, a full disk: those made so far go again
             remove_made(made)
             raise UserError(f'cannot make the folder {folder} ({e.strerror}); choose another place') from None
-        st = os.lstat(folder)
-        made.append((folder, (st.st_dev, st.st_ino)))
+        made.append((folder, identity(os.lstat(folder))))
     return made
 
 
-def still_made(folder: str, identity: tuple[int, int]) -> bool:
+def still_made(folder: str, made: tuple[int, int]) -> bool:
     """folder is still the real folder make_folders made (never a link, nor one made there since)."""
-    st = lstat_or_none(folder)
-    return st is not None and stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == tuple(identity)
+    return still_the_one(folder, made, stat.S_ISDIR)
 
 
 def remove_made(made: list[tuple[str, tuple[int, int]]]) -> None:
-    for folder, identity in reversed(made):  # innermost first
-        if still_made(folder, identity):
+    for folder, made_as in reversed(made):  # innermost first
+        if still_made(folder, made_as):
             with contextlib.suppress(OSError):  # not empty: someone wrote there meanwhile
                 os.rmdir(folder)
 
