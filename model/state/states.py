@@ -211,9 +211,13 @@ def _is_half_done_save(path: str) -> bool:
     if ownership.is_saving_file(os.path.join(path, SAVING)):
         return True
     names = os.listdir(path)
-    if names != [SAVING]:
-        return not names
-    st = ownership.lstat_or_none(os.path.join(path, SAVING))  # made, not yet written: empty, nothing of anyone's
+    return not names or (names == [SAVING] and _empty_saving_file(path))
+
+
+def _empty_saving_file(path: str) -> bool:
+    """The SAVING file of a save killed before it was written: a plain file of one name, empty --
+    nothing of anyone's."""
+    st = ownership.lstat_or_none(os.path.join(path, SAVING))
     return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0
 
 
@@ -224,8 +228,7 @@ def _remove_half_done(path: str) -> None:
     judged half-done for holding nothing (or only an empty SAVING file) loses only that file and
     itself: rmdir fails on whatever was put in it since the judgement, which then stays."""
     if not ownership.is_saving_file(os.path.join(path, SAVING)):
-        st = ownership.lstat_or_none(os.path.join(path, SAVING))
-        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0:
+        if _empty_saving_file(path):
             os.unlink(os.path.join(path, SAVING))
         os.rmdir(path)
         return
