@@ -169,15 +169,13 @@ latest=$(path_of latest_state)
 latest=${latest%%  (*}
 saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
-ask_tty=0
-if [ "$resume_mode" = ask ]; then ask_tty=1; fi
 may_resume=0   # a saved state this command resumes (RESUME=auto) or asks about (RESUME=ask, on a terminal)
-if [ "$saved" -eq 1 ] && { [ "$resume_mode" = auto ] || [ "$ask_tty" -eq 1 ]; }; then may_resume=1; fi
+if [ "$saved" -eq 1 ] && [ "$resume_mode" != no ]; then may_resume=1; fi
 if [ "$user_dry" -eq 1 ]; then   # the user's own dry run: the check of what this command would run
   if [ "$saved" -eq 1 ] && [ "$resume_mode" = auto ]; then
     echo "$auto_why and a saved state exists ($latest): this command would resume it; the check of that resume:"
     dry_run --is_keep_training=True
-  elif [ "$saved" -eq 1 ] && [ "$ask_tty" -eq 1 ]; then   # it would ask: both answers' checks
+  elif [ "$saved" -eq 1 ] && [ "$resume_mode" = ask ]; then   # it would ask: both answers' checks
     fresh_rc=$rc
     echo "A saved state exists ($latest): this command would ask whether to resume it. The check of a fresh run:"
     printf '%s\n' "$report"
@@ -255,10 +253,10 @@ if [ "$saved" -eq 1 ]; then
       echo "note: a saved state exists ($latest) and there is no terminal to ask on: resuming it, the question's default (RESUME=no starts afresh, moving it to previous_runs/) / 已有保存的状态，没有终端可以询问：按默认续训" >&2
     fi
     set -- "$@" --is_keep_training=True
-  elif [ "$ask_tty" -eq 1 ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
+  elif [ "$resume_mode" = ask ] && [ "$resume_rc" -ne 0 ]; then   # only a fresh run is ready: offer that, not the resume
     read -r -p "The saved state ($latest) cannot be resumed (above). Start afresh, moving it to previous_runs/? / 保存的状态无法续训（原因见上）。要从头训练、把它移到 previous_runs/ 吗？[y/N] " ans
     if [ "$(yes_or_no "$ans" n)" = n ]; then echo "nothing started" >&2; exit 1; fi
-  elif [ "$ask_tty" -eq 1 ]; then
+  elif [ "$resume_mode" = ask ]; then
     read -r -p "A saved state exists ($latest). Resume it? (n: start afresh, moving it to previous_runs/) / 已有保存的状态，要续训吗？（n：从头训练，把它移到 previous_runs/）[Y/n] " ans
     if [ "$(yes_or_no "$ans" y)" = n ]; then
       if [ "$fresh_rc" -ne 0 ]; then   # a fresh run it is, and that one is not ready
