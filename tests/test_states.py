@@ -473,7 +473,7 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
         raise AssertionError('the archive went ahead')
     except UserError as e:
-        assert 'no space left on the device' in str(e) and 'it stays where it was' in str(e), e
+        assert 'no space left on the device' in str(e) and 'every item stays where it was' in str(e), e
     monkeypatch.undo()
     archive = out / 'previous_runs' / 'stamp'
     assert names(out / 'states') == ['state-000000020'] and sf.judge_state(str(out / 'states' / 'state-000000020')).wholly_owned
@@ -513,7 +513,7 @@ def previous_runs_elsewhere(monkeypatch) -> None:
     real_rename = os.rename
 
     def rename(src, dst, *a, **kw):
-        if os.sep + 'previous_runs' + os.sep not in os.fspath(src):
+        if (os.sep + 'previous_runs' + os.sep in os.fspath(dst)) != (os.sep + 'previous_runs' + os.sep in os.fspath(src)):
             raise OSError(18, 'Invalid cross-device link')
         return real_rename(src, dst, *a, **kw)
 
@@ -620,9 +620,14 @@ def test_an_archive_move_whose_removal_fails_midway_keeps_the_whole_copy(tmp_pat
     with pytest.raises(UserError, match=r'was copied whole into .*but removing it where it was failed'):
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
     monkeypatch.undo()
-    # the only whole copy is kept: never taken back once the item where it was is no longer whole
-    assert own.kind_of(str(out / 'previous_runs' / 'stamp' / 'best')) == markers.MODEL
-    assert sorted(os.listdir(out / 'best')) == ['chat_small_t5.json']
+    # the whole copy is in place; what is left of the item, under the hidden name it took, goes with the next run
+    archive = out / 'previous_runs' / 'stamp'
+    assert own.kind_of(str(archive / 'best')) == markers.MODEL and not os.path.lexists(out / 'best')
+    (left,) = glob.glob(f'{out}/{sf.REMOVING}*')
+    assert sorted(os.listdir(left)) == ['chat_small_t5.json']
+    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') is None
+    assert not os.path.lexists(left) and sorted(os.listdir(archive)) == ['best', 'm.20.bin']
+    assert own.kind_of(str(archive / 'best')) == markers.MODEL
 
 
 def test_an_archive_never_removes_what_it_did_not_copy_nor_calls_a_half_copy_whole(tmp_path, monkeypatch):
@@ -751,7 +756,7 @@ def cut_archive_move(out, monkeypatch):
 
     previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
-    with pytest.raises(UserError, match='no space left.*the next run moves the rest there too'):
+    with pytest.raises(UserError, match='no space left.*the rest stays where it was.*run the same command again: it moves the rest into'):
         sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
     monkeypatch.undo()
     return out / 'previous_runs' / 'stamp'
@@ -815,33 +820,50 @@ def test_a_cut_moves_record_is_never_read_or_removed_through_a_link(tmp_path, mo
     assert os.path.islink(archive / sf.MOVING) and os.path.islink(out / 'previous_runs' / 'zzz_link')
 
 
-KILL_MID_COPY = r'''
+KILL_MID_MOVE = r'''
 import os, shutil, signal, sys
 sys.path.insert(0, sys.argv[1])
 from model.state import states as sf
-out = sys.argv[2]
-real_rename, real_copy = os.rename, shutil.copyfile
+out, at = sys.argv[2], sys.argv[3]
+real_rename, real_copy, real_rmtree = os.rename, shutil.copyfile, shutil.rmtree
+across = lambda src, dst: (os.sep + 'previous_runs' + os.sep in dst) != (os.sep + 'previous_runs' + os.sep in src)
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
 
-def rename(src, dst, *a, **kw):  # previous_runs on another filesystem: only a rename inside it goes
-    if os.sep + 'previous_runs' + os.sep not in os.fspath(src):
+def rename(src, dst, *a, **kw):  # previous_runs on another filesystem: no rename into it
+    src, dst = os.fspath(src), os.fspath(dst)
+    if across(src, dst):
         raise OSError(18, 'Invalid cross-device link')
-    return real_rename(src, dst, *a, **kw)
+    real_rename(src, dst, *a, **kw)
+    if 'state-' in src and (at == 'renamed' and sf.REMOVING in dst or at == 'placed' and sf.PART in src):
+        kill()
 
 def copyfile(src, dst, **kw):  # the kill lands halfway through the state's weights
-    if os.path.basename(src) == 'model.safetensors' and 'state-' in os.fspath(src):
+    if at == 'copy' and os.path.basename(src) == 'model.safetensors' and 'state-' in os.fspath(src):
         with open(dst, 'w') as f:
             f.write('half')
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill()
     return real_copy(src, dst, **kw)
 
-os.rename, shutil.copyfile = rename, copyfile
+def rmtree(path, *a, **kw):  # the kill lands halfway through a removal
+    name = os.path.basename(os.fspath(path))
+    if at == 'removing' and name.startswith(sf.REMOVING) or at == 'takeback' and name.startswith(sf.PART):
+        for root, _, files in os.walk(path):
+            if files:
+                os.remove(os.path.join(root, sorted(files)[-1]))
+                kill()
+    return real_rmtree(path, *a, **kw)
+
+os.rename, shutil.copyfile, shutil.rmtree = rename, copyfile, rmtree
 sf.archive_previous_run(os.path.join(out, 'states'), os.path.join(out, 'm.{}.bin'), out, 'stamp')
 '''
 
 
-def killed_mid_copy(out):
+def killed_mid_move(out, at: str = 'copy'):
     """A run's state, best model and step file, whose move into previous_runs/stamp (another
-    filesystem) was killed (SIGKILL) halfway through copying the state. -> the archive folder."""
+    filesystem) was killed (SIGKILL) with the state at ``at``: halfway through its copy ('copy'),
+    renamed beside itself once copied ('renamed'), its copy renamed into place ('placed'), halfway
+    through its removal ('removing'), or halfway through the next run taking back its half copy
+    ('takeback'). -> the archive folder."""
     import signal
     import subprocess
     import sys
@@ -849,65 +871,135 @@ def killed_mid_copy(out):
     run_state(out / 'states', 20, 'r1', output_dir=out)
     a_model_folder_and_a_step_file(out)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, '-c', KILL_MID_COPY, root, str(out)], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    for point in (['copy', 'takeback'] if at == 'takeback' else [at]):
+        proc = subprocess.run([sys.executable, '-c', KILL_MID_MOVE, root, str(out), point], capture_output=True,
+                              text=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
     archive = out / 'previous_runs' / 'stamp'
-    assert os.path.isdir(archive / sf.PART) and os.path.isfile(archive / sf.COPYING)
+    assert os.path.isfile(archive / sf.COPYING) and os.path.isfile(archive / sf.MOVING)
     return archive
 
 
-@pytest.mark.parametrize('then', ['elsewhere', 'same disk'])
-def test_a_move_killed_halfway_through_a_copy_leaves_no_half_copy_under_the_items_name(tmp_path, monkeypatch, then):
-    """previous_runs/ on another filesystem, a SIGKILL (preemption) in the middle of copying the
-    state: the next fresh run finishes the move with each item under its own name, whole -- the half
-    copy never took the name (it was given a `-1` beside a half copy, and the resume flags printed for
-    the archive were refused: 'not written by this toolkit') -- and no half copy is left."""
+def killed_mid_copy(out):
+    archive = killed_mid_move(out, 'copy')
+    assert glob.glob(f'{archive}/{sf.PART}*/state-000000020')
+    return archive
+
+
+def hidden_of_the_toolkit(folder) -> list[str]:
+    return [os.path.join(root, n) for root, dirs, files in os.walk(folder) for n in dirs + files
+            if n.startswith('.chat_small_t5.')]
+
+
+@pytest.mark.parametrize('at,then', [('copy', 'elsewhere'), ('copy', 'same disk'), ('takeback', 'elsewhere'),
+                                     ('renamed', 'elsewhere'), ('placed', 'same disk'), ('removing', 'elsewhere')])
+def test_a_move_killed_at_any_point_of_a_copy_is_finished_by_the_next_run_each_item_whole_once(tmp_path, monkeypatch,
+                                                                                                 at, then):
+    """previous_runs/ on another filesystem, a SIGKILL (preemption) at any point of moving the
+    state there -- halfway through its copy, or its removal, between the steps, or halfway through
+    the next run taking back a half copy: the next fresh run finishes the move, each item once, whole,
+    under its own name (a half copy had taken the name, the whole one then got a `-1`, and the resume
+    flags printed were refused: 'not written by this toolkit'; a kill during the removal left half a
+    state where it was), and nothing of the move is left behind."""
     from model.state.checkpoint import moved_run_advice
 
     out = tmp_path / 'out'
-    archive = killed_mid_copy(out)
-    assert os.path.isfile(archive / sf.MOVING) and names(out / 'states') == ['state-000000020']
+    archive = killed_mid_move(out, at)
+    assert names(out / 'states') == (['state-000000020'] if at in ('copy', 'takeback') else [])
     if then == 'elsewhere':  # the requeued job, on the same node
         previous_runs_elsewhere(monkeypatch)
     moved = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
     monkeypatch.undo()
     assert moved == str(archive) and os.listdir(out / 'previous_runs') == ['stamp']
     assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'states'], os.listdir(archive)
-    assert names(archive / 'states') == ['state-000000020']
+    assert names(archive / 'states') == ['state-000000020'] and names(out / 'states') == []
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+    assert hidden_of_the_toolkit(out) == []
     advice, flags = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
     assert flags and f'--train_state_dir={archive / "states"}' in flags, advice
     report = contract.inspect(str(archive / 'states'), resume=True, deep=False)
     assert not report.problems, report.problems
 
 
+def test_a_move_killed_in_its_last_item_is_finished_by_the_next_run_with_nothing_left_to_move(tmp_path):
+    """The state was the only item, killed once renamed beside itself: the next run has nothing to
+    move, and still puts the copy in place and removes what is left of the item."""
+    out = tmp_path / 'out'
+    archive = killed_mid_move(out, 'renamed')
+    for item in ('best', 'm.20.bin'):
+        shutil.move(str(out / item), str(archive / item))  # as if they had moved before
+    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') is None
+    assert names(archive / 'states') == ['state-000000020'] and hidden_of_the_toolkit(out) == []
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+
+
 def test_a_half_copy_is_taken_back_only_as_its_record_names_it_never_a_users_file_or_a_link(tmp_path):
-    """What is taken back of a killed copy is the very folder the toolkit's record names (device,
-    inode), a real one: a user's folder or a link put at its name, or a user's file at the record's
-    name, stops the move in one line and stays as it is."""
+    """What is taken back of a killed copy is the very folder the toolkit's record names (by the
+    copy's random token), a real one: a user's folder of a name like it stays, a link put at its name
+    or a user's file at the record's name stops the move in one line and stays as it is."""
+    import json
+
     def items(out):
         return str(out / 'states'), str(out / 'm.{}.bin'), str(out)
 
-    for case in ('folder', 'link', 'record'):
+    for case in ('beside', 'link', 'record'):
         out = tmp_path / case
         archive = killed_mid_copy(out)
         mine = tmp_path / f'mine_{case}'
         os.makedirs(mine)
         (mine / 'notes.txt').write_text('mine')
+        (part,) = glob.glob(f'{archive}/{sf.PART}*')
+        if case == 'beside':  # the user's own folder, named like a copy's
+            shutil.copytree(mine, archive / (sf.PART + 'mine'))
+            sf.archive_previous_run(*items(out), 'stamp2')
+            assert sorted(os.listdir(archive)) == [sf.PART + 'mine', 'best', 'm.20.bin', 'states']
+            assert (archive / (sf.PART + 'mine') / 'notes.txt').read_text() == 'mine'
+            assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+            continue
         if case == 'record':
             os.remove(archive / sf.COPYING)
             (archive / sf.COPYING).write_text('my own notes\n')
         else:
-            shutil.rmtree(archive / sf.PART)
-            if case == 'folder':
-                shutil.copytree(mine, archive / sf.PART)
-            else:
-                os.symlink(mine, archive / sf.PART)
+            assert json.loads((archive / sf.COPYING).read_text())['token'] in part
+            shutil.rmtree(part)
+            os.symlink(mine, part)
         with pytest.raises(UserError, match='was not (left there|written) by this toolkit: move it away'):
             sf.archive_previous_run(*items(out), 'stamp2')
-        assert (mine / 'notes.txt').read_text() == 'mine'
+        assert (mine / 'notes.txt').read_text() == 'mine' and os.listdir(mine) == ['notes.txt']
         if case == 'record':
-            assert (archive / sf.COPYING).read_text() == 'my own notes\n' and os.path.isdir(archive / sf.PART)
+            assert (archive / sf.COPYING).read_text() == 'my own notes\n' and os.path.isdir(part)
         else:
-            assert (archive / sf.PART / 'notes.txt').read_text() == 'mine'
+            assert os.path.islink(part)
         assert names(out / 'states') == ['state-000000020']  # nothing moved meanwhile
+
+
+def test_a_full_disk_at_the_archives_own_markers_is_one_line_and_leaves_nothing_half_made(tmp_path, monkeypatch):
+    """previous_runs/ full (or out of inodes) when the archive's state folder is marked, or its
+    record of the move written: one line, nothing moved, no folder without its marker left in the
+    archive (the next run put the states in it and the resume it printed was refused: 'a folder this
+    toolkit did not make')."""
+    import errno
+
+    from model.state.checkpoint import moved_run_advice
+
+    real_fsync = os.fsync
+    for at in (os.path.join('stamp', 'states', markers.MARKER_FILE), os.path.join('stamp', sf.MOVING)):
+        out = tmp_path / at.replace(os.sep, '_')
+        run_state(out / 'states', 20, 'r1', output_dir=out)
+        a_model_folder_and_a_step_file(out)
+
+        def full(fd, at=at):
+            if os.readlink(f'/proc/self/fd/{fd}').endswith(at):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return real_fsync(fd)
+
+        previous_runs_elsewhere(monkeypatch)
+        monkeypatch.setattr(os, 'fsync', full)
+        with pytest.raises(UserError, match=r'\(no space left on the device\): nothing moved') as e:
+            sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        assert '\n' not in str(e.value)
+        monkeypatch.undo()
+        assert not os.path.exists(out / 'previous_runs') and names(out / 'states') == ['state-000000020']
+        archive = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        assert moved_run_advice(archive, str(out), str(out / 'm.{}.bin'))[1]
+        assert not contract.inspect(os.path.join(archive, 'states'), resume=True, deep=False).problems

@@ -557,11 +557,12 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
         if ownership.folder_kind(folder) == STATE_DIR and os.path.realpath(folder) in locked:  # holds the lock
             _sweep_tmp_states(folder)
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
+    # a move of these very items cut short is finished there (one whose last item was cut: ended, record removed)
+    archive = unfinished_archive(output_dir, items, tidy=True)
     if not items:
         return None
-    archive = unfinished_archive(output_dir, items, tidy=True)  # a move of these very items cut short: finished there
     if archive is not None:
-        _take_back_part(archive)  # the half copy of a kill in the middle of a copy
+        _take_back_part(archive)  # what a kill in the middle of a copy left
     else:
         archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
         suffix = 1
@@ -569,18 +570,30 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
             archive = os.path.join(output_dir, PREVIOUS_RUNS, f'{stamp}-{suffix}')
             suffix += 1
     moving = os.path.join(archive, MOVING)
-    with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
-        if not os.path.lexists(moving):  # until the last item is in, the record of what moves
-            ownership.write_marker(archive, MOVING_KIND, manifest=False, name=MOVING,
-                                   output_dir=os.path.realpath(output_dir), archive=_identity(archive)[:3],
-                                   items=[_identity(i) for i in items])
-        try:
-            _move_items(items, folders, archive)
-        except BaseException:
-            if os.listdir(archive) == [MOVING]:  # nothing moved: the folder goes again, not a split run
-                os.remove(moving)
-            raise
-        os.remove(moving)
+    try:
+        with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
+            if not os.path.lexists(moving):  # until the last item is in, the record of what moves
+                ownership.write_marker(archive, MOVING_KIND, manifest=False, name=MOVING,
+                                       output_dir=os.path.realpath(output_dir), archive=_identity(archive)[:3],
+                                       items=[_identity(i) for i in items])
+            try:
+                _move_items(items, folders, archive)
+            except BaseException:
+                if os.listdir(archive) == [MOVING]:  # nothing moved: the folder goes again, not a split run
+                    os.remove(moving)
+                raise
+            os.remove(moving)
+    except (_MoveFailed, OSError) as e:  # a full disk, no right to write there: one line, what is where said
+        item, why = (e.item, e.why) if isinstance(e, _MoveFailed) else (None, e.strerror or type(e).__name__)
+        if isinstance(e, _MoveFailed) and e.full or writes.is_disk_full(e):
+            why = 'no space left on the device'
+        what = f'cannot move {item} into {archive}' if item else f'cannot move the earlier run into {archive}'
+        if os.path.lexists(moving):
+            where = (f'what moved before it is whole there, the rest stays where it was; free space there (or fix '
+                     f'the cause) and run the same command again: it moves the rest into {archive}')
+        else:
+            where = 'nothing moved: every item stays where it was; free space there (or fix the cause) and run again'
+        raise UserError(f'{what} ({why}): {where}') from None
     return archive
 
 
@@ -675,8 +688,8 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
                     continue  # changed since the check: left where it is
                 states = into[states_of[item]]
                 if not os.path.isdir(states):  # the state folder itself stays (it holds the run's lock)
-                    os.makedirs(states)
-                    made.append(states)
+                    os.mkdir(states)
+                    made.append((states, ownership.identity(os.lstat(states))))
                     ownership.write_marker(states, STATE_DIR, manifest=False)
                 _move_whole(item, os.path.join(states, os.path.basename(item)), archive,
                             lambda path: judge_state(path, pickles=False).wholly_owned)
@@ -684,120 +697,115 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
                 _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive,
                             lambda path: ownership.kind_of(path) == kind and not ownership.missing_entries(path))
     except BaseException:
-        for states in made:  # still holding only the marker this made
-            if ownership.is_real_dir(states) and os.listdir(states) == [markers.MARKER_FILE]:
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(states, markers.MARKER_FILE))
+        for states, made_as in made:  # still holding only the marker this made, or nothing (a marker cut by a full disk)
+            with contextlib.suppress(OSError):
+                if writes.still_made(states, made_as) and os.listdir(states) in ([], [markers.MARKER_FILE]):
+                    if os.listdir(states):
+                        os.remove(os.path.join(states, markers.MARKER_FILE))
                     os.rmdir(states)
         raise
 
 
-PART = '.chat_small_t5.part'  # in an archive folder: a folder holding the one item being copied in from elsewhere
-PART_TOKEN = '.chat_small_t5.part-token'  # in PART: the token its record holds (what makes PART the toolkit's)
-COPYING = '.chat_small_t5.copying'  # in the archive folder: the record of PART; a copy cut by a kill is taken back
+PART = '.chat_small_t5.part-'  # + a copy's token: in the archive folder, the folder the item is copied into
+REMOVING = '.chat_small_t5.removing-'  # + the token: beside the item, what the item is renamed to once copied
+COPYING = '.chat_small_t5.copying'  # in the archive folder: the record of the copy in progress (token, item, target)
 COPYING_KIND = 'copy-in-progress'
+
+
+class _MoveFailed(Exception):
+    """One item could not be moved into the archive; it stays whole where it was."""
+
+    def __init__(self, item: str, why: str, full: bool):
+        super().__init__(item, why)
+        self.item, self.why, self.full = item, why, full
 
 
 def _move_whole(item: str, target: str, archive: str, whole) -> None:
     """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
-    copied into a folder of the toolkit's in the archive (PART), renamed into place once whole, then
-    removed where it was: a kill in the middle of a copy never leaves a half copy under the item's
-    name, and the next run takes the half copy back (:func:`_take_back_part`). A copy that fails (a
-    full disk there) is taken back: the item stays whole where it was, what moved before it stays
-    whole in the archive, and the run stops in one line. ``whole(path)``: the item is whole there,
-    judged by its marker. What this call copied is taken back only while it is not a whole copy, or
-    the item is still whole where it was; a whole copy of an item whose removal failed midway stays.
-    A name already taken in the archive gets a suffix: nothing there is ever replaced or taken back."""
+    copied into a folder of its own in the archive, then, in this order, the item renamed beside
+    itself (its folder's filesystem: one step), the copy renamed into place, the item removed. At
+    every moment the item is whole under its name or under the name the record gives it beside
+    itself, and a copy is under the item's name in the archive only once whole: the next run
+    finishes or takes back what a kill cut (:func:`_take_back_part`). A copy that fails (a full disk
+    there) is taken back: the item stays whole where it was (_MoveFailed). ``whole(path)``: the item
+    is whole there, judged by its marker. A name already taken in the archive gets a suffix: nothing
+    there is ever replaced or taken back."""
     n, name = 1, target
     while os.path.lexists(target):
         target, n = f'{name}-{n}', n + 1
-
-    def judged(path):
-        try:
-            return whole(path)
-        except OSError:  # unreadable: not whole
-            return False
-
     try:
         os.rename(item, target)
         return
     except OSError as e:
         if e.errno != errno.EXDEV:
-            _cannot_move(item, archive, e)
+            raise _MoveFailed(item, e.strerror or type(e).__name__, writes.is_disk_full(e)) from None
     _take_back_part(archive)
-    placed = False
+    token = os.urandom(16).hex()
+    part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
+    copy = os.path.join(part, os.path.basename(target))
     try:
-        copy = _new_part(archive, os.path.basename(target))
+        ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token,
+                               item=os.path.abspath(item), target=os.path.abspath(target))
+        os.mkdir(part)
         if ownership.is_real_dir(item):
             shutil.copytree(item, copy, symlinks=True)
         else:
             shutil.copy2(item, copy)
-        os.rename(copy, target)
-        placed = True
-        _take_back_part(archive)  # the token, the empty folder, the record
-        if ownership.is_real_dir(item):
-            shutil.rmtree(item)
-        else:
-            os.remove(item)
+        if not whole(copy):
+            raise OSError(errno.EIO, 'the copy is not whole')
+        os.rename(item, removing)  # from here the copy is the run's item: a kill is finished by the next run
     except (OSError, shutil.Error) as e:
-        why = getattr(e, 'strerror', None) or type(e).__name__
-        if placed and judged(target) and not judged(item):  # removal failed midway after the copy
-            raise UserError(f'{item} was copied whole into {target}, but removing it where it was failed ({why}): '
-                            f'what is left of it there is a partial copy; remove it, then run again') from None
         with contextlib.suppress(OSError, UserError):
-            _take_back_part(archive)  # a half copy, made by this call
-        if placed and os.path.lexists(item):  # the item is still whole where it was: the copy goes again
-            if ownership.is_real_dir(target):
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                os.remove(target)
-        _cannot_move(item, archive, e)
-
-
-def _new_part(archive: str, name: str) -> str:
-    """PART, made with its token and its record (the token's proof: written first): -> the path
-    the copy goes to in it."""
-    token = os.urandom(16).hex()
-    ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token)
-    part = os.path.join(archive, PART)
-    os.mkdir(part)
-    fd = os.open(os.path.join(part, PART_TOKEN), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, 'w') as f:
-        f.write(token)
-    return os.path.join(part, name)
+            _take_back_part(archive)  # the half copy this made
+        raise _MoveFailed(item, getattr(e, 'strerror', None) or type(e).__name__,
+                          writes.is_disk_full(e) or 'No space left' in str(e)) from None  # shutil.Error: text
+    try:
+        _take_back_part(archive)  # the copy into place, the item removed, the record
+    except OSError as e:
+        raise UserError(f'{item} was copied whole into {target}, but removing it where it was failed '
+                        f'({e.strerror or type(e).__name__}): what is left of it is {removing}; the next run '
+                        f'removes it (or remove it yourself)') from None
 
 
 def _take_back_part(archive: str) -> None:
-    """What a copy into the archive folder left (a kill in the middle of it, or its end): PART --
-    removed only while it is a real folder holding the token of the toolkit's record COPYING, or
-    nothing at all -- then the record. Anything else under either name is not the toolkit's: it
-    stays, and no copy goes ahead beside it."""
-    part, record_path = os.path.join(archive, PART), os.path.join(archive, COPYING)
+    """Ends what the copy its record COPYING describes left (a kill, a failure, or its own end):
+    if the item was renamed beside itself (REMOVING + token), its copy was whole -- renamed into
+    place, then the item removed; else the half copy is removed. Only names made of the record's
+    token are touched (a real folder or file there, never through a link), the record last: a kill
+    in the middle is ended by the next run the same way. A record that is not the toolkit's stops the
+    move in one line and stays."""
+    record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
-    record = ownership.read_marker(archive, COPYING) if record_st is not None and record_st.st_nlink == 1 else None
-    token = record.get('token') if record is not None and record.get('kind') == COPYING_KIND else None
-    if record_st is not None and not isinstance(token, str):
+    if record_st is None:
+        return
+    record = ownership.read_marker(archive, COPYING) if record_st.st_nlink == 1 else None
+    if (record is None or record.get('kind') != COPYING_KIND
+            or not all(isinstance(record.get(k), str) for k in ('token', 'item', 'target'))
+            or not re.fullmatch(r'[0-9a-f]{32}', record['token'])):
         raise UserError(f'{record_path} is in the way of the move into {archive} and was not written by this '
                         f'toolkit: move it away, then run again')
-    if os.path.lexists(part):
-        held = ownership.read_regular_file(os.path.join(part, PART_TOKEN), 64) if ownership.is_real_dir(part) else None
-        if token is not None and held == token.encode():
-            shutil.rmtree(part)
-        elif not (ownership.is_real_dir(part) and not os.listdir(part)):  # an empty folder: a kill before its token
-            raise UserError(f'{part} is in the way of the move into {archive} and was not left there by this '
-                            f'toolkit: move it away, then run again')
-        else:
-            os.rmdir(part)
-    if token is not None:
-        os.remove(record_path)
+    token, item, target = record['token'], record['item'], record['target']
+    part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
+    copy = os.path.join(part, os.path.basename(target))
+    if os.path.lexists(removing):  # the copy was whole when the item took this name
+        if os.path.lexists(copy) and not os.path.lexists(target):
+            os.rename(copy, target)
+        _remove_real(removing)
+    _remove_real(part)
+    os.remove(record_path)
 
 
-def _cannot_move(item: str, archive: str, e: BaseException):
-    why = getattr(e, 'strerror', None) or type(e).__name__
-    full = writes.is_disk_full(e) or 'No space left' in str(e)  # shutil.Error lists its copies' errors as text
-    why = 'no space left on the device' if full else why
-    raise UserError(f'cannot move {item} into {archive} ({why}): it stays where it was (what moved before it '
-                    f'is whole in {archive}, and the next run moves the rest there too); free space there and '
-                    f'run again, or, to keep earlier runs on this disk, move {archive} into a folder '
-                    f'{os.path.dirname(archive)} on this disk first') from None
+def _remove_real(path: str) -> None:
+    """A real folder (with all in it, links inside removed as links) or a plain file; never through
+    a link at path; nothing there: nothing to do."""
+    st = ownership.lstat_or_none(path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    elif stat.S_ISREG(st.st_mode):
+        os.remove(path)
+    else:
+        raise UserError(f'{path} is in the way of the move and was not left there by this toolkit: move it away, '
+                        f'then run again')
 
