@@ -886,6 +886,11 @@ def killed_mid_copy(out):
     return archive
 
 
+def files_in(folder) -> dict:
+    return {os.path.join(root, n): open(os.path.join(root, n), 'rb').read()
+            for root, _, files in os.walk(folder) for n in files}
+
+
 def hidden_of_the_toolkit(folder) -> list[str]:
     return [os.path.join(root, n) for root, dirs, files in os.walk(folder) for n in dirs + files
             if n.startswith('.chat_small_t5.')]
@@ -936,8 +941,11 @@ def test_a_move_killed_in_its_last_item_is_finished_by_the_next_run_with_nothing
 def test_a_half_copy_is_taken_back_only_as_its_record_names_it_never_a_users_file_or_a_link(tmp_path):
     """What is taken back of a killed copy is the very folder the toolkit's record names (by the
     copy's random token), a real one: a user's folder of a name like it stays, a link put at its name
-    or a user's file at the record's name stops the move in one line and stays as it is."""
+    or a user's file at the record's name stops the move in one line and stays as it is. A `cp -al`
+    snapshot of the cut archive (its records then have two names) keeps the move in that archive, and
+    the snapshot stays whole."""
     import json
+    import subprocess
 
     def items(out):
         return str(out / 'states'), str(out / 'm.{}.bin'), str(out)
@@ -949,12 +957,16 @@ def test_a_half_copy_is_taken_back_only_as_its_record_names_it_never_a_users_fil
         os.makedirs(mine)
         (mine / 'notes.txt').write_text('mine')
         (part,) = glob.glob(f'{archive}/{sf.PART}*')
-        if case == 'beside':  # the user's own folder, named like a copy's
+        if case == 'beside':  # the user's own folder, named like a copy's, and a snapshot of the cut archive
+            snapshot = out / 'previous_runs' / 'snapshot'
+            subprocess.run(['cp', '-al', str(archive), str(snapshot)], check=True)  # rsnapshot's way: hard links
+            before = files_in(snapshot)
             shutil.copytree(mine, archive / (sf.PART + 'mine'))
             sf.archive_previous_run(*items(out), 'stamp2')
             assert sorted(os.listdir(archive)) == [sf.PART + 'mine', 'best', 'm.20.bin', 'states']
             assert (archive / (sf.PART + 'mine') / 'notes.txt').read_text() == 'mine'
             assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+            assert files_in(snapshot) == before and len(before) >= 10  # the records and the half copy too
             continue
         if case == 'record':
             os.remove(archive / sf.COPYING)

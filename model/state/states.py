@@ -652,8 +652,9 @@ def _still_at(path, dev, ino, ctime_ns) -> bool:
 def _moving_record(folder: str, output_dir: str) -> dict | None:
     """The toolkit's record of a move in progress into folder -- this very folder (by inode), for
     output_dir -- else None."""
-    st = ownership.lstat_or_none(os.path.join(folder, MOVING))
-    record = ownership.read_marker(folder, MOVING) if st is not None and st.st_nlink == 1 else None  # not a hard link
+    # a plain file, never read through a link; a second name of it (a `cp -al` snapshot of the archive) changes
+    # nothing: a record is only read and removed, never written into
+    record = ownership.read_marker(folder, MOVING)
     if (record is None or record.get('kind') != MOVING_KIND or record.get('output_dir') != os.path.realpath(output_dir)
             or record.get('archive') != _identity(folder)[:3]  # a copy of the folder or its record: not the one (its
             # change time changes as items move in: path, device and inode)
@@ -778,7 +779,7 @@ def _take_back_part(archive: str) -> None:
     record_st = ownership.lstat_or_none(record_path)
     if record_st is None:
         return
-    record = ownership.read_marker(archive, COPYING) if record_st.st_nlink == 1 else None
+    record = ownership.read_marker(archive, COPYING)  # a plain file (as the move's record: hard links change nothing)
     if (record is None or record.get('kind') != COPYING_KIND
             or not all(isinstance(record.get(k), str) for k in ('token', 'item', 'target'))
             or not re.fullmatch(r'[0-9a-f]{32}', record['token'])):
