@@ -1015,3 +1015,23 @@ def test_a_full_disk_at_the_archives_own_markers_is_one_line_and_leaves_nothing_
         archive = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
         assert moved_run_advice(archive, str(out), str(out / 'm.{}.bin'))[1]
         assert not contract.inspect(os.path.join(archive, 'states'), resume=True, deep=False).problems
+
+
+def test_an_item_whose_name_is_taken_in_the_archive_is_copied_whole_beside_it_across_filesystems(tmp_path,
+                                                                                                 monkeypatch):
+    """Two items of one name (a model_file pattern whose best file is named best), previous_runs/ on
+    another filesystem: both copied whole, the second under a suffix, judged whole under its own name."""
+    import torch
+
+    from model.state.model_files import save_weights_file
+
+    out, other = tmp_path / 'out', tmp_path / 'other'
+    a_model_folder_and_a_step_file(out)
+    os.makedirs(other)
+    save_weights_file({'w': torch.ones(2)}, str(other / 'best'), step=20)
+    previous_runs_elsewhere(monkeypatch)
+    archive = sf.archive_previous_run(str(out / 'states'), str(other / '{}'), str(out), 'stamp')
+    monkeypatch.undo()
+    assert sorted(os.listdir(archive)) == ['best', 'best-1'] and not os.listdir(other)
+    assert {own.kind_of(os.path.join(archive, n)) for n in ('best', 'best-1')} == {markers.MODEL, markers.WEIGHTS}
+    assert hidden_of_the_toolkit(tmp_path) == []

@@ -743,7 +743,7 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
     _take_back_part(archive)
     token = os.urandom(16).hex()
     part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
-    copy = os.path.join(part, os.path.basename(target))
+    copy = os.path.join(part, os.path.basename(os.path.normpath(item)))  # judged under its own name
     try:
         ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token,
                                item=os.path.abspath(item), target=os.path.abspath(target))
@@ -787,7 +787,7 @@ def _take_back_part(archive: str) -> None:
                         f'toolkit: move it away, then run again')
     token, item, target = record['token'], record['item'], record['target']
     part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
-    copy = os.path.join(part, os.path.basename(target))
+    copy = os.path.join(part, os.path.basename(os.path.normpath(item)))  # judged under its own name
     if os.path.lexists(removing):  # the copy was whole when the item took this name
         if os.path.lexists(copy) and not os.path.lexists(target):
             os.rename(copy, target)
