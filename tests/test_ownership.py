@@ -894,3 +894,14 @@ def test_a_marker_cut_by_a_full_disk_leaves_no_file_in_the_way(tmp_path, monkeyp
     assert os.listdir(tmp_path / 'm') == []
     own.write_marker(str(tmp_path / 'm'), markers.MODEL)  # space freed: the next write goes ahead
     assert own.kind_of(str(tmp_path / 'm')) == markers.MODEL
+
+
+def test_a_folder_that_cannot_be_made_on_a_full_disk_says_to_free_space(tmp_path, monkeypatch):
+    import errno
+
+    def full(path, *a, **kw):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(os, 'mkdir', full)
+    with pytest.raises(UserError, match=r'\(No space left on device\); free space there and run again'):
+        writes.make_folders(str(tmp_path / 'new'))

@@ -4,6 +4,7 @@ foreign entry is left alone and stepped around, never replaced or pruned (units,
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 
@@ -825,6 +826,7 @@ import os, shutil, signal, sys
 sys.path.insert(0, sys.argv[1])
 from model.state import states as sf
 out, at = sys.argv[2], sys.argv[3]
+states, model_file = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 5 else ('states', 'm.{}.bin')
 real_rename, real_copy, real_rmtree = os.rename, shutil.copyfile, shutil.rmtree
 across = lambda src, dst: (os.sep + 'previous_runs' + os.sep in dst) != (os.sep + 'previous_runs' + os.sep in src)
 kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -854,8 +856,21 @@ def rmtree(path, *a, **kw):  # the kill lands halfway through a removal
     return real_rmtree(path, *a, **kw)
 
 os.rename, shutil.copyfile, shutil.rmtree = rename, copyfile, rmtree
-sf.archive_previous_run(os.path.join(out, 'states'), os.path.join(out, 'm.{}.bin'), out, 'stamp')
+sf.archive_previous_run(os.path.join(out, states), os.path.join(out, model_file), out, 'stamp')
 '''
+
+
+def kill_mid_move(out, at: str, *layout: str) -> None:
+    """The child above: the move of what out holds, killed at ``at``; layout: (state folder, model
+    file pattern) relative to out."""
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', KILL_MID_MOVE, root, str(out), at, *layout], capture_output=True,
+                          text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 def killed_mid_move(out, at: str = 'copy'):
@@ -864,17 +879,10 @@ def killed_mid_move(out, at: str = 'copy'):
     renamed beside itself once copied ('renamed'), its copy renamed into place ('placed'), halfway
     through its removal ('removing'), or halfway through the next run taking back its half copy
     ('takeback'). -> the archive folder."""
-    import signal
-    import subprocess
-    import sys
-
     run_state(out / 'states', 20, 'r1', output_dir=out)
     a_model_folder_and_a_step_file(out)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for point in (['copy', 'takeback'] if at == 'takeback' else [at]):
-        proc = subprocess.run([sys.executable, '-c', KILL_MID_MOVE, root, str(out), point], capture_output=True,
-                              text=True)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        kill_mid_move(out, point)
     archive = out / 'previous_runs' / 'stamp'
     assert os.path.isfile(archive / sf.COPYING) and os.path.isfile(archive / sf.MOVING)
     return archive
@@ -1035,3 +1043,79 @@ def test_an_item_whose_name_is_taken_in_the_archive_is_copied_whole_beside_it_ac
     assert sorted(os.listdir(archive)) == ['best', 'best-1'] and not os.listdir(other)
     assert {own.kind_of(os.path.join(archive, n)) for n in ('best', 'best-1')} == {markers.MODEL, markers.WEIGHTS}
     assert hidden_of_the_toolkit(tmp_path) == []
+
+
+def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
+    """What the next run meets after a kill mid-move: a folder of the user's made at the item's name
+    in the archive (the copy goes beside it, named as a second save of its step, nothing removed --
+    both the copy and the item were removed); a record or an archive folder's record left empty by a kill while written
+    (ended, never 'not written by this toolkit'); a link at the name the item took beside itself
+    (refused before the copy takes any name, the link's target untouched)."""
+    def again(out):
+        return sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
+
+    out = tmp_path / 'taken'
+    archive = killed_mid_move(out, 'renamed')
+    os.makedirs(archive / 'states' / 'state-000000020')
+    (archive / 'states' / 'state-000000020' / 'note').write_text('mine')
+    assert again(out) == str(archive)
+    assert os.listdir(archive / 'states' / 'state-000000020') == ['note']
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020.1')).wholly_owned  # a second save's name
+    assert hidden_of_the_toolkit(out) == []
+
+    out = tmp_path / 'empty_record'
+    archive = killed_mid_move(out, 'copy')
+    sf._take_back_part(str(archive))  # as a run would, then a kill while the next copy's record is written
+    open(archive / sf.COPYING, 'w').close()
+    os.makedirs(out / 'previous_runs' / 'other')
+    open(out / 'previous_runs' / 'other' / sf.MOVING, 'w').close()  # a kill while an archive's record is written
+    assert again(out) == str(archive)
+    assert sorted(os.listdir(out / 'previous_runs')) == ['stamp'] and hidden_of_the_toolkit(out) == []
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+
+    out = tmp_path / 'link'
+    archive = killed_mid_move(out, 'copy')
+    token = json.loads((archive / sf.COPYING).read_text())['token']
+    mine = tmp_path / 'mine'
+    os.makedirs(mine)
+    (mine / 'notes.txt').write_text('mine')
+    os.symlink(mine, out / 'states' / (sf.REMOVING + token))
+    with pytest.raises(UserError, match='in the way of the move .* move it away'):
+        again(out)
+    assert not os.path.lexists(archive / 'states' / 'state-000000020') and os.listdir(mine) == ['notes.txt']
+
+
+@pytest.mark.parametrize('at', ['copy', 'renamed', 'placed'])
+def test_a_resume_where_a_fresh_runs_move_was_cut_puts_the_copied_item_back(tmp_path, at):
+    """A fresh run killed in the middle of a move, then the earlier run resumed instead: the item
+    being copied is back under its own name (it stayed hidden beside the states for good), or in the
+    archive where its copy was already in place; the copy and the record go, the rest of the move
+    stays for a later fresh run."""
+    out = tmp_path / 'out'
+    archive = killed_mid_move(out, at)
+    sf.end_cut_copies(str(out))
+    assert not os.path.lexists(archive / sf.COPYING) and os.path.isfile(archive / sf.MOVING)
+    where = archive / 'states' if at == 'placed' else out / 'states'
+    assert names(where) == ['state-000000020'] and sf.judge_state(str(where / 'state-000000020')).wholly_owned
+    assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(sf.MOVING)] == []
+
+
+def test_a_resumed_run_puts_back_the_state_a_cut_fresh_runs_move_had_hidden(data, tmp_path):
+    """End to end: a run saves two states; a fresh run over it is killed (SIGKILL) while moving the
+    first to previous_runs/ on another filesystem, once it had taken its hidden name; the earlier run
+    is resumed instead: it trains on, and the state is back under its name (it stayed hidden for good,
+    and the next fresh run archived the rest into a second folder)."""
+    from conftest import run_train, tiny_flags
+
+    out = tmp_path / 'out'
+    flags = tiny_flags(data, out, max_steps=10, save_steps=5)
+    assert run_train(flags).returncode == 0
+    assert names(out / 'state') == ['state-000000005', 'state-000000010']
+    kill_mid_move(out, 'renamed', 'state', 'chat_small_t5.{}.bin')
+    assert names(out / 'state') == ['state-000000010']  # the other is hidden beside it
+    r = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--is_keep_training=True')
+    assert r.returncode == 0, r.stderr[-3000:]
+    # put back, then pruned as the resumed run saved step 12 (keep 2): never hidden for good
+    assert names(out / 'state') == ['state-000000010', 'state-000000012']
+    assert not glob.glob(f'{out}/state/{sf.REMOVING}*')
+    assert not glob.glob(f'{out}/previous_runs/*/{sf.PART}*') and not glob.glob(f'{out}/previous_runs/*/{sf.COPYING}')

@@ -141,6 +141,10 @@ class Checkpointer:
             (f'the earlier run it moved aside continues with {flags}' if flags else
              f'the earlier run it moved aside is in {archive}') if archive else '')
 
+    def end_cut_copies_all_ranks(self) -> None:
+        """A resume where a fresh run's move was cut: its copy in progress ended (states.end_cut_copies)."""
+        self.collectives.on_main_all_ranks(lambda: state_files.end_cut_copies(self.settings.output_dir))
+
     # --- loading ---
 
     def load_all_ranks(self, saved: SavedState, state: TrainState, data_position: DataPosition) -> None:

@@ -631,6 +631,10 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
         folder = os.path.join(root, name)
         record = _moving_record(folder, output_dir)
         if record is None:
+            if tidy and _cut_record(folder, MOVING) and os.listdir(folder) == [MOVING]:  # killed while writing it
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, MOVING))
+                    os.rmdir(folder)
             continue
         recorded = record['items']
         if not any(_still_at(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
@@ -731,9 +735,7 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
     there) is taken back: the item stays whole where it was (_MoveFailed). ``whole(path)``: the item
     is whole there, judged by its marker. A name already taken in the archive gets a suffix: nothing
     there is ever replaced or taken back."""
-    n, name = 1, target
-    while os.path.lexists(target):
-        target, n = f'{name}-{n}', n + 1
+    target = _free_name(target)
     try:
         os.rename(item, target)
         return
@@ -768,16 +770,20 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
                         f'removes it (or remove it yourself)') from None
 
 
-def _take_back_part(archive: str) -> None:
+def _take_back_part(archive: str, put_back: bool = False) -> None:
     """Ends what the copy its record COPYING describes left (a kill, a failure, or its own end):
     if the item was renamed beside itself (REMOVING + token), its copy was whole -- renamed into
     place, then the item removed; else the half copy is removed. Only names made of the record's
     token are touched (a real folder or file there, never through a link), the record last: a kill
-    in the middle is ended by the next run the same way. A record that is not the toolkit's stops the
-    move in one line and stays."""
+    in the middle is ended by the next run the same way. ``put_back`` (a resume of the earlier run):
+    an item renamed beside itself goes back under its name instead, the copy is removed. A record
+    that is not the toolkit's stops the move in one line and stays."""
     record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
     if record_st is None:
+        return
+    if _cut_record(archive, COPYING):  # killed while the record was written: nothing was copied yet
+        os.remove(record_path)
         return
     record = ownership.read_marker(archive, COPYING)  # a plain file (as the move's record: hard links change nothing)
     if (record is None or record.get('kind') != COPYING_KIND
@@ -788,12 +794,54 @@ def _take_back_part(archive: str) -> None:
     token, item, target = record['token'], record['item'], record['target']
     part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
     copy = os.path.join(part, os.path.basename(os.path.normpath(item)))  # judged under its own name
-    if os.path.lexists(removing):  # the copy was whole when the item took this name
-        if os.path.lexists(copy) and not os.path.lexists(target):
-            os.rename(copy, target)
-        _remove_real(removing)
+    left = ownership.lstat_or_none(removing)
+    if left is not None:  # the copy was whole when the item took this name
+        if not (stat.S_ISDIR(left.st_mode) or stat.S_ISREG(left.st_mode)):
+            raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
+                            f'toolkit: move it away, then run again')
+        if put_back and os.path.lexists(copy) and not os.path.lexists(item):  # the item back where it was
+            os.rename(removing, item)
+            left = None
+        elif os.path.lexists(copy):  # into place; under a suffix where something came to the name since
+            os.rename(copy, _free_name(target))
+        if left is not None:
+            _remove_real(removing)
     _remove_real(part)
     os.remove(record_path)
+
+
+def _free_name(target: str) -> str:
+    """target, or the first free name beside it: a state as a second save of its step is named
+    (state-000000020.1: still a state), anything else with a -1, -2, ..."""
+    folder, name = os.path.split(target)
+    n, free = 1, target
+    while os.path.lexists(free):
+        free = os.path.join(folder, f'{name}.{n}' if _STATE_RE.match(name) else f'{name}-{n}')
+        n += 1
+    return free
+
+
+def _cut_record(folder: str, name: str) -> bool:
+    """The record ``name`` in folder is an empty plain file: a kill between its creation and its
+    one write (write_marker removes what a failed write left; a kill leaves it) -- nothing of anyone's."""
+    st = ownership.lstat_or_none(os.path.join(folder, name))
+    return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0 and ownership.is_real_dir(folder)
+
+
+def end_cut_copies(output_dir: str) -> None:
+    """A run resumed where a fresh run's move was cut (it was killed, then the earlier run resumed
+    instead): the one copy in progress is ended -- its item, renamed beside itself, put back under
+    its name (never left hidden beside the run's states), the copy removed; where that name is taken
+    since, into the archive as a fresh run would. The rest of the cut move stays for a later fresh
+    run. Anything in the way is left, said."""
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    for name in sorted(os.listdir(root)) if ownership.is_real_dir(root) else []:
+        folder = os.path.join(root, name)
+        if _moving_record(folder, output_dir) is not None:
+            try:
+                _take_back_part(folder, put_back=True)
+            except (OSError, UserError) as e:
+                logger.warning('a cut move into %s could not be ended: %s', folder, e)
 
 
 def _remove_real(path: str) -> None:

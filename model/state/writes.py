@@ -233,7 +233,8 @@ def make_folders(folder: str) -> list[tuple[str, tuple[int, int]]]:
             continue
         except OSError as e:  # no right to, a name too long, a full disk: those made so far go again
             remove_made(made)
-            raise UserError(f'cannot make the folder {folder} ({e.strerror}); choose another place') from None
+            fix = 'free space there and run again, or choose another place' if is_disk_full(e) else 'choose another place'
+            raise UserError(f'cannot make the folder {folder} ({e.strerror}); {fix}') from None
         made.append((folder, identity(os.lstat(folder))))
     return made
 

@@ -170,6 +170,8 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
                 run.checkpointer.archive_previous_run_all_ranks(stamp)
             fault_point('moved-aside')
         if resume:
+            with stopping.critical():
+                run.checkpointer.end_cut_copies_all_ranks()
             run.checkpointer.load_all_ranks(saved, run.state, run.data_position)
             apply_changed_hyperparameters(cfg, run.optimizer, run.scheduler)
         return run
