@@ -833,13 +833,20 @@ def end_cut_copies(output_dir: str) -> None:
     instead): the one copy in progress is ended -- its item, renamed beside itself, put back under
     its name (never left hidden beside the run's states), the copy removed; where that name is taken
     since, into the archive as a fresh run would. The rest of the cut move stays for a later fresh
-    run. Anything in the way is left, said."""
+    run; an archive folder into which nothing had moved goes. Anything in the way is left, said."""
     root = os.path.join(output_dir, PREVIOUS_RUNS)
     for name in sorted(os.listdir(root)) if ownership.is_real_dir(root) else []:
         folder = os.path.join(root, name)
         if _moving_record(folder, output_dir) is not None:
             try:
                 _take_back_part(folder, put_back=True)
+                made = [os.path.join(folder, n) for n in os.listdir(folder) if n != MOVING]
+                if all(ownership.folder_kind(f) == STATE_DIR and os.listdir(f) == [markers.MARKER_FILE] for f in made):
+                    for f in made:  # nothing had moved: as if that fresh run had never begun
+                        os.remove(os.path.join(f, markers.MARKER_FILE))
+                        os.rmdir(f)
+                    os.remove(os.path.join(folder, MOVING))
+                    os.rmdir(folder)
             except (OSError, UserError) as e:
                 logger.warning('a cut move into %s could not be ended: %s', folder, e)
 
