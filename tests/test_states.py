@@ -876,9 +876,9 @@ def kill_mid_move(out, at: str, *layout: str) -> None:
 def killed_mid_move(out, at: str = 'copy'):
     """A run's state, best model and step file, whose move into previous_runs/stamp (another
     filesystem) was killed (SIGKILL) with the state at ``at``: halfway through its copy ('copy'),
-    renamed beside itself once copied ('renamed'), its copy renamed into place ('placed'), halfway
-    through its removal ('removing'), or halfway through the next run taking back its half copy
-    ('takeback'). -> the archive folder."""
+    its whole copy just renamed into place ('placed'), then itself renamed beside itself ('renamed'),
+    halfway through its removal ('removing'), or halfway through the next run taking back its half
+    copy ('takeback'). -> the archive folder."""
     run_state(out / 'states', 20, 'r1', output_dir=out)
     a_model_folder_and_a_step_file(out)
     for point in (['copy', 'takeback'] if at == 'takeback' else [at]):
@@ -918,7 +918,7 @@ def test_a_move_killed_at_any_point_of_a_copy_is_finished_by_the_next_run_each_i
 
     out = tmp_path / 'out'
     archive = killed_mid_move(out, at)
-    assert names(out / 'states') == (['state-000000020'] if at in ('copy', 'takeback') else [])
+    assert names(out / 'states') == (['state-000000020'] if at in ('copy', 'takeback', 'placed') else [])
     if then == 'elsewhere':  # the requeued job, on the same node
         previous_runs_elsewhere(monkeypatch)
     moved = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
@@ -1047,21 +1047,25 @@ def test_an_item_whose_name_is_taken_in_the_archive_is_copied_whole_beside_it_ac
 
 def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     """What the next run meets after a kill mid-move: a folder of the user's made at the item's name
-    in the archive (the copy goes beside it, named as a second save of its step, nothing removed --
-    both the copy and the item were removed); a record or an archive folder's record left empty by a kill while written
+    in the archive (the copy goes beside it, named as a second save of its step, nothing of the
+    user's removed -- nor the item, taken for moved because something bore its copy's name); a record or an archive folder's record left empty by a kill while written
     (ended, never 'not written by this toolkit'); a link at the name the item took beside itself
     (refused before the copy takes any name, the link's target untouched)."""
     def again(out):
         return sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
 
-    out = tmp_path / 'taken'
-    archive = killed_mid_move(out, 'renamed')
-    os.makedirs(archive / 'states' / 'state-000000020')
-    (archive / 'states' / 'state-000000020' / 'note').write_text('mine')
-    assert again(out) == str(archive)
-    assert os.listdir(archive / 'states' / 'state-000000020') == ['note']
-    assert sf.judge_state(str(archive / 'states' / 'state-000000020.1')).wholly_owned  # a second save's name
-    assert hidden_of_the_toolkit(out) == []
+    for case in ('half copy', 'empty copy folder'):  # the kill halfway through the copy, or just before it began
+        out = tmp_path / case.replace(' ', '_')
+        archive = killed_mid_move(out, 'copy')
+        if case == 'empty copy folder':
+            (part,) = glob.glob(f'{archive}/{sf.PART}*')
+            shutil.rmtree(os.path.join(part, 'state-000000020'))
+        os.makedirs(archive / 'states' / 'state-000000020')  # yours, at the name the copy was to take
+        (archive / 'states' / 'state-000000020' / 'note').write_text('mine')
+        assert again(out) == str(archive)
+        assert os.listdir(archive / 'states' / 'state-000000020') == ['note']
+        assert sf.judge_state(str(archive / 'states' / 'state-000000020.1')).wholly_owned  # a second save's name
+        assert hidden_of_the_toolkit(out) == [] and names(out / 'states') == []
 
     out = tmp_path / 'empty_record'
     archive = killed_mid_move(out, 'copy')
@@ -1085,29 +1089,33 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     assert not os.path.lexists(archive / 'states' / 'state-000000020') and os.listdir(mine) == ['notes.txt']
 
 
-@pytest.mark.parametrize('at', ['copy', 'renamed', 'placed'])
-def test_a_resume_where_a_fresh_runs_move_was_cut_puts_the_copied_item_back(tmp_path, at):
-    """A fresh run killed in the middle of a move, then the earlier run resumed instead: the item
-    being copied is back under its own name (it stayed hidden beside the states for good), or in the
-    archive where its copy was already in place; the copy and the record go, the rest of the move
-    stays for a later fresh run (an archive folder into which nothing had moved goes)."""
+@pytest.mark.parametrize('at', ['copy', 'placed', 'renamed', 'removing'])
+def test_a_resume_where_a_fresh_runs_move_was_cut_ends_the_copy_and_keeps_the_item_whole(tmp_path, at):
+    """A fresh run killed in the middle of a move, then the earlier run resumed instead: the copy in
+    progress is ended -- a copy not yet in place goes, the item stays where it is (a copy already in
+    place stays in the archive, beside the item that stays: the earlier run goes on with it); an item
+    already leaving is removed, its whole copy in the archive -- and the move's record goes (an archive
+    folder into which nothing had moved goes too): nothing hidden is left."""
     out = tmp_path / 'out'
     archive = killed_mid_move(out, at)
     sf.end_cut_copies(str(out))
-    if at == 'placed':  # the state moved: the rest of the move stays recorded
-        assert not os.path.lexists(archive / sf.COPYING) and os.path.isfile(archive / sf.MOVING)
-    else:  # nothing had moved: no archive folder left
+    if at == 'copy':
         assert os.listdir(out / 'previous_runs') == []
-    where = archive / 'states' if at == 'placed' else out / 'states'
-    assert names(where) == ['state-000000020'] and sf.judge_state(str(where / 'state-000000020')).wholly_owned
-    assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(sf.MOVING)] == []
+    else:
+        assert sorted(os.listdir(archive)) == ['states'] and names(archive / 'states') == ['state-000000020']
+        assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+    assert names(out / 'states') == ([] if at in ('renamed', 'removing') else ['state-000000020'])
+    if names(out / 'states'):
+        assert sf.judge_state(str(out / 'states' / 'state-000000020')).wholly_owned
+    assert hidden_of_the_toolkit(out) == []
 
 
-def test_a_resumed_run_puts_back_the_state_a_cut_fresh_runs_move_had_hidden(data, tmp_path):
-    """End to end: a run saves two states; a fresh run over it is killed (SIGKILL) while moving the
-    first to previous_runs/ on another filesystem, once it had taken its hidden name; the earlier run
-    is resumed instead: it trains on, and the state is back under its name (it stayed hidden for good,
-    and the next fresh run archived the rest into a second folder)."""
+def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
+    """End to end: a run saves two states; a fresh run over it is killed (SIGKILL) while moving them
+    to previous_runs/ on another filesystem, the first copied whole into place and leaving its
+    name; the earlier run is resumed instead: it trains on, and nothing of the move is left hidden
+    (the first state stayed hidden beside the others for good, and the next fresh run archived the
+    rest into a second folder); the archive keeps the whole copy of the first state."""
     from conftest import run_train, tiny_flags
 
     out = tmp_path / 'out'
@@ -1118,7 +1126,7 @@ def test_a_resumed_run_puts_back_the_state_a_cut_fresh_runs_move_had_hidden(data
     assert names(out / 'state') == ['state-000000010']  # the other is hidden beside it
     r = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--is_keep_training=True')
     assert r.returncode == 0, r.stderr[-3000:]
-    # put back, then pruned as the resumed run saved step 12 (keep 2): never hidden for good
     assert names(out / 'state') == ['state-000000010', 'state-000000012']
-    assert not glob.glob(f'{out}/state/{sf.REMOVING}*')
-    assert os.listdir(out / 'previous_runs') == []  # nothing had moved: the cut archive folder went too
+    assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(markers.LOCK_FILE)] == []
+    (archive,) = glob.glob(f'{out}/previous_runs/*')
+    assert sf.judge_state(os.path.join(archive, 'state', 'state-000000005')).wholly_owned

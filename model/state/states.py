@@ -727,14 +727,14 @@ class _MoveFailed(Exception):
 
 def _move_whole(item: str, target: str, archive: str, whole) -> None:
     """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
-    copied into a folder of its own in the archive, then, in this order, the item renamed beside
-    itself (its folder's filesystem: one step), the copy renamed into place, the item removed. At
-    every moment the item is whole under its name or under the name the record gives it beside
-    itself, and a copy is under the item's name in the archive only once whole: the next run
-    finishes or takes back what a kill cut (:func:`_take_back_part`). A copy that fails (a full disk
-    there) is taken back: the item stays whole where it was (_MoveFailed). ``whole(path)``: the item
-    is whole there, judged by its marker. A name already taken in the archive gets a suffix: nothing
-    there is ever replaced or taken back."""
+    copied into a folder of its own in the archive (PART + a token), renamed into place once whole
+    (its folder then removed: the mark that it is in place), and only then removed where it was
+    (first renamed beside itself, REMOVING + the token, one step on its own disk). The item stays
+    under its own name until its whole copy bears that name in the archive; a copy bears it only
+    once whole; the record COPYING (token, item, target) lets the next run end what a kill cut
+    (:func:`_take_back_part`). A copy that fails (a full disk there) is taken back: the item stays
+    whole where it was (_MoveFailed). ``whole(path)``: the item is whole there, judged by its marker.
+    A name already taken in the archive gets a suffix: nothing there is ever replaced."""
     target = _free_name(target)
     try:
         os.rename(item, target)
@@ -747,67 +747,86 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
     part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
     copy = os.path.join(part, os.path.basename(os.path.normpath(item)))  # judged under its own name
     try:
+        os.mkdir(part)  # before the record: a record means its folder was made (gone again: the copy is in place)
         ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token,
-                               item=os.path.abspath(item), target=os.path.abspath(target))
-        os.mkdir(part)
+                               item=_identity(item), target=os.path.abspath(target))
         if ownership.is_real_dir(item):
             shutil.copytree(item, copy, symlinks=True)
         else:
             shutil.copy2(item, copy)
         if not whole(copy):
             raise OSError(errno.EIO, 'the copy is not whole')
-        os.rename(item, removing)  # from here the copy is the run's item: a kill is finished by the next run
+        os.rename(copy, target)
+        os.rmdir(part)  # from here the copy is the run's item in the archive: a kill is finished by the next run
     except (OSError, shutil.Error) as e:
         with contextlib.suppress(OSError, UserError):
             _take_back_part(archive)  # the half copy this made
         raise _MoveFailed(item, getattr(e, 'strerror', None) or type(e).__name__,
                           writes.is_disk_full(e) or 'No space left' in str(e)) from None  # shutil.Error: text
     try:
-        _take_back_part(archive)  # the copy into place, the item removed, the record
+        _take_back_part(archive)  # the item removed where it was, the record
     except OSError as e:
         raise UserError(f'{item} was copied whole into {target}, but removing it where it was failed '
                         f'({e.strerror or type(e).__name__}): what is left of it is {removing}; the next run '
                         f'removes it (or remove it yourself)') from None
 
 
-def _take_back_part(archive: str, put_back: bool = False) -> None:
-    """Ends what the copy its record COPYING describes left (a kill, a failure, or its own end):
-    if the item was renamed beside itself (REMOVING + token), its copy was whole -- renamed into
-    place, then the item removed; else the half copy is removed. Only names made of the record's
-    token are touched (a real folder or file there, never through a link), the record last: a kill
-    in the middle is ended by the next run the same way. ``put_back`` (a resume of the earlier run):
-    an item renamed beside itself goes back under its name instead, the copy is removed. A record
-    that is not the toolkit's stops the move in one line and stays."""
+def _take_back_part(archive: str, keep_item: bool = False) -> None:
+    """Ends what the copy its record COPYING describes left (a kill, a failure, or its own end),
+    as the record and the names made of its token tell: its folder still there -- the copy is not
+    in place: the folder goes (a half copy, or a whole one not yet named), the item stays; the folder
+    gone -- the copy is whole in place: the item is removed where it was (renamed beside itself, then
+    removed; only while it is still the very item recorded, by device, inode and change time), unless
+    ``keep_item`` (a resume of the earlier run: it goes on with the item, the archive keeps the copy).
+    Only real folders and files of the token's names are touched, never through a link, the record
+    last: a kill in the middle is ended by the next run the same way. A record that is not the
+    toolkit's stops the move in one line and stays."""
     record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
     if record_st is None:
         return
     if _cut_record(archive, COPYING):  # killed while the record was written: nothing was copied yet
+        for name in os.listdir(archive):  # the copy's folder, made just before it: empty
+            if re.fullmatch(re.escape(PART) + r'[0-9a-f]{32}', name) and ownership.is_real_dir(os.path.join(archive, name)):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(archive, name))
         os.remove(record_path)
         return
     record = ownership.read_marker(archive, COPYING)  # a plain file (as the move's record: hard links change nothing)
-    if (record is None or record.get('kind') != COPYING_KIND
-            or not all(isinstance(record.get(k), str) for k in ('token', 'item', 'target'))
-            or not re.fullmatch(r'[0-9a-f]{32}', record['token'])):
+    item_id = record.get('item') if record is not None else None
+    if (record is None or record.get('kind') != COPYING_KIND or not isinstance(record.get('token'), str)
+            or not re.fullmatch(r'[0-9a-f]{32}', record['token'])
+            or not (isinstance(item_id, list) and len(item_id) == 4 and isinstance(item_id[0], str))):
         raise UserError(f'{record_path} is in the way of the move into {archive} and was not written by this '
                         f'toolkit: move it away, then run again')
-    token, item, target = record['token'], record['item'], record['target']
+    token, item, target = record['token'], item_id[0], record.get('target')
+    if not isinstance(target, str):
+        raise UserError(f'{record_path} is in the way of the move into {archive} and was not written by this '
+                        f'toolkit: move it away, then run again')
     part, removing = os.path.join(archive, PART + token), os.path.join(os.path.dirname(item), REMOVING + token)
-    copy = os.path.join(part, os.path.basename(os.path.normpath(item)))  # judged under its own name
-    left = ownership.lstat_or_none(removing)
-    if left is not None:  # the copy was whole when the item took this name
-        if not (stat.S_ISDIR(left.st_mode) or stat.S_ISREG(left.st_mode)):
-            raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
+    copy = os.path.join(part, os.path.basename(os.path.normpath(item)))
+    for path in (part, removing):
+        st = ownership.lstat_or_none(path)
+        if st is not None and not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise UserError(f'{path} is in the way of the move into {archive} and was not left there by this '
                             f'toolkit: move it away, then run again')
-        if put_back and os.path.lexists(copy) and not os.path.lexists(item):  # the item back where it was
-            os.rename(removing, item)
-            left = None
-        elif os.path.lexists(copy):  # into place; under a suffix where something came to the name since
-            os.rename(copy, _free_name(target))
-        if left is not None:
-            _remove_real(removing)
-    _remove_real(part)
+    # in place: its folder gone -- or empty, the copy whole under its name (a kill between the two steps)
+    placed = not os.path.lexists(part) or (not os.path.lexists(copy) and _whole_item(target))
+    _remove_real(part)  # a copy not in place (half, or whole but unnamed) goes: the item stays where it is
+    if placed and not keep_item and not os.path.lexists(removing) and _still_at(*item_id):
+        os.rename(item, removing)  # its whole copy is in place: the item goes (one step, then removed)
+    _remove_real(removing)
     os.remove(record_path)
+
+
+def _whole_item(path: str) -> bool:
+    """A state, weights file, model folder or predictions file of the toolkit's, whole (by its marker)."""
+    try:
+        if _STATE_RE.match(os.path.basename(path)):
+            return judge_state(path, pickles=False).wholly_owned
+        return ownership.kind_of(path) in (WEIGHTS, MODEL, PREDICTIONS) and not ownership.missing_entries(path)
+    except OSError:
+        return False
 
 
 def _free_name(target: str) -> str:
@@ -830,25 +849,27 @@ def _cut_record(folder: str, name: str) -> bool:
 
 def end_cut_copies(output_dir: str) -> None:
     """A run resumed where a fresh run's move was cut (it was killed, then the earlier run resumed
-    instead): the one copy in progress is ended -- its item, renamed beside itself, put back under
-    its name (never left hidden beside the run's states), the copy removed; where that name is taken
-    since, into the archive as a fresh run would. The rest of the cut move stays for a later fresh
-    run; an archive folder into which nothing had moved goes. Anything in the way is left, said."""
+    instead): the copy in progress is ended, the item kept where it is (whole: a copy already in
+    place stays in the archive as one), and the move's record goes -- the earlier run goes on, so a
+    later fresh run moves it anew; an archive folder into which nothing had moved goes too, and one
+    holding only a record cut by a kill. Anything in the way is left, said."""
     root = os.path.join(output_dir, PREVIOUS_RUNS)
     for name in sorted(os.listdir(root)) if ownership.is_real_dir(root) else []:
         folder = os.path.join(root, name)
-        if _moving_record(folder, output_dir) is not None:
-            try:
-                _take_back_part(folder, put_back=True)
-                made = [os.path.join(folder, n) for n in os.listdir(folder) if n != MOVING]
-                if all(ownership.folder_kind(f) == STATE_DIR and os.listdir(f) == [markers.MARKER_FILE] for f in made):
-                    for f in made:  # nothing had moved: as if that fresh run had never begun
-                        os.remove(os.path.join(f, markers.MARKER_FILE))
-                        os.rmdir(f)
-                    os.remove(os.path.join(folder, MOVING))
-                    os.rmdir(folder)
-            except (OSError, UserError) as e:
-                logger.warning('a cut move into %s could not be ended: %s', folder, e)
+        try:
+            if _moving_record(folder, output_dir) is not None:
+                _take_back_part(folder, keep_item=True)
+            elif not (_cut_record(folder, MOVING) and os.listdir(folder) == [MOVING]):
+                continue
+            made = [os.path.join(folder, n) for n in os.listdir(folder) if n != MOVING]
+            os.remove(os.path.join(folder, MOVING))
+            if all(ownership.folder_kind(f) == STATE_DIR and os.listdir(f) == [markers.MARKER_FILE] for f in made):
+                for f in made:  # nothing had moved: as if that fresh run had never begun
+                    os.remove(os.path.join(f, markers.MARKER_FILE))
+                    os.rmdir(f)
+                os.rmdir(folder)
+        except (OSError, UserError) as e:
+            logger.warning('a cut move into %s could not be ended: %s', folder, e)
 
 
 def _remove_real(path: str) -> None:
