@@ -827,6 +827,7 @@ sys.path.insert(0, sys.argv[1])
 from model.state import states as sf
 out, at = sys.argv[2], sys.argv[3]
 states, model_file = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 5 else ('states', 'm.{}.bin')
+which = sys.argv[6] if len(sys.argv) > 6 else 'state-'  # the item the kill lands in
 real_rename, real_copy, real_rmtree = os.rename, shutil.copyfile, shutil.rmtree
 across = lambda src, dst: (os.sep + 'previous_runs' + os.sep in dst) != (os.sep + 'previous_runs' + os.sep in src)
 kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -836,11 +837,11 @@ def rename(src, dst, *a, **kw):  # previous_runs on another filesystem: no renam
     if across(src, dst):
         raise OSError(18, 'Invalid cross-device link')
     real_rename(src, dst, *a, **kw)
-    if 'state-' in src and (at == 'renamed' and sf.REMOVING in dst or at == 'placed' and sf.PART in src):
+    if which in src and (at == 'renamed' and sf.REMOVING in dst or at == 'placed' and sf.PART in src):
         kill()
 
 def copyfile(src, dst, **kw):  # the kill lands halfway through the state's weights
-    if at == 'copy' and os.path.basename(src) == 'model.safetensors' and 'state-' in os.fspath(src):
+    if at == 'copy' and os.path.basename(src) == 'model.safetensors' and which in os.fspath(src):
         with open(dst, 'w') as f:
             f.write('half')
         kill()
@@ -862,7 +863,7 @@ sf.archive_previous_run(os.path.join(out, states), os.path.join(out, model_file)
 
 def kill_mid_move(out, at: str, *layout: str) -> None:
     """The child above: the move of what out holds, killed at ``at``; layout: (state folder, model
-    file pattern) relative to out."""
+    file pattern) relative to out, and the name of the state the kill lands in."""
     import signal
     import subprocess
     import sys
@@ -1130,3 +1131,17 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(markers.LOCK_FILE)] == []
     (archive,) = glob.glob(f'{out}/previous_runs/*')
     assert sf.judge_state(os.path.join(archive, 'state', 'state-000000005')).wholly_owned
+
+    # the kill in the newest state, after its copy took its name in the archive: a resume finds no state here
+    # and says how to finish the move (it said only "start without --is_keep_training")
+    out = tmp_path / 'newest'
+    assert run_train(tiny_flags(data, out, max_steps=10, save_steps=5)).returncode == 0
+    kill_mid_move(out, 'renamed', 'state', 'chat_small_t5.{}.bin', 'state-000000010')
+    (archive,) = glob.glob(f'{out}/previous_runs/*')
+    r = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--is_keep_training=True')
+    assert r.returncode == 2 and f'was moving the earlier run into {archive} and was cut short' in r.stderr, r.stderr
+    r = run_train(tiny_flags(data, out, max_steps=1, save_steps=5))  # as it says: the move finished there
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert glob.glob(f'{out}/previous_runs/*') == [archive] and names(os.path.join(archive, 'state')) == [
+        'state-000000005', 'state-000000010'] and os.path.isdir(os.path.join(archive, 'best'))
+    assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(markers.LOCK_FILE)] == []

@@ -611,6 +611,16 @@ def _other_runs_models(t, saved: contract.SavedState, home: dict | None) -> list
                     f'{saved.path}); the resume would replace or prune {"it" if one else "them"}', fix)]
 
 
+def _cut_move(t) -> str:
+    """For a resume that finds no state where a fresh run's move of the earlier run here was cut
+    short (its states among what moved, its models not yet): how to finish it; else ''."""
+    previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
+    cut = ckpt.unfinished_archive(t.output_dir, previous) if previous else None
+    return (f'a fresh run here was moving the earlier run into {cut} and was cut short, its states already there: '
+            f'start without --is_keep_training to finish that move (nothing is lost: the earlier run then continues '
+            f'from {cut} with the flags the log prints)') if cut else ''
+
+
 def _moved_aside(t) -> str:
     """For a resume that finds no state: how the run a fresh run here moved aside last continues
     (a fresh run stopped or killed before its first save leaves none of its own); else ''."""
@@ -644,7 +654,8 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
              f'so it cannot start there either), then start without --is_keep_training; or give another '
              f'--train_state_dir')
     for message in states.problems:
-        report.problems.append(Problem('is_keep_training', message, _states_elsewhere(cfg) or _moved_aside(t) or fresh))
+        report.problems.append(Problem('is_keep_training', message,
+                                       _states_elsewhere(cfg) or _cut_move(t) or _moved_aside(t) or fresh))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
     places = contract.places_of(saved.config, saved.run) or {}
