@@ -1050,8 +1050,9 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     """What the next run meets after a kill mid-move: a folder of the user's made at the item's name
     in the archive (the copy goes beside it, named as a second save of its step, nothing of the
     user's removed -- nor the item, taken for moved because something bore its copy's name); a record or an archive folder's record left empty by a kill while written
-    (ended, never 'not written by this toolkit'); a link at the name the item took beside itself
-    (refused before the copy takes any name, the link's target untouched)."""
+    (ended, never 'not written by this toolkit'); a link or a folder of the user's at the name the item
+    takes beside itself (refused, untouched: a folder there was removed); an empty copy folder left by a
+    kill before its record (removed; a folder of the user's named like one stays)."""
     def again(out):
         return sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
 
@@ -1078,16 +1079,31 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     assert sorted(os.listdir(out / 'previous_runs')) == ['stamp'] and hidden_of_the_toolkit(out) == []
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
 
-    out = tmp_path / 'link'
-    archive = killed_mid_move(out, 'copy')
-    token = json.loads((archive / sf.COPYING).read_text())['token']
     mine = tmp_path / 'mine'
     os.makedirs(mine)
     (mine / 'notes.txt').write_text('mine')
-    os.symlink(mine, out / 'states' / (sf.REMOVING + token))
-    with pytest.raises(UserError, match='in the way of the move .* move it away'):
-        again(out)
-    assert not os.path.lexists(archive / 'states' / 'state-000000020') and os.listdir(mine) == ['notes.txt']
+    for case, at in (('link', 'copy'), ('folder', 'placed')):  # yours at the name the item takes beside itself
+        out = tmp_path / case
+        archive = killed_mid_move(out, at)
+        hidden = out / 'states' / (sf.REMOVING + json.loads((archive / sf.COPYING).read_text())['token'])
+        if case == 'link':
+            os.symlink(mine, hidden)
+        else:
+            shutil.copytree(mine, hidden)
+        with pytest.raises(UserError, match='in the way of the move .* move it away'):
+            again(out)
+        assert os.listdir(mine) == ['notes.txt'] and os.listdir(hidden) == ['notes.txt']
+        assert names(out / 'states') == ['state-000000020']  # the item where it was, whole
+        if case == 'link':  # the half copy never took a name
+            assert not os.path.lexists(archive / 'states' / 'state-000000020')
+
+    out = tmp_path / 'orphan'  # a kill between a copy's folder and its record: an empty folder, no record
+    archive = killed_mid_move(out, 'copy')
+    sf._take_back_part(str(archive))
+    os.mkdir(archive / (sf.PART + '0' * 32))
+    os.mkdir(archive / (sf.PART + 'mine'))  # yours, named like one: stays
+    assert again(out) == str(archive)
+    assert hidden_of_the_toolkit(out) == [str(archive / (sf.PART + 'mine'))]
 
 
 @pytest.mark.parametrize('at', ['copy', 'placed', 'renamed', 'removing'])

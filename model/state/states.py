@@ -783,14 +783,10 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
     toolkit's stops the move in one line and stays."""
     record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
-    if record_st is None:
-        return
-    if _cut_record(archive, COPYING):  # killed while the record was written: nothing was copied yet
-        for name in os.listdir(archive):  # the copy's folder, made just before it: empty
-            if re.fullmatch(re.escape(PART) + r'[0-9a-f]{32}', name) and ownership.is_real_dir(os.path.join(archive, name)):
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(archive, name))
-        os.remove(record_path)
+    if record_st is None or _cut_record(archive, COPYING):  # none, or killed while it was written
+        _remove_empty_parts(archive)  # a copy's folder made just before its record: empty
+        if record_st is not None:
+            os.remove(record_path)
         return
     record = ownership.read_marker(archive, COPYING)  # a plain file (as the move's record: hard links change nothing)
     item_id = record.get('item') if record is not None else None
@@ -812,11 +808,26 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
                             f'toolkit: move it away, then run again')
     # in place: its folder gone -- or empty, the copy whole under its name (a kill between the two steps)
     placed = not os.path.lexists(part) or (not os.path.lexists(copy) and _whole_item(target))
+    left = ownership.lstat_or_none(removing)
+    if left is not None and ownership.identity(left) != tuple(item_id[1:3]):  # not the item renamed: someone's
+        raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
+                        f'toolkit: move it away, then run again')
     _remove_real(part)  # a copy not in place (half, or whole but unnamed) goes: the item stays where it is
-    if placed and not keep_item and not os.path.lexists(removing) and _still_at(*item_id):
+    if placed and not keep_item and left is None and _still_at(*item_id):
         os.rename(item, removing)  # its whole copy is in place: the item goes (one step, then removed)
     _remove_real(removing)
     os.remove(record_path)
+    _remove_empty_parts(archive)
+
+
+def _remove_empty_parts(archive: str) -> None:
+    """Empty copy folders of the toolkit's (PART + a token) in the archive: a kill between making one
+    and writing its record leaves it -- nothing of anyone's."""
+    for name in os.listdir(archive):
+        path = os.path.join(archive, name)
+        if re.fullmatch(re.escape(PART) + r'[0-9a-f]{32}', name) and ownership.is_real_dir(path):
+            with contextlib.suppress(OSError):  # not empty: someone's, left
+                os.rmdir(path)
 
 
 def _whole_item(path: str) -> bool:
