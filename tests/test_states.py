@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -1156,7 +1157,13 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     (archive,) = glob.glob(f'{out}/previous_runs/*')
     r = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--is_keep_training=True')
     assert r.returncode == 2 and f'was moving the earlier run into {archive} and was cut short' in r.stderr, r.stderr
-    r = run_train(tiny_flags(data, out, max_steps=1, save_steps=5))  # as it says: the move finished there
+    from conftest import ENV
+    from test_trainer import finished, start_script  # a requeue of the batch job (RESUME=auto, no terminal)
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'NUM_GPUS': '0', 'RESUME': 'auto'}
+    r = finished(start_script(tiny_flags(data, out, max_steps=12, save_steps=5), env))
+    assert r.returncode == 1 and 'was cut short, its states already there: RESUME=no finishes that move' in r.stderr, \
+        r.stderr[-3000:]
+    r = run_train(tiny_flags(data, out, max_steps=1, save_steps=5))  # as they say: the move finished there
     assert r.returncode == 0, r.stderr[-3000:]
     assert glob.glob(f'{out}/previous_runs/*') == [archive] and names(os.path.join(archive, 'state')) == [
         'state-000000005', 'state-000000010'] and os.path.isdir(os.path.join(archive, 'best'))
