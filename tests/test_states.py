@@ -1168,3 +1168,15 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     assert glob.glob(f'{out}/previous_runs/*') == [archive] and names(os.path.join(archive, 'state')) == [
         'state-000000005', 'state-000000010'] and os.path.isdir(os.path.join(archive, 'best'))
     assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(markers.LOCK_FILE)] == []
+
+
+def test_a_free_name_in_the_archive_keeps_a_state_a_state(tmp_path):
+    """A name taken in the archive: a state gets the next free second-save name of its step (one
+    already suffixed too: state-000000020.1 -> .2, never .1.1, which is no state name); anything else
+    -1, -2."""
+    for name in ('state-000000020', 'state-000000020.1', 'state-000000020.2', 'best', 'best-1'):
+        os.makedirs(tmp_path / name)
+    assert sf._free_name(str(tmp_path / 'state-000000020')) == str(tmp_path / 'state-000000020.3')
+    assert sf._free_name(str(tmp_path / 'state-000000020.1')) == str(tmp_path / 'state-000000020.3')
+    assert sf._free_name(str(tmp_path / 'state-000000030')) == str(tmp_path / 'state-000000030')
+    assert sf._free_name(str(tmp_path / 'best')) == str(tmp_path / 'best-2')

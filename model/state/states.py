@@ -844,9 +844,11 @@ def _free_name(target: str) -> str:
     """target, or the first free name beside it: a state as a second save of its step is named
     (state-000000020.1: still a state), anything else with a -1, -2, ..."""
     folder, name = os.path.split(target)
-    n, free = 1, target
+    state = _STATE_RE.match(name)
+    base, n = (f'state-{state.group(1)}', int(state.group(2) or 0) + 1) if state else (name, 1)
+    free = target
     while os.path.lexists(free):
-        free = os.path.join(folder, f'{name}.{n}' if _STATE_RE.match(name) else f'{name}-{n}')
+        free = os.path.join(folder, f'{base}.{n}' if state else f'{base}-{n}')
         n += 1
     return free
 
