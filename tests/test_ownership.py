@@ -890,8 +890,23 @@ def test_a_marker_cut_by_a_full_disk_leaves_no_file_in_the_way(tmp_path, monkeyp
     for name in (markers.MARKER_FILE, 'x.record'):
         with pytest.raises(OSError, match='No space left'):
             own.write_marker(str(tmp_path / 'm'), markers.MODEL, name=name)
-    monkeypatch.undo()
     assert os.listdir(tmp_path / 'm') == []
+    # the name swapped for a link to a user's file (or the user's own file) before the write failed: only what
+    # this call made is removed, never a link or a file at that name since
+    (tmp_path / 'mine.txt').write_text('mine')
+
+    def swapped(fd):
+        path = os.readlink(f'/proc/self/fd/{fd}')
+        os.replace(str(tmp_path / 'link'), path)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    os.symlink(tmp_path / 'mine.txt', tmp_path / 'link')
+    monkeypatch.setattr(os, 'fsync', swapped)
+    with pytest.raises(OSError, match='No space left'):
+        own.write_marker(str(tmp_path / 'm'), markers.MODEL)
+    monkeypatch.undo()
+    assert os.path.islink(tmp_path / 'm' / markers.MARKER_FILE) and (tmp_path / 'mine.txt').read_text() == 'mine'
+    os.remove(tmp_path / 'm' / markers.MARKER_FILE)
     own.write_marker(str(tmp_path / 'm'), markers.MODEL)  # space freed: the next write goes ahead
     assert own.kind_of(str(tmp_path / 'm')) == markers.MODEL
 

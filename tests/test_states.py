@@ -1051,7 +1051,8 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     """What the next run meets after a kill mid-move: a folder of the user's made at the item's name
     in the archive (the copy goes beside it, named as a second save of its step, nothing of the
     user's removed -- nor the item, taken for moved because something bore its copy's name); a record or an archive folder's record left empty by a kill while written
-    (ended, never 'not written by this toolkit'); a link or a folder of the user's at the name the item
+    (ended, never 'not written by this toolkit'; an archive folder holding only an empty one carries no
+    marker: left); the item edited after its copy took its name (kept as edited); a link or a folder of the user's at the name the item
     takes beside itself (refused, untouched: a folder there was removed); an empty copy folder left by a
     kill before its record (removed; a folder of the user's named like one stays)."""
     def again(out):
@@ -1077,8 +1078,18 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     os.makedirs(out / 'previous_runs' / 'other')
     open(out / 'previous_runs' / 'other' / sf.MOVING, 'w').close()  # a kill while an archive's record is written
     assert again(out) == str(archive)
-    assert sorted(os.listdir(out / 'previous_runs')) == ['stamp'] and hidden_of_the_toolkit(out) == []
+    # the folder with the empty record carries no marker of the toolkit's: never continued, never removed
+    assert sorted(os.listdir(out / 'previous_runs')) == ['other', 'stamp']
+    assert hidden_of_the_toolkit(out) == [str(out / 'previous_runs' / 'other' / sf.MOVING)]
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+
+    out = tmp_path / 'edited'  # the item edited after its copy took its name: it is no longer what was copied
+    archive = killed_mid_move(out, 'placed')
+    with open(out / 'states' / 'state-000000020' / 'counters.json', 'a') as f:
+        f.write(' ')
+    assert again(out) == str(archive)
+    assert open(out / 'states' / 'state-000000020' / 'counters.json').read().endswith(' ')  # kept, as edited
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned  # its copy, whole
 
     mine = tmp_path / 'mine'
     os.makedirs(mine)

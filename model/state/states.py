@@ -630,11 +630,7 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
     for name in names:
         folder = os.path.join(root, name)
         record = _moving_record(folder, output_dir)
-        if record is None:
-            if tidy and _cut_record(folder, MOVING) and os.listdir(folder) == [MOVING]:  # killed while writing it
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, MOVING))
-                    os.rmdir(folder)
+        if record is None:  # not the toolkit's (an empty one, cut by a kill, marks nothing either): left as it is
             continue
         recorded = record['items']
         if not any(_still_at(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
@@ -813,7 +809,7 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
         raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
                         f'toolkit: move it away, then run again')
     _remove_real(part)  # a copy not in place (half, or whole but unnamed) goes: the item stays where it is
-    if placed and not keep_item and left is None and _still_at(*item_id):
+    if placed and not keep_item and left is None and _still_at(*item_id) and _whole_item(item):
         os.rename(item, removing)  # its whole copy is in place: the item goes (one step, then removed)
     _remove_real(removing)
     os.remove(record_path)
@@ -864,16 +860,16 @@ def end_cut_copies(output_dir: str) -> None:
     """A run resumed where a fresh run's move was cut (it was killed, then the earlier run resumed
     instead): the copy in progress is ended, the item kept where it is (whole: a copy already in
     place stays in the archive as one), and the move's record goes -- the earlier run goes on, so a
-    later fresh run moves it anew; an archive folder into which nothing had moved goes too, and one
-    holding only a record cut by a kill. Anything in the way is left, said."""
+    later fresh run moves it anew; an archive folder into which nothing had moved goes too. A folder
+    without the toolkit's record (one cut empty by a kill marks nothing) is left as it is. Anything
+    in the way is left, said."""
     root = os.path.join(output_dir, PREVIOUS_RUNS)
     for name in sorted(os.listdir(root)) if ownership.is_real_dir(root) else []:
         folder = os.path.join(root, name)
         try:
-            if _moving_record(folder, output_dir) is not None:
-                _take_back_part(folder, keep_item=True)
-            elif not (_cut_record(folder, MOVING) and os.listdir(folder) == [MOVING]):
+            if _moving_record(folder, output_dir) is None:  # not a cut move of this place's (by its record)
                 continue
+            _take_back_part(folder, keep_item=True)
             made = [os.path.join(folder, n) for n in os.listdir(folder) if n != MOVING]
             os.remove(os.path.join(folder, MOVING))
             if all(ownership.folder_kind(f) == STATE_DIR and os.listdir(f) == [markers.MARKER_FILE] for f in made):
