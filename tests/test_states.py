@@ -1052,7 +1052,8 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     in the archive (the copy goes beside it, named as a second save of its step, nothing of the
     user's removed -- nor the item, taken for moved because something bore its copy's name); a record or an archive folder's record left empty by a kill while written
     (ended, never 'not written by this toolkit'; an archive folder holding only an empty one carries no
-    marker: left); the item edited after its copy took its name (kept as edited); a link or a folder of the user's at the name the item
+    marker: left); the half copy's folder removed by hand (the item was lost); the item edited after its
+    copy took its name (kept as edited); a link or a folder of the user's at the name the item
     takes beside itself (refused, untouched: a folder there was removed); an empty copy folder left by a
     kill before its record (removed; a folder of the user's named like one stays)."""
     def again(out):
@@ -1081,6 +1082,14 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     # the folder with the empty record carries no marker of the toolkit's: never continued, never removed
     assert sorted(os.listdir(out / 'previous_runs')) == ['other', 'stamp']
     assert hidden_of_the_toolkit(out) == [str(out / 'previous_runs' / 'other' / sf.MOVING)]
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+
+    out = tmp_path / 'part_removed'  # the half copy's folder removed by hand (to free space), its record left
+    archive = killed_mid_move(out, 'copy')
+    for part in glob.glob(f'{archive}/{sf.PART}*'):
+        shutil.rmtree(part)
+    assert again(out) == str(archive)  # the item was taken for copied and removed: lost, both of it and its copy
+    assert names(archive / 'states') == ['state-000000020'] and names(out / 'states') == []
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
 
     out = tmp_path / 'edited'  # the item edited after its copy took its name: it is no longer what was copied

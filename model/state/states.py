@@ -802,8 +802,10 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
         if st is not None and not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise UserError(f'{path} is in the way of the move into {archive} and was not left there by this '
                             f'toolkit: move it away, then run again')
-    # in place: its folder gone -- or empty, the copy whole under its name (a kill between the two steps)
-    placed = not os.path.lexists(part) or (not os.path.lexists(copy) and _whole_item(target))
+    # in place: the copy not in its folder (gone, or left empty by a kill between the two steps) but at the target,
+    # whole, and a copy of this very item -- never judged by the folder alone (removed by hand to free space, or
+    # by a failed copy's take-back cut before its record went, it proves nothing)
+    placed = not os.path.lexists(copy) and _whole_item(target) and _is_copy_of(target, item)
     left = ownership.lstat_or_none(removing)
     if left is not None and ownership.identity(left) != tuple(item_id[1:3]):  # not the item renamed: someone's
         raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
@@ -826,6 +828,16 @@ def _remove_empty_parts(archive: str) -> None:
                 os.rmdir(path)
 
 
+def _is_copy_of(copy: str, item: str) -> bool:
+    """copy and item carry the same marker (a folder's, or a file's sealed one: the same recorded
+    content); an item gone: its copy is the one left."""
+    if not os.path.lexists(item):
+        return True
+    read = ownership.read_marker if ownership.is_real_dir(copy) else (lambda path: markers.file_status(path)[0])
+    info = read(copy)
+    return info is not None and info == read(item)
+
+
 def _whole_item(path: str) -> bool:
     """A state, weights file, model folder or predictions file of the toolkit's, whole (by its marker)."""
     try:
@@ -841,11 +853,11 @@ def _free_name(target: str) -> str:
     (state-000000020.1: still a state), anything else with a -1, -2, ..."""
     folder, name = os.path.split(target)
     state = _STATE_RE.match(name)
-    base, n = (f'state-{state.group(1)}', int(state.group(2) or 0) + 1) if state else (name, 1)
-    free = target
+    if state:
+        return free_state_path(folder, int(state.group(1)))
+    n, free = 1, target
     while os.path.lexists(free):
-        free = os.path.join(folder, f'{base}.{n}' if state else f'{base}-{n}')
-        n += 1
+        free, n = os.path.join(folder, f'{name}-{n}'), n + 1
     return free
 
 
