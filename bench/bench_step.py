@@ -28,7 +28,6 @@ the model's arithmetic (the matrix products): what a T5 of this toolkit's own co
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -52,23 +51,6 @@ def length_grouped(rows: list, lengths: list[int], batch: int, mega: int = 50) -
     for i in range(0, len(rows), mega * batch):
         out += sorted(range(i, min(i + mega * batch, len(rows))), key=lambda k: -lengths[k])
     return [rows[k] for k in out]
-
-
-def _buckets(relative, bidirectional: bool, num_buckets: int, max_distance: int):
-    """T5's relative position buckets (as transformers' T5Attention._relative_position_bucket)."""
-    import torch
-
-    out = 0
-    if bidirectional:
-        num_buckets //= 2
-        out = (relative > 0).long() * num_buckets
-        n = relative.abs()
-    else:
-        n = (-relative).clamp(min=0)
-    exact = num_buckets // 2
-    large = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-                     * (num_buckets - exact)).long()
-    return out + torch.where(n < exact, n, large.clamp(max=num_buckets - 1))
 
 
 def _rms(x, weight, eps: float):
@@ -98,6 +80,7 @@ def _stack(stack, ids, segments, memory=None, memory_segments=None):
     """One T5 stack (transformers' modules, read for their weights only) over a packed batch."""
     import torch
     import torch.nn.functional as F
+    from transformers.models.t5.modeling_t5 import T5Attention
 
     cfg = stack.config
     x = stack.embed_tokens(ids)
@@ -105,8 +88,9 @@ def _stack(stack, ids, segments, memory=None, memory_segments=None):
     pos = torch.arange(n)
     lowest = torch.finfo(x.dtype).min
     table = stack.block[0].layer[0].SelfAttention.relative_attention_bias
-    bias = table(_buckets(pos[None, :] - pos[:, None], not cfg.is_decoder, cfg.relative_attention_num_buckets,
-                          cfg.relative_attention_max_distance)).permute(2, 0, 1)[None]
+    bias = table(T5Attention._relative_position_bucket(  # transformers' own rule
+        pos[None, :] - pos[:, None], bidirectional=not cfg.is_decoder, num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)).permute(2, 0, 1)[None]
     allowed = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
     if cfg.is_decoder:
         allowed &= torch.ones(n, n, dtype=torch.bool).tril()
@@ -186,7 +170,7 @@ def main() -> None:
 
     padded = batches(rows)
     packed = [pack_batch(b, size, SIZES[args.size]['d_model']) for b in padded]
-    grouped = batches(length_grouped(rows, [len(x) for x in encoder.encode([p for p, _ in rows])], n))
+    grouped = batches(length_grouped(rows, list(encoder.encode_lengths([p for p, _ in rows])), n))
 
     def tensors(b):
         return {k: v for k, v in to_torch(b).items() if isinstance(v, torch.Tensor)}

@@ -211,13 +211,13 @@ def _is_half_done_save(path: str) -> bool:
     if ownership.is_saving_file(os.path.join(path, SAVING)):
         return True
     names = os.listdir(path)
-    return not names or (names == [SAVING] and _empty_saving_file(path))
+    return not names or (names == [SAVING] and _empty_file(os.path.join(path, SAVING)))
 
 
-def _empty_saving_file(path: str) -> bool:
-    """The SAVING file of a save killed before it was written: a plain file of one name, empty --
-    nothing of anyone's."""
-    st = ownership.lstat_or_none(os.path.join(path, SAVING))
+def _empty_file(path: str) -> bool:
+    """A plain file of one name, empty: what a kill between a file's creation and its one write
+    leaves (a save's SAVING file, a move's record) -- nothing of anyone's."""
+    st = ownership.lstat_or_none(path)
     return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == 0
 
 
@@ -228,7 +228,7 @@ def _remove_half_done(path: str) -> None:
     judged half-done for holding nothing (or only an empty SAVING file) loses only that file and
     itself: rmdir fails on whatever was put in it since the judgement, which then stays."""
     if not ownership.is_saving_file(os.path.join(path, SAVING)):
-        if _empty_saving_file(path):
+        if _empty_file(os.path.join(path, SAVING)):
             os.unlink(os.path.join(path, SAVING))
         os.rmdir(path)
         return
@@ -779,7 +779,7 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
     toolkit's stops the move in one line and stays."""
     record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
-    if record_st is None or _cut_record(archive, COPYING):  # none, or killed while it was written
+    if record_st is None or _empty_file(record_path):  # none, or killed while it was written
         _remove_empty_parts(archive)  # a copy's folder made just before its record: empty
         if record_st is not None:
             os.remove(record_path)
@@ -859,13 +859,6 @@ def _free_name(target: str) -> str:
     while os.path.lexists(free):
         free, n = os.path.join(folder, f'{name}-{n}'), n + 1
     return free
-
-
-def _cut_record(folder: str, name: str) -> bool:
-    """The record ``name`` in folder is an empty plain file: a kill between its creation and its
-    one write (write_marker removes what a failed write left; a kill leaves it) -- nothing of anyone's."""
-    st = ownership.lstat_or_none(os.path.join(folder, name))
-    return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0 and ownership.is_real_dir(folder)
 
 
 def end_cut_copies(output_dir: str) -> None:
