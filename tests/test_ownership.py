@@ -920,3 +920,31 @@ def test_a_folder_that_cannot_be_made_on_a_full_disk_says_to_free_space(tmp_path
     monkeypatch.setattr(os, 'mkdir', full)
     with pytest.raises(UserError, match=r'\(No space left on device\); free space there and run again'):
         writes.make_folders(str(tmp_path / 'new'))
+
+
+def test_a_recorded_identity_tells_the_very_folder_across_a_kill_and_the_held_one_only_while_held(tmp_path):
+    """still_as_recorded (a record read by a later process) knows the folder a record names from a
+    folder made again at its name -- an inode number is soon reused, a change time is not -- and
+    from a link there; still_the_one (device and inode, while held) knows a link, not a re-made one."""
+    folder = tmp_path / 'item'
+    folder.mkdir()
+    recorded = own.recorded_identity(str(folder))
+    held = own.identity(os.lstat(folder))
+    assert recorded[0] == os.path.realpath(folder) and own.still_as_recorded(str(folder), *recorded[1:])
+    assert own.still_the_one(str(folder), held)
+    (folder / 'new').write_text('x')  # a write into it: no longer as recorded, still the one held
+    assert not own.still_as_recorded(str(folder), *recorded[1:]) and own.still_the_one(str(folder), held)
+    recorded = own.recorded_identity(str(folder))
+    for _ in range(20):  # removed and made again: often the same inode, never the same change time
+        (folder / 'new').unlink()
+        folder.rmdir()
+        time.sleep(0.002)
+        folder.mkdir()
+        (folder / 'new').write_text('x')
+        assert not own.still_as_recorded(str(folder), *recorded[1:])
+    recorded = own.recorded_identity(str(folder))
+    held = own.identity(os.lstat(folder))
+    os.rename(folder, tmp_path / 'away')
+    os.symlink(tmp_path / 'away', folder)  # a link at its name leads to it, and is not it
+    assert not own.still_as_recorded(str(folder), *recorded[1:]) and not own.still_the_one(str(folder), held)
+    assert own.recorded_identity(str(folder))[0] == os.path.realpath(tmp_path / 'away')

@@ -134,6 +134,22 @@ def still_the_one(path: str, made: tuple[int, int], is_kind=None) -> bool:
     return st is not None and identity(st) == tuple(made) and (is_kind is None or is_kind(st.st_mode))
 
 
+def recorded_identity(path: str) -> list:
+    """What a record kept on disk (to be read after a kill, by another process) tells this very file
+    or folder by: its real path, device, inode and change time. Device and inode alone (identity)
+    are enough only while this process holds the file; across a kill an inode number is soon
+    reused (a folder removed and made again often gets the same), its change time is not."""
+    st = os.lstat(path)
+    return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_ctime_ns]
+
+
+def still_as_recorded(path: str, dev: int, ino: int, ctime_ns: int) -> bool:
+    """The name leads to the file or folder a record's recorded_identity describes, unchanged
+    since (a rename changes its change time: so does any write into a folder)."""
+    st = lstat_or_none(path)
+    return st is not None and (st.st_dev, st.st_ino, st.st_ctime_ns) == (dev, ino, ctime_ns)
+
+
 def is_link(path: str) -> bool:
     st = lstat_or_none(path)
     return st is not None and stat.S_ISLNK(st.st_mode)

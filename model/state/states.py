@@ -574,8 +574,8 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
         with writes.folders_for(os.path.join(archive, 'item')):  # taken back (while empty) if nothing could move
             if not os.path.lexists(moving):  # until the last item is in, the record of what moves
                 ownership.write_marker(archive, MOVING_KIND, manifest=False, name=MOVING,
-                                       output_dir=os.path.realpath(output_dir), archive=_identity(archive)[:3],
-                                       items=[_identity(i) for i in items])
+                                       output_dir=os.path.realpath(output_dir), archive=ownership.recorded_identity(archive)[:3],
+                                       items=[ownership.recorded_identity(i) for i in items])
             try:
                 _move_items(items, folders, archive)
             except BaseException:
@@ -601,13 +601,6 @@ MOVING = '.chat_small_t5.moving'  # in an archive folder while a run's items mov
 MOVING_KIND = 'archive-in-progress'
 
 
-def _identity(path: str) -> list:
-    """What tells this very file or folder from one made in its place since: an inode number is
-    soon reused (a folder removed and made again often gets the same), its change time is not."""
-    st = os.lstat(path)
-    return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_ctime_ns]
-
-
 def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) -> str | None:
     """The archive folder under output_dir/previous_runs/ into which a move of these very items
     (each the same file or folder, by device, inode and change time) was cut short -- a kill, a full disk --
@@ -623,7 +616,7 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
     wanted = []
     for item in items:
         try:
-            wanted.append(_identity(item))
+            wanted.append(ownership.recorded_identity(item))
         except OSError:
             return None
     found = None
@@ -633,7 +626,7 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
         if record is None:  # not the toolkit's (an empty one, cut by a kill, marks nothing either): left as it is
             continue
         recorded = record['items']
-        if not any(_still_at(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
+        if not any(ownership.still_as_recorded(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
             if tidy:
                 with contextlib.suppress(OSError, UserError):
                     _take_back_part(folder)
@@ -644,11 +637,6 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
     return found
 
 
-def _still_at(path, dev, ino, ctime_ns) -> bool:
-    st = ownership.lstat_or_none(path)
-    return st is not None and (st.st_dev, st.st_ino, st.st_ctime_ns) == (dev, ino, ctime_ns)
-
-
 def _moving_record(folder: str, output_dir: str) -> dict | None:
     """The toolkit's record of a move in progress into folder -- this very folder (by inode), for
     output_dir -- else None."""
@@ -656,7 +644,7 @@ def _moving_record(folder: str, output_dir: str) -> dict | None:
     # nothing: a record is only read and removed, never written into
     record = ownership.read_marker(folder, MOVING)
     if (record is None or record.get('kind') != MOVING_KIND or record.get('output_dir') != os.path.realpath(output_dir)
-            or record.get('archive') != _identity(folder)[:3]  # a copy of the folder or its record: not the one (its
+            or record.get('archive') != ownership.recorded_identity(folder)[:3]  # a copy of the folder or its record: not the one (its
             # change time changes as items move in: path, device and inode)
             or not isinstance(record.get('items'), list)
             or not all(isinstance(i, list) and len(i) == 4 for i in record['items'])):
@@ -692,11 +680,9 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
                     os.mkdir(states)
                     made.append((states, ownership.identity(os.lstat(states))))
                     ownership.write_marker(states, STATE_DIR, manifest=False)
-                _move_whole(item, os.path.join(states, os.path.basename(item)), archive,
-                            lambda path: judge_state(path, pickles=False).wholly_owned)
-            elif (kind := ownership.kind_of(item)) in (WEIGHTS, MODEL, PREDICTIONS):
-                _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive,
-                            lambda path: ownership.kind_of(path) == kind and not ownership.missing_entries(path))
+                _move_whole(item, os.path.join(states, os.path.basename(item)), archive)
+            elif ownership.kind_of(item) in (WEIGHTS, MODEL, PREDICTIONS):
+                _move_whole(item, os.path.join(archive, os.path.basename(os.path.normpath(item))), archive)
     except BaseException:
         for states, made_as in made:  # still holding only the marker this made, or nothing (a marker cut by a full disk)
             with contextlib.suppress(OSError):
@@ -721,7 +707,7 @@ class _MoveFailed(Exception):
         self.item, self.why, self.full = item, why, full
 
 
-def _move_whole(item: str, target: str, archive: str, whole) -> None:
+def _move_whole(item: str, target: str, archive: str) -> None:
     """One item into the archive: renamed, or -- where previous_runs lies on another filesystem --
     copied into a folder of its own in the archive (PART + a token), renamed into place once whole
     (its folder then removed: the mark that it is in place), and only then removed where it was
@@ -729,7 +715,7 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
     under its own name until its whole copy bears that name in the archive; a copy bears it only
     once whole; the record COPYING (token, item, target) lets the next run end what a kill cut
     (:func:`_take_back_part`). A copy that fails (a full disk there) is taken back: the item stays
-    whole where it was (_MoveFailed). ``whole(path)``: the item is whole there, judged by its marker.
+    whole where it was (_MoveFailed). Whole: by its marker, the same as the item's (_whole_item, _is_copy_of).
     A name already taken in the archive gets a suffix: nothing there is ever replaced."""
     target = _free_name(target)
     try:
@@ -745,12 +731,12 @@ def _move_whole(item: str, target: str, archive: str, whole) -> None:
     try:
         os.mkdir(part)  # before the record: a record means its folder was made (gone again: the copy is in place)
         ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token,
-                               item=_identity(item), target=os.path.abspath(target))
+                               item=ownership.recorded_identity(item), target=os.path.abspath(target))
         if ownership.is_real_dir(item):
             shutil.copytree(item, copy, symlinks=True)
         else:
             shutil.copy2(item, copy)
-        if not whole(copy):
+        if not (_whole_item(copy) and _is_copy_of(copy, item)):
             raise OSError(errno.EIO, 'the copy is not whole')
         os.rename(copy, target)
         os.rmdir(part)  # from here the copy is the run's item in the archive: a kill is finished by the next run
@@ -811,7 +797,7 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
         raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
                         f'toolkit: move it away, then run again')
     _remove_real(part)  # a copy not in place (half, or whole but unnamed) goes: the item stays where it is
-    if placed and not keep_item and left is None and _still_at(*item_id) and _whole_item(item):
+    if placed and not keep_item and left is None and ownership.still_as_recorded(*item_id) and _whole_item(item):
         os.rename(item, removing)  # its whole copy is in place: the item goes (one step, then removed)
     _remove_real(removing)
     os.remove(record_path)
