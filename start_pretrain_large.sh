@@ -153,12 +153,13 @@ dry_run() {   # the trainer's own checks of this command (plus "$@"): sets rc an
   fi
 }
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
+run_of() { printf '%s\n' "$report" | sed -n "s/^  run\.$1=\([^ ]*\).*/\1/p"; }
 run_args=("$@")
 dry_run
 # --is_keep_training as the trainer's own parser read it (any spelling: two words, dashes, --nois_, a
 # Python literal): given at all, this script does not decide; given false beside RESUME=auto, a batch
 # job's every requeue would start afresh, moving the progress aside: refused
-keep=$(printf '%s\n' "$report" | sed -n 's/^  run\.is_keep_training=\([a-z_]*\).*/\1/p')
+keep=$(run_of is_keep_training)
 resume_given=0
 if [ -n "$keep" ] && [ "$keep" != not_given ]; then resume_given=1; fi
 if [ "$keep" = given_false ] && [ "${RESUME:-ask}" = auto ]; then
@@ -235,12 +236,12 @@ fi
 # step 0 -- at every requeue of a job whose states are out of reach (a link to node-local scratch
 # this node lacks, storage not mounted here): refused, the job stops instead of losing its progress
 if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] \
-    && printf '%s\n' "$report" | grep -q '^note: a previous run saved'; then
+    && [ "$(run_of previous_items)" != 0 ] && [ -n "$(run_of previous_items)" ]; then
   echo "error: $auto_why resumes a saved state, but $(path_of train_state_dir) holds none, while $(path_of output_dir) holds an earlier run that a fresh run would move aside, starting over at step 0:" >&2
   printf '%s\n' "$report" | grep '^note: a previous run saved' >&2
-  if printf '%s\n' "$report" | grep -q '^note: a previous run saved.*where an earlier move of them was cut short'; then
+  if [ "$(path_of cut_move)" != none ] && [ -n "$(path_of cut_move)" ]; then
     # a fresh run (RESUME=no) was moving that run into previous_runs/ and was killed: its states went first
-    echo "  a fresh run was moving that run into previous_runs/ and was cut short, its states already there: RESUME=no finishes that move (nothing is lost: that run then continues from its archive with the flags the log prints) / 之前的全新训练在移动那次训练时被打断，状态已在存档里：设 RESUME=no 完成移动，之后可按日志给出的参数在存档处续训" >&2
+    echo "  a fresh run was moving that run into $(path_of cut_move)/ and was cut short, its states already there: RESUME=no finishes that move (nothing is lost: that run then continues from its archive with the flags the log prints) / 之前的全新训练在移动那次训练时被打断，状态已在存档里：设 RESUME=no 完成移动，之后可按日志给出的参数在存档处续训" >&2
   else
     echo "  if that run's states lie behind a link or on storage this machine lacks (node-local scratch, a filesystem not mounted here), make them reachable; to start afresh anyway: RESUME=no / 找不到可续训的状态：若状态在本机没有的存储上，请先让它可访问；确实要从头训练请设 RESUME=no" >&2
   fi

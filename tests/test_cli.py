@@ -57,6 +57,7 @@ def test_dry_run_lists_what_is_missing_with_commands(tmp_path):
     assert 'not ready' in out
     assert 'python prepare_data.py split' in out and 'train_low_mem.py train_tokenizer' in out
     assert f'path.train_file={tmp_path}/train.parquet' in out
+    assert '\n  path.cut_move=none\n' in out and '\n  run.previous_items=0 ' in out  # read by the start script
 
 
 @pytest.mark.slow

@@ -1181,8 +1181,12 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     from test_trainer import finished, start_script  # a requeue of the batch job (RESUME=auto, no terminal)
     env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'NUM_GPUS': '0', 'RESUME': 'auto'}
     r = finished(start_script(tiny_flags(data, out, max_steps=12, save_steps=5), env))
-    assert r.returncode == 1 and 'was cut short, its states already there: RESUME=no finishes that move' in r.stderr, \
-        r.stderr[-3000:]
+    assert r.returncode == 1 and f'moving that run into {archive}/ and was cut short, its states already there: ' \
+        'RESUME=no finishes that move' in r.stderr, r.stderr[-3000:]
+    # what the script reads it from: the dry run's machine-readable lines, not its notes' wording
+    dry = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--dry_run=True').stdout.splitlines()
+    items = [int(x.split('=')[1].split()[0]) for x in dry if x.startswith('  run.previous_items=')]
+    assert f'  path.cut_move={archive}' in dry and items and items[0] > 0, dry
     r = run_train(tiny_flags(data, out, max_steps=1, save_steps=5))  # as they say: the move finished there
     assert r.returncode == 0, r.stderr[-3000:]
     assert glob.glob(f'{out}/previous_runs/*') == [archive] and names(os.path.join(archive, 'state')) == [

@@ -65,6 +65,8 @@ class Report:
     total_steps: int = 0
     fingerprint: dict = field(default_factory=dict)  # what a resume must find unchanged (contract.fingerprint)
     resume: contract.SavedState | None = None  # the state a resume loads, judged here once
+    previous_items: int = 0  # an earlier run's states and models here that a fresh run moves aside
+    cut_move: str | None = None  # the archive folder where a fresh run's move of an earlier run was cut short
 
     @property
     def latest_state(self) -> str | None:
@@ -529,6 +531,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                 f'{_flags(output_dir=home[0], model_file=home[1], train_state_dir=folder)})'))
     if deep and report.ready:
         previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
+        report.previous_items = len(previous)
         if previous:
             with_states = [f for f in folders if ckpt.list_complete_states(f)]
             own = contract.states_of_output(with_states, t.output_dir, t.model_file)  # the run whose models are here
@@ -541,7 +544,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
             else:
                 resume = (f' (no state of the run whose models are here in {", ".join(with_states or folders)}: '
                           f'it cannot be continued from there)')
-            cut = ckpt.unfinished_archive(t.output_dir, previous)
+            cut = report.cut_move = ckpt.unfinished_archive(t.output_dir, previous)
             into = (f'{cut}/, where an earlier move of them was cut short' if cut else
                     f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/<time>/')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
