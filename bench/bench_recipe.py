@@ -130,6 +130,7 @@ def main() -> None:
                     'fields over RECIPE) at the first size')
     ap.add_argument('--jobs', type=int, default=1, help='runs at a time (each one thread)')
     ap.add_argument('--quick', action='store_true', help='one seed, 30 steps, two settings at the first size')
+    ap.add_argument('--out_dir', default=OUT, help='where the printed output goes (a new name each run)')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -140,12 +141,12 @@ def main() -> None:
     seeds = [int(s) for s in str(args.seeds).split(',')]
     if args.quick:
         sizes, steps, seeds = sizes[:1], [30], seeds[:1]
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
     from tasks import task_files
 
     task_files(args.task)  # written once, before the children read it
-    path = os.path.join(OUT, f'recipe_{time.strftime("%Y%m%d_%H%M%S")}.txt')
-    with open(path, 'w', encoding='utf-8') as log:
+    path = os.path.join(args.out_dir, f'recipe_{time.strftime("%Y%m%d_%H%M%S")}{"_quick" if args.quick else ""}.txt')
+    with open(path, 'x', encoding='utf-8') as log:  # a new name: an earlier run's table is never replaced
         table = Table(args.task, seeds, log, args.jobs)
         table.say(f'bench_recipe {" ".join(sys.argv[1:])}: task {args.task}, seeds {seeds}, {os.cpu_count()} cores, '
                   f'{args.jobs} run(s) at a time, load average {" ".join(f"{x:.2f}" for x in os.getloadavg())} at the start')

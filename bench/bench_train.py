@@ -39,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out')
@@ -167,7 +168,7 @@ def sweep(kind, task, size, seed, steps, eval_every, recipe, lrs, threads, say) 
     return best
 
 
-def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target, say) -> None:
+def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target, say, stem) -> None:
     runs = {'ours': [], 'peer': []}
     recipes = {'ours': ours, 'peer': {**ours, 'learn_rate': peer_lr}}  # packing: this toolkit's only
     for seed in seeds:
@@ -177,6 +178,15 @@ def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target
             _, seconds, loss, em = r['curve'][-1]
             say(f'  {task} {size} seed {seed} {kind}: {r["steps"]} steps in {seconds:.1f} s, val loss {loss:.4f}, '
                 f'exact match {em:.1%}')
+    with open(f'{stem}_{task}_{size}.json', 'w', encoding='utf-8') as f:
+        json.dump({'task': task, 'size': size, 'seeds': seeds, 'steps': steps, 'ours': ours, 'peer_lr': peer_lr,
+                   'target': target, 'runs': runs}, f)
+    summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say)
+    say(f'the curves: {stem}_{task}_{size}.json (--report= prints this again)')
+
+
+def summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say) -> None:
+    """The table of one task and size from the runs' curves (also: --report, from the saved curves)."""
     budget = min(statistics.median(r['curve'][-1][1] for r in runs[k]) for k in runs)
     med = {}
     for kind, rs in runs.items():
@@ -187,6 +197,13 @@ def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target
                      'loss': statistics.median(r['curve'][-1][2] for r in rs),
                      'em': statistics.median(r['curve'][-1][3] for r in rs),
                      'train_s': statistics.median(r['curve'][-1][1] for r in rs)}
+    # the quality the peer ends its whole run with, seed by seed (the same initial weights and data order for
+    # both), and how long each takes to it: the first evaluation at or past it, the peer's own too (it may get
+    # there before its end); medians over the seeds
+    for name, metric, higher in (('goal_loss_s', 2, False), ('goal_em_s', 3, True)):
+        for kind, rs in runs.items():
+            med[kind][name] = statistics.median(time_to(r['curve'], metric, p['curve'][-1][metric], higher)
+                                                for r, p in zip(rs, runs['peer']))
     say(f'\n{task} {size}, {steps} steps, medians over seeds {seeds}; ours {ours}; peer lr {peer_lr:g}:')
     say(f'{"":<5} {"to EM " + format(target["em"], ".0%"):>10} {"to loss " + format(target["loss"], "g"):>11} '
         f'{"at " + format(budget, ".0f") + " s: loss":>15} {"EM":>6} {"all steps: s":>13} {"loss":>7} {"EM":>6}')
@@ -204,6 +221,11 @@ def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target
 
     say(f'speed-up (peer time / our time): to the exact match {ratio("em_s")}, to the loss {ratio("loss_s")}; '
         f'whole horizon {med["peer"]["train_s"] / med["ours"]["train_s"]:.2f}x')
+    say(f'to the quality the peer ends with, seed by seed (val loss {med["peer"]["loss"]:.4f}, exact match '
+        f'{med["peer"]["em"]:.1%} their medians): ours '
+        f'{fmt_s(med["ours"]["goal_loss_s"])} / {fmt_s(med["ours"]["goal_em_s"])}, the peer '
+        f'{fmt_s(med["peer"]["goal_loss_s"])} / {fmt_s(med["peer"]["goal_em_s"])}; speed-up to the loss '
+        f'{ratio("goal_loss_s")}, to the exact match {ratio("goal_em_s")}')
 
 
 def main() -> None:
@@ -223,11 +245,21 @@ def main() -> None:
     ap.add_argument('--target_loss', type=float, default=0.0, help='0 = per task')
     ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads of every run')
     ap.add_argument('--quick', action='store_true', help='numbers, one seed, 20 steps, no sweep')
+    ap.add_argument('--out_dir', default=OUT, help='where the printed output and the curves go (new names each run)')
+    ap.add_argument('--report', default='', help='print the tables again from the curves a run saved (its '
+                    'bench_train_<time>_<task>_<size>.json, comma-separated), no run')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = json.loads(args.child)
         print('RESULT ' + json.dumps((run_ours if kind == 'ours' else run_peer)(*rest)), flush=True)
+        return
+    if args.report:
+        for path in args.report.split(','):
+            with open(path, encoding='utf-8') as f:
+                saved = json.load(f)
+            summarize(saved['task'], saved['size'], saved['seeds'], saved['steps'], saved['ours'], saved['peer_lr'],
+                      saved['target'], saved['runs'], print)
         return
     from tasks import task_files
 
@@ -236,8 +268,9 @@ def main() -> None:
     ours = {**OURS, **json.loads(args.ours)}
     if args.quick:
         tasks, sizes, seeds, args.steps, args.eval_every, args.peer_lr = ['numbers'], sizes[:1], seeds[:1], 20, 10, 1e-2
-    os.makedirs(OUT, exist_ok=True)
-    log = open(os.path.join(OUT, 'bench_train.txt'), 'w', encoding='utf-8')
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f'bench_train_{time.strftime("%Y%m%d_%H%M%S")}{"_quick" if args.quick else ""}')
+    log = open(stem + '.txt', 'x', encoding='utf-8')  # a new name: an earlier run's results are never replaced
 
     def say(text):
         print(text, flush=True)
@@ -259,7 +292,7 @@ def main() -> None:
             if args.ours_lrs:
                 mine['learn_rate'] = sweep('ours', task, size, seeds[0], steps, args.eval_every, ours,
                                            [float(x) for x in args.ours_lrs.split(',')], args.threads, say)
-            compare(task, size, seeds, steps, args.eval_every, mine, peer_lr, args.threads, target, say)
+            compare(task, size, seeds, steps, args.eval_every, mine, peer_lr, args.threads, target, say, stem)
     say(f'load average at the end {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
 
 

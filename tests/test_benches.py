@@ -4,6 +4,7 @@ configuration, on the CPU."""
 from __future__ import annotations
 
 import json
+import glob
 import os
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_bench_train_times_the_first_evaluation_that_reaches_the_target():
     assert bench.at_time(curve, 25.0) == (0.9, 0.2) and bench.at_time(curve, 5.0) == (2.0, 0.0)
 
 
+def test_bench_train_times_each_seed_to_the_quality_the_peer_ends_that_seed_with():
+    bench = load_bench('bench_train')
+    peer = [{'curve': [(1, 40.0, 0.8, 0.5), (2, 80.0, 0.5, 0.9), (3, 100.0, 0.5, 0.9)]},
+            {'curve': [(1, 40.0, 0.7, 0.6), (2, 80.0, 0.4, 0.8), (3, 100.0, 0.3, 0.9)]}]
+    ours = [{'curve': [(1, 20.0, 0.6, 0.9), (2, 40.0, 0.5, 0.9), (3, 60.0, 0.5, 0.9)]},   # seed 1: 0.5 / 0.9 at 20 s
+            {'curve': [(1, 20.0, 0.5, 0.5), (2, 40.0, 0.35, 0.9), (3, 60.0, 0.31, 0.9)]}]  # seed 2: never 0.3
+    lines = []
+    bench.summarize('numbers', 'd128', [1, 2], 3, {}, 0.01, {'em': 0.5, 'loss': 0.5}, {'ours': ours, 'peer': peer},
+                    lines.append)
+    goal = lines[-1]
+    # the peer reaches its own end's quality at 80 s on seed 1 (a plateau), 100 s on seed 2; ours at 40 s and
+    # never (the loss), 20 s and 40 s (the exact match): a seed that never gets there makes the median never
+    assert 'ours never / 30 s, the peer 90 s / 90 s' in goal and 'to the loss ours never reached it' in goal, goal
+    assert 'to the exact match 3.00x' in goal, goal
+
+
 def test_bench_recipe_settings_are_config_fields():
     from config import resolve_config
 
@@ -126,11 +143,22 @@ def test_bench_recipe_settings_are_config_fields():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('bench', ['bench_train', 'bench_recipe'])
-def test_learning_benches_run_quick(bench):
-    r = subprocess.run([sys.executable, f'bench/{bench}.py', '--quick'], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=900)
+def test_learning_benches_run_quick(bench, tmp_path):
+    r = subprocess.run([sys.executable, f'bench/{bench}.py', '--quick', f'--out_dir={tmp_path}'], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ('speed-up (peer time / our time)' if bench == 'bench_train' else 'adamw') in r.stdout
+    if bench == 'bench_recipe':  # its table under a new name there, nothing in the checkout's bench/out
+        (log,) = glob.glob(f'{tmp_path}/recipe_*_quick.txt')
+        assert 'adamw' in open(log, encoding='utf-8').read()
+    if bench == 'bench_train':  # its output and curves under new names there; the tables again from the curves
+        (log,) = glob.glob(f'{tmp_path}/bench_train_*_quick.txt')
+        (curves,) = glob.glob(f'{tmp_path}/bench_train_*_quick_numbers_d128.json')
+        assert open(log, encoding='utf-8').read().strip() == r.stdout.strip()
+        again = subprocess.run([sys.executable, f'bench/{bench}.py', f'--report={curves}'], cwd=ROOT, env=ENV,
+                               capture_output=True, text=True, timeout=300)
+        table = r.stdout[r.stdout.index('\nnumbers d128'):r.stdout.index('the curves:')].strip()
+        assert again.returncode == 0 and again.stdout.strip() == table, (again.stdout, table, again.stderr[-3000:])
 
 
 def test_bench_optimizer_runs_and_reports_both():
