@@ -213,7 +213,8 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     cases = {'late.txt': ('好\n' * 1000).encode() + '坏'.encode('gbk') + b'\n',  # UTF-8 text, then one line not
              'all_gbk.txt': '第一行\n第二行\n'.encode('gbk'),
              'stray.txt': b'\xff abc\n',  # 0xff is in no GBK character; UTF-8 after it: a stray byte
-             'big5.txt': '第一行\n第二行\n'.encode('big5') + b'\xff\xff'}  # neither UTF-8 nor GBK
+             'gb18030.txt': '第一行\n表情 😀 䶮\n'.encode('gb18030'),  # four-byte characters: GBK's superset
+             'big5.txt': '第一行\n第二行\n'.encode('big5') + b'\xff\xff'}  # neither UTF-8 nor GBK / GB18030
     said = {}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
@@ -225,7 +226,8 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     assert 'a GBK file?' not in said['late.txt']
     assert 'a GBK file?' in said['all_gbk.txt'] and 'iconv -f GBK -t UTF-8' in said['all_gbk.txt']
     assert 'a stray byte in a UTF-8 file' in said['stray.txt'] and 'iconv' not in said['stray.txt']
-    assert 'nor GBK' in said['big5.txt'] and 'a GBK file?' not in said['big5.txt']
+    assert 'a GB18030 file?' in said['gb18030.txt'] and 'iconv -f GB18030 -t UTF-8' in said['gb18030.txt']
+    assert 'nor GBK or GB18030' in said['big5.txt'] and 'a GBK file?' not in said['big5.txt']
     assert not (tmp_path / 'out.parquet').exists()
     (tmp_path / 'lines.txt').write_text('\n{"prompt": "问", "response": "答"}\n', encoding='utf-8')
     with pytest.raises(UserError, match=r'lines\.txt: line 2 is a JSON object.*--format=jsonl'):

@@ -70,7 +70,10 @@ def build_utf8_error(path: str) -> UserError:
     if _decodes(head, 'gbk'):
         return UserError(f'{path}: {where} is not UTF-8 (a GBK file?); convert it first, e.g. '
                          f'iconv -f GBK -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
-    return UserError(f'{path}: {where} is not UTF-8, nor GBK; convert it to UTF-8 from its encoding first, e.g. '
+    if _decodes(head, 'gb18030'):  # GBK's superset: its four-byte characters (rare names, emoji) are no GBK
+        return UserError(f'{path}: {where} is not UTF-8 (a GB18030 file?); convert it first, e.g. '
+                         f'iconv -f GB18030 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
+    return UserError(f'{path}: {where} is not UTF-8, nor GBK or GB18030; convert it to UTF-8 from its encoding first, e.g. '
                      f'iconv -f BIG5 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)} (iconv -l lists encodings)')
 
 
