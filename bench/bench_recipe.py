@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out')
@@ -145,8 +144,11 @@ def main() -> None:
     from tasks import task_files
 
     task_files(args.task)  # written once, before the children read it
-    path = os.path.join(args.out_dir, f'recipe_{time.strftime("%Y%m%d_%H%M%S")}{"_quick" if args.quick else ""}.txt')
-    with open(path, 'x', encoding='utf-8') as log:  # a new name: an earlier run's table is never replaced
+    from heldout import new_log
+
+    log, path = new_log(args.out_dir, 'recipe', args.quick)  # an earlier run's table is never replaced
+    path += '.txt'
+    with log:
         table = Table(args.task, seeds, log, args.jobs)
         table.say(f'bench_recipe {" ".join(sys.argv[1:])}: task {args.task}, seeds {seeds}, {os.cpu_count()} cores, '
                   f'{args.jobs} run(s) at a time, load average {" ".join(f"{x:.2f}" for x in os.getloadavg())} at the start')

@@ -39,7 +39,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out')
@@ -268,9 +267,9 @@ def main() -> None:
     ours = {**OURS, **json.loads(args.ours)}
     if args.quick:
         tasks, sizes, seeds, args.steps, args.eval_every, args.peer_lr = ['numbers'], sizes[:1], seeds[:1], 20, 10, 1e-2
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f'bench_train_{time.strftime("%Y%m%d_%H%M%S")}{"_quick" if args.quick else ""}')
-    log = open(stem + '.txt', 'x', encoding='utf-8')  # a new name: an earlier run's results are never replaced
+    from heldout import new_log
+
+    log, stem = new_log(args.out_dir, 'bench_train', args.quick)  # an earlier run's results are never replaced
 
     def say(text):
         print(text, flush=True)

@@ -29,6 +29,20 @@ SIZES = {  # d_model 128: the demo preset's shape (1.5M parameters); d_model 256
 }
 
 
+def new_log(out_dir: str, prefix: str, quick: bool):
+    """A new file for a run's printed output, never an earlier run's: (the open file, its name less
+    .txt, for the run's other files) -- prefix_<time>[_quick][-N].txt in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f'{prefix}_{time.strftime("%Y%m%d_%H%M%S")}' + ('_quick' if quick else ''))
+    for n in range(1000):
+        name = f'{stem}-{n}' if n else stem
+        try:
+            return open(name + '.txt', 'x', encoding='utf-8'), name
+        except FileExistsError:  # two runs in one second
+            continue
+    raise FileExistsError(f'{stem}.txt and 999 more')
+
+
 class HeldOutScorer:
     """Validation loss and exact match of any T5 on a task's held-out rows (one function for all)."""
 

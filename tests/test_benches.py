@@ -240,3 +240,16 @@ def test_bench_steps_grouped_way_batches_as_the_peers_length_grouped_sampler():
         mega = [index[r] for r in out[start:start + 200]]
         assert sorted(mega) == list(range(start, min(start + 200, len(rows))))
         assert [lengths[k] for k in mega] == sorted((lengths[k] for k in mega), reverse=True)
+
+
+def test_a_benchs_output_takes_a_new_name_never_an_earlier_runs(tmp_path):
+    heldout = load_bench('heldout')
+    first, stem = heldout.new_log(str(tmp_path / 'out'), 'bench_train', quick=False)  # the folder made
+    first.write('the first run\n')
+    first.close()
+    second, stem2 = heldout.new_log(str(tmp_path / 'out'), 'bench_train', quick=False)  # the same second, perhaps
+    second.close()
+    assert stem2 != stem and open(stem + '.txt', encoding='utf-8').read() == 'the first run\n'
+    quick, stem3 = heldout.new_log(str(tmp_path / 'out'), 'bench_train', quick=True)
+    quick.close()
+    assert stem3.endswith('_quick') or '_quick-' in stem3
