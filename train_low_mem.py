@@ -121,10 +121,12 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
 
         newest = latest_state(t.train_state_dir, deep=False)
         print(f'  path.latest_state={newest}  (a fresh run moves it aside)' if newest else '  path.latest_state=none')
-    # where a fresh run's move of an earlier run into previous_runs/ was cut short (a kill, a full disk):
-    # the next fresh run finishes it there (read by start_pretrain_large.sh)
-    print(f'  run.previous_items={report.previous_items}  (an earlier run\'s states and models a fresh run moves aside)')
-    print(f'  path.cut_move={report.cut_move or "none"}')
+    # a fresh run that is ready: how many items of an earlier run it moves aside into previous_runs/, and the
+    # archive where an earlier such move was cut short (a kill, a full disk), which it finishes there
+    # (start_pretrain_large.sh reads these lines; a resume or a run not ready judges neither: no lines)
+    if report.previous_items is not None:
+        print(f'  run.previous_items={report.previous_items}  (an earlier run\'s states and models it moves aside)')
+        print(f'  path.cut_move={report.cut_move or "none"}')
     if report.total_steps:
         from model.net.sizing import total_optimizer_steps
 

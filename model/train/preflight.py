@@ -65,7 +65,8 @@ class Report:
     total_steps: int = 0
     fingerprint: dict = field(default_factory=dict)  # what a resume must find unchanged (contract.fingerprint)
     resume: contract.SavedState | None = None  # the state a resume loads, judged here once
-    previous_items: int = 0  # an earlier run's states and models here that a fresh run moves aside
+    # judged for a fresh run that is ready: what an earlier run left here that it moves aside (None: not judged)
+    previous_items: int | None = None
     cut_move: str | None = None  # the archive folder where a fresh run's move of an earlier run was cut short
 
     @property
