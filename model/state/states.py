@@ -686,11 +686,22 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
     except BaseException:
         for states, made_as in made:  # still holding only the marker this made, or nothing (a marker cut by a full disk)
             with contextlib.suppress(OSError):
-                if writes.still_made(states, made_as) and os.listdir(states) in ([], [markers.MARKER_FILE]):
-                    if os.listdir(states):
-                        os.remove(os.path.join(states, markers.MARKER_FILE))
-                    os.rmdir(states)
+                if writes.still_made(states, made_as) and _holds_only_its_marker(states):
+                    _unmake_marked(states)
         raise
+
+
+def _holds_only_its_marker(folder: str) -> bool:
+    """A state folder the archive made, into which nothing came: its marker alone (or not even that: one
+    cut by a full disk is removed as it fails)."""
+    return os.listdir(folder) in ([], [markers.MARKER_FILE])
+
+
+def _unmake_marked(folder: str) -> None:
+    """Removes such a folder: its marker, then it (a folder that is not empty then is kept: OSError)."""
+    if os.path.lexists(os.path.join(folder, markers.MARKER_FILE)):
+        os.remove(os.path.join(folder, markers.MARKER_FILE))
+    os.rmdir(folder)
 
 
 PART = '.chat_small_t5.part-'  # + a copy's token: in the archive folder, the folder the item is copied into
@@ -863,10 +874,9 @@ def end_cut_copies(output_dir: str) -> None:
             _take_back_part(folder, keep_item=True)
             made = [os.path.join(folder, n) for n in os.listdir(folder) if n != MOVING]
             os.remove(os.path.join(folder, MOVING))
-            if all(ownership.folder_kind(f) == STATE_DIR and os.listdir(f) == [markers.MARKER_FILE] for f in made):
+            if all(ownership.folder_kind(f) == STATE_DIR and _holds_only_its_marker(f) for f in made):
                 for f in made:  # nothing had moved: as if that fresh run had never begun
-                    os.remove(os.path.join(f, markers.MARKER_FILE))
-                    os.rmdir(f)
+                    _unmake_marked(f)
                 os.rmdir(folder)
         except (OSError, UserError) as e:
             logger.warning('a cut move into %s could not be ended: %s', folder, e)
