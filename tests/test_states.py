@@ -1092,6 +1092,31 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     assert names(archive / 'states') == ['state-000000020'] and names(out / 'states') == []
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
 
+    for at in ('renamed', 'removing'):  # the item renamed beside itself, then its copy removed by hand from the archive
+        out = tmp_path / f'copy_removed_{at}'
+        archive = killed_mid_move(out, at)
+        before = files_in(out / 'states')
+        shutil.rmtree(archive / 'states' / 'state-000000020')
+        if at == 'renamed':  # whole: back at its name, then moved again, whole (it was removed: no copy anywhere)
+            assert again(out) == str(archive)
+            assert names(out / 'states') == [] and sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
+            assert hidden_of_the_toolkit(out) == []
+        else:  # half removed (its copy was in place then): back at its name, not whole -- kept, never moved or removed
+            with pytest.raises(UserError):
+                again(out)
+            assert names(out / 'states') == ['state-000000020'] and not os.path.lexists(archive / 'states' / 'state-000000020')
+            kept = files_in(out / 'states')
+            assert kept and all(before[os.path.join(os.path.dirname(p), os.path.basename(p))] == data
+                                for p, data in kept.items() if p in before)
+    # the item's name taken since as well: refused, both kept
+    out = tmp_path / 'copy_removed_name_taken'
+    archive = killed_mid_move(out, 'renamed')
+    shutil.rmtree(archive / 'states' / 'state-000000020')
+    os.makedirs(out / 'states' / 'state-000000020')
+    with pytest.raises(UserError, match='its copy there gone since.*is taken: move that away'):
+        again(out)
+    assert len([p for p in hidden_of_the_toolkit(out) if sf.REMOVING in p]) == 1
+
     out = tmp_path / 'edited'  # the item edited after its copy took its name: it is no longer what was copied
     archive = killed_mid_move(out, 'placed')
     with open(out / 'states' / 'state-000000020' / 'counters.json', 'a') as f:

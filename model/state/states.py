@@ -562,7 +562,8 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     if not items:
         return None
     if archive is not None:
-        _take_back_part(archive)  # what a kill in the middle of a copy left
+        if _take_back_part(archive):  # what a kill in the middle of a copy left; an item back at its name moves too
+            items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     else:
         archive = os.path.join(output_dir, PREVIOUS_RUNS, stamp)
         suffix = 1
@@ -764,7 +765,7 @@ def _move_whole(item: str, target: str, archive: str) -> None:
                         f'removes it (or remove it yourself)') from None
 
 
-def _take_back_part(archive: str, keep_item: bool = False) -> None:
+def _take_back_part(archive: str, keep_item: bool = False) -> bool:
     """Ends what the copy its record COPYING describes left (a kill, a failure, or its own end),
     as the record and the names made of its token tell: its folder still there -- the copy is not
     in place: the folder goes (a half copy, or a whole one not yet named), the item stays; the folder
@@ -773,14 +774,15 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
     ``keep_item`` (a resume of the earlier run: it goes on with the item, the archive keeps the copy).
     Only real folders and files of the token's names are touched, never through a link, the record
     last: a kill in the middle is ended by the next run the same way. A record that is not the
-    toolkit's stops the move in one line and stays."""
+    toolkit's stops the move in one line and stays. True: an item renamed beside itself took its name
+    again (its copy in the archive gone since: never removed with no copy anywhere)."""
     record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
     if record_st is None or _empty_file(record_path):  # none, or killed while it was written
         _remove_empty_parts(archive)  # a copy's folder made just before its record: empty
         if record_st is not None:
             os.remove(record_path)
-        return
+        return False
     record = ownership.read_marker(archive, COPYING)  # a plain file (as the move's record: hard links change nothing)
     item_id = record.get('item') if record is not None else None
     if (record is None or record.get('kind') != COPYING_KIND or not isinstance(record.get('token'), str)
@@ -808,11 +810,23 @@ def _take_back_part(archive: str, keep_item: bool = False) -> None:
         raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
                         f'toolkit: move it away, then run again')
     _remove_real(part)  # a copy not in place (half, or whole but unnamed) goes: the item stays where it is
-    if placed and not keep_item and left is None and ownership.still_as_recorded(*item_id) and _whole_item(item):
+    restored = False
+    if left is not None and not placed:  # the item renamed beside itself, yet no whole copy of it in place (its copy
+        # removed by hand since, to free space): the item takes its name again -- never removed with no copy anywhere
+        if os.path.lexists(item):
+            raise UserError(f'{removing} is {item} as a cut move into {archive} left it, its copy there gone since, and '
+                            f'{item} is taken: move that away (or {removing} back to it yourself), then run again')
+        os.rename(removing, item)
+        if not _whole_item(item):  # its removal had begun (its copy was in place then): what is left is no state
+            raise UserError(f'{item}: what is left of it is not whole -- a cut move into {archive} had begun to remove '
+                            f'it, its whole copy there was removed since; look at it, move it away, then run again')
+        restored = True
+    elif placed and not keep_item and left is None and ownership.still_as_recorded(*item_id) and _whole_item(item):
         os.rename(item, removing)  # its whole copy is in place: the item goes (one step, then removed)
-    _remove_real(removing)
+    _remove_real(removing)  # only the item whose whole copy is in place is still there
     os.remove(record_path)
     _remove_empty_parts(archive)
+    return restored
 
 
 def _remove_empty_parts(archive: str) -> None:
