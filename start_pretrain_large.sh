@@ -239,9 +239,9 @@ if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] 
     && [ "$(run_of previous_items)" != 0 ] && [ -n "$(run_of previous_items)" ]; then
   echo "error: $auto_why resumes a saved state, but $(path_of train_state_dir) holds none, while $(path_of output_dir) holds an earlier run that a fresh run would move aside, starting over at step 0:" >&2
   printf '%s\n' "$report" | grep '^note: a previous run saved' >&2
-  if [ "$(path_of cut_move)" != none ] && [ -n "$(path_of cut_move)" ]; then
+  if [ "$(path_of states_moved_to)" != none ] && [ -n "$(path_of states_moved_to)" ]; then
     # a fresh run (RESUME=no) was moving that run into previous_runs/ and was killed: its states went first
-    echo "  a fresh run was moving that run into $(path_of cut_move)/ and was cut short, its states already there: RESUME=no finishes that move (nothing is lost: that run then continues from its archive with the flags the log prints) / 之前的全新训练在移动那次训练时被打断，状态已在存档里：设 RESUME=no 完成移动，之后可按日志给出的参数在存档处续训" >&2
+    echo "  a fresh run was moving that run into $(path_of states_moved_to)/ and was cut short, its states already there: RESUME=no finishes that move (nothing is lost: that run then continues from its archive with the flags the log prints) / 之前的全新训练在移动那次训练时被打断，状态已在存档里：设 RESUME=no 完成移动，之后可按日志给出的参数在存档处续训" >&2
   else
     echo "  if that run's states lie behind a link or on storage this machine lacks (node-local scratch, a filesystem not mounted here), make them reachable; to start afresh anyway: RESUME=no / 找不到可续训的状态：若状态在本机没有的存储上，请先让它可访问；确实要从头训练请设 RESUME=no" >&2
   fi

@@ -122,11 +122,12 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
         newest = latest_state(t.train_state_dir, deep=False)
         print(f'  path.latest_state={newest}  (a fresh run moves it aside)' if newest else '  path.latest_state=none')
     # a fresh run that is ready: how many items of an earlier run it moves aside into previous_runs/, and the
-    # archive where an earlier such move was cut short (a kill, a full disk), which it finishes there
-    # (start_pretrain_large.sh reads these lines; a resume or a run not ready judges neither: no lines)
+    # archive into which an earlier such move, cut short (a kill, a full disk), already took that run's states:
+    # it finishes that move there (start_pretrain_large.sh reads these lines; a resume or a run not ready judges
+    # neither: no lines)
     if report.previous_items is not None:
         print(f'  run.previous_items={report.previous_items}  (an earlier run\'s states and models it moves aside)')
-        print(f'  path.cut_move={report.cut_move or "none"}')
+        print(f'  path.states_moved_to={report.states_moved_to or "none"}')
     if report.total_steps:
         from model.net.sizing import total_optimizer_steps
 

@@ -58,7 +58,7 @@ def test_dry_run_lists_what_is_missing_with_commands(tmp_path):
     assert 'not ready' in out
     assert 'python prepare_data.py split' in out and 'train_low_mem.py train_tokenizer' in out
     assert f'path.train_file={tmp_path}/train.parquet' in out
-    assert 'path.cut_move=' not in out and 'run.previous_items=' not in out  # not judged: not ready
+    assert 'path.states_moved_to=' not in out and 'run.previous_items=' not in out  # not judged: not ready
 
 
 @pytest.mark.slow
@@ -80,7 +80,7 @@ def test_train_tokenizer_then_dry_run_is_ready(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'ready: data, tokenizer and output places checked' in r.stdout
     assert 'train rows 600' in r.stdout and '150 optimizer steps over 2 epoch(s)' in r.stdout  # 600 // 8 * 2
-    assert re.search(r'\n  run\.previous_items=\d+  \(', r.stdout) and '\n  path.cut_move=' in r.stdout  # judged
+    assert re.search(r'\n  run\.previous_items=\d+  \(', r.stdout) and '\n  path.states_moved_to=' in r.stdout
     r = cli('train', '--dry_run=True', f'--train_file={train}', f'--validation_file={valid}',
             f'--tokenizer_dir={tok}', '--batch_size_per_gpu=8', '--gradient_accumulation_steps=1', '--epochs=3',
             '--max_steps=15')

@@ -1211,12 +1211,23 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     # what the script reads it from: the dry run's machine-readable lines, not its notes' wording
     dry = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--dry_run=True').stdout.splitlines()
     items = [int(x.split('=')[1].split()[0]) for x in dry if x.startswith('  run.previous_items=')]
-    assert f'  path.cut_move={archive}' in dry and items and items[0] > 0, dry
+    assert f'  path.states_moved_to={archive}' in dry and items and items[0] > 0, dry
     r = run_train(tiny_flags(data, out, max_steps=1, save_steps=5))  # as they say: the move finished there
     assert r.returncode == 0, r.stderr[-3000:]
     assert glob.glob(f'{out}/previous_runs/*') == [archive] and names(os.path.join(archive, 'state')) == [
         'state-000000005', 'state-000000010'] and os.path.isdir(os.path.join(archive, 'best'))
     assert [p for p in hidden_of_the_toolkit(out) if not p.endswith(markers.LOCK_FILE)] == []
+
+    # the kill in the first state's copy (none whole in the archive yet), then the states out of reach (node-local
+    # scratch this node lacks): no "its states already there" -- RESUME=no would start over with nothing archived
+    out = tmp_path / 'out_of_reach'
+    assert run_train(tiny_flags(data, out, max_steps=10, save_steps=5)).returncode == 0
+    kill_mid_move(out, 'copy', 'state', 'chat_small_t5.{}.bin', 'state-000000005')
+    shutil.move(str(out / 'state'), str(tmp_path / 'scratch_elsewhere'))
+    dry = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--dry_run=True').stdout.splitlines()
+    assert '  path.states_moved_to=none' in dry, dry
+    r = finished(start_script(tiny_flags(data, out, max_steps=12, save_steps=5), env))
+    assert r.returncode == 1 and 'make them reachable' in r.stderr and 'already there' not in r.stderr, r.stderr[-3000:]
 
 
 def test_a_free_name_in_the_archive_keeps_a_state_a_state(tmp_path):

@@ -67,7 +67,7 @@ class Report:
     resume: contract.SavedState | None = None  # the state a resume loads, judged here once
     # judged for a fresh run that is ready: what an earlier run left here that it moves aside (None: not judged)
     previous_items: int | None = None
-    cut_move: str | None = None  # the archive folder where a fresh run's move of an earlier run was cut short
+    states_moved_to: str | None = None  # the archive into which a fresh run's cut move already took them, states too
 
     @property
     def latest_state(self) -> str | None:
@@ -545,7 +545,8 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
             else:
                 resume = (f' (no state of the run whose models are here in {", ".join(with_states or folders)}: '
                           f'it cannot be continued from there)')
-            cut = report.cut_move = ckpt.unfinished_archive(t.output_dir, previous)
+            cut = ckpt.unfinished_archive(t.output_dir, previous)
+            report.states_moved_to = _with_the_runs_states(t, cut)
             into = (f'{cut}/, where an earlier move of them was cut short' if cut else
                     f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/<time>/')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
@@ -615,11 +616,23 @@ def _other_runs_models(t, saved: contract.SavedState, home: dict | None) -> list
                     f'{saved.path}); the resume would replace or prune {"it" if one else "them"}', fix)]
 
 
+def _with_the_runs_states(t, archive: str | None) -> str | None:
+    """archive (where a fresh run's move of the earlier run here was cut short), if the states of
+    that run are among what it already holds -- then that move, finished, loses nothing; else None
+    (they are elsewhere: behind a link, on storage not mounted here)."""
+    for name in sorted(os.listdir(archive)) if archive else []:
+        folder = os.path.join(archive, name)
+        places = contract.saved_places(folder) if not name.startswith('.') and ckpt.list_complete_states(folder) else None
+        if places and os.path.realpath(places['output_dir']) == os.path.realpath(t.output_dir):
+            return archive
+    return None
+
+
 def _cut_move(t) -> str:
     """For a resume that finds no state where a fresh run's move of the earlier run here was cut
     short (its states among what moved, its models not yet): how to finish it; else ''."""
     previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
-    cut = ckpt.unfinished_archive(t.output_dir, previous) if previous else None
+    cut = _with_the_runs_states(t, ckpt.unfinished_archive(t.output_dir, previous) if previous else None)
     return (f'a fresh run here was moving the earlier run into {cut} and was cut short, its states already there: '
             f'start without --is_keep_training to finish that move (nothing is lost: the earlier run then continues '
             f'from {cut} with the flags the log prints)') if cut else ''
