@@ -214,20 +214,32 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
              'all_gbk.txt': '第一行\n第二行\n'.encode('gbk'),
              'stray.txt': b'\xff abc\n',  # 0xff is in no GBK character; UTF-8 after it: a stray byte
              'gb18030.txt': '第一行\n表情 😀 䶮\n'.encode('gb18030'),  # four-byte characters: GBK's superset
-             'big5.txt': '第一行\n第二行\n'.encode('big5') + b'\xff\xff'}  # neither UTF-8 nor GBK / GB18030
+             'big5.txt': '這是一個測試的資料\n第二行\n'.encode('big5'),  # reads as GB18030 only into private use
+             'utf16le.txt': '这是一行中文文本，一二三。\n'.encode('utf-16-le') * 5,  # no byte-order mark
+             'utf16be.txt': 'plain English text\n'.encode('utf-16-be') * 5,
+             'with nuls.txt': ('好' * 100 + '\n').encode() + b'ab\x00cd\x00ef\x00gh\x00\n',  # UTF-8: converts
+             'utf16 bom.txt': '\ufeff第一行\n'.encode('utf-16-le')}
     said = {}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
+        if name == 'with nuls.txt':
+            convert_to_parquet(str(tmp_path / name), str(tmp_path / 'nuls.parquet'))
+            continue
         with pytest.raises(UserError) as e:
             convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'))
         said[name] = str(e.value)
     assert 'line 1001' in said['late.txt'] and 'though the text before it is' in said['late.txt']
-    assert f"sed -n '1001p' {tmp_path / 'late.txt'} | iconv -f GBK -t UTF-8" in said['late.txt']
-    assert 'a GBK file?' not in said['late.txt']
-    assert 'a GBK file?' in said['all_gbk.txt'] and 'iconv -f GBK -t UTF-8' in said['all_gbk.txt']
+    # GB18030 converts GBK files too (its superset), and a GBK file with one four-byte character in it
+    assert f"sed -n '1001p' {tmp_path / 'late.txt'} | iconv -f GB18030 -t UTF-8" in said['late.txt']
+    assert 'file?' not in said['late.txt']
+    for name in ('all_gbk.txt', 'gb18030.txt'):
+        assert 'a GBK / GB18030 file?' in said[name] and 'iconv -f GB18030 -t UTF-8' in said[name], said[name]
     assert 'a stray byte in a UTF-8 file' in said['stray.txt'] and 'iconv' not in said['stray.txt']
-    assert 'a GB18030 file?' in said['gb18030.txt'] and 'iconv -f GB18030 -t UTF-8' in said['gb18030.txt']
-    assert 'nor GBK or GB18030' in said['big5.txt'] and 'a GBK file?' not in said['big5.txt']
+    assert 'nor GBK / GB18030' in said['big5.txt'] and 'iconv -f BIG5' in said['big5.txt'], said['big5.txt']
+    for name, order in (('utf16le.txt', 'UTF-16LE'), ('utf16be.txt', 'UTF-16BE')):
+        assert f'is {order} without a byte-order mark' in said[name] and f'iconv -f {order} -t UTF-8' in said[name]
+    quoted = f"'{tmp_path / 'utf16 bom.txt'}' > '{tmp_path / 'utf16 bom.utf8.txt'}'"  # a command that runs as shown
+    assert 'UTF-16 byte-order mark' in said['utf16 bom.txt'] and quoted in said['utf16 bom.txt'], said['utf16 bom.txt']
     assert not (tmp_path / 'out.parquet').exists()
     (tmp_path / 'lines.txt').write_text('\n{"prompt": "问", "response": "答"}\n', encoding='utf-8')
     with pytest.raises(UserError, match=r'lines\.txt: line 2 is a JSON object.*--format=jsonl'):

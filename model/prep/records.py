@@ -7,6 +7,7 @@ text bounded as it comes.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import math
 import os
 import shlex
@@ -65,19 +66,27 @@ def build_utf8_error(path: str) -> UserError:
                          f'remove it or that line (see it: sed -n \'{found[0]}p\' {quoted} | od -c | head)')
     if any(b >= 0x80 for b in before):  # UTF-8 text (not only ASCII) before it: one line is not, not the file
         return UserError(f'{path}: {where} is not UTF-8, though the text before it is: that line is in another '
-                         f'encoding (GBK?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' {quoted} | '
-                         f'iconv -f GBK -t UTF-8)')
-    if _decodes(head, 'gbk'):
-        return UserError(f'{path}: {where} is not UTF-8 (a GBK file?); convert it first, e.g. '
-                         f'iconv -f GBK -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
-    if _decodes(head, 'gb18030'):  # GBK's superset: its four-byte characters (rare names, emoji) are no GBK
-        return UserError(f'{path}: {where} is not UTF-8 (a GB18030 file?); convert it first, e.g. '
+                         f'encoding (GBK / GB18030?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' '
+                         f'{quoted} | iconv -f GB18030 -t UTF-8)')
+    if _reads_as_gb18030(head):  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
+        return UserError(f'{path}: {where} is not UTF-8 (a GBK / GB18030 file?); convert it first, e.g. '
                          f'iconv -f GB18030 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
-    return UserError(f'{path}: {where} is not UTF-8, nor GBK or GB18030; convert it to UTF-8 from its encoding first, e.g. '
+    return UserError(f'{path}: {where} is not UTF-8, nor GBK / GB18030; convert it to UTF-8 from its encoding first, e.g. '
                      f'iconv -f BIG5 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)} (iconv -l lists encodings)')
 
 
 GUESS_BYTES = 1 << 20  # what the encoding hint reads from the file's start
+
+
+def _reads_as_gb18030(data: bytes) -> bool:
+    """data reads as GB18030 text: it decodes, and into no private-use character -- Python's
+    GB18030 decodes nearly any pair of high bytes, the areas GBK leaves unassigned (where Big5's
+    common characters fall) into private-use ones: such a file is not GBK / GB18030 text."""
+    try:
+        text = codecs.getincrementaldecoder('gb18030')().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return not any('\ue000' <= ch <= '\uf8ff' for ch in text)
 
 
 def _decodes(data: bytes, encoding: str) -> bool:
@@ -94,14 +103,35 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'),
 
 
 def check_not_wide_unicode(path: str) -> None:
-    """A text file saved as UTF-16 or UTF-32 (Windows' "Unicode") says so in its first bytes."""
+    """A text file saved as UTF-16 or UTF-32 (Windows' "Unicode") says so in its first bytes: a
+    byte-order mark, or without one, NUL bytes where its start reads as plain text in UTF-16 (as
+    UTF-8, Latin text would read with a NUL between every two characters)."""
     with open(path, 'rb') as f:
-        head = f.read(4)
+        head = f.read(4096)
+    stem, ext = os.path.splitext(path)
+    convert = f'{shlex.quote(path)} > {shlex.quote(stem + ".utf8" + ext)}'
     for bom, name in _WIDE_BOMS:
         if head.startswith(bom):
-            stem, ext = os.path.splitext(path)
             raise UserError(f'{path}: the file is {name} (it starts with a {name} byte-order mark), not UTF-8; '
-                            f'convert it first, e.g. iconv -f {name} -t UTF-8 {path} > {stem}.utf8{ext}')
+                            f'convert it first, e.g. iconv -f {name} -t UTF-8 {convert}')
+    if b'\0' not in head:  # UTF-16 text holds NULs: beside each ASCII character (a newline), in 一 (U+4E00) ...
+        return
+    body, plain = head[:len(head) // 2 * 2], {}
+    for name in ('UTF-16LE', 'UTF-16BE'):
+        with contextlib.suppress(UnicodeDecodeError):
+            text = body.decode(name.lower())
+            plain[name] = sum(map(_plain, text)) / max(len(text), 1)
+    name = max(plain, key=plain.get, default=None)  # the byte order it reads best in (ASCII read the other way is CJK)
+    if name and plain[name] >= 0.9:  # reads as text that way: never a few stray NULs in a UTF-8 file
+        raise UserError(f'{path}: the file is {name} without a byte-order mark, not UTF-8; convert it first, '
+                        f'e.g. iconv -f {name} -t UTF-8 {convert}')
+
+
+def _plain(ch: str) -> bool:
+    """A character of plain Chinese or English text: printable ASCII, a line break or tab, a CJK
+    character, CJK or full-width punctuation."""
+    return (' ' <= ch <= '~' or ch in '\n\r\t' or '\u4e00' <= ch <= '\u9fff' or '\u3400' <= ch <= '\u4dbf'
+            or '\u3000' <= ch <= '\u303f' or '\uff00' <= ch <= '\uffef')
 
 
 # --------------------------------------------------------------------------- columns
