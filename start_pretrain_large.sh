@@ -167,7 +167,6 @@ if [ "$keep" = given_false ] && [ "${RESUME:-ask}" = auto ]; then
   exit 2
 fi
 latest=$(path_of latest_state)
-latest=${latest%%  (*}
 saved=0
 if [ "$resume_given" -eq 0 ] && [ "$latest" != "none" ] && [ -n "$latest" ]; then saved=1; fi
 may_resume=0   # a saved state this command resumes (RESUME=auto) or asks about (RESUME=ask, on a terminal)

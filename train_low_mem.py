@@ -120,7 +120,7 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
         from model.state.states import latest_state
 
         newest = latest_state(t.train_state_dir, deep=False)
-        print(f'  path.latest_state={newest}  (a fresh run moves it aside)' if newest else '  path.latest_state=none')
+        print(f'  path.latest_state={newest or "none"}')  # the path alone: a path may hold anything but a newline
     # a fresh run that is ready: how many items of an earlier run it moves aside into previous_runs/, and the
     # archive into which an earlier such move, cut short (a kill, a full disk), already took that run's states:
     # it finishes that move there (start_pretrain_large.sh reads these lines; a resume or a run not ready judges
