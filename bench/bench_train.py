@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,8 +93,9 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
     labels = tok([r for _, r in rows], truncation=True, max_length=BASE['max_seq_len'])['input_ids']
     dataset = [{'input_ids': i, 'attention_mask': m, 'labels': y}
                for i, m, y in zip(enc['input_ids'], enc['attention_mask'], labels)]
+    work = tempfile.mkdtemp(prefix='bench-peer-')
     args = Seq2SeqTrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix='bench-peer-'), per_device_train_batch_size=BASE['batch_size_per_gpu'],
+        output_dir=work, per_device_train_batch_size=BASE['batch_size_per_gpu'],
         gradient_accumulation_steps=BASE['gradient_accumulation_steps'], learning_rate=recipe['learn_rate'],
         lr_scheduler_type=BASE['lr_schedule'], warmup_steps=recipe.get('warmup_ratio', 0.05),  # < 1: a ratio
         weight_decay=BASE['weight_decay'],
@@ -120,7 +122,10 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, callbacks=[Score()],
                              optimizers=(optimizer, None),
                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100))
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # its own new folder (save_strategy no: logs at most)
     return {'curve': curve, 'steps': trainer.state.global_step}
 
 
@@ -255,10 +260,14 @@ def main() -> None:
         return
     if args.report:
         for path in args.report.split(','):
-            with open(path, encoding='utf-8') as f:
-                saved = json.load(f)
-            summarize(saved['task'], saved['size'], saved['seeds'], saved['steps'], saved['ours'], saved['peer_lr'],
-                      saved['target'], saved['runs'], print)
+            try:
+                with open(path, encoding='utf-8') as f:
+                    saved = json.load(f)
+                summarize(saved['task'], saved['size'], saved['seeds'], saved['steps'], saved['ours'],
+                          saved['peer_lr'], saved['target'], saved['runs'], print)
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else f'{type(e).__name__}: {e}'
+                sys.exit(f'error: --report={path}: not the curves a bench_train run saved ({why})')
         return
     from tasks import task_files
 

@@ -11,7 +11,9 @@ prompts.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,15 +34,18 @@ SIZES = {  # d_model 128: the demo preset's shape (1.5M parameters); d_model 256
 def new_log(out_dir: str, prefix: str, quick: bool):
     """A new file for a run's printed output, never an earlier run's: (the open file, its name less
     .txt, for the run's other files) -- prefix_<time>[_quick][-N].txt in out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f'{prefix}_{time.strftime("%Y%m%d_%H%M%S")}' + ('_quick' if quick else ''))
-    for n in range(1000):
-        name = f'{stem}-{n}' if n else stem
-        try:
-            return open(name + '.txt', 'x', encoding='utf-8'), name
-        except FileExistsError:  # two runs in one second
-            continue
-    raise FileExistsError(f'{stem}.txt and 999 more')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for n in range(1000):
+            name = f'{stem}-{n}' if n else stem
+            try:
+                return open(name + '.txt', 'x', encoding='utf-8'), name
+            except FileExistsError:  # two runs in one second
+                continue
+        raise FileExistsError(errno.EEXIST, f'{stem}.txt and 999 more exist')
+    except OSError as e:  # a file there, a read-only place: one line
+        raise SystemExit(f'error: --out_dir={out_dir}: cannot write there ({e.strerror or e})') from None
 
 
 class HeldOutScorer:
@@ -142,4 +147,5 @@ def run_toolkit(paths: dict, fields: dict, max_steps: int, eval_every: int, scor
         trainer.train()
     finally:
         trainer.lock.release()
+        shutil.rmtree(work, ignore_errors=True)  # the run's own new folder: its checkpoints, logs
     return {'curve': curve, 'steps': trainer.state.global_step}

@@ -159,6 +159,12 @@ def test_learning_benches_run_quick(bench, tmp_path):
                                capture_output=True, text=True, timeout=300)
         table = r.stdout[r.stdout.index('\nnumbers d128'):r.stdout.index('the curves:')].strip()
         assert again.returncode == 0 and again.stdout.strip() == table, (again.stdout, table, again.stderr[-3000:])
+        (tmp_path / 'other.json').write_text('[1, 2]')  # not its curves: one line
+        for bad, flag in ((tmp_path / 'other.json', '--report'), (tmp_path / 'missing.json', '--report'),
+                          (log, '--out_dir')):  # a file where a folder is to be
+            r = subprocess.run([sys.executable, f'bench/{bench}.py', f'{flag}={bad}', '--quick'], cwd=ROOT, env=ENV,
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 1 and r.stderr.count('\n') == 1 and r.stderr.startswith(f'error: {flag}='), r.stderr
 
 
 def test_bench_optimizer_runs_and_reports_both():
