@@ -246,6 +246,18 @@ if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] 
   fi
   exit 1
 fi
+# the same on a terminal (RESUME=ask): asked, no by default -- starting over at step 0 is the user's to choose
+if [ "$resume_mode" = ask ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] \
+    && [ "$(run_of previous_items)" != 0 ] && [ -n "$(run_of previous_items)" ]; then
+  printf '%s\n' "$report" | grep '^note: a previous run saved' >&2
+  if [ "$(path_of states_moved_to)" != none ] && [ -n "$(path_of states_moved_to)" ]; then
+    why="a fresh run's move of it into $(path_of states_moved_to)/ was cut short, its states already there: y finishes that move / 之前移动它时被打断，状态已在存档里：回答 y 完成移动"
+  else
+    why="if its states lie on storage this machine lacks (node-local scratch, a filesystem not mounted here), answer n and make them reachable / 若它的状态在本机没有的存储上，请回答 n 并先让它可访问"
+  fi
+  read -r -p "No saved state in $(path_of train_state_dir), but $(path_of output_dir) holds an earlier run ($why). Start afresh at step 0, moving it to previous_runs/? / 没有可续训的状态，但输出目录里有之前的训练。要从头训练、把它移到 previous_runs/ 吗？[y/N] " ans
+  if [ "$(yes_or_no "$ans" n)" = n ]; then echo "nothing started" >&2; exit 1; fi
+fi
 if [ "$may_resume" -eq 1 ]; then
   # what a fresh run would move aside is the question's (or not this run's) to say
   printf '%s\n' "$report" | sed -n '/^\[schedule\]/,/^ready/p' | grep -v '^note: a previous run saved'

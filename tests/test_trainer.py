@@ -405,6 +405,11 @@ def test_a_batch_job_of_the_start_script_resumes_and_never_restarts_over_an_earl
         assert r.returncode == 1, r.stderr[-3000:]
         assert 'holds none, while' in r.stderr and 'a fresh run would move aside, starting over at step 0' in r.stderr
         assert 'RESUME=no' in r.stderr and 'note: a previous run saved' in r.stderr, r.stderr[-2000:]
+    # on a terminal (RESUME=ask): asked, with why it may be, no by default (it started over at step 0 unasked)
+    r = finished(start_script([*flags, '--max_steps=6'], env, b'\n'))
+    assert r.returncode == 1 and 'nothing started' in r.stderr, r.stderr[-3000:]
+    assert 'holds an earlier run (if its states lie on storage this machine lacks' in r.stderr and '[y/N]' in r.stderr
+    assert '要从头训练' in r.stderr and 'note: a previous run saved' in r.stderr, r.stderr[-3000:]
     assert sorted(glob.glob(f'{out}/logs/*.log')) == logs and not os.path.exists(out / 'previous_runs')
     r = finished(start_script([*flags, '--max_steps=2'], {**env, 'RESUME': 'no'}))  # afresh, as asked
     assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]
