@@ -1108,6 +1108,20 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
             kept = files_in(out / 'states')
             assert kept and all(before[os.path.join(os.path.dirname(p), os.path.basename(p))] == data
                                 for p, data in kept.items() if p in before)
+    # its copy in the archive replaced by a whole state of another run (of the same name): not its copy -- the item
+    # back at its name and moved whole beside it (it was removed: the archive held only the other run's state)
+    out = tmp_path / 'copy_replaced'
+    archive = killed_mid_move(out, 'renamed')
+    shutil.rmtree(archive / 'states' / 'state-000000020')
+    run_state(tmp_path / 'other' / 'states', 20, 'r2', output_dir=tmp_path / 'other')
+    shutil.copytree(tmp_path / 'other' / 'states' / 'state-000000020', archive / 'states' / 'state-000000020')
+    assert again(out) == str(archive)
+    assert files_in(archive / 'states' / 'state-000000020') == {
+        p.replace(str(tmp_path / 'other' / 'states'), str(archive / 'states')): d
+        for p, d in files_in(tmp_path / 'other' / 'states' / 'state-000000020').items()}  # the other's, untouched
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020.1')).wholly_owned and names(out / 'states') == []
+    assert hidden_of_the_toolkit(out) == []
+
     # the item's name taken since as well: refused, both kept
     out = tmp_path / 'copy_removed_name_taken'
     archive = killed_mid_move(out, 'renamed')

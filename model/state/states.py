@@ -727,7 +727,7 @@ def _move_whole(item: str, target: str, archive: str) -> None:
     under its own name until its whole copy bears that name in the archive; a copy bears it only
     once whole; the record COPYING (token, item, target) lets the next run end what a kill cut
     (:func:`_take_back_part`). A copy that fails (a full disk there) is taken back: the item stays
-    whole where it was (_MoveFailed). Whole: by its marker, the same as the item's (_whole_item, _is_copy_of).
+    whole where it was (_MoveFailed). Whole: by its marker, the same as the item's (_whole_item, _marker_of).
     A name already taken in the archive gets a suffix: nothing there is ever replaced."""
     target = _free_name(target)
     try:
@@ -743,12 +743,13 @@ def _move_whole(item: str, target: str, archive: str) -> None:
     try:
         os.mkdir(part)  # before the record: a record means its folder was made (gone again: the copy is in place)
         ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token,
-                               item=ownership.recorded_identity(item), target=os.path.abspath(target))
+                               item=ownership.recorded_identity(item), target=os.path.abspath(target),
+                               marker=_marker_of(item))  # what its whole copy carries, whatever comes of the item
         if ownership.is_real_dir(item):
             shutil.copytree(item, copy, symlinks=True)
         else:
             shutil.copy2(item, copy)
-        if not (_whole_item(copy) and _is_copy_of(copy, item)):
+        if not (_whole_item(copy) and _marker_of(copy) is not None and _marker_of(copy) == _marker_of(item)):
             raise OSError(errno.EIO, 'the copy is not whole')
         os.rename(copy, target)
         os.rmdir(part)  # from here the copy is the run's item in the archive: a kill is finished by the next run
@@ -802,9 +803,12 @@ def _take_back_part(archive: str, keep_item: bool = False) -> bool:
             raise UserError(f'{path} is in the way of the move into {archive} and was not left there by this '
                             f'toolkit: move it away, then run again')
     # in place: the copy not in its folder (gone, or left empty by a kill between the two steps) but at the target,
-    # whole, and a copy of this very item -- never judged by the folder alone (removed by hand to free space, or
-    # by a failed copy's take-back cut before its record went, it proves nothing)
-    placed = not os.path.lexists(copy) and _whole_item(target) and _is_copy_of(target, item)
+    # whole, and a copy of this very item: the marker the record took from it before the copy began (the item may be
+    # renamed or half removed since; a state of another run put there carries another) -- never judged by the folder
+    # alone (removed by hand to free space, or by a failed copy's take-back cut before its record went, it proves
+    # nothing)
+    placed = (not os.path.lexists(copy) and _whole_item(target) and record.get('marker') is not None
+              and _marker_of(target) == record['marker'])
     left = ownership.lstat_or_none(removing)
     if left is not None and ownership.identity(left) != tuple(item_id[1:3]):  # not the item renamed: someone's
         raise UserError(f'{removing} is in the way of the move into {archive} and was not left there by this '
@@ -839,14 +843,10 @@ def _remove_empty_parts(archive: str) -> None:
                 os.rmdir(path)
 
 
-def _is_copy_of(copy: str, item: str) -> bool:
-    """copy and item carry the same marker (a folder's, or a file's sealed one: the same recorded
-    content); an item gone: its copy is the one left."""
-    if not os.path.lexists(item):
-        return True
-    read = ownership.read_marker if ownership.is_real_dir(copy) else (lambda path: markers.file_status(path)[0])
-    info = read(copy)
-    return info is not None and info == read(item)
+def _marker_of(path: str) -> dict | None:
+    """The marker a state or model folder, weights or predictions file carries (a folder's, or a
+    file's sealed one: the content it records), whatever its name."""
+    return ownership.read_marker(path) if ownership.is_real_dir(path) else markers.file_status(path)[0]
 
 
 def _whole_item(path: str) -> bool:
