@@ -840,6 +840,8 @@ def rename(src, dst, *a, **kw):  # previous_runs on another filesystem: no renam
     real_rename(src, dst, *a, **kw)
     if which in src and (at == 'renamed' and sf.REMOVING in dst or at == 'placed' and sf.PART in src):
         kill()
+    if at == 'putback' and sf.REMOVING in src:  # an item renamed aside taken back to its name, the record still there
+        kill()
 
 def copyfile(src, dst, **kw):  # the kill lands halfway through the state's weights
     if at == 'copy' and os.path.basename(src) == 'model.safetensors' and which in os.fspath(src):
@@ -1108,6 +1110,17 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
             kept = files_in(out / 'states')
             assert kept and all(before[os.path.join(os.path.dirname(p), os.path.basename(p))] == data
                                 for p, data in kept.items() if p in before)
+    # a kill while putting it back (the item at its name again, its change time changed, the records still there):
+    # the next run finishes the move in the same archive, never a second one (the run split over two)
+    out = tmp_path / 'putback_killed'
+    archive = killed_mid_move(out, 'renamed')
+    shutil.rmtree(archive / 'states' / 'state-000000020')
+    kill_mid_move(out, 'putback')
+    assert names(out / 'states') == ['state-000000020'] and os.path.isfile(archive / sf.COPYING)
+    assert again(out) == str(archive) and os.listdir(out / 'previous_runs') == ['stamp']
+    assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned and names(out / 'states') == []
+    assert hidden_of_the_toolkit(out) == []
+
     # its copy in the archive replaced by a whole state of another run (of the same name): not its copy -- the item
     # back at its name and moved whole beside it (it was removed: the archive held only the other run's state)
     out = tmp_path / 'copy_replaced'

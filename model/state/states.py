@@ -627,6 +627,11 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
         if record is None:  # not the toolkit's (an empty one, cut by a kill, marks nothing either): left as it is
             continue
         recorded = record['items']
+        # the item of a copy cut in this folder is the same one whatever its change time (a kill while putting it back:
+        # its rename changed it)
+        held = _cut_copy_item(folder)
+        if held is not None:
+            recorded = [held if r[:3] == held[:3] else r for r in recorded]
         if not any(ownership.still_as_recorded(path, *rest) for path, *rest in recorded):  # all moved: the record is stale
             if tidy:
                 with contextlib.suppress(OSError, UserError):
@@ -636,6 +641,20 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
         if wanted and all(w in recorded for w in wanted) and not os.path.lexists(os.path.join(folder, markers.LOCK_FILE)):
             found = folder
     return found
+
+
+def _cut_copy_item(archive: str) -> list | None:
+    """The item of the copy in progress that archive's record COPYING names, as it is now (its
+    identity of today, so long as its path, device and inode are the recorded ones), else None."""
+    record = ownership.read_marker(archive, COPYING)
+    item = record.get('item') if record is not None and record.get('kind') == COPYING_KIND else None
+    if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)):
+        return None
+    try:
+        now = ownership.recorded_identity(item[0])
+    except OSError:
+        return None
+    return now if now[:3] == item[:3] else None
 
 
 def _moving_record(folder: str, output_dir: str) -> dict | None:
