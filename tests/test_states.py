@@ -1247,14 +1247,16 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
 
     # the kill in the first state's copy (none whole in the archive yet), then the states out of reach (node-local
     # scratch this node lacks): no "its states already there" -- RESUME=no would start over with nothing archived
-    out = tmp_path / 'out_of_reach'
-    assert run_train(tiny_flags(data, out, max_steps=10, save_steps=5)).returncode == 0
-    kill_mid_move(out, 'copy', 'state', 'chat_small_t5.{}.bin', 'state-000000005')
-    shutil.move(str(out / 'state'), str(tmp_path / 'scratch_elsewhere'))
-    dry = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--dry_run=True').stdout.splitlines()
-    assert '  path.states_moved_to=none' in dry, dry
-    r = finished(start_script(tiny_flags(data, out, max_steps=12, save_steps=5), env))
-    assert r.returncode == 1 and 'make them reachable' in r.stderr and 'already there' not in r.stderr, r.stderr[-3000:]
+    for cut_in in ('state-000000005', 'state-000000010'):  # the first state's copy, or the second's (the first there)
+        out = tmp_path / f'out_of_reach_{cut_in}'
+        assert run_train(tiny_flags(data, out, max_steps=10, save_steps=5)).returncode == 0
+        kill_mid_move(out, 'copy', 'state', 'chat_small_t5.{}.bin', cut_in)
+        shutil.move(str(out / 'state'), str(tmp_path / f'scratch_elsewhere_{cut_in}'))
+        dry = run_train(tiny_flags(data, out, max_steps=12, save_steps=5), '--dry_run=True').stdout.splitlines()
+        assert '  path.states_moved_to=none' in dry, dry
+        r = finished(start_script(tiny_flags(data, out, max_steps=12, save_steps=5), env))
+        assert r.returncode == 1 and 'make them reachable' in r.stderr and 'already there' not in r.stderr, \
+            r.stderr[-3000:]
 
 
 def test_a_free_name_in_the_archive_keeps_a_state_a_state(tmp_path):

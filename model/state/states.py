@@ -643,6 +643,18 @@ def unfinished_archive(output_dir: str, items: list[str], tidy: bool = False) ->
     return found
 
 
+def states_all_moved(archive: str, output_dir: str) -> bool:
+    """archive is a cut move's (its record, for output_dir) into which every state it was moving
+    already went whole: finished, that move loses none of them (one still to go may be out of
+    reach: node-local scratch, a filesystem not mounted here)."""
+    record = _moving_record(archive, output_dir)
+    states = {os.path.basename(path) for path, *_ in record['items'] if _STATE_RE.match(os.path.basename(path))} \
+        if record else set()
+    there = {os.path.basename(path) for name in os.listdir(archive) if not name.startswith('.')
+             for _, path in list_complete_states(os.path.join(archive, name))} if states else set()
+    return bool(states) and states <= there
+
+
 def _cut_copy_item(archive: str) -> list | None:
     """The item of the copy in progress that archive's record COPYING names, as it is now (its
     identity of today, so long as its path, device and inode are the recorded ones), else None."""

@@ -617,15 +617,10 @@ def _other_runs_models(t, saved: contract.SavedState, home: dict | None) -> list
 
 
 def _with_the_runs_states(t, archive: str | None) -> str | None:
-    """archive (where a fresh run's move of the earlier run here was cut short), if the states of
-    that run are among what it already holds -- then that move, finished, loses nothing; else None
-    (they are elsewhere: behind a link, on storage not mounted here)."""
-    for name in sorted(os.listdir(archive)) if archive else []:
-        folder = os.path.join(archive, name)
-        places = contract.saved_places(folder) if not name.startswith('.') and ckpt.list_complete_states(folder) else None
-        if places and os.path.realpath(places['output_dir']) == os.path.realpath(t.output_dir):
-            return archive
-    return None
+    """archive (where a fresh run's move of the earlier run here was cut short), if every state of
+    that run it was moving is already whole there -- then that move, finished, loses nothing; else
+    None (some are elsewhere: behind a link, on storage not mounted here)."""
+    return archive if archive and ckpt.states_all_moved(archive, t.output_dir) else None
 
 
 def _cut_move(t) -> str:
