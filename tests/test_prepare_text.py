@@ -218,12 +218,13 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
              'utf16le.txt': '这是一行中文文本，一二三。\n'.encode('utf-16-le') * 5,  # no byte-order mark
              'utf16be.txt': 'plain English text\n'.encode('utf-16-be') * 5,
              'with nuls.txt': ('好' * 100 + '\n').encode() + b'ab\x00cd\x00ef\x00gh\x00\n',  # UTF-8: converts
+             'letters with a nul.txt': (b'acgtacgtta' * 7 + b'\n') * 28 + b'ac\x00gt\n',  # as UTF-16: CJK; UTF-8 it is
              'utf16 bom.txt': '\ufeff第一行\n'.encode('utf-16-le')}
     said = {}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
-        if name == 'with nuls.txt':
-            convert_to_parquet(str(tmp_path / name), str(tmp_path / 'nuls.parquet'))
+        if 'nul' in name:
+            convert_to_parquet(str(tmp_path / name), str(tmp_path / f'{name}.parquet'))
             continue
         with pytest.raises(UserError) as e:
             convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'))

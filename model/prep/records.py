@@ -116,6 +116,8 @@ def check_not_wide_unicode(path: str) -> None:
                             f'convert it first, e.g. iconv -f {name} -t UTF-8 {convert}')
     if b'\0' not in head:  # UTF-16 text holds NULs: beside each ASCII character (a newline), in 一 (U+4E00) ...
         return
+    if _decodes(head, 'utf-8') and head.count(0) < len(head) // 4:  # UTF-8 with a few NULs: Latin UTF-16 has one a pair
+        return
     body, plain = head[:len(head) // 2 * 2], {}
     for name in ('UTF-16LE', 'UTF-16BE'):
         with contextlib.suppress(UnicodeDecodeError):
