@@ -140,7 +140,6 @@ def main() -> None:
     seeds = [int(s) for s in str(args.seeds).split(',')]
     if args.quick:
         sizes, steps, seeds = sizes[:1], [30], seeds[:1]
-    os.makedirs(args.out_dir, exist_ok=True)
     from tasks import task_files
 
     task_files(args.task)  # written once, before the children read it

@@ -115,13 +115,20 @@ def run_toolkit(paths: dict, fields: dict, max_steps: int, eval_every: int, scor
     optimizer steps with ``fields`` over the task's files; the scorer judges it every eval_every
     steps and at the end, outside the training time. budget_s > 0: stop at the first evaluation
     past that much training time. Returns {'curve': [(step, train_s, loss, em)], 'steps'}."""
+    work = tempfile.mkdtemp(prefix='bench-ours-')
+    try:
+        return _run_toolkit(work, paths, fields, max_steps, eval_every, scorer, budget_s)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the run's own new folder: its checkpoints, logs
+
+
+def _run_toolkit(work, paths, fields, max_steps, eval_every, scorer, budget_s) -> dict:
     from config import resolve_config
     from model.train import preflight
     from model.train.evaluation import EvalResult
     from model.train.factory import build_run
     from model.train.trainer import Trainer
 
-    work = tempfile.mkdtemp(prefix='bench-ours-')
     overrides = {**fields, 'train_file': paths['train'], 'validation_file': paths['valid'], 'tokenizer_dir': paths['tok'],
                  'output_dir': work, 'train_state_dir': f'{work}/state', 'model_file': f'{work}/m.{{}}.bin',
                  'log_dir': f'{work}/logs', 'save_steps': 10**6, 'logging_steps': eval_every, 'eval_steps': eval_every,
@@ -147,5 +154,4 @@ def run_toolkit(paths: dict, fields: dict, max_steps: int, eval_every: int, scor
         trainer.train()
     finally:
         trainer.lock.release()
-        shutil.rmtree(work, ignore_errors=True)  # the run's own new folder: its checkpoints, logs
     return {'curve': curve, 'steps': trainer.state.global_step}
