@@ -1144,6 +1144,15 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
         again(out)
     assert len([p for p in hidden_of_the_toolkit(out) if sf.REMOVING in p]) == 1
 
+    out = tmp_path / 'rewritten'  # another whole state copied over the item in place (cp -r: the folder's change
+    archive = killed_mid_move(out, 'placed')  # time stays): not what was copied -- kept, never removed
+    other = run_state(tmp_path / 'other_rewrite', 20, 'r2', output_dir=out)
+    import subprocess
+    subprocess.run(['cp', '-r', other, str(out / 'states') + '/'], check=True)
+    theirs = own.read_marker(str(out / 'states' / 'state-000000020'))
+    assert again(out) == str(archive)
+    assert [p for p in glob.glob(f'{out}/**/state-*', recursive=True) if own.read_marker(p) == theirs]
+
     out = tmp_path / 'edited'  # the item edited after its copy took its name: it is no longer what was copied
     archive = killed_mid_move(out, 'placed')
     with open(out / 'states' / 'state-000000020' / 'counters.json', 'a') as f:
@@ -1269,3 +1278,17 @@ def test_a_free_name_in_the_archive_keeps_a_state_a_state(tmp_path):
     assert sf._free_name(str(tmp_path / 'state-000000020.1')) == str(tmp_path / 'state-000000020.3')
     assert sf._free_name(str(tmp_path / 'state-000000030')) == str(tmp_path / 'state-000000030')
     assert sf._free_name(str(tmp_path / 'best')) == str(tmp_path / 'best-2')
+
+
+def test_a_cut_move_counts_its_states_all_moved_only_when_none_is_left_where_it_was(tmp_path):
+    """Two state folders with a state of one name (output_dir's and train_state_dir's): the move cut in
+    the second one's copy has not moved them all, though a state of that name is in the archive."""
+    out = tmp_path / 'out'
+    run_state(out, 20, 'r1', output_dir=out)
+    run_state(out / 'states', 20, 'r1', output_dir=out)
+    a_model_folder_and_a_step_file(out)
+    kill_mid_move(out, 'copy', 'states', 'm.{}.bin', os.sep + 'out' + os.sep + 'state-')
+    archive = out / 'previous_runs' / 'stamp'
+    assert not sf.states_all_moved(str(archive), str(out))
+    os.rename(out / 'state-000000020', tmp_path / 'out_of_reach')  # gone from here, yet not in the archive either
+    assert not sf.states_all_moved(str(archive), str(out))

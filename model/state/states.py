@@ -19,6 +19,7 @@ newest state to the previous complete one. Every rank must see the same filesyst
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -648,11 +649,12 @@ def states_all_moved(archive: str, output_dir: str) -> bool:
     already went whole: finished, that move loses none of them (one still to go may be out of
     reach: node-local scratch, a filesystem not mounted here)."""
     record = _moving_record(archive, output_dir)
-    states = {os.path.basename(path) for path, *_ in record['items'] if _STATE_RE.match(os.path.basename(path))} \
-        if record else set()
-    there = {os.path.basename(path) for name in os.listdir(archive) if not name.startswith('.')
-             for _, path in list_complete_states(os.path.join(archive, name))} if states else set()
-    return bool(states) and states <= there
+    states = [path for path, *_ in record['items'] if _STATE_RE.match(os.path.basename(path))] if record else []
+    if not states or any(os.path.lexists(path) for path in states):  # one still where it was: not moved
+        return False
+    there = collections.Counter(os.path.basename(path) for name in os.listdir(archive) if not name.startswith('.')
+                                for _, path in list_complete_states(os.path.join(archive, name)))
+    return not collections.Counter(map(os.path.basename, states)) - there  # as many of each name (two folders')
 
 
 def _cut_copy_item(archive: str) -> list | None:
@@ -856,7 +858,9 @@ def _take_back_part(archive: str, keep_item: bool = False) -> bool:
             raise UserError(f'{item}: what is left of it is not whole -- a cut move into {archive} had begun to remove '
                             f'it, its whole copy there was removed since; look at it, move it away, then run again')
         restored = True
-    elif placed and not keep_item and left is None and ownership.still_as_recorded(*item_id) and _whole_item(item):
+    elif (placed and not keep_item and left is None and ownership.still_as_recorded(*item_id) and _whole_item(item)
+          and _marker_of(item) == record['marker']):  # still what was copied (files rewritten in place in a folder
+        # leave its change time as it was)
         os.rename(item, removing)  # its whole copy is in place: the item goes (one step, then removed)
     _remove_real(removing)  # only the item whose whole copy is in place is still there
     os.remove(record_path)
