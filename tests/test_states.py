@@ -1209,6 +1209,31 @@ def test_a_resume_where_a_fresh_runs_move_was_cut_ends_the_copy_and_keeps_the_it
     assert hidden_of_the_toolkit(out) == []
 
 
+def test_ending_a_cut_move_removes_only_the_archives_own_marker_only_folders(tmp_path):
+    """A resume ends a cut move (nothing moved yet): the archive folder goes only while each folder in
+    it is a real state folder holding its marker alone -- a link there to a folder of the user's
+    holding only a copy of such a marker, or a user's folder holding more, keeps all of it."""
+    mine = tmp_path / 'mine'
+    os.makedirs(mine)
+    for case in ('link', 'more'):
+        out = tmp_path / case
+        archive = killed_mid_move(out, 'copy')
+        sf._take_back_part(str(archive))  # the half copy gone: only the state folder's marker is in the archive
+        if case == 'link':
+            shutil.copy(archive / 'states' / markers.MARKER_FILE, mine / markers.MARKER_FILE)
+            os.symlink(mine, archive / 'linked')
+        else:
+            (archive / 'states' / 'notes.txt').write_text('mine')
+        sf.end_cut_copies(str(out))
+        assert os.listdir(mine) == [markers.MARKER_FILE] and os.path.isdir(archive / 'states')
+        if case == 'more':
+            assert (archive / 'states' / 'notes.txt').read_text() == 'mine'
+        assert names(out / 'states') == ['state-000000020']  # the item whole where it was
+        assert sf.judge_state(str(out / 'states' / 'state-000000020')).wholly_owned
+    assert sf._holds_only_its_marker(str(tmp_path / 'link' / 'previous_runs' / 'stamp' / 'states'))
+    assert not sf._holds_only_its_marker(str(tmp_path / 'link' / 'previous_runs' / 'stamp' / 'linked'))
+
+
 def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     """End to end: a run saves two states; a fresh run over it is killed (SIGKILL) while moving them
     to previous_runs/ on another filesystem, the first copied whole into place and leaving its

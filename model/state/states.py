@@ -727,8 +727,8 @@ def _move_items(items: list[str], folders: list[str], archive: str) -> None:
 
 def _holds_only_its_marker(folder: str) -> bool:
     """A state folder the archive made, into which nothing came: its marker alone (or not even that: one
-    cut by a full disk is removed as it fails)."""
-    return os.listdir(folder) in ([], [markers.MARKER_FILE])
+    cut by a full disk is removed as it fails); a real folder, never one a link leads to."""
+    return ownership.is_real_dir(folder) and os.listdir(folder) in ([], [markers.MARKER_FILE])
 
 
 def _unmake_marked(folder: str) -> None:
@@ -775,14 +775,14 @@ def _move_whole(item: str, target: str, archive: str) -> None:
     copy = os.path.join(part, os.path.basename(os.path.normpath(item)))  # judged under its own name
     try:
         os.mkdir(part)  # before the record: a record means its folder was made (gone again: the copy is in place)
+        marker = _marker_of(item)  # what its whole copy carries, whatever comes of the item
         ownership.write_marker(archive, COPYING_KIND, manifest=False, name=COPYING, token=token,
-                               item=ownership.recorded_identity(item), target=os.path.abspath(target),
-                               marker=_marker_of(item))  # what its whole copy carries, whatever comes of the item
+                               item=ownership.recorded_identity(item), target=os.path.abspath(target), marker=marker)
         if ownership.is_real_dir(item):
             shutil.copytree(item, copy, symlinks=True)
         else:
             shutil.copy2(item, copy)
-        if not (_whole_item(copy) and _marker_of(copy) is not None and _marker_of(copy) == _marker_of(item)):
+        if not (marker is not None and _whole_item(copy) and _marker_of(copy) == marker):
             raise OSError(errno.EIO, 'the copy is not whole')
         os.rename(copy, target)
         os.rmdir(part)  # from here the copy is the run's item in the archive: a kill is finished by the next run
