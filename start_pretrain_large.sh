@@ -154,6 +154,10 @@ dry_run() {   # the trainer's own checks of this command (plus "$@"): sets rc an
 }
 path_of() { printf '%s\n' "$report" | sed -n "s/^  path\.$1=//p"; }
 run_of() { printf '%s\n' "$report" | sed -n "s/^  run\.$1=\([^ ]*\).*/\1/p"; }
+# the dry run of a ready fresh run: an earlier run here that it would move aside; a cut move that already
+# took all that run's states into its archive
+earlier_run_here() { local n; n=$(run_of previous_items); [ -n "$n" ] && [ "$n" != 0 ]; }
+states_moved() { local to; to=$(path_of states_moved_to); [ -n "$to" ] && [ "$to" != none ]; }
 run_args=("$@")
 dry_run
 # --is_keep_training as the trainer's own parser read it (any spelling: two words, dashes, --nois_, a
@@ -235,10 +239,10 @@ fi
 # step 0 -- at every requeue of a job whose states are out of reach (a link to node-local scratch
 # this node lacks, storage not mounted here): refused, the job stops instead of losing its progress
 if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] \
-    && [ "$(run_of previous_items)" != 0 ] && [ -n "$(run_of previous_items)" ]; then
+    && earlier_run_here; then
   echo "error: $auto_why resumes a saved state, but $(path_of train_state_dir) holds none, while $(path_of output_dir) holds an earlier run that a fresh run would move aside, starting over at step 0:" >&2
   printf '%s\n' "$report" | grep '^note: a previous run saved' >&2
-  if [ "$(path_of states_moved_to)" != none ] && [ -n "$(path_of states_moved_to)" ]; then
+  if states_moved; then
     # a fresh run (RESUME=no) was moving that run into previous_runs/ and was killed: its states went first
     echo "  a fresh run was moving that run into $(path_of states_moved_to)/ and was cut short, its states already there: RESUME=no finishes that move (nothing is lost: that run then continues from its archive with the flags the log prints) / 之前的全新训练在移动那次训练时被打断，状态已在存档里：设 RESUME=no 完成移动，之后可按日志给出的参数在存档处续训" >&2
   else
@@ -247,10 +251,9 @@ if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] 
   exit 1
 fi
 # the same on a terminal (RESUME=ask): asked, no by default -- starting over at step 0 is the user's to choose
-if [ "$resume_mode" = ask ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] \
-    && [ "$(run_of previous_items)" != 0 ] && [ -n "$(run_of previous_items)" ]; then
+if [ "$resume_mode" = ask ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] && earlier_run_here; then
   printf '%s\n' "$report" | grep '^note: a previous run saved' >&2
-  if [ "$(path_of states_moved_to)" != none ] && [ -n "$(path_of states_moved_to)" ]; then
+  if states_moved; then
     why="a fresh run's move of it into $(path_of states_moved_to)/ was cut short, its states already there: y finishes that move / 之前移动它时被打断，状态已在存档里：回答 y 完成移动"
   else
     why="if its states lie on storage this machine lacks (node-local scratch, a filesystem not mounted here), answer n and make them reachable / 若它的状态在本机没有的存储上，请回答 n 并先让它可访问"
