@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads of every run')
     ap.add_argument('--quick', action='store_true', help='numbers, one seed, 20 steps, no sweep')
     ap.add_argument('--out_dir', default=OUT, help='where the printed output and the curves go (new names each run)')
-    ap.add_argument('--report', default='', help='print the tables again from the curves a run saved (its '
+    ap.add_argument('--report', default=None, help='print the tables again from the curves a run saved (its '
                     'bench_train_<time>_<task>_<size>.json, comma-separated), no run')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -258,7 +258,7 @@ def main() -> None:
         kind, *rest = json.loads(args.child)
         print('RESULT ' + json.dumps((run_ours if kind == 'ours' else run_peer)(*rest)), flush=True)
         return
-    if args.report:
+    if args.report is not None:  # given, even empty (an unset variable): never the whole bench instead
         for path in args.report.split(','):
             try:
                 with open(path, encoding='utf-8') as f:

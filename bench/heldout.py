@@ -36,7 +36,7 @@ def new_log(out_dir: str, prefix: str, quick: bool):
     .txt, for the run's other files) -- prefix_<time>[_quick][-N].txt in out_dir."""
     stem = os.path.join(out_dir, f'{prefix}_{time.strftime("%Y%m%d_%H%M%S")}' + ('_quick' if quick else ''))
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(os.path.realpath(out_dir), exist_ok=True)  # a link to a folder still to make: made there
         for n in range(1000):
             name = f'{stem}-{n}' if n else stem
             try:

@@ -160,7 +160,7 @@ def test_learning_benches_run_quick(bench, tmp_path):
         table = r.stdout[r.stdout.index('\nnumbers d128'):r.stdout.index('the curves:')].strip()
         assert again.returncode == 0 and again.stdout.strip() == table, (again.stdout, table, again.stderr[-3000:])
         (tmp_path / 'other.json').write_text('[1, 2]')  # not its curves: one line
-        for bad, flag in ((tmp_path / 'other.json', '--report'), (tmp_path / 'missing.json', '--report'),
+        for bad, flag in ((tmp_path / 'other.json', '--report'), (tmp_path / 'missing.json', '--report'), ('', '--report'),
                           (log, '--out_dir')):  # a file where a folder is to be
             r = subprocess.run([sys.executable, f'bench/{bench}.py', f'{flag}={bad}', '--quick'], cwd=ROOT, env=ENV,
                                capture_output=True, text=True, timeout=300)
@@ -256,6 +256,10 @@ def test_a_benchs_output_takes_a_new_name_never_an_earlier_runs(tmp_path):
     second, stem2 = heldout.new_log(str(tmp_path / 'out'), 'bench_train', quick=False)  # the same second, perhaps
     second.close()
     assert stem2 != stem and open(stem + '.txt', encoding='utf-8').read() == 'the first run\n'
+    os.symlink(tmp_path / 'later', tmp_path / 'link')  # a link to a folder still to make: made there
+    linked, _ = heldout.new_log(str(tmp_path / 'link'), 'bench_train', quick=False)
+    linked.close()
+    assert len(os.listdir(tmp_path / 'later')) == 1
     quick, stem3 = heldout.new_log(str(tmp_path / 'out'), 'bench_train', quick=True)
     quick.close()
     assert stem3.endswith('_quick') or '_quick-' in stem3
