@@ -4,6 +4,7 @@ document a line), clean / split / check on text files, and the mistakes as one l
 from __future__ import annotations
 
 import collections
+import gzip
 import json
 import os
 
@@ -215,6 +216,17 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
              'stray.txt': b'\xff abc\n',  # 0xff is in no GBK character; UTF-8 after it: a stray byte
              'gb18030.txt': '第一行\n表情 😀 䶮\n'.encode('gb18030'),  # four-byte characters: GBK's superset
              'big5.txt': '這是一個測試的資料\n第二行\n'.encode('big5'),  # reads as GB18030 only into private use
+             # a GBK file holding characters of GBK's user-defined area (Python reads them as private use)
+             'gbk with private use.txt': ('这是一个测试\ue19b的资料\n' * 3).encode('gb18030'),
+             'hkscs.txt': '香港的資料\n\u4f60\u54cb好\n'.encode('big5hkscs'),  # 咋: in HKSCS, not in Big5
+             'sjis.txt': 'これは日本語のテキストです。東京都に住んでいます。\n'.encode('shift_jis'),
+             'gbk line in utf8.txt': ('好\n' * 10).encode() + '這是一個測試'.encode('big5') + b'\n',
+             'packed.txt': gzip.compress('第一行\n'.encode()),
+             'packed.jsonl': gzip.compress(b'{"text": "x"}\n'),  # not "malformed JSON"
+             'parquet.csv': b'PAR1' + bytes(range(256)),  # not "a CSV parse error"
+             'latin1.txt': 'caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n'.encode('latin-1'),
+             'utf32le.txt': '这是一行中文文本，一二三。\n'.encode('utf-32-le') * 5,
+             'utf32be.txt': 'plain English text\n'.encode('utf-32-be') * 5,
              'utf16le.txt': '这是一行中文文本，一二三。\n'.encode('utf-16-le') * 5,  # no byte-order mark
              'utf16be.txt': 'plain English text\n'.encode('utf-16-be') * 5,
              'with nuls.txt': ('好' * 100 + '\n').encode() + b'ab\x00cd\x00ef\x00gh\x00\n',  # UTF-8: converts
@@ -236,8 +248,19 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     for name in ('all_gbk.txt', 'gb18030.txt'):
         assert 'a GBK / GB18030 file?' in said[name] and 'iconv -f GB18030 -t UTF-8' in said[name], said[name]
     assert 'a stray byte in a UTF-8 file' in said['stray.txt'] and 'iconv' not in said['stray.txt']
-    assert 'nor GBK / GB18030' in said['big5.txt'] and 'iconv -f BIG5' in said['big5.txt'], said['big5.txt']
-    for name, order in (('utf16le.txt', 'UTF-16LE'), ('utf16be.txt', 'UTF-16BE')):
+    # the encoding whose reading holds everyday characters, of those the file decodes in
+    for name, label, iconv in (('big5.txt', 'Big5', 'BIG5'), ('gbk with private use.txt', 'GBK / GB18030', 'GB18030'),
+                               ('hkscs.txt', 'Big5-HKSCS', 'BIG5-HKSCS'), ('sjis.txt', 'Shift-JIS', 'SHIFT_JIS')):
+        assert f'(a {label} file?)' in said[name] and f'iconv -f {iconv} -t UTF-8' in said[name], said[name]
+    assert "(Big5?) or damaged" in said['gbk line in utf8.txt'], said['gbk line in utf8.txt']
+    assert "| iconv -f BIG5 -t UTF-8" in said['gbk line in utf8.txt'], said['gbk line in utf8.txt']
+    for name in ('packed.txt', 'packed.jsonl'):
+        assert 'the file is gzip-compressed, not text; unpack it first' in said[name], said[name]
+    assert 'the file is Parquet, not text; give it a name ending in .parquet' in said['parquet.csv']
+    assert 'nor GBK / GB18030, Big5 or Shift-JIS' in said['latin1.txt'], said['latin1.txt']
+    assert 'iconv -f <ENCODING> -t UTF-8' in said['latin1.txt'], said['latin1.txt']
+    for name, order in (('utf16le.txt', 'UTF-16LE'), ('utf16be.txt', 'UTF-16BE'), ('utf32le.txt', 'UTF-32LE'),
+                        ('utf32be.txt', 'UTF-32BE')):
         assert f'is {order} without a byte-order mark' in said[name] and f'iconv -f {order} -t UTF-8' in said[name]
     quoted = f"'{tmp_path / 'utf16 bom.txt'}' > '{tmp_path / 'utf16 bom.utf8.txt'}'"  # a command that runs as shown
     assert 'UTF-16 byte-order mark' in said['utf16 bom.txt'] and quoted in said['utf16 bom.txt'], said['utf16 bom.txt']

@@ -23,7 +23,7 @@ from model.data.files import as_text, check_row_group_sizes, check_text_columns,
 from model.prep import records
 from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMAS
 from model.prep.json_readers import iter_json, iter_jsonl
-from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_not_wide_unicode
+from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_plain_text
 from model.data.read_guard import guarded, human_size, too_long
 
 FORMATS = ('csv', 'json', 'jsonl', 'parquet', 'txt')
@@ -73,7 +73,7 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
 
     def tables():
         if fmt != 'parquet':
-            check_not_wide_unicode(path)
+            check_plain_text(path)
         return readers[fmt](path, cols)
 
     return guarded(path, tables)

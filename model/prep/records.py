@@ -1,6 +1,6 @@
-"""What every reader of prepare_data.py builds on: the encoding checks (UTF-8, no UTF-16/32),
-which source columns become the output's (:class:`Columns`: prompt/response pairs or one text
-column), and records -> tables of ``BATCH_ROWS`` rows (:class:`RecordBatcher`), each record's
+"""What every reader of prepare_data.py builds on: the encoding checks (UTF-8, no UTF-16/32, no
+packed file), which source columns become the output's (:class:`Columns`: prompt/response pairs or
+one text column), and records -> tables of ``BATCH_ROWS`` rows (:class:`RecordBatcher`), each record's
 text bounded as it comes.
 """
 
@@ -65,28 +65,83 @@ def build_utf8_error(path: str) -> UserError:
         return UserError(f'{path}: {where} is not UTF-8, while the text after it is: a stray byte in a UTF-8 file; '
                          f'remove it or that line (see it: sed -n \'{found[0]}p\' {quoted} | od -c | head)')
     if any(b >= 0x80 for b in before):  # UTF-8 text (not only ASCII) before it: one line is not, not the file
+        line_end = head.find(b'\n', found[1])
+        guess = _guess_encoding(head[found[1]:line_end if line_end >= 0 else None]) or _GUESSES[0]
         return UserError(f'{path}: {where} is not UTF-8, though the text before it is: that line is in another '
-                         f'encoding (GBK / GB18030?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' '
-                         f'{quoted} | iconv -f GB18030 -t UTF-8)')
-    if _reads_as_gb18030(head):  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
-        return UserError(f'{path}: {where} is not UTF-8 (a GBK / GB18030 file?); convert it first, e.g. '
-                         f'iconv -f GB18030 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
-    return UserError(f'{path}: {where} is not UTF-8, nor GBK / GB18030; convert it to UTF-8 from its encoding first, e.g. '
-                     f'iconv -f BIG5 -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)} (iconv -l lists encodings)')
+                         f'encoding ({guess.label}?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' '
+                         f'{quoted} | iconv -f {guess.iconv} -t UTF-8)')
+    guess = _guess_encoding(head)
+    if guess:  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
+        return UserError(f'{path}: {where} is not UTF-8 (a {guess.label} file?); convert it first, e.g. '
+                         f'iconv -f {guess.iconv} -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
+    return UserError(f'{path}: {where} is not UTF-8, nor GBK / GB18030, Big5 or Shift-JIS; convert it to UTF-8 from '
+                     f'its encoding first: iconv -f <ENCODING> -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)} '
+                     f'(iconv -l lists encodings)')
 
 
 GUESS_BYTES = 1 << 20  # what the encoding hint reads from the file's start
+GUESS_CHARS = 20_000  # the non-ASCII characters it judges the text by
 
 
-def _reads_as_gb18030(data: bytes) -> bool:
-    """data reads as GB18030 text: it decodes, and into no private-use character -- Python's
-    GB18030 decodes nearly any pair of high bytes, the areas GBK leaves unassigned (where Big5's
-    common characters fall) into private-use ones: such a file is not GBK / GB18030 text."""
+@dataclass(frozen=True)
+class _Guess:
+    label: str  # as a user names it
+    iconv: str  # as iconv (and `iconv -l`) names it
+    codec: str  # as Python names it
+    common: Any  # str -> bool: a character of everyday text in it (text decoded wrongly holds few)
+
+
+def _in_gb2312(ch: str) -> bool:  # GB2312: the 6,763 everyday simplified characters, punctuation, kana
+    return _encodes(ch, 'gb2312')
+
+
+def _in_big5_common(ch: str) -> bool:  # Big5's symbols and its 5,401 frequent characters (lead bytes 0xA1-0xC6)
+    return _encodes(ch, 'big5') and 0xa1 <= ch.encode('big5')[0] <= 0xc6
+
+
+def _japanese(ch: str) -> bool:  # kana, kanji, CJK and full-width punctuation: not the half-width kana that
+    # Shift-JIS reads most GBK bytes as
+    return '\u3000' <= ch <= '\u30ff' or '\u4e00' <= ch <= '\u9fff' or '\uff01' <= ch <= '\uff5e'
+
+
+_GUESSES = (_Guess('GBK / GB18030', 'GB18030', 'gb18030', _in_gb2312),
+            _Guess('Big5', 'BIG5', 'big5', _in_big5_common),
+            _Guess('Big5-HKSCS', 'BIG5-HKSCS', 'big5hkscs', _in_big5_common),  # Hong Kong's Big5 and more
+            _Guess('Shift-JIS', 'SHIFT_JIS', 'shift_jis', _japanese))
+
+_UNPACK = 'unpack it first and give the file inside it'
+_PACKED = ((b'\x1f\x8b', 'gzip-compressed', _UNPACK), (b'BZh', 'bzip2-compressed', _UNPACK),
+           (b'\xfd7zXZ\x00', 'xz-compressed', _UNPACK), (b'\x28\xb5\x2f\xfd', 'zstd-compressed', _UNPACK),
+           (b'PK\x03\x04', 'a zip archive', _UNPACK), (b"7z\xbc\xaf\x27\x1c", 'a 7z archive', _UNPACK),
+           (b'\x89PNG', 'a PNG image', 'give a text file'), (b'%PDF', 'a PDF', 'extract its text first (e.g. pdftotext)'),
+           (b'PAR1', 'Parquet', 'give it a name ending in .parquet'))
+
+
+def _guess_encoding(data: bytes) -> _Guess | None:
+    """The encoding data (not UTF-8) reads best in, or None. Each candidate must decode it (a
+    file's start, perhaps cut inside a character); of those, the one whose reading holds the
+    largest share of everyday characters wins: most bytes decode in several of these encodings
+    (Big5 text reads as GB18030, GBK as Shift-JIS's half-width kana), but only the right one reads
+    into common characters. A GBK file may hold private-use characters (GBK's user-defined area)."""
+    best, best_share = None, 0.5  # under half everyday characters: none of these
+    for guess in _GUESSES:
+        try:
+            text = codecs.getincrementaldecoder(guess.codec)().decode(data, final=False)
+        except UnicodeDecodeError:
+            continue
+        wide = [ch for ch in text if ch > '\x7f'][:GUESS_CHARS]
+        share = sum(map(guess.common, wide)) / len(wide) if wide else 0.0
+        if share > best_share:
+            best, best_share = guess, share
+    return best
+
+
+def _encodes(ch: str, encoding: str) -> bool:
     try:
-        text = codecs.getincrementaldecoder('gb18030')().decode(data, final=False)
-    except UnicodeDecodeError:
+        ch.encode(encoding)
+    except UnicodeEncodeError:
         return False
-    return not any('\ue000' <= ch <= '\uf8ff' for ch in text)
+    return True
 
 
 def _decodes(data: bytes, encoding: str) -> bool:
@@ -102,12 +157,16 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'),
               (codecs.BOM_UTF16_LE, 'UTF-16'), (codecs.BOM_UTF16_BE, 'UTF-16'))
 
 
-def check_not_wide_unicode(path: str) -> None:
-    """A text file saved as UTF-16 or UTF-32 (Windows' "Unicode") says so in its first bytes: a
-    byte-order mark, or without one, NUL bytes where its start reads as plain text in UTF-16 (as
-    UTF-8, Latin text would read with a NUL between every two characters)."""
+def check_plain_text(path: str) -> None:
+    """Refuse a source that is not text in one line: a packed file (gzip, zip, ...) or Parquet by
+    its first bytes; a text file saved as UTF-16 or UTF-32 (Windows' "Unicode") by its byte-order
+    mark, or without one, by NUL bytes where its start reads as plain text in UTF-16 or UTF-32 (as
+    UTF-8, Latin text would read with NULs between its characters)."""
     with open(path, 'rb') as f:
         head = f.read(4096)
+    packed = next(((name, fix) for magic, name, fix in _PACKED if head.startswith(magic)), None)
+    if packed:
+        raise UserError(f'{path}: the file is {packed[0]}, not text', packed[1])
     stem, ext = os.path.splitext(path)
     convert = f'{shlex.quote(path)} > {shlex.quote(stem + ".utf8" + ext)}'
     for bom, name in _WIDE_BOMS:
@@ -118,10 +177,10 @@ def check_not_wide_unicode(path: str) -> None:
         return
     if _decodes(head, 'utf-8') and head.count(0) < len(head) // 4:  # UTF-8 with a few NULs: Latin UTF-16 has one a pair
         return
-    body, plain = head[:len(head) // 2 * 2], {}
-    for name in ('UTF-16LE', 'UTF-16BE'):
+    plain = {}
+    for name, width in (('UTF-16LE', 2), ('UTF-16BE', 2), ('UTF-32LE', 4), ('UTF-32BE', 4)):
         with contextlib.suppress(UnicodeDecodeError):
-            text = body.decode(name.lower())
+            text = head[:len(head) // width * width].decode(name.lower())
             plain[name] = sum(map(_plain, text)) / max(len(text), 1)
     name = max(plain, key=plain.get, default=None)  # the byte order it reads best in (ASCII read the other way is CJK)
     if name and plain[name] >= 0.9:  # reads as text that way: never a few stray NULs in a UTF-8 file
