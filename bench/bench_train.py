@@ -8,7 +8,7 @@ test): time to a stated quality on held-out prompts, and the quality each reache
 Tasks (bench/tasks.py): ``demo``, the built-in demo corpus (its validation prompts are unseen), and
 ``numbers``, Chinese numerals <-> digits with held-out numbers plus weekdays and months. Same model
 (the demo preset's T5, d128, fp32, --sizes=d256 for 4x the compute), data files, tokenizer, batch
-(64 x 1, max length 32), step horizon (--steps, the cosine schedule's length for both) and
+(64 x 1, max length 32; --ours='{"batch_size_per_gpu": 16}' sets both), step horizon (--steps, the cosine schedule's length for both) and
 threads for both. Each trainer at the recipe it is best at:
 
 - this toolkit: the recipe bench/bench_recipe.py measured best, ungrouped and packed (OURS below;
@@ -95,7 +95,7 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
                for i, m, y in zip(enc['input_ids'], enc['attention_mask'], labels)]
     work = tempfile.mkdtemp(prefix='bench-peer-')
     args = Seq2SeqTrainingArguments(
-        output_dir=work, per_device_train_batch_size=BASE['batch_size_per_gpu'],
+        output_dir=work, per_device_train_batch_size=recipe.get('batch_size_per_gpu', BASE['batch_size_per_gpu']),
         gradient_accumulation_steps=BASE['gradient_accumulation_steps'], learning_rate=recipe['learn_rate'],
         lr_scheduler_type=BASE['lr_schedule'], warmup_steps=recipe.get('warmup_ratio', 0.05),  # < 1: a ratio
         weight_decay=BASE['weight_decay'],
@@ -126,7 +126,7 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
         trainer.train()
     finally:
         shutil.rmtree(work, ignore_errors=True)  # its own new folder (save_strategy no: logs at most)
-    return {'curve': curve, 'steps': trainer.state.global_step}
+    return {'curve': curve, 'steps': trainer.state.global_step, 'batch': trainer.args.per_device_train_batch_size}
 
 
 def run_child(kind: str, task: str, size: str, seed: int, steps: int, eval_every: int, recipe: dict,
@@ -180,7 +180,8 @@ def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target
             r = run_child(kind, task, size, seed, steps, eval_every, recipes[kind], threads)
             runs[kind].append(r)
             _, seconds, loss, em = r['curve'][-1]
-            say(f'  {task} {size} seed {seed} {kind}: {r["steps"]} steps in {seconds:.1f} s, val loss {loss:.4f}, '
+            say(f'  {task} {size} seed {seed} {kind}: {r["steps"]} steps of batch {r["batch"]} in {seconds:.1f} s, '
+                f'val loss {loss:.4f}, '
                 f'exact match {em:.1%}')
     with open(f'{stem}_{task}_{size}.json', 'w', encoding='utf-8') as f:
         json.dump({'task': task, 'size': size, 'seeds': seeds, 'steps': steps, 'ours': ours, 'peer_lr': peer_lr,
@@ -239,7 +240,8 @@ def main() -> None:
     ap.add_argument('--seeds', default='42,43,44', help='one run of each trainer per seed')
     ap.add_argument('--steps', type=int, default=0, help='optimizer steps of every run (0 = per task: %s)' % STEPS)
     ap.add_argument('--eval_every', type=int, default=100, help='optimizer steps between scorings')
-    ap.add_argument('--ours', default='{}', help='config fields changed from OURS for this toolkit, as JSON')
+    ap.add_argument('--ours', default='{}', help='config fields changed from OURS for this toolkit, as JSON (its '
+                    'batch_size_per_gpu is the peer\'s too)')
     ap.add_argument('--peer_lrs', default='', help='the peer\'s learning-rate sweep (default per optimizer: %s)'
                     % PEER_LRS)
     ap.add_argument('--peer_lr', type=float, default=0.0, help='the peer\'s learning rate, no sweep')

@@ -114,7 +114,7 @@ def run_toolkit(paths: dict, fields: dict, max_steps: int, eval_every: int, scor
     """This toolkit's trainer (preflight -> build_run -> Trainer, as `train` runs it) for max_steps
     optimizer steps with ``fields`` over the task's files; the scorer judges it every eval_every
     steps and at the end, outside the training time. budget_s > 0: stop at the first evaluation
-    past that much training time. Returns {'curve': [(step, train_s, loss, em)], 'steps'}."""
+    past that much training time. Returns {'curve': [(step, train_s, loss, em)], 'steps', 'batch'}."""
     work = tempfile.mkdtemp(prefix='bench-ours-')
     try:
         return _run_toolkit(work, paths, fields, max_steps, eval_every, scorer, budget_s)
@@ -154,4 +154,4 @@ def _run_toolkit(work, paths, fields, max_steps, eval_every, scorer, budget_s) -
         trainer.train()
     finally:
         trainer.lock.release()
-    return {'curve': curve, 'steps': trainer.state.global_step}
+    return {'curve': curve, 'steps': trainer.state.global_step, 'batch': cfg.train.batch_size_per_gpu}

@@ -144,10 +144,14 @@ def test_bench_recipe_settings_are_config_fields():
 @pytest.mark.slow
 @pytest.mark.parametrize('bench', ['bench_train', 'bench_recipe'])
 def test_learning_benches_run_quick(bench, tmp_path):
-    r = subprocess.run([sys.executable, f'bench/{bench}.py', '--quick', f'--out_dir={tmp_path}'], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=900)
+    batch = ['--ours={"batch_size_per_gpu": 8}'] if bench == 'bench_train' else []  # both trainers' batch
+    r = subprocess.run([sys.executable, f'bench/{bench}.py', '--quick', f'--out_dir={tmp_path}', *batch], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ('speed-up (peer time / our time)' if bench == 'bench_train' else 'adamw') in r.stdout
+    if bench == 'bench_train':
+        for kind in ('ours', 'peer'):
+            assert f'seed 42 {kind}: 20 steps of batch 8 in' in r.stdout, r.stdout
     if bench == 'bench_recipe':  # its table under a new name there, nothing in the checkout's bench/out
         (log,) = glob.glob(f'{tmp_path}/recipe_*_quick.txt')
         assert 'adamw' in open(log, encoding='utf-8').read()
