@@ -31,12 +31,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out')
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
+import heldout  # noqa: E402  (no torch at its import)
 
 LRS = {  # the rates tried per optimizer (phase 1); the guide's 1e-4 for Adafactor as the reference point
     'adafactor': (1e-4, 1e-3, 1e-2),
@@ -68,7 +68,7 @@ def run_child(task: str, size: str, seed: int, steps: int, fields: dict) -> dict
     cmd = [sys.executable, os.path.abspath(__file__), '--child', json.dumps([task, size, seed, steps, fields])]
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
                RAYON_NUM_THREADS='1', OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = heldout.run_child(cmd, env)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[7:])
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument('--out_dir', default=OUT, help='where the printed output goes (a new name each run)')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    heldout.stop_on_sigterm()
     if args.child:
         print('RESULT ' + json.dumps(child(*json.loads(args.child))), flush=True)
         return

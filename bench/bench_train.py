@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +45,7 @@ OUT = os.path.join(ROOT, 'bench', 'out')
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+import heldout  # noqa: E402  (no torch at its import)
 
 OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=1e-2, warmup_ratio=0.05, dropout_rate=0.0,
             feed_forward_proj='relu', group_by_length=False, packing=True)  # the demo preset's recipe
@@ -70,8 +70,7 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
     import tempfile
 
     import torch
-    from transformers import (DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback,
-                              set_seed)
+    from transformers import set_seed
 
     from config import T5ModelConfig
     from heldout import BASE, SIZES, Clock, HeldOutScorer
@@ -94,6 +93,18 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
     dataset = [{'input_ids': i, 'attention_mask': m, 'labels': y}
                for i, m, y in zip(enc['input_ids'], enc['attention_mask'], labels)]
     work = tempfile.mkdtemp(prefix='bench-peer-')
+    try:  # its own new folder (save_strategy no: logs at most), removed whatever comes
+        return _train_peer(work, model, tok, dataset, recipe, seed, steps, eval_every, clock, scorer)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_peer(work, model, tok, dataset, recipe, seed, steps, eval_every, clock, scorer) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    from heldout import BASE
+
     args = Seq2SeqTrainingArguments(
         output_dir=work, per_device_train_batch_size=recipe.get('batch_size_per_gpu', BASE['batch_size_per_gpu']),
         gradient_accumulation_steps=BASE['gradient_accumulation_steps'], learning_rate=recipe['learn_rate'],
@@ -122,10 +133,7 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, callbacks=[Score()],
                              optimizers=(optimizer, None),
                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100))
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # its own new folder (save_strategy no: logs at most)
+    trainer.train()
     return {'curve': curve, 'steps': trainer.state.global_step, 'batch': trainer.args.per_device_train_batch_size}
 
 
@@ -133,8 +141,7 @@ def run_child(kind: str, task: str, size: str, seed: int, steps: int, eval_every
               threads: int) -> dict:
     spec = json.dumps([kind, task, size, seed, steps, eval_every, recipe, threads])
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', spec], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    proc = heldout.run_child([sys.executable, os.path.abspath(__file__), '--child', spec], env)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[7:])
@@ -256,6 +263,7 @@ def main() -> None:
                     'bench_train_<time>_<task>_<size>.json, comma-separated), no run')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    heldout.stop_on_sigterm()
     if args.child:
         kind, *rest = json.loads(args.child)
         print('RESULT ' + json.dumps((run_ours if kind == 'ours' else run_peer)(*rest)), flush=True)

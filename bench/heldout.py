@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +31,30 @@ SIZES = {  # d_model 128: the demo preset's shape (1.5M parameters); d_model 256
     'd128': dict(d_model=128, num_heads=4, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=3),
     'd256': dict(d_model=256, num_heads=4, d_kv=64, d_ff=1024, num_layers=3, num_decoder_layers=3),
 }
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends this bench process as an exception does (Python's default ends it at once): its
+    `finally` blocks run and remove the temporary training folders it made."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """A bench child process (one training run) run to its end, its output captured. Stopped while
+    it runs (Ctrl-C, SIGTERM), this process stops the child with SIGTERM and waits for it -- so that
+    it removes its temporary folder (:func:`stop_on_sigterm`) -- before the stop goes on."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def new_log(out_dir: str, prefix: str, quick: bool):

@@ -267,3 +267,33 @@ def test_a_benchs_output_takes_a_new_name_never_an_earlier_runs(tmp_path):
     quick, stem3 = heldout.new_log(str(tmp_path / 'out'), 'bench_train', quick=True)
     quick.close()
     assert stem3.endswith('_quick') or '_quick-' in stem3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('whom', ['the bench', 'all of it'])
+def test_a_stopped_learning_bench_removes_its_training_folders(whom, tmp_path):
+    """SIGTERM to the bench (it stops its child and waits) or to every process of it (a cluster's
+    scancel): the training run's temporary folder is removed either way, the bench exits 143."""
+    import signal
+    import time
+
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, 'bench/bench_train.py', '--quick', f'--out_dir={tmp_path}'], cwd=ROOT,
+                            env=dict(ENV, TMPDIR=str(tmp)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not glob.glob(f'{tmp}/bench-*/*') and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # until a run has made its folder and begun writing there
+        assert glob.glob(f'{tmp}/bench-*'), 'no training folder was made'
+        if whom == 'the bench':
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert not os.listdir(tmp), os.listdir(tmp)
