@@ -3,10 +3,12 @@ document a line), clean / split / check on text files, and the mistakes as one l
 
 from __future__ import annotations
 
+import codecs
 import collections
 import gzip
 import json
 import os
+import shlex
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -225,6 +227,19 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
              'packed.jsonl': gzip.compress(b'{"text": "x"}\n'),  # not "malformed JSON"
              'parquet.csv': b'PAR1' + bytes(range(256)),  # not "a CSV parse error"
              'latin1.txt': 'caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n'.encode('latin-1'),
+             # GBK whose first character reads as UTF-8 (台 = CC A8, a two-byte UTF-8 character): still the file's
+             'tw.txt': ('台湾是一个美丽的地方。\n' + '今天天气很好，我们一起去公园散步吧。\n' * 30).encode('gbk'),
+             'bom gbk.txt': codecs.BOM_UTF8 + ('今天天气很好，我们一起去公园散步吧。\n' * 30).encode('gbk'),
+             'traditional gbk.txt': ('經濟發展與環境保護問題讓當局頭疼，議員們認為應該儘快調查。\n' * 20).encode('gbk'),
+             'gbk then utf8.txt': '今天天气很好，散步吧。\n'.encode('gbk') + '今天天气很好，散步吧。\n'.encode() * 20,
+             'big5 past 1 MiB.txt': '今天天气很好。\n'.encode() * 50_000 + '這是一個測試的資料\n'.encode('big5'),
+             'cp936.csv': ('商品,价格\r\n' + '商品,\x80 5\r\n' * 30).replace('\x80', 'EUR').encode('gbk').replace(
+                 b'EUR', b'\x80'),  # CP936's euro sign: GB18030 stops at it
+             'cp932.txt': 'これは①②③のテストです。\n'.encode('cp932') * 10,
+             'two readings.txt': '謝謝\n'.encode('big5'),  # reads as GBK (谅谅) and as Big5 alike: both named
+             'random.txt': bytes(range(256)) * 20,
+             'program.txt': b'\x7fELF\x02\x01\x01' + bytes(200),
+             'sheet.csv': b'\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1' + bytes(500),  # an old .xls
              'utf32le.txt': '这是一行中文文本，一二三。\n'.encode('utf-32-le') * 5,
              'utf32be.txt': 'plain English text\n'.encode('utf-32-be') * 5,
              'utf16le.txt': '这是一行中文文本，一二三。\n'.encode('utf-16-le') * 5,  # no byte-order mark
@@ -241,13 +256,15 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
         with pytest.raises(UserError) as e:
             convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'))
         said[name] = str(e.value)
-    assert 'line 1001' in said['late.txt'] and 'though the text before it is' in said['late.txt']
-    # GB18030 converts GBK files too (its superset), and a GBK file with one four-byte character in it
-    assert f"sed -n '1001p' {tmp_path / 'late.txt'} | iconv -f GB18030 -t UTF-8" in said['late.txt']
+    assert 'line 1001' in said['late.txt'] and 'though the text around it is' in said['late.txt']
+    # GB18030 converts GBK files too (its superset), and a GBK file with one four-byte character in it;
+    # one character reads as GBK and as Big5 alike: both named
+    see = f"sed -n '1001p' {tmp_path / 'late.txt'}"
+    assert f'{see} | iconv -f GB18030 -t UTF-8, or {see} | iconv -f BIG5 -t UTF-8)' in said['late.txt']
     assert 'file?' not in said['late.txt']
     for name in ('all_gbk.txt', 'gb18030.txt'):
         assert 'a GBK / GB18030 file?' in said[name] and 'iconv -f GB18030 -t UTF-8' in said[name], said[name]
-    assert 'a stray byte in a UTF-8 file' in said['stray.txt'] and 'iconv' not in said['stray.txt']
+    assert 'a stray byte, or a character in another encoding' in said['stray.txt'] and 'iconv' not in said['stray.txt']
     # the encoding whose reading holds everyday characters, of those the file decodes in
     for name, label, iconv in (('big5.txt', 'Big5', 'BIG5'), ('gbk with private use.txt', 'GBK / GB18030', 'GB18030'),
                                ('hkscs.txt', 'Big5-HKSCS', 'BIG5-HKSCS'), ('sjis.txt', 'Shift-JIS', 'SHIFT_JIS')):
@@ -257,7 +274,33 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     for name in ('packed.txt', 'packed.jsonl'):
         assert 'the file is gzip-compressed, not text; unpack it first' in said[name], said[name]
     assert 'the file is Parquet, not text; give it a name ending in .parquet' in said['parquet.csv']
-    assert 'nor GBK / GB18030, Big5 or Shift-JIS' in said['latin1.txt'], said['latin1.txt']
+    assert 'nor GBK / GB18030, Big5 or Shift-JIS / EUC-JP' in said['latin1.txt'], said['latin1.txt']
+    def quoted(name):  # noqa: E306
+        return shlex.quote(str(tmp_path / name))
+
+    def utf8(name):  # noqa: E306
+        return shlex.quote(str(tmp_path / name.replace('.', '.utf8.')))
+
+    for name, label, command in (
+            ('tw.txt', 'GBK / GB18030', f'iconv -f GB18030 -t UTF-8 {quoted("tw.txt")} > {utf8("tw.txt")}'),
+            ('bom gbk.txt', 'GBK / GB18030 file behind a UTF-8 byte-order mark',
+             f'tail -c +4 {quoted("bom gbk.txt")} | iconv -f GB18030 -t UTF-8 > {utf8("bom gbk.txt")}'),
+            ('traditional gbk.txt', 'GBK / GB18030', 'iconv -f GB18030 -t UTF-8'),
+            ('cp936.csv', 'GBK (Windows CP936)', 'iconv -f CP936 -t UTF-8'),
+            ('cp932.txt', 'Shift-JIS (Windows CP932)', 'iconv -f CP932 -t UTF-8'),
+            ('two readings.txt', 'GBK / GB18030 or Big5',
+             f'iconv -f GB18030 -t UTF-8 {quoted("two readings.txt")} > {utf8("two readings.txt")}; if that reads '
+             f'wrong: iconv -f BIG5 -t UTF-8 {quoted("two readings.txt")} > {utf8("two readings.txt")}')):
+        assert f'(a {label}' in said[name] and command in said[name], said[name]
+        if name != 'two readings.txt':
+            assert 'line 1' in said[name] and 'that line' not in said[name], said[name]
+    # one line of another encoding among UTF-8 text: that line, wherever it is (its encoding read from it)
+    assert "line 1: byte 0xbd at offset 0 is not UTF-8, though the text around it is" in said['gbk then utf8.txt']
+    assert f"sed -n '1p' {quoted('gbk then utf8.txt')} | iconv -f GB18030 -t UTF-8" in said['gbk then utf8.txt']
+    assert f"sed -n '50001p' {quoted('big5 past 1 MiB.txt')} | iconv -f BIG5 -t UTF-8" in said['big5 past 1 MiB.txt']
+    assert 'random.txt: not a text file (' in said['random.txt'], said['random.txt']
+    assert 'the file is a program (ELF), not text' in said['program.txt']
+    assert 'an Office document (.xls / .doc), not text; save it as CSV UTF-8' in said['sheet.csv']
     assert 'iconv -f <ENCODING> -t UTF-8' in said['latin1.txt'], said['latin1.txt']
     for name, order in (('utf16le.txt', 'UTF-16LE'), ('utf16be.txt', 'UTF-16BE'), ('utf32le.txt', 'UTF-32LE'),
                         ('utf32be.txt', 'UTF-32BE')):

@@ -12,7 +12,7 @@ import math
 import os
 import shlex
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
 
@@ -30,110 +30,215 @@ BOM = codecs.BOM_UTF8
 # --------------------------------------------------------------------------- UTF-8
 
 
-def find_bad_utf8(path: str) -> tuple[int, int, bytes] | None:
-    """(line, byte offset, bad bytes) of the first invalid UTF-8 in a file, or None."""
-    line, offset, pending = 1, 0, b''
+class BadUtf8(NamedTuple):
+    """The first bytes of a file that are not UTF-8, and the text before them."""
+
+    line: int  # 1-based
+    offset: int  # of the bad bytes
+    bad: bytes
+    line_start: int  # offset of that line's first byte
+    wide_before: int  # UTF-8 characters of three or four bytes before it (a byte-order mark not counted)
+
+
+# the first byte of each UTF-8 character of three or four bytes (every Chinese one): two GBK or Big5
+# characters seldom read as one (one often reads as a two-byte UTF-8 character, 台 as Greek ͨ)
+_UTF8_LEADS = bytes(range(0xe0, 0xf5))
+
+
+def find_bad_utf8(path: str) -> BadUtf8 | None:
+    """The first invalid UTF-8 in a file, or None."""
+    line, offset, pending, line_start, wide, bom = 1, 0, b'', 0, 0, None
     with open(path, 'rb') as f:
         while True:
             chunk = f.read(READ_CHUNK_BYTES)
             data = pending + chunk
+            bom = data.startswith(BOM) if bom is None else bom
             try:
                 # final=False leaves a character cut by the chunk boundary for the next read
                 _, used = codecs.utf_8_decode(data, 'strict', not chunk)
+                bad = None
             except UnicodeDecodeError as e:
-                return line + data.count(b'\n', 0, e.start), offset + e.start, data[e.start:e.end]
+                used, bad = e.start, data[e.start:e.end]
+            newline = data.rfind(b'\n', 0, used)
+            line_start = offset + newline + 1 if newline >= 0 else line_start
             line += data.count(b'\n', 0, used)
+            wide += used - len(data[:used].translate(None, _UTF8_LEADS))
+            if bad is not None:
+                return BadUtf8(line, offset + used, bad, line_start, wide - bom)
             offset += used
             pending = data[used:]
             if not chunk:
                 return None
 
 
+GUESS_BYTES = 1 << 20  # what the encoding hint reads, from the bad line on
+LINE_BYTES = 64 << 10  # of the bad line, and of the text after it, judged
+UTF8_EVIDENCE = 4  # Chinese characters in UTF-8 (three bytes) before the bad byte or after its line: one line
+# of the file is not UTF-8, not the whole file
+
+
 def build_utf8_error(path: str) -> UserError:
+    """The one line that says why a file is not UTF-8 and how to convert it: a whole file in
+    another encoding (the one it reads best in, with the iconv command), one line of another
+    encoding among UTF-8 text (the text around it is UTF-8 beyond ASCII), a stray byte, a file cut
+    short, or not text at all."""
     found = find_bad_utf8(path)
-    if found and found[1] + len(found[2]) == os.path.getsize(path):
-        return UserError(f'{path}: line {found[0]}: the file ends inside a character (byte 0x{found[2].hex()}): '
-                         f'it was cut short; copy or write it again')
-    where = f'line {found[0]}: byte 0x{found[2].hex()} at offset {found[1]}' if found else 'somewhere'
+    size = os.path.getsize(path)
     stem, ext = os.path.splitext(path)
-    quoted = shlex.quote(path)
+    quoted, converted = shlex.quote(path), shlex.quote(stem + '.utf8' + ext)
+    if found is None:  # changed since the reader met it
+        return UserError(f'{path}: not UTF-8; convert it to UTF-8 first (iconv -l lists encodings)')
+    where = f'line {found.line}: byte 0x{found.bad.hex()} at offset {found.offset}'
     with open(path, 'rb') as f:
-        head = f.read(GUESS_BYTES)
-    before = head[:found[1]] if found else b''
-    after = head[found[1] + len(found[2]):] if found else b''
-    if found and after and _decodes(after, 'utf-8'):  # UTF-8 again right after it: a stray byte, not an encoding
-        return UserError(f'{path}: {where} is not UTF-8, while the text after it is: a stray byte in a UTF-8 file; '
-                         f'remove it or that line (see it: sed -n \'{found[0]}p\' {quoted} | od -c | head)')
-    if any(b >= 0x80 for b in before):  # UTF-8 text (not only ASCII) before it: one line is not, not the file
-        line_end = head.find(b'\n', found[1])
-        guess = _guess_encoding(head[found[1]:line_end if line_end >= 0 else None]) or _GUESSES[0]
-        return UserError(f'{path}: {where} is not UTF-8, though the text before it is: that line is in another '
-                         f'encoding ({guess.label}?) or damaged; fix or remove it (see it: sed -n \'{found[0]}p\' '
-                         f'{quoted} | iconv -f {guess.iconv} -t UTF-8)')
-    guess = _guess_encoding(head)
-    if guess:  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
-        return UserError(f'{path}: {where} is not UTF-8 (a {guess.label} file?); convert it first, e.g. '
-                         f'iconv -f {guess.iconv} -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)}')
-    return UserError(f'{path}: {where} is not UTF-8, nor GBK / GB18030, Big5 or Shift-JIS; convert it to UTF-8 from '
-                     f'its encoding first: iconv -f <ENCODING> -t UTF-8 {quoted} > {shlex.quote(stem + ".utf8" + ext)} '
-                     f'(iconv -l lists encodings)')
+        f.seek(found.line_start)
+        sample = f.read(GUESS_BYTES)
+    at = found.offset - found.line_start
+    if found.offset + len(found.bad) == size:
+        return UserError(f'{path}: line {found.line}: the file ends inside a character (byte 0x{found.bad.hex()}): '
+                         f'it was cut short; copy or write it again')
+    controls = len(sample[:4096]) - len(sample[:4096].translate(None, _CONTROL_BYTES))
+    if controls > len(sample[:4096]) // 20:  # text holds few: a binary file
+        return UserError(f'{path}: not a text file ({controls} control bytes in its first {len(sample[:4096])}, '
+                         f'e.g. at offset {found.offset}); give a text file')
+    end = sample.find(b'\n', at)
+    line = sample[:end] if end >= 0 else sample[:LINE_BYTES]
+    after = sample[end + 1:end + 1 + LINE_BYTES] if end >= 0 else b''
+    one_line = found.wide_before >= UTF8_EVIDENCE or (
+        _decodes(after, 'utf-8') and len(after) - len(after.translate(None, _UTF8_LEADS)) >= UTF8_EVIDENCE)
+    see = f'sed -n \'{found.line}p\' {quoted}'
+    if not one_line:
+        bom = found.line_start == 0 and sample.startswith(BOM)  # a UTF-8 mark on another encoding's text
+        guess = _guess(sample[len(BOM) if bom else 0:])  # from the bad line on (before it: ASCII, or next to none)
+        if guess:  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
+            def command(encoding: str) -> str:
+                return (f'tail -c +4 {quoted} | iconv -f {encoding} -t UTF-8 > {converted}' if bom else
+                        f'iconv -f {encoding} -t UTF-8 {quoted} > {converted}')
+
+            return UserError(f'{path}: {where} is not UTF-8 (a {guess[0]} file' +
+                             (' behind a UTF-8 byte-order mark' if bom else '') + f'?); convert it first, e.g. '
+                             f'{command(guess[1])}' + (f'; if that reads wrong: {command(guess[2])}' if guess[2] else ''))
+    # the bad line alone, from where UTF-8 reads wrong on (a character or two of another encoding may
+    # read as UTF-8 before it: try the few starts that could be its character's first byte)
+    guess = max((_guess(line[start:], with_share=True) for start in range(max(0, at - 3), at + 1)),
+                key=lambda g: g[3] if g else -1.0)
+    if guess:
+        return UserError(f'{path}: {where} is not UTF-8' + (', though the text around it is' if one_line else '') +
+                         f': that line is in another encoding ({guess[0]}?) or damaged; fix or remove it (see it: '
+                         f'{see} | iconv -f {guess[1]} -t UTF-8' + (f', or {see} | iconv -f {guess[2]} -t UTF-8'
+                                                                     if guess[2] else '') + ')')
+    if _decodes(sample[at + len(found.bad):at + len(found.bad) + LINE_BYTES], 'utf-8'):  # UTF-8 again after it
+        return UserError(f'{path}: {where} is not UTF-8, while the text after it is: a stray byte, or a character in '
+                         f'another encoding; fix or remove it or that line (see it: {see} | od -c | head)')
+    return UserError(f'{path}: {where} is not UTF-8, nor {_NAMED}; convert it to UTF-8 from its encoding first: '
+                     f'iconv -f <ENCODING> -t UTF-8 {quoted} > {converted} (iconv -l lists encodings)')
 
 
-GUESS_BYTES = 1 << 20  # what the encoding hint reads from the file's start
-GUESS_CHARS = 20_000  # the non-ASCII characters it judges the text by
+GUESS_CHARS = 20_000  # the characters beyond ASCII it judges a reading by
+_CONTROL_BYTES = bytes([*range(0, 9), *range(14, 27), *range(28, 32)])  # not tab, line ends, form feed, ESC
 
 
-@dataclass(frozen=True)
-class _Guess:
-    label: str  # as a user names it
-    iconv: str  # as iconv (and `iconv -l`) names it
-    codec: str  # as Python names it
-    common: Any  # str -> bool: a character of everyday text in it (text decoded wrongly holds few)
+def _chinese(ch: str) -> bool:
+    """A character of everyday Chinese text: GB2312's punctuation and 6,763 simplified characters,
+    or Big5's punctuation and 5,401 frequent (traditional) characters -- not kana, which GB2312 also
+    holds (Big5 text read as GBK turns into kana)."""
+    if _kana(ch):
+        return False
+    with contextlib.suppress(UnicodeEncodeError):
+        lead = ch.encode('gb2312')[0]
+        if 0xa1 <= lead <= 0xa3 or 0xb0 <= lead <= 0xf7:
+            return True
+    with contextlib.suppress(UnicodeEncodeError):
+        return 0xa1 <= ch.encode('big5')[0] <= 0xc6
+    return False
 
 
-def _in_gb2312(ch: str) -> bool:  # GB2312: the 6,763 everyday simplified characters, punctuation, kana
-    return _encodes(ch, 'gb2312')
-
-
-def _in_big5_common(ch: str) -> bool:  # Big5's symbols and its 5,401 frequent characters (lead bytes 0xA1-0xC6)
-    return _encodes(ch, 'big5') and 0xa1 <= ch.encode('big5')[0] <= 0xc6
-
-
-def _japanese(ch: str) -> bool:  # kana, kanji, CJK and full-width punctuation: not the half-width kana that
-    # Shift-JIS reads most GBK bytes as
+def _japanese(ch: str) -> bool:
+    """Kana, kanji, CJK and full-width punctuation: not the half-width kana Shift-JIS reads most of
+    GBK's bytes as."""
     return '\u3000' <= ch <= '\u30ff' or '\u4e00' <= ch <= '\u9fff' or '\uff01' <= ch <= '\uff5e'
 
 
-_GUESSES = (_Guess('GBK / GB18030', 'GB18030', 'gb18030', _in_gb2312),
-            _Guess('Big5', 'BIG5', 'big5', _in_big5_common),
-            _Guess('Big5-HKSCS', 'BIG5-HKSCS', 'big5hkscs', _in_big5_common),  # Hong Kong's Big5 and more
-            _Guess('Shift-JIS', 'SHIFT_JIS', 'shift_jis', _japanese))
+def _kana(ch: str) -> bool:
+    return '\u3041' <= ch <= '\u30ff'
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    label: str  # as a user names it
+    iconv: str  # as iconv (and `iconv -l`) names it
+    codec: str  # as Python names it
+    errors: str  # Python's error handler when decoding it
+    family: str  # readings of one family are one guess (GB18030 holds CP936; CP932 Shift-JIS)
+    everyday: Any  # str -> bool: a character of everyday text in it (text decoded wrongly holds few)
+
+
+# in order of preference where readings tie; Windows' code pages where the standard one fails on
+# their extra characters (CP936's euro sign, CP932's circled numbers)
+def _cp936_euro(error: UnicodeDecodeError) -> tuple[str, int]:
+    """CP936's one byte GBK lacks: 0x80 alone is the euro sign (Python's cp936 is its gbk)."""
+    if error.object[error.start:error.end] == b'\x80':
+        return '\u20ac', error.end
+    raise error
+
+
+codecs.register_error('chat_small_t5.cp936', _cp936_euro)
+
+_ENCODINGS = (_Encoding('GBK / GB18030', 'GB18030', 'gb18030', 'strict', 'GBK', _chinese),
+              _Encoding('GBK (Windows CP936)', 'CP936', 'gbk', 'chat_small_t5.cp936', 'GBK', _chinese),
+              _Encoding('Big5', 'BIG5', 'big5', 'strict', 'Big5', _chinese),
+              _Encoding('Big5-HKSCS', 'BIG5-HKSCS', 'big5hkscs', 'strict', 'Big5', _chinese),  # Hong Kong's Big5+
+              _Encoding('Shift-JIS', 'SHIFT_JIS', 'shift_jis', 'strict', 'Japanese', _japanese),
+              _Encoding('Shift-JIS (Windows CP932)', 'CP932', 'cp932', 'strict', 'Japanese', _japanese),
+              _Encoding('EUC-JP', 'EUC-JP', 'euc_jp', 'strict', 'Japanese', _japanese))
+_NAMED = 'GBK / GB18030, Big5 or Shift-JIS / EUC-JP'
+
+
+def _readings(data: bytes) -> list[tuple[float, int, _Encoding]]:
+    """(share of everyday characters, preference, encoding) of each encoding data decodes in (a
+    file's part, perhaps cut inside a character at its end), best first. Japanese text holds kana:
+    a Japanese reading without them is no reading."""
+    out = []
+    for rank, enc in enumerate(_ENCODINGS):
+        try:
+            text = codecs.getincrementaldecoder(enc.codec)(enc.errors).decode(data, final=False)
+        except UnicodeDecodeError:
+            continue
+        wide = [ch for ch in text if ch > '\x7f'][:GUESS_CHARS]
+        if not wide or enc.family == 'Japanese' and sum(map(_kana, wide)) < len(wide) / 10:
+            continue
+        out.append((sum(map(enc.everyday, wide)) / len(wide), -rank, enc))
+    return sorted(out, key=lambda r: r[:2], reverse=True)
+
+
+def _guess(data: bytes, with_share: bool = False):
+    """(label, iconv name, a nearly as good other family's iconv name or '') of the encoding data
+    reads best in, or None: of the encodings it decodes in, the one whose reading holds the largest share of everyday characters (at least
+    half) -- most bytes decode in several (Big5 text reads as GBK, GBK as Shift-JIS's half-width
+    kana), only the right one reads into common characters. Where another family's reading is
+    nearly as good (a few characters), both are named.
+    A GBK file may hold private-use characters (GBK's user-defined area): they count against it,
+    never rule it out. with_share: the share too."""
+    good = [r for r in _readings(data) if r[0] >= 0.5]
+    if not good:
+        return None
+    share, _, best = good[0]
+    rival = next((enc for s, _, enc in good[1:] if enc.family != best.family and s >= share - 0.1), None)
+    label = f'{best.label} or {rival.label}' if rival else best.label
+    other = rival.iconv if rival else ''
+    return (label, best.iconv, other, share) if with_share else (label, best.iconv, other)
+
 
 _UNPACK = 'unpack it first and give the file inside it'
 _PACKED = ((b'\x1f\x8b', 'gzip-compressed', _UNPACK), (b'BZh', 'bzip2-compressed', _UNPACK),
            (b'\xfd7zXZ\x00', 'xz-compressed', _UNPACK), (b'\x28\xb5\x2f\xfd', 'zstd-compressed', _UNPACK),
-           (b'PK\x03\x04', 'a zip archive', _UNPACK), (b"7z\xbc\xaf\x27\x1c", 'a 7z archive', _UNPACK),
-           (b'\x89PNG', 'a PNG image', 'give a text file'), (b'%PDF', 'a PDF', 'extract its text first (e.g. pdftotext)'),
+           (b'PK\x03\x04', 'a zip archive (an .xlsx or .docx is one)',
+            'unpack it first and give the file inside it; a spreadsheet: save it as CSV UTF-8'),
+           (b'\xd0\xcf\x11\xe0', 'an Office document (.xls / .doc)', 'save it as CSV UTF-8 (or text) first'),
+           (b"7z\xbc\xaf\x27\x1c", 'a 7z archive', _UNPACK), (b'Rar!\x1a\x07', 'a RAR archive', _UNPACK),
+           (b'\x89PNG', 'a PNG image', 'give a text file'), (b'\xff\xd8\xff', 'a JPEG image', 'give a text file'),
+           (b'GIF8', 'a GIF image', 'give a text file'), (b'\x7fELF', 'a program (ELF)', 'give a text file'),
+           (b'%PDF', 'a PDF', 'extract its text first (e.g. pdftotext)'),
            (b'PAR1', 'Parquet', 'give it a name ending in .parquet'))
-
-
-def _guess_encoding(data: bytes) -> _Guess | None:
-    """The encoding data (not UTF-8) reads best in, or None. Each candidate must decode it (a
-    file's start, perhaps cut inside a character); of those, the one whose reading holds the
-    largest share of everyday characters wins: most bytes decode in several of these encodings
-    (Big5 text reads as GB18030, GBK as Shift-JIS's half-width kana), but only the right one reads
-    into common characters. A GBK file may hold private-use characters (GBK's user-defined area)."""
-    best, best_share = None, 0.5  # under half everyday characters: none of these
-    for guess in _GUESSES:
-        try:
-            text = codecs.getincrementaldecoder(guess.codec)().decode(data, final=False)
-        except UnicodeDecodeError:
-            continue
-        wide = [ch for ch in text if ch > '\x7f'][:GUESS_CHARS]
-        share = sum(map(guess.common, wide)) / len(wide) if wide else 0.0
-        if share > best_share:
-            best, best_share = guess, share
-    return best
 
 
 def _encodes(ch: str, encoding: str) -> bool:
