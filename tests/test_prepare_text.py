@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import shlex
+import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -208,6 +209,11 @@ def test_txt_line_over_the_record_limit_is_refused_unheld(tmp_path, monkeypatch)
     assert not (tmp_path / 'out.parquet').exists()
 
 
+def rows(encoding: str) -> list[bytes]:
+    texts = ['今天天气很好，我们一起去公园散步吧。', '请问这个问题应该怎么解决？', '机器学习是人工智能的一个重要分支。']
+    return [f'{texts[i % 3]},{texts[(i + 1) % 3]}\n'.encode(encoding) for i in range(20)]
+
+
 def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     (tmp_path / 'gbk.txt').write_bytes('第一行\n'.encode() + '第二行'.encode('gbk') + b'\n')
     with pytest.raises(UserError, match=r'gbk\.txt: line 2: byte 0x\w+ at offset 10 is not UTF-8'):
@@ -240,6 +246,16 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
              'random.txt': bytes(range(256)) * 20,
              'program.txt': b'\x7fELF\x02\x01\x01' + bytes(200),
              'sheet.csv': b'\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1' + bytes(500),  # an old .xls
+             # a GBK file with a damaged byte, a field cut inside a character: still a GBK file
+             'damaged gbk.csv': b'prompt,response\n' + b''.join(rows('gbk')[:9]) + b'\xff' + b''.join(rows('gbk')[9:]),
+             'cut utf8.csv': b'prompt,response\n' + b''.join(rows('utf-8')[:8]) + '机器学习'.encode()[:4] + b',ok\n'
+                             + b''.join(rows('utf-8')[8:]),  # a character cut inside a UTF-8 line: not GBK
+             'quotes.csv': b'prompt,response\n' + b''.join(rows('utf-8')[:7]) + '他说'.encode() + b'\x93hi\x94,' +
+                           '好\n'.encode() + b''.join(rows('utf-8')[7:]),  # Windows' quotes in a UTF-8 line
+             'utf8 then gbk.csv': b'prompt,response\n' + b''.join(rows('utf-8')[:5]) + b''.join(rows('gbk')[5:]),
+             'bom header gbk.csv': codecs.BOM_UTF8 + b'prompt,response\n' + b''.join(rows('gbk')),
+             'emoji.csv': ('prompt,response\n' + '哈哈😂😂,赞🎉🎉\n' * 10).encode('gb18030'),
+             'one char then gbk.csv': 'prompt,response\n问,ok\n'.encode() + rows('gbk')[0] + b'hello,world\n' * 5,
              'utf32le.txt': '这是一行中文文本，一二三。\n'.encode('utf-32-le') * 5,
              'utf32be.txt': 'plain English text\n'.encode('utf-32-be') * 5,
              'utf16le.txt': '这是一行中文文本，一二三。\n'.encode('utf-16-le') * 5,  # no byte-order mark
@@ -264,7 +280,7 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     assert 'file?' not in said['late.txt']
     for name in ('all_gbk.txt', 'gb18030.txt'):
         assert 'a GBK / GB18030 file?' in said[name] and 'iconv -f GB18030 -t UTF-8' in said[name], said[name]
-    assert 'a stray byte, or a character in another encoding' in said['stray.txt'] and 'iconv' not in said['stray.txt']
+    assert 'a stray byte or a damaged (cut) character' in said['stray.txt'] and 'iconv' not in said['stray.txt']
     # the encoding whose reading holds everyday characters, of those the file decodes in
     for name, label, iconv in (('big5.txt', 'Big5', 'BIG5'), ('gbk with private use.txt', 'GBK / GB18030', 'GB18030'),
                                ('hkscs.txt', 'Big5-HKSCS', 'BIG5-HKSCS'), ('sjis.txt', 'Shift-JIS', 'SHIFT_JIS')):
@@ -298,6 +314,22 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     assert "line 1: byte 0xbd at offset 0 is not UTF-8, though the text around it is" in said['gbk then utf8.txt']
     assert f"sed -n '1p' {quoted('gbk then utf8.txt')} | iconv -f GB18030 -t UTF-8" in said['gbk then utf8.txt']
     assert f"sed -n '50001p' {quoted('big5 past 1 MiB.txt')} | iconv -f BIG5 -t UTF-8" in said['big5 past 1 MiB.txt']
+    for name, label in (('damaged gbk.csv', 'GBK / GB18030'), ('emoji.csv', 'GBK / GB18030')):
+        assert f'(a {label} file?)' in said[name], said[name]
+    assert 'tail -c +4 ' in said['bom header gbk.csv'] and 'behind a UTF-8 byte-order mark' in said['bom header gbk.csv']
+    assert 'line 10: byte 0xe5' in said['cut utf8.csv'] and 'a stray byte or a damaged (cut) character' in said['cut utf8.csv']
+    assert 'line 9: byte 0x93' in said['quotes.csv'] and 'Windows quotes' in said['quotes.csv'], said['quotes.csv']
+    assert 'line 3' in said['one char then gbk.csv'] and 'that line is in another encoding (GBK / GB18030?)' in said[
+        'one char then gbk.csv']
+    # UTF-8, then another encoding from a line on (two files put together): the command converts that part
+    said_cat = said['utf8 then gbk.csv']
+    assert 'line 7: byte 0xbb at offset' in said_cat and 'this one and those after it are not (GBK / GB18030?)' in said_cat
+    command = said_cat[said_cat.index('e.g. ') + 5:]
+    done = subprocess.run(['bash', '-c', command], capture_output=True, text=True)
+    assert done.returncode == 0, (command, done.stderr)
+    convert_to_parquet(str(tmp_path / 'utf8 then gbk.utf8.csv'), str(tmp_path / 'cat.parquet'))
+    assert [r['prompt'] for r in pq.read_table(tmp_path / 'cat.parquet').to_pylist()] == [
+        r.decode('gbk').split(',')[0] for r in rows('gbk')]
     assert 'random.txt: not a text file (' in said['random.txt'], said['random.txt']
     assert 'the file is a program (ELF), not text' in said['program.txt']
     assert 'an Office document (.xls / .doc), not text; save it as CSV UTF-8' in said['sheet.csv']

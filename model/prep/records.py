@@ -37,17 +37,20 @@ class BadUtf8(NamedTuple):
     offset: int  # of the bad bytes
     bad: bytes
     line_start: int  # offset of that line's first byte
-    wide_before: int  # UTF-8 characters of three or four bytes before it (a byte-order mark not counted)
+    wide_before: int  # UTF-8 characters beyond ASCII in the lines before it (a byte-order mark not counted)
 
 
-# the first byte of each UTF-8 character of three or four bytes (every Chinese one): two GBK or Big5
-# characters seldom read as one (one often reads as a two-byte UTF-8 character, 台 as Greek ͨ)
-_UTF8_LEADS = bytes(range(0xe0, 0xf5))
+_UTF8_LEADS = bytes(range(0xc2, 0xf5))  # the first byte of each UTF-8 character beyond ASCII
+
+
+def _wide(data: bytes) -> int:
+    """UTF-8 characters beyond ASCII in data (valid UTF-8)."""
+    return len(data) - len(data.translate(None, _UTF8_LEADS))
 
 
 def find_bad_utf8(path: str) -> BadUtf8 | None:
     """The first invalid UTF-8 in a file, or None."""
-    line, offset, pending, line_start, wide, bom = 1, 0, b'', 0, 0, None
+    line, offset, pending, line_start, wide, wide_lines, bom = 1, 0, b'', 0, 0, 0, None
     with open(path, 'rb') as f:
         while True:
             chunk = f.read(READ_CHUNK_BYTES)
@@ -60,11 +63,12 @@ def find_bad_utf8(path: str) -> BadUtf8 | None:
             except UnicodeDecodeError as e:
                 used, bad = e.start, data[e.start:e.end]
             newline = data.rfind(b'\n', 0, used)
-            line_start = offset + newline + 1 if newline >= 0 else line_start
+            if newline >= 0:  # the complete lines so far: a character of another encoding may read as UTF-8
+                line_start, wide_lines = offset + newline + 1, wide + _wide(data[:newline + 1])  # in its own line
             line += data.count(b'\n', 0, used)
-            wide += used - len(data[:used].translate(None, _UTF8_LEADS))
+            wide += _wide(data[:used])
             if bad is not None:
-                return BadUtf8(line, offset + used, bad, line_start, wide - bom)
+                return BadUtf8(line, offset + used, bad, line_start, wide_lines - (bom and line_start > 0))
             offset += used
             pending = data[used:]
             if not chunk:
@@ -72,16 +76,15 @@ def find_bad_utf8(path: str) -> BadUtf8 | None:
 
 
 GUESS_BYTES = 1 << 20  # what the encoding hint reads, from the bad line on
-LINE_BYTES = 64 << 10  # of the bad line, and of the text after it, judged
-UTF8_EVIDENCE = 4  # Chinese characters in UTF-8 (three bytes) before the bad byte or after its line: one line
-# of the file is not UTF-8, not the whole file
+LINES_BYTES = 256 << 10  # of it, what is judged line by line
 
 
 def build_utf8_error(path: str) -> UserError:
-    """The one line that says why a file is not UTF-8 and how to convert it: a whole file in
-    another encoding (the one it reads best in, with the iconv command), one line of another
-    encoding among UTF-8 text (the text around it is UTF-8 beyond ASCII), a stray byte, a file cut
-    short, or not text at all."""
+    """The one line that says why a file is not UTF-8 and how to convert it: the whole file in
+    another encoding (the one it reads best in, with the iconv command); one line of another
+    encoding, or a stray byte, among UTF-8 text; UTF-8 up to a line and another encoding from
+    there; lines of two encodings mixed; a file cut short; or not text at all. UTF-8 text = lines
+    beyond ASCII that read as UTF-8, before the bad line or after it."""
     found = find_bad_utf8(path)
     size = os.path.getsize(path)
     stem, ext = os.path.splitext(path)
@@ -89,48 +92,73 @@ def build_utf8_error(path: str) -> UserError:
     if found is None:  # changed since the reader met it
         return UserError(f'{path}: not UTF-8; convert it to UTF-8 first (iconv -l lists encodings)')
     where = f'line {found.line}: byte 0x{found.bad.hex()} at offset {found.offset}'
-    with open(path, 'rb') as f:
-        f.seek(found.line_start)
-        sample = f.read(GUESS_BYTES)
-    at = found.offset - found.line_start
     if found.offset + len(found.bad) == size:
         return UserError(f'{path}: line {found.line}: the file ends inside a character (byte 0x{found.bad.hex()}): '
                          f'it was cut short; copy or write it again')
+    with open(path, 'rb') as f:
+        bom = f.read(len(BOM)) == BOM  # a UTF-8 mark on the file, whatever its text
+        f.seek(found.line_start)
+        sample = f.read(GUESS_BYTES)
+    if found.line_start == 0 and bom:
+        sample = sample[len(BOM):]
+    at = found.offset - found.line_start - (len(BOM) if found.line_start == 0 and bom else 0)
     controls = len(sample[:4096]) - len(sample[:4096].translate(None, _CONTROL_BYTES))
     if controls > len(sample[:4096]) // 20:  # text holds few: a binary file
         return UserError(f'{path}: not a text file ({controls} control bytes in its first {len(sample[:4096])}, '
                          f'e.g. at offset {found.offset}); give a text file')
-    end = sample.find(b'\n', at)
-    line = sample[:end] if end >= 0 else sample[:LINE_BYTES]
-    after = sample[end + 1:end + 1 + LINE_BYTES] if end >= 0 else b''
-    one_line = found.wide_before >= UTF8_EVIDENCE or (
-        _decodes(after, 'utf-8') and len(after) - len(after.translate(None, _UTF8_LEADS)) >= UTF8_EVIDENCE)
+    lines = sample[:LINES_BYTES].split(b'\n')
+    line, later = lines[0], lines[1:-1] if len(sample) > LINES_BYTES or not sample.endswith(b'\n') else lines[1:]
+    kinds = [_line_kind(x) for x in later]
+    utf8_after, others = 'utf8' in kinds, [found.line + 1 + i for i, k in enumerate(kinds) if k == 'other']
     see = f'sed -n \'{found.line}p\' {quoted}'
-    if not one_line:
-        bom = found.line_start == 0 and sample.startswith(BOM)  # a UTF-8 mark on another encoding's text
-        guess = _guess(sample[len(BOM) if bom else 0:])  # from the bad line on (before it: ASCII, or next to none)
-        if guess:  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
-            def command(encoding: str) -> str:
-                return (f'tail -c +4 {quoted} | iconv -f {encoding} -t UTF-8 > {converted}' if bom else
-                        f'iconv -f {encoding} -t UTF-8 {quoted} > {converted}')
+    if not found.wide_before and not utf8_after:  # no UTF-8 beyond ASCII: the whole file is in another encoding
+        guess = _guess(sample)
 
-            return UserError(f'{path}: {where} is not UTF-8 (a {guess[0]} file' +
+        def command(encoding: str) -> str:
+            return (f'tail -c +4 {quoted} | iconv -f {encoding} -t UTF-8 > {converted}' if bom else
+                    f'iconv -f {encoding} -t UTF-8 {quoted} > {converted}')
+
+        if guess:  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
+            article = 'an' if guess[0][0] in 'AEIOU' else 'a'
+            return UserError(f'{path}: {where} is not UTF-8 ({article} {guess[0]} file' +
                              (' behind a UTF-8 byte-order mark' if bom else '') + f'?); convert it first, e.g. '
                              f'{command(guess[1])}' + (f'; if that reads wrong: {command(guess[2])}' if guess[2] else ''))
-    # the bad line alone, from where UTF-8 reads wrong on (a character or two of another encoding may
-    # read as UTF-8 before it: try the few starts that could be its character's first byte)
-    guess = max((_guess(line[start:], with_share=True) for start in range(max(0, at - 3), at + 1)),
-                key=lambda g: g[3] if g else -1.0)
-    if guess:
-        return UserError(f'{path}: {where} is not UTF-8' + (', though the text around it is' if one_line else '') +
-                         f': that line is in another encoding ({guess[0]}?) or damaged; fix or remove it (see it: '
-                         f'{see} | iconv -f {guess[1]} -t UTF-8' + (f', or {see} | iconv -f {guess[2]} -t UTF-8'
-                                                                     if guess[2] else '') + ')')
-    if _decodes(sample[at + len(found.bad):at + len(found.bad) + LINE_BYTES], 'utf-8'):  # UTF-8 again after it
-        return UserError(f'{path}: {where} is not UTF-8, while the text after it is: a stray byte, or a character in '
-                         f'another encoding; fix or remove it or that line (see it: {see} | od -c | head)')
-    return UserError(f'{path}: {where} is not UTF-8, nor {_NAMED}; convert it to UTF-8 from its encoding first: '
-                     f'iconv -f <ENCODING> -t UTF-8 {quoted} > {converted} (iconv -l lists encodings)')
+        if others or not _decodes(line[at + len(found.bad):], 'utf-8'):
+            return UserError(f'{path}: {where} is not UTF-8, nor {_NAMED}; convert it to UTF-8 from its encoding '
+                             f'first: iconv -f <ENCODING> -t UTF-8 {quoted} > {converted} (iconv -l lists encodings)')
+    if not others:  # this line only
+        if _decodes(line[at + len(found.bad):], 'utf-8', final=True):  # UTF-8 again right after it, to the line's end
+            return UserError(f'{path}: {where} is not UTF-8, while the rest of that line is: a stray byte or a '
+                             f'damaged (cut) character; fix or remove it or that line (see it: {see} | od -c | head)')
+        # the line from where UTF-8 reads wrong on (a character or two of another encoding may read as
+        # UTF-8 before it: the few starts that could be its character's first byte)
+        guess = max((_guess(line[start:], with_share=True) for start in range(max(0, at - 3), at + 1)),
+                    key=lambda g: g[3] if g else -1.0)
+        if guess:
+            return UserError(f'{path}: {where} is not UTF-8, though the text around it is: that line is in another '
+                             f'encoding ({guess[0]}?) or damaged; fix or remove it (see it: {see} | iconv -f {guess[1]} '
+                             f'-t UTF-8' + (f', or {see} | iconv -f {guess[2]} -t UTF-8' if guess[2] else '') + ')')
+        return UserError(f'{path}: {where} is not UTF-8, though the text around it is: that line holds bytes of '
+                         f'another encoding (e.g. Windows quotes 0x93 0x94) or damage; fix or remove it (see it: '
+                         f'{see} | od -c | head)')
+    guess = _guess(b'\n'.join([line[at:]] + [x for x, k in zip(later, kinds) if k == 'other']))
+    named = f' ({guess[0]}?)' if guess else ''
+    if not utf8_after:  # UTF-8 up to this line, another encoding from it on (two files put together?)
+        convert = (f'{{ head -n {found.line - 1} {quoted}; tail -n +{found.line} {quoted} | iconv -f {guess[1]} '
+                   f'-t UTF-8; }} > {converted}' if guess else '')
+        return UserError(f'{path}: {where}: the lines before it are UTF-8, this one and those after it are not'
+                         f'{named}: two files put together?; convert the part from line {found.line} on' +
+                         (f', e.g. {convert}' if convert else ' from its encoding (iconv -l lists encodings)'))
+    return UserError(f'{path}: {where}: lines of UTF-8 and lines of another encoding{named} are mixed ({1 + len(others)} '
+                     f'such lines in its first {len(lines)}, e.g. lines {", ".join(map(str, [found.line, *others][:5]))}); '
+                     f'fix or remove those lines (list them: LC_ALL=C.UTF-8 grep -naxv \'.*\' {quoted} | head)')
+
+
+def _line_kind(line: bytes) -> str:
+    """'ascii', 'utf8' (UTF-8 beyond ASCII) or 'other' (not UTF-8)."""
+    if line.isascii():
+        return 'ascii'
+    return 'utf8' if _decodes(line, 'utf-8', final=True) else 'other'
 
 
 GUESS_CHARS = 20_000  # the characters beyond ASCII it judges a reading by
@@ -175,39 +203,53 @@ class _Encoding:
 # in order of preference where readings tie; Windows' code pages where the standard one fails on
 # their extra characters (CP936's euro sign, CP932's circled numbers)
 def _cp936_euro(error: UnicodeDecodeError) -> tuple[str, int]:
-    """CP936's one byte GBK lacks: 0x80 alone is the euro sign (Python's cp936 is its gbk)."""
+    """CP936's one byte GBK lacks: 0x80 alone is the euro sign (Python's cp936 is its gbk); any
+    other byte it cannot read is replaced, as the other readings' are."""
     if error.object[error.start:error.end] == b'\x80':
         return '\u20ac', error.end
-    raise error
+    return '\ufffd', error.end
 
 
 codecs.register_error('chat_small_t5.cp936', _cp936_euro)
 
-_ENCODINGS = (_Encoding('GBK / GB18030', 'GB18030', 'gb18030', 'strict', 'GBK', _chinese),
+_ENCODINGS = (_Encoding('GBK / GB18030', 'GB18030', 'gb18030', 'replace', 'GBK', _chinese),
               _Encoding('GBK (Windows CP936)', 'CP936', 'gbk', 'chat_small_t5.cp936', 'GBK', _chinese),
-              _Encoding('Big5', 'BIG5', 'big5', 'strict', 'Big5', _chinese),
-              _Encoding('Big5-HKSCS', 'BIG5-HKSCS', 'big5hkscs', 'strict', 'Big5', _chinese),  # Hong Kong's Big5+
-              _Encoding('Shift-JIS', 'SHIFT_JIS', 'shift_jis', 'strict', 'Japanese', _japanese),
-              _Encoding('Shift-JIS (Windows CP932)', 'CP932', 'cp932', 'strict', 'Japanese', _japanese),
-              _Encoding('EUC-JP', 'EUC-JP', 'euc_jp', 'strict', 'Japanese', _japanese))
+              _Encoding('Big5', 'BIG5', 'big5', 'replace', 'Big5', _chinese),
+              _Encoding('Big5-HKSCS', 'BIG5-HKSCS', 'big5hkscs', 'replace', 'Big5', _chinese),  # Hong Kong's Big5+
+              _Encoding('Shift-JIS', 'SHIFT_JIS', 'shift_jis', 'replace', 'Japanese', _japanese),
+              _Encoding('Shift-JIS (Windows CP932)', 'CP932', 'cp932', 'replace', 'Japanese', _japanese),
+              _Encoding('EUC-JP', 'EUC-JP', 'euc_jp', 'replace', 'Japanese', _japanese))
 _NAMED = 'GBK / GB18030, Big5 or Shift-JIS / EUC-JP'
 
 
+def _neutral(ch: str) -> bool:
+    """Emoji, symbols and marks: everyday in no encoding, nor a sign of a wrong reading."""
+    return ch >= '\U00010000' or '\u2000' <= ch <= '\u2bff' or '\ufe00' <= ch <= '\ufe0f'
+
+
 def _readings(data: bytes) -> list[tuple[float, int, _Encoding]]:
-    """(share of everyday characters, preference, encoding) of each encoding data decodes in (a
-    file's part, perhaps cut inside a character at its end), best first. Japanese text holds kana:
-    a Japanese reading without them is no reading."""
+    """(share of everyday characters, preference, encoding) of each encoding data reads in (a
+    file's part, perhaps cut inside a character at its end), best first. A reading may meet a
+    byte it cannot decode once in a hundred characters (a damaged byte, a field cut inside a
+    character); emoji and symbols count for no reading; one that decodes into nothing else
+    counts for GB18030 (only it decodes four-byte emoji). Japanese text holds kana: a Japanese
+    reading without them is no reading."""
     out = []
     for rank, enc in enumerate(_ENCODINGS):
-        try:
-            text = codecs.getincrementaldecoder(enc.codec)(enc.errors).decode(data, final=False)
-        except UnicodeDecodeError:
-            continue
+        text = codecs.getincrementaldecoder(enc.codec)(enc.errors).decode(data, final=False)
         wide = [ch for ch in text if ch > '\x7f'][:GUESS_CHARS]
-        if not wide or enc.family == 'Japanese' and sum(map(_kana, wide)) < len(wide) / 10:
+        errors = wide.count('\ufffd')
+        if errors > len(wide) // 100:
             continue
-        out.append((sum(map(enc.everyday, wide)) / len(wide), -rank, enc))
-    return sorted(out, key=lambda r: r[:2], reverse=True)
+        judged = [ch for ch in wide if ch != '\ufffd' and not _neutral(ch)]
+        if not judged:
+            if wide and enc.codec == 'gb18030':
+                out.append((1.0, -rank, enc))
+            continue
+        if enc.family == 'Japanese' and sum(map(_kana, judged)) < len(judged) / 10:
+            continue
+        out.append((sum(map(enc.everyday, judged)) / len(judged), -rank, enc))
+    return sorted(out, key=lambda r: (round(r[0], 2), r[1]), reverse=True)  # near ties: the preferred one
 
 
 def _guess(data: bytes, with_share: bool = False):
@@ -249,10 +291,10 @@ def _encodes(ch: str, encoding: str) -> bool:
     return True
 
 
-def _decodes(data: bytes, encoding: str) -> bool:
-    """data (a file's start, perhaps cut inside a character) is text in encoding."""
+def _decodes(data: bytes, encoding: str, final: bool = False) -> bool:
+    """data is text in encoding (final=False: a file's part, perhaps cut inside a character at its end)."""
     try:
-        codecs.getincrementaldecoder(encoding)().decode(data, final=False)
+        codecs.getincrementaldecoder(encoding)().decode(data, final=final)
     except UnicodeDecodeError:
         return False
     return True
