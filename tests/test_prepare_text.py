@@ -316,6 +316,8 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
     assert f"sed -n '50001p' {quoted('big5 past 1 MiB.txt')} | iconv -f BIG5 -t UTF-8" in said['big5 past 1 MiB.txt']
     for name, label in (('damaged gbk.csv', 'GBK / GB18030'), ('emoji.csv', 'GBK / GB18030')):
         assert f'(a {label} file?)' in said[name], said[name]
+    assert 'with damaged bytes that read in no encoding (1 in the part read' in said['damaged gbk.csv']
+    assert 'e.g. iconv -c -f GB18030 -t UTF-8' in said['damaged gbk.csv'] and ' -c ' not in said['emoji.csv']
     assert 'tail -c +4 ' in said['bom header gbk.csv'] and 'behind a UTF-8 byte-order mark' in said['bom header gbk.csv']
     assert 'line 10: byte 0xe5' in said['cut utf8.csv'] and 'a stray byte or a damaged (cut) character' in said['cut utf8.csv']
     assert 'line 9: byte 0x93' in said['quotes.csv'] and 'Windows quotes' in said['quotes.csv'], said['quotes.csv']
@@ -345,6 +347,33 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
         convert_to_parquet(str(tmp_path / 'lines.txt'), str(tmp_path / 'out.parquet'))
     assert convert_file(str(tmp_path / 'lines.txt'), str(tmp_path / 'out.parquet'), input_format='txt').kind == 'text'
     assert convert_file(str(tmp_path / 'lines.txt'), str(tmp_path / 'p.parquet'), input_format='jsonl').kind == 'pairs'
+
+
+def test_the_encoding_hint_looks_past_its_window_and_long_lines(tmp_path):
+    """UTF-8 again past the lines judged one by one: mixed, not two files put together; a line too
+    long to show: shown from the bad byte; line 1 behind a byte-order mark: shown without it."""
+    utf8 = '今天天气很好，我们一起去公园散步吧。\n'.encode()
+    gbk = '机器学习是人工智能的一个重要分支。\n'.encode('gbk')
+    (tmp_path / 'sandwich.txt').write_bytes(utf8 * 100 + gbk * (300_000 // len(gbk)) + utf8 * 100)
+    record = '{"text": "今天天气很好，我们一起去公园散步吧。"}, '
+    head = ('[' + record * 20_000).encode()
+    (tmp_path / 'long.json').write_bytes(head + record.encode('gbk') * 20 + (record * 10 + '{}]').encode())
+    (tmp_path / 'bom.txt').write_bytes(codecs.BOM_UTF8 + gbk + utf8 * 20)
+    said = {}
+    for name in ('sandwich.txt', 'long.json', 'bom.txt'):
+        with pytest.raises(UserError) as e:
+            convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'))
+        said[name] = str(e.value)
+    first_utf8_again = 101 + 300_000 // len(gbk)
+    assert f'lines of UTF-8 (e.g. line {first_utf8_again}) and lines of another encoding (GBK / GB18030?) are mixed' in \
+        said['sandwich.txt'] and 'two files' not in said['sandwich.txt'], said['sandwich.txt']
+    assert f'byte 0x{record.encode("gbk")[10]:02x} at offset {len(head) + 10}' in said['long.json'], said['long.json']
+    assert 'that line is in another encoding (GBK / GB18030?)' in said['long.json'], said['long.json']
+    assert f"see it: tail -c +{len(head) + 11} {tmp_path / 'long.json'} | head -c 300 | iconv" in said['long.json']
+    see = said['bom.txt'][said['bom.txt'].index('see it: ') + 8:-1]
+    assert see.startswith(f"tail -c +4 {tmp_path / 'bom.txt'} | sed -n '1p' | iconv -f GB18030"), said['bom.txt']
+    shown = subprocess.run(['bash', '-c', see], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout == gbk.decode('gbk'), (see, shown)
 
 
 # --- clean, split, check ------------------------------------------------------

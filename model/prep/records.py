@@ -41,6 +41,7 @@ class BadUtf8(NamedTuple):
 
 
 _UTF8_LEADS = bytes(range(0xc2, 0xf5))  # the first byte of each UTF-8 character beyond ASCII
+_UTF8_LEADS_3 = bytes(range(0xe0, 0xf5))  # ... of three or four bytes (every Chinese one)
 
 
 def _wide(data: bytes) -> int:
@@ -75,8 +76,10 @@ def find_bad_utf8(path: str) -> BadUtf8 | None:
                 return None
 
 
-GUESS_BYTES = 1 << 20  # what the encoding hint reads, from the bad line on
-LINES_BYTES = 256 << 10  # of it, what is judged line by line
+GUESS_BYTES = 1 << 20  # what the encoding hint reads of the bad line, from near the bad byte on
+LINE_BACK = 4096  # of the bad line's text before the bad byte, what is read
+LINES_BYTES = 256 << 10  # of the lines after it, what is judged line by line
+SCAN_BYTES = 64 << 20  # how far "UTF-8 again?" is looked for past those, before two files are said
 
 
 def build_utf8_error(path: str) -> UserError:
@@ -97,61 +100,99 @@ def build_utf8_error(path: str) -> UserError:
                          f'it was cut short; copy or write it again')
     with open(path, 'rb') as f:
         bom = f.read(len(BOM)) == BOM  # a UTF-8 mark on the file, whatever its text
-        f.seek(found.line_start)
-        sample = f.read(GUESS_BYTES)
-    if found.line_start == 0 and bom:
-        sample = sample[len(BOM):]
-    at = found.offset - found.line_start - (len(BOM) if found.line_start == 0 and bom else 0)
-    controls = len(sample[:4096]) - len(sample[:4096].translate(None, _CONTROL_BYTES))
-    if controls > len(sample[:4096]) // 20:  # text holds few: a binary file
-        return UserError(f'{path}: not a text file ({controls} control bytes in its first {len(sample[:4096])}, '
-                         f'e.g. at offset {found.offset}); give a text file')
-    lines = sample[:LINES_BYTES].split(b'\n')
-    line, later = lines[0], lines[1:-1] if len(sample) > LINES_BYTES or not sample.endswith(b'\n') else lines[1:]
+        start = max(found.line_start, found.offset - LINE_BACK, len(BOM) if bom else 0)
+        f.seek(start)
+        part = f.read(GUESS_BYTES)  # the bad line, from near the bad byte
+        at = found.offset - start
+        end = part.find(b'\n', at)
+        line = part[:end] if end >= 0 else part
+        f.seek(start + end + 1)
+        after = f.read(LINES_BYTES) if end >= 0 else b''  # the lines after it
+    controls = len(part[at:at + 4096]) - len(part[at:at + 4096].translate(None, _CONTROL_BYTES))
+    if controls > len(part[at:at + 4096]) // 20:  # text holds few: a binary file
+        return UserError(f'{path}: not a text file ({controls} control bytes in the {len(part[at:at + 4096])} from offset '
+                         f'{found.offset}); give a text file')
+    later = after.split(b'\n')
+    later = later[:-1] if len(after) == LINES_BYTES or not after.endswith(b'\n') and later[-1] else later[:-1]
     kinds = [_line_kind(x) for x in later]
-    utf8_after, others = 'utf8' in kinds, [found.line + 1 + i for i, k in enumerate(kinds) if k == 'other']
-    see = f'sed -n \'{found.line}p\' {quoted}'
-    if not found.wide_before and not utf8_after:  # no UTF-8 beyond ASCII: the whole file is in another encoding
-        guess = _guess(sample)
+    utf8_after = 'utf8' in kinds
+    others = [found.line + 1 + i for i, k in enumerate(kinds) if k == 'other']
+    long_line = found.offset - found.line_start > LINE_BACK or end < 0 and len(part) == GUESS_BYTES
+    see = (f'tail -c +{found.offset + 1} {quoted} | head -c 300' if long_line else  # the line is too long to show
+           f'tail -c +4 {quoted} | sed -n \'1p\'' if bom and found.line == 1 else f'sed -n \'{found.line}p\' {quoted}')
+    # UTF-8 text before the bad byte: in the lines before it, or Chinese UTF-8 (three-byte characters, which a
+    # character or two of GBK seldom read as) in its own line before it
+    utf8_before = found.wide_before or len(part[:at]) - len(part[:at].translate(None, _UTF8_LEADS_3)) >= 4
+    if not utf8_before and not utf8_after:  # no UTF-8 beyond ASCII: the whole file is in another encoding
+        guess = _guess(part[at:] if end < 0 else part[at:end] + b'\n' + after)
 
         def command(encoding: str) -> str:
-            return (f'tail -c +4 {quoted} | iconv -f {encoding} -t UTF-8 > {converted}' if bom else
-                    f'iconv -f {encoding} -t UTF-8 {quoted} > {converted}')
+            skip = ' -c' if guess.unread else ''  # iconv stops at the first byte it cannot read; -c leaves it out
+            return (f'tail -c +4 {quoted} | iconv{skip} -f {encoding} -t UTF-8 > {converted}' if bom else
+                    f'iconv{skip} -f {encoding} -t UTF-8 {quoted} > {converted}')
 
         if guess:  # GB18030 is GBK's superset (four-byte characters: rare names, emoji): it converts both
-            article = 'an' if guess[0][0] in 'AEIOU' else 'a'
-            return UserError(f'{path}: {where} is not UTF-8 ({article} {guess[0]} file' +
-                             (' behind a UTF-8 byte-order mark' if bom else '') + f'?); convert it first, e.g. '
-                             f'{command(guess[1])}' + (f'; if that reads wrong: {command(guess[2])}' if guess[2] else ''))
+            article = 'an' if guess.label[0] in 'AEIOU' else 'a'
+            return UserError(f'{path}: {where} is not UTF-8 ({article} {guess.label} file' +
+                             (' behind a UTF-8 byte-order mark' if bom else '') + '?)' +
+                             (f', with damaged bytes that read in no encoding ({guess.unread} in the part read: '
+                              f'iconv -c leaves them out)' if guess.unread else '') +
+                             f'; convert it first, e.g. {command(guess.iconv)}' +
+                             (f'; if that reads wrong: {command(guess.other)}' if guess.other else ''))
         if others or not _decodes(line[at + len(found.bad):], 'utf-8'):
             return UserError(f'{path}: {where} is not UTF-8, nor {_NAMED}; convert it to UTF-8 from its encoding '
                              f'first: iconv -f <ENCODING> -t UTF-8 {quoted} > {converted} (iconv -l lists encodings)')
     if not others:  # this line only
-        if _decodes(line[at + len(found.bad):], 'utf-8', final=True):  # UTF-8 again right after it, to the line's end
+        if _decodes(line[at + len(found.bad):], 'utf-8', final=end >= 0):  # UTF-8 again right after it, to the line's end
             return UserError(f'{path}: {where} is not UTF-8, while the rest of that line is: a stray byte or a '
                              f'damaged (cut) character; fix or remove it or that line (see it: {see} | od -c | head)')
         # the line from where UTF-8 reads wrong on (a character or two of another encoding may read as
-        # UTF-8 before it: the few starts that could be its character's first byte)
-        guess = max((_guess(line[start:], with_share=True) for start in range(max(0, at - 3), at + 1)),
-                    key=lambda g: g[3] if g else -1.0)
+        # UTF-8 before it: the few starts that could be its character's first byte), over a few lengths
+        # (UTF-8 may come back later in the line)
+        guess = max((_guess(line[start:start + length]) for start in range(max(0, at - 3), at + 1)
+                     for length in (4096, 512, 128, 32)), key=lambda g: g.share if g else -1.0)
         if guess:
             return UserError(f'{path}: {where} is not UTF-8, though the text around it is: that line is in another '
-                             f'encoding ({guess[0]}?) or damaged; fix or remove it (see it: {see} | iconv -f {guess[1]} '
-                             f'-t UTF-8' + (f', or {see} | iconv -f {guess[2]} -t UTF-8' if guess[2] else '') + ')')
+                             f'encoding ({guess.label}?) or damaged; fix or remove it (see it: {see} | iconv -f '
+                             f'{guess.iconv} -t UTF-8' + (f', or {see} | iconv -f {guess.other} -t UTF-8'
+                                                          if guess.other else '') + ')')
         return UserError(f'{path}: {where} is not UTF-8, though the text around it is: that line holds bytes of '
                          f'another encoding (e.g. Windows quotes 0x93 0x94) or damage; fix or remove it (see it: '
                          f'{see} | od -c | head)')
     guess = _guess(b'\n'.join([line[at:]] + [x for x, k in zip(later, kinds) if k == 'other']))
-    named = f' ({guess[0]}?)' if guess else ''
-    if not utf8_after:  # UTF-8 up to this line, another encoding from it on (two files put together?)
-        convert = (f'{{ head -n {found.line - 1} {quoted}; tail -n +{found.line} {quoted} | iconv -f {guess[1]} '
+    named = f' ({guess.label}?)' if guess else ''
+    again = None if utf8_after else _utf8_line_after(path, start + end + 1 + len(after), found.line + 1 + len(later))
+    if not utf8_after and again is None:  # UTF-8 up to this line, another encoding from it on (two files put together?)
+        convert = (f'{{ head -n {found.line - 1} {quoted}; tail -n +{found.line} {quoted} | iconv -f {guess.iconv} '
                    f'-t UTF-8; }} > {converted}' if guess else '')
         return UserError(f'{path}: {where}: the lines before it are UTF-8, this one and those after it are not'
                          f'{named}: two files put together?; convert the part from line {found.line} on' +
                          (f', e.g. {convert}' if convert else ' from its encoding (iconv -l lists encodings)'))
-    return UserError(f'{path}: {where}: lines of UTF-8 and lines of another encoding{named} are mixed ({1 + len(others)} '
-                     f'such lines in its first {len(lines)}, e.g. lines {", ".join(map(str, [found.line, *others][:5]))}); '
-                     f'fix or remove those lines (list them: LC_ALL=C.UTF-8 grep -naxv \'.*\' {quoted} | head)')
+    shown = ', '.join(map(str, [found.line, *others][:5]))
+    return UserError(f'{path}: {where}: lines of UTF-8 (e.g. line {again or found.line + 1 + kinds.index("utf8")}) and '
+                     f'lines of another encoding{named} are mixed ({1 + len(others)} of the {1 + len(later)} lines from '
+                     f'line {found.line} are not UTF-8, e.g. lines {shown}); fix or remove those lines (list them: '
+                     f'LC_ALL=C.UTF-8 grep -naxv \'.*\' {quoted} | head)')
+
+
+def _utf8_line_after(path: str, offset: int, line: int) -> int | None:
+    """The number of the first line beyond ASCII that reads as UTF-8 from offset (line ``line``
+    starts there) on, looked for over SCAN_BYTES; None if none."""
+    with open(path, 'rb') as f:
+        f.seek(offset)
+        pending, scanned = b'', 0
+        while scanned < SCAN_BYTES:
+            chunk = f.read(READ_CHUNK_BYTES)
+            scanned += len(chunk)
+            lines = (pending + chunk).split(b'\n')
+            pending = lines.pop() if chunk else b''
+            for i, text in enumerate(lines if chunk else [*lines, pending]):
+                if _line_kind(text) == 'utf8':
+                    return line + i
+            line += len(lines)
+            if not chunk:
+                return None
+    return None
 
 
 def _line_kind(line: bytes) -> str:
@@ -227,47 +268,62 @@ def _neutral(ch: str) -> bool:
     return ch >= '\U00010000' or '\u2000' <= ch <= '\u2bff' or '\ufe00' <= ch <= '\ufe0f'
 
 
-def _readings(data: bytes) -> list[tuple[float, int, _Encoding]]:
-    """(share of everyday characters, preference, encoding) of each encoding data reads in (a
-    file's part, perhaps cut inside a character at its end), best first. A reading may meet a
-    byte it cannot decode once in a hundred characters (a damaged byte, a field cut inside a
-    character); emoji and symbols count for no reading; one that decodes into nothing else
-    counts for GB18030 (only it decodes four-byte emoji). Japanese text holds kana: a Japanese
-    reading without them is no reading."""
+class _Reading(NamedTuple):
+    share: float  # of everyday characters among those judged
+    rank: int  # the encoding's place in _ENCODINGS (lower: preferred where readings tie)
+    encoding: _Encoding
+    unread: int  # bytes it could not decode (damage)
+
+
+def _readings(data: bytes) -> list[_Reading]:
+    """How data (a file's part, perhaps cut inside a character at its end) reads in each encoding
+    it reads in, best first. A reading may meet a byte it cannot decode once in a hundred
+    characters (a damaged byte, a field cut inside a character); emoji and symbols count for no
+    reading; one that decodes into nothing else counts for GB18030 (only it decodes four-byte
+    emoji). Japanese text holds kana: a Japanese reading without them is no reading."""
     out = []
     for rank, enc in enumerate(_ENCODINGS):
         text = codecs.getincrementaldecoder(enc.codec)(enc.errors).decode(data, final=False)
         wide = [ch for ch in text if ch > '\x7f'][:GUESS_CHARS]
-        errors = wide.count('\ufffd')
-        if errors > len(wide) // 100:
+        unread = wide.count('\ufffd')
+        if unread > len(wide) // 100:
             continue
         judged = [ch for ch in wide if ch != '\ufffd' and not _neutral(ch)]
         if not judged:
             if wide and enc.codec == 'gb18030':
-                out.append((1.0, -rank, enc))
+                out.append(_Reading(1.0, rank, enc, unread))
             continue
         if enc.family == 'Japanese' and sum(map(_kana, judged)) < len(judged) / 10:
             continue
-        out.append((sum(map(enc.everyday, judged)) / len(judged), -rank, enc))
-    return sorted(out, key=lambda r: (round(r[0], 2), r[1]), reverse=True)  # near ties: the preferred one
+        out.append(_Reading(sum(map(enc.everyday, judged)) / len(judged), rank, enc, unread))
+    return sorted(out, key=lambda r: (-round(r.share, 2), r.rank))  # near ties: the preferred one
 
 
-def _guess(data: bytes, with_share: bool = False):
-    """(label, iconv name, a nearly as good other family's iconv name or '') of the encoding data
-    reads best in, or None: of the encodings it decodes in, the one whose reading holds the largest share of everyday characters (at least
-    half) -- most bytes decode in several (Big5 text reads as GBK, GBK as Shift-JIS's half-width
-    kana), only the right one reads into common characters. Where another family's reading is
-    nearly as good (a few characters), both are named.
-    A GBK file may hold private-use characters (GBK's user-defined area): they count against it,
-    never rule it out. with_share: the share too."""
-    good = [r for r in _readings(data) if r[0] >= 0.5]
+class _Guess(NamedTuple):
+    label: str  # e.g. 'GBK / GB18030', or two families' 'GBK / GB18030 or Big5'
+    iconv: str  # iconv's name of the best reading's encoding
+    other: str  # iconv's name of another family's nearly as good reading, or ''
+    share: float
+    unread: int  # bytes the best reading could not decode
+
+
+def _guess(data: bytes) -> _Guess | None:
+    """The encoding data reads best in, or None: of the encodings it reads in, the one whose
+    reading holds the largest share of everyday characters (at least half) -- most bytes decode
+    in several (Big5 text reads as GBK, GBK as Shift-JIS's half-width kana), only the right one
+    reads into common characters; within a family (GB18030 and CP936) the preferred one unless it
+    reads clearly worse. Where another family's reading is nearly as good (a few characters), both
+    are named. A GBK file may hold private-use characters (GBK's user-defined area): they count
+    against it, never rule it out."""
+    good = [r for r in _readings(data) if r.share >= 0.5]
     if not good:
         return None
-    share, _, best = good[0]
-    rival = next((enc for s, _, enc in good[1:] if enc.family != best.family and s >= share - 0.1), None)
-    label = f'{best.label} or {rival.label}' if rival else best.label
-    other = rival.iconv if rival else ''
-    return (label, best.iconv, other, share) if with_share else (label, best.iconv, other)
+    best = min((r for r in good if r.encoding.family == good[0].encoding.family and r.share >= good[0].share - 0.05),
+               key=lambda r: r.rank)
+    rival = next((r.encoding for r in good if r.encoding.family != best.encoding.family
+                  and r.share >= best.share - 0.1), None)
+    label = f'{best.encoding.label} or {rival.label}' if rival else best.encoding.label
+    return _Guess(label, best.encoding.iconv, rival.iconv if rival else '', best.share, best.unread)
 
 
 _UNPACK = 'unpack it first and give the file inside it'
