@@ -84,9 +84,9 @@ def test_demo_preset_uses_the_measured_recipe():
     from model.train import preflight
 
     t = resolve_config(preset='demo').train
-    assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio) == ('adafactor', True, 1e-2, 0.05)
+    assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio) == ('adafactor', True, 3e-2, 0.33)
     assert preflight.learn_rate_notes(t) == []  # in the range bench/bench_recipe.py measured good
-    assert preflight.warmup_notes(t, 4496) == []  # the demo's 8 epochs: 225 warmup steps
+    assert preflight.warmup_notes(t, 4496) == []  # the demo's 8 epochs: 1,484 warmup steps
 
 
 def test_flags_override_preset_and_are_marked():
@@ -281,7 +281,7 @@ def test_warmup_steps_given_beat_a_presets_warmup_ratio():
     assert cfg.sources['warmup_ratio'] == 'set to 0 by --warmup_steps'
     cfg = resolve_config(preset='demo', overrides={'warmup_steps': 3, 'warmup_ratio': 0.1})  # both given: the ratio's rule
     assert (cfg.train.warmup_steps, cfg.train.warmup_ratio) == (3, 0.1)
-    assert resolve_config(preset='demo').train.warmup_ratio == 0.05
+    assert resolve_config(preset='demo').train.warmup_ratio == 0.33
 
 
 @pytest.mark.parametrize('test_file', ['/d/valid.parquet', '/d/验证 集*.parquet', '/d/a.b-c.parquet', '/d/***', '/d/x/'])
