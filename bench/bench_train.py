@@ -47,7 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import heldout  # noqa: E402  (no torch at its import)
 
-OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=1e-2, warmup_ratio=0.05, dropout_rate=0.0,
+OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=3e-2, warmup_ratio=0.33, dropout_rate=0.0,
             feed_forward_proj='relu', group_by_length=False, packing=True)  # the demo preset's recipe
 PEER_LRS = {'adamw': '5e-4,1e-3,2e-3', 'adafactor': '3e-4,1e-3,3e-3', 'adafactor+scale': '3e-3,1e-2,3e-2'}
 STEPS = {'demo': 1500, 'numbers': 1500}
