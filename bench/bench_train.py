@@ -14,8 +14,9 @@ threads for both. Each trainer at the recipe it is best at:
 - this toolkit: the recipe bench/bench_recipe.py measured best, ungrouped and packed (OURS below;
   --ours changes it; --ours_lrs sweeps its learning rate as the peer's is swept);
 - the peer: Seq2SeqTrainer with the same optimizer (passed in: the same Adafactor with parameter
-  scaling), its own cosine schedule with 5% warmup, its sampler (length-grouped when OURS groups,
-  else random: random learned faster on both tasks), the data tokenized up front as its examples
+  scaling), its own cosine schedule with OURS' warmup_ratio (a third by default), its sampler
+  (length-grouped when OURS groups, else random: random learned faster on both tasks), the data
+  tokenized up front as its examples
   do, and the learning rate that a sweep picks (--peer_lrs, one seed, same steps, best exact match
   then loss; the sweep is printed); --peer_lr skips the sweep. Packing is this toolkit's own
   (Seq2SeqTrainer pads every pair to the longest of its batch).
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 
@@ -67,8 +67,6 @@ def run_ours(task: str, size: str, seed: int, steps: int, eval_every: int, recip
 
 
 def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recipe: dict, threads: int) -> dict:
-    import tempfile
-
     import torch
     from transformers import set_seed
 
@@ -92,11 +90,11 @@ def run_peer(task: str, size: str, seed: int, steps: int, eval_every: int, recip
     labels = tok([r for _, r in rows], truncation=True, max_length=BASE['max_seq_len'])['input_ids']
     dataset = [{'input_ids': i, 'attention_mask': m, 'labels': y}
                for i, m, y in zip(enc['input_ids'], enc['attention_mask'], labels)]
-    work = tempfile.mkdtemp(prefix='bench-peer-')
+    work = heldout.temp_folder('bench-peer-')
     try:  # its own new folder (save_strategy no: logs at most), removed whatever comes
         return _train_peer(work, model, tok, dataset, recipe, seed, steps, eval_every, clock, scorer)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        heldout.remove_folder(work)
 
 
 def _train_peer(work, model, tok, dataset, recipe, seed, steps, eval_every, clock, scorer) -> dict:
@@ -263,7 +261,7 @@ def main() -> None:
                     'bench_train_<time>_<task>_<size>.json, comma-separated), no run')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
-    heldout.stop_on_sigterm()
+    heldout.stop_on_sigterm(child=bool(args.child))
     if args.child:
         kind, *rest = json.loads(args.child)
         print('RESULT ' + json.dumps((run_ours if kind == 'ours' else run_peer)(*rest)), flush=True)

@@ -11,6 +11,7 @@ prompts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,17 +35,52 @@ SIZES = {  # d_model 128: the demo preset's shape (1.5M parameters); d_model 256
 }
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM ends this bench process as an exception does (Python's default ends it at once): its
-    `finally` blocks run and remove the temporary training folders it made."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+_CHILDREN: set = set()  # the bench child processes running now (from any thread)
+_STOPPING = threading.Event()
+_MADE: set = set()  # the temporary training folders this process made and has not removed
+
+
+def temp_folder(prefix: str) -> str:
+    """A new temporary folder for one training run (removed by :func:`remove_folder`, or at a stop)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    _MADE.add(path)
+    return path
+
+
+def remove_folder(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a folder temp_folder made in this process: nothing else's
+    _MADE.discard(path)
+
+
+def stop_on_sigterm(child: bool = False) -> None:
+    """SIGTERM (and Ctrl-C's SIGINT) stop this bench process. A bench stops its running children
+    the same way and starts no new one (a bench running them from a thread pool would otherwise
+    wait for each queued run), then ends as an exception does. A child (one training run) removes
+    the temporary folders it made and exits at once, 128 + the signal: no `finally` block of the
+    training code, nor its exit, is waited for."""
+    def stop(signum, frame):
+        _STOPPING.set()
+        for proc in list(_CHILDREN):
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+        if child:
+            for path in list(_MADE):
+                shutil.rmtree(path, ignore_errors=True)
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     """A bench child process (one training run) run to its end, its output captured. Stopped while
-    it runs (Ctrl-C, SIGTERM), this process stops the child with SIGTERM and waits for it -- so that
-    it removes its temporary folder (:func:`stop_on_sigterm`) -- before the stop goes on."""
+    it runs (Ctrl-C, SIGTERM: :func:`stop_on_sigterm`), the child is stopped with SIGTERM and waited
+    for -- so that it removes its temporary folder -- before the stop goes on; none starts after."""
+    if _STOPPING.is_set():
+        raise RuntimeError('the bench is stopping')
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    _CHILDREN.add(proc)
     try:
         out, err = proc.communicate()
     except BaseException:
@@ -54,6 +91,8 @@ def run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
             proc.kill()
             proc.communicate()
         raise
+    finally:
+        _CHILDREN.discard(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -141,11 +180,11 @@ def run_toolkit(paths: dict, fields: dict, max_steps: int, eval_every: int, scor
     optimizer steps with ``fields`` over the task's files; the scorer judges it every eval_every
     steps and at the end, outside the training time. budget_s > 0: stop at the first evaluation
     past that much training time. Returns {'curve': [(step, train_s, loss, em)], 'steps', 'batch'}."""
-    work = tempfile.mkdtemp(prefix='bench-ours-')
+    work = temp_folder('bench-ours-')
     try:
         return _run_toolkit(work, paths, fields, max_steps, eval_every, scorer, budget_s)
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # the run's own new folder: its checkpoints, logs
+        remove_folder(work)  # the run's own new folder: its checkpoints, logs
 
 
 def _run_toolkit(work, paths, fields, max_steps, eval_every, scorer, budget_s) -> dict:

@@ -86,7 +86,10 @@ def test_demo_preset_uses_the_measured_recipe():
     t = resolve_config(preset='demo').train
     assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio) == ('adafactor', True, 3e-2, 0.33)
     assert preflight.learn_rate_notes(t) == []  # in the range bench/bench_recipe.py measured good
-    assert preflight.warmup_notes(t, 4496) == []  # the demo's 8 epochs: 1,484 warmup steps
+    from model.net.sizing import warmup_steps_of
+
+    assert warmup_steps_of(t.warmup_steps, t.warmup_ratio, 4496) == 1484  # the demo's 8 epochs: a third warms up
+    assert preflight.warmup_notes(t, 4496) == []
 
 
 def test_flags_override_preset_and_are_marked():

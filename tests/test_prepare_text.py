@@ -209,6 +209,12 @@ def test_txt_line_over_the_record_limit_is_refused_unheld(tmp_path, monkeypatch)
     assert not (tmp_path / 'out.parquet').exists()
 
 
+def parquet_bytes() -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({'text': ['中文']}), sink)
+    return sink.getvalue().to_pybytes()
+
+
 def rows(encoding: str) -> list[bytes]:
     texts = ['今天天气很好，我们一起去公园散步吧。', '请问这个问题应该怎么解决？', '机器学习是人工智能的一个重要分支。']
     return [f'{texts[i % 3]},{texts[(i + 1) % 3]}\n'.encode(encoding) for i in range(20)]
@@ -231,7 +237,7 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
              'gbk line in utf8.txt': ('好\n' * 10).encode() + '這是一個測試'.encode('big5') + b'\n',
              'packed.txt': gzip.compress('第一行\n'.encode()),
              'packed.jsonl': gzip.compress(b'{"text": "x"}\n'),  # not "malformed JSON"
-             'parquet.csv': b'PAR1' + bytes(range(256)),  # not "a CSV parse error"
+             'parquet.csv': parquet_bytes(),  # not "a CSV parse error"
              'latin1.txt': 'caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n'.encode('latin-1'),
              # GBK whose first character reads as UTF-8 (台 = CC A8, a two-byte UTF-8 character): still the file's
              'tw.txt': ('台湾是一个美丽的地方。\n' + '今天天气很好，我们一起去公园散步吧。\n' * 30).encode('gbk'),
@@ -325,7 +331,8 @@ def test_txt_not_utf8_and_jsonl_saved_as_txt_are_one_line(tmp_path):
         'one char then gbk.csv']
     # UTF-8, then another encoding from a line on (two files put together): the command converts that part
     said_cat = said['utf8 then gbk.csv']
-    assert 'line 7: byte 0xbb at offset' in said_cat and 'this one and those after it are not (GBK / GB18030?)' in said_cat
+    assert 'line 7: byte 0xbb at offset' in said_cat and 'the lines before it are UTF-8, the text from it on is not (GBK' \
+        in said_cat, said_cat
     command = said_cat[said_cat.index('e.g. ') + 5:]
     done = subprocess.run(['bash', '-c', command], capture_output=True, text=True)
     assert done.returncode == 0, (command, done.stderr)
@@ -359,8 +366,11 @@ def test_the_encoding_hint_looks_past_its_window_and_long_lines(tmp_path):
     head = ('[' + record * 20_000).encode()
     (tmp_path / 'long.json').write_bytes(head + record.encode('gbk') * 20 + (record * 10 + '{}]').encode())
     (tmp_path / 'bom.txt').write_bytes(codecs.BOM_UTF8 + gbk + utf8 * 20)
+    (tmp_path / 'no final newline.txt').write_bytes(utf8 * 3 + gbk + utf8.rstrip(b'\n'))  # its last line is judged
+    (tmp_path / 'junction.txt').write_bytes(utf8.rstrip(b'\n') + gbk * 5)  # a first file without a final newline
+    (tmp_path / 'stray at the end.txt').write_bytes(utf8 * 3 + b'\xff')  # not a character cut short
     said = {}
-    for name in ('sandwich.txt', 'long.json', 'bom.txt'):
+    for name in ('sandwich.txt', 'long.json', 'bom.txt', 'no final newline.txt', 'junction.txt', 'stray at the end.txt'):
         with pytest.raises(UserError) as e:
             convert_to_parquet(str(tmp_path / name), str(tmp_path / 'out.parquet'))
         said[name] = str(e.value)
@@ -374,6 +384,18 @@ def test_the_encoding_hint_looks_past_its_window_and_long_lines(tmp_path):
     assert see.startswith(f"tail -c +4 {tmp_path / 'bom.txt'} | sed -n '1p' | iconv -f GB18030"), said['bom.txt']
     shown = subprocess.run(['bash', '-c', see], capture_output=True, text=True)
     assert shown.returncode == 0 and shown.stdout == gbk.decode('gbk'), (see, shown)
+    assert 'line 4: byte' in said['no final newline.txt'] and 'that line is in another encoding (GBK' in said[
+        'no final newline.txt'], said['no final newline.txt']
+    junction = said['junction.txt']
+    assert f'the text before it in its line is UTF-8, the text from it on is not (GBK' in junction, junction
+    assert f'{{ head -c {len(utf8) - 1} ' in junction, junction  # split at the byte, not the line
+    done = subprocess.run(['bash', '-c', junction[junction.index('e.g. ') + 5:]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'junction.utf8.txt').read_text(encoding='utf-8') == utf8.decode().rstrip('\n') + gbk.decode(
+        'gbk') * 5
+    assert 'cut short' not in said['stray at the end.txt'] and 'line 4: byte 0xff' in said['stray at the end.txt']
+    (tmp_path / 'names.csv').write_text('BZhang San,ok\nGIF8 et cetera,ok\n', encoding='utf-8')  # text, not packed
+    assert convert_file(str(tmp_path / 'names.csv'), str(tmp_path / 'names.parquet'), text_col='BZhang San').rows == 1  # a header and a row
 
 
 # --- clean, split, check ------------------------------------------------------

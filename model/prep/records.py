@@ -10,6 +10,7 @@ import codecs
 import contextlib
 import math
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -95,7 +96,7 @@ def build_utf8_error(path: str) -> UserError:
     if found is None:  # changed since the reader met it
         return UserError(f'{path}: not UTF-8; convert it to UTF-8 first (iconv -l lists encodings)')
     where = f'line {found.line}: byte 0x{found.bad.hex()} at offset {found.offset}'
-    if found.offset + len(found.bad) == size:
+    if found.offset + len(found.bad) == size and _char_begun(found.bad):
         return UserError(f'{path}: line {found.line}: the file ends inside a character (byte 0x{found.bad.hex()}): '
                          f'it was cut short; copy or write it again')
     with open(path, 'rb') as f:
@@ -113,7 +114,9 @@ def build_utf8_error(path: str) -> UserError:
         return UserError(f'{path}: not a text file ({controls} control bytes in the {len(part[at:at + 4096])} from offset '
                          f'{found.offset}); give a text file')
     later = after.split(b'\n')
-    later = later[:-1] if len(after) == LINES_BYTES or not after.endswith(b'\n') and later[-1] else later[:-1]
+    # the last piece: a line cut by the window (judged from the next offset on), or the empty one after a final
+    # newline; a last line without one is whole
+    later = later if len(after) < LINES_BYTES and not after.endswith(b'\n') else later[:-1]
     kinds = [_line_kind(x) for x in later]
     utf8_after = 'utf8' in kinds
     others = [found.line + 1 + i for i, k in enumerate(kinds) if k == 'other']
@@ -149,24 +152,31 @@ def build_utf8_error(path: str) -> UserError:
         # the line from where UTF-8 reads wrong on (a character or two of another encoding may read as
         # UTF-8 before it: the few starts that could be its character's first byte), over a few lengths
         # (UTF-8 may come back later in the line)
-        guess = max((_guess(line[start:start + length]) for start in range(max(0, at - 3), at + 1)
+        guess = max((_guess(line[first:first + length]) for first in range(max(0, at - 3), at + 1)
                      for length in (4096, 512, 128, 32)), key=lambda g: g.share if g else -1.0)
+        cut = ' -c' if long_line else ''  # head -c may cut the last character shown
         if guess:
             return UserError(f'{path}: {where} is not UTF-8, though the text around it is: that line is in another '
-                             f'encoding ({guess.label}?) or damaged; fix or remove it (see it: {see} | iconv -f '
-                             f'{guess.iconv} -t UTF-8' + (f', or {see} | iconv -f {guess.other} -t UTF-8'
+                             f'encoding ({guess.label}?) or damaged; fix or remove it (see it: {see} | iconv{cut} -f '
+                             f'{guess.iconv} -t UTF-8' + (f', or {see} | iconv{cut} -f {guess.other} -t UTF-8'
                                                           if guess.other else '') + ')')
         return UserError(f'{path}: {where} is not UTF-8, though the text around it is: that line holds bytes of '
                          f'another encoding (e.g. Windows quotes 0x93 0x94) or damage; fix or remove it (see it: '
                          f'{see} | od -c | head)')
     guess = _guess(b'\n'.join([line[at:]] + [x for x, k in zip(later, kinds) if k == 'other']))
     named = f' ({guess.label}?)' if guess else ''
-    again = None if utf8_after else _utf8_line_after(path, start + end + 1 + len(after), found.line + 1 + len(later))
+    judged = sum(len(x) + 1 for x in later)  # the bytes of the lines judged, each with its newline
+    again = None if utf8_after else _utf8_line_after(path, start + end + 1 + judged, found.line + 1 + len(later))
     if not utf8_after and again is None:  # UTF-8 up to this line, another encoding from it on (two files put together?)
-        convert = (f'{{ head -n {found.line - 1} {quoted}; tail -n +{found.line} {quoted} | iconv -f {guess.iconv} '
+        # where the second part begins: its line's start, or, where the UTF-8 is only before it in its own line (a
+        # first file without a final newline), the bad byte
+        split = found.line_start if found.wide_before else found.offset
+        skip = ' -c' if guess and guess.unread else ''
+        convert = (f'{{ head -c {split} {quoted}; tail -c +{split + 1} {quoted} | iconv{skip} -f {guess.iconv} '
                    f'-t UTF-8; }} > {converted}' if guess else '')
-        return UserError(f'{path}: {where}: the lines before it are UTF-8, this one and those after it are not'
-                         f'{named}: two files put together?; convert the part from line {found.line} on' +
+        before = 'the lines before it are UTF-8' if found.wide_before else 'the text before it in its line is UTF-8'
+        return UserError(f'{path}: {where}: {before}, the text from it on is not{named}: two files put together?; '
+                         f'convert the part from offset {split} on' +
                          (f', e.g. {convert}' if convert else ' from its encoding (iconv -l lists encodings)'))
     shown = ', '.join(map(str, [found.line, *others][:5]))
     return UserError(f'{path}: {where}: lines of UTF-8 (e.g. line {again or found.line + 1 + kinds.index("utf8")}) and '
@@ -193,6 +203,12 @@ def _utf8_line_after(path: str, offset: int, line: int) -> int | None:
             if not chunk:
                 return None
     return None
+
+
+def _char_begun(data: bytes) -> bool:
+    """data is the start of a UTF-8 character of several bytes, cut short."""
+    need = 2 if 0xc2 <= data[0] <= 0xdf else 3 if 0xe0 <= data[0] <= 0xef else 4 if 0xf0 <= data[0] <= 0xf4 else 0
+    return len(data) < need and all(0x80 <= b <= 0xbf for b in data[1:])
 
 
 def _line_kind(line: bytes) -> str:
@@ -327,24 +343,31 @@ def _guess(data: bytes) -> _Guess | None:
 
 
 _UNPACK = 'unpack it first and give the file inside it'
-_PACKED = ((b'\x1f\x8b', 'gzip-compressed', _UNPACK), (b'BZh', 'bzip2-compressed', _UNPACK),
-           (b'\xfd7zXZ\x00', 'xz-compressed', _UNPACK), (b'\x28\xb5\x2f\xfd', 'zstd-compressed', _UNPACK),
-           (b'PK\x03\x04', 'a zip archive (an .xlsx or .docx is one)',
+_PACKED = ((rb'\x1f\x8b', 'gzip-compressed', _UNPACK), (rb'BZh[1-9]1AY&SY', 'bzip2-compressed', _UNPACK),
+           (rb'\xfd7zXZ\x00', 'xz-compressed', _UNPACK), (rb'\x28\xb5\x2f\xfd', 'zstd-compressed', _UNPACK),
+           (rb'PK\x03\x04', 'a zip archive (an .xlsx or .docx is one)',
             'unpack it first and give the file inside it; a spreadsheet: save it as CSV UTF-8'),
-           (b'\xd0\xcf\x11\xe0', 'an Office document (.xls / .doc)', 'save it as CSV UTF-8 (or text) first'),
-           (b"7z\xbc\xaf\x27\x1c", 'a 7z archive', _UNPACK), (b'Rar!\x1a\x07', 'a RAR archive', _UNPACK),
-           (b'\x89PNG', 'a PNG image', 'give a text file'), (b'\xff\xd8\xff', 'a JPEG image', 'give a text file'),
-           (b'GIF8', 'a GIF image', 'give a text file'), (b'\x7fELF', 'a program (ELF)', 'give a text file'),
-           (b'%PDF', 'a PDF', 'extract its text first (e.g. pdftotext)'),
-           (b'PAR1', 'Parquet', 'give it a name ending in .parquet'))
+           (rb'\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1', 'an Office document (.xls / .doc)',
+            'save it as CSV UTF-8 (or text) first'),
+           (rb'7z\xbc\xaf\x27\x1c', 'a 7z archive', _UNPACK), (rb'Rar!\x1a\x07', 'a RAR archive', _UNPACK),
+           (rb'\x89PNG\r\n\x1a\n', 'a PNG image', 'give a text file'),
+           (rb'\xff\xd8\xff', 'a JPEG image', 'give a text file'),
+           (rb'GIF8[79]a', 'a GIF image', 'give a text file'), (rb'\x7fELF', 'a program (ELF)', 'give a text file'),
+           (rb'%PDF-\d', 'a PDF', 'extract its text first (e.g. pdftotext)'))  # whole signatures: text may begin "BZh"
 
 
-def _encodes(ch: str, encoding: str) -> bool:
-    try:
-        ch.encode(encoding)
-    except UnicodeEncodeError:
-        return False
-    return True
+def _packed(path: str, head: bytes) -> tuple[str, str] | None:
+    """(what the file is, the fix) where its first bytes (and a Parquet file's last ones) say it is
+    not text, else None."""
+    for magic, name, fix in _PACKED:
+        if re.match(magic, head):
+            return name, fix
+    if head.startswith(b'PAR1') and os.path.getsize(path) >= 8:
+        with open(path, 'rb') as f:
+            f.seek(-4, os.SEEK_END)
+            if f.read(4) == b'PAR1':
+                return 'Parquet', 'give it a name ending in .parquet'
+    return None
 
 
 def _decodes(data: bytes, encoding: str, final: bool = False) -> bool:
@@ -367,7 +390,7 @@ def check_plain_text(path: str) -> None:
     UTF-8, Latin text would read with NULs between its characters)."""
     with open(path, 'rb') as f:
         head = f.read(4096)
-    packed = next(((name, fix) for magic, name, fix in _PACKED if head.startswith(magic)), None)
+    packed = _packed(path, head)
     if packed:
         raise UserError(f'{path}: the file is {packed[0]}, not text', packed[1])
     stem, ext = os.path.splitext(path)
