@@ -313,8 +313,9 @@ def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
 def warmup_notes(t, total_steps: int) -> list[str]:
     """A warmup as long as the run, with the flags that fix it: its learning rate never reaches
     learn_rate (one step of one: nothing is learned, the first step's rate is 0). A long warmup
-    that ends before the run does is not noted: in bench/bench_recipe.py a third, half and three
-    quarters of the run learned as well as 5% at 1e-2 and far better at 3e-2 (bench/RECIPE_NOTES.md)."""
+    that ends before the run does is not noted: in bench/bench_recipe.py a third of the run learned
+    as well as 5% at 1e-2, and a third, a half and three quarters far better than 5% at 3e-2
+    (bench/RECIPE_NOTES.md)."""
     warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, total_steps)
     if not total_steps or warmup < total_steps:
         return []
