@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,19 +38,33 @@ SIZES = {  # d_model 128: the demo preset's shape (1.5M parameters); d_model 256
 
 _CHILDREN: set = set()  # the bench child processes running now (from any thread)
 _STOPPING = threading.Event()
-_MADE: set = set()  # the temporary training folders this process made and has not removed
+_MADE: dict = {}  # the temporary training folders this process made and has not removed: path -> its token
+TEMP_MARK = '.bench-temp'  # in each: the token it was made with
 
 
 def temp_folder(prefix: str) -> str:
-    """A new temporary folder for one training run (removed by :func:`remove_folder`, or at a stop)."""
-    path = tempfile.mkdtemp(prefix=prefix)
-    _MADE.add(path)
+    """A new temporary folder for one training run (removed by :func:`remove_folder`, or at a stop),
+    marked with a token of its own."""
+    path, token = tempfile.mkdtemp(prefix=prefix), os.urandom(16).hex()
+    fd = os.open(os.path.join(path, TEMP_MARK), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(token)
+    _MADE[path] = token
     return path
 
 
 def remove_folder(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)  # a folder temp_folder made in this process: nothing else's
-    _MADE.discard(path)
+    """Removes a folder :func:`temp_folder` made in this process while it is still that folder: a real
+    one (never a link) holding its token. Any other path -- a user's folder, a link, the made one's
+    name taken since by another folder -- is left as it is."""
+    token = _MADE.pop(path, None)
+    with contextlib.suppress(OSError):
+        if token is None or not stat.S_ISDIR(os.lstat(path).st_mode):
+            return
+        fd = os.open(os.path.join(path, TEMP_MARK), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            if f.read(64) == token:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_on_sigterm(child: bool = False) -> None:
@@ -65,7 +80,7 @@ def stop_on_sigterm(child: bool = False) -> None:
                 proc.send_signal(signal.SIGTERM)
         if child:
             for path in list(_MADE):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_folder(path)
             os._exit(128 + signum)
         sys.exit(128 + signum)
 

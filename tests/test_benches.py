@@ -304,3 +304,39 @@ def test_a_stopped_learning_bench_removes_its_training_folders(bench, whom, tmp_
     assert proc.returncode == 143, err[-3000:]
     assert waited < 60, waited
     assert not glob.glob(f'{tmp}/bench-*'), os.listdir(tmp)  # (torch may leave its own cache there)
+
+
+def test_a_bench_removes_only_the_temporary_folders_it_made(tmp_path, monkeypatch):
+    """remove_folder (a run's end, a stop) acts on a folder temp_folder made in this process while it
+    is still that folder: a user's folder, a link to one, or the made folder's name taken since by a
+    link or another folder are left as they are."""
+    import shutil
+    import tempfile
+
+    heldout = load_bench('heldout')
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    user = tmp_path / 'user'
+    user.mkdir()
+    (user / 'keep.txt').write_text('mine')
+    link = tmp_path / 'link'
+    link.symlink_to(user)
+    for path in (user, link):  # never made here
+        heldout.remove_folder(str(path))
+    made = heldout.temp_folder('bench-ours-')
+    (tmp_path / made / 'state').mkdir()
+    heldout.remove_folder(made)
+    assert not os.path.lexists(made)
+    for replace in ('link', 'folder'):  # the name of a made folder taken since
+        made = heldout.temp_folder('bench-ours-')
+        shutil.rmtree(made)  # gone (by hand) and its name taken: by a link, or by a folder that may get its inode
+        if replace == 'link':
+            os.symlink(user, made)
+        else:
+            other = tmp_path / 'other'
+            other.mkdir()
+            (other / 'keep.txt').write_text('also mine')
+            os.rename(other, made)
+        heldout.remove_folder(made)
+        assert os.path.lexists(made) and (tmp_path / made / 'keep.txt').exists()
+    assert (user / 'keep.txt').read_text() == 'mine' and link.is_symlink()
+    assert (tmp_path / made / 'keep.txt').read_text() == 'also mine'
