@@ -130,13 +130,15 @@ def main() -> None:
     ap.add_argument('--max_len', type=int, default=0, help='max length a side (0: 32, or 192 for real)')
     ap.add_argument('--size', default='d128', help='d128 (the demo preset) or d256')
     ap.add_argument('--batches', type=int, default=20)
+    ap.add_argument('--batch', type=int, default=0, help='pairs a batch (0: the demo preset\'s 64)')
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--threads', type=int, default=os.cpu_count())
     args = ap.parse_args()
     from heldout import BASE, SIZES  # no torch at its import: the flags are checked before torch loads
 
-    if args.task not in ('demo', 'numbers', 'real') or min(args.batches, args.rounds, args.threads) < 1 or args.max_len < 0:
-        ap.error('--task is demo, numbers or real; --batches, --rounds and --threads are at least 1')
+    if args.task not in ('demo', 'numbers', 'real') or min(args.batches, args.rounds, args.threads) < 1 or min(
+            args.max_len, args.batch) < 0:
+        ap.error('--task is demo, numbers or real; --batches, --rounds and --threads are at least 1; --batch >= 0')
     if args.task == 'real' and not os.path.isfile(REAL):
         sys.exit(f'{REAL} is missing: --task=real reads the real rows')
     if args.size not in SIZES:
@@ -160,7 +162,7 @@ def main() -> None:
     else:
         paths = task_files(args.task)
         train_file, tok = paths['train'], load_tokenizer(paths['tok'])
-    n, size = BASE['batch_size_per_gpu'], args.max_len or (192 if args.task == 'real' else BASE['max_seq_len'])
+    n, size = args.batch or BASE['batch_size_per_gpu'], args.max_len or (192 if args.task == 'real' else BASE['max_seq_len'])
     rows = list(iter_usable_rows(train_file, n * args.batches))
     encoder = TokenEncoder(tok, size)
 

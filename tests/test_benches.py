@@ -340,3 +340,10 @@ def test_a_bench_removes_only_the_temporary_folders_it_made(tmp_path, monkeypatc
         assert os.path.lexists(made) and (tmp_path / made / 'keep.txt').exists()
     assert (user / 'keep.txt').read_text() == 'mine' and link.is_symlink()
     assert (tmp_path / made / 'keep.txt').read_text() == 'also mine'
+
+
+def test_bench_step_times_the_batch_it_is_given():
+    r = subprocess.run([sys.executable, 'bench/bench_step.py', '--task=numbers', '--batch=8', '--batches=2', '--rounds=1',
+                        '--threads=1'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '2 batches of 8,' in r.stdout and 'packed / minimal' in r.stdout, r.stdout

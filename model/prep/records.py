@@ -45,9 +45,9 @@ _UTF8_LEADS = bytes(range(0xc2, 0xf5))  # the first byte of each UTF-8 character
 _UTF8_LEADS_3 = bytes(range(0xe0, 0xf5))  # ... of three or four bytes (every Chinese one)
 
 
-def _wide(data: bytes) -> int:
-    """UTF-8 characters beyond ASCII in data (valid UTF-8)."""
-    return len(data) - len(data.translate(None, _UTF8_LEADS))
+def _count(data: bytes, byte_set: bytes) -> int:
+    """How many bytes of data are in byte_set (e.g. _UTF8_LEADS: UTF-8 characters beyond ASCII)."""
+    return len(data) - len(data.translate(None, byte_set))
 
 
 def find_bad_utf8(path: str) -> BadUtf8 | None:
@@ -66,9 +66,9 @@ def find_bad_utf8(path: str) -> BadUtf8 | None:
                 used, bad = e.start, data[e.start:e.end]
             newline = data.rfind(b'\n', 0, used)
             if newline >= 0:  # the complete lines so far: a character of another encoding may read as UTF-8
-                line_start, wide_lines = offset + newline + 1, wide + _wide(data[:newline + 1])  # in its own line
+                line_start, wide_lines = offset + newline + 1, wide + _count(data[:newline + 1], _UTF8_LEADS)  # in its own line
             line += data.count(b'\n', 0, used)
-            wide += _wide(data[:used])
+            wide += _count(data[:used], _UTF8_LEADS)
             if bad is not None:
                 return BadUtf8(line, offset + used, bad, line_start, wide_lines - (bom and line_start > 0))
             offset += used
@@ -109,9 +109,10 @@ def build_utf8_error(path: str) -> UserError:
         line = part[:end] if end >= 0 else part
         f.seek(start + end + 1)
         after = f.read(LINES_BYTES) if end >= 0 else b''  # the lines after it
-    controls = len(part[at:at + 4096]) - len(part[at:at + 4096].translate(None, _CONTROL_BYTES))
-    if controls > len(part[at:at + 4096]) // 20:  # text holds few: a binary file
-        return UserError(f'{path}: not a text file ({controls} control bytes in the {len(part[at:at + 4096])} from offset '
+    window = part[at:at + 4096]
+    controls = _count(window, _CONTROL_BYTES)
+    if controls > len(window) // 20:  # text holds few: a binary file
+        return UserError(f'{path}: not a text file ({controls} control bytes in the {len(window)} from offset '
                          f'{found.offset}); give a text file')
     later = after.split(b'\n')
     # the last piece: a line cut by the window (judged from the next offset on), or the empty one after a final
@@ -125,7 +126,7 @@ def build_utf8_error(path: str) -> UserError:
            f'tail -c +4 {quoted} | sed -n \'1p\'' if bom and found.line == 1 else f'sed -n \'{found.line}p\' {quoted}')
     # UTF-8 text before the bad byte: in the lines before it, or Chinese UTF-8 (three-byte characters, which a
     # character or two of GBK seldom read as) in its own line before it
-    utf8_before = found.wide_before or len(part[:at]) - len(part[:at].translate(None, _UTF8_LEADS_3)) >= 4
+    utf8_before = found.wide_before or _count(part[:at], _UTF8_LEADS_3) >= 4
     if not utf8_before and not utf8_after:  # no UTF-8 beyond ASCII: the whole file is in another encoding
         guess = _guess(part[at:] if end < 0 else part[at:end] + b'\n' + after)
 

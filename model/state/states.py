@@ -657,13 +657,25 @@ def states_all_moved(archive: str, output_dir: str) -> bool:
     return not collections.Counter(map(os.path.basename, states)) - there  # as many of each name (two folders')
 
 
+def _copying_record(archive: str) -> dict | None:
+    """archive's record COPYING of a copy in progress, if it is the toolkit's (kind, token, item as
+    recorded_identity writes it), else None."""
+    record = ownership.read_marker(archive, COPYING)
+    item = record.get('item') if record is not None else None
+    if (record is None or record.get('kind') != COPYING_KIND or not isinstance(record.get('token'), str)
+            or not re.fullmatch(r'[0-9a-f]{32}', record['token'])
+            or not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str))):
+        return None
+    return record
+
+
 def _cut_copy_item(archive: str) -> list | None:
     """The item of the copy in progress that archive's record COPYING names, as it is now (its
     identity of today, so long as its path, device and inode are the recorded ones), else None."""
-    record = ownership.read_marker(archive, COPYING)
-    item = record.get('item') if record is not None and record.get('kind') == COPYING_KIND else None
-    if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)):
+    record = _copying_record(archive)
+    if record is None:
         return None
+    item = record['item']
     try:
         now = ownership.recorded_identity(item[0])
     except OSError:
@@ -817,13 +829,11 @@ def _take_back_part(archive: str, keep_item: bool = False) -> bool:
         if record_st is not None:
             os.remove(record_path)
         return False
-    record = ownership.read_marker(archive, COPYING)  # a plain file (as the move's record: hard links change nothing)
-    item_id = record.get('item') if record is not None else None
-    if (record is None or record.get('kind') != COPYING_KIND or not isinstance(record.get('token'), str)
-            or not re.fullmatch(r'[0-9a-f]{32}', record['token'])
-            or not (isinstance(item_id, list) and len(item_id) == 4 and isinstance(item_id[0], str))):
+    record = _copying_record(archive)  # a plain file (as the move's record: hard links change nothing)
+    if record is None:
         raise UserError(f'{record_path} is in the way of the move into {archive} and was not written by this '
                         f'toolkit: move it away, then run again')
+    item_id = record['item']
     token, item, target = record['token'], item_id[0], record.get('target')
     if not isinstance(target, str):
         raise UserError(f'{record_path} is in the way of the move into {archive} and was not written by this '
