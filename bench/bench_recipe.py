@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument('--out_dir', default=OUT, help='where the printed output goes (a new name each run)')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    heldout.check_common_flags(ap, args)
     heldout.stop_on_sigterm(child=bool(args.child))
     if args.child:
         print('RESULT ' + json.dumps(child(*json.loads(args.child))), flush=True)

@@ -261,6 +261,7 @@ def main() -> None:
                     'bench_train_<time>_<task>_<size>.json, comma-separated), no run')
     ap.add_argument('--child', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    heldout.check_common_flags(ap, args)
     heldout.stop_on_sigterm(child=bool(args.child))
     if args.child:
         kind, *rest = json.loads(args.child)

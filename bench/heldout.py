@@ -111,6 +111,18 @@ def run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def check_common_flags(ap, args) -> None:
+    """What argparse lets through and a learning bench cannot use: one line, exit 2 (an empty --out_dir,
+    an unset variable, would write into the current folder; a negative --steps ran the default)."""
+    if getattr(args, 'out_dir', None) == '':
+        ap.error('--out_dir is empty: give a folder (the default is bench/out)')
+    steps = getattr(args, 'steps', 0)
+    if any(int(x) < 0 for x in str(steps).split(',') if x.strip().lstrip('-').isdigit()):
+        ap.error(f'--steps={steps}: give a number of optimizer steps (0 or more)')
+    if getattr(args, 'eval_every', 1) < 1:
+        ap.error(f'--eval_every={args.eval_every}: give a number of steps, 1 or more')
+
+
 def new_log(out_dir: str, prefix: str, quick: bool):
     """A new file for a run's printed output, never an earlier run's: (the open file, its name less
     .txt, for the run's other files) -- prefix_<time>[_quick][-N].txt in out_dir."""

@@ -347,3 +347,13 @@ def test_bench_step_times_the_batch_it_is_given():
                         '--threads=1'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '2 batches of 8,' in r.stdout and 'packed / minimal' in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize('bench,flag', [('bench_train', '--steps=-3'), ('bench_train', '--out_dir='),
+                                        ('bench_train', '--eval_every=0'), ('bench_recipe', '--steps=-1,200'),
+                                        ('bench_recipe', '--out_dir=')])
+def test_a_learning_bench_refuses_flags_it_cannot_use_in_one_line(bench, flag, tmp_path):
+    r = subprocess.run([sys.executable, f'{ROOT}/bench/{bench}.py', '--quick', flag], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)  # run elsewhere: nothing written there either
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f'{bench}.py: error: --'), r.stderr
+    assert os.listdir(tmp_path) == []

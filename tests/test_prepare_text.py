@@ -394,6 +394,9 @@ def test_the_encoding_hint_looks_past_its_window_and_long_lines(tmp_path):
     assert (tmp_path / 'junction.utf8.txt').read_text(encoding='utf-8') == utf8.decode().rstrip('\n') + gbk.decode(
         'gbk') * 5
     assert 'cut short' not in said['stray at the end.txt'] and 'line 4: byte 0xff' in said['stray at the end.txt']
+    (tmp_path / 'one byte.csv').write_bytes(b'\xff')  # pyarrow calls it an empty CSV: it is not UTF-8 first
+    with pytest.raises(UserError, match=r'one byte\.csv: line 1: byte 0xff at offset 0 is not UTF-8'):
+        convert_to_parquet(str(tmp_path / 'one byte.csv'), str(tmp_path / 'out.parquet'))
     (tmp_path / 'names.csv').write_text('BZhang San,ok\nGIF8 et cetera,ok\n', encoding='utf-8')  # text, not packed
     assert convert_file(str(tmp_path / 'names.csv'), str(tmp_path / 'names.parquet'), text_col='BZhang San').rows == 1  # a header and a row
 

@@ -109,7 +109,9 @@ def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
     except UnicodeDecodeError:  # pyarrow decodes the header names itself
         raise build_utf8_error(path) from None
     except pa.ArrowInvalid as e:
-        if 'UTF8' in str(e) or 'UTF-8' in str(e):
+        # pyarrow names a bad byte only where it meets it in a field ("Empty CSV file" for one byte 0xff): a
+        # file that is not UTF-8 is said so first, whatever pyarrow's own complaint
+        if 'UTF8' in str(e) or 'UTF-8' in str(e) or records.find_bad_utf8(path) is not None:
             raise build_utf8_error(path) from None
         if 'straddling' in str(e) or 'straddles' in str(e):
             raise UserError(f'{path}: a row is longer than {human_size(read_guard.MAX_RECORD_BYTES)} '
