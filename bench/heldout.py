@@ -45,11 +45,16 @@ TEMP_MARK = '.bench-temp'  # in each: the token it was made with
 def temp_folder(prefix: str) -> str:
     """A new temporary folder for one training run (removed by :func:`remove_folder`, or at a stop),
     marked with a token of its own."""
-    path, token = tempfile.mkdtemp(prefix=prefix), os.urandom(16).hex()
-    fd = os.open(os.path.join(path, TEMP_MARK), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, 'w') as f:
-        f.write(token)
-    _MADE[path] = token
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop waits until the folder is made, marked and known
+    try:
+        path, token = tempfile.mkdtemp(prefix=prefix), os.urandom(16).hex()
+        fd = os.open(os.path.join(path, TEMP_MARK), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            f.write(token)
+        _MADE[path] = token
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     return path
 
 
@@ -74,6 +79,8 @@ def stop_on_sigterm(child: bool = False) -> None:
     the temporary folders it made and exits at once, 128 + the signal: no `finally` block of the
     training code, nor its exit, is waited for."""
     def stop(signum, frame):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # a second one (a launcher's,
+        # the bench's to its child) must not cut this stop short: the removal below, or the wait for the children
         _STOPPING.set()
         for proc in list(_CHILDREN):
             with contextlib.suppress(OSError):
@@ -89,25 +96,32 @@ def stop_on_sigterm(child: bool = False) -> None:
 
 
 def run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
-    """A bench child process (one training run) run to its end, its output captured. Stopped while
-    it runs (Ctrl-C, SIGTERM: :func:`stop_on_sigterm`), the child is stopped with SIGTERM and waited
-    for -- so that it removes its temporary folder -- before the stop goes on; none starts after."""
+    """A bench child process (one training run) run to its end, its output captured, with a
+    temporary folder of its own as TMPDIR, removed once the child has ended however it ended (its
+    training folders, a library's cache: nothing of it stays). Stopped while it runs (Ctrl-C,
+    SIGTERM: :func:`stop_on_sigterm`), the child is stopped with SIGTERM and waited for before the
+    stop goes on; none starts after."""
     if _STOPPING.is_set():
         raise RuntimeError('the bench is stopping')
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    _CHILDREN.add(proc)
+    box = temp_folder('bench-child-')
+    proc = None
     try:
-        out, err = proc.communicate()
-    except BaseException:
-        proc.send_signal(signal.SIGTERM)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(env, TMPDIR=box), cwd=ROOT)
+        _CHILDREN.add(proc)
         try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        raise
+            out, err = proc.communicate()
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise
     finally:
         _CHILDREN.discard(proc)
+        remove_folder(box)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
