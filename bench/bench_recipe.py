@@ -60,8 +60,11 @@ def label(fields: dict) -> str:
     opt = fields['optimizer'] + ('+scale' if fields.get('adafactor_scale_parameter') else '')
     warm = (f'warmup {fields["warmup_steps"]} steps' if not fields.get('warmup_ratio')
             else f'warmup {fields["warmup_ratio"]:.0%}')
+    shown = {'optimizer', 'adafactor_scale_parameter', 'learn_rate', 'warmup_ratio', 'warmup_steps', 'dropout_rate',
+             'feed_forward_proj', 'group_by_length'}
+    other = ''.join(f' {k}={v}' for k, v in fields.items() if k not in shown)  # e.g. a d_ff of the setting's own
     return (f'{opt:<15} lr {fields["learn_rate"]:<6g} {warm:<17} dropout {fields["dropout_rate"]:<3g} '
-            f'{fields["feed_forward_proj"]}' + (' grouped' if fields.get('group_by_length', True) else ''))
+            f'{fields["feed_forward_proj"]}' + (' grouped' if fields.get('group_by_length', True) else '') + other)
 
 
 def run_child(task: str, size: str, seed: int, steps: int, fields: dict) -> dict:

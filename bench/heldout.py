@@ -130,9 +130,17 @@ def check_common_flags(ap, args) -> None:
     an unset variable, would write into the current folder; a negative --steps ran the default)."""
     if getattr(args, 'out_dir', None) == '':
         ap.error('--out_dir is empty: give a folder (the default is bench/out)')
-    steps = getattr(args, 'steps', 0)
-    if any(int(x) < 0 for x in str(steps).split(',') if x.strip().lstrip('-').isdigit()):
-        ap.error(f'--steps={steps}: give a number of optimizer steps (0 or more)')
+    for flag, least in (('steps', 0), ('seeds', None)):  # numbers, comma-separated where a bench takes several
+        given = getattr(args, flag, None)
+        if given is None:
+            continue
+        try:
+            numbers = [int(x) for x in str(given).split(',')]
+        except ValueError:
+            numbers = None
+        if numbers is None or (least is not None and min(numbers) < least):
+            ap.error(f'--{flag}={given}: give ' + ('a number of optimizer steps (0 or more)' if flag == 'steps'
+                                                    else 'whole numbers') + ', comma-separated')
     if getattr(args, 'eval_every', 1) < 1:
         ap.error(f'--eval_every={args.eval_every}: give a number of steps, 1 or more')
 

@@ -139,6 +139,9 @@ def test_bench_recipe_settings_are_config_fields():
         cfg = resolve_config(overrides=fields)
         assert cfg.train.adafactor_scale_parameter is name.endswith('+scale') and cfg.train.learn_rate == lrs[0]
         assert name.split('+')[0] in bench.label(fields)
+    # a field the label has no column for is still shown: two settings never print as one
+    assert bench.label({**bench.setting('adamw', 1e-3), 'd_ff': 340}).endswith(' d_ff=340')
+    assert 'd_ff' not in bench.label(bench.setting('adamw', 1e-3))
 
 
 @pytest.mark.slow
@@ -351,7 +354,8 @@ def test_bench_step_times_the_batch_it_is_given():
 
 @pytest.mark.parametrize('bench,flag', [('bench_train', '--steps=-3'), ('bench_train', '--out_dir='),
                                         ('bench_train', '--eval_every=0'), ('bench_recipe', '--steps=-1,200'),
-                                        ('bench_recipe', '--out_dir=')])
+                                        ('bench_recipe', '--out_dir='), ('bench_recipe', '--steps=abc'),
+                                        ('bench_recipe', '--seeds=1,x'), ('bench_train', '--seeds=')])
 def test_a_learning_bench_refuses_flags_it_cannot_use_in_one_line(bench, flag, tmp_path):
     r = subprocess.run([sys.executable, f'{ROOT}/bench/{bench}.py', '--quick', flag], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=120)  # run elsewhere: nothing written there either
