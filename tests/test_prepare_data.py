@@ -341,6 +341,12 @@ def build_bad_inputs(tmp_path):
     (d / 'gbk_header.csv').write_bytes('问题,回答\n你好,世界\n'.encode('gbk'))
     (d / 'not_list.json').write_text('"just a string"', encoding='utf-8')
     (d / 'open_quote.csv').write_text('question,answer\n问一,答一\n"未闭合的引号,答二\n问三,答三\n', encoding='utf-8')
+    # the quote in the last column: pyarrow took every later line into that value, one row, exit 0
+    (d / 'open_quote_last.csv').write_text('question,answer\n问一,答一\n问二,"未闭合的引号\n问三,答三\n问四,答四\n',
+                                           encoding='utf-8')
+    (d / 'open_quote_text.csv').write_text('id,body\n' + ''.join(
+        f'{i},"第{i}行,""引号""文本"\n' if i % 3 else f'{i},他说"好"\n' for i in range(40)) + '40,"没关上\n41,后面\n',
+        encoding='utf-8')
     (d / 'extra_comma.csv').write_text('question,answer\n问一,答一\n"多\n行",答\n问二,答,二\n', encoding='utf-8')
     (d / 'not_objects.json').write_text('[\n{"question": "a", "answer": "b"},\n 42\n]', encoding='utf-8')
     (d / 'bad_list.json').write_text('[\n{"question": "a", "answer": "b"},\n{"question": "c" "answer": 1}\n]',
@@ -360,6 +366,10 @@ def build_bad_inputs(tmp_path):
          ['gbk_header.csv', 'line 1', 'iconv -f GB18030 -t UTF-8']),
         ('csv quote never closed', ['convert', d / 'open_quote.csv', d / 'out11.parquet', *out],
          ['open_quote.csv', 'line 3', 'a row of 1 field(s), where the header has 2']),
+        ('csv quote never closed, last column', ['convert', d / 'open_quote_last.csv', d / 'out13.parquet', *out],
+         ['open_quote_last.csv', 'line 3', 'never closed']),
+        ('csv text quote never closed', ['convert', d / 'open_quote_text.csv', d / 'out14.parquet', '--text_col=body'],
+         ['open_quote_text.csv', 'line 42', 'never closed']),
         ('csv row with a comma too many', ['convert', d / 'extra_comma.csv', d / 'out12.parquet', *out],
          ['extra_comma.csv', 'line 5', 'a row of 3 field(s)']),  # after a quoted value over two lines
         ('json not a list', ['convert', d / 'not_list.json', d / 'out5.parquet', *out],
@@ -413,3 +423,37 @@ def test_cli_happy_path_convert_clean_split_check(tmp_path):
     assert 'shape: (360, 2)' in outputs[3]
     assert 'convert INPUT OUTPUT' in outputs[4] and '--prompt_col' in outputs[4]
     assert pq.ParquetFile(tmp_path / 'valid.parquet').schema_arrow == OUTPUT_SCHEMA
+
+
+def test_a_csv_quote_left_open_is_found_where_it_opens(tmp_path):
+    """readers._quote_left_open reads quotes as pyarrow does: only a value's first character opens
+    one, "" is a quote, a quote inside an unquoted value is text; any CSV Python's csv writes is
+    closed, and one with its last closing quote removed is open where that value starts."""
+    import csv
+    import io
+    import random
+
+    from model.prep.readers import _quote_left_open
+
+    def left_open(text):
+        (tmp_path / 'f.csv').write_bytes(text.encode('utf-8'))
+        return _quote_left_open(str(tmp_path / 'f.csv'))
+
+    assert left_open('id,body\n1,a\n2,"open\n3,c\n4,d\n') == 3
+    assert left_open('\ufeff"id",body\n1,"x\n') == 2 and left_open('"id,body\n1,a\n') == 1
+    assert left_open('a,b\n1,""\n2,""""\n3,he said "hi" ok\n4,5" screen\n') is None
+    assert left_open('a,b\n1,"""\n') == 2 and left_open('a,b\r\n1,"x\r\ny"\r\n2,"z\r\n') == 4
+    assert left_open('a,b\n1, "x\n') is None and left_open('') is None
+    rnd = random.Random(3)
+    for _ in range(300):
+        rows = [[rnd.choice(['a', 'b"c', '"', 'x,y', '多\n行', '', '中文']) + rnd.choice(['', '"', '""']) for _ in range(3)]
+                for _ in range(rnd.randint(1, 6))]
+        out = io.StringIO()
+        csv.writer(out, lineterminator='\n').writerows(rows)
+        text = out.getvalue()
+        assert left_open(text) is None, text
+        if text.endswith('"\n'):  # the last value was quoted: without its closing quote it runs to the end
+            opened = text.rfind('"', 0, len(text) - 2)
+            while not (opened == 0 or text[opened - 1] in ',\n') or text[:opened].count('"') % 2:
+                opened = text.rfind('"', 0, opened)
+            assert left_open(text[:-2] + '\n') == text[:opened].count('\n') + 1, text

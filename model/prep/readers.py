@@ -12,6 +12,7 @@ over ``MAX_RECORD_BYTES`` is refused as it streams, before it is whole.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from typing import Iterator
 
@@ -101,6 +102,11 @@ def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
         convert = pcsv.ConvertOptions(include_columns=source, column_types={c: pa.string() for c in source})
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         first_row = 0
+        opened = _quote_left_open(path)  # before any row is given out: a stop here leaves nothing written
+        if opened is not None:
+            raise UserError(f'{path}: line {opened}: a quote (") opened there is never closed, so the file\'s '
+                            f'every line after it would be one value; close that quote (a quote inside a value '
+                            f'is written twice: "") or remove it') from None
         for batch in reader:
             table = pa.Table.from_arrays([batch.column(c) for c in cols.source], schema=OUTPUT_SCHEMAS[cols.kind])
             _check_row_bytes(path, table, first_row, limit, 'data row')
@@ -126,6 +132,41 @@ def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
                                 f'closed?); fix that row') from None
             raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
+
+
+def _quote_left_open(path: str) -> int | None:
+    """The line where a quoted CSV value opens that the file never closes, or None. pyarrow (and
+    Python's csv) take such a value to the end of the file without a word: one row swallows every
+    row after it. Read as pyarrow reads it: a quote opens a value only as a value's first
+    character (after a comma, a line break or the file's start); inside, a doubled quote is a
+    quote and a single one closes it; a quote inside an unquoted value is text. One regular
+    expression over a map of the file, from quoted value to quoted value."""
+    import mmap
+
+    with open(path, 'rb') as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            first = 3 if m[:3] == b'\xef\xbb\xbf' else 0
+            pos = first
+            while True:
+                for value in _QUOTED_VALUE.finditer(m, pos):
+                    q = value.start()
+                    if q != first and m[q - 1] not in b',\n':  # a quote inside an unquoted value: text
+                        pos = q + 1
+                        break
+                    if not value.group(1):  # the file ended inside it
+                        return _lines_before(m, q) + 1
+                else:
+                    return None
+
+
+# a quoted value from its opening quote: "" inside, then its closing quote (empty: the file ended first)
+_QUOTED_VALUE = re.compile(rb'"[^"]*(?:""[^"]*)*("?)')
+
+
+def _lines_before(m, end: int, chunk: int = 1 << 24) -> int:
+    return sum(m[i:min(i + chunk, end)].count(b'\n') for i in range(0, end, chunk))
 
 
 def _csv_bad_row(path: str) -> tuple[int, int, int] | None:
