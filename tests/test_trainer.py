@@ -5,8 +5,8 @@ from __future__ import annotations
 import glob
 import math
 import os
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 
@@ -235,6 +235,26 @@ def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert bad.returncode == 2 and 'expected an integer for batch_size_per_gpu' in bad.stderr
 
+
+
+def test_a_requeued_job_that_finds_no_state_says_so_before_it_starts_over(data, tmp_path):
+    """A requeue (SLURM_RESTART_COUNT > 0) whose output link now points at an empty folder trained
+    from step 0 without a word; a first start, or a requeue that finds its state, says nothing."""
+    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    out = tmp_path / 'run'
+    script = ['bash', 'start_pretrain_large.sh', *tiny_flags(data, out, save_steps=2, eval_steps=100)]
+
+    def start(steps, **extra):
+        r = subprocess.run(script + [f'--max_steps={steps}'], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stderr
+
+    assert 'finds no saved state' not in start(2)  # a first start
+    assert 'finds no saved state' not in start(4, SLURM_RESTART_COUNT='1')  # a requeue that resumes
+    shutil.rmtree(out)  # the scratch behind the link is another, empty one
+    said = start(2, SLURM_RESTART_COUNT='2')
+    assert 'warning: this job was restarted 2 time(s)' in said and 'trains from step 0' in said, said
 
 
 def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_refused(data, tmp_path):
