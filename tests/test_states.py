@@ -1317,3 +1317,52 @@ def test_a_cut_move_counts_its_states_all_moved_only_when_none_is_left_where_it_
     assert not sf.states_all_moved(str(archive), str(out))
     os.rename(out / 'state-000000020', tmp_path / 'out_of_reach')  # gone from here, yet not in the archive either
     assert not sf.states_all_moved(str(archive), str(out))
+
+
+def test_a_step_saved_again_replaces_its_own_earlier_save_and_keeps_the_older_state(tmp_path, caplog):
+    """A stop that cuts the last step's evaluation saves that step again (its evaluation pending),
+    and so does the resume once it has done it: each save of the step went beside the last as
+    state-<step>.<n> with a warning that the run's own state was something it 'may not replace',
+    and the pruning kept the copies of that step and removed the older state, the one to fall back
+    to. Now a later save of a step replaces the run's own earlier saves of it; another run's state
+    or a user's folder of that name is still stepped around, never replaced."""
+    import logging
+
+    from model.state.model_files import RUN_ID
+
+    states = tmp_path / 'states'
+
+    def files(run):
+        return {'model.safetensors': 'weights', **JSON_FILES, sf.RUN_JSON: json.dumps({RUN_ID: run}),
+                'tokenizer/tokenizer.json': 'tok'}
+
+    def save(step, run='run-a'):
+        tmp = sf.tmp_path(str(states), step)
+        sf.begin_save(str(states), tmp)
+        os.makedirs(os.path.join(tmp, 'tokenizer'))
+        for rel, text in files(run).items():
+            with open(os.path.join(tmp, rel), 'w') as f:
+                f.write(text)
+        return sf.complete_save(str(states), tmp, step, keep=2)
+
+    save(5)
+    save(10)
+    with caplog.at_level(logging.INFO):
+        again = save(10)  # the stop: step 10 with its evaluation pending
+        assert names(states) == ['state-000000005', 'state-000000010.1'], names(states)
+        resumed = save(10)  # the resume did the evaluation: step 10 once more
+    assert names(states) == ['state-000000005', 'state-000000010.2'], names(states)
+    assert sf.latest_state(str(states)) == resumed and not os.path.exists(again)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    # not the run's own: another run's state of that step, a user's folder of that name -- kept, said
+    caplog.clear()
+    make_state(states, 20, files=files('run-b'))
+    user = states / 'state-000000030'
+    user.mkdir()
+    (user / 'notes.txt').write_text('mine')
+    with caplog.at_level(logging.WARNING):
+        save(20)
+        save(30)
+    assert (user / 'notes.txt').read_text() == 'mine' and (states / 'state-000000020').is_dir()
+    assert sum('may not replace' in r.getMessage() for r in caplog.records) == 2, caplog.text
+    assert sf.latest_state(str(states)).endswith('state-000000030.1')

@@ -324,15 +324,30 @@ def _remove_state(path: str, step: int) -> None:
 
 
 def free_state_path(state_dir: str, step: int) -> str:
-    """Where the state of this step goes: ``state-<step>``, or, when something the toolkit may
-    not replace stands there (a damaged state, anything of the user's), the first free
-    ``state-<step>.<n>`` beside it."""
-    path = os.path.join(state_dir, state_name(step))
-    n = 0
-    while os.path.lexists(path):
+    """Where the state of this step goes: ``state-<step>``, or, when something stands there or
+    beside it (a damaged state, anything of the user's, an earlier save of this step), the
+    ``state-<step>.<n>`` after every one of them: a later save of a step sorts after its earlier
+    ones, so it is the newest."""
+    siblings = _same_step_paths(state_dir, step)
+    if not siblings:
+        return os.path.join(state_dir, state_name(step))
+    m = _STATE_RE.match(os.path.basename(siblings[-1]))
+    n = int(m.group(2) or 0) + 1
+    while os.path.lexists(path := os.path.join(state_dir, f'{state_name(step)}.{n}')):
         n += 1
-        path = os.path.join(state_dir, f'{state_name(step)}.{n}')
     return path
+
+
+def _same_step_paths(state_dir: str, step: int) -> list[str]:
+    """Whatever stands in state_dir under the name of a state of this step (state-<step>[.<n>]),
+    by n."""
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return []
+    found = [(int(m.group(2) or 0), name) for name in names
+             if (m := _STATE_RE.match(name)) and int(m.group(1)) == step]
+    return [os.path.join(state_dir, name) for _, name in sorted(found)]
 
 
 def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
@@ -342,9 +357,16 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
             _fsync_file(os.path.join(root, name))
     ownership.write_marker(tmp, STATE, step=step)  # SAVING stays until the state is in place: never listed
     final = free_state_path(state_dir, step)
-    if os.path.basename(final) != state_name(step):
-        logger.warning('%s holds something this toolkit may not replace; the state of step %d goes to %s',
-                       os.path.join(state_dir, state_name(step)), step, final)
+    siblings = [p for p in _same_step_paths(state_dir, step) if p != final]
+    mine = [p for p in siblings if _superseded_by(p, tmp)]  # this run's own earlier saves of this step: pruned
+    for there in siblings:
+        if there not in mine:
+            logger.warning('%s holds something this toolkit may not replace; the state of step %d goes to %s',
+                           there, step, final)
+            break
+    if mine:  # a stop cut the step's evaluation (or a resume did it): the state saved again
+        logger.info('the state of step %d saved again (its evaluation pending, or done) in %s; the earlier save '
+                    '%s is pruned', step, final, ', '.join(mine))
     os.rename(tmp, final)
     writes.fsync_dir(state_dir)
     if ownership.is_saving_file(os.path.join(final, SAVING)):  # in place and complete: no longer a save in progress
@@ -384,9 +406,12 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
     ``saved`` (default: the newest state) -- only those wholly the toolkit's; any other is left
     alone and said once. Another run's states in the folder are never pruned."""
     states = [path for _, path in list_complete_states(state_dir)]
-    run = state_run(saved or states[-1]) if states else None
+    saved = saved or (states[-1] if states else None)
+    run = state_run(saved) if states else None
     states = [path for path in states if state_run(path) == run]
-    loadable = [p for p in states if judge_state(p).loadable]  # whole: a state damaged since never counts
+    # an earlier save of the step just saved again (a stop cut that step's evaluation): not one to keep
+    superseded = {p for p in states[:states.index(saved)] if _superseded_by(p, saved)} if saved in states else set()
+    loadable = [p for p in states if p not in superseded and judge_state(p).loadable]  # whole: a damaged one never counts
     kept = set(loadable[-keep:]) if keep > 0 else set()
     for path in states:
         if path in kept or states.index(path) > states.index(loadable[-1] if loadable else states[-1]):
@@ -395,7 +420,7 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
         if verdict.wholly_owned:
             try:
                 _remove_state(path, verdict.step)
-                logger.info('pruned %s (keep_latest_n_ckp=%d)', path, keep)
+                logger.info('pruned %s (a run keeps its %d newest states)', path, keep)
             except OSError as e:  # the new state is saved: what could not go is said (once), and the run goes on
                 if path not in _warned_not_pruned:
                     _warned_not_pruned.add(path)
@@ -405,6 +430,17 @@ def _prune_states(state_dir: str, keep: int, saved: str | None = None) -> None:
             _warned_not_pruned.add(path)
             why = verdict.problem or f'it holds {ownership.describe_foreign(verdict.foreign)}'
             logger.warning('%s is not pruned: %s, which this toolkit did not write', path, why)
+
+
+def _superseded_by(path: str, newer: str) -> bool:
+    """``path`` is a state of the same step, saved by the same run as ``newer`` (a later save of that
+    step), and wholly the toolkit's: a copy the newer one replaces, not something to step around."""
+    if not (ownership.is_real_dir(path) and ownership.folder_kind(path) == STATE):
+        return False
+    verdict = judge_state(path)
+    run = state_run(path)
+    return (verdict.wholly_owned and run is not None and run == state_run(newer)
+            and verdict.step == (ownership.read_marker(newer) or {}).get('step'))
 
 
 def save_failed(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
@@ -909,8 +945,8 @@ def _free_name(target: str) -> str:
     (state-000000020.1: still a state), anything else with a -1, -2, ..."""
     folder, name = os.path.split(target)
     state = _STATE_RE.match(name)
-    if state:
-        return free_state_path(folder, int(state.group(1)))
+    if state:  # its own name where that is free, as for anything else
+        return target if not os.path.lexists(target) else free_state_path(folder, int(state.group(1)))
     n, free = 1, target
     while os.path.lexists(free):
         free, n = os.path.join(folder, f'{name}-{n}'), n + 1
