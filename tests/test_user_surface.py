@@ -343,8 +343,12 @@ def test_weights_with_another_tokenizer_of_the_same_size_are_refused(run, tmp_pa
     assert len(other) == len(AutoTokenizer.from_pretrained(tok))  # the same size: only the pieces differ
     weights = f'--model_dir={run["out"]}/chat_small_t5.best.bin'
     rest = [f for f in model_flags(run) if not f.startswith('--tokenizer_dir=')]
+    # each says which tokenizer it was: the one train left beside the weights (best/), not "train a new one"
+    own = f'give --tokenizer_dir={run["out"]}/best'
     for command in ('generate', 'chat', 'test'):
         one_line(cli(command, *rest, weights, f'--tokenizer_dir={tmp_path / "tok"}', stdin=''), 'another tokenizer')
+        one_line(cli(command, *rest, weights, f'--tokenizer_dir={tmp_path / "tok"}', stdin=''), own)
+        one_line(cli(command, *rest, weights, f'--tokenizer_dir={tmp_path / "none"}', stdin=''), own)
     # a damaged warm-start file is found by the dry run, not after the run started
     damaged = tmp_path / 'damaged.bin'
     damaged.write_bytes(open(f'{run["out"]}/chat_small_t5.best.bin', 'rb').read()[:50_000])
@@ -353,6 +357,10 @@ def test_weights_with_another_tokenizer_of_the_same_size_are_refused(run, tmp_pa
              for f in run['flags']]
     r = cli('train', *flags, f'--init_from={damaged}', '--dry_run=True')
     assert r.returncode == 1 and 'not a readable weights file' in r.stdout, r.stdout[-2000:]
+    # a warm start without its tokenizer: pointed at the one the model folder holds, not at a new one
+    no_tok = [f for f in flags if not f.startswith('--tokenizer_dir=')] + [f'--tokenizer_dir={tmp_path / "none"}']
+    r = cli('train', *no_tok, f'--init_from={run["out"]}/best', '--dry_run=True')
+    assert r.returncode == 1 and f'give --tokenizer_dir={run["out"]}/best' in r.stdout, r.stdout[-2000:]
 
 
 def fenced_commands(path) -> list[str]:

@@ -44,7 +44,6 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
     header = markers.safetensors_header(path)
     if header is None and not _is_torch_file(path):
         raise UserError(f'{what}={path}: neither a model folder nor a weights file (safetensors or torch)')
-    check_tokenizer_folder(tokenizer_dir)
     info = {}
     if header is not None:
         raw = (header.get('__metadata__') or {}).get(markers.MARKER_KEY)
@@ -52,8 +51,32 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
     shape = info.get('model_shape')
     source = ModelSource(path, 'weights', tokenizer_dir, shape, info.get('max_seq_len'), info.get('tokenizer'),
                          info.get('objective'))
+    try:
+        check_tokenizer_folder(tokenizer_dir)
+    except UserError as e:  # a new tokenizer would not be the one these weights know: the one beside them is
+        own = tokenizer_beside(path, source.trained_tokenizer)
+        if own:
+            raise UserError(f'{e.message}; {path} was trained with the tokenizer in {own}: '
+                            f'give --tokenizer_dir={own}') from None
+        raise
     check_same_tokenizer(source, tokenizer_dir, what)
     return source
+
+
+def tokenizer_beside(path: str, fingerprint: str | None = None) -> str | None:
+    """The folder of the tokenizer a model was trained with, found where train leaves one: the
+    model folder itself, or, for a weights file (output_dir/chat_small_t5.<step>.bin), the run's
+    best/ and final/ beside it -- with the recorded fingerprint where there is one. None if none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    places = [folder] if os.path.isdir(path) else [os.path.join(folder, 'best'), os.path.join(folder, 'final'), folder]
+    for place in places:
+        try:
+            if os.path.isfile(os.path.join(place, 'tokenizer.json')) and (
+                    fingerprint is None or tokenizer_fingerprint(place) == fingerprint):
+                return place
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def weights_path(path: str) -> str:
@@ -70,8 +93,11 @@ def check_same_tokenizer(source: ModelSource, tokenizer_dir: str, what: str) -> 
     refused where the weights recorded theirs (files written by train do)."""
     theirs = tokenizer_fingerprint(source.path) if source.kind == 'folder' else source.trained_tokenizer
     if theirs and theirs != tokenizer_fingerprint(tokenizer_dir):
+        own = tokenizer_beside(source.path, theirs)
+        give = (f'give --tokenizer_dir={own}, the one it was trained with' if own
+                else 'give the tokenizer it was trained with (--tokenizer_dir)')
         raise UserError(f'{what}: {source.path} was trained with another tokenizer than the one in {tokenizer_dir} '
-                        f'(other pieces); give the tokenizer it was trained with (--tokenizer_dir)')
+                        f'(other pieces); {give}')
 
 
 def _describe_folder(folder: str, what: str) -> ModelSource:

@@ -155,6 +155,11 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                               data_fix(cfg) if missing else '') or []
     report.train_files = files['train_file']
     tok_fix = f'create it with: {_cli(cfg, "train_tokenizer")} --tokenizer_dir={t.tokenizer_dir}'
+    from model.net.model_source import tokenizer_beside
+
+    own = tokenizer_beside(t.init_from) if t.init_from and os.path.exists(t.init_from) else None
+    if own:  # a warm start reads the data with the tokenizer its weights know: that one, not a new one
+        tok_fix = f'--init_from={t.init_from} was trained with the tokenizer in {own}: give --tokenizer_dir={own}'
     report.vocab_size = problem('tokenizer_dir', lambda: check_tokenizer_folder(t.tokenizer_dir),
                                 tok_fix if not os.path.exists(t.tokenizer_dir) else '') or 0
     if report.vocab_size and t.objective == 'span_corruption':
