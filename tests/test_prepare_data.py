@@ -444,16 +444,22 @@ def test_a_csv_quote_left_open_is_found_where_it_opens(tmp_path):
     assert left_open('a,b\n1,""\n2,""""\n3,he said "hi" ok\n4,5" screen\n') is None
     assert left_open('a,b\n1,"""\n') == 2 and left_open('a,b\r\n1,"x\r\ny"\r\n2,"z\r\n') == 4
     assert left_open('a,b\n1, "x\n') is None and left_open('') is None
+    # a lone CR ends a line for pyarrow too; quotes doubled inside unquoted text are text (each was a rescan)
+    assert left_open('text,b\r"a,"b,c\rd,e\r') is None and left_open('text,b\r1,a\r2,"open\r3,c\r') == 3
+    assert left_open('id,text\n' + ''.join(f'{i},12"" screen\n' for i in range(3000))) is None
     rnd = random.Random(3)
     for _ in range(300):
         rows = [[rnd.choice(['a', 'b"c', '"', 'x,y', '多\n行', '', '中文']) + rnd.choice(['', '"', '""']) for _ in range(3)]
                 for _ in range(rnd.randint(1, 6))]
+        end = rnd.choice(['\n', '\r\n', '\r'])
         out = io.StringIO()
-        csv.writer(out, lineterminator='\n').writerows(rows)
+        csv.writer(out, lineterminator=end).writerows(rows)
         text = out.getvalue()
         assert left_open(text) is None, text
-        if text.endswith('"\n'):  # the last value was quoted: without its closing quote it runs to the end
-            opened = text.rfind('"', 0, len(text) - 2)
-            while not (opened == 0 or text[opened - 1] in ',\n') or text[:opened].count('"') % 2:
+        if text.endswith('"' + end):  # the last value was quoted: without its closing quote it runs to the end
+            opened = text.rfind('"', 0, len(text) - 1 - len(end))
+            while not (opened == 0 or text[opened - 1] in ',\r\n') or text[:opened].count('"') % 2:
                 opened = text.rfind('"', 0, opened)
-            assert left_open(text[:-2] + '\n') == text[:opened].count('\n') + 1, text
+            before = text[:opened]
+            breaks = before.count('\n') + before.count('\r') - before.count('\r\n')
+            assert left_open(text[:-1 - len(end)] + end) == breaks + 1, text
