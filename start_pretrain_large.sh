@@ -255,7 +255,8 @@ fi
 # now pointing at an empty folder): said, loudly, before step 0 starts again
 restarts=${SLURM_RESTART_COUNT:-0}
 case "$restarts" in ''|*[!0-9]*) restarts=0 ;; esac
-if [ "$resume_mode" = auto ] && [ "$saved" -eq 0 ] && [ "$restarts" -gt 0 ]; then
+if [ "${#restarts}" -gt 9 ]; then restarts=999999999; fi   # beyond what [ ] compares: many
+if [ "$resume_mode" = auto ] && [ "$resume_given" -eq 0 ] && [ "$saved" -eq 0 ] && [ "$restarts" -gt 0 ]; then
   echo "warning: this job was restarted $restarts time(s) (SLURM_RESTART_COUNT) and finds no saved state in $(path_of train_state_dir): it trains from step 0. Right if it was stopped before its first save; if an earlier attempt saved states elsewhere (node-local scratch, a link that now points elsewhere), cancel it (scancel) and make them reachable here / 作业已被重新排队 $restarts 次，但没有找到保存的状态，将从第 0 步开始训练：若之前的状态在别处（节点本地存储、指向别处的链接），请取消作业并让它们在这里可访问" >&2
 fi
 # the same on a terminal (RESUME=ask): asked, no by default -- starting over at step 0 is the user's to choose

@@ -244,14 +244,17 @@ def test_a_requeued_job_that_finds_no_state_says_so_before_it_starts_over(data, 
     out = tmp_path / 'run'
     script = ['bash', 'start_pretrain_large.sh', *tiny_flags(data, out, save_steps=2, eval_steps=100)]
 
-    def start(steps, **extra):
-        r = subprocess.run(script + [f'--max_steps={steps}'], cwd=ROOT, env={**env, **extra}, capture_output=True,
-                           text=True, stdin=subprocess.DEVNULL, timeout=300)
+    def start(steps, extra=(), **variables):
+        r = subprocess.run(script + [f'--max_steps={steps}', *extra], cwd=ROOT, env={**env, **variables},
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stderr
 
     assert 'finds no saved state' not in start(2)  # a first start
     assert 'finds no saved state' not in start(4, SLURM_RESTART_COUNT='1')  # a requeue that resumes
+    # one that resumes as told (--is_keep_training=True: the script does not look for the state itself)
+    said = start(5, SLURM_RESTART_COUNT='1', extra=['--is_keep_training=True'])
+    assert 'finds no saved state' not in said, said
     shutil.rmtree(out)  # the scratch behind the link is another, empty one
     said = start(2, SLURM_RESTART_COUNT='2')
     assert 'warning: this job was restarted 2 time(s)' in said and 'trains from step 0' in said, said
