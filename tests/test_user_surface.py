@@ -379,3 +379,18 @@ def test_both_readmes_carry_the_same_commands():
     zh, en = fenced_commands(os.path.join(ROOT, 'README.md')), fenced_commands(os.path.join(ROOT, 'README_en.md'))
     assert len(zh) > 20 and zh == en
     assert zh[:2] == ['bash scripts/demo.sh', 'bash scripts/test.sh']  # the two quick-start commands first
+
+
+def test_the_tokenizer_beside_a_model_is_looked_for_without_a_traceback(tmp_path):
+    """tokenizer_beside reads places the user never named (best/, final/ beside a weights file):
+    whatever lies there -- not a tokenizer, JSON of another shape, nesting deep enough to recurse --
+    it is no hint, never a traceback; a tokenizer of another fingerprint is no hint either."""
+    from model.net.model_source import tokenizer_beside
+
+    weights = tmp_path / 'chat_small_t5.best.bin'
+    weights.write_bytes(b'')
+    for text in ('[]', '{"added_tokens": [1]}', '[' * 100000, 'not json'):
+        (tmp_path / 'best').mkdir(exist_ok=True)
+        (tmp_path / 'best' / 'tokenizer.json').write_text(text)
+        assert tokenizer_beside(str(weights), 'abcdef0123456789') is None
+    assert tokenizer_beside(str(weights)) == str(tmp_path / 'best')  # no fingerprint recorded: the one there

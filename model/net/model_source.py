@@ -56,7 +56,8 @@ def describe_model_source(path: str, tokenizer_dir: str, what: str = '--model_di
     except UserError as e:  # a new tokenizer would not be the one these weights know: the one beside them is
         own = tokenizer_beside(path, source.trained_tokenizer)
         if own:
-            raise UserError(f'{e.message}; {path} was trained with the tokenizer in {own}: '
+            fact = e.message.split('; ')[0]  # what is wrong there, without its advice (train one, retrain it)
+            raise UserError(f'{fact}; {path} was trained with the tokenizer in {own}: '
                             f'give --tokenizer_dir={own}') from None
         raise
     check_same_tokenizer(source, tokenizer_dir, what)
@@ -74,7 +75,7 @@ def tokenizer_beside(path: str, fingerprint: str | None = None) -> str | None:
             if os.path.isfile(os.path.join(place, 'tokenizer.json')) and (
                     fingerprint is None or tokenizer_fingerprint(place) == fingerprint):
                 return place
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - a hint looked for in places the user never named: never a traceback
             continue
     return None
 
