@@ -457,6 +457,18 @@ def test_check_a_text_file(tmp_path, tokenizer_dir, tokenizer):
     assert 'none is truncated' in format_report(build_report(src, tokenizer_dir, max_seq_len=12))
 
 
+def test_check_says_when_one_document_is_most_of_a_text_corpus(tmp_path):
+    """A book saved as one line among 300 short documents was 98% of the tokens, and stage 1 learned
+    mostly it; check showed only the length table. Now a note says so; documents of like length,
+    few or many, get none."""
+    short = [f'第{i}篇短文，讲一件小事。' for i in range(300)]
+    giant = write_text_parquet(tmp_path / 'giant.parquet', short + ['很长的句子' * 20000])
+    text = format_report(build_report(giant))
+    assert 'note: the longest document (100,000 characters) holds' in text and '--max_chars=' in text, text
+    for name, texts in (('like.parquet', short), ('few.parquet', ['一篇文章。' * 50, '另一篇文章。' * 40])):
+        assert 'note: the longest document' not in format_report(build_report(write_text_parquet(tmp_path / name, texts)))
+
+
 def test_check_says_when_train_would_refuse_the_files_or_the_tokenizer(tmp_path, tokenizer_dir):
     """check printed NaN statistics and exited 0 for a file train refuses (no usable row), said
     nothing of a tokenizer span corruption refuses, and ignored --max_seq_len without a tokenizer."""

@@ -358,8 +358,26 @@ def format_report(report: dict[str, Any]) -> str:
                          f'({100 * tokens["truncated_share"]:.2f}%{"; " + each if each else ""})')
         if tuple(names) == KINDS['text'] and tokens['no_sentinels']:
             lines.append(f'note: --objective=span_corruption refuses this tokenizer: {tokens["no_sentinels"]}')
+    if tuple(names) == KINDS['text']:
+        note = dominant_document(report['text_chars'])
+        if note:
+            lines += ['', note]
     lines += ['', f'usable rows (text in every column, as train reads them): {report["usable_rows"]} of {report["rows"]}']
     return '\n'.join(lines)
+
+
+def dominant_document(chars: dict[str, float]) -> str | None:
+    """A note when one document holds a large share of a text corpus (a book saved as one line, a
+    whole file pasted into one cell): span corruption packs documents into one stream, so a run would
+    learn mostly that one. Said when the longest holds over a tenth of all characters and is over
+    twenty times the median -- not for a handful of documents of like length."""
+    count, mean, longest, median = (chars.get(k, 0.0) for k in ('count', 'mean', 'max', '50%'))
+    total = count * mean
+    if count < 2 or total <= 0 or longest <= 0.1 * total or longest <= 20 * max(median, 1.0):
+        return None
+    return (f'note: the longest document ({int(longest):,} characters) holds {100 * longest / total:.0f}% of all '
+            f'the text (the median document: {int(median):,}); a run would learn mostly that one: split it into '
+            f'its lines or paragraphs, or leave it out (prepare_data.py clean IN OUT --max_chars=N)')
 
 
 def check_verdict(report: dict[str, Any]) -> None:
