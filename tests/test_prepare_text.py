@@ -387,7 +387,7 @@ def test_the_encoding_hint_looks_past_its_window_and_long_lines(tmp_path):
     assert 'line 4: byte' in said['no final newline.txt'] and 'that line is in another encoding (GBK' in said[
         'no final newline.txt'], said['no final newline.txt']
     junction = said['junction.txt']
-    assert f'the text before it in its line is UTF-8, the text from it on is not (GBK' in junction, junction
+    assert 'the text before it in its line is UTF-8, the text from it on is not (GBK' in junction, junction
     assert f'{{ head -c {len(utf8) - 1} ' in junction, junction  # split at the byte, not the line
     done = subprocess.run(['bash', '-c', junction[junction.index('e.g. ') + 5:]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
