@@ -285,7 +285,11 @@ def test_resume_on_another_world_size_neither_repeats_nor_skips(data, tokenizer,
         assert sorted(before + resumed) == list(range(len(texts)))
 
 
-def test_a_new_batch_size_keeps_the_saved_order_until_the_epoch_ends(data, tokenizer):
+def test_a_new_batch_size_keeps_the_saved_order_until_the_epoch_ends(data, tokenizer, caplog):
+    """The rows keep the saved order to the epoch's end; the batches take the new size at once, and
+    the log says both (it said 'batch_size 4 -> 8 from epoch 1 on', read as the batch size's)."""
+    import logging
+
     files, _ = data['folder']
     kw = dict(group_by_length=True, length_group_batches=2, seed=9)
     flat4 = flat_sequence(files, tokenizer, batch_size=4, **kw)
@@ -294,8 +298,11 @@ def test_a_new_batch_size_keeps_the_saved_order_until_the_epoch_ends(data, token
         if j == 4:
             break
     new = make_loader(files, tokenizer, batch_size=8, **kw)
-    new.load_state_dict(old.state_dict())
-    assert rows_of(list(new)) == flat4[20:]
+    with caplog.at_level(logging.INFO):
+        new.load_state_dict(old.state_dict())
+    assert 'keeps its rows in the saved order' in caplog.text and 'batches take the new size now' in caplog.text
+    batches = list(new)
+    assert rows_of(batches) == flat4[20:] and len(batches[0]['row_index']) == 8
     fresh = make_loader(files, tokenizer, batch_size=8, **kw)
     fresh.set_epoch(1)
     assert_batches_equal(list(new), list(fresh))

@@ -456,8 +456,11 @@ class StreamingLoader:
         elif saved != self.order:
             changed = ', '.join(f'{k} {getattr(saved, k)} -> {getattr(self.order, k)}'
                                 for k in asdict(saved) if getattr(saved, k) != getattr(self.order, k))
-            logger.info('data: keeping the saved order for the rest of epoch %d (%s from epoch %d on)',
-                        self.epoch, changed, self.epoch + 1)
+            # the ORDER of the rows is kept (batch_size there is the block of length grouping); the batches
+            # themselves take the new size at once (the "global batch changed" line below)
+            logger.info('data: the rest of epoch %d keeps its rows in the saved order; what orders them changed '
+                        '(%s) and orders them from epoch %d on%s', self.epoch, changed, self.epoch + 1,
+                        '; batches take the new size now' if saved.batch_size != self.order.batch_size else '')
         self._epoch_order = saved
         same_grid = (state.get('global_batch_size') == self.global_batch_size
                      and state.get('accumulation') == self.accumulation)
