@@ -437,10 +437,11 @@ def _superseded_by(path: str, newer: str) -> bool:
     step), and wholly the toolkit's: a copy the newer one replaces, not something to step around."""
     if not (ownership.is_real_dir(path) and ownership.folder_kind(path) == STATE):
         return False
+    run = state_run(path)  # the cheap checks first: judging a state reads every file it lists
+    if run is None or run != state_run(newer):
+        return False
     verdict = judge_state(path)
-    run = state_run(path)
-    return (verdict.wholly_owned and run is not None and run == state_run(newer)
-            and verdict.step == (ownership.read_marker(newer) or {}).get('step'))
+    return verdict.wholly_owned and verdict.step == (ownership.read_marker(newer) or {}).get('step')
 
 
 def save_failed(error: BaseException | None, state_dir: str, tmp: str, is_main: bool) -> BaseException:
