@@ -311,6 +311,32 @@ def check_span_lengths(train) -> None:
                         f'--max_seq_len={longest} or less, or a longer --mean_noise_span_length')
 
 
+# Fields that act only under some other setting: (when the field has no effect, why), each a
+# function of the train config. A flag given for one of them where it has no effect is said in one
+# note (the dry run's, and the training log's start): silently ignored, it reads as applied.
+_SPAN = 'span corruption lays documents end to end into full rows (no padding to pack or group)'
+_NO_ANSWERS = 'span corruption is evaluated by its denoising loss alone (no answers are generated)'
+UNUSED_WHEN: dict[str, tuple[Any, str]] = {
+    'packing': (lambda t: t.objective != 'pairs', _SPAN),
+    'group_by_length': (lambda t: t.objective != 'pairs', _SPAN),
+    'length_group_batches': (lambda t: t.objective != 'pairs' or not t.group_by_length,
+                             'it sizes the windows of --group_by_length=True'),
+    'bleu_samples': (lambda t: t.objective != 'pairs', _NO_ANSWERS),
+    'show_samples': (lambda t: t.objective != 'pairs', _NO_ANSWERS),
+    'eval_max_new_tokens': (lambda t: t.objective != 'pairs' or not (t.bleu_samples or t.show_samples),
+                            'it caps the answers generated for --bleu_samples and --show_samples'),
+    'noise_density': (lambda t: t.objective != 'span_corruption', 'it applies to --objective=span_corruption'),
+    'mean_noise_span_length': (lambda t: t.objective != 'span_corruption',
+                               'it applies to --objective=span_corruption'),
+    'adafactor_scale_parameter': (lambda t: t.optimizer != 'adafactor', 'it applies to --optimizer=adafactor'),
+    'warmup_steps': (lambda t: t.warmup_ratio > 0, 'a --warmup_ratio above 0 replaces it'),
+}
+# a value that asks for nothing where the field has no effect (a script turning BLEU off for every
+# stage): not said
+_OFF = {'packing': False, 'group_by_length': False, 'bleu_samples': 0, 'show_samples': 0,
+        'adafactor_scale_parameter': False, 'warmup_steps': 0}
+
+
 @dataclass
 class ResolvedConfig:
     train: TrainConfigPretrainLarge
@@ -321,6 +347,16 @@ class ResolvedConfig:
     def to_dict(self) -> dict[str, Any]:
         return {'train': dataclasses.asdict(self.train), 'model': dataclasses.asdict(self.model),
                 'preset': self.preset}
+
+    def unused_flags(self) -> list[str]:
+        """A note for each flag given that has no effect with this config's other settings
+        (UNUSED_WHEN), with why; a value that turns the field off is not said."""
+        notes = []
+        for name, (unused, why) in UNUSED_WHEN.items():
+            value = getattr(self.train, name)
+            if self.sources.get(name) == 'flag' and unused(self.train) and _OFF.get(name, object()) != value:
+                notes.append(f'--{name}={value} has no effect on this run: {why}; leave it out')
+        return notes
 
     def describe(self) -> str:
         """The resolved config as aligned lines, marking what a preset or a flag changed."""

@@ -298,3 +298,30 @@ def test_the_predictions_of_any_test_file_are_found_by_their_models_name(test_fi
         name = os.path.basename(predictions_path(model.replace('{{', '{').replace('}}', '}'), test_file))
         assert model_file_pattern('/r/m{{x}}.{}.bin', r'\d+|best', PREDICTIONS_TAIL).match(name), name
     assert re.match(r'^(best|final)' + PREDICTIONS_TAIL + '$', os.path.basename(predictions_path('/o/best', test_file)))
+
+
+def test_a_flag_that_has_no_effect_with_the_other_settings_is_said():
+    # given for the other objective, the other optimizer, or beside what replaces it: one note each, with why
+    span = {'objective': 'span_corruption'}
+    notes = resolve_config(overrides={**span, 'packing': True, 'bleu_samples': 8, 'eval_max_new_tokens': 20,
+                                      'length_group_batches': 8}).unused_flags()
+    assert [n.split(' has no effect')[0] for n in notes] == [
+        '--packing=True', '--length_group_batches=8', '--bleu_samples=8', '--eval_max_new_tokens=20']
+    assert 'lays documents end to end' in notes[0] and 'denoising loss' in notes[2] and notes[0].endswith('leave it out')
+    pairs = resolve_config(overrides={'noise_density': 0.3, 'mean_noise_span_length': 5}).unused_flags()
+    assert len(pairs) == 2 and all('--objective=span_corruption' in n for n in pairs)
+    assert resolve_config(overrides={'optimizer': 'adamw', 'adafactor_scale_parameter': True}).unused_flags()
+    assert resolve_config(overrides={'warmup_steps': 100, 'warmup_ratio': 0.1}).unused_flags()[0].startswith(
+        '--warmup_steps=100 has no effect on this run: a --warmup_ratio above 0 replaces it')
+    assert resolve_config(overrides={'group_by_length': False, 'length_group_batches': 8}).unused_flags()
+    assert resolve_config(overrides={'bleu_samples': 0, 'show_samples': 0, 'eval_max_new_tokens': 9}).unused_flags()
+    # where they act, from a preset, or turning off what the run does not do anyway: nothing said
+    for overrides in ({'packing': True, 'bleu_samples': 8, 'length_group_batches': 8},
+                      {**span, 'noise_density': 0.3, 'mean_noise_span_length': 5},
+                      {**span, 'packing': False, 'group_by_length': False, 'bleu_samples': 0, 'show_samples': 0},
+                      {'optimizer': 'adamw', 'adafactor_scale_parameter': False},
+                      {'warmup_steps': 100}, {'warmup_steps': 100, 'warmup_ratio': 0.0}):
+        assert resolve_config(overrides=overrides).unused_flags() == [], overrides
+    assert resolve_config(preset='demo', overrides=span).unused_flags() == []  # the preset's pairs settings
+    # --warmup_steps over a preset's warmup_ratio sets that to 0: the steps given are used
+    assert resolve_config(preset='demo', overrides={'warmup_steps': 50}).unused_flags() == []

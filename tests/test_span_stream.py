@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cli_runner
-from conftest import (ENV, ROOT, assert_same_weights, assert_user_error, cli, logged_losses, make_texts, run_parallel,
+from conftest import (ENV, ROOT, assert_same_weights, assert_user_error, cli, logged_losses, run_logs, make_texts, run_parallel,
                       run_train, tiny_flags, torchrun, train_cmd)
 from model.data import span_corruption as sc
 from model.data.loader import LoaderSettings, StreamingLoader
@@ -302,6 +302,7 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, d
     ref = tmp_path / 'ref'
     r = run_train(tiny_flags(text_data, ref, **SPAN))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert '--show_samples=1 has no effect on this run' in open(run_logs(ref)[0], encoding='utf-8').read()
     steps = max(logged_losses(ref))
     cut = tmp_path / 'cut'
     env = {**ENV, 'CHAT_SMALL_T5_FAULT': f'train-step@{steps // 2}:sigterm'}
@@ -313,6 +314,8 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, d
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     dry = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True', '--dry_run=True')
     assert dry.returncode == 0 and 'kept by the saved state: not counted again' in dry.stdout, dry.stdout[-3000:]
+    # tiny_flags' --bleu_samples=4 does nothing under span corruption: the dry run says so
+    assert 'note: --bleu_samples=4 has no effect on this run: span corruption is evaluated' in dry.stdout
     dry = run_train(tiny_flags(text_data, cut, **SPAN), '--is_keep_training=True', '--dry_run=True',
                     '--allow_data_change=True')  # the data said to have changed: counted again
     assert dry.returncode == 0 and 'counted by tokenizing them' in dry.stdout, dry.stdout[-3000:]
@@ -331,7 +334,10 @@ def test_a_stop_mid_run_resumes_bit_exactly_and_two_ranks_equal_one(text_data, d
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     for s, v in logged_losses(two).items():
         assert abs(v - ref_losses[s]) < 1e-4, (s, v, ref_losses[s])
-    assert_same_weights(f'{ref}/final/model.safetensors', f'{two}/final/model.safetensors', atol=1e-4)
+    # the sums' order differs between 1 and 2 ranks: AdamW moves a weight by up to about lr (3e-3) a step, and
+    # a gradient element near 0 moves it by as much either way; over ~50 steps this CPU's drift read 1.5e-4
+    # (another's under 1e-4): a tenth of one step's update is allowed; the losses above tie the data position
+    assert_same_weights(f'{ref}/final/model.safetensors', f'{two}/final/model.safetensors', atol=3e-4)
     log = open(glob.glob(f'{ref}/logs/*.log')[0], encoding='utf-8').read()
     assert 'validation loss' in log and 'BLEU-4' not in log  # the denoising loss, no answers
 

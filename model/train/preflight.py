@@ -262,7 +262,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
         report.notes += warmup_notes(t, report.total_steps)
-    report.notes += learn_rate_notes(t)
+    report.notes += learn_rate_notes(t) + cfg.unused_flags()
 
     # warm start and trackers
     if t.init_from and resume:
