@@ -948,3 +948,25 @@ def test_a_recorded_identity_tells_the_very_folder_across_a_kill_and_the_held_on
     os.symlink(tmp_path / 'away', folder)  # a link at its name leads to it, and is not it
     assert not own.still_as_recorded(str(folder), *recorded[1:]) and not own.still_the_one(str(folder), held)
     assert own.recorded_identity(str(folder))[0] == os.path.realpath(tmp_path / 'away')
+
+
+def test_judging_a_place_reads_no_further_than_it_must_and_an_entry_gone_meanwhile_is_no_error(tmp_path, monkeypatch):
+    # a place given by mistake may be a folder of millions of files (a dataset, /): a user's file at its top
+    # refuses it without a walk through the rest
+    big = tmp_path / 'dataset'
+    for i in range(50):
+        (big / f'part{i}').mkdir(parents=True)
+        for j in range(20):
+            (big / f'part{i}' / f'{j}.txt').write_text('x')
+    (big / 'README').write_text('mine')
+    looked = []
+    real_lstat = os.lstat
+    monkeypatch.setattr(own.os, 'lstat', lambda p, *a, **k: looked.append(p) or real_lstat(p, *a, **k))
+    with pytest.raises(UserError, match='is a folder this toolkit did not make and is not empty'):
+        own.check_replaceable(str(big), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert len(looked) < 200, len(looked)  # 1,051 entries there
+    # an entry that another process removes between the listing and its look is not there: no traceback
+    monkeypatch.setattr(own.os, 'lstat', lambda p, *a, **k: (_ for _ in ()).throw(FileNotFoundError(p))
+                        if p.endswith('/3.txt') else real_lstat(p, *a, **k))
+    entries = own.list_entries(str(big))
+    assert len(entries) == 1051 - 50 and not any(r.endswith('/3.txt') for r in entries)

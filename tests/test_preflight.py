@@ -5,6 +5,7 @@ report the dry run prints. The end-to-end tests (test_nothing_lost, test_links) 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_warmup_as_long_as_the_run_is_noted_with_its_fix_and_a_long_one_is_not
     def warmup_notes(**changed):
         report = preflight.check_train(config(data, tmp_path / 'run', **changed), resume=False, world_size=1)
         assert report.ready and report.total_steps == 60
-        return [n for n in report.notes if 'warm' in n]
+        return [n for n in report.notes if 'warms up for' in n]
 
     assert warmup_notes(warmup_steps=6) == warmup_notes(warmup_steps=45) == warmup_notes(warmup_steps=59) == []
     assert warmup_notes(warmup_steps=0, warmup_ratio=0.75) == []
@@ -583,3 +584,33 @@ def test_a_folder_or_link_named_like_a_save_in_progress_is_named_before_any_step
     line = problems(preflight.check_train(config(data, out), resume=False, world_size=1))['train_state_dir']
     assert '.tmp-state-000000030 is named like a save in progress but this toolkit did not make it' in line, line
     assert '000000040' not in line and os.listdir(tmp_path / 'mine') == []
+
+
+@pytest.mark.parametrize('place', ['output_dir', 'train_state_dir', 'model_file', 'log_dir'])
+def test_a_place_that_holds_much_else_is_no_place_for_a_run(data, tmp_path, monkeypatch, place):
+    # the filesystem's root, the home folder, the toolkit (its folder, one holding it, a copy, a link to it), its code
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    (tmp_path / 'home' / 'runs').mkdir(parents=True)
+    copy = tmp_path / 'toolkit_copy'
+    (copy / 'model').mkdir(parents=True)
+    (copy / 'train_low_mem.py').write_text('')
+    os.symlink(preflight.PROJECT_ROOT, tmp_path / 'link_to_toolkit')
+    shared = {'/': "the filesystem's root", str(tmp_path / 'home'): 'the home folder',
+              preflight.PROJECT_ROOT: "the toolkit's own folder", str(tmp_path / 'link_to_toolkit'): "the toolkit's own",
+              os.path.dirname(preflight.PROJECT_ROOT): 'a folder that holds the toolkit',
+              str(copy): 'a copy of the toolkit', os.path.join(preflight.PROJECT_ROOT, 'model', 'x'): "toolkit's model/",
+              os.path.join(preflight.PROJECT_ROOT, '.git'): "toolkit's .git/"}
+    out = tmp_path / 'run'
+    for folder, said in shared.items():
+        value = os.path.join(folder, 'm.{}.bin') if place == 'model_file' else folder
+        report = preflight.check_train(config(data, out, **{place: value}), resume=False, world_size=1)
+        found = [p.line() for p in report.problems if 'a folder of its own' in p.line()]
+        # said first of that place; output_dir's own states and step files (in it, for the same reason) not again
+        assert len(found) == 1 and found[0].startswith(f'{place}: ') and said in found[0], (folder, found)
+        with pytest.raises(UserError, match=f'^{place}: .*{re.escape(said)}'):
+            report.raise_first()
+    for fine in (tmp_path / 'home' / 'runs', os.path.join(preflight.PROJECT_ROOT, 'model_save', 'never_made'),
+                 copy / 'model_save', tmp_path / 'elsewhere'):
+        value = os.path.join(fine, 'm.{}.bin') if place == 'model_file' else str(fine)
+        report = preflight.check_train(config(data, out, **{place: value}), resume=False, world_size=1)
+        assert report.ready, (fine, problems(report))

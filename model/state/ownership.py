@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 
 from model.errors import NotOurs, UserError
 from model.stopping import critical
@@ -164,23 +165,38 @@ def is_real_dir(path: str) -> bool:
 # --------------------------------------------------------------------------- folder markers
 
 
-def list_entries(folder: str) -> dict[str, os.stat_result]:
-    """Every entry under folder by relative path, from lstat: links are listed, never
-    followed. The folder's own marker, lock and save-in-progress file are left out."""
-    out: dict[str, os.stat_result] = {}
+def iter_entries(folder: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry under folder by relative path, from lstat, as it is met: links are listed,
+    never followed. The folder's own marker, lock and save-in-progress file are left out, and an
+    entry gone before it is looked at (another process's file) with them. Lazy: a caller that
+    stops at the first entry it needs (is the folder empty? all folders?) walks no further -- a
+    place given by mistake may be a folder of millions of files."""
     pending = ['']
     while pending:
         rel = pending.pop()
-        for name in os.listdir(os.path.join(folder, rel)):
+        try:
+            names = os.listdir(os.path.join(folder, rel))
+        except FileNotFoundError:
+            if not rel:
+                raise
+            continue
+        for name in names:
             r = os.path.join(rel, name) if rel else name
             if r == MARKER_FILE or (r == LOCK_FILE and _is_lock_file(os.path.join(folder, r))) or (
                     r == SAVING_FILE and is_saving_file(os.path.join(folder, r))):
                 continue
-            st = os.lstat(os.path.join(folder, r))
-            out[r] = st
+            try:
+                st = os.lstat(os.path.join(folder, r))
+            except FileNotFoundError:
+                continue
+            yield r, st
             if stat.S_ISDIR(st.st_mode):
                 pending.append(r)
-    return out
+
+
+def list_entries(folder: str) -> dict[str, os.stat_result]:
+    """:func:`iter_entries`, all of them."""
+    return dict(iter_entries(folder))
 
 
 def describe_entries(folder: str) -> dict[str, dict]:
@@ -340,7 +356,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
     if folder:
         if not stat.S_ISDIR(st.st_mode):
             raise UserError(f'{what}: {path} is a file, not a folder; choose a folder path')
-        if not list_entries(path) and not os.path.lexists(os.path.join(path, MARKER_FILE)):
+        if next(iter_entries(path), None) is None and not os.path.lexists(os.path.join(path, MARKER_FILE)):
             return
         found = folder_kind(path)
         if found in kinds and found in GROWING:
@@ -457,7 +473,7 @@ def _holds_only_folders_and_locks(folder: str) -> bool:
     that grows (never replaced whole) takes nothing from anyone."""
     return all(stat.S_ISDIR(st.st_mode) or (os.path.basename(rel) == LOCK_FILE and
                                             _is_lock_file(os.path.join(folder, rel)))
-               for rel, st in list_entries(folder).items())
+               for rel, st in iter_entries(folder))
 
 
 def is_saving_file(path: str) -> bool:

@@ -14,7 +14,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 
-from config import PATH_FIELDS, ResolvedConfig
+from config import PATH_FIELDS, PROJECT_ROOT, ResolvedConfig
 from model.errors import NotOurs, UserError
 from model.state import contract, locks as place_locks, model_files, states as ckpt
 from model.state import ownership
@@ -170,6 +170,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.vocab_size = 0
 
     # outputs: the toolkit's own or new, writable, and never an input
+    report.problems += shared_place_problems(t)
     input_files = files['train_file'] + files['validation_file']
     outputs = [('train_state_dir', t.train_state_dir),
                *[('output_dir', path) for path in model_files.model_folders(t.output_dir)],
@@ -375,6 +376,24 @@ def _check_init_from(cfg: ResolvedConfig, vocab_size: int) -> None:
         load_weights_into(model, weights_path(t.init_from))
 
 
+def shared_place_problems(t) -> list[Problem]:
+    """The run's places that are no place for one run's files (:func:`shared_folder`), each said
+    first: it explains what else is found there (an input inside it, a foreign file)."""
+    found = []
+    places = {'output_dir': (t.output_dir, t.output_dir), 'train_state_dir': (t.train_state_dir, t.train_state_dir),
+              'model_file': (model_folder(t), t.model_file), 'log_dir': (t.log_dir, t.log_dir)}
+    said = shared_folder(t.output_dir)  # the states and step files in output_dir for the same reason: said once
+    for name, (path, given) in places.items():
+        shared = shared_folder(path)
+        if shared and not (name != 'output_dir' and shared == said and ownership.same_or_inside(path, t.output_dir)):
+            example = os.path.join(PROJECT_ROOT, 'model_save', 'my_run', *(('chat_small_t5.{}.bin',)
+                                                                          if name == 'model_file' else ()))
+            where = f'{name}: {given}' + (f' writes into {path}, which' if path != given else '')
+            found.append(Problem(name, f'{where} is {shared}: the run\'s files would lie among everything else '
+                                 f'there', f'give the run a folder of its own, e.g. --{name}={example}', first=True))
+    return found
+
+
 def layout_problems(t) -> list[Problem]:
     """Places of one run that would undo each other: its states, step files or logs inside a folder
     of output_dir that the run replaces whole (best/, final/: what was in it would block the new
@@ -396,6 +415,33 @@ def layout_problems(t) -> list[Problem]:
                 found.append(Problem(name, f'{name}: {given} {where}, which is replaced whole by a model folder '
                                      f'at the end of the run', f'choose a --{name} outside it'))
     return found
+
+
+# the toolkit's own folders: its code, tests and history (model_save/, data/ and logs/ are the user's)
+TOOLKIT_FOLDERS = ('.git', '.ci', 'bench', 'configs', 'model', 'scripts', 'tests')
+
+
+def shared_folder(path: str) -> str | None:
+    """What a folder holds besides a run, said, when it is no place for one run's saves: the
+    filesystem's root, the home folder, the toolkit's folder or one holding either, or inside the
+    toolkit's code; None for any other (links followed: a link to such a folder is that folder)."""
+    real = os.path.realpath(path)
+    home = os.path.realpath(os.path.expanduser('~'))
+    toolkit = os.path.realpath(PROJECT_ROOT)
+    if real == os.path.dirname(real):
+        return 'the filesystem\'s root'
+    if real == home:
+        return 'the home folder'
+    if real == toolkit:
+        return 'the toolkit\'s own folder (its code)'
+    if os.path.isfile(os.path.join(real, 'train_low_mem.py')) and os.path.isdir(os.path.join(real, 'model')):
+        return 'a copy of the toolkit (its code)'
+    if ownership.same_or_inside(toolkit, real) or ownership.same_or_inside(home, real):
+        return f'a folder that holds {"the toolkit" if ownership.same_or_inside(toolkit, real) else "the home folder"}'
+    for leaf in TOOLKIT_FOLDERS:
+        if ownership.same_or_inside(real, os.path.join(toolkit, leaf)):
+            return f'inside the toolkit\'s {leaf}/ folder'
+    return None
 
 
 def model_folder(t) -> str:
