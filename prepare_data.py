@@ -1,9 +1,10 @@
 """Prepare prompt/response (or raw-text) Parquet for pretraining (the logic lives in model/prep/).
 
 Examples:
-    # CSV / JSON (a list of objects) / JSONL / Parquet -> Parquet, renaming the columns
+    # CSV / TSV / JSON (a list of objects) / JSONL / Parquet -> Parquet, renaming the columns
     python prepare_data.py convert raw/qa.jsonl data/all.parquet --prompt_col=question --response_col=answer
     python prepare_data.py convert raw/qa.csv data/all.parquet
+    python prepare_data.py convert raw/qa.tsv data/all.parquet    # or --delimiter='\\t' (';', '|', ...)
     python prepare_data.py convert raw/export.txt data/all.parquet --format=jsonl
 
     # raw text -> Parquet with one `text` column: a column of any format, or a .txt (one document a line)
@@ -47,15 +48,16 @@ from model.errors import UserError
 
 
 def convert(*args, **flags):
-    """Convert CSV / JSON (a list of objects) / JSONL / Parquet / .txt into prompt/response Parquet,
-    or raw text (one `text` column: --text_col=..., a source with a text column and no
-    prompt/response, or a .txt file, one document a line)."""
+    """Convert CSV (or TSV, or another --delimiter) / JSON (a list of objects) / JSONL / Parquet / .txt
+    into prompt/response Parquet, or raw text (one `text` column: --text_col=..., a source with a
+    text column and no prompt/response, or a .txt file, one document a line)."""
     from model.prep.ops import convert_file
 
     o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
     stopping.watch_outputs(o.output)
     given = {name: getattr(o, name) if name in flags else None for name in ('prompt_col', 'response_col', 'text_col')}
-    result = convert_file(o.input, o.output, input_format=o.format or None, **given)
+    delimiter = o.delimiter if 'delimiter' in flags else None  # not given: the format's (a tab for .tsv)
+    result = convert_file(o.input, o.output, input_format=o.format or None, delimiter=delimiter, **given)
     skipped = f'; {result.blank_lines} blank line(s) skipped' if result.blank_lines else ''
     kind = 'prompt/response pairs' if result.kind == 'pairs' else 'raw text, one text column'
     print(f'wrote {result.rows} rows to {o.output} ({kind}{skipped})')

@@ -386,7 +386,12 @@ def build_bad_inputs(tmp_path):
 
 
 def test_cli_bad_inputs_end_in_one_line_and_no_file(tmp_path):
-    cases = build_bad_inputs(tmp_path)
+    assert_one_line_errors(tmp_path, build_bad_inputs(tmp_path))
+
+
+def assert_one_line_errors(tmp_path, cases):
+    """Each case (name, args, words) exits 2 with one line `error: ...` holding the words, and
+    leaves no file behind."""
     before = set(os.listdir(tmp_path))
     running = [(name, words, start_cli(*args)) for name, args, words in cases]  # startup dominates
     for name, words, proc in running:
@@ -437,7 +442,7 @@ def test_a_csv_quote_left_open_is_found_where_it_opens(tmp_path):
 
     def left_open(text):
         (tmp_path / 'f.csv').write_bytes(text.encode('utf-8'))
-        return _quote_left_open(str(tmp_path / 'f.csv'))
+        return _quote_left_open(str(tmp_path / 'f.csv'), ',')
 
     assert left_open('id,body\n1,a\n2,"open\n3,c\n4,d\n') == 3
     assert left_open('\ufeff"id",body\n1,"x\n') == 2 and left_open('"id,body\n1,a\n') == 1
@@ -463,3 +468,116 @@ def test_a_csv_quote_left_open_is_found_where_it_opens(tmp_path):
             before = text[:opened]
             breaks = before.count('\n') + before.count('\r') - before.count('\r\n')
             assert left_open(text[:-1 - len(end)] + end) == breaks + 1, text
+
+
+# --- delimited text other than commas: TSV, ;, | ---------------------------
+
+
+def write_delimited(path, rows, delimiter: str, end: str = '\n', bom: bool = False) -> str:
+    """rows as Python's csv writes them with this delimiter (a value holding it, a quote or a line
+    break is quoted)."""
+    import csv
+
+    with open(path, 'w', encoding='utf-8-sig' if bom else 'utf-8', newline='') as f:
+        csv.writer(f, delimiter=delimiter, lineterminator=end).writerows(rows)
+    return str(path)
+
+
+# a tab, a comma, a semicolon, a quote and a line break inside values: quoted where they must be
+DELIMITED_PAIRS = [('问一', '答一'), ('带\t制表符的问题', '答案，有逗号, a comma'), ('多\n行', '他说"好"'),
+                   ('a;b|c', '"引号"开头')] + make_texts(50, seed=21)
+
+
+def test_cli_converts_tsv_and_other_delimiters(tmp_path):
+    """A TSV by its extension (.tsv, .tab), by --format=tsv, or by --delimiter written \\t, tab or
+    a real tab; ; and | by --delimiter; a .tsv that is really comma-separated by --delimiter=,.
+    Pairs and raw text (--text_col) alike, rows ended by LF or CRLF, a BOM or none, every value back
+    as written."""
+    pair_rows = [('question', 'answer')] + DELIMITED_PAIRS
+    text_rows = [('id', 'body')] + [(str(i), p + r) for i, (p, r) in enumerate(DELIMITED_PAIRS)]
+    pairs = ['--prompt_col=question', '--response_col=answer']
+    cases = [  # (file name, delimiter written, flags)
+        ('qa.tsv', '\t', []), ('qa.tab', '\t', []), ('qa.dat', '\t', ['--format=tsv']),
+        ('qa.csv', '\t', ['--delimiter=\\t']), ('qa2.csv', '\t', ['--delimiter=tab']),
+        ('qa3.csv', '\t', ['--delimiter=\t']), ('qa.txt', '\t', ['--format=csv', '--delimiter=\\t']),
+        ('semi.csv', ';', ['--delimiter=;']), ('bar.csv', '|', ['--delimiter=|']),
+        ('really_comma.tsv', ',', ['--delimiter=,']), ('crlf.tsv', '\t', []), ('bom.tsv', '\t', []),
+    ]
+    running = []
+    for i, (name, delimiter, flags) in enumerate(cases):
+        for kind, rows, cols in (('pairs', pair_rows, pairs), ('text', text_rows, ['--text_col=body'])):
+            src = write_delimited(tmp_path / f'{kind}_{name}', rows, delimiter, '\r\n' if 'crlf' in name else '\n',
+                                  bom='bom' in name)
+            out = tmp_path / f'{kind}_{i}.parquet'
+            running.append((name, kind, out, start_cli('convert', src, out, *cols, *flags)))
+    for name, kind, out, proc in running:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (name, kind, stderr)
+        got = pq.read_table(out).to_pylist()
+        if kind == 'pairs':
+            expected = DELIMITED_PAIRS
+            got = [(r['prompt'], r['response']) for r in got]
+        else:
+            expected = [p + r for p, r in DELIMITED_PAIRS]
+            got = [r['text'] for r in got]
+        assert got == expected, (name, kind)
+
+
+def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
+    d = tmp_path
+    (d / 'open_quote.tsv').write_text('question\tanswer\n问一\t答一\n问二\t"未闭合的引号\n问三\t答三\n', encoding='utf-8')
+    (d / 'open_quote_first.tsv').write_text('question\tanswer\n问一\t答一\n"未闭合\t答二\n问三\t答三\n', encoding='utf-8')
+    (d / 'extra_tab.tsv').write_text('question\tanswer\n问一\t答一\n"多\n行"\t答\n问二\t答\t二\n', encoding='utf-8')
+    (d / 'semi_extra.csv').write_text('id;body\n1;"多\n行"\n2;文;本\n', encoding='utf-8')
+    (d / 'tabs.csv').write_text('id\tbody\n1\t文本\n', encoding='utf-8')
+    (d / 'commas.tsv').write_text('question,answer\n问一,答一\n', encoding='utf-8')
+    (d / 'semi.csv').write_text('prompt;response\n问一;答一\n', encoding='utf-8')
+    (d / 'ok.csv').write_text('question,answer\n问一,答一\n', encoding='utf-8')
+    write_source(d / 'ok.jsonl', [('问', '答')], 'jsonl')
+    (d / 'ok.txt').write_text('一行\n', encoding='utf-8')
+    out = ['--prompt_col=question', '--response_col=answer']
+    one = 'give the one character between values'
+    cases = [
+        ('tsv quote never closed, last column', ['convert', d / 'open_quote.tsv', d / 'o1.parquet', *out],
+         ['open_quote.tsv', 'line 3', 'never closed']),
+        ('tsv quote never closed, first column', ['convert', d / 'open_quote_first.tsv', d / 'o2.parquet', *out],
+         ['open_quote_first.tsv', 'line 3', 'a row of 1 field(s), where the header has 2']),
+        ('tsv row with a tab too many', ['convert', d / 'extra_tab.tsv', d / 'o3.parquet', *out],
+         ['extra_tab.tsv', 'line 5', 'a row of 3 field(s)', 'a tab in a value']),
+        ('; row with one too many', ['convert', d / 'semi_extra.csv', d / 'o4.parquet', '--text_col=body',
+                                     '--delimiter=;'], ['semi_extra.csv', 'line 4', 'a row of 3 field(s)']),
+        ('a tsv read as csv', ['convert', d / 'tabs.csv', d / 'o5.parquet', '--text_col=body'],
+         ["missing column 'body'", 'tab-separated file?', "--delimiter='\\t'", '.tsv']),
+        ('a csv named .tsv', ['convert', d / 'commas.tsv', d / 'o6.parquet', *out],
+         ["missing column 'question'", 'comma-separated file?', '--delimiter=,']),
+        ('a ;-separated csv', ['convert', d / 'semi.csv', d / 'o7.parquet'],
+         ["missing column 'prompt'", 'semicolon-separated file?', "--delimiter=';'"]),
+        ('empty delimiter', ['convert', d / 'ok.csv', d / 'o8.parquet', *out, '--delimiter='], ['is empty', one]),
+        ('two-character delimiter', ['convert', d / 'ok.csv', d / 'o9.parquet', *out, '--delimiter=,,'],
+         ['is 2 characters', one]),
+        ('quote delimiter', ['convert', d / 'ok.csv', d / 'o10.parquet', *out, '--delimiter="'],
+         ['a quote or a line break cannot separate values']),
+        ('newline delimiter', ['convert', d / 'ok.csv', d / 'o11.parquet', *out, '--delimiter=\n'],
+         ['a quote or a line break cannot separate values']),
+        ('CR delimiter', ['convert', d / 'ok.csv', d / 'o12.parquet', *out, '--delimiter=\r'],
+         ['a quote or a line break cannot separate values']),
+        ('full-width comma', ['convert', d / 'ok.csv', d / 'o13.parquet', *out, '--delimiter=，'],
+         ['not an ASCII character']),
+        ('delimiter with jsonl', ['convert', d / 'ok.jsonl', d / 'o14.parquet', *out, '--delimiter=;'],
+         ['for CSV and TSV files', 'read as jsonl', 'leave out --delimiter']),
+        ('delimiter with txt', ['convert', d / 'ok.txt', d / 'o15.parquet', '--delimiter=\\t'],
+         ['for CSV and TSV files', 'read as txt']),
+    ]
+    assert_one_line_errors(tmp_path, cases)
+
+
+def test_a_quote_left_open_is_found_with_the_files_delimiter(tmp_path):
+    """_quote_left_open: a quote opens a value after the file's delimiter, not after a comma."""
+    from model.prep.readers import _quote_left_open
+
+    def left_open(text, delimiter):
+        (tmp_path / 'f.tsv').write_bytes(text.encode('utf-8'))
+        return _quote_left_open(str(tmp_path / 'f.tsv'), delimiter)
+
+    assert left_open('a\tb\n1\t"open\n2\tc\n', '\t') == 2 and left_open('a\tb\n1\t"open\n2\tc\n', ',') is None
+    assert left_open('a\tb\n1,"x\t2\n', '\t') is None and left_open('a;b\r\n1;"x;y"\r\n2;"z\r\n', ';') == 3

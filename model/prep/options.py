@@ -10,14 +10,15 @@ from config import PROJECT_ROOT
 
 @dataclass
 class ConvertOptions:
-    """convert INPUT OUTPUT: CSV / JSON / JSONL / Parquet / .txt into prompt/response or raw-text Parquet."""
+    """convert INPUT OUTPUT: CSV / TSV / JSON / JSONL / Parquet / .txt into prompt/response or raw-text Parquet."""
 
-    input: str = ''  # CSV, JSON (a list of objects), JSONL, Parquet or .txt (one document a line) file to read
+    input: str = ''  # CSV (or TSV, ;- or |-separated), JSON (a list of objects), JSONL, Parquet or .txt (one document a line) file to read
     output: str = ''  # Parquet file to write: a new path, or one this toolkit wrote
     prompt_col: str = 'prompt'  # the input's column (or JSON key) holding the prompt; renamed to prompt
     response_col: str = 'response'  # the input's column (or JSON key) holding the response; renamed to response
     text_col: str = ''  # raw text: the input's column (or JSON key) holding it, written as the one column text; not with --prompt_col/--response_col (.txt: none)
-    format: str = ''  # csv | json | jsonl | parquet | txt (default: from the file extension)
+    format: str = ''  # csv | tsv | json | jsonl | parquet | txt (default: from the file extension; .tsv and .tab: tsv)
+    delimiter: str = ','  # csv: the one character between values, e.g. ; or | or a tab (written \t or tab); the default for tsv (.tsv, .tab) is a tab
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Readers of the formats `prepare_data.py convert` takes, each yielding tables of the output's
 columns: prompt/response pairs, or one text column (raw text).
 
-CSV (pyarrow), Parquet and plain text (.txt: one document a line) here, JSONL and JSON in
-model/prep/json_readers.py, all on model/prep/records.py (the encoding checks, the columns, the
-record batcher). Everything streams: memory
+CSV (pyarrow; TSV and other one-character delimiters too), Parquet and plain text (.txt: one
+document a line) here, JSONL and JSON in model/prep/json_readers.py, all on model/prep/records.py
+(the encoding checks, the columns, the record batcher). Everything streams: memory
 holds one batch of rows, whatever the file size. Every reader runs under model/data/read_guard.py's
 guard (whatever a parser raises on malformed content is one line naming the file), and a record
 over ``MAX_RECORD_BYTES`` is refused as it streams, before it is whole.
@@ -27,9 +27,13 @@ from model.prep.json_readers import iter_json, iter_jsonl
 from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_plain_text
 from model.data.read_guard import guarded, human_size, too_long
 
-FORMATS = ('csv', 'json', 'jsonl', 'parquet', 'txt')
-_EXTENSIONS = {'.csv': 'csv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
+FORMATS = ('csv', 'tsv', 'json', 'jsonl', 'parquet', 'txt')
+_EXTENSIONS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
                '.parquet': 'parquet', '.pq': 'parquet', '.txt': 'txt'}
+# the delimited formats, each with its default delimiter: both are read by iter_csv
+DELIMITERS = {'csv': ',', 'tsv': '\t'}
+# what --delimiter also takes for a tab: the two characters \t as a shell passes '\t', and a word
+_TAB_WORDS = ('\\t', 'tab')
 
 
 def infer_format(path: str, input_format: str | None = None) -> str:
@@ -45,6 +49,29 @@ def infer_format(path: str, input_format: str | None = None) -> str:
     return _EXTENSIONS[ext]
 
 
+def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
+    """The one character between values of a delimited format (csv, tsv), from --delimiter
+    (None: not given, the format's default); None for the other formats, which refuse one."""
+    if delimiter is None:
+        return DELIMITERS.get(fmt)
+    shown = f'--delimiter={delimiter!r}'
+    if fmt not in DELIMITERS:
+        raise UserError(f'{shown} is for CSV and TSV files, and this input is read as {fmt}; leave out '
+                        f'--delimiter, or pass --format=csv if the file is delimited text')
+    value = '\t' if str(delimiter).lower() in _TAB_WORDS else str(delimiter)
+    if len(value) != 1:
+        what = 'is empty' if not value else f'is {len(value)} characters'
+        raise UserError(f'{shown} {what}: give the one character between values, e.g. --delimiter=";" or '
+                        f"--delimiter='\\t' (or tab) for a tab")
+    if value in '"\r\n':
+        raise UserError(f'{shown}: a quote or a line break cannot separate values (it quotes them or ends '
+                        f'the row); give the one character between values, e.g. , ; | or \\t')
+    if not value.isascii():
+        raise UserError(f'{shown} is not an ASCII character, and the CSV reader takes only those; a file '
+                        f'separated by one must have it replaced first (by a tab, then --delimiter=tab)')
+    return value
+
+
 class ReadStats:
     """What a reader skipped (the blank lines of a .txt or JSONL file), for convert's report."""
 
@@ -53,9 +80,10 @@ class ReadStats:
 
 
 def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
-                      stats: ReadStats | None = None) -> Iterator[pa.Table]:
+                      stats: ReadStats | None = None, delimiter: str | None = None) -> Iterator[pa.Table]:
     """Tables of the columns' output names of any supported file, streamed (the first table
-    tells the kind: 'auto' columns are resolved from the source's names)."""
+    tells the kind: 'auto' columns are resolved from the source's names). delimiter: as
+    --delimiter gives it (None: the format's own)."""
     if not os.path.exists(path):
         if os.path.islink(path):
             raise UserError(f'{path}: a link to nothing ({os.readlink(path)}), or in a loop; give the file itself')
@@ -63,12 +91,14 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
     if not os.path.isfile(path):
         raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
     fmt = infer_format(path, input_format)
+    delimiter = resolve_delimiter(fmt, delimiter)
     if fmt == 'txt' and cols.kind != 'auto':
         flags = '--text_col' if cols.kind == 'text' else '--prompt_col/--response_col'
         raise UserError(f'{path}: a .txt file has no columns (each line is one document, written to the text '
                         f'column); leave out {flags}, or pass --format=jsonl|csv|json if it is one of those')
     stats = stats if stats is not None else ReadStats()
-    readers = {'csv': iter_csv, 'json': iter_json, 'jsonl': lambda p, c: iter_jsonl(p, c, stats=stats),
+    readers = {'csv': lambda p, c: iter_csv(p, c, delimiter), 'tsv': lambda p, c: iter_csv(p, c, delimiter),
+               'json': iter_json, 'jsonl': lambda p, c: iter_jsonl(p, c, stats=stats),
                'parquet': iter_parquet_columns,
                'txt': lambda p, c: iter_txt(p, stats, guess=input_format is None)}
 
@@ -83,13 +113,15 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
 # --------------------------------------------------------------------------- CSV, Parquet
 
 
-def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
+def iter_csv(path: str, cols: Columns, delimiter: str) -> Iterator[pa.Table]:
+    """A delimited file (CSV, TSV, ...): delimiter is the one character between values, and every
+    helper that reads the file again to name a fault reads it with the same one."""
     import pyarrow.csv as pcsv
 
     if os.path.getsize(path) == 0:  # not even a header: no rows (convert says so)
         return
 
-    parse = pcsv.ParseOptions(newlines_in_values=True)  # multi-line answers are common
+    parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)  # multi-line answers are common
     # a row may span one block boundary, not two: the block size bounds a row (and the ~10 blocks
     # pyarrow reads ahead); a row between one and two blocks is refused once read
     limit = read_guard.MAX_RECORD_BYTES
@@ -97,12 +129,12 @@ def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
     try:
         names = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
         cols = cols.resolve(names)
-        _check_columns(path, names, cols)
+        _check_columns(path, names, cols, delimiter)
         source = list(dict.fromkeys(cols.source))
         convert = pcsv.ConvertOptions(include_columns=source, column_types={c: pa.string() for c in source})
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         first_row = 0
-        opened = _quote_left_open(path)  # before any row is given out: a stop here leaves nothing written
+        opened = _quote_left_open(path, delimiter)  # before any row is given out: a stop leaves nothing written
         if opened is not None:
             raise UserError(f'{path}: line {opened}: a quote (") opened there is never closed, so the file\'s '
                             f'every line after it would be one value; close that quote (a quote inside a value '
@@ -124,26 +156,27 @@ def iter_csv(path: str, cols: Columns) -> Iterator[pa.Table]:
                             f'(read_guard.MAX_RECORD_BYTES), or a quote (") is opened and never closed; close '
                             f'the quote, or split or drop such rows before converting') from None
         if 'CSV parse error' in str(e):  # pyarrow names neither the line nor a whole character
-            bad = _csv_bad_row(path)
+            bad = _csv_bad_row(path, delimiter)
             if bad:
                 line, got, expected = bad
                 raise UserError(f'{path}: line {line}: a row of {got} field(s), where the header has {expected} '
-                                f'(a comma in a value that is not quoted, or a quote (") opened and never '
-                                f'closed?); fix that row') from None
+                                f'(a {_delimiter_name(delimiter)} in a value that is not quoted, or a quote (") '
+                                f'opened and never closed?); fix that row') from None
             raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
 
 
-def _quote_left_open(path: str) -> int | None:
+def _quote_left_open(path: str, delimiter: str) -> int | None:
     """The line where a quoted CSV value opens that the file never closes, or None. pyarrow (and
     Python's csv) take such a value to the end of the file without a word: one row swallows every
     row after it. Read as pyarrow reads it: a quote opens a value only as a value's first
-    character (after a comma, a line break or the file's start); inside, a doubled quote is a
+    character (after the delimiter, a line break or the file's start); inside, a doubled quote is a
     quote and a single one closes it; a quote inside an unquoted value is text. On a map of the
     file, from quote to quote: a quoted value is passed over whole by one match, a quote in text
     by one step, so the cost follows the quotes and nothing is read twice."""
     import mmap
 
+    value_starts = delimiter.encode('ascii') + b'\r\n'  # a quote after one of these opens a value
     with open(path, 'rb') as f:
         if os.fstat(f.fileno()).st_size == 0:
             return None
@@ -151,7 +184,7 @@ def _quote_left_open(path: str) -> int | None:
             first = 3 if m[:3] == b'\xef\xbb\xbf' else 0
             pos = first
             while (q := m.find(b'"', pos)) >= 0:
-                if q != first and m[q - 1] not in b',\r\n':  # a quote inside an unquoted value: text
+                if q != first and m[q - 1] not in value_starts:  # a quote inside an unquoted value: text
                     pos = q + 1
                     continue
                 value = _QUOTED_VALUE.match(m, q)  # the whole quoted value, in one step
@@ -176,7 +209,7 @@ def _lines_before(m, end: int, chunk: int = 1 << 24) -> int:
     return count
 
 
-def _csv_bad_row(path: str) -> tuple[int, int, int] | None:
+def _csv_bad_row(path: str, delimiter: str) -> tuple[int, int, int] | None:
     """(line where it starts, its fields, the header's) of the first CSV record whose number of
     fields is not the header's, read as pyarrow reads it (quoted values may hold newlines); None
     if Python's reader finds none. Read only after pyarrow refused the file."""
@@ -184,7 +217,7 @@ def _csv_bad_row(path: str) -> tuple[int, int, int] | None:
 
     try:
         with open(path, encoding='utf-8-sig', newline='') as f:
-            reader = csv.reader(f)
+            reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
                 return None
@@ -198,13 +231,37 @@ def _csv_bad_row(path: str) -> tuple[int, int, int] | None:
     return None
 
 
-def _check_columns(path: str, names: list[str], cols: Columns) -> None:
+def _check_columns(path: str, names: list[str], cols: Columns, delimiter: str) -> None:
     for col in cols.source:
         if col not in names:
-            raise UserError(f'{path}: missing column {col!r} (has: {show_names(names)}); {cols.fix}')
+            raise UserError(f'{path}: missing column {col!r} (has: {show_names(names)}); '
+                            f'{_other_delimiter_hint(names, delimiter) or cols.fix}')
         if names.count(col) > 1:  # the reader would take one of them silently
             raise UserError(f'{path}: column {col!r} appears {names.count(col)} times in the header; '
                             f'rename one of them')
+
+
+# the delimiters a file read as one column most likely has instead, each with the fix it names
+_OTHER_DELIMITERS = {'\t': ('tab', "--delimiter='\\t' (or name it .tsv)"),
+                     ',': ('comma', '--delimiter=,'),
+                     ';': ('semicolon', "--delimiter=';'"), '|': ("'|'", "--delimiter='|'")}
+
+
+def _delimiter_name(delimiter: str) -> str:
+    return _OTHER_DELIMITERS[delimiter][0] if delimiter in _OTHER_DELIMITERS else repr(delimiter)
+
+
+def _other_delimiter_hint(names: list[str], delimiter: str) -> str | None:
+    """A header read as one column whose name holds another likely delimiter: the file is
+    probably separated by that one (the most frequent in the name), and the fix says so."""
+    if len(names) != 1:
+        return None
+    counts = {d: str(names[0]).count(d) for d in _OTHER_DELIMITERS if d != delimiter}
+    best = max(counts, key=counts.get, default=None)
+    if best is None or not counts[best]:
+        return None
+    name, fix = _OTHER_DELIMITERS[best]
+    return f'read with the delimiter {delimiter!r}, the header is one column: a {name}-separated file? pass {fix}'
 
 
 def iter_parquet_columns(path: str, cols: Columns) -> Iterator[pa.Table]:
