@@ -362,8 +362,12 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     # <extra_id_0> first, alone: as the model learned it; one it wrote nothing for (8 steps) is said to be so
     unfilled = 'note: 你好<extra_id_0>世界: the model wrote nothing for <extra_id_0> (left as written)'
     assert ('<extra_id_0>' in answer) == (unfilled in r.stderr) and r.stderr.count('note:') <= 1, (answer, r.stderr)
-    r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_100>世界', '--max_new_tokens=2')
+    r = cli('generate', f'--model_dir={stage1}/final', '--prompts=["你好<extra_id_100>世界", "你好＜extra_id_0＞世界"]',
+            '--max_new_tokens=2')
     assert r.returncode == 0 and 'note: 你好<extra_id_100>世界: <extra_id_100> is not a sentinel' in r.stderr, r.stderr
+    # a sentinel written almost right: said so, not that the model answers nothing but sentinels
+    assert "note: 你好＜extra_id_0＞世界: '＜extra_id_0＞' is read as plain text, not a sentinel; write it <extra_id_0>" \
+        in r.stderr and 'answers nothing else' not in r.stderr, r.stderr
     # a plain question to the stage-1 model (it answered nothing, with no word why); the stage-2 model answers it
     said = 'this model was pretrained with --objective=span_corruption: it fills T5 sentinels'
     runs = run_parallel([(model, ['generate', f'--model_dir={model}', '--prompts=北京是哪个国家的首都？',
@@ -373,8 +377,10 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
         assert code == 0 and (said in err) == model.startswith(str(stage1)), (model, err[-2000:])
     # a piped chat says it once a session, not at every plain line
     r = subprocess.run([sys.executable, 'train_low_mem.py', 'chat', f'--model_dir={stage1}/final', '--max_new_tokens=2'],
-                       cwd=ROOT, env=ENV, input='你好\n北京\n上海\n', capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=ENV, input='你好\n北京\n北京是<extra_id 0>的首都\n上海\n', capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0 and r.stderr.count(said) == 1, r.stderr[-2000:]
+    assert "note: '<extra_id 0>' is read as plain text, not a sentinel; write it <extra_id_0>" in r.stderr, r.stderr
 
 
 def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):
@@ -384,12 +390,19 @@ def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):
 
     assert sentinel_note(tokenizer, '北京是中国的首都') is None
     assert sentinel_note(tokenizer, '北京<extra_id_0>首都<extra_id_1>') is None
-    assert sentinel_note(tokenizer, '<extra_id_0>, extra_id_5 and <extra_id 3>') is None  # not sentinels' text
+    # not sentinels' text (the tokenizer reads them as plain text): said so, not counted in the order
+    assert sentinel_note(tokenizer, '<extra_id_0>, extra_id_5 and <extra_id 3>') == (
+        "'extra_id_5' is read as plain text, not a sentinel; write it <extra_id_5> (ASCII angle brackets, no spaces)"
+        " -- and 1 more written so")
     long = '这是一段很长的文本' * 30 + '北京是<extra_id_0>的首都<extra_id_1>'  # its sentinels past 64 tokens
     assert sentinel_note(tokenizer, long, 64).startswith(
         "the prompt is cut to 64 tokens (the model's max_seq_len): <extra_id_0> and later sentinels fall outside it")
     assert sentinel_note(tokenizer, long, 4096) is None and sentinel_note(tokenizer, long) is None
     assert 'is not a sentinel of this tokenizer (<extra_id_0> to <extra_id_99>)' in sentinel_note(tokenizer, 'a<extra_id_100>')
+    huge = '<extra_id_' + '1' * 5000 + '>'  # past int()'s 4300 digits: said, not a ValueError that ends a chat
+    assert sentinel_note(tokenizer, f'a{huge}b<extra_id_100>').startswith('<extra_id_100> is not a sentinel')
+    assert sentinel_note(tokenizer, f'a{huge}').startswith(f'{huge} is not a sentinel')
+    assert sentinel_note(tokenizer, 'a<extra_id 1' + '1' * 5000 + '>').startswith(f"'<extra_id 1{'1' * 5000}>' is read")
     note = sentinel_note(tokenizer, '北京<extra_id_1>首都<extra_id_0>')
     assert note.startswith('sentinels <extra_id_1>, <extra_id_0>: span corruption numbers them from <extra_id_0> up')
     assert 'numbers them' in sentinel_note(tokenizer, '<extra_id_0>a<extra_id_0>')  # each once
@@ -397,6 +410,37 @@ def test_a_prompt_with_sentinels_the_model_never_learned_is_noted(tokenizer):
     without = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str().replace('<extra_id_', '<xtra_id_'))  # no sentinels
     assert sentinel_note(without, '北京<extra_id_0>').startswith(
         "this model's tokenizer has no T5 sentinels: <extra_id_0> is read as plain text")
+    assert sentinel_note(without, '北京＜extra_id_0＞').startswith(
+        "this model's tokenizer has no T5 sentinels: '＜extra_id_0＞' is read as plain text")
+
+
+def test_a_sentinel_written_almost_right_is_named_with_its_exact_form(tokenizer):
+    """Text meant as a sentinel but not written <extra_id_N> (an input method's ＜＞, a space, a
+    full-width digit, ...) is plain text to the tokenizer: the note names what to write instead."""
+    from model.net.chat_model import objective_note, sentinel_note, sentinel_set
+
+    sentinels = sentinel_set(tokenizer)
+    for written, exact in [('<extra_id_0 >', 0), ('< extra_id_0>', 0), ('<extra_id0>', 0), ('<extra-id-0>', 0),
+                           ('<Extra_ID_0>', 0), ('＜extra_id_0＞', 0), ('<extra_id_０>', 0), ('<extra_id_1', 1),
+                           ('[extra_id_0]', 0), ('［extra_id_0］', 0), ('《extra_id_0》', 0), ('【extra_id_2】', 2),
+                           ('<extra id 0>', 0), ('<extraid0>', 0), ('<extra_id_01>', 1), ('ｅｘｔｒａ＿ｉｄ＿３', 3),
+                           ('extra_id_4', 4), ('<extra_id_0/>', 0)]:
+        prompt = f'北京是{written}的首都'
+        assert not sentinels & set(tokenizer(prompt).input_ids), written  # plain text to the tokenizer
+        found = written.removesuffix('/>')
+        assert sentinel_note(tokenizer, prompt) == (
+            f"{found!r} is read as plain text, not a sentinel; write it <extra_id_{exact}> (ASCII angle brackets, "
+            f"no spaces)"), written
+    # before the order it may explain (<extra_id_1> alone), and whatever the model's objective: a span model's
+    # note on a prompt without sentinels would say nothing of why
+    note = sentinel_note(tokenizer, '北京<extra_id 0>首都<extra_id_1>')
+    assert note.startswith("'<extra_id 0>' is read as plain text") and 'numbers them' not in note
+    assert objective_note('span_corruption', '北京是<extra_id_０>的首都') is not None  # not read as <extra_id_0>
+    # exact sentinels, plain text, words in a sentence and tags: nothing said
+    for prompt in ['北京是<extra_id_0>的首都', '<<extra_id_0>>北京<extra_id_1>', '北京是中国的首都', 'an extra id 3 times',
+                   'give me extra money', 'id_0 is a name', 'extra identification 0', 'the extraid', '<extra>',
+                   '<b>粗体</b>和<i>斜体</i>', 'myextra_id_0', '<extra_id_-1>', '额外的extra，编号id_0']:
+        assert sentinel_note(tokenizer, prompt) is None, prompt
 
 
 def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):

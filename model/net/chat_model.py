@@ -316,7 +316,14 @@ def sentinel_set(tokenizer) -> set[int]:
     return set() if ids is None else set(ids.tolist())
 
 
-SENTINEL_TEXT = re.compile(r'<extra_id_(\d+)>')
+SENTINEL_TEXT = re.compile(r'<extra_id_(0|[1-9][0-9]*)>')  # as the tokenizer reads it: ASCII digits, no leading 0
+# a near miss (:func:`near_sentinels`): matched on the prompt folded one character for one -- full-width
+# ASCII (＜＞＿０-９ｅ...) to ASCII, the ideographic space to a space, the brackets a Chinese input method
+# types for < > [ ] (《》〈〉【】〔〕) to those -- so each match's span is the user's own text
+_FOLD = {**{0xFF01 + i: 0x21 + i for i in range(94)}, 0x3000: ' ', **{ord(a): b for a, b in zip(
+    '《》〈〉【】〔〕', '<><>[][]')}}
+_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[])[ \t]*)?(?<![A-Za-z0-9])extra[ \t]*[_-]?[ \t]*id[ \t]*[_-]?[ \t]*'
+                            r'(?P<n>[0-9]+)(?:[ \t]*(?P<close>[>\]]))?', re.IGNORECASE)
 
 
 def objective_note(objective: str | None, prompt: str) -> str | None:
@@ -329,15 +336,40 @@ def objective_note(objective: str | None, prompt: str) -> str | None:
             'pairs with --init_from=<this model> (README, section 8)')
 
 
+def near_sentinels(prompt: str) -> list[tuple[str, str]]:
+    """The prompt's text probably meant as a T5 sentinel but not written ``<extra_id_N>`` (which
+    the tokenizer reads as plain text), each as (what was written, the sentinel): 'extra' and
+    'id' in any case, joined by '_', '-', a space or nothing, ASCII or full-width digits, within
+    optional half- or full-width angle or square brackets (``＜extra_id_0＞``, ``<extra id 0>``,
+    ``[extra_id_0]``, ``<extra_id_1``); without brackets only an unspaced name (``extra_id_5``),
+    not words in a sentence."""
+    found = []
+    for m in _NEAR_SENTINEL.finditer(prompt.translate(_FOLD)):
+        written, sentinel = prompt[m.start():m.end()], f'<extra_id_{m["n"].lstrip("0") or "0"}>'
+        if written != sentinel and (m['open'] or m['close'] or re.fullmatch(r'\S+', written)):
+            found.append((written, sentinel))
+    return found
+
+
+def near_sentinel_note(near: list[tuple[str, str]]) -> str:
+    (written, sentinel), more = near[0], len(near) - 1
+    return (f'{written!r} is read as plain text, not a sentinel; write it {sentinel} (ASCII angle brackets, no '
+            f'spaces){f" -- and {more} more written so" if more else ""}')
+
+
 def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str | None:
     """What a user should know before a prompt with T5 sentinels is answered, or None: a sentinel
     the tokenizer lacks is read as plain text, one past the max_seq_len tokens a prompt is cut to
     is never seen (nor filled), and span corruption's inputs number their sentinels from
-    <extra_id_0> up in order -- a model fills others less well."""
+    <extra_id_0> up in order -- a model fills others less well; text meant as a sentinel but
+    written otherwise (``＜extra_id_0＞``, :func:`near_sentinels`) is plain text too, whatever
+    the model's objective (it is said before the order, which it may explain)."""
     from model.data.span_corruption import SENTINEL_COUNT
 
-    written = [int(n) for n in SENTINEL_TEXT.findall(prompt)]
-    if not written:
+    found = SENTINEL_TEXT.findall(prompt)  # past any tokenizer's sentinels, not int()'s 4300-digit limit:
+    written = [int(n) if len(n) < 7 else 10 ** 7 for n in found]
+    near = near_sentinels(prompt)
+    if not written and not near:
         return None
     sentinels = sentinel_set(tokenizer)
     if sentinels and max_seq_len:  # cut as answer() cuts it
@@ -350,11 +382,14 @@ def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str
                     f'fall{"" if len(lost) > 1 else "s"} outside it and {"are" if len(lost) > 1 else "is"} not filled; '
                     f'shorten the text before it')
     if not sentinels:
-        return (f'this model\'s tokenizer has no T5 sentinels: <extra_id_{written[0]}> is read as plain text (a '
+        return (f'this model\'s tokenizer has no T5 sentinels: '
+                f'{f"<extra_id_{found[0]}>" if found else repr(near[0][0])} is read as plain text (a '
                 f'model pretrained with --objective=span_corruption fills them)')
-    unknown = sorted({n for n in written if n >= SENTINEL_COUNT})
+    if near:
+        return near_sentinel_note(near)
+    unknown = sorted((n, s) for n, s in zip(written, found) if n >= SENTINEL_COUNT)
     if unknown:
-        return (f'<extra_id_{unknown[0]}> is not a sentinel of this tokenizer (<extra_id_0> to '
+        return (f'<extra_id_{unknown[0][1]}> is not a sentinel of this tokenizer (<extra_id_0> to '
                 f'<extra_id_{SENTINEL_COUNT - 1}>): it is read as plain text')
     if written != list(range(len(written))):
         shown = ', '.join(f'<extra_id_{n}>' for n in written[:6]) + (', ...' if len(written) > 6 else '')
