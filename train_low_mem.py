@@ -367,6 +367,10 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
     path = check_predictions_path(path, resolve_parquet_files(t.test_file),
                                   [t.train_file, t.validation_file, t.test_file])
     stopping.watch_outputs(path)
+    from model.net.chat_model import objective_note
+
+    if note := objective_note(source.objective, ''):  # its answers score near nothing: not a fault of the test
+        print(f'note: test scores answers to prompts, and {note}', file=sys.stderr)
     model, tok, max_seq_len = _load(cfg, source)
     result = score_file(model, tok, t.test_file, path, max_seq_len, decode, t.max_test_rows, source.path)
     print(f'test_file: {t.test_file}')

@@ -354,6 +354,12 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     assert r.returncode == 0, r.stderr[-3000:]
     log = open(glob.glob(f'{stage2}/logs/*.log')[0], encoding='utf-8').read()
     assert f'warm start: weights from {stage1}/final' in log and 'BLEU-4' in log
+    # scored on pairs, the stage-1 model answers nothing: test says why; the stage-2 model gets no such note
+    for model, noted in ((stage1, True), (stage2, False)):
+        r = cli('test', f'--model_dir={model}/final', f'--test_file={data["valid"]}', '--max_test_rows=4',
+                '--max_new_tokens=2', f'--out={tmp_path}/{model.name}.jsonl')
+        assert r.returncode == 0 and ('note: test scores answers to prompts, and this model was pretrained with '
+                                      '--objective=span_corruption' in r.stderr) == noted, r.stderr[-2000:]
     r = cli('generate', f'--model_dir={stage1}/final', '--prompts=你好<extra_id_0>世界', '--max_new_tokens=8')
     assert r.returncode == 0, r.stderr[-2000:]
     line = [x for x in r.stdout.splitlines() if '->' in x][0]
