@@ -127,6 +127,11 @@ def test_a_resume_without_a_state_and_with_a_changed_optimizer_is_refused(data, 
     out = tmp_path / 'run'
     found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))
     assert 'is_keep_training' in found, found
+    # with a warm start given too: not "--init_from is not used: the run continues from its saved state" (there
+    # is none) beside the problem, whose fix -- a fresh run -- is the warm start
+    report = preflight.check_train(config(data, out, init_from=tmp_path / 'model'), resume=True, world_size=1)
+    assert 'start without --is_keep_training' in problems(report)['is_keep_training'], problems(report)
+    assert not [n for n in report.notes if 'init_from' in n], report.notes
 
 
 def test_a_tokenizer_inside_a_folder_the_run_prunes_is_a_problem(data, tmp_path):

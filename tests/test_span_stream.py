@@ -354,6 +354,11 @@ def test_two_stages_span_corruption_then_pairs_and_generate_fills_sentinels(text
     assert r.returncode == 0, r.stderr[-3000:]
     log = open(glob.glob(f'{stage2}/logs/*.log')[0], encoding='utf-8').read()
     assert f'warm start: weights from {stage1}/final' in log and 'BLEU-4' in log
+    # resumed with the warm start still given: it is not used, and said so
+    dry = run_train(tiny_flags(data, stage2, max_steps=8, init_from=f'{stage1}/final'), '--is_keep_training=True',
+                    '--dry_run=True')
+    assert f'note: --init_from={stage1}/final is not used: the run continues from its saved state' in dry.stdout, \
+        dry.stdout[-3000:]
     # scored on pairs, the stage-1 model answers nothing: test says why; the stage-2 model gets no such note
     for model, noted in ((stage1, True), (stage2, False)):
         r = cli('test', f'--model_dir={model}/final', f'--test_file={data["valid"]}', '--max_test_rows=4',

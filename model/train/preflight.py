@@ -266,9 +266,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     report.notes += learn_rate_notes(t) + cfg.unused_flags()
 
     # warm start and trackers
-    if t.init_from and resume:
-        report.notes.append(f'--init_from={t.init_from} is not used: the run continues from its saved state')
-    elif t.init_from and report.vocab_size:
+    if t.init_from and not resume and report.vocab_size:
         problem('init_from', lambda: _check_init_from(cfg, report.vocab_size))
     if t.log_with != 'none':
         import importlib.util
@@ -283,6 +281,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     busy = locks and bool(in_use)  # a live run's states change under a check (pruned, saved): not judged then
     if not busy:
         check_states(cfg, resume, report, deep)
+    if t.init_from and resume and report.resume is not None:  # none found: the problem's fix starts it fresh
+        report.notes.append(f'--init_from={t.init_from} is not used: the run continues from its saved state')
     if (count_examples and not busy and t.objective == 'span_corruption' and files['train_file']
             and report.vocab_size):
         # examples, from every row's tokens (the loader's count; a resume's state keeps them)
