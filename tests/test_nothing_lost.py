@@ -545,10 +545,19 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     dry = cli('train', *flags, '--is_keep_training=True', '--dry_run=True')
     assert dry.returncode == 1 and 'every saved state is damaged' in dry.stdout and 'checksum' in dry.stdout
     assert_user_error(run_train(flags, '--is_keep_training=True'), 'every saved state is damaged')
-    # and the advice does not go round: a fresh run cannot move them aside either, so neither says to try the other
-    assert f'move {out}/state away yourself (a fresh run moves aside only states wholly' in dry.stdout, dry.stdout
+    # and the advice does not go round: a fresh run cannot move them aside either, so neither says to try the other;
+    # both give the way on: move them away, then start afresh or keep the newest weights (the step file of step 4)
+    keep = f'or keep the weights of {out}/chat_small_t5.4.bin (a new optimizer, schedule and data order, from step 0)'
+    assert f'move it away yourself (e.g. mv {out}/state {out}/state.damaged), then start afresh without ' \
+           f'--is_keep_training, {keep}' in dry.stdout, dry.stdout
     fresh = cli('train', *flags, '--dry_run=True')
-    assert fresh.returncode == 1 and 'cannot be moved aside' in fresh.stdout and 'resume that run' not in fresh.stdout
+    assert fresh.returncode == 1 and 'resume that run' not in fresh.stdout and 'which this toolkit did not write' \
+        not in fresh.stdout, fresh.stdout  # damaged since it saved them: not a stranger's
+    assert f'every saved state in {out}/state is damaged since this toolkit saved it' in fresh.stdout, fresh.stdout
+    assert f'then start afresh, {keep}: --init_from={out}/chat_small_t5.4.bin' in fresh.stdout, fresh.stdout
+    os.rename(f'{out}/state', f'{out}/state.damaged')  # as told: the warm start from the newest weights runs
+    r = run_train([*flags, f'--init_from={out}/chat_small_t5.4.bin'])
+    assert r.returncode == 0 and 'warm start: weights from' in open(run_logs(out)[-1], encoding='utf-8').read()
 
 
 def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):

@@ -162,13 +162,19 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
     if not resume:
         verdicts = [states.judge_state(path, deep=deep, pickles=False) for path in found]  # moving aside loads nothing
         report.all_damaged = bool(verdicts) and all(v.problem for v in verdicts)
+        if report.all_damaged:  # one problem: what to do is the same for all (preflight gives the fix)
+            more = f'; and {len(verdicts) - 1} more' if len(verdicts) > 1 else ''
+            report.problems.append(f'train_state_dir: every saved state in {state_dir} is damaged since this toolkit '
+                                   f'saved it ({verdicts[-1].path}: {verdicts[-1].problem}{more}): none can be '
+                                   f'resumed, and a fresh run moves aside only states wholly as saved')
+            return report
         for v in verdicts:
             if not v.wholly_owned:
-                why = f'it is damaged ({v.problem})' if v.problem else f'it holds {ownership.describe_foreign(v.foreign)}'
-                resume_it = '' if report.all_damaged else f' (or resume that run with {resume_flags})'
+                why = (f'it is damaged since this toolkit saved it ({v.problem})' if v.problem else
+                       f'it holds {ownership.describe_foreign(v.foreign)}, which this toolkit did not write')
                 report.problems.append(f'train_state_dir: {v.path} of an earlier run cannot be moved aside for a '
-                                       f'fresh run: {why}, which this toolkit did not write; move it away '
-                                       f'yourself{resume_it}')
+                                       f'fresh run: {why}; move it away yourself (or resume that run with '
+                                       f'{resume_flags})')
         return report
     damaged: list[states.StateVerdict] = []
     loadable = None

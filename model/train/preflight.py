@@ -563,8 +563,10 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
     for folder in folders:
         resume_it = '--is_keep_training=True' + ('' if folder == t.train_state_dir else
                                                  f' --train_state_dir={shlex.quote(folder)}')
-        for message in contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it).problems:
-            report.problems.append(Problem('train_state_dir', message))
+        judged = contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it)
+        for message in judged.problems:
+            report.problems.append(Problem('train_state_dir', message,
+                                           damaged_states_fix(t, folder) if judged.all_damaged else ''))
         places = contract.saved_places(folder)
         home = contract.run_home(places) if places else None  # where that run's models are now
         if home and contract.states_of_output([folder], t.output_dir, t.model_file) is None:  # not this place's run
@@ -702,15 +704,27 @@ def _moved_aside(t) -> str:
             f'moved aside from here, to {archive}, with {flags}') if flags else ''
 
 
+def damaged_states_fix(t, folder: str, start: str = '') -> str:
+    """What to do when every saved state in folder is damaged: move them away (a fresh run moves
+    aside only states wholly as saved), then start afresh, or keep the run's newest weights -- a
+    step file or a model folder it exported -- as a warm start (optimizer, schedule and data
+    position start anew)."""
+    steps = sorted(model_files.owned_model_files(t.model_file), key=lambda tag_path: int(tag_path[0]))
+    folders = [f for f in model_files.model_folders(t.output_dir) if os.path.isdir(f)]
+    newest = steps[-1][1] if steps else (folders[-1] if folders else None)
+    keep = (f', or keep the weights of {newest} (a new optimizer, schedule and data order, from step 0): '
+            f'--init_from={shlex.quote(newest)}' if newest else '')
+    return (f'move it away yourself (e.g. mv {shlex.quote(folder)} {shlex.quote(folder.rstrip(os.sep) + ".damaged")}), '
+            f'then start afresh{start}{keep}')
+
+
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     t = cfg.train
     states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
     report.resume = saved = states.resume
     report.notes += states.notes
     fresh = ('start without --is_keep_training (or check --train_state_dir)' if not states.all_damaged else
-             f'move {t.train_state_dir} away yourself (a fresh run moves aside only states wholly this toolkit\'s, '
-             f'so it cannot start there either), then start without --is_keep_training; or give another '
-             f'--train_state_dir')
+             damaged_states_fix(t, t.train_state_dir, ' without --is_keep_training'))
     for message in states.problems:
         report.problems.append(Problem('is_keep_training', message,
                                        _states_elsewhere(cfg) or _cut_move(t) or _moved_aside(t) or fresh))
