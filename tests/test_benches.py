@@ -234,7 +234,9 @@ def test_bench_steps_minimal_t5_computes_what_transformers_does(tokenizer):
         model.zero_grad(set_to_none=True)
     (want, g_want), (got, g_got) = grads
     assert abs(got - want) < 1e-4 * want and set(g_got) == set(g_want)
-    assert all(torch.allclose(g_got[k], g_want[k], rtol=1e-3, atol=1e-6) for k in g_want)
+    for k in g_want:  # float32 sums in another order: an element's error scales with the tensor's largest
+        # (q.weight's gradient reaches ~20 here: 5.7e-6 apart on an AMD EPYC, within 1e-6 on another CPU)
+        torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-3, atol=1e-5 * float(g_want[k].abs().max()) + 1e-8)
 
 
 def test_bench_steps_grouped_way_batches_as_the_peers_length_grouped_sampler():
