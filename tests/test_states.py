@@ -1366,3 +1366,29 @@ def test_a_step_saved_again_replaces_its_own_earlier_save_and_keeps_the_older_st
     assert (user / 'notes.txt').read_text() == 'mine' and (states / 'state-000000020').is_dir()
     assert sum('may not replace' in r.getMessage() for r in caplog.records) == 2, caplog.text
     assert sf.latest_state(str(states)).endswith('state-000000030.1')
+
+
+def test_states_copied_by_hand_into_a_new_folder_are_resumed_there_and_one_state_given_names_its_folder(tmp_path):
+    path = make_state(tmp_path / 'run' / 'states', 10)
+    newer = make_state(tmp_path / 'run' / 'states', 20)
+    copy = tmp_path / 'scratch' / 'states'  # made by hand, without the folder's marker
+    copy.mkdir(parents=True)
+    shutil.copytree(path, copy / os.path.basename(path))
+    shutil.copytree(newer, copy / os.path.basename(newer))
+    (copy / 'logs').mkdir()  # an empty folder of the user's beside them
+    own.check_replaceable(str(copy), markers.STATE_DIR, 'train_state_dir', folder=True)  # adopted: no error
+    sf.ensure_state_dir(str(copy))
+    assert own.folder_kind(str(copy)) == markers.STATE_DIR
+    assert contract.inspect(str(copy), resume=True).resume.path == str(copy / os.path.basename(newer))
+    # one state given as the folder of states: the message names the folder that holds it
+    with pytest.raises(UserError, match=f'is one saved state, not a folder of states; give the folder that holds '
+                                        f'it: --train_state_dir={copy}$'):
+        own.check_replaceable(str(copy / os.path.basename(newer)), markers.STATE_DIR, 'train_state_dir', folder=True)
+    # beside a file of the user's, or a folder of the user's holding one: not adopted (a run would mark it its own)
+    for extra in ('notes.txt', 'mine/notes.txt'):
+        other = tmp_path / f'other_{extra.count("/")}'
+        shutil.copytree(path, other / os.path.basename(path))
+        os.makedirs(os.path.dirname(other / extra), exist_ok=True)
+        (other / extra).write_text('mine')
+        with pytest.raises(UserError, match='is a folder this toolkit did not make and is not empty'):
+            own.check_replaceable(str(other), markers.STATE_DIR, 'train_state_dir', folder=True)

@@ -361,7 +361,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         found = folder_kind(path)
         if found in kinds and found in GROWING:
             return  # adopted as it is: never replaced whole, its entries judged one by one
-        if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_and_locks(path):
+        if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_locks_and_states(path):
             if os.path.lexists(os.path.join(path, MARKER_FILE)):  # ours by name, not by content: no room to mark
                 raise NotOurs(f'{what}: {path} holds a {MARKER_FILE} this toolkit did not write (the name of its '
                               f'marker); it is never replaced: move it out, or choose another folder')
@@ -372,6 +372,9 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
                 raise NotOurs(f'{what}: {path} holds what this toolkit did not write or changed since '
                                 f'({describe_foreign(extra)}), so it is not replaced; move those out of it first')
             return
+        if found == STATE and STATE_DIR in kinds:  # one state given for the folder of them: resumed from there
+            raise NotOurs(f'{what}: {path} is one saved state, not a folder of states; give the folder that holds '
+                          f'it: --{what}={os.path.dirname(path.rstrip(os.sep))}')
         made = f'a {found} folder of this toolkit' if found else 'a folder this toolkit did not make'
         names = sorted(n for n in os.listdir(path) if n not in (MARKER_FILE, LOCK_FILE))
         holds = (', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')) or MARKER_FILE
@@ -466,6 +469,24 @@ def check_writable(path: str, what: str) -> None:
         os.unlink(name)
     except OSError as e:
         raise UserError(f'{what}: cannot write in {target} ({e.strerror}); choose a writable place') from None
+
+
+def _holds_only_folders_locks_and_states(folder: str) -> bool:
+    """:func:`_holds_only_folders_and_locks`, or at its top state folders of this toolkit too: a
+    train_state_dir made by hand from states copied out of another (each state is judged as a
+    state by the run that adopts the folder: loaded only if whole, pruned only if wholly as saved,
+    anything else in it left alone)."""
+    for name in os.listdir(folder):
+        entry = os.path.join(folder, name)
+        if name == MARKER_FILE or (name == LOCK_FILE and _is_lock_file(entry)) or (
+                name == SAVING_FILE and is_saving_file(entry)):
+            continue
+        st = lstat_or_none(entry)
+        if st is None:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or not (folder_kind(entry) == STATE or _holds_only_folders_and_locks(entry)):
+            return False
+    return True
 
 
 def _holds_only_folders_and_locks(folder: str) -> bool:
