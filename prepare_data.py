@@ -61,6 +61,8 @@ def convert(*args, **flags):
     skipped = f'; {result.blank_lines} blank line(s) skipped' if result.blank_lines else ''
     kind = 'prompt/response pairs' if result.kind == 'pairs' else 'raw text, one text column'
     print(f'wrote {result.rows} rows to {o.output} ({kind}{skipped})')
+    for note in result.notes():
+        print(f'note: {note}')
 
 
 def clean(*args, **flags):

@@ -581,3 +581,29 @@ def test_a_quote_left_open_is_found_with_the_files_delimiter(tmp_path):
 
     assert left_open('a\tb\n1\t"open\n2\tc\n', '\t') == 2 and left_open('a\tb\n1\t"open\n2\tc\n', ',') is None
     assert left_open('a\tb\n1,"x\t2\n', '\t') is None and left_open('a;b\r\n1;"x;y"\r\n2;"z\r\n', ';') == 3
+
+
+def test_rows_merged_into_one_value_by_a_stray_quote_are_noted_and_kept(tmp_path):
+    # a quote opened by mistake in row 1, closed only by a stray quote in row 4: valid CSV (pyarrow reads the rows
+    # between as one value), so not refused -- but said, with the row; a value that really has lines is not
+    for name, delimiter, text in (
+            ('stray.csv', ',', 'id,body\n1,"opened here\n2,plain two\n3,plain three\n4,closed here"\n5,after\n'),
+            ('stray.tsv', '\t', 'id\tbody\n1\t"opened\r\n2\ttwo\r\n3\tthree\r\n4\tclosed"\r\n5\tafter\r\n')):
+        (tmp_path / name).write_text(text, encoding='utf-8', newline='')
+        proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet', '--text_col=body')
+        assert proc.returncode == 0 and 'wrote 2 rows' in proc.stdout, proc.stderr
+        assert "note: data row 1's text holds 3 lines that read as whole rows of this file: a quote" in proc.stdout
+        assert pq.read_table(tmp_path / f'{name}.parquet').num_rows == 2  # kept as read
+    pairs = [('多行问题\n第二行\n第三行', '答案'), ('一行', '一，二，三\n四，五\n六'), ('表格', '列\n1,2\n')]
+    write_source(tmp_path / 'fine.csv', pairs * 3, 'csv')
+    proc = run_cli('convert', tmp_path / 'fine.csv', tmp_path / 'fine.parquet', '--prompt_col=question',
+                   '--response_col=answer')
+    assert proc.returncode == 0 and 'note:' not in proc.stdout, proc.stdout  # one row-like line: not said
+    assert prep_readers.rows_in_value('a\n1,2\n3,4', 2, ',') == 2 and prep_readers.rows_in_value('a\n1,2', 1, ',') == 0
+    assert prep_readers.rows_in_value('a\n"1",2\n3,4,5', 2, ',') == 0
+    # many such values: the first named, the rest counted
+    many = 'id,body\n' + ''.join(f'{i},"x\n{i}a,b\n{i}c,d"\n' for i in range(1, 6))
+    (tmp_path / 'many.csv').write_text(many, encoding='utf-8')
+    proc = run_cli('convert', tmp_path / 'many.csv', tmp_path / 'many.parquet', '--text_col=body')
+    assert "note: data row 1's text holds 2 lines that read as whole rows of this file (and 4 more value(s) like " \
+           "it)" in proc.stdout, proc.stdout

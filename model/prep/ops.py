@@ -51,6 +51,18 @@ class ConvertResult:
     rows: int
     kind: str  # 'pairs' or 'text'
     blank_lines: int  # a .txt file's blank lines, skipped
+    rows_in_values: tuple = ()  # a CSV's values holding whole rows of the file: (data row, column, lines), a few
+    values_with_rows: int = 0  # how many such values in all
+
+    def notes(self) -> list[str]:
+        """What convert says beside its count: values that may be rows merged by a stray quote."""
+        if not self.values_with_rows:
+            return []
+        row, column, lines = self.rows_in_values[0]
+        more = f' (and {self.values_with_rows - 1} more value(s) like it)' if self.values_with_rows > 1 else ''
+        return [f'data row {row}\'s {column} holds {lines} lines that read as whole rows of this file{more}: a quote '
+                f'(") opened in that row and closed only rows later, by a stray quote, makes the rows between one '
+                f'value; check that row (a value that really holds such lines is kept as it is)']
 
 
 def convert_file(input_path: str, output_path: str, prompt_col: str | None = None, response_col: str | None = None,
@@ -80,7 +92,7 @@ def convert_file(input_path: str, output_path: str, prompt_col: str | None = Non
         if usable == 0:
             raise UserError(f'{input_path}: none of its {out.rows_total} rows has text in every column (each is '
                             f'empty, whitespace or null); nothing written to {output_path}')
-    return ConvertResult(out.rows_written, kind, stats.blank_lines)
+    return ConvertResult(out.rows_written, kind, stats.blank_lines, tuple(stats.rows_in_values), stats.values_with_rows)
 
 
 def convert_to_parquet(input_path: str, output_path: str, prompt_col: str | None = None,

@@ -73,10 +73,13 @@ def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
 
 
 class ReadStats:
-    """What a reader skipped (the blank lines of a .txt or JSONL file), for convert's report."""
+    """What a reader skipped (the blank lines of a .txt or JSONL file) or found worth a look (a
+    CSV value holding whole rows of its file), for convert's report."""
 
     def __init__(self):
         self.blank_lines = 0
+        self.rows_in_values: list[tuple[int, str, int]] = []  # (data row, column, row-like lines), the first few
+        self.values_with_rows = 0  # how many values in all
 
 
 def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
@@ -97,7 +100,7 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
         raise UserError(f'{path}: a .txt file has no columns (each line is one document, written to the text '
                         f'column); leave out {flags}, or pass --format=jsonl|csv|json if it is one of those')
     stats = stats if stats is not None else ReadStats()
-    readers = {'csv': lambda p, c: iter_csv(p, c, delimiter), 'tsv': lambda p, c: iter_csv(p, c, delimiter),
+    readers = {'csv': lambda p, c: iter_csv(p, c, delimiter, stats), 'tsv': lambda p, c: iter_csv(p, c, delimiter, stats),
                'json': iter_json, 'jsonl': lambda p, c: iter_jsonl(p, c, stats=stats),
                'parquet': iter_parquet_columns,
                'txt': lambda p, c: iter_txt(p, stats, guess=input_format is None)}
@@ -113,9 +116,10 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
 # --------------------------------------------------------------------------- CSV, Parquet
 
 
-def iter_csv(path: str, cols: Columns, delimiter: str) -> Iterator[pa.Table]:
+def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None = None) -> Iterator[pa.Table]:
     """A delimited file (CSV, TSV, ...): delimiter is the one character between values, and every
-    helper that reads the file again to name a fault reads it with the same one."""
+    helper that reads the file again to name a fault reads it with the same one. Values that hold
+    whole rows of the file are counted in stats (:func:`rows_in_value`)."""
     import pyarrow.csv as pcsv
 
     if os.path.getsize(path) == 0:  # not even a header: no rows (convert says so)
@@ -142,6 +146,8 @@ def iter_csv(path: str, cols: Columns, delimiter: str) -> Iterator[pa.Table]:
         for batch in reader:
             table = pa.Table.from_arrays([batch.column(c) for c in cols.source], schema=OUTPUT_SCHEMAS[cols.kind])
             _check_row_bytes(path, table, first_row, limit, 'data row')
+            if stats is not None:
+                _count_rows_in_values(table, len(names), delimiter, first_row, stats)
             first_row += table.num_rows
             yield table
     except UnicodeDecodeError:  # pyarrow decodes the header names itself
@@ -164,6 +170,38 @@ def iter_csv(path: str, cols: Columns, delimiter: str) -> Iterator[pa.Table]:
                                 f'opened and never closed?); fix that row') from None
             raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
+
+
+ROW_LIKE_LINES = 2  # a value with at least this many lines that read as whole rows of its file is said
+
+
+def rows_in_value(value: str, fields: int, delimiter: str) -> int:
+    """Lines inside a multi-line value (after its first) that read as whole rows of a file of
+    ``fields`` columns: exactly that many values between the delimiters, none quoted. What a quote
+    opened by mistake and closed only by a stray quote rows later leaves: the rows between become
+    one value (valid CSV, so neither pyarrow nor :func:`_quote_left_open` can refuse it). A value
+    that really holds such lines (a table in an answer) reads the same: a note, never a refusal."""
+    if fields < 2:  # a one-column file's every line reads as a row
+        return 0
+    return sum(1 for line in value.split('\n')[1:]
+               if line.count(delimiter) == fields - 1 and '"' not in line)
+
+
+def _count_rows_in_values(table: pa.Table, fields: int, delimiter: str, first_row: int, stats: ReadStats) -> None:
+    import pyarrow.compute as pc
+
+    for name in dict.fromkeys(table.column_names):
+        column = table.column(name)
+        # only values with a line break and the delimiter (rare in Chinese text, which writes ，) are read in Python
+        multi = pc.fill_null(pc.and_(pc.match_substring(column, '\n'), pc.match_substring(column, delimiter)), False)
+        if not pc.any(multi).as_py():
+            continue
+        for i in pc.indices_nonzero(multi).to_pylist():
+            found = rows_in_value(column[i].as_py(), fields, delimiter)
+            if found >= ROW_LIKE_LINES:
+                stats.values_with_rows += 1
+                if len(stats.rows_in_values) < 3:
+                    stats.rows_in_values.append((first_row + i + 1, name, found))
 
 
 def _quote_left_open(path: str, delimiter: str) -> int | None:
