@@ -607,3 +607,21 @@ def test_rows_merged_into_one_value_by_a_stray_quote_are_noted_and_kept(tmp_path
     proc = run_cli('convert', tmp_path / 'many.csv', tmp_path / 'many.parquet', '--text_col=body')
     assert "note: data row 1's text holds 2 lines that read as whole rows of this file (and 4 more value(s) like " \
            "it)" in proc.stdout, proc.stdout
+
+
+def test_a_record_without_the_field_the_others_have_is_named_with_its_own_fix(tmp_path):
+    # the first record without it: a field named wrong (the flags fix it); a later one: that record lacks it
+    cases = {'later.jsonl': ('{"text": "一"}\n{"text": null}\n{"body": "二"}\n', [],
+                             ["line 3: record has no field 'text' (has: body) while the records before it have it",
+                              'give this record the field too (a null value is kept']),
+             'later.json': ('[{"prompt": "问", "response": "答"}, {"prompt": "问二"}]', [],
+                            ["record has no field 'response' (has: prompt) while the records before it have it"]),
+             'first.jsonl': ('{"body": "二"}\n{"text": "一"}\n', ['--text_col=text'],
+                             ["line 1: record has no field 'text' (has: body); pass --text_col="])}
+    for name, (text, flags, said) in cases.items():
+        (tmp_path / name).write_text(text, encoding='utf-8')
+        proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet', *flags)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and all(s in lines[0] for s in said), (name, proc.stderr)
+        assert 'while the records before' not in lines[0] or name != 'first.jsonl'
+        assert not (tmp_path / f'{name}.parquet').exists()

@@ -530,8 +530,11 @@ class RecordBatcher:
             keys = source
         for key in keys:
             if key not in record:
+                # the records before it had the field: this one lacks it (not a column named wrong)
+                fix = (f'give this record the field too (a null value is kept, and prepare_data.py clean drops the row), '
+                       f'or remove it' if self.keys else self.cols.fix)
                 raise UserError(f'{self.path}: {place(where)}: record has no field {key!r} '
-                                f'(has: {show_names(record)}); {self.cols.fix}')
+                                f'(has: {show_names(record)}){" while the records before it have it" if self.keys else ""}; {fix}')
         if self.first and not self.keys:
             self.keys = list(record)
         for key, column in zip(keys, self.values):
