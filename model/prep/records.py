@@ -531,8 +531,8 @@ class RecordBatcher:
         for key in keys:
             if key not in record:
                 # the records before it had the field: this one lacks it (not a column named wrong)
-                fix = (f'give this record the field too (a null value is kept, and prepare_data.py clean drops the row), '
-                       f'or remove it' if self.keys else self.cols.fix)
+                fix = ('give this record the field too (a null value is kept, and prepare_data.py clean drops the row), '
+                       'or remove it' if self.keys else self.cols.fix)
                 raise UserError(f'{self.path}: {place(where)}: record has no field {key!r} '
                                 f'(has: {show_names(record)}){" while the records before it have it" if self.keys else ""}; {fix}')
         if self.first and not self.keys:
