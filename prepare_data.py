@@ -57,7 +57,9 @@ def convert(*args, **flags):
     stopping.watch_outputs(o.output)
     given = {name: getattr(o, name) if name in flags else None for name in ('prompt_col', 'response_col', 'text_col')}
     delimiter = o.delimiter if 'delimiter' in flags else None  # not given: the format's (a tab for .tsv)
-    result = convert_file(o.input, o.output, input_format=o.format or None, delimiter=delimiter, **given)
+    quoting = o.quoting if 'quoting' in flags else None  # given for a format without quotes: refused
+    result = convert_file(o.input, o.output, input_format=o.format or None, delimiter=delimiter, quoting=quoting,
+                          **given)
     skipped = f'; {result.blank_lines} blank line(s) skipped' if result.blank_lines else ''
     kind = 'prompt/response pairs' if result.kind == 'pairs' else 'raw text, one text column'
     print(f'wrote {result.rows} rows to {o.output} ({kind}{skipped})')

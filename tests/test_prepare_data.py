@@ -461,6 +461,7 @@ def test_a_csv_quote_left_open_is_found_where_it_opens(tmp_path):
         csv.writer(out, lineterminator=end).writerows(rows)
         text = out.getvalue()
         assert left_open(text) is None, text
+        assert prep_readers._quote_fault(str(tmp_path / 'f.csv'), ',') is None, text  # nothing read otherwise
         if text.endswith('"' + end):  # the last value was quoted: without its closing quote it runs to the end
             opened = text.rfind('"', 0, len(text) - 1 - len(end))
             while not (opened == 0 or text[opened - 1] in ',\r\n') or text[:opened].count('"') % 2:
@@ -625,3 +626,36 @@ def test_a_record_without_the_field_the_others_have_is_named_with_its_own_fix(tm
         assert proc.returncode == 2 and len(lines) == 1 and all(s in lines[0] for s in said), (name, proc.stderr)
         assert 'while the records before' not in lines[0] or name != 'first.jsonl'
         assert not (tmp_path / f'{name}.parquet').exists()
+
+
+def test_a_quoted_value_with_text_after_its_closing_quote_is_refused_and_quoting_none_keeps_quotes(tmp_path):
+    # pyarrow reads "好"的意思 as 好的意思 without a word (CSV quoting): refused with its line, and --quoting=none
+    # (a file that does not quote its values, as most TSV exports) reads every quote as text
+    cases = {'lead.tsv': 'prompt\tresponse\n问一\t答一\n"好"的意思\t回答\n',
+             'resp.tsv': 'prompt\tresponse\n问\t"答"很好\n',
+             'lead.csv': 'prompt,response\n"他说""好""",没问题\n"好"的,回答\n'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text, encoding='utf-8')
+        proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet')
+        lines = proc.stderr.strip().splitlines()
+        line = 3 if name != 'resp.tsv' else 2
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+            f'error: {tmp_path / name}: line {line}: a value starts with a quote (") and goes on after its closing '
+            f'quote ("') and 'pass --quoting=none' in lines[0], (name, proc.stderr)
+        assert not (tmp_path / f'{name}.parquet').exists()
+    proc = run_cli('convert', tmp_path / 'lead.tsv', tmp_path / 'none.parquet', '--quoting=none')
+    assert proc.returncode == 0, proc.stderr
+    assert read_pairs(tmp_path / 'none.parquet') == [('问一', '答一'), ('"好"的意思', '回答')]
+    # quoted as CSV writes it: read as ever (quotes doubled inside, a line break inside)
+    (tmp_path / 'ok.csv').write_text('prompt,response\n"他说""好""",x\n"两\n行",y\n', encoding='utf-8')
+    proc = run_cli('convert', tmp_path / 'ok.csv', tmp_path / 'ok.parquet')
+    assert proc.returncode == 0 and read_pairs(tmp_path / 'ok.parquet') == [('他说"好"', 'x'), ('两\n行', 'y')]
+    (tmp_path / 'unquoted.tsv').write_text('a\tb\n"x\ty\tz\n', encoding='utf-8')
+    for args, said in ((('--quoting=none', '--prompt_col=a', '--response_col=b'),
+                        'line 2: a row of 3 field(s), where the header has 2 (a tab in a value? --quoting=none'),
+                       (('--quoting=maybe', '--prompt_col=a', '--response_col=b'), '--quoting=maybe: choose csv')):
+        proc = run_cli('convert', tmp_path / 'unquoted.tsv', tmp_path / 'u.parquet', *args)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+    (tmp_path / 'a.jsonl').write_text('{"prompt": "p", "response": "r"}\n', encoding='utf-8')
+    proc = run_cli('convert', tmp_path / 'a.jsonl', tmp_path / 'j.parquet', '--quoting=none')
+    assert proc.returncode == 2 and 'is for CSV and TSV files' in proc.stderr, proc.stderr

@@ -67,14 +67,14 @@ class ConvertResult:
 
 def convert_file(input_path: str, output_path: str, prompt_col: str | None = None, response_col: str | None = None,
                  input_format: str | None = None, text_col: str | None = None,
-                 delimiter: str | None = None) -> ConvertResult:
+                 delimiter: str | None = None, quoting: str | None = None) -> ConvertResult:
     """CSV / TSV / JSON / JSONL / Parquet / .txt -> Parquet with string columns prompt, response
     (pairs) or text (raw text). The columns are those given (None: not given); with none given, the
     source's prompt and response, else its text column (a .txt file: each line). delimiter: a
-    CSV's (None: a comma, a tab for TSV)."""
+    CSV's (None: a comma, a tab for TSV); quoting: csv or none (None: csv)."""
     stats = ReadStats()
     tables = iter_input_tables(input_path, Columns.of(prompt_col, response_col, text_col), input_format, stats,
-                               delimiter)
+                               delimiter, quoting)
     check_outputs({'output': output_path}, [input_path])
     first = next(tables, None)  # every reader yields at least one table: its columns tell the kind
     kind = 'text' if first is not None and first.column_names == list(KINDS['text']) else 'pairs'

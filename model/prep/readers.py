@@ -72,6 +72,22 @@ def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
     return value
 
 
+QUOTINGS = ('csv', 'none')
+
+
+def resolve_quoting(fmt: str, quoting: str | None) -> bool | None:
+    """Whether a delimited file's values may be quoted, from --quoting (None: not given, 'csv');
+    None for the other formats, which refuse it."""
+    if quoting is None:
+        return True if fmt in DELIMITERS else None
+    if fmt not in DELIMITERS:
+        raise UserError(f'--quoting={quoting} is for CSV and TSV files, and this input is read as {fmt}; leave out '
+                        f'--quoting')
+    if str(quoting).lower() not in QUOTINGS:
+        raise UserError(f'--quoting={quoting}: choose csv (a value may be "quoted") or none (a quote is text)')
+    return str(quoting).lower() == 'csv'
+
+
 class ReadStats:
     """What a reader skipped (the blank lines of a .txt or JSONL file) or found worth a look (a
     CSV value holding whole rows of its file), for convert's report."""
@@ -83,10 +99,11 @@ class ReadStats:
 
 
 def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
-                      stats: ReadStats | None = None, delimiter: str | None = None) -> Iterator[pa.Table]:
+                      stats: ReadStats | None = None, delimiter: str | None = None,
+                      quoting: str | None = None) -> Iterator[pa.Table]:
     """Tables of the columns' output names of any supported file, streamed (the first table
-    tells the kind: 'auto' columns are resolved from the source's names). delimiter: as
-    --delimiter gives it (None: the format's own)."""
+    tells the kind: 'auto' columns are resolved from the source's names). delimiter, quoting: as
+    --delimiter and --quoting give them (None: the format's own: a comma or a tab, quotes read)."""
     if not os.path.exists(path):
         if os.path.islink(path):
             raise UserError(f'{path}: a link to nothing ({os.readlink(path)}), or in a loop; give the file itself')
@@ -94,13 +111,14 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
     if not os.path.isfile(path):
         raise UserError(f'{path}: not a regular file (a folder, a FIFO or a device); give a file')
     fmt = infer_format(path, input_format)
-    delimiter = resolve_delimiter(fmt, delimiter)
+    delimiter, quoted = resolve_delimiter(fmt, delimiter), resolve_quoting(fmt, quoting)
     if fmt == 'txt' and cols.kind != 'auto':
         flags = '--text_col' if cols.kind == 'text' else '--prompt_col/--response_col'
         raise UserError(f'{path}: a .txt file has no columns (each line is one document, written to the text '
                         f'column); leave out {flags}, or pass --format=jsonl|csv|json if it is one of those')
     stats = stats if stats is not None else ReadStats()
-    readers = {'csv': lambda p, c: iter_csv(p, c, delimiter, stats), 'tsv': lambda p, c: iter_csv(p, c, delimiter, stats),
+    readers = {'csv': lambda p, c: iter_csv(p, c, delimiter, stats, quoted),
+               'tsv': lambda p, c: iter_csv(p, c, delimiter, stats, quoted),
                'json': iter_json, 'jsonl': lambda p, c: iter_jsonl(p, c, stats=stats),
                'parquet': iter_parquet_columns,
                'txt': lambda p, c: iter_txt(p, stats, guess=input_format is None)}
@@ -116,16 +134,20 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
 # --------------------------------------------------------------------------- CSV, Parquet
 
 
-def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None = None) -> Iterator[pa.Table]:
+def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None = None,
+             quoted: bool = True) -> Iterator[pa.Table]:
     """A delimited file (CSV, TSV, ...): delimiter is the one character between values, and every
-    helper that reads the file again to name a fault reads it with the same one. Values that hold
-    whole rows of the file are counted in stats (:func:`rows_in_value`)."""
+    helper that reads the file again to name a fault reads it with the same one. quoted: a value
+    may be quoted (CSV's "...", "" a quote inside, line breaks too); False: a quote is text, a
+    line one row (TSV exports of databases). Values that hold whole rows of the file are counted
+    in stats (:func:`rows_in_value`)."""
     import pyarrow.csv as pcsv
 
     if os.path.getsize(path) == 0:  # not even a header: no rows (convert says so)
         return
 
-    parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)  # multi-line answers are common
+    # multi-line answers are common, in quoted values
+    parse = pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False, newlines_in_values=quoted)
     # a row may span one block boundary, not two: the block size bounds a row (and the ~10 blocks
     # pyarrow reads ahead); a row between one and two blocks is refused once read
     limit = read_guard.MAX_RECORD_BYTES
@@ -138,15 +160,22 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
         convert = pcsv.ConvertOptions(include_columns=source, column_types={c: pa.string() for c in source})
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         first_row = 0
-        opened = _quote_left_open(path, delimiter)  # before any row is given out: a stop leaves nothing written
-        if opened is not None:
-            raise UserError(f'{path}: line {opened}: a quote (") opened there is never closed, so the file\'s '
+        # before any row is given out: a stop leaves nothing written
+        fault = _quote_fault(path, delimiter) if quoted else None
+        if fault is not None and fault[1] is None:
+            raise UserError(f'{path}: line {fault[0]}: a quote (") opened there is never closed, so the file\'s '
                             f'every line after it would be one value; close that quote (a quote inside a value '
-                            f'is written twice: "") or remove it') from None
+                            f'is written twice: "") or remove it; if the file does not quote its values (a quote '
+                            f'is text), pass --quoting=none') from None
+        if fault is not None:
+            raise UserError(f'{path}: line {fault[0]}: a value starts with a quote (") and goes on after its closing '
+                            f'quote ({fault[1]}); read as CSV quoting its quotes would be dropped: if the file does '
+                            f'not quote its values (a quote is text, as in most TSV exports), pass --quoting=none; '
+                            f'else quote the whole value, its quotes doubled ("""a"" b")') from None
         for batch in reader:
             table = pa.Table.from_arrays([batch.column(c) for c in cols.source], schema=OUTPUT_SCHEMAS[cols.kind])
             _check_row_bytes(path, table, first_row, limit, 'data row')
-            if stats is not None:
+            if stats is not None and quoted:  # unquoted: one line, one row
                 _count_rows_in_values(table, len(names), delimiter, first_row, stats)
             first_row += table.num_rows
             yield table
@@ -162,12 +191,14 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
                             f'(read_guard.MAX_RECORD_BYTES), or a quote (") is opened and never closed; close '
                             f'the quote, or split or drop such rows before converting') from None
         if 'CSV parse error' in str(e):  # pyarrow names neither the line nor a whole character
-            bad = _csv_bad_row(path, delimiter)
+            bad = _csv_bad_row(path, delimiter, quoted)
             if bad:
                 line, got, expected = bad
+                why = (f'a {_delimiter_name(delimiter)} in a value that is not quoted, or a quote (") opened and '
+                       f'never closed?' if quoted else f'a {_delimiter_name(delimiter)} in a value? --quoting=none '
+                       f'reads no quotes')
                 raise UserError(f'{path}: line {line}: a row of {got} field(s), where the header has {expected} '
-                                f'(a {_delimiter_name(delimiter)} in a value that is not quoted, or a quote (") '
-                                f'opened and never closed?); fix that row') from None
+                                f'({why}); fix that row') from None
             raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
 
@@ -204,14 +235,17 @@ def _count_rows_in_values(table: pa.Table, fields: int, delimiter: str, first_ro
                     stats.rows_in_values.append((first_row + i + 1, name, found))
 
 
-def _quote_left_open(path: str, delimiter: str) -> int | None:
-    """The line where a quoted CSV value opens that the file never closes, or None. pyarrow (and
-    Python's csv) take such a value to the end of the file without a word: one row swallows every
-    row after it. Read as pyarrow reads it: a quote opens a value only as a value's first
-    character (after the delimiter, a line break or the file's start); inside, a doubled quote is a
-    quote and a single one closes it; a quote inside an unquoted value is text. On a map of the
-    file, from quote to quote: a quoted value is passed over whole by one match, a quote in text
-    by one step, so the cost follows the quotes and nothing is read twice."""
+def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:
+    """The first quoted CSV value pyarrow would read other than as written, or None: (its line,
+    None) where it opens and the file never closes it -- pyarrow (and Python's csv) take it to the
+    end of the file without a word, one row swallowing every row after it --, or (its line, the
+    value's start) where text follows its closing quote (``"好"的意思``: pyarrow drops the quotes
+    without a word; a file that does not quote its values has such text). Read as pyarrow reads
+    it: a quote opens a value only as a value's first character (after the delimiter, a line
+    break or the file's start); inside, a doubled quote is a quote and a single one closes it; a
+    quote inside an unquoted value is text. On a map of the file, from quote to quote: a quoted
+    value is passed over whole by one match, a quote in text by one step, so the cost follows the
+    quotes and nothing is read twice."""
     import mmap
 
     value_starts = delimiter.encode('ascii') + b'\r\n'  # a quote after one of these opens a value
@@ -220,16 +254,25 @@ def _quote_left_open(path: str, delimiter: str) -> int | None:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             first = 3 if m[:3] == b'\xef\xbb\xbf' else 0
-            pos = first
+            pos, after = first, None
             while (q := m.find(b'"', pos)) >= 0:
                 if q != first and m[q - 1] not in value_starts:  # a quote inside an unquoted value: text
                     pos = q + 1
                     continue
                 value = _QUOTED_VALUE.match(m, q)  # the whole quoted value, in one step
-                if not value.group(1):  # the file ended inside it
-                    return _lines_before(m, q) + 1
+                if not value.group(1):  # the file ended inside it: said first, whatever came before
+                    return _lines_before(m, q) + 1, None
                 pos = value.end()
-            return None
+                if after is None and pos < len(m) and m[pos] not in value_starts:  # text after the closing quote
+                    after = (q, re.split(rb'[\r\n' + re.escape(delimiter.encode('ascii')) + rb']',
+                                          m[q:min(pos + 60, len(m))])[0].decode('utf-8', 'ignore'))
+            return (_lines_before(m, after[0]) + 1, after[1]) if after else None
+
+
+def _quote_left_open(path: str, delimiter: str) -> int | None:
+    """The line where a quoted value opens that the file never closes (:func:`_quote_fault`)."""
+    fault = _quote_fault(path, delimiter)
+    return fault[0] if fault is not None and fault[1] is None else None
 
 
 # a quoted value from its opening quote: "" inside, then its closing quote (empty: the file ended first)
@@ -247,7 +290,7 @@ def _lines_before(m, end: int, chunk: int = 1 << 24) -> int:
     return count
 
 
-def _csv_bad_row(path: str, delimiter: str) -> tuple[int, int, int] | None:
+def _csv_bad_row(path: str, delimiter: str, quoted: bool = True) -> tuple[int, int, int] | None:
     """(line where it starts, its fields, the header's) of the first CSV record whose number of
     fields is not the header's, read as pyarrow reads it (quoted values may hold newlines); None
     if Python's reader finds none. Read only after pyarrow refused the file."""
@@ -255,7 +298,7 @@ def _csv_bad_row(path: str, delimiter: str) -> tuple[int, int, int] | None:
 
     try:
         with open(path, encoding='utf-8-sig', newline='') as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            reader = csv.reader(f, delimiter=delimiter, **({} if quoted else {'quoting': csv.QUOTE_NONE}))
             header = next(reader, None)
             if header is None:
                 return None
