@@ -604,6 +604,8 @@ def test_a_place_that_holds_much_else_is_no_place_for_a_run(data, tmp_path, monk
               preflight.PROJECT_ROOT: "the toolkit's own folder", str(tmp_path / 'link_to_toolkit'): "the toolkit's own",
               os.path.dirname(preflight.PROJECT_ROOT): 'a folder that holds the toolkit',
               str(copy): 'a copy of the toolkit', os.path.join(preflight.PROJECT_ROOT, 'model', 'x'): "toolkit's model/",
+              str(copy / 'tests'): "inside a copy of the toolkit's tests/ folder", str(copy / 'model' / 'x'): 'copy',
+              str(copy / '.git' / 'x'): "copy of the toolkit's .git/",
               os.path.join(preflight.PROJECT_ROOT, '.git'): "toolkit's .git/"}
     out = tmp_path / 'run'
     for folder, said in shared.items():

@@ -423,8 +423,9 @@ TOOLKIT_FOLDERS = ('.git', '.ci', 'bench', 'configs', 'model', 'scripts', 'tests
 
 def shared_folder(path: str) -> str | None:
     """What a folder holds besides a run, said, when it is no place for one run's saves: the
-    filesystem's root, the home folder, the toolkit's folder or one holding either, or inside the
-    toolkit's code; None for any other (links followed: a link to such a folder is that folder)."""
+    filesystem's root, the home folder, the toolkit's folder or one holding it or the home
+    folder, a copy of the toolkit (a folder with train_low_mem.py and model/), or inside the code
+    of either; None for any other (links followed: a link to such a folder is that folder)."""
     real = os.path.realpath(path)
     home = os.path.realpath(os.path.expanduser('~'))
     toolkit = os.path.realpath(PROJECT_ROOT)
@@ -432,16 +433,29 @@ def shared_folder(path: str) -> str | None:
         return 'the filesystem\'s root'
     if real == home:
         return 'the home folder'
-    if real == toolkit:
-        return 'the toolkit\'s own folder (its code)'
-    if os.path.isfile(os.path.join(real, 'train_low_mem.py')) and os.path.isdir(os.path.join(real, 'model')):
-        return 'a copy of the toolkit (its code)'
+    root = toolkit if ownership.same_or_inside(real, toolkit) else _checkout_around(real)
+    what = 'the toolkit' if root == toolkit else 'a copy of the toolkit'
+    if real == root:
+        return ("the toolkit's own folder" if root == toolkit else what) + ' (its code)'
+    if root and os.path.relpath(real, root).split(os.sep)[0] in TOOLKIT_FOLDERS:
+        return f'inside {what}\'s {os.path.relpath(real, root).split(os.sep)[0]}/ folder' + (
+            f' ({root})' if root != toolkit else '')
     if ownership.same_or_inside(toolkit, real) or ownership.same_or_inside(home, real):
         return f'a folder that holds {"the toolkit" if ownership.same_or_inside(toolkit, real) else "the home folder"}'
-    for leaf in TOOLKIT_FOLDERS:
-        if ownership.same_or_inside(real, os.path.join(toolkit, leaf)):
-            return f'inside the toolkit\'s {leaf}/ folder'
     return None
+
+
+def _checkout_around(real: str) -> str | None:
+    """The nearest folder at or above real that holds a copy of the toolkit's code (train_low_mem.py
+    and model/), or None."""
+    folder = real
+    while True:
+        if os.path.isfile(os.path.join(folder, 'train_low_mem.py')) and os.path.isdir(os.path.join(folder, 'model')):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
 
 
 def model_folder(t) -> str:
