@@ -311,30 +311,41 @@ def check_span_lengths(train) -> None:
                         f'--max_seq_len={longest} or less, or a longer --mean_noise_span_length')
 
 
-# Fields that act only under some other setting: (when the field has no effect, why), each a
-# function of the train config. A flag given for one of them where it has no effect is said in one
-# note (the dry run's, and the training log's start): silently ignored, it reads as applied.
+# Fields that act only under some other setting: for each, why it has no effect with the train
+# config's other settings (and whether the run resumes: None when not known), or None where it
+# acts. A flag given for one of them where it has no effect is said in one note (the dry run's,
+# and the training log's start): silently ignored, it reads as applied.
 _SPAN = 'span corruption lays documents end to end into full rows (no padding to pack or group)'
 _NO_ANSWERS = 'span corruption is evaluated by its denoising loss alone (no answers are generated)'
-UNUSED_WHEN: dict[str, tuple[Any, str]] = {
-    'packing': (lambda t: t.objective != 'pairs', _SPAN),
-    'group_by_length': (lambda t: t.objective != 'pairs', _SPAN),
-    'length_group_batches': (lambda t: t.objective != 'pairs' or not t.group_by_length,
-                             'it sizes the windows of --group_by_length=True'),
-    'bleu_samples': (lambda t: t.objective != 'pairs', _NO_ANSWERS),
-    'show_samples': (lambda t: t.objective != 'pairs', _NO_ANSWERS),
-    'eval_max_new_tokens': (lambda t: t.objective != 'pairs' or not (t.bleu_samples or t.show_samples),
-                            'it caps the answers generated for --bleu_samples and --show_samples'),
-    'noise_density': (lambda t: t.objective != 'span_corruption', 'it applies to --objective=span_corruption'),
-    'mean_noise_span_length': (lambda t: t.objective != 'span_corruption',
-                               'it applies to --objective=span_corruption'),
-    'adafactor_scale_parameter': (lambda t: t.optimizer != 'adafactor', 'it applies to --optimizer=adafactor'),
-    'warmup_steps': (lambda t: t.warmup_ratio > 0, 'a --warmup_ratio above 0 replaces it'),
+_ONLY_SPAN = 'it applies to --objective=span_corruption'
+
+
+def _pairs_only(why: str):
+    return lambda t, resume: why if t.objective != 'pairs' else None
+
+
+UNUSED_WHEN: dict[str, Any] = {
+    'packing': _pairs_only(_SPAN),
+    'group_by_length': _pairs_only(_SPAN),
+    'length_group_batches': lambda t, resume: _SPAN if t.objective != 'pairs' else (
+        None if t.group_by_length else 'it sizes the windows of --group_by_length=True, and this run does not group'),
+    'bleu_samples': _pairs_only(_NO_ANSWERS),
+    'show_samples': _pairs_only(_NO_ANSWERS),
+    'eval_max_new_tokens': lambda t, resume: _NO_ANSWERS if t.objective != 'pairs' else (
+        None if t.bleu_samples or t.show_samples else 'it caps the answers generated for --bleu_samples and '
+                                                      '--show_samples, both 0 here'),
+    'noise_density': lambda t, resume: None if t.objective == 'span_corruption' else _ONLY_SPAN,
+    'mean_noise_span_length': lambda t, resume: None if t.objective == 'span_corruption' else _ONLY_SPAN,
+    'adafactor_scale_parameter': lambda t, resume: None if t.optimizer == 'adafactor' else
+    'it applies to --optimizer=adafactor',
+    'warmup_steps': lambda t, resume: 'a --warmup_ratio above 0 replaces it' if t.warmup_ratio > 0 else None,
+    'allow_data_change': lambda t, resume: 'it lets a resume go on over changed data, and this run starts afresh'
+    if resume is False else None,
 }
 # a value that asks for nothing where the field has no effect (a script turning BLEU off for every
 # stage): not said
 _OFF = {'packing': False, 'group_by_length': False, 'bleu_samples': 0, 'show_samples': 0,
-        'adafactor_scale_parameter': False, 'warmup_steps': 0}
+        'adafactor_scale_parameter': False, 'warmup_steps': 0, 'allow_data_change': False}
 
 
 @dataclass
@@ -348,13 +359,16 @@ class ResolvedConfig:
         return {'train': dataclasses.asdict(self.train), 'model': dataclasses.asdict(self.model),
                 'preset': self.preset}
 
-    def unused_flags(self) -> list[str]:
+    def unused_flags(self, resume: bool | None = None) -> list[str]:
         """A note for each flag given that has no effect with this config's other settings
-        (UNUSED_WHEN), with why; a value that turns the field off is not said."""
+        (UNUSED_WHEN; resume: whether the run resumes, None if not known), with why; a value that
+        turns the field off is not said."""
         notes = []
-        for name, (unused, why) in UNUSED_WHEN.items():
+        for name, unused in UNUSED_WHEN.items():
             value = getattr(self.train, name)
-            if self.sources.get(name) == 'flag' and unused(self.train) and _OFF.get(name, object()) != value:
+            if self.sources.get(name) != 'flag' or _OFF.get(name, object()) == value:
+                continue
+            if why := unused(self.train, resume):
                 notes.append(f'--{name}={value} has no effect on this run: {why}; leave it out')
         return notes
 

@@ -315,6 +315,14 @@ def test_a_flag_that_has_no_effect_with_the_other_settings_is_said():
         '--warmup_steps=100 has no effect on this run: a --warmup_ratio above 0 replaces it')
     assert resolve_config(overrides={'group_by_length': False, 'length_group_batches': 8}).unused_flags()
     assert resolve_config(overrides={'bleu_samples': 0, 'show_samples': 0, 'eval_max_new_tokens': 9}).unused_flags()
+    # under span corruption the reason is span corruption's, whatever the pairs settings beside them
+    notes = resolve_config(overrides={**span, 'group_by_length': True, 'length_group_batches': 8, 'bleu_samples': 4,
+                                      'eval_max_new_tokens': 10}).unused_flags()
+    assert len(notes) == 4 and not [n for n in notes if 'sizes the windows' in n or 'caps the answers' in n], notes
+    # --allow_data_change acts on a resume only
+    given = resolve_config(overrides={'allow_data_change': True})
+    assert given.unused_flags(resume=False)[0].startswith('--allow_data_change=True has no effect on this run')
+    assert given.unused_flags(resume=True) == given.unused_flags() == []
     # where they act, from a preset, or turning off what the run does not do anyway: nothing said
     for overrides in ({'packing': True, 'bleu_samples': 8, 'length_group_batches': 8},
                       {**span, 'noise_density': 0.3, 'mean_noise_span_length': 5},

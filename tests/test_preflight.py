@@ -572,6 +572,11 @@ def test_a_resume_names_as_applied_only_the_changes_it_makes(data, tmp_path):
     (applied,) = [n for n in report.notes if 'applied from step 2 on' in n]
     assert 'learn_rate' in applied and 'd_ff' not in applied and 'optimizer' not in applied, applied
     assert 'd_ff' in problems(report)['is_keep_training'] and 'optimizer' in problems(report)
+    # a flag that does nothing with the run's other settings is said to do nothing, not also "applied"
+    report = preflight.check_train(config(data, out, learn_rate=0.5, noise_density=0.2), resume=True, world_size=1)
+    (applied,) = [n for n in report.notes if 'applied from step 2 on' in n]
+    assert 'learn_rate' in applied and 'noise_density' not in applied, applied
+    assert [n for n in report.notes if n.startswith('--noise_density=0.2 has no effect on this run')], report.notes
     assert contract.fixed_fields({'model_shape': {'d_ff': 1}, 'examples': {'max_seq_len': 8}}) == {
         'd_ff', 'objective', 'max_seq_len'}  # under pairs max_seq_len may change: its fingerprint has no examples
 

@@ -14,7 +14,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 
-from config import PATH_FIELDS, PROJECT_ROOT, ResolvedConfig
+from config import PATH_FIELDS, PROJECT_ROOT, UNUSED_WHEN, ResolvedConfig
 from model.errors import NotOurs, UserError
 from model.state import contract, locks as place_locks, model_files, states as ckpt
 from model.state import ownership
@@ -263,7 +263,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
         report.notes += warmup_notes(t, report.total_steps)
-    report.notes += learn_rate_notes(t) + cfg.unused_flags()
+    report.notes += learn_rate_notes(t) + cfg.unused_flags(resume)
 
     # warm start and trackers
     if t.init_from and not resume and report.vocab_size:
@@ -774,7 +774,10 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                            f'resume with --{name}={saved_cfg.get(name)}, or start a new run '
                                            f'without --is_keep_training'))
     # what is refused below is not applied: only the changes the resume makes are named
-    changed = contract.changed_fields(saved.config, cfg, {*REFUSED_ON_RESUME, *contract.fixed_fields(saved.fingerprint)})
+    # nor a field that does nothing with the run's other settings (said as such: config.UNUSED_WHEN)
+    idle = {name for name, unused in UNUSED_WHEN.items() if unused(t, True)}
+    changed = contract.changed_fields(saved.config, cfg, {*REFUSED_ON_RESUME, *contract.fixed_fields(saved.fingerprint),
+                                                          *idle})
     if changed:
         report.notes.append(f'changed since the save, applied from step {saved.step} on: {"; ".join(changed)}')
     if not report.fingerprint:
