@@ -208,6 +208,8 @@ not_ready() {   # a report's reasons, from its "not ready:" line on, with $1 in 
   reasons=$(printf '%s\n' "$2" | sed -n '/^not ready:/,$p')
   printf '%s%s\n' "$1" "${reasons#not ready:}" >&2
 }
+# every saved state damaged: no resume either (the fresh run's check says so, with the way on): said once
+if [ "$(run_of states_damaged)" = 1 ]; then may_resume=0; fi
 if [ "$may_resume" -eq 1 ]; then
   # a resume is what RESUME=auto runs (and what the question offers): check it too, not only a fresh run
   dry_run --is_keep_training=True

@@ -125,6 +125,8 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
     # archive into which an earlier such move, cut short (a kill, a full disk), already took that run's states:
     # it finishes that move there (start_pretrain_large.sh reads these lines; a resume or a run not ready judges
     # neither: no lines)
+    if report.states_damaged:  # neither a resume nor a fresh run can start: the start script says it once
+        print('  run.states_damaged=1  (every saved state is damaged)')
     if report.previous_items is not None:
         print(f'  run.previous_items={report.previous_items}  (an earlier run\'s states and models it moves aside)')
         print(f'  path.states_moved_to={report.states_moved_to or "none"}')

@@ -555,6 +555,12 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
         not in fresh.stdout, fresh.stdout  # damaged since it saved them: not a stranger's
     assert f'every saved state in {out}/state is damaged since this toolkit saved it' in fresh.stdout, fresh.stdout
     assert f'then start afresh, {keep}: --init_from={out}/chat_small_t5.4.bin' in fresh.stdout, fresh.stdout
+    # the start script with RESUME=auto (a job's requeue): said once, not as a fresh run and again as a resume
+    env = {**ENV, 'RESUME': 'auto', 'ACCELERATE_USE_CPU': '1', 'NUM_GPUS': '1', 'PYTHON': sys.executable}
+    script = subprocess.run(['bash', 'start_pretrain_large.sh', *flags], cwd=ROOT, capture_output=True, text=True,
+                            env=env, stdin=subprocess.DEVNULL, timeout=300)
+    assert script.returncode == 1 and script.stderr.count('every saved state') == 1, script.stderr[-3000:]
+    assert 'nor as a resume' not in script.stderr and '--init_from=' in script.stderr, script.stderr[-3000:]
     os.rename(f'{out}/state', f'{out}/state.damaged')  # as told: the warm start from the newest weights runs
     r = run_train([*flags, f'--init_from={out}/chat_small_t5.4.bin'])
     assert r.returncode == 0 and 'warm start: weights from' in open(run_logs(out)[-1], encoding='utf-8').read()

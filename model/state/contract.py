@@ -164,8 +164,9 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
         report.all_damaged = bool(verdicts) and all(v.problem for v in verdicts)
         if report.all_damaged:  # one problem: what to do is the same for all (preflight gives the fix)
             more = f'; and {len(verdicts) - 1} more' if len(verdicts) > 1 else ''
+            newest = max(verdicts, key=lambda v: v.step)
             report.problems.append(f'train_state_dir: every saved state in {state_dir} is damaged since this toolkit '
-                                   f'saved it ({verdicts[-1].path}: {verdicts[-1].problem}{more}): none can be '
+                                   f'saved it ({newest.path}: {newest.problem}{more}): none can be '
                                    f'resumed, and a fresh run moves aside only states wholly as saved')
             return report
         for v in verdicts:

@@ -68,6 +68,7 @@ class Report:
     # judged for a fresh run that is ready: what an earlier run left here that it moves aside (None: not judged)
     previous_items: int | None = None
     states_moved_to: str | None = None  # the archive into which a fresh run's cut move already took them, states too
+    states_damaged: bool = False  # every saved state damaged: neither a resume nor a fresh run can start there
 
     @property
     def latest_state(self) -> str | None:
@@ -578,6 +579,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
         resume_it = '--is_keep_training=True' + ('' if folder == t.train_state_dir else
                                                  f' --train_state_dir={shlex.quote(folder)}')
         judged = contract.inspect(folder, resume=False, deep=deep, resume_flags=resume_it)
+        report.states_damaged = report.states_damaged or judged.all_damaged
         for message in judged.problems:
             report.problems.append(Problem('train_state_dir', message,
                                            damaged_states_fix(t, folder) if judged.all_damaged else ''))
@@ -737,6 +739,7 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
     states = contract.inspect(t.train_state_dir, resume=True, deep=deep)
     report.resume = saved = states.resume
     report.notes += states.notes
+    report.states_damaged = states.all_damaged
     fresh = ('start without --is_keep_training (or check --train_state_dir)' if not states.all_damaged else
              damaged_states_fix(t, t.train_state_dir, ' without --is_keep_training'))
     for message in states.problems:
