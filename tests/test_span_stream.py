@@ -450,7 +450,8 @@ def test_a_sentinel_written_almost_right_is_named_with_its_exact_form(tokenizer)
     # exact sentinels, plain text, words in a sentence and tags: nothing said
     for prompt in ['北京是<extra_id_0>的首都', '<<extra_id_0>>北京<extra_id_1>', '北京是中国的首都', 'an extra id 3 times',
                    'give me extra money', 'id_0 is a name', 'extra identification 0', 'the extraid', '<extra>',
-                   '<b>粗体</b>和<i>斜体</i>', 'myextra_id_0', '<extra_id_-1>', '额外的extra，编号id_0']:
+                   '<b>粗体</b>和<i>斜体</i>', 'myextra_id_0', 'my_extra_id_1 的值', '变量 a_extra-id-2', '<extra_id_-1>',
+                   '额外的extra，编号id_0']:
         assert sentinel_note(tokenizer, prompt) is None, prompt
 
 

@@ -322,7 +322,7 @@ SENTINEL_TEXT = re.compile(r'<extra_id_(0|[1-9][0-9]*)>')  # as the tokenizer re
 # types for < > [ ] (《》〈〉【】〔〕) to those -- so each match's span is the user's own text
 _FOLD = {**{0xFF01 + i: 0x21 + i for i in range(94)}, 0x3000: ' ', **{ord(a): b for a, b in zip(
     '《》〈〉【】〔〕', '<><>[][]')}}
-_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[])[ \t]*)?(?<![A-Za-z0-9])extra[ \t]*[_-]?[ \t]*id[ \t]*[_-]?[ \t]*'
+_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[])[ \t]*)?(?<![A-Za-z0-9_])extra[ \t]*[_-]?[ \t]*id[ \t]*[_-]?[ \t]*'
                             r'(?P<n>[0-9]+)(?:[ \t]*(?P<close>[>\]]))?', re.IGNORECASE)
 
 
@@ -394,7 +394,7 @@ def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str
     if written != list(range(len(written))):
         shown = ', '.join(f'<extra_id_{n}>' for n in written[:6]) + (', ...' if len(written) > 6 else '')
         return (f'sentinels {shown}: span corruption numbers them from <extra_id_0> up, in order, each once '
-                f'(as the model learned them); it may fill these poorly')
+                f'(as span-corruption training writes them); a model may fill these poorly')
     return None
 
 
