@@ -642,3 +642,19 @@ def test_a_long_document_is_tokenized_in_pieces_with_the_whole_texts_ids(tokeniz
     got = enc.encode([unspaced])[0]
     assert len(document_pieces(unspaced, 300)) == 7 and got[-1] == enc.eos_id
     assert abs(len(got) - len(whole(unspaced))) <= 2 * 6  # a token or two a seam
+
+
+def test_the_convert_command_named_for_a_source_file_asks_for_column_flags_only_where_needed(tmp_path):
+    from model.data.files import inspect_parquet
+
+    sources = {'qa.csv': ('prompt,response\n问,答\n', ''), 'qa.tsv': ('"prompt"\tresponse\n问\t答\n', ''),
+               'doc.tab': ('id\ttext\n1\t文\n', ''), 'qa.jsonl': ('{"prompt": "问", "response": "答"}\n', ''),
+               'other.csv': ('question,answer\n问,答\n', ' --prompt_col=... --response_col=...'),
+               'other.jsonl': ('not json\n', ' --prompt_col=...'), 'list.json': ('[{"text": "文"}]', ' --prompt_col=...')}
+    for name, (text, flags) in sources.items():
+        (tmp_path / name).write_text(text, encoding='utf-8')
+        with pytest.raises(UserError) as raised:
+            inspect_parquet(str(tmp_path / name))
+        said = str(raised.value)
+        command = f'python prepare_data.py convert {tmp_path / name} {tmp_path / name.split(".")[0]}.parquet'
+        assert said.endswith(command + flags) if not flags else (command + flags) in said, (name, said)

@@ -139,7 +139,32 @@ class ParquetInfo:
         return kind_of(self.columns)
 
 
-SOURCE_SUFFIXES = ('.txt', '.jsonl', '.json', '.csv', '.tsv')  # what prepare_data.py convert reads
+SOURCE_SUFFIXES = ('.txt', '.jsonl', '.ndjson', '.json', '.csv', '.tsv', '.tab')  # what prepare_data.py convert reads
+
+
+def _column_flags(path: str) -> str:
+    """The column flags convert needs for a source file: none where its first record already
+    names prompt and response, or text (read from its first line only); else the placeholders."""
+    import json
+
+    ask = ' --prompt_col=... --response_col=... (or --text_col=...)'
+    try:
+        with open(path, encoding='utf-8-sig', errors='replace') as f:
+            first = f.readline(1 << 16).strip()
+    except OSError:
+        return ask
+    low = path.lower()
+    if low.endswith(('.csv', '.tsv', '.tab')):
+        names = {n.strip().strip('"') for n in first.split(',' if low.endswith('.csv') else '\t')}
+    elif low.endswith(('.jsonl', '.ndjson')):
+        try:
+            record = json.loads(first)
+        except ValueError:
+            return ask
+        names = set(record) if isinstance(record, dict) else set()
+    else:
+        return ask
+    return '' if {'prompt', 'response'} <= names or 'text' in names else ask
 
 
 def inspect_parquet(path: str, columns=None) -> ParquetInfo:
@@ -148,8 +173,7 @@ def inspect_parquet(path: str, columns=None) -> ParquetInfo:
     if path.lower().endswith(SOURCE_SUFFIXES):
         raise UserError(f'{path}: training reads Parquet; convert it first: python prepare_data.py convert {path} '
                         f'{os.path.splitext(path)[0]}.parquet' + (' (one document a line)' if path.lower().endswith('.txt')
-                                                                   else ' --prompt_col=... --response_col=... '
-                                                                        '(or --text_col=...)'))
+                                                                   else _column_flags(path)))
     with ReadGuard(path):
         pf = pq.ParquetFile(path)
         if columns is None:
