@@ -622,6 +622,7 @@ def test_a_place_that_holds_much_else_is_no_place_for_a_run(data, tmp_path, monk
         with pytest.raises(UserError, match=f'^{place}: .*{re.escape(said)}'):
             report.raise_first()
     for fine in (tmp_path / 'home' / 'runs', os.path.join(preflight.PROJECT_ROOT, 'model_save', 'never_made'),
+                 os.path.join(preflight.PROJECT_ROOT, 'bench', 'out', 'never_made'),  # where the benches' runs go
                  copy / 'model_save', tmp_path / 'elsewhere'):
         value = os.path.join(fine, 'm.{}.bin') if place == 'model_file' else str(fine)
         report = preflight.check_train(config(data, out, **{place: value}), resume=False, world_size=1)

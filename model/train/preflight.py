@@ -418,8 +418,9 @@ def layout_problems(t) -> list[Problem]:
     return found
 
 
-# the toolkit's own folders: its code, tests and history (model_save/, data/ and logs/ are the user's)
-TOOLKIT_FOLDERS = ('.git', '.ci', 'bench', 'configs', 'model', 'scripts', 'tests')
+# the toolkit's own folders: its code, tests and history (model_save/, data/ and logs/ are the user's; bench/
+# writes its runs into its out/)
+TOOLKIT_FOLDERS = ('.git', '.ci', 'configs', 'model', 'scripts', 'tests')
 
 
 def shared_folder(path: str) -> str | None:
