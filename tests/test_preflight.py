@@ -577,6 +577,14 @@ def test_a_resume_names_as_applied_only_the_changes_it_makes(data, tmp_path):
     (applied,) = [n for n in report.notes if 'applied from step 2 on' in n]
     assert 'learn_rate' in applied and 'noise_density' not in applied, applied
     assert [n for n in report.notes if n.startswith('--noise_density=0.2 has no effect on this run')], report.notes
+    # a step file of the run's, damaged since: said so, not "not written by this toolkit"
+    step_file = out / 'chat_small_t5.2.bin'
+    raw = bytearray(step_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    step_file.write_bytes(bytes(raw))
+    found = problems(preflight.check_train(config(data, out), resume=False, world_size=1))['model_file']
+    assert 'chat_small_t5.2.bin matches the model_file pattern and was written by this toolkit but changed since' \
+        in found, found
     assert contract.fixed_fields({'model_shape': {'d_ff': 1}, 'examples': {'max_seq_len': 8}}) == {
         'd_ff', 'objective', 'max_seq_len'}  # under pairs max_seq_len may change: its fingerprint has no examples
 

@@ -19,7 +19,7 @@ from model.errors import NotOurs, UserError
 from model.state import contract, locks as place_locks, model_files, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, files_kind, inspect_parquet, resolve_parquet_files
-from model.state.markers import MODEL, STATE_DIR
+from model.state.markers import MODEL, STATE_DIR, WEIGHTS, file_status
 from model.net.sizing import (human_bytes, model_shape, state_bytes, t5_parameter_count, total_optimizer_steps,
                               warmup_steps_of)
 from model.data.tokenizer import check_sentinels, check_tokenizer_folder, tokenizer_fingerprint
@@ -206,7 +206,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     for path in model_files.model_folders(t.output_dir):
         problem('output_dir', lambda path=path: replaceable_model_folder(path))
     for path in model_files.foreign_model_files(t.model_file):
-        said = f'model_file: {path} matches the model_file pattern and was not written by this toolkit'
+        info, _ = file_status(path)
+        said = (f'model_file: {path} matches the model_file pattern and was written by this toolkit but changed since '
+                f'(a disk fault, or an edit)' if (info or {}).get('kind') == WEIGHTS else
+                f'model_file: {path} matches the model_file pattern and was not written by this toolkit')
         if resume and best_name.match(os.path.basename(path)):
             report.notes.append(said + best_note)
             continue
