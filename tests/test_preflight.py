@@ -635,3 +635,14 @@ def test_a_place_that_holds_much_else_is_no_place_for_a_run(data, tmp_path, monk
         value = os.path.join(fine, 'm.{}.bin') if place == 'model_file' else str(fine)
         report = preflight.check_train(config(data, out, **{place: value}), resume=False, world_size=1)
         assert report.ready, (fine, problems(report))
+
+
+def test_the_way_on_from_damaged_states_moves_only_the_states_where_they_lie_among_the_models(data, tmp_path):
+    out = tmp_path / 'run'
+    apart = config(data, out).train  # states in out/state: the folder goes whole
+    assert preflight.damaged_states_fix(apart, apart.train_state_dir).startswith(
+        f'move it away yourself (e.g. mv {out}/state {out}/state.damaged), then start afresh')
+    together = config(data, out, train_state_dir=out).train  # states beside the models, best/, final/, logs/
+    fix = preflight.damaged_states_fix(together, together.train_state_dir, ' without --is_keep_training')
+    assert fix.startswith(f'move its states away yourself (e.g. mkdir {out}.damaged && mv {out}/state-* {out}.damaged/), '
+                          f'then start afresh without --is_keep_training'), fix

@@ -593,7 +593,7 @@ def test_rows_merged_into_one_value_by_a_stray_quote_are_noted_and_kept(tmp_path
         (tmp_path / name).write_text(text, encoding='utf-8', newline='')
         proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet', '--text_col=body')
         assert proc.returncode == 0 and 'wrote 2 rows' in proc.stdout, proc.stderr
-        assert "note: data row 1's text holds 3 lines that read as whole rows of this file: a quote" in proc.stdout
+        assert "note: data row 1's 'body' holds 3 lines that read as whole rows of this file: a quote" in proc.stdout
         assert pq.read_table(tmp_path / f'{name}.parquet').num_rows == 2  # kept as read
     pairs = [('多行问题\n第二行\n第三行', '答案'), ('一行', '一，二，三\n四，五\n六'), ('表格', '列\n1,2\n')]
     write_source(tmp_path / 'fine.csv', pairs * 3, 'csv')
@@ -606,7 +606,7 @@ def test_rows_merged_into_one_value_by_a_stray_quote_are_noted_and_kept(tmp_path
     many = 'id,body\n' + ''.join(f'{i},"x\n{i}a,b\n{i}c,d"\n' for i in range(1, 6))
     (tmp_path / 'many.csv').write_text(many, encoding='utf-8')
     proc = run_cli('convert', tmp_path / 'many.csv', tmp_path / 'many.parquet', '--text_col=body')
-    assert "note: data row 1's text holds 2 lines that read as whole rows of this file (and 4 more value(s) like " \
+    assert "note: data row 1's 'body' holds 2 lines that read as whole rows of this file (and 4 more value(s) like " \
            "it)" in proc.stdout, proc.stdout
 
 

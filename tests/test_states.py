@@ -1384,11 +1384,15 @@ def test_states_copied_by_hand_into_a_new_folder_are_resumed_there_and_one_state
     with pytest.raises(UserError, match=f'is one saved state, not a folder of states; give the folder that holds '
                                         f'it: --train_state_dir={copy}$'):
         own.check_replaceable(str(copy / os.path.basename(newer)), markers.STATE_DIR, 'train_state_dir', folder=True)
-    # beside a file of the user's, or a folder of the user's holding one: not adopted (a run would mark it its own)
-    for extra in ('notes.txt', 'mine/notes.txt'):
-        other = tmp_path / f'other_{extra.count("/")}'
+    # beside a file of the user's, or a folder of the user's holding one, or a state's copy under another name
+    # (a save in progress's, which a run sweeps whole): not adopted (a run would mark the folder its own)
+    for i, extra in enumerate(('notes.txt', 'mine/notes.txt', '.tmp-state-000000030')):
+        other = tmp_path / f'other_{i}'
         shutil.copytree(path, other / os.path.basename(path))
-        os.makedirs(os.path.dirname(other / extra), exist_ok=True)
-        (other / extra).write_text('mine')
+        if extra.startswith('.tmp-'):
+            shutil.copytree(path, other / extra)
+        else:
+            os.makedirs(os.path.dirname(other / extra), exist_ok=True)
+            (other / extra).write_text('mine')
         with pytest.raises(UserError, match='is a folder this toolkit did not make and is not empty'):
             own.check_replaceable(str(other), markers.STATE_DIR, 'train_state_dir', folder=True)

@@ -60,7 +60,7 @@ class ConvertResult:
             return []
         row, column, lines = self.rows_in_values[0]
         more = f' (and {self.values_with_rows - 1} more value(s) like it)' if self.values_with_rows > 1 else ''
-        return [f'data row {row}\'s {column} holds {lines} lines that read as whole rows of this file{more}: a quote '
+        return [f'data row {row}\'s {column!r} holds {lines} lines that read as whole rows of this file{more}: a quote '
                 f'(") opened in that row and closed only rows later, by a stray quote, makes the rows between one '
                 f'value; check that row (a value that really holds such lines is kept as it is)']
 

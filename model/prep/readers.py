@@ -176,7 +176,8 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
             table = pa.Table.from_arrays([batch.column(c) for c in cols.source], schema=OUTPUT_SCHEMAS[cols.kind])
             _check_row_bytes(path, table, first_row, limit, 'data row')
             if stats is not None and quoted:  # unquoted: one line, one row
-                _count_rows_in_values(table, len(names), delimiter, first_row, stats)
+                _count_rows_in_values(table, len(names), delimiter, first_row, stats,
+                                      dict(zip(table.column_names, cols.source)))
             first_row += table.num_rows
             yield table
     except UnicodeDecodeError:  # pyarrow decodes the header names itself
@@ -218,7 +219,10 @@ def rows_in_value(value: str, fields: int, delimiter: str) -> int:
                if line.count(delimiter) == fields - 1 and '"' not in line)
 
 
-def _count_rows_in_values(table: pa.Table, fields: int, delimiter: str, first_row: int, stats: ReadStats) -> None:
+def _count_rows_in_values(table: pa.Table, fields: int, delimiter: str, first_row: int, stats: ReadStats,
+                          source: dict[str, str]) -> None:
+    """Counts in stats the values of table (columns named as written, source: each one's name in the
+    file) that hold whole rows of the file (:func:`rows_in_value`)."""
     import pyarrow.compute as pc
 
     for name in dict.fromkeys(table.column_names):
@@ -232,7 +236,7 @@ def _count_rows_in_values(table: pa.Table, fields: int, delimiter: str, first_ro
             if found >= ROW_LIKE_LINES:
                 stats.values_with_rows += 1
                 if len(stats.rows_in_values) < 3:
-                    stats.rows_in_values.append((first_row + i + 1, name, found))
+                    stats.rows_in_values.append((first_row + i + 1, source.get(name, name), found))
 
 
 def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:

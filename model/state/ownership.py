@@ -472,7 +472,8 @@ def check_writable(path: str, what: str) -> None:
 
 
 def _holds_only_folders_locks_and_states(folder: str) -> bool:
-    """:func:`_holds_only_folders_and_locks`, or at its top state folders of this toolkit too: a
+    """:func:`_holds_only_folders_and_locks`, or at its top state folders of this toolkit too (named
+    as states are, ``state-N``: not a save in progress, which a run sweeps away whole): a
     train_state_dir made by hand from states copied out of another (each state is judged as a
     state by the run that adopts the folder: loaded only if whole, pruned only if wholly as saved,
     anything else in it left alone)."""
@@ -484,7 +485,8 @@ def _holds_only_folders_locks_and_states(folder: str) -> bool:
         st = lstat_or_none(entry)
         if st is None:
             continue
-        if not stat.S_ISDIR(st.st_mode) or not (folder_kind(entry) == STATE or _holds_only_folders_and_locks(entry)):
+        is_state = re.fullmatch(r'state-\d+(?:\.\d+)?', name) is not None and folder_kind(entry) == STATE  # states.py's names
+        if not stat.S_ISDIR(st.st_mode) or not (is_state or _holds_only_folders_and_locks(entry)):
             return False
     return True
 

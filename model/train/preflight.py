@@ -734,8 +734,13 @@ def damaged_states_fix(t, folder: str, start: str = '') -> str:
     newest = steps[-1][1] if steps else (folders[-1] if folders else None)
     keep = (f', or keep the weights of {newest} (a new optimizer, schedule and data order, from step 0): '
             f'--init_from={shlex.quote(newest)}' if newest else '')
-    return (f'move it away yourself (e.g. mv {shlex.quote(folder)} {shlex.quote(folder.rstrip(os.sep) + ".damaged")}), '
-            f'then start afresh{start}{keep}')
+    aside = shlex.quote(folder.rstrip(os.sep) + '.damaged')
+    if any(ownership.same_or_inside(place, folder) for place in (t.output_dir, model_folder(t), t.log_dir)):
+        # the states lie among the run's models (train_state_dir = output_dir): only the states go
+        move = f'move its states away yourself (e.g. mkdir {aside} && mv {shlex.quote(folder)}/state-* {aside}/)'
+    else:
+        move = f'move it away yourself (e.g. mv {shlex.quote(folder)} {aside})'
+    return f'{move}, then start afresh{start}{keep}'
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
