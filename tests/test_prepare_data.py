@@ -324,10 +324,15 @@ def start_cli(*args, runner=cli_runner) -> subprocess.Popen:
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    proc = start_cli(*args, runner=subprocess)
+def run_cli(*args, runner=subprocess) -> subprocess.CompletedProcess:
+    proc = start_cli(*args, runner=runner)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_forked(*args) -> subprocess.CompletedProcess:
+    """run_cli forked from the zygote: the imports done once, not at every call."""
+    return run_cli(*args, runner=cli_runner)
 
 
 def build_bad_inputs(tmp_path):
@@ -591,13 +596,13 @@ def test_rows_merged_into_one_value_by_a_stray_quote_are_noted_and_kept(tmp_path
             ('stray.csv', ',', 'id,body\n1,"opened here\n2,plain two\n3,plain three\n4,closed here"\n5,after\n'),
             ('stray.tsv', '\t', 'id\tbody\n1\t"opened\r\n2\ttwo\r\n3\tthree\r\n4\tclosed"\r\n5\tafter\r\n')):
         (tmp_path / name).write_text(text, encoding='utf-8', newline='')
-        proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet', '--text_col=body')
+        proc = run_forked('convert', tmp_path / name, tmp_path / f'{name}.parquet', '--text_col=body')
         assert proc.returncode == 0 and 'wrote 2 rows' in proc.stdout, proc.stderr
         assert "note: data row 1's 'body' holds 3 lines that read as whole rows of this file: a quote" in proc.stdout
         assert pq.read_table(tmp_path / f'{name}.parquet').num_rows == 2  # kept as read
     pairs = [('多行问题\n第二行\n第三行', '答案'), ('一行', '一，二，三\n四，五\n六'), ('表格', '列\n1,2\n')]
     write_source(tmp_path / 'fine.csv', pairs * 3, 'csv')
-    proc = run_cli('convert', tmp_path / 'fine.csv', tmp_path / 'fine.parquet', '--prompt_col=question',
+    proc = run_forked('convert', tmp_path / 'fine.csv', tmp_path / 'fine.parquet', '--prompt_col=question',
                    '--response_col=answer')
     assert proc.returncode == 0 and 'note:' not in proc.stdout, proc.stdout  # one row-like line: not said
     assert prep_readers.rows_in_value('a\n1,2\n3,4', 2, ',') == 2 and prep_readers.rows_in_value('a\n1,2', 1, ',') == 0
@@ -605,7 +610,7 @@ def test_rows_merged_into_one_value_by_a_stray_quote_are_noted_and_kept(tmp_path
     # many such values: the first named, the rest counted
     many = 'id,body\n' + ''.join(f'{i},"x\n{i}a,b\n{i}c,d"\n' for i in range(1, 6))
     (tmp_path / 'many.csv').write_text(many, encoding='utf-8')
-    proc = run_cli('convert', tmp_path / 'many.csv', tmp_path / 'many.parquet', '--text_col=body')
+    proc = run_forked('convert', tmp_path / 'many.csv', tmp_path / 'many.parquet', '--text_col=body')
     assert "note: data row 1's 'body' holds 2 lines that read as whole rows of this file (and 4 more value(s) like " \
            "it)" in proc.stdout, proc.stdout
 
@@ -621,7 +626,7 @@ def test_a_record_without_the_field_the_others_have_is_named_with_its_own_fix(tm
                              ["line 1: record has no field 'text' (has: body); pass --text_col="])}
     for name, (text, flags, said) in cases.items():
         (tmp_path / name).write_text(text, encoding='utf-8')
-        proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet', *flags)
+        proc = run_forked('convert', tmp_path / name, tmp_path / f'{name}.parquet', *flags)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and all(s in lines[0] for s in said), (name, proc.stderr)
         assert 'while the records before' not in lines[0] or name != 'first.jsonl'
@@ -636,26 +641,26 @@ def test_a_quoted_value_with_text_after_its_closing_quote_is_refused_and_quoting
              'lead.csv': 'prompt,response\n"他说""好""",没问题\n"好"的,回答\n'}
     for name, text in cases.items():
         (tmp_path / name).write_text(text, encoding='utf-8')
-        proc = run_cli('convert', tmp_path / name, tmp_path / f'{name}.parquet')
+        proc = run_forked('convert', tmp_path / name, tmp_path / f'{name}.parquet')
         lines = proc.stderr.strip().splitlines()
         line = 3 if name != 'resp.tsv' else 2
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
             f'error: {tmp_path / name}: line {line}: a value starts with a quote (") and goes on after its closing '
             f'quote ("') and 'pass --quoting=none' in lines[0], (name, proc.stderr)
         assert not (tmp_path / f'{name}.parquet').exists()
-    proc = run_cli('convert', tmp_path / 'lead.tsv', tmp_path / 'none.parquet', '--quoting=none')
+    proc = run_forked('convert', tmp_path / 'lead.tsv', tmp_path / 'none.parquet', '--quoting=none')
     assert proc.returncode == 0, proc.stderr
     assert read_pairs(tmp_path / 'none.parquet') == [('问一', '答一'), ('"好"的意思', '回答')]
     # quoted as CSV writes it: read as ever (quotes doubled inside, a line break inside)
     (tmp_path / 'ok.csv').write_text('prompt,response\n"他说""好""",x\n"两\n行",y\n', encoding='utf-8')
-    proc = run_cli('convert', tmp_path / 'ok.csv', tmp_path / 'ok.parquet')
+    proc = run_forked('convert', tmp_path / 'ok.csv', tmp_path / 'ok.parquet')
     assert proc.returncode == 0 and read_pairs(tmp_path / 'ok.parquet') == [('他说"好"', 'x'), ('两\n行', 'y')]
     (tmp_path / 'unquoted.tsv').write_text('a\tb\n"x\ty\tz\n', encoding='utf-8')
     for args, said in ((('--quoting=none', '--prompt_col=a', '--response_col=b'),
                         'line 2: a row of 3 field(s), where the header has 2 (a tab in a value? --quoting=none'),
                        (('--quoting=maybe', '--prompt_col=a', '--response_col=b'), '--quoting=maybe: choose csv')):
-        proc = run_cli('convert', tmp_path / 'unquoted.tsv', tmp_path / 'u.parquet', *args)
+        proc = run_forked('convert', tmp_path / 'unquoted.tsv', tmp_path / 'u.parquet', *args)
         assert proc.returncode == 2 and said in proc.stderr, proc.stderr
     (tmp_path / 'a.jsonl').write_text('{"prompt": "p", "response": "r"}\n', encoding='utf-8')
-    proc = run_cli('convert', tmp_path / 'a.jsonl', tmp_path / 'j.parquet', '--quoting=none')
+    proc = run_forked('convert', tmp_path / 'a.jsonl', tmp_path / 'j.parquet', '--quoting=none')
     assert proc.returncode == 2 and 'is for CSV and TSV files' in proc.stderr, proc.stderr
