@@ -233,7 +233,18 @@ LONGEST_FIRST = ('test_benches.py', 'test_trainer.py', 'test_preemption.py', 'te
                  'test_user_surface.py', 'test_span_stream.py', 'test_engines.py', 'test_ownership.py')
 
 
+def pytest_addoption(parser):
+    parser.addoption('--bench_smoke', action='store_true',
+                     help="only the benchmarks' whole quick runs (marked bench_smoke): the tier beside the suite")
+
+
 def pytest_collection_modifyitems(config, items):
+    # the benchmarks' whole runs are a tier of their own (benchmarks live outside the suite); CI runs both
+    smoke = config.getoption('--bench_smoke')
+    kept = [item for item in items if (item.get_closest_marker('bench_smoke') is not None) == smoke]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(LONGEST_FIRST)))
 

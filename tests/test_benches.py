@@ -145,6 +145,7 @@ def test_bench_recipe_settings_are_config_fields():
 
 
 @pytest.mark.slow
+@pytest.mark.bench_smoke
 @pytest.mark.parametrize('bench', ['bench_train', 'bench_recipe'])
 def test_learning_benches_run_quick(bench, tmp_path):
     batch = ['--ours={"batch_size_per_gpu": 8}'] if bench == 'bench_train' else []  # both trainers' batch
@@ -187,6 +188,7 @@ def test_bench_optimizer_runs_and_reports_both():
         assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.bench_smoke
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, 'real_train_3k.parquet')),
                     reason='needs ../shared/data/real_train_3k.parquet beside the checkout (CI has it)')
