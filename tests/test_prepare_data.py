@@ -435,19 +435,24 @@ def test_cli_happy_path_convert_clean_split_check(tmp_path):
     assert pq.ParquetFile(tmp_path / 'valid.parquet').schema_arrow == OUTPUT_SCHEMA
 
 
+def quote_left_open(path: str, delimiter: str) -> int | None:
+    """The line where readers._quote_fault finds a quoted value the file never closes, or None."""
+    fault = prep_readers._quote_fault(path, delimiter)
+    return fault[0] if fault is not None and fault[1] is None else None
+
+
 def test_a_csv_quote_left_open_is_found_where_it_opens(tmp_path):
-    """readers._quote_left_open reads quotes as pyarrow does: only a value's first character opens
+    """readers._quote_fault reads quotes as pyarrow does: only a value's first character opens
     one, "" is a quote, a quote inside an unquoted value is text; any CSV Python's csv writes is
     closed, and one with its last closing quote removed is open where that value starts."""
     import csv
     import io
     import random
 
-    from model.prep.readers import _quote_left_open
 
     def left_open(text):
         (tmp_path / 'f.csv').write_bytes(text.encode('utf-8'))
-        return _quote_left_open(str(tmp_path / 'f.csv'), ',')
+        return quote_left_open(str(tmp_path / 'f.csv'), ',')
 
     assert left_open('id,body\n1,a\n2,"open\n3,c\n4,d\n') == 3
     assert left_open('\ufeff"id",body\n1,"x\n') == 2 and left_open('"id,body\n1,a\n') == 1
@@ -578,12 +583,11 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
 
 
 def test_a_quote_left_open_is_found_with_the_files_delimiter(tmp_path):
-    """_quote_left_open: a quote opens a value after the file's delimiter, not after a comma."""
-    from model.prep.readers import _quote_left_open
+    """_quote_fault: a quote opens a value after the file's delimiter, not after a comma."""
 
     def left_open(text, delimiter):
         (tmp_path / 'f.tsv').write_bytes(text.encode('utf-8'))
-        return _quote_left_open(str(tmp_path / 'f.tsv'), delimiter)
+        return quote_left_open(str(tmp_path / 'f.tsv'), delimiter)
 
     assert left_open('a\tb\n1\t"open\n2\tc\n', '\t') == 2 and left_open('a\tb\n1\t"open\n2\tc\n', ',') is None
     assert left_open('a\tb\n1,"x\t2\n', '\t') is None and left_open('a;b\r\n1;"x;y"\r\n2;"z\r\n', ';') == 3

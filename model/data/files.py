@@ -153,10 +153,12 @@ def _column_flags(path: str) -> str:
             first = f.readline(1 << 16).strip()
     except OSError:
         return ask
-    low = path.lower()
-    if low.endswith(('.csv', '.tsv', '.tab')):
-        names = {n.strip().strip('"') for n in first.split(',' if low.endswith('.csv') else '\t')}
-    elif low.endswith(('.jsonl', '.ndjson')):
+    from model.prep.readers import DELIMITERS, infer_format  # convert's own reading of the name
+
+    fmt = infer_format(path)
+    if fmt in DELIMITERS:
+        names = {n.strip().strip('"') for n in first.split(DELIMITERS[fmt])}
+    elif fmt == 'jsonl':
         try:
             record = json.loads(first)
         except ValueError:

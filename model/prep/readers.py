@@ -117,8 +117,7 @@ def iter_input_tables(path: str, cols: Columns, input_format: str | None = None,
         raise UserError(f'{path}: a .txt file has no columns (each line is one document, written to the text '
                         f'column); leave out {flags}, or pass --format=jsonl|csv|json if it is one of those')
     stats = stats if stats is not None else ReadStats()
-    readers = {'csv': lambda p, c: iter_csv(p, c, delimiter, stats, quoted),
-               'tsv': lambda p, c: iter_csv(p, c, delimiter, stats, quoted),
+    readers = {**{delimited: lambda p, c: iter_csv(p, c, delimiter, stats, quoted) for delimited in DELIMITERS},
                'json': iter_json, 'jsonl': lambda p, c: iter_jsonl(p, c, stats=stats),
                'parquet': iter_parquet_columns,
                'txt': lambda p, c: iter_txt(p, stats, guess=input_format is None)}
@@ -211,7 +210,7 @@ def rows_in_value(value: str, fields: int, delimiter: str) -> int:
     """Lines inside a multi-line value (after its first) that read as whole rows of a file of
     ``fields`` columns: exactly that many values between the delimiters, none quoted. What a quote
     opened by mistake and closed only by a stray quote rows later leaves: the rows between become
-    one value (valid CSV, so neither pyarrow nor :func:`_quote_left_open` can refuse it). A value
+    one value (valid CSV, so neither pyarrow nor :func:`_quote_fault` can refuse it). A value
     that really holds such lines (a table in an answer) reads the same: a note, never a refusal."""
     if fields < 2:  # a one-column file's every line reads as a row
         return 0
@@ -271,12 +270,6 @@ def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:
                     after = (q, re.split(rb'[\r\n' + re.escape(delimiter.encode('ascii')) + rb']',
                                           m[q:min(pos + 60, len(m))])[0].decode('utf-8', 'ignore'))
             return (_lines_before(m, after[0]) + 1, after[1]) if after else None
-
-
-def _quote_left_open(path: str, delimiter: str) -> int | None:
-    """The line where a quoted value opens that the file never closes (:func:`_quote_fault`)."""
-    fault = _quote_fault(path, delimiter)
-    return fault[0] if fault is not None and fault[1] is None else None
 
 
 # a quoted value from its opening quote: "" inside, then its closing quote (empty: the file ended first)
