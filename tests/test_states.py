@@ -1366,6 +1366,16 @@ def test_a_step_saved_again_replaces_its_own_earlier_save_and_keeps_the_older_st
     assert (user / 'notes.txt').read_text() == 'mine' and (states / 'state-000000020').is_dir()
     assert sum('may not replace' in r.getMessage() for r in caplog.records) == 2, caplog.text
     assert sf.latest_state(str(states)).endswith('state-000000030.1')
+    # a link named like the run's own earlier save of a step, to a copy of it elsewhere: never pruned through
+    # (neither the link nor what it points at), the new save goes beside it
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    save(40)
+    os.rename(states / 'state-000000040', elsewhere / 'state-000000040')
+    os.symlink(elsewhere / 'state-000000040', states / 'state-000000040')
+    save(40)
+    assert os.path.islink(states / 'state-000000040') and (elsewhere / 'state-000000040' / 'model.safetensors').exists()
+    assert sf.latest_state(str(states)).endswith('state-000000040.1')
 
 
 def test_states_copied_by_hand_into_a_new_folder_are_resumed_there_and_one_state_given_names_its_folder(tmp_path):
