@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -139,9 +140,33 @@ TWO_RANK_STEPS = 120
 
 @pytest.fixture(scope='session')
 def two_rank_reference(tmp_path_factory, tokenizer_dir):
-    """(output folder, log text) of the uninterrupted two-rank run, on data equal to `data`'s."""
-    data = write_data(tmp_path_factory.mktemp('two_rank_data'), tokenizer_dir)
-    out = tmp_path_factory.mktemp('two_rank_reference') / 'run'
+    """(output folder, log text) of the uninterrupted two-rank run, on data equal to `data`'s. Read
+    only. Under pytest-xdist the workers of one session share it: the first to need it runs it, a
+    worker that needs it meanwhile waits, and one whose tokenizer differs in a byte runs its own."""
+    import fcntl
+
+    worker = os.environ.get('PYTEST_XDIST_WORKER')
+    if not worker:
+        return _two_rank_run(tmp_path_factory.mktemp('two_rank_reference'), tokenizer_dir)
+    from model.data.tokenizer import tokenizer_fingerprint
+
+    key = hashlib.sha256(tokenizer_fingerprint(tokenizer_dir).encode()).hexdigest()[:16]  # what a run checks
+    # the session's base folder holds one folder per worker (popen-gw0, ...): its parent is this session's
+    place = tmp_path_factory.getbasetemp().parent / f'two_rank_reference-{key}'
+    with open(f'{place}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run fails
+        if not (place / 'done').exists():
+            shutil.rmtree(place, ignore_errors=True)  # what a failed run in another worker left
+            place.mkdir()
+            _two_rank_run(place, tokenizer_dir)
+            (place / 'done').touch()
+    out = place / 'run'
+    return out, open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
+
+
+def _two_rank_run(folder, tokenizer_dir):
+    (folder / 'data').mkdir()
+    data, out = write_data(folder / 'data', tokenizer_dir), folder / 'run'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'train_low_mem.py', 'train', *tiny_flags(data, out, **TWO_RANKS)], cwd=ROOT,
                        env={**ENV, 'ACCELERATE_USE_CPU': '1'}, capture_output=True, text=True, timeout=400)
