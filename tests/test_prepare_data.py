@@ -582,6 +582,27 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
     assert_one_line_errors(tmp_path, cases)
 
 
+def test_a_delimited_file_without_rows_says_so_whatever_its_last_line_ends_with(tmp_path):
+    """A header alone, with or without a final line end (pyarrow called the latter an empty file
+    it could not read), and files with no text at all: "no rows to convert", one line, nothing
+    written; a header alone still has its columns checked."""
+    d = tmp_path
+    files = {'header.csv': b'prompt,response', 'header_lf.csv': b'prompt,response\n', 'header.tsv': b'prompt\tresponse',
+             'header_cr.tsv': b'prompt\tresponse\r\r', 'header_crlf_blank.csv': b'\r\nprompt,response\r\n\r\n \r\n',
+             'bom_header.csv': b'\xef\xbb\xbfprompt,response', 'quoted_header.csv': b'"prompt","response"',
+             'empty.csv': b'', 'bom.csv': b'\xef\xbb\xbf', 'blank_lines.tsv': b'\n\n\r\n', 'spaces.csv': b' \n\t\n',
+             'text_header.csv': b'id,text', 'other_header.csv': b'a,b'}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    cases = [(name, ['convert', d / name, d / f'{name}.parquet'],
+              [f'{d / name}: no rows to convert; nothing written to {d / name}.parquet'])
+             for name in files if name != 'other_header.csv']
+    cases += [('header, columns missing', ['convert', d / 'other_header.csv', d / 'o.parquet'], ["missing column 'prompt'"]),
+              ('header, --text_col missing', ['convert', d / 'header.csv', d / 'o.parquet', '--text_col=body'],
+               ["missing column 'body'"])]
+    assert_one_line_errors(tmp_path, cases)
+
+
 def test_a_quote_left_open_is_found_with_the_files_delimiter(tmp_path):
     """_quote_fault: a quote opens a value after the file's delimiter, not after a comma."""
 

@@ -25,7 +25,7 @@ from model.prep import records
 from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMAS
 from model.prep.json_readers import iter_json, iter_jsonl
 from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_plain_text
-from model.data.read_guard import guarded, human_size, too_long
+from model.data.read_guard import guarded, human_size, iter_bounded_lines, too_long
 
 FORMATS = ('csv', 'tsv', 'json', 'jsonl', 'parquet', 'txt')
 _EXTENSIONS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
@@ -142,7 +142,12 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
     in stats (:func:`rows_in_value`)."""
     import pyarrow.csv as pcsv
 
-    if os.path.getsize(path) == 0:  # not even a header: no rows (convert says so)
+    header = _header_alone(path, delimiter, quoted)
+    if header is not None:  # no rows (convert says so); a header's columns are still checked
+        if header:
+            cols = cols.resolve(header)
+            _check_columns(path, header, cols, delimiter)
+            yield OUTPUT_SCHEMAS[cols.kind].empty_table()
         return
 
     # multi-line answers are common, in quoted values
@@ -201,6 +206,34 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
                                 f'({why}); fix that row') from None
             raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
+
+
+def _header_alone(path: str, delimiter: str, quoted: bool) -> list[str] | None:
+    """The header's names when it is all the file holds (whitespace and empty lines aside: no
+    rows), [] when the file holds no text at all (nothing, a BOM, whitespace, line breaks), None
+    when rows follow the header (pyarrow reads the file). pyarrow refuses the first two as an
+    "Empty CSV file" when the last line has no line end; Python's csv reads the header as pyarrow
+    does (a quote opens a value only as its first character). Lines are read bounded."""
+    import csv
+
+    with open(path, 'rb') as f:
+        if f.read(len(records.BOM)) != records.BOM:
+            f.seek(0)
+        # pyarrow's line ends: LF, CRLF, a lone CR
+        lines = (part for line, _ in iter_bounded_lines(f, read_guard.MAX_RECORD_BYTES) for part in line.splitlines())
+        # pyarrow skips empty lines before the header; one of only spaces is its header, unless nothing follows
+        first = next((line for line in lines if line), None)
+        if first is None or any(line.strip() for line in lines):
+            return None if first is not None else []
+    if not first.strip():
+        return []
+    try:
+        text = first.decode('utf-8')
+        return next(csv.reader([text], delimiter=delimiter, **({} if quoted else {'quoting': csv.QUOTE_NONE})))
+    except UnicodeDecodeError:
+        raise build_utf8_error(path) from None
+    except csv.Error:  # left to pyarrow, and its errors
+        return None
 
 
 ROW_LIKE_LINES = 2  # a value with at least this many lines that read as whole rows of its file is said
