@@ -85,11 +85,45 @@ def test_a_huge_json_value_is_refused_while_it_streams(tmp_path, small_limits, l
     (HUGE, r'big\.csv: a row is longer than 64 KiB .* or a quote'),  # past two blocks: pyarrow stops
     (LIMIT + 3000, r'big\.csv: data row 2 is longer than 64 KiB'),  # within two blocks: read, then refused
 ])
-def test_a_huge_csv_field_is_one_line_naming_the_limit(tmp_path, small_limits, size, message):
+def test_a_huge_csv_row_of_short_lines_is_one_line_naming_the_limit(tmp_path, small_limits, size, message):
     src = tmp_path / 'big.csv'
-    src.write_text('prompt,response\n问,答\n"' + '长' * (size // 3) + '",答\n', encoding='utf-8')
+    src.write_text('prompt,response\n问,答\n"' + '长长长长长\n' * (size // 16) + '",答\n', encoding='utf-8')
     with pytest.raises(UserError, match=message):
         convert_to_parquet(str(src), str(tmp_path / 'out.parquet'))
+
+
+@pytest.mark.parametrize('name,text,where', [
+    ('one_line.csv', '长' * (LIMIT // 3 + 10), 'line 1'),  # the header alone, no line end: the whole file
+    ('header.tsv', 'prompt\tresponse\t' + '长' * (LIMIT // 3 + 10) + '\n问\t答\n', 'line 1'),
+    ('field.csv', 'prompt,response\n问,答\n"' + '长' * (LIMIT // 3 + 10) + '",答\n', r'line 3 \(from byte 24\)'),
+    ('cr.csv', 'prompt,response\r问,答\r' + '长' * (LIMIT // 3 + 10), r'line 3 \(from byte 24\)'),
+])
+def test_a_csv_line_over_the_record_limit_is_refused_by_its_number_before_pyarrow_holds_it(
+        tmp_path, small_limits, monkeypatch, name, text, where):
+    """pyarrow reads on to a line's end (800 MB for a file of one 300 MB line) and then called
+    the file empty; the line is refused first, read in pieces of the limit."""
+    import pyarrow.csv as pcsv
+
+    def not_read(*args, **kwargs):
+        raise AssertionError('pyarrow opened the file')
+
+    monkeypatch.setattr(pcsv, 'open_csv', not_read)
+    src = tmp_path / name
+    src.write_bytes(text.encode('utf-8'))
+    peak = refused(lambda: convert_to_parquet(str(src), str(tmp_path / 'out.parquet')),
+                   f'{name}: {where} is longer than 64 KiB \\(read_guard\\.MAX_RECORD_BYTES\\); no training row')
+    assert peak < 8 * LIMIT, peak
+    assert not os.path.exists(tmp_path / 'out.parquet')
+
+
+def test_find_long_line_measures_lines_across_pieces():
+    def first_long(data, limit=8):
+        return read_guard.find_long_line(io.BytesIO(data), limit)
+
+    assert first_long(b'') is None and first_long(b'12345678') is None and first_long(b'123456789') == 0
+    assert first_long(b'1234\n12345678\r\n1234567\n') is None
+    assert first_long(b'1234\n123456789\n') == 5 and first_long(b'1234\r\n123\r123456789') == 10
+    assert first_long(b'\n' * 20 + b'123456789') == 20
 
 
 def test_a_large_row_group_of_ordinary_rows_is_read_in_slices_and_a_huge_page_is_refused(tmp_path, small_limits,

@@ -105,6 +105,22 @@ def read_bounded_line(f, limit: int) -> tuple[bytes | str, bool]:
     return line, len(line) <= limit or line[-1:] in (b'\n', '\n')
 
 
+def find_long_line(f, limit: int) -> int | None:
+    """The offset of the first line (ended by LF, CR or CRLF) of a binary stream longer than
+    ``limit`` bytes, its end left out; None if none. Read in pieces of ``limit`` bytes, held one
+    at a time: a line between two line ends in one piece is shorter, so only the lines across
+    pieces are measured."""
+    start = pos = 0  # the current line's start; the piece's
+    while piece := f.read(limit):
+        ends = [i for i in (piece.find(b'\n'), piece.find(b'\r')) if i >= 0]
+        if pos + (min(ends) if ends else len(piece)) - start > limit:
+            return start
+        if ends:
+            start = pos + max(piece.rfind(b'\n'), piece.rfind(b'\r')) + 1
+        pos += len(piece)
+    return None
+
+
 def too_long(path: str, where: str, limit_name: str, fix: str) -> UserError:
     limit = globals()[limit_name]  # looked up now: tests lower the limits
     return UserError(f'{path}: {where} is longer than {human_size(limit)} (read_guard.{limit_name}); {fix}')

@@ -142,6 +142,7 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
     in stats (:func:`rows_in_value`)."""
     import pyarrow.csv as pcsv
 
+    _refuse_long_line(path)  # before pyarrow, which would hold the line (and read ahead) to find its end
     header = _header_alone(path, delimiter, quoted)
     if header is not None:  # no rows (convert says so); a header's columns are still checked
         if header:
@@ -206,6 +207,21 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
                                 f'({why}); fix that row') from None
             raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
         raise
+
+
+def _refuse_long_line(path: str) -> None:
+    """A line over MAX_RECORD_BYTES is refused by its number, read in bounded pieces: pyarrow
+    would read on to its end (a whole file of one line) and then call the file empty. A row of
+    short lines, in a quoted value, is measured by pyarrow's block size instead."""
+    import mmap
+
+    with open(path, 'rb') as f:
+        start = read_guard.find_long_line(f, read_guard.MAX_RECORD_BYTES)
+        if start is None:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            line = _lines_before(m, start) + 1
+    raise too_long(path, f'line {line}' + (f' (from byte {start})' if start else ''), 'MAX_RECORD_BYTES', RECORD_FIX)
 
 
 def _header_alone(path: str, delimiter: str, quoted: bool) -> list[str] | None:
