@@ -51,7 +51,7 @@ def convert(*args, **flags):
     """Convert CSV (or TSV, or another --delimiter) / JSON (a list of objects) / JSONL / Parquet / .txt
     into prompt/response Parquet, or raw text (one `text` column: --text_col=..., a source with a
     text column and no prompt/response, or a .txt file, one document a line)."""
-    from model.prep.ops import convert_file
+    from model.prep.ops import convert_file, n_rows
 
     o = parse_options(ConvertOptions, 'convert', args, flags, ('input', 'output'))
     stopping.watch_outputs(o.output)
@@ -62,33 +62,33 @@ def convert(*args, **flags):
                           **given)
     skipped = f'; {result.blank_lines} blank line(s) skipped' if result.blank_lines else ''
     kind = 'prompt/response pairs' if result.kind == 'pairs' else 'raw text, one text column'
-    print(f'wrote {result.rows} rows to {o.output} ({kind}{skipped})')
+    print(f'wrote {n_rows(result.rows)} to {o.output} ({kind}{skipped})')
     for note in result.notes():
         print(f'note: {note}')
 
 
 def clean(*args, **flags):
     """Drop null, empty/whitespace-only, over-long and duplicate rows (prints counts per reason)."""
-    from model.prep.ops import clean_parquet
+    from model.prep.ops import clean_parquet, n_rows
 
     o = parse_options(CleanOptions, 'clean', args, flags, ('input', 'output'))
     stopping.watch_outputs(o.output)
     counts = clean_parquet(o.input, o.output, o.max_chars, o.dedup)
-    print(f'read {counts["rows"]} rows; dropped: null {counts["null"]}, empty/whitespace '
+    print(f'read {n_rows(counts["rows"])}; dropped: null {counts["null"]}, empty/whitespace '
           f'{counts["blank"]}, too long {counts["too_long"]}, duplicate {counts["duplicate"]}')
-    print(f'kept {counts["kept"]} rows -> {o.output}')
+    print(f'kept {n_rows(counts["kept"])} -> {o.output}')
 
 
 def split(*args, **flags):
     """Split rows into a train and a validation file (sklearn's shuffled split up to
     max_in_memory_rows, a seeded streaming split beyond)."""
-    from model.prep.ops import split_parquet
+    from model.prep.ops import n_rows, split_parquet
 
     o = parse_options(SplitOptions, 'split', args, flags, ('input',), ('train_out', 'valid_out'))
     stopping.watch_outputs(o.train_out, o.valid_out)
     result = split_parquet(o.input, o.train_out, o.valid_out, o.valid_ratio, o.seed, o.max_in_memory_rows)
-    print(f'train: {result.train_rows} rows -> {o.train_out}')
-    print(f'valid: {result.valid_rows} rows -> {o.valid_out}')
+    print(f'train: {n_rows(result.train_rows)} -> {o.train_out}')
+    print(f'valid: {n_rows(result.valid_rows)} -> {o.valid_out}')
     print(f'({result.method} split, seed {o.seed})')
 
 
@@ -110,11 +110,12 @@ def check(*args, **flags):
 def demo(*args, **flags):
     """Write the built-in Chinese demo corpus (train.parquet, valid.parquet; default data/demo/)."""
     from model.prep.demo_corpus import write_demo
+    from model.prep.ops import n_rows
 
     o = parse_options(DemoOptions, 'demo', args, flags, ())
     stopping.watch_outputs(*(os.path.join(o.out_dir, name) for name in ('train.parquet', 'valid.parquet')))
     for path, count in write_demo(o.out_dir, o.rows, o.seed).items():
-        print(f'wrote {count} rows to {path}')
+        print(f'wrote {n_rows(count)} to {path}')
 
 
 COMMANDS = {'convert': (convert, ConvertOptions, 'INPUT OUTPUT'), 'clean': (clean, CleanOptions, 'INPUT OUTPUT'),

@@ -238,10 +238,10 @@ def check_text_columns(path: str, schema: pa.Schema, columns, cast_fix: str, ren
 
 
 def show_names(names) -> str:
-    """Column or field names for a message: a name with a tab, a NUL or other invisible
-    characters is quoted so the reader sees them."""
-    return ', '.join(str(n) if str(n).isprintable() and str(n).strip() == str(n) and str(n) else repr(str(n))
-                     for n in names) or 'none'
+    """Column or field names for a message, each quoted: where one name ends shows (a header
+    read as one column by the wrong delimiter: 'prompt;response'), and a tab, a NUL or other
+    invisible characters show as escapes."""
+    return ', '.join(repr(str(n)) for n in names) or 'none'
 
 
 def row_group_text_bytes(pf: pq.ParquetFile, columns=PAIR_COLUMNS) -> list[int]:

@@ -33,6 +33,11 @@ HEAD_CHARS = 200  # characters of a value `check` shows (the table cuts them to 
 TOKEN_SAMPLE_ROWS = 100_000  # rows tokenized by `check` (tokenizing is ~100x slower than counting)
 
 
+def n_rows(n: int) -> str:
+    """'1 row', '2 rows': a count of rows as the commands print it."""
+    return f'{n} row' if n == 1 else f'{n} rows'
+
+
 def input_kind(spec, command: str) -> str:
     """The one kind of the Parquet files of spec (file, folder or glob): 'pairs' or 'text'."""
     return files_kind(resolve_parquet_files(spec), command)
@@ -90,7 +95,7 @@ def convert_file(input_path: str, output_path: str, prompt_col: str | None = Non
             blank = f' ({stats.blank_lines} blank line(s) skipped)' if stats.blank_lines else ''
             raise UserError(f'{input_path}: no rows to convert{blank}; nothing written to {output_path}')
         if usable == 0:
-            raise UserError(f'{input_path}: none of its {out.rows_total} rows has text in every column (each is '
+            raise UserError(f'{input_path}: none of its {n_rows(out.rows_total)} has text in every column (each is '
                             f'empty, whitespace or null); nothing written to {output_path}')
     return ConvertResult(out.rows_written, kind, stats.blank_lines, tuple(stats.rows_in_values), stats.values_with_rows)
 
@@ -119,7 +124,7 @@ def split_parquet(input_spec, train_out: str, valid_out: str, valid_ratio: float
         raise UserError(f'valid_ratio must be between 0 and 1 (exclusive), got {valid_ratio}')
     total = count_rows(input_spec)
     if total < 2:
-        raise UserError(f'{input_spec}: {total} row(s); a split needs at least 2')
+        raise UserError(f'{input_spec}: {n_rows(total)}; a split needs at least 2')
     if max_in_memory_rows < 0:
         raise UserError(f'max_in_memory_rows must be >= 0, got {max_in_memory_rows}')
     kind = input_kind(input_spec, 'split')

@@ -205,7 +205,8 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
                        f'reads no quotes')
                 raise UserError(f'{path}: line {line}: a row of {got} field(s), where the header has {expected} '
                                 f'({why}); fix that row') from None
-            raise UserError(f'{path}: not a readable CSV ({str(e).rstrip(chr(0xFFFD))})') from None
+            said = str(e).rstrip(chr(0xFFFD)).removeprefix('CSV parse error: ')
+            raise UserError(f'{path}: not a readable {_read_as(delimiter)} ({said})') from None
         raise
 
 
@@ -376,6 +377,11 @@ _OTHER_DELIMITERS = {'\t': ('tab', "--delimiter='\\t' (or name it .tsv)"),
 
 def _delimiter_name(delimiter: str) -> str:
     return _OTHER_DELIMITERS[delimiter][0] if delimiter in _OTHER_DELIMITERS else repr(delimiter)
+
+
+def _read_as(delimiter: str) -> str:
+    """What a delimited file is read as, for a message: CSV, TSV, or a file separated by another."""
+    return {',': 'CSV', '\t': 'TSV'}.get(delimiter) or f'{_delimiter_name(delimiter)}-separated file'
 
 
 def _other_delimiter_hint(names: list[str], delimiter: str) -> str | None:
