@@ -544,6 +544,8 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
     (d / 'commas.tsv').write_text('question,answer\n问一,答一\n', encoding='utf-8')
     (d / 'semi.csv').write_text('prompt;response\n问一;答一\n', encoding='utf-8')
     (d / 'ok.csv').write_text('question,answer\n问一,答一\n', encoding='utf-8')
+    (d / 'fw_comma.csv').write_text('prompt，response\n你好，世界\n', encoding='utf-8')
+    (d / 'fw_semi.tsv').write_text('id；body\n1；你好，世界\n', encoding='utf-8')
     write_source(d / 'ok.jsonl', [('问', '答')], 'jsonl')
     (d / 'ok.txt').write_text('一行\n', encoding='utf-8')
     out = ['--prompt_col=question', '--response_col=answer']
@@ -558,9 +560,10 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
         ('; row with one too many', ['convert', d / 'semi_extra.csv', d / 'o4.parquet', '--text_col=body',
                                      '--delimiter=;'], ['semi_extra.csv', 'line 4', 'a row of 3 field(s)']),
         ('a tsv read as csv', ['convert', d / 'tabs.csv', d / 'o5.parquet', '--text_col=body'],
-         ["missing column 'body'", 'tab-separated file?', "--delimiter='\\t'", '.tsv']),
+         ["missing column 'body' (has: 'id\\tbody')", 'read as CSV', 'tab-separated file?', '--delimiter=tab',
+          '--format=tsv']),
         ('a csv named .tsv', ['convert', d / 'commas.tsv', d / 'o6.parquet', *out],
-         ["missing column 'question'", 'comma-separated file?', '--delimiter=,']),
+         ["missing column 'question'", 'read as TSV', 'comma-separated file?', '--delimiter=,']),
         ('a ;-separated csv', ['convert', d / 'semi.csv', d / 'o7.parquet'],
          ["missing column 'prompt'", 'semicolon-separated file?', "--delimiter=';'"]),
         ('empty delimiter', ['convert', d / 'ok.csv', d / 'o8.parquet', *out, '--delimiter='], ['is empty', one]),
@@ -573,7 +576,12 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
         ('CR delimiter', ['convert', d / 'ok.csv', d / 'o12.parquet', *out, '--delimiter=\r'],
          ['a quote or a line break cannot separate values']),
         ('full-width comma', ['convert', d / 'ok.csv', d / 'o13.parquet', *out, '--delimiter=，'],
-         ['not an ASCII character']),
+         ['not an ASCII character', 'would also split every value that holds it', 'export the file again as CSV']),
+        ('a csv separated by full-width commas', ['convert', d / 'fw_comma.csv', d / 'o16.parquet'],
+         ["missing column 'prompt' (has: 'prompt，response')", 'a file separated by full-width commas (，)?',
+          'splits only at an ASCII character', 'export the file again as CSV with its values quoted']),
+        ('a tsv separated by full-width semicolons', ['convert', d / 'fw_semi.tsv', d / 'o17.parquet', '--text_col=body'],
+         ["missing column 'body' (has: 'id；body')", 'read as TSV', 'full-width semicolons (；)?', 'or as TSV']),
         ('delimiter with jsonl', ['convert', d / 'ok.jsonl', d / 'o14.parquet', *out, '--delimiter=;'],
          ['for CSV and TSV files', 'read as jsonl', 'leave out --delimiter']),
         ('delimiter with txt', ['convert', d / 'ok.txt', d / 'o15.parquet', '--delimiter=\\t'],

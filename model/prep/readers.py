@@ -67,8 +67,8 @@ def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
         raise UserError(f'{shown}: a quote or a line break cannot separate values (it quotes them or ends '
                         f'the row); give the one character between values, e.g. , ; | or \\t')
     if not value.isascii():
-        raise UserError(f'{shown} is not an ASCII character, and the CSV reader takes only those; a file '
-                        f'separated by one must have it replaced first (by a tab, then --delimiter=tab)')
+        raise UserError(f'{shown} is not an ASCII character, and the reader splits only at one of those; '
+                        f'{_NOT_ASCII_FIX}')
     return value
 
 
@@ -369,10 +369,16 @@ def _check_columns(path: str, names: list[str], cols: Columns, delimiter: str) -
                             f'rename one of them')
 
 
-# the delimiters a file read as one column most likely has instead, each with the fix it names
-_OTHER_DELIMITERS = {'\t': ('tab', "--delimiter='\\t' (or name it .tsv)"),
+# the delimiters a file read as one column most likely has instead, each with the fix it names (None: no flag
+# can, the reader splits only at an ASCII character)
+_OTHER_DELIMITERS = {'\t': ('tab', '--delimiter=tab (or --format=tsv, or name it .tsv)'),
                      ',': ('comma', '--delimiter=,'),
-                     ';': ('semicolon', "--delimiter=';'"), '|': ("'|'", "--delimiter='|'")}
+                     ';': ('semicolon', "--delimiter=';'"), '|': ("'|'", "--delimiter='|'"),
+                     '\uff0c': ('full-width comma', None), '\uff1b': ('full-width semicolon', None)}
+# a file separated by a character beyond ASCII: pyarrow cannot split at it, and replacing it would split the text too
+_NOT_ASCII_FIX = ('replacing it (by a tab) would also split every value that holds it, as Chinese text nearly always '
+                  'does: export the file again as CSV with its values quoted (e.g. pandas to_csv), or as TSV, and '
+                  'convert that')
 
 
 def _delimiter_name(delimiter: str) -> str:
@@ -386,7 +392,8 @@ def _read_as(delimiter: str) -> str:
 
 def _other_delimiter_hint(names: list[str], delimiter: str) -> str | None:
     """A header read as one column whose name holds another likely delimiter: the file is
-    probably separated by that one (the most frequent in the name), and the fix says so."""
+    probably separated by that one (the most frequent in the name), and the fix says so -- or,
+    for one beyond ASCII, that the file must be written again."""
     if len(names) != 1:
         return None
     counts = {d: str(names[0]).count(d) for d in _OTHER_DELIMITERS if d != delimiter}
@@ -394,7 +401,11 @@ def _other_delimiter_hint(names: list[str], delimiter: str) -> str | None:
     if best is None or not counts[best]:
         return None
     name, fix = _OTHER_DELIMITERS[best]
-    return f'read with the delimiter {delimiter!r}, the header is one column: a {name}-separated file? pass {fix}'
+    seems = f'a {name}-separated file' if best.isascii() else f'a file separated by {name}s ({best})'
+    read = f'read as {_read_as(delimiter)}, the header is one column: {seems}?'
+    if fix is None:
+        return f'{read} the reader splits only at an ASCII character, and {_NOT_ASCII_FIX}'
+    return f'{read} pass {fix}'
 
 
 def iter_parquet_columns(path: str, cols: Columns) -> Iterator[pa.Table]:
