@@ -19,7 +19,7 @@ class ConvertOptions:
     text_col: str = ''  # raw text: the input's column (or JSON key) holding it, written as the one column text; not with --prompt_col/--response_col (.txt: none)
     format: str = ''  # csv | tsv | json | jsonl | parquet | txt (default: from the file extension; .tsv and .tab: tsv)
     quoting: str = 'csv'  # csv, tsv: csv = a value may be "quoted" ("" a quote inside, line breaks too) | none = a quote is text, a line one row (TSV exports of MySQL, Hive and the like)
-    delimiter: str = ','  # csv: the one character between values, e.g. ; or | or a tab (written \t or tab); the default for tsv (.tsv, .tab) is a tab
+    delimiter: str = ','  # csv: the one character between values, e.g. ; or | or a tab (written \t or tab; \xHH, \uHHHH, \NNN escapes too, e.g. Hive's \001); the default for tsv (.tsv, .tab) is a tab
 
 
 @dataclass

@@ -32,8 +32,38 @@ _EXTENSIONS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.json': 'json', '.j
                '.parquet': 'parquet', '.pq': 'parquet', '.txt': 'txt'}
 # the delimited formats, each with its default delimiter: both are read by iter_csv
 DELIMITERS = {'csv': ',', 'tsv': '\t'}
-# what --delimiter also takes for a tab: the two characters \t as a shell passes '\t', and a word
-_TAB_WORDS = ('\\t', 'tab')
+# what --delimiter reads as escapes, as a shell passes them ('\t' is the two characters \ and t): \t \n \r \\,
+# \xHH, \uHHHH and \NNN (octal: Hive's exports separate by \001); the word tab is a tab too
+_ESCAPE = r'\\(?:[tnr\\]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[0-7]{1,3})'
+_NAMED_ESCAPES = {'t': '\t', 'n': '\n', 'r': '\r', '\\': '\\'}
+_ESCAPES_READ = "\\t or tab, \\xHH, \\uHHHH, \\NNN (octal, e.g. Hive's \\001)"
+
+
+def _unescape(value: str) -> str:
+    """--delimiter's value as the character(s) it names (see _ESCAPE); a backslash that starts
+    no escape read here is refused, naming those that are."""
+    if value.lower() == 'tab':
+        return '\t'
+    if len(value) < 2 or not value.startswith('\\'):
+        return value
+    if not re.fullmatch(f'(?:{_ESCAPE})+', value):
+        raise UserError(f'--delimiter={_as_typed(value)}: not an escape this reads; give the character itself, '
+                        f'or one of {_ESCAPES_READ}')
+
+    def one(m: re.Match) -> str:
+        body = m.group()[1:]
+        if body in _NAMED_ESCAPES:
+            return _NAMED_ESCAPES[body]
+        return chr(int(body[1:], 16)) if body[0] in 'xu' else chr(int(body, 8))
+
+    return re.sub(_ESCAPE, one, value)
+
+
+def _as_typed(value: str) -> str:
+    """A flag's value as the user typed it, quoted; a real tab or line break as its escape."""
+    if not value.isprintable():
+        return repr(value)
+    return f"'{value}'" if "'" not in value else f'"{value}"'
 
 
 def infer_format(path: str, input_format: str | None = None) -> str:
@@ -54,18 +84,19 @@ def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
     (None: not given, the format's default); None for the other formats, which refuse one."""
     if delimiter is None:
         return DELIMITERS.get(fmt)
-    shown = f'--delimiter={delimiter!r}'
+    shown = f'--delimiter={_as_typed(str(delimiter))}'
     if fmt not in DELIMITERS:
         raise UserError(f'{shown} is for CSV and TSV files, and this input is read as {fmt}; leave out '
                         f'--delimiter, or pass --format=csv if the file is delimited text')
-    value = '\t' if str(delimiter).lower() in _TAB_WORDS else str(delimiter)
+    value = _unescape(str(delimiter))
+    one = "give the one character between values, e.g. --delimiter=';' or --delimiter='|' or --delimiter=tab"
+    if value and not value.strip('\r\n'):
+        raise UserError(f'{shown}: a line break separates rows, not values; {one}')
     if len(value) != 1:
         what = 'is empty' if not value else f'is {len(value)} characters'
-        raise UserError(f'{shown} {what}: give the one character between values, e.g. --delimiter=";" or '
-                        f"--delimiter='\\t' (or tab) for a tab")
-    if value in '"\r\n':
-        raise UserError(f'{shown}: a quote or a line break cannot separate values (it quotes them or ends '
-                        f'the row); give the one character between values, e.g. , ; | or \\t')
+        raise UserError(f'{shown} {what}: {one}; escapes read: {_ESCAPES_READ}')
+    if value == '"':
+        raise UserError(f'{shown}: a quote (") quotes values, it cannot separate them; {one}')
     if not value.isascii():
         raise UserError(f'{shown} is not an ASCII character, and the reader splits only at one of those; '
                         f'{_NOT_ASCII_FIX}')
@@ -402,7 +433,8 @@ def _other_delimiter_hint(names: list[str], delimiter: str) -> str | None:
         return None
     name, fix = _OTHER_DELIMITERS[best]
     seems = f'a {name}-separated file' if best.isascii() else f'a file separated by {name}s ({best})'
-    read = f'read as {_read_as(delimiter)}, the header is one column: {seems}?'
+    how = f'read as {_read_as(delimiter)}' if delimiter in ',\t' else f'read with the delimiter {_delimiter_name(delimiter)}'
+    read = f'{how}, the header is one column: {seems}?'
     if fix is None:
         return f'{read} the reader splits only at an ASCII character, and {_NOT_ASCII_FIX}'
     return f'{read} pass {fix}'
