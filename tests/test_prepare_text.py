@@ -163,7 +163,7 @@ def test_txt_one_document_a_line_blank_lines_skipped_and_counted(tmp_path):
     ('empty.json', b'[]', 'no rows to convert'),
     ('blank.json', b' \n', 'no rows to convert'),
     ('spaces.csv', b'prompt,response\n" ","\t"\n,\n', 'none of its 2 rows has text in every column'),
-    ('half.jsonl', b'{"prompt": "a", "response": " "}\n', 'none of its 1 row has text in every column'),
+    ('half.jsonl', b'{"prompt": "a", "response": " "}\n', 'its one row lacks text in a column'),
 ])
 def test_an_input_without_rows_is_refused_and_nothing_written(tmp_path, name, content, needle):
     # an empty training file would only fail later, at train time, far from its cause

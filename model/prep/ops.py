@@ -95,8 +95,9 @@ def convert_file(input_path: str, output_path: str, prompt_col: str | None = Non
             blank = f' ({stats.blank_lines} blank line(s) skipped)' if stats.blank_lines else ''
             raise UserError(f'{input_path}: no rows to convert{blank}; nothing written to {output_path}')
         if usable == 0:
-            raise UserError(f'{input_path}: none of its {n_rows(out.rows_total)} has text in every column (each is '
-                            f'empty, whitespace or null); nothing written to {output_path}')
+            rows = ('its one row lacks text in a column (empty, whitespace or null)' if out.rows_total == 1 else
+                    f'none of its {out.rows_total} rows has text in every column (each is empty, whitespace or null)')
+            raise UserError(f'{input_path}: {rows}; nothing written to {output_path}')
     return ConvertResult(out.rows_written, kind, stats.blank_lines, tuple(stats.rows_in_values), stats.values_with_rows)
 
 
