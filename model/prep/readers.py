@@ -338,8 +338,9 @@ def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             first = 3 if m[:3] == b'\xef\xbb\xbf' else 0
-            pos, after = first, None
+            pos, after, kept_from = first, None, 0
             while (q := m.find(b'"', pos)) >= 0:
+                kept_from = _drop_mapped(m, kept_from, q)
                 if q != first and m[q - 1] not in value_starts:  # a quote inside an unquoted value: text
                     pos = q + 1
                     continue
@@ -357,10 +358,29 @@ def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:
 _QUOTED_VALUE = re.compile(rb'"[^"]*(?:""[^"]*)*("?)')
 
 
+_DROP_EVERY = 1 << 26  # bytes of a map read past before its pages are let go
+
+
+def _drop_mapped(m, kept_from: int, pos: int) -> int:
+    """Lets go of a map's pages before ``pos`` (whole pages, once ``_DROP_EVERY`` bytes were read
+    past ``kept_from``) and returns where the kept pages now start. A scan that touches every page
+    of a map would otherwise hold the whole file as this process's resident memory (file pages,
+    reclaimable, but what `time -v`, `ps` and a cluster's job accounting show); a page read again
+    is read back from the page cache."""
+    import mmap
+
+    if pos - kept_from < _DROP_EVERY:
+        return kept_from
+    end = pos // mmap.PAGESIZE * mmap.PAGESIZE
+    m.madvise(mmap.MADV_DONTNEED, kept_from, end - kept_from)
+    return end
+
+
 def _lines_before(m, end: int, chunk: int = 1 << 24) -> int:
     """Line breaks before ``end``: LF, CRLF or a lone CR (pyarrow's three)."""
-    count = 0
+    count = kept_from = 0
     for i in range(0, end, chunk):
+        kept_from = _drop_mapped(m, kept_from, i)
         part = m[i:min(i + chunk, end)]
         count += part.count(b'\n') + part.count(b'\r') - part.count(b'\r\n')
         if part.endswith(b'\r') and m[i + len(part):i + len(part) + 1] == b'\n' and i + len(part) < end:
