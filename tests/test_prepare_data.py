@@ -548,6 +548,7 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
     (d / 'ok.csv').write_text('question,answer\n问一,答一\n', encoding='utf-8')
     (d / 'fw_comma.csv').write_text('prompt，response\n你好，世界\n', encoding='utf-8')
     (d / 'fw_semi.tsv').write_text('id；body\n1；你好，世界\n', encoding='utf-8')
+    (d / 'hive.txt').write_text('id\x01body\n1\x01你好\n', encoding='utf-8')
     write_source(d / 'ok.jsonl', [('问', '答')], 'jsonl')
     (d / 'ok.txt').write_text('一行\n', encoding='utf-8')
     out = ['--prompt_col=question', '--response_col=answer']
@@ -592,6 +593,8 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
           'splits only at an ASCII character', 'export the file again as CSV with its values quoted']),
         ('a tsv separated by full-width semicolons', ['convert', d / 'fw_semi.tsv', d / 'o17.parquet', '--text_col=body'],
          ["missing column 'body' (has: 'id；body')", 'read as TSV', 'full-width semicolons (；)?', 'or as TSV']),
+        ('a Hive export read as csv', ['convert', d / 'hive.txt', d / 'o18.parquet', '--format=csv', '--text_col=body'],
+         ["missing column 'body' (has: 'id\\x01body')", "a \\001 (Hive)-separated file? pass --delimiter='\\001'"]),
         ('delimiter with jsonl', ['convert', d / 'ok.jsonl', d / 'o14.parquet', *out, '--delimiter=;'],
          ['for CSV and TSV files', 'read as jsonl', 'leave out --delimiter']),
         ('delimiter with txt', ['convert', d / 'ok.txt', d / 'o15.parquet', '--delimiter=\\t'],

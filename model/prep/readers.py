@@ -425,6 +425,7 @@ def _check_columns(path: str, names: list[str], cols: Columns, delimiter: str) -
 _OTHER_DELIMITERS = {'\t': ('tab', '--delimiter=tab (or --format=tsv, or name it .tsv)'),
                      ',': ('comma', '--delimiter=,'),
                      ';': ('semicolon', "--delimiter=';'"), '|': ("'|'", "--delimiter='|'"),
+                     '\x01': ('\\001 (Hive)', "--delimiter='\\001'"),
                      '\uff0c': ('full-width comma', None), '\uff1b': ('full-width semicolon', None)}
 # a file separated by a character beyond ASCII: pyarrow cannot split at it, and replacing it would split the text too
 _NOT_ASCII_FIX = ('replacing it (by a tab) would also split every value that holds it, as Chinese text nearly always '
