@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
 import time
@@ -19,6 +20,9 @@ LOCK_FILE = '.chat_small_t5.lock'
 # in a state's folder from the first moment of its save until it is in place: a half-done save is
 # known by it, never by its name alone (model/state/states.py); not part of the state
 SAVING_FILE = '.chat_small_t5.saving'
+# the name of a state folder in a train_state_dir: state-<step>, or state-<step>.<n> where a save stepped around
+# a folder it may not replace (model/state/states.py names them; model/state/ownership.py judges a folder by them)
+STATE_NAME = re.compile(r'^state-(\d+)(?:\.(\d+))?$')
 CONTENT_KEY = 'content_sha256'
 PLACEHOLDER = '0' * 64  # the content hash of a file before seal_file fills it in
 MAX_MARKER_BYTES = 64 << 20  # a marker (a manifest of a sharded state included) is read up to this

@@ -29,13 +29,13 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from model.errors import NotOurs, UserError
 from model.stopping import critical
 
 from model.state.markers import (DATA, LOCK_FILE, MARKER_FILE, MARKER_KEY, MAX_MARKER_BYTES, MODEL, SAVING_FILE, STATE,
-                                 STATE_DIR, TOKENIZER, file_status, file_kind, file_sha256, marker_info)
+                                 STATE_DIR, STATE_NAME, TOKENIZER, file_status, file_kind, file_sha256, marker_info)
 
 # --------------------------------------------------------------------------- paths
 
@@ -165,12 +165,14 @@ def is_real_dir(path: str) -> bool:
 # --------------------------------------------------------------------------- folder markers
 
 
-def iter_entries(folder: str) -> Iterator[tuple[str, os.stat_result]]:
+def iter_entries(folder: str, descend: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, os.stat_result]]:
     """Every entry under folder by relative path, from lstat, as it is met: links are listed,
     never followed. The folder's own marker, lock and save-in-progress file are left out, and an
-    entry gone before it is looked at (another process's file) with them. Lazy: a caller that
-    stops at the first entry it needs (is the folder empty? all folders?) walks no further -- a
-    place given by mistake may be a folder of millions of files."""
+    entry gone before it is looked at (another process's file) with them. ``descend(rel)``: whether
+    to walk into the sub-folder rel too (default: every one). Lazy: a caller that stops at the
+    first entry it needs (is the folder empty? all folders?) walks no further -- a place given by
+    mistake may be a folder of millions of files."""
     pending = ['']
     while pending:
         rel = pending.pop()
@@ -182,16 +184,22 @@ def iter_entries(folder: str) -> Iterator[tuple[str, os.stat_result]]:
             continue
         for name in names:
             r = os.path.join(rel, name) if rel else name
-            if r == MARKER_FILE or (r == LOCK_FILE and _is_lock_file(os.path.join(folder, r))) or (
-                    r == SAVING_FILE and is_saving_file(os.path.join(folder, r))):
+            if is_own_file(folder, r):
                 continue
             try:
                 st = os.lstat(os.path.join(folder, r))
             except FileNotFoundError:
                 continue
             yield r, st
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode) and (descend is None or descend(r)):
                 pending.append(r)
+
+
+def is_own_file(folder: str, name: str) -> bool:
+    """name is one of folder's own housekeeping files, never one of its entries: its marker, its
+    lock, its save in progress's file."""
+    return name == MARKER_FILE or (name == LOCK_FILE and _is_lock_file(os.path.join(folder, name))) or (
+        name == SAVING_FILE and is_saving_file(os.path.join(folder, name)))
 
 
 def list_entries(folder: str) -> dict[str, os.stat_result]:
@@ -472,31 +480,24 @@ def check_writable(path: str, what: str) -> None:
 
 
 def _holds_only_folders_locks_and_states(folder: str) -> bool:
-    """:func:`_holds_only_folders_and_locks`, or at its top state folders of this toolkit too (named
-    as states are, ``state-N``: not a save in progress, which a run sweeps away whole): a
-    train_state_dir made by hand from states copied out of another (each state is judged as a
-    state by the run that adopts the folder: loaded only if whole, pruned only if wholly as saved,
-    anything else in it left alone)."""
-    for name in os.listdir(folder):
-        entry = os.path.join(folder, name)
-        if name == MARKER_FILE or (name == LOCK_FILE and _is_lock_file(entry)) or (
-                name == SAVING_FILE and is_saving_file(entry)):
-            continue
-        st = lstat_or_none(entry)
-        if st is None:
-            continue
-        is_state = re.fullmatch(r'state-\d+(?:\.\d+)?', name) is not None and folder_kind(entry) == STATE  # states.py's names
-        if not stat.S_ISDIR(st.st_mode) or not (is_state or _holds_only_folders_and_locks(entry)):
-            return False
-    return True
+    """Nothing under folder but folders (each with its own housekeeping files), this toolkit's lock
+    files and, at its top, its state folders (named as states are, ``state-N``: not a save in
+    progress, which a run sweeps away whole): adopting it as a folder that grows (never replaced
+    whole) takes nothing from anyone -- the run's own output folders, made inside it by their
+    locks before it was marked, or a train_state_dir made by hand from states copied out of
+    another (each state is judged as a state by the run that adopts the folder: loaded only if
+    whole, pruned only if wholly as saved, anything else in it left alone). One walk, never into a
+    state."""
+    def is_state(rel: str) -> bool:
+        return os.sep not in rel and STATE_NAME.match(rel) is not None and folder_kind(
+            os.path.join(folder, rel)) == STATE
 
+    def passes(rel: str, st: os.stat_result) -> bool:
+        sub, name = os.path.split(rel)
+        return (stat.S_ISDIR(st.st_mode) or (name == LOCK_FILE and _is_lock_file(os.path.join(folder, rel)))
+                or (sub != '' and os.sep not in sub and is_own_file(os.path.join(folder, sub), name)))
 
-def _holds_only_folders_and_locks(folder: str) -> bool:
-    """Nothing under folder but folders and this toolkit's lock files: adopting it as a folder
-    that grows (never replaced whole) takes nothing from anyone."""
-    return all(stat.S_ISDIR(st.st_mode) or (os.path.basename(rel) == LOCK_FILE and
-                                            _is_lock_file(os.path.join(folder, rel)))
-               for rel, st in iter_entries(folder))
+    return all(passes(rel, st) for rel, st in iter_entries(folder, descend=lambda rel: not is_state(rel)))
 
 
 def is_saving_file(path: str) -> bool:

@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 MARKER = markers.MARKER_FILE
 TOKENIZER_COPY = 'tokenizer'
 RUN_JSON = 'run.json'  # what describes the run that saved a state (model/state/contract.py)
-_STATE_RE = re.compile(r'^state-(\d+)(?:\.(\d+))?$')
 _TMP_RE = re.compile(r'^\.tmp-state-\d+$')
 TORCH_FILES = ('.bin', '.pkl', '.pt')
 
@@ -63,7 +62,7 @@ def list_complete_states(state_dir: str) -> list[tuple[int, str]]:
     if not ownership.is_real_dir(state_dir):
         return []
     for name in os.listdir(state_dir):
-        m = _STATE_RE.match(name)
+        m = markers.STATE_NAME.match(name)
         path = os.path.join(state_dir, name)
         if m and ownership.is_real_dir(path) and ownership.folder_kind(path) == STATE:
             found.append(((int(m.group(1)), int(m.group(2) or 0)), path))
@@ -93,7 +92,7 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
     """A state folder judged by the files its marker lists (each there, a plain file of the size
     and, with deep, the checksum saved; with pickles (default: deep), each torch file loadable as
     plain tensors) and by what else it holds (never loaded, never deleted)."""
-    step = int(_STATE_RE.match(os.path.basename(path)).group(1))
+    step = int(markers.STATE_NAME.match(os.path.basename(path)).group(1))
     info = ownership.read_marker(path) or {}
     recorded = ownership.recorded_entries(info)
     if not recorded:
@@ -331,7 +330,7 @@ def free_state_path(state_dir: str, step: int) -> str:
     siblings = _same_step_paths(state_dir, step)
     if not siblings:
         return os.path.join(state_dir, state_name(step))
-    m = _STATE_RE.match(os.path.basename(siblings[-1]))
+    m = markers.STATE_NAME.match(os.path.basename(siblings[-1]))
     n = int(m.group(2) or 0) + 1
     while os.path.lexists(path := os.path.join(state_dir, f'{state_name(step)}.{n}')):
         n += 1
@@ -346,7 +345,7 @@ def _same_step_paths(state_dir: str, step: int) -> list[str]:
     except OSError:
         return []
     found = [(int(m.group(2) or 0), name) for name in names
-             if (m := _STATE_RE.match(name)) and int(m.group(1)) == step]
+             if (m := markers.STATE_NAME.match(name)) and int(m.group(1)) == step]
     return [os.path.join(state_dir, name) for _, name in sorted(found)]
 
 
@@ -686,7 +685,7 @@ def states_all_moved(archive: str, output_dir: str) -> bool:
     already went whole: finished, that move loses none of them (one still to go may be out of
     reach: node-local scratch, a filesystem not mounted here)."""
     record = _moving_record(archive, output_dir)
-    states = [path for path, *_ in record['items'] if _STATE_RE.match(os.path.basename(path))] if record else []
+    states = [path for path, *_ in (record or {}).get('items', []) if markers.STATE_NAME.match(os.path.basename(path))]
     if not states or any(os.path.lexists(path) for path in states):  # one still where it was: not moved
         return False
     there = collections.Counter(os.path.basename(path) for name in os.listdir(archive) if not name.startswith('.')
@@ -934,7 +933,7 @@ def _marker_of(path: str) -> dict | None:
 def _whole_item(path: str) -> bool:
     """A state, weights file, model folder or predictions file of the toolkit's, whole (by its marker)."""
     try:
-        if _STATE_RE.match(os.path.basename(path)):
+        if markers.STATE_NAME.match(os.path.basename(path)):
             return judge_state(path, pickles=False).wholly_owned
         return ownership.kind_of(path) in (WEIGHTS, MODEL, PREDICTIONS) and not ownership.missing_entries(path)
     except OSError:
@@ -945,7 +944,7 @@ def _free_name(target: str) -> str:
     """target, or the first free name beside it: a state as a second save of its step is named
     (state-000000020.1: still a state), anything else with a -1, -2, ..."""
     folder, name = os.path.split(target)
-    state = _STATE_RE.match(name)
+    state = markers.STATE_NAME.match(name)
     if state:  # its own name where that is free, as for anything else
         return target if not os.path.lexists(target) else free_state_path(folder, int(state.group(1)))
     n, free = 1, target
