@@ -1406,3 +1406,39 @@ def test_states_copied_by_hand_into_a_new_folder_are_resumed_there_and_one_state
             (other / extra).write_text('mine')
         with pytest.raises(UserError, match='is a folder this toolkit did not make and is not empty'):
             own.check_replaceable(str(other), markers.STATE_DIR, 'train_state_dir', folder=True)
+
+
+def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and_the_copy_to_make(tmp_path):
+    """`ln -s OLD/state-N NEW/` beside (or instead of) copies: the link was passed over without a word and the
+    folder called one "this toolkit did not make". A state is only ever a real folder of its train_state_dir (in
+    the run's own folder a link named as one is never listed, loaded or pruned through), so the link is refused,
+    named, with the copy that takes its place; nothing is written or marked."""
+    good = make_state(tmp_path / 'old' / 'states', 10)
+    newer = make_state(tmp_path / 'old' / 'states', 20)
+    new = tmp_path / 'scratch' / 's'
+    new.mkdir(parents=True)
+    shutil.copytree(good, new / os.path.basename(good))
+    link = new / os.path.basename(newer)
+    os.symlink(newer, link)  # the natural thing on scratch storage
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value) == (f'train_state_dir: {link} is a symbolic link to {newer}; a state is read only from a folder '
+                            f'of its own in train_state_dir, never through a link; copy the state in its place: '
+                            f'rm {link} && cp -r {newer} {link}'), str(e.value)
+    assert sorted(os.listdir(new)) == ['state-000000010', 'state-000000020']  # nothing marked, nothing moved
+    os.remove(link)  # as told: the copy is adopted and the newest state resumed
+    shutil.copytree(newer, link)
+    own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    sf.ensure_state_dir(str(new))
+    assert contract.inspect(str(new), resume=True).resume.path == str(link)
+    # a link to nothing (its state since removed, or a scratch disk not mounted here): named, with what to do
+    gone = tmp_path / 'gone' / 's'
+    gone.mkdir(parents=True)
+    os.symlink(tmp_path / 'nowhere' / 'state-000000030', gone / 'state-000000030')
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(gone), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value) == (f'train_state_dir: {gone}/state-000000030 is a symbolic link to '
+                            f'{tmp_path}/nowhere/state-000000030, which is not there; a state is read only from a '
+                            f'folder of its own in train_state_dir, never through a link; remove the link (rm '
+                            f'{gone}/state-000000030), and copy the state itself there to resume from it'), str(e.value)
+    assert os.listdir(gone) == ['state-000000030']

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -369,7 +370,11 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         found = folder_kind(path)
         if found in kinds and found in GROWING:
             return  # adopted as it is: never replaced whole, its entries judged one by one
-        if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_locks_and_states(path):
+        links = state_links(path) if found is None else []
+        if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_locks_and_states(
+                path, passed=tuple(os.path.basename(link) for link in links)):
+            if links:  # states copied by hand, one of them linked: never read through, so never passed over
+                raise NotOurs(*_state_link_refused(links[0], what))
             if os.path.lexists(os.path.join(path, MARKER_FILE)):  # ours by name, not by content: no room to mark
                 raise NotOurs(f'{what}: {path} holds a {MARKER_FILE} this toolkit did not write (the name of its '
                               f'marker); it is never replaced: move it out, or choose another folder')
@@ -479,10 +484,10 @@ def check_writable(path: str, what: str) -> None:
         raise UserError(f'{what}: cannot write in {target} ({e.strerror}); choose a writable place') from None
 
 
-def _holds_only_folders_locks_and_states(folder: str) -> bool:
+def _holds_only_folders_locks_and_states(folder: str, passed: tuple[str, ...] = ()) -> bool:
     """Nothing under folder but folders (each with its own housekeeping files), this toolkit's lock
     files and, at its top, its state folders (named as states are, ``state-N``: not a save in
-    progress, which a run sweeps away whole): adopting it as a folder that grows (never replaced
+    progress, which a run sweeps away whole) and the entries named in ``passed``: adopting it as a folder that grows (never replaced
     whole) takes nothing from anyone -- the run's own output folders, made inside it by their
     locks before it was marked, or a train_state_dir made by hand from states copied out of
     another (each state is judged as a state by the run that adopts the folder: loaded only if
@@ -497,7 +502,33 @@ def _holds_only_folders_locks_and_states(folder: str) -> bool:
         return (stat.S_ISDIR(st.st_mode) or (name == LOCK_FILE and _is_lock_file(os.path.join(folder, rel)))
                 or (sub != '' and os.sep not in sub and is_own_file(os.path.join(folder, sub), name)))
 
-    return all(passes(rel, st) for rel, st in iter_entries(folder, descend=lambda rel: not is_state(rel)))
+    return all(rel in passed or passes(rel, st)
+               for rel, st in iter_entries(folder, descend=lambda rel: not is_state(rel)))
+
+
+def state_links(folder: str) -> list[str]:
+    """The links at the top of folder named as states are (``state-N``), wherever they lead. A
+    state is only ever a real folder of its train_state_dir: a link is never listed, loaded,
+    pruned or moved as one (model/state/states.py; deletes never go through a link)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in names if STATE_NAME.match(n) and is_link(os.path.join(folder, n))]
+
+
+def _state_link_refused(link: str, what: str) -> tuple[str, str]:
+    """(message, fix) for a link among the states of a train_state_dir made by hand: the copy that
+    takes its place, or -- a link to nothing -- its removal."""
+    never = f'a state is read only from a folder of its own in {what}, never through a link'
+    target = os.path.realpath(link)
+    if os.path.isdir(target):
+        return (f'{what}: {link} is a symbolic link to {target}; {never}',
+                f'copy the state in its place: rm {shlex.quote(link)} && cp -r {shlex.quote(target)} '
+                f'{shlex.quote(link)}')
+    there = 'is not a folder' if os.path.lexists(target) else 'is not there'
+    return (f'{what}: {link} is a symbolic link to {os.readlink(link)}, which {there}; {never}',
+            f'remove the link (rm {shlex.quote(link)}), and copy the state itself there to resume from it')
 
 
 def is_saving_file(path: str) -> bool:
