@@ -553,7 +553,8 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     fresh = cli('train', *flags, '--dry_run=True')
     assert fresh.returncode == 1 and 'resume that run' not in fresh.stdout and 'which this toolkit did not write' \
         not in fresh.stdout, fresh.stdout  # damaged since it saved them: not a stranger's
-    assert f'every saved state in {out}/state is damaged since this toolkit saved it' in fresh.stdout, fresh.stdout
+    assert f'every saved state is damaged since this toolkit saved it (the newest, {out}/state/state-000000004: ' \
+        in fresh.stdout, fresh.stdout
     assert f'then start afresh, {keep}: --init_from={out}/chat_small_t5.4.bin' in fresh.stdout, fresh.stdout
     # the start script with RESUME=auto (a job's requeue): said once, not as a fresh run and again as a resume
     env = {**ENV, 'RESUME': 'auto', 'ACCELERATE_USE_CPU': '1', 'NUM_GPUS': '1', 'PYTHON': sys.executable}

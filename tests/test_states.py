@@ -89,6 +89,15 @@ def test_every_state_damaged_or_none_is_one_problem(tmp_path):
     os.remove(os.path.join(path, 'model.safetensors'))
     problems = contract.inspect(str(states), resume=True).problems
     assert len(problems) == 1 and 'every saved state is damaged' in problems[0] and 'is missing' in problems[0]
+    # a resume and a fresh run word it alike: the newest state's damage, and how many more
+    newer = make_state(states, 20)
+    with open(os.path.join(newer, 'model.safetensors'), 'w') as f:
+        f.write('weights 21')  # same size, other content
+    words = (f'every saved state is damaged since this toolkit saved it (the newest, {newer}: model.safetensors '
+             f'differs from what was saved (checksum); and 1 more)')
+    assert contract.inspect(str(states), resume=True).problems == [f'--is_keep_training=True but {words}']
+    assert contract.inspect(str(states), resume=False).problems == [
+        f'train_state_dir: {words}: none can be resumed, and a fresh run moves aside only states wholly as saved']
 
 
 def test_links_and_files_named_like_states_are_never_states(tmp_path):

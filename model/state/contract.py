@@ -163,11 +163,8 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
         verdicts = [states.judge_state(path, deep=deep, pickles=False) for path in found]  # moving aside loads nothing
         report.all_damaged = bool(verdicts) and all(v.problem for v in verdicts)
         if report.all_damaged:  # one problem: what to do is the same for all (preflight gives the fix)
-            more = f'; and {len(verdicts) - 1} more' if len(verdicts) > 1 else ''
-            newest = max(verdicts, key=lambda v: v.step)
-            report.problems.append(f'train_state_dir: every saved state in {state_dir} is damaged since this toolkit '
-                                   f'saved it ({newest.path}: {newest.problem}{more}): none can be '
-                                   f'resumed, and a fresh run moves aside only states wholly as saved')
+            report.problems.append(f'train_state_dir: {_every_state_damaged(verdicts)}: none can be resumed, and a '
+                                   f'fresh run moves aside only states wholly as saved')
             return report
         for v in verdicts:
             if not v.wholly_owned:
@@ -192,8 +189,7 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
         damaged.append(v)
     if loadable is None:
         report.all_damaged = bool(damaged)
-        what = (f'every saved state is damaged in {state_dir} ({damaged[0].problem} in {damaged[0].path})'
-                if damaged else f'no complete saved state in {state_dir}')
+        what = _every_state_damaged(damaged[::-1]) if damaged else f'no complete saved state in {state_dir}'
         report.problems.append(f'--is_keep_training=True but {what}')
         return report
     if not deep:
@@ -206,6 +202,14 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
                             f'left alone (the toolkit never deletes or replaces what changed since it wrote it) and '
                             f'the run resumes from {loadable.path}; remove it once you no longer need it')
     return report
+
+
+def _every_state_damaged(verdicts: list[states.StateVerdict]) -> str:
+    """The words for a folder's states, oldest first, none whole: the newest one's damage and how many
+    more (a resume and a fresh run say it alike; each gives its own way on)."""
+    more = f'; and {len(verdicts) - 1} more' if len(verdicts) > 1 else ''
+    return (f'every saved state is damaged since this toolkit saved it (the newest, {verdicts[-1].path}: '
+            f'{verdicts[-1].problem}{more})')
 
 
 def saved_places(state_dir: str) -> dict | None:
