@@ -23,6 +23,7 @@ import pytest
 
 import cli_runner
 from config import resolve_config
+from model.state.model_files import model_record
 from conftest import (ENV, ROOT, assert_user_error, cli, logged_losses, make_texts, run_logs, run_parallel, run_train,
                       snapshot, start, state_folders, tiny_flags, train_cmd, write_parquet)
 
@@ -641,6 +642,38 @@ def test_a_users_file_put_in_best_mid_run_is_kept_and_the_run_trains_on(tmp_path
     assert proc.returncode == 0, err[-3000:]
     assert 'MYNOTE' in err and 'is not exported there, training goes on' in err, err[-3000:]
     assert (out / 'best' / 'MYNOTE').read_text() == 'mine' and 'step 8/8' in err and os.path.isdir(out / 'final')
+
+
+def test_a_users_folder_put_in_final_mid_run_is_kept_and_the_run_ends_well_with_its_last_model_named(tmp_path, data):
+    """A user's folder put in final/ while the run trains (final/ is written only at the end): the
+    export was refused and the run exited 2 at its very end, after all its training, without final
+    weights. As for best/: the folder is kept, the last model is the weights file of the last state
+    (named in the warning and the done line), exit 0; a resume beside it trains on as well."""
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, eval_steps=2, save_steps=100)
+    proc = cli_runner.Popen(train_cmd(flags, '--max_steps=8'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@4:sleep=3'}, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if 'step 4/8' in line:  # its evaluation now waits at the fault point
+            os.makedirs(out / 'final')
+            (out / 'final' / 'MYNOTE').write_text('mine')
+            break
+    err = ''.join(lines) + proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    step_file = out / 'chat_small_t5.8.bin'
+    assert f'{out / "final"} is a folder this toolkit did not make' in err and 'MYNOTE' in err, err[-3000:]
+    assert f'the last model (step 8) is in {step_file}, the weights file of its state, instead' in err, err[-3000:]
+    assert f'final model in {step_file}' in err, err[-3000:]
+    assert os.listdir(out / 'final') == ['MYNOTE'] and (out / 'final' / 'MYNOTE').read_text() == 'mine'
+    assert model_record(str(step_file))['step'] == 8
+    r = run_train(flags, '--max_steps=10', '--is_keep_training=True')  # a resume beside it trains on, as best/'s
+    assert r.returncode == 0 and 'the last model is not exported there until that is moved out' in r.stderr, \
+        r.stderr[-3000:]
+    assert f'final model in {out / "chat_small_t5.10.bin"}' in r.stderr and os.listdir(out / 'final') == ['MYNOTE']
+    assert_user_error(run_train(flags, '--max_steps=2'), str(out / 'final'))  # a fresh run: refused
 
 
 def test_a_start_stopped_early_with_its_log_in_the_state_folder_starts_again(tmp_path, data):

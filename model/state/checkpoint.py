@@ -128,6 +128,36 @@ class Checkpointer:
             self.accelerator.unwrap_model(self.model), state_dict, self.tokenizer, path, tag=name, step=step,
             max_seq_len=self.settings.max_seq_len, run_id=self.settings.run_id, objective=self.settings.objective)))
 
+    def export_final_all_ranks(self, step: int) -> str | None:
+        """output_dir/final, the run's last model; returns where that model is. A user's file put
+        in final/ meanwhile is never replaced (NotOurs), and no reason to fail a run that trained to
+        its end: the last model is then the weights file of the step's state (written with it, or
+        now), said; None where that is refused too (the state holds it)."""
+        t = self.settings
+        final = os.path.join(t.output_dir, 'final')
+        try:
+            self.export_folder_all_ranks('final', step)
+            return final
+        except NotOurs as e:
+            blocked = e.message
+        step_file = t.model_file.format(step)
+        record = model_files.model_record(step_file) or {}
+        written = self.collectives.broadcast_from_main_all_ranks(
+            self.collectives.is_main and record.get('step') == step and record.get(model_files.RUN_ID) == t.run_id
+            and model_files.model_identity(step_file) is not None)
+        try:
+            if not written:
+                self.export_weights_all_ranks(step, step)
+        except NotOurs as e:
+            if self.collectives.is_main:
+                logger.warning('%s; %s: the last model (step %d) is exported nowhere else; the state %s holds it',
+                               blocked, e.message, step, self.last_saved_path)
+            return None
+        if self.collectives.is_main:
+            logger.warning('%s; the last model (step %d) is in %s, the weights file of its state, instead (a later '
+                           'run writes final/ once what is yours is moved out of it)', blocked, step, step_file)
+        return step_file
+
     def archive_previous_run_all_ranks(self, stamp: str) -> None:
         t = self.settings
         archive = self.collectives.on_main_all_ranks(

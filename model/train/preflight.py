@@ -196,13 +196,16 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     best_folder, best_name = os.path.join(t.output_dir, 'best'), model_files.model_file_pattern(t.model_file, 'best')
     best_note = ('; the best model is not exported there until that is moved out: the run trains on, as when '
                  'it came in mid-run (a fresh run would have to move it aside: refused)')
+    final_note = ('; the last model is not exported there until that is moved out: the run trains on and ends with '
+                  'it in the weights file of its last state, as when it came in mid-run (a fresh run would have to '
+                  'move it aside: refused)')
     def replaceable_model_folder(path):
         try:
             ownership.check_replaceable(path, MODEL, 'output_dir', folder=True)
-        except NotOurs as e:  # a user's file in best/: a resume goes on (the run that met it mid-run did)
-            if not (resume and path == best_folder):
+        except NotOurs as e:  # a user's file in best/ or final/: a resume goes on (the run that met it mid-run did)
+            if not resume:
                 raise
-            report.notes.append(str(e) + best_note)
+            report.notes.append(str(e) + (best_note if path == best_folder else final_note))
     for path in model_files.model_folders(t.output_dir):
         problem('output_dir', lambda path=path: replaceable_model_folder(path))
     for path in model_files.foreign_model_files(t.model_file):

@@ -307,9 +307,10 @@ class Trainer:
                                    'the next better evaluation exports it once that is cleared, and final/ holds the '
                                    'last model', e, state.global_step)
 
-    def say_best_exports(self) -> None:
+    def say_best_exports(self, final: str | None) -> None:
         """Where the best step's model is not (a file not the toolkit's blocked an export, in this
-        process or the one before a resume): each export read back, by the step its marker records."""
+        process or the one before a resume): each export read back, by the step its marker records;
+        ``final``: where the last model is (None: only in the state)."""
         from model.state.model_files import model_record
 
         best = self.state.best_step
@@ -317,8 +318,9 @@ class Trainer:
             step = (model_record(path) or {}).get('step')
             if best > 0 and step != best:
                 logger.warning('%s does not hold the best model (step %d)%s: a file that is not this toolkit\'s '
-                               'blocked its export; final/ holds the last model', path, best,
-                               f', but step {step}\'s' if isinstance(step, int) else '')
+                               'blocked its export; %s holds the last model', path, best,
+                               f', but step {step}\'s' if isinstance(step, int) else '',
+                               final or f'the state {self.checkpointer.last_saved_path}')
 
     def needs_save(self) -> bool:
         """The run state differs from the newest saved one (a step, or a pending evaluation done)."""
@@ -371,14 +373,14 @@ class Trainer:
         self.poll_stop_all_ranks()  # a stop during the last evaluation: saved with it pending, no final export
         if self.needs_save():
             self.save_all_ranks()
-        with stopping.critical():
-            self.checkpointer.export_folder_all_ranks('final', self.state.global_step)
+        with stopping.critical():  # a user's file in final/ (never replaced): the last model goes to its step file
+            final = self.checkpointer.export_final_all_ranks(self.state.global_step)
             stopping.STOP.finish()  # written: a stop from here on (a job's end, a scancel) exits 0, not 143
         logger.info('done: %d optimizer steps, best validation loss %.4f at step %d; final model in %s',
                     self.state.global_step, self.state.best_val_loss, self.state.best_step,
-                    os.path.join(self.settings.output_dir, 'final'))
+                    final or f'the state {self.checkpointer.last_saved_path}')
         if self.collectives.is_main:
-            self.say_best_exports()
+            self.say_best_exports(final)
         fault_point('done')
 
 
