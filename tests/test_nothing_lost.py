@@ -549,7 +549,7 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     # and the advice does not go round: a fresh run cannot move them aside either, so neither says to try the other;
     # both give the way on: move them away, then start afresh or keep the newest weights (the step file of step 4)
     keep = f'or keep the weights of {out}/chat_small_t5.4.bin (a new optimizer, schedule and data order, from step 0)'
-    assert f'move it away yourself (e.g. mv {out}/state {out}/state.damaged), then start afresh without ' \
+    assert f'move it away yourself (e.g. mv {out}/state {out}.damaged_states), then start afresh without ' \
            f'--is_keep_training, {keep}' in dry.stdout, dry.stdout
     fresh = cli('train', *flags, '--dry_run=True')
     assert fresh.returncode == 1 and 'resume that run' not in fresh.stdout and 'which this toolkit did not write' \
@@ -563,9 +563,16 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
                             env=env, stdin=subprocess.DEVNULL, timeout=300)
     assert script.returncode == 1 and script.stderr.count('every saved state') == 1, script.stderr[-3000:]
     assert 'nor as a resume' not in script.stderr and '--init_from=' in script.stderr, script.stderr[-3000:]
-    os.rename(f'{out}/state', f'{out}/state.damaged')  # as told: the warm start from the newest weights runs
-    r = run_train([*flags, f'--init_from={out}/chat_small_t5.4.bin'])
+    os.rename(f'{out}/state', f'{out}.damaged_states')  # as told: the warm start from the newest weights runs
+    warm = [*flags, f'--init_from={out}/chat_small_t5.4.bin']
+    dry = cli('train', *warm, '--dry_run=True')  # what it says of the earlier run it moves aside is true: no way on
+    assert dry.returncode == 0 and f'(its states are in {out}.damaged_states, moved there as damaged: it cannot be ' \
+        f'continued)' in dry.stdout, dry.stdout
+    r = run_train(warm)
     assert r.returncode == 0 and 'warm start: weights from' in open(run_logs(out)[-1], encoding='utf-8').read()
+    assert f"the earlier run's states are in {out}.damaged_states, moved there as damaged: it cannot be continued " \
+           f"(its models are in {out}/previous_runs/" in r.stderr, r.stderr[-3000:]
+    assert 'if it kept its states in another --train_state_dir' not in r.stderr, r.stderr[-3000:]
 
 
 def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):

@@ -640,9 +640,12 @@ def test_a_place_that_holds_much_else_is_no_place_for_a_run(data, tmp_path, monk
 def test_the_way_on_from_damaged_states_moves_only_the_states_where_they_lie_among_the_models(data, tmp_path):
     out = tmp_path / 'run'
     apart = config(data, out).train  # states in out/state: the folder goes whole
-    assert preflight.damaged_states_fix(apart, apart.train_state_dir).startswith(
-        f'move it away yourself (e.g. mv {out}/state {out}/state.damaged), then start afresh')
+    assert preflight.damaged_states_fix(apart, apart.train_state_dir).startswith(  # out of output_dir: not its clutter
+        f'move it away yourself (e.g. mv {out}/state {out}.damaged_states), then start afresh')
     together = config(data, out, train_state_dir=out).train  # states beside the models, best/, final/, logs/
     fix = preflight.damaged_states_fix(together, together.train_state_dir, ' without --is_keep_training')
-    assert fix.startswith(f'move its states away yourself (e.g. mkdir {out}.damaged && mv {out}/state-* {out}.damaged/), '
-                          f'then start afresh without --is_keep_training'), fix
+    assert fix.startswith(f'move its states away yourself (e.g. mkdir -p {out}.damaged_states && mv {out}/state-* '
+                          f'{out}.damaged_states/), then start afresh without --is_keep_training'), fix
+    elsewhere = config(data, out, train_state_dir=tmp_path / 'scratch' / 's').train  # beside the states folder
+    assert preflight.damaged_states_fix(elsewhere, elsewhere.train_state_dir).startswith(
+        f'move it away yourself (e.g. mv {tmp_path}/scratch/s {tmp_path}/scratch/s.damaged), then start afresh')

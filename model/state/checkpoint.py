@@ -162,7 +162,8 @@ class Checkpointer:
         t = self.settings
         archive = self.collectives.on_main_all_ranks(
             lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
-        advice, flags = moved_run_advice(archive, t.output_dir, t.model_file) if archive else ('', None)
+        advice, flags = (moved_run_advice(archive, t.output_dir, t.model_file, t.train_state_dir) if archive else
+                         ('', None))
         if archive:
             logger.warning('a previous run left a state or models here; moved them to %s (nothing is deleted). '
                            'This run starts afresh; %s', archive, advice)
@@ -218,11 +219,13 @@ def _replacing(model_path: str, write) -> None:
                        model_path)
 
 
-def moved_run_advice(archive: str, output_dir: str, model_file: str) -> tuple[str, str | None]:
+def moved_run_advice(archive: str, output_dir: str, model_file: str, train_state_dir: str | None = None
+                     ) -> tuple[str, str | None]:
     """How to continue the run whose models a fresh run moved into archive: resumed where it now
     is, with the states of that run only (a state folder's newest state names the output_dir it
-    was saved for), its models and states apart from the new run's. (the advice, the flags that
-    resume it -- None without a state of that run among what moved)."""
+    was saved for), its models and states apart from the new run's; or, its states moved aside as
+    damaged (contract.moved_as_damaged, with the fresh run's train_state_dir), where they are. (the
+    advice, the flags that resume it -- None without a state of that run among what moved)."""
     folders = sorted(os.path.join(archive, n) for n in os.listdir(archive)
                      if state_files.list_complete_states(os.path.join(archive, n)))
     pattern = model_files.join_model_file(archive, *model_files.split_model_file(model_file)[1:])
@@ -231,6 +234,11 @@ def moved_run_advice(archive: str, output_dir: str, model_file: str) -> tuple[st
     flags = [f'--output_dir={archive}', f'--model_file={pattern}']
     also = ''.join(f'; also moved: {f}, the states of a run whose output_dir was '
                    f'{(contract.saved_places(f) or {}).get("output_dir", "not known")}' for f in others)
+    damaged = own is None and train_state_dir is not None and contract.moved_as_damaged(
+        train_state_dir, output_dir, model_file, models_at=(archive, pattern))
+    if damaged:  # the way on from damaged states was followed: nothing to resume
+        return (f'the earlier run\'s states are in {damaged}, moved there as damaged: it cannot be continued (its '
+                f'models are in {archive}; remove {damaged} once you no longer need it){also}'), None
     if own is None:
         return (f'no state of the run whose models were here was among what was moved{also}; if it kept its '
                 f'states in another --train_state_dir, resume it with that and: '

@@ -212,6 +212,30 @@ def _every_state_damaged(verdicts: list[states.StateVerdict]) -> str:
             f'{verdicts[-1].problem}{more})')
 
 
+def damaged_aside(state_dir: str, output_dir: str) -> str:
+    """Where the way on from damaged states (preflight.damaged_states_fix) moves the states of
+    state_dir: never inside output_dir, whose next run neither moves nor resumes them (and whose
+    folder they would only clutter) -- beside output_dir for a state folder in it (or output_dir
+    itself), else beside the state folder."""
+    if ownership.same_or_inside(state_dir, output_dir):
+        return output_dir.rstrip(os.sep) + '.damaged_states'
+    return state_dir.rstrip(os.sep) + '.damaged'
+
+
+def moved_as_damaged(train_state_dir: str, output_dir: str, model_file: str,
+                     models_at: tuple[str, str] | None = None) -> str | None:
+    """The folder where that way on moved the states of the run whose models are at
+    ``models_at`` (default: output_dir and model_file; e.g. the archive a fresh run then moved
+    them into), from any folder a run at these places keeps states in (states.state_folders'
+    places); None: none there."""
+    folders = (train_state_dir, output_dir, model_files.model_folder(model_file),
+               os.path.join(output_dir, model_files.STATES_IN_OUTPUT_DIR))
+    for aside in dict.fromkeys(damaged_aside(folder, output_dir) for folder in folders):
+        if any(model_files.holds_run(*(models_at or (output_dir, model_file)), run) for run in runs_of_states(aside)):
+            return aside
+    return None
+
+
 def saved_places(state_dir: str) -> dict | None:
     """The places the newest state in state_dir was saved with (:func:`places_of`), by sizes
     only; None when it holds none this can read."""

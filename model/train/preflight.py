@@ -613,6 +613,8 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                     '' if own == t.train_state_dir else f' --train_state_dir={shlex.quote(own)}')
             elif elsewhere:
                 resume = f'; to continue it instead: --is_keep_training=True {elsewhere}'
+            elif damaged := contract.moved_as_damaged(t.train_state_dir, t.output_dir, t.model_file):
+                resume = f' (its states are in {damaged}, moved there as damaged: it cannot be continued)'
             else:
                 resume = (f' (no state of the run whose models are here in {", ".join(with_states or folders)}: '
                           f'it cannot be continued from there)')
@@ -737,10 +739,10 @@ def damaged_states_fix(t, folder: str, start: str = '') -> str:
     newest = steps[-1][1] if steps else (folders[-1] if folders else None)
     keep = (f', or keep the weights of {newest} (a new optimizer, schedule and data order, from step 0): '
             f'--init_from={shlex.quote(newest)}' if newest else '')
-    aside = shlex.quote(folder.rstrip(os.sep) + '.damaged')
+    aside = shlex.quote(contract.damaged_aside(folder, t.output_dir))  # out of output_dir: the next run looks there
     if any(ownership.same_or_inside(place, folder) for place in (t.output_dir, model_folder(t), t.log_dir)):
         # the states lie among the run's models (train_state_dir = output_dir): only the states go
-        move = f'move its states away yourself (e.g. mkdir {aside} && mv {shlex.quote(folder)}/state-* {aside}/)'
+        move = f'move its states away yourself (e.g. mkdir -p {aside} && mv {shlex.quote(folder)}/state-* {aside}/)'
     else:
         move = f'move it away yourself (e.g. mv {shlex.quote(folder)} {aside})'
     return f'{move}, then start afresh{start}{keep}'
