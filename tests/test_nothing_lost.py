@@ -564,6 +564,9 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     assert script.returncode == 1 and script.stderr.count('every saved state') == 1, script.stderr[-3000:]
     assert 'nor as a resume' not in script.stderr and '--init_from=' in script.stderr, script.stderr[-3000:]
     os.rename(f'{out}/state', f'{out}.damaged_states')  # as told: the warm start from the newest weights runs
+    dry = cli('train', *flags, '--is_keep_training=True', '--dry_run=True')  # a resume tried anyway: told where they went
+    assert dry.returncode == 1 and f"this run's states were moved to {out}.damaged_states as damaged: none of them " \
+        f'can be resumed; start afresh without --is_keep_training, {keep}' in dry.stdout, dry.stdout
     warm = [*flags, f'--init_from={out}/chat_small_t5.4.bin']
     dry = cli('train', *warm, '--dry_run=True')  # what it says of the earlier run it moves aside is true: no way on
     assert dry.returncode == 0 and f'(its states are in {out}.damaged_states, moved there as damaged: it cannot be ' \

@@ -729,23 +729,39 @@ def _moved_aside(t) -> str:
             f'moved aside from here, to {archive}, with {flags}') if flags else ''
 
 
+def _moved_as_damaged(t) -> str:
+    """For a resume that finds no state where the way on from damaged states (damaged_states_fix)
+    moved this run's states out: that they cannot be resumed, and the same way on; else ''."""
+    aside = contract.moved_as_damaged(t.train_state_dir, t.output_dir, t.model_file)
+    if not aside:
+        return ''
+    return (f'this run\'s states were moved to {aside} as damaged: none of them can be resumed; '
+            f'{_start_afresh(t, " without --is_keep_training")}')
+
+
 def damaged_states_fix(t, folder: str, start: str = '') -> str:
     """What to do when every saved state in folder is damaged: move them away (a fresh run moves
     aside only states wholly as saved), then start afresh, or keep the run's newest weights -- a
     step file or a model folder it exported -- as a warm start (optimizer, schedule and data
     position start anew)."""
-    steps = sorted(model_files.owned_model_files(t.model_file), key=lambda tag_path: int(tag_path[0]))
-    folders = [f for f in model_files.model_folders(t.output_dir) if os.path.isdir(f)]
-    newest = steps[-1][1] if steps else (folders[-1] if folders else None)
-    keep = (f', or keep the weights of {newest} (a new optimizer, schedule and data order, from step 0): '
-            f'--init_from={shlex.quote(newest)}' if newest else '')
     aside = shlex.quote(contract.damaged_aside(folder, t.output_dir))  # out of output_dir: the next run looks there
     if any(ownership.same_or_inside(place, folder) for place in (t.output_dir, model_folder(t), t.log_dir)):
         # the states lie among the run's models (train_state_dir = output_dir): only the states go
         move = f'move its states away yourself (e.g. mkdir -p {aside} && mv {shlex.quote(folder)}/state-* {aside}/)'
     else:
         move = f'move it away yourself (e.g. mv {shlex.quote(folder)} {aside})'
-    return f'{move}, then start afresh{start}{keep}'
+    return f'{move}, then {_start_afresh(t, start)}'
+
+
+def _start_afresh(t, start: str) -> str:
+    """Start afresh, or from the run's newest weights (a step file, else a model folder it
+    exported) as a warm start."""
+    steps = sorted(model_files.owned_model_files(t.model_file), key=lambda tag_path: int(tag_path[0]))
+    folders = [f for f in model_files.model_folders(t.output_dir) if os.path.isdir(f)]
+    newest = steps[-1][1] if steps else (folders[-1] if folders else None)
+    keep = (f', or keep the weights of {newest} (a new optimizer, schedule and data order, from step 0): '
+            f'--init_from={shlex.quote(newest)}' if newest else '')
+    return f'start afresh{start}{keep}'
 
 
 def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
@@ -758,7 +774,8 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
              damaged_states_fix(t, t.train_state_dir, ' without --is_keep_training'))
     for message in states.problems:
         report.problems.append(Problem('is_keep_training', message,
-                                       _states_elsewhere(cfg) or _cut_move(t) or _moved_aside(t) or fresh))
+                                       _states_elsewhere(cfg) or _cut_move(t) or _moved_aside(t)
+                                       or _moved_as_damaged(t) or fresh))
     if saved is None:  # none, or by sizes only: the main process compares what the state holds
         return
     places = contract.places_of(saved.config, saved.run) or {}
