@@ -130,6 +130,26 @@ def test_states_are_judged_once_newest_first_and_a_damaged_one_stepped_around(tm
     assert os.path.exists(target)  # left alone, never deleted
 
 
+def test_a_link_named_as_a_state_is_said_and_never_resumed_from(tmp_path, tokenizer):
+    """A link put among a run's own states (a newer state elsewhere, linked in) was passed over
+    without a word: the resume took the older real state."""
+    model, optimizer, scheduler, counters, position, parts = live_run(tokenizer)
+    states, elsewhere = tmp_path / 'states', tmp_path / 'elsewhere'
+    old = save(parts, tokenizer, states, 1)
+    counters.global_step = 2
+    newer = save(parts, tokenizer, elsewhere, 2)
+    link = states / os.path.basename(newer)
+    os.symlink(newer, link)
+    report = contract.inspect(str(states), resume=True)
+    assert report.resume.path == old and not report.problems
+    assert len(report.notes) == 1 and f'{link} is a symbolic link to {newer}' in report.notes[0], report.notes
+    assert 'passed over; copy the state in its place: rm ' in report.notes[0]
+    os.remove(os.path.join(old, 'counters.json'))  # no real state left: the problem names the link too
+    report = contract.inspect(str(states), resume=True)
+    assert report.resume is None and f'{link} is a symbolic link' in report.problems[0], report.problems
+    assert os.path.isdir(newer) and os.path.islink(link)  # nothing moved or deleted
+
+
 @pytest.mark.parametrize('damage', ['missing', 'unreadable', 'not an object'])
 def test_a_state_whose_json_parts_do_not_read_is_not_loadable(tmp_path, tokenizer, damage):
     model, optimizer, scheduler, counters, position, parts = live_run(tokenizer)

@@ -187,11 +187,16 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
             loadable = v
             break
         damaged.append(v)
+    # a link named as a state is never resumed from (nor pruned, nor moved): said, with the copy that would be
+    links = [ownership.state_link_refused(link, 'train_state_dir') for link in ownership.state_links(state_dir)]
+    passed_over = '; '.join(f'{message}: passed over; {fix}' for message, fix in links)
     if loadable is None:
         report.all_damaged = bool(damaged)
         what = _every_state_damaged(damaged[::-1]) if damaged else f'no complete saved state in {state_dir}'
-        report.problems.append(f'--is_keep_training=True but {what}')
+        report.problems.append(f'--is_keep_training=True but {what}' + (f' ({passed_over})' if links else ''))
         return report
+    if passed_over and deep:
+        report.notes.append(passed_over)
     if not deep:
         return report
     if loadable.foreign:

@@ -374,7 +374,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_locks_and_states(
                 path, passed=tuple(os.path.basename(link) for link in links)):
             if links:  # states copied by hand, one of them linked: never read through, so never passed over
-                raise NotOurs(*_state_link_refused(links[0], what))
+                raise NotOurs(*state_link_refused(links[0], what))
             if os.path.lexists(os.path.join(path, MARKER_FILE)):  # ours by name, not by content: no room to mark
                 raise NotOurs(f'{what}: {path} holds a {MARKER_FILE} this toolkit did not write (the name of its '
                               f'marker); it is never replaced: move it out, or choose another folder')
@@ -517,7 +517,7 @@ def state_links(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names if STATE_NAME.match(n) and is_link(os.path.join(folder, n))]
 
 
-def _state_link_refused(link: str, what: str) -> tuple[str, str]:
+def state_link_refused(link: str, what: str) -> tuple[str, str]:
     """(message, fix) for a link among the states of a train_state_dir made by hand: the copy that
     takes its place, or -- a link to nothing -- its removal."""
     never = f'a state is read only from a folder of its own in {what}, never through a link'
