@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from model.errors import UserError
-from model.state import contract, markers, ownership as own
+from model.state import contract, markers, ownership as own, previous_runs as pr
 from model.state import states as sf
 
 JSON_FILES = {file: '{}' for file in (*contract.PART_FILES.values(), *contract.RUN_FILES.values())}
@@ -126,7 +126,7 @@ def test_a_fresh_run_moves_aside_only_whole_states_of_its_own(tmp_path):
     make_state(states, 10)
     make_state(states, 20)
     assert not contract.inspect(str(states), resume=False).problems
-    archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert names(os.path.join(archive, 'states')) == ['state-000000010', 'state-000000020']
     assert names(states) == [] and own.folder_kind(str(states)) == markers.STATE_DIR
 
@@ -146,7 +146,7 @@ def test_states_in_the_output_folder_itself_are_moved_aside_by_what_they_are(tmp
     out = tmp_path / 'out'  # train_state_dir = output_dir = the step files' folder
     make_state(out, 20)
     a_model_folder_and_a_step_file(out)
-    archive = sf.archive_previous_run(str(out), str(out / 'm.{}.bin'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(out), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'out']
     assert names(os.path.join(archive, 'out')) == ['state-000000020']
     assert sf.judge_state(os.path.join(archive, 'out', 'state-000000020')).wholly_owned
@@ -158,9 +158,9 @@ def test_states_an_earlier_run_kept_in_the_output_folder_go_too_when_the_states_
     make_state(out, 20)  # an earlier run with --train_state_dir=<output_dir>
     make_state(out / 'train_latest_state', 30)
     a_model_folder_and_a_step_file(out)
-    assert sf.state_folders(str(out / 'train_latest_state'), str(out / 'm.{}.bin'), str(out)) == [
+    assert pr.state_folders(str(out / 'train_latest_state'), str(out / 'm.{}.bin'), str(out)) == [
         str(out / 'train_latest_state'), str(out)]
-    archive = sf.archive_previous_run(str(out / 'train_latest_state'), str(out / 'm.{}.bin'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(out / 'train_latest_state'), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'out', 'train_latest_state']
     assert names(os.path.join(archive, 'out')) == ['state-000000020']
     assert names(os.path.join(archive, 'train_latest_state')) == ['state-000000030']
@@ -171,7 +171,7 @@ def test_a_state_folder_named_like_a_model_folder_is_archived_beside_it_not_into
     states, out = tmp_path / 'scratch' / 'best', tmp_path / 'out'
     make_state(states, 20)
     a_model_folder_and_a_step_file(out)
-    archive = sf.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(states), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert sorted(os.listdir(archive)) == ['best', 'best-states', 'm.20.bin']
     assert names(os.path.join(archive, 'best-states')) == ['state-000000020']
     assert own.folder_kind(os.path.join(archive, 'best')) == markers.MODEL
@@ -280,10 +280,10 @@ def test_predictions_go_with_the_model_they_score_even_after_its_folder_moved(tm
     for name, (header, _) in cases.items():
         write_predictions(out / name, **header)
     os.symlink(out / 'best.predictions.here.jsonl', out / 'best.predictions.link.jsonl')
-    found = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+    found = pr.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
     assert sorted(os.path.basename(p) for p in found if '.predictions.' in p) == sorted(
         name for name, (_, moved) in cases.items() if moved)
-    notes = sf.predictions_left_beside(str(out / 'm.{}.bin'), str(out))
+    notes = pr.predictions_left_beside(str(out / 'm.{}.bin'), str(out))
     assert len(notes) == 4 and any('best.predictions.link.jsonl' in n and 'a link' in n for n in notes), notes
     assert any('best.predictions.other.jsonl' in n and 'it scores /gone/run/best' in n for n in notes), notes
 
@@ -309,15 +309,15 @@ def test_the_predictions_a_save_leaves_describing_the_model_it_replaced_are_the_
     with open(out / 'best.predictions.edited.jsonl', 'a') as f:
         f.write('{"answer": "mine"}\n')
     os.symlink(out / 'best.predictions.now.jsonl', out / 'best.predictions.link.jsonl')
-    assert sf.predictions_scoring(best) == sorted(str(out / n) for n, (_, now_) in cases.items() if now_)
-    assert sf.predictions_scoring(str(out / 'm.20.bin')) == []  # nothing under its name
+    assert pr.predictions_scoring(best) == sorted(str(out / n) for n, (_, now_) in cases.items() if now_)
+    assert pr.predictions_scoring(str(out / 'm.20.bin')) == []  # nothing under its name
 
 
 def test_a_state_folder_named_like_a_folder_of_an_output_dir_is_renamed_in_the_archive_even_alone(tmp_path):
     out = tmp_path / 'out'
     for name in ('final', 'previous_runs'):  # no final/ moved beside: the archive may be resumed as an output_dir
         make_state(tmp_path / 'scratch' / name, 20)
-        archive = sf.archive_previous_run(str(tmp_path / 'scratch' / name), str(out / 'm.{}.bin'), str(out), name)
+        archive = pr.archive_previous_run(str(tmp_path / 'scratch' / name), str(out / 'm.{}.bin'), str(out), name)
         assert os.listdir(archive) == [f'{name}-states']
 
 
@@ -353,7 +353,7 @@ def test_states_left_in_the_output_folders_default_state_folder_go_too(tmp_path)
     make_state(out / 'train_latest_state', 30)
     sf.begin_save(str(out / 'train_latest_state'), str(out / 'train_latest_state' / '.tmp-state-000000040'))
     a_model_folder_and_a_step_file(out)
-    archive = sf.archive_previous_run(str(out), str(out / 'm.{}.bin'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(out), str(out / 'm.{}.bin'), str(out), 'stamp')
     assert names(os.path.join(archive, 'train_latest_state')) == ['state-000000030']
     # a half-done save is swept only where this run holds the lock (not in that folder: a run may be saving there)
     assert sorted(os.listdir(out / 'train_latest_state')) == sorted([markers.MARKER_FILE, '.tmp-state-000000040'])
@@ -481,7 +481,7 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_model)
     try:
-        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
         raise AssertionError('the archive went ahead')
     except UserError as e:
         assert 'no space left on the device' in str(e) and 'every item stays where it was' in str(e), e
@@ -497,23 +497,23 @@ def test_an_archive_on_a_full_disk_elsewhere_leaves_no_half_copy_and_says_so_in_
     archive = cut_archive_move(out, monkeypatch)
     left = [p for p in ('best', 'm.20.bin') if os.path.exists(out / p)]
     assert names(out / 'states') == [] and 'best' in left  # the state moved, the best model did not
-    items = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
-    assert os.path.isfile(archive / sf.MOVING) and sf.unfinished_archive(str(out), items) == str(archive)
-    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') == str(archive)
-    assert os.listdir(out / 'previous_runs') == ['stamp'] and not os.path.exists(archive / sf.MOVING)
+    items = pr.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+    assert os.path.isfile(archive / pr.MOVING) and pr.unfinished_archive(str(out), items) == str(archive)
+    assert pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') == str(archive)
+    assert os.listdir(out / 'previous_runs') == ['stamp'] and not os.path.exists(archive / pr.MOVING)
     assert not any(os.path.exists(out / p) for p in left) and all(os.path.exists(archive / p) for p in left)
     from model.state.checkpoint import moved_run_advice
 
     advice, flags = moved_run_advice(str(archive), str(out), str(out / 'm.{}.bin'))
     assert flags and f'--output_dir={archive}' in flags, advice  # its states and its models resume together
-    assert sf.unfinished_archive(str(out), items) is None
+    assert pr.unfinished_archive(str(out), items) is None
     # the only item fails: no empty archive (nor previous_runs/, made for it) is left behind
     only = tmp_path / 'only'
     make_state(only / 'states', 20)
     previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_model)
     with pytest.raises(UserError, match='no space left on the device'):
-        sf.archive_previous_run(str(only / 'states'), str(only / 'm.{}.bin'), str(only), 'stamp')
+        pr.archive_previous_run(str(only / 'states'), str(only / 'm.{}.bin'), str(only), 'stamp')
     monkeypatch.undo()
     assert sorted(os.listdir(only)) == ['states'] and names(only / 'states') == ['state-000000020']
 
@@ -629,14 +629,14 @@ def test_an_archive_move_whose_removal_fails_midway_keeps_the_whole_copy(tmp_pat
     previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'rmtree', removal_fails_midway)
     with pytest.raises(UserError, match=r'was copied whole into .*but removing it where it was failed'):
-        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
     monkeypatch.undo()
     # the whole copy is in place; what is left of the item, under the hidden name it took, goes with the next run
     archive = out / 'previous_runs' / 'stamp'
     assert own.kind_of(str(archive / 'best')) == markers.MODEL and not os.path.lexists(out / 'best')
-    (left,) = glob.glob(f'{out}/{sf.REMOVING}*')
+    (left,) = glob.glob(f'{out}/{pr.REMOVING}*')
     assert sorted(os.listdir(left)) == ['chat_small_t5.json']
-    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') is None
+    assert pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') is None
     assert not os.path.lexists(left) and sorted(os.listdir(archive)) == ['best', 'm.20.bin']
     assert own.kind_of(str(archive / 'best')) == markers.MODEL
 
@@ -654,7 +654,7 @@ def test_an_archive_never_removes_what_it_did_not_copy_nor_calls_a_half_copy_who
     a_model_folder_and_a_step_file(out)
     os.makedirs(other)
     save_weights_file({'w': torch.ones(2)}, str(other / 'best'), step=20)
-    archive = sf.archive_previous_run(str(out / 'states'), str(other / '{}'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(out / 'states'), str(other / '{}'), str(out), 'stamp')
     assert sorted(os.listdir(archive)) == ['best', 'best-1'] and not os.listdir(other)
     assert {own.kind_of(os.path.join(archive, n)) for n in ('best', 'best-1')} == {markers.MODEL, markers.WEIGHTS}
     # a copy that fails midway while the item cannot be judged where it is (a failing disk): the half copy is
@@ -674,7 +674,7 @@ def test_an_archive_never_removes_what_it_did_not_copy_nor_calls_a_half_copy_who
     monkeypatch.setattr(shutil, 'copyfile', half_copy)
     monkeypatch.setattr(own, 'kind_of', lambda p: None if os.path.realpath(p) in unreadable else real_kind(p))
     with pytest.raises(UserError) as e:
-        sf.archive_previous_run(str(out2 / 'states'), str(out2 / 'm.{}.bin'), str(out2), 'stamp')
+        pr.archive_previous_run(str(out2 / 'states'), str(out2 / 'm.{}.bin'), str(out2), 'stamp')
     monkeypatch.undo()
     assert 'copied whole' not in str(e.value) and 'Input/output error' in str(e.value), e.value
     assert not os.path.exists(out2 / 'previous_runs') and real_kind(str(out2 / 'm.20.bin')) == markers.WEIGHTS
@@ -768,7 +768,7 @@ def cut_archive_move(out, monkeypatch):
     previous_runs_elsewhere(monkeypatch)
     monkeypatch.setattr(shutil, 'copyfile', copy_fails_on_the_best_model)
     with pytest.raises(UserError, match='no space left.*the rest stays where it was.*run the same command again: it moves the rest into'):
-        sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
     monkeypatch.undo()
     return out / 'previous_runs' / 'stamp'
 
@@ -779,34 +779,34 @@ def test_only_the_toolkits_record_of_a_cut_move_of_these_very_items_is_continued
     of that name, another run's items at the same paths, an archive resumed in place -- each is
     left alone and the move goes into a new folder."""
     def items(out):
-        return sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+        return pr.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
 
     out = tmp_path / 'a'
     archive = cut_archive_move(out, monkeypatch)
     user = out / 'previous_runs' / 'zzz_mine'  # sorts after: would be "the newest"
     os.makedirs(user)
-    (user / sf.MOVING).write_text('hello\n')
+    (user / pr.MOVING).write_text('hello\n')
     (user / 'notes.txt').write_text('mine')
-    assert sf.unfinished_archive(str(out), items(out)) == str(archive)  # the toolkit's record, not the user's file
+    assert pr.unfinished_archive(str(out), items(out)) == str(archive)  # the toolkit's record, not the user's file
     shutil.copytree(archive, out / 'previous_runs' / 'zz_backup', symlinks=True)  # a user's copy, record and all
-    assert sf.unfinished_archive(str(out), items(out)) == str(archive)  # the record names its own folder
+    assert pr.unfinished_archive(str(out), items(out)) == str(archive)  # the record names its own folder
     shutil.rmtree(out / 'previous_runs' / 'zz_backup')
-    assert sf.unfinished_archive(str(tmp_path / 'elsewhere'), items(out)) is None  # another output_dir's
+    assert pr.unfinished_archive(str(tmp_path / 'elsewhere'), items(out)) is None  # another output_dir's
     (archive / markers.LOCK_FILE).write_text('')  # a run continued the archive in place: it is that run's now
-    assert sf.unfinished_archive(str(out), items(out)) is None
+    assert pr.unfinished_archive(str(out), items(out)) is None
     os.remove(archive / markers.LOCK_FILE)
     shutil.rmtree(out / 'best')  # another run's best model where the cut one was: not the items recorded
     os.makedirs(out / 'best')
     (out / 'best' / 'model.safetensors').write_text('weights')
     own.write_marker(str(out / 'best'), markers.MODEL)
-    assert sf.unfinished_archive(str(out), items(out)) is None
+    assert pr.unfinished_archive(str(out), items(out)) is None
     # every recorded item is gone from its place now (the state and step file moved, the best model replaced), as
     # after a kill between the last move and the record's removal: a dry run leaves the record, a run removes it
-    assert os.path.isfile(archive / sf.MOVING)
-    moved = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later')
+    assert os.path.isfile(archive / pr.MOVING)
+    moved = pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later')
     assert moved == str(out / 'previous_runs' / 'later')
-    assert sorted(os.listdir(user)) == [sf.MOVING, 'notes.txt'] and (user / sf.MOVING).read_text() == 'hello\n'
-    assert not os.path.exists(archive / sf.MOVING)
+    assert sorted(os.listdir(user)) == [pr.MOVING, 'notes.txt'] and (user / pr.MOVING).read_text() == 'hello\n'
+    assert not os.path.exists(archive / pr.MOVING)
 
 
 def test_a_cut_moves_record_is_never_read_or_removed_through_a_link(tmp_path, monkeypatch):
@@ -816,25 +816,25 @@ def test_a_cut_moves_record_is_never_read_or_removed_through_a_link(tmp_path, mo
     the user's files stay."""
     out = tmp_path / 'out'
     archive = cut_archive_move(out, monkeypatch)
-    items = sf.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
-    record = (archive / sf.MOVING).read_bytes()
+    items = pr.previous_run_artifacts(str(out / 'states'), str(out / 'm.{}.bin'), str(out))
+    record = (archive / pr.MOVING).read_bytes()
     users = tmp_path / 'users'
     os.makedirs(users)
-    (users / sf.MOVING).write_bytes(record)
+    (users / pr.MOVING).write_bytes(record)
     os.symlink(users, out / 'previous_runs' / 'zzz_link')  # sorts last: would be "the newest"
-    assert sf.unfinished_archive(str(out), items, tidy=True) == str(archive)
-    os.remove(archive / sf.MOVING)
-    os.symlink(users / sf.MOVING, archive / sf.MOVING)  # the record now a link to the user's copy
-    assert sf.unfinished_archive(str(out), items, tidy=True) is None
-    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later') != str(archive)
-    assert (users / sf.MOVING).read_bytes() == record and os.listdir(users) == [sf.MOVING]
-    assert os.path.islink(archive / sf.MOVING) and os.path.islink(out / 'previous_runs' / 'zzz_link')
+    assert pr.unfinished_archive(str(out), items, tidy=True) == str(archive)
+    os.remove(archive / pr.MOVING)
+    os.symlink(users / pr.MOVING, archive / pr.MOVING)  # the record now a link to the user's copy
+    assert pr.unfinished_archive(str(out), items, tidy=True) is None
+    assert pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'later') != str(archive)
+    assert (users / pr.MOVING).read_bytes() == record and os.listdir(users) == [pr.MOVING]
+    assert os.path.islink(archive / pr.MOVING) and os.path.islink(out / 'previous_runs' / 'zzz_link')
 
 
 KILL_MID_MOVE = r'''
 import os, shutil, signal, sys
 sys.path.insert(0, sys.argv[1])
-from model.state import states as sf
+from model.state import previous_runs as pr
 out, at = sys.argv[2], sys.argv[3]
 states, model_file = (sys.argv[4], sys.argv[5]) if len(sys.argv) > 5 else ('states', 'm.{}.bin')
 which = sys.argv[6] if len(sys.argv) > 6 else 'state-'  # the item the kill lands in
@@ -847,9 +847,9 @@ def rename(src, dst, *a, **kw):  # previous_runs on another filesystem: no renam
     if across(src, dst):
         raise OSError(18, 'Invalid cross-device link')
     real_rename(src, dst, *a, **kw)
-    if which in src and (at == 'renamed' and sf.REMOVING in dst or at == 'placed' and sf.PART in src):
+    if which in src and (at == 'renamed' and pr.REMOVING in dst or at == 'placed' and pr.PART in src):
         kill()
-    if at == 'putback' and sf.REMOVING in src:  # an item renamed aside taken back to its name, the record still there
+    if at == 'putback' and pr.REMOVING in src:  # an item renamed aside taken back to its name, the record still there
         kill()
 
 def copyfile(src, dst, **kw):  # the kill lands halfway through the state's weights
@@ -861,7 +861,7 @@ def copyfile(src, dst, **kw):  # the kill lands halfway through the state's weig
 
 def rmtree(path, *a, **kw):  # the kill lands halfway through a removal
     name = os.path.basename(os.fspath(path))
-    if at == 'removing' and name.startswith(sf.REMOVING) or at == 'takeback' and name.startswith(sf.PART):
+    if at == 'removing' and name.startswith(pr.REMOVING) or at == 'takeback' and name.startswith(pr.PART):
         for root, _, files in os.walk(path):
             if files:
                 os.remove(os.path.join(root, sorted(files)[-1]))
@@ -869,7 +869,7 @@ def rmtree(path, *a, **kw):  # the kill lands halfway through a removal
     return real_rmtree(path, *a, **kw)
 
 os.rename, shutil.copyfile, shutil.rmtree = rename, copyfile, rmtree
-sf.archive_previous_run(os.path.join(out, states), os.path.join(out, model_file), out, 'stamp')
+pr.archive_previous_run(os.path.join(out, states), os.path.join(out, model_file), out, 'stamp')
 '''
 
 
@@ -897,13 +897,13 @@ def killed_mid_move(out, at: str = 'copy'):
     for point in (['copy', 'takeback'] if at == 'takeback' else [at]):
         kill_mid_move(out, point)
     archive = out / 'previous_runs' / 'stamp'
-    assert os.path.isfile(archive / sf.COPYING) and os.path.isfile(archive / sf.MOVING)
+    assert os.path.isfile(archive / pr.COPYING) and os.path.isfile(archive / pr.MOVING)
     return archive
 
 
 def killed_mid_copy(out):
     archive = killed_mid_move(out, 'copy')
-    assert glob.glob(f'{archive}/{sf.PART}*/state-000000020')
+    assert glob.glob(f'{archive}/{pr.PART}*/state-000000020')
     return archive
 
 
@@ -934,7 +934,7 @@ def test_a_move_killed_at_any_point_of_a_copy_is_finished_by_the_next_run_each_i
     assert names(out / 'states') == (['state-000000020'] if at in ('copy', 'takeback', 'placed') else [])
     if then == 'elsewhere':  # the requeued job, on the same node
         previous_runs_elsewhere(monkeypatch)
-    moved = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
+    moved = pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
     monkeypatch.undo()
     assert moved == str(archive) and os.listdir(out / 'previous_runs') == ['stamp']
     assert sorted(os.listdir(archive)) == ['best', 'm.20.bin', 'states'], os.listdir(archive)
@@ -954,7 +954,7 @@ def test_a_move_killed_in_its_last_item_is_finished_by_the_next_run_with_nothing
     archive = killed_mid_move(out, 'renamed')
     for item in ('best', 'm.20.bin'):
         shutil.move(str(out / item), str(archive / item))  # as if they had moved before
-    assert sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') is None
+    assert pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2') is None
     assert names(archive / 'states') == ['state-000000020'] and hidden_of_the_toolkit(out) == []
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
 
@@ -977,30 +977,30 @@ def test_a_half_copy_is_taken_back_only_as_its_record_names_it_never_a_users_fil
         mine = tmp_path / f'mine_{case}'
         os.makedirs(mine)
         (mine / 'notes.txt').write_text('mine')
-        (part,) = glob.glob(f'{archive}/{sf.PART}*')
+        (part,) = glob.glob(f'{archive}/{pr.PART}*')
         if case == 'beside':  # the user's own folder, named like a copy's, and a snapshot of the cut archive
             snapshot = out / 'previous_runs' / 'snapshot'
             subprocess.run(['cp', '-al', str(archive), str(snapshot)], check=True)  # rsnapshot's way: hard links
             before = files_in(snapshot)
-            shutil.copytree(mine, archive / (sf.PART + 'mine'))
-            sf.archive_previous_run(*items(out), 'stamp2')
-            assert sorted(os.listdir(archive)) == [sf.PART + 'mine', 'best', 'm.20.bin', 'states']
-            assert (archive / (sf.PART + 'mine') / 'notes.txt').read_text() == 'mine'
+            shutil.copytree(mine, archive / (pr.PART + 'mine'))
+            pr.archive_previous_run(*items(out), 'stamp2')
+            assert sorted(os.listdir(archive)) == [pr.PART + 'mine', 'best', 'm.20.bin', 'states']
+            assert (archive / (pr.PART + 'mine') / 'notes.txt').read_text() == 'mine'
             assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
             assert files_in(snapshot) == before and len(before) >= 10  # the records and the half copy too
             continue
         if case == 'record':
-            os.remove(archive / sf.COPYING)
-            (archive / sf.COPYING).write_text('my own notes\n')
+            os.remove(archive / pr.COPYING)
+            (archive / pr.COPYING).write_text('my own notes\n')
         else:
-            assert json.loads((archive / sf.COPYING).read_text())['token'] in part
+            assert json.loads((archive / pr.COPYING).read_text())['token'] in part
             shutil.rmtree(part)
             os.symlink(mine, part)
         with pytest.raises(UserError, match='was not (left there|written) by this toolkit: move it away'):
-            sf.archive_previous_run(*items(out), 'stamp2')
+            pr.archive_previous_run(*items(out), 'stamp2')
         assert (mine / 'notes.txt').read_text() == 'mine' and os.listdir(mine) == ['notes.txt']
         if case == 'record':
-            assert (archive / sf.COPYING).read_text() == 'my own notes\n' and os.path.isdir(part)
+            assert (archive / pr.COPYING).read_text() == 'my own notes\n' and os.path.isdir(part)
         else:
             assert os.path.islink(part)
         assert names(out / 'states') == ['state-000000020']  # nothing moved meanwhile
@@ -1016,7 +1016,7 @@ def test_a_full_disk_at_the_archives_own_markers_is_one_line_and_leaves_nothing_
     from model.state.checkpoint import moved_run_advice
 
     real_fsync = os.fsync
-    for at in (os.path.join('stamp', 'states', markers.MARKER_FILE), os.path.join('stamp', sf.MOVING)):
+    for at in (os.path.join('stamp', 'states', markers.MARKER_FILE), os.path.join('stamp', pr.MOVING)):
         out = tmp_path / at.replace(os.sep, '_')
         run_state(out / 'states', 20, 'r1', output_dir=out)
         a_model_folder_and_a_step_file(out)
@@ -1029,11 +1029,11 @@ def test_a_full_disk_at_the_archives_own_markers_is_one_line_and_leaves_nothing_
         previous_runs_elsewhere(monkeypatch)
         monkeypatch.setattr(os, 'fsync', full)
         with pytest.raises(UserError, match=r'\(no space left on the device\): nothing moved') as e:
-            sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+            pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
         assert '\n' not in str(e.value)
         monkeypatch.undo()
         assert not os.path.exists(out / 'previous_runs') and names(out / 'states') == ['state-000000020']
-        archive = sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
+        archive = pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp')
         assert moved_run_advice(archive, str(out), str(out / 'm.{}.bin'))[1]
         assert not contract.inspect(os.path.join(archive, 'states'), resume=True, deep=False).problems
 
@@ -1051,7 +1051,7 @@ def test_an_item_whose_name_is_taken_in_the_archive_is_copied_whole_beside_it_ac
     os.makedirs(other)
     save_weights_file({'w': torch.ones(2)}, str(other / 'best'), step=20)
     previous_runs_elsewhere(monkeypatch)
-    archive = sf.archive_previous_run(str(out / 'states'), str(other / '{}'), str(out), 'stamp')
+    archive = pr.archive_previous_run(str(out / 'states'), str(other / '{}'), str(out), 'stamp')
     monkeypatch.undo()
     assert sorted(os.listdir(archive)) == ['best', 'best-1'] and not os.listdir(other)
     assert {own.kind_of(os.path.join(archive, n)) for n in ('best', 'best-1')} == {markers.MODEL, markers.WEIGHTS}
@@ -1068,13 +1068,13 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     takes beside itself (refused, untouched: a folder there was removed); an empty copy folder left by a
     kill before its record (removed; a folder of the user's named like one stays)."""
     def again(out):
-        return sf.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
+        return pr.archive_previous_run(str(out / 'states'), str(out / 'm.{}.bin'), str(out), 'stamp2')
 
     for case in ('half copy', 'empty copy folder'):  # the kill halfway through the copy, or just before it began
         out = tmp_path / case.replace(' ', '_')
         archive = killed_mid_move(out, 'copy')
         if case == 'empty copy folder':
-            (part,) = glob.glob(f'{archive}/{sf.PART}*')
+            (part,) = glob.glob(f'{archive}/{pr.PART}*')
             shutil.rmtree(os.path.join(part, 'state-000000020'))
         os.makedirs(archive / 'states' / 'state-000000020')  # yours, at the name the copy was to take
         (archive / 'states' / 'state-000000020' / 'note').write_text('mine')
@@ -1085,19 +1085,19 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
 
     out = tmp_path / 'empty_record'
     archive = killed_mid_move(out, 'copy')
-    sf._take_back_part(str(archive))  # as a run would, then a kill while the next copy's record is written
-    open(archive / sf.COPYING, 'w').close()
+    pr._take_back_part(str(archive))  # as a run would, then a kill while the next copy's record is written
+    open(archive / pr.COPYING, 'w').close()
     os.makedirs(out / 'previous_runs' / 'other')
-    open(out / 'previous_runs' / 'other' / sf.MOVING, 'w').close()  # a kill while an archive's record is written
+    open(out / 'previous_runs' / 'other' / pr.MOVING, 'w').close()  # a kill while an archive's record is written
     assert again(out) == str(archive)
     # the folder with the empty record carries no marker of the toolkit's: never continued, never removed
     assert sorted(os.listdir(out / 'previous_runs')) == ['other', 'stamp']
-    assert hidden_of_the_toolkit(out) == [str(out / 'previous_runs' / 'other' / sf.MOVING)]
+    assert hidden_of_the_toolkit(out) == [str(out / 'previous_runs' / 'other' / pr.MOVING)]
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned
 
     out = tmp_path / 'part_removed'  # the half copy's folder removed by hand (to free space), its record left
     archive = killed_mid_move(out, 'copy')
-    for part in glob.glob(f'{archive}/{sf.PART}*'):
+    for part in glob.glob(f'{archive}/{pr.PART}*'):
         shutil.rmtree(part)
     assert again(out) == str(archive)  # the item was taken for copied and removed: lost, both of it and its copy
     assert names(archive / 'states') == ['state-000000020'] and names(out / 'states') == []
@@ -1125,7 +1125,7 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     archive = killed_mid_move(out, 'renamed')
     shutil.rmtree(archive / 'states' / 'state-000000020')
     kill_mid_move(out, 'putback')
-    assert names(out / 'states') == ['state-000000020'] and os.path.isfile(archive / sf.COPYING)
+    assert names(out / 'states') == ['state-000000020'] and os.path.isfile(archive / pr.COPYING)
     assert again(out) == str(archive) and os.listdir(out / 'previous_runs') == ['stamp']
     assert sf.judge_state(str(archive / 'states' / 'state-000000020')).wholly_owned and names(out / 'states') == []
     assert hidden_of_the_toolkit(out) == []
@@ -1151,7 +1151,7 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     os.makedirs(out / 'states' / 'state-000000020')
     with pytest.raises(UserError, match='its copy there gone since.*is taken: move that away'):
         again(out)
-    assert len([p for p in hidden_of_the_toolkit(out) if sf.REMOVING in p]) == 1
+    assert len([p for p in hidden_of_the_toolkit(out) if pr.REMOVING in p]) == 1
 
     out = tmp_path / 'rewritten'  # another whole state copied over the item in place (cp -r: the folder's change
     archive = killed_mid_move(out, 'placed')  # time stays): not what was copied -- kept, never removed
@@ -1176,7 +1176,7 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
     for case, at in (('link', 'copy'), ('folder', 'placed')):  # yours at the name the item takes beside itself
         out = tmp_path / case
         archive = killed_mid_move(out, at)
-        hidden = out / 'states' / (sf.REMOVING + json.loads((archive / sf.COPYING).read_text())['token'])
+        hidden = out / 'states' / (pr.REMOVING + json.loads((archive / pr.COPYING).read_text())['token'])
         if case == 'link':
             os.symlink(mine, hidden)
         else:
@@ -1190,11 +1190,11 @@ def test_a_cut_copy_is_ended_without_loss_whatever_came_since(tmp_path):
 
     out = tmp_path / 'orphan'  # a kill between a copy's folder and its record: an empty folder, no record
     archive = killed_mid_move(out, 'copy')
-    sf._take_back_part(str(archive))
-    os.mkdir(archive / (sf.PART + '0' * 32))
-    os.mkdir(archive / (sf.PART + 'mine'))  # yours, named like one: stays
+    pr._take_back_part(str(archive))
+    os.mkdir(archive / (pr.PART + '0' * 32))
+    os.mkdir(archive / (pr.PART + 'mine'))  # yours, named like one: stays
     assert again(out) == str(archive)
-    assert hidden_of_the_toolkit(out) == [str(archive / (sf.PART + 'mine'))]
+    assert hidden_of_the_toolkit(out) == [str(archive / (pr.PART + 'mine'))]
 
 
 @pytest.mark.parametrize('at', ['copy', 'placed', 'renamed', 'removing'])
@@ -1206,7 +1206,7 @@ def test_a_resume_where_a_fresh_runs_move_was_cut_ends_the_copy_and_keeps_the_it
     folder into which nothing had moved goes too): nothing hidden is left."""
     out = tmp_path / 'out'
     archive = killed_mid_move(out, at)
-    sf.end_cut_copies(str(out))
+    pr.end_cut_copies(str(out))
     if at == 'copy':
         assert os.listdir(out / 'previous_runs') == []
     else:
@@ -1227,20 +1227,20 @@ def test_ending_a_cut_move_removes_only_the_archives_own_marker_only_folders(tmp
     for case in ('link', 'more'):
         out = tmp_path / case
         archive = killed_mid_move(out, 'copy')
-        sf._take_back_part(str(archive))  # the half copy gone: only the state folder's marker is in the archive
+        pr._take_back_part(str(archive))  # the half copy gone: only the state folder's marker is in the archive
         if case == 'link':
             shutil.copy(archive / 'states' / markers.MARKER_FILE, mine / markers.MARKER_FILE)
             os.symlink(mine, archive / 'linked')
         else:
             (archive / 'states' / 'notes.txt').write_text('mine')
-        sf.end_cut_copies(str(out))
+        pr.end_cut_copies(str(out))
         assert os.listdir(mine) == [markers.MARKER_FILE] and os.path.isdir(archive / 'states')
         if case == 'more':
             assert (archive / 'states' / 'notes.txt').read_text() == 'mine'
         assert names(out / 'states') == ['state-000000020']  # the item whole where it was
         assert sf.judge_state(str(out / 'states' / 'state-000000020')).wholly_owned
-    assert sf._holds_only_its_marker(str(tmp_path / 'link' / 'previous_runs' / 'stamp' / 'states'))
-    assert not sf._holds_only_its_marker(str(tmp_path / 'link' / 'previous_runs' / 'stamp' / 'linked'))
+    assert pr._holds_only_its_marker(str(tmp_path / 'link' / 'previous_runs' / 'stamp' / 'states'))
+    assert not pr._holds_only_its_marker(str(tmp_path / 'link' / 'previous_runs' / 'stamp' / 'linked'))
 
 
 def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
@@ -1308,10 +1308,10 @@ def test_a_free_name_in_the_archive_keeps_a_state_a_state(tmp_path):
     -1, -2."""
     for name in ('state-000000020', 'state-000000020.1', 'state-000000020.2', 'best', 'best-1'):
         os.makedirs(tmp_path / name)
-    assert sf._free_name(str(tmp_path / 'state-000000020')) == str(tmp_path / 'state-000000020.3')
-    assert sf._free_name(str(tmp_path / 'state-000000020.1')) == str(tmp_path / 'state-000000020.3')
-    assert sf._free_name(str(tmp_path / 'state-000000030')) == str(tmp_path / 'state-000000030')
-    assert sf._free_name(str(tmp_path / 'best')) == str(tmp_path / 'best-2')
+    assert pr._free_name(str(tmp_path / 'state-000000020')) == str(tmp_path / 'state-000000020.3')
+    assert pr._free_name(str(tmp_path / 'state-000000020.1')) == str(tmp_path / 'state-000000020.3')
+    assert pr._free_name(str(tmp_path / 'state-000000030')) == str(tmp_path / 'state-000000030')
+    assert pr._free_name(str(tmp_path / 'best')) == str(tmp_path / 'best-2')
 
 
 def test_a_cut_move_counts_its_states_all_moved_only_when_none_is_left_where_it_was(tmp_path):
@@ -1323,9 +1323,9 @@ def test_a_cut_move_counts_its_states_all_moved_only_when_none_is_left_where_it_
     a_model_folder_and_a_step_file(out)
     kill_mid_move(out, 'copy', 'states', 'm.{}.bin', os.sep + 'out' + os.sep + 'state-')
     archive = out / 'previous_runs' / 'stamp'
-    assert not sf.states_all_moved(str(archive), str(out))
+    assert not pr.states_all_moved(str(archive), str(out))
     os.rename(out / 'state-000000020', tmp_path / 'out_of_reach')  # gone from here, yet not in the archive either
-    assert not sf.states_all_moved(str(archive), str(out))
+    assert not pr.states_all_moved(str(archive), str(out))
 
 
 def test_a_step_saved_again_replaces_its_own_earlier_save_and_keeps_the_older_state(tmp_path, caplog):

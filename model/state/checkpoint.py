@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from model.errors import NotOurs
 from model.faults import fault_point
-from model.state import contract, model_files, states as state_files
+from model.state import contract, model_files, previous_runs, states as state_files
 from model.state.contract import SavedState, StateParts, TrainState
 
 logger = logging.getLogger('chat_trainer')
@@ -161,7 +161,7 @@ class Checkpointer:
     def archive_previous_run_all_ranks(self, stamp: str) -> None:
         t = self.settings
         archive = self.collectives.on_main_all_ranks(
-            lambda: state_files.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
+            lambda: previous_runs.archive_previous_run(t.train_state_dir, t.model_file, t.output_dir, stamp))
         advice, flags = (moved_run_advice(archive, t.output_dir, t.model_file, t.train_state_dir) if archive else
                          ('', None))
         if archive:
@@ -173,8 +173,8 @@ class Checkpointer:
              f'the earlier run it moved aside is in {archive}') if archive else '')
 
     def end_cut_copies_all_ranks(self) -> None:
-        """A resume where a fresh run's move was cut: its copy in progress ended (states.end_cut_copies)."""
-        self.collectives.on_main_all_ranks(lambda: state_files.end_cut_copies(self.settings.output_dir))
+        """A resume where a fresh run's move was cut: its copy in progress ended (previous_runs.end_cut_copies)."""
+        self.collectives.on_main_all_ranks(lambda: previous_runs.end_cut_copies(self.settings.output_dir))
 
     # --- loading ---
 
@@ -211,7 +211,7 @@ class Checkpointer:
 def _replacing(model_path: str, write) -> None:
     """write() the model at model_path; then name the predictions `test` wrote beside it of the
     model it replaced: they describe that one, not this (each records the model it scored)."""
-    stale = state_files.predictions_scoring(model_path) if os.path.lexists(model_path) else []
+    stale = previous_runs.predictions_scoring(model_path) if os.path.lexists(model_path) else []
     write()
     for path in stale:
         logger.warning('%s scored the model that was at %s until this save replaced it: it does not describe the model '

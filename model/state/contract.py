@@ -231,7 +231,7 @@ def moved_as_damaged(train_state_dir: str, output_dir: str, model_file: str,
                      models_at: tuple[str, str] | None = None) -> str | None:
     """The folder where that way on moved the states of the run whose models are at
     ``models_at`` (default: output_dir and model_file; e.g. the archive a fresh run then moved
-    them into), from any folder a run at these places keeps states in (states.state_folders'
+    them into), from any folder a run at these places keeps states in (previous_runs.state_folders'
     places); None: none there."""
     folders = (train_state_dir, output_dir, model_files.model_folder(model_file),
                os.path.join(output_dir, model_files.STATES_IN_OUTPUT_DIR))

@@ -57,7 +57,7 @@ def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -
 
 
 # what a run keeps in output_dir: its model folders, each replaced whole when written, and the
-# folder its earlier runs are moved into (states.archive_previous_run)
+# folder its earlier runs are moved into (previous_runs.archive_previous_run)
 MODEL_FOLDERS = ('best', 'final')
 PREVIOUS_RUNS = 'previous_runs'
 # where a run given only --output_dir keeps its states and step files (config.follow_output_dir)
@@ -144,7 +144,7 @@ PREDICTIONS_TAIL = r'\.predictions\.[\w.-]+\.jsonl'  # what predictions_path add
 def predictions_path(model_path: str, test_file: str) -> str:
     """Where `test` puts a model's predictions by default, beside the model:
     <model folder or weights file>.predictions.<test file name>.jsonl (a fresh run moves them
-    with the earlier run's models: model/state/states.py)."""
+    with the earlier run's models: model/state/previous_runs.py)."""
     # a glob's '*' (or any odd character) never ends up in a file name a shell would expand
     stem = re.sub(r'[^\w.-]+', '_', os.path.splitext(os.path.basename(os.path.normpath(test_file)))[0]).strip('_.')
     stem = stem or 'test'

@@ -226,7 +226,7 @@ def write_marker(folder: str, kind: str, *, manifest: bool = True, name: str = M
     """Mark a folder as the toolkit's. With manifest (the default) the marker records every
     entry in it now, with its content; see :func:`foreign_entries`. Created with O_EXCL and
     O_NOFOLLOW: never written through a link, never over a file already there. ``name``: a
-    record of another name (an archive's move in progress, model/state/states.py)."""
+    record of another name (an archive's move in progress, model/state/previous_runs.py)."""
     if manifest:
         info['entries'] = describe_entries(folder)
     data = json.dumps(marker_info(kind, **info), ensure_ascii=False, indent=1).encode()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from config import PATH_FIELDS, PROJECT_ROOT, UNUSED_WHEN, ResolvedConfig
 from model.errors import NotOurs, UserError
-from model.state import contract, locks as place_locks, model_files, states as ckpt
+from model.state import contract, locks as place_locks, model_files, previous_runs, states as ckpt
 from model.state import ownership
 from model.data.files import check_usable_rows, files_kind, inspect_parquet, resolve_parquet_files
 from model.state.markers import MODEL, STATE_DIR, WEIGHTS, file_status
@@ -581,7 +581,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
     if resume:
         _check_resume(cfg, report, deep)
         return
-    folders = ckpt.state_folders(t.train_state_dir, t.model_file, t.output_dir)  # output_dir's too, if it held states
+    folders = previous_runs.state_folders(t.train_state_dir, t.model_file, t.output_dir)  # output_dir's too, if it held states
     for folder in folders:
         resume_it = '--is_keep_training=True' + ('' if folder == t.train_state_dir else
                                                  f' --train_state_dir={shlex.quote(folder)}')
@@ -602,7 +602,7 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
                 f'give this run a --train_state_dir of its own (that run resumes with --is_keep_training=True '
                 f'{_flags(output_dir=home[0], model_file=home[1], train_state_dir=folder)})'))
     if deep and report.ready:
-        previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
+        previous = previous_runs.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
         report.previous_items = len(previous)
         if previous:
             with_states = [f for f in folders if ckpt.list_complete_states(f)]
@@ -618,13 +618,13 @@ def check_states(cfg: ResolvedConfig, resume: bool, report: Report, deep: bool =
             else:
                 resume = (f' (no state of the run whose models are here in {", ".join(with_states or folders)}: '
                           f'it cannot be continued from there)')
-            cut = ckpt.unfinished_archive(t.output_dir, previous)
+            cut = previous_runs.unfinished_archive(t.output_dir, previous)
             report.states_moved_to = _with_the_runs_states(t, cut)
             into = (f'{cut}/, where an earlier move of them was cut short' if cut else
                     f'{os.path.join(t.output_dir, model_files.PREVIOUS_RUNS)}/<time>/')
             report.notes.append(f'a previous run saved {len(previous)} item(s) here; a fresh run moves them to '
                                 f'{into}{resume}')
-        report.notes += ckpt.predictions_left_beside(t.model_file, t.output_dir)
+        report.notes += previous_runs.predictions_left_beside(t.model_file, t.output_dir)
 
 
 def judge_states_on_main(cfg: ResolvedConfig, resume: bool, fingerprint: dict) -> tuple[contract.SavedState | None,
@@ -693,14 +693,14 @@ def _with_the_runs_states(t, archive: str | None) -> str | None:
     """archive (where a fresh run's move of the earlier run here was cut short), if every state of
     that run it was moving is already whole there -- then that move, finished, loses nothing; else
     None (some are elsewhere: behind a link, on storage not mounted here)."""
-    return archive if archive and ckpt.states_all_moved(archive, t.output_dir) else None
+    return archive if archive and previous_runs.states_all_moved(archive, t.output_dir) else None
 
 
 def _cut_move(t) -> str:
     """For a resume that finds no state where a fresh run's move of the earlier run here was cut
     short (its states among what moved, its models not yet): how to finish it; else ''."""
-    previous = ckpt.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
-    cut = _with_the_runs_states(t, ckpt.unfinished_archive(t.output_dir, previous) if previous else None)
+    previous = previous_runs.previous_run_artifacts(t.train_state_dir, t.model_file, t.output_dir)
+    cut = _with_the_runs_states(t, previous_runs.unfinished_archive(t.output_dir, previous) if previous else None)
     return (f'a fresh run here was moving the earlier run into {cut} and was cut short, its states already there: '
             f'start without --is_keep_training to finish that move (nothing is lost: the earlier run then continues '
             f'from {cut} with the flags the log prints)') if cut else ''
