@@ -114,7 +114,7 @@ def test_links_and_files_named_like_states_are_never_states(tmp_path):
     os.symlink(tmp_path / 'elsewhere', states / '.tmp-state-000000060')
     os.makedirs(states / '.tmp-state-000000070')  # named alike, not a save of the toolkit's
     (states / '.tmp-state-000000070' / 'thesis.txt').write_text('mine')
-    sf._sweep_tmp_states(str(states))
+    sf.sweep_tmp_states(str(states))
     assert sorted(os.listdir(states)) == sorted([markers.MARKER_FILE, '.tmp-state-000000060', '.tmp-state-000000070',
                                                  'state-000000030', 'state-000000040'])
     assert (states / '.tmp-state-000000070' / 'thesis.txt').read_text() == 'mine'
@@ -427,14 +427,14 @@ def test_a_prune_that_cannot_remove_a_state_says_so_and_the_save_stands(tmp_path
     monkeypatch.setattr(sf, '_remove_half_done', fails)
     with caplog.at_level('WARNING'):
         sf._prune_states(str(states), keep=1)
-        sf._sweep_tmp_states(str(states))
-        sf._sweep_tmp_states(str(states))
+        sf.sweep_tmp_states(str(states))
+        sf.sweep_tmp_states(str(states))
     said = [r.getMessage() for r in caplog.records]
     assert sum('state-000000010 could not be pruned (Permission denied)' in m for m in said) == 1, said
     assert sum('could not be removed (Permission denied)' in m for m in said) == 1  # said once, tried at every save
     assert sf.latest_state(str(states)).endswith('state-000000020')
     monkeypatch.setattr(sf, '_remove_half_done', real)
-    sf._sweep_tmp_states(str(states))  # once it can: gone
+    sf.sweep_tmp_states(str(states))  # once it can: gone
     assert names(states) == ['state-000000020'] and not [n for n in os.listdir(states) if n.startswith('.tmp')]
     make_state(states, 30)  # a state that cannot even be marked (a folder of another owner): left in place
     monkeypatch.setattr(sf, '_write_saving_file', fails)
@@ -707,7 +707,7 @@ def test_a_half_done_save_is_removed_without_following_a_link_inside_it(tmp_path
     os.symlink(theirs / 'notes.txt', os.path.join(tmp, 'to_a_file'))
     os.symlink(tmp_path / 'nowhere', os.path.join(tmp, 'to_nothing'))
     os.symlink(theirs / 'sub', os.path.join(tmp, 'tokenizer', 'nested'))
-    sf._sweep_tmp_states(str(states))
+    sf.sweep_tmp_states(str(states))
     assert not os.path.lexists(tmp)
     assert (theirs / 'sub' / 'thesis.txt').read_text() == 'mine' and (theirs / 'notes.txt').read_text() == 'mine too'
 

@@ -132,7 +132,7 @@ def archive_previous_run(train_state_dir: str, model_file: str, output_dir: str,
     locked = {os.path.realpath(f) for f in (train_state_dir, output_dir, model_folder(model_file))}
     for folder in folders:  # half-done saves: only where this run
         if ownership.folder_kind(folder) == STATE_DIR and os.path.realpath(folder) in locked:  # holds the lock
-            state_files._sweep_tmp_states(folder)
+            state_files.sweep_tmp_states(folder)
     items = previous_run_artifacts(train_state_dir, model_file, output_dir)
     # a move of these very items cut short is finished there (one whose last item was cut: ended, record removed)
     archive = unfinished_archive(output_dir, items, tidy=True)
@@ -400,7 +400,7 @@ def _take_back_part(archive: str, keep_item: bool = False) -> bool:
     again (its copy in the archive gone since: never removed with no copy anywhere)."""
     record_path = os.path.join(archive, COPYING)
     record_st = ownership.lstat_or_none(record_path)
-    if record_st is None or state_files._empty_file(record_path):  # none, or killed while it was written
+    if record_st is None or state_files.is_empty_file(record_path):  # none, or killed while it was written
         _remove_empty_parts(archive)  # a copy's folder made just before its record: empty
         if record_st is not None:
             os.remove(record_path)

@@ -1,5 +1,5 @@
-"""The files of a run: state folders (atomic, marked, judged by content), weights files, model
-folders. File operations only: what a state holds is model/state/contract.py's; an earlier run
+"""State folders as files: named by step, saved atomically, marked, judged by content, pruned.
+File operations only (weights files and model folders are model/state/model_files.py's): what a state holds is model/state/contract.py's; an earlier run
 moved aside by a fresh one is model/state/previous_runs.py's.
 
 Layout of ``train_state_dir`` (marked as the toolkit's by ``chat_small_t5.json``)::
@@ -209,10 +209,10 @@ def _is_half_done_save(path: str) -> bool:
     if ownership.is_saving_file(os.path.join(path, SAVING)):
         return True
     names = os.listdir(path)
-    return not names or (names == [SAVING] and _empty_file(os.path.join(path, SAVING)))
+    return not names or (names == [SAVING] and is_empty_file(os.path.join(path, SAVING)))
 
 
-def _empty_file(path: str) -> bool:
+def is_empty_file(path: str) -> bool:
     """A plain file of one name, empty: what a kill between a file's creation and its one write
     leaves (a save's SAVING file, a move's record) -- nothing of anyone's."""
     st = ownership.lstat_or_none(path)
@@ -226,7 +226,7 @@ def _remove_half_done(path: str) -> None:
     judged half-done for holding nothing (or only an empty SAVING file) loses only that file and
     itself: rmdir fails on whatever was put in it since the judgement, which then stays."""
     if not ownership.is_saving_file(os.path.join(path, SAVING)):
-        if _empty_file(os.path.join(path, SAVING)):
+        if is_empty_file(os.path.join(path, SAVING)):
             os.unlink(os.path.join(path, SAVING))
         os.rmdir(path)
         return
@@ -252,7 +252,7 @@ def temps_in_the_way(state_dir: str) -> list[str]:
                   if _TMP_RE.match(n) and not _is_half_done_save(os.path.join(state_dir, n)))
 
 
-def _sweep_tmp_states(state_dir: str) -> None:
+def sweep_tmp_states(state_dir: str) -> None:
     """Saves a killed run left half-done: real folders of that name holding the save's own
     SAVING file, in this run's locked train_state_dir (no other run writes there). Links, files,
     and folders of such a name without it are not touched (said once)."""
@@ -278,7 +278,7 @@ def _sweep_tmp_states(state_dir: str) -> None:
 def begin_save(state_dir: str, tmp: str) -> None:
     """The temporary folder of a save, once stale ones are gone and a state the size of the last fits."""
     ensure_state_dir(state_dir)
-    _sweep_tmp_states(state_dir)
+    sweep_tmp_states(state_dir)
     previous = latest_state(state_dir, deep=False)
     if previous:  # a state the size of the last one must fit: found before any rank writes
         need = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(previous) for n in names)
@@ -371,7 +371,7 @@ def complete_save(state_dir: str, tmp: str, step: int, keep: int) -> str:
             os.remove(os.path.join(final, SAVING))
     remember_whole(final)
     _prune_states(state_dir, keep, final)
-    _sweep_tmp_states(state_dir)
+    sweep_tmp_states(state_dir)
     return final
 
 
