@@ -346,6 +346,14 @@ UNUSED_WHEN: dict[str, Any] = {
 # stage): not said
 _OFF = {'packing': False, 'group_by_length': False, 'bleu_samples': 0, 'show_samples': 0,
         'adafactor_scale_parameter': False, 'warmup_steps': 0, 'allow_data_change': False}
+# a field whose value the run caps by another's: the value it acts with, and why; said (as UNUSED_WHEN's
+# are) where a flag gives more. The ones capped by the run's length (the --*_steps intervals, --max_steps)
+# are said once that is known: model/train/preflight.py's run_length_notes
+CAPPED_BY: dict[str, Any] = {
+    'eval_max_new_tokens': lambda t: (t.max_seq_len, f'max_seq_len={t.max_seq_len} caps the answers generated at '
+                                                     f'an evaluation (the longest response the run trains on; a '
+                                                     f'longer --max_seq_len raises it)'),
+}
 
 
 @dataclass
@@ -370,6 +378,19 @@ class ResolvedConfig:
                 continue
             if why := unused(self.train, resume):
                 notes.append(f'--{name}={value} has no effect on this run: {why}; leave it out')
+        return notes
+
+    def capped_flags(self, resume: bool | None = None) -> list[str]:
+        """A note for each flag given above the value the run acts with (CAPPED_BY), unless it
+        has no effect at all (unused_flags says that)."""
+        notes = []
+        for name, capped_by in CAPPED_BY.items():
+            value = getattr(self.train, name)
+            if self.sources.get(name) != 'flag' or (name in UNUSED_WHEN and UNUSED_WHEN[name](self.train, resume)):
+                continue
+            cap, why = capped_by(self.train)
+            if value > cap:
+                notes.append(f'--{name}={value} acts as {cap} on this run: {why}; give --{name}={cap} or less')
         return notes
 
     def describe(self) -> str:

@@ -103,6 +103,49 @@ def test_a_warmup_on_a_run_of_a_few_steps_is_noted_only_where_it_is_the_whole_ru
         assert note.endswith('its one step is taken at rate 0 and learns nothing: --warmup_ratio=0 --warmup_steps=0')
 
 
+def test_a_flag_the_runs_length_or_max_seq_len_keeps_from_acting_is_noted_with_what_the_run_does(data, tmp_path):
+    """480 rows, 8 a step: 60 optimizer steps. An interval longer than the run never comes round;
+    --max_steps beyond the epochs never cuts; --eval_max_new_tokens above max_seq_len is capped."""
+    def notes(**changed):
+        report = preflight.check_train(config(data, tmp_path / 'run', **changed), resume=False, world_size=1)
+        assert report.ready, problems(report)
+        return [n for n in report.notes if 'never comes round' in n or ' acts as ' in n]
+
+    assert notes(eval_steps=60, save_steps=60, logging_steps=60, max_steps=60, eval_max_new_tokens=32) == []
+    log_note, eval_note, save_note = notes(eval_steps=61, save_steps=100, logging_steps=1000)
+    assert log_note == ("--logging_steps=1000 is more than the run's 60 optimizer steps, so it never comes round: "
+                        "only its last step is logged (the loss of the whole run in one line); e.g. --logging_steps=3")
+    assert eval_note.startswith("--eval_steps=61 is more than the run's 60 optimizer steps, so it never comes round: "
+                                "it evaluates only at the end of each epoch and at its last step, as with --eval_steps=0")
+    assert save_note.endswith('(a crash before then loses every step); e.g. --save_steps=15')
+    (cut,) = notes(max_steps=20, eval_steps=30)  # the run's steps are the ones --max_steps leaves
+    assert cut.startswith("--eval_steps=30 is more than the run's 20 optimizer steps")
+    (epochs,) = notes(max_steps=150, epochs=2)  # 120 steps in 2 epochs of 60
+    assert epochs == ('--max_steps=150 is more than the 120 optimizer steps of --epochs=2, so it never comes round: '
+                      'the run ends with its epochs; --epochs=3 trains for at least that many steps')
+    (capped,) = notes(eval_max_new_tokens=100)
+    assert capped.startswith('--eval_max_new_tokens=100 acts as 32 on this run: max_seq_len=32 caps the answers '
+                             'generated at an evaluation') and capped.endswith('give --eval_max_new_tokens=32 or less')
+    # with no answer to generate it has no effect at all: said once, as that
+    report = preflight.check_train(config(data, tmp_path / 'run', eval_max_new_tokens=100, bleu_samples=0,
+                                          show_samples=0), resume=False, world_size=1)
+    assert [n for n in report.notes if 'eval_max_new_tokens' in n] == [
+        '--eval_max_new_tokens=100 has no effect on this run: it caps the answers generated for --bleu_samples and '
+        '--show_samples, both 0 here; leave it out']
+
+
+def test_a_default_or_a_presets_interval_longer_than_the_run_is_not_noted(data, tmp_path):
+    """Only a flag given reads as applied (as unused_flags): the defaults' save_steps=5000 and
+    eval_max_new_tokens=192 on a 60-step run of max_seq_len 32 are not said."""
+    flags = dict(arg[2:].split('=', 1) for arg in tiny_flags(data, tmp_path / 'run'))
+    for name in ('save_steps', 'logging_steps'):
+        del flags[name]
+    report = preflight.check_train(preflight.resolve_places(resolve_config(overrides=flags)), resume=False,
+                                   world_size=1)
+    assert report.ready and report.total_steps == 60
+    assert not [n for n in report.notes if 'never comes round' in n or ' acts as ' in n], report.notes
+
+
 @pytest.mark.parametrize('optimizer,scale,lr,noted', [
     ('adafactor', False, 1e-4, True),  # the guide's rate: below what the recipe bench found good
     ('adafactor', False, 1e-3, False),

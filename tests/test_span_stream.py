@@ -615,6 +615,9 @@ def test_a_span_run_notes_its_warmup_against_the_steps_it_takes(text_data, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'warmup_steps=1024 warms up for 1024 optimizer steps, all of the run\'s 3:' in r.stderr, r.stderr[-3000:]
     assert '--warmup_ratio=0.33 (a share of any run) or --warmup_steps=1' in r.stderr
+    # so is a step interval: SPAN's --save_steps=1000 and --eval_steps=10 never come round in those 3 steps
+    assert "--save_steps=1000 is more than the run's 3 optimizer steps, so it never comes round" in r.stderr
+    assert "--eval_steps=10 is more than the run's 3 optimizer steps, so it never comes round" in r.stderr
 
 
 def test_a_long_document_is_tokenized_in_pieces_with_the_whole_texts_ids(tokenizer, monkeypatch):

@@ -152,6 +152,27 @@ def test_end_to_end_writes_models_states_and_logs(data, tmp_path):
     assert losses[total] < losses[1]
 
 
+def test_intervals_longer_than_the_run_are_noted_by_the_dry_run_and_the_log_and_what_it_does_instead(data, tmp_path):
+    """480 rows, 32 a step: 15 optimizer steps an epoch, 30 in all. --eval_steps=100 and
+    --save_steps=100 never come round: the run evaluates at each epoch's end (step 15) and its last
+    step (30), and saves its state at its end only -- as the notes say, in the dry run and the log."""
+    out = tmp_path / 'run'
+    flags = tiny_flags(data, out, batch_size_per_gpu=32, epochs=2, eval_steps=100, save_steps=100)
+    said = ["--eval_steps=100 is more than the run's 30 optimizer steps, so it never comes round: it evaluates only "
+            "at the end of each epoch and at its last step, as with --eval_steps=0; e.g. --eval_steps=7",
+            "--save_steps=100 is more than the run's 30 optimizer steps, so it never comes round: it saves its state "
+            "only at its end or when stopped by a signal (a crash before then loses every step); e.g. --save_steps=7"]
+    dry = run_train(flags, '--dry_run=True')
+    assert dry.returncode == 0 and all(f'note: {note}\n' in dry.stdout for note in said), dry.stdout
+    r = run_train(flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (log,) = glob.glob(f'{out}/logs/chat_trainer_low_mem_*.log')
+    text = open(log, encoding='utf-8').read()
+    assert all(f'WARNING {note}' in text or f' {note}\n' in text for note in said), text[:3000]
+    assert re.findall(r'eval at step (\d+)', text) == ['15', '30']
+    assert state_folders(f'{out}/state') == ['state-000000030']
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path):
     out = tmp_path / 'run'
     r = run_train(tiny_flags(data, out, learn_rate=1e9, max_grad_norm=0, warmup_steps=0, save_steps=1,

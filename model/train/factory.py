@@ -256,18 +256,18 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     valid_loader = StreamingLoader(valid_files, tokenizer, LoaderSettings.of(t, False, pin, width), rank,
                                    world, combine_counts=count)
     # rows (pairs) or examples (span corruption) per global step, every epoch counted
-    total_steps = train_loader.total_steps(t.epochs)
+    epoch_steps = train_loader.total_steps(t.epochs)
     valid_loader.num_positions  # counted now, by every rank together (later calls read the count)
-    if total_steps == 0:  # pairs: said by the start-up checks; span corruption's examples are known only now
+    if epoch_steps == 0:  # pairs: said by the start-up checks; span corruption's examples are known only now
         raise UserError(f'train_file: its {train_loader.num_positions} span-corruption examples are fewer than one '
                         f'optimizer step needs ({t.batch_size_per_gpu} x {world} processes x '
                         f'{t.gradient_accumulation_steps} accumulation)',
                         'lower --batch_size_per_gpu or --gradient_accumulation_steps')
-    total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    total_steps = min(epoch_steps, t.max_steps) if t.max_steps else epoch_steps
     if t.objective == 'span_corruption' and collectives.is_main:  # the start-up checks could not count the steps
-        from model.train.preflight import warmup_notes
+        from model.train.preflight import run_length_notes
 
-        for note in warmup_notes(t, total_steps):
+        for note in run_length_notes(cfg, epoch_steps):
             logger.warning('%s', note)
     # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
     # line) loads every weight next: nothing to draw

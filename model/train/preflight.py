@@ -269,8 +269,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             {k: getattr(t, k) for k in contract.EXAMPLE_FIELDS}
             if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
-        report.notes += warmup_notes(t, report.total_steps)
-    report.notes += learn_rate_notes(t) + cfg.unused_flags(resume)
+        if t.objective == 'pairs':
+            report.notes += run_length_notes(cfg, total_optimizer_steps(
+                report.train_rows, t.batch_size_per_gpu, world_size, t.gradient_accumulation_steps, t.epochs))
+    report.notes += learn_rate_notes(t) + cfg.unused_flags(resume) + cfg.capped_flags(resume)
 
     # warm start and trackers
     if t.init_from and not resume and report.vocab_size:
@@ -294,12 +296,13 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             and report.vocab_size):
         # examples, from every row's tokens (the loader's count; a resume's state keeps them)
         kept = kept_counts(t, report.resume)
-        report.train_examples, report.total_steps, report.counts_kept = problem(
+        report.train_examples, epoch_steps, report.counts_kept = problem(
             'train_file', lambda: span_steps(t, files['train_file'], world_size, kept)) or (0, 0, False)
+        report.total_steps = min(epoch_steps, t.max_steps) if t.max_steps else epoch_steps
         if report.total_steps == 0:
             report.problems.append(too_few_for_a_step(
                 t, f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)', world_size))
-        report.notes += warmup_notes(t, report.total_steps)
+        report.notes += run_length_notes(cfg, epoch_steps)
     # a place in use explains the rest (no state saved yet, ...). Without ``locks`` (a rank of a run of several,
     # whose main process may be taking the locks now) only when the run stops anyway: every rank then found a
     # problem by the same checks, so no main process of this run holds them
@@ -321,6 +324,41 @@ def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
     return Problem('batch_size_per_gpu', f'train_file: its {unit} are fewer than one optimizer step '
                    f'needs ({t.batch_size_per_gpu} x {world_size} processes x {t.gradient_accumulation_steps} '
                    f'accumulation)', 'lower --batch_size_per_gpu or --gradient_accumulation_steps')
+
+
+# a step interval given as a flag and longer than the run never comes round: what the run does instead,
+# and how many of them a run is given in the suggested value (about)
+NEVER_COMES_ROUND = {
+    'logging_steps': ('only its last step is logged (the loss of the whole run in one line)', 20),
+    'eval_steps': ('it evaluates only at the end of each epoch and at its last step, as with --eval_steps=0', 4),
+    'save_steps': ('it saves its state only at its end or when stopped by a signal (a crash before then loses every '
+                   'step)', 4),
+}
+
+
+def run_length_notes(cfg: ResolvedConfig, epoch_steps: int) -> list[str]:
+    """The notes that need the run's length, ``epoch_steps`` (the optimizer steps of its --epochs,
+    before --max_steps cuts them): a warmup as long as the run (warmup_notes), and each flag given
+    that the run's length keeps from ever taking effect -- a step interval longer than the run, a
+    --max_steps beyond its epochs -- with what the run does instead. Said by the dry run and at the
+    run's start, as unused_flags are."""
+    t = cfg.train
+    total = min(epoch_steps, t.max_steps) if t.max_steps else epoch_steps
+    if not total:  # fewer rows than a step: a problem, said as one
+        return []
+    notes = warmup_notes(t, total)
+    given = {name for name, source in cfg.sources.items() if source == 'flag'}
+    for name, (instead, times) in NEVER_COMES_ROUND.items():
+        value = getattr(t, name)
+        if name in given and value > total:
+            notes.append(f'--{name}={value} is more than the run\'s {total} optimizer steps, so it never comes round: '
+                         f'{instead}; e.g. --{name}={max(1, total // times)}')
+    if 'max_steps' in given and t.max_steps > epoch_steps:
+        per_epoch = max(1, epoch_steps // t.epochs)
+        notes.append(f'--max_steps={t.max_steps} is more than the {epoch_steps} optimizer steps of --epochs={t.epochs}, '
+                     f'so it never comes round: the run ends with its epochs; '
+                     f'--epochs={-(-t.max_steps // per_epoch)} trains for at least that many steps')
+    return notes
 
 
 def warmup_notes(t, total_steps: int) -> list[str]:
@@ -487,7 +525,7 @@ def _check_data(spec, name: str, objective: str = 'pairs') -> list[str]:
 
 
 def span_steps(t, files: list[str], world_size: int, kept: dict | None = None) -> tuple[int, int, bool]:
-    """(examples of epoch 0, optimizer steps of the run, whether the kept counts were taken) under
+    """(examples of epoch 0, optimizer steps of the run's epochs (before --max_steps), whether the kept counts were taken) under
     span corruption: the loader's own
     count, from every row's tokens (the Rust tokenizer; no torch model), or from the counts a
     resume's state kept (``kept``: its data position's ``row_tokens``) when they are for these files."""
@@ -497,8 +535,7 @@ def span_steps(t, files: list[str], world_size: int, kept: dict | None = None) -
 
     tok = Tokenizer.from_file(os.path.join(t.tokenizer_dir, 'tokenizer.json'))
     loader = StreamingLoader(files, tok, LoaderSettings.of(t, train=True), 0, world_size, saved_counts=kept)
-    steps = loader.total_steps(t.epochs)
-    return loader.num_positions, min(steps, t.max_steps) if t.max_steps else steps, loader.dataset.counts_taken
+    return loader.num_positions, loader.total_steps(t.epochs), loader.dataset.counts_taken
 
 
 LOG_ROOM = 1 << 20  # a run's log grows by ~100 bytes a logged step: a MiB is the least that makes sense
