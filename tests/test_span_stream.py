@@ -435,7 +435,8 @@ def test_a_sentinel_written_almost_right_is_named_with_its_exact_form(tokenizer)
                            ('<Extra_ID_0>', 0), ('＜extra_id_0＞', 0), ('<extra_id_０>', 0), ('<extra_id_1', 1),
                            ('[extra_id_0]', 0), ('［extra_id_0］', 0), ('《extra_id_0》', 0), ('【extra_id_2】', 2),
                            ('<extra id 0>', 0), ('<extraid0>', 0), ('<extra_id_01>', 1), ('ｅｘｔｒａ＿ｉｄ＿３', 3),
-                           ('extra_id_4', 4), ('<extra_id_0/>', 0)]:
+                           ('extra_id_4', 4), ('<extra_id_0/>', 0), ('<EXTRA ID 99>', 99), ('<extra_id_099>', 99),
+                           ('（extra_id_3）', 3), ('{extra_id_0}', 0), ('<extra_id-1>', 1), ('<extra_id_+2>', 2)]:
         prompt = f'北京是{written}的首都'
         assert not sentinels & set(tokenizer(prompt).input_ids), written  # plain text to the tokenizer
         found = written.removesuffix('/>')
@@ -450,9 +451,31 @@ def test_a_sentinel_written_almost_right_is_named_with_its_exact_form(tokenizer)
     # exact sentinels, plain text, words in a sentence and tags: nothing said
     for prompt in ['北京是<extra_id_0>的首都', '<<extra_id_0>>北京<extra_id_1>', '北京是中国的首都', 'an extra id 3 times',
                    'give me extra money', 'id_0 is a name', 'extra identification 0', 'the extraid', '<extra>',
-                   '<b>粗体</b>和<i>斜体</i>', 'myextra_id_0', 'my_extra_id_1 的值', '变量 a_extra-id-2', '<extra_id_-1>',
-                   '额外的extra，编号id_0']:
+                   '<b>粗体</b>和<i>斜体</i>', 'myextra_id_0', 'my_extra_id_1 的值', '变量 a_extra-id-2',
+                   '额外的extra，编号id_0', 'my extra_id', '(an extra id here)']:
         assert sentinel_note(tokenizer, prompt) is None, prompt
+
+
+def test_a_near_miss_with_no_sentinels_number_is_told_the_range_not_a_form_that_is_no_sentinel_either(tokenizer):
+    """<extra id 100> was told to write <extra_id_100>, itself plain text (the sentinels are
+    <extra_id_0> .. <extra_id_99>), and <extra_id_-1> was told nothing: a near miss whose number is
+    past the sentinels, negative or missing is told the range instead."""
+    from model.net.chat_model import sentinel_note, sentinel_set
+
+    sentinels = sentinel_set(tokenizer)
+    for written in ['<extra id 100>', '<extra_id_100 >', '＜extra_id_１００＞', '<extra_id_0100>', '<extra_id_-1>',
+                    '<extra_id -1>', '<extra_id_−1>', '＜extra_id_－1＞', '<extra_id--3>', 'extra_id_-1', '<extra_id>',
+                    '[extra id]', '<extra_id_' + '9' * 5000 + ' >']:
+        prompt = f'北京是{written}的首都'
+        assert not sentinels & set(tokenizer(prompt).input_ids), written
+        assert sentinel_note(tokenizer, prompt) == (
+            f"{written!r} is read as plain text, not a sentinel; this tokenizer's sentinels are <extra_id_0> to "
+            f"<extra_id_99>, nothing else"), written
+    # the first near miss is said, the others counted, whichever kind each is
+    assert sentinel_note(tokenizer, '<extra id 100>和<extra id 1>').endswith('nothing else -- and 1 more written so')
+    assert sentinel_note(tokenizer, '<extra id 1>和<extra id 100>') == (
+        "'<extra id 1>' is read as plain text, not a sentinel; write it <extra_id_1> (ASCII angle brackets, no spaces)"
+        " -- and 1 more written so")
 
 
 def test_generate_fills_each_sentinel_with_the_span_written_after_it(tokenizer):

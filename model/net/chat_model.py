@@ -318,12 +318,15 @@ def sentinel_set(tokenizer) -> set[int]:
 
 SENTINEL_TEXT = re.compile(r'<extra_id_(0|[1-9][0-9]*)>')  # as the tokenizer reads it: ASCII digits, no leading 0
 # a near miss (:func:`near_sentinels`): matched on the prompt folded one character for one -- full-width
-# ASCII (＜＞＿０-９ｅ...) to ASCII, the ideographic space to a space, the brackets a Chinese input method
-# types for < > [ ] (《》〈〉【】〔〕) to those -- so each match's span is the user's own text
-_FOLD = {**{0xFF01 + i: 0x21 + i for i in range(94)}, 0x3000: ' ', **{ord(a): b for a, b in zip(
+# ASCII (＜＞＿０-９ｅ（）...) to ASCII, the ideographic space to a space, the minus sign to '-', the brackets
+# a Chinese input method types for < > [ ] (《》〈〉【】〔〕) to those -- so each match's span is the user's
+# own text. A '-' right after 'id' joins ('<extra-id-0>'); after a space or '_' it is a sign ('<extra_id_-1>',
+# '<extra_id -1>': no sentinel)
+_FOLD = {**{0xFF01 + i: 0x21 + i for i in range(94)}, 0x3000: ' ', 0x2212: '-', **{ord(a): b for a, b in zip(
     '《》〈〉【】〔〕', '<><>[][]')}}
-_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[])[ \t]*)?(?<![A-Za-z0-9_])extra[ \t]*[_-]?[ \t]*id[ \t]*[_-]?[ \t]*'
-                            r'(?P<n>[0-9]+)(?:[ \t]*(?P<close>[>\]]))?', re.IGNORECASE)
+_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[({])[ \t]*)?(?<![A-Za-z0-9_])extra[ \t]*[_-]?[ \t]*id'
+                            r'(?:-(?=[ \t]*[-+]?[ \t]*[0-9])|[ \t]*_?[ \t]*)(?:(?P<sign>[-+]?)[ \t]*(?P<n>[0-9]+))?'
+                            r'(?:[ \t]*(?P<close>[>\])}]))?', re.IGNORECASE)
 
 
 def objective_note(objective: str | None, prompt: str) -> str | None:
@@ -336,25 +339,36 @@ def objective_note(objective: str | None, prompt: str) -> str | None:
             'pairs with --init_from=<this model> (README, section 8)')
 
 
-def near_sentinels(prompt: str) -> list[tuple[str, str]]:
+def near_sentinels(prompt: str, count: int = 100) -> list[tuple[str, str | None]]:
     """The prompt's text probably meant as a T5 sentinel but not written ``<extra_id_N>`` (which
-    the tokenizer reads as plain text), each as (what was written, the sentinel): 'extra' and
-    'id' in any case, joined by '_', '-', a space or nothing, ASCII or full-width digits, within
-    optional half- or full-width angle or square brackets (``＜extra_id_0＞``, ``<extra id 0>``,
-    ``[extra_id_0]``, ``<extra_id_1``); without brackets only an unspaced name (``extra_id_5``),
-    not words in a sentence."""
+    the tokenizer reads as plain text), each as (what was written, the sentinel to write, or None
+    where none is meant to be had: a number past the ``count`` sentinels <extra_id_0> ..
+    <extra_id_{count - 1}>, a negative one, or none): 'extra' and 'id' in any case, joined by
+    '_', '-', a space or nothing, ASCII or full-width digits, within optional half- or full-width
+    angle, square, round or curly brackets (``＜extra_id_0＞``, ``<extra id 0>``,
+    ``[extra_id_0]``, ``<extra_id_1``, ``<extra id 100>``, ``<extra_id_-1>``, ``<extra_id>``);
+    without brackets only an unspaced name (``extra_id_5``), not words in a sentence; without a
+    number only between brackets. ``<extra_id_N>`` itself is not one (:func:`sentinel_note` says
+    where N is past the sentinels)."""
     found = []
     for m in _NEAR_SENTINEL.finditer(prompt.translate(_FOLD)):
-        written, sentinel = prompt[m.start():m.end()], f'<extra_id_{m["n"].lstrip("0") or "0"}>'
-        if written != sentinel and (m['open'] or m['close'] or re.fullmatch(r'\S+', written)):
-            found.append((written, sentinel))
+        written, digits = prompt[m.start():m.end()], (m['n'] or '').lstrip('0') or '0'
+        if m['n'] is None and not (m['open'] and m['close']):
+            continue
+        if SENTINEL_TEXT.fullmatch(written) or not (m['open'] or m['close'] or re.fullmatch(r'\S+', written)):
+            continue  # the exact form (said where it is past the sentinels), or words in a sentence
+        meant = m['n'] is not None and m['sign'] != '-' and len(digits) <= len(str(count)) and int(digits) < count
+        found.append((written, f'<extra_id_{digits}>' if meant else None))
     return found
 
 
-def near_sentinel_note(near: list[tuple[str, str]]) -> str:
+def near_sentinel_note(near: list[tuple[str, str | None]], count: int = 100) -> str:
     (written, sentinel), more = near[0], len(near) - 1
-    return (f'{written!r} is read as plain text, not a sentinel; write it {sentinel} (ASCII angle brackets, no '
-            f'spaces){f" -- and {more} more written so" if more else ""}')
+    if sentinel:
+        said = f'write it {sentinel} (ASCII angle brackets, no spaces)'
+    else:
+        said = f'this tokenizer\'s sentinels are <extra_id_0> to <extra_id_{count - 1}>, nothing else'
+    return f'{written!r} is read as plain text, not a sentinel; {said}{f" -- and {more} more written so" if more else ""}'
 
 
 def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str | None:
@@ -368,7 +382,7 @@ def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str
 
     found = SENTINEL_TEXT.findall(prompt)  # past any tokenizer's sentinels, not int()'s 4300-digit limit:
     written = [int(n) if len(n) < 7 else 10 ** 7 for n in found]
-    near = near_sentinels(prompt)
+    near = near_sentinels(prompt, SENTINEL_COUNT)
     if not written and not near:
         return None
     sentinels = sentinel_set(tokenizer)
@@ -386,7 +400,7 @@ def sentinel_note(tokenizer, prompt: str, max_seq_len: int | None = None) -> str
                 f'{f"<extra_id_{found[0]}>" if found else repr(near[0][0])} is read as plain text (a '
                 f'model pretrained with --objective=span_corruption fills them)')
     if near:
-        return near_sentinel_note(near)
+        return near_sentinel_note(near, SENTINEL_COUNT)
     unknown = sorted((n, s) for n, s in zip(written, found) if n >= SENTINEL_COUNT)
     if unknown:
         return (f'<extra_id_{unknown[0][1]}> is not a sentinel of this tokenizer (<extra_id_0> to '
