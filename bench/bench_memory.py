@@ -97,21 +97,28 @@ def with_flags(flags: list[str], **changed) -> list[str]:
     return [f for f in flags if not any(f.startswith(n) for n in names)] + [f'--{k}={v}' for k, v in changed.items()]
 
 
+def build_step(argv: list[str]) -> None:
+    """One command that builds the model, or the bench ends with what it said (a --dir holding a
+    user's files is refused there: a traceback of CalledProcessError showed none of it)."""
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        said = (r.stderr.strip() or r.stdout.strip() or 'nothing said').splitlines()[-1]
+        sys.exit(f'error: {" ".join(argv[:2])} failed (exit {r.returncode}): {said[:2000]}')
+
+
 def build_model(d: str) -> tuple[list[str], list[str]]:
     """A tokenizer and a tiny model on the demo corpus; the flags that point train, and
     generate/chat/test, at them (a flag a command does not use is refused)."""
     data, run_dir = os.path.join(d, 'data'), os.path.join(d, 'run')
-    subprocess.run([sys.executable, 'prepare_data.py', 'demo', f'--out_dir={data}', '--rows=2000'], cwd=ROOT,
-                   check=True, capture_output=True)
+    build_step(['prepare_data.py', 'demo', f'--out_dir={data}', '--rows=2000'])
     flags = [f'--train_file={data}/train.parquet', f'--validation_file={data}/valid.parquet',
              f'--tokenizer_dir={d}/tok', f'--output_dir={run_dir}', f'--train_state_dir={run_dir}/state',
              f'--model_file={run_dir}/chat_small_t5.{{}}.bin', f'--log_dir={run_dir}/logs',
              *(f'--{k}={v}' for k, v in TINY.items())]
-    subprocess.run([sys.executable, 'train_low_mem.py', 'train_tokenizer', f'--train_file={data}/train.parquet',
-                    f'--tokenizer_dir={d}/tok', '--vocab_size=1000'], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, 'train_low_mem.py', 'train', *flags, '--max_steps=20', '--logging_steps=1',
-                    '--eval_steps=10', '--batch_size_per_gpu=8', '--mixed_precision=no', '--bleu_samples=4'],
-                   cwd=ROOT, check=True, capture_output=True)
+    build_step(['train_low_mem.py', 'train_tokenizer', f'--train_file={data}/train.parquet', f'--tokenizer_dir={d}/tok',
+                '--vocab_size=1000'])
+    build_step(['train_low_mem.py', 'train', *flags, '--max_steps=20', '--logging_steps=1', '--eval_steps=10',
+                '--batch_size_per_gpu=8', '--mixed_precision=no', '--bleu_samples=4'])
     return flags, [f'--output_dir={run_dir}', f'--tokenizer_dir={d}/tok', f'--max_seq_len={TINY["max_seq_len"]}']
 
 
@@ -123,6 +130,14 @@ def main() -> None:
     parser.add_argument('--group_mb', type=int, default=300, help='text in one row group of 2 KB rows')
     parser.add_argument('--dir', default=None, help='work here (kept) instead of a temporary folder')
     args = parser.parse_args()
+    if args.dir == '':  # an unset variable: not the current folder
+        parser.error('--dir is empty: give a folder, or leave it out for a temporary one')
+    if args.dir:
+        from heldout import out_place_problem, refuse_flag
+
+        why = out_place_problem(args.dir, os.path.join('bench', 'out', 'memory'))
+        if why:
+            refuse_flag('dir', args.dir, why)
     d = args.dir or tempfile.mkdtemp(prefix='bench_memory_')
     try:
         flags, use = build_model(d)

@@ -148,12 +148,11 @@ def main() -> None:
     seeds = [int(s) for s in str(args.seeds).split(',')]
     if args.quick:
         sizes, steps, seeds = sizes[:1], [30], seeds[:1]
+    from heldout import new_log
     from tasks import task_files
 
-    task_files(args.task)  # written once, before the children read it
-    from heldout import new_log
-
-    log, path = new_log(args.out_dir, 'recipe', args.quick)  # an earlier run's table is never replaced
+    log, path = new_log(args.out_dir, 'recipe', args.quick)  # an earlier run's table is never replaced; first: a
+    task_files(args.task)  # place it cannot write stops the bench before anything is written
     path += '.txt'
     with log:
         table = Table(args.task, seeds, log, args.jobs)

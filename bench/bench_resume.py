@@ -41,16 +41,22 @@ def claim_work_dir(path: str) -> str:
     """--dir, made here or made by this benchmark before (it holds the stamp); a folder holding
     anything else, or a link planted for the copies it removes, is refused: nothing of a user's
     is ever removed."""
+    from heldout import out_place_problem, refuse_flag
+
     d = os.path.realpath(path)
-    if os.path.lexists(d) and not os.path.isdir(d):
-        raise SystemExit(f'error: --dir={path} is a file; give a new folder')
+    why = out_place_problem(path, os.path.join('bench', 'out', 'resume'))
+    if why:
+        refuse_flag('dir', path, why)
     if os.path.isdir(d) and os.listdir(d) and not os.path.isfile(os.path.join(d, STAMP)):
-        raise SystemExit(f'error: --dir={path} holds files this benchmark did not make; give a new or empty folder')
-    os.makedirs(d, exist_ok=True)
-    open(os.path.join(d, STAMP), 'a').close()
+        refuse_flag('dir', path, 'holds files this benchmark did not make; give a new or empty folder')
+    try:
+        os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, STAMP), 'a').close()
+    except OSError as e:  # a place out_place_problem could not foresee (/proc, a full disk)
+        refuse_flag('dir', path, f'cannot be written ({e.strerror or e}); give another folder')
     for name in ('resume', 'saved', 'tok'):
         if os.path.islink(os.path.join(d, name)):
-            raise SystemExit(f'error: {d}/{name} is a link this benchmark did not make; remove it')
+            refuse_flag('dir', path, f'holds {name}, a link this benchmark did not make; remove it')
     return d
 
 
@@ -88,8 +94,10 @@ def main() -> None:
     parser.add_argument('--max_seq_len', type=int, default=64)
     parser.add_argument('--dir', default=None, help='work here (kept) instead of a temporary folder')
     args = parser.parse_args()
-    print('load:', open('/proc/loadavg').read().split()[:3], flush=True)
+    if args.dir == '':  # an unset variable: not the current folder
+        parser.error('--dir is empty: give a folder, or leave it out for a temporary one')
     d = claim_work_dir(args.dir) if args.dir else tempfile.mkdtemp(prefix='bench_resume_')
+    print('load:', open('/proc/loadavg').read().split()[:3], flush=True)
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
     try:
         if not os.path.isfile(os.path.join(d, 'tok', 'tokenizer.json')):

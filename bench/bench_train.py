@@ -276,7 +276,7 @@ def main() -> None:
                           saved['peer_lr'], saved['target'], saved['runs'], print)
             except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
                 why = e.strerror if isinstance(e, OSError) and e.strerror else f'{type(e).__name__}: {e}'
-                sys.exit(f'error: --report={path}: not the curves a bench_train run saved ({why})')
+                heldout.refuse_flag('report', path, f'is not the curves a bench_train run saved ({why})')
         return
     from tasks import task_files
 

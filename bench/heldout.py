@@ -125,11 +125,51 @@ def run_child(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def out_place_problem(path: str, example: str = os.path.join('bench', 'out')) -> str | None:
+    """Why a bench cannot keep its output in the folder ``path`` (made if missing), with the fix;
+    None where it can. Refused before any work: a file; a place under a file or not writable; a
+    place that holds much else or the toolkit's code (the training runs' rule,
+    model/train/preflight.shared_folder) or the benches' own code in bench/ (bench/out is theirs)."""
+    from model.train.preflight import shared_folder
+
+    real = os.path.realpath(path)  # a link to a folder still to make: made there (new_log)
+    if os.path.exists(real) and not os.path.isdir(real):
+        return f'is a file, not a folder; give a folder, e.g. {example}'
+    bench = os.path.join(os.path.realpath(ROOT), 'bench')
+    own = os.path.join(bench, 'out')
+    code = shared_folder(real) or ('inside the toolkit\'s bench/ folder (its code)' if
+                                   os.path.commonpath([real, bench]) == bench and os.path.commonpath([real, own]) != own
+                                   else None)
+    if code:
+        return f'is {code}: the bench\'s files would lie among everything else there; give a folder of its own, ' \
+               f'e.g. {example}'
+    existing = real
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f'cannot be made: {existing} is a file, not a folder; give a folder, e.g. {example}'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f'cannot be written: {existing} is not writable for this user; give a folder you can write'
+    return None
+
+
+def refuse_flag(flag: str, path: str, why: str):
+    """A flag argparse let through and the bench cannot use (a bad output place, --report), said as argparse
+    says a bad flag, in one line on stderr, exit 2."""
+    print(f'{os.path.basename(sys.argv[0])}: error: --{flag}={path} {why}', file=sys.stderr)
+    raise SystemExit(2)
+
+
 def check_common_flags(ap, args) -> None:
     """What argparse lets through and a learning bench cannot use: one line, exit 2 (an empty --out_dir,
-    an unset variable, would write into the current folder; a negative --steps ran the default)."""
+    an unset variable, would write into the current folder; a negative --steps ran the default; a
+    --out_dir that is a file, unwritable or the toolkit's code, :func:`out_place_problem`)."""
     if getattr(args, 'out_dir', None) == '':
         ap.error('--out_dir is empty: give a folder (the default is bench/out)')
+    if getattr(args, 'out_dir', None) and not getattr(args, 'child', None):
+        why = out_place_problem(args.out_dir)
+        if why:
+            refuse_flag('out_dir', args.out_dir, why)
     for flag, least in (('steps', 0), ('seeds', None)):  # numbers, comma-separated where a bench takes several
         given = getattr(args, flag, None)
         if given is None:
@@ -158,8 +198,8 @@ def new_log(out_dir: str, prefix: str, quick: bool):
             except FileExistsError:  # two runs in one second
                 continue
         raise FileExistsError(errno.EEXIST, f'{stem}.txt and 999 more exist')
-    except OSError as e:  # a file there, a read-only place: one line
-        raise SystemExit(f'error: --out_dir={out_dir}: cannot write there ({e.strerror or e})') from None
+    except OSError as e:  # a place out_place_problem could not foresee (/proc, a full disk): one line
+        refuse_flag('out_dir', out_dir, f'cannot be written ({e.strerror or e}); give another folder')
 
 
 class HeldOutScorer:

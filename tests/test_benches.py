@@ -26,26 +26,27 @@ def test_bench_gpu_runs_on_the_cpu():
     assert 0 < result['pad_fraction'] < 0.5 and result['steps'] == 2
 
 
-def test_bench_resume_removes_only_its_own_work(tmp_path):
+def test_bench_resume_removes_only_its_own_work(tmp_path, capsys):
     """Its --dir is new or one it made (stamped); a user's folder, a link to one, or a link
-    planted where it removes its copies is refused and left as it was."""
-    import importlib.util
+    planted where it removes its copies is refused (one line, exit 2) and left as it was."""
+    bench = load_bench('bench_resume')
 
-    spec = importlib.util.spec_from_file_location('bench_resume', f'{ROOT}/bench/bench_resume.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    def refused(path) -> str:
+        with pytest.raises(SystemExit) as stop:
+            bench.claim_work_dir(path)
+        assert stop.value.code == 2
+        return capsys.readouterr().err
+
     user = tmp_path / 'user'
     os.makedirs(user / 'resume')
     (user / 'resume' / 'thesis.txt').write_text('mine')
     os.symlink(user, tmp_path / 'link')
     for given in (user, tmp_path / 'link'):
-        with pytest.raises(SystemExit, match='holds files this benchmark did not make'):
-            bench.claim_work_dir(str(given))
+        assert 'holds files this benchmark did not make' in refused(str(given))
     work = bench.claim_work_dir(str(tmp_path / 'work'))
     assert bench.claim_work_dir(work) == work  # its own folder again
     os.symlink(user / 'resume', f'{work}/resume')
-    with pytest.raises(SystemExit, match='is a link this benchmark did not make'):
-        bench.claim_work_dir(work)
+    assert 'holds resume, a link this benchmark did not make' in refused(work)
     assert (user / 'resume' / 'thesis.txt').read_text() == 'mine' and not os.path.exists(user / bench.STAMP)
 
 
@@ -172,7 +173,8 @@ def test_learning_benches_run_quick(bench, tmp_path):
                           (log, '--out_dir')):  # a file where a folder is to be
             r = subprocess.run([sys.executable, f'bench/{bench}.py', f'{flag}={bad}', '--quick'], cwd=ROOT, env=ENV,
                                capture_output=True, text=True, timeout=300)
-            assert r.returncode == 1 and r.stderr.count('\n') == 1 and r.stderr.startswith(f'error: {flag}='), r.stderr
+            assert r.returncode == 2 and r.stderr.count('\n') == 1 and r.stderr.startswith(f'{bench}.py: error: {flag}='), \
+                r.stderr
 
 
 def test_bench_optimizer_runs_and_reports_both():
@@ -354,6 +356,37 @@ def test_bench_step_times_the_batch_it_is_given():
                         '--threads=1'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '2 batches of 8,' in r.stdout and 'packed / minimal' in r.stdout, r.stdout
+
+
+def test_a_benchs_output_place_that_is_a_file_unwritable_or_the_toolkits_code_is_one_line_exit_2(tmp_path):
+    """A bad --out_dir (--dir for the benches that keep a work folder) ended in exit 1 (a file), wrote
+    among the toolkit's code, or (bench_memory) in a CalledProcessError traceback: now each is
+    refused in one line, exit 2, before anything is written; pyflakes finds nothing in bench/."""
+    afile = tmp_path / 'afile'
+    afile.write_text('mine')
+    cases = [('bench_train', 'out_dir', str(afile), 'is a file, not a folder'),
+             ('bench_train', 'out_dir', f'{afile}/sub', f'cannot be made: {afile} is a file, not a folder'),
+             ('bench_recipe', 'out_dir', '/proc/1/nope', 'is not writable for this user'),
+             ('bench_train', 'out_dir', os.path.join(ROOT, 'model'), "is inside the toolkit's model/ folder"),
+             ('bench_recipe', 'out_dir', ROOT, "is the toolkit's own folder (its code)"),
+             ('bench_train', 'out_dir', os.path.join(ROOT, 'bench'), "is inside the toolkit's bench/ folder (its code)"),
+             ('bench_resume', 'dir', str(afile), 'is a file, not a folder; give a folder, e.g. bench/out/resume'),
+             ('bench_resume', 'dir', os.path.join(ROOT, 'tests'), "is inside the toolkit's tests/ folder"),
+             ('bench_memory', 'dir', str(afile), 'is a file, not a folder; give a folder, e.g. bench/out/memory'),
+             ('bench_memory', 'dir', os.path.join(ROOT, 'scripts', 'x'), "is inside the toolkit's scripts/ folder")]
+    before = sorted(os.listdir(ROOT))
+    for bench, flag, place, said in cases:
+        quick = {'bench_train': ['--quick'], 'bench_recipe': ['--quick'], 'bench_resume': ['--runs=1'],
+                 'bench_memory': ['--record_mb=1', '--log_mb=1']}[bench]
+        r = subprocess.run([sys.executable, f'{ROOT}/bench/{bench}.py', *quick, f'--{flag}={place}'], cwd=tmp_path,
+                           env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count('\n') == 1, (bench, place, r.stderr[-2000:])
+        assert r.stderr.startswith(f'{bench}.py: error: --{flag}={place} ') and said in r.stderr, r.stderr
+        assert r.stdout == '', r.stdout
+    assert sorted(os.listdir(ROOT)) == before and sorted(os.listdir(tmp_path)) == ['afile']
+    assert afile.read_text() == 'mine' and not os.path.exists(os.path.join(ROOT, 'scripts', 'x'))
+    lint = subprocess.run([sys.executable, '-m', 'pyflakes', f'{ROOT}/bench'], capture_output=True, text=True)
+    assert lint.returncode == 0 and lint.stdout == '', lint.stdout
 
 
 @pytest.mark.parametrize('bench,flag', [('bench_train', '--steps=-3'), ('bench_train', '--out_dir='),
