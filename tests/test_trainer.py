@@ -161,7 +161,7 @@ def test_intervals_longer_than_the_run_are_noted_by_the_dry_run_and_the_log_and_
     said = ["--eval_steps=100 is more than the run's 30 optimizer steps, so it never comes round: it evaluates only "
             "at the end of each epoch and at its last step, as with --eval_steps=0; e.g. --eval_steps=7",
             "--save_steps=100 is more than the run's 30 optimizer steps, so it never comes round: it saves its state "
-            "only at its end or when stopped by a signal (a crash before then loses every step); e.g. --save_steps=7"]
+            "only at its end or when a signal stops it (a crash before then loses every step); e.g. --save_steps=7"]
     dry = run_train(flags, '--dry_run=True')
     assert dry.returncode == 0 and all(f'note: {note}\n' in dry.stdout for note in said), dry.stdout
     r = run_train(flags)

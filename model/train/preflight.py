@@ -331,7 +331,7 @@ def too_few_for_a_step(t, unit: str, world_size: int) -> Problem:
 NEVER_COMES_ROUND = {
     'logging_steps': ('only its last step is logged (the loss of the whole run in one line)', 20),
     'eval_steps': ('it evaluates only at the end of each epoch and at its last step, as with --eval_steps=0', 4),
-    'save_steps': ('it saves its state only at its end or when stopped by a signal (a crash before then loses every '
+    'save_steps': ('it saves its state only at its end or when a signal stops it (a crash before then loses every '
                    'step)', 4),
 }
 
