@@ -344,6 +344,13 @@ while :; do
   kill -0 "$launcher" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
 done
 launcher=   # reaped: its pid may be another process's now, a later stop is not passed on to it
+# a launcher ended by a signal other than the one passed on (SIGKILL from outside, the end of a grace
+# period): named here, where it is known. Its ranks cannot see it: the kernel sends each SIGTERM when
+# their launcher dies, whatever ended it, and their logs say that their launcher was gone
+if [ "$rc" -gt 128 ] && ended_by=$(kill -l "$(( rc - 128 ))" 2>/dev/null) \
+    && [ "SIG${ended_by#SIG}" != "SIG${stop_signal:-none}" ]; then
+  echo "warning: the launcher ($ACCELERATE launch) was ended by SIG${ended_by#SIG} (exit $rc)$([ -n "$stop_signal" ] && echo ", after this script passed it SIG$stop_signal"); its ranks save their last step and stop" >&2
+fi
 
 # ranks the launcher left behind (it gave up on them, see above) finish their save before this
 # script ends: SLURM kills what is left of a job step once its tasks have exited

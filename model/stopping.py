@@ -36,11 +36,12 @@ IN_TRAINING = 'finishing the step or evaluation batch in progress, then saving a
 
 
 class Stopped(BaseException):
-    """A stop by signal. ``kept`` says what the command kept (e.g. the state it saved)."""
+    """A stop by signal. ``kept`` says what the command kept (e.g. the state it saved); ``said``
+    what stopped it, where that is more than the signal's name (:meth:`StopSignals.said`)."""
 
-    def __init__(self, signum: int, kept: str = ''):
+    def __init__(self, signum: int, kept: str = '', said: str = ''):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.kept = int(signum), kept
+        self.signum, self.kept, self.said = int(signum), kept, said or signal.Signals(signum).name
 
     @property
     def name(self) -> str:
@@ -55,8 +56,8 @@ class Interrupted(Stopped, KeyboardInterrupt):
     """A stop by SIGINT (Ctrl-C)."""
 
 
-def stop_error(signum: int, kept: str = '') -> Stopped:
-    return (Interrupted if signum == signal.SIGINT else Stopped)(signum, kept)
+def stop_error(signum: int, kept: str = '', said: str = '') -> Stopped:
+    return (Interrupted if signum == signal.SIGINT else Stopped)(signum, kept, said)
 
 
 class StopSignals:
@@ -64,6 +65,10 @@ class StopSignals:
 
     def __init__(self):
         self.signum = 0  # the stop's signal; 0 while none came
+        # where the stop came from, when not a signal sent to this process: 'launcher' (the SIGTERM the kernel
+        # sends a rank whose launcher died, stop_with_launcher), 'rank' (another rank's stop, followed)
+        self.source = ''
+        self.peer_signum = 0  # 'rank': the signal the ranks said they got (0: not known)
         self.since = 0.0  # time.monotonic() of the first signal
         self.raised = False  # a Stopped is on its way out: nothing raises another one
         self._critical = 0
@@ -107,27 +112,42 @@ class StopSignals:
                 os.write(2, b'second Ctrl-C: aborting now (the last complete state is kept)\n')
                 os._exit(130)
             return  # a copy of the signal that is being handled
-        self._record(signum)
+        self._record(signum, 'launcher' if signum == signal.SIGTERM and launcher_gone() else '')
         if self.finished:
-            os.write(2, f'{signal.Signals(signum).name} after the work was done: nothing to stop, exiting as '
-                        f'done\n'.encode())
+            os.write(2, f'{self.said()} after the work was done: nothing to stop, exiting as done\n'.encode())
             return
         if self._polling:
-            os.write(2, f'{signal.Signals(signum).name}: {self.polled_says} (Ctrl-C again after {REPEAT_S:.0f} s '
+            os.write(2, f'{self.said()}: {self.polled_says} (Ctrl-C again after {REPEAT_S:.0f} s '
                         f'aborts at once)\n'.encode())
         elif not self._critical:
             raise self.stopped()
 
-    def _record(self, signum: int) -> None:
-        self.signum, self.since = int(signum), time.monotonic()
+    def _record(self, signum: int, source: str = '') -> None:
+        self.signum, self.since, self.source = int(signum), time.monotonic(), source
         # the process is on its way out with 128 + signal: a launcher's later SIGTERM must not
         # turn that into a death by signal, even once the interpreter has given its handlers up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def follow(self, signum: int) -> None:
-        """Another rank's stop: this rank leaves the same way."""
+    def follow(self, signum: int = 0) -> None:
+        """Another rank's stop (its signal, 0 where not known): this rank leaves the same way, as at
+        a SIGTERM where the signal is not known, and says it was another rank's."""
         if not self.signum:
-            self._record(signum)
+            self._record(signum or signal.SIGTERM, 'rank')
+            self.peer_signum = int(signum)
+
+    def said(self) -> str:
+        """What stopped this process, in words: the signal it was sent, or what is known where it
+        was sent none of its own -- never a signal it did not get. A rank whose launcher died gets
+        SIGTERM from the kernel whatever ended the launcher (SIGKILL, a crash): that is not known
+        here (the start script names it)."""
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        if self.source == 'launcher':
+            return (f'{name} (its launcher, pid {_PARENT}, was gone: the kernel sends a rank {name} when its launcher '
+                    f'dies, whatever ended that, which is not known here)')
+        if self.source == 'rank':
+            return f'another rank\'s {signal.Signals(self.peer_signum).name}' if self.peer_signum else \
+                'another rank\'s stop'
+        return name
 
     # --- regions ---
 
@@ -184,7 +204,7 @@ class StopSignals:
     def stopped(self, kept: str = '') -> Stopped:
         """The exception that ends this process's stop (raise it)."""
         self.raised = True
-        return stop_error(self.signum or signal.SIGTERM, kept)
+        return stop_error(self.signum or signal.SIGTERM, kept, self.said() if self.signum else '')
 
     def seconds_since_signal(self) -> float:
         return time.monotonic() - self.since if self.signum else 0.0
@@ -226,6 +246,30 @@ def die_with_parent() -> None:
 
 
 _PARENT = os.getppid()  # the process that started this one (read at import, as early as can be)
+_WATCHING_LAUNCHER = False  # stop_with_launcher set PR_SET_PDEATHSIG: a SIGTERM may be the launcher's death
+
+
+def launcher_gone(wait_s: float = 0.05) -> bool:
+    """This rank watches its launcher (:func:`stop_with_launcher`) and the launcher is gone or
+    dying: a SIGTERM now is the kernel's, for that death. The kernel sends it when the launcher's
+    thread that started the rank exits, and a SIGKILLed launcher's threads exit one by one: the
+    rank is first handed to a sibling thread (the same pid) -- so the launcher's main thread, a
+    zombie then, is looked at too, for up to ``wait_s`` (a launcher passing a stop on lives on
+    while its ranks save). Either way the rank got SIGTERM and its launcher is gone: both said."""
+    if not _WATCHING_LAUNCHER:
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(f'/proc/{_PARENT}/stat', 'rb') as f:
+                state = f.read().rpartition(b')')[2].split()[0]
+        except (OSError, IndexError):
+            state = b'X'
+        if os.getppid() != _PARENT or state in (b'Z', b'X'):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def stop_with_launcher() -> None:
@@ -237,12 +281,15 @@ def stop_with_launcher() -> None:
     gone already, the stop comes now."""
     if not sys.platform.startswith('linux') or not os.environ.get('TORCHELASTIC_RUN_ID'):
         return
+    global _WATCHING_LAUNCHER
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0):  # 1: PR_SET_PDEATHSIG
+            return
     except (OSError, AttributeError):
         return
+    _WATCHING_LAUNCHER = True
     if os.getppid() != _PARENT:  # the agent died between this process's start and the prctl
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -321,7 +368,7 @@ def stop_line(stop: Stopped) -> str:
     """The one line a face prints for a stop (each rank its own, under a launcher)."""
     kept = stop.kept or OUTPUTS.describe()
     rank = os.environ.get('RANK', '') if int(os.environ.get('WORLD_SIZE', '1') or 1) > 1 else ''
-    return f'{f"rank {rank}: " if rank else ""}stopped by {stop.name}: {kept}'
+    return f'{f"rank {rank}: " if rank else ""}stopped by {stop.said}: {kept}'
 
 
 def report(stop: Stopped) -> int:

@@ -355,4 +355,9 @@ def test_ranks_whose_launcher_is_killed_save_and_stop_and_free_the_place(tmp_pat
             os.killpg(agent.pid, signal.SIGKILL)
     saved = state_folders(out / 'state')  # save_steps is never reached: only a stop saves
     assert saved and int(saved[-1].split('-')[1]) >= 5, saved
+    # each rank says its SIGTERM came with its launcher gone (the kernel's, whatever ended the launcher: SIGKILL here)
+    log = open(glob.glob(f'{out}/logs/*.log')[0], encoding='utf-8').read()
+    for rank in (0, 1):
+        assert f'rank {rank}: stopped by SIGTERM (its launcher, pid {agent.pid}, was gone: the kernel sends a rank ' \
+               f'SIGTERM when its launcher dies, whatever ended that, which is not known here) at step' in log, log[-3000:]
     assert locks.is_locked(str(out)) is None  # the requeue can start

@@ -370,6 +370,22 @@ def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_p
     assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]  # afresh, as answered
 
 
+def test_the_start_script_names_the_signal_that_ended_its_launcher(data, tmp_path):
+    """A launcher killed by SIGKILL: its ranks are sent SIGTERM by the kernel and cannot tell what
+    ended it (their logs say their launcher ended); the start script, which waits for it, can: it
+    names SIGKILL, not SIGTERM, and exits with the launcher's code."""
+    launcher = tmp_path / 'accelerate'
+    launcher.write_text('#!/bin/bash\nkill -KILL $$\n')  # a launcher SIGKILLed from outside, at once
+    launcher.chmod(0o755)
+    env = {**ENV, 'PYTHON': sys.executable, 'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1', 'ACCELERATE': str(launcher)}
+    r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 137, r.stderr[-3000:]
+    assert f'warning: the launcher ({launcher} launch) was ended by SIGKILL (exit 137); its ranks save their last ' \
+           f'step and stop' in r.stderr, r.stderr[-3000:]
+    assert 'SIGTERM' not in r.stderr
+
+
 @pytest.mark.slow
 def test_start_script_launches_two_processes_with_accelerate(data, tmp_path):
     """NUM_GPUS=2 takes the guide's `accelerate launch --multi_gpu` path (on CPU here)."""

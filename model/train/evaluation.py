@@ -131,7 +131,9 @@ class Evaluator:
         try:
             for _ in range(math.ceil(rows / global_batch)):
                 fault_point('eval-loss', step)
-                if self.collectives.stop_signal_all_ranks(STOP.signum):
+                signum = self.collectives.stop_signal_all_ranks(STOP.signum)
+                if signum:
+                    STOP.follow(signum)  # a rank not signalled itself: it stops as the others, saying whose it was
                     return None
                 batch = next(batches, None) or to_torch(placeholder_batch(self.tokenizer.eos_token_id))
                 with self.accelerator.autocast():

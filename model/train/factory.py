@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import dataclass
 
 from config import ResolvedConfig
@@ -108,8 +107,7 @@ def stop_at_start_up_all_ranks(collectives) -> None:
     STOP.follow(signum)
     seconds = STOP.seconds_since_signal()
     logger.warning('rank %d: stopped by %s during start-up, %.1f s after the signal: nothing was '
-                   'trained, saved or moved', collectives.accelerator.process_index, signal.Signals(signum).name,
-                   seconds)
+                   'trained, saved or moved', collectives.accelerator.process_index, STOP.said(), seconds)
     raise STOP.stopped(f'during start-up, {seconds:.1f} s after the signal: nothing was trained, saved or moved')
 
 

@@ -28,7 +28,6 @@ import datetime
 import itertools
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -160,8 +159,8 @@ class Trainer:
                         continue
                     label_tokens = [int((b['labels'] != LABEL_PAD_ID).sum()) for b in micro]
                     global_tokens, stop_requested = self.collectives.sum_all_ranks([sum(label_tokens), STOP.signum])
-                    if stop_requested:  # a rank that got no signal itself stops as for SIGTERM
-                        STOP.follow(signal.SIGTERM)
+                    if stop_requested:  # a rank that got no signal itself stops as for SIGTERM, saying whose it was
+                        STOP.follow()
                         raise self.stop_all_ranks(position)
                     self.train_step(micro, label_tokens, global_tokens)
                     state.global_step += 1
@@ -350,9 +349,9 @@ class Trainer:
     def stop_all_ranks(self, position: dict | None) -> Stopped:
         """Save the last completed step (at the data position from before the step not taken),
         unless it is saved already; the Stopped to raise."""
-        name, step = signal.Signals(STOP.signum).name, self.state.global_step
+        name, step = STOP.said(), self.state.global_step
         if self.needs_save():
-            logger.warning('%s received: saving state at step %d', name, step)
+            logger.warning('%s: saving state at step %d', name, step)
             path = self.save_all_ranks(data_state=position)
             kept = f'the state at step {step} saved in {path}'
         elif step:
@@ -407,6 +406,6 @@ def run_training(cfg: ResolvedConfig, resume: bool = False) -> int:
             if trainer.lock is not None:
                 trainer.lock.release()
     if STOP.signum:
-        logger.warning('%s came after the last step was saved: the run is complete', signal.Signals(STOP.signum).name)
+        logger.warning('%s came after the last step was saved: the run is complete', STOP.said())
     trainer.accelerator.end_training()
     return code
