@@ -52,6 +52,7 @@ from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, Mod
                     T5ModelConfig, TrainConfigPretrainLarge, resolve_config, validate_decode)
 from model.cli import check_repeated_flags, coerce, format_options, quiet_on_broken_pipe, unknown_option
 from model.errors import UserError
+from model.state import ownership
 
 TOKENIZER_FIELDS = ('train_file', 'tokenizer_dir', 'vocab_size', 'tokenizer_max_rows',
                     'character_coverage', 'seed')
@@ -163,7 +164,8 @@ def dry_run_report(cfg: ResolvedConfig, resume: bool, rows_per_s: float = 0.0, k
         return 0
     print('not ready:')
     for p in report.problems:
-        print(f'  - {p.message}' + (f'\n    {p.fix}' if p.fix else ''))
+        print(f'  - {ownership.as_given(p.message)}' + (f'\n    {ownership.as_given(p.fix, name_links=False)}'
+                                                       if p.fix else ''))
     return 1
 
 
@@ -450,8 +452,8 @@ def main(argv=None) -> None:
 
         check_repeated_flags(args[1:], positional=False)
         fire.Fire(COMMANDS, command=args)
-    except UserError as e:
-        sys.exit(_error(str(e)))
+    except UserError as e:  # a place given through a link to nothing: said as given (ownership.as_given)
+        sys.exit(_error(ownership.error_as_given(e)))
     except stopping.Stopped as e:  # training saved what it could; elsewhere nothing half-written stays
         sys.exit(stopping.report(e))
     except KeyboardInterrupt:  # raised by a library itself rather than by the stop's handler

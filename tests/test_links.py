@@ -235,6 +235,38 @@ def test_a_link_into_a_folder_that_is_not_there_is_one_line_before_anything_is_m
     assert resolve_place(str(tmp_path / 'link_to_new'), 'output_dir') == str(tmp_path / 'scratch' / 'new_run')
 
 
+def test_a_place_given_as_a_link_to_nothing_is_named_as_given_with_the_link_and_its_target(tmp_path, data):
+    """--output_dir (or another path) given as a link to a place not there yet: the messages named
+    the link's target, a path the user never typed. Now they name the path as given, and say once
+    that it is a link to a place not there, naming the target; the dry run notes it too. Nothing is
+    made (the link stays a link to nothing)."""
+    (tmp_path / 'scratch').mkdir()
+    out, target = tmp_path / 'out_link', tmp_path / 'scratch' / 'run'
+    os.symlink(target, out)
+    flags = [f for f in tiny_flags(data, out) if f.split('=')[0] not in ('--model_file', '--train_state_dir', '--log_dir')]
+    said = f'({out} is a link to {target}, which is not there)'
+    r = cli('train', *flags, '--is_keep_training=True')
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f'error: --is_keep_training=True but no complete saved state in {out}/train_latest_state {said}; start '
+        f'without --is_keep_training (or check --train_state_dir)'], r.stderr
+    dry = cli('train', *flags, '--dry_run=True')
+    assert dry.returncode == 0, dry.stdout
+    assert f'note: output_dir: {out} is a link to {target}, which is not there yet: the run makes it there\n' in dry.stdout
+    r = cli('generate', f'--output_dir={out}', f'--tokenizer_dir={data["tok"]}', '--prompts=你好')
+    assert r.returncode == 2 and r.stderr.startswith(f'error: no trained model in {out}/best or {out}/final'), r.stderr
+    assert said in r.stderr and f'{target}/' not in r.stderr, r.stderr
+    train = tmp_path / 'train_link.parquet'  # an input: said the same way, in the dry run's problems and the run's error
+    os.symlink(tmp_path / 'scratch' / 'train.parquet', train)
+    flags = tiny_flags(data, tmp_path / 'run', train_file=train)
+    dry = cli('train', *flags, '--dry_run=True')
+    assert dry.returncode == 1 and (f'  - train_file: {train}: no such file ({train} is a link to {tmp_path}/scratch/'
+                                    f'train.parquet, which is not there)\n') in dry.stdout, dry.stdout
+    r = cli('train', *flags)
+    assert r.returncode == 2 and r.stderr.startswith(f'error: train_file: {train}: no such file ({train} is a link to '), \
+        r.stderr
+    assert os.listdir(tmp_path / 'scratch') == [] and os.path.islink(out) and not os.path.exists(out)
+
+
 def test_every_file_output_refuses_a_link_whose_target_is_written_as_a_folder(tmp_path):
     """p.png -> x.png/ was refused for prepare_data's outputs only: plot --out, test --out and every
     file the toolkit writes resolve their place one way (ownership.resolve_place(file=True))."""

@@ -55,7 +55,46 @@ def resolve_place(path: str, what: str, file: bool = False) -> str:
                         f'output is a file: fix the link, or give the file itself')
     check_dangling_links(str(path), what)
     check_name_lengths(real, what)
+    link = link_to_nothing(str(path))
+    if link:
+        THROUGH_LINKS_TO_NOTHING[real] = (str(path), *link)
     return real
+
+
+# The places resolved through a link to a place not there yet: real path -> (the path as given, the link,
+# its target). Everything after reads and writes the real path, and its messages name it: as_given says
+# them with the path the user typed, and that it is such a link (said at the face, in the dry run's lines)
+THROUGH_LINKS_TO_NOTHING: dict[str, tuple[str, str, str]] = {}
+
+
+def link_to_nothing(path: str) -> tuple[str, str] | None:
+    """(the link, its target) of the first link in path whose target is not there, or None."""
+    parts = os.path.abspath(os.path.expanduser(path)).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:i])
+        if os.path.islink(prefix) and not os.path.exists(prefix):
+            return prefix, os.path.realpath(prefix)
+    return None
+
+
+def as_given(text: str, fix: str = '', name_links: bool = True) -> str:
+    """A message (and its fix) with each real path of a place given through a link to nothing
+    (resolve_place) said as the user gave it, and that link named once after the message, with its
+    target: what the user typed is what they find in the message."""
+    links = []
+    for real, (given, link, target) in sorted(THROUGH_LINKS_TO_NOTHING.items(), key=lambda kv: -len(kv[0])):
+        pattern = re.compile(re.escape(real) + r'(?=$|/|[\s;:,)\'"])')
+        found = pattern.search(text) or pattern.search(fix)
+        text, fix = (pattern.sub(lambda m: given.rstrip(os.sep) or given, x) for x in (text, fix))
+        if found and (link, target) not in links:
+            links.append((link, target))
+    said = ''.join(f' ({link} is a link to {target}, which is not there)' for link, target in links if name_links)
+    return text + said + (f'; {fix}' if fix else '')
+
+
+def error_as_given(e: UserError) -> str:
+    """A UserError's line, its paths as the user gave them (:func:`as_given`)."""
+    return as_given(e.message, e.fix)
 
 
 def check_dangling_links(path: str, what: str) -> None:

@@ -82,7 +82,8 @@ class Report:
         if self.problems:
             more = len(self.problems) - 1
             tail = f' (and {more} more problem(s): run with --dry_run=True to list them)' if more else ''
-            raise UserError(sorted(self.problems, key=lambda p: not p.first)[0].line() + tail)
+            first = sorted(self.problems, key=lambda p: not p.first)[0]
+            raise UserError(first.message, first.fix + tail) if first.fix else UserError(first.message + tail)
 
 
 def _cli(cfg: ResolvedConfig, command: str) -> str:
@@ -95,6 +96,7 @@ def resolve_places(cfg: ResolvedConfig) -> ResolvedConfig:
     reads and writes where they point, and never replaces a link. A pattern keeps its magic part
     (its folder before the first '*?[' is resolved); model_file keeps its file name."""
     t = dataclasses.replace(cfg.train)
+    ownership.THROUGH_LINKS_TO_NOTHING.clear()  # this command's places (ownership.as_given)
     for name in (*PATH_FIELDS, 'init_from'):
         value = getattr(t, name)
         if not value:
@@ -220,6 +222,13 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
                                        'move it away or choose another --model_file'))
     places = {'train_state_dir': t.train_state_dir, 'output_dir': t.output_dir, 'model_file': model_folder(t),
               'log_dir': t.log_dir}
+    links = set()  # given through a link to a place not there yet: the run makes it there (each link said once)
+    for name in ('output_dir', 'train_state_dir', 'model_file', 'log_dir'):
+        given, link, target = ownership.THROUGH_LINKS_TO_NOTHING.get(places[name], (None, None, None))
+        if given and link not in links:
+            links.add(link)
+            how = 'is a link' if os.path.abspath(given) == link else f'lies through {link}, a link'
+            report.notes.append(f'{name}: {given} {how} to {target}, which is not there yet: the run makes it there')
     for name, path in places.items():
         if os.path.exists(path) and not os.path.isdir(path):
             report.problems.append(Problem(name, f'{name}: {path} is a file, not a folder',
