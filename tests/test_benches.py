@@ -14,6 +14,7 @@ import pytest
 from conftest import ENV, ROOT, SHARED_DATA
 
 
+@pytest.mark.bench_smoke
 @pytest.mark.slow
 def test_bench_gpu_runs_on_the_cpu():
     tiny = json.dumps(dict(d_model=32, num_heads=2, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1))
@@ -177,6 +178,7 @@ def test_learning_benches_run_quick(bench, tmp_path):
                 r.stderr
 
 
+@pytest.mark.bench_smoke
 def test_bench_optimizer_runs_and_reports_both():
     r = subprocess.run([sys.executable, 'bench/bench_optimizer.py', '--sizes=demo', '--reps=2', '--threads=1'], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
@@ -278,6 +280,7 @@ def test_a_benchs_output_takes_a_new_name_never_an_earlier_runs(tmp_path):
     assert stem3.endswith('_quick') or '_quick-' in stem3
 
 
+@pytest.mark.bench_smoke
 @pytest.mark.slow
 @pytest.mark.parametrize('bench,whom', [('bench_train', 'the bench'), ('bench_train', 'all of it'),
                                         ('bench_recipe', 'the bench')])
@@ -351,6 +354,7 @@ def test_a_bench_removes_only_the_temporary_folders_it_made(tmp_path, monkeypatc
     assert (tmp_path / made / 'keep.txt').read_text() == 'also mine'
 
 
+@pytest.mark.bench_smoke
 def test_bench_step_times_the_batch_it_is_given():
     r = subprocess.run([sys.executable, 'bench/bench_step.py', '--task=numbers', '--batch=8', '--batches=2', '--rounds=1',
                         '--threads=1'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
