@@ -14,8 +14,17 @@ that is not `[sys.executable, <a face>, ...]`, or asks for what a fork cannot gi
 preexec_fn, pass_fds, uid/gid, executable), runs as a real subprocess.
 CHAT_SMALL_T5_TEST_FORK=0 runs everything as real subprocesses.
 
+A shell script that runs the faces through $PYTHON (start_pretrain_large.sh, one process: its dry
+runs and its `exec "$PY" train_low_mem.py train ...`) gets the same from `script_env(env)`:
+PYTHON is then tests/zygote_python, a client (this file run as `cli_runner.py client ARGS`) that has
+`python FACE ARGS` forked from the zygote with its own stdio, cwd and environment, passes on the
+signals it gets and exits as the child did; any other invocation (`-m`, `-c`, another
+script, an environment the zygote did not import under) execs the real interpreter. The child is
+the zygote's, not the client's: a test that kills the client (SIGKILL) or reads the process tree
+runs the real interpreter.
+
 What is read at import time (HF_HUB_OFFLINE, OMP_NUM_THREADS, HOME, ...) is the zygote's: one
-zygote per distinct value of the environment outside RUNTIME_ENV, so a child's environment is
+zygote per distinct value of the environment outside RUNTIME_ENV (and SLURM_*), so a child's environment is
 always the one its libraries were imported under.
 """
 
@@ -36,7 +45,12 @@ SWITCH = 'CHAT_SMALL_T5_TEST_FORK'
 FORKED_SCRIPTS = ('train_low_mem.py', 'prepare_data.py')
 # Read only at run time, by the project or by pytest: a child may differ from its zygote here.
 RUNTIME_ENV = ('PYTEST_CURRENT_TEST', 'RECORD_USER_ERRORS', 'NUM_GPUS', 'WORLD_SIZE', 'RANK', 'LOCAL_RANK',
-               'ACCELERATE_USE_CPU', 'CHAT_SMALL_T5_FAULT')
+               'ACCELERATE_USE_CPU', 'CHAT_SMALL_T5_FAULT',
+               # read by the start script only, or set by bash for what it runs
+               'RESUME', 'PYTHON', 'PWD', 'OLDPWD', 'SHLVL', '_',
+               'CHAT_SMALL_T5_TEST_ZYGOTE', 'CHAT_SMALL_T5_TEST_PYTHON')
+ZYGOTE_SOCKET = 'CHAT_SMALL_T5_TEST_ZYGOTE'  # script_env: the zygote a client asks
+CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'zygote_python')
 # What the faces import, including transformers' lazily loaded parts (measured with -X importtime).
 # One that fails to import is left out: the child then meets the same error where the face imports it.
 PRELOAD = (
@@ -151,7 +165,7 @@ def fork_request(args, cwd, env, umask, start_new_session) -> dict | None:
 
 
 def import_time_env(env: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items() if k not in RUNTIME_ENV))
+    return tuple(sorted((k, v) for k, v in env.items() if k not in RUNTIME_ENV and not k.startswith('SLURM_')))
 
 
 _zygotes: dict[tuple, Zygote] = {}
@@ -166,6 +180,15 @@ def zygote_for(env: dict) -> Zygote:
         if key not in _zygotes:
             _zygotes[key] = Zygote(dict(key))
         return _zygotes[key]
+
+
+def script_env(env: dict) -> dict:
+    """env for a shell script that runs the faces through $PYTHON: PYTHON is the client (see the
+    module's docstring), pointed at the zygote of env; without forking, env unchanged."""
+    if not forking_enabled():
+        return env
+    env = {**env, 'PYTHON': CLIENT, 'CHAT_SMALL_T5_TEST_PYTHON': sys.executable}
+    return {**env, ZYGOTE_SOCKET: zygote_for(env).socket_path}
 
 
 def prestart(env: dict) -> None:
@@ -197,6 +220,8 @@ class Zygote:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         listener.listen(64)
+        with open(self.socket_path + '.env', 'w', encoding='utf-8') as f:  # what a client compares its own with
+            json.dump(import_time_env(env), f)
         control_read, self.control = os.pipe()
         with open(self.log_path, 'wb') as log, listener:
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), 'zygote', str(listener.fileno()),
@@ -393,5 +418,54 @@ def _system_exit_status(e: SystemExit) -> int:
     return 1
 
 
+# --------------------------------------------------------------------------- the client ($PYTHON)
+
+
+def client(argv: list[str]) -> None:
+    """`python ARGS` as a shell script runs it: forked from the zygote at ZYGOTE_SOCKET when ARGS
+    is a face and this environment is the one it imported under, else the real interpreter."""
+    real = os.environ.get('CHAT_SMALL_T5_TEST_PYTHON') or sys.executable
+    request = fork_request([sys.executable, *argv], None, None, -1, False)
+    socket_path = os.environ.get(ZYGOTE_SOCKET, '')
+    try:
+        with open(socket_path + '.env', encoding='utf-8') as f:
+            same = [list(kv) for kv in import_time_env(dict(os.environ))] == json.load(f)
+    except OSError:
+        same = False
+    if request is None or not same:
+        os.execv(real, [real, *argv])
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(socket_path)
+    payload = json.dumps(request).encode()
+    socket.send_fds(conn, [len(payload).to_bytes(8, 'big') + payload], [0, 1, 2])
+
+    def line() -> int:
+        got = b''
+        while not got.endswith(b'\n'):
+            part = conn.recv(64)  # a signal's handler runs, then this goes on (PEP 475)
+            if not part:
+                os._exit(70)
+            got += part
+        return int(got)
+
+    pid = line()
+
+    def pass_on(signum, frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, pass_on)
+    code = os.waitstatus_to_exitcode(line())
+    if code < 0:  # ended by a signal: so does this process, as the interpreter's would
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
 if __name__ == '__main__' and sys.argv[1:2] == ['zygote']:
     serve(int(sys.argv[2]), int(sys.argv[3]))
+elif __name__ == '__main__' and sys.argv[1:2] == ['client']:
+    client(sys.argv[2:])

@@ -558,7 +558,7 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
         in fresh.stdout, fresh.stdout
     assert f'then start afresh, {keep}: --init_from={out}/chat_small_t5.4.bin' in fresh.stdout, fresh.stdout
     # the start script with RESUME=auto (a job's requeue): said once, not as a fresh run and again as a resume
-    env = {**ENV, 'RESUME': 'auto', 'ACCELERATE_USE_CPU': '1', 'NUM_GPUS': '1', 'PYTHON': sys.executable}
+    env = cli_runner.script_env({**ENV, 'RESUME': 'auto', 'ACCELERATE_USE_CPU': '1', 'NUM_GPUS': '1'})
     script = subprocess.run(['bash', 'start_pretrain_large.sh', *flags], cwd=ROOT, capture_output=True, text=True,
                             env=env, stdin=subprocess.DEVNULL, timeout=300)
     assert script.returncode == 1 and script.stderr.count('every saved state') == 1, script.stderr[-3000:]
@@ -606,7 +606,7 @@ def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):
 
 
 def test_start_script_keeps_relative_paths_and_checks_num_gpus(tmp_path, data):
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin'})
     script = os.path.join(ROOT, 'start_pretrain_large.sh')
     bad = subprocess.run(['bash', script, '--dry_run=True'], cwd=tmp_path, env={**env, 'NUM_GPUS': 'abc'},
                          capture_output=True, text=True, timeout=120)

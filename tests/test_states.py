@@ -7,9 +7,10 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 import pytest
+
+import cli_runner
 
 from model.errors import UserError
 from model.state import contract, markers, ownership as own, previous_runs as pr
@@ -1274,7 +1275,7 @@ def test_a_resumed_run_ends_the_copy_a_cut_fresh_runs_move_left(data, tmp_path):
     assert r.returncode == 2 and f'was moving the earlier run into {archive} and was cut short' in r.stderr, r.stderr
     from conftest import ENV
     from test_trainer import finished, start_script  # a requeue of the batch job (RESUME=auto, no terminal)
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'NUM_GPUS': '0', 'RESUME': 'auto'}
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin', 'NUM_GPUS': '0', 'RESUME': 'auto'})
     r = finished(start_script(tiny_flags(data, out, max_steps=12, save_steps=5), env))
     assert r.returncode == 1 and f'moving that run into {archive}/ and was cut short, its states already there: ' \
         'RESUME=no finishes that move' in r.stderr, r.stderr[-3000:]

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import cli_runner
 from conftest import (ENV, ROOT, assert_same_weights, logged_losses, make_texts, run_train, state_folders,
                       tiny_flags, torchrun, weights, write_parquet)
 
@@ -239,7 +240,7 @@ def test_two_ranks_equal_one_rank_and_accumulation(data, tmp_path):
 
 @pytest.mark.slow
 def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable}  # no nvidia-smi on this PATH
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin'})  # no nvidia-smi on this PATH
     missing = subprocess.run(['bash', 'start_pretrain_large.sh', f'--train_file={tmp_path}/none.parquet'],
                              cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                              timeout=120)
@@ -261,7 +262,7 @@ def test_start_script_checks_inputs_and_launches_on_cpu(data, tmp_path):
 def test_a_requeued_job_that_finds_no_state_says_so_before_it_starts_over(data, tmp_path):
     """A requeue (SLURM_RESTART_COUNT > 0) whose output link now points at an empty folder trained
     from step 0 without a word; a first start, or a requeue that finds its state, says nothing."""
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin', 'RESUME': 'auto', 'NUM_GPUS': '0'})
     out = tmp_path / 'run'
     script = ['bash', 'start_pretrain_large.sh', *tiny_flags(data, out, save_steps=2, eval_steps=100)]
 
@@ -285,7 +286,7 @@ def test_the_start_script_with_resume_auto_resumes_where_only_a_fresh_run_is_ref
     """A requeue (RESUME=auto) checked a fresh run first and stopped at what only a fresh run meets
     (an earlier state it cannot move aside: damaged), though the newest state resumed fine; and
     --is_keep_training=False beside RESUME=auto started afresh at every requeue."""
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin', 'RESUME': 'auto', 'NUM_GPUS': '0'})
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, save_steps=2, keep_latest_n_ckp=2, eval_steps=100)
     assert run_train(flags, '--max_steps=6').returncode == 0
@@ -339,7 +340,7 @@ def test_the_start_script_with_resume_auto_checks_the_resume_it_runs(data, tmp_p
     """A fresh run was ready but the resume RESUME=auto runs was not (the model's shape changed): the
     script went on, and the trainer refused it only after the launcher had started every rank. On
     a terminal (RESUME=ask) the question offered that resume, and refused its own default answer."""
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'RESUME': 'auto', 'NUM_GPUS': '0'}
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin', 'RESUME': 'auto', 'NUM_GPUS': '0'})
     ask = {**env, 'RESUME': 'ask'}
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, save_steps=2, eval_steps=100)
@@ -446,7 +447,7 @@ def test_a_batch_job_of_the_start_script_resumes_and_never_restarts_over_an_earl
     saved state, moving the job's progress aside at every requeue: it now resumes, the question's
     own default. And a resume that finds no state while the output holds an earlier run (its states
     behind a link to node-local scratch this node lacks) stops instead of starting over at step 0."""
-    env = {**ENV, 'PATH': '/usr/bin:/bin', 'PYTHON': sys.executable, 'NUM_GPUS': '0'}
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin', 'NUM_GPUS': '0'})
     out, scratch = tmp_path / 'run', tmp_path / 'scratch'
     os.makedirs(scratch / 'states')
     os.makedirs(out)
