@@ -184,9 +184,9 @@ def zygote_for(env: dict) -> Zygote:
 
 def script_env(env: dict) -> dict:
     """env for a shell script that runs the faces through $PYTHON: PYTHON is the client (see the
-    module's docstring), pointed at the zygote of env; without forking, env unchanged."""
+    module's docstring), pointed at the zygote of env; without forking, this interpreter."""
     if not forking_enabled():
-        return env
+        return {**env, 'PYTHON': sys.executable}
     env = {**env, 'PYTHON': CLIENT, 'CHAT_SMALL_T5_TEST_PYTHON': sys.executable}
     return {**env, ZYGOTE_SOCKET: zygote_for(env).socket_path}
 
