@@ -89,8 +89,7 @@ class Popen(subprocess.Popen):
         # -1: the child inherits ours, as a real subprocess would
         stdio = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                  errwrite if errwrite != -1 else 2]
-        self._zygote_conn, self.pid = zygote_for(request['env']).launch(request, stdio)
-        self._zygote_reply = b''
+        self._zygote_conn, self.pid, self._zygote_reply = zygote_for(request['env']).launch(request, stdio)
         self._child_created = True
         self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
 
@@ -233,8 +232,9 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def launch(self, request: dict, stdio: list[int]) -> tuple[socket.socket, int]:
-        """Sends the request with the child's stdin, stdout, stderr; returns (the connection, its pid)."""
+    def launch(self, request: dict, stdio: list[int]) -> tuple[socket.socket, int, bytes]:
+        """Sends the request with the child's stdin, stdout, stderr; returns (the connection, its pid,
+        what was read past the pid's line)."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -244,12 +244,13 @@ class Zygote:
             payload = json.dumps(request).encode()
             socket.send_fds(conn, [len(payload).to_bytes(8, 'big') + payload], stdio)
             reply = b''
-            while not reply.endswith(b'\n'):
+            while b'\n' not in reply:
                 part = conn.recv(64)
                 if not part:
                     raise RuntimeError(self._failure('closed the connection instead of forking'))
                 reply += part
-            return conn, int(reply)
+            pid, rest = reply.split(b'\n', 1)  # a child that ended at once: its status came in the same read
+            return conn, int(pid), rest
         except BaseException:
             conn.close()
             raise
@@ -439,13 +440,12 @@ def client(argv: list[str]) -> None:
     payload = json.dumps(request).encode()
     socket.send_fds(conn, [len(payload).to_bytes(8, 'big') + payload], [0, 1, 2])
 
+    replies = conn.makefile('rb')  # the pid's line, then the status's (both at once from a child that ends at once)
+
     def line() -> int:
-        got = b''
-        while not got.endswith(b'\n'):
-            part = conn.recv(64)  # a signal's handler runs, then this goes on (PEP 475)
-            if not part:
-                os._exit(70)
-            got += part
+        got = replies.readline()  # a signal's handler runs, then this goes on (PEP 475)
+        if not got.endswith(b'\n'):
+            os._exit(70)
         return int(got)
 
     pid = line()

@@ -148,3 +148,34 @@ def test_a_broken_request_leaves_the_zygote_serving(probe):
             assert conn.recv(64) == b''  # no pid: closed
     r = cli_runner.run([sys.executable, 'probe.py', 'exit', '5'], cwd=probe, env=ENV, timeout=120)
     assert r.returncode == 5 and zygote.alive()
+
+
+FAST_FAIL = ['prepare_data.py', 'convert', '/nonexistent.csv', '/nonexistent.parquet']
+# the client, slowed after it sent its request: the child has ended before it reads the pid, so the pid's line
+# and the status's arrive in one read (a loaded machine; a face that fails at once)
+SLOW_CLIENT = '''
+import socket, sys, time
+sys.path.insert(0, 'tests')
+import cli_runner
+send = socket.send_fds
+socket.send_fds = lambda *a: (send(*a), time.sleep(1))[0]
+cli_runner.client(sys.argv[1:])
+'''
+
+
+def test_the_start_scripts_python_client_ends_as_the_real_interpreter_would(tmp_path):
+    """tests/zygote_python ($PYTHON of script_env): a face's exit status and output are the real
+    interpreter's, also when the child ends before the client reads its pid (it crashed on the
+    two lines read at once, exit 1, while the child's own output looked right); anything not a
+    face runs the real interpreter."""
+    from conftest import ROOT
+
+    env = cli_runner.script_env({**ENV, 'PATH': '/usr/bin:/bin'})
+    real = subprocess.run([sys.executable, *FAST_FAIL], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert real.returncode == 2 and 'no such file' in real.stderr, real.stderr
+    for how in ([cli_runner.CLIENT], [sys.executable, '-c', SLOW_CLIENT]):
+        r = subprocess.run([*how, *FAST_FAIL], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == (real.returncode, real.stdout, real.stderr), (how, r.stderr)
+    r = subprocess.run([cli_runner.CLIENT, '-c', 'import os, sys; print(os.getppid() == int(sys.argv[1]))',
+                        str(os.getpid())], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == 'True\n', r.stderr  # not a face: exec'd in place, our own child
