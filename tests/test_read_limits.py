@@ -333,33 +333,32 @@ def test_the_guard_makes_a_reader_failure_one_line_naming_the_file_and_place(err
 def test_the_csv_quote_scan_lets_go_of_the_pages_it_read_past(tmp_path, monkeypatch):
     """convert's scan for a quote left open maps the whole CSV: it held every page it read as the
     process's resident memory (a 400 MB file: 900 MB peak, 618 MB without the scan), what `time
-    -v` and a cluster's job accounting show. Sampled from /proc while the scan runs."""
-    import threading
-
+    -v` and a cluster's job accounting show; and a file without quotes was read to its end by one
+    search, every page held. The peak is read from /proc."""
     from model.prep import readers
 
     monkeypatch.setattr(readers, '_DROP_EVERY', 1 << 20)
-    row = '"' + '长' * 40 + '","' + '答' * 4000 + '"\n'
-    path = tmp_path / 'big.csv'
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write('prompt,response\n' + row * (24 * (1 << 20) // len(row.encode())))
+    quoted = '"' + '长' * 40 + '","' + '答' * 4000 + '"\n'
+    plain = '长' * 40 + ',' + '答' * 4000 + '\n'  # no quote at all: one search would read to the end
+    for name, row in (('quoted.csv', quoted), ('plain.csv', plain), ('late.csv', quoted)):
+        with open(tmp_path / name, 'w', encoding='utf-8') as f:
+            f.write('prompt,response\n' + row * (24 * (1 << 20) // len(row.encode())))
+            if name == 'late.csv':  # quotes up front, then none
+                f.write(plain * (24 * (1 << 20) // len(plain.encode())))
+        held = _peak_memory_while(lambda: readers._quote_fault(str(tmp_path / name), ','))
+        assert held < 8 << 10, f'{held} KiB of {name} held'
 
-    def file_kib() -> int:
-        status = open('/proc/self/status').read()
-        return int(status.split('RssFile:')[1].split()[0])
 
-    base, peak, done = file_kib(), [0], threading.Event()
+def _peak_memory_while(scan) -> int:
+    """How far this process's peak resident memory (KiB) rose above its size while scan() ran: the
+    peak is reset first (/proc/self/clear_refs), so nothing of earlier tests counts."""
+    import re
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], file_kib() - base)
-            done.wait(0.001)
+    def status(key: str) -> int:
+        return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1))
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        assert readers._quote_fault(str(path), ',') is None
-    finally:
-        done.set()
-        sampler.join()
-    assert peak[0] < 8 << 10, f'{peak[0]} KiB of the 24 MiB file held'
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    base = status('VmRSS')
+    assert scan() is None
+    return status('VmHWM') - base

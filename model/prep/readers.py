@@ -339,7 +339,7 @@ def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             first = 3 if m[:3] == b'\xef\xbb\xbf' else 0
             pos, after, kept_from = first, None, 0
-            while (q := m.find(b'"', pos)) >= 0:
+            while (q := _next_quote(m, pos)) >= 0:
                 kept_from = _drop_mapped(m, kept_from, q)
                 if q != first and m[q - 1] not in value_starts:  # a quote inside an unquoted value: text
                     pos = q + 1
@@ -361,6 +361,20 @@ _QUOTED_VALUE = re.compile(rb'"[^"]*(?:""[^"]*)*("?)')
 _DROP_EVERY = 1 << 26  # bytes of a map read past before its pages are let go
 
 
+def _next_quote(m, pos: int) -> int:
+    """m.find(b'"', pos), looked for a window of _DROP_EVERY bytes at a time, the pages of each
+    window let go once passed: a file without quotes (or with none after some point) is otherwise
+    read to its end in one call, every page held."""
+    while pos < len(m):
+        end = min(pos + _DROP_EVERY, len(m))
+        q = m.find(b'"', pos, end)
+        if q >= 0:
+            return q
+        _drop_mapped(m, pos, end)
+        pos = end
+    return -1
+
+
 def _drop_mapped(m, kept_from: int, pos: int) -> int:
     """Lets go of a map's pages before ``pos`` (whole pages, once ``_DROP_EVERY`` bytes were read
     past ``kept_from``) and returns where the kept pages now start. A scan that touches every page
@@ -371,8 +385,8 @@ def _drop_mapped(m, kept_from: int, pos: int) -> int:
 
     if pos - kept_from < _DROP_EVERY:
         return kept_from
-    end = pos // mmap.PAGESIZE * mmap.PAGESIZE
-    m.madvise(mmap.MADV_DONTNEED, kept_from, end - kept_from)
+    start, end = (at // mmap.PAGESIZE * mmap.PAGESIZE for at in (kept_from, pos))  # madvise takes whole pages
+    m.madvise(mmap.MADV_DONTNEED, start, end - start)
     return end
 
 
