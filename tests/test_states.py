@@ -1436,6 +1436,13 @@ def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and
                             f'of its own in train_state_dir, never through a link; copy the state in its place: '
                             f'rm {link} && cp -r {newer} {link}'), str(e.value)
     assert sorted(os.listdir(new)) == ['state-000000010', 'state-000000020']  # nothing marked, nothing moved
+    renamed = new / 'state-000000090'  # a link under another name: the copy goes under the state's own (its step)
+    os.rename(link, renamed)
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).endswith(f'rm {renamed} && cp -r {newer} {new}/state-000000020 (under its own name: a state '
+                                 f'is named by its step, state-000000020)'), str(e.value)
+    os.rename(renamed, link)
     os.remove(link)  # as told: the copy is adopted and the newest state resumed
     shutil.copytree(newer, link)
     own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)

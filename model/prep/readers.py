@@ -36,7 +36,7 @@ DELIMITERS = {'csv': ',', 'tsv': '\t'}
 # \xHH, \uHHHH and \NNN (octal: Hive's exports separate by \001); the word tab is a tab too
 _ESCAPE = r'\\(?:[tnr\\]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[0-7]{1,3})'
 _NAMED_ESCAPES = {'t': '\t', 'n': '\n', 'r': '\r', '\\': '\\'}
-_ESCAPES_READ = "\\t or tab, \\xHH, \\uHHHH, \\NNN (octal, e.g. Hive's \\001)"
+_ESCAPES_READ = "\\t or tab, \\\\ (a backslash), \\xHH, \\uHHHH, \\NNN (octal, e.g. Hive's \\001)"
 
 
 def _unescape(value: str) -> str:
@@ -95,11 +95,13 @@ def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
     if len(value) != 1:
         what = 'is empty' if not value else f'is {len(value)} characters'
         raise UserError(f'{shown} {what}: {one}; escapes read: {_ESCAPES_READ}')
+    if value == '\0':
+        raise UserError(f'{shown}: a NUL byte cannot separate values; {one}')
     if value == '"':
         raise UserError(f'{shown}: a quote (") quotes values, it cannot separate them; {one}')
     if not value.isascii():
         raise UserError(f'{shown} is not an ASCII character, and the reader splits only at one of those; '
-                        f'{_NOT_ASCII_FIX}')
+                        f'{_not_ascii_fix(value)}')
     return value
 
 
@@ -442,9 +444,18 @@ _OTHER_DELIMITERS = {'\t': ('tab', '--delimiter=tab (or --format=tsv, or name it
                      '\x01': ('\\001 (Hive)', "--delimiter='\\001'"),
                      '\uff0c': ('full-width comma', None), '\uff1b': ('full-width semicolon', None)}
 # a file separated by a character beyond ASCII: pyarrow cannot split at it, and replacing it would split the text too
-_NOT_ASCII_FIX = ('replacing it (by a tab) would also split every value that holds it, as Chinese text nearly always '
-                  'does: export the file again as CSV with its values quoted (e.g. pandas to_csv), or as TSV, and '
-                  'convert that')
+_FULL_WIDTH_FIX = ('replacing it (by a tab) would also split every value that holds it, as Chinese text nearly always '
+                   'does: export the file again as CSV with its values quoted (e.g. pandas to_csv), or as TSV, and '
+                   'convert that')
+
+
+def _not_ascii_fix(delimiter: str) -> str:
+    """The way on for a file separated by a character beyond ASCII: a full-width comma or semicolon
+    is in the text too (the file must be written again); another one can be replaced by a tab."""
+    if delimiter in '\uff0c\uff1b\u3001':
+        return _FULL_WIDTH_FIX
+    return (f'replace it by a tab first if no value holds a tab or {delimiter!r} itself (e.g. '
+            f"sed $'s/{delimiter}/\\t/g'), then pass --delimiter=tab; else export the file again as quoted CSV or TSV")
 
 
 def _delimiter_name(delimiter: str) -> str:
@@ -471,7 +482,7 @@ def _other_delimiter_hint(names: list[str], delimiter: str) -> str | None:
     how = f'read as {_read_as(delimiter)}' if delimiter in ',\t' else f'read with the delimiter {_delimiter_name(delimiter)}'
     read = f'{how}, the header is one column: {seems}?'
     if fix is None:
-        return f'{read} the reader splits only at an ASCII character, and {_NOT_ASCII_FIX}'
+        return f'{read} the reader splits only at an ASCII character, and {_not_ascii_fix(best)}'
     return f'{read} pass {fix}'
 
 

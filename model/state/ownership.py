@@ -562,9 +562,13 @@ def state_link_refused(link: str, what: str) -> tuple[str, str]:
     never = f'a state is read only from a folder of its own in {what}, never through a link'
     target = os.path.realpath(link)
     if os.path.isdir(target):
+        # under the target's own name: a state's name is its step, which its marker records
+        copy = os.path.join(os.path.dirname(link), os.path.basename(target))
+        renamed = (f' (under its own name: a state is named by its step, {os.path.basename(target)})'
+                   if os.path.basename(link) != os.path.basename(target) else '')
         return (f'{what}: {link} is a symbolic link to {target}; {never}',
                 f'copy the state in its place: rm {shlex.quote(link)} && cp -r {shlex.quote(target)} '
-                f'{shlex.quote(link)}')
+                f'{shlex.quote(copy)}{renamed}')
     there = 'is not a folder' if os.path.lexists(target) else 'is not there'
     return (f'{what}: {link} is a symbolic link to {os.readlink(link)}, which {there}; {never}',
             f'remove the link (rm {shlex.quote(link)}), and copy the state itself there to resume from it')
