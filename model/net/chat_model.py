@@ -348,13 +348,13 @@ def near_sentinels(prompt: str, count: int = 100) -> list[tuple[str, str | None]
     angle, square, round or curly brackets (``＜extra_id_0＞``, ``<extra id 0>``,
     ``[extra_id_0]``, ``<extra_id_1``, ``<extra id 100>``, ``<extra_id_-1>``, ``<extra_id>``);
     without brackets only an unspaced name (``extra_id_5``), not words in a sentence; without a
-    number only between brackets. ``<extra_id_N>`` itself is not one (:func:`sentinel_note` says
+    number only between angle or square brackets. ``<extra_id_N>`` itself is not one (:func:`sentinel_note` says
     where N is past the sentinels)."""
     found = []
     for m in _NEAR_SENTINEL.finditer(prompt.translate(_FOLD)):
         written, digits = prompt[m.start():m.end()], (m['n'] or '').lstrip('0') or '0'
-        if m['n'] is None and not (m['open'] and m['close']):
-            continue
+        if m['n'] is None and not (m['open'] in ('<', '[') and m['close'] in ('>', ']')):
+            continue  # no number: only in angle or square brackets ('{extra_id}' in code, '(extra ID)' in text)
         if SENTINEL_TEXT.fullmatch(written) or not (m['open'] or m['close'] or re.fullmatch(r'\S+', written)):
             continue  # the exact form (said where it is past the sentinels), or words in a sentence
         meant = m['n'] is not None and m['sign'] != '-' and len(digits) <= len(str(count)) and int(digits) < count
