@@ -144,6 +144,10 @@ def test_a_link_named_as_a_state_is_said_and_never_resumed_from(tmp_path, tokeni
     assert report.resume.path == old and not report.problems
     assert len(report.notes) == 1 and f'{link} is a symbolic link to {newer}' in report.notes[0], report.notes
     assert 'passed over; copy the state in its place: rm ' in report.notes[0]
+    older = states / 'state-000000000'  # a link named older than the state resumed: it changes nothing, unsaid
+    os.symlink(newer, older)
+    assert len(contract.inspect(str(states), resume=True).notes) == 1
+    os.remove(older)
     os.remove(os.path.join(old, 'counters.json'))  # no real state left: the problem names the link too
     report = contract.inspect(str(states), resume=True)
     assert report.resume is None and f'{link} is a symbolic link' in report.problems[0], report.problems

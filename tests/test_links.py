@@ -285,3 +285,21 @@ def test_every_file_output_refuses_a_link_whose_target_is_written_as_a_folder(tm
         with writes.atomic_file(str(tmp_path / 'p.png'), PLOT, 'the plot'):
             pass
     assert not os.path.lexists(tmp_path / 'x.png') and not os.path.lexists(tmp_path / 'x.jsonl')
+
+
+def test_a_link_to_nothing_made_since_is_no_longer_said_to_lead_nowhere(tmp_path):
+    """ownership.as_given said '(<link> is a link to <target>, which is not there)' of a place its
+    run had made since; the path is still said as given."""
+    from model.state import ownership
+
+    link, target = tmp_path / 'out_link', tmp_path / 'scratch' / 'run'
+    (tmp_path / 'scratch').mkdir()
+    os.symlink(target, link)
+    real = ownership.resolve_place(str(link), 'output_dir')
+    try:
+        said = ownership.as_given(f'{real}/final: something')
+        assert said == f'{link}/final: something ({link} is a link to {target}, which is not there)', said
+        target.mkdir()
+        assert ownership.as_given(f'{real}/final: something') == f'{link}/final: something'
+    finally:
+        ownership.THROUGH_LINKS_TO_NOTHING.clear()

@@ -48,7 +48,7 @@ from typing import Any, Callable, Protocol
 
 from model.errors import UserError
 from model.faults import fault_point
-from model.state import model_files, ownership, states
+from model.state import markers, model_files, ownership, states
 
 PART_FILES = {'schedule': 'schedule.json', 'data_position': 'data_position.json', 'counters': 'counters.json'}
 RUN_FILES = {'config': 'config.json', 'fingerprint': 'fingerprint.json', 'run': states.RUN_JSON}
@@ -188,7 +188,10 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
             break
         damaged.append(v)
     # a link named as a state is never resumed from (nor pruned, nor moved): said, with the copy that would be
-    links = [ownership.state_link_refused(link, 'train_state_dir') for link in ownership.state_links(state_dir)]
+    # said where the resume takes an older state than the link's name (or none): else it changes nothing
+    newest = loadable.step if loadable is not None else -1
+    links = [ownership.state_link_refused(link, 'train_state_dir') for link in ownership.state_links(state_dir)
+             if int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
     passed_over = '; '.join(f'{message}: passed over; {fix}' for message, fix in links)
     if loadable is None:
         report.all_damaged = bool(damaged)

@@ -86,7 +86,7 @@ def as_given(text: str, fix: str = '', name_links: bool = True) -> str:
         pattern = re.compile(re.escape(real) + r'(?=$|/|[\s;:,)\'"])')
         found = pattern.search(text) or pattern.search(fix)
         text, fix = (pattern.sub(lambda m: given.rstrip(os.sep) or given, x) for x in (text, fix))
-        if found and (link, target) not in links:
+        if found and (link, target) not in links and not os.path.exists(link):  # made since: said no more
             links.append((link, target))
     said = ''.join(f' ({link} is a link to {target}, which is not there)' for link, target in links if name_links)
     return text + said + (f'; {fix}' if fix else '')
