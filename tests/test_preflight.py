@@ -692,3 +692,7 @@ def test_the_way_on_from_damaged_states_moves_only_the_states_where_they_lie_amo
     elsewhere = config(data, out, train_state_dir=tmp_path / 'scratch' / 's').train  # beside the states folder
     assert preflight.damaged_states_fix(elsewhere, elsewhere.train_state_dir).startswith(
         f'move it away yourself (e.g. mv {tmp_path}/scratch/s {tmp_path}/scratch/s.damaged), then start afresh')
+    # a second time: the name is taken by the first time's states, which a mv would nest them into
+    os.makedirs(f'{out}.damaged_states')
+    assert preflight.damaged_states_fix(apart, apart.train_state_dir).startswith(
+        f'move it away yourself (e.g. mv {out}/state {out}.damaged_states-2), then start afresh')

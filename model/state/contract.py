@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import itertools
 import json
 import math
 import os
@@ -220,14 +222,20 @@ def _every_state_damaged(verdicts: list[states.StateVerdict]) -> str:
             f'{verdicts[-1].problem}{more})')
 
 
-def damaged_aside(state_dir: str, output_dir: str) -> str:
+def damaged_aside(state_dir: str, output_dir: str, free: bool = True) -> str:
     """Where the way on from damaged states (preflight.damaged_states_fix) moves the states of
     state_dir: never inside output_dir, whose next run neither moves nor resumes them (and whose
     folder they would only clutter) -- beside output_dir for a state folder in it (or output_dir
-    itself), else beside the state folder."""
+    itself), else beside the state folder; a name taken (an earlier time's) gets -2, -3, ...
+    (a `mv` into it would nest them there). ``free=False``: the name without that number."""
     if ownership.same_or_inside(state_dir, output_dir):
-        return output_dir.rstrip(os.sep) + '.damaged_states'
-    return state_dir.rstrip(os.sep) + '.damaged'
+        base = output_dir.rstrip(os.sep) + '.damaged_states'
+    else:
+        base = state_dir.rstrip(os.sep) + '.damaged'
+    if not free:
+        return base
+    names = itertools.chain([base], (f'{base}-{n}' for n in itertools.count(2)))
+    return next(p for p in names if not os.path.lexists(p))
 
 
 def moved_as_damaged(train_state_dir: str, output_dir: str, model_file: str,
@@ -238,7 +246,8 @@ def moved_as_damaged(train_state_dir: str, output_dir: str, model_file: str,
     places); None: none there."""
     folders = (train_state_dir, output_dir, model_files.model_folder(model_file),
                os.path.join(output_dir, model_files.STATES_IN_OUTPUT_DIR))
-    for aside in dict.fromkeys(damaged_aside(folder, output_dir) for folder in folders):
+    bases = dict.fromkeys(damaged_aside(folder, output_dir, free=False) for folder in folders)
+    for aside in (place for base in bases for place in (base, *sorted(glob.glob(glob.escape(base) + '-[0-9]*')))):
         if any(model_files.holds_run(*(models_at or (output_dir, model_file)), run) for run in runs_of_states(aside)):
             return aside
     return None
