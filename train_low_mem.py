@@ -450,7 +450,7 @@ def main(argv=None) -> None:
     try:
         import fire
 
-        ownership.THROUGH_LINKS_TO_NOTHING.clear()  # this command's places only (ownership.as_given)
+        ownership.PLACES.clear()  # this command's places only (ownership.as_given)
         check_repeated_flags(args[1:], positional=False)
         fire.Fire(COMMANDS, command=args)
     except UserError as e:  # a place given through a link to nothing: said as given (ownership.as_given)

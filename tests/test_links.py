@@ -302,4 +302,25 @@ def test_a_link_to_nothing_made_since_is_no_longer_said_to_lead_nowhere(tmp_path
         target.mkdir()
         assert ownership.as_given(f'{real}/final: something') == f'{link}/final: something'
     finally:
-        ownership.THROUGH_LINKS_TO_NOTHING.clear()
+        ownership.PLACES.clear()
+
+
+def test_a_place_given_by_another_flag_inside_a_link_to_nothings_target_keeps_its_own_name(tmp_path):
+    """as_given rewrote every path under a link's target, so --train_state_dir=<target>/mystate
+    (typed as the real path) was said as out_link/mystate, a path the user never typed: a path is
+    said as the longest place it lies in."""
+    from model.state import ownership
+
+    link, target = tmp_path / 'out_link', tmp_path / 'scratch' / 'run'
+    (tmp_path / 'scratch').mkdir()
+    os.symlink(target, link)
+    ownership.PLACES.clear()
+    try:
+        out = ownership.resolve_place(str(link), 'output_dir')
+        states = ownership.resolve_place(str(target / 'mystate'), 'train_state_dir')
+        said = ownership.as_given(f'{states}/state-000000002 is damaged; {out}/final is kept', fix=f'look in {states}')
+        assert said == (f'{target}/mystate/state-000000002 is damaged; {link}/final is kept ({link} is a link to '
+                        f'{target}, which is not there); look in {target}/mystate'), said
+        assert ownership.as_given(f'{states}: x') == f'{target}/mystate: x'  # no link named where none is said
+    finally:
+        ownership.PLACES.clear()

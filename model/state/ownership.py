@@ -55,16 +55,22 @@ def resolve_place(path: str, what: str, file: bool = False) -> str:
                         f'output is a file: fix the link, or give the file itself')
     check_dangling_links(str(path), what)
     check_name_lengths(real, what)
-    link = link_to_nothing(str(path))
-    if link:
-        THROUGH_LINKS_TO_NOTHING[real] = (str(path), *link)
+    PLACES[real] = (str(path), *(link_to_nothing(str(path)) or (None, None)))
     return real
 
 
-# The places resolved through a link to a place not there yet: real path -> (the path as given, the link,
-# its target). Everything after reads and writes the real path, and its messages name it: as_given says
-# them with the path the user typed, and that it is such a link (said at the face, in the dry run's lines)
-THROUGH_LINKS_TO_NOTHING: dict[str, tuple[str, str, str]] = {}
+# Every place this command resolved: real path -> (the path as given, and the first link in it whose target
+# is not there yet with that target, or None, None). Everything after reads and writes the real path, and
+# its messages name it: as_given says a place behind a link to nothing with the path the user typed, and
+# that it is such a link (said at the face, in the dry run's lines); a place given another way, even one
+# inside it, is left as it is. Cleared at the start of each command (train_low_mem, preflight).
+PLACES: dict[str, tuple[str, str | None, str | None]] = {}
+
+
+def through_link_to_nothing(real: str) -> tuple[str, str, str] | None:
+    """(the path as given, the link, its target) of a place resolved through a link to nothing, or None."""
+    given, link, target = PLACES.get(real, (None, None, None))
+    return (given, link, target) if link else None
 
 
 def link_to_nothing(path: str) -> tuple[str, str] | None:
@@ -80,16 +86,25 @@ def link_to_nothing(path: str) -> tuple[str, str] | None:
 def as_given(text: str, fix: str = '', name_links: bool = True) -> str:
     """A message (and its fix) with each real path of a place given through a link to nothing
     (resolve_place) said as the user gave it, and that link named once after the message, with its
-    target: what the user typed is what they find in the message."""
+    target: what the user typed is what they find in the message. A path is read as the longest
+    place it lies in, so one given by another flag inside such a place keeps its own name."""
+    places = sorted(((real, v) for real, v in PLACES.items() if len(real) > 1), key=lambda kv: -len(kv[0]))
+    if not any(link for _, (_, link, _) in places):
+        return text + (f'; {fix}' if fix else '')
+    pattern = re.compile('(?:' + '|'.join(re.escape(real) for real, _ in places) + r')(?=$|/|[\s;:,)\'"])')
     links = []
-    for real, (given, link, target) in sorted(THROUGH_LINKS_TO_NOTHING.items(), key=lambda kv: -len(kv[0])):
-        pattern = re.compile(re.escape(real) + r'(?=$|/|[\s;:,)\'"])')
-        found = pattern.search(text) or pattern.search(fix)
-        text, fix = (pattern.sub(lambda m: given.rstrip(os.sep) or given, x) for x in (text, fix))
-        if found and (link, target) not in links and not os.path.exists(link):  # made since: said no more
+
+    def said(m: re.Match) -> str:
+        given, link, target = PLACES[m.group(0)]
+        if not link:
+            return m.group(0)
+        if (link, target) not in links and not os.path.exists(link):  # made since: said no more
             links.append((link, target))
-    said = ''.join(f' ({link} is a link to {target}, which is not there)' for link, target in links if name_links)
-    return text + said + (f'; {fix}' if fix else '')
+        return given.rstrip(os.sep) or given
+
+    text, fix = pattern.sub(said, text), pattern.sub(said, fix)
+    named = ''.join(f' ({link} is a link to {target}, which is not there)' for link, target in links if name_links)
+    return text + named + (f'; {fix}' if fix else '')
 
 
 def error_as_given(e: UserError) -> str:

@@ -96,7 +96,7 @@ def resolve_places(cfg: ResolvedConfig) -> ResolvedConfig:
     reads and writes where they point, and never replaces a link. A pattern keeps its magic part
     (its folder before the first '*?[' is resolved); model_file keeps its file name."""
     t = dataclasses.replace(cfg.train)
-    ownership.THROUGH_LINKS_TO_NOTHING.clear()  # this command's places (ownership.as_given)
+    ownership.PLACES.clear()  # this command's places (ownership.as_given)
     for name in (*PATH_FIELDS, 'init_from'):
         value = getattr(t, name)
         if not value:
@@ -224,7 +224,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
               'log_dir': t.log_dir}
     links = set()  # given through a link to a place not there yet: the run makes it there (each link said once)
     for name in ('output_dir', 'train_state_dir', 'model_file', 'log_dir'):
-        given, link, target = ownership.THROUGH_LINKS_TO_NOTHING.get(places[name], (None, None, None))
+        given, link, target = ownership.through_link_to_nothing(places[name]) or (None, None, None)
         if given and link not in links:
             links.add(link)
             how = 'is a link' if os.path.abspath(given) == link else f'lies through {link}, a link'
