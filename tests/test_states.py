@@ -1436,6 +1436,8 @@ def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and
                             f'of its own in train_state_dir, never through a link; copy the state in its place: '
                             f'rm {link} && cp -r {newer} {link}'), str(e.value)
     assert sorted(os.listdir(new)) == ['state-000000010', 'state-000000020']  # nothing marked, nothing moved
+    report = contract.inspect(str(new), resume=True)  # the dry run's resume: refused (above), not also "passed over"
+    assert not [n for n in report.notes + report.problems if 'symbolic link' in n], report
     renamed = new / 'state-000000090'  # a link under another name: the copy goes under the state's own (its step)
     os.rename(link, renamed)
     with pytest.raises(UserError) as e:

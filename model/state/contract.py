@@ -190,10 +190,12 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
             break
         damaged.append(v)
     # a link named as a state is never resumed from (nor pruned, nor moved): said, with the copy that would be
-    # said where the resume takes an older state than the link's name (or none): else it changes nothing
+    # said where the resume takes an older state than the link's name (or none): else it changes nothing. In a
+    # folder of states copied by hand (not marked yet) such a link is refused whole (ownership.check_replaceable)
     newest = loadable.step if loadable is not None else -1
+    ours = ownership.folder_kind(state_dir) is not None
     links = [ownership.state_link_refused(link, 'train_state_dir') for link in ownership.state_links(state_dir)
-             if int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
+             if ours and int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
     passed_over = '; '.join(f'{message}: passed over; {fix}' for message, fix in links)
     if loadable is None:
         report.all_damaged = bool(damaged)
