@@ -349,7 +349,7 @@ launcher=   # reaped: its pid may be another process's now, a later stop is not 
 # their launcher dies, whatever ended it, and their logs say that their launcher was gone
 if [ "$rc" -gt 128 ] && ended_by=$(kill -l "$(( rc - 128 ))" 2>/dev/null) \
     && [ "SIG${ended_by#SIG}" != "SIG${stop_signal:-none}" ]; then
-  echo "warning: the launcher ($ACCELERATE launch) was ended by SIG${ended_by#SIG} (exit $rc)$([ -n "$stop_signal" ] && echo ", after this script passed it SIG$stop_signal"); its ranks save their last step and stop" >&2
+  echo "warning: the launcher ($ACCELERATE launch) was ended by SIG${ended_by#SIG} (exit $rc)$([ -n "$stop_signal" ] && echo ", after this script passed it SIG$stop_signal"); each rank it had started saves its last step and stops / 启动器已结束：它已启动的各进程会保存最后一步后停止" >&2
 fi
 
 # ranks the launcher left behind (it gave up on them, see above) finish their save before this

@@ -382,8 +382,8 @@ def test_the_start_script_names_the_signal_that_ended_its_launcher(data, tmp_pat
     r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
                        cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 137, r.stderr[-3000:]
-    assert f'warning: the launcher ({launcher} launch) was ended by SIGKILL (exit 137); its ranks save their last ' \
-           f'step and stop' in r.stderr, r.stderr[-3000:]
+    assert f'warning: the launcher ({launcher} launch) was ended by SIGKILL (exit 137); each rank it had started saves ' \
+           f'its last step and stops' in r.stderr, r.stderr[-3000:]
     assert 'SIGTERM' not in r.stderr
 
 
