@@ -370,7 +370,7 @@ def build_bad_inputs(tmp_path):
         ('not utf-8 csv header', ['convert', d / 'gbk_header.csv', d / 'out10.parquet'],
          ['gbk_header.csv', 'line 1', 'iconv -f GB18030 -t UTF-8']),
         ('csv quote never closed', ['convert', d / 'open_quote.csv', d / 'out11.parquet', *out],
-         ['open_quote.csv', 'line 3', 'a row of 1 field(s), where the header has 2']),
+         ['open_quote.csv', 'line 3', 'a quote (") opened there is never closed']),  # not a field count
         ('csv quote never closed, last column', ['convert', d / 'open_quote_last.csv', d / 'out13.parquet', *out],
          ['open_quote_last.csv', 'line 3', 'never closed']),
         ('csv text quote never closed', ['convert', d / 'open_quote_text.csv', d / 'out14.parquet', '--text_col=body'],
@@ -557,7 +557,7 @@ def test_cli_bad_delimited_inputs_end_in_one_line_and_no_file(tmp_path):
         ('tsv quote never closed, last column', ['convert', d / 'open_quote.tsv', d / 'o1.parquet', *out],
          ['open_quote.tsv', 'line 3', 'never closed']),
         ('tsv quote never closed, first column', ['convert', d / 'open_quote_first.tsv', d / 'o2.parquet', *out],
-         ['open_quote_first.tsv', 'line 3', 'a row of 1 field(s), where the header has 2']),
+         ['open_quote_first.tsv', 'line 3', 'a quote (") opened there is never closed']),
         ('tsv row with a tab too many', ['convert', d / 'extra_tab.tsv', d / 'o3.parquet', *out],
          ['extra_tab.tsv', 'line 5', 'a row of 3 field(s)', 'a tab in a value']),
         ('; row with one too many', ['convert', d / 'semi_extra.csv', d / 'o4.parquet', '--text_col=body',
@@ -622,6 +622,11 @@ def test_a_delimited_file_without_rows_says_so_whatever_its_last_line_ends_with(
     cases = [(name, ['convert', d / name, d / f'{name}.parquet'],
               [f'{d / name}: no rows to convert; nothing written to {d / name}.parquet'])
              for name in files if name != 'other_header.csv']
+    for name, data in {'open_quote_header.csv': b'prompt,"response\n', 'open_quote_first.csv': b'"prompt,response',
+                       'open_quote_header.tsv': b'prompt\t"response\r\n\r\n'}.items():  # read as closed at its line's end
+        (d / name).write_bytes(data)
+        cases.append((name, ['convert', d / name, d / f'{name}.parquet'],
+                      [f'{d / name}: line 1: a quote (") opened there is never closed']))
     cases += [('header, columns missing', ['convert', d / 'other_header.csv', d / 'o.parquet'], ["missing column 'prompt'"]),
               ('header, --text_col missing', ['convert', d / 'header.csv', d / 'o.parquet', '--text_col=body'],
                ["missing column 'body'"])]

@@ -178,6 +178,8 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
     _refuse_long_line(path)  # before pyarrow, which would hold the line (and read ahead) to find its end
     header = _header_alone(path, delimiter, quoted)
     if header is not None:  # no rows (convert says so); a header's columns are still checked
+        if header and quoted:  # a quote it opens and never closes (Python's csv closes it at the line's end)
+            _refuse_quote_fault(path, delimiter)
         if header:
             cols = cols.resolve(header)
             _check_columns(path, header, cols, delimiter)
@@ -198,18 +200,8 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
         convert = pcsv.ConvertOptions(include_columns=source, column_types={c: pa.string() for c in source})
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         first_row = 0
-        # before any row is given out: a stop leaves nothing written
-        fault = _quote_fault(path, delimiter) if quoted else None
-        if fault is not None and fault[1] is None:
-            raise UserError(f'{path}: line {fault[0]}: a quote (") opened there is never closed, so the file\'s '
-                            f'every line after it would be one value; close that quote (a quote inside a value '
-                            f'is written twice: "") or remove it; if the file does not quote its values (a quote '
-                            f'is text), pass --quoting=none') from None
-        if fault is not None:
-            raise UserError(f'{path}: line {fault[0]}: a value starts with a quote (") and goes on after its closing '
-                            f'quote ({fault[1]}); read as CSV quoting its quotes would be dropped: if the file does '
-                            f'not quote its values (a quote is text, as in most TSV exports), pass --quoting=none; '
-                            f'else quote the whole value, its quotes doubled ("""a"" b")') from None
+        if quoted:  # before any row is given out: a stop leaves nothing written
+            _refuse_quote_fault(path, delimiter)
         for batch in reader:
             table = pa.Table.from_arrays([batch.column(c) for c in cols.source], schema=OUTPUT_SCHEMAS[cols.kind])
             _check_row_bytes(path, table, first_row, limit, 'data row')
@@ -225,6 +217,8 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
         # file that is not UTF-8 is said so first, whatever pyarrow's own complaint
         if 'UTF8' in str(e) or 'UTF-8' in str(e) or records.find_bad_utf8(path) is not None:
             raise build_utf8_error(path) from None
+        if quoted and ('straddl' in str(e) or 'CSV parse error' in str(e)):
+            _refuse_quote_fault(path, delimiter)  # a quote never closed is what pyarrow met, if the file has one
         if 'straddling' in str(e) or 'straddles' in str(e):
             raise UserError(f'{path}: a row is longer than {human_size(read_guard.MAX_RECORD_BYTES)} '
                             f'(read_guard.MAX_RECORD_BYTES), or a quote (") is opened and never closed; close '
@@ -241,6 +235,21 @@ def iter_csv(path: str, cols: Columns, delimiter: str, stats: ReadStats | None =
             said = str(e).rstrip(chr(0xFFFD)).removeprefix('CSV parse error: ')
             raise UserError(f'{path}: not a readable {_read_as(delimiter)} ({said})') from None
         raise
+
+
+def _refuse_quote_fault(path: str, delimiter: str) -> None:
+    """A quoted value pyarrow would read other than as written (:func:`_quote_fault`) refused, by its line."""
+    fault = _quote_fault(path, delimiter)
+    if fault is not None and fault[1] is None:
+        raise UserError(f'{path}: line {fault[0]}: a quote (") opened there is never closed, so the file\'s '
+                        f'every line after it would be one value; close that quote (a quote inside a value '
+                        f'is written twice: "") or remove it; if the file does not quote its values (a quote '
+                        f'is text), pass --quoting=none')
+    if fault is not None:
+        raise UserError(f'{path}: line {fault[0]}: a value starts with a quote (") and goes on after its closing '
+                        f'quote ({fault[1]}); read as CSV quoting its quotes would be dropped: if the file does '
+                        f'not quote its values (a quote is text, as in most TSV exports), pass --quoting=none; '
+                        f'else quote the whole value, its quotes doubled ("""a"" b")')
 
 
 def _refuse_long_line(path: str) -> None:
