@@ -126,6 +126,17 @@ def test_a_flag_the_runs_length_or_max_seq_len_keeps_from_acting_is_noted_with_w
     (capped,) = notes(eval_max_new_tokens=100)
     assert capped.startswith('--eval_max_new_tokens=100 acts as 32 on this run: max_seq_len=32 caps the answers '
                              'generated at an evaluation') and capped.endswith('give --eval_max_new_tokens=32 or less')
+    # the evaluation's sizes above the validation file's 64 rows: what it does instead (they were capped silently)
+    def valid_notes(**changed):
+        report = preflight.check_train(config(data, tmp_path / 'run', **changed), resume=False, world_size=1)
+        return [n for n in report.notes if "the validation file's" in n]
+
+    assert valid_notes(max_eval_rows=64, bleu_samples=64, show_samples=64) == []
+    assert valid_notes(max_eval_rows=100, bleu_samples=500, show_samples=65) == [
+        "--max_eval_rows=100 is more than the validation file's 64 rows: the validation loss is taken over all 64",
+        "--bleu_samples=500 is more than the validation file's 64 rows: BLEU-4 is scored on those 64 (the eval line "
+        "says on how many rows)",
+        "--show_samples=65 is more than the validation file's 64 rows: it shows 64"]
     # with no answer to generate it has no effect at all: said once, as that
     report = preflight.check_train(config(data, tmp_path / 'run', eval_max_new_tokens=100, bleu_samples=0,
                                           show_samples=0), resume=False, world_size=1)

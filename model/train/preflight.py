@@ -282,6 +282,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.notes += run_length_notes(cfg, total_optimizer_steps(
                 report.train_rows, t.batch_size_per_gpu, world_size, t.gradient_accumulation_steps, t.epochs))
     report.notes += learn_rate_notes(t) + cfg.unused_flags(resume) + cfg.capped_flags(resume)
+    if files['validation_file']:
+        report.notes += validation_size_notes(cfg, sum(inspect_parquet(f).num_rows for f in files['validation_file']))
 
     # warm start and trackers
     if t.init_from and not resume and report.vocab_size:
@@ -368,6 +370,22 @@ def run_length_notes(cfg: ResolvedConfig, epoch_steps: int) -> list[str]:
                      f'so it never comes round: the run ends with its epochs; '
                      f'--epochs={-(-t.max_steps // per_epoch)} trains for at least that many steps')
     return notes
+
+
+# what an evaluation does with fewer validation rows than a flag asks for
+MORE_THAN_VALIDATION = {
+    'max_eval_rows': 'the validation loss is taken over all {rows}',
+    'bleu_samples': 'BLEU-4 is scored on those {rows} (the eval line says on how many rows)',
+    'show_samples': 'it shows {rows}',
+}
+
+
+def validation_size_notes(cfg: ResolvedConfig, rows: int) -> list[str]:
+    """Each evaluation flag given above the validation file's rows, with what the run does instead."""
+    given = {name for name, source in cfg.sources.items() if source == 'flag'}
+    return [f'--{name}={getattr(cfg.train, name)} is more than the validation file\'s {rows} row'
+            f'{"s" if rows != 1 else ""}: {said.format(rows=rows)}'
+            for name, said in MORE_THAN_VALIDATION.items() if name in given and getattr(cfg.train, name) > rows]
 
 
 def warmup_notes(t, total_steps: int) -> list[str]:
