@@ -538,7 +538,10 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     assert dry.returncode == 1 and 'previous_runs' in dry.stdout, dry.stdout
     assert_user_error(run_train(flags), 'previous_runs')
     os.remove(out / 'previous_runs')
-    # every state damaged, sizes unchanged: the checksums find it, in the dry run as in the run
+    # every state damaged, sizes unchanged: the checksums find it, in the dry run as in the run; the place the advice
+    # names is taken by an earlier time's damaged states (a user's folder now): the advice names the next free one
+    os.makedirs(f'{out}.damaged_states/state')
+    (tmp_path / 'run.damaged_states' / 'state' / 'mine.txt').write_text('an earlier time')
     for state in glob.glob(f'{out}/state/state-*'):
         size = os.path.getsize(f'{state}/model.safetensors')
         with open(f'{state}/model.safetensors', 'wb') as f:
@@ -548,8 +551,9 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
     assert_user_error(run_train(flags, '--is_keep_training=True'), 'every saved state is damaged')
     # and the advice does not go round: a fresh run cannot move them aside either, so neither says to try the other;
     # both give the way on: move them away, then start afresh or keep the newest weights (the step file of step 4)
+    aside = f'{out}.damaged_states-2'
     keep = f'or keep the weights of {out}/chat_small_t5.4.bin (a new optimizer, schedule and data order, from step 0)'
-    assert f'move it away yourself (e.g. mv {out}/state {out}.damaged_states), then start afresh without ' \
+    assert f'move it away yourself (e.g. mv {out}/state {aside}), then start afresh without ' \
            f'--is_keep_training, {keep}' in dry.stdout, dry.stdout
     fresh = cli('train', *flags, '--dry_run=True')
     assert fresh.returncode == 1 and 'resume that run' not in fresh.stdout and 'which this toolkit did not write' \
@@ -563,19 +567,20 @@ def test_dry_run_ready_means_the_run_does_not_fail_at_start(tmp_path, data):
                             env=env, stdin=subprocess.DEVNULL, timeout=300)
     assert script.returncode == 1 and script.stderr.count('every saved state') == 1, script.stderr[-3000:]
     assert 'nor as a resume' not in script.stderr and '--init_from=' in script.stderr, script.stderr[-3000:]
-    os.rename(f'{out}/state', f'{out}.damaged_states')  # as told: the warm start from the newest weights runs
+    os.rename(f'{out}/state', f'{aside}')  # as told: the warm start from the newest weights runs
     dry = cli('train', *flags, '--is_keep_training=True', '--dry_run=True')  # a resume tried anyway: told where they went
-    assert dry.returncode == 1 and f"this run's states were moved to {out}.damaged_states as damaged: none of them " \
+    assert dry.returncode == 1 and f"this run's states were moved to {aside} as damaged: none of them " \
         f'can be resumed; start afresh without --is_keep_training, {keep}' in dry.stdout, dry.stdout
     warm = [*flags, f'--init_from={out}/chat_small_t5.4.bin']
     dry = cli('train', *warm, '--dry_run=True')  # what it says of the earlier run it moves aside is true: no way on
-    assert dry.returncode == 0 and f'(its states are in {out}.damaged_states, moved there as damaged: it cannot be ' \
+    assert dry.returncode == 0 and f'(its states are in {aside}, moved there as damaged: it cannot be ' \
         f'continued)' in dry.stdout, dry.stdout
     r = run_train(warm)
     assert r.returncode == 0 and 'warm start: weights from' in open(run_logs(out)[-1], encoding='utf-8').read()
-    assert f"the earlier run's states are in {out}.damaged_states, moved there as damaged: it cannot be continued " \
+    assert f"the earlier run's states are in {aside}, moved there as damaged: it cannot be continued " \
            f"(its models are in {out}/previous_runs/" in r.stderr, r.stderr[-3000:]
     assert 'if it kept its states in another --train_state_dir' not in r.stderr, r.stderr[-3000:]
+    assert os.listdir(f'{out}.damaged_states/state') == ['mine.txt']  # the earlier time's: untouched
 
 
 def test_values_that_cannot_work_are_refused_before_the_work(tmp_path, data):
