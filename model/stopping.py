@@ -56,6 +56,14 @@ class Interrupted(Stopped, KeyboardInterrupt):
     """A stop by SIGINT (Ctrl-C)."""
 
 
+def shared_signal(signals: float, stopped: float) -> int:
+    """The signal the stopped ranks got, from a vote's sums (their signal numbers, how many): one of
+    SIGNALS when all got the same (the mean of two different ones lies between them, none of them),
+    else 0 (not known)."""
+    mean = signals / stopped if stopped else 0
+    return int(mean) if mean in SIGNALS else 0
+
+
 def stop_error(signum: int, kept: str = '', said: str = '') -> Stopped:
     return (Interrupted if signum == signal.SIGINT else Stopped)(signum, kept, said)
 

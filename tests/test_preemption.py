@@ -116,6 +116,11 @@ def test_a_stop_names_the_signal_this_process_got_or_says_what_it_does_not_know(
         stop.STOP.install()
         stop.STOP.follow(follows)  # no signal of its own: never 'stopped by SIGTERM'
         assert stop.STOP.said() == said and stop.STOP.stopped().exit_code == 128 + (follows or signal.SIGTERM)
+    # the step's vote sums the ranks' signal numbers and how many stopped: the signal when all got the same one
+    term, intr = int(signal.SIGTERM), int(signal.SIGINT)
+    assert [stop.shared_signal(sum(got), len(got)) for got in ([term], [term, term], [intr] * 3, [intr, term],
+                                                                 [intr, intr, term], [9], [])] == [
+        signal.SIGTERM, signal.SIGTERM, signal.SIGINT, 0, 0, 0, 0]
     stop.STOP.uninstall()
     stop.STOP.install()
     with stop.polling():
@@ -480,11 +485,11 @@ def test_sigterm_to_one_rank_inside_an_evaluation_both_leave_together_and_resume
     out = tmp_path / 'run'
     flags = tiny_flags(data, out, **TWO_RANKS)
     all_logs = ''
-    # the rank not signalled says whose stop it followed: the ranks vote on the signal before every validation batch
-    # (SIGTERM); a cut generation is learned at the next step's vote, which counts stops, not signals
+    # the rank not signalled says whose stop it followed: the ranks vote on the signal before every validation batch,
+    # and a cut generation is learned at the next step's vote, which carries it too
     for where, fault, step, follower in (
             ('the validation loss, rank 1 only', 'eval-loss@20#1:sigterm', 20, "another rank's SIGTERM"),
-            ('the generation, main only', 'eval-generate@40#0:sigterm', 40, "another rank's stop")):
+            ('the generation, main only', 'eval-generate@40#0:sigterm', 40, "another rank's SIGTERM")):
         before_logs = set(glob.glob(f'{out}/logs/*.log'))
         cmd, env = launch(flags, *([RESUME] if newest_state(out) else []))
         code, seconds, output = preempt(cmd, {**env, 'CHAT_SMALL_T5_FAULT': fault})

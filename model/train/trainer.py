@@ -39,7 +39,7 @@ from model.errors import NotOurs
 from model.data.tokenizer import LABEL_PAD_ID
 from model.faults import fault_point
 from model.net.chat_model import token_loss_sum
-from model.stopping import STOP, Stopped
+from model.stopping import STOP, Stopped, shared_signal
 from model.train import preflight
 from model.train.factory import Run, build_run
 
@@ -158,9 +158,10 @@ class Trainer:
                         batches = iter(self.train_loader)
                         continue
                     label_tokens = [int((b['labels'] != LABEL_PAD_ID).sum()) for b in micro]
-                    global_tokens, stop_requested = self.collectives.sum_all_ranks([sum(label_tokens), STOP.signum])
-                    if stop_requested:  # a rank that got no signal itself stops as for SIGTERM, saying whose it was
-                        STOP.follow()
+                    global_tokens, signals, stopped = self.collectives.sum_all_ranks(
+                        [sum(label_tokens), STOP.signum, bool(STOP.signum)])
+                    if stopped:  # a rank that got no signal itself stops as for SIGTERM, saying whose it was
+                        STOP.follow(shared_signal(signals, stopped))
                         raise self.stop_all_ranks(position)
                     self.train_step(micro, label_tokens, global_tokens)
                     state.global_step += 1
