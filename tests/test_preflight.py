@@ -126,6 +126,14 @@ def test_a_flag_the_runs_length_or_max_seq_len_keeps_from_acting_is_noted_with_w
     (capped,) = notes(eval_max_new_tokens=100)
     assert capped.startswith('--eval_max_new_tokens=100 acts as 32 on this run: max_seq_len=32 caps the answers '
                              'generated at an evaluation') and capped.endswith('give --eval_max_new_tokens=32 or less')
+    # a resume takes the steps after its state's: an interval is judged by the multiples of it among those
+    resumed = config(data, tmp_path / 'run', save_steps=20, max_steps=59, eval_steps=10)
+    assert preflight.run_length_notes(resumed, 60, start=30) == []  # saves at 40, evaluates at 40 and 50
+    (note,) = preflight.run_length_notes(resumed, 60, start=45)
+    assert note == ("--save_steps=20 never comes round in the steps this resume takes (46 to 59; it counts the run's "
+                    "steps): it saves its state only at its end or when a signal stops it (a crash before then loses "
+                    "every step); e.g. --save_steps=3")
+    assert preflight.run_length_notes(resumed, 60, start=59) == []  # nothing left to take: said elsewhere
     # the evaluation's sizes above the validation file's 64 rows: what it does instead (they were capped silently)
     def valid_notes(**changed):
         report = preflight.check_train(config(data, tmp_path / 'run', **changed), resume=False, world_size=1)

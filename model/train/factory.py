@@ -265,7 +265,7 @@ def _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerpr
     if t.objective == 'span_corruption' and collectives.is_main:  # the start-up checks could not count the steps
         from model.train.preflight import run_length_notes
 
-        for note in run_length_notes(cfg, epoch_steps):
+        for note in run_length_notes(cfg, epoch_steps, saved.step if resume and saved is not None else 0):
             logger.warning('%s', note)
     # a resume (accelerate's strict load) or a warm start (load_weights_into: every tensor, or one
     # line) loads every weight next: nothing to draw

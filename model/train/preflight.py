@@ -278,9 +278,6 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             {k: getattr(t, k) for k in contract.EXAMPLE_FIELDS}
             if t.objective == 'span_corruption' else None)
         _check_disk(t, report)
-        if t.objective == 'pairs':
-            report.notes += run_length_notes(cfg, total_optimizer_steps(
-                report.train_rows, t.batch_size_per_gpu, world_size, t.gradient_accumulation_steps, t.epochs))
     report.notes += learn_rate_notes(t) + cfg.unused_flags(resume) + cfg.capped_flags(resume)
     if files['validation_file']:
         report.notes += validation_size_notes(cfg, sum(inspect_parquet(f).num_rows for f in files['validation_file']))
@@ -301,6 +298,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     busy = locks and bool(in_use)  # a live run's states change under a check (pruned, saved): not judged then
     if not busy:
         check_states(cfg, resume, report, deep)
+    start = report.resume.step if resume and report.resume is not None else 0  # a resume trains from there
+    if t.objective == 'pairs' and report.train_rows and report.vocab_size:
+        report.notes += run_length_notes(cfg, total_optimizer_steps(
+            report.train_rows, t.batch_size_per_gpu, world_size, t.gradient_accumulation_steps, t.epochs), start)
     if t.init_from and resume and report.resume is not None:  # none found: the problem's fix starts it fresh
         report.notes.append(f'--init_from={t.init_from} is not used: the run continues from its saved state')
     if (count_examples and not busy and t.objective == 'span_corruption' and files['train_file']
@@ -313,7 +314,7 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         if report.total_steps == 0:
             report.problems.append(too_few_for_a_step(
                 t, f'span-corruption examples ({report.train_examples} from {report.train_rows} rows)', world_size))
-        report.notes += run_length_notes(cfg, epoch_steps)
+        report.notes += run_length_notes(cfg, epoch_steps, start)
     # a place in use explains the rest (no state saved yet, ...). Without ``locks`` (a rank of a run of several,
     # whose main process may be taking the locks now) only when the run stops anyway: every rank then found a
     # problem by the same checks, so no main process of this run holds them
@@ -347,12 +348,13 @@ NEVER_COMES_ROUND = {
 }
 
 
-def run_length_notes(cfg: ResolvedConfig, epoch_steps: int) -> list[str]:
+def run_length_notes(cfg: ResolvedConfig, epoch_steps: int, start: int = 0) -> list[str]:
     """The notes that need the run's length, ``epoch_steps`` (the optimizer steps of its --epochs,
     before --max_steps cuts them): a warmup as long as the run (warmup_notes), and each flag given
-    that the run's length keeps from ever taking effect -- a step interval longer than the run, a
-    --max_steps beyond its epochs -- with what the run does instead. Said by the dry run and at the
-    run's start, as unused_flags are."""
+    that the run's length keeps from ever taking effect -- a step interval that no step of the run
+    reaches (a resume's, from ``start``, the step of its state: the intervals count the run's
+    steps, not the resume's), a --max_steps beyond its epochs -- with what the run does instead.
+    Said by the dry run and at the run's start, as unused_flags are."""
     t = cfg.train
     total = min(epoch_steps, t.max_steps) if t.max_steps else epoch_steps
     if not total:  # fewer rows than a step: a problem, said as one
@@ -361,7 +363,13 @@ def run_length_notes(cfg: ResolvedConfig, epoch_steps: int) -> list[str]:
     given = {name for name, source in cfg.sources.items() if source == 'flag'}
     for name, (instead, times) in NEVER_COMES_ROUND.items():
         value = getattr(t, name)
-        if name in given and value > total:
+        if name not in given or value <= 0 or start >= total or total // value > start // value:
+            continue  # a multiple of the interval among the steps the run (or the resume) takes
+        if start:
+            notes.append(f'--{name}={value} never comes round in the steps this resume takes ({start + 1} to '
+                         f'{total}; it counts the run\'s steps): {instead}; e.g. '
+                         f'--{name}={max(1, (total - start) // times)}')
+        else:
             notes.append(f'--{name}={value} is more than the run\'s {total} optimizer steps, so it never comes round: '
                          f'{instead}; e.g. --{name}={max(1, total // times)}')
     if 'max_steps' in given and t.max_steps > epoch_steps:
