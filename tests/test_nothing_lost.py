@@ -659,12 +659,18 @@ def test_a_users_file_put_in_best_mid_run_is_kept_and_the_run_trains_on(tmp_path
     assert (out / 'best' / 'MYNOTE').read_text() == 'mine' and 'step 8/8' in err and os.path.isdir(out / 'final')
 
 
-def test_a_users_folder_put_in_final_mid_run_is_kept_and_the_run_ends_well_with_its_last_model_named(tmp_path, data):
+@pytest.mark.parametrize('kind', ['folder', 'file', 'link'])
+def test_a_users_folder_put_in_final_mid_run_is_kept_and_the_run_ends_well_with_its_last_model_named(tmp_path, data,
+                                                                                                      kind):
     """A user's folder put in final/ while the run trains (final/ is written only at the end): the
     export was refused and the run exited 2 at its very end, after all its training, without final
     weights. As for best/: the folder is kept, the last model is the weights file of the last state
-    (named in the warning and the done line), exit 0; a resume beside it trains on as well."""
+    (named in the warning and the done line), exit 0; a resume beside it trains on as well. The
+    same for a file named final (it said "output_dir: .../final is a file, not a folder", exit 2),
+    and a link put there (the model was written through it, out of output_dir)."""
     out = tmp_path / 'run'
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
     flags = tiny_flags(data, out, eval_steps=2, save_steps=100)
     proc = cli_runner.Popen(train_cmd(flags, '--max_steps=8'), cwd=ROOT, stdout=subprocess.DEVNULL,
                             env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@4:sleep=3'}, stderr=subprocess.PIPE, text=True)
@@ -672,16 +678,29 @@ def test_a_users_folder_put_in_final_mid_run_is_kept_and_the_run_ends_well_with_
     for line in proc.stderr:
         lines.append(line)
         if 'step 4/8' in line:  # its evaluation now waits at the fault point
-            os.makedirs(out / 'final')
-            (out / 'final' / 'MYNOTE').write_text('mine')
+            if kind == 'folder':
+                os.makedirs(out / 'final')
+                (out / 'final' / 'MYNOTE').write_text('mine')
+            elif kind == 'file':
+                (out / 'final').write_text('mine')
+            else:
+                os.symlink(elsewhere, out / 'final')
             break
     err = ''.join(lines) + proc.stderr.read()
     proc.wait(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     step_file = out / 'chat_small_t5.8.bin'
-    assert f'{out / "final"} is a folder this toolkit did not make' in err and 'MYNOTE' in err, err[-3000:]
+    said = {'folder': f'{out / "final"} is a folder this toolkit did not make',
+            'file': f'{out / "final"} is a file, not a folder; it is never replaced',
+            'link': f'{out / "final"} is a symbolic link this toolkit did not make (to {elsewhere})'}[kind]
+    assert said in err, err[-3000:]
     assert f'the last model (step 8) is in {step_file}, the weights file of its state, instead' in err, err[-3000:]
     assert f'final model in {step_file}' in err, err[-3000:]
+    assert os.listdir(elsewhere) == []  # nothing written through a link
+    if kind != 'folder':
+        assert (out / 'final').is_symlink() if kind == 'link' else (out / 'final').read_text() == 'mine'
+        return
+    assert 'MYNOTE' in err
     assert os.listdir(out / 'final') == ['MYNOTE'] and (out / 'final' / 'MYNOTE').read_text() == 'mine'
     assert model_record(str(step_file))['step'] == 8
     r = run_train(flags, '--max_steps=10', '--is_keep_training=True')  # a resume beside it trains on, as best/'s
@@ -689,6 +708,28 @@ def test_a_users_folder_put_in_final_mid_run_is_kept_and_the_run_ends_well_with_
         r.stderr[-3000:]
     assert f'final model in {out / "chat_small_t5.10.bin"}' in r.stderr and os.listdir(out / 'final') == ['MYNOTE']
     assert_user_error(run_train(flags, '--max_steps=2'), str(out / 'final'))  # a fresh run: refused
+
+
+def test_a_users_file_named_best_put_in_output_dir_mid_run_is_kept_and_the_run_trains_on(tmp_path, data):
+    """A file named best put in output_dir before the run's first evaluation: the best export said
+    "output_dir: .../best is a file, not a folder" and the run died there, exit 2, its steps since
+    the last save lost. Now as for a user's folder there: kept, said, the run trains on."""
+    out = tmp_path / 'run'
+    proc = cli_runner.Popen(train_cmd(tiny_flags(data, out, eval_steps=2, save_steps=100), '--max_steps=6'), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@2:sleep=3'},
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if 'step 2/6' in line:  # its evaluation now waits at the fault point
+            (out / 'best').write_text('mine')
+            break
+    err = ''.join(lines) + proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0 and 'step 6/6' in err, err[-3000:]
+    assert f'{out / "best"} is a file, not a folder; it is never replaced' in err, err[-3000:]
+    assert 'training goes on' in err and (out / 'best').read_text() == 'mine'
+    assert (out / 'final').is_dir()
 
 
 def test_a_start_stopped_early_with_its_log_in_the_state_folder_starts_again(tmp_path, data):

@@ -155,7 +155,7 @@ class Checkpointer:
             return None
         if self.collectives.is_main:
             logger.warning('%s; the last model (step %d) is in %s, the weights file of its state, instead (a later '
-                           'run writes final/ once what is yours is moved out of it)', blocked, step, step_file)
+                           'run writes final/ once yours is moved away)', blocked, step, step_file)
         return step_file
 
     def archive_previous_run_all_ranks(self, stamp: str) -> None:

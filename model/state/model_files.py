@@ -50,7 +50,7 @@ def load_weights_file(path: str) -> dict:
 
 def save_model_folder(model, state_dict: dict, tokenizer, target: str, **info) -> None:
     """A Hugging Face folder (the full state dict, the tokenizer, the marker) swapped in atomically."""
-    with writes.building_folder(target, MODEL, 'output_dir') as tmp:
+    with writes.building_folder(target, MODEL, 'output_dir', own_name=True) as tmp:  # best/, final/: never a link
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         ownership.write_marker(tmp, MODEL, **info)

@@ -417,8 +417,9 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         raise NotOurs(f'{what}: {path} is a symbolic link this toolkit did not make ({leads}); it is never '
                         f'replaced: remove or fix the link, or choose another path')
     if folder:
-        if not stat.S_ISDIR(st.st_mode):
-            raise UserError(f'{what}: {path} is a file, not a folder; choose a folder path')
+        if not stat.S_ISDIR(st.st_mode):  # a user's: never replaced (a run that meets it mid-run trains on)
+            raise NotOurs(f'{what}: {path} is a file, not a folder; it is never replaced: move it away, or choose '
+                          f'another path')
         if next(iter_entries(path), None) is None and not os.path.lexists(os.path.join(path, MARKER_FILE)):
             return
         found = folder_kind(path)

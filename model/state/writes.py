@@ -275,12 +275,20 @@ def new_temp_folder(target: str) -> str:
     return tmp
 
 
-def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str) -> None:
+def _real_target(target: str, what: str, own_name: bool) -> str:
+    """target resolved (resolve_place); with ``own_name`` only its folder, its last name kept."""
+    target = target.rstrip(os.sep)
+    if own_name:
+        return os.path.join(resolve_place(os.path.dirname(target), what), os.path.basename(target))
+    return resolve_place(target, what)
+
+
+def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str, own_name: bool = False) -> None:
     """Move the complete folder tmp to the real target. An existing target must be the
     toolkit's and unchanged (or empty); it is swapped out in one step where the system allows
     (never a moment without a complete copy at target), else renamed aside first and removed
-    after -- without following any link inside it."""
-    target = resolve_place(target.rstrip(os.sep), what)
+    after -- without following any link inside it (nor the last one, with ``own_name``)."""
+    target = _real_target(target, what, own_name)
     check_replaceable(target, kinds, what, folder=True)
     _open_up(tmp)
     fsync_dir(tmp)
@@ -298,10 +306,12 @@ def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: st
 
 
 @contextlib.contextmanager
-def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Iterator[str]:
+def building_folder(target: str, kinds: str | tuple[str, ...], what: str, own_name: bool = False) -> Iterator[str]:
     """A temporary folder beside the real target to fill; on success it replaces target, on
-    failure it is removed."""
-    target = resolve_place(target.rstrip(os.sep), what)
+    failure it is removed. ``own_name``: target's last name is the toolkit's (best/, final/ in
+    output_dir), not a place the user gave: a link found there is never followed (one put there
+    mid-run would take the model out of output_dir), it is not the toolkit's (NotOurs)."""
+    target = _real_target(target, what, own_name)
     check_replaceable(target, kinds, what, folder=True)
     with folders_for(target):
         tmp = new_temp_folder(target)
@@ -309,7 +319,7 @@ def building_folder(target: str, kinds: str | tuple[str, ...], what: str) -> Ite
             with disk_errors(what, target):
                 yield tmp
                 fault_point('write')
-            replace_folder(tmp, target, kinds, what)
+            replace_folder(tmp, target, kinds, what, own_name)
         finally:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
