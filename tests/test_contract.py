@@ -148,6 +148,13 @@ def test_a_link_named_as_a_state_is_said_and_never_resumed_from(tmp_path, tokeni
     os.symlink(newer, older)
     assert len(contract.inspect(str(states), resume=True).notes) == 1
     os.remove(older)
+    for n in (3, 4):  # more such links: the first said whole, the others named (one sentence each was a page)
+        os.symlink(newer, states / f'state-00000000{n}')
+    (note,) = contract.inspect(str(states), resume=True).notes
+    assert note.count('is a symbolic link') == 1 and note.endswith(
+        ' (and 2 more such links: state-000000003, state-000000004)'), note
+    for n in (3, 4):
+        os.remove(states / f'state-00000000{n}')
     os.remove(os.path.join(old, 'counters.json'))  # no real state left: the problem names the link too
     report = contract.inspect(str(states), resume=True)
     assert report.resume is None and f'{link} is a symbolic link' in report.problems[0], report.problems

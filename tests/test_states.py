@@ -1447,6 +1447,19 @@ def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and
     os.rename(renamed, link)
     os.remove(link)  # as told: the copy is adopted and the newest state resumed
     shutil.copytree(newer, link)
+    os.symlink(new / 'state-000000010', new / 'state-000000091')  # to a state of this folder: the link goes, no copy
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).endswith(f'remove the link (rm {new}/state-000000091): the state it leads to is in this folder '
+                                 f'already'), str(e.value)
+    os.remove(new / 'state-000000091')
+    os.symlink(tmp_path / 'old' / 'states' / 'state-000000010', new / 'state-000000092')  # a state of that step is here:
+    with pytest.raises(UserError) as e:  # `cp -r` would copy it inside that one
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).endswith(f'remove the link (rm {new}/state-000000092): this folder holds {new}/state-000000010 '
+                                 f'already, a state of the same step; to resume from the linked one instead, move that '
+                                 f'one away first, then cp -r {good} {new}/state-000000010'), str(e.value)
+    os.remove(new / 'state-000000092')
     own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
     sf.ensure_state_dir(str(new))
     assert contract.inspect(str(new), resume=True).resume.path == str(link)

@@ -194,9 +194,13 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
     # folder of states copied by hand (not marked yet) such a link is refused whole (ownership.check_replaceable)
     newest = loadable.step if loadable is not None else -1
     ours = ownership.folder_kind(state_dir) is not None
-    links = [ownership.state_link_refused(link, 'train_state_dir') for link in ownership.state_links(state_dir)
-             if ours and int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
+    linked = [link for link in ownership.state_links(state_dir)
+              if ours and int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
+    links = [ownership.state_link_refused(link, 'train_state_dir') for link in linked[:1]]
     passed_over = '; '.join(f'{message}: passed over; {fix}' for message, fix in links)
+    if len(linked) > 1:  # one line each would be a page: the first said whole, the others named
+        others = [os.path.basename(link) for link in linked[1:]]
+        passed_over += f' (and {len(others)} more such link{"s" if len(others) > 1 else ""}: {", ".join(others)})'
     if loadable is None:
         report.all_damaged = bool(damaged)
         what = _every_state_damaged(damaged[::-1]) if damaged else f'no complete saved state in {state_dir}'

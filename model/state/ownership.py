@@ -582,9 +582,15 @@ def state_link_refused(link: str, what: str) -> tuple[str, str]:
         copy = os.path.join(os.path.dirname(link), os.path.basename(target))
         renamed = (f' (under its own name: a state is named by its step, {os.path.basename(target)})'
                    if os.path.basename(link) != os.path.basename(target) else '')
-        return (f'{what}: {link} is a symbolic link to {target}; {never}',
-                f'copy the state in its place: rm {shlex.quote(link)} && cp -r {shlex.quote(target)} '
-                f'{shlex.quote(copy)}{renamed}')
+        said = f'{what}: {link} is a symbolic link to {target}; {never}'
+        if copy != link and os.path.realpath(copy) == target:  # to a state of this very folder
+            return said, f'remove the link (rm {shlex.quote(link)}): the state it leads to is in this folder already'
+        if copy != link and os.path.lexists(copy):  # a `cp -r` there would copy it inside the state of that name
+            return said, (f'remove the link (rm {shlex.quote(link)}): this folder holds {copy} already, a state of '
+                          f'the same step; to resume from the linked one instead, move that one away first, then '
+                          f'cp -r {shlex.quote(target)} {shlex.quote(copy)}')
+        return said, (f'copy the state in its place: rm {shlex.quote(link)} && cp -r {shlex.quote(target)} '
+                      f'{shlex.quote(copy)}{renamed}')
     there = 'is not a folder' if os.path.lexists(target) else 'is not there'
     return (f'{what}: {link} is a symbolic link to {os.readlink(link)}, which {there}; {never}',
             f'remove the link (rm {shlex.quote(link)}), and copy the state itself there to resume from it')
