@@ -349,9 +349,15 @@ def _quote_fault(path: str, delimiter: str) -> tuple[int, str | None] | None:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             first = 3 if m[:3] == b'\xef\xbb\xbf' else 0
-            pos, after, kept_from = first, None, 0
-            while (q := _next_quote(m, pos)) >= 0:
-                kept_from = _drop_mapped(m, kept_from, q)
+            pos, after, kept_from, size = first, None, 0, len(m)
+            while True:
+                q = m.find(b'"', pos, pos + _DROP_EVERY)  # the next quote within a window: one call a quote
+                if q < 0 and pos + _DROP_EVERY < size:  # none there: on, window by window, each let go
+                    q = _next_quote(m, pos + _DROP_EVERY)
+                if q < 0:
+                    break
+                if q - kept_from >= _DROP_EVERY:
+                    kept_from = _drop_mapped(m, kept_from, q)
                 if q != first and m[q - 1] not in value_starts:  # a quote inside an unquoted value: text
                     pos = q + 1
                     continue
