@@ -119,7 +119,8 @@ def test_a_flag_the_runs_length_or_max_seq_len_keeps_from_acting_is_noted_with_w
                                 "it evaluates only at the end of each epoch and at its last step, as with --eval_steps=0")
     assert save_note.endswith('(a crash before then loses every step); e.g. --save_steps=15')
     (cut,) = notes(max_steps=20, eval_steps=30)  # the run's steps are the ones --max_steps leaves
-    assert cut.startswith("--eval_steps=30 is more than the run's 20 optimizer steps")
+    assert cut.startswith("--eval_steps=30 is more than the run's 20 optimizer steps, so it never comes round: it "
+                          "evaluates only at its last step (it ends before its first epoch does)"), cut
     (epochs,) = notes(max_steps=150, epochs=2)  # 120 steps in 2 epochs of 60
     assert epochs == ('--max_steps=150 is more than the 120 optimizer steps of --epochs=2, so it never comes round: '
                       'the run ends with its epochs; --epochs=3 trains for at least that many steps')

@@ -365,6 +365,8 @@ def run_length_notes(cfg: ResolvedConfig, epoch_steps: int, start: int = 0) -> l
         value = getattr(t, name)
         if name not in given or value <= 0 or start >= total or total // value > start // value:
             continue  # a multiple of the interval among the steps the run (or the resume) takes
+        if name == 'eval_steps' and total < max(1, epoch_steps // t.epochs):  # --max_steps ends it in its first epoch
+            instead = 'it evaluates only at its last step (it ends before its first epoch does)'
         if start:
             notes.append(f'--{name}={value} never comes round in the steps this resume takes ({start + 1} to '
                          f'{total}; it counts the run\'s steps): {instead}; e.g. '
