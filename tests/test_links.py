@@ -229,6 +229,17 @@ def test_a_link_into_a_folder_that_is_not_there_is_one_line_before_anything_is_m
     flags = dict(arg[2:].split('=', 1) for arg in tiny_flags(data, unmounted))
     with pytest.raises(UserError, match=r'(model_file|train_state_dir|output_dir|log_dir): .*link_to_unmounted is a link to'):
         preflight.resolve_places(resolve_config(overrides=flags))
+    # given only as --output_dir, relative (model_file, train_state_dir and log_dir follow it): named by that flag,
+    # as typed (it said "model_file: /abs/link_to_unmounted")
+    flags = {k: v for k, v in flags.items() if k not in ('model_file', 'train_state_dir', 'log_dir')}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(UserError) as e:
+            preflight.resolve_places(resolve_config(overrides={**flags, 'output_dir': 'link_to_unmounted'}))
+    finally:
+        os.chdir(cwd)
+    assert str(e.value).startswith('output_dir: link_to_unmounted is a link to '), str(e.value)
     assert not os.path.exists(tmp_path / 'mnt')  # nothing made
     (tmp_path / 'scratch').mkdir()
     os.symlink(tmp_path / 'scratch' / 'new_run', tmp_path / 'link_to_new')

@@ -127,7 +127,8 @@ def check_dangling_links(path: str, what: str) -> None:
         if not os.path.lexists(target) and not os.path.isdir(parent):
             why = ('which is a file, not a folder' if os.path.lexists(parent) else
                    'which is not there either (a filesystem not mounted here?)')
-            raise UserError(f'{what}: {prefix} is a link to {os.readlink(prefix)}, which is not there; it would go '
+            shown = prefix if os.path.isabs(os.path.expanduser(path)) else os.path.relpath(prefix)  # as typed
+            raise UserError(f'{what}: {shown} is a link to {os.readlink(prefix)}, which is not there; it would go '
                             f'in {parent}, {why}; mount it, make that folder, or fix the link')
 
 

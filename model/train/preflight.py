@@ -97,7 +97,9 @@ def resolve_places(cfg: ResolvedConfig) -> ResolvedConfig:
     (its folder before the first '*?[' is resolved); model_file keeps its file name."""
     t = dataclasses.replace(cfg.train)
     ownership.PLACES.clear()  # this command's places (ownership.as_given)
-    for name in (*PATH_FIELDS, 'init_from'):
+    # the places given by a flag first: a fault in a path others follow (model_file, train_state_dir and log_dir
+    # follow output_dir) is named by the flag that was given
+    for name in sorted((*PATH_FIELDS, 'init_from'), key=lambda name: cfg.sources.get(name) != 'flag'):
         value = getattr(t, name)
         if not value:
             continue
