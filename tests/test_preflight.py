@@ -716,3 +716,18 @@ def test_the_way_on_from_damaged_states_moves_only_the_states_where_they_lie_amo
     os.makedirs(f'{out}.damaged_states')
     assert preflight.damaged_states_fix(apart, apart.train_state_dir).startswith(
         f'move it away yourself (e.g. mv {out}/state {out}.damaged_states-2), then start afresh')
+
+
+def test_a_missing_data_file_is_told_the_command_that_makes_that_file():
+    """The demo preset's fix for a missing train file was `prepare_data.py demo --out_dir=<its folder>`
+    whatever its name; the demo writes only train.parquet and valid.parquet there."""
+    demo = resolve_config(preset='demo')
+    assert preflight.data_fix(demo) == (f'create it with: python prepare_data.py demo --out_dir='
+                                        f'{os.path.dirname(demo.train.train_file)}')
+    moved = resolve_config(preset='demo', overrides={'train_file': 'work/d/train.parquet',
+                                                     'validation_file': 'work/d/valid.parquet'})
+    assert preflight.data_fix(moved) == 'create it with: python prepare_data.py demo --out_dir=work/d'
+    other = resolve_config(preset='demo', overrides={'train_file': 'work/outlink/x.parquet'})
+    assert preflight.data_fix(other).startswith('create it with: python prepare_data.py convert YOUR_DATA.jsonl '), \
+        preflight.data_fix(other)
+    assert '--train_out=work/outlink/x.parquet' in preflight.data_fix(other)

@@ -124,8 +124,10 @@ def resolve_spec(spec: str, what: str) -> str:
 
 def data_fix(cfg: ResolvedConfig) -> str:
     t = cfg.train
-    if cfg.preset == 'demo':
-        return f'create it with: python prepare_data.py demo --out_dir={os.path.dirname(t.train_file)}'
+    folder = os.path.dirname(t.train_file)
+    if cfg.preset == 'demo' and (t.train_file, t.validation_file) == tuple(  # the files the demo writes
+            os.path.join(folder, name) for name in ('train.parquet', 'valid.parquet')):
+        return f'create it with: python prepare_data.py demo --out_dir={folder}'
     return (f'create it with: python prepare_data.py convert YOUR_DATA.jsonl data/all.parquet && '
             f'python prepare_data.py split data/all.parquet --train_out={t.train_file} '
             f'--valid_out={t.validation_file}')
