@@ -335,3 +335,17 @@ def test_a_place_given_by_another_flag_inside_a_link_to_nothings_target_keeps_it
         assert ownership.as_given(f'{states}: x') == f'{target}/mystate: x'  # no link named where none is said
     finally:
         ownership.PLACES.clear()
+
+
+def test_an_output_that_is_a_link_to_the_input_is_named_as_given(tmp_path):
+    """`convert q.csv lnk.csv`, lnk.csv a link to q.csv: refused, naming the path given and where it leads (it
+    named only the input's real path, which the user had not typed as the output)."""
+    (tmp_path / 'q.csv').write_text('prompt,response\n问,答\n', encoding='utf-8')
+    os.symlink(tmp_path / 'q.csv', tmp_path / 'lnk.csv')
+    r = cli('convert', tmp_path / 'q.csv', tmp_path / 'lnk.csv', script='prepare_data.py')
+    assert r.returncode == 2 and r.stderr == (f'error: --output: {tmp_path}/lnk.csv (a link to {tmp_path}/q.csv) is '
+                                              f'also an input; write to another path\n'), r.stderr
+    r = cli('convert', tmp_path / 'q.csv', tmp_path / 'q.csv', script='prepare_data.py')
+    assert r.returncode == 2 and r.stderr == f'error: --output: {tmp_path}/q.csv is also an input; write to another ' \
+                                             f'path\n', r.stderr
+    assert (tmp_path / 'q.csv').read_text(encoding='utf-8') == 'prompt,response\n问,答\n'

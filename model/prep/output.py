@@ -98,7 +98,7 @@ def check_outputs(outputs: dict[str, str], inputs=()) -> None:
         if real in seen:
             raise UserError(f'--{what} and --{seen[real]} are the same file: {path}')
         seen[real] = what
-        ownership.check_not_an_input(real, files, f'--{what}', specs)
+        ownership.check_not_an_input(real, files, f'--{what}', specs, given=os.fspath(path))
         ownership.check_replaceable(real, DATA, f'--{what}', folder=False)
         ownership.check_writable(real, f'--{what}')
         if os.fspath(path).endswith(os.sep):

@@ -483,14 +483,17 @@ def check_outside_sealed(path: str, what: str, itself: bool = False) -> None:
         folder = parent
 
 
-def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()) -> None:
+def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=(), given: str | None = None) -> None:
     """An output never equals an input file or holds one, and is never where a later read of an
-    input folder (its *.parquet) or pattern would pick it up -- links on either side followed."""
+    input folder (its *.parquet) or pattern would pick it up -- links on either side followed.
+    ``given``: the output as the user gave it (a link to ``output``), said first."""
     real = os.path.realpath(output)
     for f in inputs:
         if real == os.path.realpath(f) or (
                 os.path.exists(output) and os.path.exists(f) and os.path.samefile(output, f)):
-            raise UserError(f'{what}: {output} is also an input; write to another path')
+            said = (given or output) if given is None or os.path.abspath(given) == output else \
+                f'{given} (a link to {output})'
+            raise UserError(f'{what}: {said} is also an input; write to another path')
         if os.path.isdir(output) and same_or_inside(f, output):
             raise UserError(f'{what}: {output} holds the input {f}; choose another folder')
     for spec in input_specs:
