@@ -627,6 +627,13 @@ def test_a_delimited_file_without_rows_says_so_whatever_its_last_line_ends_with(
         (d / name).write_bytes(data)
         cases.append((name, ['convert', d / name, d / f'{name}.parquet'],
                       [f'{d / name}: line 1: a quote (") opened there is never closed']))
+    (d / 'two_line_header.csv').write_bytes(b'"prompt\nx",response')  # a quoted header over two lines, no line end
+    (d / 'tab_row.tsv').write_bytes(b'prompt\tresponse\n\t\n')  # a row of empty values is a row, as `,` in a CSV
+    (d / 'comma_row.csv').write_bytes(b'prompt,response\n,\n')
+    cases += [('two-line header', ['convert', d / 'two_line_header.csv', d / 'o.parquet'],
+               ["missing column 'prompt' (has: 'prompt\\nx', 'response')"])]
+    cases += [(name, ['convert', d / name, d / 'o.parquet'], ['its one row lacks text in a column'])
+              for name in ('tab_row.tsv', 'comma_row.csv')]
     cases += [('header, columns missing', ['convert', d / 'other_header.csv', d / 'o.parquet'], ["missing column 'prompt'"]),
               ('header, --text_col missing', ['convert', d / 'header.csv', d / 'o.parquet', '--text_col=body'],
                ["missing column 'body'"])]

@@ -271,28 +271,31 @@ def _header_alone(path: str, delimiter: str, quoted: bool) -> list[str] | None:
     """The header's names when it is all the file holds (whitespace and empty lines aside: no
     rows), [] when the file holds no text at all (nothing, a BOM, whitespace, line breaks), None
     when rows follow the header (pyarrow reads the file). pyarrow refuses the first two as an
-    "Empty CSV file" when the last line has no line end; Python's csv reads the header as pyarrow
-    does (a quote opens a value only as its first character). Lines are read bounded."""
+    "Empty CSV file" when the last line has no line end; Python's csv reads the records as
+    pyarrow does (a quote opens a value only as its first character; a quoted value may span
+    lines, a header's too), a value bounded by csv.field_size_limit (over it: left to pyarrow).
+    A row of empty values (``,`` or a tab alone) is a row."""
     import csv
+    import io
 
-    with open(path, 'rb') as f:
-        if f.read(len(records.BOM)) != records.BOM:
-            f.seek(0)
-        # pyarrow's line ends: LF, CRLF, a lone CR
-        lines = (part for line, _ in iter_bounded_lines(f, read_guard.MAX_RECORD_BYTES) for part in line.splitlines())
-        # pyarrow skips empty lines before the header; one of only spaces is its header, unless nothing follows
-        first = next((line for line in lines if line), None)
-        if first is None or any(line.strip() for line in lines):
-            return None if first is not None else []
-    if not first.strip():
-        return []
-    try:
-        text = first.decode('utf-8')
-        return next(csv.reader([text], delimiter=delimiter, **({} if quoted else {'quoting': csv.QUOTE_NONE})))
-    except UnicodeDecodeError:
-        raise build_utf8_error(path) from None
-    except csv.Error:  # left to pyarrow, and its errors
-        return None
+    with open(path, 'rb') as raw:
+        if raw.read(len(records.BOM)) != records.BOM:
+            raw.seek(0)
+        text = io.TextIOWrapper(raw, encoding='utf-8', newline='')
+        reader = csv.reader(text, delimiter=delimiter, **({} if quoted else {'quoting': csv.QUOTE_NONE}))
+        try:
+            # pyarrow skips empty lines before the header; one of only spaces is its header, unless nothing follows
+            found = (record for record in reader if record)
+            first = next(found, None)
+            if first is None:
+                return []
+            if any(len(record) > 1 or record[0].strip() for record in found):
+                return None
+        except UnicodeDecodeError:
+            raise build_utf8_error(path) from None
+        except csv.Error:  # left to pyarrow, and its errors
+            return None
+    return first if len(first) > 1 or first[0].strip() else []
 
 
 ROW_LIKE_LINES = 2  # a value with at least this many lines that read as whole rows of its file is said
