@@ -59,6 +59,18 @@ def _unescape(value: str) -> str:
     return re.sub(_ESCAPE, one, value)
 
 
+def _lost_backslash(value: str) -> str | None:
+    """The escape a value reads as once a backslash is put before it (t -> '\\t', 001 -> '\\001'), as
+    typed in quotes, where that names one character: what a shell leaves of an unquoted escape."""
+    if value != 't' and (len(value) < 3 or '\\' in value or value.lower() == 'tab' or not value.isascii()):
+        return None  # t, or an escape of a number (\001, \x01, \u0001)
+    try:
+        named = _unescape('\\' + value)
+    except UserError:
+        return None
+    return f"'\\{value}'" if len(named) == 1 else None
+
+
 def _as_typed(value: str) -> str:
     """A flag's value as the user typed it, quoted; a real tab or line break as its escape."""
     if not value.isprintable():
@@ -90,6 +102,13 @@ def resolve_delimiter(fmt: str, delimiter: str | None) -> str | None:
                         f'--delimiter, or pass --format=csv if the file is delimited text')
     value = _unescape(str(delimiter))
     one = "give the one character between values, e.g. --delimiter=';' or --delimiter='|' or --delimiter=tab"
+    lost = _lost_backslash(value)
+    if lost:  # `--delimiter=\t` unquoted: the shell passes t
+        raise UserError(f'{shown}: letters and digits are text, not a separator; was it {lost}? A shell drops a '
+                        f'backslash that is not quoted: write --delimiter={lost}, quoted'
+                        + (', or --delimiter=tab' if value == 't' else ''))
+    if len(value) == 1 and value.isascii() and value.isalnum():
+        raise UserError(f'{shown}: letters and digits are text, not a separator; {one}')
     if value and not value.strip('\r\n'):
         raise UserError(f'{shown}: a line break separates rows, not values; {one}')
     if len(value) != 1:
