@@ -333,7 +333,10 @@ pass_on() {
 trap 'pass_on TERM 143' TERM
 trap 'pass_on INT 130' INT
 if [ "${#launch_args[@]}" -eq 0 ]; then launch_args=(--multi_gpu --num_processes "$gpus"); fi
-"$ACCELERATE" launch "${launch_args[@]}" "${rank_entry[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
+# every process of this launch carries this mark (the launcher's environment, not this script's): the ranks
+# a launcher leaves behind are found by it when it ends, also without RANK_OUTCOME_DIR's records
+launch_mark="$(uname -n)-$$-$RANDOM$RANDOM"
+CHAT_SMALL_T5_LAUNCH=$launch_mark "$ACCELERATE" launch "${launch_args[@]}" "${rank_entry[@]}" "$TRAIN" train "${config_flags[@]}" "$@" &
 launcher=$!
 # a stop that came while the launcher started: as SIGTERM, since a background job starts with
 # SIGINT ignored until torchrun sets its handlers
@@ -372,6 +375,32 @@ rank_at_work() {
   case "$cmd" in *rank_outcome.py*) ;; *) return 1 ;; esac
   rank_pid=$pid
 }
+ranks_of_this_launch() {
+  # the processes of this launch still at work (rank_pids): those whose environment carries its mark -- not a
+  # zombie (its environment reads empty), not a pid reused by another program. Builtins only, as rank_at_work
+  local environ pid entry
+  rank_pids=()
+  for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}
+    pid=${pid%/environ}
+    [ "$pid" = "$$" ] && continue
+    while IFS= read -r -d '' entry; do
+      if [ "$entry" = "CHAT_SMALL_T5_LAUNCH=$launch_mark" ]; then rank_pids+=("$pid"); break; fi
+    done 2>/dev/null < "$environ"
+  done
+}
+if [ -z "${RANK_OUTCOME_DIR:-}" ]; then
+  deadline=$(( SECONDS + TORCH_ELASTIC_SHUTDOWN_TIMEOUT ))
+  ranks_of_this_launch
+  if [ "${#rank_pids[@]}" -gt 0 ]; then
+    echo "note: the launcher has ended; waiting up to $(( deadline - SECONDS )) s for its rank process(es) ${rank_pids[*]} to finish their save / 启动器已结束，等待各进程保存完毕" >&2
+    while [ "$SECONDS" -lt "$deadline" ] && [ "${#rank_pids[@]}" -gt 0 ]; do sleep 0.5; ranks_of_this_launch; done
+    if [ "${#rank_pids[@]}" -gt 0 ]; then   # killed only at the deadline, as torchrun would have
+      echo "warning: rank process(es) ${rank_pids[*]} did not end within the grace period: killed" >&2
+      kill -KILL "${rank_pids[@]}" 2>/dev/null
+    fi
+  fi
+fi
 if [ -n "${RANK_OUTCOME_DIR:-}" ]; then
   host=$(uname -n)
   deadline=$(( SECONDS + TORCH_ELASTIC_SHUTDOWN_TIMEOUT ))

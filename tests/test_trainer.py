@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -376,15 +377,27 @@ def test_the_start_script_names_the_signal_that_ended_its_launcher(data, tmp_pat
     ended it (their logs say their launcher ended); the start script, which waits for it, can: it
     names SIGKILL, not SIGTERM, and exits with the launcher's code."""
     launcher = tmp_path / 'accelerate'
-    launcher.write_text('#!/bin/bash\nkill -KILL $$\n')  # a launcher SIGKILLed from outside, at once
+    # a launcher SIGKILLed from outside, its rank (here a stand-in) still saving: the script waited for nothing
+    # (without RANK_OUTCOME_DIR's records) and returned while the rank saved; it now waits for it, then exits
+    launcher.write_text('#!/bin/bash\n( sleep "$RANK_SAVES_S"; echo saved > "$MARK" ) &\nkill -KILL $$\n')
     launcher.chmod(0o755)
-    env = {**ENV, 'PYTHON': sys.executable, 'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1', 'ACCELERATE': str(launcher)}
+    env = {**ENV, 'PYTHON': sys.executable, 'NUM_GPUS': '2', 'ACCELERATE_USE_CPU': '1', 'ACCELERATE': str(launcher),
+           'RANK_SAVES_S': '2', 'MARK': str(tmp_path / 'saved')}
     r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
                        cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 137, r.stderr[-3000:]
     assert f'warning: the launcher ({launcher} launch) was ended by SIGKILL (exit 137); each rank it had started saves ' \
            f'its last step and stops' in r.stderr, r.stderr[-3000:]
     assert 'SIGTERM' not in r.stderr
+    assert 'note: the launcher has ended; waiting up to ' in r.stderr and (tmp_path / 'saved').exists(), r.stderr[-3000:]
+    # one that outlasts the grace period is killed at its end, as torchrun would have
+    r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
+                       cwd=ROOT, env={**env, 'RANK_SAVES_S': '60', 'MARK': str(tmp_path / 'late'),
+                                      'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '1'},
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 137 and 'did not end within the grace period: killed' in r.stderr, r.stderr[-3000:]
+    time.sleep(0.5)
+    assert not (tmp_path / 'late').exists()
 
 
 @pytest.mark.slow
