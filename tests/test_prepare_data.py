@@ -640,12 +640,19 @@ def test_a_delimited_file_without_rows_says_so_whatever_its_last_line_ends_with(
     (d / 'comma_row.csv').write_bytes(b'prompt,response\n,\n')
     cases += [('two-line header', ['convert', d / 'two_line_header.csv', d / 'o.parquet'],
                ["missing column 'prompt' (has: 'prompt\\nx', 'response')"])]
+    (d / 'quoted_empty_row.csv').write_bytes(b'prompt,response\n""\n')  # a row, of one empty value
     cases += [(name, ['convert', d / name, d / 'o.parquet'], ['its one row lacks text in a column'])
               for name in ('tab_row.tsv', 'comma_row.csv')]
+    cases += [('quoted empty row', ['convert', d / 'quoted_empty_row.csv', d / 'o.parquet'],
+               ['line 2: a row of 1 field(s), where the header has 2'])]
     cases += [('header, columns missing', ['convert', d / 'other_header.csv', d / 'o.parquet'], ["missing column 'prompt'"]),
               ('header, --text_col missing', ['convert', d / 'header.csv', d / 'o.parquet', '--text_col=body'],
                ["missing column 'body'"])]
     assert_one_line_errors(tmp_path, cases)
+    # a byte of another encoding in a column convert does not read, in the first rows: pyarrow's to meet, as anywhere
+    (d / 'latin_unused.csv').write_bytes(b'prompt,response,notes\nhello,world,caf\xe9\nfoo,bar,ok\n')
+    proc = run_forked('convert', d / 'latin_unused.csv', d / 'latin.parquet')
+    assert proc.returncode == 0 and 'wrote 2 rows' in proc.stdout, proc.stderr
 
 
 def test_counts_and_formats_read_as_a_user_reads_them(tmp_path, monkeypatch):

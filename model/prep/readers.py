@@ -25,7 +25,7 @@ from model.prep import records
 from model.prep.output import BATCH_ROWS, OUTPUT_SCHEMAS
 from model.prep.json_readers import iter_json, iter_jsonl
 from model.prep.records import RECORD_FIX, Columns, build_utf8_error, check_plain_text
-from model.data.read_guard import guarded, human_size, iter_bounded_lines, too_long
+from model.data.read_guard import guarded, human_size, too_long
 
 FORMATS = ('csv', 'tsv', 'json', 'jsonl', 'parquet', 'txt')
 _EXTENSIONS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.json': 'json', '.jsonl': 'jsonl', '.ndjson': 'jsonl',
@@ -293,28 +293,47 @@ def _header_alone(path: str, delimiter: str, quoted: bool) -> list[str] | None:
     "Empty CSV file" when the last line has no line end; Python's csv reads the records as
     pyarrow does (a quote opens a value only as its first character; a quoted value may span
     lines, a header's too), a value bounded by csv.field_size_limit (over it: left to pyarrow).
-    A row of empty values (``,`` or a tab alone) is a row."""
+    A record is a row when its text holds more than whitespace: ``""``, and ``,`` (or a tab
+    alone in a TSV) are rows. Only the header must be UTF-8 here: a byte of another encoding
+    in a row is pyarrow's to meet, in a column it reads."""
     import csv
     import io
+
+    blank = ''.join(c for c in ' \t\r\n\x0b\x0c' if c != delimiter)  # around a row, but not its delimiter
+    read: list[str] = []  # the text of the lines the csv reader took for its record
+
+    def lines(text):
+        for line in text:
+            read.append(line)
+            yield line
 
     with open(path, 'rb') as raw:
         if raw.read(len(records.BOM)) != records.BOM:
             raw.seek(0)
-        text = io.TextIOWrapper(raw, encoding='utf-8', newline='')
-        reader = csv.reader(text, delimiter=delimiter, **({} if quoted else {'quoting': csv.QUOTE_NONE}))
+        text = io.TextIOWrapper(raw, encoding='utf-8', errors='surrogateescape', newline='')
+        reader = csv.reader(lines(text), delimiter=delimiter, **({} if quoted else {'quoting': csv.QUOTE_NONE}))
+
+        def with_text():
+            for record in reader:
+                said = ''.join(read)
+                read.clear()
+                yield record, said
+
         try:
             # pyarrow skips empty lines before the header; one of only spaces is its header, unless nothing follows
-            found = (record for record in reader if record)
-            first = next(found, None)
+            found = ((record, said) for record, said in with_text() if said.strip('\r\n'))
+            first, said = next(found, (None, ''))
             if first is None:
                 return []
-            if any(len(record) > 1 or record[0].strip() for record in found):
+            if any(rest.strip(blank) for _, rest in found):
                 return None
-        except UnicodeDecodeError:
-            raise build_utf8_error(path) from None
         except csv.Error:  # left to pyarrow, and its errors
             return None
-    return first if len(first) > 1 or first[0].strip() else []
+    if not said.strip(blank):
+        return []
+    if any('\udc80' <= ch <= '\udcff' for name in first for ch in name):  # a byte that is not UTF-8 in the header
+        raise build_utf8_error(path)
+    return first
 
 
 ROW_LIKE_LINES = 2  # a value with at least this many lines that read as whole rows of its file is said
