@@ -732,6 +732,38 @@ def test_a_users_file_named_best_put_in_output_dir_mid_run_is_kept_and_the_run_t
     assert (out / 'final').is_dir()
 
 
+def test_a_link_put_at_a_weights_files_name_mid_run_is_never_written_through(tmp_path, data):
+    """A link put where the best weights file or a step file goes, while the run trains: the model
+    was written through it, out of the run's folders, without a word (and the end said the best
+    file did not hold the best model). Now the link is kept, each export there is said refused,
+    the run trains on to exit 0, its states hold the weights; a resume beside the links too."""
+    out, elsewhere = tmp_path / 'run', tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    flags = tiny_flags(data, out, eval_steps=2, save_steps=2)
+    proc = cli_runner.Popen(train_cmd(flags, '--max_steps=6'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@2:sleep=3'}, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if 'step 2/6' in line:  # its evaluation now waits at the fault point
+            os.symlink(elsewhere / 'best.bin', out / 'chat_small_t5.best.bin')
+            os.symlink(elsewhere / 'step4.bin', out / 'chat_small_t5.4.bin')
+            break
+    err = ''.join(lines) + proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 0 and 'step 6/6' in err, err[-3000:]
+    assert os.listdir(elsewhere) == [], err[-3000:]  # nothing written through a link
+    assert f'{out}/chat_small_t5.best.bin is a symbolic link this toolkit did not make' in err, err[-3000:]
+    assert f'{out}/chat_small_t5.4.bin is a symbolic link this toolkit did not make' in err and \
+        'the weights of step 4 are not exported there, training goes on' in err, err[-3000:]
+    assert (out / 'chat_small_t5.best.bin').is_symlink() and (out / 'chat_small_t5.4.bin').is_symlink()
+    r = run_train(flags, '--max_steps=8', '--is_keep_training=True')  # a resume beside them: notes, it trains on
+    assert r.returncode == 0 and 'step 8/8' in r.stderr, r.stderr[-3000:]
+    assert 'the weights of that step are not exported there until it is moved away' in r.stderr, r.stderr[-3000:]
+    assert os.listdir(elsewhere) == []
+    assert_user_error(run_train(flags, '--max_steps=2'), 'chat_small_t5.')  # a fresh run: refused
+
+
 def test_a_start_stopped_early_with_its_log_in_the_state_folder_starts_again(tmp_path, data):
     """The take-back of a start stopped before its first step removed the state folder's marker
     though the folder stayed (it held the run's log): the same command was then refused ('a folder

@@ -89,7 +89,7 @@ class Checkpointer:
         path = self.parts.save_all_ranks(t.train_state_dir, step, describe)
         self.last_saved_step, self.last_saved_path = step, path
         fault_point('state-saved', step)  # a stop here: the resume writes the step file (_restore_step_file_all_ranks)
-        self.export_weights_all_ranks(step, step)
+        self.export_step_file_all_ranks(step)
         self.collectives.on_main_all_ranks(lambda: model_files.prune_model_files(t.model_file, t.keep_latest_n_ckp))
         logger.info('saved state at step %d -> %s', step, path)
         return path
@@ -108,6 +108,17 @@ class Checkpointer:
             state_dict, path, step=step, tag=tag, model_shape=t.fingerprint['model_shape'],
             tokenizer=t.fingerprint['tokenizer'], max_seq_len=t.max_seq_len, run_id=t.run_id,
             objective=t.objective)))
+
+    def export_step_file_all_ranks(self, step: int) -> None:
+        """model_file.format(step), the step's weights beside its state: a user's file or link put at
+        that name is never replaced (NotOurs), and no reason to end the run -- the state holds the
+        very weights -- said, the run goes on."""
+        try:
+            self.export_weights_all_ranks(step, step)
+        except NotOurs as e:
+            if self.collectives.is_main:
+                logger.warning('%s; the weights of step %d are not exported there, training goes on: the state %s '
+                               'holds them', e.message, step, self.last_saved_path)
 
     def save_best_all_ranks(self, step: int) -> None:
         """model_file.format('best') and the Hugging Face folder output_dir/best: each written
@@ -205,7 +216,7 @@ class Checkpointer:
             if self.collectives.is_main:
                 logger.info('%s, the step file of the state resumed from, is missing (a stop between the state '
                             'and its export): written again from the state', path)
-            self.export_weights_all_ranks(step, step)
+            self.export_step_file_all_ranks(step)
 
 
 def _replacing(model_path: str, write) -> None:

@@ -18,7 +18,7 @@ def save_weights_file(state_dict: dict, path: str, **info) -> None:
     from safetensors.torch import save_file
 
     state_dict = clean_state_dict_for_safetensors({k: v.contiguous() for k, v in state_dict.items()})
-    with writes.atomic_file(path, WEIGHTS, 'model_file') as tmp:
+    with writes.atomic_file(path, WEIGHTS, 'model_file', own_name=True) as tmp:  # a link there: never followed
         save_file(state_dict, tmp, metadata=markers.weights_metadata(**info))
 
 

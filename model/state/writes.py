@@ -173,12 +173,16 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool = True) -> Iterator[str]:
+def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool = True,
+                own_name: bool = False) -> Iterator[str]:
     """A temporary path beside the real ``path`` to write; on success it is sealed (the content
     hash filled into its marker), synced and renamed onto the path (a reader sees the old file or
     the whole new one), on failure removed. An existing path must be the toolkit's own unchanged
-    file of these kinds; a link on the way is followed, never replaced."""
-    path = resolve_place(path, what, file=True)
+    file of these kinds; a link on the way is followed, never replaced. ``own_name``: the file's
+    name is the toolkit's (a step or best weights file of the model_file pattern), not a place
+    the user gave: a link found there is not followed, it is not the toolkit's (NotOurs)."""
+    path = (os.path.join(resolve_place(os.path.dirname(path) or '.', what), os.path.basename(path)) if own_name
+            else resolve_place(path, what, file=True))
     check_replaceable(path, kinds, what, folder=False)
     with folders_for(path):  # folders made for it go again if nothing is written
         sweep_stale_temps(path)

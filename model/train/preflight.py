@@ -202,6 +202,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
     best_folder, best_name = os.path.join(t.output_dir, 'best'), model_files.model_file_pattern(t.model_file, 'best')
     best_note = ('; the best model is not exported there until that is moved out: the run trains on, as when '
                  'it came in mid-run (a fresh run would have to move it aside: refused)')
+    step_note = ('; the weights of that step are not exported there until it is moved away: the run trains on (its '
+                 'state holds them), as when it came in mid-run')
     final_note = ('; the last model is not exported there until that is moved out: the run trains on and ends with '
                   'it in the weights file of its last state, as when it came in mid-run (a fresh run would have to '
                   'move it aside: refused)')
@@ -219,10 +221,10 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
         said = (f'model_file: {path} matches the model_file pattern and was written by this toolkit but changed since '
                 f'(a disk fault, or an edit)' if (info or {}).get('kind') == WEIGHTS else
                 f'model_file: {path} matches the model_file pattern and was not written by this toolkit')
-        if resume and best_name.match(os.path.basename(path)):
-            report.notes.append(said + best_note)
+        if resume:  # never replaced; the run that met it mid-run trained on: so does its resume
+            report.notes.append(said + (best_note if best_name.match(os.path.basename(path)) else step_note))
             continue
-        report.problems.append(Problem('model_file', f'{said}, so a run could overwrite it',
+        report.problems.append(Problem('model_file', f'{said}; a fresh run would have to move it aside',
                                        'move it away or choose another --model_file'))
     places = {'train_state_dir': t.train_state_dir, 'output_dir': t.output_dir, 'model_file': model_folder(t),
               'log_dir': t.log_dir}
