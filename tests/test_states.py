@@ -1460,6 +1460,33 @@ def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and
                                  f'already, a state of the same step; to resume from the linked one instead, move that '
                                  f'one away first, then cp -r {good} {new}/state-000000010'), str(e.value)
     os.remove(new / 'state-000000092')
+    # several links: the newest said whole, the others named (the user met them one run at a time)
+    os.symlink(newer, new / 'state-000000093')
+    os.symlink(newer, new / 'state-000000094')
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).startswith(f'train_state_dir: {new}/state-000000094 is a symbolic link') and str(e.value).endswith(
+        '; and 1 more such link (state-000000093), each to be replaced by its state\'s copy or removed the same way'), \
+        str(e.value)
+    os.remove(new / 'state-000000094')
+    # a link to a state kept under another name: the copy takes the step its marker records, not that name
+    kept = tmp_path / 'kept' / 'my_state'
+    shutil.copytree(newer, kept)
+    os.rename(new / 'state-000000020', tmp_path / 'set_aside')
+    os.remove(new / 'state-000000093')
+    os.symlink(kept, new / 'state-000000095')
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).endswith(f'rm {new}/state-000000095 && cp -r {kept} {new}/state-000000020 (under its own name: '
+                                 f'a state is named by its step, state-000000020)'), str(e.value)
+    os.symlink(newer, new / 'state-000000020')  # that name a link too: both go (it said the state was there already)
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert f'copy the state in place of both links: rm {new}/state-000000095 {new}/state-000000020 && cp -r ' \
+           f'{kept} {new}/state-000000020' in str(e.value), str(e.value)
+    os.remove(new / 'state-000000020')
+    os.remove(new / 'state-000000095')
+    os.rename(tmp_path / 'set_aside', new / 'state-000000020')
     own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
     sf.ensure_state_dir(str(new))
     assert contract.inspect(str(new), resume=True).resume.path == str(link)

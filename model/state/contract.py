@@ -196,11 +196,8 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
     ours = ownership.folder_kind(state_dir) is not None
     linked = [link for link in ownership.state_links(state_dir)
               if ours and int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
-    links = [ownership.state_link_refused(link, 'train_state_dir') for link in linked[:1]]
+    links = [ownership.state_links_refused(linked, 'train_state_dir')] if linked else []
     passed_over = '; '.join(f'{message}: passed over; {fix}' for message, fix in links)
-    if len(linked) > 1:  # one line each would be a page: the first said whole, the others named
-        others = [os.path.basename(link) for link in linked[1:]]
-        passed_over += f' (and {len(others)} more such link{"s" if len(others) > 1 else ""}: {", ".join(others)})'
     if loadable is None:
         report.all_damaged = bool(damaged)
         what = _every_state_damaged(damaged[::-1]) if damaged else f'no complete saved state in {state_dir}'

@@ -430,7 +430,7 @@ def check_replaceable(path: str, kinds: str | tuple[str, ...], what: str, *, fol
         if found is None and any(k in GROWING for k in kinds) and _holds_only_folders_locks_and_states(
                 path, passed=tuple(os.path.basename(link) for link in links)):
             if links:  # states copied by hand, one of them linked: never read through, so never passed over
-                raise NotOurs(*state_link_refused(links[0], what))
+                raise NotOurs(*state_links_refused(links, what))
             if os.path.lexists(os.path.join(path, MARKER_FILE)):  # ours by name, not by content: no room to mark
                 raise NotOurs(f'{what}: {path} holds a {MARKER_FILE} this toolkit did not write (the name of its '
                               f'marker); it is never replaced: move it out, or choose another folder')
@@ -582,11 +582,17 @@ def state_link_refused(link: str, what: str) -> tuple[str, str]:
     never = f'a state is read only from a folder of its own in {what}, never through a link'
     target = os.path.realpath(link)
     if os.path.isdir(target):
-        # under the target's own name: a state's name is its step, which its marker records
-        copy = os.path.join(os.path.dirname(link), os.path.basename(target))
-        renamed = (f' (under its own name: a state is named by its step, {os.path.basename(target)})'
-                   if os.path.basename(link) != os.path.basename(target) else '')
+        # under the state's own name: its step, which its marker records (else the target's name, else the link's)
+        step = (read_marker(target) or {}).get('step')
+        name = (f'state-{step:09d}' if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else
+                os.path.basename(target) if STATE_NAME.match(os.path.basename(target)) else os.path.basename(link))
+        copy = os.path.join(os.path.dirname(link), name)
+        renamed = (f' (under its own name: a state is named by its step, {name})'
+                   if os.path.basename(link) != name else '')
         said = f'{what}: {link} is a symbolic link to {target}; {never}'
+        if copy != link and is_link(copy):  # its own name is a link too: both go, the copy takes that name
+            return said, (f'copy the state in place of both links: rm {shlex.quote(link)} {shlex.quote(copy)} && '
+                          f'cp -r {shlex.quote(target)} {shlex.quote(copy)}{renamed}')
         if copy != link and os.path.realpath(copy) == target:  # to a state of this very folder
             return said, f'remove the link (rm {shlex.quote(link)}): the state it leads to is in this folder already'
         if copy != link and os.path.lexists(copy):  # a `cp -r` there would copy it inside the state of that name
@@ -598,6 +604,19 @@ def state_link_refused(link: str, what: str) -> tuple[str, str]:
     there = 'is not a folder' if os.path.lexists(target) else 'is not there'
     return (f'{what}: {link} is a symbolic link to {os.readlink(link)}, which {there}; {never}',
             f'remove the link (rm {shlex.quote(link)}), and copy the state itself there to resume from it')
+
+
+def state_links_refused(links: list[str], what: str) -> tuple[str, str]:
+    """(message, fix) for links among the states of a train_state_dir (:func:`state_link_refused`):
+    the newest said whole, the others named after it (one sentence each was a page, and one a
+    run was a user fixing them one run at a time)."""
+    links = sorted(links, key=lambda link: os.path.basename(link), reverse=True)
+    message, fix = state_link_refused(links[0], what)
+    if len(links) > 1:
+        names = ', '.join(os.path.basename(link) for link in links[1:])
+        fix += (f'; and {len(links) - 1} more such link{"s" if len(links) > 2 else ""} ({names}), each to be replaced '
+                f'by its state\'s copy or removed the same way')
+    return message, fix
 
 
 def is_saving_file(path: str) -> bool:
