@@ -465,7 +465,9 @@ def test_a_near_miss_with_no_sentinels_number_is_told_the_range_not_a_form_that_
     sentinels = sentinel_set(tokenizer)
     for written in ['<extra id 100>', '<extra_id_100 >', '＜extra_id_１００＞', '<extra_id_0100>', '<extra_id_-1>',
                     '<extra_id -1>', '<extra_id_−1>', '＜extra_id_－1＞', '<extra_id--3>', 'extra_id_-1', '<extra_id>',
-                    '[extra id]', '<extra_id_' + '9' * 5000 + ' >', '<extra_id_1.5>', '<extra_id_--1>', '<extra_id_+-2>']:
+                    '[extra id]', '<extra_id_' + '9' * 5000 + ' >', '<extra_id_1.5>', '<extra_id_--1>', '<extra_id_+-2>',
+                    '<extra_id_1.>', '<extra_id_1,5>', '<extra_id_1e5>', '<extra_id_1_000>', '<extra_id_0x1>',
+                    '<extra_id_1.5.6>']:
         prompt = f'北京是{written}的首都'
         assert not sentinels & set(tokenizer(prompt).input_ids), written
         assert sentinel_note(tokenizer, prompt) == (

@@ -325,7 +325,7 @@ SENTINEL_TEXT = re.compile(r'<extra_id_(0|[1-9][0-9]*)>')  # as the tokenizer re
 _FOLD = {**{0xFF01 + i: 0x21 + i for i in range(94)}, 0x3000: ' ', 0x2212: '-', **{ord(a): b for a, b in zip(
     '《》〈〉【】〔〕', '<><>[][]')}}
 _NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[({])[ \t]*)?(?<![A-Za-z0-9_])extra[ \t]*[_-]?[ \t]*id'
-                            r'(?:-(?=[ \t]*[-+]*[ \t]*[0-9])|[ \t]*_?[ \t]*)(?:(?P<sign>[-+]*)[ \t]*(?P<n>[0-9]+)(?P<frac>\.[0-9]+)?)?'
+                            r'(?:-(?=[ \t]*[-+]*[ \t]*[0-9])|[ \t]*_?[ \t]*)(?:(?P<sign>[-+]*)[ \t]*(?P<n>[0-9]+)(?P<junk>[A-Za-z0-9_.,+\-]+(?=[ \t]*[>\])}]))?)?'
                             r'(?:[ \t]*(?P<close>[>\])}]))?', re.IGNORECASE)
 
 
@@ -346,7 +346,8 @@ def near_sentinels(prompt: str, count: int = 100) -> list[tuple[str, str | None]
     <extra_id_{count - 1}>, a negative one, or none): 'extra' and 'id' in any case, joined by
     '_', '-', a space or nothing, ASCII or full-width digits, within optional half- or full-width
     angle, square, round or curly brackets (``＜extra_id_0＞``, ``<extra id 0>``,
-    ``[extra_id_0]``, ``<extra_id_1``, ``<extra id 100>``, ``<extra_id_-1>``, ``<extra_id_1.5>``, ``<extra_id>``);
+    ``[extra_id_0]``, ``<extra_id_1``, ``<extra id 100>``, ``<extra_id_-1>``, ``<extra_id_1.5>`` -- anything after the
+    number up to a closing bracket --, ``<extra_id>``);
     without brackets only an unspaced name (``extra_id_5``), not words in a sentence; without a
     number only between angle or square brackets. ``<extra_id_N>`` itself is not one (:func:`sentinel_note` says
     where N is past the sentinels)."""
@@ -357,7 +358,7 @@ def near_sentinels(prompt: str, count: int = 100) -> list[tuple[str, str | None]
             continue  # no number: only in angle or square brackets ('{extra_id}' in code, '(extra ID)' in text)
         if SENTINEL_TEXT.fullmatch(written) or not (m['open'] or m['close'] or re.fullmatch(r'\S+', written)):
             continue  # the exact form (said where it is past the sentinels), or words in a sentence
-        meant = (m['n'] is not None and '-' not in m['sign'] and not m['frac'] and len(digits) <= len(str(count))
+        meant = (m['n'] is not None and '-' not in m['sign'] and not m['junk'] and len(digits) <= len(str(count))
                  and int(digits) < count)
         found.append((written, f'<extra_id_{digits}>' if meant else None))
     return found
