@@ -349,3 +349,7 @@ def test_an_output_that_is_a_link_to_the_input_is_named_as_given(tmp_path):
     assert r.returncode == 2 and r.stderr == f'error: --output: {tmp_path}/q.csv is also an input; write to another ' \
                                              f'path\n', r.stderr
     assert (tmp_path / 'q.csv').read_text(encoding='utf-8') == 'prompt,response\n问,答\n'
+    os.symlink(tmp_path, tmp_path / 'dl')  # the file itself no link, a folder on its way one: said so
+    r = cli('convert', tmp_path / 'q.csv', tmp_path / 'dl' / 'q.csv', script='prepare_data.py')
+    assert r.returncode == 2 and r.stderr == (f'error: --output: {tmp_path}/dl/q.csv (through a link: {tmp_path}/q.csv) '
+                                              f'is also an input; write to another path\n'), r.stderr

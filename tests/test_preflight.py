@@ -731,3 +731,13 @@ def test_a_missing_data_file_is_told_the_command_that_makes_that_file():
     assert preflight.data_fix(other).startswith('create it with: python prepare_data.py convert YOUR_DATA.jsonl '), \
         preflight.data_fix(other)
     assert '--train_out=work/outlink/x.parquet' in preflight.data_fix(other)
+
+
+def test_a_file_given_as_train_state_dir_is_one_problem(data, tmp_path):
+    """A file at --train_state_dir was two problems with two pieces of advice ('never replaced: move it away'
+    and 'choose a folder path')."""
+    (tmp_path / 'afile').write_text('mine')
+    report = preflight.check_train(config(data, tmp_path / 'run', train_state_dir=tmp_path / 'afile'), resume=False,
+                                   world_size=1)
+    said = [p.line() for p in report.problems if p.name == 'train_state_dir']
+    assert len(said) == 1 and 'is a file, not a folder' in said[0], said

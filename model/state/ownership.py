@@ -492,7 +492,7 @@ def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()
         if real == os.path.realpath(f) or (
                 os.path.exists(output) and os.path.exists(f) and os.path.samefile(output, f)):
             said = (given or output) if given is None or os.path.abspath(given) == output else \
-                f'{given} (a link to {output})'
+                f'{given} (a link to {output})' if os.path.islink(given) else f'{given} (through a link: {output})'
             raise UserError(f'{what}: {said} is also an input; write to another path')
         if os.path.isdir(output) and same_or_inside(f, output):
             raise UserError(f'{what}: {output} holds the input {f}; choose another folder')

@@ -237,6 +237,8 @@ def check_train(cfg: ResolvedConfig, resume: bool, world_size: int, locks: bool 
             report.notes.append(f'{name}: {given} {how} to {target}, which is not there yet: the run makes it there')
     for name, path in places.items():
         if os.path.exists(path) and not os.path.isdir(path):
+            if any(p.name == name for p in report.problems):  # said already (a file at train_state_dir: once)
+                continue
             report.problems.append(Problem(name, f'{name}: {path} is a file, not a folder',
                                            'choose a folder path'))
             continue
