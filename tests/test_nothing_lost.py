@@ -637,24 +637,33 @@ def test_resume_reports_changed_model_settings_and_files_are_readable(tmp_path, 
         assert os.stat(path).st_mode & 0o777 == want, path
 
 
+def train_acting_at_an_evaluation(flags, step: int, steps: int, act) -> tuple[int, str]:
+    """A run of ``steps`` optimizer steps whose evaluation at ``step`` waits 3 s (a fault point), ``act()`` done
+    while it waits (what a user does to the run's folders mid-run): (exit code, stderr)."""
+    proc = cli_runner.Popen(train_cmd(flags, f'--max_steps={steps}'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env={**ENV, 'CHAT_SMALL_T5_FAULT': f'eval-loss@{step}:sleep=3'}, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if f'step {step}/{steps}' in line:  # its evaluation now waits at the fault point
+            act()
+            break
+    err = ''.join(lines) + proc.stderr.read()
+    proc.wait(timeout=300)
+    return proc.returncode, err
+
+
 def test_a_users_file_put_in_best_mid_run_is_kept_and_the_run_trains_on(tmp_path, data):
     """A user's note dropped into best/ while the run trains: the next best-model export would
     replace that folder, so it is refused -- and that refusal ended the run with exit 2 before the
     step's state was saved (the steps since the last save were lost, and a cluster script does not
     requeue exit 2). Now it is said, the note stays, and the run trains to its end."""
     out = tmp_path / 'run'
-    flags = tiny_flags(data, out, eval_steps=2, max_steps=8, save_steps=100, learn_rate=1e-2)
-    proc = cli_runner.Popen(train_cmd(flags), cwd=ROOT, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@4:sleep=3'},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if 'step 4/8' in line:  # its evaluation now waits at the fault point: best/ exists from step 2
-            (out / 'best' / 'MYNOTE').write_text('mine')
-            break
-    err = ''.join(lines) + proc.stderr.read()
-    proc.wait(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    flags = tiny_flags(data, out, eval_steps=2, save_steps=100, learn_rate=1e-2)
+    # best/ exists from step 2
+    code, err = train_acting_at_an_evaluation(flags, 4, 8, lambda: (out / 'best' / 'MYNOTE').write_text('mine'))
+    assert code == 0, err[-3000:]
     assert 'MYNOTE' in err and 'is not exported there, training goes on' in err, err[-3000:]
     assert (out / 'best' / 'MYNOTE').read_text() == 'mine' and 'step 8/8' in err and os.path.isdir(out / 'final')
 
@@ -672,23 +681,18 @@ def test_a_users_folder_put_in_final_mid_run_is_kept_and_the_run_ends_well_with_
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
     flags = tiny_flags(data, out, eval_steps=2, save_steps=100)
-    proc = cli_runner.Popen(train_cmd(flags, '--max_steps=8'), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@4:sleep=3'}, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if 'step 4/8' in line:  # its evaluation now waits at the fault point
-            if kind == 'folder':
-                os.makedirs(out / 'final')
-                (out / 'final' / 'MYNOTE').write_text('mine')
-            elif kind == 'file':
-                (out / 'final').write_text('mine')
-            else:
-                os.symlink(elsewhere, out / 'final')
-            break
-    err = ''.join(lines) + proc.stderr.read()
-    proc.wait(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+
+    def put_in_final():
+        if kind == 'folder':
+            os.makedirs(out / 'final')
+            (out / 'final' / 'MYNOTE').write_text('mine')
+        elif kind == 'file':
+            (out / 'final').write_text('mine')
+        else:
+            os.symlink(elsewhere, out / 'final')
+
+    code, err = train_acting_at_an_evaluation(flags, 4, 8, put_in_final)
+    assert code == 0, err[-3000:]
     step_file = out / 'chat_small_t5.8.bin'
     said = {'folder': f'{out / "final"} is a folder this toolkit did not make',
             'file': f'{out / "final"} is a file, not a folder; it is never replaced',
@@ -715,18 +719,9 @@ def test_a_users_file_named_best_put_in_output_dir_mid_run_is_kept_and_the_run_t
     "output_dir: .../best is a file, not a folder" and the run died there, exit 2, its steps since
     the last save lost. Now as for a user's folder there: kept, said, the run trains on."""
     out = tmp_path / 'run'
-    proc = cli_runner.Popen(train_cmd(tiny_flags(data, out, eval_steps=2, save_steps=100), '--max_steps=6'), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@2:sleep=3'},
-                            stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if 'step 2/6' in line:  # its evaluation now waits at the fault point
-            (out / 'best').write_text('mine')
-            break
-    err = ''.join(lines) + proc.stderr.read()
-    proc.wait(timeout=300)
-    assert proc.returncode == 0 and 'step 6/6' in err, err[-3000:]
+    code, err = train_acting_at_an_evaluation(tiny_flags(data, out, eval_steps=2, save_steps=100), 2, 6,
+                                              lambda: (out / 'best').write_text('mine'))
+    assert code == 0 and 'step 6/6' in err, err[-3000:]
     assert f'{out / "best"} is a file, not a folder; it is never replaced' in err, err[-3000:]
     assert 'training goes on' in err and (out / 'best').read_text() == 'mine'
     assert (out / 'final').is_dir()
@@ -740,18 +735,12 @@ def test_a_link_put_at_a_weights_files_name_mid_run_is_never_written_through(tmp
     out, elsewhere = tmp_path / 'run', tmp_path / 'elsewhere'
     elsewhere.mkdir()
     flags = tiny_flags(data, out, eval_steps=2, save_steps=2)
-    proc = cli_runner.Popen(train_cmd(flags, '--max_steps=6'), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            env={**ENV, 'CHAT_SMALL_T5_FAULT': 'eval-loss@2:sleep=3'}, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if 'step 2/6' in line:  # its evaluation now waits at the fault point
-            os.symlink(elsewhere / 'best.bin', out / 'chat_small_t5.best.bin')
-            os.symlink(elsewhere / 'step4.bin', out / 'chat_small_t5.4.bin')
-            break
-    err = ''.join(lines) + proc.stderr.read()
-    proc.wait(timeout=300)
-    assert proc.returncode == 0 and 'step 6/6' in err, err[-3000:]
+    def link_both():
+        os.symlink(elsewhere / 'best.bin', out / 'chat_small_t5.best.bin')
+        os.symlink(elsewhere / 'step4.bin', out / 'chat_small_t5.4.bin')
+
+    code, err = train_acting_at_an_evaluation(flags, 2, 6, link_both)
+    assert code == 0 and 'step 6/6' in err, err[-3000:]
     assert os.listdir(elsewhere) == [], err[-3000:]  # nothing written through a link
     assert f'{out}/chat_small_t5.best.bin is a symbolic link this toolkit did not make' in err, err[-3000:]
     assert f'{out}/chat_small_t5.4.bin is a symbolic link this toolkit did not make' in err and \
