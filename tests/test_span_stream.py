@@ -478,6 +478,9 @@ def test_a_near_miss_with_no_sentinels_number_is_told_the_range_not_a_form_that_
     assert sentinel_note(tokenizer, '<extra id 1>和<extra id 100>') == (
         "'<extra id 1>' is read as plain text, not a sentinel; write it <extra_id_1> (ASCII angle brackets, no spaces)"
         " -- and 1 more written so")
+    # after the number, text counts only inside brackets: a sentence's period in parentheses is no part of it
+    assert sentinel_note(tokenizer, '(用 extra_id_1.)').startswith("'extra_id_1' is read as plain text, not a sentinel; "
+                                                                 "write it <extra_id_1>")
     # no number, in round or curly brackets: code and prose, never a near miss (each was told the range)
     for text in ['请把 {extra_id} 换成编号', 'Use the (extra ID) field', 'print(f"{extra_id}")', '(extra_id)']:
         assert sentinel_note(tokenizer, text) is None, text

@@ -1469,6 +1469,11 @@ def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and
         '; and 1 more such link (state-000000093), each to be replaced by its state\'s copy or removed the same way'), \
         str(e.value)
     os.remove(new / 'state-000000094')
+    os.symlink(newer, new / 'state-100')  # the newest by step, not by name as text (state-100 < state-000000093)
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).startswith(f'train_state_dir: {new}/state-100 is a symbolic link'), str(e.value)
+    os.remove(new / 'state-100')
     # a link to a state kept under another name: the copy takes the step its marker records, not that name
     kept = tmp_path / 'kept' / 'my_state'
     shutil.copytree(newer, kept)
@@ -1486,6 +1491,11 @@ def test_a_link_among_states_copied_by_hand_is_refused_in_one_line_naming_it_and
            f'{kept} {new}/state-000000020' in str(e.value), str(e.value)
     os.remove(new / 'state-000000020')
     os.remove(new / 'state-000000095')
+    os.symlink(kept, new / 'state-000000020.1')  # a later save of step 20, linked: its .1 kept in the copy's name
+    with pytest.raises(UserError) as e:
+        own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
+    assert str(e.value).endswith(f'rm {new}/state-000000020.1 && cp -r {kept} {new}/state-000000020.1'), str(e.value)
+    os.remove(new / 'state-000000020.1')
     os.rename(tmp_path / 'set_aside', new / 'state-000000020')
     own.check_replaceable(str(new), markers.STATE_DIR, 'train_state_dir', folder=True)
     sf.ensure_state_dir(str(new))

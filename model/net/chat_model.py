@@ -353,12 +353,15 @@ def near_sentinels(prompt: str, count: int = 100) -> list[tuple[str, str | None]
     where N is past the sentinels)."""
     found = []
     for m in _NEAR_SENTINEL.finditer(prompt.translate(_FOLD)):
-        written, digits = prompt[m.start():m.end()], (m['n'] or '').lstrip('0') or '0'
+        # text after the number counts only inside brackets: '(use extra_id_1.)' ends a sentence, no '<extra_id_1.>'
+        junk = m['junk'] if m['open'] else None
+        end = m.start('junk') if m['junk'] and not junk else m.end()
+        written, digits = prompt[m.start():end], (m['n'] or '').lstrip('0') or '0'
         if m['n'] is None and not (m['open'] in ('<', '[') and m['close'] in ('>', ']')):
             continue  # no number: only in angle or square brackets ('{extra_id}' in code, '(extra ID)' in text)
         if SENTINEL_TEXT.fullmatch(written) or not (m['open'] or m['close'] or re.fullmatch(r'\S+', written)):
             continue  # the exact form (said where it is past the sentinels), or words in a sentence
-        meant = (m['n'] is not None and '-' not in m['sign'] and not m['junk'] and len(digits) <= len(str(count))
+        meant = (m['n'] is not None and '-' not in m['sign'] and not junk and len(digits) <= len(str(count))
                  and int(digits) < count)
         found.append((written, f'<extra_id_{digits}>' if meant else None))
     return found

@@ -584,8 +584,12 @@ def state_link_refused(link: str, what: str) -> tuple[str, str]:
     if os.path.isdir(target):
         # under the state's own name: its step, which its marker records (else the target's name, else the link's)
         step = (read_marker(target) or {}).get('step')
-        name = (f'state-{step:09d}' if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else
-                os.path.basename(target) if STATE_NAME.match(os.path.basename(target)) else os.path.basename(link))
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:  # a later save's .N kept, if named so
+            same = [n for n in (os.path.basename(target), os.path.basename(link))
+                    if (m := STATE_NAME.match(n)) and int(m.group(1)) == step]
+            name = same[0] if same else f'state-{step:09d}'
+        else:
+            name = os.path.basename(target) if STATE_NAME.match(os.path.basename(target)) else os.path.basename(link)
         copy = os.path.join(os.path.dirname(link), name)
         renamed = (f' (under its own name: a state is named by its step, {name})'
                    if os.path.basename(link) != name else '')
@@ -610,7 +614,11 @@ def state_links_refused(links: list[str], what: str) -> tuple[str, str]:
     """(message, fix) for links among the states of a train_state_dir (:func:`state_link_refused`):
     the newest said whole, the others named after it (one sentence each was a page, and one a
     run was a user fixing them one run at a time)."""
-    links = sorted(links, key=lambda link: os.path.basename(link), reverse=True)
+    def step(link: str) -> tuple[int, int]:  # state-9 < state-000000010 < state-000000010.1
+        m = STATE_NAME.match(os.path.basename(link))
+        return int(m.group(1)), int(m.group(2) or 0)
+
+    links = sorted(links, key=step, reverse=True)
     message, fix = state_link_refused(links[0], what)
     if len(links) > 1:
         names = ', '.join(os.path.basename(link) for link in links[1:])
