@@ -42,7 +42,7 @@ import signal
 import sys
 
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
-from model.cli import check_repeated_flags, format_options, parse_options, quiet_on_broken_pipe
+from model.cli import check_repeated_flags, format_options, keep_text, parse_options, quiet_on_broken_pipe, text_fields
 from model.prep.options import CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions
 from model.errors import UserError
 
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         import fire
 
         check_repeated_flags(args[1:])
-        fire.Fire({name: spec[0] for name, spec in COMMANDS.items()}, command=args, name='prepare_data.py')
+        text = text_fields(CheckOptions, CleanOptions, ConvertOptions, DemoOptions, SplitOptions)  # paths, columns: as typed
+        fire.Fire({name: spec[0] for name, spec in COMMANDS.items()}, command=[args[0], *keep_text(args[1:], text, True)],
+                  name='prepare_data.py')
     except UserError as e:
         # one line, whatever a library put into the message
         print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)

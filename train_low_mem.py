@@ -50,7 +50,8 @@ import sys
 from model import stopping  # first: a signal from here on ends in one line, never a traceback
 from config import (DECODE_FIELDS, MODEL_FIELDS, TRAIN_FIELDS, DecodeConfig, ModelFlags, ResolvedConfig, RunFlags,
                     T5ModelConfig, TrainConfigPretrainLarge, resolve_config, validate_decode)
-from model.cli import check_repeated_flags, coerce, format_options, quiet_on_broken_pipe, unknown_option
+from model.cli import (check_repeated_flags, coerce, format_options, keep_text, quiet_on_broken_pipe, text_fields,
+                       unknown_option)
 from model.errors import UserError
 from model.state import ownership
 
@@ -434,6 +435,11 @@ def command_help(name: str) -> str:
     return '\n'.join(lines)
 
 
+# flags whose values are text, given to the commands as typed (model.cli.keep_text); --prompts is read as a JSON
+# list or one prompt by parse_prompts, from what Fire makes of it
+TEXT_FLAGS = text_fields(TrainConfigPretrainLarge, T5ModelConfig, RunFlags, ModelFlags) | {'out', 'log_file'}
+
+
 def main(argv=None) -> None:
     stopping.install()
     args = sys.argv[1:] if argv is None else list(argv)
@@ -452,7 +458,7 @@ def main(argv=None) -> None:
 
         ownership.PLACES.clear()  # this command's places only (ownership.as_given)
         check_repeated_flags(args[1:], positional=False)
-        fire.Fire(COMMANDS, command=args)
+        fire.Fire(COMMANDS, command=[args[0], *keep_text(args[1:], TEXT_FLAGS)])
     except UserError as e:  # a place given through a link to nothing: said as given (ownership.as_given)
         sys.exit(_error(ownership.error_as_given(e)))
     except stopping.Stopped as e:  # training saved what it could; elsewhere nothing half-written stays

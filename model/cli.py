@@ -160,6 +160,35 @@ def check_repeated_flags(args: list[str], positional: bool = True) -> None:
             raise UserError(f'unexpected argument {arg!r}: options are written --name=value{hint}')
 
 
+def text_fields(*classes) -> set[str]:
+    """The names of the string fields of these dataclasses (flags whose values are text: paths,
+    column names, choices)."""
+    return {name for cls in classes for name, typ in field_types(cls).items() if typ is str}
+
+
+def keep_text(args: list[str], text_flags, positional: bool = False) -> list[str]:
+    """The arguments for Fire with each value of a text flag (and, ``positional``, each positional
+    argument) written as a Python string literal. Fire reads a value as a literal where it
+    parses as one, so --output_dir=2024_12_07 reached the program as 20241207 (a folder of
+    another name), 1e3 as 1000.0, 0x10 as 16; quoted, each reaches it as typed."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == '--':
+            return out + args[i:]
+        if arg.startswith('--') and len(arg) > 2:
+            name, eq, value = arg[2:].partition('=')
+            text = name.replace('-', '_') in text_flags
+            out.append(f'--{name}={value!r}' if text and eq else arg)
+            if text and not eq and i + 1 < len(args) and not args[i + 1].startswith('-'):  # --name value
+                out.append(repr(args[i + 1]))
+                i += 1
+        else:
+            out.append(repr(arg) if positional and not arg.startswith('-') else arg)
+        i += 1
+    return out
+
+
 def parse_options(cls, command: str, args: tuple, flags: dict, positional: tuple[str, ...],
                   required: tuple[str, ...] = ()):
     """An options dataclass from positional args and --flags, every value coerced to its

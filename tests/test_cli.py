@@ -105,3 +105,26 @@ def test_the_demos_dry_run_shows_the_schedule_or_why_it_is_not_ready(tmp_path):
     ready = '[schedule]\n  train rows 9; ...\n[resources] estimates\n  GPU memory ...\nnote: x\nready: data\n'
     shown = subprocess.run(['sed', '-n', program], input=ready, capture_output=True, text=True).stdout
     assert shown == '[schedule]\n  train rows 9; ...\nready: data\n'
+
+
+def test_text_values_reach_the_program_as_typed(tmp_path):
+    """Fire reads a flag's value as a Python literal where it parses as one: --output_dir=2024_12_07
+    (a run named by its date) trained into 20241207, 1e3 into 1000.0, 0x10 into 16; a positional
+    path of prepare_data.py the same. Text flags and paths now reach the program as typed."""
+    from model.cli import keep_text
+
+    assert keep_text(['--output_dir=2024_12_07', '--epochs=2', '--preset', 'demo', 'x', '--', '1e3'],
+                     {'output_dir', 'preset'}) == ["--output_dir='2024_12_07'", '--epochs=2', '--preset', "'demo'",
+                                                   'x', '--', '1e3']
+    assert keep_text(['in.csv', '0x10', '--text_col=1e3', '--quoting', '--epochs=1'], {'text_col', 'quoting'},
+                     positional=True) == ["'in.csv'", "'0x10'", "--text_col='1e3'", '--quoting', '--epochs=1']
+    for typed in ('2024_12_07', '1e3', '0x10', "it's"):
+        r = cli_runner.run([sys.executable, f'{ROOT}/train_low_mem.py', 'train', '--preset=demo', f'--output_dir={typed}',
+                            '--dry_run=True'], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        said = re.search(r"train_state_dir +['\"](.*)/train_latest_state['\"]", r.stdout)
+        assert said and said.group(1) == f'{tmp_path}/{typed}', (typed, r.stdout[-2000:], r.stderr[-2000:])
+    (tmp_path / '2024_12').mkdir()  # a folder of Parquet files, named by its month
+    write_parquet(tmp_path / '2024_12' / 'part.parquet', make_texts(20, seed=5))
+    r = cli_runner.run([sys.executable, f'{ROOT}/prepare_data.py', 'check', '2024_12'], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and '202412' not in r.stdout + r.stderr, (r.stdout, r.stderr)
