@@ -478,6 +478,10 @@ def test_a_near_miss_with_no_sentinels_number_is_told_the_range_not_a_form_that_
     assert sentinel_note(tokenizer, '<extra id 1>和<extra id 100>') == (
         "'<extra id 1>' is read as plain text, not a sentinel; write it <extra_id_1> (ASCII angle brackets, no spaces)"
         " -- and 1 more written so")
+    # long runs of spaces (a pasted document): read in one pass, not one per space (100,000 after 'extra_id-' took 78 s)
+    from model.net.chat_model import near_sentinels
+    assert near_sentinels('extra_id-' + ' ' * 100_000) == near_sentinels('<extra' + ' ' * 100_000) == []
+    assert near_sentinels('<extra_id_1a' + ' ' * 50_000 + 'b') == [('<extra_id_1', '<extra_id_1>')]
     # after the number, text counts only inside brackets: a sentence's period in parentheses is no part of it
     assert sentinel_note(tokenizer, '(用 extra_id_1.)').startswith("'extra_id_1' is read as plain text, not a sentinel; "
                                                                  "write it <extra_id_1>")

@@ -324,9 +324,11 @@ SENTINEL_TEXT = re.compile(r'<extra_id_(0|[1-9][0-9]*)>')  # as the tokenizer re
 # '<extra_id -1>': no sentinel)
 _FOLD = {**{0xFF01 + i: 0x21 + i for i in range(94)}, 0x3000: ' ', 0x2212: '-', **{ord(a): b for a, b in zip(
     '《》〈〉【】〔〕', '<><>[][]')}}
-_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[({])[ \t]*)?(?<![A-Za-z0-9_])extra[ \t]*[_-]?[ \t]*id'
-                            r'(?:-(?=[ \t]*[-+]*[ \t]*[0-9])|[ \t]*_?[ \t]*)(?:(?P<sign>[-+]*)[ \t]*(?P<n>[0-9]+)(?P<junk>[A-Za-z0-9_.,+\-]+(?=[ \t]*[>\])}]))?)?'
-                            r'(?:[ \t]*(?P<close>[>\])}]))?', re.IGNORECASE)
+# spaces bounded (at most 3 in a row): a near miss has a few, and an unbounded run read quadratically (a
+# prompt of 100,000 spaces after 'extra_id-' took 78 s)
+_NEAR_SENTINEL = re.compile(r'(?:(?P<open>[<\[({])[ \t]{0,3})?(?<![A-Za-z0-9_])extra[ \t]{0,3}[_-]?[ \t]{0,3}id'
+                            r'(?:-(?=[ \t]{0,3}[-+]*[ \t]{0,3}[0-9])|[ \t]{0,3}_?[ \t]{0,3})(?:(?P<sign>[-+]*)[ \t]{0,3}(?P<n>[0-9]+)(?P<junk>(?:[ \t]?[A-Za-z0-9_.,+\-]){1,16}(?=[ \t]{0,3}[>\])}]))?)?'
+                            r'(?:[ \t]{0,3}(?P<close>[>\])}]))?', re.IGNORECASE)
 
 
 def objective_note(objective: str | None, prompt: str) -> str | None:
