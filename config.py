@@ -367,6 +367,10 @@ class ResolvedConfig:
         return {'train': dataclasses.asdict(self.train), 'model': dataclasses.asdict(self.model),
                 'preset': self.preset}
 
+    def flags_given(self) -> set[str]:
+        """The fields given by a flag on the command line (not by a preset, a default or --output_dir)."""
+        return {name for name, source in self.sources.items() if source == 'flag'}
+
     def unused_flags(self, resume: bool | None = None) -> list[str]:
         """A note for each flag given that has no effect with this config's other settings
         (UNUSED_WHEN; resume: whether the run resumes, None if not known), with why; a value that

@@ -195,7 +195,7 @@ def inspect(state_dir: str, resume: bool, deep: bool = True,
     newest = loadable.step if loadable is not None else -1
     ours = ownership.folder_kind(state_dir) is not None
     linked = [link for link in ownership.state_links(state_dir)
-              if ours and int(markers.STATE_NAME.match(os.path.basename(link)).group(1)) > newest]
+              if ours and markers.state_key(os.path.basename(link))[0] > newest]
     links = [ownership.state_links_refused(linked, 'train_state_dir')] if linked else []
     passed_over = '; '.join(f'{message}: passed over; {fix}' for message, fix in links)
     if loadable is None:

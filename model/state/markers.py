@@ -23,6 +23,13 @@ SAVING_FILE = '.chat_small_t5.saving'
 # the name of a state folder in a train_state_dir: state-<step>, or state-<step>.<n> where a save stepped around
 # a folder it may not replace (model/state/states.py names them; model/state/ownership.py judges a folder by them)
 STATE_NAME = re.compile(r'^state-(\d+)(?:\.(\d+))?$')
+
+
+def state_key(name: str) -> tuple[int, int] | None:
+    """(step, n) of a state folder's name (n 0 for state-<step>), in the order saves are newer; None: not one."""
+    m = STATE_NAME.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
 CONTENT_KEY = 'content_sha256'
 PLACEHOLDER = '0' * 64  # the content hash of a file before seal_file fills it in
 MAX_MARKER_BYTES = 64 << 20  # a marker (a manifest of a sharded state included) is read up to this

@@ -36,7 +36,8 @@ from model.errors import NotOurs, UserError
 from model.stopping import critical
 
 from model.state.markers import (DATA, LOCK_FILE, MARKER_FILE, MARKER_KEY, MAX_MARKER_BYTES, MODEL, SAVING_FILE, STATE,
-                                 STATE_DIR, STATE_NAME, TOKENIZER, file_status, file_kind, file_sha256, marker_info)
+                                 STATE_DIR, STATE_NAME, TOKENIZER, file_status, file_kind, file_sha256, marker_info,
+                                 state_key)
 
 # --------------------------------------------------------------------------- paths
 
@@ -483,6 +484,13 @@ def check_outside_sealed(path: str, what: str, itself: bool = False) -> None:
         folder = parent
 
 
+def _as_given_output(output: str, given: str | None) -> str:
+    """An output's path as the user gave it, with the real path where a link lies on its way."""
+    if given is None or os.path.abspath(given) == output:
+        return given or output
+    return f'{given} (a link to {output})' if os.path.islink(given) else f'{given} (through a link: {output})'
+
+
 def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=(), given: str | None = None) -> None:
     """An output never equals an input file or holds one, and is never where a later read of an
     input folder (its *.parquet) or pattern would pick it up -- links on either side followed.
@@ -491,9 +499,7 @@ def check_not_an_input(output: str, inputs: list[str], what: str, input_specs=()
     for f in inputs:
         if real == os.path.realpath(f) or (
                 os.path.exists(output) and os.path.exists(f) and os.path.samefile(output, f)):
-            said = (given or output) if given is None or os.path.abspath(given) == output else \
-                f'{given} (a link to {output})' if os.path.islink(given) else f'{given} (through a link: {output})'
-            raise UserError(f'{what}: {said} is also an input; write to another path')
+            raise UserError(f'{what}: {_as_given_output(output, given)} is also an input; write to another path')
         if os.path.isdir(output) and same_or_inside(f, output):
             raise UserError(f'{what}: {output} holds the input {f}; choose another folder')
     for spec in input_specs:
@@ -585,8 +591,7 @@ def state_link_refused(link: str, what: str) -> tuple[str, str]:
         # under the state's own name: its step, which its marker records (else the target's name, else the link's)
         step = (read_marker(target) or {}).get('step')
         if isinstance(step, int) and not isinstance(step, bool) and step >= 0:  # a later save's .N kept, if named so
-            same = [n for n in (os.path.basename(target), os.path.basename(link))
-                    if (m := STATE_NAME.match(n)) and int(m.group(1)) == step]
+            same = [n for n in (os.path.basename(target), os.path.basename(link)) if (state_key(n) or (-1,))[0] == step]
             name = same[0] if same else f'state-{step:09d}'
         else:
             name = os.path.basename(target) if STATE_NAME.match(os.path.basename(target)) else os.path.basename(link)
@@ -614,11 +619,7 @@ def state_links_refused(links: list[str], what: str) -> tuple[str, str]:
     """(message, fix) for links among the states of a train_state_dir (:func:`state_link_refused`):
     the newest said whole, the others named after it (one sentence each was a page, and one a
     run was a user fixing them one run at a time)."""
-    def step(link: str) -> tuple[int, int]:  # state-9 < state-000000010 < state-000000010.1
-        m = STATE_NAME.match(os.path.basename(link))
-        return int(m.group(1)), int(m.group(2) or 0)
-
-    links = sorted(links, key=step, reverse=True)
+    links = sorted(links, key=lambda link: state_key(os.path.basename(link)), reverse=True)  # by step, then .N
     message, fix = state_link_refused(links[0], what)
     if len(links) > 1:
         names = ', '.join(os.path.basename(link) for link in links[1:])

@@ -60,10 +60,9 @@ def list_complete_states(state_dir: str) -> list[tuple[int, str]]:
     if not ownership.is_real_dir(state_dir):
         return []
     for name in os.listdir(state_dir):
-        m = markers.STATE_NAME.match(name)
-        path = os.path.join(state_dir, name)
-        if m and ownership.is_real_dir(path) and ownership.folder_kind(path) == STATE:
-            found.append(((int(m.group(1)), int(m.group(2) or 0)), path))
+        key, path = markers.state_key(name), os.path.join(state_dir, name)
+        if key and ownership.is_real_dir(path) and ownership.folder_kind(path) == STATE:
+            found.append((key, path))
     return [(key[0], path) for key, path in sorted(found)]
 
 
@@ -90,7 +89,7 @@ def judge_state(path: str, deep: bool = True, pickles: bool | None = None) -> St
     """A state folder judged by the files its marker lists (each there, a plain file of the size
     and, with deep, the checksum saved; with pickles (default: deep), each torch file loadable as
     plain tensors) and by what else it holds (never loaded, never deleted)."""
-    step = int(markers.STATE_NAME.match(os.path.basename(path)).group(1))
+    step = markers.state_key(os.path.basename(path))[0]
     info = ownership.read_marker(path) or {}
     recorded = ownership.recorded_entries(info)
     if not recorded:
@@ -328,8 +327,7 @@ def free_state_path(state_dir: str, step: int) -> str:
     siblings = _same_step_paths(state_dir, step)
     if not siblings:
         return os.path.join(state_dir, state_name(step))
-    m = markers.STATE_NAME.match(os.path.basename(siblings[-1]))
-    n = int(m.group(2) or 0) + 1
+    n = markers.state_key(os.path.basename(siblings[-1]))[1] + 1
     while os.path.lexists(path := os.path.join(state_dir, f'{state_name(step)}.{n}')):
         n += 1
     return path
@@ -342,8 +340,7 @@ def _same_step_paths(state_dir: str, step: int) -> list[str]:
         names = os.listdir(state_dir)
     except OSError:
         return []
-    found = [(int(m.group(2) or 0), name) for name in names
-             if (m := markers.STATE_NAME.match(name)) and int(m.group(1)) == step]
+    found = [(key, name) for name in names if (key := markers.state_key(name)) and key[0] == step]
     return [os.path.join(state_dir, name) for _, name in sorted(found)]
 
 

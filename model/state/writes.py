@@ -181,8 +181,7 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
     file of these kinds; a link on the way is followed, never replaced. ``own_name``: the file's
     name is the toolkit's (a step or best weights file of the model_file pattern), not a place
     the user gave: a link found there is not followed, it is not the toolkit's (NotOurs)."""
-    path = (os.path.join(resolve_place(os.path.dirname(path) or '.', what), os.path.basename(path)) if own_name
-            else resolve_place(path, what, file=True))
+    path = _real_target(path, what, own_name, file=True)
     check_replaceable(path, kinds, what, folder=False)
     with folders_for(path):  # folders made for it go again if nothing is written
         sweep_stale_temps(path)
@@ -279,12 +278,13 @@ def new_temp_folder(target: str) -> str:
     return tmp
 
 
-def _real_target(target: str, what: str, own_name: bool) -> str:
-    """target resolved (resolve_place); with ``own_name`` only its folder, its last name kept."""
+def _real_target(target: str, what: str, own_name: bool, file: bool = False) -> str:
+    """target resolved (resolve_place; ``file``: an output file's checks); with ``own_name`` only its
+    folder, its last name kept: a link there is the user's, never followed."""
     target = target.rstrip(os.sep)
     if own_name:
-        return os.path.join(resolve_place(os.path.dirname(target), what), os.path.basename(target))
-    return resolve_place(target, what)
+        return os.path.join(resolve_place(os.path.dirname(target) or '.', what), os.path.basename(target))
+    return resolve_place(target, what, file=file)
 
 
 def replace_folder(tmp: str, target: str, kinds: str | tuple[str, ...], what: str, own_name: bool = False) -> None:

@@ -368,7 +368,7 @@ def run_length_notes(cfg: ResolvedConfig, epoch_steps: int, start: int = 0) -> l
     if not total:  # fewer rows than a step: a problem, said as one
         return []
     notes = warmup_notes(t, total)
-    given = {name for name, source in cfg.sources.items() if source == 'flag'}
+    given = cfg.flags_given()
     for name, (instead, times) in NEVER_COMES_ROUND.items():
         value = getattr(t, name)
         if name not in given or value <= 0 or start >= total or total // value > start // value:
@@ -400,7 +400,7 @@ MORE_THAN_VALIDATION = {
 
 def validation_size_notes(cfg: ResolvedConfig, rows: int) -> list[str]:
     """Each evaluation flag given above the validation file's rows, with what the run does instead."""
-    given = {name for name, source in cfg.sources.items() if source == 'flag'}
+    given = cfg.flags_given()
     return [f'--{name}={getattr(cfg.train, name)} is more than the validation file\'s {rows} row'
             f'{"s" if rows != 1 else ""}: {said.format(rows=rows)}'
             for name, said in MORE_THAN_VALIDATION.items() if name in given and getattr(cfg.train, name) > rows]
