@@ -390,14 +390,24 @@ def test_the_start_script_names_the_signal_that_ended_its_launcher(data, tmp_pat
            f'its last step and stops' in r.stderr, r.stderr[-3000:]
     assert 'SIGTERM' not in r.stderr
     assert 'note: the launcher has ended; waiting up to ' in r.stderr and (tmp_path / 'saved').exists(), r.stderr[-3000:]
-    # one that outlasts the grace period is killed at its end, as torchrun would have
-    r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
-                       cwd=ROOT, env={**env, 'RANK_SAVES_S': '60', 'MARK': str(tmp_path / 'late'),
-                                      'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '1'},
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert r.returncode == 137 and 'did not end within the grace period: killed' in r.stderr, r.stderr[-3000:]
-    time.sleep(0.5)
-    assert not (tmp_path / 'late').exists()
+    # one that outlasts the grace period is killed at its end, as torchrun would have; only its own: another
+    # launch's rank (another mark) and a process without the mark live on
+    others = [subprocess.Popen(['sleep', '60'], env={**ENV, **mark}) for mark in
+              ({'CHAT_SMALL_T5_LAUNCH': 'another-host-1-2'}, {})]
+    try:
+        r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
+                           cwd=ROOT, env={**env, 'RANK_SAVES_S': '60', 'MARK': str(tmp_path / 'late'),
+                                          'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '1'},
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert r.returncode == 137 and 'did not end within the grace period: killed' in r.stderr, r.stderr[-3000:]
+        time.sleep(0.5)
+        assert not (tmp_path / 'late').exists()
+        assert [p.poll() for p in others] == [None, None]  # not this launch's: never waited for, never killed
+        assert not any(str(p.pid) in r.stderr for p in others), r.stderr[-3000:]
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.slow
