@@ -389,14 +389,16 @@ ranks_of_this_launch() {
     done 2>/dev/null < "$environ"
   done
 }
-if [ -z "${RANK_OUTCOME_DIR:-}" ]; then
+# only after a launcher that did not end well: one that exits 0 saw every rank end, and what still carries the
+# mark then is a process a rank started on purpose (detached), never waited for or killed
+if [ -z "${RANK_OUTCOME_DIR:-}" ] && [ "$rc" -ne 0 ]; then
   deadline=$(( SECONDS + TORCH_ELASTIC_SHUTDOWN_TIMEOUT ))
   ranks_of_this_launch
   if [ "${#rank_pids[@]}" -gt 0 ]; then
-    echo "note: the launcher has ended; waiting up to $(( deadline - SECONDS )) s for its rank process(es) ${rank_pids[*]} to finish their save / 启动器已结束，等待各进程保存完毕" >&2
+    echo "note: the launcher has ended; waiting up to $(( deadline - SECONDS )) s for the process(es) of this launch ${rank_pids[*]} (its ranks) to finish their save / 启动器已结束，等待各进程保存完毕" >&2
     while [ "$SECONDS" -lt "$deadline" ] && [ "${#rank_pids[@]}" -gt 0 ]; do sleep 0.5; ranks_of_this_launch; done
     if [ "${#rank_pids[@]}" -gt 0 ]; then   # killed only at the deadline, as torchrun would have
-      echo "warning: rank process(es) ${rank_pids[*]} did not end within the grace period: killed" >&2
+      echo "warning: process(es) ${rank_pids[*]} of this launch did not end within the grace period: killed" >&2
       kill -KILL "${rank_pids[@]}" 2>/dev/null
     fi
   fi

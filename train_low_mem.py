@@ -215,7 +215,9 @@ def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
 
 
 def parse_prompts(prompts) -> list[str]:
-    """--prompts as Fire hands it over: a list, a JSON list in a string, or one prompt."""
+    """--prompts as typed (model.cli.keep_text): a JSON list (or a Python list of strings, as Fire read it
+    before: ast.literal_eval, which runs no code), else one prompt, whatever it looks like (1e3 is "1e3").
+    A list or tuple from a caller in Python is taken as it is."""
     if isinstance(prompts, bool):  # --prompts without a value
         raise UserError('--prompts needs a value: --prompts=\'["你好","1+1="]\'')
     if prompts in (None, ''):
@@ -226,7 +228,13 @@ def parse_prompts(prompts) -> list[str]:
         try:
             prompts = json.loads(prompts)
         except ValueError:
-            pass
+            import ast
+
+            try:
+                listed = ast.literal_eval(prompts.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                listed = None
+            prompts = listed if isinstance(listed, list) else prompts
     if isinstance(prompts, (list, tuple)):
         if not prompts or any(isinstance(p, (list, tuple, dict)) for p in prompts):
             raise UserError('--prompts: give one prompt, or a list of prompts such as --prompts=\'["你好","1+1="]\'')
@@ -435,9 +443,9 @@ def command_help(name: str) -> str:
     return '\n'.join(lines)
 
 
-# flags whose values are text, given to the commands as typed (model.cli.keep_text); --prompts is read as a JSON
-# list or one prompt by parse_prompts, from what Fire makes of it
-TEXT_FLAGS = text_fields(TrainConfigPretrainLarge, T5ModelConfig, RunFlags, ModelFlags) | {'out', 'log_file'}
+# flags whose values are text, given to the commands as typed (model.cli.keep_text); --prompts as typed too,
+# a list in it read by parse_prompts
+TEXT_FLAGS = text_fields(TrainConfigPretrainLarge, T5ModelConfig, RunFlags, ModelFlags) | {'out', 'log_file', 'prompts'}
 
 
 def main(argv=None) -> None:

@@ -148,8 +148,9 @@ def check_repeated_flags(args: list[str], positional: bool = True) -> None:
     a preceding --name (e.g. `epochs=2`, a missing --) is a mistake too, not silently dropped."""
     seen = set()
     for i, arg in enumerate(args):
-        if arg == '--':
-            return
+        if arg == '--':  # Fire reads what follows as its own flags and drops the rest: --dry_run=True there trained
+            raise UserError("unexpected argument '--': what follows it would not reach the command (Fire reads it, "
+                            "and drops what it does not know); leave the '--' out")
         if arg.startswith('--') and len(arg) > 2:
             name = arg[2:].split('=', 1)[0].replace('-', '_')
             if name in seen:
@@ -180,8 +181,9 @@ def keep_text(args: list[str], text_flags, positional: bool = False) -> list[str
             name, eq, value = arg[2:].partition('=')
             text = name.replace('-', '_') in text_flags
             out.append(f'--{name}={value!r}' if text and eq else arg)
-            if text and not eq and i + 1 < len(args) and not args[i + 1].startswith('-'):  # --name value
-                out.append(repr(args[i + 1]))
+            # --name value: the next word is its value (a text one may start with '-'; '--x' is the next flag)
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith('--' if text else '-'):
+                out.append(repr(args[i + 1]) if text else args[i + 1])
                 i += 1
         else:
             out.append(repr(arg) if positional and not arg.startswith('-') else arg)

@@ -1,6 +1,7 @@
 """The train_low_mem.py face, run as a user runs it: in a subprocess (forked from a pre-imported
 zygote, tests/cli_runner.py; the plain subprocess.run calls here are the real interpreter's)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,8 @@ def cli(*args, script='train_low_mem.py', timeout=300):
     (['generate', '--num_beams=100000'], '--num_beams=100000: give 1 to 64'),
     (['chat', '--temperature=0.5'], '--temperature applies to sampling only'),
     (['test', '--top_k=-3'], '--top_k=-3'),
+    # what follows '--' Fire reads and drops: this one trained the preset's whole run into its default folder
+    (['train', '--preset=demo', '--', '--dry_run=True'], "unexpected argument '--'"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     r = cli(*args)
@@ -118,6 +121,14 @@ def test_text_values_reach_the_program_as_typed(tmp_path):
                                                    'x', '--', '1e3']
     assert keep_text(['in.csv', '0x10', '--text_col=1e3', '--quoting', '--epochs=1'], {'text_col', 'quoting'},
                      positional=True) == ["'in.csv'", "'0x10'", "--text_col='1e3'", '--quoting', '--epochs=1']
+    # a number flag's value in the space form is left to Fire ('--rows 1e3' is 1000), a text flag's may start with '-'
+    assert keep_text(['in.csv', '--rows', '1e3', '--out_dir', '-1e3', '--dry_run', '--x=1'], {'out_dir'},
+                     positional=True) == ["'in.csv'", '--rows', '1e3', '--out_dir', "'-1e3'", '--dry_run', '--x=1']
+    # --prompts as typed: a list written as JSON or as Python literals, else one prompt, whatever it looks like
+    from train_low_mem import TEXT_FLAGS, parse_prompts
+    assert 'prompts' in TEXT_FLAGS
+    assert [parse_prompts(p) for p in ('1e3', 'hello, world', '["你好","1+1="]', "['a', 'b']", '[not a list')] == [
+        ['1e3'], ['hello, world'], ['你好', '1+1='], ['a', 'b'], ['[not a list']]
     for typed in ('2024_12_07', '1e3', '0x10', "it's"):
         r = cli_runner.run([sys.executable, f'{ROOT}/train_low_mem.py', 'train', '--preset=demo', f'--output_dir={typed}',
                             '--dry_run=True'], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
@@ -128,3 +139,9 @@ def test_text_values_reach_the_program_as_typed(tmp_path):
     r = cli_runner.run([sys.executable, f'{ROOT}/prepare_data.py', 'check', '2024_12'], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and '202412' not in r.stdout + r.stderr, (r.stdout, r.stderr)
+    r = cli_runner.run([sys.executable, f'{ROOT}/prepare_data.py', 'demo', '--out_dir', 'd1', '--rows', '1e3'],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and os.path.exists(tmp_path / 'd1' / 'train.parquet'), r.stderr  # it said rows='1e3'
+    r = cli_runner.run([sys.executable, f'{ROOT}/prepare_data.py', 'check', '2024_12', '--', '--x'], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unexpected argument '--'" in r.stderr, r.stderr

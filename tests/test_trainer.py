@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -408,6 +409,18 @@ def test_the_start_script_names_the_signal_that_ended_its_launcher(data, tmp_pat
         for p in others:
             p.kill()
             p.wait()
+    # a launcher that ends well (exit 0) saw its ranks end: a process one of them left on purpose (detached, the
+    # mark inherited) is not a rank saving -- it was waited for the whole grace period, then killed
+    launcher.write_text('#!/bin/bash\nsetsid sleep 60 </dev/null >/dev/null 2>&1 &\necho $! > "$MARK"\nexit 0\n')
+    r = subprocess.run(['bash', 'start_pretrain_large.sh', *tiny_flags(data, tmp_path / 'run', max_steps=4)],
+                       cwd=ROOT, env={**env, 'MARK': str(tmp_path / 'detached')}, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
+    detached = int((tmp_path / 'detached').read_text())
+    try:
+        assert r.returncode == 0 and 'waiting up to' not in r.stderr, r.stderr[-3000:]
+        os.kill(detached, 0)  # alive
+    finally:
+        os.kill(detached, signal.SIGKILL)
 
 
 @pytest.mark.slow
