@@ -216,7 +216,8 @@ def train_tokenizer(*, use_large_config=False, preset=None, **overrides):
 
 def parse_prompts(prompts) -> list[str]:
     """--prompts as typed (model.cli.keep_text): a JSON list (or a Python list of strings, as Fire read it
-    before: ast.literal_eval, which runs no code), else one prompt, whatever it looks like (1e3 is "1e3").
+    before: ast.literal_eval, which runs no code), else one prompt, whatever it looks like (1e3 is "1e3");
+    a mapping ({"a": 1}) is refused, as it was.
     A list or tuple from a caller in Python is taken as it is."""
     if isinstance(prompts, bool):  # --prompts without a value
         raise UserError('--prompts needs a value: --prompts=\'["你好","1+1="]\'')
@@ -224,17 +225,17 @@ def parse_prompts(prompts) -> list[str]:
         from model.prep.demo_corpus import demo_prompts
 
         return demo_prompts()
-    if isinstance(prompts, str) and prompts.lstrip().startswith('['):
+    if isinstance(prompts, str) and prompts.lstrip()[:1] in ('[', '{'):  # a list; a mapping is refused below
         try:
             prompts = json.loads(prompts)
         except ValueError:
             import ast
 
             try:
-                listed = ast.literal_eval(prompts.strip())
+                read = ast.literal_eval(prompts.strip())
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                listed = None
-            prompts = listed if isinstance(listed, list) else prompts
+                read = None
+            prompts = read if isinstance(read, (list, dict)) else prompts
     if isinstance(prompts, (list, tuple)):
         if not prompts or any(isinstance(p, (list, tuple, dict)) for p in prompts):
             raise UserError('--prompts: give one prompt, or a list of prompts such as --prompts=\'["你好","1+1="]\'')
