@@ -208,3 +208,94 @@ def test_fp64_weights_are_computed_in_fp64_as_the_reference():
     for p, q in zip(ours.parameters(), ref.parameters()):
         assert p.dtype == torch.float64 and torch.equal(p, q)
     assert opt.state[ours.mats[0]]['exp_avg_sq_row'].dtype == torch.float64
+
+
+# --aux_learn_rate: the embedding, the layer norms and the relative position biases in a group of their
+# own, updated with Adam at their own rate (model/train/factory.param_groups, adafactor.adam_update)
+
+def _named(model, params) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_aux_group_holds_the_embedding_norms_and_position_biases():
+    from config import TrainConfigPretrainLarge as TrainConfig
+
+    model = t5()
+    opt = build_optimizer(TrainConfig(optimizer='adafactor', learn_rate=1e-2, aux_learn_rate=0.05), model)
+    layers, aux = opt.param_groups
+    assert (layers['lr'], aux['lr'], aux['adam'], layers.get('adam')) == (1e-2, 0.05, True, None)
+    aux_names, layer_names = _named(model, aux['params']), _named(model, layers['params'])
+    assert 'shared.weight' in aux_names and not aux_names & layer_names
+    assert aux_names | layer_names == {n for n, _ in model.named_parameters()}
+    assert all(n.endswith('layer_norm.weight') or 'relative_attention_bias' in n or n == 'shared.weight'
+               for n in aux_names)
+    assert any('relative_attention_bias' in n for n in aux_names) and any('layer_norm' in n for n in aux_names)
+    assert all(n.endswith(('.q.weight', '.k.weight', '.v.weight', '.o.weight', '.wi.weight', '.wo.weight'))
+               for n in layer_names)
+    # AdamW: two groups of the same algorithm, each at its rate; 0 keeps the one group of states saved before
+    opt = build_optimizer(TrainConfig(optimizer='adamw', learn_rate=1e-3, aux_learn_rate=0.02), model)
+    assert [g['lr'] for g in opt.param_groups] == [1e-3, 0.02]
+    assert len(build_optimizer(TrainConfig(optimizer='adafactor', learn_rate=1e-2), model).param_groups) == 1
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.1])
+def test_aux_group_steps_as_torchs_adamw(decay):
+    from config import TrainConfigPretrainLarge as TrainConfig
+
+    ours, ref = t5(), t5()
+    opt = build_optimizer(TrainConfig(optimizer='adafactor', learn_rate=1e-2, adafactor_scale_parameter=True,
+                                      aux_learn_rate=0.05, weight_decay=decay), ours)
+    aux_names = _named(ours, opt.param_groups[1]['params'])
+    ref_named = dict(ref.named_parameters())
+    ref_opt = torch.optim.AdamW([ref_named[n] for n in sorted(aux_names)], lr=0.05, weight_decay=decay, foreach=False)
+    layer_ref = Adafactor([p for n, p in ref.named_parameters() if n not in aux_names], lr=1e-2,
+                          scale_parameter=True, weight_decay=decay)
+    for step in range(5):
+        for o in (opt, ref_opt, layer_ref):
+            o.zero_grad(set_to_none=True)
+        t5_loss(ours, step).backward()
+        t5_loss(ref, step).backward()
+        opt.step()
+        ref_opt.step()
+        layer_ref.step()
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+    state = opt.state[dict(ours.named_parameters())['shared.weight']]
+    assert set(state) == {'step', 'exp_avg', 'exp_avg_sq'} and float(state['step']) == 5
+
+
+def test_aux_state_round_trips_through_a_saved_state(tmp_path):
+    """A state saved mid-run and loaded into a fresh optimizer goes on exactly as the unbroken run."""
+    from config import TrainConfigPretrainLarge as TrainConfig
+
+    cfg = TrainConfig(optimizer='adafactor', learn_rate=1e-2, adafactor_scale_parameter=True, aux_learn_rate=0.05)
+    whole, resumed = t5(), t5()
+    opt = build_optimizer(cfg, whole)
+    train(whole, opt, t5_loss, range(3))
+    torch.save({'model': whole.state_dict(), 'opt': opt.state_dict()}, tmp_path / 's.pt')
+    train(whole, opt, t5_loss, range(3, 6))
+    saved = torch.load(tmp_path / 's.pt', weights_only=True)
+    resumed.load_state_dict(saved['model'])
+    opt2 = build_optimizer(cfg, resumed)
+    opt2.load_state_dict(saved['opt'])
+    train(resumed, opt2, t5_loss, range(3, 6))
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize('aux', [0.0, 0.05], ids=['one group', 'aux'])
+def test_sizing_counts_what_the_optimizer_holds(aux):
+    """sizing's count of the aux weights and its optimizer memory (the disk check and the GPU estimate
+    use them) against the optimizer built and stepped."""
+    from config import TrainConfigPretrainLarge as TrainConfig
+    from model.net.sizing import aux_parameter_count, optimizer_bytes
+
+    model = t5()
+    opt = build_optimizer(TrainConfig(optimizer='adafactor', learn_rate=1e-2, aux_learn_rate=aux), model)
+    train(model, opt, t5_loss, range(1))
+    if aux:
+        assert aux_parameter_count(TINY, VOCAB) == sum(p.numel() for p in opt.param_groups[1]['params'])
+    held = sum(v.numel() * v.element_size() for state in opt.state.values() for k, v in state.items()
+               if torch.is_tensor(v) and v.dim() > 0)
+    assert held == optimizer_bytes(TINY, VOCAB, 'adafactor', aux=bool(aux))

@@ -84,7 +84,8 @@ def test_demo_preset_uses_the_measured_recipe():
     from model.train import preflight
 
     t = resolve_config(preset='demo').train
-    assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio) == ('adafactor', True, 3e-2, 0.33)
+    assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio, t.aux_learn_rate) == (
+        'adafactor', True, 3e-2, 0.33, 0.05)
     assert preflight.learn_rate_notes(t) == []  # in the range bench/bench_recipe.py measured good
     from model.net.sizing import warmup_steps_of
 

@@ -186,6 +186,18 @@ def test_a_learning_rate_outside_the_measured_range_is_noted(optimizer, scale, l
         assert f'--learn_rate={best:g}' in notes[0]
 
 
+@pytest.mark.parametrize('aux,noted', [(0.0, False), (0.005, True), (0.01, False), (0.05, False), (0.2, False),
+                                       (0.5, True)])
+def test_an_aux_learning_rate_outside_the_measured_range_is_noted(aux, noted):
+    t = resolve_config(preset='demo', overrides={'aux_learn_rate': aux}).train
+    notes = preflight.learn_rate_notes(t)
+    assert bool(notes) is noted, notes
+    if noted:
+        assert notes == [f'aux_learn_rate={aux:g} is outside 0.01 to 0.2, the range that learned well per step in '
+                         f'bench/bench_recipe.py (best 0.05, beside scaled Adafactor at 3e-2; tiny T5s: '
+                         f'bench/RECIPE_NOTES.md); check e.g. --aux_learn_rate=0.05']
+
+
 def test_a_resume_without_a_state_and_with_a_changed_optimizer_is_refused(data, tmp_path):
     out = tmp_path / 'run'
     found = problems(preflight.check_train(config(data, out), resume=True, world_size=1))

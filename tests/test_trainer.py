@@ -510,3 +510,28 @@ def test_a_batch_job_of_the_start_script_resumes_and_never_restarts_over_an_earl
     assert sorted(glob.glob(f'{out}/logs/*.log')) == logs and not os.path.exists(out / 'previous_runs')
     r = finished(start_script([*flags, '--max_steps=2'], {**env, 'RESUME': 'no'}))  # afresh, as asked
     assert r.returncode == 0 and os.path.isdir(out / 'previous_runs'), r.stderr[-3000:]
+
+
+def test_aux_learn_rate_trains_resumes_exactly_and_a_change_of_its_groups_is_refused(data, tmp_path):
+    """--aux_learn_rate: a run stopped by SIGTERM mid-run resumes to the uninterrupted run's weights
+    bit for bit (the Adam group's state is saved and loaded); a resume that would turn the second
+    group on or off is refused in the dry run, a changed rate is applied and said."""
+    from conftest import train_cmd
+
+    aux = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=3e-2, aux_learn_rate=0.05,
+               save_steps=25, dropout_rate=0.0)
+    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
+    assert run_train(tiny_flags(data, whole, **aux)).returncode == 0
+    stopped = cli_runner.run(train_cmd(tiny_flags(data, cut, **aux)), cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env={**ENV, 'CHAT_SMALL_T5_FAULT': 'train-step@12:sigterm'})
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    resumed = run_train(tiny_flags(data, cut, **aux), '--is_keep_training=True')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(f'{whole}/final/model.safetensors', f'{cut}/final/model.safetensors')
+    off = run_train(tiny_flags(data, cut, **{**aux, 'aux_learn_rate': 0}), '--is_keep_training=True', '--dry_run=True')
+    assert off.returncode != 0 and '--aux_learn_rate=0.0 but the saved run trained with aux_learn_rate=0.05' in \
+        off.stdout + off.stderr, (off.stdout + off.stderr)[-2000:]
+    changed = run_train(tiny_flags(data, cut, **{**aux, 'aux_learn_rate': 0.02}), '--is_keep_training=True',
+                        '--dry_run=True')
+    assert changed.returncode == 0 and 'aux_learn_rate 0.05 -> 0.02' in changed.stdout + changed.stderr, \
+        (changed.stdout + changed.stderr)[-2000:]

@@ -116,6 +116,14 @@ def build_model(model_cfg: T5ModelConfig, vocab_size: int, initialize: bool = Tr
 # --------------------------------------------------------------------------- loading
 
 
+def layer_matrices(model) -> list:
+    """The weights of the layers' linear maps (attention's q, k, v, o; the feed-forward's wi, wo):
+    not the embedding (the output layer shares it), the layer norms or the relative position
+    biases, which --aux_learn_rate trains on their own (model/train/factory.param_groups)."""
+    head = getattr(model, 'lm_head', None)
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
 def default_model_paths(cfg: ResolvedConfig) -> list[str]:
     from model.state.model_files import model_folders
 

@@ -21,12 +21,21 @@ def t5_parameter_count(m: T5ModelConfig, vocab_size: int) -> int:
     return embeddings + encoder + decoder
 
 
-def state_bytes(parameters: int, optimizer: str) -> int:
-    """About what one saved training state takes on disk (fp32 weights and optimizer state)."""
+def aux_parameter_count(m: T5ModelConfig, vocab_size: int) -> int:
+    """The weights outside the layers' matrices (embedding, layer norms, relative position biases):
+    what --aux_learn_rate trains with Adam (model/net/chat_model.layer_matrices holds the rest)."""
+    enc, dec = layer_parameters(m)
+    return t5_parameter_count(m, vocab_size) - enc * m.num_layers - dec * m.num_decoder_layers
+
+
+def state_bytes(parameters: int, optimizer: str, aux_parameters: int = 0) -> int:
+    """About what one saved training state takes on disk (fp32 weights and optimizer state);
+    aux_parameters: the weights an --aux_learn_rate run gives Adam's two moments."""
     # AdamW keeps two fp32 moments per weight; Adafactor a factored second moment (rows +
     # columns of each matrix), a few percent of the weights for T5's shapes
     optimizer_share = 2.0 if optimizer == 'adamw' else 0.05
-    return int(4 * parameters * (1 + optimizer_share))
+    adam = 0 if optimizer == 'adamw' else 8 * aux_parameters
+    return int(4 * parameters * (1 + optimizer_share)) + adam
 
 
 # what must match for saved weights to be the same function: every field of the model's shape
@@ -122,17 +131,22 @@ def flops_per_row(m: T5ModelConfig, vocab_size: int, prompt_tokens: float, respo
     return 3 * forward
 
 
-def optimizer_bytes(m: T5ModelConfig, vocab_size: int, optimizer: str) -> int:
+def optimizer_bytes(m: T5ModelConfig, vocab_size: int, optimizer: str, aux: bool = False) -> int:
     """fp32 optimizer state: AdamW two moments per weight; Adafactor a factored second moment
-    (rows + columns of each matrix) for matrices."""
+    (rows + columns of each matrix) for matrices; aux (--aux_learn_rate): Adam's two moments for
+    the embedding, norms and position biases instead."""
     params = t5_parameter_count(m, vocab_size)
     if optimizer == 'adamw':
         return 8 * params
-    enc, dec = layer_parameters(m)
     inner = m.num_heads * m.d_kv
     per_enc = 4 * (m.d_model + inner) + 2 * (m.d_model + m.d_ff)
     per_dec = 8 * (m.d_model + inner) + 2 * (m.d_model + m.d_ff)
-    return 4 * (per_enc * m.num_layers + per_dec * m.num_decoder_layers + vocab_size + m.d_model)
+    if aux:
+        rest = 2 * aux_parameter_count(m, vocab_size)
+    else:  # the embedding and both position biases factored; the norms' scales whole
+        norms = m.d_model * (2 * m.num_layers + 3 * m.num_decoder_layers + 2)
+        rest = vocab_size + m.d_model + 2 * (m.relative_attention_num_buckets + m.num_heads) + norms
+    return 4 * (per_enc * m.num_layers + per_dec * m.num_decoder_layers + rest)
 
 
 def activation_bytes(m: T5ModelConfig, vocab_size: int, batch: int, prompt_len: int, response_len: int,
@@ -159,12 +173,12 @@ def activation_bytes(m: T5ModelConfig, vocab_size: int, batch: int, prompt_len: 
 
 
 def gpu_memory_bytes(m: T5ModelConfig, vocab_size: int, optimizer: str, batch: int, prompt_len: int,
-                     response_len: int, checkpointing: bool) -> dict[str, int]:
+                     response_len: int, checkpointing: bool, aux: bool = False) -> dict[str, int]:
     """Peak GPU memory of one DDP process, by part: fp32 weights, fp32 gradients, optimizer
     state, activations of one micro-batch, and ~1 GB for the CUDA context and allocator slack."""
     params = t5_parameter_count(m, vocab_size)
     parts = {'weights': 4 * params, 'gradients': 4 * params,
-             'optimizer': optimizer_bytes(m, vocab_size, optimizer),
+             'optimizer': optimizer_bytes(m, vocab_size, optimizer, aux),
              'activations': activation_bytes(m, vocab_size, batch, prompt_len, response_len, checkpointing),
              'cuda context': 1 << 30}
     parts['total'] = sum(parts.values())

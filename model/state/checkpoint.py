@@ -260,19 +260,21 @@ def moved_run_advice(archive: str, output_dir: str, model_file: str, train_state
 
 
 def apply_changed_hyperparameters(cfg, optimizer, scheduler) -> None:
-    """The loaded optimizer and schedule carry the saved learning rate and weight decay; this
-    run's values win (the schedule's shape comes from this run's config already). The start-up
-    checks name every field changed since the save (contract.changed_fields): none is silently
-    ignored."""
+    """The loaded optimizer and schedule carry the saved learning rates and weight decay; this
+    run's values win (the schedule's shape comes from this run's config already). A param group
+    takes its rate from the config field it names (``rate_field``, model/train/factory.param_groups;
+    learn_rate where it names none). The start-up checks name every field changed since the save
+    (contract.changed_fields): none is silently ignored."""
     t = cfg.train
-    for group in optimizer.param_groups:
-        group['initial_lr'] = t.learn_rate
+    rates = [getattr(t, group.get('rate_field', 'learn_rate')) for group in optimizer.param_groups]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group['initial_lr'] = rate
         group['weight_decay'] = t.weight_decay
     # through the schedule's own state dict (its public contract): the base and the current rate
     schedule = scheduler.state_dict()
     step = schedule['last_epoch']
-    lrs = [t.learn_rate * f(step) for f in scheduler.lr_lambdas]
-    schedule.update(base_lrs=[t.learn_rate] * len(lrs), _last_lr=lrs)
+    lrs = [rate * f(step) for rate, f in zip(rates, scheduler.lr_lambdas)]
+    schedule.update(base_lrs=rates, _last_lr=lrs)
     scheduler.load_state_dict(schedule)
     for group, lr in zip(optimizer.param_groups, lrs):
         group['lr'] = lr

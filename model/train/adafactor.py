@@ -12,6 +12,11 @@ state of a weight is kept under transformers' names (``step``, ``exp_avg_sq_row`
 ``exp_avg_sq_col`` or ``exp_avg_sq``, ``RMS``, ``exp_avg`` with ``beta1``), so a training state
 saved by either loads into the other.
 
+A param group marked ``adam=True`` is updated with Adam instead (torch's AdamW arithmetic, its
+state under torch's names, ``step``, ``exp_avg``, ``exp_avg_sq``): the run's ``--aux_learn_rate``
+puts the embedding, the layer norms and the relative position biases there (model/train/factory.py),
+so one optimizer, one state, holds both.
+
 A bucket is split where it would pass ``bucket_elements`` numbers, so only small weights are
 stacked: for them the copies cost less than the operations they save, and for a large weight
 (a 768 x 768 matrix already) a stack would only add memory traffic. A bucket of one weight works
@@ -54,6 +59,9 @@ class Adafactor(torch.optim.Optimizer):
             if group.get('relative_step') or group.get('warmup_init'):
                 raise ValueError('this Adafactor takes its learning rate from the schedule: relative_step and '
                                  'warmup_init are not supported')
+            if group.get('adam'):
+                adam_update(self.state, group)
+                continue
             for bucket in self._buckets(group):
                 self._update(group, bucket)
         return loss
@@ -163,3 +171,40 @@ def _write_back(targets: list, stacked: torch.Tensor) -> None:
     """The stack's rows into the tensors it was made of, unless it is a view of the one tensor."""
     if stacked.data_ptr() != targets[0].data_ptr():  # a stack or a cast is a new tensor
         torch._foreach_copy_(targets, list(stacked.unbind(0)))
+
+
+ADAM_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8)  # torch.optim.AdamW's
+
+
+def adam_group(params, lr: float, weight_decay: float = 0.0, **more) -> dict:
+    """A param group this Adafactor updates with Adam (its own betas and eps: the optimizer's
+    defaults are Adafactor's)."""
+    return dict(params=list(params), lr=lr, weight_decay=weight_decay, adam=True, **ADAM_DEFAULTS, **more)
+
+
+@torch.no_grad()
+def adam_update(states, group) -> None:
+    """One AdamW step over a param group's weights, as torch.optim.AdamW(foreach=False) computes it
+    (decoupled weight decay, bias-corrected moments; tests/test_adafactor.py holds it to torch's)."""
+    (beta1, beta2), eps, lr, decay = group['betas'], group['eps'], group['lr'], group['weight_decay']
+    for p in group['params']:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError('Adam here does not support sparse gradients.')
+        state = states[p]
+        if not state:
+            state['step'] = torch.tensor(0.0)
+            state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state['exp_avg'] = state['exp_avg'].to(p)  # a loaded state may sit elsewhere
+        state['exp_avg_sq'] = state['exp_avg_sq'].to(p)
+        state['step'] += 1
+        step = state['step'].item()
+        grad = p.grad
+        p.mul_(1 - lr * decay)
+        state['exp_avg'].lerp_(grad, 1 - beta1)
+        state['exp_avg_sq'].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        denom = (state['exp_avg_sq'].sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - beta1 ** step))

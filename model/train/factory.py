@@ -61,14 +61,40 @@ class Run:
 
 
 def build_optimizer(train_cfg, model):
-    if train_cfg.optimizer == 'adafactor':
+    t = train_cfg
+    groups = param_groups(model, t)
+    if t.optimizer == 'adafactor':
         from model.train.adafactor import Adafactor  # transformers' arithmetic, weights of one shape at once
 
-        return Adafactor(model.parameters(), lr=train_cfg.learn_rate, scale_parameter=train_cfg.adafactor_scale_parameter,
-                         weight_decay=train_cfg.weight_decay)
+        return Adafactor(groups, lr=t.learn_rate, scale_parameter=t.adafactor_scale_parameter, weight_decay=t.weight_decay)
     import torch
 
-    return torch.optim.AdamW(model.parameters(), lr=train_cfg.learn_rate, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.learn_rate, weight_decay=t.weight_decay)
+
+
+def param_groups(model, train_cfg) -> list:
+    """The weights as the optimizer takes them: one group at --learn_rate, or with --aux_learn_rate
+    two -- the layers' matrices (--optimizer at --learn_rate) and the rest, the embedding, the layer
+    norms and the relative position biases (Adam at --aux_learn_rate). A group names the config
+    field of its rate (``rate_field``): a resume that changes it applies it to that group
+    (checkpoint.apply_changed_hyperparameters). One group is what states saved before the field
+    hold, so they load as they did."""
+    from model.net.chat_model import layer_matrices
+
+    t = train_cfg
+    weights = list(model.parameters())
+    if not t.aux_learn_rate:
+        return weights
+    matrices = {id(p) for p in layer_matrices(model)}
+    layers = [p for p in weights if id(p) in matrices]
+    aux = [p for p in weights if id(p) not in matrices]
+    if t.optimizer == 'adafactor':
+        from model.train.adafactor import adam_group
+
+        aux_group = adam_group(aux, t.aux_learn_rate, t.weight_decay, rate_field='aux_learn_rate')
+    else:  # AdamW already: the same arithmetic at its own rate
+        aux_group = dict(params=aux, lr=t.aux_learn_rate, rate_field='aux_learn_rate')
+    return [dict(params=layers, rate_field='learn_rate'), aux_group]
 
 
 def build_scheduler(train_cfg, optimizer, total_steps: int):

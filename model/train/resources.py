@@ -51,7 +51,7 @@ def resource_lines(cfg, rows: int, vocab_size: int, world: int, files, rows_per_
              f'3 x the forward matmuls, sizing.flops_per_row)']
     for checkpointing in (False, True):
         parts = gpu_memory_bytes(m, vocab_size, t.optimizer, t.batch_size_per_gpu, t.max_seq_len, t.max_seq_len,
-                                 checkpointing)
+                                 checkpointing, aux=bool(t.aux_learn_rate))
         shown = ', '.join(f'{k} {human_bytes(v)}' for k, v in parts.items() if k != 'total')
         tag = 'with --gradient_checkpointing=True' if checkpointing else 'GPU memory per process'
         lines.append(f'  {tag}: {human_bytes(parts["total"])} at batch {t.batch_size_per_gpu} x {t.max_seq_len} '
