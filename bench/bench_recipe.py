@@ -18,7 +18,8 @@ table takes):
    the rate is relative to each weight's RMS), AdamW -- a few rates each, warmup 5% of the run;
 2. at the first size, around the best of phase 1 (median exact match, then validation loss):
    warmup as fixed steps (a third of the run, as the guide's 1,024 steps are for a short run)
-   instead of 5%, dropout 0.1 instead of 0, gated-gelu instead of relu;
+   instead of 5%, dropout 0.1 instead of 0, gated-gelu instead of relu, the embedding, layer norms
+   and position biases with Adam at their own rate (``--aux_learn_rate``);
 3. at the second size (d256, ~4x the compute a step): each optimizer at its best rate of phase 1.
 
 Each run reports the held-out validation loss and exact match (bench/heldout.py) halfway and at
@@ -45,6 +46,7 @@ LRS = {  # the rates tried per optimizer (phase 1); the guide's 1e-4 for Adafact
 }
 # what phase 2 varies, and batches as the demo preset and the recommended recipe draw them: not grouped by
 # length (the config's default groups them: one task a batch here, which learns far less per step)
+AUX_LEARN_RATE = 0.05  # phase 2's --aux_learn_rate (bench/RECIPE_NOTES.md, section "aux_learn_rate")
 RECIPE = dict(warmup_ratio=0.05, dropout_rate=0.0, feed_forward_proj='relu', group_by_length=False)
 
 
@@ -61,10 +63,11 @@ def label(fields: dict) -> str:
     warm = (f'warmup {fields["warmup_steps"]} steps' if not fields.get('warmup_ratio')
             else f'warmup {fields["warmup_ratio"]:.0%}')
     shown = {'optimizer', 'adafactor_scale_parameter', 'learn_rate', 'warmup_ratio', 'warmup_steps', 'dropout_rate',
-             'feed_forward_proj', 'group_by_length'}
+             'feed_forward_proj', 'group_by_length', 'aux_learn_rate'}
     other = ''.join(f' {k}={v}' for k, v in fields.items() if k not in shown)  # e.g. a d_ff of the setting's own
     return (f'{opt:<15} lr {fields["learn_rate"]:<6g} {warm:<17} dropout {fields["dropout_rate"]:<3g} '
-            f'{fields["feed_forward_proj"]}' + (' grouped' if fields.get('group_by_length', True) else '') + other)
+            f'{fields["feed_forward_proj"]}' + (' grouped' if fields.get('group_by_length', True) else '')
+            + (f' aux {fields["aux_learn_rate"]:g}' if fields.get('aux_learn_rate') else '') + other)
 
 
 def run_child(task: str, size: str, seed: int, steps: int, fields: dict) -> dict:
@@ -180,7 +183,7 @@ def main() -> None:
         table.say(f'best of phase 1: {label(top["fields"])}')
         base = top['fields']
         for changed in ({'warmup_ratio': 0.0, 'warmup_steps': steps[0] // 3}, {'dropout_rate': 0.1},
-                        {'feed_forward_proj': 'gated-gelu'}):
+                        {'feed_forward_proj': 'gated-gelu'}, {'aux_learn_rate': AUX_LEARN_RATE}):
             table.measure('2', sizes[0], steps[0], {**base, **changed})
         if len(sizes) > 1:
             for name, rows in first.items():

@@ -19,7 +19,10 @@ threads for both. Each trainer at the recipe it is best at:
   tokenized up front as its examples
   do, and the learning rate that a sweep picks (--peer_lrs, one seed, same steps, best exact match
   then loss; the sweep is printed); --peer_lr skips the sweep. Packing is this toolkit's own
-  (Seq2SeqTrainer pads every pair to the longest of its batch).
+  (Seq2SeqTrainer pads every pair to the longest of its batch), and so is --aux_learn_rate (the
+  embedding, layer norms and position biases with Adam at their own rate: Seq2SeqTrainer has no
+  option for it); --peer_aux hands the peer that too, its optimizer built as this toolkit builds
+  it and passed in by hand, to show where a gain comes from.
 
 One run of each per seed (42, 43, 44 by default: a seed sets the initial weights and the data order
 of both), alternating ours / peer, each in a fresh process. Every --eval_every optimizer steps both
@@ -47,8 +50,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import heldout  # noqa: E402  (no torch at its import)
 
-OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=3e-2, warmup_ratio=0.33, dropout_rate=0.0,
-            feed_forward_proj='relu', group_by_length=False, packing=True)  # the demo preset's recipe
+OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=3e-2, aux_learn_rate=0.05, warmup_ratio=0.33,
+            dropout_rate=0.0, feed_forward_proj='relu', group_by_length=False, packing=True)  # the demo preset's recipe
 PEER_LRS = {'adamw': '5e-4,1e-3,2e-3', 'adafactor': '3e-4,1e-3,3e-3', 'adafactor+scale': '3e-3,1e-2,3e-2'}
 STEPS = {'demo': 1500, 'numbers': 1500}
 TARGETS = {'demo': {'em': 0.3, 'loss': 1.0}, 'numbers': {'em': 0.3, 'loss': 0.5}}  # stated qualities
@@ -121,7 +124,14 @@ def _train_peer(work, model, tok, dataset, recipe, seed, steps, eval_every, cloc
                 curve.append((state.global_step, clock.train_seconds(), scores['loss'], scores['em']))
 
     # the same optimizer as ours; its schedule is the Trainer's own (cosine, warmup as a ratio)
-    if recipe.get('optimizer', 'adamw') == 'adafactor':
+    if recipe.get('aux_learn_rate'):  # --peer_aux: Seq2SeqTrainer has no such option; built as ours, passed in
+        from config import TrainConfigPretrainLarge
+        from model.train.factory import build_optimizer
+
+        optimizer = build_optimizer(TrainConfigPretrainLarge(
+            optimizer=recipe['optimizer'], learn_rate=recipe['learn_rate'], aux_learn_rate=recipe['aux_learn_rate'],
+            adafactor_scale_parameter=recipe.get('adafactor_scale_parameter', False), weight_decay=0.0), model)
+    elif recipe.get('optimizer', 'adamw') == 'adafactor':
         from transformers.optimization import Adafactor
 
         optimizer = Adafactor(model.parameters(), lr=recipe['learn_rate'], relative_step=False, warmup_init=False,
@@ -177,9 +187,11 @@ def sweep(kind, task, size, seed, steps, eval_every, recipe, lrs, threads, say) 
     return best
 
 
-def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target, say, stem) -> None:
+def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target, say, stem, peer_aux=False) -> None:
     runs = {'ours': [], 'peer': []}
-    recipes = {'ours': ours, 'peer': {**ours, 'learn_rate': peer_lr}}  # packing: this toolkit's only
+    # packing: this toolkit's only; --aux_learn_rate too unless --peer_aux hands it over
+    recipes = {'ours': ours, 'peer': {**ours, 'learn_rate': peer_lr,
+                                      'aux_learn_rate': ours.get('aux_learn_rate', 0.0) if peer_aux else 0.0}}
     for seed in seeds:
         for kind in ('ours', 'peer'):
             r = run_child(kind, task, size, seed, steps, eval_every, recipes[kind], threads)
@@ -190,12 +202,12 @@ def compare(task, size, seeds, steps, eval_every, ours, peer_lr, threads, target
                 f'exact match {em:.1%}')
     with open(f'{stem}_{task}_{size}.json', 'w', encoding='utf-8') as f:
         json.dump({'task': task, 'size': size, 'seeds': seeds, 'steps': steps, 'ours': ours, 'peer_lr': peer_lr,
-                   'target': target, 'runs': runs}, f)
-    summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say)
+                   'peer_aux': recipes['peer']['aux_learn_rate'], 'target': target, 'runs': runs}, f)
+    summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say, recipes['peer']['aux_learn_rate'])
     say(f'the curves: {stem}_{task}_{size}.json (--report= prints this again)')
 
 
-def summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say) -> None:
+def summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say, peer_aux=0.0) -> None:
     """The table of one task and size from the runs' curves (also: --report, from the saved curves)."""
     budget = min(statistics.median(r['curve'][-1][1] for r in runs[k]) for k in runs)
     med = {}
@@ -214,7 +226,8 @@ def summarize(task, size, seeds, steps, ours, peer_lr, target, runs, say) -> Non
         for kind, rs in runs.items():
             med[kind][name] = statistics.median(time_to(r['curve'], metric, p['curve'][-1][metric], higher)
                                                 for r, p in zip(rs, runs['peer']))
-    say(f'\n{task} {size}, {steps} steps, medians over seeds {seeds}; ours {ours}; peer lr {peer_lr:g}:')
+    given = f', and aux_learn_rate {peer_aux:g} by hand' if peer_aux else ''
+    say(f'\n{task} {size}, {steps} steps, medians over seeds {seeds}; ours {ours}; peer lr {peer_lr:g}{given}:')
     say(f'{"":<5} {"to EM " + format(target["em"], ".0%"):>10} {"to loss " + format(target["loss"], "g"):>11} '
         f'{"at " + format(budget, ".0f") + " s: loss":>15} {"EM":>6} {"all steps: s":>13} {"loss":>7} {"EM":>6}')
     for kind, m in med.items():
@@ -250,6 +263,9 @@ def main() -> None:
     ap.add_argument('--peer_lrs', default='', help='the peer\'s learning-rate sweep (default per optimizer: %s)'
                     % PEER_LRS)
     ap.add_argument('--peer_lr', type=float, default=0.0, help='the peer\'s learning rate, no sweep')
+    ap.add_argument('--peer_aux', action='store_true', help='give the peer this toolkit\'s --aux_learn_rate too '
+                    '(Seq2SeqTrainer has no such option: its optimizer built as this toolkit builds it, passed in by '
+                    'hand): where the gain comes from')
     ap.add_argument('--ours_lrs', default='', help='sweep this toolkit\'s learning rate too, as the peer\'s '
                     '(e.g. 1e-2,3e-2); default: the rate of OURS / --ours')
     ap.add_argument('--target_em', type=float, default=0.0, help='0 = per task: %s' % TARGETS)
@@ -273,7 +289,7 @@ def main() -> None:
                 with open(path, encoding='utf-8') as f:
                     saved = json.load(f)
                 summarize(saved['task'], saved['size'], saved['seeds'], saved['steps'], saved['ours'],
-                          saved['peer_lr'], saved['target'], saved['runs'], print)
+                          saved['peer_lr'], saved['target'], saved['runs'], print, saved.get('peer_aux', 0.0))
             except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
                 why = e.strerror if isinstance(e, OSError) and e.strerror else f'{type(e).__name__}: {e}'
                 heldout.refuse_flag('report', path, f'is not the curves a bench_train run saved ({why})')
@@ -303,13 +319,15 @@ def main() -> None:
         for size in sizes:
             name = ours['optimizer'] + ('+scale' if ours.get('adafactor_scale_parameter') else '')
             lrs = [float(x) for x in (args.peer_lrs or PEER_LRS[name]).split(',')]
-            peer_lr = args.peer_lr or sweep('peer', task, size, seeds[0], steps, args.eval_every, ours, lrs, args.threads,
-                                            say)
+            peer_base = {**ours, 'aux_learn_rate': ours.get('aux_learn_rate', 0.0) if args.peer_aux else 0.0}
+            peer_lr = args.peer_lr or sweep('peer', task, size, seeds[0], steps, args.eval_every, peer_base, lrs,
+                                            args.threads, say)
             mine = dict(ours)
             if args.ours_lrs:
                 mine['learn_rate'] = sweep('ours', task, size, seeds[0], steps, args.eval_every, ours,
                                            [float(x) for x in args.ours_lrs.split(',')], args.threads, say)
-            compare(task, size, seeds, steps, args.eval_every, mine, peer_lr, args.threads, target, say, stem)
+            compare(task, size, seeds, steps, args.eval_every, mine, peer_lr, args.threads, target, say, stem,
+                    args.peer_aux)
     say(f'load average at the end {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
 
 
