@@ -52,6 +52,7 @@ import heldout  # noqa: E402  (no torch at its import)
 
 OURS = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=3e-2, aux_learn_rate=0.05, warmup_ratio=0.33,
             dropout_rate=0.0, feed_forward_proj='relu', group_by_length=False, packing=True)  # the demo preset's recipe
+# with --aux_learn_rate, recommended for runs of about this bench's 1,000 steps (bench/RECIPE_NOTES.md, A)
 PEER_LRS = {'adamw': '5e-4,1e-3,2e-3', 'adafactor': '3e-4,1e-3,3e-3', 'adafactor+scale': '3e-3,1e-2,3e-2'}
 STEPS = {'demo': 1500, 'numbers': 1500}
 TARGETS = {'demo': {'em': 0.3, 'loss': 1.0}, 'numbers': {'em': 0.3, 'loss': 0.5}}  # stated qualities
@@ -300,7 +301,8 @@ def main() -> None:
     seeds = [int(s) for s in str(args.seeds).split(',')]
     ours = {**OURS, **json.loads(args.ours)}
     if args.quick:
-        tasks, sizes, seeds, args.steps, args.eval_every, args.peer_lr = ['numbers'], sizes[:1], seeds[:1], 20, 10, 1e-2
+        tasks, sizes, seeds, args.steps, args.eval_every = ['numbers'], sizes[:1], seeds[:1], 20, 10
+        args.peer_lr = args.peer_lr or 1e-2  # no sweep; a rate given is kept
     from heldout import new_log
 
     log, stem = new_log(args.out_dir, 'bench_train', args.quick)  # an earlier run's results are never replaced

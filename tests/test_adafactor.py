@@ -248,7 +248,9 @@ def test_aux_group_steps_as_torchs_adamw(decay):
                                       aux_learn_rate=0.05, weight_decay=decay), ours)
     aux_names = _named(ours, opt.param_groups[1]['params'])
     ref_named = dict(ref.named_parameters())
-    ref_opt = torch.optim.AdamW([ref_named[n] for n in sorted(aux_names)], lr=0.05, weight_decay=decay, foreach=False)
+    # the aux group is never weight-decayed (it would pull the norms' scales toward 0); the layers are
+    assert (opt.param_groups[0]['weight_decay'], opt.param_groups[1]['weight_decay']) == (decay, 0.0)
+    ref_opt = torch.optim.AdamW([ref_named[n] for n in sorted(aux_names)], lr=0.05, weight_decay=0.0, foreach=False)
     layer_ref = Adafactor([p for n, p in ref.named_parameters() if n not in aux_names], lr=1e-2,
                           scale_parameter=True, weight_decay=decay)
     for step in range(5):
@@ -299,3 +301,28 @@ def test_sizing_counts_what_the_optimizer_holds(aux):
     held = sum(v.numel() * v.element_size() for state in opt.state.values() for k, v in state.items()
                if torch.is_tensor(v) and v.dim() > 0)
     assert held == optimizer_bytes(TINY, VOCAB, 'adafactor', aux=bool(aux))
+
+
+def test_a_resume_applies_each_groups_rate_and_keeps_the_aux_group_undecayed():
+    """checkpoint.apply_changed_hyperparameters: the loaded groups take this run's rates, each from the
+    field its group names, on the schedule's current factor; weight decay only where the group decays."""
+    from config import resolve_config
+    from model.state.checkpoint import apply_changed_hyperparameters
+    from model.train.factory import build_scheduler
+
+    saved = resolve_config(overrides={'learn_rate': 1e-2, 'aux_learn_rate': 0.05, 'weight_decay': 0.01,
+                                      'warmup_steps': 0, 'lr_schedule': 'linear'})
+    model = t5()
+    opt = build_optimizer(saved.train, model)
+    sched = build_scheduler(saved.train, opt, 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    now = resolve_config(overrides={'learn_rate': 2e-2, 'aux_learn_rate': 0.1, 'weight_decay': 0.1,
+                                    'warmup_steps': 0, 'lr_schedule': 'linear'})
+    apply_changed_hyperparameters(now, opt, sched)
+    layers, aux = opt.param_groups
+    assert (layers['initial_lr'], aux['initial_lr']) == (2e-2, 0.1)
+    assert layers['lr'] == pytest.approx(2e-2 * 0.5) and aux['lr'] == pytest.approx(0.1 * 0.5)
+    assert (layers['weight_decay'], aux['weight_decay']) == (0.1, 0.0)
+    assert sched.get_last_lr() == [layers['lr'], aux['lr']]

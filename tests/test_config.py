@@ -85,7 +85,7 @@ def test_demo_preset_uses_the_measured_recipe():
 
     t = resolve_config(preset='demo').train
     assert (t.optimizer, t.adafactor_scale_parameter, t.learn_rate, t.warmup_ratio, t.aux_learn_rate) == (
-        'adafactor', True, 3e-2, 0.33, 0.05)
+        'adafactor', True, 3e-2, 0.33, 0.0)
     assert preflight.learn_rate_notes(t) == []  # in the range bench/bench_recipe.py measured good
     from model.net.sizing import warmup_steps_of
 

@@ -191,6 +191,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path):
     for p in glob.glob(f'{out}/chat_small_t5.*.bin'):
         for v in weights(p).values():
             assert torch.isfinite(v).all()
+    assert 'aux_learn_rate' not in r.stderr  # one group: the advice names only what the run has
+    # the --aux_learn_rate group alone diverging: the advice names it too
+    r = run_train(tiny_flags(data, tmp_path / 'aux', learn_rate=1e-3, aux_learn_rate=1e9, max_grad_norm=0,
+                             warmup_steps=0, save_steps=1, logging_steps=5, optimizer='adamw'))
+    assert r.returncode == 1 and 'Try a lower --learn_rate (now 0.001), a lower --aux_learn_rate (now 1000000000.0)' \
+        in r.stderr, r.stderr[-3000:]
 
 
 def test_resume_refuses_changed_shape_missing_state_and_changed_data(data, tmp_path):
@@ -516,7 +522,7 @@ def test_aux_learn_rate_trains_resumes_exactly_and_a_change_of_its_groups_is_ref
     """--aux_learn_rate: a run stopped by SIGTERM mid-run resumes to the uninterrupted run's weights
     bit for bit (the Adam group's state is saved and loaded); a resume that would turn the second
     group on or off is refused in the dry run, a changed rate is applied and said."""
-    from conftest import train_cmd
+    from conftest import run_logs, train_cmd
 
     aux = dict(optimizer='adafactor', adafactor_scale_parameter=True, learn_rate=3e-2, aux_learn_rate=0.05,
                save_steps=25, dropout_rate=0.0)
@@ -528,6 +534,11 @@ def test_aux_learn_rate_trains_resumes_exactly_and_a_change_of_its_groups_is_ref
     resumed = run_train(tiny_flags(data, cut, **aux), '--is_keep_training=True')
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(f'{whole}/final/model.safetensors', f'{cut}/final/model.safetensors')
+    # both groups' rates in the log, each on the schedule: warmup 5 steps from 0, so step 1 runs at 0
+    log = open(run_logs(whole)[-1], encoding='utf-8').read()
+    rates = re.findall(r'step (\d+)/\d+ \| .*? \| lr ([0-9.e+-]+) \| aux_lr ([0-9.e+-]+) \|', log)
+    assert rates[0] == ('1', '0.000e+00', '0.000e+00') and len(rates) >= 20, rates[:3]
+    assert all(abs(float(aux) / float(lr) - 0.05 / 3e-2) < 1e-3 for _, lr, aux in rates if float(lr)), rates
     off = run_train(tiny_flags(data, cut, **{**aux, 'aux_learn_rate': 0}), '--is_keep_training=True', '--dry_run=True')
     assert off.returncode != 0 and '--aux_learn_rate=0.0 but the saved run trained with aux_learn_rate=0.05' in \
         off.stdout + off.stderr, (off.stdout + off.stderr)[-2000:]

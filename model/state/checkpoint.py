@@ -269,7 +269,7 @@ def apply_changed_hyperparameters(cfg, optimizer, scheduler) -> None:
     rates = [getattr(t, group.get('rate_field', 'learn_rate')) for group in optimizer.param_groups]
     for group, rate in zip(optimizer.param_groups, rates):
         group['initial_lr'] = rate
-        group['weight_decay'] = t.weight_decay
+        group['weight_decay'] = t.weight_decay if group.get('decayed', True) else 0.0
     # through the schedule's own state dict (its public contract): the base and the current rate
     schedule = scheduler.state_dict()
     step = schedule['last_epoch']

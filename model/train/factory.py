@@ -75,7 +75,7 @@ def build_optimizer(train_cfg, model):
 def param_groups(model, train_cfg) -> list:
     """The weights as the optimizer takes them: one group at --learn_rate, or with --aux_learn_rate
     two -- the layers' matrices (--optimizer at --learn_rate) and the rest, the embedding, the layer
-    norms and the relative position biases (Adam at --aux_learn_rate). A group names the config
+    norms and the relative position biases (Adam at --aux_learn_rate, never weight-decayed). A group names the config
     field of its rate (``rate_field``): a resume that changes it applies it to that group
     (checkpoint.apply_changed_hyperparameters). One group is what states saved before the field
     hold, so they load as they did."""
@@ -88,12 +88,14 @@ def param_groups(model, train_cfg) -> list:
     matrices = {id(p) for p in layer_matrices(model)}
     layers = [p for p in weights if id(p) in matrices]
     aux = [p for p in weights if id(p) not in matrices]
+    # not decayed (decayed=False: a resume's --weight_decay leaves it at 0): decay would pull the norms'
+    # scales toward 0, at the aux group's higher rate
     if t.optimizer == 'adafactor':
         from model.train.adafactor import adam_group
 
-        aux_group = adam_group(aux, t.aux_learn_rate, t.weight_decay, rate_field='aux_learn_rate')
+        aux_group = adam_group(aux, t.aux_learn_rate, 0.0, rate_field='aux_learn_rate', decayed=False)
     else:  # AdamW already: the same arithmetic at its own rate
-        aux_group = dict(params=aux, lr=t.aux_learn_rate, rate_field='aux_learn_rate')
+        aux_group = dict(params=aux, lr=t.aux_learn_rate, weight_decay=0.0, rate_field='aux_learn_rate', decayed=False)
     return [dict(params=layers, rate_field='learn_rate'), aux_group]
 
 

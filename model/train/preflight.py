@@ -452,8 +452,8 @@ def learn_rate_notes(t) -> list[str]:
                      f'step for {t.optimizer}{scaling} in bench/bench_recipe.py (best {best:g}; measured on tiny T5s '
                      f'and a held-out task, 400 steps: bench/RECIPE_NOTES.md); a much larger model or a much longer '
                      f'run may want less, but check e.g. --learn_rate={best:g}')
-    low, best, high = GOOD_AUX_LEARN_RATES
-    if t.aux_learn_rate and not low <= t.aux_learn_rate <= high:
+    low, best, high = GOOD_AUX_LEARN_RATES  # measured beside scaled Adafactor only: judged there only
+    if name == 'adafactor+scale' and t.aux_learn_rate and not low <= t.aux_learn_rate <= high:
         notes.append(f'aux_learn_rate={t.aux_learn_rate:g} is outside {low:g} to {high:g}, the range that learned '
                      f'well per step in bench/bench_recipe.py (best {best:g}, beside scaled Adafactor at 3e-2; tiny '
                      f'T5s: bench/RECIPE_NOTES.md); check e.g. --aux_learn_rate={best:g}')
@@ -907,8 +907,10 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
         before = saved_cfg.get(name, defaults[name])
         if kept(before) != kept(getattr(t, name)):
             refused.add(name)
+            said = f'{name}={before}' if name in saved_cfg else \
+                f'{name}={before} (it was saved before --{name} existed: read as its default)'
             report.problems.append(Problem(name, f'--{name}={getattr(t, name)} but the saved run trained with '
-                                           f'{name}={before} ({why})',
+                                           f'{said} ({why})',
                                            f'resume with --{name}={before}, or start a new run '
                                            f'without --is_keep_training'))
     # what is refused below is not applied: only the changes the resume makes are named

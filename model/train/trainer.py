@@ -65,6 +65,7 @@ class LogInterval:
     steps: int = 0
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     lr: float = 0.0  # the learning rate the interval's last optimizer step used
+    aux_lr: float | None = None  # and the --aux_learn_rate group's (None: one group)
     start: float = field(default_factory=time.time)
 
 
@@ -80,6 +81,7 @@ class LoopSettings:
     save_steps: int
     stop_grace_s: int
     learn_rate: float
+    aux_learn_rate: float
     train_state_dir: str
     output_dir: str
     model_file: str  # its 'best' export is read back at the end (say_best_exports)
@@ -88,7 +90,7 @@ class LoopSettings:
     def of(cls, t) -> 'LoopSettings':
         return cls(accumulation=t.gradient_accumulation_steps, epochs=t.epochs, max_grad_norm=t.max_grad_norm,
                    logging_steps=t.logging_steps, eval_steps=t.eval_steps, save_steps=t.save_steps,
-                   stop_grace_s=t.stop_grace_s, learn_rate=t.learn_rate, train_state_dir=t.train_state_dir,
+                   stop_grace_s=t.stop_grace_s, learn_rate=t.learn_rate, aux_learn_rate=t.aux_learn_rate, train_state_dir=t.train_state_dir,
                    output_dir=t.output_dir, model_file=t.model_file)
 
 
@@ -191,7 +193,8 @@ class Trainer:
                     grad_norm = self.accelerator.clip_grad_norm_(model.parameters(),
                                                                  self.settings.max_grad_norm or float('inf'))
                     self.optimizer.step()
-                    interval.lr = self.scheduler.get_last_lr()[0]  # this step's rate, before the next one is set
+                    rates = self.scheduler.get_last_lr()  # this step's rates, before the next ones are set
+                    interval.lr, interval.aux_lr = rates[0], (rates[1] if len(rates) > 1 else None)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             interval.loss_sum += loss_sum.detach()
@@ -247,7 +250,9 @@ class Trainer:
             last = self.checkpointer.last_saved_path
             raise Diverged(f'loss became NaN/inf at optimizer step {bad}; training stopped and nothing '
                            f'after the last good state was saved ({last or "no state saved yet"}). '
-                           f'Try a lower --learn_rate (now {self.settings.learn_rate}) or --max_grad_norm')
+                           f'Try a lower --learn_rate (now {self.settings.learn_rate})'
+                           + (f', a lower --aux_learn_rate (now {self.settings.aux_learn_rate})'
+                              if self.settings.aux_learn_rate else '') + ' or --max_grad_norm')
 
     def fold_counts_all_ranks(self) -> None:
         """Add the rows and label tokens trained on since the last fold to the run state."""
@@ -271,10 +276,14 @@ class Trainer:
                    'train/grad_norm': float(interval.grad_norm), 'train/samples_per_s': rows / elapsed,
                    'train/tokens_per_s': (label_tokens + input_tokens) / elapsed,
                    'train/filled': (label_tokens + input_tokens) / max(positions, 1)}  # the rest is padding
-        logger.info('step %d/%d | epoch %d | loss %.4f | lr %.3e | grad_norm %.3f | %.1f samples/s | '
+        aux = f' | aux_lr {interval.aux_lr:.3e}' if interval.aux_lr is not None else ''
+        logger.info('step %d/%d | epoch %d | loss %.4f | lr %.3e%s | grad_norm %.3f | %.1f samples/s | '
                     '%.0f tokens/s | %.0f%% filled | eta %s%s', state.global_step, self.total_steps,
-                    self.train_loader.epoch, *list(figures.values())[:-1], 100 * figures['train/filled'],
+                    self.train_loader.epoch, figures['train/loss'], figures['train/lr'], aux,
+                    *list(figures.values())[2:-1], 100 * figures['train/filled'],
                     datetime.timedelta(seconds=int(eta)), f' | skipped {int(skipped)} empty rows' if skipped else '')
+        if interval.aux_lr is not None:
+            figures['train/aux_lr'] = interval.aux_lr
         self.accelerator.log(figures, step=state.global_step)
         self.interval = self._new_interval()
 
