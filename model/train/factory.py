@@ -75,10 +75,10 @@ def build_optimizer(train_cfg, model):
 def param_groups(model, train_cfg) -> list:
     """The weights as the optimizer takes them: one group at --learn_rate, or with --aux_learn_rate
     two -- the layers' matrices (--optimizer at --learn_rate) and the rest, the embedding, the layer
-    norms and the relative position biases (Adam at --aux_learn_rate, never weight-decayed). A group names the config
-    field of its rate (``rate_field``): a resume that changes it applies it to that group
-    (checkpoint.apply_changed_hyperparameters). One group is what states saved before the field
-    hold, so they load as they did."""
+    norms and the relative position biases (Adam at --aux_learn_rate, never weight-decayed). A group
+    names the config field of its rate (``rate_field``): a resume that changes it applies it to that
+    group (checkpoint.apply_changed_hyperparameters). One group is what states saved before the
+    field hold, so they load as they did."""
     from model.net.chat_model import layer_matrices
 
     t = train_cfg

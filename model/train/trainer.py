@@ -90,8 +90,8 @@ class LoopSettings:
     def of(cls, t) -> 'LoopSettings':
         return cls(accumulation=t.gradient_accumulation_steps, epochs=t.epochs, max_grad_norm=t.max_grad_norm,
                    logging_steps=t.logging_steps, eval_steps=t.eval_steps, save_steps=t.save_steps,
-                   stop_grace_s=t.stop_grace_s, learn_rate=t.learn_rate, aux_learn_rate=t.aux_learn_rate, train_state_dir=t.train_state_dir,
-                   output_dir=t.output_dir, model_file=t.model_file)
+                   stop_grace_s=t.stop_grace_s, learn_rate=t.learn_rate, aux_learn_rate=t.aux_learn_rate,
+                   train_state_dir=t.train_state_dir, output_dir=t.output_dir, model_file=t.model_file)
 
 
 def stop_outlasts_grace(grace: int, save_seconds: float, step_seconds: float) -> str | None:
