@@ -66,7 +66,8 @@ def build_optimizer(train_cfg, model):
     if t.optimizer == 'adafactor':
         from model.train.adafactor import Adafactor  # transformers' arithmetic, weights of one shape at once
 
-        return Adafactor(groups, lr=t.learn_rate, scale_parameter=t.adafactor_scale_parameter, weight_decay=t.weight_decay)
+        return Adafactor(groups, lr=t.learn_rate, scale_parameter=t.adafactor_scale_parameter,
+                         weight_decay=t.weight_decay)
     import torch
 
     return torch.optim.AdamW(groups, lr=t.learn_rate, weight_decay=t.weight_decay)

@@ -447,7 +447,8 @@ def learn_rate_notes(t) -> list[str]:
     notes = []
     low, best, high = GOOD_LEARN_RATES[name]
     if not low <= t.learn_rate <= high:
-        scaling = {'adafactor': ' without parameter scaling', 'adafactor+scale': ' with parameter scaling'}.get(name, '')
+        scaling = {'adafactor': ' without parameter scaling',
+                   'adafactor+scale': ' with parameter scaling'}.get(name, '')
         notes.append(f'learn_rate={t.learn_rate:g} is outside {low:g} to {high:g}, the range that learned well per '
                      f'step for {t.optimizer}{scaling} in bench/bench_recipe.py (best {best:g}; measured on tiny T5s '
                      f'and a held-out task, 400 steps: bench/RECIPE_NOTES.md); a much larger model or a much longer '
