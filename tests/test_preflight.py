@@ -753,3 +753,20 @@ def test_a_file_given_as_train_state_dir_is_one_problem(data, tmp_path):
                                    world_size=1)
     said = [p.line() for p in report.problems if p.name == 'train_state_dir']
     assert len(said) == 1 and 'is a file, not a folder' in said[0], said
+
+
+def test_a_state_saved_before_aux_learn_rate_reads_as_0_and_says_so():
+    """A saved train config without aux_learn_rate (saved before the field existed) reads as 0: a
+    resume at 0 is not refused; one that asks for a second group is, naming the state's age; one
+    saved with the field is named plainly."""
+    old = {'optimizer': 'adafactor', 'learn_rate': 1e-3}
+    assert preflight.resume_refusals(old, resolve_config(overrides={'aux_learn_rate': 0}).train) == []
+    (refused,) = preflight.resume_refusals(old, resolve_config(overrides={'aux_learn_rate': 0.05}).train)
+    assert refused.name == 'aux_learn_rate' and refused.line().startswith(
+        '--aux_learn_rate=0.05 but the saved run trained with aux_learn_rate=0.0 (it was saved before '
+        '--aux_learn_rate existed: read as its default) (it is 0 in one and not the other'), refused.line()
+    assert 'resume with --aux_learn_rate=0.0' in refused.line()
+    (refused,) = preflight.resume_refusals({**old, 'aux_learn_rate': 0.05}, resolve_config().train)
+    assert 'trained with aux_learn_rate=0.05 (it is 0 in one' in refused.line(), refused.line()
+    assert preflight.resume_refusals({**old, 'aux_learn_rate': 0.05},
+                                     resolve_config(overrides={'aux_learn_rate': 0.1}).train) == []

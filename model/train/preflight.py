@@ -440,6 +440,21 @@ def warmup_notes(t, total_steps: int) -> list[str]:
             f'learn_rate={t.learn_rate}; {fix}']
 
 
+def resume_refusals(saved_cfg: dict, t) -> list[Problem]:
+    """A problem for each REFUSED_ON_RESUME field this run changes from the saved run's train config
+    (``saved_cfg``); a field the saved config lacks (saved before it existed) reads as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(t)}
+    found = []
+    for name, (kept, why) in REFUSED_ON_RESUME.items():
+        before = saved_cfg.get(name, defaults[name])
+        if kept(before) != kept(getattr(t, name)):
+            said = f'{name}={before}' if name in saved_cfg else \
+                f'{name}={before} (it was saved before --{name} existed: read as its default)'
+            found.append(Problem(name, f'--{name}={getattr(t, name)} but the saved run trained with {said} ({why})',
+                                 f'resume with --{name}={before}, or start a new run without --is_keep_training'))
+    return found
+
+
 def learn_rate_notes(t) -> list[str]:
     """A learning rate (and --aux_learn_rate) outside the range bench/bench_recipe.py measured good
     for the optimizer."""
@@ -902,18 +917,9 @@ def _check_resume(cfg: ResolvedConfig, report: Report, deep: bool) -> None:
                                        'move each run\'s states into a folder of their own, then resume with '
                                        '--train_state_dir=<that folder>'))
     saved_cfg = saved.config.get('train', {})
-    defaults = {f.name: f.default for f in dataclasses.fields(t)}
-    refused = set()
-    for name, (kept, why) in REFUSED_ON_RESUME.items():
-        before = saved_cfg.get(name, defaults[name])
-        if kept(before) != kept(getattr(t, name)):
-            refused.add(name)
-            said = f'{name}={before}' if name in saved_cfg else \
-                f'{name}={before} (it was saved before --{name} existed: read as its default)'
-            report.problems.append(Problem(name, f'--{name}={getattr(t, name)} but the saved run trained with '
-                                           f'{said} ({why})',
-                                           f'resume with --{name}={before}, or start a new run '
-                                           f'without --is_keep_training'))
+    refusals = resume_refusals(saved_cfg, t)
+    report.problems += refusals
+    refused = {p.name for p in refusals}
     # what is refused below is not applied: only the changes the resume makes are named
     # nor a field that does nothing with the run's other settings (said as such: config.UNUSED_WHEN)
     idle = {name for name, unused in UNUSED_WHEN.items() if unused(t, True)}
