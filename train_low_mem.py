@@ -394,23 +394,29 @@ def test(*, use_large_config=False, preset=None, out=None, **flags):
 def plot(*, use_large_config=False, preset=None, log_file=None, out=None, **flags):
     """Draw training loss, learning rate and validation loss of a run from its log (PNG)."""
     cfg = _resolve('plot', preset, use_large_config, flags, extra=('log_file', 'out'))
-    from model.use.plotting import newest_log, plot_log
+    from model.use.plotting import newest_log, plot_log, run_logs
 
-    # the run named (a preset, or its --output_dir): its newest log; none named: the newest of all
+    # the run named (a preset, or its --output_dir): its newest log; none named: the newest of all; with the
+    # earlier logs of the same run (its first start and resumes: one log each); --log_file: that log alone
     named = cfg.preset is not None or cfg.sources.get('output_dir') == 'flag'
-    log, note = ((coerce('log_file', log_file, str), '') if log_file not in (None, '') else
-                 newest_log(cfg.train.log_dir, cfg.train.output_dir if named else ''))
+    if log_file not in (None, ''):
+        logs, note = [coerce('log_file', log_file, str)], ''
+    else:
+        log, note = newest_log(cfg.train.log_dir, cfg.train.output_dir if named else '')
+        logs = run_logs(cfg.train.log_dir, log)
+    log = logs[-1]
     if note:
         print(note, file=sys.stderr)
     path = coerce('out', out, str) if out not in (None, '') else os.path.splitext(log)[0] + '.png'
     stopping.watch_outputs(path)
-    curves = plot_log(log, path)
-    print(f'{len(curves.step)} training points, {len(curves.eval_step)} evaluations from {log}\nplot: {path}')
+    curves = plot_log(logs, path)
+    starts = f' and {len(logs) - 1} earlier start(s) of its run: {", ".join(logs[:-1])}' if len(logs) > 1 else ''
+    print(f'{len(curves.step)} training points, {len(curves.eval_step)} evaluations from {log}{starts}\nplot: {path}')
 
 
 COMMANDS = {'train': train, 'train_tokenizer': train_tokenizer, 'generate': generate, 'chat': chat, 'test': test,
             'plot': plot}
-PLOT_FLAGS = ['  --log_file=                                  a run\'s log (default: the newest in log_dir; with --preset, --use_large_config or --output_dir, the newest of that run)',
+PLOT_FLAGS = ['  --log_file=                                  one log, drawn alone (default: the newest in log_dir -- with --preset, --use_large_config or --output_dir, the newest of that run -- joined with its run\'s earlier starts: a first start and its resumes)',
               '  --out=                                       the PNG to write (default: beside the log)']
 
 

@@ -534,6 +534,19 @@ def test_aux_learn_rate_trains_resumes_exactly_and_a_change_of_its_groups_is_ref
     resumed = run_train(tiny_flags(data, cut, **aux), '--is_keep_training=True')
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(f'{whole}/final/model.safetensors', f'{cut}/final/model.safetensors')
+    # a resume of the finished run trains nothing and says so; plot joins the cut run's three logs (one per
+    # start, one run id) into the uninterrupted run's curve, both rates in it
+    again = run_train(tiny_flags(data, cut, **aux), '--is_keep_training=True')
+    assert again.returncode == 0 and 'nothing left to train: the state resumed is at step' in again.stderr, \
+        again.stderr[-2000:]
+    from model.use import plotting
+
+    starts = plotting.run_logs(f'{cut}/logs', run_logs(cut)[-1])
+    assert len(starts) == 3 and len({plotting.run_id_of_log(p) for p in starts}) == 1, starts
+    joined, unbroken = plotting.read_curves(starts), plotting.read_curves(run_logs(whole)[-1])
+    assert joined.step == unbroken.step and (joined.lr, joined.aux_lr) == (unbroken.lr, unbroken.aux_lr), \
+        (joined.step, unbroken.step)
+    assert len(joined.aux_lr) == len(joined.step) > 10 and joined.eval_step == unbroken.eval_step
     # both groups' rates in the log, each on the schedule: warmup 5 steps from 0, so step 1 runs at 0
     log = open(run_logs(whole)[-1], encoding='utf-8').read()
     rates = re.findall(r'step (\d+)/\d+ \| .*? \| lr ([0-9.e+-]+) \| aux_lr ([0-9.e+-]+) \|', log)

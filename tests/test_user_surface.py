@@ -290,6 +290,59 @@ def test_plot_draws_the_newest_log_of_the_run_asked_for_not_of_another_preset(tm
     assert newest_log(str(tmp_path)) == (demo, '')
 
 
+def test_plot_joins_the_logs_of_one_runs_starts_and_drops_the_work_a_kill_lost(tmp_path):
+    """A preempted, requeued run writes one log per start: plot drew only the newest (the curve began at
+    the step resumed from; a resume that trained nothing had no step lines: exit 2). Its starts' logs
+    name one run id: joined, the points an earlier start logged past the step the next resumed from
+    dropped (done again), another run's logs in the same folder and output_dir left out; the aux rate
+    drawn where logged."""
+    from model.use.plotting import read_curves, run_logs
+
+    out = f'{tmp_path}/model_save/demo'
+
+    def log(name, age, run_id, lines):
+        path = tmp_path / f'chat_trainer_low_mem_{name}.log'
+        head = ['2026-12-06 07:22:57 [rank 0] INFO run: 1 process(es), device cpu, precision no, log x',
+                f'2026-12-06 07:22:57 [rank 0] INFO outputs: {out}']
+        head += [f'2026-12-06 07:22:58 [rank 0] INFO run id: {run_id}'] if run_id else []
+        path.write_text('\n'.join(head + [f'2026-12-06 07:23:00 [rank 0] INFO {x}' for x in lines]) + '\n')
+        os.utime(path, (1e9 - age, 1e9 - age))
+        return str(path)
+
+    def step(n, loss, aux=True):
+        return (f'step {n}/30 | epoch 0 | loss {loss} | lr {n / 1000:.3e}' + (f' | aux_lr {n / 500:.3e}' if aux else '')
+                + ' | grad_norm 1.0 | 600 samples/s')
+
+    other = log('0other', 50, '20261206-070000-aaaaaaaa', [step(5, 9.0), step(10, 8.0)])  # the run moved aside
+    first = log('1first', 40, '20261206-072257-0123abcd',
+                [step(5, 7.0), step(10, 6.0), 'eval at step 10 (0.1 s): validation loss 6.5 (ppl 665)',
+                 step(15, 5.0), step(20, 4.0), 'eval at step 20 (0.1 s): validation loss 3.9 (ppl 49)'])  # killed at
+    # 22, its last state at step 10: what it did past 10 was done again, its evaluation at 20 was not
+    second = log('2second', 30, '20261206-072257-0123abcd',
+                 ['resumed from /x/state/state-000000010: step 10, epoch 0, 640 rows into the epoch',
+                  step(15, 5.5), 'eval at step 15 (0.1 s): validation loss 5.2 (ppl 181)'])  # killed at 17: state 15
+    stopped = log('3stopped', 20, None, [])  # SIGTERM in its start-up: before its run id
+    third = log('4third', 10, '20261206-072257-0123abcd',
+                ['resumed from /x/state/state-000000015: step 15, epoch 0, 960 rows into the epoch',
+                 step(20, 4.5), step(25, 4.2), 'eval at step 25 (0.1 s): validation loss 4.4 (ppl 81)'])
+    assert run_logs(str(tmp_path), third) == [first, second, third]
+    assert run_logs(str(tmp_path), stopped) == [stopped] and run_logs(str(tmp_path), other) == [other]
+    c = read_curves([first, second, third])
+    assert (c.step, c.loss) == ([5, 10, 15, 20, 25], [7.0, 6.0, 5.5, 4.5, 4.2])  # 15: the second's, 20: the third's
+    assert (c.eval_step, c.eval_loss) == ([10, 15, 25], [6.5, 5.2, 4.4])
+    assert (c.aux_step, c.aux_lr) == ([5, 10, 15, 20, 25], [0.01, 0.02, 0.03, 0.04, 0.05])
+    assert read_curves(first).step == [5, 10, 15, 20]  # one log: as it is
+    assert read_curves(log('5noaux', 60, None, [step(5, 1.0, aux=False)])).aux_lr == []
+    # the command: the run named is drawn whole and says from which logs; --log_file: that log alone
+    os.utime(third, (1e9 - 5, 1e9 - 5))  # the newest log of the run (the stopped start-up is older)
+    r = cli('plot', f'--log_dir={tmp_path}', f'--output_dir={out}', f'--out={tmp_path}/run.png')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'5 training points, 3 evaluations from {third} and 2 earlier start(s) of its run: {first}, {second}' \
+        in r.stdout, r.stdout
+    r = cli('plot', f'--log_file={third}', f'--out={tmp_path}/third.png')
+    assert r.returncode == 0 and '2 training points, 1 evaluations from' in r.stdout, r.stdout + r.stderr
+
+
 def one_line(r, needle):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], \

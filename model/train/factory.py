@@ -190,6 +190,8 @@ def build_run(cfg: ResolvedConfig, resume: bool, notes: list[str], fingerprint: 
             run_id = contract.run_id_of(saved.run) if saved else None
         else:
             run_id = collectives.broadcast_from_main_all_ranks(contract.new_run_id(stamp))
+        if run_id:  # plot joins the logs of one run's starts (a first and its resumes) by it
+            logger.info('run id: %s', run_id)
         run = _build_parts(cfg, resume, accelerator, collectives, lock, log_file, fingerprint, saved, run_id)
         stop_at_start_up_all_ranks(collectives)  # again before anything is moved or loaded: a stop changes nothing
         if not resume:

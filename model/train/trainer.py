@@ -139,6 +139,11 @@ class Trainer:
                     f' ({self.train_loader.num_positions} span-corruption examples an epoch)',
                     self.total_steps, self.train_loader.steps_per_epoch(),
                     self.train_loader.epoch, state.global_step)
+        if state.global_step >= self.total_steps:  # a resume of a finished run, or of one past a shorter run's end
+            logger.warning('nothing left to train: the state resumed is at step %d, %s', state.global_step,
+                           'this run\'s last' if state.global_step == self.total_steps else
+                           f'past this run\'s {self.total_steps} steps (--max_steps, --epochs): its weights are exported '
+                           'as they are')
         bar = tqdm(total=self.total_steps, initial=state.global_step, disable=not self.collectives.is_main,
                    dynamic_ncols=True, mininterval=1.0, desc='train')
         self._run_start, self._run_start_step = time.time(), state.global_step

@@ -15,7 +15,8 @@ from model.data import read_guard
 from model.data.read_guard import ReadGuard, iter_bounded_lines
 from model.state.markers import PLOT
 
-STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)')
+STEP_RE = re.compile(r'step (\d+)/\d+ \| epoch \d+ \| loss ([0-9.eE+-]+|nan|inf) \| lr ([0-9.eE+-]+)'
+                     r'(?: \| aux_lr ([0-9.eE+-]+))?')
 EVAL_RE = re.compile(r'eval at step (\d+)(?: \([0-9.]+ s\))?: validation loss ([0-9.eE+-]+|nan|inf)(?:.*?BLEU-4 ([0-9.]+))?')
 
 
@@ -28,31 +29,32 @@ class Curves:
     eval_loss: list[float] = field(default_factory=list)
     bleu_step: list[int] = field(default_factory=list)
     bleu: list[float] = field(default_factory=list)
+    aux_step: list[int] = field(default_factory=list)  # --aux_learn_rate's rate, where the run had one
+    aux_lr: list[float] = field(default_factory=list)
 
 
-def read_curves(log_file: str) -> Curves:
-    """The figures of a run's log; a resumed run's repeated steps keep their last value. A line
-    longer than MAX_LOG_LINE_BYTES is skipped unread (the trainer's lines are far shorter)."""
+RESUMED_RE = re.compile(r'\] INFO resumed from .*: step (\d+), epoch \d+')
+
+
+def read_curves(log_files: str | list[str]) -> Curves:
+    """The figures of a run's log, or of the logs of its starts (oldest first: a first start and
+    its resumes). A resume's repeated steps keep their last value, and the points an earlier log
+    has past the step a later one resumed from (work lost to a kill) are dropped. A line longer
+    than MAX_LOG_LINE_BYTES is skipped unread (the trainer's lines are far shorter)."""
     train, evals, bleus = {}, {}, {}
-    with ReadGuard(log_file, fix='give the log file a training run wrote'), open(log_file, 'rb') as f:
-        for raw, whole in iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES):
-            if not whole:
-                continue
-            line = raw.decode('utf-8', errors='replace')
-            m = STEP_RE.search(line)
-            if m:
-                train[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
-                continue
-            m = EVAL_RE.search(line)
-            if m:
-                evals[int(m.group(1))] = float(m.group(2))
-                if m.group(3):
-                    bleus[int(m.group(1))] = float(m.group(3))
+    for log_file in [log_files] if isinstance(log_files, str) else log_files:
+        with ReadGuard(log_file, fix='give the log file a training run wrote'), open(log_file, 'rb') as f:
+            for raw, whole in iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES):
+                if whole:
+                    _read_line(raw.decode('utf-8', errors='replace'), train, evals, bleus)
     curves = Curves()
     for s in sorted(train):
         curves.step.append(s)
         curves.loss.append(train[s][0])
         curves.lr.append(train[s][1])
+        if train[s][2] is not None:
+            curves.aux_step.append(s)
+            curves.aux_lr.append(train[s][2])
     for s in sorted(evals):
         curves.eval_step.append(s)
         curves.eval_loss.append(evals[s])
@@ -62,34 +64,82 @@ def read_curves(log_file: str) -> Curves:
     return curves
 
 
+def _read_line(line: str, train: dict, evals: dict, bleus: dict) -> None:
+    m = STEP_RE.search(line)
+    if m:
+        train[int(m.group(1))] = (float(m.group(2)), float(m.group(3)), float(m.group(4)) if m.group(4) else None)
+        return
+    m = EVAL_RE.search(line)
+    if m:
+        evals[int(m.group(1))] = float(m.group(2))
+        if m.group(3):
+            bleus[int(m.group(1))] = float(m.group(3))
+        return
+    m = RESUMED_RE.search(line)
+    if m:  # what an earlier start logged past this step was lost to its kill: this start's figures replace it
+        step = int(m.group(1))
+        for figures in (train, evals, bleus):
+            for s in [s for s in figures if s > step]:
+                del figures[s]
+
+
 OUTPUTS_RE = re.compile(r'\] INFO outputs: (.*)$')
 HEADER_LINES = 40  # a log names its run's output_dir among its first lines
 
 
+RUN_ID_RE = re.compile(r'\] INFO run id: (\S+)$')
+RUN_ID_LINES = 400  # after the outputs line: the run's notes, then the state judged, then its id
+
+
 def outputs_of_log(log_file: str) -> str | None:
     """The output_dir a run's log names (None: a log from before logs named it, or unreadable)."""
+    return _header_value(log_file, OUTPUTS_RE, HEADER_LINES)
+
+
+def run_id_of_log(log_file: str) -> str | None:
+    """The run id a log names: a first start and each of its resumes log the same (None: a log from
+    before logs named it, a start stopped before it, or unreadable)."""
+    return _header_value(log_file, RUN_ID_RE, RUN_ID_LINES)
+
+
+def _header_value(log_file: str, pattern: re.Pattern, lines: int) -> str | None:
     try:
         with open(log_file, 'rb') as f:
             for i, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES)):
-                m = OUTPUTS_RE.search(raw.decode('utf-8', errors='replace').rstrip('\n')) if whole else None
-                if m or i >= HEADER_LINES:
+                m = pattern.search(raw.decode('utf-8', errors='replace').rstrip('\n')) if whole else None
+                if m or i >= lines:
                     return m.group(1) if m else None
     except OSError:
         return None
     return None
 
 
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:  # a link to nothing, or gone since the listing: not a log to draw
+        return -1.0
+
+
+def run_logs(log_dir: str, log_file: str) -> list[str]:
+    """The logs in log_dir of the run log_file is one start of -- the ones naming its run id: its
+    first start and every resume (a preempted, requeued run has one per start) -- oldest first,
+    log_file last; [log_file] alone when it names no run id."""
+    run_id = run_id_of_log(log_file)
+    if run_id is None:
+        return [log_file]
+    newest = _mtime(log_file)
+    others = [(_mtime(p), p) for p in glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log'))
+              if os.path.realpath(p) != os.path.realpath(log_file)]
+    earlier = [p for t, p in sorted(others) if 0 <= t <= newest and run_id_of_log(p) == run_id]
+    return earlier + [log_file]
+
+
 def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
     """The newest log in log_dir of the run whose outputs go to output_dir (logs of every preset
     share one log_dir; a log from before logs named their output_dir counts as any run's), and a
     note when there is none and the newest of all is taken instead."""
-    def mtime(path: str) -> float:
-        try:
-            return os.path.getmtime(path)
-        except OSError:  # a link to nothing, or gone since the listing: not a log to draw
-            return -1.0
-
-    dated = [(mtime(p), p) for p in glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log'))]
+    dated = [(_mtime(p), p) for p in glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log'))]
     logs = [p for t, p in sorted(dated, reverse=True) if t >= 0]
     if not logs:
         raise UserError(f'no chat_trainer_low_mem_*.log in {log_dir}; give --log_file=PATH')
@@ -104,16 +154,21 @@ def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
                      f'of {outputs_of_log(logs[0])} (give the --preset or --output_dir of the run, or --log_file)')
 
 
-def plot_log(log_file: str, out: str) -> Curves:
-    """Three panels (training loss, learning rate, validation loss) as a PNG the toolkit marks."""
-    if not os.path.isfile(log_file):
-        what = 'not a regular file (a folder, a FIFO or a device)' if os.path.exists(log_file) else 'no such file'
-        raise UserError(f'--log_file={log_file}: {what}; give a training run\'s log')
-    curves = read_curves(log_file)
+def plot_log(log_files: str | list[str], out: str) -> Curves:
+    """Three panels (training loss, learning rate, validation loss) as a PNG the toolkit marks, from
+    a log or the logs of one run's starts (oldest first, :func:`run_logs`)."""
+    logs = [log_files] if isinstance(log_files, str) else list(log_files)
+    log_file = logs[-1]
+    for log in logs:
+        if not os.path.isfile(log):
+            what = 'not a regular file (a folder, a FIFO or a device)' if os.path.exists(log) else 'no such file'
+            raise UserError(f'--log_file={log}: {what}; give a training run\'s log')
+    curves = read_curves(logs)
     if not curves.step:
         why = ('its run stopped before its first logged step (one every --logging_steps)' if outputs_of_log(log_file)
                else 'is it a chat_trainer_low_mem log?')
-        raise UserError(f'{log_file}: no training step lines in this log ({why}); give --log_file= another run\'s log')
+        what = 'this log' if len(logs) == 1 else f'this log nor the {len(logs) - 1} earlier one(s) of its run'
+        raise UserError(f'{log_file}: no training step lines in {what} ({why}); give --log_file= another run\'s log')
     out = ownership.resolve_place(out, '--out', file=True)
     if not out.lower().endswith('.png') or os.path.basename(out).lower() == '.png':
         raise UserError(f'--out={out}: the plot is a PNG; give a file path ending in .png')
@@ -131,6 +186,8 @@ def plot_log(log_file: str, out: str) -> Curves:
     axes[0].plot(curves.step, curves.loss, color='tab:blue', label='training loss')
     axes[0].set_ylabel('training loss')
     axes[1].plot(curves.step, curves.lr, color='tab:orange', label='learning rate')
+    if curves.aux_lr:
+        axes[1].plot(curves.aux_step, curves.aux_lr, '--', color='tab:purple', label='aux learning rate')
     axes[1].set_ylabel('learning rate')
     axes[1].ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
     axes[2].plot(curves.eval_step, curves.eval_loss, 'o-', color='tab:green', label='validation loss')
@@ -144,7 +201,8 @@ def plot_log(log_file: str, out: str) -> Curves:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc='upper left' if ax is axes[2] else 'upper right')
-    fig.suptitle(os.path.basename(log_file))
+    fig.suptitle(os.path.basename(log_file) + (f' and {len(logs) - 1} earlier start(s) of the run' if len(logs) > 1
+                                               else ''))
     fig.tight_layout()
     marker = json.dumps(markers.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
     with writes.atomic_file(out, PLOT, '--out') as tmp:
