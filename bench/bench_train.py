@@ -1,7 +1,7 @@
 """This toolkit against transformers' Seq2SeqTrainer on tasks where both learn (a benchmark, not a
 test): time to a stated quality on held-out prompts, and the quality each reaches in the same time.
 
-    .venv/bin/python bench/bench_train.py                                  # both tasks, 3 seeds, ~60 min on 2 cores
+    .venv/bin/python bench/bench_train.py                                  # both tasks, 3 seeds, 1,500 steps: ~1 hour on 2 cores (--steps=1000: ~40 min)
     .venv/bin/python bench/bench_train.py --tasks=numbers --seeds=42       # one task, one seed
     .venv/bin/python bench/bench_train.py --quick                          # does it run (a few steps, no timing)
 
@@ -14,7 +14,7 @@ threads for both. Each trainer at the recipe it is best at:
 - this toolkit: the recipe bench/bench_recipe.py measured best, ungrouped and packed (OURS below;
   --ours changes it; --ours_lrs sweeps its learning rate as the peer's is swept);
 - the peer: Seq2SeqTrainer with the same optimizer (passed in: the same Adafactor with parameter
-  scaling), its own cosine schedule with OURS' warmup_ratio (a third by default), its sampler
+  scaling), its own cosine schedule with OURS' warmup_ratio (5% by default), its sampler
   (length-grouped when OURS groups, else random: random learned faster on both tasks), the data
   tokenized up front as its examples
   do, and the learning rate that a sweep picks (--peer_lrs, one seed, same steps, best exact match

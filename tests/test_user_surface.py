@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -300,11 +301,12 @@ def test_plot_joins_the_logs_of_one_runs_starts_and_drops_the_work_a_kill_lost(t
 
     out = f'{tmp_path}/model_save/demo'
 
-    def log(name, age, run_id, lines):
+    def log(name, age, run_id, lines, outputs=out):
         path = tmp_path / f'chat_trainer_low_mem_{name}.log'
-        head = ['2026-12-06 07:22:57 [rank 0] INFO run: 1 process(es), device cpu, precision no, log x',
-                f'2026-12-06 07:22:57 [rank 0] INFO outputs: {out}']
-        head += [f'2026-12-06 07:22:58 [rank 0] INFO run id: {run_id}'] if run_id else []
+        began = f'2026-12-06 07:{59 - age // 10:02d}:00'  # each start's own time, as its log's lines have it
+        head = [f'{began} [rank 0] INFO run: 1 process(es), device cpu, precision no, log x',
+                f'{began} [rank 0] INFO outputs: {outputs}']
+        head += [f'{began} [rank 0] INFO run id: {run_id}'] if run_id else []
         path.write_text('\n'.join(head + [f'2026-12-06 07:23:00 [rank 0] INFO {x}' for x in lines]) + '\n')
         os.utime(path, (1e9 - age, 1e9 - age))
         return str(path)
@@ -327,6 +329,17 @@ def test_plot_joins_the_logs_of_one_runs_starts_and_drops_the_work_a_kill_lost(t
                  step(20, 4.5), step(25, 4.2), 'eval at step 25 (0.1 s): validation loss 4.4 (ppl 81)'])
     assert run_logs(str(tmp_path), third) == [first, second, third]
     assert run_logs(str(tmp_path), stopped) == [stopped] and run_logs(str(tmp_path), other) == [other]
+    # the order is the starts' own, never the files' times: the killed first log touched (or copied) last is
+    # still first (read last, its steps past 10 would come back and the later starts' resumes would drop theirs)
+    os.utime(first, (1e9, 1e9))
+    assert run_logs(str(tmp_path), third) == [first, second, third] == run_logs(str(tmp_path), first)
+    shutil.copy(second, tmp_path / 'chat_trainer_low_mem_2second.bak.log')  # a copy beside it: one start
+    os.symlink(third, tmp_path / 'chat_trainer_low_mem_9link.log')
+    os.mkfifo(tmp_path / 'chat_trainer_low_mem_9fifo.log')  # never opened (it would block)
+    fork = log('6fork', 5, '20261206-072257-0123abcd', [step(30, 1.0)], outputs=f'{tmp_path}/copy_of_demo')
+    link = str(tmp_path / 'chat_trainer_low_mem_9link.log')
+    assert run_logs(str(tmp_path), third) == [first, second, third] == run_logs(str(tmp_path), link)
+    assert run_logs(str(tmp_path), fork) == [fork]  # the run's folder copied and resumed elsewhere: not joined
     c = read_curves([first, second, third])
     assert (c.step, c.loss) == ([5, 10, 15, 20, 25], [7.0, 6.0, 5.5, 4.5, 4.2])  # 15: the second's, 20: the third's
     assert (c.eval_step, c.eval_loss) == ([10, 15, 25], [6.5, 5.2, 4.4])

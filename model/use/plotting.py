@@ -88,6 +88,7 @@ HEADER_LINES = 40  # a log names its run's output_dir among its first lines
 
 
 RUN_ID_RE = re.compile(r'\] INFO run id: (\S+)$')
+NOTHING_LEFT_RE = re.compile(r'\] WARNING (nothing left to train): ')
 RUN_ID_LINES = 400  # after the outputs line: the run's notes, then the state judged, then its id
 
 
@@ -103,6 +104,8 @@ def run_id_of_log(log_file: str) -> str | None:
 
 
 def _header_value(log_file: str, pattern: re.Pattern, lines: int) -> str | None:
+    if not os.path.isfile(log_file):  # a FIFO named like a log would block the open
+        return None
     try:
         with open(log_file, 'rb') as f:
             for i, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES)):
@@ -121,18 +124,74 @@ def _mtime(path: str) -> float:
         return -1.0
 
 
+TIME_RE = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \[rank \d+\] ')
+TRAINING_RE = re.compile(r'\] INFO training: ')
+
+
+@dataclass(frozen=True)
+class Start:
+    """What the head of one start's log says of it (up to the loop's first line)."""
+    run_id: str | None
+    outputs: str | None
+    began: str  # its first line's time, as logged: the order of a run's starts
+    resumed: int  # the step it resumed from; -1: a first start
+
+
+def start_of_log(log_file: str) -> Start | None:
+    """The head of a log, read up to its loop's first line (None: not a regular file, unreadable)."""
+    if not os.path.isfile(log_file):
+        return None
+    found = {'began': '', 'run_id': None, 'outputs': None, 'resumed': -1}
+    try:
+        with open(log_file, 'rb') as f:
+            for i, (raw, whole) in enumerate(iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES)):
+                if not whole:
+                    continue
+                line = raw.decode('utf-8', errors='replace').rstrip('\n')
+                for key, pattern, cast in (('began', TIME_RE, str), ('run_id', RUN_ID_RE, str),
+                                           ('outputs', OUTPUTS_RE, str), ('resumed', RESUMED_RE, int)):
+                    m = pattern.search(line)
+                    if m and found[key] in ('', None, -1):
+                        found[key] = cast(m.group(1))
+                if TRAINING_RE.search(line) or i >= RUN_ID_LINES:
+                    break
+    except OSError:
+        return None
+    return Start(**found)
+
+
 def run_logs(log_dir: str, log_file: str) -> list[str]:
-    """The logs in log_dir of the run log_file is one start of -- the ones naming its run id: its
-    first start and every resume (a preempted, requeued run has one per start) -- oldest first,
-    log_file last; [log_file] alone when it names no run id."""
-    run_id = run_id_of_log(log_file)
-    if run_id is None:
+    """The logs in log_dir (named chat_trainer_low_mem_*.log) of the run log_file is one start of --
+    those naming its run id and its output_dir: its first start and every resume (a preempted,
+    requeued run has one per start) -- in the order they began (the time each one's first line
+    logged, then the step each resumed from: never the files' times, which a copy or a touch
+    changes); a copy of one start's log beside it, or a link to it, counts once (the longest).
+    [log_file] alone when it names no run id."""
+    me = start_of_log(log_file)
+    if me is None or me.run_id is None:
         return [log_file]
-    newest = _mtime(log_file)
-    others = [(_mtime(p), p) for p in glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log'))
-              if os.path.realpath(p) != os.path.realpath(log_file)]
-    earlier = [p for t, p in sorted(others) if 0 <= t <= newest and run_id_of_log(p) == run_id]
-    return earlier + [log_file]
+
+    def same_outputs(outputs):
+        return (outputs is None) == (me.outputs is None) and (
+            outputs is None or os.path.realpath(outputs) == os.path.realpath(me.outputs))
+
+    starts: dict = {}
+    for path in [log_file, *sorted(glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log')))]:
+        start = me if path == log_file else start_of_log(path)
+        if start is None or start.run_id != me.run_id or not same_outputs(start.outputs):
+            continue
+        key = (start.began, start.resumed)
+        if key not in starts or _preferred(path) < _preferred(starts[key]):
+            starts[key] = path
+    return [starts[key] for key in sorted(starts)]
+
+
+def _preferred(path: str) -> tuple:
+    """Of two logs of one start (a copy, a link): the longer, then not a link, then the older file."""
+    try:
+        return -os.path.getsize(path), os.path.islink(path), _mtime(path), path
+    except OSError:
+        return 0, True, 0.0, path
 
 
 def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
@@ -140,7 +199,7 @@ def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
     share one log_dir; a log from before logs named their output_dir counts as any run's), and a
     note when there is none and the newest of all is taken instead."""
     dated = [(_mtime(p), p) for p in glob.glob(os.path.join(log_dir, 'chat_trainer_low_mem_*.log'))]
-    logs = [p for t, p in sorted(dated, reverse=True) if t >= 0]
+    logs = [p for t, p in sorted(dated, reverse=True) if t >= 0 and os.path.isfile(p)]  # no FIFO, folder, ...
     if not logs:
         raise UserError(f'no chat_trainer_low_mem_*.log in {log_dir}; give --log_file=PATH')
     if not output_dir:
@@ -165,7 +224,8 @@ def plot_log(log_files: str | list[str], out: str) -> Curves:
             raise UserError(f'--log_file={log}: {what}; give a training run\'s log')
     curves = read_curves(logs)
     if not curves.step:
-        why = ('its run stopped before its first logged step (one every --logging_steps)' if outputs_of_log(log_file)
+        why = ('its start had nothing left to train' if _header_value(log_file, NOTHING_LEFT_RE, RUN_ID_LINES) else
+               'its run stopped before its first logged step (one every --logging_steps)' if outputs_of_log(log_file)
                else 'is it a chat_trainer_low_mem log?')
         what = 'this log' if len(logs) == 1 else f'this log nor the {len(logs) - 1} earlier one(s) of its run'
         raise UserError(f'{log_file}: no training step lines in {what} ({why}); give --log_file= another run\'s log')
