@@ -340,6 +340,17 @@ def test_plot_joins_the_logs_of_one_runs_starts_and_drops_the_work_a_kill_lost(t
     link = str(tmp_path / 'chat_trainer_low_mem_9link.log')
     assert run_logs(str(tmp_path), third) == [first, second, third] == run_logs(str(tmp_path), link)
     assert run_logs(str(tmp_path), fork) == [fork]  # the run's folder copied and resumed elsewhere: not joined
+    # a requeue onto a node whose clock reads an hour earlier (another zone, daylight saving): still after the first
+    skew = tmp_path / 'skew'
+    skew.mkdir()
+    for name, path in (('a', first), ('b', second)):
+        text = open(path, encoding='utf-8').read()
+        (skew / f'chat_trainer_low_mem_{name}.log').write_text(text.replace('07:56:00', '06:56:00'))
+    pair = [str(skew / 'chat_trainer_low_mem_a.log'), str(skew / 'chat_trainer_low_mem_b.log')]
+    assert run_logs(str(skew), pair[1]) == pair and read_curves(pair).loss[2] == 5.5  # step 15: the resume's
+    with open(pair[1], 'a', encoding='utf-8') as f:  # a last line cut mid-write (a kill, a full disk): not read
+        f.write('2026-12-06 06:56:09 [rank 0] INFO ' + step(20, 4.0)[:40])
+    assert read_curves(pair).step == [5, 10, 15]
     c = read_curves([first, second, third])
     assert (c.step, c.loss) == ([5, 10, 15, 20, 25], [7.0, 6.0, 5.5, 4.5, 4.2])  # 15: the second's, 20: the third's
     assert (c.eval_step, c.eval_loss) == ([10, 15, 25], [6.5, 5.2, 4.4])

@@ -45,8 +45,8 @@ def read_curves(log_files: str | list[str]) -> Curves:
     for log_file in [log_files] if isinstance(log_files, str) else log_files:
         with ReadGuard(log_file, fix='give the log file a training run wrote'), open(log_file, 'rb') as f:
             for raw, whole in iter_bounded_lines(f, read_guard.MAX_LOG_LINE_BYTES):
-                if whole:
-                    _read_line(raw.decode('utf-8', errors='replace'), train, evals, bleus)
+                if whole and raw.endswith(b'\n'):  # not a last line cut mid-write (a kill, a full disk):
+                    _read_line(raw.decode('utf-8', errors='replace'), train, evals, bleus)  # its numbers may be cut
     curves = Curves()
     for s in sorted(train):
         curves.step.append(s)
@@ -163,9 +163,11 @@ def start_of_log(log_file: str) -> Start | None:
 def run_logs(log_dir: str, log_file: str) -> list[str]:
     """The logs in log_dir (named chat_trainer_low_mem_*.log) of the run log_file is one start of --
     those naming its run id and its output_dir: its first start and every resume (a preempted,
-    requeued run has one per start) -- in the order they began (the time each one's first line
-    logged, then the step each resumed from: never the files' times, which a copy or a touch
-    changes); a copy of one start's log beside it, or a link to it, counts once (the longest).
+    requeued run has one per start) -- in the order of the step each resumed from (a first
+    start: before all), then of the time its first line logged: never the files' times, which a
+    copy or a touch changes, nor the clocks alone, which a requeue onto another node or a
+    daylight-saving change may set back; a copy of one start's log beside it, or a link to it,
+    counts once.
     [log_file] alone when it names no run id."""
     me = start_of_log(log_file)
     if me is None or me.run_id is None:
@@ -180,18 +182,19 @@ def run_logs(log_dir: str, log_file: str) -> list[str]:
         start = me if path == log_file else start_of_log(path)
         if start is None or start.run_id != me.run_id or not same_outputs(start.outputs):
             continue
-        key = (start.began, start.resumed)
+        key = (start.resumed, start.began)  # a run's starts resume from later and later steps, whatever the clocks
         if key not in starts or _preferred(path) < _preferred(starts[key]):
             starts[key] = path
     return [starts[key] for key in sorted(starts)]
 
 
 def _preferred(path: str) -> tuple:
-    """Of two logs of one start (a copy, a link): the longer, then not a link, then the older file."""
+    """Of two logs of one start (a copy, a link): not a link, then the older file (a copy is newer
+    than its original), then the longer."""
     try:
-        return -os.path.getsize(path), os.path.islink(path), _mtime(path), path
+        return os.path.islink(path), _mtime(path), -os.path.getsize(path), path
     except OSError:
-        return 0, True, 0.0, path
+        return True, 0.0, 0, path
 
 
 def newest_log(log_dir: str, output_dir: str = '') -> tuple[str, str]:
