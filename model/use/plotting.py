@@ -84,23 +84,24 @@ def _read_line(line: str, train: dict, evals: dict, bleus: dict) -> None:
 
 
 OUTPUTS_RE = re.compile(r'\] INFO outputs: (.*)$')
-HEADER_LINES = 40  # a log names its run's output_dir among its first lines
 
 
 RUN_ID_RE = re.compile(r'\] INFO run id: (\S+)$')
 NOTHING_LEFT_RE = re.compile(r'\] WARNING (nothing left to train): ')
-RUN_ID_LINES = 400  # after the outputs line: the run's notes, then the state judged, then its id
+HEAD_LINES = 400  # a start's head: its outputs, notes, the state judged, its run id, up to the loop's first line
 
 
 def outputs_of_log(log_file: str) -> str | None:
     """The output_dir a run's log names (None: a log from before logs named it, or unreadable)."""
-    return _header_value(log_file, OUTPUTS_RE, HEADER_LINES)
+    start = start_of_log(log_file)
+    return start.outputs if start else None
 
 
 def run_id_of_log(log_file: str) -> str | None:
     """The run id a log names: a first start and each of its resumes log the same (None: a log from
     before logs named it, a start stopped before it, or unreadable)."""
-    return _header_value(log_file, RUN_ID_RE, RUN_ID_LINES)
+    start = start_of_log(log_file)
+    return start.run_id if start else None
 
 
 def _header_value(log_file: str, pattern: re.Pattern, lines: int) -> str | None:
@@ -153,7 +154,7 @@ def start_of_log(log_file: str) -> Start | None:
                     m = pattern.search(line)
                     if m and found[key] in ('', None, -1):
                         found[key] = cast(m.group(1))
-                if TRAINING_RE.search(line) or i >= RUN_ID_LINES:
+                if TRAINING_RE.search(line) or i >= HEAD_LINES:
                     break
     except OSError:
         return None
@@ -227,7 +228,7 @@ def plot_log(log_files: str | list[str], out: str) -> Curves:
             raise UserError(f'--log_file={log}: {what}; give a training run\'s log')
     curves = read_curves(logs)
     if not curves.step:
-        why = ('its start had nothing left to train' if _header_value(log_file, NOTHING_LEFT_RE, RUN_ID_LINES) else
+        why = ('its start had nothing left to train' if _header_value(log_file, NOTHING_LEFT_RE, HEAD_LINES) else
                'its run stopped before its first logged step (one every --logging_steps)' if outputs_of_log(log_file)
                else 'is it a chat_trainer_low_mem log?')
         what = 'this log' if len(logs) == 1 else f'this log nor the {len(logs) - 1} earlier one(s) of its run'
