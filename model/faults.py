@@ -15,7 +15,8 @@ batch of rows), ``moved-aside`` (a fresh run, right after it moved an earlier ru
 token generated for BLEU and the samples), ``state-save`` (inside a state save, after the
 engine's files), ``state-saved`` (a state saved, its step file not yet written), ``done`` (a run's final model
 written and its last line logged), ``write`` (a file or folder written in full at its temporary name, not yet
-renamed into place: every writer).
+renamed into place: every writer), ``written`` (the same file renamed into place, the region a stop
+waits out not yet left).
 """
 
 from __future__ import annotations

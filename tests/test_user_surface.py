@@ -367,6 +367,21 @@ def test_plot_joins_the_logs_of_one_runs_starts_and_drops_the_work_a_kill_lost(t
     assert r.returncode == 0 and '2 training points, 1 evaluations from' in r.stdout, r.stdout + r.stderr
 
 
+def test_a_stop_after_plot_wrote_its_png_leaves_the_exit_code_0(tmp_path):
+    """A SIGTERM or Ctrl-C landing once the PNG was renamed into place exited 143 / 130 after
+    printing success: `plot ... && next` skipped its next step for work that was done. The last
+    output written (writes.atomic_file(last=True)), a stop changes nothing."""
+    log = tmp_path / 'chat_trainer_low_mem_1.log'
+    log.write_text('2026-12-06 07:22:57 [rank 0] INFO step 5/9 | epoch 0 | loss 7.39 | lr 1.0e-03 | grad_norm 1.2\n')
+    for signal_name in ('sigterm', 'sigint'):
+        out = tmp_path / f'{signal_name}.png'
+        r = cli_runner.run([sys.executable, 'train_low_mem.py', 'plot', f'--log_file={log}', f'--out={out}'], cwd=ROOT,
+                           env={**ENV, 'CHAT_SMALL_T5_FAULT': f'written:{signal_name}'}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and out.stat().st_size > 1000, (r.returncode, r.stderr[-2000:])
+        assert 'after the work was done: nothing to stop' in r.stderr and f'plot: {out}' in r.stdout, r.stderr
+
+
 def one_line(r, needle):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], \

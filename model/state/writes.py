@@ -22,7 +22,7 @@ from model.faults import fault_point
 from model.state.ownership import (check_replaceable, identity, is_real_dir, kind_of, lstat_or_none, resolve_place,
                                    still_the_one)
 from model.state.markers import seal_file
-from model.stopping import critical
+from model.stopping import STOP, critical
 
 
 # --------------------------------------------------------------------------- disk errors
@@ -174,13 +174,15 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool = True,
-                own_name: bool = False) -> Iterator[str]:
+                own_name: bool = False, last: bool = False) -> Iterator[str]:
     """A temporary path beside the real ``path`` to write; on success it is sealed (the content
     hash filled into its marker), synced and renamed onto the path (a reader sees the old file or
     the whole new one), on failure removed. An existing path must be the toolkit's own unchanged
     file of these kinds; a link on the way is followed, never replaced. ``own_name``: the file's
     name is the toolkit's (a step or best weights file of the model_file pattern), not a place
-    the user gave: a link found there is not followed, it is not the toolkit's (NotOurs)."""
+    the user gave: a link found there is not followed, it is not the toolkit's (NotOurs). ``last``: the
+    command's last output: once it is renamed into place a stop changes nothing (STOP.finish: the
+    exit code stays the command's, 0, not 130/143 for work that is done)."""
     path = _real_target(path, what, own_name, file=True)
     check_replaceable(path, kinds, what, folder=False)
     with folders_for(path):  # folders made for it go again if nothing is written
@@ -197,6 +199,9 @@ def atomic_file(path: str, kinds: str | tuple[str, ...], what: str, seal: bool =
             with critical():  # a stop lands before the rename (nothing written) or after it (all written)
                 os.chmod(tmp, 0o666 & ~_umask())  # temporary files are private; the result is not
                 os.replace(tmp, path)
+                if last:
+                    STOP.finish()
+                fault_point('written')
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)

@@ -269,7 +269,7 @@ def plot_log(log_files: str | list[str], out: str) -> Curves:
                                                else ''))
     fig.tight_layout()
     marker = json.dumps(markers.file_marker_info(PLOT, log_file=os.path.abspath(log_file)))
-    with writes.atomic_file(out, PLOT, '--out') as tmp:
+    with writes.atomic_file(out, PLOT, '--out', last=True) as tmp:  # the command's one output
         fig.savefig(tmp, format='png', dpi=110, metadata={'Software': 'chat_small_t5', markers.MARKER_KEY: marker})
     plt.close(fig)
     return curves
